@@ -3,9 +3,10 @@
 ``selective_scan_ref`` has exactly the semantics of ``mamba_ssm``'s ``selective_scan_fn`` for the call
 MedMamba makes (grouped B/C, no z, float32 state, ``delta_softplus`` with PyTorch's threshold of 20).
 
-``selective_scan`` is the same maths registered as the custom op ``medmamba_edge::selective_scan``: the
-model always calls it, the exporter turns it into one ``SelectiveScan`` ONNX node, and on the CPU it
-runs the compiled kernel shipped with the runtime when that was built (else the reference).
+``selective_scan`` is the same maths registered as the custom op ``medmamba_edge::selective_scan``; on
+the CPU it runs the compiled kernel shipped with the runtime when that was built (else the reference).
+``selective_scan_fn`` is what the model calls: the custom op, or one ``SelectiveScan`` node under
+``torch.onnx.export`` (see ``runtime/scan_node.py`` for the node's contract).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.scan_node import SOFTPLUS_THRESHOLD
 
 
@@ -82,3 +84,23 @@ def selective_scan(
 @selective_scan.register_fake
 def _(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
     return torch.empty_like(u)
+
+
+def selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = True) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, delta_bias)):
+        # Training (e.g. the bundled checkpoint's script): the reference is differentiable, the kernel is not.
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(
+            f"{scan_node.DOMAIN}::{scan_node.OP_TYPE}",
+            [u, delta, A, B, C, D, delta_bias],
+            {
+                "delta_softplus": int(delta_softplus),
+                "plugin_version": scan_node.PLUGIN_VERSION,
+                "plugin_namespace": scan_node.PLUGIN_NAMESPACE,
+            },
+            dtype=u.dtype,
+            shape=u.shape,
+            version=scan_node.DOMAIN_VERSION,
+        )
+    return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)

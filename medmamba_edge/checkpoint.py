@@ -1,0 +1,217 @@
+"""Load MedMamba checkpoints written by the official ``train.py`` (or wrapped/DataParallel variants).
+
+The architecture is read off the weights, so users never restate depths, dims or the class count.
+Loading is ``torch.load(weights_only=True)``: a pickle that tries to run code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medmamba_edge.model import VSSM, variant_name
+
+WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
+CLASS_INDEX_FILE = "class_indices.json"
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    depths: list[int]
+    dims: list[int]
+    num_classes: int
+    in_chans: int = 3
+    patch_size: int = 4
+    d_state: int = 16
+    patch_norm: bool = True
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.depths, self.dims) or "custom"
+
+    def build(self) -> VSSM:
+        return VSSM(patch_size=self.patch_size, in_chans=self.in_chans, num_classes=self.num_classes,
+                    depths=self.depths, dims=self.dims, d_state=self.d_state, patch_norm=self.patch_norm)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: VSSM
+    config: ModelConfig
+    class_names: list[str]
+    path: Path
+    sha256: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped and without ``module.`` prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds more than tensors (weights_only=True; "
+            f"medmamba-edge never runs code from a model file): {first_line}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path}: expected a state_dict (name → tensor), optionally under one of {list(WRAPPER_KEYS)}; "
+            f"got {type(obj).__name__}"
+        )
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig:
+    required = ("patch_embed.proj.weight", "head.weight")
+    missing = [k for k in required if k not in state_dict]
+    blocks: dict[int, set[int]] = {}
+    for key in state_dict:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if missing or not blocks:
+        sample = ", ".join(sorted(state_dict)[:6])
+        raise CheckpointError(
+            f"{path}: not a MedMamba (VSSM) checkpoint: missing "
+            f"{', '.join(missing) if missing else 'layers.*.blocks.*'}; found keys such as {sample}"
+        )
+    stages = sorted(blocks)
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"{path}: stages {stages} are not numbered 0..{len(stages) - 1}")
+    depths = [max(blocks[i]) + 1 for i in stages]
+    dims = []
+    for i in stages:
+        key = f"layers.{i}.blocks.0.ln_1.weight"
+        if key not in state_dict:
+            raise CheckpointError(f"{path}: not a MedMamba (VSSM) checkpoint: missing {key}")
+        dims.append(2 * state_dict[key].shape[0])
+    proj = state_dict["patch_embed.proj.weight"]
+    a_logs = state_dict.get("layers.0.blocks.0.self_attention.A_logs")
+    return ModelConfig(
+        depths=depths,
+        dims=dims,
+        num_classes=state_dict["head.weight"].shape[0],
+        in_chans=proj.shape[1],
+        patch_size=proj.shape[2],
+        d_state=a_logs.shape[1] if a_logs is not None else 16,
+        patch_norm="patch_embed.norm.weight" in state_dict,
+    )
+
+
+def _describe_key_mismatch(path: Path, missing: list[str], unexpected: list[str]) -> str:
+    def head(keys: list[str]) -> str:
+        shown = ", ".join(keys[:5])
+        return f"{shown} (+{len(keys) - 5} more)" if len(keys) > 5 else shown
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {head(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {head(unexpected)}")
+    return f"{path}: weights do not match the MedMamba architecture: " + "; ".join(parts)
+
+
+def read_class_names(path: Path, num_classes: int) -> list[str] | None:
+    """Class names from an official ``class_indices.json`` ({"0": "name", ...}) or a JSON list."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read class names ({exc})") from None
+    if isinstance(data, dict):
+        try:
+            names = [data[str(i)] for i in range(len(data))]
+        except KeyError:
+            raise CheckpointError(f"{path}: keys must be \"0\"..\"{len(data) - 1}\", got {sorted(data)}") from None
+    elif isinstance(data, list):
+        names = data
+    else:
+        raise CheckpointError(f"{path}: expected a JSON object {{\"0\": name, ...}} or a list of names")
+    if not all(isinstance(n, str) and n for n in names):
+        raise CheckpointError(f"{path}: class names must be non-empty strings")
+    if len(names) != num_classes:
+        raise CheckpointError(f"{path}: {len(names)} class names but the model has {num_classes} outputs")
+    return names
+
+
+def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[str] | None) -> list[str]:
+    """User's names (a list, a comma-separated string or a JSON file) > class_indices.json beside the
+    checkpoint > ``class_0..``."""
+    if isinstance(classes, str) and Path(classes).suffix == ".json":
+        return read_class_names(Path(classes), num_classes)
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",")]
+    if classes is not None:
+        if len(classes) != num_classes or not all(classes):
+            raise CheckpointError(
+                f"{checkpoint}: {len(classes)} class names given but the model has {num_classes} outputs"
+            )
+        return list(classes)
+    beside = Path(checkpoint).with_name(CLASS_INDEX_FILE)
+    if beside.is_file():
+        return read_class_names(beside, num_classes)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) -> LoadedCheckpoint:
+    """Build the model the checkpoint describes, load it strictly, and put it in eval mode."""
+    path = Path(path)
+    state_dict = read_state_dict(path)
+    config = infer_config(state_dict, path)
+    try:
+        model = config.build()
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(_describe_key_mismatch(path, missing, unexpected))
+    for key, tensor in expected.items():
+        if state_dict[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} "
+                f"for depths {config.depths} dims {config.dims}"
+            )
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        class_names=resolve_class_names(path, config.num_classes, classes),
+        path=path,
+        sha256=sha256_file(path),
+    )

@@ -1,0 +1,111 @@
+"""The one metadata schema every artifact carries (ONNX ``metadata_props``, engine manifests).
+
+The exporter writes it, and everything downstream (runtime, quantizer, engine builder) reads
+preprocessing and class names from it; nothing else hard-codes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "medmamba_edge"
+SCAN_FORMS = ("plugin", "portable")
+
+
+class MetadataError(ValueError):
+    """A model file without usable medmamba-edge metadata."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    input_size: tuple[int, int]  # (height, width) the model was exported for
+    class_names: tuple[str, ...]
+    in_chans: int = 3
+    channel_order: str = "RGB"
+    # The official train.py: Resize((H, W)) on PIL images, ToTensor, Normalize(0.5, 0.5).
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resize: str = "bilinear"
+    variant: str = "custom"
+    depths: tuple[int, ...] = ()
+    dims: tuple[int, ...] = ()
+    d_state: int = 16
+    scan_form: str = "portable"
+    batch: int | None = 1  # None: dynamic
+    source_checkpoint_sha256: str = ""
+    tool_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.scan_form not in SCAN_FORMS:
+            raise MetadataError(f"scan_form must be one of {SCAN_FORMS}, got {self.scan_form!r}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise MetadataError(f"mean/std need {self.in_chans} values, got {self.mean} / {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise MetadataError(f"std must be positive, got {self.std}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "metadata") -> ModelMetadata:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MetadataError(f"{source}: metadata is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise MetadataError(f"{source}: metadata must be a JSON object")
+        if data.get("schema_version", 0) > SCHEMA_VERSION:
+            raise MetadataError(
+                f"{source}: metadata schema {data['schema_version']} is newer than this medmamba-edge "
+                f"understands ({SCHEMA_VERSION}); upgrade medmamba-edge"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MetadataError(f"{source}: unknown metadata fields {unknown}")
+        tuples = {"input_size", "class_names", "mean", "std", "depths", "dims"}
+        try:
+            return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        except TypeError as exc:
+            raise MetadataError(f"{source}: incomplete metadata ({exc})") from None
+
+    def replace(self, **changes) -> ModelMetadata:
+        return type(self)(**{**asdict(self), **changes})
+
+
+def read_onnx_metadata(model_or_path) -> ModelMetadata:
+    """The metadata of an ONNX model (a path or a loaded ``onnx.ModelProto``)."""
+    import onnx
+
+    if isinstance(model_or_path, (str, Path)):
+        source = str(model_or_path)
+        try:
+            model = onnx.load(source, load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
+            raise MetadataError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    else:
+        source, model = "model", model_or_path
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise MetadataError(
+            f"{source}: no medmamba-edge metadata (metadata_props[{METADATA_KEY!r}]); "
+            f"export it with `medmamba-edge export`"
+        )
+    return ModelMetadata.from_json(props[METADATA_KEY], source)
+
+
+def write_onnx_metadata(model, metadata: ModelMetadata) -> None:
+    """Set (replace) the metadata of an ``onnx.ModelProto`` in place."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    for key, value in kept + [(METADATA_KEY, metadata.to_json())]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
