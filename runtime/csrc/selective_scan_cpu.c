@@ -57,13 +57,14 @@ typedef struct {
     int delta_softplus;
 } scan_args;
 
-/* Per-thread scratch: tiles (time-major, lane-minor) and the per-block state. */
+/* Per-thread scratch: channel-major rows (as in memory) and their time-major transposes (tiles). */
 typedef struct {
-    float dt[TT][VW] MM_ALIGN;   /* softplus(delta + bias) */
-    float du[TT][VW] MM_ALIGN;   /* delta * u */
-    float y[TT][VW] MM_ALIGN;    /* sum_n C h */
-    float row_a[TT] MM_ALIGN;
-    float row_b[TT] MM_ALIGN;
+    float rd[VW][TT] MM_ALIGN;   /* rows: softplus(delta + bias) */
+    float ru[VW][TT] MM_ALIGN;   /* rows: delta * u */
+    float ry[VW][TT] MM_ALIGN;   /* rows: sum_n C h */
+    float dt[TT][VW] MM_ALIGN;   /* tiles of the same */
+    float du[TT][VW] MM_ALIGN;
+    float y[TT][VW] MM_ALIGN;
     float *a2;                   /* (N, VW): A * log2(e) */
     float *h;                    /* (N, VW): state */
 } scan_scratch;
@@ -75,12 +76,14 @@ typedef struct {
 MM_INLINE float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, sizeof f); return f; }
 MM_INLINE uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, sizeof b); return b; }
 
-/* 2^x for x in any range (clamped to [-126, 127]); relative error ~2.5e-7.
- * Round-to-nearest k with the 1.5*2^23 trick, 2^f (|f| <= 0.5) by a degree-5 minimax polynomial,
- * 2^k by building the exponent bits from the rounded value's low mantissa bits. */
-MM_INLINE float fast_exp2(float x) {
+/* 2^x, relative error ~2.5e-7, for x <= 127 (x < -126 gives a value below 2^-126; with clamp_hi,
+ * x > 127 gives 2^127 instead of overflowing).  Round-to-nearest k with the 1.5*2^23 trick, 2^f
+ * (|f| <= 0.5) by a degree-5 minimax polynomial p in [0.7, 1.42], then k added straight into p's
+ * exponent bits: the low mantissa bits of x + 1.5*2^23 hold k, and shifting them left by 23 drops
+ * the rest (no multiply, no float->int conversion). */
+MM_INLINE float fast_exp2(float x, int clamp_hi) {
     x = x > -126.0f ? x : -126.0f;
-    x = x < 127.0f ? x : 127.0f;
+    if (clamp_hi) x = x < 127.0f ? x : 127.0f;
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
     float t = x + magic;
     float k = t - magic;
@@ -91,9 +94,7 @@ MM_INLINE float fast_exp2(float x) {
     p = p * f + 2.4022120e-1f;
     p = p * f + 6.9314694e-1f;
     p = p * f + 1.0000001f;
-    /* low bits of t hold k (two's complement, offset 2^22 is shifted out) */
-    float scale = bits_to_float((float_to_bits(t) + 127u) << 23);
-    return p * scale;
+    return bits_to_float(float_to_bits(p) + (float_to_bits(t) << 23));
 }
 
 /* e^x, Cephes-style: k = round(x log2 e), r = x - k ln2 (two-part ln2), e^r by polynomial. ~1-2 ulp. */
@@ -142,31 +143,65 @@ MM_INLINE float softplus20(float x) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * 16 x 16 transpose with generic vector shuffles (vpermt2ps on AVX-512, unpack/permute elsewhere):
+ * four butterfly stages, stage d swaps bit d of the row index with bit d of the column index.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define MM_BFLY(r, i, j, m0, m1)                    \
+    do {                                            \
+        v16f a_ = r[i], b_ = r[j];                  \
+        r[i] = __builtin_shuffle(a_, b_, m0);       \
+        r[j] = __builtin_shuffle(a_, b_, m1);       \
+    } while (0)
+
+/* dst[c * dst_stride + k] = src[k * src_stride + c] for k, c < 16 */
+MM_INLINE void transpose16(float *restrict dst, Py_ssize_t dst_stride, const float *restrict src,
+                           Py_ssize_t src_stride) {
+    const v16i m8a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i m8b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16i m4a = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i m4b = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const v16i m2a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i m2b = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16i m1a = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16i m1b = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    v16f r[16];
+    for (int i = 0; i < 16; i++) memcpy(&r[i], src + i * src_stride, sizeof(v16f));
+    MM_BFLY(r, 0, 8, m8a, m8b); MM_BFLY(r, 1, 9, m8a, m8b); MM_BFLY(r, 2, 10, m8a, m8b); MM_BFLY(r, 3, 11, m8a, m8b);
+    MM_BFLY(r, 4, 12, m8a, m8b); MM_BFLY(r, 5, 13, m8a, m8b); MM_BFLY(r, 6, 14, m8a, m8b); MM_BFLY(r, 7, 15, m8a, m8b);
+    MM_BFLY(r, 0, 4, m4a, m4b); MM_BFLY(r, 1, 5, m4a, m4b); MM_BFLY(r, 2, 6, m4a, m4b); MM_BFLY(r, 3, 7, m4a, m4b);
+    MM_BFLY(r, 8, 12, m4a, m4b); MM_BFLY(r, 9, 13, m4a, m4b); MM_BFLY(r, 10, 14, m4a, m4b); MM_BFLY(r, 11, 15, m4a, m4b);
+    MM_BFLY(r, 0, 2, m2a, m2b); MM_BFLY(r, 1, 3, m2a, m2b); MM_BFLY(r, 4, 6, m2a, m2b); MM_BFLY(r, 5, 7, m2a, m2b);
+    MM_BFLY(r, 8, 10, m2a, m2b); MM_BFLY(r, 9, 11, m2a, m2b); MM_BFLY(r, 12, 14, m2a, m2b); MM_BFLY(r, 13, 15, m2a, m2b);
+    MM_BFLY(r, 0, 1, m1a, m1b); MM_BFLY(r, 2, 3, m1a, m1b); MM_BFLY(r, 4, 5, m1a, m1b); MM_BFLY(r, 6, 7, m1a, m1b);
+    MM_BFLY(r, 8, 9, m1a, m1b); MM_BFLY(r, 10, 11, m1a, m1b); MM_BFLY(r, 12, 13, m1a, m1b); MM_BFLY(r, 14, 15, m1a, m1b);
+    for (int i = 0; i < 16; i++) memcpy(dst + i * dst_stride, &r[i], sizeof(v16f));
+}
+
+/* ---------------------------------------------------------------------------------------------
  * The scan of one tile: steps [0, tl) of the block, state h (N, VW) carried across tiles.
  * ------------------------------------------------------------------------------------------- */
 
-MM_INLINE void scan_tile(scan_scratch *restrict s, const float *restrict Bt, const float *restrict Ct,
-                         Py_ssize_t L, int tl, int N) {
-    float *restrict h = s->h;
-    const float *restrict a2 = s->a2;
+MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, const float (*restrict dtt)[VW],
+                         const float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
+                         const float *restrict Ct, Py_ssize_t L, int tl, int N, int clamp_hi) {
     for (int t = 0; t < tl; t++) {
-        const float *restrict dt = s->dt[t];
-        const float *restrict du = s->du[t];
         float acc[VW] MM_ALIGN;
         for (int l = 0; l < VW; l++) acc[l] = 0.0f;
         for (int n = 0; n < N; n++) {
             const float b = Bt[n * L + t];
             const float c = Ct[n * L + t];
-            float *restrict hn = h + n * VW;
-            const float *restrict an = a2 + n * VW;
             for (int l = 0; l < VW; l++) {
-                float dA = fast_exp2(dt[l] * an[l]);
-                float hv = dA * hn[l] + du[l] * b;
-                hn[l] = hv;
+                float dA = fast_exp2(dtt[t][l] * a2[n * VW + l], clamp_hi);
+                float hv = dA * h[n * VW + l] + dut[t][l] * b;
+                h[n * VW + l] = hv;
                 acc[l] += c * hv;
             }
         }
-        for (int l = 0; l < VW; l++) s->y[t][l] = acc[l];
+        for (int l = 0; l < VW; l++) yt[t][l] = acc[l];
     }
 }
 
@@ -179,6 +214,12 @@ static void scan_block(const scan_args *a, scan_scratch *restrict s, Py_ssize_t 
     const float *Cg = a->C + (b * G + g) * N * L;
     const int n_state = (int)N;
 
+    /* delta*A <= 0 whenever delta >= 0 (always after softplus) and A <= 0 (always in Mamba:
+     * A = -exp(A_log)): then exp never overflows and the upper clamp can go. */
+    int clamp_hi = !a->delta_softplus;
+    for (Py_ssize_t n = 0; n < N; n++) {
+        for (int l = 0; l < nch; l++) clamp_hi |= !(a->A[(c0 + l) * N + n] <= 0.0f);
+    }
     for (Py_ssize_t n = 0; n < N; n++) {
         for (int l = 0; l < VW; l++) {
             s->a2[n * VW + l] = l < nch ? a->A[(c0 + l) * N + n] * 1.44269504088896341f : 0.0f;
@@ -186,48 +227,51 @@ static void scan_block(const scan_args *a, scan_scratch *restrict s, Py_ssize_t 
         }
     }
     /* Padding lanes: delta = 0, delta*u = 0 -> dA = 1, h stays 0; never written back. */
-    for (int t = 0; t < TT; t++) {
-        for (int l = nch; l < VW; l++) {
-            s->dt[t][l] = 0.0f;
-            s->du[t][l] = 0.0f;
+    for (int l = nch; l < VW; l++) {
+        for (int t = 0; t < TT; t++) {
+            s->rd[l][t] = 0.0f;
+            s->ru[l][t] = 0.0f;
         }
     }
 
     for (Py_ssize_t t0 = 0; t0 < L; t0 += TT) {
         const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
-        /* 1. rows -> tiles */
+        const int nsub = (tl + 15) / 16; /* 16-step sub-tiles to transpose; steps >= tl are ignored */
+        /* 1. rows (contiguous in t, vectorised over t), then transposed into tiles */
         for (int l = 0; l < nch; l++) {
             const Py_ssize_t row = (b * KD + c0 + l) * L + t0;
             const float *restrict ur = a->u + row;
             const float *restrict dr = a->delta + row;
             const float bias = a->delta_bias[c0 + l];
-            float *restrict ra = s->row_a;
-            float *restrict rb = s->row_b;
+            float *restrict rd = s->rd[l];
+            float *restrict ru = s->ru[l];
             if (a->delta_softplus) {
-                for (int t = 0; t < tl; t++) ra[t] = softplus20(dr[t] + bias);
+                for (int t = 0; t < tl; t++) rd[t] = softplus20(dr[t] + bias);
             } else {
-                for (int t = 0; t < tl; t++) ra[t] = dr[t] + bias;
+                for (int t = 0; t < tl; t++) rd[t] = dr[t] + bias;
             }
-            for (int t = 0; t < tl; t++) rb[t] = ra[t] * ur[t];
-            for (int t = 0; t < tl; t++) {
-                s->dt[t][l] = ra[t];
-                s->du[t][l] = rb[t];
-            }
+            for (int t = 0; t < tl; t++) ru[t] = rd[t] * ur[t];
         }
-        /* 2. scan; N = 16 (MedMamba) gets a specialised copy with the state loop fully unrolled */
-        if (n_state == 16)
-            scan_tile(s, Bg + t0, Cg + t0, L, tl, 16);
+        for (int j = 0; j < nsub; j++) {
+            transpose16(&s->dt[16 * j][0], VW, &s->rd[0][16 * j], TT);
+            transpose16(&s->du[16 * j][0], VW, &s->ru[0][16 * j], TT);
+        }
+        /* 2. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
+        if (n_state == 16 && !clamp_hi)
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, 16, 0);
+        else if (!clamp_hi)
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, n_state, 0);
         else
-            scan_tile(s, Bg + t0, Cg + t0, L, tl, n_state);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, n_state, 1);
         /* 3. tiles -> rows, y += D u */
+        for (int j = 0; j < nsub; j++) transpose16(&s->ry[0][16 * j], TT, &s->y[16 * j][0], VW);
         for (int l = 0; l < nch; l++) {
             const Py_ssize_t row = (b * KD + c0 + l) * L + t0;
             const float *restrict ur = a->u + row;
             float *restrict yr = a->out + row;
             const float dd = a->D[c0 + l];
-            float *restrict ra = s->row_a;
-            for (int t = 0; t < tl; t++) ra[t] = s->y[t][l];
-            for (int t = 0; t < tl; t++) yr[t] = ra[t] + dd * ur[t];
+            const float *restrict ry = s->ry[l];
+            for (int t = 0; t < tl; t++) yr[t] = ry[t] + dd * ur[t];
         }
     }
 }
@@ -255,6 +299,7 @@ static void *scan_worker(void *arg) {
         atomic_store(&job->failed, 1);
         return NULL;
     }
+    memset(s, 0, sizeof *s); /* tile steps beyond a sequence's end are transposed but never used */
     s->a2 = state;
     s->h = state + VW * a->d_state;
     for (;;) {
