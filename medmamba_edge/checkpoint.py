@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from medmamba_edge.errors import UserError
 from medmamba_edge.model import VSSM, variant_name
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -22,7 +23,7 @@ CLASS_INDEX_FILE = "class_indices.json"
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 

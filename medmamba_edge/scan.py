@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.scan_node import SOFTPLUS_THRESHOLD
 
 
@@ -71,8 +71,6 @@ def selective_scan(
     delta_bias: torch.Tensor,
     delta_softplus: bool = True,
 ) -> torch.Tensor:
-    from medmamba_edge.runtime import scan_cpu
-
     if u.device.type == "cpu" and scan_cpu.available():
         check_scan_shapes(u, delta, A, B, C, D, delta_bias)
         arrays = [t.detach().float().contiguous().numpy() for t in (u, delta, A, B, C, D, delta_bias)]

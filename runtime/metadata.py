@@ -10,12 +10,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medmamba_edge.errors import UserError
+
 SCHEMA_VERSION = 1
 METADATA_KEY = "medmamba_edge"
 SCAN_FORMS = ("plugin", "portable")
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A model file without usable medmamba-edge metadata."""
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.metadata import ModelMetadata
+
+
+class ImageError(UserError, ValueError):
+    """An image file that cannot be decoded or used."""
 
 
 def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
@@ -17,7 +22,7 @@ def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an (H, W) or (H, W, 1|3|4) image, got shape {image.shape}")
+        raise ImageError(f"expected an (H, W) or (H, W, 1|3|4) image, got shape {image.shape}")
     if image.shape[2] == 4:
         image = image[:, :, :3]
     if image.shape[2] == in_chans:
@@ -27,7 +32,7 @@ def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
     if in_chans == 1:  # ITU-R 601-2 luma, as PIL's convert("L")
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return (image.astype(np.float32) @ weights)[:, :, None].round().astype(image.dtype)
-    raise ValueError(f"cannot turn a {image.shape[2]}-channel image into {in_chans} channels")
+    raise ImageError(f"cannot turn a {image.shape[2]}-channel image into {in_chans} channels")
 
 
 def preprocess(images: list[np.ndarray], metadata: ModelMetadata) -> np.ndarray:
@@ -38,7 +43,7 @@ def preprocess(images: list[np.ndarray], metadata: ModelMetadata) -> np.ndarray:
     batch = np.empty((len(images), metadata.in_chans, height, width), dtype=np.float32)
     for i, image in enumerate(images):
         if image.dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
+            raise ImageError(f"expected uint8 or uint16 pixels, got {image.dtype}")
         image = to_model_channels(image, metadata.in_chans)
         # PIL's bilinear resize antialiases when shrinking; INTER_AREA is OpenCV's equivalent there.
         shrinking = image.shape[0] > height or image.shape[1] > width
@@ -51,12 +56,15 @@ def preprocess(images: list[np.ndarray], metadata: ModelMetadata) -> np.ndarray:
 
 def read_image(path) -> np.ndarray:
     """Decode an image file to RGB (or grayscale) uint8/uint16, keeping its bit depth."""
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
-        raise ValueError(f"{path}: file is empty")
+        raise ImageError(f"{path}: file is empty")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ValueError(f"{path}: not a decodable image (corrupt, truncated or unsupported format)")
+        raise ImageError(f"{path}: not a decodable image (corrupt, truncated or unsupported format)")
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:
