@@ -78,7 +78,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: the pickle holds more than tensors (weights_only=True; "
             f"medmamba-edge never runs code from a model file): {first_line}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch's unpickler raises whatever the garbage triggers (IndexError, EOFError, ...)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
 

@@ -1,0 +1,101 @@
+"""Checkpoint formats users actually have, and every way a checkpoint can be wrong."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from medmamba_edge.checkpoint import CheckpointError, load_checkpoint
+from medmamba_edge.model import VSSM
+
+
+@pytest.fixture(scope="module")
+def tiny_state_dict():
+    torch.manual_seed(0)
+    return VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=1).state_dict()
+
+
+def save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"model": sd, "epoch": 3},
+    lambda sd: {"state_dict": sd, "optimizer_lr": 1e-4},
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},  # nn.DataParallel
+])
+def test_architecture_is_inferred_from_any_usual_wrapping(tmp_path, tiny_state_dict, wrap):
+    loaded = load_checkpoint(save(wrap(tiny_state_dict), tmp_path / "w.pth"))
+    config = loaded.config
+    assert (config.depths, config.dims, config.num_classes, config.in_chans) == ([1, 2, 1, 1], [16, 32, 64, 128], 3, 1)
+    assert config.variant == "custom"
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
+    assert not loaded.model.training
+
+
+def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
+    path = save(tiny_state_dict, tmp_path / "m.pth")
+    (tmp_path / "class_indices.json").write_text(json.dumps({"0": "benign", "1": "malignant", "2": "normal"}, indent=4))
+    assert load_checkpoint(path).class_names == ["benign", "malignant", "normal"]
+    assert load_checkpoint(path, classes="a,b,c").class_names == ["a", "b", "c"]
+    with pytest.raises(CheckpointError, match="2 class names given but the model has 3 outputs"):
+        load_checkpoint(path, classes=["a", "b"])
+
+
+def test_default_class_names_without_json(tmp_path, tiny_state_dict):
+    assert load_checkpoint(save(tiny_state_dict, tmp_path / "m.pth")).class_names == ["class_0", "class_1", "class_2"]
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = save({"model": Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load.*weights_only=True"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_state_dict):
+    resnet_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict()
+    with pytest.raises(CheckpointError, match=r"not a MedMamba \(VSSM\) checkpoint: missing patch_embed\.proj\.weight"):
+        load_checkpoint(save(resnet_like, tmp_path / "resnet.pth"))
+
+    extra = dict(tiny_state_dict, **{"layers.0.blocks.0.extra_gate.weight": torch.zeros(2)})
+    del extra["layers.1.downsample.norm.bias"]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(save(extra, tmp_path / "variant.pth"))
+    message = str(info.value)
+    assert "missing keys: layers.1.downsample.norm.bias" in message
+    assert "unexpected keys: layers.0.blocks.0.extra_gate.weight" in message
+    assert "\n" not in message
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_state_dict):
+    bad = dict(tiny_state_dict, **{"head.bias": torch.zeros(4)})
+    with pytest.raises(CheckpointError, match=r"head\.bias has shape \(4,\), expected \(3,\)"):
+        load_checkpoint(save(bad, tmp_path / "shape.pth"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty"),
+    (b"this is not a checkpoint", "not a readable PyTorch checkpoint"),
+])
+def test_unreadable_files(tmp_path, content, message):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_non_state_dict(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="expected a state_dict"):
+        load_checkpoint(save([1, 2, 3], tmp_path / "list.pth"))
