@@ -8,6 +8,10 @@
 
 #include <NvInferRuntime.h>
 
+#if NV_TENSORRT_MAJOR < 10 || (NV_TENSORRT_MAJOR == 10 && NV_TENSORRT_MINOR < 3)
+#error "the SelectiveScan plugin is an IPluginV3 and needs TensorRT >= 10.3 (JetPack >= 6.1)"
+#endif
+
 #include <cstdint>
 #include <vector>
 
