@@ -1,0 +1,170 @@
+"""Selective-scan CPU timings for MedMamba-T at 224x224, side by side in one run.
+
+Per stage and per image (the sum over the model's 10 scans), batch 1 and batch 8 (per image):
+the compiled kernel on 1 and 2 threads, the fused op inside ONNX Runtime (one SelectiveScan node,
+onnxruntime-extensions PyOp, input/output copies included), and the PyTorch reference (one stage only:
+it loops over L in Python).
+
+    python benchmarks/bench_scan_cpu.py [--repeats 20] [--no-batch8] [--ref-stage 2]
+
+Times are the best of ``--repeats`` runs in milliseconds, wall clock and, in parentheses, process CPU
+time (summed over threads; on a busy machine this is the number to trust for 1 thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from medmamba_edge.runtime import scan_cpu, scan_node
+
+# MedMamba-T, 224x224: (K*D, L) per stage, scans per image. N = 16 states, G = 4 groups.
+STAGES = [(384, 3136, 2), (768, 784, 2), (1536, 196, 4), (3072, 49, 2)]
+D_STATE, GROUPS = 16, 4
+
+
+def make_inputs(batch, channels, length, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((batch, channels, length), dtype=np.float32),
+        rng.standard_normal((batch, channels, length), dtype=np.float32),
+        -np.exp(rng.normal(0.0, 0.7, (channels, D_STATE))).astype(np.float32),
+        rng.standard_normal((batch, GROUPS, D_STATE, length), dtype=np.float32),
+        rng.standard_normal((batch, GROUPS, D_STATE, length), dtype=np.float32),
+        rng.standard_normal(channels, dtype=np.float32),
+        rng.standard_normal(channels, dtype=np.float32),
+    )
+
+
+def timeit(fn, repeats, warmup=2):
+    """(best wall ms, best process CPU ms): CPU time (all threads) is immune to other load on the box."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c = time.process_time()
+        t = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return min(walls) * 1e3, min(cpus) * 1e3
+
+
+def fused_runner(threads):
+    """A callable(arrays) running one SelectiveScan node in ORT, or None with the reason."""
+    try:
+        from onnx import TensorProto, helper
+
+        from medmamba_edge.runtime import fused_scan
+    except ImportError as exc:
+        return None, str(exc)
+    names = scan_node.INPUT_NAMES
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    node = helper.make_node(
+        scan_node.OP_TYPE, list(names), ["y"], domain=scan_node.DOMAIN, delta_softplus=1,
+        plugin_version=scan_node.PLUGIN_VERSION, plugin_namespace=scan_node.PLUGIN_NAMESPACE,
+    )
+    graph = helper.make_graph([node], "scan", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, 1)]
+    )
+    try:
+        sess = fused_scan.make_fused_session(model, threads=threads)
+    except (ImportError, RuntimeError) as exc:
+        return None, str(exc)
+
+    def run(arrays):
+        # the kernel's thread count is process-wide in fused_scan: set it for this session
+        fused_scan._num_threads = threads
+        return sess.run(None, dict(zip(names, arrays)))
+
+    return run, ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-batch8", action="store_true", help="skip the batch-8 columns")
+    ap.add_argument("--ref-stage", type=int, default=3, help="1-4: the stage timed with the PyTorch reference; 0: none")
+    args = ap.parse_args()
+    if not scan_cpu.available():
+        raise SystemExit(f"compiled kernel unavailable: {scan_cpu.unavailable_reason()}")
+
+    fused = {}
+    notes = []
+    for threads in (1, 2):
+        fused[threads], why = fused_runner(threads)
+        if fused[threads] is None:
+            notes.append(f"fused ORT op unavailable: {why}")
+            break
+
+    batches = [1] if args.no_batch8 else [1, 8]
+    columns = []  # (title, batch, fn(arrays))
+    for batch in batches:
+        suffix = "b1" if batch == 1 else f"b{batch}, per image"
+        for threads in (1, 2):
+            columns.append((f"kernel {threads}T {suffix}", batch,
+                            lambda a, t=threads: scan_cpu.selective_scan(*a, num_threads=t)))
+        for threads in (1, 2):
+            if fused.get(threads) is not None:
+                columns.append((f"ORT fused {threads}T {suffix}", batch, fused[threads]))
+
+    ref_fn = None
+    if args.ref_stage:
+        try:
+            import torch
+
+            from medmamba_edge.scan import selective_scan_ref
+
+            torch.set_num_threads(2)
+
+            def ref_fn(arrays):
+                return selective_scan_ref(*(torch.from_numpy(x) for x in arrays))
+        except ImportError as exc:
+            notes.append(f"PyTorch reference skipped: {exc}")
+
+    header = ["stage (K·D, L)", "scans/img"] + [c[0] for c in columns] + (["torch ref 2T b1"] if ref_fn else [])
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows, totals, cpu_totals = [], [0.0] * len(columns), [0.0] * len(columns)
+    for si, (channels, length, count) in enumerate(STAGES, start=1):
+        row = [f"{si}: ({channels}, {length})", str(count)]
+        for ci, (_, batch, fn) in enumerate(columns):
+            arrays = make_inputs(batch, channels, length, seed=si)
+            repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
+            best, cpu = timeit(lambda: fn(arrays), repeats)
+            best /= batch
+            cpu /= batch
+            totals[ci] += best * count
+            cpu_totals[ci] += cpu * count
+            row.append(f"{best:.2f} ({cpu:.2f})")
+        if ref_fn:
+            if si == args.ref_stage:
+                arrays = make_inputs(1, channels, length, seed=si)
+                best, cpu = timeit(lambda: ref_fn(arrays), 3, warmup=1)
+                row.append(f"{best:.1f} ({cpu:.1f})")
+            else:
+                row.append("–")
+        rows.append(row)
+    rows.append(["**per image (10 scans)**", "10"] + [f"**{t:.1f}** ({c:.1f})" for t, c in zip(totals, cpu_totals)]
+                + (["–"] if ref_fn else []))
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    cpu = platform.processor() or platform.machine()
+    print(f"Selective scan, MedMamba-T 224x224 (N={D_STATE}, G={GROUPS}); {os.cpu_count()} CPUs ({cpu}); "
+          f"load average {load_before:.2f} -> {load_after:.2f}.\n"
+          f"ms per image: best wall time of {args.repeats} runs (batch 8: of {max(3, args.repeats // 4)}), "
+          "and in parentheses the best process CPU time (all threads; unaffected by other load)\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    for note in notes:
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()
