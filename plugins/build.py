@@ -1,0 +1,278 @@
+"""Build and locate the selective-scan libraries: the TensorRT plugin and the CUDA-only launcher.
+
+Standard library only: this runs on a Jetson next to TensorRT, where PyTorch is usually absent.
+
+``find_plugin_library()`` looks, in this order, at:
+
+1. ``$MEDMAMBA_EDGE_PLUGIN``: the path of the plugin ``.so`` (set but missing is an error, not a fallback);
+2. the default build directory, ``<cache>/plugins/selective_scan-<machine>/``, where ``<cache>`` is
+   ``$MEDMAMBA_EDGE_CACHE`` or else ``$XDG_CACHE_HOME/medmamba-edge`` or else ``~/.cache/medmamba-edge``
+   (``build_plugin()`` writes there by default);
+3. this package's directory (a wheel that bundles a prebuilt library).
+
+``find_launcher()`` does the same for the CUDA-only library with ``$MEDMAMBA_EDGE_SCAN_CUDA``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
+LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
+CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
+PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
+LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"
+SOURCE_DIR = Path(__file__).resolve().parent / "selective_scan"
+BUILD_LOG = "medmamba-build.log"
+# Where nvcc is looked for after $CUDACXX, $CUDA_HOME/$CUDA_PATH and PATH (JetPack and the .run/.deb
+# installers all provide /usr/local/cuda).
+CUDA_HOME_CANDIDATES: tuple[str, ...] = ("/usr/local/cuda",)
+
+Progress = Callable[[str], None]
+
+
+class PluginBuildError(RuntimeError):
+    """The libraries could not be built; the message is one line saying why and what to do."""
+
+
+class PluginNotFoundError(FileNotFoundError):
+    """No built library was found; the message says how to build one or where to point."""
+
+
+def cache_root() -> Path:
+    """Root of medmamba-edge's cache: $MEDMAMBA_EDGE_CACHE, $XDG_CACHE_HOME/medmamba-edge or ~/.cache/medmamba-edge."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medmamba-edge"
+
+
+def default_build_dir() -> Path:
+    """Build directory used when none is given; per machine type so a shared home serves x86 and Jetson."""
+    return cache_root() / "plugins" / f"selective_scan-{platform.machine() or 'unknown'}"
+
+
+def _search(env_var: str, filename: str) -> Path:
+    override = os.environ.get(env_var)
+    if override:
+        path = Path(override).expanduser()
+        if path.is_file():
+            return path
+        raise PluginNotFoundError(f"${env_var} is set to {path}, which is not a file")
+    candidates = [default_build_dir() / filename, Path(__file__).resolve().parent / filename]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise PluginNotFoundError(
+        f"{filename} not found (looked in {looked}): run `medmamba-edge build-plugin` or set ${env_var} to its path"
+    )
+
+
+def find_plugin_library() -> Path:
+    """Path of the TensorRT plugin library (search order in the module docstring)."""
+    return _search(PLUGIN_ENV, PLUGIN_LIBRARY)
+
+
+def find_launcher() -> Path:
+    """Path of the CUDA-only scan library (same search order, with $MEDMAMBA_EDGE_SCAN_CUDA)."""
+    return _search(LAUNCHER_ENV, LAUNCHER_LIBRARY)
+
+
+def find_nvcc() -> Path | None:
+    """nvcc from $CUDACXX, $CUDA_HOME / $CUDA_PATH, PATH, then /usr/local/cuda; None when absent."""
+    if os.environ.get("CUDACXX"):
+        return Path(os.environ["CUDACXX"]) if Path(os.environ["CUDACXX"]).is_file() else None
+    homes = [os.environ.get(var) for var in ("CUDA_HOME", "CUDA_PATH")]
+    for home in homes:
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return Path(home) / "bin" / "nvcc"
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return Path(on_path)
+    for home in CUDA_HOME_CANDIDATES:
+        if (Path(home) / "bin" / "nvcc").is_file():
+            return Path(home) / "bin" / "nvcc"
+    return None
+
+
+def pip_tensorrt_lib_dir() -> Path | None:
+    """Directory of libnvinfer.so.* from the pip wheels (package ``tensorrt_libs``), without importing TensorRT."""
+    try:
+        spec = importlib.util.find_spec("tensorrt_libs")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        if any(Path(location).glob("libnvinfer.so*")):
+            return Path(location)
+    return None
+
+
+def normalize_cuda_arch(cuda_arch: str | int | Iterable[str | int]) -> str:
+    """CMAKE_CUDA_ARCHITECTURES value from "87", "8.7", "sm_87", 87, "87;90", "87,90", ["87", 90] or "native"."""
+    items = [cuda_arch] if isinstance(cuda_arch, (str, int)) else list(cuda_arch)
+    archs: list[str] = []
+    for item in items:
+        for part in re.split(r"[;,\s]+", str(item).strip()):
+            if not part:
+                continue
+            if part in ("native", "all", "all-major"):
+                archs.append(part)
+                continue
+            match = re.fullmatch(r"(?:sm_|compute_)?(\d+)\.?(\d?)([af]?)(-real|-virtual)?", part)
+            if not match:
+                raise PluginBuildError(f"unrecognised CUDA architecture {part!r}: use e.g. 87, 8.7, sm_87 or native")
+            archs.append(match.group(1) + match.group(2) + match.group(3) + (match.group(4) or ""))
+    if not archs:
+        raise PluginBuildError("empty CUDA architecture list")
+    return ";".join(archs)
+
+
+def _run(command: list[str], log, progress: Progress | None) -> int:
+    log.write("$ " + " ".join(command) + "\n")
+    log.flush()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    assert process.stdout is not None
+    for line in process.stdout:
+        log.write(line)
+        if progress is not None:
+            progress(line.rstrip("\n"))
+    log.flush()  # _failure() reads the log back while it is still open
+    return process.wait()
+
+
+def _failure(stage: str, log_path: Path) -> PluginBuildError:
+    text = log_path.read_text(errors="replace")
+    # CMakeLists.txt prefixes the errors it diagnoses itself; those are the whole story.
+    # CMake wraps and indents message() text, so the paragraph is re-joined into one line.
+    ours = re.search(r"MEDMAMBA_ERROR: (.+?)(?:\n\s*\n|\Z)", text, re.S)
+    if ours:
+        return PluginBuildError(" ".join(ours.group(1).split()))
+    first_error = next((line.strip() for line in text.splitlines() if re.search(r"\berror\b", line, re.I)), "")
+    detail = f": {first_error}" if first_error else ""
+    return PluginBuildError(f"{stage} failed{detail} (full log: {log_path})")
+
+
+def _forget_other_compiler(build: Path, nvcc: Path) -> None:
+    """Drop the CMake cache of a build directory configured with another nvcc.
+
+    CMake cannot switch compilers in place: it wipes the cache mid-configure and then fails on the lost
+    variables. Only CMake's own files go; nothing else in the directory is touched.
+    """
+    cache = build / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    match = re.search(r"^CMAKE_CUDA_COMPILER:\w+=(.*)$", cache.read_text(errors="replace"), re.M)
+    if match and match.group(1).strip() != str(nvcc):
+        cache.unlink()
+        shutil.rmtree(build / "CMakeFiles", ignore_errors=True)
+
+
+def _cmake_build(
+    target: str,
+    library: str,
+    *,
+    build_dir: str | os.PathLike | None,
+    cuda_arch,
+    tensorrt_root: str | os.PathLike | None,
+    jobs: int | None,
+    progress: Progress | None,
+) -> Path:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise PluginBuildError("cmake not found on PATH: install CMake >= 3.18 (apt install cmake, or pip install cmake)")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise PluginBuildError(
+            "nvcc not found: install the CUDA toolkit (JetPack includes it under /usr/local/cuda) "
+            "or set CUDACXX / CUDA_HOME"
+        )
+    if not (SOURCE_DIR / "CMakeLists.txt").is_file():
+        raise PluginBuildError(f"plugin sources missing: {SOURCE_DIR / 'CMakeLists.txt'} (broken installation?)")
+    build = Path(build_dir).expanduser() if build_dir is not None else default_build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    _forget_other_compiler(build, nvcc)
+
+    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    if cuda_arch is not None:
+        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={normalize_cuda_arch(cuda_arch)}")
+    # Explicit either way: the option is cached, and one build directory may serve both functions.
+    configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == 'medmamba_trt_plugin' else 'OFF'}")
+    if target == "medmamba_trt_plugin":
+        root = tensorrt_root if tensorrt_root is not None else os.environ.get("TENSORRT_ROOT")
+        if root:
+            configure.append(f"-DTENSORRT_ROOT={Path(root).expanduser()}")
+        pip_libs = pip_tensorrt_lib_dir()
+        if pip_libs is not None:
+            configure.append(f"-DTENSORRT_LIB_DIR={pip_libs}")
+    compile_ = [cmake, "--build", str(build), "--target", target, "--parallel", str(jobs or os.cpu_count() or 1)]
+
+    log_path = build / BUILD_LOG
+    with log_path.open("w") as log:
+        if _run(configure, log, progress) != 0:
+            error = _failure("CMake configure", log_path)
+            if target == "medmamba_trt_plugin" and pip_tensorrt_lib_dir() is not None and "headers" in str(error):
+                error = PluginBuildError(
+                    f"{error}; the pip TensorRT wheels ship no headers: point TENSORRT_ROOT at the include/ "
+                    "of the matching TensorRT tarball or of github.com/NVIDIA/TensorRT checked out at that version"
+                )
+            raise error
+        if _run(compile_, log, progress) != 0:
+            raise _failure(f"building {target}", log_path)
+    output = build / library
+    if not output.is_file():
+        raise PluginBuildError(f"the build reported success but {output} is missing (full log: {log_path})")
+    return output
+
+
+def build_plugin(
+    build_dir: str | os.PathLike | None = None,
+    cuda_arch: str | int | Iterable[str | int] | None = None,
+    tensorrt_root: str | os.PathLike | None = None,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Configure and build the TensorRT plugin with CMake; return the path of libmedmamba_trt_plugin.so.
+
+    ``build_dir`` defaults to ``default_build_dir()``, where ``find_plugin_library()`` looks. ``cuda_arch``
+    (e.g. "87", "8.7", "87;90", "native") defaults to every supported GPU generation; a single one builds
+    much faster. ``tensorrt_root`` (else $TENSORRT_ROOT, else the system/JetPack locations) must hold the
+    TensorRT >= 10.3 headers. ``progress`` receives every output line of CMake and the compiler.
+    Raises PluginBuildError with a one-line reason (the full log stays in the build directory).
+    """
+    return _cmake_build(
+        "medmamba_trt_plugin",
+        PLUGIN_LIBRARY,
+        build_dir=build_dir,
+        cuda_arch=cuda_arch,
+        tensorrt_root=tensorrt_root,
+        jobs=jobs,
+        progress=progress,
+    )
+
+
+def build_launcher(
+    build_dir: str | os.PathLike | None = None,
+    cuda_arch: str | int | Iterable[str | int] | None = None,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Build only the CUDA scan library (no TensorRT needed); return the path of libmedmamba_scan_cuda.so."""
+    return _cmake_build(
+        "medmamba_scan_cuda",
+        LAUNCHER_LIBRARY,
+        build_dir=build_dir,
+        cuda_arch=cuda_arch,
+        tensorrt_root=None,
+        jobs=jobs,
+        progress=progress,
+    )
