@@ -73,14 +73,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle holds more than tensors (weights_only=True; "
-            f"medmamba-edge never runs code from a model file): {first_line}"
-        ) from None
+        # torch's message is a paragraph; the line naming the blocked global or bad opcode is what matters.
+        blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle wants to call {blocked.group(1)} (loaded with "
+                f"weights_only=True; medmamba-edge never runs code from a model file)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a tensor-only pickle)") from None
     except Exception as exc:  # torch's unpickler raises whatever the garbage triggers (IndexError, EOFError, ...)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
 
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -1,0 +1,206 @@
+"""Official MedMamba checkpoint → ONNX, in plugin form (one ``SelectiveScan`` node per scan, for our
+TensorRT plugin and the fused ONNX Runtime op) or portable form (standard ONNX ops only), verified
+against PyTorch on real images before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from medmamba_edge import __version__
+from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
+from medmamba_edge.errors import UserError
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
+from medmamba_edge.runtime.preprocess import preprocess, read_image
+from medmamba_edge.runtime.bundled import sample_image_paths
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+DEFAULT_OPSET = 18
+DEFAULT_ATOL = 1e-4
+
+
+class ExportError(UserError):
+    """Export could not produce a correct model; nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    metadata: ModelMetadata
+    max_abs_diff: float | None  # None when verification was skipped
+    verified_images: int
+    seconds: float
+
+
+def check_input_size(checkpoint: LoadedCheckpoint, size: tuple[int, int]) -> None:
+    """Every stage needs at least one token: patch embedding then one 2× merge per stage after the first."""
+    config = checkpoint.config
+    for side in size:
+        tokens = side // config.patch_size
+        for _ in range(len(config.depths) - 1):
+            tokens //= 2
+        if tokens < 1:
+            minimum = config.patch_size * 2 ** (len(config.depths) - 1)
+            raise ExportError(f"{checkpoint.path}: input size {size} is too small; the model needs at least {minimum}")
+
+
+def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
+    """Drop torch's per-node stack traces and FX names: they leak local paths and bloat the file."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        del value.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def _hidden_scan_functions(model: onnx.ModelProto) -> list[str]:
+    """Model-local functions that TensorRT 9.0–10.6 would prefer over our plugin."""
+    return [f.name for f in model.functions if f.name == scan_node.OP_TYPE]
+
+
+def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: int | None, opset: int) -> onnx.ModelProto:
+    """The plugin-form graph, straight from torch.export; ``batch=None`` makes the batch dimension dynamic."""
+    # torch.export specialises a dimension of size 1, so a dynamic batch is traced with 2.
+    example = torch.zeros(batch or 2, checkpoint.config.in_chans, *size)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if batch is None else None
+    # The exporter logs a line per absent torchvision op and warns on internals the user cannot act on.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            checkpoint.model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    model = program.model_proto
+    _strip_exporter_annotations(model)
+    model.producer_name, model.producer_version = "medmamba-edge", __version__
+    return model
+
+
+def verification_batch(metadata: ModelMetadata, batch: int | None) -> np.ndarray:
+    """The bundled real sample images, preprocessed exactly as deployment will preprocess them."""
+    images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
+    if batch is None:
+        return images
+    # A fixed-batch model gets whole batches: cycle the samples to fill the last one.
+    count = -(-len(images) // batch) * batch
+    return images[np.arange(count) % len(images)]
+
+
+def max_logit_difference(checkpoint: LoadedCheckpoint, portable: onnx.ModelProto, images: np.ndarray, batch: int | None) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(portable.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    step = batch or len(images)
+    worst = 0.0
+    for start in range(0, len(images), step):
+        chunk = images[start:start + step]
+        (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: chunk})
+        with torch.no_grad():
+            torch_logits = checkpoint.model(torch.from_numpy(chunk)).numpy()
+        worst = max(worst, float(np.abs(ort_logits - torch_logits).max()))
+    return worst
+
+
+def write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write to a temporary file beside the target and rename, so a failed export leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(
+    checkpoint: str | Path | LoadedCheckpoint,
+    output: str | Path,
+    *,
+    input_size: int | tuple[int, int] = 224,
+    batch: int | None = 1,
+    opset: int = DEFAULT_OPSET,
+    classes: str | list[str] | None = None,
+    scan: str = "plugin",
+    verify: bool = True,
+    atol: float = DEFAULT_ATOL,
+    status: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
+    """Export, verify against PyTorch, and write ``output`` (only if verification passed)."""
+    started = time.perf_counter()
+    if scan not in ("plugin", "portable"):
+        raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
+    if batch is not None and batch < 1:
+        raise ExportError(f"batch must be ≥ 1, got {batch}")
+    if not isinstance(checkpoint, LoadedCheckpoint):
+        status(f"loading {checkpoint}")
+        checkpoint = load_checkpoint(checkpoint, classes)
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    check_input_size(checkpoint, size)
+    output = Path(output)
+
+    status(f"tracing {checkpoint.config.variant} at {size[0]}×{size[1]}")
+    plugin_form = trace_to_onnx(checkpoint, size, batch, opset)
+    hidden = _hidden_scan_functions(plugin_form)
+    if hidden:
+        raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
+    portable_form = lower_selective_scan(plugin_form)
+
+    metadata = ModelMetadata(
+        input_size=size,
+        class_names=tuple(checkpoint.class_names),
+        in_chans=checkpoint.config.in_chans,
+        mean=(0.5,) * checkpoint.config.in_chans,
+        std=(0.5,) * checkpoint.config.in_chans,
+        variant=checkpoint.config.variant,
+        depths=tuple(checkpoint.config.depths),
+        dims=tuple(checkpoint.config.dims),
+        d_state=checkpoint.config.d_state,
+        scan_form=scan,
+        batch=batch,
+        source_checkpoint_sha256=checkpoint.sha256,
+        tool_version=__version__,
+    )
+    model = plugin_form if scan == "plugin" else portable_form
+    write_onnx_metadata(model, metadata)
+    try:
+        onnx.checker.check_model(model, full_check=scan == "portable")
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{checkpoint.path}: exported graph is invalid: {str(exc).splitlines()[0]}") from None
+
+    max_abs_diff, verified = None, 0
+    if verify:
+        status("verifying ONNX Runtime against PyTorch on the bundled sample images")
+        images = verification_batch(metadata, batch)
+        max_abs_diff = max_logit_difference(checkpoint, portable_form, images, batch)
+        verified = len(images)
+        if not max_abs_diff <= atol:
+            raise ExportError(
+                f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by {max_abs_diff:.3g} "
+                f"(tolerance {atol:g}); nothing was written to {output}"
+            )
+    write_atomically(model, output)
+    return ExportResult(output, metadata, max_abs_diff, verified, time.perf_counter() - started)

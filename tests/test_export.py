@@ -1,0 +1,144 @@
+"""`medmamba-edge export` on the official checkpoint: graph structure, parity, metadata, bad input."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medmamba_edge.checkpoint import load_checkpoint
+from medmamba_edge.cli import app
+from medmamba_edge.exporters.onnx_export import ExportError, export_onnx
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.metadata import read_onnx_metadata
+from tests.shared_data import OFFICIAL_T32, require_shared
+from tests.test_model import pneumoniamnist_val
+
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+@pytest.fixture(scope="module")
+def official():
+    return load_checkpoint(require_shared(*OFFICIAL_T32))
+
+
+@pytest.fixture(scope="module")
+def plugin32(official, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "t32_plugin.onnx"
+    result = export_onnx(official, path, input_size=32, batch=None, scan="plugin")
+    return result, onnx.load(str(path))
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_plugin_form_has_one_scan_node_per_block_with_plugin_attributes(plugin32):
+    result, model = plugin32
+    scans = [n for n in model.graph.node if n.op_type == scan_node.OP_TYPE]
+    assert len(scans) == sum(result.metadata.depths) == 10
+    for node in scans:
+        assert node.domain == scan_node.DOMAIN
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes == {"delta_softplus": 1, "plugin_version": scan_node.PLUGIN_VERSION.encode(),
+                              "plugin_namespace": scan_node.PLUGIN_NAMESPACE.encode()}
+        assert len(node.input) == len(scan_node.INPUT_NAMES)
+    assert not model.functions, "a model-local function would hide the TensorRT plugin"
+    assert (scan_node.DOMAIN, scan_node.DOMAIN_VERSION) in {(o.domain, o.version) for o in model.opset_import}
+
+
+def test_plugin_form_shapes_by_onnx_shape_inference(plugin32):
+    _, model = plugin32
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    scans = [n for n in inferred.graph.node if n.op_type == scan_node.OP_TYPE]
+    # MedMamba-T at 32×32: 8×8, 4×4, 2×2, 1×1 tokens; K·D = 4 × dim.
+    expected_ud = [[384, 64]] * 2 + [[768, 16]] * 2 + [[1536, 4]] * 4 + [[3072, 1]] * 2
+    for node, (channels, length) in zip(scans, expected_ud):
+        u, delta, a, b, c, d, bias = (shapes[name] for name in node.input)
+        assert u[1:] == delta[1:] == [channels, length] and isinstance(u[0], str)  # dynamic batch
+        assert a == [channels, 16] and d == bias == [channels]
+        assert b[1:] == c[1:] == [4, 16, length]
+
+
+def test_metadata_round_trip(plugin32, official):
+    result, model = plugin32
+    meta = read_onnx_metadata(model)
+    assert meta == result.metadata
+    assert meta.input_size == (32, 32) and meta.class_names == ("normal", "pneumonia")
+    assert meta.mean == meta.std == (0.5, 0.5, 0.5) and meta.channel_order == "RGB"
+    assert meta.scan_form == "plugin" and meta.batch is None and meta.variant == "medmamba_t"
+    assert meta.source_checkpoint_sha256 == official.sha256
+
+
+def test_exported_model_matches_pytorch_on_real_images_with_dynamic_batch(plugin32, official):
+    result, model = plugin32
+    assert result.max_abs_diff <= 1e-4 and result.verified_images > 0
+    x, labels = pneumoniamnist_val()
+    portable = session(lower_selective_scan(model))
+    for batch in (x[:1], x[1:40]):
+        (logits,) = portable.run(None, {"input": batch.numpy()})
+        with torch.no_grad():
+            expected = official.model(batch).numpy()
+        assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_portable_export_at_224_runs_in_plain_onnxruntime(official, tmp_path):
+    path = tmp_path / "t224.onnx"
+    result = export_onnx(official, path, input_size=224, batch=2, scan="portable")
+    model = onnx.load(str(path))
+    assert {n.domain for n in model.graph.node} <= STANDARD_DOMAINS
+    assert result.max_abs_diff <= 1e-4
+    images = torch.randn(2, 3, 224, 224)
+    (logits,) = session(model).run(None, {"input": images.numpy()})
+    with torch.no_grad():
+        assert np.abs(logits - official.model(images).numpy()).max() <= 1e-4
+
+
+def test_odd_input_size_exports_and_matches(official, tmp_path):
+    result = export_onnx(official, tmp_path / "odd.onnx", input_size=(36, 44), batch=1, scan="portable")
+    assert result.max_abs_diff <= 1e-4
+    assert read_onnx_metadata(tmp_path / "odd.onnx").input_size == (36, 44)
+
+
+def test_failed_verification_writes_nothing(official, tmp_path):
+    target = tmp_path / "strict.onnx"
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_onnx(official, target, input_size=32, scan="portable", atol=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_small_input_is_refused(official, tmp_path):
+    with pytest.raises(ExportError, match="needs at least 32"):
+        export_onnx(official, tmp_path / "small.onnx", input_size=28)
+
+
+runner = CliRunner()
+
+
+def test_cli_export_reports_parity(tmp_path):
+    out = tmp_path / "cli.onnx"
+    result = runner.invoke(app, ["export", str(require_shared(*OFFICIAL_T32)), "-o", str(out),
+                                 "--input-size", "32", "--scan", "portable"])
+    assert result.exit_code == 0, result.output
+    assert "max |ONNX Runtime − PyTorch|" in result.output and out.is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.pth"], "missing.pth: no such checkpoint file"),
+    ([__file__], "test_export.py: not a readable PyTorch checkpoint"),
+    ([__file__, "--input-size", "0"], "--input-size must be N or HxW"),
+    (["OFFICIAL", "--scan", "loop"], "--scan must be 'plugin' or 'portable'"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
+    out = tmp_path / "never.onnx"
+    if args[0] == "OFFICIAL":
+        args = [str(require_shared(*OFFICIAL_T32)), *args[1:]]
+    result = runner.invoke(app, ["export", *args, "-o", str(out)])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
