@@ -114,7 +114,8 @@ def _register() -> None:
 
 
 def retarget_for_fused(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with its SelectiveScan nodes (also inside subgraphs) in the PyOp domain."""
+    """A copy of ``model`` with its SelectiveScan nodes (also inside subgraphs) in the PyOp domain, and
+    ``delta_softplus=1`` made explicit where a node leaves it out."""
     model = copy.deepcopy(model)
     found = False
 
@@ -124,6 +125,9 @@ def retarget_for_fused(model: onnx.ModelProto) -> onnx.ModelProto:
             if node.op_type == OP_TYPE and node.domain == DOMAIN:
                 node.domain = FUSED_DOMAIN
                 found = True
+                # the PyOp kernel requires every declared attribute; the op's default is softplus on
+                if not any(a.name == "delta_softplus" for a in node.attribute):
+                    node.attribute.append(onnx.helper.make_attribute("delta_softplus", 1))
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     visit(attr.g)

@@ -80,7 +80,7 @@ def selective_scan(
     u, delta: (batch, channels, length); A: (channels, d_state); B, C: (batch, groups, d_state, length);
     D, delta_bias: (channels,). Inputs of another dtype or layout are converted to C-contiguous float32.
     Returns y, float32 with u's shape (``out`` if given: a writable C-contiguous float32 array of that
-    shape, not sharing memory with B or C). Raises ValueError on bad shapes, RuntimeError if the
+    shape, not sharing memory with any input). Raises ValueError on bad shapes, RuntimeError if the
     extension is not built.
     """
     if _ext is None:
@@ -101,6 +101,8 @@ def selective_scan(
         raise ValueError(
             f"selective_scan: out must be a writable C-contiguous float32 array of shape {arrays[0].shape}"
         )
+    if out is not None and any(np.may_share_memory(out, a) for a in arrays):
+        raise ValueError("selective_scan: out must not share memory with the inputs")
     if num_threads is None:
         num_threads = default_num_threads()
     num_threads = max(1, int(num_threads))

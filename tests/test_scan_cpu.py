@@ -154,6 +154,8 @@ def test_bad_shapes_raise_value_error():
         scan_cpu.selective_scan(*good, out=np.empty((1, 8, 10), np.float64))
     with pytest.raises(ValueError, match="out must be"):
         scan_cpu.selective_scan(*good, out=np.empty((1, 8, 11), np.float32))
+    with pytest.raises(ValueError, match="out must not share memory"):
+        scan_cpu.selective_scan(*good, out=good[0])
 
 
 def test_extension_validates_its_buffers():
@@ -196,13 +198,14 @@ def test_runtime_modules_do_not_import_torch():
 # ---------------------------------------------------------------------------------------------------
 
 
-def scan_model(channels, d_state, groups, *, softplus=1):
+def scan_model(channels, d_state, groups, *, softplus=1, with_softplus_attr=True):
     dims = {"u": ["batch", channels, "L"], "delta": ["batch", channels, "L"], "A": [channels, d_state],
             "B": ["batch", groups, d_state, "L"], "C": ["batch", groups, d_state, "L"], "D": [channels],
             "delta_bias": [channels]}
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in NAMES]
+    attrs = {"delta_softplus": softplus} if with_softplus_attr else {}
     node = helper.make_node(
-        scan_node.OP_TYPE, list(NAMES), ["y"], name="scan", domain=scan_node.DOMAIN, delta_softplus=softplus,
+        scan_node.OP_TYPE, list(NAMES), ["y"], name="scan", domain=scan_node.DOMAIN, **attrs,
         plugin_version=scan_node.PLUGIN_VERSION, plugin_namespace=scan_node.PLUGIN_NAMESPACE,
     )
     # a standard op after the scan, so the session mixes ORT's own kernels with ours
@@ -240,3 +243,13 @@ def test_retarget_for_fused_copies():
     assert fused.graph.node[0].domain == fused_scan.FUSED_DOMAIN
     assert fused_scan.FUSED_DOMAIN in {op.domain for op in fused.opset_import}
     assert [a.name for a in fused.graph.node[0].attribute] == [a.name for a in model.graph.node[0].attribute]
+
+
+def test_fused_session_defaults_to_softplus():
+    pytest.importorskip("onnxruntime_extensions", reason="pip install medmamba-edge[fused]")
+    from medmamba_edge.runtime import fused_scan
+
+    sess = fused_scan.make_fused_session(scan_model(16, 4, 2, with_softplus_attr=False), threads=1)
+    arrays = make_inputs(1, 16, 20, 2, 4, seed=7)
+    (z,) = sess.run(None, dict(zip(NAMES, arrays)))
+    assert_close(z / 2, reference(arrays, True))
