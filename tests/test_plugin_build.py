@@ -1,0 +1,355 @@
+"""Selective-scan plugin: what can be checked without a GPU.
+
+Compiles the CUDA kernel and the TensorRT wrapper (when nvcc / TensorRT headers exist), checks the C ABI
+through ctypes, runs the CMake build through medmamba_edge.plugins.build, and pins the plugin's identity to
+the ONNX node contract. Numerical parity needs a GPU: plugins/selective_scan/gpu_check.py.
+Set TENSORRT_ROOT to a TensorRT prefix (headers are enough) to include the plugin compile checks.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "plugins" / "selective_scan"
+# Jetson Orin; one architecture keeps each nvcc run around ten seconds.
+TEST_ARCH = "87"
+
+
+def _load(name: str, path: Path):
+    # By file path: what ships in plugins/ is tested whether or not the package is installed.
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load("_medmamba_plugins_build", REPO / "plugins" / "build.py")
+scan_node = _load("_medmamba_scan_node", REPO / "runtime" / "scan_node.py")
+
+NVCC = build.find_nvcc()
+CMAKE = shutil.which("cmake")
+requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDACXX, CUDA_HOME, PATH, /usr/local/cuda)")
+requires_cmake = pytest.mark.skipif(CMAKE is None, reason="cmake not on PATH")
+
+
+def _tensorrt_include(use_env: bool = True) -> Path | None:
+    candidates = []
+    if use_env and os.environ.get("TENSORRT_ROOT"):
+        root = Path(os.environ["TENSORRT_ROOT"])
+        candidates += [root / "include", root]
+    candidates += [Path("/usr/include/x86_64-linux-gnu"), Path("/usr/include/aarch64-linux-gnu"), Path("/usr/include")]
+    return next((p for p in candidates if (p / "NvInferRuntime.h").is_file()), None)
+
+
+TRT_INCLUDE = _tensorrt_include()
+requires_tensorrt = pytest.mark.skipif(
+    TRT_INCLUDE is None, reason="TensorRT headers not found (set TENSORRT_ROOT; headers alone are enough)"
+)
+C_SYMBOLS = ("medmamba_selective_scan_forward", "medmamba_selective_scan_error_string", "medmamba_selective_scan_abi_version")
+CUDA_ERROR_INVALID_VALUE = 1
+
+
+def _exported_symbols(library: Path) -> set[str]:
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not available")
+    out = subprocess.run([nm, "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def _needed_libraries(library: Path) -> list[str]:
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not available")
+    out = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory) -> Path:
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out = tmp_path_factory.mktemp("nvcc") / build.LAUNCHER_LIBRARY
+    subprocess.run(
+        [str(NVCC), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+         "-gencode", f"arch=compute_{TEST_ARCH},code=sm_{TEST_ARCH}", str(SRC / "selective_scan_kernel.cu"), "-o", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    return out
+
+
+# --- the CUDA launcher ---------------------------------------------------------------------------------
+
+
+@requires_nvcc
+def test_launcher_exports_only_the_c_abi_and_links_cudart_statically(launcher):
+    exported = {s for s in _exported_symbols(launcher) if not s.startswith("_")}
+    assert set(C_SYMBOLS) <= exported
+    assert not [s for s in exported if "selectiveScan" in s or "medmamba" in s and s not in C_SYMBOLS]
+    assert not [lib for lib in _needed_libraries(launcher) if "cudart" in lib or lib.startswith("libcuda.")]
+
+
+@requires_nvcc
+def test_launcher_loads_without_a_gpu_and_rejects_bad_arguments_before_any_cuda_call(launcher):
+    lib = ctypes.CDLL(str(launcher))
+    header = (SRC / "selective_scan.h").read_text()
+    abi = int(re.search(r"#define MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION (\d+)", header).group(1))
+    assert lib.medmamba_selective_scan_abi_version() == abi
+    lib.medmamba_selective_scan_error_string.restype = ctypes.c_char_p
+    assert lib.medmamba_selective_scan_error_string(CUDA_ERROR_INVALID_VALUE) == b"invalid argument"
+
+    forward = lib.medmamba_selective_scan_forward
+    forward.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    fake = [1] * 8  # never dereferenced: validation fails first
+    good = dict(batch=1, channels=384, length=3136, groups=4, d_state=16, delta_softplus=1, dtype=0)
+
+    def call(pointers=fake, **changes):
+        args = {**good, **changes}
+        return forward(*pointers, *args.values(), None)
+
+    assert call(pointers=[None] * 8) == CUDA_ERROR_INVALID_VALUE
+    assert call(pointers=[1] * 7 + [None]) == CUDA_ERROR_INVALID_VALUE
+    assert call(groups=5) == CUDA_ERROR_INVALID_VALUE  # groups must divide channels
+    assert call(groups=0) == CUDA_ERROR_INVALID_VALUE
+    assert call(d_state=65) == CUDA_ERROR_INVALID_VALUE
+    assert call(d_state=0) == CUDA_ERROR_INVALID_VALUE
+    assert call(dtype=2) == CUDA_ERROR_INVALID_VALUE
+    assert call(batch=65536) == CUDA_ERROR_INVALID_VALUE
+    assert call(length=-1) == CUDA_ERROR_INVALID_VALUE
+    assert call(batch=0) == 0 and call(length=0) == 0  # empty: nothing to launch
+
+
+# --- the TensorRT plugin ---------------------------------------------------------------------------------
+
+
+@requires_nvcc
+@requires_tensorrt
+def test_plugin_compiles_warning_free_and_links_without_libnvinfer(launcher, tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++") or pytest.skip("no C++ compiler")
+    cuda_include = Path(NVCC).resolve().parent.parent / "include"
+    if not (cuda_include / "cuda_runtime_api.h").is_file():
+        cuda_include = Path("/usr/local/cuda/include")
+    obj = tmp_path / "plugin.o"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror",
+         "-I", str(SRC), "-isystem", str(TRT_INCLUDE), "-isystem", str(cuda_include),
+         "-c", str(SRC / "selective_scan_plugin.cpp"), "-o", str(obj)],
+        check=True, capture_output=True, text=True,
+    )
+    plugin = tmp_path / build.PLUGIN_LIBRARY
+    # --no-undefined: everything resolves against the launcher; TensorRT is only reached through vtables.
+    subprocess.run(
+        [cxx, "-shared", str(obj), str(launcher), "-Wl,--no-undefined", "-o", str(plugin)],
+        check=True, capture_output=True, text=True,
+    )
+    assert {"getCreators", "setLoggerFinder"} <= _exported_symbols(plugin)
+    assert not [lib for lib in _needed_libraries(plugin) if "nvinfer" in lib]
+
+
+def test_plugin_identity_matches_the_onnx_node_contract():
+    header = (SRC / "selective_scan_plugin.h").read_text()
+    identity = dict(re.findall(r'constexpr char (kPlugin\w+)\[\] = "([^"]*)";', header))
+    assert identity == {
+        "kPluginName": scan_node.OP_TYPE,
+        "kPluginVersion": scan_node.PLUGIN_VERSION,
+        "kPluginNamespace": scan_node.PLUGIN_NAMESPACE,
+    }
+    assert len(scan_node.INPUT_NAMES) == 7 and "kNbInputs" in header
+
+
+def _node_attributes() -> set[str]:
+    """Attribute names the exporter writes on the SelectiveScan node, from the dict literal in scan.py."""
+    tree = ast.parse((REPO / "medmamba_edge" / "scan.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+            if "plugin_version" in keys:
+                return keys
+    pytest.fail("medmamba_edge/scan.py no longer builds the SelectiveScan attributes as a dict literal")
+
+
+def test_plugin_fields_are_the_node_attributes_tensorrt_passes_through():
+    source = (SRC / "selective_scan_plugin.cpp").read_text()
+    table = re.search(r"constexpr FieldSpec kFields\[\] = \{(.*?)\n\};", source, re.S).group(1)
+    fields = re.findall(r'\{"(\w+)", PluginFieldType::kINT32,', table)
+    assert len(fields) == len(set(fields))
+    # The ONNX parser consumes plugin_version / plugin_namespace to find the creator; the rest are fields.
+    assert set(fields) == _node_attributes() - {"plugin_version", "plugin_namespace"}
+
+
+# --- CMake and medmamba_edge.plugins.build -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cmake_build_dir(tmp_path_factory) -> Path:
+    if NVCC is None or CMAKE is None:
+        pytest.skip("nvcc and cmake needed")
+    return tmp_path_factory.mktemp("cmake")
+
+
+@requires_nvcc
+@requires_cmake
+def test_build_launcher_with_cmake(cmake_build_dir):
+    lines = []
+    library = build.build_launcher(build_dir=cmake_build_dir, cuda_arch=f"sm_{TEST_ARCH}", progress=lines.append)
+    assert library == cmake_build_dir / build.LAUNCHER_LIBRARY and library.is_file()
+    assert any(f"architectures {TEST_ARCH}" in line for line in lines)
+    assert set(C_SYMBOLS) <= _exported_symbols(library)
+    assert (cmake_build_dir / build.BUILD_LOG).is_file()
+
+
+@requires_nvcc
+@requires_cmake
+@requires_tensorrt
+def test_build_plugin_with_cmake_reuses_the_kernel_objects(cmake_build_dir, monkeypatch):
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    root = TRT_INCLUDE.parent if TRT_INCLUDE.name == "include" else TRT_INCLUDE
+    library = build.build_plugin(build_dir=cmake_build_dir, cuda_arch=TEST_ARCH, tensorrt_root=root)
+    assert library.name == build.PLUGIN_LIBRARY and library.is_file()
+    assert {"getCreators", "setLoggerFinder", *C_SYMBOLS} <= _exported_symbols(library)
+
+
+@requires_nvcc
+@requires_cmake
+def test_default_cuda_architectures_are_accepted_by_this_nvcc(tmp_path):
+    result = subprocess.run([CMAKE, "-S", str(SRC), "-B", str(tmp_path), f"-DCMAKE_CUDA_COMPILER={NVCC}"],
+                            capture_output=True, text=True, check=True)
+    match = re.search(r"medmamba: CUDA ([\d.]+), architectures (\S+)", result.stdout)
+    version, archs = tuple(int(x) for x in match.group(1).split(".")[:2]), match.group(2).split(";")
+    numbers = [a.split("-")[0] for a in archs]
+    assert {"75", "80", "86", "87"} <= set(numbers)
+    assert ("110" in numbers) == (version >= (13, 0))
+    assert archs[-1].isdigit() and all(a.endswith("-real") for a in archs[:-1])  # PTX for the newest only
+    listed = subprocess.run([str(NVCC), "--list-gpu-arch"], capture_output=True, text=True)
+    if listed.returncode == 0:
+        supported = {a.split("_")[1] for a in listed.stdout.split()}
+        assert set(numbers) <= supported
+
+
+@requires_nvcc
+@requires_cmake
+def test_build_plugin_without_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
+    if _tensorrt_include(use_env=False) is not None:
+        pytest.skip("TensorRT headers are installed system-wide here")
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    with pytest.raises(build.PluginBuildError) as info:
+        build.build_plugin(build_dir=tmp_path / "b", cuda_arch=TEST_ARCH, tensorrt_root=tmp_path / "no-trt")
+    message = str(info.value)
+    assert "TensorRT" in message and "TENSORRT_ROOT" in message and "\n" not in message
+
+
+def test_build_without_cmake_or_nvcc_says_which(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(build.PluginBuildError, match="cmake not found"):
+        build.build_plugin(build_dir=tmp_path / "b")
+    fake_cmake = tmp_path / "cmake"
+    fake_cmake.write_text("#!/bin/sh\nexit 1\n")
+    fake_cmake.chmod(0o755)
+    monkeypatch.setenv("CUDACXX", str(tmp_path / "missing-nvcc"))
+    with pytest.raises(build.PluginBuildError, match="nvcc not found"):
+        build.build_launcher(build_dir=tmp_path / "b")
+
+
+def test_find_nvcc_order(tmp_path, monkeypatch):
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("")
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert build.find_nvcc() == home / "bin" / "nvcc"
+    monkeypatch.setenv("CUDACXX", str(tmp_path / "elsewhere"))
+    assert build.find_nvcc() is None  # an explicit CUDACXX is not second-guessed
+    monkeypatch.delenv("CUDACXX")
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(build, "CUDA_HOME_CANDIDATES", (str(home),))
+    assert build.find_nvcc() == home / "bin" / "nvcc"
+    monkeypatch.setattr(build, "CUDA_HOME_CANDIDATES", ())
+    assert build.find_nvcc() is None
+
+
+def test_normalize_cuda_arch():
+    assert build.normalize_cuda_arch("87") == "87"
+    assert build.normalize_cuda_arch(87) == "87"
+    assert build.normalize_cuda_arch("8.7") == "87"
+    assert build.normalize_cuda_arch(["sm_87", "9.0", 110]) == "87;90;110"
+    assert build.normalize_cuda_arch("87, 90;native") == "87;90;native"
+    assert build.normalize_cuda_arch("90-real") == "90-real"
+    with pytest.raises(build.PluginBuildError):
+        build.normalize_cuda_arch("turing")
+    with pytest.raises(build.PluginBuildError):
+        build.normalize_cuda_arch([])
+
+
+# --- finding a built library -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    for var in (build.PLUGIN_ENV, build.LAUNCHER_ENV, build.CACHE_ENV, "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # The package-directory fallback, pointed away from the real checkout.
+    monkeypatch.setattr(build, "__file__", str(tmp_path / "pkg" / "build.py"))
+    return tmp_path
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF")
+    return path
+
+
+def test_find_plugin_library_search_order(clean_env, monkeypatch):
+    tmp = clean_env
+    packaged = _touch(tmp / "pkg" / build.PLUGIN_LIBRARY)
+    assert build.find_plugin_library() == packaged
+
+    home_default = tmp / "home" / ".cache" / "medmamba-edge" / "plugins"
+    assert build.default_build_dir().parent == home_default
+    built = _touch(build.default_build_dir() / build.PLUGIN_LIBRARY)
+    assert build.find_plugin_library() == built  # the build directory beats the packaged copy
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
+    assert build.default_build_dir().parent == tmp / "xdg" / "medmamba-edge" / "plugins"
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp / "cache"))
+    assert build.default_build_dir().parent == tmp / "cache" / "plugins"
+    cached = _touch(build.default_build_dir() / build.PLUGIN_LIBRARY)
+    assert build.find_plugin_library() == cached
+
+    explicit = _touch(tmp / "explicit" / "custom.so")
+    monkeypatch.setenv(build.PLUGIN_ENV, str(explicit))
+    assert build.find_plugin_library() == explicit  # the environment variable beats everything
+
+
+def test_find_plugin_library_errors_say_what_to_do(clean_env, monkeypatch):
+    with pytest.raises(build.PluginNotFoundError) as info:
+        build.find_plugin_library()
+    message = str(info.value)
+    assert "medmamba-edge build-plugin" in message and build.PLUGIN_ENV in message and "\n" not in message
+    assert isinstance(info.value, FileNotFoundError)
+
+    _touch(build.default_build_dir() / build.PLUGIN_LIBRARY)
+    monkeypatch.setenv(build.PLUGIN_ENV, str(clean_env / "missing.so"))
+    with pytest.raises(build.PluginNotFoundError, match=build.PLUGIN_ENV):
+        build.find_plugin_library()  # a wrong explicit path is an error, not a silent fallback
+
+
+def test_find_launcher_uses_its_own_variable(clean_env, monkeypatch):
+    plugin = _touch(clean_env / "p" / build.PLUGIN_LIBRARY)
+    monkeypatch.setenv(build.PLUGIN_ENV, str(plugin))
+    with pytest.raises(build.PluginNotFoundError, match=build.LAUNCHER_ENV):
+        build.find_launcher()
+    launcher = _touch(build.default_build_dir() / build.LAUNCHER_LIBRARY)
+    assert build.find_launcher() == launcher
