@@ -145,7 +145,7 @@ MM_INLINE float softplus20(float x) {
 
 /* ---------------------------------------------------------------------------------------------
  * 16 x 16 transpose, dst[c * dst_stride + k] = src[k * src_stride + c] for k, c < 16, as 4 x 4 blocks
- * of 128-bit vectors with gcc's generic shuffles: native on every target (unpck/shufps on SSE and
+ * of 128-bit vectors with generic vector shuffles (gcc and clang): native on every target (unpck/shufps on SSE and
  * AVX, zip/trn on NEON).  (A 512-bit butterfly version measured the same on AVX-512, and gcc turns
  * 512-bit shuffles into scalar moves on the other targets.)
  * ------------------------------------------------------------------------------------------- */
@@ -153,9 +153,14 @@ MM_INLINE float softplus20(float x) {
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
+#if defined(__clang__)
+#define MM_SHUF4(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define MM_SHUF4(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, (v4i){i0, i1, i2, i3})
+#endif
+
 MM_INLINE void transpose16(float *restrict dst, Py_ssize_t dst_stride, const float *restrict src,
                            Py_ssize_t src_stride) {
-    const v4i lo = {0, 4, 1, 5}, hi = {2, 6, 3, 7}, lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
     for (int bi = 0; bi < 4; bi++) {
         for (int bj = 0; bj < 4; bj++) {
             v4f r0, r1, r2, r3;
@@ -164,10 +169,10 @@ MM_INLINE void transpose16(float *restrict dst, Py_ssize_t dst_stride, const flo
             memcpy(&r1, s + src_stride, sizeof r1);
             memcpy(&r2, s + 2 * src_stride, sizeof r2);
             memcpy(&r3, s + 3 * src_stride, sizeof r3);
-            v4f t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
-            v4f t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
-            v4f o0 = __builtin_shuffle(t0, t2, lo2), o1 = __builtin_shuffle(t0, t2, hi2);
-            v4f o2 = __builtin_shuffle(t1, t3, lo2), o3 = __builtin_shuffle(t1, t3, hi2);
+            v4f t0 = MM_SHUF4(r0, r1, 0, 4, 1, 5), t1 = MM_SHUF4(r0, r1, 2, 6, 3, 7);
+            v4f t2 = MM_SHUF4(r2, r3, 0, 4, 1, 5), t3 = MM_SHUF4(r2, r3, 2, 6, 3, 7);
+            v4f o0 = MM_SHUF4(t0, t2, 0, 1, 4, 5), o1 = MM_SHUF4(t0, t2, 2, 3, 6, 7);
+            v4f o2 = MM_SHUF4(t1, t3, 0, 1, 4, 5), o3 = MM_SHUF4(t1, t3, 2, 3, 6, 7);
             float *d = dst + 4 * bj * dst_stride + 4 * bi;
             memcpy(d, &o0, sizeof o0);
             memcpy(d + dst_stride, &o1, sizeof o1);
@@ -181,8 +186,8 @@ MM_INLINE void transpose16(float *restrict dst, Py_ssize_t dst_stride, const flo
  * The scan of one tile: steps [0, tl) of the block, state h (N, VW) carried across tiles.
  * ------------------------------------------------------------------------------------------- */
 
-MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, const float (*restrict dtt)[VW],
-                         const float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
+MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
+                         float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
                          const float *restrict Ct, Py_ssize_t L, int tl, int N, int clamp_hi) {
     for (int t = 0; t < tl; t++) {
         float acc[VW] MM_ALIGN;
