@@ -499,9 +499,11 @@ static PyMethodDef scan_methods[] = {
 };
 
 static struct PyModuleDef scan_module = {
-    PyModuleDef_HEAD_INIT, "_scan_cpu",
-    "Compiled CPU selective scan for medmamba_edge (see runtime/scan_cpu.py for the Python API).", -1,
-    scan_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_scan_cpu",
+    .m_doc = "Compiled CPU selective scan for medmamba_edge (see runtime/scan_cpu.py for the Python API).",
+    .m_size = -1,
+    .m_methods = scan_methods,
 };
 
 PyMODINIT_FUNC PyInit__scan_cpu(void) {
