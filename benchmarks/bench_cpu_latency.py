@@ -1,0 +1,144 @@
+"""CPU latency of MedMamba-T at 224×224, side by side in one run (ratios hold on noisy machines).
+
+Rows: the official code's CPU path (PyTorch eager with the pure-PyTorch reference scan, i.e. mamba_ssm's
+``selective_scan_ref``), our PyTorch model (compiled scan), ONNX Runtime on the portable ONNX (standard
+ops only), ONNX Runtime on the plugin-form ONNX with our fused scan op, and the same model with the scan
+replaced by ``u·D`` (dense layers only) to show where the time goes.
+
+    python benchmarks/bench_cpu_latency.py [--checkpoint PTH] [--batches 1,8] [--iterations 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from medmamba_edge import scan
+from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
+from medmamba_edge.exporters.onnx_export import trace_to_onnx
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.runtime import fused_scan, scan_cpu
+
+SIZE = 224
+
+
+def timed(fn, warmup: int, iterations: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # Several sessions in one process: spinning workers of one would steal the cores of the next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The plugin-form graph with each scan replaced by y = u·D: what the model costs without the scan."""
+    from medmamba_edge.runtime import scan_node
+
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    nodes = []
+    for node in dense.graph.node:
+        if node.op_type == scan_node.OP_TYPE and node.domain == scan_node.DOMAIN:
+            u, d = node.input[0], node.input[5]
+            d_column = f"{node.name}/d_column"
+            nodes.append(onnx.helper.make_node("Unsqueeze", [d, f"{node.name}/axis"], [d_column]))
+            dense.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), f"{node.name}/axis"))
+            nodes.append(onnx.helper.make_node("Mul", [u, d_column], list(node.output)))
+        else:
+            nodes.append(node)
+    del dense.graph.node[:]
+    dense.graph.node.extend(nodes)
+    return dense
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
+    parser.add_argument("--skip-official", action="store_true", help="skip the slow reference-scan baseline")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.checkpoint:
+        from medmamba_edge.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(args.checkpoint)
+    else:
+        torch.manual_seed(0)
+        config = ModelConfig(depths=[2, 2, 4, 2], dims=[96, 192, 384, 768], num_classes=6)
+        loaded = LoadedCheckpoint(config.build().eval(), config, [f"c{i}" for i in range(6)], Path("random"), "")
+
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        x = torch.randn(batch, 3, SIZE, SIZE)
+        feed = {"input": x.numpy()}
+        plugin_form = trace_to_onnx(loaded, (SIZE, SIZE), batch, opset=18)
+        portable = ort_session(lower_selective_scan(plugin_form), args.threads)
+        fused = fused_scan.make_fused_session(plugin_form, threads=args.threads)
+        dense = ort_session(dense_only(plugin_form), args.threads)
+        size_mb = plugin_form.ByteSize() / 1e6
+
+        def torch_ours():
+            with torch.no_grad():
+                loaded.model(x)
+
+        def torch_official():
+            original = scan_cpu.available
+            scan_cpu.available = lambda: False  # the reference scan, as the official code runs on a CPU
+            try:
+                with torch.no_grad():
+                    loaded.model(x)
+            finally:
+                scan_cpu.available = original
+
+        candidates = [
+            ("official eager, reference scan (baseline)", torch_official, 0, 1 if batch == 1 else 0),
+            ("ours, PyTorch eager, compiled scan", torch_ours, args.warmup, args.iterations),
+            ("ONNX Runtime, portable (standard ops)", lambda: portable.run(None, feed), args.warmup, args.iterations),
+            ("ONNX Runtime, plugin form + fused scan op", lambda: fused.run(None, feed), args.warmup, args.iterations),
+            ("ONNX Runtime, dense layers only (scan → u·D)", lambda: dense.run(None, feed), args.warmup, args.iterations),
+        ]
+        for name, fn, warmup, iterations in candidates:
+            if iterations == 0 or (args.skip_official and "baseline" in name):
+                continue
+            samples = timed(fn, warmup, iterations)
+            rows.append((name, batch, statistics.median(samples), min(samples), len(samples)))
+        del portable, fused, dense
+
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, ONNX {size_mb:.0f} MB\n")
+    print("| what | batch | median ms | min ms | runs | ms/image | × baseline |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    baseline = {b: med for name, b, med, _, _ in rows if "baseline" in name}
+    for name, batch, median, best, runs in rows:
+        base = baseline.get(1)
+        speedup = f"{base * batch / median:.1f}×" if base else ""
+        print(f"| {name} | {batch} | {median:.1f} | {best:.1f} | {runs} | {median / batch:.1f} | {speedup} |")
+    print("\n× baseline: images per second relative to the batch-1 baseline row.")
+
+
+if __name__ == "__main__":
+    main()
