@@ -92,11 +92,7 @@ def selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus: bool = T
         return torch.onnx.ops.symbolic(
             f"{scan_node.DOMAIN}::{scan_node.OP_TYPE}",
             [u, delta, A, B, C, D, delta_bias],
-            {
-                "delta_softplus": int(delta_softplus),
-                "plugin_version": scan_node.PLUGIN_VERSION,
-                "plugin_namespace": scan_node.PLUGIN_NAMESPACE,
-            },
+            scan_node.node_attributes(delta_softplus),
             dtype=u.dtype,
             shape=u.shape,
             version=scan_node.DOMAIN_VERSION,

@@ -24,6 +24,8 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from medmamba_edge.errors import UserError
+
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
 CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
@@ -38,11 +40,11 @@ CUDA_HOME_CANDIDATES: tuple[str, ...] = ("/usr/local/cuda",)
 Progress = Callable[[str], None]
 
 
-class PluginBuildError(RuntimeError):
+class PluginBuildError(UserError, RuntimeError):
     """The libraries could not be built; the message is one line saying why and what to do."""
 
 
-class PluginNotFoundError(FileNotFoundError):
+class PluginNotFoundError(UserError, FileNotFoundError):
     """No built library was found; the message says how to build one or where to point."""
 
 

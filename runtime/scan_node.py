@@ -14,5 +14,16 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "medmamba_edge"
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 OUTPUT_NAMES = ("y",)
+# Attributes that become plugin fields (PluginFieldCollection); TensorRT's parser consumes the other two.
+FIELD_ATTRIBUTES = ("delta_softplus",)
 # mamba_ssm's kernel and torch.nn.functional.softplus both return x unchanged above this.
 SOFTPLUS_THRESHOLD = 20.0
+
+
+def node_attributes(delta_softplus: bool) -> dict[str, int | str]:
+    """Every attribute of a SelectiveScan node, as the exporter writes it."""
+    return {
+        "delta_softplus": int(delta_softplus),
+        "plugin_version": PLUGIN_VERSION,
+        "plugin_namespace": PLUGIN_NAMESPACE,
+    }

@@ -8,7 +8,6 @@ Set TENSORRT_ROOT to a TensorRT prefix (headers are enough) to include the plugi
 
 from __future__ import annotations
 
-import ast
 import ctypes
 import importlib.util
 import os
@@ -167,24 +166,14 @@ def test_plugin_identity_matches_the_onnx_node_contract():
     assert len(scan_node.INPUT_NAMES) == 7 and "kNbInputs" in header
 
 
-def _node_attributes() -> set[str]:
-    """Attribute names the exporter writes on the SelectiveScan node, from the dict literal in scan.py."""
-    tree = ast.parse((REPO / "medmamba_edge" / "scan.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Dict):
-            keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
-            if "plugin_version" in keys:
-                return keys
-    pytest.fail("medmamba_edge/scan.py no longer builds the SelectiveScan attributes as a dict literal")
-
-
 def test_plugin_fields_are_the_node_attributes_tensorrt_passes_through():
     source = (SRC / "selective_scan_plugin.cpp").read_text()
     table = re.search(r"constexpr FieldSpec kFields\[\] = \{(.*?)\n\};", source, re.S).group(1)
     fields = re.findall(r'\{"(\w+)", PluginFieldType::kINT32,', table)
     assert len(fields) == len(set(fields))
     # The ONNX parser consumes plugin_version / plugin_namespace to find the creator; the rest are fields.
-    assert set(fields) == _node_attributes() - {"plugin_version", "plugin_namespace"}
+    assert set(fields) == set(scan_node.FIELD_ATTRIBUTES)
+    assert set(scan_node.node_attributes(True)) == {*scan_node.FIELD_ATTRIBUTES, "plugin_version", "plugin_namespace"}
 
 
 # --- CMake and medmamba_edge.plugins.build -----------------------------------------------------------------
