@@ -169,21 +169,7 @@ def export_onnx(
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
     portable_form = lower_selective_scan(plugin_form)
 
-    metadata = ModelMetadata(
-        input_size=size,
-        class_names=tuple(checkpoint.class_names),
-        in_chans=checkpoint.config.in_chans,
-        mean=(0.5,) * checkpoint.config.in_chans,
-        std=(0.5,) * checkpoint.config.in_chans,
-        variant=checkpoint.config.variant,
-        depths=tuple(checkpoint.config.depths),
-        dims=tuple(checkpoint.config.dims),
-        d_state=checkpoint.config.d_state,
-        scan_form=scan,
-        batch=batch,
-        source_checkpoint_sha256=checkpoint.sha256,
-        tool_version=__version__,
-    )
+    metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     model = plugin_form if scan == "plugin" else portable_form
     write_onnx_metadata(model, metadata)
     try:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.model import VSSM, variant_name
+from medmamba_edge.runtime.metadata import ModelMetadata
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
 CLASS_INDEX_FILE = "class_indices.json"
@@ -53,6 +55,25 @@ class LoadedCheckpoint:
     class_names: list[str]
     path: Path
     sha256: str
+
+    def metadata(self, input_size: tuple[int, int], scan_form: str, batch: int | None) -> ModelMetadata:
+        """What an export of this checkpoint carries; preprocessing is the official train.py's."""
+        config = self.config
+        return ModelMetadata(
+            input_size=tuple(input_size),
+            class_names=tuple(self.class_names),
+            in_chans=config.in_chans,
+            mean=(0.5,) * config.in_chans,
+            std=(0.5,) * config.in_chans,
+            variant=config.variant,
+            depths=tuple(config.depths),
+            dims=tuple(config.dims),
+            d_state=config.d_state,
+            scan_form=scan_form,
+            batch=batch,
+            source_checkpoint_sha256=self.sha256,
+            tool_version=__version__,
+        )
 
 
 def sha256_file(path: Path) -> str:

@@ -103,16 +103,16 @@ def demo(
     try:
         from medmamba_edge.exporters.onnx_export import export_onnx
         from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
-        from medmamba_edge.runtime.onnx_backend import OnnxRuntimeBackend
+        from medmamba_edge.runtime.backends import open_backend, softmax
         from medmamba_edge.runtime.preprocess import preprocess, read_image
 
         onnx_path = workdir / f"bundled_{scan}.onnx"
         with console.status("exporting the bundled checkpoint"):
             result = export_onnx(bundled_checkpoint(), onnx_path, input_size=32, batch=None, scan=scan)
         out.print(f"exported {result.path}; verified against PyTorch: max logit diff {result.max_abs_diff:.1e}")
-        backend = OnnxRuntimeBackend(onnx_path)
+        backend = open_backend(onnx_path)
         paths = sample_image_paths("pneumoniamnist")
-        probabilities = backend.classify(preprocess([read_image(p) for p in paths], backend.metadata))
+        probabilities = softmax(backend.run(preprocess([read_image(p) for p in paths], backend.metadata)))
     except UserError as exc:
         fail(str(exc))
     names = backend.metadata.class_names

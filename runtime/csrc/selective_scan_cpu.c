@@ -32,6 +32,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 /* FMA contraction (-std=c11 turns it off) and IEEE-free min/max so the lane loops use vfmadd/vmaxps.
  * No trapping maths, so conditionals become blends. The kernel never relies on NaN/inf tests or FP
  * exceptions; NaN or inf inputs give unspecified (non-crashing) output. */
@@ -77,7 +81,7 @@ typedef struct {
 MM_INLINE float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, sizeof f); return f; }
 MM_INLINE uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, sizeof b); return b; }
 
-/* 2^x, relative error ~2.5e-7, for x <= 127 (x < -126 gives a value below 2^-126; with clamp_hi,
+/* 2^x, relative error ~2.5e-7, for x <= 127 (x < -126 gives at most 2^-126; with clamp_hi,
  * x > 127 gives 2^127 instead of overflowing).  Round-to-nearest k with the 1.5*2^23 trick, 2^f
  * (|f| <= 0.5) by a degree-5 minimax polynomial p in [0.7, 1.42], then k added straight into p's
  * exponent bits: the low mantissa bits of x + 1.5*2^23 hold k, and shifting them left by 23 drops
@@ -288,6 +292,35 @@ typedef struct {
     atomic_int failed;
 } scan_job;
 
+/* Flush denormals to zero (and treat denormal inputs as zero) while scanning: states decaying past
+ * 2^-126 would otherwise take microcode assists on many CPUs; the values involved are < 1.2e-38. */
+typedef struct { unsigned long long saved; } fp_mode;
+
+static fp_mode fp_mode_enter(void) {
+    fp_mode m = {0};
+#if defined(__x86_64__) || defined(__i386__)
+    m.saved = _mm_getcsr();
+    _mm_setcsr((unsigned int)m.saved | 0x8040u); /* FTZ | DAZ */
+#elif defined(__aarch64__)
+    unsigned long long v;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+    m.saved = v;
+    v |= (1ull << 24); /* FZ */
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(v));
+#endif
+    return m;
+}
+
+static void fp_mode_leave(fp_mode m) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr((unsigned int)m.saved);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(m.saved));
+#else
+    (void)m;
+#endif
+}
+
 static void *scan_worker(void *arg) {
     scan_job *job = (scan_job *)arg;
     const scan_args *a = job->args;
@@ -303,6 +336,7 @@ static void *scan_worker(void *arg) {
     memset(s, 0, sizeof *s); /* tile steps beyond a sequence's end are transposed but never used */
     s->a2 = state;
     s->h = state + VW * a->d_state;
+    const fp_mode mode = fp_mode_enter();
     for (;;) {
         long long i = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (i >= job->total) break;
@@ -314,6 +348,7 @@ static void *scan_worker(void *arg) {
         const int nch = (int)((cpg - first) < VW ? (cpg - first) : VW);
         scan_block(a, s, b, g * cpg + first, nch);
     }
+    fp_mode_leave(mode);
     free(state);
     free(s);
     return NULL;

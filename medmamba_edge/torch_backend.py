@@ -1,0 +1,31 @@
+"""PyTorch backend for a checkpoint (``.pth``): the original model, for comparisons and evaluation.
+
+A checkpoint carries no preprocessing, so its metadata is the one ``export`` would write for the same
+input size; the ONNX export of that checkpoint then sees exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medmamba_edge.checkpoint import load_checkpoint
+
+
+class PyTorchBackend:
+    def __init__(self, path: str | Path, input_size: int | tuple[int, int] = 224, classes=None, threads: int | None = None):
+        self.path = Path(path)
+        self.checkpoint = load_checkpoint(self.path, classes)
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self.metadata = self.checkpoint.metadata(size, scan_form="portable", batch=None)
+        if threads:
+            torch.set_num_threads(threads)
+
+    def describe(self) -> str:
+        return f"PyTorch {torch.__version__} (CPU, float32)"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.checkpoint.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()

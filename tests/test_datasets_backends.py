@@ -1,0 +1,83 @@
+"""Data set readers and the backend factory on real data."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from medmamba_edge.runtime.backends import BackendError, open_backend, run_in_fixed_batches
+from medmamba_edge.runtime.datasets import DatasetError, open_dataset
+from medmamba_edge.runtime.metadata import MetadataError
+from tests.shared_data import PNEUMONIAMNIST, require_shared
+
+BUSI_CLASSES = ["benign", "malignant", "normal"]
+
+
+def test_imagefolder_maps_folder_names_to_model_classes():
+    busi = require_shared("data", "busi")
+    data = open_dataset(busi, class_names=BUSI_CLASSES)
+    counts = np.bincount(data.labels(), minlength=3)
+    assert counts.tolist() == [437, 210, 133]
+    assert data.image(0).shape == (256, 256, 3) and data.image(0).dtype == np.uint8
+    with pytest.raises(DatasetError, match="label 'benign' is not one of the model's classes"):
+        open_dataset(busi, class_names=["normal", "pneumonia"])
+
+
+def test_npz_split_and_deterministic_sampling():
+    npz = require_shared(*PNEUMONIAMNIST)
+    val = open_dataset(npz, split="val", class_names=["normal", "pneumonia"])
+    assert len(val) == 524 and np.bincount(val.labels()).tolist() == [135, 389]
+    assert val.image(3).shape == (28, 28)
+    a, b = val.sample(50, seed=1), val.sample(50, seed=1)
+    assert [s.source for s in a.samples] == [s.source for s in b.samples] and len(a) == 50
+    with pytest.raises(DatasetError, match="no split 'test'; it has \\['train', 'val'\\]"):
+        open_dataset(npz, split="test")
+    with pytest.raises(DatasetError, match="label 1 is outside the model's 1 classes"):
+        open_dataset(npz, split="val", class_names=["only"])
+
+
+def test_csv_paths_relative_to_the_csv(tmp_path):
+    busi = require_shared("data", "busi")
+    rows = [("path", "label"), (str(busi / "benign" / "benign (1).png"), "benign"), (str(busi / "normal" / "normal (1).png"), "2")]
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    data = open_dataset(tmp_path / "list.csv", class_names=BUSI_CLASSES)
+    assert data.labels().tolist() == [0, 2]
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("x.png", "tumour")])
+    with pytest.raises(DatasetError, match=r"bad\.csv:1: label 'tumour'"):
+        open_dataset(tmp_path / "bad.csv", class_names=BUSI_CLASSES)
+
+
+def test_bad_data_paths(tmp_path):
+    with pytest.raises(DatasetError, match="no such file or folder"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        open_dataset(tmp_path / "empty")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DatasetError, match="expected an image folder, a .npz or a .csv"):
+        open_dataset(tmp_path / "x.txt")
+
+
+def test_fixed_batch_padding_keeps_every_result():
+    seen = []
+
+    def run_fixed(chunk):
+        seen.append(len(chunk))
+        return chunk.reshape(len(chunk), -1)[:, :1] * 2
+
+    batch = np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1)
+    out = run_in_fixed_batches(run_fixed, batch, fixed=3)
+    assert seen == [3, 3, 3] and out[:, 0].tolist() == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_backend_factory_errors(tmp_path):
+    with pytest.raises(BackendError, match="no such model file"):
+        open_backend(tmp_path / "m.onnx")
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    with pytest.raises(BackendError, match="unknown model type .tflite"):
+        open_backend(tmp_path / "m.tflite")
+    (tmp_path / "broken.onnx").write_bytes(b"not onnx")
+    with pytest.raises(MetadataError, match="broken.onnx: not a readable ONNX model"):
+        open_backend(tmp_path / "broken.onnx")
