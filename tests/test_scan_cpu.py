@@ -253,3 +253,13 @@ def test_fused_session_defaults_to_softplus():
     arrays = make_inputs(1, 16, 20, 2, 4, seed=7)
     (z,) = sess.run(None, dict(zip(NAMES, arrays)))
     assert_close(z / 2, reference(arrays, True))
+
+
+def test_floating_point_mode_is_restored():
+    """The kernel flushes denormals to zero while it runs, and must leave the caller's FP mode as it was."""
+    arrays = list(make_inputs(1, 16, 30, 1, 4, seed=8))
+    arrays[1] = np.abs(arrays[1]) * 50 + 50  # exp(delta * A) far below the normal range
+    y = scan_cpu.selective_scan(*arrays, num_threads=1)
+    assert_close(y, reference(arrays))
+    tiny = np.array([1e-40], dtype=np.float32)
+    assert (tiny * np.float32(1.0))[0] != 0.0  # denormals still work in this thread
