@@ -15,6 +15,7 @@ from medmamba_edge.errors import UserError
 SCHEMA_VERSION = 1
 METADATA_KEY = "medmamba_edge"
 SCAN_FORMS = ("plugin", "portable")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class MetadataError(UserError, ValueError):
@@ -37,6 +38,7 @@ class ModelMetadata:
     d_state: int = 16
     scan_form: str = "portable"
     batch: int | None = 1  # None: dynamic
+    precision: str = "fp32"  # fp16: converted graph; int8: explicit Q/DQ from `quantize`
     source_checkpoint_sha256: str = ""
     tool_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -44,6 +46,8 @@ class ModelMetadata:
     def __post_init__(self):
         if self.scan_form not in SCAN_FORMS:
             raise MetadataError(f"scan_form must be one of {SCAN_FORMS}, got {self.scan_form!r}")
+        if self.precision not in PRECISIONS:
+            raise MetadataError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise MetadataError(f"mean/std need {self.in_chans} values, got {self.mean} / {self.std}")
         if any(s <= 0 for s in self.std):
