@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.scan_node import DOMAIN, INPUT_NAMES, OP_TYPE
 
@@ -36,11 +37,15 @@ _registered_id: int | None = None
 _num_threads: int | None = None  # kernel threads for the PyOp; None: scan_cpu's default
 
 
+class FusedScanUnavailable(UserError, ImportError):
+    """The fused scan's parts (onnxruntime-extensions, the compiled kernel) are not installed."""
+
+
 def _extensions():
     try:
         import onnxruntime_extensions
     except ImportError as exc:
-        raise ImportError(
+        raise FusedScanUnavailable(
             f"the fused CPU scan needs onnxruntime-extensions ({_INSTALL_HINT}): {exc}"
         ) from None
     return onnxruntime_extensions
@@ -89,7 +94,7 @@ def _register() -> None:
         if _registered_id is not None:
             return
         if not scan_cpu.available():
-            raise RuntimeError(f"fused scan: {scan_cpu.unavailable_reason()}")
+            raise FusedScanUnavailable(f"fused scan: {scan_cpu.unavailable_reason()}; or export with --scan portable")
         ext = _extensions()
         from onnxruntime_extensions import _ocos
 
