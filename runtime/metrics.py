@@ -1,0 +1,103 @@
+"""Classification metrics as MedMamba's paper reports them, in numpy only (no torch, no scikit-learn).
+
+Overall accuracy (OA) is the fraction of correct top-1 predictions. Precision, sensitivity (recall),
+specificity and F1 are computed one-vs-rest per class from the confusion matrix and macro-averaged
+(the unweighted mean over classes, so small classes count as much as large ones). AUC is one-vs-rest
+per class from the predicted probabilities, macro-averaged; for two classes the reported AUC is the
+positive class's (class index 1), the usual binary ROC AUC. A ratio whose denominator is zero (a class
+never predicted, say) counts as 0, as scikit-learn's ``zero_division=0``; an AUC is undefined (None)
+for a class with no positive or no negative samples and is left out of the average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    name: str
+    support: int  # samples whose true label is this class
+    precision: float
+    sensitivity: float
+    specificity: float
+    f1: float
+    auc: float | None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    count: int
+    accuracy: float
+    precision: float
+    sensitivity: float
+    specificity: float
+    f1: float
+    auc: float | None
+    per_class: tuple[ClassMetrics, ...]
+    confusion: np.ndarray  # confusion[true, predicted]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["confusion"] = self.confusion.tolist()
+        return data
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
+def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC as the Mann–Whitney statistic: the chance that a random positive outscores a random
+    negative, ties counting half (average ranks), which equals the trapezoidal area under the ROC."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, group, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[group.reshape(-1)]  # 1-based, ties get their average rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> Metrics:
+    """Metrics of (N, classes) probabilities (or any scores whose argmax is the prediction) against
+    integer labels in [0, classes)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities)
+    num_classes = len(class_names)
+    if probabilities.ndim != 2 or probabilities.shape != (len(labels), num_classes):
+        raise ValueError(f"expected ({len(labels)}, {num_classes}) probabilities, got {probabilities.shape}")
+    if len(labels) == 0:
+        raise ValueError("no samples")
+    confusion = confusion_matrix(labels, probabilities.argmax(axis=1), num_classes)
+    true_pos = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    false_pos = predicted - true_pos
+    true_neg = len(labels) - support - false_pos
+    precision = _ratio(true_pos, predicted)
+    sensitivity = _ratio(true_pos, support)
+    specificity = _ratio(true_neg, true_neg + false_pos)
+    f1 = _ratio(2 * precision * sensitivity, precision + sensitivity)
+    aucs = [binary_auc(labels == k, probabilities[:, k]) for k in range(num_classes)]
+    if num_classes == 2:
+        auc = aucs[1]
+    else:
+        defined = [a for a in aucs if a is not None]
+        auc = float(np.mean(defined)) if defined else None
+    per_class = tuple(
+        ClassMetrics(name, int(support[k]), float(precision[k]), float(sensitivity[k]), float(specificity[k]),
+                     float(f1[k]), aucs[k])
+        for k, name in enumerate(class_names)
+    )
+    return Metrics(len(labels), float(true_pos.sum() / len(labels)), float(precision.mean()),
+                   float(sensitivity.mean()), float(specificity.mean()), float(f1.mean()), auc, per_class, confusion)

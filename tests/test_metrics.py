@@ -1,0 +1,66 @@
+"""The numpy metrics against scikit-learn (the independent reference), including ties and empty classes."""
+
+import numpy as np
+import pytest
+
+from medmamba_edge.runtime.metrics import binary_auc, classification_metrics
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the independent reference here")
+
+
+def sklearn_report(labels, probabilities):
+    """The paper's metrics computed by scikit-learn (AUC aside), specificity as the recall of the negatives."""
+    classes = probabilities.shape[1]
+    predictions = probabilities.argmax(1)
+    confusion = sklearn_metrics.confusion_matrix(labels, predictions, labels=range(classes))
+    specificity = [sklearn_metrics.recall_score(labels != k, predictions != k, zero_division=0) for k in range(classes)]
+    average = dict(labels=range(classes), average="macro", zero_division=0)
+    return dict(
+        accuracy=sklearn_metrics.accuracy_score(labels, predictions),
+        precision=sklearn_metrics.precision_score(labels, predictions, **average),
+        sensitivity=sklearn_metrics.recall_score(labels, predictions, **average),
+        specificity=float(np.mean(specificity)),
+        f1=sklearn_metrics.f1_score(labels, predictions, **average),
+        confusion=confusion,
+    )
+
+
+def sklearn_auc(labels, probabilities):
+    if probabilities.shape[1] == 2:  # binary: the positive class's AUC
+        return sklearn_metrics.roc_auc_score(labels, probabilities[:, 1])
+    return sklearn_metrics.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+
+
+def assert_matches_sklearn(metrics, labels, probabilities):
+    expected = sklearn_report(labels, probabilities)
+    assert (metrics.confusion == expected.pop("confusion")).all()
+    for name, value in expected.items():
+        assert getattr(metrics, name) == pytest.approx(value, abs=1e-12), name
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_metrics_match_sklearn_on_random_scores(classes):
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, 400)
+    logits = rng.normal(size=(400, classes)) + 1.5 * np.eye(classes)[labels]
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    metrics = classification_metrics(labels, probabilities, [f"c{k}" for k in range(classes)])
+    assert_matches_sklearn(metrics, labels, probabilities)
+    assert metrics.auc == pytest.approx(sklearn_auc(labels, probabilities), abs=1e-12)
+    assert [c.support for c in metrics.per_class] == np.bincount(labels, minlength=classes).tolist()
+
+
+def test_tied_scores_count_half_as_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) * 0.5 + 0.3 * labels, 1)  # coarse: many ties across classes
+    assert binary_auc(labels == 1, scores) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_class_never_predicted_counts_zero_and_missing_class_has_no_auc():
+    labels = np.array([0, 0, 1, 1, 1])
+    probabilities = np.array([[0.9, 0.1, 0], [0.4, 0.6, 0], [0.2, 0.8, 0], [0.3, 0.7, 0], [0.6, 0.4, 0]])
+    metrics = classification_metrics(labels, probabilities, ["a", "b", "c"])
+    assert metrics.per_class[2].precision == 0 and metrics.per_class[2].auc is None
+    assert metrics.auc == pytest.approx(np.mean([metrics.per_class[0].auc, metrics.per_class[1].auc]))
+    assert_matches_sklearn(metrics, labels, probabilities)
