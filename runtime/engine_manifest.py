@@ -1,0 +1,203 @@
+"""The JSON manifest beside every TensorRT engine (``model.engine.json``) and the engine cache's keys.
+
+A serialized engine only runs on the TensorRT version and GPU it was built for (unless built
+version-/hardware-compatible), and carries no model metadata. The manifest records what it was built from
+and for: TensorRT version, GPU, precision, profile shapes, sha256 of the ONNX file and the plugin library,
+the build options, and the model's ``ModelMetadata``. The runtime reads it (torch- and TensorRT-free) to
+preprocess inputs and to refuse a mismatched engine with the exact command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.metadata import ModelMetadata
+from medmamba_edge.runtime.tensorrt_compat import GpuInfo, parse_version
+
+MANIFEST_VERSION = 1
+MANIFEST_SUFFIX = ".json"
+AMPERE = (8, 0)
+
+
+class EngineManifestError(UserError):
+    """A manifest that is missing, unreadable, or does not match this machine."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `build-engine` can be told, after presets are resolved. ``None``: TensorRT's default."""
+
+    fp16: bool = False
+    int8: bool = False  # the ONNX model carries explicit Q/DQ nodes (`medmamba-edge quantize`)
+    min_batch: int | None = None
+    opt_batch: int | None = None
+    max_batch: int | None = None
+    workspace_mib: int | None = None
+    opt_level: int | None = None
+    dla_core: int | None = None
+    version_compatible: bool = False
+    hardware_compat: bool = False
+    timing_cache: str | None = None
+    preset: str | None = None
+
+    # Neither changes the engine's meaning: a timing cache only speeds up tactic selection, and a preset is
+    # already expanded into the fields above.
+    NOT_IN_CACHE_KEY = ("timing_cache", "preset")
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+    def cli_args(self) -> list[str]:
+        """The `build-engine` options that reproduce these (preset values spelled out)."""
+        args = [flag for flag, on in (("--fp16", self.fp16), ("--int8", self.int8),
+                                      ("--version-compatible", self.version_compatible),
+                                      ("--hardware-compat", self.hardware_compat)) if on]
+        for name, flag in (("min_batch", "--min-batch"), ("opt_batch", "--opt-batch"), ("max_batch", "--max-batch"),
+                           ("workspace_mib", "--workspace"), ("opt_level", "--opt-level"), ("dla_core", "--dla-core"),
+                           ("timing_cache", "--timing-cache")):
+            value = getattr(self, name)
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+    def key_fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.NOT_IN_CACHE_KEY}
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profile: dict  # {input name: {"min": [...], "opt": [...], "max": [...]}}
+    onnx_path: str
+    onnx_sha256: str
+    plugin_sha256: str | None  # None: the graph has no SelectiveScan node
+    build: BuildOptions
+    metadata: ModelMetadata
+    fp16_graph: bool = False  # the ONNX was converted to float16 before parsing (strongly typed TensorRT)
+    tool_version: str = ""
+    manifest_version: int = MANIFEST_VERSION
+
+    @property
+    def gpu(self) -> GpuInfo:
+        return GpuInfo(self.gpu_name, self.compute_capability)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["metadata"] = json.loads(self.metadata.to_json())
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> EngineManifest:
+        try:
+            data = json.loads(text)
+            if data.get("manifest_version", 0) > MANIFEST_VERSION:
+                raise EngineManifestError(f"{source}: manifest version {data['manifest_version']} is newer than this "
+                                          f"medmamba-edge understands; upgrade medmamba-edge")
+            known = {f.name for f in fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+            data["build"] = BuildOptions(**data["build"])
+            data["metadata"] = ModelMetadata.from_json(json.dumps(data["metadata"]), source)
+            return cls(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EngineManifestError(f"{source}: not a valid engine manifest ({type(exc).__name__}: {exc})") from None
+
+
+def manifest_path(engine: str | Path) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + MANIFEST_SUFFIX)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write beside the target and rename, so readers never see a half-written engine or manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(engine: str | Path, manifest: EngineManifest) -> Path:
+    path = manifest_path(engine)
+    write_bytes_atomically(path, manifest.to_json().encode())
+    return path
+
+
+def read_manifest(engine: str | Path) -> EngineManifest:
+    path = manifest_path(engine)
+    if not path.is_file():
+        raise EngineManifestError(
+            f"{engine}: no manifest ({path.name}) beside it; build engines with `medmamba-edge build-engine`, "
+            "which writes one (it carries the model's preprocessing and class names)"
+        )
+    return EngineManifest.from_json(path.read_text(), str(path))
+
+
+def rebuild_command(manifest: EngineManifest, engine: str | Path) -> str:
+    return shlex.join(["medmamba-edge", "build-engine", manifest.onnx_path, "-o", str(engine),
+                       *manifest.build.cli_args()])
+
+
+def _cc(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_version: str, gpu: GpuInfo) -> None:
+    """Raise EngineManifestError unless the engine can run on this TensorRT and GPU."""
+    built, running = parse_version(manifest.tensorrt_version), parse_version(tensorrt_version)
+    if manifest.build.version_compatible:
+        # A version-compatible plan carries its lean runtime: it runs on the same or a later TensorRT.
+        version_ok = running >= built
+    else:
+        version_ok = running == built
+    if manifest.build.hardware_compat:
+        gpu_ok = _cc(gpu.compute_capability) >= AMPERE
+    else:
+        gpu_ok = (gpu.name, gpu.compute_capability) == (manifest.gpu_name, manifest.compute_capability)
+    if version_ok and gpu_ok:
+        return
+    problems = []
+    if not version_ok:
+        problems.append(f"built with TensorRT {manifest.tensorrt_version}, running {tensorrt_version}")
+    if not gpu_ok:
+        wanted = "an Ampere or newer GPU" if manifest.build.hardware_compat else manifest.gpu
+        problems.append(f"built for {wanted}, running on {gpu}")
+    raise EngineManifestError(
+        f"{engine} does not match this machine ({'; '.join(problems)}); rebuild it: {rebuild_command(manifest, engine)}"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engine_cache_key(onnx_sha256: str, options: BuildOptions, tensorrt_version: str, gpu: GpuInfo,
+                     plugin_sha256: str | None) -> str:
+    """Stable over runs; changes with the model, precision, TensorRT version, GPU, plugin build or any option
+    that changes the engine."""
+    identity = {
+        "onnx": onnx_sha256,
+        "tensorrt": tensorrt_version,
+        "gpu": [gpu.name, gpu.compute_capability],
+        "plugin": plugin_sha256,
+        "options": options.key_fields(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]

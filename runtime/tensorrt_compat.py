@@ -1,0 +1,153 @@
+"""The one place that knows which TensorRT generation is running and how to reach TensorRT and the GPU.
+
+TensorRT 10.x (10.3 is JetPack 6.1/6.2) builds *weakly typed* networks: precision comes from builder
+flags (FP16; INT8 for a Q/DQ network). TensorRT 11 builds only *strongly typed* networks: the FP16 and
+INT8 builder flags are gone and every tensor has the type the ONNX graph gives it, so an FP16 engine
+needs a float16 graph (``exporters/float16.py``) and an INT8 engine a Q/DQ graph. TensorRT < 10.3 (8.x
+on JetPack 5) has no IPluginV3, which our SelectiveScan plugin is.
+
+Device memory, streams and the GPU's name come from cuda-python (``cuda.bindings.runtime``; ``cuda.cudart``
+in cuda-python < 12.6), the binding TensorRT's own Python samples use. It was preferred over Polygraphy's
+ctypes wrapper because it also answers ``cudaGetDeviceProperties`` (GPU name and compute capability for
+the engine manifest) with a stable, typed API; both are imported lazily, only when an engine is built or run.
+Nothing here imports TensorRT or CUDA at module import time, and nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from medmamba_edge.errors import UserError
+
+MIN_VERSION = (10, 3, 0)
+STRONGLY_TYPED_FROM = 11
+PLUGIN_OVERRIDE_FROM = (10, 15)  # OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE appeared in 10.15
+
+INSTALL_HINT = (
+    "on Jetson use JetPack 6.1+ (it ships TensorRT: sudo apt install nvidia-jetpack, and JetPack's python3); "
+    "on x86/SBSA: pip install tensorrt"
+)
+CUDA_PYTHON_HINT = (
+    "pip install cuda-python (a release matching the CUDA major version: 'cuda-python>=12.6,<13' on JetPack 6, "
+    "'cuda-python>=13' with CUDA 13)"
+)
+
+
+class TensorRTUnavailableError(UserError, ImportError):
+    """TensorRT (or cuda-python) is missing or too old; the message says how to get it."""
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of "10.3.0", "10.13.1.26", "11.0.0"."""
+    match = re.match(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    if not match:
+        raise TensorRTUnavailableError(f"unrecognised TensorRT version {text!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+@dataclass(frozen=True)
+class TensorRTGeneration:
+    """What a TensorRT version needs from us; every version-dependent choice is a property here."""
+
+    version: tuple[int, int, int]
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.version[0] >= STRONGLY_TYPED_FROM
+
+    @property
+    def plugin_override_flag(self) -> bool:
+        return self.version[:2] >= PLUGIN_OVERRIDE_FROM
+
+    def builder_flags(self, *, fp16: bool, int8: bool) -> tuple[str, ...]:
+        """Names of the ``trt.BuilderFlag`` members to set for a precision."""
+        if self.strongly_typed:
+            return ()  # types come from the graph: float16 conversion, Q/DQ
+        flags = []
+        if fp16:
+            flags.append("FP16")
+        if int8:
+            # A weakly typed TensorRT 10 network runs Q/DQ layers in INT8 only with the INT8 flag; no calibrator
+            # is attached (implicit calibration is deprecated in 10 and removed in 11): the scales are in the graph.
+            flags.append("INT8")
+        return tuple(flags)
+
+    def converts_graph_to_fp16(self, *, fp16: bool) -> bool:
+        """Whether FP16 has to be baked into the ONNX graph before parsing."""
+        return fp16 and self.strongly_typed
+
+
+def tensorrt_generation(version: str) -> TensorRTGeneration:
+    parsed = parse_version(version)
+    if parsed < MIN_VERSION:
+        raise TensorRTUnavailableError(
+            f"TensorRT {version} is not supported: the SelectiveScan plugin needs TensorRT >= 10.3 (IPluginV3). "
+            "JetPack 5 ships TensorRT 8.x: upgrade to JetPack 6.1+, or run the model with ONNX Runtime "
+            "(medmamba-edge export --scan portable)"
+        )
+    return TensorRTGeneration(parsed)
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or one clear error saying how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTUnavailableError(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from None
+    except Exception as exc:  # the PyPI stub wheels raise while trying to download the real package
+        raise TensorRTUnavailableError(
+            f"TensorRT failed to import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+            f"{INSTALL_HINT}"
+        ) from None
+    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
+        raise TensorRTUnavailableError(f"the installed 'tensorrt' package is a stub without the library: {INSTALL_HINT}")
+    tensorrt_generation(trt.__version__)
+    return trt
+
+
+def import_cudart():
+    """cuda-python's runtime API module."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            raise TensorRTUnavailableError(f"cuda-python is not installed: {CUDA_PYTHON_HINT}") from None
+    return cudart
+
+
+class CudaError(UserError, RuntimeError):
+    """A CUDA runtime call failed."""
+
+
+def cuda_check(cudart, result):
+    """Unpack a cuda-python call's (error, *values) tuple, raising CudaError on failure."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != 0:
+        _, name = cudart.cudaGetErrorName(error)
+        _, text = cudart.cudaGetErrorString(error)
+        raise CudaError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}: "
+                        f"{text.decode() if isinstance(text, bytes) else text}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str  # "8.7"
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute capability {self.compute_capability})"
+
+
+def current_gpu(cudart=None) -> GpuInfo:
+    """Name and compute capability of the current CUDA device."""
+    cudart = cudart or import_cudart()
+    device = cuda_check(cudart, cudart.cudaGetDevice())
+    props = cuda_check(cudart, cudart.cudaGetDeviceProperties(device))
+    name = props.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return GpuInfo(name.strip(), f"{props.major}.{props.minor}")
