@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medmamba_edge.errors import UserError
 
@@ -24,7 +25,8 @@ out = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: sources such as "file.npz[val:12]" would otherwise be read as rich markup and vanish.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -125,6 +127,94 @@ def demo(
         truth = path.stem.rsplit("_", 1)[-1]
         table.add_row(path.name, truth if truth in names else "?", names[best], f"{probs[best]:.1%}")
     out.print(table)
+
+
+ModelsArgument = Annotated[list[Path], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
+                                                            ".engine (TensorRT), in any mix.")]
+CheckpointSizeOption = Annotated[Optional[str], typer.Option(
+    "--input-size", help="Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else 224).")]
+SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
+
+
+@app.command()
+def evaluate(
+    models: ModelsArgument,
+    data: Annotated[Path, typer.Option(help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
+    split: SplitOption = "val",
+    input_size: CheckpointSizeOption = None,
+    batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
+    max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when a model's top-1 accuracy is more "
+                                                           "than this many points below the first model's.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Folder for a confusion-matrix PNG per model.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+) -> None:
+    """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from medmamba_edge import evaluation
+
+    size = parse_input_size(input_size) if input_size else None
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("evaluating", total=None)
+            report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
+                                         max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        written = evaluation.write_confusion_plots(report, plots) if plots else []
+    except UserError as exc:
+        fail(str(exc))
+    for table in evaluation.render_tables(report):
+        out.print(table)
+    if report.failures:
+        console.print(f"[yellow]warning:[/] {len(report.failures)} images could not be decoded and were left out "
+                      f"for every model:", highlight=False)
+        for failure in report.failures[:5]:
+            console.print(f"  {failure.reason}", markup=False, highlight=False, soft_wrap=True)
+        if len(report.failures) > 5:
+            console.print(f"  … and {len(report.failures) - 5} more (all in --json)", highlight=False)
+    for path in written:
+        out.print(f"wrote {path}")
+    if json_file:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report.to_dict(), indent=2))
+        out.print(f"wrote {json_file}")
+    for m in report.gate_failures:
+        fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.2f} points below "
+             f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {max_drop:g})")
+
+
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Reference model (.pth, .onnx, .engine).")],
+    model_b: Annotated[Path, typer.Argument(help="Model to check against it.")],
+    data: Annotated[Optional[Path], typer.Option(help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
+    split: SplitOption = "val",
+    num_samples: Annotated[Optional[int], typer.Option(help="Compare a fixed random subset of this many images.")] = None,
+    atol: Annotated[Optional[float], typer.Option(help="Logit tolerance |A−B| ≤ atol + rtol·|A| "
+                                                       "(default: by precision, see docs/evaluation.md).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative logit tolerance.")] = None,
+    input_size: CheckpointSizeOption = None,
+    batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
+) -> None:
+    """Run the same images through two models; exit 1 when their outputs differ beyond tolerance."""
+    from medmamba_edge import comparison
+
+    size = parse_input_size(input_size) if input_size else None
+    try:
+        with console.status("comparing"):
+            report = comparison.compare(model_a, model_b, data, split=split, num_samples=num_samples, atol=atol,
+                                        rtol=rtol, input_size=size, batch_size=batch)
+    except UserError as exc:
+        fail(str(exc))
+    for table in comparison.render_tables(report):
+        out.print(table)
+    for line in comparison.summary_lines(report):
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if not report.passed:
+        fail(f"{model_b} differs from {model_a}: " + "; ".join(report.problems))
+    out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance", markup=False)
 
 
 def main() -> None:

@@ -1,0 +1,183 @@
+"""``medmamba-edge compare``: the same inputs through two models (any backends), and whether they agree.
+
+Polygraphy cannot run our SelectiveScan custom op in ONNX Runtime; here every model goes through our
+backends, so plugin-form ONNX runs with the fused scan and checkpoints run in PyTorch.
+
+Tolerances are tiered by the less precise of the two models (``precision`` in their metadata):
+
+- fp32: every logit within ``atol 1e-4 + rtol 1e-4·|a|`` (``numpy.isclose`` with A as the reference):
+  a checkpoint and its ONNX export differ by ~1e-5 on real images.
+- fp16: the same check at ``atol 1e-2, rtol 1e-2``: half precision keeps ~3 significant digits, and
+  the error grows through the model's depth.
+- int8: logits are not compared element by element (quantization shifts them by design); instead at
+  least 98% of the images must keep A's top-1 class and the mean over images of the largest
+  probability difference must stay ≤ 0.02. A single image's probability may move much more, so its
+  maximum is reported but not judged. (The official MedMamba-T at 32×32 and its INT8 export on
+  PneumoniaMNIST val: 99.5% agreement, mean 0.005, largest 0.09.)
+
+``--atol``/``--rtol`` replace the logit tolerance and apply the element-wise check at every tier.
+Top-1 agreement is always reported; at fp32/fp16 it is not judged, because logits within tolerance may
+still swap the order of a near-tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.evaluation import Failure, open_models, run_models
+from medmamba_edge.runtime.backends import softmax
+from medmamba_edge.runtime.bundled import sample_image_paths
+from medmamba_edge.runtime.datasets import Dataset, Sample, open_dataset
+from medmamba_edge.runtime.metadata import PRECISIONS
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    tier: str
+    logits_atol: float | None  # None: logits are not compared element by element
+    logits_rtol: float = 0.0
+    min_top1_agreement: float | None = None  # fraction of images
+    max_mean_probability_error: float | None = None
+
+
+TIERS = {
+    "fp32": Tolerance("fp32", 1e-4, 1e-4),
+    "fp16": Tolerance("fp16", 1e-2, 1e-2),
+    "int8": Tolerance("int8", None, min_top1_agreement=0.98, max_mean_probability_error=0.02),
+}
+
+
+def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """The tier of the less precise model, with the user's logit tolerances where given."""
+    tier = TIERS[max(precision_a, precision_b, key=PRECISIONS.index)]
+    if atol is None and rtol is None:
+        return tier
+    return replace(tier, logits_atol=(tier.logits_atol or 0.0) if atol is None else atol,
+                   logits_rtol=tier.logits_rtol if rtol is None else rtol)
+
+
+@dataclass(frozen=True)
+class Difference:
+    max_abs: float
+    max_rel: float  # |a − b| / |a|, A as the reference (large where a is near zero)
+    mean_abs: float
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray) -> Difference:
+        error = np.abs(a.astype(np.float64) - b)
+        relative = error / np.maximum(np.abs(a), np.finfo(np.float32).tiny)
+        return cls(float(error.max()), float(relative.max()), float(error.mean()))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    measured: str
+    limit: str  # "" when only reported
+    passed: bool | None  # None: reported, not judged at this tier
+
+
+@dataclass
+class ComparisonReport:
+    models: tuple[str, str]
+    backends: tuple[str, str]
+    data: str
+    images: int
+    tolerance: Tolerance
+    logits: Difference
+    probabilities: Difference
+    top1_agreement: float
+    disagreeing: list[str]  # sources of the images whose top-1 class differs
+    checks: list[Check]
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {c.measured} (limit {c.limit})" for c in self.checks if c.passed is False]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
+    pa, pb = softmax(a), softmax(b)
+    same = a.argmax(1) == b.argmax(1)
+    agreement = float(same.mean())
+    # Each image's largest probability change, averaged: robust to the odd image INT8 moves a lot.
+    mean_probability_error = float(np.abs(pa - pb).max(axis=1).mean())
+    checks = []
+    if tolerance.logits_atol is not None:
+        outside = int((~np.isclose(b, a, atol=tolerance.logits_atol, rtol=tolerance.logits_rtol)).sum())
+        checks.append(Check("logits", f"{outside} of {a.size} outside",
+                            f"|A−B| ≤ {tolerance.logits_atol:g} + {tolerance.logits_rtol:g}·|A|", outside == 0))
+    limit = tolerance.min_top1_agreement
+    checks.append(Check("top-1 agreement", f"{agreement:.2%} ({int((~same).sum())} of {len(same)} differ)",
+                        "" if limit is None else f"≥ {limit:.0%}", None if limit is None else agreement >= limit))
+    limit = tolerance.max_mean_probability_error
+    checks.append(Check("mean per-image max |ΔP|", f"{mean_probability_error:.3g}", "" if limit is None else f"≤ {limit:g}",
+                        None if limit is None else mean_probability_error <= limit))
+    return checks
+
+
+def bundled_samples() -> Dataset:
+    paths = sample_image_paths()
+    return Dataset(f"bundled sample images ({len(paths)})", [Sample(str(p), None) for p in paths])
+
+
+def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = None, *, split: str = "val",
+            num_samples: int | None = None, atol: float | None = None, rtol: float | None = None,
+            input_size: int | None = None, batch_size: int = 32, seed: int = 0) -> ComparisonReport:
+    backends = open_models([model_a, model_b], input_size)
+    # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
+    dataset = bundled_samples() if data is None else open_dataset(data, split=split)
+    dataset = dataset.sample(num_samples, seed)
+    outputs = run_models(backends, dataset, batch_size)
+    a, b = outputs.logits
+    differ = a.argmax(1) != b.argmax(1)
+    tolerance = tolerance_for(backends[0].metadata.precision, backends[1].metadata.precision, atol, rtol)
+    return ComparisonReport(
+        models=(str(backends[0].path), str(backends[1].path)),
+        backends=(backends[0].describe(), backends[1].describe()),
+        data=dataset.description,
+        images=len(a),
+        tolerance=tolerance,
+        logits=Difference.of(a, b),
+        probabilities=Difference.of(softmax(a), softmax(b)),
+        top1_agreement=float(1 - differ.mean()),
+        disagreeing=[dataset.samples[i].source for i in outputs.indices[differ]],
+        checks=_checks(a, b, tolerance),
+        failures=outputs.failures,
+    )
+
+
+def render_tables(report: ComparisonReport) -> list:
+    from rich.table import Table
+
+    differences = Table(title=f"A = {Path(report.models[0]).name}, B = {Path(report.models[1]).name}: "
+                              f"{report.images} images of {report.data}",
+                        caption=f"A: {report.backends[0]}\nB: {report.backends[1]}")
+    for column in ("output", "max |A−B|", "max |A−B|/|A|", "mean |A−B|"):
+        differences.add_column(column, justify="left" if column == "output" else "right")
+    for name, diff in (("logits", report.logits), ("probabilities", report.probabilities)):
+        differences.add_row(name, f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", f"{diff.mean_abs:.3g}")
+    checks = Table(title=f"checks ({report.tolerance.tier} tier)")
+    for column in ("check", "measured", "limit", "result"):
+        checks.add_column(column)
+    verdicts = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "reported"}
+    for check in report.checks:
+        checks.add_row(check.name, check.measured, check.limit, verdicts[check.passed])
+    return [differences, checks]
+
+
+def summary_lines(report: ComparisonReport, limit: int = 5) -> Sequence[str]:
+    """The images whose top-1 class differs (first ``limit``) and those that could not be decoded."""
+    lines = [f"top-1 differs on {source}" for source in report.disagreeing[:limit]]
+    if len(report.disagreeing) > limit:
+        lines.append(f"… and on {len(report.disagreeing) - limit} more images")
+    lines += [f"left out (could not decode): {f.reason}" for f in report.failures[:limit]]
+    return lines

@@ -1,0 +1,225 @@
+"""``medmamba-edge evaluate``: several models (any backends) side by side on the same labelled images.
+
+Each image is decoded once and preprocessed once per distinct preprocessing among the models (a
+checkpoint and its ONNX export share one), so the models see identical inputs. An image that cannot be
+decoded is left out for every model and reported, never silently dropped. Torch-free: PyTorch is only
+imported by the backend of a ``.pth`` model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, open_backend, softmax
+from medmamba_edge.runtime.datasets import Dataset, open_dataset
+from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata
+from medmamba_edge.runtime.metrics import Metrics, classification_metrics
+from medmamba_edge.runtime.preprocess import ImageError, preprocess
+
+DEFAULT_CHECKPOINT_SIZE = 224
+Progress = Callable[[int, int], None]  # (images done, images in all)
+
+
+class EvaluationError(UserError):
+    """Models that cannot be evaluated together, or data without usable images."""
+
+
+def checkpoint_input_size(paths: Sequence[Path], explicit: int | None) -> int | tuple[int, int]:
+    """The input size for checkpoints among ``paths``: ``explicit``, else the first ONNX model's (so
+    ``evaluate model.pth model.onnx`` runs both at the export's size), else 224."""
+    if explicit is not None:
+        return explicit
+    for path in paths:
+        if path.suffix.lower() in ONNX_SUFFIXES and path.exists():
+            return read_onnx_metadata(path).input_size
+    return DEFAULT_CHECKPOINT_SIZE
+
+
+def open_models(paths: Sequence[str | Path], input_size: int | None = None, threads: int | None = None) -> list[Backend]:
+    """Backends for models that must agree on their classes (they are compared class by class)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise EvaluationError("no models given")
+    size = checkpoint_input_size(paths, input_size) if any(p.suffix.lower() in TORCH_SUFFIXES for p in paths) else None
+    backends = [open_backend(p, input_size=size, threads=threads) for p in paths]
+    first = backends[0].metadata.class_names
+    for backend in backends[1:]:
+        if backend.metadata.class_names != first:
+            raise EvaluationError(f"{backend.path}: classes {list(backend.metadata.class_names)} differ from "
+                                  f"{backends[0].path}'s {list(first)}")
+    return backends
+
+
+def _preprocessing_key(metadata: ModelMetadata) -> tuple:
+    return (metadata.input_size, metadata.in_chans, metadata.channel_order, metadata.mean, metadata.std, metadata.resize)
+
+
+@dataclass(frozen=True)
+class Failure:
+    source: str
+    reason: str
+
+
+@dataclass
+class Outputs:
+    """Logits of each model on the same images: those of ``dataset`` at ``indices`` (the decodable ones)."""
+    indices: np.ndarray
+    logits: list[np.ndarray]
+    seconds: list[float]  # time spent in each model's run()
+    failures: list[Failure]
+
+
+def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 32,
+               progress: Progress | None = None) -> Outputs:
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be ≥ 1, got {batch_size}")
+    groups: dict[tuple, list[int]] = {}
+    for k, backend in enumerate(backends):
+        groups.setdefault(_preprocessing_key(backend.metadata), []).append(k)
+    group_metadata = {key: backends[members[0]].metadata for key, members in groups.items()}
+    kept, failures = [], []
+    logits: list[list[np.ndarray]] = [[] for _ in backends]
+    seconds = [0.0] * len(backends)
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        inputs: dict[tuple, list[np.ndarray]] = {key: [] for key in groups}
+        for i in indices:
+            try:
+                image = dataset.image(i)
+                # Preprocess per image so that one unusable image (e.g. two channels) fails alone.
+                prepared = {key: preprocess([image], meta)[0] for key, meta in group_metadata.items()}
+            except ImageError as exc:
+                failures.append(Failure(dataset.samples[i].source, str(exc)))
+                continue
+            kept.append(i)
+            for key, x in prepared.items():
+                inputs[key].append(x)
+        if any(inputs.values()):
+            for key, members in groups.items():
+                batch = np.stack(inputs[key])
+                for k in members:
+                    began = time.perf_counter()
+                    logits[k].append(np.asarray(backends[k].run(batch), dtype=np.float32))
+                    seconds[k] += time.perf_counter() - began
+        if progress:
+            progress(indices.stop, len(dataset))
+    if not kept:
+        raise EvaluationError(f"{dataset.description}: none of its {len(dataset)} images could be decoded "
+                              f"(first: {failures[0].source}: {failures[0].reason})")
+    return Outputs(np.array(kept), [np.concatenate(chunks) for chunks in logits], seconds, failures)
+
+
+@dataclass
+class ModelEvaluation:
+    path: str
+    backend: str
+    precision: str
+    input_size: tuple[int, int]
+    metrics: Metrics
+    seconds: float
+    drop: float | None = None  # top-1 accuracy points below the first model (negative: better)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "backend": self.backend, "precision": self.precision,
+                "input_size": list(self.input_size), "seconds": self.seconds, "top1_drop_points": self.drop,
+                "metrics": self.metrics.to_dict()}
+
+
+@dataclass
+class EvaluationReport:
+    data: str
+    class_names: tuple[str, ...]
+    models: list[ModelEvaluation]
+    failures: list[Failure] = field(default_factory=list)
+    max_drop: float | None = None
+
+    @property
+    def gate_failures(self) -> list[ModelEvaluation]:
+        """Models whose top-1 accuracy is more than ``max_drop`` points below the first model's."""
+        if self.max_drop is None:
+            return []
+        return [m for m in self.models[1:] if m.drop > self.max_drop]
+
+    def to_dict(self) -> dict:
+        return {"data": self.data, "class_names": list(self.class_names), "evaluated": self.models[0].metrics.count,
+                "failed_to_decode": [vars(f) for f in self.failures], "max_drop": self.max_drop,
+                "gate_passed": not self.gate_failures, "models": [m.to_dict() for m in self.models]}
+
+
+def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | None = None,
+             batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
+             progress: Progress | None = None) -> EvaluationReport:
+    backends = open_models(models, input_size, threads)
+    class_names = backends[0].metadata.class_names
+    dataset = open_dataset(data, split=split, class_names=class_names)
+    if not dataset.labelled:
+        raise EvaluationError(f"{dataset.description}: evaluation needs labels (an ImageFolder, a labelled .npz "
+                              f"split or a path,label CSV)")
+    outputs = run_models(backends, dataset, batch_size, progress)
+    labels = dataset.labels()[outputs.indices]
+    results = []
+    for backend, logits, seconds in zip(backends, outputs.logits, outputs.seconds):
+        metrics = classification_metrics(labels, softmax(logits), class_names)
+        results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,
+                                       backend.metadata.input_size, metrics, seconds))
+    for result in results[1:]:
+        # Rounded so that equal accuracies reached by different float sums give exactly 0.
+        result.drop = round(100 * (results[0].metrics.accuracy - result.metrics.accuracy), 9)
+    return EvaluationReport(dataset.description, class_names, results, outputs.failures, max_drop)
+
+
+def plot_file_names(paths: Sequence[str]) -> list[str]:
+    """``<model file>.confusion.png``, prefixed by the model's position where two files share a name."""
+    names = [Path(p).name for p in paths]
+    return [f"{k + 1}-{name}.confusion.png" if names.count(name) > 1 else f"{name}.confusion.png"
+            for k, name in enumerate(names)]
+
+
+def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:
+    from medmamba_edge.plots import confusion_matrix_png
+
+    return [
+        confusion_matrix_png(m.metrics.confusion, report.class_names,
+                             f"{Path(m.path).name} ({m.precision}): top-1 {100 * m.metrics.accuracy:.2f}%", folder / name)
+        for m, name in zip(report.models, plot_file_names([m.path for m in report.models]))
+    ]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def render_tables(report: EvaluationReport) -> list:
+    """Rich tables: the paper's metrics per model (macro averages, in %), then per class."""
+    from rich.table import Table
+
+    names = [Path(m.path).name for m in report.models]
+    evaluated = report.models[0].metrics.count
+    summary = Table(title=report.data + (f"; {len(report.failures)} could not be decoded, {evaluated} evaluated"
+                                         if report.failures else ""),
+                    caption="macro averages over classes, %; Δ top-1: accuracy points vs the first model\n"
+                            + "\n".join(f"{name}: {m.backend}" for name, m in zip(names, report.models)))
+    for column in ("model", "dtype", "accuracy", "precision", "sensitivity", "specificity", "F1", "AUC", "Δ top-1"):
+        summary.add_column(column, justify="left" if column in ("model", "dtype") else "right")
+    for name, m in zip(names, report.models):
+        metrics = m.metrics
+        drop = "" if m.drop is None else f"{0.0 - m.drop:+.2f}"  # 0.0 - 0.0 prints +0.00, not -0.00
+        if m in report.gate_failures:
+            drop = f"[bold red]{drop}[/]"
+        summary.add_row(name, m.precision, _percent(metrics.accuracy), _percent(metrics.precision),
+                        _percent(metrics.sensitivity), _percent(metrics.specificity), _percent(metrics.f1),
+                        _percent(metrics.auc), drop)
+    per_class = Table(title="per class (one-vs-rest, %)")
+    for column in ("model", "class", "support", "precision", "sensitivity", "specificity", "F1", "AUC"):
+        per_class.add_column(column, justify="left" if column in ("model", "class") else "right")
+    for name, m in zip(names, report.models):
+        for c in m.metrics.per_class:
+            per_class.add_row(name, c.name, str(c.support), _percent(c.precision), _percent(c.sensitivity),
+                              _percent(c.specificity), _percent(c.f1), _percent(c.auc))
+    return [summary, per_class]

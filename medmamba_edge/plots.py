@@ -1,0 +1,63 @@
+"""PNG figures for ``evaluate --plots`` and ``benchmark --plot``; matplotlib is optional (the ``plots`` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.errors import UserError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib; pip install medmamba-edge[plots]") from None
+    matplotlib.use("Agg")  # files only: never open a window or need a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    return path
+
+
+def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], title: str, path: Path) -> Path:
+    plt = _pyplot()
+    size = 2.5 + 0.6 * len(class_names)
+    figure, axes = plt.subplots(figsize=(size, size))
+    # Colour by the share of each true class so small classes are as readable as large ones.
+    rows = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    axes.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for (true, predicted), count in np.ndenumerate(confusion):
+        axes.text(predicted, true, f"{count}\n{rows[true, predicted]:.0%}", ha="center", va="center",
+                  color="white" if rows[true, predicted] > 0.5 else "black", fontsize=9)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def latency_bars_png(labels: Sequence[str], p50: Sequence[float], p90: Sequence[float], p99: Sequence[float],
+                     title: str, path: Path) -> Path:
+    """Horizontal bars of the median latency with p90 and p99 marks, one bar per measured row."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.45 * len(labels)))
+    rows = np.arange(len(labels))[::-1]  # first row at the top, as in the table
+    axes.barh(rows, p50, color="tab:blue", label="p50")
+    axes.scatter(p90, rows, marker="|", s=200, color="tab:orange", label="p90", zorder=3)
+    axes.scatter(p99, rows, marker="|", s=200, color="tab:red", label="p99", zorder=3)
+    axes.set_yticks(rows, labels, fontsize=8)
+    axes.set_xlabel("latency per batch (ms)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
