@@ -94,6 +94,68 @@ def build_plugin(
     out.print(str(library))
 
 
+@app.command("build-engine")
+def build_engine(
+    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the engine (a .json manifest goes beside it).")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (TensorRT 11: the graph is converted to float16 first).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 engine from an explicitly quantized (Q/DQ) model.")] = False,
+    min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of a dynamic-batch model's profile (default 1).")] = None,
+    opt_batch: Annotated[Optional[int], typer.Option(help="Batch the engine is tuned for (default 1).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Largest batch (default 8).")] = None,
+    workspace: Annotated[Optional[int], typer.Option(help="Workspace memory limit in MiB.")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file: read if present, written after the build.")] = None,
+    opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0..5 (TensorRT default 3).")] = None,
+    dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core with GPU fallback (-1: GPU only).")] = None,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Runs on later TensorRT versions too.")] = False,
+    hardware_compat: Annotated[bool, typer.Option("--hardware-compat", help="Runs on any Ampere or newer GPU.")] = False,
+    plugin: Annotated[Optional[Path], typer.Option(help="SelectiveScan plugin library (default: the one "
+                                                        "`medmamba-edge build-plugin` built).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Defaults for orin-nano, orin-nx, agx-orin, thor or dgpu; "
+                                                       "explicit options win.")] = None,
+) -> None:
+    """Build a TensorRT engine from an exported ONNX model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    try:
+        from medmamba_edge.exporters import tensorrt_build
+
+        options = tensorrt_build.resolve_options(
+            preset, fp16=fp16 or None, int8=int8 or None, min_batch=min_batch, opt_batch=opt_batch,
+            max_batch=max_batch, workspace_mib=workspace, opt_level=opt_level, dla_core=dla_core,
+            version_compatible=version_compatible or None, hardware_compat=hardware_compat or None,
+            timing_cache=str(timing_cache) if timing_cache else None)
+
+        class RichProgress(tensorrt_build.BuildProgress):
+            """TensorRT's phases as progress bars; before and without them, a spinner with the current stage."""
+
+            def __init__(self, bars: Progress):
+                self.bars, self.tasks = bars, {}
+                self.stage = bars.add_task("preparing", total=None)
+
+            def status(self, message: str) -> None:
+                self.bars.update(self.stage, description=escape(message[:100]))
+
+            def phase_start(self, phase, parent, steps):
+                self.tasks[phase] = self.bars.add_task(escape(phase), total=steps or None)
+
+            def step_complete(self, phase, step):
+                self.bars.update(self.tasks[phase], completed=step + 1)
+
+            def phase_finish(self, phase):
+                self.bars.remove_task(self.tasks.pop(phase))
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=console, transient=True) as bars:
+            result = tensorrt_build.build_engine(model, output, options, plugin=plugin, progress=RichProgress(bars))
+    except UserError as exc:
+        fail(str(exc))
+    manifest = result.manifest
+    shapes = next(iter(manifest.profile.values()))
+    out.print(f"wrote {result.engine} ({manifest.precision}, batch {shapes['min'][0]}..{shapes['max'][0]}, "
+              f"TensorRT {manifest.tensorrt_version} on {manifest.gpu_name}) in {result.seconds:.1f} s")
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where to write the exported model.")] = Path("medmamba-edge-demo"),

@@ -151,3 +151,56 @@ def current_gpu(cudart=None) -> GpuInfo:
     props = cuda_check(cudart, cudart.cudaGetDeviceProperties(device))
     name = props.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return GpuInfo(name.strip(), f"{props.major}.{props.minor}")
+
+
+class _Logger:
+    """The process's one TensorRT logger (TensorRT uses the first logger it is given for every later builder
+    and runtime): errors are kept for the exception that follows a failed call, warnings go to ``forward``."""
+
+    def __init__(self, trt):
+        class Logger(trt.ILogger):
+            def __init__(inner):
+                trt.ILogger.__init__(inner)
+
+            def log(inner, severity, message):
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                    self.errors.append(message)
+                elif severity == trt.ILogger.Severity.WARNING and self.forward is not None:
+                    self.forward(message)
+
+        self.errors: list[str] = []
+        self.forward = None
+        self.trt_logger = Logger()
+
+    def take_errors(self) -> list[str]:
+        errors, self.errors = self.errors, []
+        return errors
+
+
+_LOGGER: _Logger | None = None
+_LOADED_PLUGINS: dict[str, object] = {}
+
+
+def tensorrt_logger(trt) -> _Logger:
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = _Logger(trt)
+    return _LOGGER
+
+
+class PluginLoadError(UserError):
+    """TensorRT could not load the plugin library."""
+
+
+def load_plugin_library(trt, path) -> None:
+    """Register the plugin's creators with TensorRT (once per process and library)."""
+    key = str(path)
+    if key in _LOADED_PLUGINS:
+        return
+    handle = trt.get_plugin_registry().load_library(key)
+    if handle is None:
+        errors = tensorrt_logger(trt).take_errors()
+        detail = f": {errors[-1]}" if errors else ""
+        raise PluginLoadError(f"TensorRT could not load the plugin library {key}{detail}; rebuild it for this "
+                              "TensorRT and GPU with `medmamba-edge build-plugin`")
+    _LOADED_PLUGINS[key] = handle

@@ -1,0 +1,362 @@
+"""ONNX → TensorRT engine, with a manifest beside it, for TensorRT 10.3+ and 11 behind one function.
+
+``build_engine`` parses the exported ONNX (plugin or portable form) with the SelectiveScan plugin loaded,
+applies the build options (presets for Jetson boards and desktop GPUs, precision, batch profile,
+workspace, timing cache, optimisation level, DLA, version/hardware compatibility) and writes the engine and
+``<engine>.json`` atomically. ``cached_engine`` does the same into the engine cache, keyed so that a model is
+built once per TensorRT version, GPU and option set. Version differences live in
+``runtime/tensorrt_compat.py``. torch-free: this runs on a Jetson next to TensorRT.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import onnx
+
+from medmamba_edge import __version__
+from medmamba_edge.errors import UserError
+from medmamba_edge.exporters.float16 import convert_float16
+from medmamba_edge.plugins.build import cache_root, find_plugin_library
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.engine_manifest import (
+    BuildOptions,
+    EngineManifest,
+    engine_cache_key,
+    file_sha256,
+    manifest_path,
+    write_bytes_atomically,
+    write_manifest,
+)
+from medmamba_edge.runtime.metadata import read_onnx_metadata
+from medmamba_edge.runtime.tensorrt_compat import (
+    current_gpu,
+    import_tensorrt,
+    load_plugin_library,
+    tensorrt_generation,
+    tensorrt_logger,
+)
+
+DEFAULT_BATCH_PROFILE = (1, 1, 8)  # min, opt, max of a dynamic-batch model: tuned for single images
+NO_DLA = -1  # --dla-core -1: GPU only, whatever the preset says
+
+
+class EngineBuildError(UserError):
+    """The engine could not be built; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    workspace_mib: int | None  # None: TensorRT's default (the whole device memory)
+    opt_level: int
+    dla_core: int | None  # used for FP16/INT8 builds only: DLA has no FP32
+    description: str
+
+
+# Jetson memory is shared by CPU and GPU, so the workspace is capped well below the board's RAM. Orin
+# boards keep optimisation level 3 (TensorRT's default) because the build runs on their ARM cores; Thor and
+# desktop GPUs can afford level 4's wider tactic search. Orin NX and AGX Orin have 2 DLA cores; Orin Nano
+# has none, and Thor's are not usable for this model.
+PRESETS = {
+    "orin-nano": Preset(1024, 3, None, "Jetson Orin Nano (4/8 GB, no DLA)"),
+    "orin-nx": Preset(2048, 3, 0, "Jetson Orin NX (8/16 GB, DLA core 0 with GPU fallback)"),
+    "agx-orin": Preset(4096, 3, 0, "Jetson AGX Orin (32/64 GB, DLA core 0 with GPU fallback)"),
+    "thor": Preset(8192, 4, None, "Jetson Thor (128 GB)"),
+    "dgpu": Preset(None, 4, None, "desktop / data-centre GPU"),
+}
+
+
+def resolve_options(preset: str | None = None, **explicit) -> BuildOptions:
+    """Build options from a preset, with every explicit (non-None) value taking precedence."""
+    names = {f.name for f in fields(BuildOptions)}
+    unknown = sorted(set(explicit) - names)
+    if unknown:
+        raise EngineBuildError(f"unknown build options {unknown}")
+    values = {k: v for k, v in explicit.items() if v is not None}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise EngineBuildError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        chosen = PRESETS[preset]
+        values.setdefault("workspace_mib", chosen.workspace_mib)
+        values.setdefault("opt_level", chosen.opt_level)
+        if values.get("fp16") or values.get("int8"):
+            values.setdefault("dla_core", chosen.dla_core)
+        values["preset"] = preset
+    if values.get("dla_core") == NO_DLA:
+        values["dla_core"] = None
+    options = BuildOptions(**{k: v for k, v in values.items() if v is not None})
+    _check_options(options)
+    return options
+
+
+def _check_options(options: BuildOptions) -> None:
+    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
+        raise EngineBuildError(f"--opt-level must be 0..5, got {options.opt_level}")
+    if options.workspace_mib is not None and options.workspace_mib < 1:
+        raise EngineBuildError(f"--workspace must be a positive number of MiB, got {options.workspace_mib}")
+    if options.dla_core is not None:
+        if options.dla_core < 0:
+            raise EngineBuildError(f"--dla-core must be 0, 1 or -1 (GPU only), got {options.dla_core}")
+        if options.precision == "fp32":
+            raise EngineBuildError("DLA runs FP16 or INT8 only: add --fp16 (or --int8), or drop --dla-core")
+    for name in ("min_batch", "opt_batch", "max_batch"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise EngineBuildError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def batch_profile(options: BuildOptions, model_batch: int | None) -> tuple[int, int, int]:
+    """(min, opt, max) batch: the model's own for a fixed-batch model (which the options must agree with)."""
+    given = {n: getattr(options, n) for n in ("min_batch", "opt_batch", "max_batch") if getattr(options, n) is not None}
+    if model_batch is not None:
+        wrong = {n: v for n, v in given.items() if v != model_batch}
+        if wrong:
+            name, value = next(iter(wrong.items()))
+            raise EngineBuildError(
+                f"the model was exported with a fixed batch of {model_batch}, so --{name.replace('_', '-')} {value} "
+                "cannot apply; re-export with `medmamba-edge export --dynamic-batch` for a batch range"
+            )
+        return model_batch, model_batch, model_batch
+    low = options.min_batch or DEFAULT_BATCH_PROFILE[0]
+    high = options.max_batch or max(DEFAULT_BATCH_PROFILE[2], low)
+    opt = options.opt_batch or min(max(DEFAULT_BATCH_PROFILE[1], low), high)
+    if not low <= opt <= high:
+        raise EngineBuildError(f"the batch profile needs min <= opt <= max, got {low} / {opt} / {high}")
+    return low, opt, high
+
+
+def has_quantize_nodes(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def has_scan_nodes(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node)
+
+
+def parser_error_summary(parser) -> str:
+    """Every ONNX parser error on one line: node name, op type and TensorRT's description."""
+    parts = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        if error.node() >= 0:
+            parts.append(f"node {error.node_name() or error.node()} ({error.node_operator()}): {error.desc()}")
+        else:
+            parts.append(error.desc())
+    return "; ".join(parts)
+
+
+class BuildProgress:
+    """What the builder reports; the CLI renders it (rich progress bars, or a spinner with status lines)."""
+
+    def status(self, message: str) -> None:
+        """A build stage or a TensorRT warning."""
+
+    def phase_start(self, phase: str, parent: str | None, steps: int) -> None:
+        """TensorRT's IProgressMonitor phases (10.x, 11.x)."""
+
+    def step_complete(self, phase: str, step: int) -> None:
+        pass
+
+    def phase_finish(self, phase: str) -> None:
+        pass
+
+
+def _progress_monitor(trt, progress: BuildProgress):
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            progress.step_complete(phase_name, step)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            progress.phase_finish(phase_name)
+
+    return Monitor()
+
+
+@dataclass
+class _Inputs:
+    model: onnx.ModelProto
+    onnx_sha256: str
+    plugin: Path | None
+    plugin_sha256: str | None
+
+
+def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | None) -> _Inputs:
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"{onnx_path}: no such ONNX file")
+    model = onnx.load(str(onnx_path))
+    read_onnx_metadata(model)  # a clear error for ONNX files that `medmamba-edge export` did not write
+    if options.int8 and not has_quantize_nodes(model):
+        raise EngineBuildError(
+            f"{onnx_path}: --int8 needs an explicitly quantized model (QuantizeLinear/DequantizeLinear nodes) and "
+            "this one has none; make one with `medmamba-edge quantize`"
+        )
+    library = None
+    if has_scan_nodes(model):
+        library = Path(plugin) if plugin is not None else find_plugin_library()
+        if not library.is_file():
+            raise EngineBuildError(f"{library}: no such plugin library; build it with `medmamba-edge build-plugin`")
+    return _Inputs(model, file_sha256(onnx_path), library, file_sha256(library) if library else None)
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    manifest: EngineManifest
+    seconds: float
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions | None = None, *,
+                 plugin: str | Path | None = None, progress: BuildProgress | None = None) -> BuildResult:
+    """Build ``engine_path`` (and ``<engine_path>.json``) from an exported ONNX model."""
+    options = options or BuildOptions()
+    _check_options(options)
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    inputs = _read_inputs(onnx_path, options, plugin)
+    return _build(onnx_path, engine_path, options, inputs, progress or BuildProgress())
+
+
+def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _Inputs,
+           progress: BuildProgress) -> BuildResult:
+    started = time.perf_counter()
+    trt = import_tensorrt()
+    generation = tensorrt_generation(trt.__version__)
+    gpu = current_gpu()
+    logger = tensorrt_logger(trt)
+    logger.take_errors()
+    logger.forward = progress.status
+    metadata = read_onnx_metadata(inputs.model)
+    low, opt, high = batch_profile(options, metadata.batch)
+
+    model, fp16_graph = inputs.model, generation.converts_graph_to_fp16(fp16=options.fp16)
+    if fp16_graph:
+        progress.status("converting the graph to float16 (strongly typed TensorRT)")
+        model = convert_float16(model)
+    if inputs.plugin is not None:
+        load_plugin_library(trt, inputs.plugin)
+
+    progress.status(f"parsing {onnx_path.name} (TensorRT {trt.__version__})")
+    builder = trt.Builder(logger.trt_logger)
+    # TensorRT 10 networks are explicit-batch without a flag; 11 makes every network strongly typed (the
+    # STRONGLY_TYPED flag is deprecated there), so 0 is right for both.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger.trt_logger)
+    if generation.plugin_override_flag:
+        # Our nodes carry plugin_namespace, which already makes 10.15+ prefer the plugin; the flag also covers a
+        # SelectiveScan node whose attributes a graph tool dropped.
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse(model.SerializeToString(), path=str(onnx_path)):
+        raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {parser_error_summary(parser)}")
+
+    config = builder.create_builder_config()
+    if options.workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.opt_level is not None:
+        config.builder_optimization_level = options.opt_level
+    for flag in generation.builder_flags(fp16=options.fp16, int8=options.int8):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if options.dla_core is not None:
+        if options.dla_core >= builder.num_DLA_cores:
+            raise EngineBuildError(f"--dla-core {options.dla_core}: this device has {builder.num_DLA_cores} DLA cores "
+                                   "(use --dla-core -1 for GPU only)")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = options.dla_core
+        # Our plugin, Einsum, LayerNorm and dynamic shapes have no DLA implementation: they run on the GPU.
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if inputs.plugin is not None:
+            # The plan carries its own lean runtime, which must find the plugin: ship the library inside it.
+            config.plugins_to_serialize = [str(inputs.plugin)]
+    if options.hardware_compat:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+    input_tensor = network.get_input(0)
+    shape = tuple(input_tensor.shape)
+    shapes = {"min": [low, *shape[1:]], "opt": [opt, *shape[1:]], "max": [high, *shape[1:]]}
+    if shape[0] < 0:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(input_tensor.name, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(profile)
+
+    timing_cache_path = Path(options.timing_cache) if options.timing_cache else None
+    if timing_cache_path is not None:
+        cached = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+        if not config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False):
+            progress.status(f"{timing_cache_path} is from another TensorRT/GPU: starting a new timing cache")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    if hasattr(trt, "IProgressMonitor"):
+        monitor = _progress_monitor(trt, progress)
+        config.progress_monitor = monitor
+    progress.status(f"building a {options.precision} engine for {gpu.name}")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        errors = logger.take_errors()
+        detail = f": {errors[-1]}" if errors else ""
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not build the engine{detail}")
+
+    if timing_cache_path is not None:
+        write_bytes_atomically(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    manifest = EngineManifest(
+        tensorrt_version=trt.__version__,
+        gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        precision=options.precision,
+        profile={input_tensor.name: shapes},
+        onnx_path=str(onnx_path.resolve()),
+        onnx_sha256=inputs.onnx_sha256,
+        plugin_sha256=inputs.plugin_sha256,
+        build=options,
+        metadata=metadata.replace(precision=options.precision),
+        fp16_graph=fp16_graph,
+        tool_version=__version__,
+    )
+    # The engine first: a manifest never describes an engine that is not there.
+    write_bytes_atomically(engine_path, bytes(plan))
+    write_manifest(engine_path, manifest)
+    return BuildResult(engine_path, manifest, time.perf_counter() - started)
+
+
+class EngineCacheError(UserError):
+    """The engine cache folder cannot be used."""
+
+
+def engine_cache_dir() -> Path:
+    """``$MEDMAMBA_EDGE_CACHE/engines`` (default ``~/.cache/medmamba-edge/engines``), created and writable."""
+    folder = cache_root() / "engines"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineCacheError(f"cannot create the engine cache {folder} ({exc.strerror}); "
+                               "set MEDMAMBA_EDGE_CACHE to a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngineCacheError(f"the engine cache {folder} is not writable; set MEDMAMBA_EDGE_CACHE to a writable folder")
+    return folder
+
+
+def cached_engine(onnx_path: str | Path, precision: str = "fp32", *, plugin: str | Path | None = None,
+                  progress: BuildProgress | None = None, preset: str | None = None, **options) -> Path:
+    """The engine for ``onnx_path`` from the cache, built there first if this TensorRT/GPU/option set has none.
+
+    ``options`` are ``BuildOptions`` fields (``max_batch=16``, ``workspace_mib=...``) on top of ``preset``."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EngineBuildError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    resolved = resolve_options(preset, fp16=precision == "fp16" or None, int8=precision == "int8" or None, **options)
+    onnx_path = Path(onnx_path)
+    inputs = _read_inputs(onnx_path, resolved, plugin)
+    trt = import_tensorrt()
+    key = engine_cache_key(inputs.onnx_sha256, resolved, trt.__version__, current_gpu(), inputs.plugin_sha256)
+    engine = engine_cache_dir() / f"{onnx_path.stem}-{precision}-{key}.engine"
+    if engine.is_file() and manifest_path(engine).is_file():
+        return engine
+    return _build(onnx_path, engine, resolved, inputs, progress or BuildProgress()).engine
