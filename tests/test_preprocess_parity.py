@@ -1,0 +1,102 @@
+"""Preprocessing parity with the official train.py validation transform, on real images.
+
+The reference is what torchvision does, written with PIL + numpy (torchvision is not a dependency):
+``Image.open(p).convert("RGB")`` → ``Resize((H, W))`` = ``img.resize((W, H), BILINEAR)`` → ``ToTensor``
+(uint8 / 255 in float32, HWC → CHW) → ``Normalize(mean, std)`` ((x − mean) / std in float32).
+Stated tolerance: 8-bit inputs at the sizes MedMamba uses are bit-identical (so are the logits); any
+other size is within one 8-bit level (see test_any_size_within_one_level).
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmamba_edge.runtime.backends import open_backend
+from medmamba_edge.runtime.metadata import ModelMetadata
+from medmamba_edge.runtime.preprocess import ImageError, preprocess, preprocess_one, read_image, resize_like_pil
+from tests.shared_data import OFFICIAL_T32, require_shared
+
+
+def meta(size, in_chans=3) -> ModelMetadata:
+    return ModelMetadata(input_size=size, class_names=("a", "b"), in_chans=in_chans,
+                         mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+
+
+def reference(pil_image: Image.Image, metadata: ModelMetadata) -> np.ndarray:
+    height, width = metadata.input_size
+    resized = np.asarray(pil_image.convert("RGB").resize((width, height), Image.BILINEAR))
+    tensor = resized.astype(np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.asarray(metadata.mean, np.float32)[:, None, None]
+    std = np.asarray(metadata.std, np.float32)[:, None, None]
+    return (tensor - mean) / std
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    """Every 20th BUSI image (39, all three classes) and the RSNA chest X-ray DICOM, with PIL's decode of each."""
+    busi = sorted(require_shared("data", "busi").rglob("*.png"))[::20]
+    pairs = [(read_image(p), Image.open(p)) for p in busi]
+    pydicom = pytest.importorskip("pydicom")
+    # 8-bit MONOCHROME2 without rescale or window: its pixels are the image (sources.read_dicom agrees).
+    dicom = pydicom.dcmread(require_shared("data", "dicom", "chest_xray_rsna.dcm")).pixel_array
+    return pairs + [(dicom, Image.fromarray(dicom))]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (224, 224), (28, 28)])
+def test_bit_identical_to_train_transform_on_real_images(real_images, size):
+    m = meta(size)
+    for ours, pil in real_images:
+        assert np.array_equal(preprocess_one(ours, m), reference(pil, m))
+
+
+def test_same_logits_and_top1_through_official_medmamba_t(real_images):
+    backend = open_backend(require_shared(*OFFICIAL_T32), input_size=32)
+    ours = preprocess([im for im, _ in real_images], backend.metadata)
+    ref = np.stack([reference(pil, backend.metadata) for _, pil in real_images])
+    a, b = backend.run(ours), backend.run(ref)
+    assert np.abs(a - b).max() <= 1e-6
+    assert (a.argmax(1) == b.argmax(1)).all()
+
+
+def test_any_size_within_one_level():
+    # Pillow 13 resizes some unequal-aspect shapes vertically first; we always go horizontal first as
+    # Pillow's Resample.c does, so those differ by at most one level after rounding.
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        (h_in, w_in), (h_out, w_out) = rng.integers(1, 200, 2), rng.integers(1, 200, 2)
+        image = rng.integers(0, 256, (h_in, w_in, 3), dtype=np.uint8)
+        ref = np.asarray(Image.fromarray(image).resize((w_out, h_out), Image.BILINEAR))
+        assert np.abs(resize_like_pil(image, h_out, w_out).astype(int) - ref).max() <= 1
+
+
+def test_grayscale_rgba_and_deep_inputs_map_like_pil():
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (70, 90), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (70, 90, 4), dtype=np.uint8)
+    m = meta((32, 32))
+    assert np.array_equal(preprocess_one(gray, m), reference(Image.fromarray(gray), m))
+    assert np.array_equal(preprocess_one(gray[:, :, None], m), reference(Image.fromarray(gray), m))
+    # convert("RGB") drops alpha without compositing.
+    assert np.array_equal(preprocess_one(rgba, m), reference(Image.fromarray(rgba, "RGBA"), m))
+    # 16-bit and float keep their precision through the resize: within one 8-bit level of the 8-bit path.
+    deep = preprocess_one(gray.astype(np.uint16) * 257, m)
+    assert np.abs(deep - preprocess_one(gray, m)).max() <= 2 / 255 / 0.5 + 1e-6
+    assert np.allclose(preprocess_one(gray.astype(np.float32) / 255, m), deep, atol=1e-5)
+    assert preprocess_one(rgba, meta((32, 32), in_chans=1)).shape == (1, 32, 32)
+    with pytest.raises(ImageError, match="expected uint8, uint16 or float32"):
+        preprocess_one(gray.astype(np.int32), m)
+
+
+def test_read_image_keeps_depth_and_rejects_broken_files(tmp_path):
+    import cv2
+
+    deep = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    assert read_image(tmp_path / "deep.png").dtype == np.uint16
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="file is empty"):
+        read_image(tmp_path / "empty.png")
+    cv2.imwrite(str(tmp_path / "ok.png"), deep.astype(np.uint8))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    with pytest.raises(ImageError, match="not a decodable image"):
+        read_image(tmp_path / "cut.png")
