@@ -1,0 +1,328 @@
+"""`build-engine` and the TensorRT backend: everything that does not need TensorRT runs here (presets,
+manifests, cache keys, version dispatch, the float16 conversion on the real model in ONNX Runtime, CLI
+errors); building and running an engine needs TensorRT and a GPU and is skipped without them."""
+
+import json
+import shlex
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.exporters import tensorrt_build as tb
+from medmamba_edge.exporters.float16 import convert_float16
+from medmamba_edge.exporters.onnx_export import export_onnx
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends import open_backend
+from medmamba_edge.runtime.engine_manifest import (
+    BuildOptions,
+    EngineManifest,
+    EngineManifestError,
+    check_manifest,
+    engine_cache_key,
+    read_manifest,
+    rebuild_command,
+    write_manifest,
+)
+from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.tensorrt_compat import GpuInfo, TensorRTUnavailableError, tensorrt_generation
+from tests.shared_data import OFFICIAL_T32, require_shared
+from tests.test_model import pneumoniamnist_val
+
+runner = CliRunner()
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+ORIN = GpuInfo("Orin", "8.7")
+
+
+def tensorrt_or_skip():
+    try:
+        from medmamba_edge.runtime.tensorrt_compat import current_gpu, import_tensorrt
+
+        trt = import_tensorrt()
+        current_gpu()
+    except TensorRTUnavailableError:
+        pytest.skip("TensorRT not installed: PyPI wheels here are stubs that download from an unreachable host; "
+                    "runs on a Jetson (JetPack 6.1+) or an x86 GPU machine with TensorRT 10.3+")
+    except Exception as exc:  # CudaError: no GPU
+        pytest.skip(f"no CUDA GPU ({exc})")
+    return trt
+
+
+def tensorrt_missing() -> bool:
+    try:
+        from medmamba_edge.runtime.tensorrt_compat import import_tensorrt
+
+        import_tensorrt()
+    except TensorRTUnavailableError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The official checkpoint at 32×32, dynamic batch: plugin form as exported, portable form lowered from it."""
+    folder = tmp_path_factory.mktemp("engine")
+    plugin_path = folder / "t32_plugin.onnx"
+    # Verification against PyTorch is test_export's job; skipping it keeps this module fast.
+    export_onnx(require_shared(*OFFICIAL_T32), plugin_path, input_size=32, batch=None, scan="plugin", verify=False)
+    plugin = onnx.load(str(plugin_path))
+    portable = lower_selective_scan(plugin)
+    write_onnx_metadata(portable, read_onnx_metadata(plugin).replace(scan_form="portable"))
+    portable_path = folder / "t32_portable.onnx"
+    onnx.save(portable, str(portable_path))
+    return {"plugin": plugin, "portable": portable, "plugin_path": plugin_path, "portable_path": portable_path}
+
+
+# ---- presets and options -------------------------------------------------------------------------------
+
+def test_presets_fill_defaults_and_explicit_options_win():
+    nano = tb.resolve_options("orin-nano", fp16=True)
+    assert (nano.workspace_mib, nano.opt_level, nano.dla_core, nano.preset) == (1024, 3, None, "orin-nano")
+    assert tb.resolve_options("orin-nx", fp16=True).dla_core == 0
+    assert tb.resolve_options("agx-orin", int8=True).dla_core == 0
+    assert tb.resolve_options("thor", fp16=True).dla_core is None
+    assert tb.resolve_options("orin-nx").dla_core is None, "DLA has no FP32: an FP32 build stays on the GPU"
+    explicit = tb.resolve_options("agx-orin", fp16=True, workspace_mib=512, opt_level=1, dla_core=1)
+    assert (explicit.workspace_mib, explicit.opt_level, explicit.dla_core) == (512, 1, 1)
+    assert tb.resolve_options("orin-nx", fp16=True, dla_core=-1).dla_core is None
+    assert tb.resolve_options("dgpu").workspace_mib is None and tb.resolve_options(None) == BuildOptions()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"preset": "xavier"}, "--preset must be one of orin-nano, orin-nx, agx-orin, thor, dgpu"),
+    ({"dla_core": 0}, "DLA runs FP16 or INT8 only"),
+    ({"opt_level": 6}, "--opt-level must be 0..5"),
+    ({"workspace_mib": 0}, "--workspace must be a positive"),
+    ({"max_batch": 0}, "--max-batch must be >= 1"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(tb.EngineBuildError, match=message.replace(".", r"\.")):
+        tb.resolve_options(**kwargs)
+
+
+def test_batch_profile_for_dynamic_and_fixed_models():
+    assert tb.batch_profile(BuildOptions(), None) == (1, 1, 8)
+    assert tb.batch_profile(BuildOptions(max_batch=32, opt_batch=16), None) == (1, 16, 32)
+    assert tb.batch_profile(BuildOptions(min_batch=16), None) == (16, 16, 16)
+    assert tb.batch_profile(BuildOptions(max_batch=4), 4) == (4, 4, 4)
+    with pytest.raises(tb.EngineBuildError, match="fixed batch of 1, so --max-batch 8 cannot apply"):
+        tb.batch_profile(BuildOptions(max_batch=8), 1)
+    with pytest.raises(tb.EngineBuildError, match="min <= opt <= max"):
+        tb.batch_profile(BuildOptions(min_batch=4, opt_batch=2, max_batch=8), None)
+
+
+# ---- TensorRT generations ------------------------------------------------------------------------------
+
+def test_version_dispatch():
+    jetpack6 = tensorrt_generation("10.3.0")
+    assert not jetpack6.strongly_typed and not jetpack6.plugin_override_flag
+    assert jetpack6.builder_flags(fp16=True, int8=False) == ("FP16",)
+    assert jetpack6.builder_flags(fp16=True, int8=True) == ("FP16", "INT8")
+    assert not jetpack6.converts_graph_to_fp16(fp16=True)
+    assert tensorrt_generation("10.13.1.26").version == (10, 13, 1)
+    assert tensorrt_generation("10.15.1").plugin_override_flag
+    trt11 = tensorrt_generation("11.0.0")
+    assert trt11.strongly_typed and trt11.plugin_override_flag
+    assert trt11.builder_flags(fp16=True, int8=True) == ()
+    assert trt11.converts_graph_to_fp16(fp16=True) and not trt11.converts_graph_to_fp16(fp16=False)
+    with pytest.raises(TensorRTUnavailableError, match="TensorRT 8.6.1 is not supported.*JetPack 5"):
+        tensorrt_generation("8.6.1")
+    with pytest.raises(TensorRTUnavailableError, match="unrecognised TensorRT version"):
+        tensorrt_generation("ten")
+
+
+# ---- manifests and the engine cache --------------------------------------------------------------------
+
+def make_manifest(**changes) -> EngineManifest:
+    fields = dict(
+        tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", precision="fp16",
+        profile={"input": {"min": [1, 3, 32, 32], "opt": [1, 3, 32, 32], "max": [8, 3, 32, 32]}},
+        onnx_path="/models/t32 plugin.onnx", onnx_sha256="a" * 64, plugin_sha256="b" * 64,
+        build=BuildOptions(fp16=True, max_batch=8, workspace_mib=2048, opt_level=3, preset="orin-nx"),
+        metadata=ModelMetadata(input_size=(32, 32), class_names=("normal", "pneumonia"), batch=None, precision="fp16"),
+    )
+    return EngineManifest(**{**fields, **changes})
+
+
+def test_manifest_round_trip_is_atomic(tmp_path):
+    engine = tmp_path / "model.engine"
+    manifest = make_manifest()
+    path = write_manifest(engine, manifest)
+    assert path.name == "model.engine.json" and [p.name for p in tmp_path.iterdir()] == ["model.engine.json"]
+    assert read_manifest(engine) == manifest
+    data = json.loads(path.read_text())
+    assert data["metadata"]["class_names"] == ["normal", "pneumonia"] and data["build"]["fp16"] is True
+
+
+def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"plan")
+    with pytest.raises(EngineManifestError, match="no manifest .model.engine.json.*medmamba-edge build-engine"):
+        open_backend(engine)  # before TensorRT is even imported
+    (tmp_path / "model.engine.json").write_text("{")
+    with pytest.raises(EngineManifestError, match="not a valid engine manifest"):
+        read_manifest(engine)
+
+
+def test_mismatch_names_both_sides_and_the_rebuild_command():
+    manifest = make_manifest()
+    check_manifest(manifest, "m.engine", "10.3.0", ORIN)
+    with pytest.raises(EngineManifestError) as error:
+        check_manifest(manifest, "m.engine", "10.13.1", GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    message = str(error.value)
+    assert "built with TensorRT 10.3.0, running 10.13.1" in message
+    assert "built for Orin (compute capability 8.7), running on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in message
+    command = ("medmamba-edge build-engine '/models/t32 plugin.onnx' -o m.engine --fp16 --max-batch 8 "
+               "--workspace 2048 --opt-level 3")
+    assert message.endswith(f"rebuild it: {command}") and rebuild_command(manifest, "m.engine") == command
+
+
+def test_compatibility_flags_relax_the_checks():
+    versions = make_manifest(build=BuildOptions(fp16=True, version_compatible=True))
+    check_manifest(versions, "m.engine", "11.0.0", ORIN)
+    with pytest.raises(EngineManifestError, match="built with TensorRT 10.3.0, running 10.2.0"):
+        check_manifest(versions, "m.engine", "10.2.0", ORIN)
+    hardware = make_manifest(build=BuildOptions(hardware_compat=True))
+    check_manifest(hardware, "m.engine", "10.3.0", GpuInfo("NVIDIA RTX A6000", "8.6"))
+    with pytest.raises(EngineManifestError, match="built for an Ampere or newer GPU, running on Tesla T4"):
+        check_manifest(hardware, "m.engine", "10.3.0", GpuInfo("Tesla T4", "7.5"))
+
+
+def test_rebuild_command_is_a_valid_cli_call(tmp_path):
+    manifest = make_manifest(onnx_path=str(tmp_path / "absent.onnx"),
+                             build=BuildOptions(int8=True, fp16=True, min_batch=2, opt_batch=4, max_batch=8,
+                                                dla_core=1, version_compatible=True, hardware_compat=True,
+                                                timing_cache=str(tmp_path / "t.cache")))
+    args = shlex.split(rebuild_command(manifest, tmp_path / "m.engine"))[1:]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output  # 2 would be a usage error: an option the CLI does not know
+    assert "absent.onnx: no such ONNX file" in result.output
+
+
+def test_cache_key_is_stable_and_changes_with_every_input():
+    options = BuildOptions(fp16=True)
+    key = engine_cache_key("a" * 64, options, "10.3.0", ORIN, "b" * 64)
+    assert key == engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", GpuInfo("Orin", "8.7"), "b" * 64)
+    variants = [
+        engine_cache_key("c" * 64, options, "10.3.0", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, BuildOptions(), "10.3.0", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, BuildOptions(int8=True), "10.3.0", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.1", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin Nano", "8.7"), "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin", "8.6"), "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", ORIN, None),
+        engine_cache_key("a" * 64, BuildOptions(fp16=True, max_batch=16), "10.3.0", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, BuildOptions(fp16=True, workspace_mib=512), "10.3.0", ORIN, "b" * 64),
+        engine_cache_key("a" * 64, BuildOptions(fp16=True, dla_core=0), "10.3.0", ORIN, "b" * 64),
+    ]
+    assert len({key, *variants}) == len(variants) + 1
+    # Neither a timing cache nor a preset name changes the engine.
+    assert key == engine_cache_key("a" * 64, BuildOptions(fp16=True, timing_cache="t", preset="dgpu"),
+                                   "10.3.0", ORIN, "b" * 64)
+
+
+def test_unusable_engine_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEDMAMBA_EDGE_CACHE", str(blocker))
+    with pytest.raises(tb.EngineCacheError, match="set MEDMAMBA_EDGE_CACHE to a writable folder"):
+        tb.engine_cache_dir()
+
+
+# ---- float16 conversion --------------------------------------------------------------------------------
+
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {i.name: i.data_type for i in inferred.graph.initializer}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def test_float16_portable_graph_matches_float32_in_onnxruntime(exported):
+    fp32 = exported["portable"]
+    before = fp32.SerializeToString()
+    fp16 = convert_float16(fp32)
+    assert fp32.SerializeToString() == before, "the input model is left unchanged"
+    onnx.checker.check_model(fp16, full_check=True)
+    assert read_onnx_metadata(fp16).precision == "fp16" and read_onnx_metadata(fp32).precision == "fp32"
+    types = element_types(fp16)
+    assert types["input"] == types["logits"] == FLOAT, "graph I/O stays float32"
+    assert any(t == FLOAT16 for t in types.values())
+    images, _ = pneumoniamnist_val()
+    x = images[:32].numpy()
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    reference, converted = run(fp32), run(fp16)
+    # Logits span about ±8 here; float16 (11-bit mantissa) costs a few 1e-3. Tolerance: 0.02 absolute.
+    assert np.abs(converted - reference).max() <= 0.02
+    assert (converted.argmax(1) == reference.argmax(1)).all()
+
+
+def test_float16_plugin_graph_keeps_scan_parameters_float32(exported):
+    fp16 = convert_float16(exported["plugin"])
+    onnx.checker.check_model(fp16)
+    types = element_types(fp16)
+    scans = [n for n in fp16.graph.node if n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN]
+    assert len(scans) == 10
+    expected = {"u": FLOAT16, "delta": FLOAT16, "A": FLOAT, "B": FLOAT16, "C": FLOAT16, "D": FLOAT, "delta_bias": FLOAT}
+    producers = {o: n for n in fp16.graph.node for o in n.output}
+    for node in scans:
+        assert {name: types[tensor] for name, tensor in zip(scan_node.INPUT_NAMES, node.input)} == expected
+        # y is float16: its readers take it as it is or cast it up for a float32 op, never down.
+        readers = [n for n in fp16.graph.node if node.output[0] in n.input]
+        assert readers and not any(n.op_type == "Cast" and n.attribute[0].i == FLOAT16 for n in readers)
+    # A = -exp(A_logs) is computed from float32 initializers, not from a rounded float16 copy.
+    for node in scans:
+        a = producers.get(node.input[scan_node.INPUT_NAMES.index("A")])
+        assert a is None or all(types[i] == FLOAT for i in a.input)
+    assert types["input"] == types["logits"] == FLOAT
+
+
+# ---- CLI errors ----------------------------------------------------------------------------------------
+
+def invoke(*args):
+    result = runner.invoke(app, ["build-engine", *map(str, args)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+@pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
+def test_cli_without_tensorrt_is_one_line(exported, tmp_path):
+    output = invoke(exported["portable_path"], "-o", tmp_path / "m.engine", "--fp16")
+    assert "TensorRT is not installed" in output and "nvidia-jetpack" in output and "pip install tensorrt" in output
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_cli_input_errors(exported, tmp_path, monkeypatch):
+    assert "missing.onnx: no such ONNX file" in invoke(tmp_path / "missing.onnx", "-o", tmp_path / "m.engine")
+    output = invoke(exported["portable_path"], "-o", tmp_path / "m.engine", "--int8")
+    assert "--int8 needs an explicitly quantized model" in output and "medmamba-edge quantize" in output
+    monkeypatch.delenv("MEDMAMBA_EDGE_PLUGIN", raising=False)
+    monkeypatch.setenv("MEDMAMBA_EDGE_CACHE", str(tmp_path / "cache"))
+    from medmamba_edge.plugins import build
+
+    if (build.Path(build.__file__).parent / build.PLUGIN_LIBRARY).is_file():
+        pytest.skip("a plugin library is bundled in the package directory")
+    assert "run `medmamba-edge build-plugin`" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine")
+    assert "--preset must be one of" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine", "--preset", "tx2")
+    assert not list(tmp_path.glob("*.engine*"))
+
+
+# ---- with TensorRT and a GPU ---------------------------------------------------------------------------
+
+def test_engine_builds_runs_and_matches_onnxruntime(exported, tmp_path):
+    tensorrt_or_skip()
+    engine = tmp_path / "t32.engine"
+    result = tb.build_engine(exported["portable_path"], engine, BuildOptions(max_batch=4),
+                             progress=tb.BuildProgress())
+    assert result.manifest.metadata.class_names == read_onnx_metadata(exported["portable"]).class_names
+    backend = open_backend(engine)
+    images = pneumoniamnist_val()[0][:9].numpy()
+    reference = ort.InferenceSession(exported["portable"].SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+    assert np.abs(backend.run(images) - reference).max() <= 1e-3  # 9 images: chunks of 4, 4, 1
