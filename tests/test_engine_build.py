@@ -4,6 +4,7 @@ errors); building and running an engine needs TensorRT and a GPU and is skipped 
 
 import json
 import shlex
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -306,7 +307,7 @@ def test_cli_input_errors(exported, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDMAMBA_EDGE_CACHE", str(tmp_path / "cache"))
     from medmamba_edge.plugins import build
 
-    if (build.Path(build.__file__).parent / build.PLUGIN_LIBRARY).is_file():
+    if (Path(build.__file__).parent / build.PLUGIN_LIBRARY).is_file():
         pytest.skip("a plugin library is bundled in the package directory")
     assert "run `medmamba-edge build-plugin`" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine")
     assert "--preset must be one of" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine", "--preset", "tx2")
