@@ -1,0 +1,194 @@
+"""Sources: the URI grammar, broken inputs, DICOM mapping, video files and a network stream that drops."""
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cv2
+import numpy as np
+import pytest
+
+from medmamba_edge.runtime import sources
+from medmamba_edge.runtime.preprocess import ImageError
+from medmamba_edge.runtime.sources import SourceError, iterate, open_source, read_dicom
+from tests.shared_data import require_shared
+
+pydicom = pytest.importorskip("pydicom")
+
+
+def write_video(path, count=12, size=(64, 48), fourcc="MJPG"):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, size)
+    rng = np.random.default_rng(0)  # noise: the frames, not the container, make up the file
+    for _ in range(count):
+        writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def synthetic_dicom(path, pixels, photometric="MONOCHROME2", **tags):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_uri_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(SourceError, match=r"camera 99: cannot be opened \(no such device"):
+        open_source("99")
+    monkeypatch.setattr(sources, "has_gstreamer", lambda: False)
+    with pytest.raises(SourceError, match=r"no GStreamer support.*python3-opencv"):
+        open_source("csi://0")
+    with pytest.raises(SourceError, match="unknown scheme ftp://"):
+        open_source("ftp://host/x.mp4")
+    with pytest.raises(SourceError, match="no such file, folder, camera or stream"):
+        open_source(str(tmp_path / "missing.png"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(SourceError, match="unsupported file type .txt"):
+        open_source(str(tmp_path / "notes.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images or DICOM files found"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(SourceError, match="no files match"):
+        open_source(str(tmp_path / "*.png"))
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    with pytest.raises(SourceError, match="video file is empty"):
+        open_source(str(tmp_path / "zero.mp4"))
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(SourceError, match="cannot be opened as a video"):
+        open_source(str(tmp_path / "noise.mp4"))
+
+
+def test_folder_skips_broken_files_and_keeps_going(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a_rgb.png"), rgb)
+    cv2.imwrite(str(tmp_path / "b_gray.png"), rgb[:, :, 0])
+    cv2.imwrite(str(tmp_path / "c_rgba.png"), np.dstack([rgb, rgb[:, :, :1]]))
+    cv2.imwrite(str(tmp_path / "d_deep.png"), rgb[:, :, 0].astype(np.uint16) * 257)
+    (tmp_path / "e_zero.png").write_bytes(b"")
+    (tmp_path / "f_cut.png").write_bytes((tmp_path / "a_rgb.png").read_bytes()[:80])
+    synthetic_dicom(tmp_path / "g_nosuffix", rgb[:, :, 0].copy())
+    (tmp_path / "notes.txt").write_text("not an image: not listed")
+    frames = list(open_source(str(tmp_path)).frames())
+    assert [f.source.rsplit("/", 1)[-1] for f in frames] == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_deep.png",
+                                                            "e_zero.png", "f_cut.png", "g_nosuffix"]
+    assert [f.image.shape if f.image is not None else None for f in frames][:4] == [(40, 50, 3), (40, 50), (40, 50, 4), (40, 50)]
+    assert frames[3].image.dtype == np.uint16
+    assert "file is empty" in frames[4].error and "not a decodable image" in frames[5].error
+    assert np.array_equal(frames[6].image, rgb[:, :, 0])
+    # A glob, every 2nd file, and --loop with --max-frames.
+    picked = list(iterate(open_source(str(tmp_path / "*.png")), stride=2, max_frames=5, loop=True))
+    assert [f.source.rsplit("/", 1)[-1] for f in picked] == ["a_rgb.png", "c_rgba.png", "e_zero.png", "a_rgb.png", "c_rgba.png"]
+
+
+def test_dicom_rescale_window_and_monochrome1(tmp_path):
+    stored = np.array([[0, 1000, 2000, 3000], [4000, 4095, 2048, 100]], dtype=np.uint16)
+    # Rescale to HU-like values (−1024..3071), window centre 1000 width 2000 → output 0..1 over 0..2000 HU.
+    path = synthetic_dicom(tmp_path / "ct.dcm", stored, RescaleSlope=1, RescaleIntercept=-1024,
+                           WindowCenter=1000, WindowWidth=2000)
+    (x,) = read_dicom(path)
+    assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    hu = stored.astype(float) - 1024
+    expected = np.clip((hu - (1000 - 0.5)) / (2000 - 1) + 0.5, 0, 1)  # DICOM's LINEAR window function
+    assert np.allclose(x, expected, atol=1e-3)
+    # MONOCHROME1: high stored values are dark; inverted so that bright means dense as in MONOCHROME2.
+    (y,) = read_dicom(synthetic_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", BitsStored=12))
+    assert np.allclose(y, 1 - stored / 4095, atol=1e-6)
+    # 16-bit without any LUT keeps its precision: no two stored values collapse.
+    assert len(np.unique(read_dicom(synthetic_dicom(tmp_path / "raw.dcm", stored))[0])) == len(np.unique(stored))
+
+
+def test_broken_dicom_and_the_real_one(tmp_path):
+    good = synthetic_dicom(tmp_path / "ok.dcm", np.zeros((8, 8), np.uint16))
+    (tmp_path / "cut.dcm").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ImageError, match="cut.dcm"):
+        read_dicom(tmp_path / "cut.dcm")
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 300)
+    with pytest.raises(ImageError, match="not a readable DICOM file"):
+        read_dicom(tmp_path / "junk.dcm")
+    real = require_shared("data", "dicom", "chest_xray_rsna.dcm")
+    (image,) = read_dicom(real)
+    # 8-bit MONOCHROME2 without LUTs: exactly its stored pixels, as if saved as PNG.
+    assert image.dtype == np.uint8 and np.array_equal(image, pydicom.dcmread(real).pixel_array)
+
+
+def test_video_stride_loop_and_truncation(tmp_path):
+    video = write_video(tmp_path / "clip.avi", count=12)
+    source = open_source(str(video))
+    assert not source.live and source.fps == pytest.approx(10)
+    frames = list(iterate(source, stride=3))
+    assert [f.index for f in frames] == [0, 3, 6, 9] and frames[0].image.shape == (48, 64, 3)
+    assert [f.index for f in iterate(open_source(str(video)), stride=5, loop=True, max_frames=6)] == [0, 5, 10, 0, 5, 10]
+    data = video.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    frames = list(iterate(open_source(str(tmp_path / "cut.avi"))))
+    assert 0 < len(frames) < 12 and "truncated or corrupt" in frames[-1].error
+
+
+class FlakyMjpegServer:
+    """An MJPEG stream on 127.0.0.1 that closes each connection after a few frames and refuses (503)
+    every connection after the first two: a camera that drops and then goes away."""
+
+    def __init__(self, frames_per_connection=4, good_connections=2):
+        jpegs = [cv2.imencode(".jpg", np.full((48, 64, 3), 40 * i, np.uint8))[1].tobytes() for i in range(frames_per_connection)]
+        self.connections = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.connections += 1
+                if outer.connections > good_connections:
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for jpeg in jpegs:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg))
+                    self.wfile.flush()
+                    time.sleep(0.01)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_stream_reconnects_with_backoff_then_gives_up():
+    server = FlakyMjpegServer()
+    try:
+        source = open_source(server.url, reconnect=3)
+        source.backoff = 0.05
+        notices = []
+        source.notify = notices.append
+        assert source.live
+        received = []
+        with pytest.raises(SourceError, match="lost; no frames after 3 reconnect attempts"):
+            for frame in source.frames():
+                received.append(frame)
+        assert len(received) == 8 and received[0].image.shape == (48, 64, 3)
+        assert server.connections == 2 + 3  # two good ones, then the bounded attempts
+        assert "reconnecting in" in notices[0] and notices[-1].endswith("(attempt 3/3)")
+    finally:
+        server.close()
+    with pytest.raises(SourceError, match="cannot be opened after 1 attempts"):
+        open_source(server.url, reconnect=1)
