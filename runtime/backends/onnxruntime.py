@@ -1,8 +1,14 @@
 """ONNX Runtime backend. Plugin-form models (``SelectiveScan`` nodes) run through the fused CPU scan
-(onnxruntime-extensions); portable models need nothing but ONNX Runtime."""
+(onnxruntime-extensions); portable models need nothing but ONNX Runtime.
+
+Execution providers are chosen from what this onnxruntime build offers, fastest first (TensorRT, CUDA,
+CPU), unless ``providers`` names them (``tensorrt``, ``cuda``, ``cpu`` or ORT's full names). The CPU
+provider always comes last, so nodes a GPU provider cannot take still run.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +18,50 @@ from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata
 
 
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def provider_options(name: str, metadata: ModelMetadata) -> dict:
+    if name != "TensorrtExecutionProvider":
+        return {}
+    # The TensorRT EP builds an engine on the first run (minutes on a Jetson): cache it across runs.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmamba-edge" / "ort-tensorrt"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_fp16_enable": metadata.precision == "fp16"}
+
+
+def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata) -> list[tuple[str, dict]]:
+    """``(provider, options)`` pairs for a session: the requested ones (validated) or the best available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if isinstance(requested, str):
+        requested = [p for p in requested.split(",") if p.strip()]
+    if requested:
+        names = [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in requested]
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise BackendError(f"execution provider {', '.join(missing)} is not in this onnxruntime build "
+                               f"(it has {', '.join(available)}); GPU providers need onnxruntime-gpu "
+                               f"(on Jetson: the JetPack wheel from jetson-ai-lab / NVIDIA)")
+    else:
+        names = [p for p in PREFERRED_PROVIDERS if p in available]
+    names = list(dict.fromkeys(names + ["CPUExecutionProvider"]))
+    return [(name, provider_options(name, metadata)) for name in names]
+
+
 class OnnxRuntimeBackend:
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
         import onnx
         import onnxruntime as ort
 
         self.path = Path(path)
         self.metadata: ModelMetadata = read_onnx_metadata(self.path)
         model = onnx.load(str(self.path))
-        providers = providers or ["CPUExecutionProvider"]
+        providers = choose_providers(providers, self.metadata)
         try:
             if any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node):
                 from medmamba_edge.runtime import fused_scan
