@@ -279,6 +279,66 @@ def compare(
     out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance", markup=False)
 
 
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="Model: .onnx (ONNX Runtime), .engine (TensorRT) or .pth (PyTorch).")],
+    source: Annotated[str, typer.Argument(help="Camera index, /dev/videoN, csi://N, rtsp:// or http(s):// stream, video, "
+                                                "image, folder, glob or DICOM (docs/runtime.md).")],
+    batch: Annotated[int, typer.Option(help="Frames per inference batch.")] = 1,
+    stride: Annotated[int, typer.Option(help="Use every Nth frame (every Nth file of a folder).")] = 1,
+    max_frames: Annotated[Optional[int], typer.Option(help="Stop after this many frames.")] = None,
+    loop: Annotated[bool, typer.Option("--loop", help="Start a file source again at its end.")] = False,
+    top_k: Annotated[int, typer.Option(help="Labels per record.")] = 3,
+    threshold: Annotated[float, typer.Option(help="Abstain when the top-1 probability is below this.")] = 0.0,
+    jsonl: Annotated[Optional[Path], typer.Option(help="Write a JSON record per frame.")] = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Write a CSV row per frame.")] = None,
+    save_video: Annotated[Optional[Path], typer.Option(help="Write an annotated video (.mp4 or .avi).")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Show annotated frames in a window (needs a display).")] = False,
+    console_lines: Annotated[str, typer.Option("--console", help="auto, frame, second or none "
+                                                                  "(auto: per frame for files, per second for live sources).")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (by file type) or tensorrt (an .onnx through the engine cache).")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="Engine precision for --backend tensorrt (default: the model's).")] = None,
+    providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers in order, e.g. cuda,cpu "
+                                                          "(default: TensorRT, CUDA, CPU as available).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference.")] = None,
+    input_size: Annotated[str, typer.Option(help="Input size for a .pth checkpoint: N or HxW.")] = "224",
+    classes: Annotated[Optional[str], typer.Option(help="Class names for a .pth: comma-separated or a class_indices.json.")] = None,
+    reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
+) -> None:
+    """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""
+    size = parse_input_size(input_size)
+    warn = lambda message: console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
+    try:
+        from medmamba_edge.runtime import sinks as sink_types
+        from medmamba_edge.runtime.loop import RunOptions, open_model
+        from medmamba_edge.runtime.loop import run as run_loop
+        from medmamba_edge.runtime.sources import open_source
+
+        options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
+        frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
+        with console.status("loading the model") as spinner:
+            model_backend = open_model(model, backend, precision, status=spinner.update, threads=threads,
+                                       providers=providers, input_size=size, classes=classes)
+        every = console_lines if console_lines != "auto" else ("second" if frames.live else "frame")
+        # The outputs that can refuse (format, display) come before the files that would be left half-made.
+        outputs = [sink_types.ConsoleSink(every)]
+        outputs += [sink_types.VideoSink(save_video, (frames.fps or 5.0) / stride)] if save_video else []
+        outputs += [sink_types.WindowSink()] if show else []
+        outputs += [sink_types.JsonlSink(jsonl)] if jsonl else []
+        outputs += [sink_types.CsvSink(csv)] if csv else []
+        console.print(f"{escape(model.name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
+                      highlight=False, soft_wrap=True)
+        stats = run_loop(model_backend, frames, outputs, options, notify=warn)
+    except UserError as exc:
+        fail(str(exc))
+    out.print(stats.summary(), highlight=False, soft_wrap=True)
+    for path in (jsonl, csv, save_video):
+        if path:
+            out.print(f"wrote {path}", highlight=False)
+    if stats.error:
+        fail(stats.error)
+
+
 def main() -> None:
     app()
 

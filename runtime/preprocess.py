@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -139,6 +140,17 @@ def preprocess(images: list[np.ndarray], metadata: ModelMetadata) -> np.ndarray:
     return batch
 
 
+@contextmanager
+def quiet_opencv():
+    """Silence OpenCV's own WARN lines (a truncated PNG, a missing camera): our errors say it in one line."""
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
 def read_image(path) -> np.ndarray:
     """Decode an image file to RGB (or grayscale) uint8/uint16, keeping its bit depth."""
     try:
@@ -147,7 +159,8 @@ def read_image(path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageError(f"{path}: file is empty")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    with quiet_opencv():
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageError(f"{path}: not a decodable image (corrupt, truncated or unsupported format)")
     if image.dtype not in (np.uint8, np.uint16):  # 32-bit TIFF, float EXR: no defined mapping to the model's range

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.preprocess import ImageError, read_image
+from medmamba_edge.runtime.preprocess import ImageError, quiet_opencv, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
@@ -277,19 +277,10 @@ class VideoSource(Source):
             self.capture = None
 
 
-def _quiet_open(*args) -> cv2.VideoCapture:
-    """Open a capture without OpenCV's own WARN lines: our error message says what went wrong."""
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        return cv2.VideoCapture(*args)
-    finally:
-        cv2.utils.logging.setLogLevel(previous)
-
-
 def _opener(what: str, *args, hint: str = "") -> Callable[[], cv2.VideoCapture]:
     def open_capture() -> cv2.VideoCapture:
-        capture = _quiet_open(*args)
+        with quiet_opencv():
+            capture = cv2.VideoCapture(*args)
         if not capture.isOpened():
             raise SourceError(f"{what}: cannot be opened{hint}")
         return capture

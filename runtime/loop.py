@@ -1,0 +1,128 @@
+"""The run loop, as jetson-inference's imagenet.py: capture → infer → overlay/render → status.
+
+Capture (decode + preprocess) runs in its own thread (``sources.Capture``); this thread batches frames,
+runs the backend and hands every frame's ``Record`` to the sinks. Ctrl-C stops after the current batch;
+the sinks are always closed, so output files are complete, and the caller prints the summary.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.backends import Backend, BackendError, open_backend, softmax
+from medmamba_edge.runtime.preprocess import preprocess_one
+from medmamba_edge.runtime.sinks import Record, Sink, Stats
+from medmamba_edge.runtime.sources import Capture, Frame, Source, SourceError
+
+
+@dataclass
+class RunOptions:
+    batch: int = 1
+    stride: int = 1
+    max_frames: int | None = None
+    loop: bool = False
+    top_k: int = 3
+    threshold: float = 0.0  # abstain when the top-1 probability is below it
+
+    def __post_init__(self):
+        if self.batch < 1 or self.top_k < 1 or self.stride < 1 or (self.max_frames is not None and self.max_frames < 1):
+            raise UserError("--batch, --top-k, --stride and --max-frames must be ≥ 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
+
+
+def open_model(path, backend: str = "auto", precision: str | None = None, status=lambda message: None, **options) -> Backend:
+    """The backend for ``run``: by file type, or ``tensorrt`` on an .onnx through the engine cache (built
+    once per model, TensorRT version, GPU and precision; minutes the first time)."""
+    if backend == "auto":
+        return open_backend(path, **options)
+    if backend != "tensorrt" or not str(path).lower().endswith(".onnx"):
+        raise BackendError(f"--backend {backend} on {path}: expected auto, or tensorrt with an .onnx model")
+    from medmamba_edge.exporters.tensorrt_build import cached_engine
+    from medmamba_edge.runtime.metadata import read_onnx_metadata
+
+    status(f"looking up (or building) the TensorRT engine for {path}")
+    engine = cached_engine(path, precision or read_onnx_metadata(path).precision, plugin=options.get("plugin"))
+    return open_backend(engine, **options)
+
+
+@contextmanager
+def stop_on_sigint(notify):
+    """First Ctrl-C sets the event (finish the batch, close outputs); a second one aborts at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        notify("stopping: finishing the current batch and closing outputs (Ctrl-C again to abort)")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler) if main else None
+    try:
+        yield stop
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print) -> Stats:
+    meta, stats, recent = backend.metadata, Stats(), deque(maxlen=30)
+    top_k = min(options.top_k, meta.num_classes)
+    capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
+                      stride=options.stride, max_frames=options.max_frames, loop=options.loop)
+    source.notify = notify
+
+    def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
+        record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
+        if probs is not None:
+            best = np.argsort(probs)[::-1][:top_k]
+            record.labels, record.probabilities = [meta.class_names[i] for i in best], [float(probs[i]) for i in best]
+            record.latency_ms = (time.perf_counter() - frame.captured) * 1000
+            recent.append(time.perf_counter())
+            if record.probabilities[0] < options.threshold:
+                record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {options.threshold:.0%}"
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        for sink in sinks:
+            sink.write(record, frame.image, fps)
+        stats.add(record)
+
+    with stop_on_sigint(notify) as interrupted:
+        capture.start()
+        try:
+            while not interrupted.is_set() and not any(getattr(s, "stop_requested", False) for s in sinks):
+                frames = capture.next_batch(options.batch)
+                for frame in capture.take_dropped():
+                    emit(frame, "dropped", reason="inference slower than the source")
+                if frames is None:
+                    break
+                usable = [f for f in frames if f.error is None]
+                if usable:
+                    started = time.perf_counter()
+                    probs = iter(softmax(backend.run(np.stack([f.tensor for f in usable]))))
+                    stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
+                for frame in frames:
+                    if frame.error:
+                        emit(frame, "skipped", reason=frame.error)
+                    else:
+                        emit(frame, "ok", next(probs))
+        finally:
+            for frame in capture.stop():
+                emit(frame, "skipped", reason="run stopped before inference")
+            for frame in capture.take_dropped():
+                emit(frame, "dropped", reason="inference slower than the source")
+            stats.finished = time.perf_counter()
+            for sink in sinks:
+                sink.close()
+    if capture.failure is not None and not isinstance(capture.failure, SourceError):
+        raise capture.failure
+    stats.error = str(capture.failure) if capture.failure else None
+    return stats

@@ -1,0 +1,289 @@
+"""Where results go: console lines, JSONL/CSV records, an annotated video, a window, and the summary.
+
+Every frame the loop sees becomes one ``Record`` (classified, abstained, skipped with the reason, or
+dropped because inference fell behind a live source). Files are written under a temporary name beside
+the target and renamed by ``close()``, which the loop always calls (Ctrl-C included): a file under the
+target name is always complete and valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import cv2
+import numpy as np
+
+from medmamba_edge.errors import UserError
+
+STATUSES = ("ok", "abstain", "skipped", "dropped")
+
+
+class SinkError(UserError):
+    """An output that cannot be written (or shown)."""
+
+
+@dataclass
+class Record:
+    seq: int  # position in the run, over all sources and loops
+    source: str
+    frame: int
+    timestamp: float
+    status: str  # one of STATUSES
+    labels: list[str] = field(default_factory=list)  # top-k, best first; empty unless classified
+    probabilities: list[float] = field(default_factory=list)
+    latency_ms: float | None = None  # capture → result
+    reason: str | None = None  # why skipped/dropped/abstained
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["probabilities"] = [round(p, 6) for p in self.probabilities]
+        data["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 3)
+        return data
+
+
+class Sink(Protocol):
+    def write(self, record: Record, image: np.ndarray | None, fps: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AtomicOutput:
+    """A path written as ``.name.partial<suffix>`` beside it (the suffix kept, so OpenCV still picks the
+    container) and renamed over it on ``commit``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise SinkError(f"{self.path}: is a folder, expected a file name")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"{self.path}: cannot create its folder ({exc.strerror or exc})") from None
+        self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+
+    def open_text(self) -> IO[str]:
+        try:
+            # Line-buffered: a record is on disk as soon as it is written, even if the process is killed.
+            return open(self.partial, "w", newline="", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise SinkError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def commit(self) -> None:
+        if self.partial.exists():
+            os.replace(self.partial, self.path)
+
+
+class JsonlSink:
+    def __init__(self, path: str | Path):
+        self.output = AtomicOutput(path)
+        self.file = self.output.open_text()
+
+    def write(self, record: Record, image, fps) -> None:
+        self.file.write(json.dumps(record.as_dict(), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        self.output.commit()
+
+
+class CsvSink:
+    COLUMNS = ("seq", "source", "frame", "timestamp", "status", "label", "probability", "top_k", "latency_ms", "reason")
+
+    def __init__(self, path: str | Path):
+        self.output = AtomicOutput(path)
+        self.file = self.output.open_text()
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(self.COLUMNS)
+
+    def write(self, record: Record, image, fps) -> None:
+        d = record.as_dict()
+        top = ";".join(f"{label}:{p:.6f}" for label, p in zip(record.labels, record.probabilities))
+        self.writer.writerow([d["seq"], d["source"], d["frame"], f"{d['timestamp']:.6f}", d["status"],
+                              record.labels[0] if record.labels else "",
+                              f"{record.probabilities[0]:.6f}" if record.probabilities else "", top,
+                              "" if d["latency_ms"] is None else d["latency_ms"], d["reason"] or ""])
+
+    def close(self) -> None:
+        self.file.close()
+        self.output.commit()
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """Any frame the sources give (RGB/gray, uint8/uint16/float32 in [0, 1]) → BGR uint8 for drawing."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(image[:, :, :3], cv2.COLOR_RGB2BGR)
+
+
+def caption(record: Record) -> str:
+    if record.status == "ok":
+        return f"{record.labels[0]} {record.probabilities[0]:.1%}"
+    if record.status == "abstain":
+        return f"uncertain ({record.labels[0]}? {record.probabilities[0]:.1%})"
+    return record.status
+
+
+def overlay(image: np.ndarray, record: Record, fps: float) -> np.ndarray:
+    """The frame with the label and confidence (top left) and the FPS (below), scaled to the frame."""
+    canvas = to_display(image).copy()
+    scale = max(canvas.shape[0], canvas.shape[1]) / 640
+    colour = (80, 220, 80) if record.status == "ok" else (60, 200, 255)
+    for line, text, col in ((1, caption(record), colour), (2, f"{fps:.1f} FPS", (255, 255, 255))):
+        origin = (int(8 * scale) + 2, int(28 * scale * line) + 2)
+        # A dark outline keeps the text readable on bright ultrasound and X-ray frames.
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), max(1, int(4 * scale)), cv2.LINE_AA)
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, col, max(1, int(2 * scale)), cv2.LINE_AA)
+    return canvas
+
+
+class VideoSink:
+    """MP4 (mp4v) or AVI (MJPG) with the overlay; the first frame fixes the size, later ones are scaled to it."""
+
+    FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
+
+    def __init__(self, path: str | Path, fps: float):
+        self.output = AtomicOutput(path)
+        if self.output.path.suffix.lower() not in self.FOURCC:
+            raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
+        self.fps = fps
+        self.writer: cv2.VideoWriter | None = None
+        self.size: tuple[int, int] | None = None
+
+    def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
+        if image is None:
+            return
+        frame = overlay(image, record, fps)
+        if self.writer is None:
+            self.size = (frame.shape[1], frame.shape[0])
+            fourcc = cv2.VideoWriter_fourcc(*self.FOURCC[self.output.path.suffix.lower()])
+            self.writer = cv2.VideoWriter(str(self.output.partial), fourcc, self.fps, self.size)
+            if not self.writer.isOpened():
+                raise SinkError(f"{self.output.path}: OpenCV cannot write this video format here")
+        if (frame.shape[1], frame.shape[0]) != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        self.writer.write(frame)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+            self.output.commit()
+
+
+class WindowSink:
+    """A live window; 'q' or Esc asks the loop to stop (``stop_requested``)."""
+
+    NAME = "medmamba-edge"
+
+    def __init__(self):
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise SinkError("--show needs a display (DISPLAY/WAYLAND_DISPLAY is not set); use --save-video instead")
+        try:
+            cv2.namedWindow(self.NAME, cv2.WINDOW_NORMAL)
+        except cv2.error:
+            raise SinkError("--show needs OpenCV with GUI support: this one has none (opencv-python-headless); "
+                            "pip install opencv-python, or use --save-video") from None
+        self.stop_requested = False
+
+    def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
+        if image is not None:
+            cv2.imshow(self.NAME, overlay(image, record, fps))
+        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+            self.stop_requested = True
+
+    def close(self) -> None:
+        cv2.destroyWindow(self.NAME)
+
+
+class ConsoleSink:
+    """One line per frame, or per second (what a live source wants), on stdout."""
+
+    def __init__(self, every: str, stream: IO[str] | None = None):
+        if every not in ("frame", "second", "none"):
+            raise SinkError(f"--console must be frame, second or none, got {every!r}")
+        self.every, self.stream = every, stream or sys.stdout
+        self.window_start = time.perf_counter()
+        self.window: list[Record] = []
+
+    def write(self, record: Record, image, fps: float) -> None:
+        if self.every == "frame":
+            where = f"{record.source}" + (f" #{record.frame}" if record.frame else "")
+            detail = caption(record) if record.status in ("ok", "abstain") else f"{record.status}: {record.reason}"
+            latency = f" ({record.latency_ms:.0f} ms)" if record.latency_ms is not None else ""
+            print(f"{where}: {detail}{latency}", file=self.stream, flush=True)
+        elif self.every == "second":
+            self.window.append(record)
+            if time.perf_counter() - self.window_start >= 1.0:
+                self._flush_window(fps)
+
+    def _flush_window(self, fps: float) -> None:
+        if not self.window:
+            return
+        classified = [r for r in self.window if r.status in ("ok", "abstain")]
+        counts = {s: sum(r.status == s for r in self.window) for s in ("skipped", "dropped")}
+        last = f"last: {caption(classified[-1])}" if classified else "no classified frame"
+        extra = "".join(f", {n} {s}" for s, n in counts.items() if n)
+        print(f"{len(classified)} frames, {fps:.1f} FPS, {last}{extra}", file=self.stream, flush=True)
+        self.window_start, self.window = time.perf_counter(), []
+
+    def close(self) -> None:
+        if self.every == "second":
+            self._flush_window(0.0 if not self.window else len(self.window) / max(time.perf_counter() - self.window_start, 1e-9))
+
+
+@dataclass
+class Stats:
+    """What the summary reports. ``model_seconds`` is time inside ``backend.run``; the rest of the wall
+    time is overhead (decode, preprocess, bookkeeping, outputs) as far as the main thread waits for it."""
+
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
+    latencies_ms: list[float] = field(default_factory=list)
+    model_seconds: float = 0.0
+    batches: int = 0
+    error: str | None = None  # why the source ended early (a stream lost for good)
+
+    def add(self, record: Record) -> None:
+        self.counts[record.status] += 1
+        if record.latency_ms is not None:
+            self.latencies_ms.append(record.latency_ms)
+
+    @property
+    def classified(self) -> int:
+        return self.counts["ok"] + self.counts["abstain"]
+
+    @property
+    def wall_seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def fps(self) -> float:
+        return self.classified / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def percentiles(self) -> tuple[float, float, float] | None:
+        if not self.latencies_ms:
+            return None
+        p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99])
+        return float(p50), float(p95), float(p99)
+
+    def summary(self) -> str:
+        c = self.counts
+        text = (f"{self.classified} frames ({c['abstain']} abstained), {c['skipped']} skipped, {c['dropped']} dropped "
+                f"in {self.wall_seconds:.1f} s: {self.fps:.1f} FPS")
+        latency = self.percentiles()
+        if latency:
+            text += "; latency p50/p95/p99 {:.1f}/{:.1f}/{:.1f} ms".format(*latency)
+        if self.wall_seconds > 0 and self.batches:
+            text += f"; model {self.model_seconds / self.wall_seconds:.0%} of wall time"
+        return text

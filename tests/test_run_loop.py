@@ -1,0 +1,198 @@
+"""`medmamba-edge run` end to end on the bundled model: records for every frame, valid output files, drops
+on live sources, Ctrl-C, a stream that goes away, the PyTorch backend, and a torch-free runtime."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.runtime.backends import BackendError, open_backend
+from medmamba_edge.runtime.backends.onnxruntime import choose_providers
+from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
+from medmamba_edge.runtime.loop import RunOptions, run
+from medmamba_edge.runtime.sources import Frame, Source
+from tests.test_sources import FlakyMjpegServer, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    from medmamba_edge.exporters.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    export_onnx(bundled_checkpoint(), path, input_size=32, batch=None, scan="portable", verify=False)
+    return path
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = sample_image_paths("pneumoniamnist")
+    for path in samples:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "zz_empty.png").write_bytes(b"")
+    (images / "zz_cut.png").write_bytes(samples[0].read_bytes()[:50])
+    out = tmp_path / "out"
+    code, output = cli("run", tiny_onnx, images, "--batch", 4, "--threshold", 0.9, "--jsonl", out / "r.jsonl",
+                       "--csv", out / "r.csv", "--save-video", out / "r.mp4")
+    assert code == 0, output
+    records = read_jsonl(out / "r.jsonl")
+    assert [r["seq"] for r in records] == list(range(len(samples) + 2))
+    assert {r["status"] for r in records[:-2]} <= {"ok", "abstain"} and [r["status"] for r in records[-2:]] == ["skipped"] * 2
+    assert "not a decodable image" in records[-2]["reason"] and "file is empty" in records[-1]["reason"]
+    classified = records[:-2]
+    assert all(r["labels"][0] in ("normal", "pneumonia") and r["latency_ms"] > 0 for r in classified)
+    assert all((r["status"] == "abstain") == (r["probabilities"][0] < 0.9) for r in classified)
+    rows = list(csv.DictReader(open(out / "r.csv")))
+    assert [row["status"] for row in rows] == [r["status"] for r in records]
+    video = cv2.VideoCapture(str(out / "r.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(classified)
+    assert sorted(p.name for p in out.iterdir()) == ["r.csv", "r.jsonl", "r.mp4"]  # no partial files left
+    assert f"{len(classified)} frames" in output and "2 skipped" in output and "p50/p95/p99" in output
+
+
+class FastLiveSource(Source):
+    """A live source that delivers frames faster than the (slowed) model can take them."""
+
+    live = True
+    description = "fake camera"
+
+    def __init__(self, count):
+        self.count = count
+
+    def frames(self, stride=1):
+        for i in range(self.count):
+            time.sleep(0.002)
+            yield Frame("fake", i, time.time(), np.full((40, 40, 3), i % 256, np.uint8))
+
+
+class SlowBackend:
+    def __init__(self, inner, delay):
+        self.inner, self.delay, self.metadata = inner, delay, inner.metadata
+
+    def run(self, batch):
+        time.sleep(self.delay)
+        return self.inner.run(batch)
+
+
+class Collect:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record, image, fps):
+        self.records.append(record)
+
+    def close(self):
+        pass
+
+
+def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
+    backend = SlowBackend(open_backend(tiny_onnx), delay=0.02)
+    sink = Collect()
+    stats = run(backend, FastLiveSource(120), [sink], RunOptions(batch=2))
+    statuses = [r.status for r in sink.records]
+    assert len(sink.records) == 120 and sorted(r.frame for r in sink.records) == list(range(120))
+    assert stats.counts["dropped"] > 0 and statuses.count("dropped") == stats.counts["dropped"]
+    assert stats.counts["ok"] + stats.counts["dropped"] == 120
+    # A file source is lossless however slow the model is.
+    sink = Collect()
+    FastLiveSource.live = False
+    try:
+        stats = run(backend, FastLiveSource(30), [sink], RunOptions(batch=4))
+    finally:
+        FastLiveSource.live = True
+    assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
+
+
+def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
+    video = write_video(tmp_path / "loop.avi", count=10)
+    jsonl = tmp_path / "records.jsonl"
+    partial = tmp_path / ".records.partial.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "run", str(tiny_onnx), str(video), "--loop",
+                                "--console", "none", "--jsonl", str(jsonl)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 30):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    records = read_jsonl(jsonl)  # every line parses: nothing half-written
+    assert len(records) >= 30 and [r["seq"] for r in records] == list(range(len(records)))
+    assert not partial.exists()
+    assert "stopping" in stderr and f"{sum(r['status'] == 'ok' for r in records)} frames" in stdout
+    assert "FPS" in stdout and "p50/p95/p99" in stdout
+
+
+def test_lost_stream_keeps_records_and_exits_nonzero(tiny_onnx, tmp_path):
+    server = FlakyMjpegServer()
+    try:
+        code, output = cli("run", tiny_onnx, server.url, "--reconnect", 1, "--jsonl", tmp_path / "s.jsonl")
+    finally:
+        server.close()
+    assert code == 1 and "lost; no frames after 1 reconnect attempts" in output
+    records = read_jsonl(tmp_path / "s.jsonl")
+    assert len(records) == 8 and all(r["status"] in ("ok", "dropped") for r in records)
+    assert "reconnecting in" in output and "frames" in output
+
+
+def test_checkpoint_backend_agrees_with_onnx(tiny_onnx, tmp_path):
+    folder = sample_image_paths("pneumoniamnist")[0].parent
+    assert cli("run", tiny_onnx, folder, "--jsonl", tmp_path / "onnx.jsonl")[0] == 0
+    code, output = cli("run", bundled_checkpoint(), folder, "--input-size", 32, "--jsonl", tmp_path / "pth.jsonl")
+    assert code == 0, output and "PyTorch" in output
+    a, b = read_jsonl(tmp_path / "onnx.jsonl"), read_jsonl(tmp_path / "pth.jsonl")
+    assert [r["labels"][0] for r in a] == [r["labels"][0] for r in b]
+    assert np.allclose([r["probabilities"] for r in a], [r["probabilities"] for r in b], atol=1e-4)
+
+
+def test_option_and_backend_errors_are_one_line(tiny_onnx, tmp_path):
+    assert choose_providers(None, open_backend(tiny_onnx).metadata)[-1][0] == "CPUExecutionProvider"
+    with pytest.raises(BackendError, match="CUDAExecutionProvider is not in this onnxruntime build"):
+        open_backend(tiny_onnx, providers="cuda")
+    image = sample_image_paths("busi")[0]
+    for args, message in [(("--threshold", 2), "--threshold must be between 0 and 1"),
+                          (("--save-video", tmp_path / "x.gif"), "--save-video needs one of"),
+                          (("--show",), "--show needs"),
+                          (("--backend", "pytorch"), "expected auto, or tensorrt with an .onnx model")]:
+        code, output = cli("run", tiny_onnx, image, *args)
+        assert code == 1 and message in output and "Traceback" not in output
+
+
+def test_runtime_never_imports_torch(tiny_onnx, tmp_path):
+    """The whole run path (CLI included) on an ONNX model, in a fresh interpreter: torch stays out."""
+    script = f"""
+import sys
+from medmamba_edge.cli import app
+try:
+    app(["run", {str(tiny_onnx)!r}, {str(sample_image_paths()[0].parents[1])!r}, "--jsonl", {str(tmp_path / 'r.jsonl')!r}])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+import medmamba_edge.runtime.datasets, medmamba_edge.runtime.bundled, medmamba_edge.runtime.backends.onnxruntime
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "PIL")))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == len(sample_image_paths())
