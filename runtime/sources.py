@@ -234,10 +234,9 @@ class VideoSource(Source):
                 if not self.live:
                     break
                 failures += 1
-                if failures > self.reconnect:
-                    self.close()
-                    raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
                 self.close()
+                if failures > self.reconnect:
+                    raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
                 self._wait(failures)
                 self.capture = self._try_open()
                 continue
@@ -247,7 +246,8 @@ class VideoSource(Source):
                 yield Frame(self.uri, index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
             index += 1
         self.close()
-        if 0 < index < total - 1:  # the container promised more: the file ends early or stops decoding
+        # The container promised more frames: the file ends early or stops decoding (not a Ctrl-C stop).
+        if 0 < index < total - 1 and not self.stopping.is_set():
             yield Frame(self.uri, index, 0.0, error=f"{self.uri}: video stopped decoding at frame {index} of "
                                                   f"{total} (truncated or corrupt)")
 
