@@ -6,6 +6,9 @@ ops only), ONNX Runtime on the plugin-form ONNX with our fused scan op, and the 
 replaced by ``u·D`` (dense layers only) to show where the time goes.
 
     python benchmarks/bench_cpu_latency.py [--checkpoint PTH] [--batches 1,8] [--iterations 10]
+
+It keeps the rows that need the model's internals (reference scan, dense-only graph); to time exported
+models (any backend, precision, batch) with percentiles and peak memory, use `medmamba-edge benchmark`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +24,13 @@ import onnxruntime as ort
 import torch
 
 from medmamba_edge import scan
+from medmamba_edge.benchmarking import timed
 from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import fused_scan, scan_cpu
 
 SIZE = 224
-
-
-def timed(fn, warmup: int, iterations: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:

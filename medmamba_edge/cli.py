@@ -248,6 +248,51 @@ def evaluate(
 
 
 @app.command()
+def benchmark(
+    models: ModelsArgument,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    input_size: CheckpointSizeOption = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model and batch before timing.")] = 3,
+    iterations: Annotated[int, typer.Option(help="Timed runs per model and batch.")] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per model (default: each backend's).")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every latency to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a latency bar chart (PNG) here.")] = None,
+) -> None:
+    """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    from medmamba_edge import benchmarking
+
+    try:
+        batches = [int(b) for b in batch.split(",")]
+    except ValueError:
+        fail(f"--batch must be comma-separated integers, got {batch!r}")
+    size = parse_input_size(input_size) if input_size else None
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("loading and warming up", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, description="timing", completed=done, total=total)
+
+            report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
+                                            iterations=iterations, threads=threads, progress=advance)
+        written = [report.plot(plot)] if plot else []
+    except UserError as exc:
+        fail(str(exc))
+    out.print(report.markdown(), markup=False, highlight=False, soft_wrap=True)
+    if json_file:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report.to_dict(), indent=2))
+        written.append(json_file)
+    for path in written:
+        out.print(f"wrote {path}")
+
+
+@app.command()
 def compare(
     model_a: Annotated[Path, typer.Argument(help="Reference model (.pth, .onnx, .engine).")],
     model_b: Annotated[Path, typer.Argument(help="Model to check against it.")],

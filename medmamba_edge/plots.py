@@ -59,5 +59,5 @@ def latency_bars_png(labels: Sequence[str], p50: Sequence[float], p90: Sequence[
     axes.set_yticks(rows, labels, fontsize=8)
     axes.set_xlabel("latency per batch (ms)")
     axes.set_title(title, fontsize=10)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never over a bar
     return _save(figure, path)

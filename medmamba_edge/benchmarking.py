@@ -1,0 +1,260 @@
+"""``medmamba-edge benchmark``: latency, throughput and peak memory of models side by side.
+
+Each model runs in its own worker process (``python -m medmamba_edge.benchmarking``), for two reasons:
+its peak resident memory is its own (``ru_maxrss`` of that process), and ONNX Runtime sessions of
+different models cannot slow each other by spinning their worker threads in one process (see
+../shared/docs/BASELINES.md). The workers are started together and driven in turns: every round, each
+model in turn runs a share of its timed iterations while the others wait, so all models sample the same
+stretches of a noisy machine and their ratios hold. Each turn starts with one untimed run, so a model
+is not charged for waking its threads or refilling caches the previous model evicted.
+
+Inputs are the bundled sample images, preprocessed per model and repeated to fill the batch. Torch-free
+here; a ``.pth`` worker imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata as package_metadata
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.errors import UserError
+from medmamba_edge.evaluation import checkpoint_input_size
+
+DEFAULT_BATCHES = (1, 8)
+ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
+Progress = Callable[[int, int], None]
+
+
+class BenchmarkError(UserError):
+    """A model that could not be benchmarked, or bad settings."""
+
+
+def timed(fn: Callable[[], object], warmup: int, iterations: int) -> list[float]:
+    """Milliseconds of each of ``iterations`` calls of ``fn``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return package_metadata.version(package)
+    except package_metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int | None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):  # x86; Arm boards name it differently
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "onnxruntime-extensions",
+                                                   "torch", "tensorrt")}
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "threads": threads if threads else f"backend default ({usable})",
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "versions": {k: v for k, v in versions.items() if v}}
+
+
+@dataclass
+class Measurement:
+    model: str
+    backend: str
+    precision: str
+    input_size: tuple[int, int]
+    batch: int
+    fixed_batch: int | None  # the model's own batch size; a larger batch runs as several of them
+    latencies_ms: list[float]
+    peak_rss_mb: float = 0.0  # of the model's worker process, over all its batches
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+    @property
+    def throughput(self) -> float:
+        """Images per second over the timed runs."""
+        return self.batch * 1000 * len(self.latencies_ms) / sum(self.latencies_ms)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "p50_ms": self.percentile(50), "p90_ms": self.percentile(90),
+                "p99_ms": self.percentile(99), "images_per_s": self.throughput}
+
+
+@dataclass
+class BenchmarkReport:
+    machine: dict
+    warmup: int
+    iterations: int
+    measurements: list[Measurement]
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "warmup": self.warmup, "iterations": self.iterations,
+                "measurements": [m.to_dict() for m in self.measurements]}
+
+    def markdown(self) -> str:
+        m = self.machine
+        versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+        lines = [f"{m['cpu']}, {m['usable_cpus']} of {m['logical_cpus']} CPUs usable, threads: {m['threads']}; "
+                 f"{m['os']}, Python {m['python']}, {versions}",
+                 f"{self.iterations} timed runs per row after {self.warmup} warm-up runs, interleaved in {ROUNDS} rounds",
+                 "",
+                 "| model | backend | precision | input | batch | p50 ms | p90 ms | p99 ms | images/s | × first | peak RSS MB |",
+                 "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        first = {}
+        for r in self.measurements:
+            first.setdefault(r.batch, r.throughput)
+            batch = f"{r.batch} ({r.batch // r.fixed_batch}×{r.fixed_batch})" if r.fixed_batch and r.batch > r.fixed_batch else str(r.batch)
+            lines.append(f"| {Path(r.model).name} | {r.backend} | {r.precision} | {r.input_size[0]}×{r.input_size[1]} | "
+                         f"{batch} | {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} | "
+                         f"{r.throughput:.1f} | {r.throughput / first[r.batch]:.2f} | {r.peak_rss_mb:.0f} |")
+        lines += ["", "× first: throughput relative to the first model at the same batch; "
+                      "peak RSS: the model's own process, whole run."]
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        from medmamba_edge.plots import latency_bars_png
+
+        rows = self.measurements
+        return latency_bars_png([f"{Path(r.model).name} ({r.precision}), batch {r.batch}" for r in rows],
+                                [r.percentile(50) for r in rows], [r.percentile(90) for r in rows],
+                                [r.percentile(99) for r in rows],
+                                f"{self.machine['cpu']}, threads: {self.machine['threads']}", path)
+
+
+class _Worker:
+    """One model in its own process, answering JSON-line requests on its stdin."""
+
+    def __init__(self, spec: dict):
+        self.model = spec["path"]
+        self.log = tempfile.TemporaryFile(mode="w+")  # its stderr: read back only if it fails
+        self.process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.benchmarking"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.ready = self.request(spec)  # answered once the model is loaded and warm
+
+    def request(self, message: dict) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            tail = [t for t in self.log.read().strip().splitlines() if t.strip()][-1:] or ["no output"]
+            raise BenchmarkError(f"{self.model}: the benchmark worker exited ({tail[0]})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BenchmarkError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_BATCHES, input_size: int | None = None,
+              warmup: int = 3, iterations: int = 20, threads: int | None = None,
+              progress: Progress | None = None) -> BenchmarkReport:
+    paths = [Path(p) for p in models]
+    if not paths:
+        raise BenchmarkError("no models given")
+    if not batches or min(batches) < 1 or warmup < 0 or iterations < 1 or (threads is not None and threads < 1):
+        raise BenchmarkError("batch sizes, iterations and threads must be ≥ 1, warm-up ≥ 0")
+    for path in paths:
+        if not path.exists():
+            raise BenchmarkError(f"{path}: no such model file")
+    size = checkpoint_input_size(paths, input_size)
+    workers: list[_Worker] = []
+    try:
+        # One at a time, so that no model loads or warms up while another does.
+        for path in paths:
+            workers.append(_Worker({"path": str(path), "input_size": size, "threads": threads,
+                                    "batches": list(batches), "warmup": warmup}))
+        latencies = {(w, b): [] for w in range(len(workers)) for b in batches}
+        shares = [len(part) for part in np.array_split(np.arange(iterations), min(ROUNDS, iterations))]
+        done, total = 0, len(shares) * len(latencies)
+        for share in shares:
+            for batch in batches:
+                for w, worker in enumerate(workers):
+                    latencies[w, batch] += worker.request({"batch": batch, "iterations": share})["ms"]
+                    done += 1
+                    if progress:
+                        progress(done, total)
+        peaks = [worker.request({"quit": True})["peak_rss_mb"] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.close()
+    measurements = [
+        Measurement(str(paths[w]), worker.ready["backend"], worker.ready["precision"], tuple(worker.ready["input_size"]),
+                    batch, worker.ready["fixed_batch"], latencies[w, batch], peaks[w])
+        for batch in batches for w, worker in enumerate(workers)
+    ]
+    return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
+
+
+def _serve() -> None:
+    """The worker: load one model, warm it up, then time runs on request until told to quit."""
+    # Replies go through a private copy of stdout; anything else printed (by a backend, even from C)
+    # lands on stderr and cannot corrupt the protocol.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.runtime.bundled import sample_image_paths
+    from medmamba_edge.runtime.preprocess import preprocess, read_image
+
+    try:
+        spec = json.loads(sys.stdin.readline())
+        size = spec["input_size"]
+        backend = open_backend(spec["path"], input_size=size if isinstance(size, int) else tuple(size),
+                               threads=spec["threads"])
+        images = preprocess([read_image(p) for p in sample_image_paths()], backend.metadata)
+        inputs = {b: np.ascontiguousarray(images[np.arange(b) % len(images)]) for b in spec["batches"]}
+        for batch in inputs.values():
+            timed(lambda: backend.run(batch), spec["warmup"], 0)
+    except UserError as exc:
+        reply({"error": str(exc)})
+        return
+    meta = backend.metadata
+    reply({"backend": backend.describe(), "precision": meta.precision, "input_size": list(meta.input_size),
+           "fixed_batch": meta.batch})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "quit" in request:
+            reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
+            return
+        batch = inputs[request["batch"]]
+        reply({"ms": timed(lambda: backend.run(batch), 1, request["iterations"])})
+
+
+if __name__ == "__main__":
+    _serve()
