@@ -123,6 +123,7 @@ class ModelEvaluation:
     input_size: tuple[int, int]
     metrics: Metrics
     seconds: float
+    probabilities: np.ndarray  # (images evaluated, classes), for checks and further analysis; not in the JSON
     drop: float | None = None  # top-1 accuracy points below the first model (negative: better)
 
     def to_dict(self) -> dict:
@@ -136,6 +137,7 @@ class EvaluationReport:
     data: str
     class_names: tuple[str, ...]
     models: list[ModelEvaluation]
+    labels: np.ndarray  # of the images evaluated, in order
     failures: list[Failure] = field(default_factory=list)
     max_drop: float | None = None
 
@@ -165,13 +167,14 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
     labels = dataset.labels()[outputs.indices]
     results = []
     for backend, logits, seconds in zip(backends, outputs.logits, outputs.seconds):
-        metrics = classification_metrics(labels, softmax(logits), class_names)
+        probabilities = softmax(logits)
         results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,
-                                       backend.metadata.input_size, metrics, seconds))
+                                       backend.metadata.input_size, classification_metrics(labels, probabilities, class_names),
+                                       seconds, probabilities))
     for result in results[1:]:
         # Rounded so that equal accuracies reached by different float sums give exactly 0.
         result.drop = round(100 * (results[0].metrics.accuracy - result.metrics.accuracy), 9)
-    return EvaluationReport(dataset.description, class_names, results, outputs.failures, max_drop)
+    return EvaluationReport(dataset.description, class_names, results, labels, outputs.failures, max_drop)
 
 
 def plot_file_names(paths: Sequence[str]) -> list[str]:

@@ -1,0 +1,66 @@
+"""`medmamba-edge compare`: a checkpoint and its export agree; two different models do not."""
+
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.comparison import TIERS, compare, tolerance_for
+from tests.exported_models import bundled_onnx, official_onnx
+from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def onnx32(tmp_path_factory):
+    return official_onnx(tmp_path_factory)
+
+
+def test_checkpoint_and_its_onnx_export_agree_on_the_bundled_samples(onnx32):
+    report = compare(require_shared(*OFFICIAL_T32), onnx32)
+    assert report.passed, report.problems
+    assert report.images == 9 and report.tolerance == TIERS["fp32"] and "bundled sample images" in report.data
+    assert report.logits.max_abs < 1e-4 and report.top1_agreement == 1.0 and not report.disagreeing
+    assert "PyTorch" in report.backends[0] and "plugin scan" in report.backends[1]  # fused scan in ORT
+
+
+def test_cli_passes_on_real_data(onnx32):
+    result = runner.invoke(app, ["compare", str(require_shared(*OFFICIAL_T32)), str(onnx32),
+                                 "--data", str(require_shared(*PNEUMONIAMNIST)), "--num-samples", "16"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output and "16 images of" in result.output
+
+
+def test_cli_fails_for_two_different_models(onnx32, tmp_path_factory):
+    tiny = bundled_onnx(tmp_path_factory)
+    result = runner.invoke(app, ["compare", str(onnx32), str(tiny), "--data", str(require_shared(*PNEUMONIAMNIST)),
+                                 "--num-samples", "24"])
+    assert result.exit_code == 1
+    assert "differs from" in result.output and "logits:" in result.output and "outside" in result.output
+    # A wide enough logit tolerance lets the same pair pass: the tolerance is what decides.
+    wide = runner.invoke(app, ["compare", str(onnx32), str(tiny), "--num-samples", "4", "--atol", "100"])
+    assert wide.exit_code == 0, wide.output
+
+
+def test_tolerance_tiers_follow_the_less_precise_model():
+    assert tolerance_for("fp32", "fp32") == TIERS["fp32"]
+    assert tolerance_for("fp32", "fp16") == TIERS["fp16"] and tolerance_for("int8", "fp16") == TIERS["int8"]
+    int8 = TIERS["int8"]
+    assert int8.logits_atol is None and int8.min_top1_agreement and int8.max_mean_probability_error
+    overridden = tolerance_for("fp32", "int8", atol=0.5)
+    assert overridden.logits_atol == 0.5 and overridden.min_top1_agreement == int8.min_top1_agreement
+    assert tolerance_for("fp32", "fp32", rtol=1e-2).logits_atol == TIERS["fp32"].logits_atol
+
+
+def test_models_with_different_classes_cannot_be_compared(onnx32, tmp_path):
+    checkpoint = require_shared(*OFFICIAL_T32)
+    result = runner.invoke(app, ["compare", str(onnx32), str(tmp_path / "missing.onnx")])
+    assert result.exit_code == 1 and "no such model file" in result.output
+    import shutil
+
+    renamed = tmp_path / "m.pth"
+    shutil.copy(checkpoint, renamed)
+    (tmp_path / "class_indices.json").write_text('{"0": "healthy", "1": "sick"}')
+    result = runner.invoke(app, ["compare", str(onnx32), str(renamed)])
+    assert result.exit_code == 1 and "classes ['healthy', 'sick'] differ" in result.output
+    assert len(result.output.strip().splitlines()) == 1

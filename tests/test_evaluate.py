@@ -1,0 +1,131 @@
+"""`medmamba-edge evaluate` on real data: the official checkpoint, its ONNX export and its INT8 export
+side by side on PneumoniaMNIST val; metrics against scikit-learn; bad data → one-line errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.evaluation import evaluate
+from medmamba_edge.runtime.bundled import sample_image_paths
+from tests.exported_models import bundled_onnx, official_int8_onnx, official_onnx
+from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
+from tests.test_metrics import assert_matches_sklearn, sklearn_auc
+from tests.test_model import official_val_accuracy
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def onnx32(tmp_path_factory):
+    return official_onnx(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    """The INT8 export, or the reason it is missing (`quantize` is another module; skip only its case)."""
+    try:
+        return official_int8_onnx(tmp_path_factory)
+    except pytest.skip.Exception as skipped:
+        return str(skipped)
+
+
+@pytest.fixture(scope="module")
+def side_by_side(onnx32, int8):
+    """The checkpoint (PyTorch), its export (ONNX Runtime, fused scan) and its INT8 export on the whole
+    val split, in one run."""
+    models = [require_shared(*OFFICIAL_T32), onnx32] + ([int8] if not isinstance(int8, str) else [])
+    return evaluate(models, require_shared(*PNEUMONIAMNIST), split="val", max_drop=3)
+
+
+def test_checkpoint_reproduces_the_recorded_val_accuracy(side_by_side):
+    pth = side_by_side.models[0]
+    assert pth.metrics.count == 524 and not side_by_side.failures
+    assert pth.input_size == (32, 32)  # taken from the ONNX model beside it
+    assert 100 * pth.metrics.accuracy == pytest.approx(official_val_accuracy(), abs=0.01)
+
+
+def test_every_metric_matches_sklearn(side_by_side):
+    labels = side_by_side.labels
+    assert labels.tolist() == np.load(require_shared(*PNEUMONIAMNIST))["val_labels"][:, 0].tolist()
+    for model in side_by_side.models:
+        assert_matches_sklearn(model.metrics, labels, model.probabilities)
+        assert model.metrics.auc == pytest.approx(sklearn_auc(labels, model.probabilities), abs=1e-12)
+
+
+def test_onnx_export_scores_as_the_checkpoint(side_by_side):
+    pth, onnx = side_by_side.models[:2]
+    assert np.abs(pth.probabilities - onnx.probabilities).max() < 1e-5
+    assert onnx.drop == 0 and onnx.metrics.accuracy == pth.metrics.accuracy
+    assert "ONNX Runtime" in onnx.backend and "PyTorch" in pth.backend
+
+
+def test_int8_export_stays_within_3_points(side_by_side, int8):
+    if isinstance(int8, str):
+        pytest.skip(int8)
+    quantized = side_by_side.models[2]
+    assert quantized.precision == "int8" and quantized.drop <= 3 and not side_by_side.gate_failures
+
+
+def test_cli_writes_plots_and_json_and_fails_the_max_drop_gate(onnx32, tmp_path_factory, tmp_path):
+    # The first 100 val images: the official model gets 97 right, the bundled tiny one 95 (2 points lower).
+    val = np.load(require_shared(*PNEUMONIAMNIST))
+    np.savez(tmp_path / "val100.npz", val_images=val["val_images"][:100], val_labels=val["val_labels"][:100])
+    tiny = bundled_onnx(tmp_path_factory)
+    result = runner.invoke(app, ["evaluate", str(onnx32), str(tiny), "--data", str(tmp_path / "val100.npz"),
+                                 "--plots", str(tmp_path / "plots"), "--json", str(tmp_path / "eval.json"),
+                                 "--max-drop", "1"])
+    assert result.exit_code == 1, result.output
+    assert "bundled32.onnx: top-1 accuracy 95.00% is 2.00 points below" in result.output
+    assert "(--max-drop 1)" in result.output and "AUC" in result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    official, other = report["models"]
+    assert report["evaluated"] == 100 and not report["gate_passed"] and report["failed_to_decode"] == []
+    assert official["metrics"]["accuracy"] == 0.97 and other["top1_drop_points"] == pytest.approx(2)
+    assert set(official["metrics"]) >= {"accuracy", "precision", "sensitivity", "specificity", "f1", "auc",
+                                        "per_class", "confusion"}
+    for name in ("official32.onnx.confusion.png", "bundled32.onnx.confusion.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
+    folder = tmp_path / "xrays"
+    for path in sample_image_paths("pneumoniamnist"):
+        label = path.stem.rsplit("_", 1)[-1]  # val_0003_normal.png
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / label / path.name)
+    (folder / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    total = len(sample_image_paths("pneumoniamnist")) + 1
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["evaluated"] == total - 1 and len(report["failed_to_decode"]) == 1
+    assert report["failed_to_decode"][0]["source"].endswith("broken.png")
+    assert "1 images could not be decoded" in result.output and "broken.png" in result.output
+
+
+def one_line_error(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_bad_data_is_a_one_line_error(onnx32, tmp_path):
+    model = str(onnx32)
+    one_line_error(["evaluate", model, "--data", str(tmp_path / "missing")], "no such file or folder")
+    (tmp_path / "empty").mkdir()
+    one_line_error(["evaluate", model, "--data", str(tmp_path / "empty")], "no images found")
+    # BUSI's classes are not the PneumoniaMNIST model's.
+    one_line_error(["evaluate", model, "--data", str(require_shared("data", "busi"))],
+                   "label 'benign' is not one of the model's classes ['normal', 'pneumonia']")
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    shutil.copy(sample_image_paths("pneumoniamnist")[0], unlabelled)
+    one_line_error(["evaluate", model, "--data", str(unlabelled)], "evaluation needs labels")
+    one_line_error(["evaluate", model, "--data", str(require_shared(*PNEUMONIAMNIST)), "--split", "test"],
+                   "no split 'test'")
+    one_line_error(["evaluate", str(tmp_path / "nope.onnx"), "--data", str(unlabelled)], "no such model file")
