@@ -209,7 +209,8 @@ def render_tables(report: EvaluationReport) -> list:
                     caption="macro averages over classes, %; Δ top-1: accuracy points vs the first model\n"
                             + "\n".join(f"{name}: {m.backend}" for name, m in zip(names, report.models)))
     for column in ("model", "dtype", "accuracy", "precision", "sensitivity", "specificity", "F1", "AUC", "Δ top-1"):
-        summary.add_column(column, justify="left" if column in ("model", "dtype") else "right")
+        summary.add_column(column, justify="left" if column in ("model", "dtype") else "right",
+                           overflow="fold")  # fold, not truncate: file names tell the models apart
     for name, m in zip(names, report.models):
         metrics = m.metrics
         drop = "" if m.drop is None else f"{0.0 - m.drop:+.2f}"  # 0.0 - 0.0 prints +0.00, not -0.00
@@ -220,7 +221,7 @@ def render_tables(report: EvaluationReport) -> list:
                         _percent(metrics.auc), drop)
     per_class = Table(title="per class (one-vs-rest, %)")
     for column in ("model", "class", "support", "precision", "sensitivity", "specificity", "F1", "AUC"):
-        per_class.add_column(column, justify="left" if column in ("model", "class") else "right")
+        per_class.add_column(column, justify="left" if column in ("model", "class") else "right", overflow="fold")
     for name, m in zip(names, report.models):
         for c in m.metrics.per_class:
             per_class.add_row(name, c.name, str(c.support), _percent(c.precision), _percent(c.sensitivity),
