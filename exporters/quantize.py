@@ -1,0 +1,355 @@
+"""Post-training INT8 quantization of an exported MedMamba ONNX model, with an accuracy gate.
+
+The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
+kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
+activations, on the inputs of Conv, MatMul and Gemm only. Everything else stays float: the selective
+scan and the tensors it reads (u, delta, B, C come from Einsum/Slice/SiLU, which are not quantized), the
+LayerNorms, the softplus, the small x_proj/dt_proj Einsums. Biases stay float too: TensorRT's parser
+rejects the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
+
+Calibration runs in ONNX Runtime on the CPU. onnxruntime.quantization's calibrators open their own
+InferenceSession, which cannot load our fused SelectiveScan op, so a plugin-form model is calibrated on
+its portable lowering: the lowering keeps every tensor name outside the scans, so the ranges it yields
+apply to the plugin form unchanged, and ``quantize_static`` reads them from a calibration cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from medmamba_edge import __version__
+from medmamba_edge.errors import UserError
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.datasets import Dataset, open_dataset
+from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.preprocess import preprocess
+
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("qdq", "qoperator")
+# metadata_props key beside the ModelMetadata one: how the model was quantized (JSON).
+QUANTIZATION_KEY = "medmamba_edge.quantization"
+# Images per calibration run: the histogram calibrators hold every calibrated tensor of a run in memory.
+CALIBRATION_BATCH = 8
+# Images the sensitivity ranking compares float and INT8 activations on.
+SENSITIVITY_IMAGES = 32
+EVAL_BATCH = 64
+
+Progress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+class QuantizeError(UserError):
+    """Quantization could not produce a model within the accuracy budget; nothing was written."""
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    metadata: ModelMetadata
+    quantized_nodes: list[str]
+    kept_float: list[str] = field(default_factory=list)  # by --exclude or --auto-fallback
+    fallback_nodes: list[str] = field(default_factory=list)  # kept float by --auto-fallback alone
+    calibration_images: int = 0
+    float_top1: float | None = None  # percent; None without --eval
+    int8_top1: float | None = None
+    seconds: float = 0.0
+
+
+def is_plugin_form(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node)
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Top-level Conv/MatMul/Gemm nodes with a constant weight: the ones with an INT8 kernel to gain."""
+    constants = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and n.input[1] in constants]
+
+
+def matches(node: onnx.NodeProto, pattern: str) -> bool:
+    """``re:REGEX`` matches the whole node name or op type as a regular expression; anything else is a glob."""
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return any(regex.fullmatch(text) for text in (node.name, node.op_type))
+    return any(fnmatch.fnmatchcase(text, pattern) for text in (node.name, node.op_type))
+
+
+def excluded_nodes(candidates: Sequence[onnx.NodeProto], patterns: Sequence[str]) -> list[str]:
+    excluded = []
+    for pattern in patterns:
+        try:
+            hits = [n.name for n in candidates if matches(n, pattern)]
+        except re.error as exc:
+            raise QuantizeError(f"--exclude {pattern!r}: not a valid regular expression ({exc})") from None
+        if not hits:
+            raise QuantizeError(f"--exclude {pattern!r} matches none of the {len(candidates)} quantizable "
+                                f"nodes ({'/'.join(QUANTIZED_OP_TYPES)}, by node name or op type)")
+        excluded += [name for name in hits if name not in excluded]
+    return excluded
+
+
+def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, fill: bool, task: str,
+                 progress: Progress) -> list[np.ndarray]:
+    """The data set as model inputs of ``batch`` images each; ``fill``: complete the last one by cycling
+    its images (a fixed-batch model run directly takes whole batches only)."""
+    chunks = []
+    for indices, images in dataset.batches(batch):
+        chunks.append(preprocess(images, metadata))
+        progress(task, indices[-1] + 1, len(dataset))
+    if fill and len(chunks[-1]) < batch:
+        chunks[-1] = chunks[-1][np.arange(batch) % len(chunks[-1])]
+    return chunks
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization prints per-call chatter (pre-processing hints, histogram progress) to the
+    root logger and stdout; our progress bar says the same, and the CLI's stdout is for results."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _calibration_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+def calibrate(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str, method: str, percentile: float,
+              cache: Path, progress: Progress) -> None:
+    """Activation ranges of the Conv/MatMul/Gemm tensors over ``inputs``, saved to ``cache`` for quantize_static."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    # The symmetric histogram keeps |x|, so percentile clips the largest magnitudes of either sign.
+    options = {"symmetric": True} if method != "minmax" else {}
+    if method == "percentile":
+        options["percentile"] = percentile
+    with tempfile.TemporaryDirectory(prefix="medmamba-calib.") as tmp:
+        source = Path(tmp) / "portable.onnx"
+        onnx.save(lower_selective_scan(model), source)
+        calibrator = create_calibrator(source, list(QUANTIZED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
+                                       _calibration_method(method), extra_options=options)
+        # One run per batch: the calibrators merge runs incrementally, so memory stays one batch deep.
+        for done, batch in enumerate(inputs, start=1):
+            with _quiet():
+                calibrator.collect_data(_OneBatch({input_name: batch}))
+            progress("calibrating", done, len(inputs))
+        with _quiet():
+            save_tensors_data(calibrator.compute_data(), cache)
+
+
+class _OneBatch:
+    """A CalibrationDataReader yielding one feed."""
+
+    def __init__(self, feed: dict[str, np.ndarray]):
+        self.feed = feed
+
+    def get_next(self):
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes: Sequence[str],
+                        quant_format: str) -> onnx.ModelProto:
+    """Quantize ``nodes`` of ``model`` with the ranges in ``cache``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if quant_format == "qdq":
+        # The portable recipe (ORT CPU and TensorRT): symmetric S8S8, Q/DQ on inputs only, float bias.
+        formats = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8)
+        options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                   "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
+    else:
+        # QLinearConv/QLinearMatMul for ORT's CPU: MLAS' VNNI kernels take unsigned activations
+        # (vpdpbusd multiplies u8 by s8), so activations are asymmetric uint8 there.
+        formats = dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8)
+        options = {"WeightSymmetric": True}
+    if not nodes:  # quantize_static reads an empty list as "every node"
+        raise QuantizeError("every quantizable node is excluded; nothing to quantize")
+    with tempfile.TemporaryDirectory(prefix="medmamba-quant.") as tmp, _quiet():
+        output = Path(tmp) / "int8.onnx"
+        quantize_static(model, output, None, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes), calibrate_method=_calibration_method(method),
+                        calibration_cache_path=cache, extra_options=options, **formats)
+        return onnx.load(str(output))
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    if is_plugin_form(model):
+        from medmamba_edge.runtime import fused_scan
+
+        return fused_scan.make_fused_session(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (all float32: Conv/MatMul/Gemm inputs and outputs)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                for t in tensors if t not in present)
+    return exposed
+
+
+def rank_by_sensitivity(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, nodes: Sequence[str],
+                        inputs: Sequence[np.ndarray], input_name: str) -> list[str]:
+    """``nodes`` ordered by the error their own quantization adds, largest first.
+
+    A node's added error is the relative L2 error (INT8 model vs float model) of its output minus that
+    of its activation input, i.e. what it contributes beyond the error it receives from upstream;
+    both models run once over the same images, so ranking costs two passes however many nodes.
+    """
+    by_name = {n.name: n for n in float_model.graph.node}
+    pairs = {name: (by_name[name].input[0], by_name[name].output[0]) for name in nodes}
+    tensors = sorted({t for pair in pairs.values() for t in pair})
+    float_session = _session(_exposing(float_model, tensors))
+    int8_session = _session(_exposing(int8_model, tensors))
+    noise = dict.fromkeys(tensors, 0.0)
+    signal = dict.fromkeys(tensors, 0.0)
+    for batch in inputs:
+        float_out = dict(zip(tensors, float_session.run(tensors, {input_name: batch})))
+        int8_out = dict(zip(tensors, int8_session.run(tensors, {input_name: batch})))
+        for t in tensors:
+            noise[t] += float(np.square(int8_out[t] - float_out[t]).sum())
+            signal[t] += float(np.square(float_out[t]).sum())
+    error = {t: np.sqrt(noise[t] / max(signal[t], 1e-30)) for t in tensors}
+    return sorted(nodes, key=lambda name: error[pairs[name][1]] - error[pairs[name][0]], reverse=True)
+
+
+def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.ndarray,
+                  progress: Progress = lambda task, done, total: None) -> float:
+    """Top-1 accuracy (percent) of a model file over preprocessed batches, through its backend.
+
+    Deliberately minimal (the accuracy gate needs nothing more); the full metrics live with `evaluate`.
+    """
+    from medmamba_edge.runtime.backends import open_backend
+
+    backend = open_backend(model_path)
+    predictions = []
+    for done, batch in enumerate(inputs, start=1):
+        predictions.append(backend.run(batch).argmax(axis=1))
+        progress(f"evaluating {model_path.name}", done, len(inputs))
+    return 100.0 * float((np.concatenate(predictions) == labels).mean())
+
+
+def _check_options(method: str, percentile: float, quant_format: str, num_samples: int, max_drop: float,
+                   eval_data, auto_fallback: bool) -> None:
+    if method not in METHODS:
+        raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if quant_format not in FORMATS:
+        raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, got {quant_format!r}")
+    if not 0 < percentile <= 100:
+        raise QuantizeError(f"--percentile must be in (0, 100], got {percentile}")
+    if num_samples < 1:
+        raise QuantizeError(f"--num-samples must be >= 1, got {num_samples}")
+    if max_drop < 0:
+        raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
+    if auto_fallback and eval_data is None:
+        raise QuantizeError("--auto-fallback needs --eval DATA to measure accuracy on")
+
+
+def quantize_onnx(
+    model_path: str | Path,
+    output: str | Path,
+    calib: str | Path,
+    *,
+    split: str = "train",
+    num_samples: int = 256,
+    seed: int = 0,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    exclude: Sequence[str] = (),
+    quant_format: str = "qdq",
+    eval_data: str | Path | None = None,
+    eval_split: str = "val",
+    max_drop: float = 1.0,
+    auto_fallback: bool = False,
+    progress: Progress = lambda task, done, total: None,
+) -> QuantizeResult:
+    """Calibrate, quantize, check accuracy (with ``eval_data``), and write ``output`` only if it passed."""
+    from medmamba_edge.exporters.onnx_export import write_atomically
+
+    started = time.perf_counter()
+    _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback)
+    model_path, output = Path(model_path), Path(output)
+    metadata = read_onnx_metadata(model_path)
+    if metadata.precision != "fp32":
+        raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
+    model = onnx.load(str(model_path))
+    input_name = model.graph.input[0].name
+
+    candidates = quantizable_nodes(model)
+    excluded = excluded_nodes(candidates, exclude)
+    nodes = [n.name for n in candidates if n.name not in excluded]
+    calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
+    calib_inputs = preprocessed(calib_set, metadata, metadata.batch or CALIBRATION_BATCH, True, "reading calibration images", progress)
+
+    with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
+        cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
+        calibrate(model, calib_inputs, input_name, method, percentile, cache, progress)
+
+        def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
+            int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
+            write_onnx_metadata(int8, metadata.replace(precision="int8"))
+            return int8
+
+        int8, fallback = quantized([]), []
+        float_top1 = int8_top1 = None
+        if eval_data is not None:
+            eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
+            labels = eval_set.labels()
+            eval_inputs = preprocessed(eval_set, metadata, EVAL_BATCH, False, "reading evaluation images", progress)
+            float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
+            onnx.save(int8, candidate)
+            int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
+            if float_top1 - int8_top1 > max_drop and auto_fallback:
+                few = calib_inputs[: max(1, SENSITIVITY_IMAGES // len(calib_inputs[0]))]
+                ranking = rank_by_sensitivity(model, int8, nodes, few, input_name)
+                while float_top1 - int8_top1 > max_drop and len(fallback) < len(nodes) - 1:
+                    fallback.append(ranking[len(fallback)])
+                    progress("keeping sensitive layers in float", len(fallback), len(nodes))
+                    int8 = quantized(fallback)
+                    onnx.save(int8, candidate)
+                    int8_top1 = top1_accuracy(candidate, eval_inputs, labels)
+            if float_top1 - int8_top1 > max_drop:
+                tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
+                raise QuantizeError(
+                    f"INT8 top-1 {int8_top1:.2f}% is {float_top1 - int8_top1:.2f} points below fp32 {float_top1:.2f}% "
+                    f"on {eval_set.description}{tried}, over the --max-drop budget of {max_drop:g}; nothing was "
+                    f"written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
+
+    details = {"format": quant_format, "method": method, "percentile": percentile if method == "percentile" else None,
+               "calibration": calib_set.description, "calibration_images": len(calib_set), "seed": seed,
+               "quantized_nodes": len(nodes) - len(fallback), "kept_float": excluded + fallback,
+               "fp32_top1": float_top1, "int8_top1": int8_top1, "tool_version": __version__}
+    entry = int8.metadata_props.add()
+    entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
+    write_atomically(int8, output)
+    return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
+                          excluded + fallback, fallback, len(calib_set), float_top1, int8_top1,
+                          time.perf_counter() - started)
