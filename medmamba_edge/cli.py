@@ -75,6 +75,58 @@ def export(
         out.print(f"verified on {result.verified_images} real images: max |ONNX Runtime − PyTorch| = {result.max_abs_diff:.2e}")
 
 
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
+    calib: Annotated[Path, typer.Option(help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the INT8 ONNX model.")],
+    split: Annotated[str, typer.Option(help="Split of a .npz calibration set.")] = "train",
+    num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample choice.")] = 0,
+    method: Annotated[str, typer.Option(help="Activation ranges: minmax, entropy or percentile.")] = "percentile",
+    percentile: Annotated[float, typer.Option(help="Percentile of |activation| kept by --method percentile.")] = 99.99,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep matching nodes float: a glob, or re:REGEX, on "
+                                                              "node names or op types. Repeatable.")] = None,
+    quant_format: Annotated[str, typer.Option("--format", help="qdq: Q/DQ nodes (TensorRT and ONNX Runtime); qoperator: "
+                                                        "QLinear* ops (ONNX Runtime CPU only).")] = "qdq",
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
+    eval_split: Annotated[str, typer.Option(help="Split of a .npz evaluation set.")] = "val",
+    max_drop: Annotated[float, typer.Option(help="Largest allowed top-1 drop in points; more refuses (no output).")] = 1.0,
+    auto_fallback: Annotated[bool, typer.Option("--auto-fallback", help="Keep the most sensitive layers float, one "
+                                                                        "at a time, until within --max-drop.")] = False,
+) -> None:
+    """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with an accuracy gate."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        from medmamba_edge.exporters.quantize import quantize_onnx
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(task: str, done: int, total: int) -> None:
+                if task not in tasks:
+                    tasks[task] = bar.add_task(task, total=total)
+                bar.update(tasks[task], completed=done, total=total)
+
+            result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
+                                   method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
+                                   eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
+                                   auto_fallback=auto_fallback, progress=progress)
+    except UserError as exc:
+        fail(str(exc))
+    out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
+              f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
+    if result.kept_float:
+        out.print(f"kept float: {', '.join(result.kept_float)}")
+    if result.fallback_nodes:
+        out.print(f"--auto-fallback kept {len(result.fallback_nodes)} sensitive layers float: {', '.join(result.fallback_nodes)}")
+    if result.int8_top1 is not None:
+        out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
+                  f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g})")
+
+
 @app.command("build-plugin")
 def build_plugin(
     cuda_arch: Annotated[Optional[str], typer.Option(help="CUDA architectures, e.g. '87' or '75;86;89'. "
