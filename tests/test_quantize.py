@@ -1,0 +1,162 @@
+"""`medmamba-edge quantize` on the official checkpoint and real PneumoniaMNIST: accuracy within one point
+of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy gate and bad calibration data."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.exporters.onnx_export import export_onnx
+from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.quantize import QUANTIZATION_KEY, QUANTIZED_OP_TYPES, quantize_onnx, top1_accuracy
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.datasets import open_dataset
+from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.preprocess import preprocess
+from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
+
+CALIBRATION_IMAGES = 64
+
+
+@pytest.fixture(scope="module")
+def fp32_models(tmp_path_factory):
+    """The official MedMamba-T exported at 32×32 with a dynamic batch, in plugin and portable form. The
+    portable file is the plugin form lowered, exactly what `export --scan portable` writes, without
+    tracing the model a second time."""
+    folder = tmp_path_factory.mktemp("quantize")
+    plugin = folder / "t32_plugin.onnx"
+    result = export_onnx(require_shared(*OFFICIAL_T32), plugin, input_size=32, batch=None, scan="plugin")
+    portable_model = lower_selective_scan(onnx.load(str(plugin)))
+    write_onnx_metadata(portable_model, result.metadata.replace(scan_form="portable"))
+    portable = folder / "t32_portable.onnx"
+    onnx.save(portable_model, portable)
+    return {"plugin": plugin, "portable": portable}
+
+
+@pytest.fixture(scope="module")
+def int8_models(fp32_models):
+    npz = require_shared(*PNEUMONIAMNIST)
+    return {form: quantize_onnx(path, path.with_suffix(".int8.onnx"), npz, split="train",
+                                num_samples=CALIBRATION_IMAGES, seed=0)
+            for form, path in fp32_models.items()}
+
+
+@pytest.fixture(scope="module")
+def val_batches(fp32_models):
+    dataset = open_dataset(require_shared(*PNEUMONIAMNIST), split="val", class_names=("normal", "pneumonia"))
+    metadata = read_onnx_metadata(fp32_models["plugin"])
+    return [preprocess(images, metadata) for _, images in dataset.batches(128)], dataset.labels()
+
+
+@pytest.mark.parametrize("form", ["plugin", "portable"])
+def test_int8_top1_within_one_point_of_fp32_on_real_val_split(form, fp32_models, int8_models, val_batches):
+    batches, labels = val_batches
+    fp32 = top1_accuracy(fp32_models[form], batches, labels)
+    int8 = top1_accuracy(int8_models[form].path, batches, labels)
+    assert fp32 > 85.0, "the official checkpoint should classify PneumoniaMNIST well"
+    assert fp32 - int8 <= 1.0, f"{form}: fp32 {fp32:.2f}% → int8 {int8:.2f}%"
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+@pytest.mark.parametrize("form", ["plugin", "portable"])
+def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_float(form, fp32_models, int8_models):
+    model = onnx.load(str(int8_models[form].path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = _producers(model)
+    dense = [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES]
+    assert len(dense) == len(int8_models[form].quantized_nodes) == 65
+    for node in dense:
+        activation, weight = (producers.get(name) for name in node.input[:2])
+        assert activation.op_type == "DequantizeLinear" and producers[activation.input[0]].op_type == "QuantizeLinear"
+        assert weight.op_type == "DequantizeLinear"
+        int8_weight, scale, zero_point = (initializers[name] for name in weight.input)
+        out_channels = int8_weight.shape[1] if node.op_type == "MatMul" else int8_weight.shape[0]
+        assert int8_weight.dtype == np.int8 and scale.shape == (out_channels,), node.name  # per channel
+        assert len(node.input) < 3 or node.input[2] in initializers, "biases stay float (TensorRT's parser)"
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = initializers[node.input[2]]
+            assert zero_point.dtype == np.int8 and not zero_point.any(), node.name  # symmetric
+            assert initializers[node.input[1]].dtype == np.float32
+    # The scan (a SelectiveScan node, or its lowering to standard ops), its inputs and the LayerNorms
+    # read float tensors that no DequantizeLinear produced.
+    untouched = [n for n in model.graph.node if n.op_type in (scan_node.OP_TYPE, "LayerNormalization", "Softplus")
+                 or "/lowered/" in n.name]
+    assert len([n for n in untouched if n.op_type == "LayerNormalization"]) == 24
+    assert any(n.op_type == scan_node.OP_TYPE for n in untouched) == (form == "plugin")
+    for node in untouched:
+        assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers), node.name
+    metadata = read_onnx_metadata(model)
+    assert metadata.precision == "int8" and metadata.scan_form == form
+    assert QUANTIZATION_KEY in {p.key for p in model.metadata_props}
+
+
+def _image_folder(root: Path, split: str, count: int) -> Path:
+    data = np.load(require_shared(*PNEUMONIAMNIST))
+    for i in range(count):
+        label = ("normal", "pneumonia")[int(data[f"{split}_labels"][i, 0])]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / label / f"{split}_{i}.png"), data[f"{split}_images"][i])
+    return root
+
+
+def test_gate_refuses_a_damaging_recipe_writes_nothing_and_exits_1(fp32_models, tmp_path):
+    # Clipping activations at their median wrecks accuracy: the gate must catch it.
+    evaluation = _image_folder(tmp_path / "val", "val", 60)
+    output = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib", str(evaluation),
+                                      "-o", str(output), "--num-samples", "16", "--percentile", "50",
+                                      "--eval", str(evaluation), "--max-drop", "1.0"])
+    assert result.exit_code == 1, result.output
+    assert "over the --max-drop budget" in result.output and "nothing was written" in result.output
+    assert not output.exists() and not list(tmp_path.glob(".model.int8.onnx*"))
+
+
+def test_auto_fallback_keeps_the_damaged_layers_float_until_within_budget(fp32_models, tmp_path):
+    # Only the patch embedding and the first in_proj are quantized, clipped at the median: both hurt,
+    # so the fallback has something to find, and at most two steps to take.
+    evaluation = _image_folder(tmp_path / "val", "val", 60)
+    result = quantize_onnx(fp32_models["plugin"], tmp_path / "model.int8.onnx", evaluation, num_samples=16,
+                           percentile=50, exclude=["re:node_(?!conv2d$|linear$).*"], eval_data=evaluation,
+                           max_drop=1.0, auto_fallback=True)
+    assert result.fallback_nodes and set(result.fallback_nodes) <= {"node_conv2d", "node_linear"}
+    assert result.float_top1 - result.int8_top1 <= 1.0 and result.path.exists()
+
+
+def test_gate_passes_with_the_default_recipe_and_records_accuracy(fp32_models, tmp_path):
+    evaluation = _image_folder(tmp_path / "val", "val", 60)
+    output = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib",
+                                      str(require_shared(*PNEUMONIAMNIST)), "-o", str(output),
+                                      "--num-samples", "32", "--eval", str(evaluation)])
+    assert result.exit_code == 0, result.output
+    assert "top-1: fp32" in result.output and output.exists()
+
+
+def _broken_image_folder(tmp: Path) -> Path:
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "a.png").write_bytes(b"not a png")
+    return tmp / "broken"
+
+
+@pytest.mark.parametrize("make_calib, message", [
+    (lambda tmp: tmp / "missing", "no such file or folder"),
+    (_broken_image_folder, "not a decodable image"),
+    (lambda tmp: tmp / "nope.npz", "no split"),
+])
+def test_bad_calibration_data_is_a_one_line_error(fp32_models, tmp_path, make_calib, message):
+    np.savez(tmp_path / "nope.npz", test_images=np.zeros((2, 28, 28), np.uint8))
+    output = tmp_path / "out.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib", str(make_calib(tmp_path)),
+                                      "-o", str(output)])
+    assert result.exit_code == 1
+    assert message in result.output and result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not output.exists()
