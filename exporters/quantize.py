@@ -11,6 +11,9 @@ Calibration runs in ONNX Runtime on the CPU. onnxruntime.quantization's calibrat
 InferenceSession, which cannot load our fused SelectiveScan op, so a plugin-form model is calibrated on
 its portable lowering: the lowering keeps every tensor name outside the scans, so the ranges it yields
 apply to the plugin form unchanged, and ``quantize_static`` reads them from a calibration cache.
+
+``quant_format="qoperator"`` writes ONNX Runtime's QLinearConv/QLinearMatMul form instead, for its CPU
+only: faster there than Q/DQ on inputs (docs/quantization.md has the measurements), unreadable by TensorRT.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if quant_format == "qdq":
-        # The portable recipe (ORT CPU and TensorRT): symmetric S8S8, Q/DQ on inputs only, float bias.
+        # The TensorRT-ready recipe (ORT's CPU runs it too): symmetric S8S8, Q/DQ on inputs only, float bias.
         formats = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8)
         options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
