@@ -23,7 +23,6 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from medmamba_edge import scan
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
@@ -118,7 +117,6 @@ def main() -> None:
                 continue
             samples = timed(fn, warmup, iterations)
             rows.append((name, batch, statistics.median(samples), min(samples), len(samples)))
-        del portable, fused, dense
 
     print(f"\nMedMamba-T {SIZE}×{SIZE}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, ONNX {size_mb:.0f} MB\n")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medmamba_edge.checkpoint import load_checkpoint, sha256_file
+from medmamba_edge.checkpoint import load_checkpoint
+from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.model import VSSM
 
 REPO = Path(__file__).resolve().parents[1]

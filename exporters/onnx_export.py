@@ -6,8 +6,6 @@ against PyTorch on real images before anything is written.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess, read_image
+from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.bundled import sample_image_paths
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -123,19 +122,6 @@ def max_logit_difference(checkpoint: LoadedCheckpoint, portable: onnx.ModelProto
     return worst
 
 
-def write_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write to a temporary file beside the target and rename, so a failed export leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_onnx(
     checkpoint: str | Path | LoadedCheckpoint,
     output: str | Path,
@@ -188,5 +174,6 @@ def export_onnx(
                 f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by {max_abs_diff:.3g} "
                 f"(tolerance {atol:g}); nothing was written to {output}"
             )
-    write_atomically(model, output)
+    # Whole models in memory are fine: MedMamba-B is ~160 MB, far below protobuf's 2 GB limit.
+    write_bytes_atomically(output, model.SerializeToString())
     return ExportResult(output, metadata, max_abs_diff, verified, time.perf_counter() - started)

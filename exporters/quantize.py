@@ -38,6 +38,7 @@ from medmamba_edge.errors import UserError
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
+from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess
 
@@ -295,7 +296,6 @@ def quantize_onnx(
     progress: Progress = lambda task, done, total: None,
 ) -> QuantizeResult:
     """Calibrate, quantize, check accuracy (with ``eval_data``), and write ``output`` only if it passed."""
-    from medmamba_edge.exporters.onnx_export import write_atomically
 
     started = time.perf_counter()
     _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback)
@@ -352,7 +352,7 @@ def quantize_onnx(
                "fp32_top1": float_top1, "int8_top1": int8_top1, "tool_version": __version__}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
-    write_atomically(int8, output)
+    write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, len(calib_set), float_top1, int8_top1,
                           time.perf_counter() - started)

@@ -26,11 +26,10 @@ from medmamba_edge.runtime.engine_manifest import (
     BuildOptions,
     EngineManifest,
     engine_cache_key,
-    file_sha256,
     manifest_path,
-    write_bytes_atomically,
     write_manifest,
 )
+from medmamba_edge.runtime.files import sha256_file, write_bytes_atomically
 from medmamba_edge.runtime.metadata import read_onnx_metadata
 from medmamba_edge.runtime.tensorrt_compat import (
     current_gpu,
@@ -205,7 +204,7 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
         library = Path(plugin) if plugin is not None else find_plugin_library()
         if not library.is_file():
             raise EngineBuildError(f"{library}: no such plugin library; build it with `medmamba-edge build-plugin`")
-    return _Inputs(model, file_sha256(onnx_path), library, file_sha256(library) if library else None)
+    return _Inputs(model, sha256_file(onnx_path), library, sha256_file(library) if library else None)
 
 
 @dataclass

@@ -6,7 +6,6 @@ Loading is ``torch.load(weights_only=True)``: a pickle that tries to run code is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -18,6 +17,7 @@ import torch
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.model import VSSM, variant_name
+from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import ModelMetadata
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -74,14 +74,6 @@ class LoadedCheckpoint:
             source_checkpoint_sha256=self.sha256,
             tool_version=__version__,
         )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -9,15 +9,14 @@ preprocess inputs and to refuse a mismatched engine with the exact command that 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import hashlib
 import shlex
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata
 from medmamba_edge.runtime.tensorrt_compat import GpuInfo, parse_version
 
@@ -118,19 +117,6 @@ def manifest_path(engine: str | Path) -> Path:
     return engine.with_name(engine.name + MANIFEST_SUFFIX)
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so readers never see a half-written engine or manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(engine: str | Path, manifest: EngineManifest) -> Path:
     path = manifest_path(engine)
     write_bytes_atomically(path, manifest.to_json().encode())
@@ -179,14 +165,6 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
     raise EngineManifestError(
         f"{engine} does not match this machine ({'; '.join(problems)}); rebuild it: {rebuild_command(manifest, engine)}"
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def engine_cache_key(onnx_sha256: str, options: BuildOptions, tensorrt_version: str, gpu: GpuInfo,
