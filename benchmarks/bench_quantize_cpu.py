@@ -6,9 +6,6 @@ the INT8 model in Q/DQ form (``--format qdq``, the TensorRT-ready default) and i
 so drift on a shared machine hits every model alike; every session has spinning off, or one session's
 idle workers would steal the cores of the next.
 
-``--einsum-as-matmul`` also times every model with its x_proj/dt_proj Einsums rewritten as the
-broadcasting MatMul they are: ONNX Runtime's Einsum is the largest fp32 cost here, and INT8 leaves it alone.
-
     python benchmarks/bench_quantize_cpu.py [--checkpoint PTH] [--batches 1,8] [--iterations 10]
 """
 
@@ -35,25 +32,6 @@ from medmamba_edge.runtime.metadata import write_onnx_metadata
 
 SIZE = 224
 SAMPLES = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets" / "samples"
-# MedMamba's projections: x (b, k, d, l) by a constant weight (k, c, d) -> (b, k, c, l).
-MATMUL_EINSUMS = {b"bkdl,kcd->bkcl", b"bkrl,kdr->bkdl"}
-
-
-def einsum_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with each projection Einsum as MatMul(weight, x), which broadcasts over the batch."""
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
-    for node in rewritten.graph.node:
-        equation = next((a.s for a in node.attribute if a.name == "equation"), None)
-        if node.op_type == "Einsum" and equation in MATMUL_EINSUMS:
-            x, weight = node.input
-            node.op_type = "MatMul"
-            del node.attribute[:]
-            del node.input[:]
-            node.input.extend([weight, x])
-    return rewritten
-
-
 def session(model: onnx.ModelProto, plugin: bool, threads: int) -> ort.InferenceSession:
     if plugin:
         options = fused_scan.fused_session_options(threads)  # spinning off already
@@ -88,7 +66,6 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
-    parser.add_argument("--einsum-as-matmul", action="store_true", help="also time the Einsum→MatMul rewrite")
     args = parser.parse_args()
 
     if args.checkpoint:
@@ -108,8 +85,6 @@ def main() -> None:
             # Speed does not depend on the ranges: a few bundled images and min-max keep this quick.
             quantize_onnx(fp32_path, Path(tmp) / f"{fmt}.onnx", SAMPLES, num_samples=8, method="minmax", quant_format=fmt)
             models[f"int8 {fmt}"] = onnx.load(str(Path(tmp) / f"{fmt}.onnx"))
-    if args.einsum_as_matmul:
-        models.update({f"{name}, Einsum→MatMul": einsum_as_matmul(m) for name, m in list(models.items())})
 
     rows = []
     for form in args.forms.split(","):
@@ -127,12 +102,10 @@ def main() -> None:
           f"onnxruntime {ort.__version__}, {args.iterations} interleaved rounds\n")
     print("| form | batch | model | median ms | min ms | ms/image | fp32 / this (median) |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    fp32 = {(form, batch, name.split(", ", 1)[1] if ", " in name else ""): median
-            for form, batch, name, median, _ in rows if name.startswith("fp32")}
+    fp32 = {(form, batch): median for form, batch, name, median, _ in rows if name == "fp32"}
     for form, batch, name, median, best in rows:
-        variant = name.split(", ", 1)[1] if ", " in name else ""
         print(f"| {form} | {batch} | {name} | {median:.1f} | {best:.1f} | {median / batch:.1f} | "
-              f"{fp32[(form, batch, variant)] / median:.2f}× |")
+              f"{fp32[(form, batch)] / median:.2f}× |")
 
 
 if __name__ == "__main__":
