@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,27 @@ def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return dense
 
 
+def profile_by_op_type(plugin_form: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> list[tuple[str, float]]:
+    """ONNX Runtime's own per-node timings of the fused model, summed by op type (ms per run)."""
+    import json
+
+    options = fused_scan.fused_session_options(threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = f"{tmp}/profile"
+        session = ort.InferenceSession(fused_scan.retarget_for_fused(plugin_form).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op_type = event["args"]["op_name"]
+            totals[op_type] = totals.get(op_type, 0.0) + event["dur"] / 1000 / (runs + 1)
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
@@ -70,6 +92,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
     parser.add_argument("--skip-official", action="store_true", help="skip the slow reference-scan baseline")
+    parser.add_argument("--profile", action="store_true", help="also print where the fused model's time goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,6 +114,8 @@ def main() -> None:
         fused = fused_scan.make_fused_session(plugin_form, threads=args.threads)
         dense = ort_session(dense_only(plugin_form), args.threads)
         size_mb = plugin_form.ByteSize() / 1e6
+        if args.profile and batch == 1:
+            profile = profile_by_op_type(plugin_form, feed, args.threads)
 
         def torch_ours():
             with torch.no_grad():
@@ -128,6 +153,15 @@ def main() -> None:
         speedup = f"{base * batch / median:.1f}×" if base else ""
         print(f"| {name} | {batch} | {median:.1f} | {best:.1f} | {runs} | {median / batch:.1f} | {speedup} |")
     print("\n× baseline: images per second relative to the batch-1 baseline row.")
+    if args.profile:
+        total = sum(ms for _, ms in profile)
+        print("\nWhere the time goes: ONNX Runtime profile of the fused model, batch 1, kernel time by op type\n")
+        print("| op type | ms | share |")
+        print("|---|---:|---:|")
+        for op_type, ms in profile:
+            if ms / total >= 0.01:
+                print(f"| {op_type} | {ms:.1f} | {ms / total:.0%} |")
+        print(f"| (total kernel time) | {total:.1f} | |")
 
 
 if __name__ == "__main__":
