@@ -2,9 +2,10 @@
 
 The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
 kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
-activations, on the inputs of Conv, MatMul and Gemm only. Everything else stays float: the selective
-scan and the tensors it reads (u, delta, B, C come from Einsum/Slice/SiLU, which are not quantized), the
-LayerNorms, the softplus, the small x_proj/dt_proj Einsums. Biases stay float too: TensorRT's parser
+activations, on the inputs of Conv, MatMul and Gemm with a constant weight on the right only. Everything
+else stays float: the selective scan and the tensors it reads (u, delta, B, C come from the x_proj/dt_proj
+projections — MatMul(weight, x) — Slice and SiLU, which are not quantized), the LayerNorms, the
+softplus. Biases stay float too: TensorRT's parser
 rejects the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
 
 Calibration runs in ONNX Runtime on the CPU. onnxruntime.quantization's calibrators open their own
