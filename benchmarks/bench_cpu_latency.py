@@ -25,21 +25,13 @@ import onnxruntime as ort
 import torch
 
 from medmamba_edge.benchmarking import timed
-from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import fused_scan, scan_cpu
 
+from common import cpu_session, medmamba_t  # benchmarks/common.py, beside this script
+
 SIZE = 224
-
-
-def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # Several sessions in one process: spinning workers of one would steal the cores of the next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -96,23 +88,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.checkpoint:
-        from medmamba_edge.checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        config = ModelConfig(depths=[2, 2, 4, 2], dims=[96, 192, 384, 768], num_classes=6)
-        loaded = LoadedCheckpoint(config.build().eval(), config, [f"c{i}" for i in range(6)], Path("random"), "")
+    loaded = medmamba_t(args.checkpoint)
 
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         x = torch.randn(batch, 3, SIZE, SIZE)
         feed = {"input": x.numpy()}
         plugin_form = trace_to_onnx(loaded, (SIZE, SIZE), batch, opset=18)
-        portable = ort_session(lower_selective_scan(plugin_form), args.threads)
-        fused = fused_scan.make_fused_session(plugin_form, threads=args.threads)
-        dense = ort_session(dense_only(plugin_form), args.threads)
+        portable = cpu_session(lower_selective_scan(plugin_form), args.threads)
+        fused = cpu_session(plugin_form, args.threads, fused=True)
+        dense = cpu_session(dense_only(plugin_form), args.threads)
         size_mb = plugin_form.ByteSize() / 1e6
         if args.profile and batch == 1:
             profile = profile_by_op_type(plugin_form, feed, args.threads)

@@ -21,30 +21,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
-from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig, load_checkpoint
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.exporters.quantize import quantize_onnx
-from medmamba_edge.runtime import fused_scan, scan_cpu
+from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
+
+from common import cpu_session, medmamba_t  # benchmarks/common.py, beside this script
 
 SIZE = 224
 SAMPLES = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets" / "samples"
-def session(model: onnx.ModelProto, plugin: bool, threads: int) -> ort.InferenceSession:
-    if plugin:
-        options = fused_scan.fused_session_options(threads)  # spinning off already
-        model = fused_scan.retarget_for_fused(model)
-    else:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def interleaved(runs: dict[str, callable], warmup: int, iterations: int) -> dict[str, list[float]]:
     for fn in runs.values():
         for _ in range(warmup):
@@ -68,12 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
     args = parser.parse_args()
 
-    if args.checkpoint:
-        loaded = load_checkpoint(args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        config = ModelConfig(depths=[2, 2, 4, 2], dims=[96, 192, 384, 768], num_classes=6)
-        loaded = LoadedCheckpoint(config.build().eval(), config, [f"c{i}" for i in range(6)], Path("random"), "")
+    loaded = medmamba_t(args.checkpoint)
 
     with tempfile.TemporaryDirectory(prefix="bench-quantize.") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
@@ -89,7 +71,7 @@ def main() -> None:
     rows = []
     for form in args.forms.split(","):
         plugin = form == "plugin"
-        sessions = {name: session(m if plugin else lower_selective_scan(m), plugin, args.threads)
+        sessions = {name: cpu_session(m if plugin else lower_selective_scan(m), args.threads, fused=plugin)
                     for name, m in models.items()}
         for batch in [int(b) for b in args.batches.split(",")]:
             feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)}
