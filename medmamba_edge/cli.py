@@ -434,6 +434,9 @@ def run(
             out.print(f"wrote {path}", highlight=False)
     if stats.error:
         fail(stats.error)
+    if stats.classified == 0 and stats.counts["skipped"]:
+        # Nothing usable at all (a single broken file, a folder of them): the records say why, the exit says so.
+        fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; reasons above)")
 
 
 def main() -> None:

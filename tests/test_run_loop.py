@@ -44,6 +44,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def test_a_source_with_nothing_classifiable_exits_nonzero_with_its_records(tiny_onnx, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    code, output = cli("run", tiny_onnx, broken, "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "broken.png: no frame could be classified (1 skipped" in output
+    (record,) = read_jsonl(tmp_path / "r.jsonl")
+    assert record["status"] == "skipped" and "not a decodable image" in record["reason"]
+
+
 def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
