@@ -19,9 +19,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections import deque
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ class Frame:
     tensor: np.ndarray | None = None  # the model input, filled by Capture's thread
 
 
-class Source:
+class Source(ABC):
     """Base: ``live`` sources drop the oldest frame when inference falls behind; files never drop."""
 
     description: str = ""
@@ -65,8 +66,9 @@ class Source:
     # Where a source reports what happened without ending the run (a reconnect); the loop prints it.
     notify: Callable[[str], None] = staticmethod(lambda message: None)
 
+    @abstractmethod
     def frames(self, stride: int = 1) -> Iterator[Frame]:
-        raise NotImplementedError
+        """The frames in order, every ``stride``-th one; a broken frame comes with its ``error``."""
 
     @property
     def fps(self) -> float | None:
