@@ -119,9 +119,9 @@ class SS2D(nn.Module):
         ).reshape(b, k, d, length)
 
         inv_y = out_y[:, 2:4].flip(-1)
-        wh_y = out_y[:, 1].reshape(b, d, w, h).transpose(2, 3).reshape(b, d, length)
-        invwh_y = inv_y[:, 1].reshape(b, d, w, h).transpose(2, 3).reshape(b, d, length)
-        return out_y[:, 0] + inv_y[:, 0] + wh_y + invwh_y
+        # Both column-major directions share one transpose back to row-major (the official code does two).
+        wh_y = (out_y[:, 1] + inv_y[:, 1]).reshape(b, d, w, h).transpose(2, 3).reshape(b, d, length)
+        return out_y[:, 0] + inv_y[:, 0] + wh_y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -132,9 +132,10 @@ class SS2D(nn.Module):
         return self.out_proj(y)
 
 
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, h, w, c = x.shape
-    return x.reshape(b, h, w, groups, c // groups).transpose(3, 4).reshape(b, h, w, c)
+def concat_shuffled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The official ``channel_shuffle(torch.cat((a, b), -1), groups=2)``: channels interleaved a0 b0 a1 b1
+    ..., built by stacking on a new last axis, which exports without the shuffle's Transpose."""
+    return torch.stack((a, b), dim=-1).flatten(-2)
 
 
 class SS_Conv_SSM(nn.Module):
@@ -161,7 +162,7 @@ class SS_Conv_SSM(nn.Module):
         input_left, input_right = input.chunk(2, dim=-1)
         x = self.self_attention(self.ln_1(input_right))
         left = self.conv33conv33conv11(input_left.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return channel_shuffle(torch.cat((left, x), dim=-1), groups=2) + input
+        return concat_shuffled(left, x) + input
 
 
 class VSSLayer(nn.Module):

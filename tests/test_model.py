@@ -8,7 +8,7 @@ import torch
 
 from medmamba_edge import scan
 from medmamba_edge.checkpoint import load_checkpoint, read_state_dict
-from medmamba_edge.model import VSSM, medmamba_b, medmamba_s, medmamba_t
+from medmamba_edge.model import VSSM, concat_shuffled, medmamba_b, medmamba_s, medmamba_t
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
 
@@ -96,3 +96,12 @@ def test_scan_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="groups"):
         scan.check_scan_shapes(u, u, torch.zeros(6, 2), torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4),
                                torch.zeros(6), torch.zeros(6))
+
+
+def test_concat_shuffled_is_the_official_channel_shuffle():
+    def official_channel_shuffle(x, groups):  # MedMamba.py's, verbatim in effect
+        b, h, w, c = x.shape
+        return x.view(b, h, w, groups, c // groups).transpose(3, 4).contiguous().view(b, h, w, -1)
+
+    a, b = torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7)
+    assert torch.equal(concat_shuffled(a, b), official_channel_shuffle(torch.cat((a, b), dim=-1), 2))
