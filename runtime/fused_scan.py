@@ -17,6 +17,7 @@ output into a Python list; we install a thin callback that hands our op's numpy 
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from pathlib import Path
 
@@ -42,12 +43,20 @@ class FusedScanUnavailable(UserError, ImportError):
 
 
 def _extensions():
+    # onnxruntime-extensions imports torch, when it is installed, for converters we never use; hiding it
+    # during that import (the package guards it with try/except ImportError) keeps the runtime torch-free.
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None
     try:
         import onnxruntime_extensions
     except ImportError as exc:
         raise FusedScanUnavailable(
             f"the fused CPU scan needs onnxruntime-extensions ({_INSTALL_HINT}): {exc}"
         ) from None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
     return onnxruntime_extensions
 
 

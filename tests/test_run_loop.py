@@ -188,13 +188,25 @@ def test_option_and_backend_errors_are_one_line(tiny_onnx, tmp_path):
         assert code == 1 and message in output and "Traceback" not in output
 
 
-def test_runtime_never_imports_torch(tiny_onnx, tmp_path):
-    """The whole run path (CLI included) on an ONNX model, in a fresh interpreter: torch stays out."""
+@pytest.fixture(scope="module")
+def tiny_plugin_onnx(tmp_path_factory):
+    from medmamba_edge.exporters.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("model") / "tiny_plugin.onnx"
+    export_onnx(bundled_checkpoint(), path, input_size=32, batch=None, scan="plugin", verify=False)
+    return path
+
+
+@pytest.mark.parametrize("form", ["portable", "plugin"])
+def test_runtime_never_imports_torch(form, tiny_onnx, tiny_plugin_onnx, tmp_path):
+    """The whole run path (CLI included) on an ONNX model, in a fresh interpreter: torch stays out, also
+    for the plugin form, whose fused scan loads onnxruntime-extensions (which would import torch)."""
+    model = tiny_onnx if form == "portable" else tiny_plugin_onnx
     script = f"""
 import sys
 from medmamba_edge.cli import app
 try:
-    app(["run", {str(tiny_onnx)!r}, {str(sample_image_paths()[0].parents[1])!r}, "--jsonl", {str(tmp_path / 'r.jsonl')!r}])
+    app(["run", {str(model)!r}, {str(sample_image_paths()[0].parents[1])!r}, "--jsonl", {str(tmp_path / 'r.jsonl')!r}])
 except SystemExit as exc:
     assert not exc.code, exc.code
 import medmamba_edge.runtime.datasets, medmamba_edge.runtime.bundled, medmamba_edge.runtime.backends.onnxruntime
