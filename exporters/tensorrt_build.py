@@ -269,7 +269,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
                                    "(use --dla-core -1 for GPU only)")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = options.dla_core
-        # Our plugin, Einsum, LayerNorm and dynamic shapes have no DLA implementation: they run on the GPU.
+        # Our plugin, LayerNorm, batched MatMul and dynamic shapes have no DLA implementation: they run on the GPU.
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
