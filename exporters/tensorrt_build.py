@@ -20,7 +20,7 @@ import onnx
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.exporters.float16 import convert_float16
-from medmamba_edge.plugins.build import cache_root, find_plugin_library
+from medmamba_edge.plugins.build import find_plugin_library
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.engine_manifest import (
     BuildOptions,
@@ -29,7 +29,7 @@ from medmamba_edge.runtime.engine_manifest import (
     manifest_path,
     write_manifest,
 )
-from medmamba_edge.runtime.files import sha256_file, write_bytes_atomically
+from medmamba_edge.runtime.files import cache_root, sha256_file, write_bytes_atomically
 from medmamba_edge.runtime.metadata import read_onnx_metadata
 from medmamba_edge.runtime.tensorrt_compat import (
     current_gpu,

@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.files import cache_root
 
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
-CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
 PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
 LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"
 SOURCE_DIR = Path(__file__).resolve().parent / "selective_scan"
@@ -46,14 +46,6 @@ class PluginBuildError(UserError, RuntimeError):
 
 class PluginNotFoundError(UserError, FileNotFoundError):
     """No built library was found; the message says how to build one or where to point."""
-
-
-def cache_root() -> Path:
-    """Root of medmamba-edge's cache: $MEDMAMBA_EDGE_CACHE, $XDG_CACHE_HOME/medmamba-edge or ~/.cache/medmamba-edge."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medmamba-edge"
 
 
 def default_build_dir() -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from medmamba_edge.runtime.files import CACHE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "plugins" / "selective_scan"
 # Jetson Orin; one architecture keeps each nvcc run around ten seconds.
@@ -286,7 +288,7 @@ def test_normalize_cuda_arch():
 
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch):
-    for var in (build.PLUGIN_ENV, build.LAUNCHER_ENV, build.CACHE_ENV, "XDG_CACHE_HOME"):
+    for var in (build.PLUGIN_ENV, build.LAUNCHER_ENV, CACHE_ENV, "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     # The package-directory fallback, pointed away from the real checkout.
@@ -312,7 +314,7 @@ def test_find_plugin_library_search_order(clean_env, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
     assert build.default_build_dir().parent == tmp / "xdg" / "medmamba-edge" / "plugins"
-    monkeypatch.setenv(build.CACHE_ENV, str(tmp / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp / "cache"))
     assert build.default_build_dir().parent == tmp / "cache" / "plugins"
     cached = _touch(build.default_build_dir() / build.PLUGIN_LIBRARY)
     assert build.find_plugin_library() == cached

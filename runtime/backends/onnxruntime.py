@@ -8,13 +8,13 @@ provider always comes last, so nodes a GPU provider cannot take still run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
+from medmamba_edge.runtime.files import cache_root
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata
 
 
@@ -27,7 +27,7 @@ def provider_options(name: str, metadata: ModelMetadata) -> dict:
     if name != "TensorrtExecutionProvider":
         return {}
     # The TensorRT EP builds an engine on the first run (minutes on a Jetson): cache it across runs.
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medmamba-edge" / "ort-tensorrt"
+    cache = cache_root() / "ort-tensorrt"
     cache.mkdir(parents=True, exist_ok=True)
     return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
             "trt_fp16_enable": metadata.precision == "fp16"}
