@@ -21,6 +21,7 @@ from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
 from medmamba_edge.errors import UserError
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess, read_image
 from medmamba_edge.runtime.files import write_bytes_atomically
@@ -95,31 +96,17 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
     return model
 
 
-def verification_batch(metadata: ModelMetadata, batch: int | None) -> np.ndarray:
-    """The bundled real sample images, preprocessed exactly as deployment will preprocess them."""
-    images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
-    if batch is None:
-        return images
-    # A fixed-batch model gets whole batches: cycle the samples to fill the last one.
-    count = -(-len(images) // batch) * batch
-    return images[np.arange(count) % len(images)]
-
-
 def max_logit_difference(checkpoint: LoadedCheckpoint, portable: onnx.ModelProto, images: np.ndarray, batch: int | None) -> float:
+    """Largest |ONNX Runtime − PyTorch| logit over ``images``, fed to a fixed-batch graph as the runtime does."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(portable.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    step = batch or len(images)
-    worst = 0.0
-    for start in range(0, len(images), step):
-        chunk = images[start:start + step]
-        (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: chunk})
-        with torch.no_grad():
-            torch_logits = checkpoint.model(torch.from_numpy(chunk)).numpy()
-        worst = max(worst, float(np.abs(ort_logits - torch_logits).max()))
-    return worst
+    ort_logits = run_in_fixed_batches(lambda chunk: session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0], images, batch)
+    with torch.no_grad():
+        torch_logits = checkpoint.model(torch.from_numpy(images)).numpy()
+    return float(np.abs(ort_logits - torch_logits).max())
 
 
 def export_onnx(
@@ -166,7 +153,8 @@ def export_onnx(
     max_abs_diff, verified = None, 0
     if verify:
         status("verifying ONNX Runtime against PyTorch on the bundled sample images")
-        images = verification_batch(metadata, batch)
+        # The bundled real sample images, preprocessed exactly as deployment will preprocess them.
+        images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
         max_abs_diff = max_logit_difference(checkpoint, portable_form, images, batch)
         verified = len(images)
         if not max_abs_diff <= atol:
