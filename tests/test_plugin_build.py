@@ -344,3 +344,18 @@ def test_find_launcher_uses_its_own_variable(clean_env, monkeypatch):
         build.find_launcher()
     launcher = _touch(build.default_build_dir() / build.LAUNCHER_LIBRARY)
     assert build.find_launcher() == launcher
+
+
+def test_gpu_check_cases_have_finite_reference():
+    # On the first H200 run the "no softplus" case failed on both sides: its inputs made exp(delta * A) overflow
+    # in the reference too. Every case the GPU check compares must have a finite float32 reference.
+    import torch
+
+    from medmamba_edge.scan import selective_scan_ref
+
+    gpu_check = _load("_medmamba_gpu_check", SRC / "gpu_check.py")
+    for name, batch, channels, length, groups, d_state, softplus in gpu_check.OTHER_CASES:
+        inputs = gpu_check.make_inputs(batch, channels, length, groups, d_state, torch.float32,
+                                       delta_softplus=softplus, device="cpu")
+        y = selective_scan_ref(*inputs, delta_softplus=softplus)
+        assert torch.isfinite(y).all(), name

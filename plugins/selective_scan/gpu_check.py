@@ -11,7 +11,7 @@ It compiles selective_scan_kernel.cu for the local GPU only, loads it with ctype
     paths (partial channel blocks, generic d_state, no softplus), against the PyTorch reference;
   * times the kernel against the reference on the same GPU (CUDA events), and stage 1 against its
     memory-bandwidth bound (bytes of u, delta, B, C read and y written / measured device copy bandwidth);
-  * times a MedMamba-T forward pass with the reference scan and with the kernel, if the model imports.
+  * times a MedMamba-T forward pass (batch 1 and 8) with the reference scan and with the kernel.
 Prints markdown tables; exits 1 when a parity check fails (timing goals are reported, not enforced).
 Tolerances: float32 max|y - ref| / max|ref| <= 1e-4, float16 I/O <= 1e-2.
 """
@@ -35,6 +35,15 @@ REPO = HERE.parents[1]
 STAGES = ((384, 3136), (768, 784), (1536, 196), (3072, 49))  # MedMamba-T at 224x224: (K*D, L)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 SPEEDUP_GOAL = 20.0
+# Shapes that reach the kernel's other code paths: (name, batch, K*D, L, G, N, delta_softplus).
+OTHER_CASES = (
+    ("partial channel blocks", 8, 1000, 64, 8, 16, True),
+    ("odd L, groups of 32", 2, 96, 1000, 3, 16, True),
+    ("groups of 5", 3, 10, 300, 2, 16, True),
+    ("generic N=32, no softplus", 1, 64, 200, 2, 32, False),
+    ("generic N=64", 1, 24, 2000, 4, 64, True),
+    ("generic N=1, L=5", 1, 12, 5, 1, 1, True),
+)
 BANDWIDTH_GOAL = 2.0
 
 
@@ -66,17 +75,18 @@ def load_build_module():
     return module
 
 
-def compile_launcher(out_dir: Path) -> tuple[Path, float, str]:
+def compile_launcher(out_dir: Path, source: Path = HERE / "selective_scan_kernel.cu") -> tuple[Path, float, str]:
+    """Build `source` (the kernel, or a file that includes it) for the local GPU into a shared library."""
     nvcc = load_build_module().find_nvcc()
     if nvcc is None:
         sys.exit("nvcc not found (set CUDACXX or CUDA_HOME)")
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
-    library = out_dir / "libmedmamba_scan_cuda.so"
+    library = out_dir / f"lib{source.stem}.so"
     command = [
         str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
         "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-        str(HERE / "selective_scan_kernel.cu"), "-o", str(library),
+        str(source), "-o", str(library),
     ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -113,20 +123,24 @@ class Launcher:
         return y
 
 
-def make_inputs(batch, channels, length, groups, d_state, dtype, seed=0):
+def make_inputs(batch, channels, length, groups, d_state, dtype, seed=0, delta_softplus=True, device="cuda"):
     """Inputs with MedMamba/Mamba's initialisation statistics: dt in [1e-3, 0.1] keeps the decays close to 1,
-    so the state carries over the whole sequence (what makes a wrong carry visible)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    u = torch.randn(batch, channels, length, device=dev, generator=g)
-    delta = 0.1 * torch.randn(batch, channels, length, device=dev, generator=g)
-    A = -torch.arange(1, d_state + 1, device=dev, dtype=torch.float32).repeat(channels, 1)
-    A = A * (0.5 + torch.rand(channels, d_state, device=dev, generator=g))
-    B = torch.randn(batch, groups, d_state, length, device=dev, generator=g)
-    C = torch.randn(batch, groups, d_state, length, device=dev, generator=g)
-    D = torch.randn(channels, device=dev, generator=g)
-    dt = torch.exp(torch.rand(channels, device=dev, generator=g) * math.log(100.0) + math.log(1e-3))  # [1e-3, 0.1]
-    delta_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    so the state carries over the whole sequence (what makes a wrong carry visible). Without softplus the
+    caller owns positivity, so delta + delta_bias is made positive (a negative step makes exp(delta * A)
+    grow without bound, and then both kernel and reference overflow)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    u = torch.randn(batch, channels, length, device=device, generator=g)
+    delta = 0.1 * torch.randn(batch, channels, length, device=device, generator=g)
+    A = -torch.arange(1, d_state + 1, device=device, dtype=torch.float32).repeat(channels, 1)
+    A = A * (0.5 + torch.rand(channels, d_state, device=device, generator=g))
+    B = torch.randn(batch, groups, d_state, length, device=device, generator=g)
+    C = torch.randn(batch, groups, d_state, length, device=device, generator=g)
+    D = torch.randn(channels, device=device, generator=g)
+    dt = torch.exp(torch.rand(channels, device=device, generator=g) * math.log(100.0) + math.log(1e-3))  # [1e-3, 0.1]
+    if delta_softplus:
+        delta_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    else:
+        delta, delta_bias = delta.abs(), dt
     return u.to(dtype), delta.to(dtype), A, B.to(dtype), C.to(dtype), D, delta_bias
 
 
@@ -200,7 +214,7 @@ def main() -> int:
     failures = []
 
     def check(label, batch, channels, length, groups, d_state, dtype, softplus=True, time_it=False):
-        inputs = make_inputs(batch, channels, length, groups, d_state, dtype)
+        inputs = make_inputs(batch, channels, length, groups, d_state, dtype, delta_softplus=softplus)
         ref = selective_scan_ref(*inputs, delta_softplus=softplus)
         y = scan(*inputs, delta_softplus=softplus)
         torch.cuda.synchronize()
@@ -213,7 +227,6 @@ def main() -> int:
             out = torch.empty_like(inputs[0])
             row["kernel"] = cuda_time(lambda: scan(*inputs, delta_softplus=softplus, out=out), args.kernel_iters, warmup=5)
             row["ref"] = cuda_time(lambda: selective_scan_ref(*inputs, delta_softplus=softplus), args.ref_iters, warmup=0)
-        del inputs, ref, y
         return row
 
     print("## MedMamba-T stage shapes (N = 16, G = 4)\n")
@@ -235,16 +248,8 @@ def main() -> int:
     print("\n## Other code paths\n")
     print("| case | batch | K*D | L | G | N | softplus | dtype | rel err | parity |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    extra = [
-        ("partial channel blocks", 8, 1000, 64, 8, 16, True),
-        ("odd L, groups of 32", 2, 96, 1000, 3, 16, True),
-        ("groups of 5", 3, 10, 300, 2, 16, True),
-        ("generic N=32, no softplus", 1, 64, 200, 2, 32, False),
-        ("generic N=64", 1, 24, 2000, 4, 64, True),
-        ("generic N=1, L=5", 1, 12, 5, 1, 1, True),
-    ]
     for dtype in (torch.float32, torch.float16):
-        for name, batch, channels, length, groups, d_state, softplus in extra:
+        for name, batch, channels, length, groups, d_state, softplus in OTHER_CASES:
             r = check(f"{name} {dtype}", batch, channels, length, groups, d_state, dtype, softplus=softplus)
             print(f"| {name} | {batch} | {channels} | {length} | {groups} | {d_state} | {int(softplus)} "
                   f"| {str(dtype)[6:]} | {r['rel']:.2e} | {'PASS' if r['ok'] else 'FAIL'} |")
@@ -261,7 +266,7 @@ def main() -> int:
               f"| {'MET' if ratio <= BANDWIDTH_GOAL else 'MISS'} |")
 
     if not args.skip_model:
-        print("\n## MedMamba-T forward (1x3x224x224, float32, random weights)\n")
+        print("\n## MedMamba-T forward (3x224x224, float32, random weights, PyTorch eager)\n")
         try:
             model_forward_table(scan)
         except Exception as exc:  # the model module belongs to another part of the project
@@ -275,30 +280,32 @@ def main() -> int:
     return 0
 
 
-def model_forward_table(scan: Launcher) -> None:
+def model_forward_table(scan: Launcher, batches=(1, 8)) -> None:
     from medmamba_edge import model as model_module
     from medmamba_edge import scan as scan_module
 
     model = model_module.medmamba_t(num_classes=1000).cuda().eval()
-    x = torch.randn(1, 3, 224, 224, device="cuda")
+    inputs = {batch: torch.randn(batch, 3, 224, 224, device="cuda") for batch in batches}
+    reference = {}
     with torch.no_grad():
-        ref_out = model(x)
-        ref_seconds = cuda_time(lambda: model(x), iters=2, warmup=0)
+        for batch, x in inputs.items():
+            out = model(x)  # also the warm-up
+            reference[batch] = (out, cuda_time(lambda: model(x), iters=2, warmup=0))
 
         # From here on the custom op runs the kernel on CUDA tensors (as the exported engine would).
         def cuda_scan(u, delta, A, B, C, D, delta_bias, delta_softplus=True):
             return scan(*(t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)), delta_softplus=delta_softplus)
 
         scan_module.selective_scan.register_kernel("cuda")(cuda_scan)
-        out = model(x)
-        kernel_seconds = cuda_time(lambda: model(x), iters=20, warmup=3)
-    abs_err, rel = rel_error(out, ref_out)
-    print("| scan | forward ms | logits rel err vs reference |")
-    print("|---|---|---|")
-    print(f"| reference (Python loop) | {ref_seconds * 1e3:.1f} | - |")
-    print(f"| CUDA kernel | {kernel_seconds * 1e3:.2f} | {rel:.2e} |")
-    print(f"\nwhole-model speedup: {ref_seconds / kernel_seconds:.0f}x")
-
+        print("| batch | reference scan ms | CUDA kernel ms | speedup | images/s with kernel | logits rel err |")
+        print("|---|---|---|---|---|---|")
+        for batch, x in inputs.items():
+            ref_out, ref_seconds = reference[batch]
+            out = model(x)
+            kernel_seconds = cuda_time(lambda: model(x), iters=20, warmup=3)
+            _, rel = rel_error(out, ref_out)
+            print(f"| {batch} | {ref_seconds * 1e3:.1f} | {kernel_seconds * 1e3:.2f} | {ref_seconds / kernel_seconds:.0f}x "
+                  f"| {batch / kernel_seconds:.0f} | {rel:.2e} |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,8 @@
 //
 // Work decomposition. A thread block owns kR channels of one B/C group for one batch element and walks the
 // sequence in tiles of 32 * kItems time steps, carrying the float32 state of every (channel, n) across
-// tiles. Each channel gets kWarpsPerChannel warps and each warp owns kStates of the d_state recurrences:
+// tiles. Each channel gets kWarpsPerChannel warps and each warp owns kStates of the d_state recurrences
+// (8 x 2 or 2 x 8 for d_state = 16, see fitsOneWave):
 //   * inside a warp, lane l owns kItems consecutive time steps; the recurrence h_t = a_t h_{t-1} + b_t is
 //     scanned with the associative pair operator (a1,b1)∘(a2,b2) = (a1 a2, a2 b1 + b2): sequentially over
 //     the lane's items, then with a shuffle scan across lanes, then the lane replays its items from its
@@ -24,12 +25,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace
 {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerChannel = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 // Same threshold as medmamba_edge.runtime.scan_node.SOFTPLUS_THRESHOLD (and torch / mamba_ssm).
 constexpr float kSoftplusThreshold = 20.0f;
@@ -89,7 +90,7 @@ struct TileLayout
     }
 };
 
-template <typename T, int kN, int kStates, int kR, int kItems>
+template <typename T, int kN, int kStates, int kWarpsPerChannel, int kR, int kItems>
 __global__ void __launch_bounds__(kR* kWarpsPerChannel* kWarpSize) selectiveScanKernel(ScanParams const p)
 {
     using Tile = TileLayout<kItems>;
@@ -311,24 +312,13 @@ __global__ void __launch_bounds__(kR* kWarpsPerChannel* kWarpSize) selectiveScan
     }
 }
 
-template <typename T, int kN, int kStates, int kR, int kItems>
+template <typename T, int kN, int kStates, int kWarpsPerChannel, int kR, int kItems>
 cudaError_t launch(ScanParams const& p, cudaStream_t stream)
 {
     int const channelsPerGroup = p.channels / p.groups;
     dim3 const grid(p.groups * ((channelsPerGroup + kR - 1) / kR), p.batch);
-    selectiveScanKernel<T, kN, kStates, kR, kItems><<<grid, kR * kWarpsPerChannel * kWarpSize, 0, stream>>>(p);
+    selectiveScanKernel<T, kN, kStates, kWarpsPerChannel, kR, kItems><<<grid, kR * kWarpsPerChannel * kWarpSize, 0, stream>>>(p);
     return cudaGetLastError();
-}
-
-template <typename T, int kItems>
-cudaError_t launchFastPath(ScanParams const& p, int channelsPerBlock, cudaStream_t stream)
-{
-    switch (channelsPerBlock)
-    {
-    case 3: return launch<T, 16, 2, 3, kItems>(p, stream);
-    case 2: return launch<T, 16, 2, 2, kItems>(p, stream);
-    default: return launch<T, 16, 2, 1, kItems>(p, stream);
-    }
 }
 
 // Items per lane: the tile (32 * kItems steps) should not overshoot L by much, and larger kItems amortise
@@ -353,9 +343,9 @@ int chooseItems(int length)
     return best;
 }
 
-// Channels per block: more share each B/C tile, fewer give more blocks. Minimise the channels on the busiest
-// SM (blocks spread evenly), preferring larger blocks when within 5%: e.g. 384 channels on 132 SMs -> 3
-// (128 blocks, one wave) rather than 2 (192 blocks, some SMs doing two).
+// Channels per block within one wave: more share each B/C tile, fewer give more blocks. Minimise the channels
+// on the busiest SM (blocks spread evenly), preferring larger blocks when within 5%: e.g. 384 channels on 132
+// SMs -> 3 (128 blocks, one wave) rather than 2 (192 blocks, some SMs doing two).
 int chooseChannelsPerBlock(ScanParams const& p, int smCount)
 {
     int const channelsPerGroup = p.channels / p.groups;
@@ -399,21 +389,56 @@ cudaError_t smCount(int* count)
     return err;
 }
 
+// Block shape. While blocks of three 8-warp channels cover the GPU in one wave (stage 1 of MedMamba-T at batch
+// 1: 128 blocks), the scan is latency-bound, and 8 warps per channel (2 states each) keep the per-tile chain
+// short. Beyond one wave it is issue-bound: 2 warps per channel (8 states each) issue fewer instructions per
+// state and two blocks share an SM. The throughput shapes below were the fastest of a sweep on an H200 over
+// the MedMamba-T stage shapes at batch 1 and 8 (plugins/selective_scan/README.md); float16 with 7 items per
+// lane ran 1.7x slower than with 4 there, so float16 stops at 4.
+bool fitsOneWave(ScanParams const& p, int smCount)
+{
+    int const channelsPerGroup = p.channels / p.groups;
+    return static_cast<long long>(p.batch) * p.groups * ((channelsPerGroup + 2) / 3) <= smCount;
+}
+
+template <typename T, int kItems>
+cudaError_t launchThroughputShape(ScanParams const& p, cudaStream_t stream)
+{
+    if constexpr (kItems > 4 && std::is_same_v<T, __half>)
+        return launch<T, 16, 8, 2, 4, 4>(p, stream);
+    else if constexpr (kItems > 4)
+        return launch<T, 16, 8, 2, 3, kItems>(p, stream);
+    else
+        return launch<T, 16, 8, 2, 4, kItems>(p, stream);
+}
+
+template <typename T, int kItems>
+cudaError_t launchFastPath(ScanParams const& p, int smCount, cudaStream_t stream)
+{
+    if (!fitsOneWave(p, smCount))
+        return launchThroughputShape<T, kItems>(p, stream);
+    switch (chooseChannelsPerBlock(p, smCount))
+    {
+    case 3: return launch<T, 16, 2, 8, 3, kItems>(p, stream);
+    case 2: return launch<T, 16, 2, 8, 2, kItems>(p, stream);
+    default: return launch<T, 16, 2, 8, 1, kItems>(p, stream);
+    }
+}
+
 template <typename T>
 cudaError_t dispatch(ScanParams const& p, cudaStream_t stream)
 {
     if (p.d_state != 16)
-        return launch<T, 0, 8, 1, 2>(p, stream);
+        return launch<T, 0, 8, 8, 1, 2>(p, stream);
     int sms = 0;
     cudaError_t const err = smCount(&sms);
     if (err != cudaSuccess)
         return err;
-    int const channelsPerBlock = chooseChannelsPerBlock(p, sms);
     switch (chooseItems(p.length))
     {
-    case 7: return launchFastPath<T, 7>(p, channelsPerBlock, stream);
-    case 4: return launchFastPath<T, 4>(p, channelsPerBlock, stream);
-    default: return launchFastPath<T, 2>(p, channelsPerBlock, stream);
+    case 7: return launchFastPath<T, 7>(p, sms, stream);
+    case 4: return launchFastPath<T, 4>(p, sms, stream);
+    default: return launchFastPath<T, 2>(p, sms, stream);
     }
 }
 
