@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ import torch
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
-from medmamba_edge.runtime import fused_scan, scan_cpu
+from medmamba_edge.runtime import scan_cpu
 
-from common import cpu_session, medmamba_t  # benchmarks/common.py, beside this script
+from common import cpu_session, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
 
 SIZE = 224
 
@@ -53,27 +52,6 @@ def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
     del dense.graph.node[:]
     dense.graph.node.extend(nodes)
     return dense
-
-
-def profile_by_op_type(plugin_form: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> list[tuple[str, float]]:
-    """ONNX Runtime's own per-node timings of the fused model, summed by op type (ms per run)."""
-    import json
-
-    options = fused_scan.fused_session_options(threads)
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = f"{tmp}/profile"
-        session = ort.InferenceSession(fused_scan.retarget_for_fused(plugin_form).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        for _ in range(runs + 1):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    totals: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            op_type = event["args"]["op_name"]
-            totals[op_type] = totals.get(op_type, 0.0) + event["dur"] / 1000 / (runs + 1)
-    return sorted(totals.items(), key=lambda item: -item[1])
 
 
 def main() -> None:

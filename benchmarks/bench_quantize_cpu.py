@@ -6,7 +6,10 @@ the INT8 model in Q/DQ form (``--format qdq``, the TensorRT-ready default) and i
 so drift on a shared machine hits every model alike; every session has spinning off, or one session's
 idle workers would steal the cores of the next.
 
-    python benchmarks/bench_quantize_cpu.py [--checkpoint PTH] [--batches 1,8] [--iterations 10]
+    python benchmarks/bench_quantize_cpu.py [--checkpoint PTH] [--batches 1,8] [--iterations 10] [--profile]
+
+``--profile`` adds where each model's batch-1 time goes and the most any INT8 recipe that keeps the scan,
+its inputs and the layout work in float can gain on this CPU (Amdahl's law on the fp32 profile).
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ import onnxruntime as ort
 
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
-from medmamba_edge.exporters.quantize import quantize_onnx
+from medmamba_edge.exporters.quantize import quantizable_nodes, quantize_onnx
 from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 
-from common import cpu_session, medmamba_t  # benchmarks/common.py, beside this script
+from common import cpu_session, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
 
 SIZE = 224
+INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "QGemm"}
+LAYOUT = {"Transpose", "Slice", "Split", "Concat", "Reshape", "ReorderInput", "ReorderOutput", "Gather", "Squeeze",
+          "Unsqueeze", "Expand"}
+GROUPS = ("selective scan", "Conv/MatMul, constant weight (fp32)", "INT8 kernels", "Q/DQ",
+          "SS2D projections (MatMul, weight on the left)", "layout (Transpose/Slice/Split/Concat/...)", "other")
 SAMPLES = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets" / "samples"
 def interleaved(runs: dict[str, callable], warmup: int, iterations: int) -> dict[str, list[float]]:
     for fn in runs.values():
@@ -45,6 +53,53 @@ def interleaved(runs: dict[str, callable], warmup: int, iterations: int) -> dict
     return samples
 
 
+def time_by_group(profile: dict[tuple[str, str], float], constant_weight: set[str]) -> dict[str, float]:
+    """Kernel time of one model by what the node is. ONNX Runtime renames the Convs it moves to its NCHWc
+    layout, so every Conv counts as constant-weight (true of all of MedMamba's); a MatMul counts when its name
+    is one of the fp32 model's quantizable nodes, otherwise it is an SS2D projection."""
+    groups = dict.fromkeys(GROUPS, 0.0)
+    for (name, op_type), ms in profile.items():
+        if op_type == "SelectiveScan":
+            group = GROUPS[0]
+        elif op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") or name in constant_weight:
+            group = GROUPS[1]
+        elif op_type in INT8_KERNELS:
+            group = GROUPS[2]
+        elif op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            group = GROUPS[3]
+        elif op_type in ("MatMul", "FusedMatMul"):
+            group = GROUPS[4]
+        elif op_type in LAYOUT:
+            group = GROUPS[5]
+        else:
+            group = GROUPS[6]
+        groups[group] += ms
+    return groups
+
+
+def print_ceiling(models: dict[str, onnx.ModelProto], threads: int) -> None:
+    """Where each model's batch-1 time goes, and what INT8 could reach at best while the scan, the
+    projections and the layout work stay float (Amdahl: only the constant-weight layers get faster)."""
+    constant_weight = {n.name for n in quantizable_nodes(models["fp32"])}
+    feed = {"input": np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE), dtype=np.float32)}
+    table = {name: time_by_group(profile_nodes(m, feed, threads, runs=12), constant_weight) for name, m in models.items()}
+    print("\nWhere the time goes (plugin form, batch 1, ONNX Runtime kernel time in ms per run):\n")
+    print("| group | " + " | ".join(table) + " |")
+    print("|---|" + "---:|" * len(table))
+    for group in GROUPS:
+        print(f"| {group} | " + " | ".join(f"{t[group]:.1f}" for t in table.values()) + " |")
+    totals = {name: sum(t.values()) for name, t in table.items()}
+    print("| total | " + " | ".join(f"{v:.1f}" for v in totals.values()) + " |")
+    fp32 = table["fp32"]
+    total = totals["fp32"]
+    quantizable = fp32[GROUPS[1]]
+    projections = fp32[GROUPS[4]]
+    print(f"\nCeiling of fp32 / INT8 with the fp32 profile (Amdahl): constant-weight layers and Q/DQ free "
+          f"{total / (total - quantizable):.2f}×; the SS2D projections quantized and free too "
+          f"{total / (total - quantizable - projections):.2f}×. Measured (kernel time): "
+          + ", ".join(f"{name} {total / v:.2f}×" for name, v in totals.items() if name != "fp32") + ".")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
@@ -53,6 +108,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where each model's time goes and the Amdahl ceiling of the INT8 speedup")
     args = parser.parse_args()
 
     loaded = medmamba_t(args.checkpoint)
@@ -88,6 +145,8 @@ def main() -> None:
     for form, batch, name, median, best in rows:
         print(f"| {form} | {batch} | {name} | {median:.1f} | {best:.1f} | {median / batch:.1f} | "
               f"{fp32[(form, batch)] / median:.2f}× |")
+    if args.profile:
+        print_ceiling(models, args.threads)
 
 
 if __name__ == "__main__":

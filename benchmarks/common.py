@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -34,3 +36,31 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False) -> or
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> dict[tuple[str, str], float]:
+    """ONNX Runtime's own kernel time per node, ms per run, keyed by (node name, op type) as the profile names
+    them (after ONNX Runtime's fusions). A plugin-form model runs on the fused C scan."""
+    options = fused_scan.fused_session_options(threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = f"{tmp}/profile"
+        session = ort.InferenceSession(fused_scan.retarget_for_fused(model).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[tuple[str, str], float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = (event["name"].removesuffix("_kernel_time"), event["args"]["op_name"])
+            totals[key] = totals.get(key, 0.0) + event["dur"] / 1000 / (runs + 1)
+    return totals
+
+
+def profile_by_op_type(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> list[tuple[str, float]]:
+    """Kernel time summed by op type (ms per run), largest first."""
+    totals: dict[str, float] = {}
+    for (_, op_type), ms in profile_nodes(model, feed, threads, runs).items():
+        totals[op_type] = totals.get(op_type, 0.0) + ms
+    return sorted(totals.items(), key=lambda item: -item[1])
