@@ -317,7 +317,8 @@ cudaError_t launch(ScanParams const& p, cudaStream_t stream)
 {
     int const channelsPerGroup = p.channels / p.groups;
     dim3 const grid(p.groups * ((channelsPerGroup + kR - 1) / kR), p.batch);
-    selectiveScanKernel<T, kN, kStates, kWarpsPerChannel, kR, kItems><<<grid, kR * kWarpsPerChannel * kWarpSize, 0, stream>>>(p);
+    int const threads = kR * kWarpsPerChannel * kWarpSize;
+    selectiveScanKernel<T, kN, kStates, kWarpsPerChannel, kR, kItems><<<grid, threads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 

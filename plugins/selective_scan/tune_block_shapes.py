@@ -72,11 +72,13 @@ def main() -> int:
         source = Path(temp) / "scan_block_shapes.cu"
         source.write_text(sweep_source(HERE / "selective_scan_kernel.cu", shapes))
         library, seconds, arch = gpu_check.compile_launcher(Path(temp), source)
-        print(f"# block-shape sweep on {torch.cuda.get_device_name()} ({arch}, {len(shapes)} variants, built in {seconds:.0f} s)\n")
+        print(f"# block-shape sweep on {torch.cuda.get_device_name()} ({arch}, {len(shapes)} variants, "
+              f"built in {seconds:.0f} s)\n")
         scan = gpu_check.Launcher(library)  # the dispatcher, as shipped
         tune = scan.lib.medmamba_tune_launch
         tune.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
-        print("| dtype | batch | K*D x L | dispatcher us | best shape (states/warp, warps/channel, channels/block, items) | best us | dispatcher / best |")
+        print("| dtype | batch | K*D x L | dispatcher us "
+              "| best shape (states/warp, warps/channel, channels/block, items) | best us | dispatcher / best |")
         print("|---|---|---|---|---|---|---|")
         mismatches = []
         for ctype, dtype in DTYPES.items():
