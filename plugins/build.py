@@ -97,6 +97,15 @@ def find_nvcc() -> Path | None:
     return None
 
 
+def launcher_nvcc_command(
+    nvcc: Path, arch: str, output: Path, source: Path = SOURCE_DIR / "selective_scan_kernel.cu"
+) -> list[str]:
+    """One nvcc call that builds the launcher (or a file that includes the kernel) for one architecture such
+    as "87", without CMake: quicker, for the tests and the GPU check scripts. Only the C ABI is exported."""
+    return [str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+            "-gencode", f"arch=compute_{arch},code=sm_{arch}", str(source), "-o", str(output)]
+
+
 def pip_tensorrt_lib_dir() -> Path | None:
     """Directory of libnvinfer.so.* from the pip wheels (package ``tensorrt_libs``), without importing TensorRT."""
     try:

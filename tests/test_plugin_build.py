@@ -81,11 +81,7 @@ def launcher(tmp_path_factory) -> Path:
     if NVCC is None:
         pytest.skip("nvcc not found")
     out = tmp_path_factory.mktemp("nvcc") / build.LAUNCHER_LIBRARY
-    subprocess.run(
-        [str(NVCC), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-         "-gencode", f"arch=compute_{TEST_ARCH},code=sm_{TEST_ARCH}", str(SRC / "selective_scan_kernel.cu"), "-o", str(out)],
-        check=True, capture_output=True, text=True,
-    )
+    subprocess.run(build.launcher_nvcc_command(NVCC, TEST_ARCH, out), check=True, capture_output=True, text=True)
     return out
 
 

@@ -77,17 +77,14 @@ def load_build_module():
 
 def compile_launcher(out_dir: Path, source: Path = HERE / "selective_scan_kernel.cu") -> tuple[Path, float, str]:
     """Build `source` (the kernel, or a file that includes it) for the local GPU into a shared library."""
-    nvcc = load_build_module().find_nvcc()
+    build = load_build_module()
+    nvcc = build.find_nvcc()
     if nvcc is None:
         sys.exit("nvcc not found (set CUDACXX or CUDA_HOME)")
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     library = out_dir / f"lib{source.stem}.so"
-    command = [
-        str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-        "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-        str(source), "-o", str(library),
-    ]
+    command = build.launcher_nvcc_command(nvcc, arch, library, source) + ["-Xptxas", "-v"]  # -v: spills
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
