@@ -59,14 +59,15 @@ def time_by_group(profile: dict[tuple[str, str], float], constant_weight: set[st
     is one of the fp32 model's quantizable nodes, otherwise it is an SS2D projection."""
     groups = dict.fromkeys(GROUPS, 0.0)
     for (name, op_type), ms in profile.items():
+        # By op type first: an INT8 kernel can keep the name of the float layer it replaced.
         if op_type == "SelectiveScan":
             group = GROUPS[0]
-        elif op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") or name in constant_weight:
-            group = GROUPS[1]
         elif op_type in INT8_KERNELS:
             group = GROUPS[2]
         elif op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
             group = GROUPS[3]
+        elif op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm") or name in constant_weight:
+            group = GROUPS[1]
         elif op_type in ("MatMul", "FusedMatMul"):
             group = GROUPS[4]
         elif op_type in LAYOUT:

@@ -39,8 +39,9 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False) -> or
 
 
 def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> dict[tuple[str, str], float]:
-    """ONNX Runtime's own kernel time per node, ms per run, keyed by (node name, op type) as the profile names
-    them (after ONNX Runtime's fusions). A plugin-form model runs on the fused C scan."""
+    """ONNX Runtime's own kernel time per node, ms per run over ``runs`` runs after one warm-up run, keyed by
+    (node name, op type) as the profile names them (after ONNX Runtime's fusions). A plugin-form model runs
+    on the fused C scan."""
     options = fused_scan.fused_session_options(threads)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,11 +51,13 @@ def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    warm_up = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    timed_from = warm_up["ts"] + warm_up["dur"]
     totals: dict[tuple[str, str], float] = {}
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= timed_from:
             key = (event["name"].removesuffix("_kernel_time"), event["args"]["op_name"])
-            totals[key] = totals.get(key, 0.0) + event["dur"] / 1000 / (runs + 1)
+            totals[key] = totals.get(key, 0.0) + event["dur"] / 1000 / runs
     return totals
 
 
