@@ -30,6 +30,14 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def write_json(path: Path, data: dict) -> None:
+    import json
+
+    from medmamba_edge.runtime.files import write_bytes_atomically
+
+    write_bytes_atomically(path, json.dumps(data, indent=2).encode())
+
+
 def parse_input_size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
@@ -263,8 +271,6 @@ def evaluate(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every metric to this JSON file.")] = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
-    import json
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from medmamba_edge import evaluation
@@ -291,8 +297,7 @@ def evaluate(
     for path in written:
         out.print(f"wrote {path}")
     if json_file:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(report.to_dict(), indent=2))
+        write_json(json_file, report.to_dict())
         out.print(f"wrote {json_file}")
     for m in report.gate_failures:
         fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.2f} points below "
@@ -311,8 +316,6 @@ def benchmark(
     plot: Annotated[Optional[Path], typer.Option(help="Write a latency bar chart (PNG) here.")] = None,
 ) -> None:
     """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
-    import json
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
     from medmamba_edge import benchmarking
@@ -337,8 +340,7 @@ def benchmark(
         fail(str(exc))
     out.print(report.markdown(), markup=False, highlight=False, soft_wrap=True)
     if json_file:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(report.to_dict(), indent=2))
+        write_json(json_file, report.to_dict())
         written.append(json_file)
     for path in written:
         out.print(f"wrote {path}")
