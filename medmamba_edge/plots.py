@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.files import write_bytes_atomically
 
 
 def _pyplot():
@@ -22,9 +24,10 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(figure)
+    write_bytes_atomically(path, png.getvalue())
     return path
 
 
