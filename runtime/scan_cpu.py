@@ -2,7 +2,9 @@
 
 ``selective_scan`` has the semantics of ``medmamba_edge.scan.selective_scan_ref`` and the
 ``SelectiveScan`` node contract (``runtime/scan_node.py``); it runs a C kernel vectorised across
-channels (AVX-512 / AVX2 / NEON, picked at load time on x86-64) on ``num_threads`` pthreads.
+channels on ``num_threads`` pthreads. On x86-64 the kernel is compiled for AVX-512, AVX2 and the
+baseline and runs the widest path the CPU supports, or the one $MEDMAMBA_EDGE_SCAN_ISA forces (read on
+every call; ``isa()`` says which); elsewhere (NEON on aarch64) there is one path, ``baseline``.
 
 The extension is optional (built by ``setup.py`` when a compiler is present): check ``available()``;
 ``unavailable_reason()`` says why it is not.
@@ -26,6 +28,12 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
     )
 
 THREADS_ENV = "MEDMAMBA_EDGE_SCAN_THREADS"
+ISA_ENV = "MEDMAMBA_EDGE_SCAN_ISA"
+# What each path needs from the CPU (gcc's x86-64 micro-architecture levels), for error messages.
+ISA_REQUIREMENTS = {
+    "avx512": "AVX-512 (F, BW, CD, DQ, VL: x86-64-v4)",
+    "avx2": "AVX2 and FMA (x86-64-v3)",
+}
 
 
 def available() -> bool:
@@ -36,6 +44,36 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why ``available()`` is False ("" when it is True)."""
     return _IMPORT_ERROR or ""
+
+
+def compiled_isas() -> tuple[str, ...]:
+    """The paths this build of the kernel holds, widest first."""
+    if _ext is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    return _ext.ISAS
+
+
+def cpu_supports(isa_name: str) -> bool:
+    """Whether this CPU can run the compiled path ``isa_name`` (ValueError if the build has no such path)."""
+    if _ext is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    return _ext.cpu_supports(isa_name)
+
+
+def isa() -> str:
+    """The path ``selective_scan`` runs: $MEDMAMBA_EDGE_SCAN_ISA if set, else the widest this CPU supports.
+
+    ValueError if the variable names no path of this build, RuntimeError if this CPU cannot run it.
+    """
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return next(name for name in compiled_isas() if cpu_supports(name))
+    if forced not in compiled_isas():
+        raise ValueError(f"{ISA_ENV}={forced!r}: this build of the CPU scan has the paths "
+                         f"{', '.join(compiled_isas())}")
+    if not cpu_supports(forced):
+        raise RuntimeError(f"{ISA_ENV}={forced}: this CPU cannot run it, it lacks {ISA_REQUIREMENTS[forced]}")
+    return forced
 
 
 def default_num_threads() -> int:
@@ -80,8 +118,8 @@ def selective_scan(
     u, delta: (batch, channels, length); A: (channels, d_state); B, C: (batch, groups, d_state, length);
     D, delta_bias: (channels,). Inputs of another dtype or layout are converted to C-contiguous float32.
     Returns y, float32 with u's shape (``out`` if given: a writable C-contiguous float32 array of that
-    shape, not sharing memory with any input). Raises ValueError on bad shapes, RuntimeError if the
-    extension is not built.
+    shape, not sharing memory with any input). Runs the path ``isa()`` names. Raises ValueError on bad
+    shapes, RuntimeError if the extension is not built; $MEDMAMBA_EDGE_SCAN_ISA errors as ``isa()``.
     """
     if _ext is None:
         raise RuntimeError(_IMPORT_ERROR)
@@ -106,5 +144,5 @@ def selective_scan(
     if num_threads is None:
         num_threads = default_num_threads()
     num_threads = max(1, int(num_threads))
-    _ext.selective_scan(*arrays, out, bool(delta_softplus), num_threads)
+    _ext.selective_scan(*arrays, out, bool(delta_softplus), num_threads, isa())
     return out

@@ -3,6 +3,7 @@ entry point (runtime/fused_scan.py) must match the reference scan."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -68,6 +69,68 @@ def test_matches_reference(batch, channels, length, groups, d_state, softplus):
     arrays = make_inputs(batch, channels, length, groups, d_state, softplus=softplus)
     y = scan_cpu.selective_scan(*arrays, delta_softplus=softplus, num_threads=2)
     assert_close(y, reference(arrays, softplus))
+
+
+# Every compiled path (x86-64: AVX-512, AVX2, baseline) is checked on any CPU able to run it, so an
+# AVX2-only machine still tests the baseline path and an AVX-512 one all three.
+ALL_ISAS = ("avx512", "avx2", "baseline")
+
+
+def require_isa(isa: str) -> None:
+    if isa not in scan_cpu.compiled_isas():
+        pytest.skip(f"this build ({platform.machine()}) has no {isa} path, only {', '.join(scan_cpu.compiled_isas())}")
+    if not scan_cpu.cpu_supports(isa):
+        pytest.skip(f"this CPU lacks {scan_cpu.ISA_REQUIREMENTS[isa]} for the {isa} path")
+
+
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "no-softplus"])
+@pytest.mark.parametrize("batch,channels,length,groups,d_state", [
+    pytest.param(2, 1536, 49, 4, 16, id="stage3-1536ch-b2"),  # N = 16: the constant-trip-count copy
+    pytest.param(1, 42, 77, 2, 16, id="G2-21-per-group"),  # a partial channel block, a partial tile
+    pytest.param(2, 24, 70, 2, 7, id="N7"),  # the generic-N copy
+])
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_each_forced_path_matches_reference(isa, batch, channels, length, groups, d_state, softplus, monkeypatch):
+    require_isa(isa)
+    monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
+    assert scan_cpu.isa() == isa
+    arrays = make_inputs(batch, channels, length, groups, d_state, softplus=softplus)
+    y = scan_cpu.selective_scan(*arrays, delta_softplus=softplus, num_threads=2)
+    assert_close(y, reference(arrays, softplus))
+
+
+def test_forcing_a_path_changes_the_code_that_runs(monkeypatch):
+    # The AVX2 path contracts multiply-adds into FMAs, the baseline (SSE2) cannot: their last bits differ.
+    require_isa("avx2")
+    arrays = make_inputs(1, 64, 200, 4, 16, seed=9)
+    outputs = {}
+    for isa in ("avx2", "baseline"):
+        monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
+        outputs[isa] = scan_cpu.selective_scan(*arrays, num_threads=1)
+    assert not np.array_equal(outputs["avx2"], outputs["baseline"])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_forcing_a_path_the_cpu_lacks_is_refused(isa, monkeypatch):
+    if isa not in scan_cpu.compiled_isas():
+        pytest.skip(f"this build ({platform.machine()}) has no {isa} path")
+    if scan_cpu.cpu_supports(isa):
+        pytest.skip(f"this CPU runs the {isa} path; the refusal needs one without {scan_cpu.ISA_REQUIREMENTS[isa]}")
+    monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
+    with pytest.raises(RuntimeError, match=f"{scan_cpu.ISA_ENV}={isa}: this CPU cannot run it, it lacks"):
+        scan_cpu.selective_scan(*make_inputs(1, 16, 8, 1, 4))
+
+
+def test_an_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setenv(scan_cpu.ISA_ENV, "avx1024")
+    with pytest.raises(ValueError, match=f"{scan_cpu.ISA_ENV}='avx1024': this build of the CPU scan has the paths"):
+        scan_cpu.selective_scan(*make_inputs(1, 16, 8, 1, 4))
+    # The extension refuses too, so no caller can reach code this CPU cannot run.
+    from medmamba_edge.runtime import _scan_cpu
+
+    arrays = make_inputs(1, 16, 8, 1, 4)
+    with pytest.raises(ValueError, match="unknown scan path 'avx1024'"):
+        _scan_cpu.selective_scan(*arrays, np.empty_like(arrays[0]), True, 1, "avx1024")
 
 
 def test_large_deltas_and_softplus_threshold():

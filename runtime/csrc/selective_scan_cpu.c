@@ -15,8 +15,10 @@
  *      polynomial exp2, h = dA h + (delta u) B[n], y += C[n] h  (vectorised over the 16 lanes);
  *   3. y tile transposed back, plus D u, into the output rows.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
- * four q registers on NEON).  On x86-64 (-DMEDMAMBA_TARGET_CLONES) the hot function is compiled for
- * x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline, and picked at load time.
+ * four q registers on NEON).  With gcc on x86-64 the hot function is compiled three times, for
+ * x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline (SSE2); each call runs the path it is
+ * given, by default the widest this CPU supports.  Explicit copies rather than target_clones, so that
+ * every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and tested on any CPU able to run it.
  *
  * Threads: pthreads (not OpenMP, torch ships its own libgomp) pull work items from an atomic counter;
  * the GIL is released while computing.  Results do not depend on the thread count.
@@ -46,10 +48,12 @@
 #define VW 16  /* channels per vector block */
 #define TT 64  /* time steps per tile */
 
-#if defined(MEDMAMBA_TARGET_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+/* gcc >= 12 knows the x86-64-v3/v4 level names for target() and __builtin_cpu_supports(); elsewhere
+ * (aarch64, clang, older gcc) the baseline path is the only one. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define MM_X86_PATHS 1
 #else
-#define MM_CLONES
+#define MM_X86_PATHS 0
 #endif
 
 #define MM_INLINE static inline __attribute__((always_inline))
@@ -210,9 +214,9 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
     }
 }
 
-/* One work item: batch b, channels [c0, c0 + nch) (all in group g), the whole sequence. */
-MM_CLONES
-static void scan_block(const scan_args *a, scan_scratch *restrict s, Py_ssize_t b, Py_ssize_t c0, int nch) {
+/* One work item: batch b, channels [c0, c0 + nch) (all in group g), the whole sequence.  Always inlined
+ * into one wrapper per instruction set below, which is where it gets vectorised. */
+MM_INLINE void scan_block(const scan_args *a, scan_scratch *restrict s, Py_ssize_t b, Py_ssize_t c0, int nch) {
     const Py_ssize_t KD = a->channels, L = a->length, N = a->d_state, G = a->groups;
     const Py_ssize_t g = c0 / (KD / G);
     const float *Bg = a->B + (b * G + g) * N * L;
@@ -281,12 +285,58 @@ static void scan_block(const scan_args *a, scan_scratch *restrict s, Py_ssize_t 
     }
 }
 
+typedef void (*scan_block_fn)(const scan_args *, scan_scratch *restrict, Py_ssize_t, Py_ssize_t, int);
+
+#if MM_X86_PATHS
+__attribute__((target("arch=x86-64-v4"))) static void scan_block_avx512(const scan_args *a, scan_scratch *restrict s,
+                                                                         Py_ssize_t b, Py_ssize_t c0, int nch) {
+    scan_block(a, s, b, c0, nch);
+}
+
+__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const scan_args *a, scan_scratch *restrict s,
+                                                                       Py_ssize_t b, Py_ssize_t c0, int nch) {
+    scan_block(a, s, b, c0, nch);
+}
+#endif
+
+static void scan_block_baseline(const scan_args *a, scan_scratch *restrict s, Py_ssize_t b, Py_ssize_t c0, int nch) {
+    scan_block(a, s, b, c0, nch);
+}
+
+/* The compiled paths, widest first. */
+typedef struct {
+    const char *name;
+    scan_block_fn fn;
+} scan_path;
+
+static const scan_path PATHS[] = {
+#if MM_X86_PATHS
+    {"avx512", scan_block_avx512},
+    {"avx2", scan_block_avx2},
+#endif
+    {"baseline", scan_block_baseline},
+};
+#define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
+
+/* Whether this CPU (and OS: libgcc checks the XCR0 register state too) can run PATHS[i]. */
+static int path_supported(int i) {
+#if MM_X86_PATHS
+    __builtin_cpu_init();
+    if (PATHS[i].fn == scan_block_avx512) return __builtin_cpu_supports("x86-64-v4");
+    if (PATHS[i].fn == scan_block_avx2) return __builtin_cpu_supports("x86-64-v3");
+#else
+    (void)i;
+#endif
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Threading
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct {
     const scan_args *args;
+    scan_block_fn block;
     Py_ssize_t blocks_per_group, blocks_per_batch, total;
     atomic_llong next;
     atomic_int failed;
@@ -346,7 +396,7 @@ static void *scan_worker(void *arg) {
         const Py_ssize_t k = rem % job->blocks_per_group;
         const Py_ssize_t first = k * VW;
         const int nch = (int)((cpg - first) < VW ? (cpg - first) : VW);
-        scan_block(a, s, b, g * cpg + first, nch);
+        job->block(a, s, b, g * cpg + first, nch);
     }
     fp_mode_leave(mode);
     free(state);
@@ -355,11 +405,12 @@ static void *scan_worker(void *arg) {
 }
 
 /* Returns 0 on success, -1 if memory for the scratch could not be allocated. */
-static int run_scan(const scan_args *a, int num_threads) {
+static int run_scan(const scan_args *a, scan_block_fn block, int num_threads) {
     if (a->batch == 0 || a->channels == 0 || a->length == 0) return 0;
     scan_job job;
     const Py_ssize_t cpg = a->channels / a->groups;
     job.args = a;
+    job.block = block;
     job.blocks_per_group = (cpg + VW - 1) / VW;
     job.blocks_per_batch = job.blocks_per_group * a->groups;
     job.total = job.blocks_per_batch * a->batch;
@@ -410,17 +461,60 @@ static void shape_str(const Py_buffer *v, char *buf, size_t n) {
 
 static const char *const ARG_NAMES[8] = {"u", "delta", "A", "B", "C", "D", "delta_bias", "out"};
 
+/* The index in PATHS of the path called `name`; -1 with ValueError set if none is. */
+static int find_path(const char *name) {
+    for (int i = 0; i < N_PATHS; i++) {
+        if (strcmp(PATHS[i].name, name) == 0) return i;
+    }
+    char names[64] = "";
+    for (int i = 0; i < N_PATHS; i++) {
+        if (i) strcat(names, ", ");
+        strcat(names, PATHS[i].name);
+    }
+    PyErr_Format(PyExc_ValueError, "unknown scan path '%s'; this build has %s", name, names);
+    return -1;
+}
+
+/* The path a call runs: `name`, refused (RuntimeError) if this CPU cannot run it, or by default the
+ * widest this CPU supports. */
+static scan_block_fn choose_path(const char *name) {
+    if (name == NULL) {
+        for (int i = 0; i < N_PATHS; i++) {
+            if (path_supported(i)) return PATHS[i].fn;
+        }
+    }
+    int i = find_path(name);
+    if (i < 0) return NULL;
+    if (!path_supported(i)) {
+        PyErr_Format(PyExc_RuntimeError, "this CPU cannot run the '%s' scan path", name);
+        return NULL;
+    }
+    return PATHS[i].fn;
+}
+
+static PyObject *py_cpu_supports(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL) return NULL;
+    int i = find_path(name);
+    if (i < 0) return NULL;
+    return PyBool_FromLong(path_supported(i));
+}
+
 static PyObject *py_selective_scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"u", "delta", "A", "B", "C", "D", "delta_bias", "out",
-                             "delta_softplus", "num_threads", NULL};
+                             "delta_softplus", "num_threads", "isa", NULL};
     PyObject *objs[8];
     int delta_softplus = 1;
     int num_threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|pi:selective_scan", kwlist, &objs[0], &objs[1],
+    const char *isa = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|piz:selective_scan", kwlist, &objs[0], &objs[1],
                                      &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7],
-                                     &delta_softplus, &num_threads))
+                                     &delta_softplus, &num_threads, &isa))
         return NULL;
+    const scan_block_fn block = choose_path(isa);
+    if (block == NULL) return NULL;
 
     Py_buffer v[8];
     int got = 0;
@@ -509,7 +603,7 @@ static PyObject *py_selective_scan(PyObject *self, PyObject *args, PyObject *kwa
     };
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = run_scan(&sa, num_threads);
+    rc = run_scan(&sa, block, num_threads);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -529,7 +623,11 @@ static PyMethodDef scan_methods[] = {
      "Selective scan (MedMamba/mamba_ssm semantics, grouped B/C, float32 state) into `out`.\n"
      "u, delta, out: (batch, channels, length); A: (channels, d_state); B, C: (batch, groups, d_state, length);\n"
      "D, delta_bias: (channels,). All float32, C-contiguous buffers; `out` writable and not aliasing B or C.\n"
-     "Raises ValueError on bad shapes or dtypes. Releases the GIL; uses `num_threads` pthreads."},
+     "isa: one of ISAS, by default the widest this CPU supports.\n"
+     "Raises ValueError on bad shapes, dtypes or an unknown isa, RuntimeError on an isa this CPU cannot run.\n"
+     "Releases the GIL; uses `num_threads` pthreads."},
+    {"cpu_supports", py_cpu_supports, METH_O,
+     "cpu_supports(isa) -> bool: whether this CPU can run the compiled path `isa` (one of ISAS)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -544,6 +642,25 @@ static struct PyModuleDef scan_module = {
 PyMODINIT_FUNC PyInit__scan_cpu(void) {
     PyObject *m = PyModule_Create(&scan_module);
     if (m == NULL) return NULL;
+    PyObject *isas = PyTuple_New(N_PATHS);
+    if (isas == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (int i = 0; i < N_PATHS; i++) {
+        PyObject *name = PyUnicode_FromString(PATHS[i].name);
+        if (name == NULL) {
+            Py_DECREF(isas);
+            Py_DECREF(m);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(isas, i, name);
+    }
+    if (PyModule_AddObject(m, "ISAS", isas) < 0) {
+        Py_DECREF(isas);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddIntConstant(m, "BLOCK_CHANNELS", VW) < 0 || PyModule_AddIntConstant(m, "TILE_STEPS", TT) < 0) {
         Py_DECREF(m);
         return NULL;
