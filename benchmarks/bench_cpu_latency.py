@@ -14,7 +14,6 @@ models (any backend, precision, batch) with percentiles and peak memory, use `me
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from medmamba_edge.benchmarking import timed
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_cpu
+from medmamba_edge.runtime.cpu import describe_cpu
 
 from common import cpu_session, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
 
@@ -106,7 +106,7 @@ def main() -> None:
             samples = timed(fn, warmup, iterations)
             rows.append((name, batch, statistics.median(samples), min(samples), len(samples)))
 
-    print(f"\nMedMamba-T {SIZE}×{SIZE}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, ONNX {size_mb:.0f} MB\n")
     print("| what | batch | median ms | min ms | runs | ms/image | × baseline |")
     print("|---|---:|---:|---:|---:|---:|---:|")

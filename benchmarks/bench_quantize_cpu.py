@@ -15,7 +15,6 @@ its inputs and the layout work in float can gain on this CPU (Amdahl's law on th
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.exporters.quantize import quantizable_nodes, quantize_onnx
 from medmamba_edge.runtime import scan_cpu
+from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 
 from common import cpu_session, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
@@ -138,7 +138,7 @@ def main() -> None:
             rows += [(form, batch, name, statistics.median(t), min(t)) for name, t in samples.items()]
         del sessions
 
-    print(f"\nMedMamba-T {SIZE}×{SIZE}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
           f"onnxruntime {ort.__version__}, {args.iterations} interleaved rounds\n")
     print("| form | batch | model | median ms | min ms | ms/image | fp32 / this (median) |")
     print("|---|---:|---|---:|---:|---:|---:|")

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from medmamba_edge.runtime.backends import open_backend
+from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.preprocess import preprocess_one, read_image
 from medmamba_edge.runtime.sinks import JsonlSink
@@ -86,7 +87,7 @@ def main() -> None:
     video = make_video(args.workdir / f"busi_{args.frames}.avi", args.frames)
     models = [export(size, args.scan, args.workdir) for size in args.sizes] + args.model
     rows = [measure(m, video, args.batch, args.threads, args.workdir) for m in models]
-    print(f"\n{video.name}: {args.frames} BUSI frames 256×256 MJPEG, ONNX Runtime CPU, batch {args.batch}, "
+    print(f"\n{video.name}: {args.frames} BUSI frames 256×256 MJPEG, ONNX Runtime on {describe_cpu()}, batch {args.batch}, "
           f"threads {args.threads or 'default'}")
     header = f"{'model':42} {'FPS':>7} {'model ms/frame':>15} {'model share':>12} {'overhead':>9} {'decode ms':>10} {'preproc ms':>11} {'p50 ms':>8}"
     print(header)

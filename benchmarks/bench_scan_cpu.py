@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 
 from medmamba_edge.runtime import scan_cpu, scan_node
+from medmamba_edge.runtime.cpu import describe_cpu
 
 # MedMamba-T, 224x224: (K*D, L) per stage, scans per image. N = 16 states, G = 4 groups.
 STAGES = [(384, 3136, 2), (768, 784, 2), (1536, 196, 4), (3072, 49, 2)]
@@ -153,8 +153,8 @@ def main() -> None:
                 + (["–"] if ref_fn else []))
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    cpu = platform.processor() or platform.machine()
-    print(f"Selective scan, MedMamba-T 224x224 (N={D_STATE}, G={GROUPS}); {os.cpu_count()} CPUs ({cpu}); "
+    print(f"Selective scan, MedMamba-T 224x224 (N={D_STATE}, G={GROUPS}); {os.cpu_count()} CPUs ({describe_cpu()}), "
+          f"{scan_cpu.isa()} kernel path; "
           f"load average {load_before:.2f} -> {load_after:.2f}.\n"
           f"ms per image: best wall time of {args.repeats} runs (batch 8: of {max(3, args.repeats // 4)}), "
           "and in parentheses the best process CPU time (all threads; unaffected by other load)\n")

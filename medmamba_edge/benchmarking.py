@@ -31,6 +31,7 @@ import numpy as np
 
 from medmamba_edge.errors import UserError
 from medmamba_edge.evaluation import checkpoint_input_size
+from medmamba_edge.runtime.cpu import describe_cpu
 
 DEFAULT_BATCHES = (1, 8)
 ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
@@ -61,18 +62,10 @@ def _installed(package: str) -> str | None:
 
 
 def machine_info(threads: int | None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):  # x86; Arm boards name it differently
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "onnxruntime-extensions",
                                                    "torch", "tensorrt")}
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+    return {"cpu": describe_cpu(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "threads": threads if threads else f"backend default ({usable})",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "versions": {k: v for k, v in versions.items() if v}}

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.cli import app
+from medmamba_edge.runtime.cpu import describe_cpu
 from tests.exported_models import bundled_onnx
 
 runner = CliRunner()
@@ -18,8 +19,9 @@ def test_benchmark_writes_table_json_and_plot(tmp_path_factory, tmp_path):
     assert result.exit_code == 0, result.output
     assert "| model | backend | precision | input | batch | p50 ms | p90 ms | p99 ms |" in result.output
     assert "| bundled32.onnx | ONNX Runtime" in result.output and "onnxruntime" in result.output
+    assert f"\n{describe_cpu()}, " in result.output, "the table is headed by the CPU and its instruction set"
     report = json.loads((tmp_path / "b.json").read_text())
-    assert report["machine"]["cpu"] and report["machine"]["threads"] == 1
+    assert report["machine"]["cpu"] == describe_cpu() and report["machine"]["threads"] == 1
     rows = report["measurements"]
     assert [r["batch"] for r in rows] == [1, 2]
     for row in rows:

@@ -1,0 +1,58 @@
+"""The CPU a figure was measured on, in one line: its model and the instruction set its kernels use.
+
+ONNX Runtime's INT8 kernels, and so INT8 speed and even accuracy, differ with the instruction set
+(VNNI's vpdpbusd accumulates in int32, AVX2's vpmaddubsw saturates in int16; AMX has its own tiles), so
+every speed or INT8 figure this package prints names it, e.g. "Intel Xeon Processor, AVX-512 VNNI, AMX-INT8"
+or "AMD EPYC 7763 64-Core Processor, AVX2".
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import re
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def instruction_set(flags: set[str]) -> str:
+    """The widest SIMD level in /proc/cpuinfo ``flags`` (x86 "flags" or Arm "Features"), plus its INT8
+    dot-product extensions; "" when none is known."""
+    if "avx512f" in flags:
+        parts = ["AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512"]
+    elif "avx2" in flags:
+        parts = ["AVX2 AVX-VNNI" if "avx_vnni" in flags else "AVX2"]
+    elif "asimd" in flags:
+        parts = ["NEON dotprod" if "asimddp" in flags else "NEON"]
+    elif "sse2" in flags:
+        parts = ["SSE2"]
+    else:
+        parts = []
+    if "amx_int8" in flags:
+        parts.append("AMX-INT8")
+    return ", ".join(parts)
+
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo ``text``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    model = fields.get("model name") or fields.get("model") or fields.get("hardware") or ""
+    return model, set((fields.get("flags") or fields.get("features") or "").split())
+
+
+@functools.cache
+def describe_cpu() -> str:
+    """"<model>, <instruction set>" for this machine, from /proc/cpuinfo (Linux) or ``platform`` elsewhere."""
+    try:
+        model, flags = parse_cpuinfo(CPUINFO.read_text(errors="replace"))
+    except OSError:
+        model, flags = "", set()
+    model = re.sub(r"\s+", " ", re.sub(r"\((R|TM|tm)\)", "", model)).strip()
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    isa = instruction_set(flags)
+    return f"{model}, {isa}" if isa else model

@@ -1,0 +1,50 @@
+"""runtime/cpu.py: the CPU line every speed and INT8 figure carries, from /proc/cpuinfo as each kind of
+machine writes it."""
+
+import pytest
+
+from medmamba_edge.runtime import cpu
+
+EPYC_AVX2 = """processor	: 0
+vendor_id	: AuthenticAMD
+model		: 1
+model name	: AMD EPYC 7763 64-Core Processor
+flags		: fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c bmi1 avx2 bmi2 sha_ni
+"""
+XEON_VNNI = """processor	: 0
+model		: 143
+model name	: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags		: sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni amx_tile amx_int8
+"""
+SKYLAKE_X = "model name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz\nflags\t\t: sse2 avx2 fma avx512f avx512bw\n"
+ORIN = "processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\nCPU part\t: 0xd42\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (EPYC_AVX2, "AMD EPYC 7763 64-Core Processor, AVX2"),
+    (XEON_VNNI, "Intel Xeon Platinum 8481C CPU @ 2.70GHz, AVX-512 VNNI, AMX-INT8"),
+    (SKYLAKE_X, "Intel Xeon Gold 6148 CPU @ 2.40GHz, AVX-512"),  # AVX-512 without VNNI: vpmaddubsw saturates
+], ids=["epyc-avx2", "xeon-vnni-amx", "skylake-avx512"])
+def test_names_the_model_and_the_instruction_set(text, expected, tmp_path, monkeypatch):
+    (tmp_path / "cpuinfo").write_text(text)
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+    cpu.describe_cpu.cache_clear()
+    try:
+        assert cpu.describe_cpu() == expected
+    finally:
+        cpu.describe_cpu.cache_clear()
+
+
+def test_arm_without_a_model_name_falls_back_to_platform(tmp_path, monkeypatch):
+    (tmp_path / "cpuinfo").write_text(ORIN)
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(cpu.platform, "processor", lambda: "")
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    cpu.describe_cpu.cache_clear()
+    try:
+        assert cpu.describe_cpu() == "aarch64, NEON dotprod"
+        monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "absent")  # not Linux
+        cpu.describe_cpu.cache_clear()
+        assert cpu.describe_cpu() == "aarch64"
+    finally:
+        cpu.describe_cpu.cache_clear()
