@@ -1,29 +1,131 @@
-"""File helpers shared by every stage: content hashes (checkpoints, ONNX, plugin libraries),
-write-then-rename, so a crashed or refused run never leaves a half-written file behind, and the one
-cache folder (plugin builds, TensorRT engines, ONNX Runtime's TensorRT EP engines)."""
+"""File helpers shared by every stage: content hashes (checkpoints, ONNX, plugin libraries), the one
+output writer (``AtomicOutput``: write-then-rename, so a crashed or refused run never leaves a
+half-written file under the target name), and the one cache folder (plugin builds, TensorRT engines,
+ONNX Runtime's TensorRT EP engines)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
+
+from medmamba_edge.errors import UserError
 
 CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
 
 
-def write_bytes_atomically(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class OutputError(UserError):
+    """An output file that cannot be created or written (a folder, no permission, a full disk)."""
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _streamed_in_place(path: Path) -> bool:
+    """Whether ``path`` is written where it is, as a stream: a FIFO or device (/dev/full), or one of
+    the process's file descriptors (/dev/stdout, /dev/fd/N: links to whatever stdout is, even a
+    regular file). Renaming a temporary file over those would replace the device node or the link."""
+    absolute = path.absolute()
+    if str(absolute) in ("/dev/stdout", "/dev/stderr") or re.fullmatch(r"/proc/(self|\d+)/fd",
+                                                                         os.path.realpath(absolute.parent)):
+        return True
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:  # does not exist yet (or a dangling link): created by the rename
+        return False
+
+
+class AtomicOutput:
+    """One output file. A regular file is written to a unique temporary file beside the target
+    (``.NAME.XXXXXXXX.partial.SUFFIX``: unique, so two runs given the same target never share it; the
+    suffix kept, so OpenCV still picks the container) and renamed over the target by ``commit``, with
+    the permissions a new file gets under the umask (mkstemp alone would leave 0600). Special files
+    (FIFOs, devices, /dev/stdout) are written in place, as a stream.
+
+    ``write`` writes whole chunks (records): when the disk fills up, the file is cut back to the last
+    whole chunk and ``OutputError`` says what was kept, so a committed file never ends in a torn line.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.in_place = _streamed_in_place(self.path)
+        self.written = 0  # bytes of whole chunks
+        self.handle = None
+        if self.in_place:
+            self.write_path = self.path
+            return
+        if self.path.is_dir():
+            raise OutputError(f"{self.path}: is a folder, expected a file name")
+        # A link to a file: replace the file it points to, keep the link.
+        self.target = Path(os.path.realpath(self.path))
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=f".{self.target.stem}.", suffix=f".partial{self.target.suffix}",
+                                        dir=self.target.parent)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
+        os.close(fd)
+        self.write_path = Path(temp)
+
+    def open(self) -> None:
+        """Open for ``write`` (streams opened for appending: /dev/stdout redirected to a file keeps what
+        is already there)."""
+        try:
+            self.handle = open(self.write_path, "ab" if self.in_place else "wb", buffering=0)
+        except OSError as exc:
+            self.discard()
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def write(self, data: bytes) -> None:
+        if self.handle is None:
+            self.open()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.handle.write(view):]
+        except OSError as exc:
+            if not self.in_place:
+                self.handle.truncate(self.written)
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or errno.errorcode.get(exc.errno, exc)}); "
+                              f"the output ends after the last complete record ({self.written} bytes)") from None
+        self.written += len(data)
+
+    def commit(self) -> None:
+        """Close, and rename a temporary file into place (readable as the umask allows)."""
+        self._close_handle()
+        if not self.in_place and self.write_path.exists():
+            os.chmod(self.write_path, 0o666 & ~_umask())
+            os.replace(self.write_path, self.target)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file: the target is left as it was."""
+        self._close_handle()
+        if not self.in_place:
+            self.write_path.unlink(missing_ok=True)
+
+    def _close_handle(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.close()
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``AtomicOutput``: complete or not at all."""
+    output = AtomicOutput(path)
+    try:
+        output.write(data)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        output.discard()
         raise
+    output.commit()
 
 
 def sha256_file(path: str | Path) -> str:

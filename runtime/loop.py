@@ -1,8 +1,9 @@
 """The run loop, as jetson-inference's imagenet.py: capture → infer → overlay/render → status.
 
 Capture (decode + preprocess) runs in its own thread (``sources.Capture``); this thread batches frames,
-runs the backend and hands every frame's ``Record`` to the sinks. Ctrl-C stops after the current batch;
-the sinks are always closed, so output files are complete, and the caller prints the summary.
+runs the backend and hands every frame's ``Record`` to the sinks. Ctrl-C, SIGTERM and SIGHUP stop after
+the current batch; the sinks are always closed, so output files are complete, and the caller prints the
+summary. An output that fails (a full disk) ends the run the same way, with its error in the stats.
 """
 
 from __future__ import annotations
@@ -54,24 +55,29 @@ def open_model(path, backend: str = "auto", precision: str | None = None, status
     return open_backend(engine, **options)
 
 
+# SIGTERM and SIGHUP are how systemd, docker and a closed terminal stop a service: the same as Ctrl-C.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextmanager
-def stop_on_sigint(notify):
-    """First Ctrl-C sets the event (finish the batch, close outputs); a second one aborts at once."""
+def stop_on_signals(notify):
+    """The first stop signal sets the event (finish the batch, close outputs); a second one aborts at once."""
     stop = threading.Event()
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        notify("stopping: finishing the current batch and closing outputs (Ctrl-C again to abort)")
+        notify(f"stopping on {signal.Signals(signum).name}: finishing the current batch and closing outputs "
+               f"(again to abort)")
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, handler) if main else None
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if main else {}
     try:
         yield stop
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
 
 
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print) -> Stats:
@@ -80,6 +86,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
+    active, failed = list(sinks), []  # a sink that failed (a full disk) gets no more records
 
     def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
         record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
@@ -91,14 +98,25 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
             if record.probabilities[0] < options.threshold:
                 record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {options.threshold:.0%}"
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-        for sink in sinks:
-            sink.write(record, frame.image, fps)
+        for sink in list(active):
+            try:
+                sink.write(record, frame.image, fps)
+            except UserError as exc:
+                active.remove(sink)
+                failed.append(exc)
+                close(sink)
         stats.add(record)
 
-    with stop_on_sigint(notify) as interrupted:
+    def close(sink: Sink) -> None:
+        try:
+            sink.close()
+        except UserError as exc:
+            failed.append(exc)
+
+    with stop_on_signals(notify) as interrupted:
         capture.start()
         try:
-            while not interrupted.is_set() and not any(getattr(s, "stop_requested", False) for s in sinks):
+            while not interrupted.is_set() and not failed and not any(getattr(s, "stop_requested", False) for s in sinks):
                 frames = capture.next_batch(options.batch)
                 for frame in capture.take_dropped():
                     emit(frame, "dropped", reason="inference slower than the source")
@@ -107,22 +125,28 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 usable = [f for f in frames if f.error is None]
                 if usable:
                     started = time.perf_counter()
-                    probs = iter(softmax(backend.run(np.stack([f.tensor for f in usable]))))
+                    logits = backend.run(np.stack([f.tensor for f in usable]))
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
+                    rows = iter(logits)
                 for frame in frames:
                     if frame.error:
                         emit(frame, "skipped", reason=frame.error)
-                    else:
-                        emit(frame, "ok", next(probs))
+                        continue
+                    row = next(rows)
+                    if np.isfinite(row).all():
+                        emit(frame, "ok", softmax(row[None])[0])
+                    else:  # a broken model or an input it overflows on: no label is better than a random one
+                        emit(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
         finally:
             for frame in capture.stop():
                 emit(frame, "skipped", reason="run stopped before inference")
             for frame in capture.take_dropped():
                 emit(frame, "dropped", reason="inference slower than the source")
             stats.finished = time.perf_counter()
-            for sink in sinks:
-                sink.close()
+            for sink in active:
+                close(sink)
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
-    stats.error = str(capture.failure) if capture.failure else None
+    errors = [str(e) for e in failed] + ([str(capture.failure)] if capture.failure else [])
+    stats.error = "; ".join(errors) or None
     return stats

@@ -7,6 +7,8 @@ preprocessing and class names from it; nothing else hard-codes them.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -20,6 +22,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 class MetadataError(UserError, ValueError):
     """A model file without usable medmamba-edge metadata."""
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,21 @@ class ModelMetadata:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
+        # Types and ranges first: a model whose metadata says "size 0" or "batch -1" must fail here, in one
+        # line, not as an IndexError or ZeroDivisionError somewhere in preprocessing.
+        if not (isinstance(self.input_size, (tuple, list)) and len(self.input_size) == 2
+                and all(_positive_int(v) for v in self.input_size)):
+            raise MetadataError(f"input_size must be two positive integers (height, width), got {self.input_size!r}")
+        if not (isinstance(self.class_names, (tuple, list)) and self.class_names
+                and all(isinstance(c, str) and c for c in self.class_names)):
+            raise MetadataError(f"class_names must be a non-empty list of names, got {self.class_names!r}")
+        if not _positive_int(self.in_chans):
+            raise MetadataError(f"in_chans must be a positive integer, got {self.in_chans!r}")
+        if self.batch is not None and not _positive_int(self.batch):
+            raise MetadataError(f"batch must be a positive integer, or null for a dynamic batch; got {self.batch!r}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in (*self.mean, *self.std)):
+            raise MetadataError(f"mean and std must be finite numbers, got {self.mean!r} / {self.std!r}")
         if self.scan_form not in SCAN_FORMS:
             raise MetadataError(f"scan_form must be one of {SCAN_FORMS}, got {self.scan_form!r}")
         if self.precision not in PRECISIONS:
@@ -79,12 +100,41 @@ class ModelMetadata:
             raise MetadataError(f"{source}: unknown metadata fields {unknown}")
         tuples = {"input_size", "class_names", "mean", "std", "depths", "dims"}
         try:
-            return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+            # Only lists become tuples: a number or a string where a list belongs is reported by __post_init__.
+            return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
         except TypeError as exc:
             raise MetadataError(f"{source}: incomplete metadata ({exc})") from None
+        except MetadataError as exc:
+            raise MetadataError(f"{source}: {exc}") from None
 
     def replace(self, **changes) -> ModelMetadata:
         return type(self)(**{**asdict(self), **changes})
+
+
+def check_against_graph(metadata: ModelMetadata, input_shape, output_shape, source: str) -> None:
+    """Refuse metadata that parses but does not fit the graph's input (N, C, H, W) and output (N, classes)
+    shapes; a dimension the graph leaves open (a name, None, -1) fits anything."""
+    def fixed(dim) -> bool:
+        return isinstance(dim, int) and dim > 0
+
+    problems = []
+    if len(input_shape) != 4:
+        problems.append(f"the graph's input has rank {len(input_shape)}, expected 4 (N, C, H, W)")
+    else:
+        batch, channels, height, width = input_shape
+        if fixed(channels) and channels != metadata.in_chans:
+            problems.append(f"in_chans is {metadata.in_chans} but the graph takes {channels} channels")
+        if (fixed(height) and height != metadata.input_size[0]) or (fixed(width) and width != metadata.input_size[1]):
+            problems.append(f"input_size is {metadata.input_size[0]}×{metadata.input_size[1]} but the graph takes "
+                            f"{height}×{width}")
+        if fixed(batch) and metadata.batch != batch:
+            problems.append(f"batch is {metadata.batch or 'dynamic'} but the graph's batch is {batch}")
+    if len(output_shape) != 2:
+        problems.append(f"the graph's output has rank {len(output_shape)}, expected 2 (N, classes)")
+    elif fixed(output_shape[1]) and output_shape[1] != metadata.num_classes:
+        problems.append(f"{metadata.num_classes} class names but the graph outputs {output_shape[1]} classes")
+    if problems:
+        raise MetadataError(f"{source}: the metadata does not fit the model graph: {'; '.join(problems)}")
 
 
 def read_onnx_metadata(model_or_path) -> ModelMetadata:

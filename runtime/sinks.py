@@ -1,14 +1,15 @@
 """Where results go: console lines, JSONL/CSV records, an annotated video, a window, and the summary.
 
 Every frame the loop sees becomes one ``Record`` (classified, abstained, skipped with the reason, or
-dropped because inference fell behind a live source). Files are written under a temporary name beside
-the target and renamed by ``close()``, which the loop always calls (Ctrl-C included): a file under the
-target name is always complete and valid.
+dropped because inference fell behind a live source). Files go through ``files.AtomicOutput``: written
+under a unique temporary name beside the target and renamed by ``close()``, which the loop always calls
+(Ctrl-C, SIGTERM and a full disk included), so a file under the target name holds whole records only.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import cv2
 import numpy as np
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.files import AtomicOutput
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -54,65 +56,56 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class AtomicOutput:
-    """A path written as ``.name.partial<suffix>`` beside it (the suffix kept, so OpenCV still picks the
-    container) and renamed over it on ``commit``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise SinkError(f"{self.path}: is a folder, expected a file name")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"{self.path}: cannot create its folder ({exc.strerror or exc})") from None
-        self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
-
-    def open_text(self) -> IO[str]:
-        try:
-            # Line-buffered: a record is on disk as soon as it is written, even if the process is killed.
-            return open(self.partial, "w", newline="", buffering=1, encoding="utf-8")
-        except OSError as exc:
-            raise SinkError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
-
-    def commit(self) -> None:
-        if self.partial.exists():
-            os.replace(self.partial, self.path)
+def encode_text(text: str) -> bytes:
+    """UTF-8, with a name's undecodable bytes (surrogate-escaped by Python: ``\\udcff`` for byte 0xff)
+    written as that escape, which is how JSON spells the character: the JSONL reads back to the very
+    string ``os.fsencode`` turns into the original bytes, and the CSV carries the same text."""
+    return text.encode("utf-8", "backslashreplace")
 
 
-class JsonlSink:
+class TextSink:
+    """Records as lines of text into an ``AtomicOutput``; a full disk keeps the complete lines."""
+
     def __init__(self, path: str | Path):
         self.output = AtomicOutput(path)
-        self.file = self.output.open_text()
+        self.output.open()  # an unwritable place fails now, before the run
 
-    def write(self, record: Record, image, fps) -> None:
-        self.file.write(json.dumps(record.as_dict(), ensure_ascii=False) + "\n")
+    def write_line(self, text: str) -> None:
+        # One write per record: the file on disk always ends with a whole line, even if killed.
+        self.output.write(encode_text(text))
 
     def close(self) -> None:
-        self.file.close()
         self.output.commit()
 
 
-class CsvSink:
+class JsonlSink(TextSink):
+    def write(self, record: Record, image, fps) -> None:
+        # allow_nan=False: a NaN or infinity is a bug upstream, never a JSON token nobody can parse.
+        self.write_line(json.dumps(record.as_dict(), ensure_ascii=False, allow_nan=False) + "\n")
+
+
+class CsvSink(TextSink):
     COLUMNS = ("seq", "source", "frame", "timestamp", "status", "label", "probability", "top_k", "latency_ms", "reason")
 
     def __init__(self, path: str | Path):
-        self.output = AtomicOutput(path)
-        self.file = self.output.open_text()
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(self.COLUMNS)
+        super().__init__(path)
+        self.buffer = io.StringIO()
+        self.writer = csv.writer(self.buffer)
+        self._row(self.COLUMNS)
+
+    def _row(self, values) -> None:
+        self.writer.writerow(values)
+        self.write_line(self.buffer.getvalue())
+        self.buffer.seek(0)
+        self.buffer.truncate()
 
     def write(self, record: Record, image, fps) -> None:
         d = record.as_dict()
         top = ";".join(f"{label}:{p:.6f}" for label, p in zip(record.labels, record.probabilities))
-        self.writer.writerow([d["seq"], d["source"], d["frame"], f"{d['timestamp']:.6f}", d["status"],
-                              record.labels[0] if record.labels else "",
-                              f"{record.probabilities[0]:.6f}" if record.probabilities else "", top,
-                              "" if d["latency_ms"] is None else d["latency_ms"], d["reason"] or ""])
-
-    def close(self) -> None:
-        self.file.close()
-        self.output.commit()
+        self._row([d["seq"], d["source"], d["frame"], f"{d['timestamp']:.6f}", d["status"],
+                   record.labels[0] if record.labels else "",
+                   f"{record.probabilities[0]:.6f}" if record.probabilities else "", top,
+                   "" if d["latency_ms"] is None else d["latency_ms"], d["reason"] or ""])
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
@@ -153,9 +146,9 @@ class VideoSink:
     FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
 
     def __init__(self, path: str | Path, fps: float):
-        self.output = AtomicOutput(path)
-        if self.output.path.suffix.lower() not in self.FOURCC:
+        if Path(path).suffix.lower() not in self.FOURCC:
             raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
+        self.output = AtomicOutput(path)
         self.fps = fps
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
@@ -167,17 +160,20 @@ class VideoSink:
         if self.writer is None:
             self.size = (frame.shape[1], frame.shape[0])
             fourcc = cv2.VideoWriter_fourcc(*self.FOURCC[self.output.path.suffix.lower()])
-            self.writer = cv2.VideoWriter(str(self.output.partial), fourcc, self.fps, self.size)
-            if not self.writer.isOpened():
+            writer = cv2.VideoWriter(str(self.output.write_path), fourcc, self.fps, self.size)
+            if not writer.isOpened():
                 raise SinkError(f"{self.output.path}: OpenCV cannot write this video format here")
+            self.writer = writer
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
         self.writer.write(frame)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-            self.output.commit()
+        if self.writer is None:  # not one frame: no video rather than an empty file
+            self.output.discard()
+            return
+        self.writer.release()
+        self.output.commit()
 
 
 class WindowSink:
@@ -205,6 +201,13 @@ class WindowSink:
         cv2.destroyWindow(self.NAME)
 
 
+def printable(text: str, stream: IO[str]) -> str:
+    """``text`` as ``stream`` can encode it: a file name's undecodable bytes become ``\\xNN``-style
+    escapes instead of a UnicodeEncodeError that would end the run."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 class ConsoleSink:
     """One line per frame, or per second (what a live source wants), on stdout."""
 
@@ -219,8 +222,8 @@ class ConsoleSink:
         if self.every == "frame":
             where = f"{record.source}" + (f" #{record.frame}" if record.frame else "")
             detail = caption(record) if record.status in ("ok", "abstain") else f"{record.status}: {record.reason}"
-            latency = f" ({record.latency_ms:.0f} ms)" if record.latency_ms is not None else ""
-            print(f"{where}: {detail}{latency}", file=self.stream, flush=True)
+            latency = f" ({record.latency_ms:.0f} ms capture→result)" if record.latency_ms is not None else ""
+            print(printable(f"{where}: {detail}{latency}", self.stream), file=self.stream, flush=True)
         elif self.every == "second":
             self.window.append(record)
             if time.perf_counter() - self.window_start >= 1.0:
@@ -283,7 +286,7 @@ class Stats:
                 f"in {self.wall_seconds:.1f} s: {self.fps:.1f} FPS")
         latency = self.percentiles()
         if latency:
-            text += "; latency p50/p95/p99 {:.1f}/{:.1f}/{:.1f} ms".format(*latency)
+            text += "; capture→result latency p50/p95/p99 {:.1f}/{:.1f}/{:.1f} ms (queueing included)".format(*latency)
         if self.wall_seconds > 0 and self.batches:
             text += f"; model {self.model_seconds / self.wall_seconds:.0%} of wall time"
         return text

@@ -10,15 +10,17 @@
 
 ``open_source(spec)`` parses it and opens the device or file at once, so a camera that does not exist or
 a file that is not a video fails before the run starts. ``Source.frames(stride)`` then yields ``Frame``s;
-a file that cannot be decoded yields a Frame with ``error`` set (it gets a "skipped" record) and the run
-goes on. Everything here is numpy + OpenCV; pydicom is imported only when a DICOM file is read.
+a file that cannot be decoded, or fails in any other way, yields a Frame with ``error`` set (it gets a
+"skipped" record with the reason) and the run goes on. Everything here is numpy + OpenCV; pydicom is imported only when a DICOM file is read.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import cv2
 import numpy as np
@@ -82,6 +84,15 @@ class Source(ABC):
         """Release the device or file."""
 
 
+def item_error(path, exc: Exception) -> str:
+    """The reason one item failed, as its record gives it. An ImageError already says it in words; anything
+    else is unexpected, so its type stays in the reason (a bug is reported, never hidden)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{path}: unexpected {type(exc).__name__}" + (f": {detail}" if detail else "")
+
+
 def iterate(source: Source, stride: int = 1, max_frames: int | None = None, loop: bool = False,
             stop: threading.Event | None = None) -> Iterator[Frame]:
     """The frames a run sees: every ``stride``-th, at most ``max_frames`` (skipped ones count), and the
@@ -117,49 +128,74 @@ def is_dicom(path: Path) -> bool:
 def _pydicom():
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom import pixels
     except ImportError as exc:
         raise SourceError(f"reading DICOM needs pydicom ({exc}); pip install medmamba-edge[dicom]") from None
-    return pydicom, apply_modality_lut, apply_voi_lut
+    return pydicom, pixels
 
 
 def read_dicom(path: str | Path) -> list[np.ndarray]:
     """A DICOM file's frames, ready for ``preprocess``. Monochrome images go through the modality LUT
     (rescale slope/intercept) and the VOI LUT or window, in float, then map that output range to [0, 1]
     (MONOCHROME1 inverted so that bright is dense everywhere). An 8-bit image without any of these is
-    returned as uint8, identical to the same pixels saved as PNG. Colour images stay RGB."""
-    pydicom, apply_modality_lut, apply_voi_lut = _pydicom()
+    returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
+    to RGB; colour images stay RGB; 1- to 7-bit images are scaled from their bit range like 12-bit ones."""
+    pydicom, lut = _pydicom()
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:
+        # pydicom reads a cut file up to where it ends, silently: an image class or image attributes
+        # without the pixels means the pixels were cut off, not that there never were any.
+        sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+        if "Rows" in ds or "Image" in str(getattr(sop, "name", "")):
+            raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before "
+                             f"its pixel data")
         raise ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # missing decoder plugin, truncated pixel data, …
+        message = str(exc).splitlines()[0]
+        if "less than expected" in message:
+            raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {message})") from None
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
-        raise ImageError(f"{path}: cannot decode DICOM pixel data ({name}): {str(exc).splitlines()[0]} "
+        raise ImageError(f"{path}: cannot decode DICOM pixel data ({name}): {message} "
                          f"(compressed DICOM may need pillow or pylibjpeg)") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames == 1:
         pixels = pixels[None]
-    if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
-        return list(pixels)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
+            return list(lut.apply_color_lut(pixels, ds))
+        if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
+            return list(pixels)
+        return _monochrome(ds, pixels, photometric, lut, path)
+    except ImageError:
+        raise
+    except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
+        raise ImageError(f"{path}: DICOM {photometric} pixels cannot be mapped to intensities "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.ndarray]:
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"{path}: DICOM photometric interpretation {photometric} with one sample per pixel is "
+                         f"not supported (MONOCHROME1/2 or PALETTE COLOR)")
     transformed = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
                                         "WindowCenter", "VOILUTSequence"))
-    if pixels.dtype == np.uint8 and not transformed:
+    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
+    if pixels.dtype == np.uint8 and bits == 8 and not transformed:
         return list(255 - pixels if photometric == "MONOCHROME1" else pixels)
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+    values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
     # The output range of the same transforms applied to the extremes the stored bits can hold: the
     # window's or LUT's range when there is one, else the modality range of the stored values.
-    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
                         dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
-    low, high = (float(v) for v in apply_voi_lut(apply_modality_lut(extremes, ds), ds))
+    low, high = (float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
     if not high > low:
         raise ImageError(f"{path}: DICOM value range is empty ({low}..{high})")
     scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
@@ -172,27 +208,75 @@ def read_still(path: Path) -> list[np.ndarray]:
 
 
 class FileSource(Source):
-    """Still images and DICOM files, in order; ``stride`` takes every Nth file."""
+    """Still images and DICOM files, in order; ``stride`` takes every Nth file. A path given with a
+    reason (a dangling link found while listing a folder) is not read; it gets a record with the reason."""
 
-    def __init__(self, paths: list[Path], description: str):
+    def __init__(self, paths: list[Path | tuple[Path, str]], description: str):
         self.paths, self.description = paths, description
 
     def frames(self, stride: int = 1) -> Iterator[Frame]:
-        for path in self.paths[::stride]:
+        for entry in self.paths[::stride]:
+            path, reason = entry if isinstance(entry, tuple) else (entry, None)
             captured = time.perf_counter()
             try:
+                if reason:
+                    raise ImageError(f"{path}: {reason}")
                 images = read_still(path)
-            except ImageError as exc:
-                yield Frame(str(path), 0, time.time(), error=str(exc), captured=captured)
+            except Exception as exc:  # this file only: the next one is read all the same
+                yield Frame(str(path), 0, time.time(), error=item_error(path, exc), captured=captured)
                 continue
             for index, image in enumerate(images):
                 yield Frame(str(path), index, time.time(), image, captured=captured)
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p))
-            or p.suffix.lower() in DICOM_SUFFIXES]
+def _is_still(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(path))
+
+
+def _folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
+    """Every image and DICOM file below ``folder``, sorted, following links to folders once each (a link
+    back up the tree is a loop and is not entered). What looks like an image but cannot be read as one
+    (a dangling link, a link loop, a FIFO, a hidden file) comes with the reason, so it gets a record;
+    other files (notes.txt, .DS_Store) are not listed."""
+    found: list[Path | tuple[Path, str]] = []
+    top = os.stat(folder)
+    seen = {(top.st_dev, top.st_ino)}
+
+    def walk(directory: Path) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            found.append((directory, f"folder cannot be listed ({exc.strerror or exc})"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                info = os.stat(path)
+            except OSError as exc:  # ELOOP or ENOENT: the link, not a file, is what is there
+                if entry.is_symlink():
+                    what = "a symbolic link loop" if exc.errno == errno.ELOOP else "a dangling symbolic link"
+                    found.append((path, f"{what} (to {os.readlink(path)})"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if entry.name.startswith("."):
+                    continue  # .git, .cache: not part of a data set
+                if (info.st_dev, info.st_ino) in seen:
+                    found.append((path, f"a link to a folder already listed ({os.readlink(path)}): a loop, not entered"
+                                  if entry.is_symlink() else "folder already listed"))
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+                walk(path)
+            elif not stat.S_ISREG(info.st_mode):
+                if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
+                    found.append((path, "not a regular file (a FIFO, socket or device), not read"))
+            elif path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES and entry.name.startswith("."):
+                found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), not read"))
+            elif not entry.name.startswith(".") and _is_still(path):
+                found.append(path)
+
+    walk(folder)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- video
@@ -248,8 +332,12 @@ class VideoSource(Source):
                 yield Frame(self.uri, index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
             index += 1
         self.close()
-        # The container promised more frames: the file ends early or stops decoding (not a Ctrl-C stop).
-        if 0 < index < total - 1 and not self.stopping.is_set():
+        if self.stopping.is_set():
+            return
+        if index == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
+            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
+                                               f"(no frames, or corrupt or unsupported video data)")
+        elif index < total - 1:  # the container promised more frames: the file ends early or stops decoding
             yield Frame(self.uri, index, 0.0, error=f"{self.uri}: video stopped decoding at frame {index} of "
                                                   f"{total} (truncated or corrupt)")
 
@@ -356,7 +444,7 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
     if scheme in STREAM_SCHEMES:
         return _stream_source(spec, reconnect)
     if scheme == "file":
-        spec = urlparse(spec).path
+        spec = unquote(urlparse(spec).path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
     elif scheme:
         raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "
                           f"({', '.join(s + '://' for s in STREAM_SCHEMES)})")
@@ -375,6 +463,9 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
         if not paths:
             raise SourceError(f"{path}: no images or DICOM files found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
         return FileSource(paths, f"{path} ({len(paths)} files)")
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise SourceError(f"{path}: not a regular file (a FIFO, socket or device); expected an image, video, "
+                          f"DICOM file, folder, camera or stream")
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
         if path.stat().st_size == 0:
@@ -412,8 +503,8 @@ class Capture:
                 if frame.error is None:
                     try:
                         frame.tensor = self.prepare(frame.image)
-                    except ImageError as exc:  # a 5-channel TIFF, float pixels: skipped, the run goes on
-                        frame.image, frame.error = None, str(exc)
+                    except Exception as exc:  # a 5-channel TIFF, float pixels: skipped, the run goes on
+                        frame.image, frame.error = None, item_error(frame.source, exc)
                 self._put(frame)
         except BaseException as exc:  # handed to the main thread, which owns error reporting
             self.failure = exc

@@ -15,7 +15,7 @@ import numpy as np
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
 from medmamba_edge.runtime.files import cache_root
-from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata
+from medmamba_edge.runtime.metadata import ModelMetadata, check_against_graph, read_onnx_metadata
 
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -75,6 +75,8 @@ class OnnxRuntimeBackend:
         except RuntimeError as exc:  # ORT's Fail, InvalidGraph, NoSuchFile, ... all derive from it
             raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        check_against_graph(self.metadata, self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape,
+                            str(self.path))
 
     def describe(self) -> str:
         return f"ONNX Runtime ({', '.join(self.session.get_providers())}, {self.metadata.scan_form} scan)"

@@ -16,6 +16,7 @@ import numpy as np
 from medmamba_edge.plugins.build import find_plugin_library
 from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
 from medmamba_edge.runtime.engine_manifest import check_manifest, read_manifest
+from medmamba_edge.runtime.metadata import check_against_graph
 from medmamba_edge.runtime.tensorrt_compat import (
     cuda_check,
     current_gpu,
@@ -60,6 +61,8 @@ class TensorRTBackend:
             (self._inputs if is_input else self._outputs).append(name)
         if len(self._inputs) != 1 or len(self._outputs) != 1:
             raise BackendError(f"{self.path}: expected one input and one output, found {self._inputs} / {self._outputs}")
+        check_against_graph(self.metadata, tuple(self._engine.get_tensor_shape(self._inputs[0])),
+                            tuple(self._engine.get_tensor_shape(self._outputs[0])), str(self.path))
         profile = self.manifest.profile[self._inputs[0]]
         self.batch_range = (profile["min"][0], profile["max"][0])
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes allocated)

@@ -1,0 +1,313 @@
+"""`run` under bad input, signals and full disks: every file and frame gets a record, names are recorded
+losslessly, output files are complete or absent, and every failure is one line naming the file.
+
+The models are three-node ONNX graphs written here (global average pool → flatten → scale), so these
+tests need neither torch nor an export; the metadata is written raw, as a damaged file would carry it."""
+
+import csv
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.runtime import files
+from medmamba_edge.runtime.files import AtomicOutput, write_bytes_atomically
+from medmamba_edge.runtime.sinks import JsonlSink, Record
+from tests.test_sources import synthetic_dicom, write_video
+
+pydicom = pytest.importorskip("pydicom")
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_META = {"input_size": [32, 32], "class_names": ["a", "b", "c"], "batch": None}
+
+
+def toy_model(path, meta=None, scale=(1.0, 2.0, 3.0), input_shape=("N", 3, 32, 32), output_shape=("N", 3)):
+    """x (N, 3, H, W) → mean per channel → × scale: three logits. ``output_shape`` is what the graph
+    declares (a Reshape gives it that rank); ``meta`` is written as raw JSON."""
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Mul", ["flat", "scale"], ["scaled"])]
+    target = [-1 if isinstance(d, str) else d for d in output_shape]
+    nodes.append(helper.make_node("Reshape", ["scaled", "target"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(output_shape))],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [3], list(scale)),
+         helper.make_tensor("target", TensorProto.INT64, [len(target)], target)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "medmamba_edge", json.dumps(GOOD_META if meta is None else meta)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return toy_model(tmp_path_factory.mktemp("model") / "toy.onnx")
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def png_header(width, height):
+    """A tiny PNG (a few dozen bytes) whose header declares width × height."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def image(seed=0, shape=(40, 40, 3)):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classified(model, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a_good.png"), image(0))
+    bad_name = os.path.join(os.fsencode(folder), b"b_scan_\xff\xfe.png")  # not UTF-8: Latin-1 from an old PACS
+    with open(bad_name, "wb") as handle:
+        handle.write(cv2.imencode(".png", image(1))[1].tobytes())
+    (folder / "c_huge.png").write_bytes(png_header(65000, 65000))
+    synthetic_dicom(folder / "d_window0.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8), WindowCenter=40, WindowWidth=0)
+    good_dicom = synthetic_dicom(tmp_path / "whole.dcm", np.zeros((64, 64), np.uint16))
+    (folder / "e_cut.dcm").write_bytes(good_dicom.read_bytes()[:400])
+    os.symlink("missing.png", folder / "f_dangling.png")
+    os.symlink("g_loop.png", folder / "g_loop.png")
+    os.symlink(".", folder / "h_folder_loop")
+    cv2.imwrite(str(folder / "._i_hidden.png"), image(2))
+    os.mkfifo(folder / "j_fifo.png")
+    cv2.imwrite(str(folder / "k_last.png"), image(3))
+    out = tmp_path / "out"
+    code, output = cli("run", model, folder, "--jsonl", out / "r.jsonl", "--csv", out / "r.csv")
+    assert code == 0, output
+    assert "Traceback" not in output
+    records = read_jsonl(out / "r.jsonl")
+    by_name = {os.path.basename(os.fsencode(r["source"])): r for r in records}
+    assert sorted(by_name) == sorted(os.fsencode(n) for n in os.listdir(os.fsencode(folder)))  # one record each
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    ok = sorted(name for name, r in by_name.items() if r["status"] == "ok")
+    assert ok == [b"a_good.png", b"b_scan_\xff\xfe.png", b"k_last.png"]
+    reasons = {name: r["reason"] for name, r in by_name.items() if r["status"] == "skipped"}
+    assert "over the limit of 67,108,864 pixels" in reasons[b"c_huge.png"]
+    assert "cannot be mapped to intensities" in reasons[b"d_window0.dcm"] and "Window" in reasons[b"d_window0.dcm"]
+    assert "truncated DICOM file" in reasons[b"e_cut.dcm"]
+    assert "dangling symbolic link (to missing.png)" in reasons[b"f_dangling.png"]
+    assert "symbolic link loop" in reasons[b"g_loop.png"]
+    assert "a loop, not entered" in reasons[b"h_folder_loop"]
+    assert "hidden file" in reasons[b"._i_hidden.png"]
+    assert "not a regular file" in reasons[b"j_fifo.png"]
+    # The CSV has the same rows, valid UTF-8, the undecodable bytes spelled as in the JSONL.
+    rows = list(csv.DictReader(open(out / "r.csv", encoding="utf-8")))
+    assert [row["status"] for row in rows] == [r["status"] for r in records]
+    assert any(row["source"].endswith("b_scan_\\udcff\\udcfe.png") for row in rows)
+    assert sorted(os.listdir(out)) == ["r.csv", "r.jsonl"]
+
+
+def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
+    nan_model = toy_model(tmp_path / "nan.onnx", scale=(1.0, float("nan"), 1.0))
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", nan_model, tmp_path / "x.png", "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "no frame could be classified" in output
+    # Strict JSON: Python's json would accept the NaN/Infinity tokens other parsers reject.
+    (record,) = [json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in the JSONL"))
+                 for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert record["status"] == "skipped" and record["labels"] == [] and "non-finite model output" in record["reason"]
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({**GOOD_META, "input_size": [64, 64]}, "input_size is 64×64 but the graph takes 32×32"),
+    ({**GOOD_META, "class_names": ["a", "b"]}, "2 class names but the graph outputs 3 classes"),
+    ({**GOOD_META, "class_names": []}, "class_names must be a non-empty list"),
+    ({**GOOD_META, "input_size": [0, 32]}, "input_size must be two positive integers"),
+    ({**GOOD_META, "input_size": [-32, 32]}, "input_size must be two positive integers"),
+    ({**GOOD_META, "input_size": 32}, "input_size must be two positive integers"),
+    ({**GOOD_META, "batch": -1}, "batch must be a positive integer"),
+    ({**GOOD_META, "batch": "4"}, "batch must be a positive integer"),
+    ({**GOOD_META, "in_chans": 1, "mean": [0.5], "std": [0.5]}, "in_chans is 1 but the graph takes 3 channels"),
+])
+def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
+    path = toy_model(tmp_path / "m.onnx", meta)
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", path, tmp_path / "x.png")
+    assert code == 1 and message in output and str(path) in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape, rank", [(("N",), 1), (("N", 3, 1), 3)])
+def test_an_output_of_the_wrong_rank_is_one_line(tmp_path, shape, rank):
+    path = toy_model(tmp_path / "m.onnx", output_shape=shape)
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", path, tmp_path / "x.png")
+    assert code == 1 and f"the graph's output has rank {rank}, expected 2" in output and "Traceback" not in output
+
+
+def test_a_video_without_a_decodable_frame_is_a_record_and_exit_1(model, tmp_path):
+    empty = write_video(tmp_path / "empty.avi", count=0)
+    code, output = cli("run", model, empty, "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "the video opens but no frame decodes" in output
+    (record,) = read_jsonl(tmp_path / "r.jsonl")
+    assert record["status"] == "skipped" and "no frame decodes" in record["reason"]
+
+
+def test_a_fifo_source_is_refused_at_once_and_file_uris_are_percent_decoded(model, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    started = time.monotonic()
+    code, output = cli("run", model, tmp_path / "pipe.png")
+    assert code == 1 and "pipe.png: not a regular file" in output and time.monotonic() - started < 30
+    cv2.imwrite(str(tmp_path / "chest x-ray.png"), image())
+    code, output = cli("run", model, f"file://{tmp_path}/chest%20x-ray.png", "--jsonl", tmp_path / "r.jsonl")
+    assert code == 0, output
+    assert read_jsonl(tmp_path / "r.jsonl")[0]["source"].endswith("chest x-ray.png")
+
+
+def run_cli_process(*args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "run", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_special_files_are_written_in_place_as_a_stream(model, tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    # /dev/full: a device, written in place; the write fails with one line, and /dev/full stays a device.
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", "/dev/full")
+    assert code == 1 and "/dev/full: cannot write (No space left on device)" in output and "Traceback" not in output
+    assert Path("/dev/full").is_char_device()
+    # A FIFO: a reader on the other end gets the records as they come.
+    fifo = tmp_path / "records.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", fifo)
+    reader.join(timeout=30)
+    assert code == 0, output
+    assert json.loads(received[0])["status"] == "ok" and fifo.is_fifo()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # /dev/stdout: the records arrive on stdout.
+    process = run_cli_process(model, tmp_path / "x.png", "--console", "none", "--jsonl", "/dev/stdout")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout.splitlines()[0])["source"] == str(tmp_path / "x.png")
+
+
+def test_two_outputs_to_one_path_do_not_share_a_temporary_file(tmp_path):
+    target = tmp_path / "r.jsonl"
+    first, second = JsonlSink(target), JsonlSink(target)
+    for seq in range(5):
+        first.write(Record(seq, "first", 0, 0.0, "ok"), None, 0.0)
+        second.write(Record(seq, "second", 0, 0.0, "ok"), None, 0.0)
+    first.close()
+    assert [r["source"] for r in read_jsonl(target)] == ["first"] * 5
+    second.close()  # the last rename wins, whole
+    assert [r["source"] for r in read_jsonl(target)] == ["second"] * 5
+    assert os.listdir(tmp_path) == ["r.jsonl"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_bytes_atomically(tmp_path / "a.json", b"{}")
+        sink = JsonlSink(tmp_path / "b.jsonl")
+        sink.close()
+    finally:
+        os.umask(previous)
+    for name in ("a.json", "b.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_only_complete_records(tmp_path, monkeypatch):
+    output = AtomicOutput(tmp_path / "r.jsonl")
+    output.write(b'{"seq": 0}\n')
+    real = output.handle
+
+    class FullDisk:
+        """Writes 4 bytes of the next record, then the disk is full."""
+        def __init__(self):
+            self.calls = 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls == 1:
+                return real.write(data[:4])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    output.handle = FullDisk()
+    with pytest.raises(files.OutputError, match=r"r.jsonl: cannot write \(No space left on device\); the output ends "
+                                                r"after the last complete record \(11 bytes\)"):
+        output.write(b'{"seq": 1}\n')
+    output.handle = real
+    output.commit()
+    assert (tmp_path / "r.jsonl").read_bytes() == b'{"seq": 0}\n'
+
+
+def test_disk_full_mid_run_is_one_error_with_the_complete_lines_kept(model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), image(i))
+    jsonl = tmp_path / "r.jsonl"
+
+    def small_files():  # the kernel's file-size limit: writes past 3000 bytes fail with EFBIG, part-way
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    process = run_cli_process(model, folder, "--console", "none", "--jsonl", jsonl, preexec_fn=small_files)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "Traceback" not in stderr and stderr.count("error:") == 1
+    assert "r.jsonl: cannot write (File too large); the output ends after the last complete record" in stderr
+    text = jsonl.read_text()
+    assert text.endswith("\n") and 0 < len(text) <= 3000
+    assert [r["seq"] for r in read_jsonl(jsonl)] == list(range(text.count("\n")))
+    assert "frames" in stdout and "FPS" in stdout  # the summary is still printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "r.jsonl"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
+    video = write_video(tmp_path / "loop.avi", count=10)
+    jsonl = tmp_path / "records.jsonl"
+    process = run_cli_process(model, video, "--loop", "--console", "none", "--jsonl", jsonl)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 2000 for p in tmp_path.glob(".records.*.partial.jsonl")):
+        time.sleep(0.1)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    records = read_jsonl(jsonl)
+    assert len(records) >= 5 and [r["seq"] for r in records] == list(range(len(records)))
+    assert f"stopping on {signal.Signals(signum).name}" in stderr and "FPS" in stdout
+    assert not list(tmp_path.glob(".records.*"))
+
+
+def test_latency_says_what_it_measures(model, tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", model, tmp_path / "x.png")
+    assert code == 0, output
+    assert "ms capture→result)" in output and "capture→result latency p50/p95/p99" in output
