@@ -418,13 +418,8 @@ def run(
         with console.status("loading the model") as spinner:
             model_backend = open_model(model, backend, precision, status=spinner.update, threads=threads,
                                        providers=providers, input_size=size, classes=classes)
-        every = console_lines if console_lines != "auto" else ("second" if frames.live else "frame")
-        # The outputs that can refuse (format, display) come before the files that would be left half-made.
-        outputs = [sink_types.ConsoleSink(every)]
-        outputs += [sink_types.VideoSink(save_video, (frames.fps or 5.0) / stride)] if save_video else []
-        outputs += [sink_types.WindowSink()] if show else []
-        outputs += [sink_types.JsonlSink(jsonl)] if jsonl else []
-        outputs += [sink_types.CsvSink(csv)] if csv else []
+        outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
+                                          jsonl, csv)
         console.print(f"{escape(model.name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
                       highlight=False, soft_wrap=True)
         stats = run_loop(model_backend, frames, outputs, options, notify=warn)

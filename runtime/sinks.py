@@ -77,6 +77,9 @@ class TextSink:
     def close(self) -> None:
         self.output.commit()
 
+    def discard(self) -> None:
+        self.output.discard()
+
 
 class JsonlSink(TextSink):
     def write(self, record: Record, image, fps) -> None:
@@ -170,10 +173,15 @@ class VideoSink:
 
     def close(self) -> None:
         if self.writer is None:  # not one frame: no video rather than an empty file
-            self.output.discard()
+            self.discard()
             return
         self.writer.release()
         self.output.commit()
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.output.discard()
 
 
 class WindowSink:
@@ -242,6 +250,27 @@ class ConsoleSink:
     def close(self) -> None:
         if self.every == "second":
             self._flush_window(0.0 if not self.window else len(self.window) / max(time.perf_counter() - self.window_start, 1e-9))
+
+
+def open_outputs(console: str, live: bool, video: Path | None = None, video_fps: float = 5.0, show: bool = False,
+                 jsonl: Path | None = None, csv_path: Path | None = None) -> list[Sink]:
+    """The sinks ``run`` asked for. Those that can refuse without touching a file (console mode, display,
+    video format) come first; if a file output then cannot be created, the ones already created are
+    removed again, so a refused run leaves no file behind."""
+    outputs: list[Sink] = [ConsoleSink(console if console != "auto" else ("second" if live else "frame"))]
+    outputs += [WindowSink()] if show else []
+    if video is not None and Path(video).suffix.lower() not in VideoSink.FOURCC:
+        raise SinkError(f"{video}: --save-video needs one of {', '.join(VideoSink.FOURCC)}")
+    files: list[Sink] = []
+    try:
+        for make, path in ((lambda p: VideoSink(p, video_fps), video), (JsonlSink, jsonl), (CsvSink, csv_path)):
+            if path is not None:
+                files.append(make(path))
+    except UserError:
+        for sink in files:
+            sink.discard()
+        raise
+    return outputs + files
 
 
 @dataclass

@@ -100,3 +100,39 @@ def test_read_image_keeps_depth_and_rejects_broken_files(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     with pytest.raises(ImageError, match="not a decodable image"):
         read_image(tmp_path / "cut.png")
+
+
+def test_images_over_the_pixel_limit_are_decoded_reduced_or_refused_at_once(tmp_path, monkeypatch):
+    import time
+
+    import cv2
+
+    from medmamba_edge.runtime import preprocess as module
+    from tests.test_run_robustness import png_header
+
+    # A header declaring 20000×20000 (400 MP; ~30 s and gigabytes to decode): refused from the header.
+    (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"huge.png: a 20000×20000 PNG \(400.0 megapixels\) is over the limit of "
+                                         r"67,108,864 pixels \(preprocess.MAX_IMAGE_PIXELS\); only JPEG"):
+        read_image(tmp_path / "huge.png")
+    assert time.perf_counter() - started < 1.0
+    # Past OpenCV's own 2^30-pixel limit, with the constant raised: still this file's ImageError, not cv2.error.
+    (tmp_path / "huger.png").write_bytes(png_header(65000, 65000))
+    monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 65000 * 65000)
+    with pytest.raises(ImageError, match="huger.png: OpenCV cannot decode it"):
+        read_image(tmp_path / "huger.png")
+    # JPEG over the limit: decoded at the largest of 1/2, 1/4, 1/8 that fits, colour or gray as stored.
+    rgb = np.random.default_rng(0).integers(0, 256, (1000, 1200, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "big.jpg"), rgb)
+    cv2.imwrite(str(tmp_path / "big_gray.jpg"), rgb[:, :, 0])
+    monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 400_000)
+    assert read_image(tmp_path / "big.jpg").shape == (500, 600, 3)
+    assert read_image(tmp_path / "big_gray.jpg").shape == (500, 600)
+    monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(ImageError, match="even at 1/8 scale"):
+        read_image(tmp_path / "big.jpg")
+    # Within the limit nothing changes: the same pixels as a plain decode.
+    monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 1200 * 1000)
+    plain = cv2.cvtColor(cv2.imread(str(tmp_path / "big.jpg"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(read_image(tmp_path / "big.jpg"), plain)

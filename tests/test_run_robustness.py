@@ -311,3 +311,12 @@ def test_latency_says_what_it_measures(model, tmp_path):
     code, output = cli("run", model, tmp_path / "x.png")
     assert code == 0, output
     assert "ms capture→result)" in output and "capture→result latency p50/p95/p99" in output
+
+
+def test_an_output_refused_at_the_start_leaves_no_file_behind(model, tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    (tmp_path / "folder.csv").mkdir()
+    code, output = cli("run", model, tmp_path / "x.png", "--save-video", tmp_path / "v.mp4", "--jsonl",
+                       tmp_path / "r.jsonl", "--csv", tmp_path / "folder.csv")
+    assert code == 1 and "folder.csv: is a folder, expected a file name" in output and "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.csv", "x.png"]

@@ -25,7 +25,7 @@ def write_video(path, count=12, size=(64, 48), fourcc="MJPG"):
     return path
 
 
-def synthetic_dicom(path, pixels, photometric="MONOCHROME2", **tags):
+def synthetic_dicom(path, pixels, photometric="MONOCHROME2", pixel_data=None, **tags):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -41,7 +41,7 @@ def synthetic_dicom(path, pixels, photometric="MONOCHROME2", **tags):
     ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
     for key, value in tags.items():
         setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
+    ds.PixelData = pixels.tobytes() if pixel_data is None else pixel_data
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -192,3 +192,45 @@ def test_stream_reconnects_with_backoff_then_gives_up():
         server.close()
     with pytest.raises(SourceError, match="cannot be opened after 1 attempts"):
         open_source(server.url, reconnect=1)
+
+
+def test_palette_colour_and_one_bit_dicom_are_mapped_not_read_as_raw_values(tmp_path):
+    indices = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    ramp = (np.arange(256, dtype=np.uint16) * 257)
+    lut = {f"{c}PaletteColorLookupTable{part}": value for c, data in (("Red", ramp), ("Green", ramp[::-1]),
+                                                                      ("Blue", np.zeros(256, np.uint16)))
+           for part, value in (("Descriptor", [256, 0, 16]), ("Data", data.tobytes()))}
+    (rgb,) = read_dicom(synthetic_dicom(tmp_path / "palette.dcm", indices, photometric="PALETTE COLOR", **lut))
+    assert rgb.shape == (8, 8, 3)
+    assert np.array_equal(rgb[:, :, 0], ramp[indices]) and np.array_equal(rgb[:, :, 1], ramp[::-1][indices])
+    # 1 bit per pixel: 0 and 1 are black and white, not two shades of black.
+    bits = (np.arange(64).reshape(8, 8) % 3 == 0).astype(np.uint8)
+    (mask,) = read_dicom(synthetic_dicom(tmp_path / "mask.dcm", bits, BitsAllocated=1, BitsStored=1, HighBit=0,
+                                         pixel_data=pydicom.pixels.pack_bits(bits)))
+    assert mask.dtype == np.float32 and np.array_equal(mask, bits.astype(np.float32))
+
+
+def test_dicom_that_cannot_be_mapped_or_is_cut_says_so(tmp_path):
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    with pytest.raises(ImageError, match=r"zero.dcm: DICOM MONOCHROME2 pixels cannot be mapped to intensities \(ValueError"):
+        read_dicom(synthetic_dicom(tmp_path / "zero.dcm", stored, WindowCenter=40, WindowWidth=0))
+    whole = synthetic_dicom(tmp_path / "whole.dcm", np.zeros((64, 64), np.uint16)).read_bytes()
+    for cut in (400, 500, len(whole) - 4000, len(whole) - 1):
+        (tmp_path / "cut.dcm").write_bytes(whole[:cut])
+        with pytest.raises(ImageError, match="cut.dcm: truncated DICOM file"):
+            read_dicom(tmp_path / "cut.dcm")
+
+
+def test_folder_follows_links_to_folders_once_and_reports_what_it_cannot_read(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir(), elsewhere.mkdir()
+    cv2.imwrite(str(elsewhere / "linked.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(data / "a.png"), np.zeros((8, 8), np.uint8))
+    (data / "link").symlink_to(elsewhere)
+    (data / "link_again").symlink_to(elsewhere)
+    (data / "notes.txt").write_text("not an image: not listed")
+    (data / ".DS_Store").write_bytes(b"metadata: not listed")
+    frames = list(open_source(str(data)).frames())
+    assert [(f.source.split("data/")[1], f.error is None) for f in frames] == [
+        ("a.png", True), ("link/linked.png", True), ("link_again", False)]
+    assert "a link to a folder already listed" in frames[2].error
