@@ -11,6 +11,7 @@ Labels are mapped to the model's class names; a label the model does not know is
 from __future__ import annotations
 
 import csv
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,23 +103,52 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     return Dataset(f"{path} ({kind}, {len(samples)} images)", samples)
 
 
-def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Dataset:
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz ({exc})") from None
+NPZ_PIXEL_TYPES = (np.uint8, np.uint16, np.float32)  # what preprocess() takes
+
+
+def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The split's arrays, read in full now: an npz reads each member lazily, so a truncated, CRC-corrupt or
+    pickled member would otherwise fail at first use, deep inside quantize or evaluate."""
     key = f"{split}_images"
-    if key not in data:
-        splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
-        raise DatasetError(f"{path}: no split {split!r}; it has {splits}")
-    images = data[key]
-    labels = data[f"{split}_labels"].reshape(len(images), -1)[:, 0] if f"{split}_labels" in data else None
-    if labels is not None and class_names is not None and labels.max(initial=0) >= len(class_names):
-        raise DatasetError(f"{path}: label {int(labels.max())} is outside the model's {len(class_names)} classes")
-    samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]
-    if not samples:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if key not in data.files:
+                splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
+                raise DatasetError(f"{path}: no split {split!r}; it has {splits}")
+            images = data[key]
+            labels = data[f"{split}_labels"] if f"{split}_labels" in data.files else None
+    # EOFError (an empty file) must not escape: click turns it into a bare "Aborted.".
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = "it holds object arrays, which would need pickle" if "allow_pickle" in str(exc) else exc
+        raise DatasetError(f"{path}: not a readable .npz ({reason})") from None
+    return images, labels
+
+
+def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Dataset:
+    images, labels = _read_npz_split(path, split)
+    where = f"{path}: {split}_images"
+    if images.dtype not in NPZ_PIXEL_TYPES:
+        raise DatasetError(f"{where} has {images.dtype} pixels; expected uint8, uint16 or float32")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)) or 0 in images.shape[1:]:
+        raise DatasetError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1|3|4)")
+    if len(images) == 0:
         raise DatasetError(f"{path}: split {split!r} is empty")
+    if labels is not None:
+        labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
+    samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]
     return Dataset(f"{path} ({split} split, {len(samples)} images)", samples, images)
+
+
+def _npz_labels(labels: np.ndarray, count: int, where: str, class_names: Sequence[str] | None) -> np.ndarray:
+    """MedMNIST stores (N, 1) integer labels; the first column is the class index."""
+    if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or len(labels) != count or labels.size < count:
+        raise DatasetError(f"{where}: expected {count} integer class indices, got {labels.dtype} of shape {labels.shape}")
+    labels = labels.reshape(count, -1)[:, 0]
+    if labels.min() < 0:
+        raise DatasetError(f"{where}: label {int(labels.min())} is negative")
+    if class_names is not None and labels.max() >= len(class_names):
+        raise DatasetError(f"{where}: label {int(labels.max())} is outside the model's {len(class_names)} classes")
+    return labels
 
 
 def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
