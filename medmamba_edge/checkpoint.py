@@ -16,7 +16,7 @@ import torch
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.model import VSSM, variant_name
+from medmamba_edge.model import VSSM, SS_Conv_SSM, variant_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import ModelMetadata
 
@@ -111,6 +111,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _shape(state_dict: dict[str, torch.Tensor], key: str, rank: int, path: Path) -> tuple[int, ...]:
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != rank or 0 in shape:
+        raise CheckpointError(f"{path}: {key} has shape {shape}; expected {rank} dimensions, none of them 0")
+    return shape
+
+
+def _check_block_count(blocks: dict[int, set[int]], state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Every block up to the highest index has its weights. Depths come from that index, so without this a
+    few-KB file naming ``layers.0.blocks.3000`` builds a 3001-block model before its keys are compared."""
+    with torch.device("meta"):
+        names = SS_Conv_SSM(hidden_dim=2).state_dict().keys()
+    absent = [f"layers.{stage}.blocks.{index}.{name}" for stage, numbered in sorted(blocks.items())
+              for index in range(max(numbered) + 1) for name in names
+              if f"layers.{stage}.blocks.{index}.{name}" not in state_dict]
+    if absent:
+        raise CheckpointError(_describe_key_mismatch(path, absent, []))
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig:
     required = ("patch_embed.proj.weight", "head.weight")
     missing = [k for k in required if k not in state_dict]
@@ -128,22 +147,23 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig
     stages = sorted(blocks)
     if stages != list(range(len(stages))):
         raise CheckpointError(f"{path}: stages {stages} are not numbered 0..{len(stages) - 1}")
+    _check_block_count(blocks, state_dict, path)
     depths = [max(blocks[i]) + 1 for i in stages]
     dims = []
     for i in stages:
         key = f"layers.{i}.blocks.0.ln_1.weight"
         if key not in state_dict:
             raise CheckpointError(f"{path}: not a MedMamba (VSSM) checkpoint: missing {key}")
-        dims.append(2 * state_dict[key].shape[0])
-    proj = state_dict["patch_embed.proj.weight"]
-    a_logs = state_dict.get("layers.0.blocks.0.self_attention.A_logs")
+        dims.append(2 * _shape(state_dict, key, 1, path)[0])
+    proj = _shape(state_dict, "patch_embed.proj.weight", 4, path)
+    a_logs = "layers.0.blocks.0.self_attention.A_logs"
     return ModelConfig(
         depths=depths,
         dims=dims,
-        num_classes=state_dict["head.weight"].shape[0],
-        in_chans=proj.shape[1],
-        patch_size=proj.shape[2],
-        d_state=a_logs.shape[1] if a_logs is not None else 16,
+        num_classes=_shape(state_dict, "head.weight", 2, path)[0],
+        in_chans=proj[1],
+        patch_size=proj[2],
+        d_state=_shape(state_dict, a_logs, 2, path)[1] if a_logs in state_dict else 16,
         patch_norm="patch_embed.norm.weight" in state_dict,
     )
 
@@ -208,10 +228,12 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
     state_dict = read_state_dict(path)
     config = infer_config(state_dict, path)
     try:
-        model = config.build()
+        # Shapes are compared on the meta device first: widths read off one tensor of a small file could
+        # otherwise allocate gigabytes before the other tensors show that they do not fit.
+        with torch.device("meta"):
+            expected = config.build().state_dict()
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -222,6 +244,7 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
                 f"{path}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} "
                 f"for depths {config.depths} dims {config.dims}"
             )
+    model = config.build()
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     return LoadedCheckpoint(

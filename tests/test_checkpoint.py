@@ -99,3 +99,32 @@ def test_missing_file_and_non_state_dict(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="expected a state_dict"):
         load_checkpoint(save([1, 2, 3], tmp_path / "list.pth"))
+
+
+def test_blocks_declared_without_weights_are_refused_before_any_model_is_built(tmp_path, tiny_state_dict, monkeypatch):
+    # A few-KB file naming block 3000 used to build a 3001-block model (15 s, 550 MB) before being refused.
+    from medmamba_edge.checkpoint import ModelConfig
+
+    def refuse(self):
+        raise AssertionError(f"built a model with depths {self.depths}")
+
+    monkeypatch.setattr(ModelConfig, "build", refuse)
+    deep = {k: v for k, v in tiny_state_dict.items() if not k.startswith("layers.0.blocks.")}
+    deep["layers.0.blocks.3000.ln_1.weight"] = torch.ones(8)
+    path = save(deep, tmp_path / "deep.pth")
+    with pytest.raises(CheckpointError, match=r"deep\.pth: weights do not match .* missing keys: layers\.0\.blocks\.0\."):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("layers.0.blocks.0.ln_1.weight", torch.tensor(1.0)),
+    ("layers.1.blocks.0.ln_1.weight", torch.ones(2, 16)),
+    ("patch_embed.proj.weight", torch.ones(16, 1)),
+    ("head.weight", torch.ones(3)),
+    ("layers.0.blocks.0.self_attention.A_logs", torch.ones(16)),
+    ("layers.0.blocks.0.ln_1.weight", torch.ones(0)),
+])
+def test_wrong_rank_weights_that_fix_the_architecture_are_named(tmp_path, tiny_state_dict, key, value):
+    bad = dict(tiny_state_dict, **{key: value})
+    with pytest.raises(CheckpointError, match=rf"bad\.pth: {key.replace('.', r'[.]')} has shape .*; expected \d dimensions"):
+        load_checkpoint(save(bad, tmp_path / "bad.pth"))
