@@ -38,9 +38,10 @@ def _streamed_in_place(path: Path) -> bool:
                                                                          os.path.realpath(absolute.parent)):
         return True
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except OSError:  # does not exist yet (or a dangling link): created by the rename
         return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 class AtomicOutput:
@@ -94,8 +95,8 @@ class AtomicOutput:
         except OSError as exc:
             if not self.in_place:
                 self.handle.truncate(self.written)
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror or errno.errorcode.get(exc.errno, exc)}); "
-                              f"the output ends after the last complete record ({self.written} bytes)") from None
+            kept = f"; the output ends after the last complete record ({self.written} bytes)" if self.written else ""
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or errno.errorcode.get(exc.errno, exc)}){kept}") from None
         self.written += len(data)
 
     def commit(self) -> None:

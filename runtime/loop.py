@@ -20,7 +20,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import Backend, BackendError, open_backend, softmax
 from medmamba_edge.runtime.preprocess import preprocess_one
-from medmamba_edge.runtime.sinks import Record, Sink, Stats
+from medmamba_edge.runtime.sinks import Outputs, Record, Sink, Stats
 from medmamba_edge.runtime.sources import Capture, Frame, Source, SourceError
 
 
@@ -86,7 +86,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
-    active, failed = list(sinks), []  # a sink that failed (a full disk) gets no more records
+    outputs = Outputs(sinks)
 
     def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
         record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
@@ -98,41 +98,29 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
             if record.probabilities[0] < options.threshold:
                 record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {options.threshold:.0%}"
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-        for sink in list(active):
-            try:
-                sink.write(record, frame.image, fps)
-            except UserError as exc:
-                active.remove(sink)
-                failed.append(exc)
-                close(sink)
+        outputs.write(record, frame.image, fps)
         stats.add(record)
-
-    def close(sink: Sink) -> None:
-        try:
-            sink.close()
-        except UserError as exc:
-            failed.append(exc)
 
     with stop_on_signals(notify) as interrupted:
         capture.start()
         try:
-            while not interrupted.is_set() and not failed and not any(getattr(s, "stop_requested", False) for s in sinks):
+            while not interrupted.is_set() and not outputs.stop_requested:
                 frames = capture.next_batch(options.batch)
                 for frame in capture.take_dropped():
                     emit(frame, "dropped", reason="inference slower than the source")
                 if frames is None:
                     break
                 usable = [f for f in frames if f.error is None]
+                logits = iter(())
                 if usable:
                     started = time.perf_counter()
-                    logits = backend.run(np.stack([f.tensor for f in usable]))
+                    logits = iter(backend.run(np.stack([f.tensor for f in usable])))
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
-                    rows = iter(logits)
                 for frame in frames:
                     if frame.error:
                         emit(frame, "skipped", reason=frame.error)
                         continue
-                    row = next(rows)
+                    row = next(logits)
                     if np.isfinite(row).all():
                         emit(frame, "ok", softmax(row[None])[0])
                     else:  # a broken model or an input it overflows on: no label is better than a random one
@@ -143,10 +131,9 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
             for frame in capture.take_dropped():
                 emit(frame, "dropped", reason="inference slower than the source")
             stats.finished = time.perf_counter()
-            for sink in active:
-                close(sink)
+            outputs.close()
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
-    errors = [str(e) for e in failed] + ([str(capture.failure)] if capture.failure else [])
+    errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
     stats.error = "; ".join(errors) or None
     return stats

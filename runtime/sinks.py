@@ -94,7 +94,11 @@ class CsvSink(TextSink):
         super().__init__(path)
         self.buffer = io.StringIO()
         self.writer = csv.writer(self.buffer)
-        self._row(self.COLUMNS)
+        try:
+            self._row(self.COLUMNS)
+        except UserError:  # a full disk already: no half-made file left behind
+            self.discard()
+            raise
 
     def _row(self, values) -> None:
         self.writer.writerow(values)
@@ -210,8 +214,8 @@ class WindowSink:
 
 
 def printable(text: str, stream: IO[str]) -> str:
-    """``text`` as ``stream`` can encode it: a file name's undecodable bytes become ``\\xNN``-style
-    escapes instead of a UnicodeEncodeError that would end the run."""
+    """``text`` as ``stream`` can encode it: a file name's undecodable bytes are shown as ``\\udcff``
+    escapes, as in the JSONL, instead of a UnicodeEncodeError that would end the run."""
     encoding = getattr(stream, "encoding", None) or "utf-8"
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
@@ -252,15 +256,44 @@ class ConsoleSink:
             self._flush_window(0.0 if not self.window else len(self.window) / max(time.perf_counter() - self.window_start, 1e-9))
 
 
+class Outputs:
+    """The run's sinks as one: each record goes to every sink still working. A sink that fails (a full
+    disk) is closed with what it has, its error kept, and the run asked to stop, like a window's 'q'."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks, self.errors = list(sinks), []
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.errors) or any(getattr(s, "stop_requested", False) for s in self.sinks)
+
+    def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink.write(record, image, fps)
+            except UserError as exc:
+                self.errors.append(str(exc))
+                self.sinks.remove(sink)
+                self._close(sink)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            self._close(sink)
+
+    def _close(self, sink: Sink) -> None:
+        try:
+            sink.close()
+        except UserError as exc:
+            self.errors.append(str(exc))
+
+
 def open_outputs(console: str, live: bool, video: Path | None = None, video_fps: float = 5.0, show: bool = False,
                  jsonl: Path | None = None, csv_path: Path | None = None) -> list[Sink]:
-    """The sinks ``run`` asked for. Those that can refuse without touching a file (console mode, display,
-    video format) come first; if a file output then cannot be created, the ones already created are
-    removed again, so a refused run leaves no file behind."""
+    """The sinks ``run`` asked for. Those that can refuse without touching a file (console mode, display)
+    come first; if a file output then cannot be created (a folder, a video format, no permission), the
+    ones already created are removed again, so a refused run leaves no file behind."""
     outputs: list[Sink] = [ConsoleSink(console if console != "auto" else ("second" if live else "frame"))]
     outputs += [WindowSink()] if show else []
-    if video is not None and Path(video).suffix.lower() not in VideoSink.FOURCC:
-        raise SinkError(f"{video}: --save-video needs one of {', '.join(VideoSink.FOURCC)}")
     files: list[Sink] = []
     try:
         for make, path in ((lambda p: VideoSink(p, video_fps), video), (JsonlSink, jsonl), (CsvSink, csv_path)):
