@@ -5,6 +5,7 @@ against PyTorch on real images before anything is written.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 import warnings
@@ -14,17 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
+
+from medmamba_edge.errors import MissingExtraError, UserError, install_hint
+
+# A runtime-only install has neither; torch.onnx's exporter needs onnxscript only once it runs, deep inside.
+try:
+    import torch
+except ImportError as exc:
+    raise MissingExtraError(f"exporting a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
+if importlib.util.find_spec("onnxscript") is None:
+    raise MissingExtraError(f"exporting a checkpoint needs onnxscript: {install_hint('export')}")
 
 from medmamba_edge import __version__
 from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
-from medmamba_edge.errors import UserError
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess, read_image
 from medmamba_edge.runtime.files import write_bytes_atomically
+from medmamba_edge.runtime.output_paths import check_writable
 from medmamba_edge.runtime.bundled import sample_image_paths
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -128,6 +138,7 @@ def export_onnx(
         raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be ≥ 1, got {batch}")
+    check_writable(output)
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)

@@ -7,3 +7,12 @@ traceback. Torch-free, so the runtime and the plugin tools share it.
 
 class UserError(Exception):
     """Bad input or a missing part; the message names the file and what is wrong."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional part (an extra of pyproject.toml) is not installed; the message says which to install."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that adds one of pyproject.toml's extras, from an index or from a checkout."""
+    return f"pip install 'medmamba-edge[{extra}]' (from a checkout: pip install '.[{extra}]')"

@@ -25,13 +25,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, install_hint
 from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.scan_node import DOMAIN, INPUT_NAMES, OP_TYPE
 
 FUSED_DOMAIN = "ai.onnx.contrib"  # onnxruntime_extensions.default_opset_domain()
 FUSED_DOMAIN_VERSION = 1
-_INSTALL_HINT = "pip install medmamba-edge[fused]"
 
 _lock = threading.Lock()
 _registered_id: int | None = None
@@ -52,7 +51,8 @@ def _extensions():
         import onnxruntime_extensions
     except ImportError as exc:
         raise FusedScanUnavailable(
-            f"the fused CPU scan needs onnxruntime-extensions ({_INSTALL_HINT}): {exc}"
+            f"a plugin-form model (the default of `medmamba-edge export`) runs on CPU through the fused scan, which "
+            f"needs onnxruntime-extensions ({exc}): {install_hint('fused')}, or export with --scan portable"
         ) from None
     finally:
         if hide_torch:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, install_hint
 from medmamba_edge.runtime.metadata import ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
@@ -67,7 +67,7 @@ def open_backend(path: str | Path, **options) -> Backend:
         try:
             from medmamba_edge.torch_backend import PyTorchBackend
         except ImportError as exc:
-            raise BackendError(f"{path}: running a checkpoint needs PyTorch ({exc}); pip install medmamba-edge[export]") from None
+            raise BackendError(f"{path}: running a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
         return PyTorchBackend(path, input_size=options.get("input_size", 224), classes=options.get("classes"),
                               threads=options.get("threads"))
     if suffix in ENGINE_SUFFIXES:
