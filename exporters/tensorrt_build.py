@@ -31,8 +31,10 @@ from medmamba_edge.runtime.engine_manifest import (
 )
 from medmamba_edge.runtime.files import cache_root, sha256_file, write_bytes_atomically
 from medmamba_edge.runtime.metadata import read_onnx_metadata
+from medmamba_edge.runtime.output_paths import check_writable
 from medmamba_edge.runtime.tensorrt_compat import (
     current_gpu,
+    import_cudart,
     import_tensorrt,
     load_plugin_library,
     tensorrt_generation,
@@ -192,13 +194,19 @@ class _Inputs:
 def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | None) -> _Inputs:
     if not onnx_path.is_file():
         raise EngineBuildError(f"{onnx_path}: no such ONNX file")
-    model = onnx.load(str(onnx_path))
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf's DecodeError, onnx's ValueError, OSError: whatever the bytes trigger
+        raise EngineBuildError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     read_onnx_metadata(model)  # a clear error for ONNX files that `medmamba-edge export` did not write
     if options.int8 and not has_quantize_nodes(model):
         raise EngineBuildError(
             f"{onnx_path}: --int8 needs an explicitly quantized model (QuantizeLinear/DequantizeLinear nodes) and "
             "this one has none; make one with `medmamba-edge quantize`"
         )
+    # Before the plugin: without TensorRT, a missing plugin (and then its missing headers) is not the news.
+    import_tensorrt()
+    import_cudart()
     library = None
     if has_scan_nodes(model):
         library = Path(plugin) if plugin is not None else find_plugin_library()
@@ -220,6 +228,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     options = options or BuildOptions()
     _check_options(options)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    check_writable(engine_path)
     inputs = _read_inputs(onnx_path, options, plugin)
     return _build(onnx_path, engine_path, options, inputs, progress or BuildProgress())
 

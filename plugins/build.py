@@ -15,6 +15,7 @@ Standard library only: this runs on a Jetson next to TensorRT, where PyTorch is 
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import os
 import platform
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.files import cache_root
+from medmamba_edge.runtime.tensorrt_compat import INSTALL_HINT
 
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
@@ -120,6 +122,13 @@ def pip_tensorrt_lib_dir() -> Path | None:
     return None
 
 
+def tensorrt_installed() -> bool:
+    """Whether any TensorRT is on this machine (the Python package, a system or pip-wheel libnvinfer), without
+    importing it; TENSORRT_ROOT aside, the plugin's headers come with one of these (libnvinfer-dev, JetPack)."""
+    return (importlib.util.find_spec("tensorrt") is not None or ctypes.util.find_library("nvinfer") is not None
+            or pip_tensorrt_lib_dir() is not None)
+
+
 def normalize_cuda_arch(cuda_arch: str | int | Iterable[str | int]) -> str:
     """CMAKE_CUDA_ARCHITECTURES value from "87", "8.7", "sm_87", 87, "87;90", "87,90", ["87", 90] or "native"."""
     items = [cuda_arch] if isinstance(cuda_arch, (str, int)) else list(cuda_arch)
@@ -190,6 +199,10 @@ def _cmake_build(
     jobs: int | None,
     progress: Progress | None,
 ) -> Path:
+    root = tensorrt_root if tensorrt_root is not None else os.environ.get("TENSORRT_ROOT")
+    if target == "medmamba_trt_plugin" and not root and not tensorrt_installed():
+        raise PluginBuildError(f"TensorRT is not installed (no tensorrt package, no libnvinfer, TENSORRT_ROOT "
+                               f"unset): {INSTALL_HINT}")
     cmake = shutil.which("cmake")
     if cmake is None:
         raise PluginBuildError("cmake not found on PATH: install CMake >= 3.18 (apt install cmake, or pip install cmake)")
@@ -211,7 +224,6 @@ def _cmake_build(
     # Explicit either way: the option is cached, and one build directory may serve both functions.
     configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == 'medmamba_trt_plugin' else 'OFF'}")
     if target == "medmamba_trt_plugin":
-        root = tensorrt_root if tensorrt_root is not None else os.environ.get("TENSORRT_ROOT")
         if root:
             configure.append(f"-DTENSORRT_ROOT={Path(root).expanduser()}")
         pip_libs = pip_tensorrt_lib_dir()

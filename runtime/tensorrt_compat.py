@@ -24,9 +24,14 @@ MIN_VERSION = (10, 3, 0)
 STRONGLY_TYPED_FROM = 11
 PLUGIN_OVERRIDE_FROM = (10, 15)  # OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE appeared in 10.15
 
+# Everything the TensorRT path needs, said at once: a user told one missing part at a time installs four
+# things in four rounds.
 INSTALL_HINT = (
-    "on Jetson use JetPack 6.1+ (it ships TensorRT: sudo apt install nvidia-jetpack, and JetPack's python3); "
-    "on x86/SBSA: pip install tensorrt"
+    "engines need the tensorrt Python package >= 10.3 and cuda-python (on Jetson JetPack 6.1+ ships TensorRT: "
+    "sudo apt install nvidia-jetpack, and use JetPack's python3; on x86/SBSA: pip install tensorrt cuda-python, "
+    "the 'tensorrt' extra), and the plugin for the default plugin-form model also TensorRT's headers and "
+    "libraries (libnvinfer-dev; JetPack: nvidia-tensorrt-dev), the CUDA toolkit (nvcc) and CMake >= 3.18 "
+    "for `medmamba-edge build-plugin`; without TensorRT, run the .onnx in ONNX Runtime (medmamba-edge run)"
 )
 CUDA_PYTHON_HINT = (
     "pip install cuda-python (a release matching the CUDA major version: 'cuda-python>=12.6,<13' on JetPack 6, "

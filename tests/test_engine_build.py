@@ -293,10 +293,29 @@ def invoke(*args):
 
 
 @pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
-def test_cli_without_tensorrt_is_one_line(exported, tmp_path):
-    output = invoke(exported["portable_path"], "-o", tmp_path / "m.engine", "--fp16")
-    assert "TensorRT is not installed" in output and "nvidia-jetpack" in output and "pip install tensorrt" in output
+@pytest.mark.parametrize("form", ["portable", "plugin"])
+def test_cli_without_tensorrt_says_so_first_and_names_everything_the_path_needs(exported, tmp_path, monkeypatch, form):
+    # No plugin anywhere either: the plugin form used to hear about the plugin first, never about TensorRT.
+    monkeypatch.delenv("MEDMAMBA_EDGE_PLUGIN", raising=False)
+    monkeypatch.setenv("MEDMAMBA_EDGE_CACHE", str(tmp_path / "cache"))
+    output = invoke(exported[f"{form}_path"], "-o", tmp_path / "m.engine", "--fp16")
+    assert output.strip().startswith("error: TensorRT is not installed"), output
+    for needed in ("tensorrt Python package >= 10.3", "cuda-python", "nvidia-jetpack", "pip install tensorrt",
+                   "headers", "libnvinfer-dev", "nvcc", "CMake", "build-plugin"):
+        assert needed in output, needed
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_cli_garbage_onnx_is_one_line(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    assert "garbage.onnx: not a readable ONNX model (DecodeError" in invoke(garbage, "-o", tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_cli_engine_path_is_checked_before_the_model(exported, tmp_path):
+    (tmp_path / "folder").mkdir()
+    assert "folder: is a folder; give a file name" in invoke(exported["portable_path"], "-o", tmp_path / "folder")
 
 
 def test_cli_input_errors(exported, tmp_path, monkeypatch):
@@ -309,7 +328,8 @@ def test_cli_input_errors(exported, tmp_path, monkeypatch):
 
     if (Path(build.__file__).parent / build.PLUGIN_LIBRARY).is_file():
         pytest.skip("a plugin library is bundled in the package directory")
-    assert "run `medmamba-edge build-plugin`" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine")
+    if not tensorrt_missing():  # without TensorRT, that is said first (test above)
+        assert "run `medmamba-edge build-plugin`" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine")
     assert "--preset must be one of" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine", "--preset", "tx2")
     assert not list(tmp_path.glob("*.engine*"))
 

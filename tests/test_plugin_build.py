@@ -235,10 +235,25 @@ def test_build_plugin_without_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
     assert "TensorRT" in message and "TENSORRT_ROOT" in message and "\n" not in message
 
 
+def test_build_plugin_on_a_machine_without_tensorrt_says_so_before_cmake_or_nvcc(tmp_path, monkeypatch):
+    if build.tensorrt_installed():
+        pytest.skip("TensorRT is installed here")
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, no nvcc: still TensorRT is what the user hears first
+    monkeypatch.setenv("CUDACXX", str(tmp_path / "missing-nvcc"))
+    with pytest.raises(build.PluginBuildError) as info:
+        build.build_plugin(build_dir=tmp_path / "b")
+    message = str(info.value)
+    assert message.startswith("TensorRT is not installed") and "\n" not in message
+    for needed in ("tensorrt Python package >= 10.3", "cuda-python", "libnvinfer-dev", "nvcc", "CMake >= 3.18"):
+        assert needed in message, needed
+    assert not (tmp_path / "b").exists()
+
+
 def test_build_without_cmake_or_nvcc_says_which(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(build.PluginBuildError, match="cmake not found"):
-        build.build_plugin(build_dir=tmp_path / "b")
+        build.build_plugin(build_dir=tmp_path / "b", tensorrt_root=tmp_path)
     fake_cmake = tmp_path / "cmake"
     fake_cmake.write_text("#!/bin/sh\nexit 1\n")
     fake_cmake.chmod(0o755)
