@@ -22,6 +22,15 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+# Off a terminal rich assumes 80 columns and folds table cells mid-word ("medmam│ba_t_p"); a file or a CI log
+# has no width, so there tables and lines get the room they need.
+UNBOUNDED_WIDTH = 1000
+
+
+@app.callback()
+def _fit_output_to_its_destination() -> None:
+    for stream in (out, console):
+        stream.width = None if stream.is_terminal else UNBOUNDED_WIDTH
 
 
 def fail(message: str) -> None:
@@ -36,6 +45,19 @@ def write_json(path: Path, data: dict) -> None:
     from medmamba_edge.runtime.files import write_bytes_atomically
 
     write_bytes_atomically(path, json.dumps(data, indent=2).encode())
+
+
+def check_outputs(*files: Path | None, folder: Path | None = None) -> None:
+    """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written fails now."""
+    from medmamba_edge.runtime.output_paths import check_writable
+
+    for path in filter(None, files):
+        check_writable(path)
+    if folder:
+        check_writable(folder, folder=True)
+
+
+INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -54,7 +76,7 @@ def parse_input_size(text: str) -> tuple[int, int]:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
-    input_size: Annotated[str, typer.Option(help="Input size: N or HxW.")] = "224",
+    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = "224",
     batch: Annotated[int, typer.Option(help="Fixed batch size.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
@@ -254,7 +276,7 @@ def demo(
 ModelsArgument = Annotated[list[Path], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
                                                             ".engine (TensorRT), in any mix.")]
 CheckpointSizeOption = Annotated[Optional[str], typer.Option(
-    "--input-size", help="Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else 224).")]
+    "--input-size", metavar=INPUT_SIZE, help="Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else 224).")]
 SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
 
 
@@ -277,6 +299,7 @@ def evaluate(
 
     size = parse_input_size(input_size) if input_size else None
     try:
+        check_outputs(json_file, folder=plots)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=True) as bar:
             task = bar.add_task("evaluating", total=None)
@@ -326,6 +349,7 @@ def benchmark(
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
     try:
+        check_outputs(json_file, plot)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("loading and warming up", total=None)

@@ -259,10 +259,9 @@ def _folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
                     found.append((path, f"{what} (to {os.readlink(path)})"))
                 continue
             if stat.S_ISDIR(info.st_mode):
-                if entry.name.startswith("."):
-                    continue  # .git, .cache: not part of a data set
                 if (info.st_dev, info.st_ino) in seen:
-                    found.append((path, f"a link to a folder already listed ({os.readlink(path)}): a loop, not entered"
+                    found.append((path, f"a link to a folder already listed ({os.readlink(path)}), not entered again "
+                                        f"(a loop, or a second way to the same files)"
                                   if entry.is_symlink() else "folder already listed"))
                     continue
                 seen.add((info.st_dev, info.st_ino))

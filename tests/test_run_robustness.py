@@ -116,7 +116,7 @@ def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classi
     assert "truncated DICOM file" in reasons[b"e_cut.dcm"]
     assert "dangling symbolic link (to missing.png)" in reasons[b"f_dangling.png"]
     assert "symbolic link loop" in reasons[b"g_loop.png"]
-    assert "a loop, not entered" in reasons[b"h_folder_loop"]
+    assert "a link to a folder already listed (.), not entered again" in reasons[b"h_folder_loop"]
     assert "hidden file" in reasons[b"._i_hidden.png"]
     assert "not a regular file" in reasons[b"j_fifo.png"]
     # The CSV has the same rows, valid UTF-8, the undecodable bytes spelled as in the JSONL.
