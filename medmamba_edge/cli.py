@@ -424,7 +424,7 @@ def run(
     providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers in order, e.g. cuda,cpu "
                                                           "(default: TensorRT, CUDA, CPU as available).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference.")] = None,
-    input_size: Annotated[str, typer.Option(help="Input size for a .pth checkpoint: N or HxW.")] = "224",
+    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size for a .pth checkpoint: N or HxW.")] = "224",
     classes: Annotated[Optional[str], typer.Option(help="Class names for a .pth: comma-separated or a class_indices.json.")] = None,
     reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
 ) -> None:

@@ -1,0 +1,216 @@
+"""Bad input to quantize, evaluate and export, a runtime-only install, and output people read: each bad case
+is one line naming the file, exit 1 and nothing written; tables and --help stay readable off a terminal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.runtime.bundled import bundled_checkpoint
+from tests.exported_models import bundled_onnx
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def onnx32(tmp_path_factory):
+    return bundled_onnx(tmp_path_factory)
+
+
+def one_line_error(args, *fragments) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    return result.output
+
+
+# ---- quantize: calibration data ----------------------------------------------------------------------
+
+def _good_arrays(split="train", count=4):
+    return {f"{split}_images": np.zeros((count, 32, 32), np.uint8), f"{split}_labels": np.zeros((count, 1), np.int64)}
+
+
+def _truncated(path):
+    np.savez(path, **_good_arrays())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _crc_corrupt(path):
+    np.savez(path, **_good_arrays())
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # inside train_images.npy's pixels: the zip directory still reads
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: np.savez(p, train_images=np.zeros((0, 32, 32), np.uint8), train_labels=np.zeros((0, 1), np.int64)),
+     "split 'train' is empty"),
+    (lambda p: np.savez(p, train_images=np.zeros(5, np.uint8)), "train_images has shape (5,)"),
+    (lambda p: np.savez(p, train_images=np.array([np.zeros((3, 3)), "x", None], dtype=object)), "object arrays"),
+    (lambda p: np.savez(p, train_images=np.zeros((4, 32, 32), np.int64)), "int64 pixels"),
+    (_truncated, "not a readable .npz"),
+    (_crc_corrupt, "Bad CRC-32"),
+    (lambda p: p.write_bytes(b""), "not a readable .npz"),
+], ids=["empty-split", "1-d", "object-array", "int64", "truncated", "crc", "zero-bytes"])
+def test_quantize_bad_calibration_npz_is_one_line(onnx32, tmp_path, make, reason):
+    npz = tmp_path / "calib.npz"
+    make(npz)
+    output = tmp_path / "int8.onnx"
+    one_line_error(["quantize", onnx32, "--calib", npz, "-o", output, "--num-samples", "4"], "calib.npz", reason)
+    assert not output.exists()
+
+
+# ---- evaluate: labels and output paths -----------------------------------------------------------------
+
+@pytest.mark.parametrize("labels, reason", [
+    ([0, 1, -1, 0], "val_labels: label -1 is negative"),
+    ([0, 1, 2, 0], "val_labels: label 2 is outside the model's 2 classes"),
+    ([0.0, 1.0, 0.0, 1.0], "expected 4 integer class indices"),
+])
+def test_evaluate_bad_labels_are_one_line(onnx32, tmp_path, labels, reason):
+    npz = tmp_path / "data.npz"
+    np.savez(npz, val_images=np.zeros((4, 32, 32), np.uint8), val_labels=np.array(labels)[:, None])
+    one_line_error(["evaluate", onnx32, "--data", npz], "data.npz", reason)
+
+
+def _labelled_npz(folder):
+    npz = folder / "data.npz"
+    np.savez(npz, **_good_arrays("val"))
+    return npz
+
+
+@pytest.fixture
+def never_evaluate(monkeypatch):
+    """Output paths are checked before any model is opened: evaluating at all fails the test."""
+    from medmamba_edge import evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated before the output path was checked")
+
+    monkeypatch.setattr(evaluation, "evaluate", refuse)
+
+
+@pytest.mark.parametrize("where, reason", [
+    ("folder", "is a folder; give a file name"),
+    ("/sys/medmamba-edge.json", "cannot write in /sys"),  # read-only even for root
+    ("file/metrics.json", "is not a folder"),
+])
+def test_evaluate_json_that_cannot_be_written_fails_before_evaluating(onnx32, tmp_path, never_evaluate, where, reason):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    target = where if where.startswith("/") else tmp_path / where
+    one_line_error(["evaluate", onnx32, "--data", _labelled_npz(tmp_path), "--json", target], str(target), reason)
+    assert not list((tmp_path / "folder").iterdir())
+
+
+def test_evaluate_plots_into_a_file_fails_before_evaluating(onnx32, tmp_path, never_evaluate):
+    (tmp_path / "plots").write_text("")
+    one_line_error(["evaluate", onnx32, "--data", _labelled_npz(tmp_path), "--plots", tmp_path / "plots"],
+                   "plots: is not a folder")
+
+
+# ---- export: the output path before the export ---------------------------------------------------------
+
+@pytest.mark.parametrize("where, reason", [
+    ("folder", "is a folder; give a file name"),
+    ("/sys/medmamba-edge/model.onnx", "cannot write in /sys"),
+    ("file/model.onnx", "is not a folder"),
+])
+def test_export_output_is_checked_before_the_checkpoint_is_even_read(tmp_path, monkeypatch, where, reason):
+    from medmamba_edge.exporters import onnx_export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the output path was checked")
+
+    monkeypatch.setattr(onnx_export, "load_checkpoint", refuse)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    target = where if where.startswith("/") else tmp_path / where
+    one_line_error(["export", bundled_checkpoint(), "-o", target, "--input-size", "32"], str(target), reason)
+
+
+# ---- a runtime-only install: no torch, no onnxscript, no onnxruntime-extensions ------------------------
+
+RUNTIME_ONLY = textwrap.dedent("""
+    import sys
+
+    class NotInstalled:
+        # What `pip install .` without extras leaves out.
+        missing = ("torch", "onnxscript", "onnxruntime_extensions")
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.missing:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, NotInstalled())
+    sys.argv[0] = "medmamba-edge"
+    from medmamba_edge.cli import main
+    main()
+""")
+
+
+def runtime_only(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUNTIME_ONLY, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "--workdir", "demo"],
+    ["export", str(bundled_checkpoint()), "-o", "model.onnx", "--input-size", "32"],
+], ids=["demo", "export"])
+def test_runtime_only_install_names_the_export_extra(tmp_path, args):
+    result = runtime_only(*args, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert output.strip().count("\n") == 0 and "Traceback" not in output, output
+    assert "needs PyTorch" in output and "pip install '.[export]'" in output and "medmamba-edge[export]" in output
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_plugin_form_model_without_the_fused_extra_points_to_portable(onnx32, tmp_path):
+    # The bundled export is the default plugin form; without onnxruntime-extensions it cannot run on CPU.
+    result = runtime_only("compare", onnx32, onnx32, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert "pip install '.[fused]'" in output and "--scan portable" in output, output
+
+
+# ---- output people read --------------------------------------------------------------------------------
+
+def test_tables_are_not_squeezed_to_80_columns_off_a_terminal(onnx32, tmp_path):
+    long_name = tmp_path / "medmamba_t_pneumoniamnist32_plugin_dynamic_batch_fp32.onnx"
+    long_name.write_bytes(onnx32.read_bytes())
+    npz = tmp_path / "data.npz"
+    np.savez(npz, val_images=np.full((4, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1], [0], [1]]))
+    result = runner.invoke(app, ["evaluate", str(long_name), "--data", str(npz)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if long_name.name in line)
+    assert "accuracy" in result.output and "specificity" in result.output  # headers whole, not "accura│cy"
+    assert row.count("│") >= 9, row  # the whole row on one line
+
+    result = runner.invoke(app, ["compare", str(long_name), str(onnx32)])
+    assert result.exit_code == 0, result.output
+    assert f"PASSED: {onnx32} matches {long_name} within the fp32 tolerance" in result.output
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("export", ["Usage: medmamba-edge export [OPTIONS] CHECKPOINT", "PATH", "INTEGER", "FLOAT", "N|HxW"]),
+    ("evaluate", ["MODELS...", "--data", "PATH", "INTEGER", "FLOAT"]),
+    ("quantize", ["MODEL", "TEXT", "INTEGER", "FLOAT"]),
+])
+def test_help_shows_the_usual_metavars(command, expected):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    for metavar in expected:
+        assert metavar in result.output, result.output
+    for typer_label in ("<bool>", "<str>", "<int>", "<path>", "{"):
+        assert typer_label not in result.output, result.output
