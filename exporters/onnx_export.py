@@ -33,8 +33,7 @@ from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess, read_image
-from medmamba_edge.runtime.files import write_bytes_atomically
-from medmamba_edge.runtime.output_paths import check_writable
+from medmamba_edge.runtime.files import check_writable, write_bytes_atomically
 from medmamba_edge.runtime.bundled import sample_image_paths
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

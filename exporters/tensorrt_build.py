@@ -29,9 +29,8 @@ from medmamba_edge.runtime.engine_manifest import (
     manifest_path,
     write_manifest,
 )
-from medmamba_edge.runtime.files import cache_root, sha256_file, write_bytes_atomically
+from medmamba_edge.runtime.files import cache_root, check_writable, sha256_file, write_bytes_atomically
 from medmamba_edge.runtime.metadata import read_onnx_metadata
-from medmamba_edge.runtime.output_paths import check_writable
 from medmamba_edge.runtime.tensorrt_compat import (
     current_gpu,
     import_cudart,

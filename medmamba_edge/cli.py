@@ -49,7 +49,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def check_outputs(*files: Path | None, folder: Path | None = None) -> None:
     """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written fails now."""
-    from medmamba_edge.runtime.output_paths import check_writable
+    from medmamba_edge.runtime.files import check_writable
 
     for path in filter(None, files):
         check_writable(path)

@@ -143,3 +143,31 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medmamba-edge"
+
+
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """Raise OutputError unless ``path`` (a file, or with ``folder`` a folder of files) can be written as
+    ``AtomicOutput`` writes it. For the start of long work (an export, an evaluation), so that a wrong
+    ``-o`` or ``--json`` costs a second, not the whole run; nothing is created, not even missing folders.
+
+    A real file is created and removed in the nearest existing folder: permission bits say nothing for
+    root, a read-only mount or an ACL."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: is not a folder")
+    if not folder and path.is_dir():
+        raise OutputError(f"{path}: is a folder, expected a file name")
+    if not folder and _streamed_in_place(path):
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{path}: cannot write there (permission denied)")
+        return
+    start = path if folder else Path(os.path.realpath(path)).parent
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{path}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".medmamba-edge-", suffix=".probe", dir=existing)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)

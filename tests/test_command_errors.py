@@ -100,7 +100,7 @@ def never_evaluate(monkeypatch):
 
 
 @pytest.mark.parametrize("where, reason", [
-    ("folder", "is a folder; give a file name"),
+    ("folder", "is a folder, expected a file name"),
     ("/sys/medmamba-edge.json", "cannot write in /sys"),  # read-only even for root
     ("file/metrics.json", "is not a folder"),
 ])
@@ -121,7 +121,7 @@ def test_evaluate_plots_into_a_file_fails_before_evaluating(onnx32, tmp_path, ne
 # ---- export: the output path before the export ---------------------------------------------------------
 
 @pytest.mark.parametrize("where, reason", [
-    ("folder", "is a folder; give a file name"),
+    ("folder", "is a folder, expected a file name"),
     ("/sys/medmamba-edge/model.onnx", "cannot write in /sys"),
     ("file/model.onnx", "is not a folder"),
 ])

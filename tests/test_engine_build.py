@@ -315,7 +315,7 @@ def test_cli_garbage_onnx_is_one_line(tmp_path):
 
 def test_cli_engine_path_is_checked_before_the_model(exported, tmp_path):
     (tmp_path / "folder").mkdir()
-    assert "folder: is a folder; give a file name" in invoke(exported["portable_path"], "-o", tmp_path / "folder")
+    assert "folder: is a folder, expected a file name" in invoke(exported["portable_path"], "-o", tmp_path / "folder")
 
 
 def test_cli_input_errors(exported, tmp_path, monkeypatch):
