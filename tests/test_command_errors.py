@@ -69,6 +69,18 @@ def test_quantize_bad_calibration_npz_is_one_line(onnx32, tmp_path, make, reason
     assert not output.exists()
 
 
+def test_quantize_output_is_checked_before_calibrating(onnx32, tmp_path, monkeypatch):
+    from medmamba_edge.exporters import quantize
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated before the output path was checked")
+
+    monkeypatch.setattr(quantize, "quantize_onnx", refuse)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, **_good_arrays())
+    one_line_error(["quantize", onnx32, "--calib", npz, "-o", "/sys/int8.onnx"], "/sys/int8.onnx: cannot write in /sys")
+
+
 # ---- evaluate: labels and output paths -----------------------------------------------------------------
 
 @pytest.mark.parametrize("labels, reason", [
