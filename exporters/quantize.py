@@ -15,6 +15,14 @@ apply to the plugin form unchanged, and ``quantize_static`` reads them from a ca
 
 ``quant_format="qoperator"`` writes ONNX Runtime's QLinearConv/QLinearMatMul form instead, for its CPU
 only: faster there than Q/DQ on inputs (docs/quantization.md has the measurements), unreadable by TensorRT.
+
+Weights use 7 bits of the INT8 range ([-64, 64], ONNX Runtime's ``reduce_range``) in both forms, so the
+model gives the same accuracy on every x86 CPU. ONNX Runtime's INT8 kernels multiply uint8 activations
+by int8 weights; with VNNI (vpdpbusd) the products are summed in int32, but without it (AVX2, and
+AVX-512 before Cascade Lake) vpmaddubsw sums each pair of products in int16 and saturates: 255 · 127 · 2
+overflows it, 255 · 64 · 2 does not. Full-range weights measured fine on an AVX-512 VNNI Xeon and lost
+up to 13 points on an AVX2-only CPU; the 7-bit recipe loses nothing measurable on either
+(docs/quantization.md). TensorRT reads the result as ordinary symmetric INT8.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.exporters.portable import lower_selective_scan
 from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
 from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
@@ -48,6 +57,8 @@ METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 # metadata_props key beside the ModelMetadata one: how the model was quantized (JSON).
 QUANTIZATION_KEY = "medmamba_edge.quantization"
+# How the weights are quantized (module docstring), as the QUANTIZATION_KEY entry records it.
+WEIGHT_RANGE = "int8 per channel, 7-bit range [-64, 64] (ONNX Runtime reduce_range)"
 # Images per calibration run: the histogram calibrators hold every calibrated tensor of a run in memory.
 CALIBRATION_BATCH = 8
 # Images the sensitivity ranking compares float and INT8 activations on.
@@ -71,6 +82,7 @@ class QuantizeResult:
     calibration_images: int = 0
     float_top1: float | None = None  # percent; None without --eval
     int8_top1: float | None = None
+    evaluated_on: str | None = None  # the CPU and instruction set the accuracies were measured on
     seconds: float = 0.0
 
 
@@ -194,8 +206,9 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
     with tempfile.TemporaryDirectory(prefix="medmamba-quant.") as tmp, _quiet():
         output = Path(tmp) / "int8.onnx"
         quantize_static(model, output, None, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True,
-                        weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes), calibrate_method=_calibration_method(method),
-                        calibration_cache_path=cache, extra_options=options, **formats)
+                        weight_type=QuantType.QInt8, reduce_range=True, nodes_to_quantize=list(nodes),
+                        calibrate_method=_calibration_method(method), calibration_cache_path=cache,
+                        extra_options=options, **formats)
         return onnx.load(str(output))
 
 
@@ -344,16 +357,18 @@ def quantize_onnx(
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
                 raise QuantizeError(
                     f"INT8 top-1 {int8_top1:.2f}% is {float_top1 - int8_top1:.2f} points below fp32 {float_top1:.2f}% "
-                    f"on {eval_set.description}{tried}, over the --max-drop budget of {max_drop:g}; nothing was "
-                    f"written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
+                    f"on {eval_set.description} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
+                    f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
 
-    details = {"format": quant_format, "method": method, "percentile": percentile if method == "percentile" else None,
-               "calibration": calib_set.description, "calibration_images": len(calib_set), "seed": seed,
-               "quantized_nodes": len(nodes) - len(fallback), "kept_float": excluded + fallback,
-               "fp32_top1": float_top1, "int8_top1": int8_top1, "tool_version": __version__}
+    evaluated_on = describe_cpu() if eval_data is not None else None
+    details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
+               "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
+               "calibration_images": len(calib_set), "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
+               "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
+               "evaluated_on": evaluated_on, "tool_version": __version__}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
-                          excluded + fallback, fallback, len(calib_set), float_top1, int8_top1,
+                          excluded + fallback, fallback, len(calib_set), float_top1, int8_top1, evaluated_on,
                           time.perf_counter() - started)

@@ -155,7 +155,7 @@ def quantize(
         out.print(f"--auto-fallback kept {len(result.fallback_nodes)} sensitive layers float: {', '.join(result.fallback_nodes)}")
     if result.int8_top1 is not None:
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
-                  f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g})")
+                  f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g}) on {result.evaluated_on}")
 
 
 @app.command("build-plugin")
