@@ -188,14 +188,6 @@ def test_runtime_only_install_names_the_export_extra(tmp_path, args):
     assert not list(tmp_path.rglob("*.onnx"))
 
 
-def test_plugin_form_model_without_the_fused_extra_points_to_portable(onnx32, tmp_path):
-    # The bundled export is the default plugin form; without onnxruntime-extensions it cannot run on CPU.
-    result = runtime_only("compare", onnx32, onnx32, cwd=tmp_path)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1 and "Traceback" not in output, output
-    assert "pip install '.[fused]'" in output and "--scan portable" in output, output
-
-
 # ---- output people read --------------------------------------------------------------------------------
 
 def test_tables_are_not_squeezed_to_80_columns_off_a_terminal(onnx32, tmp_path):
