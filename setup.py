@@ -1,20 +1,44 @@
-"""Only the optional compiled CPU scan lives here; everything else is in pyproject.toml."""
+"""Only the optional compiled parts live here; everything else is in pyproject.toml.
+
+Both are built from runtime/csrc with nothing but a C compiler, and both are optional: without a compiler the
+package still installs, and the runtime says what is missing (and falls back or points to --scan portable).
+"""
+
+import os
+import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 # x86-64 (gcc >= 12): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
 # portable. aarch64 (Jetson, Graviton) has NEON in its baseline.
-extra_compile_args = ["-O3", "-std=c11", "-fno-math-errno", "-pthread"]
+extra_compile_args = ["-O3", "-std=c11", "-fno-math-errno", "-pthread", "-fvisibility=hidden"]
+# The scan kernel both binaries compile (selective_scan_kernel.h says why it is separate).
+KERNEL = "runtime/csrc/selective_scan_kernel.c"
+HEADERS = ["runtime/csrc/selective_scan_kernel.h", "runtime/csrc/ort_abi.h"]
+# ONNX Runtime's custom-op library: a plain shared library that ONNX Runtime dlopens and calls RegisterCustomOps
+# in, not a Python module, so its name has no Python ABI tag and any host (Python, C++, Triton) loads one file.
+ORT_OPS = "medmamba_edge.runtime.libmedmamba_ort_ops"
+
+
+class BuildExt(build_ext):
+    def get_ext_filename(self, fullname):
+        # asked with the full dotted name and with the last part alone (distutils' get_ext_fullpath)
+        if fullname.rpartition(".")[2] == ORT_OPS.rpartition(".")[2]:
+            return os.path.join(*fullname.split(".")) + (".dylib" if sys.platform == "darwin" else ".so")
+        return super().get_ext_filename(fullname)
+
+
+def optional_extension(name, sources):
+    # optional: a build failure is a warning, and the runtime reports the part as not built
+    return Extension(name, sources=sources + [KERNEL], depends=HEADERS, extra_compile_args=extra_compile_args,
+                     extra_link_args=["-pthread"], optional=True)
+
 
 setup(
     ext_modules=[
-        Extension(
-            "medmamba_edge.runtime._scan_cpu",
-            sources=["runtime/csrc/selective_scan_cpu.c"],
-            extra_compile_args=extra_compile_args,
-            extra_link_args=["-pthread"],
-            # No compiler on the target: the package still installs; the runtime then uses the portable scan.
-            optional=True,
-        )
-    ]
+        optional_extension("medmamba_edge.runtime._scan_cpu", ["runtime/csrc/selective_scan_cpu.c"]),
+        optional_extension(ORT_OPS, ["runtime/csrc/ort_custom_ops.c"]),
+    ],
+    cmdclass={"build_ext": BuildExt},
 )
