@@ -55,6 +55,10 @@ def check_outputs(*files: Path | None, folder: Path | None = None) -> None:
         check_writable(path)
     if folder:
         check_writable(folder, folder=True)
+    if plots:
+        from medmamba_edge.plots import pyplot
+
+        pyplot()
 
 
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
@@ -300,7 +304,7 @@ def evaluate(
 
     size = parse_input_size(input_size) if input_size else None
     try:
-        check_outputs(json_file, folder=plots)
+        check_outputs(json_file, folder=plots, plots=bool(plots))
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=True) as bar:
             task = bar.add_task("evaluating", total=None)
@@ -350,7 +354,7 @@ def benchmark(
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
     try:
-        check_outputs(json_file, plot)
+        check_outputs(json_file, plot, plots=bool(plot))
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("loading and warming up", total=None)

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import MissingExtraError, install_hint
 from medmamba_edge.runtime.files import write_bytes_atomically
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot, or one clear error naming the extra; called first by commands that will plot."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plots need matplotlib; pip install medmamba-edge[plots]") from None
+        raise MissingExtraError(f"plots need matplotlib: {install_hint('plots')}") from None
     matplotlib.use("Agg")  # files only: never open a window or need a display
     import matplotlib.pyplot as plt
 
@@ -26,13 +27,13 @@ def _pyplot():
 def _save(figure, path: Path) -> Path:
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
+    pyplot().close(figure)
     write_bytes_atomically(path, png.getvalue())
     return path
 
 
 def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], title: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     size = 2.5 + 0.6 * len(class_names)
     figure, axes = plt.subplots(figsize=(size, size))
     # Colour by the share of each true class so small classes are as readable as large ones.
@@ -53,7 +54,7 @@ def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], titl
 def latency_bars_png(labels: Sequence[str], p50: Sequence[float], p90: Sequence[float], p99: Sequence[float],
                      title: str, path: Path) -> Path:
     """Horizontal bars of the median latency with p90 and p99 marks, one bar per measured row."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 1.2 + 0.45 * len(labels)))
     rows = np.arange(len(labels))[::-1]  # first row at the top, as in the table
     axes.barh(rows, p50, color="tab:blue", label="p50")

@@ -157,7 +157,7 @@ RUNTIME_ONLY = textwrap.dedent("""
 
     class NotInstalled:
         # What `pip install .` without extras leaves out.
-        missing = ("torch", "onnxscript", "onnxruntime_extensions")
+        missing = ("torch", "onnxscript", "onnxruntime_extensions", "matplotlib")
 
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in self.missing:
@@ -186,6 +186,15 @@ def test_runtime_only_install_names_the_export_extra(tmp_path, args):
     assert output.strip().count("\n") == 0 and "Traceback" not in output, output
     assert "needs PyTorch" in output and "pip install '.[export]'" in output and "medmamba-edge[export]" in output
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_plots_without_matplotlib_fail_before_evaluating(onnx32, tmp_path):
+    npz = _labelled_npz(tmp_path)
+    result = runtime_only("evaluate", onnx32, "--data", npz, "--plots", "plots", "--json", "m.json", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and output.strip().count("\n") == 0 and "Traceback" not in output, output
+    assert "plots need matplotlib" in output and "pip install '.[plots]'" in output
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "plots").exists()
 
 
 # ---- output people read --------------------------------------------------------------------------------
