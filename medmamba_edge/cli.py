@@ -47,8 +47,9 @@ def write_json(path: Path, data: dict) -> None:
     write_bytes_atomically(path, json.dumps(data, indent=2).encode())
 
 
-def check_outputs(*files: Path | None, folder: Path | None = None) -> None:
-    """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written fails now."""
+def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool = False) -> None:
+    """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written, or plots
+    without matplotlib, fail now."""
     from medmamba_edge.runtime.files import check_writable
 
     for path in filter(None, files):
