@@ -227,7 +227,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     options = options or BuildOptions()
     _check_options(options)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    check_writable(engine_path)
+    for output in filter(None, (engine_path, options.timing_cache)):  # both are written after a build of minutes
+        check_writable(output)
     inputs = _read_inputs(onnx_path, options, plugin)
     return _build(onnx_path, engine_path, options, inputs, progress or BuildProgress())
 

@@ -313,9 +313,11 @@ def test_cli_garbage_onnx_is_one_line(tmp_path):
     assert not (tmp_path / "m.engine").exists()
 
 
-def test_cli_engine_path_is_checked_before_the_model(exported, tmp_path):
+def test_cli_engine_and_timing_cache_paths_are_checked_before_the_model(exported, tmp_path):
     (tmp_path / "folder").mkdir()
     assert "folder: is a folder, expected a file name" in invoke(exported["portable_path"], "-o", tmp_path / "folder")
+    assert "/sys/timing.cache: cannot write in /sys" in invoke(exported["portable_path"], "-o", tmp_path / "m.engine",
+                                                               "--timing-cache", "/sys/timing.cache")
 
 
 def test_cli_input_errors(exported, tmp_path, monkeypatch):
