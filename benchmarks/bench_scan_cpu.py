@@ -1,9 +1,9 @@
 """Selective-scan CPU timings for MedMamba-T at 224x224, side by side in one run.
 
 Per stage and per image (the sum over the model's 10 scans), batch 1 and batch 8 (per image):
-the compiled kernel on 1 and 2 threads, the fused op inside ONNX Runtime (one SelectiveScan node,
-onnxruntime-extensions PyOp, input/output copies included), and the PyTorch reference (one stage only:
-it loops over L in Python).
+the compiled kernel on 1 and 2 threads, the fused op inside ONNX Runtime (one SelectiveScan node run
+by our custom-op library on ORT's intra-op threads), and the PyTorch reference (one stage only: it
+loops over L in Python).
 
     python benchmarks/bench_scan_cpu.py [--repeats 20] [--no-batch8] [--ref-stage 2]
 
@@ -77,12 +77,7 @@ def fused_runner(threads):
     except (ImportError, RuntimeError) as exc:
         return None, str(exc)
 
-    def run(arrays):
-        # the kernel's thread count is process-wide in fused_scan: set it for this session
-        fused_scan._num_threads = threads
-        return sess.run(None, dict(zip(names, arrays)))
-
-    return run, ""
+    return lambda arrays: sess.run(None, dict(zip(names, arrays))), ""
 
 
 def main() -> None:

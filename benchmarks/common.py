@@ -28,11 +28,10 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False) -> or
     would steal the cores of the session being timed). ``fused``: a plugin-form model on the C scan."""
     if fused:
         options = fused_scan.fused_session_options(threads)
-        model = fused_scan.retarget_for_fused(model)
     else:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -46,8 +45,7 @@ def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = f"{tmp}/profile"
-        session = ort.InferenceSession(fused_scan.retarget_for_fused(model).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -63,8 +63,7 @@ def _installed(package: str) -> str | None:
 
 def machine_info(threads: int | None) -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "onnxruntime-extensions",
-                                                   "torch", "tensorrt")}
+    versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "torch", "tensorrt")}
     return {"cpu": describe_cpu(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "threads": threads if threads else f"backend default ({usable})",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),

@@ -198,8 +198,8 @@ def tiny_plugin_onnx(tmp_path_factory):
 
 @pytest.mark.parametrize("form", ["portable", "plugin"])
 def test_runtime_never_imports_torch(form, tiny_onnx, tiny_plugin_onnx, tmp_path):
-    """The whole run path (CLI included) on an ONNX model, in a fresh interpreter: torch stays out, also
-    for the plugin form, whose fused scan loads onnxruntime-extensions (which would import torch)."""
+    """The whole run path (CLI included) on an ONNX model, in a fresh interpreter: torch stays out, for the
+    portable form and for the plugin form with its custom-op library."""
     model = tiny_onnx if form == "portable" else tiny_plugin_onnx
     script = f"""
 import sys

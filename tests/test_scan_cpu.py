@@ -1,5 +1,5 @@
-"""The compiled CPU scan (runtime/csrc/selective_scan_cpu.c via runtime/scan_cpu.py) and its ONNX Runtime
-entry point (runtime/fused_scan.py) must match the reference scan."""
+"""The compiled CPU scan (runtime/csrc/selective_scan_cpu.c via runtime/scan_cpu.py) must match the reference
+scan. Its ONNX Runtime form, the custom-op library, is tests/test_ort_custom_ops.py's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.scan import selective_scan, selective_scan_ref
@@ -254,68 +253,6 @@ def test_runtime_modules_do_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The fused op in ONNX Runtime
-# ---------------------------------------------------------------------------------------------------
-
-
-def scan_model(channels, d_state, groups, *, softplus=1, with_softplus_attr=True):
-    dims = {"u": ["batch", channels, "L"], "delta": ["batch", channels, "L"], "A": [channels, d_state],
-            "B": ["batch", groups, d_state, "L"], "C": ["batch", groups, d_state, "L"], "D": [channels],
-            "delta_bias": [channels]}
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in NAMES]
-    attrs = {"delta_softplus": softplus} if with_softplus_attr else {}
-    node = helper.make_node(
-        scan_node.OP_TYPE, list(NAMES), ["y"], name="scan", domain=scan_node.DOMAIN, **attrs,
-        plugin_version=scan_node.PLUGIN_VERSION, plugin_namespace=scan_node.PLUGIN_NAMESPACE,
-    )
-    # a standard op after the scan, so the session mixes ORT's own kernels with ours
-    post = helper.make_node("Mul", ["y", "two"], ["z"])
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    graph = helper.make_graph(
-        [node, post], "scan", inputs,
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", channels, "L"])], initializer=[two],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, 1)]
-    )
-
-
-@pytest.mark.parametrize("softplus", [1, 0])
-def test_fused_session_matches_reference(softplus):
-    pytest.importorskip("onnxruntime_extensions", reason="pip install medmamba-edge[fused]")
-    from medmamba_edge.runtime import fused_scan
-
-    model = scan_model(40, 16, 4, softplus=softplus)
-    sess = fused_scan.make_fused_session(model, threads=2)
-    for batch, length in [(1, 50), (2, 17)]:  # symbolic batch and length
-        arrays = make_inputs(batch, 40, length, 4, 16, softplus=bool(softplus), seed=batch)
-        (z,) = sess.run(None, dict(zip(NAMES, arrays)))
-        assert_close(z / 2, reference(arrays, bool(softplus)))
-
-
-def test_retarget_for_fused_copies():
-    pytest.importorskip("onnxruntime_extensions", reason="pip install medmamba-edge[fused]")
-    from medmamba_edge.runtime import fused_scan
-
-    model = scan_model(8, 4, 2)
-    fused = fused_scan.retarget_for_fused(model)
-    assert model.graph.node[0].domain == scan_node.DOMAIN  # the original is untouched
-    assert fused.graph.node[0].domain == fused_scan.FUSED_DOMAIN
-    assert fused_scan.FUSED_DOMAIN in {op.domain for op in fused.opset_import}
-    assert [a.name for a in fused.graph.node[0].attribute] == [a.name for a in model.graph.node[0].attribute]
-
-
-def test_fused_session_defaults_to_softplus():
-    pytest.importorskip("onnxruntime_extensions", reason="pip install medmamba-edge[fused]")
-    from medmamba_edge.runtime import fused_scan
-
-    sess = fused_scan.make_fused_session(scan_model(16, 4, 2, with_softplus_attr=False), threads=1)
-    arrays = make_inputs(1, 16, 20, 2, 4, seed=7)
-    (z,) = sess.run(None, dict(zip(NAMES, arrays)))
-    assert_close(z / 2, reference(arrays, True))
 
 
 def test_floating_point_mode_is_restored():

@@ -1,5 +1,5 @@
 """ONNX Runtime backend. Plugin-form models (``SelectiveScan`` nodes) run through the fused CPU scan
-(onnxruntime-extensions); portable models need nothing but ONNX Runtime.
+(our custom-op library, runtime/fused_scan.py); portable models need nothing but ONNX Runtime.
 
 Execution providers are chosen from what this onnxruntime build offers, fastest first (TensorRT, CUDA,
 CPU), unless ``providers`` names them (``tensorrt``, ``cuda``, ``cpu`` or ORT's full names). The CPU
