@@ -118,6 +118,13 @@ def test_absent_delta_softplus_means_softplus_on():
     assert_relative(run_scan(sess, arrays), reference64(*arrays, softplus=True))
 
 
+def test_delta_softplus_other_than_0_or_1_is_refused_when_the_session_is_made():
+    model = scan_model(8, 4, 2)
+    next(a for a in model.graph.node[0].attribute if a.name == "delta_softplus").i = 2
+    with pytest.raises(Exception, match="SelectiveScan node 'scan': delta_softplus must be 0 or 1, got 2"):
+        session(model)
+
+
 def test_one_and_two_threads_give_the_same_bits():
     model = scan_model(64, 16, 4)
     arrays = make_inputs(2, 64, 150, 4, 16, seed=3)

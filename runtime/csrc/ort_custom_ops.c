@@ -48,8 +48,7 @@ static OrtStatus *errorf(const OrtApi *api, OrtErrorCode code, const char *fmt, 
         if (status_ != NULL) return status_;    \
     } while (0)
 
-static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
-                                            void **out) {
+static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)op;
     scan_kernel *k = calloc(1, sizeof *k);
     if (k == NULL) return errorf(api, ORT_FAIL, MM_OP_TYPE ": out of memory");
@@ -133,7 +132,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
     const float **in_data[MM_SCAN_INPUTS] = {&a.u, &a.delta, &a.A, &a.B, &a.C, &a.D, &a.delta_bias};
     for (size_t i = 0; i < MM_SCAN_INPUTS; i++) {
-        /* GetTensorData (read-only) is API 21; the mutable accessor only hands out the same pointer */
+        /* GetTensorData (read-only) came in API 23; the mutable accessor hands out the same pointer */
         RETURN_IF_ERROR(ORT_API_FN(api, GetTensorMutableData)((OrtValue *)inputs[i], (void **)in_data[i]));
     }
     OrtValue *output = NULL;
