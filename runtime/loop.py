@@ -72,7 +72,9 @@ def stop_on_signals(notify):
                f"(again to abort)")
 
     main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS} if main else {}
+    # A signal already ignored stays ignored: under nohup a closed terminal must not stop the run.
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
+                if main and signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield stop
     finally:

@@ -306,6 +306,21 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     assert not list(tmp_path.glob(".records.*"))
 
 
+def test_an_ignored_sighup_stays_ignored_as_under_nohup(model, tmp_path):
+    video = write_video(tmp_path / "clip.avi", count=10)
+    jsonl = tmp_path / "records.jsonl"
+    process = run_cli_process(model, video, "--max-frames", 3000, "--loop", "--console", "none", "--jsonl", jsonl,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 0 for p in tmp_path.glob(".records.*.partial.jsonl")):
+        time.sleep(0.01)
+    assert process.poll() is None  # the hangup arrives mid-run
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopping" not in stderr and len(read_jsonl(jsonl)) == 3000
+
+
 def test_latency_says_what_it_measures(model, tmp_path):
     cv2.imwrite(str(tmp_path / "x.png"), image())
     code, output = cli("run", model, tmp_path / "x.png")
