@@ -95,8 +95,9 @@ class AtomicOutput:
         except OSError as exc:
             if not self.in_place:
                 self.handle.truncate(self.written)
+            why = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
             kept = f"; the output ends after the last complete record ({self.written} bytes)" if self.written else ""
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror or errno.errorcode.get(exc.errno, exc)}){kept}") from None
+            raise OutputError(f"{self.path}: cannot write ({why}){kept}") from None
         self.written += len(data)
 
     def commit(self) -> None:

@@ -11,7 +11,8 @@
 ``open_source(spec)`` parses it and opens the device or file at once, so a camera that does not exist or
 a file that is not a video fails before the run starts. ``Source.frames(stride)`` then yields ``Frame``s;
 a file that cannot be decoded, or fails in any other way, yields a Frame with ``error`` set (it gets a
-"skipped" record with the reason) and the run goes on. Everything here is numpy + OpenCV; pydicom is imported only when a DICOM file is read.
+"skipped" record with the reason) and the run goes on. Everything here is numpy + OpenCV; pydicom is
+imported only when a DICOM file is read.
 """
 
 from __future__ import annotations

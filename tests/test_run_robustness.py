@@ -189,11 +189,14 @@ def test_a_fifo_source_is_refused_at_once_and_file_uris_are_percent_decoded(mode
 
 
 def test_special_files_are_written_in_place_as_a_stream(model, tmp_path):
+    # The devices are reached through a link in tmp_path or through /proc: if this ever regresses to
+    # write-then-rename, the rename replaces the link or fails in /proc, never a device node in /dev (a test
+    # run as root once replaced /dev/full with a regular file that way).
     cv2.imwrite(str(tmp_path / "x.png"), image())
-    # /dev/full: a device, written in place; the write fails with one line, and /dev/full stays a device.
-    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", "/dev/full")
-    assert code == 1 and "/dev/full: cannot write (No space left on device)" in output and "Traceback" not in output
-    assert Path("/dev/full").is_char_device()
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", tmp_path / "full.jsonl")
+    assert code == 1 and "full.jsonl: cannot write (No space left on device)" in output and "Traceback" not in output
+    assert (tmp_path / "full.jsonl").is_symlink() and (tmp_path / "full.jsonl").is_char_device()
     # A FIFO: a reader on the other end gets the records as they come.
     fifo = tmp_path / "records.fifo"
     os.mkfifo(fifo)
@@ -205,11 +208,15 @@ def test_special_files_are_written_in_place_as_a_stream(model, tmp_path):
     assert code == 0, output
     assert json.loads(received[0])["status"] == "ok" and fifo.is_fifo()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    # /dev/stdout: the records arrive on stdout.
-    process = run_cli_process(model, tmp_path / "x.png", "--console", "none", "--jsonl", "/dev/stdout")
+    # The process's stdout, by its /proc name: the records arrive on stdout. /dev/stdout is the same link.
+    process = run_cli_process(model, tmp_path / "x.png", "--console", "none", "--jsonl", "/proc/self/fd/1")
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert json.loads(stdout.splitlines()[0])["source"] == str(tmp_path / "x.png")
+    for stream in ("/dev/stdout", "/dev/stderr", "/dev/fd/1"):
+        output = AtomicOutput(stream)
+        output.discard()  # no temporary file: nothing to remove, also if this ever regresses
+        assert output.in_place and output.write_path == Path(stream)
 
 
 def test_two_outputs_to_one_path_do_not_share_a_temporary_file(tmp_path):
