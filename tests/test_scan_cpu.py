@@ -249,7 +249,7 @@ def test_torch_custom_op_uses_the_kernel():
 def test_runtime_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import medmamba_edge.runtime.scan_cpu, medmamba_edge.runtime.fused_scan\n"
+        "import medmamba_edge.runtime.scan_cpu, medmamba_edge.runtime.fused_scan, medmamba_edge.runtime.cpu\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
