@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from medmamba_edge.runtime import fused_scan, scan_cpu, scan_node
+from tests.test_scan_cpu import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = scan_node.INPUT_NAMES
@@ -51,21 +52,6 @@ def scan_model(channels, d_state, groups, *, softplus: int | None = 1) -> onnx.M
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, "L"])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)])
-
-
-def make_inputs(batch, channels, length, groups, d_state, *, softplus=True, seed=0):
-    rng = np.random.default_rng(seed)
-    u = rng.standard_normal((batch, channels, length)).astype(np.float32)
-    delta = rng.standard_normal((batch, channels, length)).astype(np.float32)
-    A = -np.exp(rng.normal(0.0, 0.7, (channels, d_state))).astype(np.float32)
-    B = rng.standard_normal((batch, groups, d_state, length)).astype(np.float32)
-    C = rng.standard_normal((batch, groups, d_state, length)).astype(np.float32)
-    D = rng.standard_normal(channels).astype(np.float32)
-    delta_bias = rng.standard_normal(channels).astype(np.float32)
-    if not softplus:  # without softplus delta + bias must stay positive (as in a real model) or h explodes
-        delta = np.abs(delta) * 0.2
-        delta_bias = np.abs(delta_bias) * 0.1
-    return [u, delta, A, B, C, D, delta_bias]
 
 
 def reference64(u, delta, A, B, C, D, delta_bias, softplus: bool) -> np.ndarray:
