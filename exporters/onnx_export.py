@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from medmamba_edge.errors import MissingExtraError, UserError, install_hint
+from medmamba_edge.errors import MissingExtraError, UserError, first_line, install_hint
 
 # A runtime-only install has neither; torch.onnx's exporter needs onnxscript only once it runs, deep inside.
 try:
@@ -158,7 +158,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(model, full_check=scan == "portable")
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{checkpoint.path}: exported graph is invalid: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"{checkpoint.path}: exported graph is invalid: {first_line(exc)}") from None
 
     max_abs_diff, verified = None, 0
     if verify:

@@ -4,6 +4,7 @@ commands so ``--help`` is instant and optional parts stay optional."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,6 +38,22 @@ def fail(message: str) -> None:
     # Escaped: sources such as "file.npz[val:12]" would otherwise be read as rich markup and vanish.
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
+
+
+def command(name: str | None = None):
+    """``app.command`` whose library errors (UserError, anywhere in the command) end as one line and exit 1."""
+
+    def register(function):
+        @functools.wraps(function)
+        def reporting_user_errors(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except UserError as exc:
+                fail(str(exc))
+
+        return app.command(name)(reporting_user_errors)
+
+    return register
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -77,7 +94,7 @@ def parse_input_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-@app.command()
+@command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
@@ -94,15 +111,12 @@ def export(
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
     size = parse_input_size(input_size)
-    try:
-        from medmamba_edge.exporters.onnx_export import export_onnx
+    from medmamba_edge.exporters.onnx_export import export_onnx
 
-        with console.status("exporting") as spinner:
-            result = export_onnx(checkpoint, output, input_size=size, batch=None if dynamic_batch else batch,
-                                 opset=opset, classes=classes, scan=scan, verify=verify, atol=atol,
-                                 status=lambda message: spinner.update(message))
-    except UserError as exc:
-        fail(str(exc))
+    with console.status("exporting") as spinner:
+        result = export_onnx(checkpoint, output, input_size=size, batch=None if dynamic_batch else batch,
+                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol,
+                             status=lambda message: spinner.update(message))
     meta = result.metadata
     out.print(f"wrote {result.path} ({meta.variant}, {meta.scan_form} scan, input {meta.input_size[0]}×{meta.input_size[1]}, "
               f"batch {meta.batch or 'dynamic'}, classes {', '.join(meta.class_names)}) in {result.seconds:.1f} s")
@@ -110,7 +124,7 @@ def export(
         out.print(f"verified on {result.verified_images} real images: max |ONNX Runtime − PyTorch| = {result.max_abs_diff:.2e}")
 
 
-@app.command()
+@command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
     calib: Annotated[Path, typer.Option(help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
@@ -133,25 +147,22 @@ def quantize(
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with an accuracy gate."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    try:
-        check_outputs(output)
-        from medmamba_edge.exporters.quantize import quantize_onnx
+    check_outputs(output)
+    from medmamba_edge.exporters.quantize import quantize_onnx
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
 
-            def progress(task: str, done: int, total: int) -> None:
-                if task not in tasks:
-                    tasks[task] = bar.add_task(task, total=total)
-                bar.update(tasks[task], completed=done, total=total)
+        def progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done, total=total)
 
-            result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
-                                   method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
-                                   eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
-                                   auto_fallback=auto_fallback, progress=progress)
-    except UserError as exc:
-        fail(str(exc))
+        result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
+                               method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
+                               eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
+                               auto_fallback=auto_fallback, progress=progress)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
     if result.kept_float:
@@ -163,7 +174,7 @@ def quantize(
                   f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g}) on {result.evaluated_on}")
 
 
-@app.command("build-plugin")
+@command("build-plugin")
 def build_plugin(
     cuda_arch: Annotated[Optional[str], typer.Option(help="CUDA architectures, e.g. '87' or '75;86;89'. "
                                                           "Default: Orin, Thor and desktop/data-centre GPUs.")] = None,
@@ -171,18 +182,15 @@ def build_plugin(
     build_dir: Annotated[Optional[Path], typer.Option(help="Build directory (default: the plugin cache).")] = None,
 ) -> None:
     """Build the selective-scan TensorRT plugin with CMake and print where the library is."""
-    try:
-        from medmamba_edge.plugins import build
+    from medmamba_edge.plugins import build
 
-        with console.status("building the TensorRT plugin (cmake)") as spinner:
-            library = build.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
-                                         progress=lambda line: spinner.update(line[:100]))
-    except UserError as exc:
-        fail(str(exc))
+    with console.status("building the TensorRT plugin (cmake)") as spinner:
+        library = build.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
+                                     progress=lambda line: spinner.update(line[:100]))
     out.print(str(library))
 
 
-@app.command("build-engine")
+@command("build-engine")
 def build_engine(
     model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the engine (a .json manifest goes beside it).")],
@@ -205,46 +213,43 @@ def build_engine(
     """Build a TensorRT engine from an exported ONNX model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-    try:
-        from medmamba_edge.exporters import tensorrt_build
+    from medmamba_edge.exporters import tensorrt_build
 
-        options = tensorrt_build.resolve_options(
-            preset, fp16=fp16 or None, int8=int8 or None, min_batch=min_batch, opt_batch=opt_batch,
-            max_batch=max_batch, workspace_mib=workspace, opt_level=opt_level, dla_core=dla_core,
-            version_compatible=version_compatible or None, hardware_compat=hardware_compat or None,
-            timing_cache=str(timing_cache) if timing_cache else None)
+    options = tensorrt_build.resolve_options(
+        preset, fp16=fp16 or None, int8=int8 or None, min_batch=min_batch, opt_batch=opt_batch,
+        max_batch=max_batch, workspace_mib=workspace, opt_level=opt_level, dla_core=dla_core,
+        version_compatible=version_compatible or None, hardware_compat=hardware_compat or None,
+        timing_cache=str(timing_cache) if timing_cache else None)
 
-        class RichProgress(tensorrt_build.BuildProgress):
-            """TensorRT's phases as progress bars; before and without them, a spinner with the current stage."""
+    class RichProgress(tensorrt_build.BuildProgress):
+        """TensorRT's phases as progress bars; before and without them, a spinner with the current stage."""
 
-            def __init__(self, bars: Progress):
-                self.bars, self.tasks = bars, {}
-                self.stage = bars.add_task("preparing", total=None)
+        def __init__(self, bars: Progress):
+            self.bars, self.tasks = bars, {}
+            self.stage = bars.add_task("preparing", total=None)
 
-            def status(self, message: str) -> None:
-                self.bars.update(self.stage, description=escape(message[:100]))
+        def status(self, message: str) -> None:
+            self.bars.update(self.stage, description=escape(message[:100]))
 
-            def phase_start(self, phase, parent, steps):
-                self.tasks[phase] = self.bars.add_task(escape(phase), total=steps or None)
+        def phase_start(self, phase, parent, steps):
+            self.tasks[phase] = self.bars.add_task(escape(phase), total=steps or None)
 
-            def step_complete(self, phase, step):
-                self.bars.update(self.tasks[phase], completed=step + 1)
+        def step_complete(self, phase, step):
+            self.bars.update(self.tasks[phase], completed=step + 1)
 
-            def phase_finish(self, phase):
-                self.bars.remove_task(self.tasks.pop(phase))
+        def phase_finish(self, phase):
+            self.bars.remove_task(self.tasks.pop(phase))
 
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      console=console, transient=True) as bars:
-            result = tensorrt_build.build_engine(model, output, options, plugin=plugin, progress=RichProgress(bars))
-    except UserError as exc:
-        fail(str(exc))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True) as bars:
+        result = tensorrt_build.build_engine(model, output, options, plugin=plugin, progress=RichProgress(bars))
     manifest = result.manifest
     shapes = next(iter(manifest.profile.values()))
     out.print(f"wrote {result.engine} ({manifest.precision}, batch {shapes['min'][0]}..{shapes['max'][0]}, "
               f"TensorRT {manifest.tensorrt_version} on {manifest.gpu_name}) in {result.seconds:.1f} s")
 
 
-@app.command()
+@command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where to write the exported model.")] = Path("medmamba-edge-demo"),
     scan: Annotated[str, typer.Option(help="Scan form to export and run (portable or plugin).")] = "portable",
@@ -252,21 +257,18 @@ def demo(
     """Export the bundled checkpoint and classify the bundled sample images with ONNX Runtime."""
     from rich.table import Table
 
-    try:
-        from medmamba_edge.exporters.onnx_export import export_onnx
-        from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
-        from medmamba_edge.runtime.backends import open_backend, softmax
-        from medmamba_edge.runtime.preprocess import preprocess, read_image
+    from medmamba_edge.exporters.onnx_export import export_onnx
+    from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
+    from medmamba_edge.runtime.backends import open_backend, softmax
+    from medmamba_edge.runtime.preprocess import preprocess, read_image
 
-        onnx_path = workdir / f"bundled_{scan}.onnx"
-        with console.status("exporting the bundled checkpoint"):
-            result = export_onnx(bundled_checkpoint(), onnx_path, input_size=32, batch=None, scan=scan)
-        out.print(f"exported {result.path}; verified against PyTorch: max logit diff {result.max_abs_diff:.1e}")
-        backend = open_backend(onnx_path)
-        paths = sample_image_paths("pneumoniamnist")
-        probabilities = softmax(backend.run(preprocess([read_image(p) for p in paths], backend.metadata)))
-    except UserError as exc:
-        fail(str(exc))
+    onnx_path = workdir / f"bundled_{scan}.onnx"
+    with console.status("exporting the bundled checkpoint"):
+        result = export_onnx(bundled_checkpoint(), onnx_path, input_size=32, batch=None, scan=scan)
+    out.print(f"exported {result.path}; verified against PyTorch: max logit diff {result.max_abs_diff:.1e}")
+    backend = open_backend(onnx_path)
+    paths = sample_image_paths("pneumoniamnist")
+    probabilities = softmax(backend.run(preprocess([read_image(p) for p in paths], backend.metadata)))
     names = backend.metadata.class_names
     table = Table(title=f"{onnx_path.name} on {backend.describe()}")
     for column in ("image", "true label", "prediction", "confidence"):
@@ -286,7 +288,7 @@ CheckpointSizeOption = Annotated[Optional[str], typer.Option(
 SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
 
 
-@app.command()
+@command()
 def evaluate(
     models: ModelsArgument,
     data: Annotated[Path, typer.Option(help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
@@ -304,16 +306,13 @@ def evaluate(
     from medmamba_edge import evaluation
 
     size = parse_input_size(input_size) if input_size else None
-    try:
-        check_outputs(json_file, folder=plots, plots=bool(plots))
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("evaluating", total=None)
-            report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
-                                         max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
-        written = evaluation.write_confusion_plots(report, plots) if plots else []
-    except UserError as exc:
-        fail(str(exc))
+    check_outputs(json_file, folder=plots, plots=bool(plots))
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
+                                     max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    written = evaluation.write_confusion_plots(report, plots) if plots else []
     for table in evaluation.render_tables(report):
         out.print(table)
     if report.failures:
@@ -333,7 +332,7 @@ def evaluate(
              f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {max_drop:g})")
 
 
-@app.command()
+@command()
 def benchmark(
     models: ModelsArgument,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
@@ -354,20 +353,17 @@ def benchmark(
     except ValueError:
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
-    try:
-        check_outputs(json_file, plot, plots=bool(plot))
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("loading and warming up", total=None)
+    check_outputs(json_file, plot, plots=bool(plot))
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("loading and warming up", total=None)
 
-            def advance(done: int, total: int) -> None:
-                bar.update(task, description="timing", completed=done, total=total)
+        def advance(done: int, total: int) -> None:
+            bar.update(task, description="timing", completed=done, total=total)
 
-            report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
-                                            iterations=iterations, threads=threads, progress=advance)
-        written = [report.plot(plot)] if plot else []
-    except UserError as exc:
-        fail(str(exc))
+        report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
+                                        iterations=iterations, threads=threads, progress=advance)
+    written = [report.plot(plot)] if plot else []
     out.print(report.markdown(), markup=False, highlight=False, soft_wrap=True)
     if json_file:
         write_json(json_file, report.to_dict())
@@ -376,7 +372,7 @@ def benchmark(
         out.print(f"wrote {path}")
 
 
-@app.command()
+@command()
 def compare(
     model_a: Annotated[Path, typer.Argument(help="Reference model (.pth, .onnx, .engine).")],
     model_b: Annotated[Path, typer.Argument(help="Model to check against it.")],
@@ -393,12 +389,9 @@ def compare(
     from medmamba_edge import comparison
 
     size = parse_input_size(input_size) if input_size else None
-    try:
-        with console.status("comparing"):
-            report = comparison.compare(model_a, model_b, data, split=split, num_samples=num_samples, atol=atol,
-                                        rtol=rtol, input_size=size, batch_size=batch)
-    except UserError as exc:
-        fail(str(exc))
+    with console.status("comparing"):
+        report = comparison.compare(model_a, model_b, data, split=split, num_samples=num_samples, atol=atol,
+                                    rtol=rtol, input_size=size, batch_size=batch)
     for table in comparison.render_tables(report):
         out.print(table)
     for line in comparison.summary_lines(report):
@@ -408,7 +401,7 @@ def compare(
     out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance", markup=False)
 
 
-@app.command()
+@command()
 def run(
     model: Annotated[Path, typer.Argument(help="Model: .onnx (ONNX Runtime), .engine (TensorRT) or .pth (PyTorch).")],
     source: Annotated[str, typer.Argument(help="Camera index, /dev/videoN, csi://N, rtsp:// or http(s):// stream, video, "
@@ -437,24 +430,21 @@ def run(
     """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""
     size = parse_input_size(input_size)
     warn = lambda message: console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
-    try:
-        from medmamba_edge.runtime import sinks as sink_types
-        from medmamba_edge.runtime.loop import RunOptions, open_model
-        from medmamba_edge.runtime.loop import run as run_loop
-        from medmamba_edge.runtime.sources import open_source
+    from medmamba_edge.runtime import sinks as sink_types
+    from medmamba_edge.runtime.loop import RunOptions, open_model
+    from medmamba_edge.runtime.loop import run as run_loop
+    from medmamba_edge.runtime.sources import open_source
 
-        options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
-        frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
-        with console.status("loading the model") as spinner:
-            model_backend = open_model(model, backend, precision, status=spinner.update, threads=threads,
-                                       providers=providers, input_size=size, classes=classes)
-        outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
-                                          jsonl, csv)
-        console.print(f"{escape(model.name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
-                      highlight=False, soft_wrap=True)
-        stats = run_loop(model_backend, frames, outputs, options, notify=warn)
-    except UserError as exc:
-        fail(str(exc))
+    options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
+    frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
+    with console.status("loading the model") as spinner:
+        model_backend = open_model(model, backend, precision, status=spinner.update, threads=threads,
+                                   providers=providers, input_size=size, classes=classes)
+    outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
+                                      jsonl, csv)
+    console.print(f"{escape(model.name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
+                  highlight=False, soft_wrap=True)
+    stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     out.print(stats.summary(), highlight=False, soft_wrap=True)
     for path in (jsonl, csv, save_video):
         if path:

@@ -16,3 +16,9 @@ class MissingExtraError(UserError, ImportError):
 def install_hint(extra: str) -> str:
     """The command that adds one of pyproject.toml's extras, from an index or from a checkout."""
     return f"pip install 'medmamba-edge[{extra}]' (from a checkout: pip install '.[{extra}]')"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (ONNX Runtime and TensorRT append pages of context), '' if none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, first_line
 
 LIBRARY_NAME = "libmedmamba_ort_ops.dylib" if sys.platform == "darwin" else "libmedmamba_ort_ops.so"
 
@@ -54,7 +54,7 @@ def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
     # RuntimeError in older releases.
     except Exception as exc:
         raise FusedScanUnavailable(
-            f"ONNX Runtime {ort.__version__} cannot load {LIBRARY_NAME} ({str(exc).splitlines()[0]}); "
+            f"ONNX Runtime {ort.__version__} cannot load {LIBRARY_NAME} ({first_line(exc)}); "
             f"or export with --scan portable"
         ) from None
     if threads is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime.backends import Backend, BackendError, open_backend, softmax
 from medmamba_edge.runtime.preprocess import preprocess_one
 from medmamba_edge.runtime.sinks import Outputs, Record, Sink, Stats
@@ -89,6 +89,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
     outputs = Outputs(sinks)
+    model_failures: list[str] = []
 
     def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
         record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
@@ -113,14 +114,18 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 if frames is None:
                     break
                 usable = [f for f in frames if f.error is None]
-                logits = iter(())
+                logits, model_error = iter(()), None
                 if usable:
                     started = time.perf_counter()
-                    logits = iter(backend.run(np.stack([f.tensor for f in usable])))
+                    try:
+                        logits = iter(backend.run(np.stack([f.tensor for f in usable])))
+                    except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
+                        model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
+                        model_failures.append(model_error)
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
                 for frame in frames:
-                    if frame.error:
-                        emit(frame, "skipped", reason=frame.error)
+                    if frame.error or model_error:
+                        emit(frame, "skipped", reason=frame.error or model_error)
                         continue
                     row = next(logits)
                     if np.isfinite(row).all():
@@ -137,5 +142,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
+    if model_failures:
+        errors.append(f"{len(model_failures)} of {stats.batches} batches failed in the model, first: {model_failures[0]}")
     stats.error = "; ".join(errors) or None
     return stats

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import cv2
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, first_line, install_hint
 from medmamba_edge.runtime.preprocess import ImageError, quiet_opencv, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -90,7 +90,7 @@ def item_error(path, exc: Exception) -> str:
     else is unexpected, so its type stays in the reason (a bug is reported, never hidden)."""
     if isinstance(exc, UserError):
         return str(exc)
-    detail = str(exc).splitlines()[0] if str(exc) else ""
+    detail = first_line(exc)
     return f"{path}: unexpected {type(exc).__name__}" + (f": {detail}" if detail else "")
 
 
@@ -131,7 +131,7 @@ def _pydicom():
         import pydicom
         from pydicom import pixels
     except ImportError as exc:
-        raise SourceError(f"reading DICOM needs pydicom ({exc}); pip install medmamba-edge[dicom]") from None
+        raise SourceError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
     return pydicom, pixels
 
 
@@ -157,7 +157,7 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # missing decoder plugin, truncated pixel data, …
-        message = str(exc).splitlines()[0]
+        message = first_line(exc)
         if "less than expected" in message:
             raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {message})") from None
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -178,7 +178,7 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
         raise
     except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
         raise ImageError(f"{path}: DICOM {photometric} pixels cannot be mapped to intensities "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.ndarray]:
@@ -235,6 +235,32 @@ def _is_still(path: Path) -> bool:
     return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(path))
 
 
+NOT_REGULAR = "not a regular file (a FIFO, socket or device), not read"
+
+
+def _broken_link(path: Path, error: OSError) -> str:
+    # ELOOP or ENOENT from following it: the link, not a file, is what is there.
+    what = "a symbolic link loop" if error.errno == errno.ELOOP else "a dangling symbolic link"
+    return f"{what} (to {os.readlink(path)})"
+
+
+def _glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
+    """The files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read (a dangling
+    link, a FIFO) comes with the reason, so it gets a record."""
+    found: list[Path | tuple[Path, str]] = []
+    for path in sorted(Path(p) for p in glob.glob(pattern, recursive=True)):
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            found.append((path, _broken_link(path, exc)))
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append(path)
+        elif not stat.S_ISDIR(info.st_mode):
+            found.append((path, NOT_REGULAR))
+    return found
+
+
 def _folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
     """Every image and DICOM file below ``folder``, sorted, following links to folders once each (a link
     back up the tree is a loop and is not entered). What looks like an image but cannot be read as one
@@ -254,10 +280,9 @@ def _folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
             path = Path(entry.path)
             try:
                 info = os.stat(path)
-            except OSError as exc:  # ELOOP or ENOENT: the link, not a file, is what is there
+            except OSError as exc:
                 if entry.is_symlink():
-                    what = "a symbolic link loop" if exc.errno == errno.ELOOP else "a dangling symbolic link"
-                    found.append((path, f"{what} (to {os.readlink(path)})"))
+                    found.append((path, _broken_link(path, exc)))
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if (info.st_dev, info.st_ino) in seen:
@@ -269,7 +294,7 @@ def _folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
                 walk(path)
             elif not stat.S_ISREG(info.st_mode):
                 if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
-                    found.append((path, "not a regular file (a FIFO, socket or device), not read"))
+                    found.append((path, NOT_REGULAR))
             elif path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES and entry.name.startswith("."):
                 found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), not read"))
             elif not entry.name.startswith(".") and _is_still(path):
@@ -451,7 +476,7 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
     if re.fullmatch(r"/dev/video\d+", spec):
         return _camera_source(spec, spec)
     if glob.has_magic(spec) and not Path(spec).exists():
-        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        paths = _glob_files(spec)
         if not paths:
             raise SourceError(f"{spec}: no files match")
         return FileSource(paths, f"{spec} ({len(paths)} files)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, first_line
 
 MIN_VERSION = (10, 3, 0)
 STRONGLY_TYPED_FROM = 11
@@ -102,7 +102,7 @@ def import_tensorrt():
         raise TensorRTUnavailableError(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from None
     except Exception as exc:  # the PyPI stub wheels raise while trying to download the real package
         raise TensorRTUnavailableError(
-            f"TensorRT failed to import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+            f"TensorRT failed to import ({type(exc).__name__}: {first_line(exc)}): "
             f"{INSTALL_HINT}"
         ) from None
     if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):

@@ -282,3 +282,20 @@ def test_run_without_the_library_is_one_line(bundled_forms, monkeypatch, tmp_pat
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
     assert "libmedmamba_ort_ops_absent.so, which is not built" in result.output
     assert "--scan portable" in result.output
+
+
+def test_run_with_an_unknown_scan_path_forced_is_one_line(bundled_forms, monkeypatch, tmp_path):
+    """ONNX Runtime's own exception types (Fail, not RuntimeError since 1.2x) end as one line too."""
+    from typer.testing import CliRunner
+
+    from medmamba_edge.cli import app
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    monkeypatch.setenv(scan_cpu.ISA_ENV, "avx1024")
+    result = CliRunner().invoke(app, ["run", str(bundled_forms["plugin"]), str(sample_image_paths()[0]),
+                                      "--jsonl", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    assert f"{bundled_forms['plugin']}: ONNX Runtime cannot load it" in result.output
+    assert f"{scan_cpu.ISA_ENV}='avx1024'" in result.output
+    assert not (tmp_path / "r.jsonl").exists()

@@ -131,6 +131,41 @@ def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classi
     assert sorted(os.listdir(out)) == ["r.csv", "r.jsonl"]
 
 
+def test_a_glob_gives_dangling_links_and_fifos_a_record_as_a_folder_does(model, tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), image(0))
+    os.symlink("missing.png", tmp_path / "b.png")
+    os.mkfifo(tmp_path / "c.png")
+    (tmp_path / "d.png").mkdir()  # a folder matching the pattern is no file of it
+    code, output = cli("run", model, str(tmp_path / "*.png"), "--jsonl", tmp_path / "r.jsonl")
+    assert code == 0, output
+    records = {Path(r["source"]).name: r for r in read_jsonl(tmp_path / "r.jsonl")}
+    assert sorted(records) == ["a.png", "b.png", "c.png"]
+    assert records["a.png"]["status"] == "ok"
+    assert "dangling symbolic link (to missing.png)" in records["b.png"]["reason"]
+    assert "not a regular file" in records["c.png"]["reason"]
+
+
+def test_a_model_failing_on_one_batch_costs_that_batch_only_and_the_exit_says_so(model, tmp_path, monkeypatch):
+    from medmamba_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    real_run = OnnxRuntimeBackend.run
+
+    def run_failing_on_bright_frames(self, batch):
+        if batch.mean() > 0:  # frame 1 of the three is white, the others black
+            raise MemoryError("out of device memory")
+        return real_run(self, batch)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", run_failing_on_bright_frames)
+    for index, value in enumerate((0, 255, 0)):
+        cv2.imwrite(str(tmp_path / f"{index}.png"), np.full((40, 40, 3), value, np.uint8))
+    code, output = cli("run", model, str(tmp_path / "*.png"), "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "Traceback" not in output, output
+    assert "1 of 3 batches failed in the model, first: the model failed on this batch (MemoryError: out of device memory)" in output
+    records = read_jsonl(tmp_path / "r.jsonl")
+    assert [r["status"] for r in records] == ["ok", "skipped", "ok"]
+    assert records[1]["reason"] == "the model failed on this batch (MemoryError: out of device memory)"
+
+
 def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     nan_model = toy_model(tmp_path / "nan.onnx", scale=(1.0, float("nan"), 1.0))
     cv2.imwrite(str(tmp_path / "x.png"), image())

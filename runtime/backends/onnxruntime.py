@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmamba_edge.errors import first_line
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
 from medmamba_edge.runtime.files import cache_root
@@ -21,6 +22,14 @@ from medmamba_edge.runtime.metadata import ModelMetadata, check_against_graph, r
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a model it cannot load or run: its own Fail, InvalidGraph, InvalidArgument, ...
+    (plain Exception subclasses since 1.2x, RuntimeError before), none of them a bug of ours."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (RuntimeError, *(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)))
 
 
 def provider_options(name: str, metadata: ModelMetadata) -> dict:
@@ -72,8 +81,8 @@ class OnnxRuntimeBackend:
                 if threads:
                     options.intra_op_num_threads = threads
                 self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        except RuntimeError as exc:  # ORT's Fail, InvalidGraph, NoSuchFile, ... all derive from it
-            raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        except onnxruntime_errors() as exc:
+            raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
         check_against_graph(self.metadata, self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape,
                             str(self.path))
