@@ -2,8 +2,8 @@
 
 Rows: the official code's CPU path (PyTorch eager with the pure-PyTorch reference scan, i.e. mamba_ssm's
 ``selective_scan_ref``), our PyTorch model (compiled scan), ONNX Runtime on the portable ONNX (standard
-ops only), ONNX Runtime on the plugin-form ONNX with our fused scan op, and the same model with the scan
-replaced by ``u·D`` (dense layers only) to show where the time goes.
+ops only), ONNX Runtime on the plugin-form ONNX with our native SS2DScan op, and the same model with each
+scan replaced by a transpose of its input (dense layers only) to show where the time goes.
 
     python benchmarks/bench_cpu_latency.py [--checkpoint PTH] [--batches 1,8] [--iterations 10]
 
@@ -17,15 +17,14 @@ import argparse
 import statistics
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
-from medmamba_edge.exporters.portable import lower_selective_scan
-from medmamba_edge.runtime import scan_cpu
+from medmamba_edge.exporters.portable import lower_ss2d_scan
+from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
 from common import cpu_session, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
@@ -34,19 +33,14 @@ SIZE = 224
 
 
 def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The plugin-form graph with each scan replaced by y = u·D: what the model costs without the scan."""
-    from medmamba_edge.runtime import scan_node
-
+    """The plugin-form graph with each scan replaced by y = x transposed to y's layout: what the model costs
+    without the scan."""
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
     nodes = []
     for node in dense.graph.node:
-        if node.op_type == scan_node.OP_TYPE and node.domain == scan_node.DOMAIN:
-            u, d = node.input[0], node.input[5]
-            d_column = f"{node.name}/d_column"
-            nodes.append(onnx.helper.make_node("Unsqueeze", [d, f"{node.name}/axis"], [d_column]))
-            dense.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), f"{node.name}/axis"))
-            nodes.append(onnx.helper.make_node("Mul", [u, d_column], list(node.output)))
+        if scan_node.is_scan_node(node):
+            nodes.append(onnx.helper.make_node("Transpose", [node.input[0]], list(node.output), perm=[0, 2, 3, 1]))
         else:
             nodes.append(node)
     del dense.graph.node[:]
@@ -73,7 +67,7 @@ def main() -> None:
         x = torch.randn(batch, 3, SIZE, SIZE)
         feed = {"input": x.numpy()}
         plugin_form = trace_to_onnx(loaded, (SIZE, SIZE), batch, opset=18)
-        portable = cpu_session(lower_selective_scan(plugin_form), args.threads)
+        portable = cpu_session(lower_ss2d_scan(plugin_form), args.threads)
         fused = cpu_session(plugin_form, args.threads, fused=True)
         dense = cpu_session(dense_only(plugin_form), args.threads)
         size_mb = plugin_form.ByteSize() / 1e6
@@ -97,8 +91,8 @@ def main() -> None:
             ("official eager, reference scan (baseline)", torch_official, 0, 1 if batch == 1 else 0),
             ("ours, PyTorch eager, compiled scan", torch_ours, args.warmup, args.iterations),
             ("ONNX Runtime, portable (standard ops)", lambda: portable.run(None, feed), args.warmup, args.iterations),
-            ("ONNX Runtime, plugin form + fused scan op", lambda: fused.run(None, feed), args.warmup, args.iterations),
-            ("ONNX Runtime, dense layers only (scan → u·D)", lambda: dense.run(None, feed), args.warmup, args.iterations),
+            ("ONNX Runtime, plugin form + native SS2DScan op", lambda: fused.run(None, feed), args.warmup, args.iterations),
+            ("ONNX Runtime, dense layers only (scan → transpose)", lambda: dense.run(None, feed), args.warmup, args.iterations),
         ]
         for name, fn, warmup, iterations in candidates:
             if iterations == 0 or (args.skip_official and "baseline" in name):

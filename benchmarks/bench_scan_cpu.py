@@ -1,7 +1,7 @@
-"""Selective-scan CPU timings for MedMamba-T at 224x224, side by side in one run.
+"""SS2D scan CPU timings for MedMamba-T at 224x224, side by side in one run.
 
-Per stage and per image (the sum over the model's 10 scans), batch 1 and batch 8 (per image):
-the compiled kernel on 1 and 2 threads, the fused op inside ONNX Runtime (one SelectiveScan node run
+Per stage and per image (the sum over the model's 10 SS2D blocks), batch 1 and batch 8 (per image):
+the compiled kernel on 1 and 2 threads, the native op inside ONNX Runtime (one SS2DScan node run
 by our custom-op library on ORT's intra-op threads), and the PyTorch reference (one stage only: it
 loops over L in Python).
 
@@ -22,21 +22,22 @@ import numpy as np
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
-# MedMamba-T, 224x224: (K*D, L) per stage, scans per image. N = 16 states, G = 4 groups.
-STAGES = [(384, 3136, 2), (768, 784, 2), (1536, 196, 4), (3072, 49, 2)]
-D_STATE, GROUPS = 16, 4
+# MedMamba-T, 224x224, per stage: (channels D, side H = W, dt_rank R, SS2D blocks per image). N = 16 states.
+STAGES = [(96, 56, 3, 2), (192, 28, 6, 2), (384, 14, 12, 4), (768, 7, 24, 2)]
+D_STATE = 16
 
 
-def make_inputs(batch, channels, length, seed=0):
+def make_inputs(batch, channels, side, dt_rank, seed=0):
+    """Inputs of a trained block's magnitudes (the reference's maker, tests/ss2d_reference.py, minus onnx)."""
     rng = np.random.default_rng(seed)
+    k = scan_node.NUM_DIRECTIONS
     return (
-        rng.standard_normal((batch, channels, length), dtype=np.float32),
-        rng.standard_normal((batch, channels, length), dtype=np.float32),
-        -np.exp(rng.normal(0.0, 0.7, (channels, D_STATE))).astype(np.float32),
-        rng.standard_normal((batch, GROUPS, D_STATE, length), dtype=np.float32),
-        rng.standard_normal((batch, GROUPS, D_STATE, length), dtype=np.float32),
-        rng.standard_normal(channels, dtype=np.float32),
-        rng.standard_normal(channels, dtype=np.float32),
+        rng.standard_normal((batch, channels, side, side), dtype=np.float32) * 0.7,
+        rng.standard_normal((batch, k * (dt_rank + 2 * D_STATE), side * side), dtype=np.float32) * 0.5,
+        rng.standard_normal((k, channels, dt_rank), dtype=np.float32) * 0.3,
+        rng.uniform(-4.5, -1.0, (k, channels)).astype(np.float32),
+        -np.tile(np.arange(1, D_STATE + 1, dtype=np.float32), (k * channels, 1)),
+        rng.uniform(0.5, 1.5, k * channels).astype(np.float32),
     )
 
 
@@ -55,7 +56,7 @@ def timeit(fn, repeats, warmup=2):
 
 
 def fused_runner(threads):
-    """A callable(arrays) running one SelectiveScan node in ORT, or None with the reason."""
+    """A callable(arrays) running one SS2DScan node in ORT, or None with the reason."""
     try:
         from onnx import TensorProto, helper
 
@@ -64,13 +65,11 @@ def fused_runner(threads):
         return None, str(exc)
     names = scan_node.INPUT_NAMES
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
-    node = helper.make_node(
-        scan_node.OP_TYPE, list(names), ["y"], domain=scan_node.DOMAIN, delta_softplus=1,
-        plugin_version=scan_node.PLUGIN_VERSION, plugin_namespace=scan_node.PLUGIN_NAMESPACE,
-    )
+    node = helper.make_node(scan_node.OP_TYPE, list(names), ["y"], domain=scan_node.DOMAIN,
+                            **scan_node.node_attributes(delta_softplus=True))
     graph = helper.make_graph([node], "scan", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, 1)]
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)]
     )
     try:
         sess = fused_scan.make_fused_session(model, threads=threads)
@@ -94,7 +93,7 @@ def main() -> None:
     for threads in (1, 2):
         fused[threads], why = fused_runner(threads)
         if fused[threads] is None:
-            notes.append(f"fused ORT op unavailable: {why}")
+            notes.append(f"ONNX Runtime op unavailable: {why}")
             break
 
     batches = [1] if args.no_batch8 else [1, 8]
@@ -103,32 +102,32 @@ def main() -> None:
         suffix = "b1" if batch == 1 else f"b{batch}, per image"
         for threads in (1, 2):
             columns.append((f"kernel {threads}T {suffix}", batch,
-                            lambda a, t=threads: scan_cpu.selective_scan(*a, num_threads=t)))
+                            lambda a, t=threads: scan_cpu.ss2d_scan(*a, num_threads=t)))
         for threads in (1, 2):
             if fused.get(threads) is not None:
-                columns.append((f"ORT fused {threads}T {suffix}", batch, fused[threads]))
+                columns.append((f"ORT op {threads}T {suffix}", batch, fused[threads]))
 
     ref_fn = None
     if args.ref_stage:
         try:
             import torch
 
-            from medmamba_edge.scan import selective_scan_ref
+            from medmamba_edge.scan import ss2d_scan_ref
 
             torch.set_num_threads(2)
 
             def ref_fn(arrays):
-                return selective_scan_ref(*(torch.from_numpy(x) for x in arrays))
+                return ss2d_scan_ref(*(torch.from_numpy(x) for x in arrays))
         except ImportError as exc:
             notes.append(f"PyTorch reference skipped: {exc}")
 
-    header = ["stage (K·D, L)", "scans/img"] + [c[0] for c in columns] + (["torch ref 2T b1"] if ref_fn else [])
+    header = ["stage (D, H×W, R)", "blocks/img"] + [c[0] for c in columns] + (["torch ref 2T b1"] if ref_fn else [])
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows, totals, cpu_totals = [], [0.0] * len(columns), [0.0] * len(columns)
-    for si, (channels, length, count) in enumerate(STAGES, start=1):
-        row = [f"{si}: ({channels}, {length})", str(count)]
+    for si, (channels, side, rank, count) in enumerate(STAGES, start=1):
+        row = [f"{si}: ({channels}, {side}×{side}, {rank})", str(count)]
         for ci, (_, batch, fn) in enumerate(columns):
-            arrays = make_inputs(batch, channels, length, seed=si)
+            arrays = make_inputs(batch, channels, side, rank, seed=si)
             repeats = args.repeats if batch == 1 else max(3, args.repeats // 4)
             best, cpu = timeit(lambda: fn(arrays), repeats)
             best /= batch
@@ -138,17 +137,17 @@ def main() -> None:
             row.append(f"{best:.2f} ({cpu:.2f})")
         if ref_fn:
             if si == args.ref_stage:
-                arrays = make_inputs(1, channels, length, seed=si)
+                arrays = make_inputs(1, channels, side, rank, seed=si)
                 best, cpu = timeit(lambda: ref_fn(arrays), 3, warmup=1)
                 row.append(f"{best:.1f} ({cpu:.1f})")
             else:
                 row.append("–")
         rows.append(row)
-    rows.append(["**per image (10 scans)**", "10"] + [f"**{t:.1f}** ({c:.1f})" for t, c in zip(totals, cpu_totals)]
+    rows.append(["**per image (10 blocks)**", "10"] + [f"**{t:.1f}** ({c:.1f})" for t, c in zip(totals, cpu_totals)]
                 + (["–"] if ref_fn else []))
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    print(f"Selective scan, MedMamba-T 224x224 (N={D_STATE}, G={GROUPS}); {os.cpu_count()} CPUs ({describe_cpu()}), "
+    print(f"SS2D scan, MedMamba-T 224x224 (N={D_STATE}); {os.cpu_count()} CPUs ({describe_cpu()}), "
           f"{scan_cpu.isa()} kernel path; "
           f"load average {load_before:.2f} -> {load_after:.2f}.\n"
           f"ms per image: best wall time of {args.repeats} runs (batch 8: of {max(3, args.repeats // 4)}), "

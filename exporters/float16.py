@@ -5,10 +5,10 @@ onnx + numpy only. Rules, in order:
 
 * Constant subgraphs (initializers, ``Constant`` nodes and everything computed only from them, such as the
   scan's ``A = -exp(A_logs)``) are left in float32; a float16 consumer gets a float16 copy of an initializer,
-  or a ``Cast`` of a computed constant, which TensorRT folds at build time. So A, D and delta_bias reach the
-  scan in float32 and weights are rounded once.
-* ``SelectiveScan`` (plugin form) takes u, delta, B, C and returns y in float16; A, D, delta_bias stay
-  float32. That is the plugin's contract (``runtime/scan_node.py``): it keeps state and accumulation in
+  or a ``Cast`` of a computed constant, which TensorRT folds at build time. So the scan's weights reach it
+  in float32 and weights are rounded once.
+* ``SS2DScan`` (plugin form) takes x and x_dbl and returns y in float16; its weights (dt_projs_weight,
+  dt_projs_bias, A, Ds) stay float32. That is the plugin's contract (``runtime/scan_node.py``): it keeps state and accumulation in
   float32 either way.
 * Numerically sensitive ops run in float32 between Casts: normalisation (statistics of float16 activations
   lose bits and overflow), Softmax, exp/log/pow-like ops, reductions, and control flow (the portable form's
@@ -44,7 +44,7 @@ FLOAT32_INPUTS = {"Resize": {2}}
 # Ops that accept any input type, so need no Cast in front: Shape and Size read only the shape, and a Cast
 # to int must see the float32 value (a float16 detour would round indices above 2048).
 ANY_INPUT_TYPE_OPS = frozenset({"Shape", "Size", "Cast"})
-SCAN_FLOAT32_INPUTS = {scan_node.INPUT_NAMES.index(name) for name in ("A", "D", "delta_bias")}
+SCAN_FLOAT32_INPUTS = {scan_node.INPUT_NAMES.index(name) for name in scan_node.FLOAT32_INPUTS}
 
 
 class _Converter:
@@ -106,7 +106,7 @@ class _Converter:
             self.constants.update(node.output)
             self.nodes.append(node)
             return
-        if node.domain == scan_node.DOMAIN and node.op_type == scan_node.OP_TYPE:
+        if scan_node.is_scan_node(node):
             wanted = [FLOAT if i in SCAN_FLOAT32_INPUTS else FLOAT16 for i in range(len(node.input))]
             output_type = FLOAT16
         elif node.op_type in FLOAT32_OPS or subgraphs:

@@ -1,11 +1,10 @@
-"""Official MedMamba checkpoint → ONNX, in plugin form (one ``SelectiveScan`` node per scan, for our
+"""Official MedMamba checkpoint → ONNX, in plugin form (one ``SS2DScan`` node per SS2D block, for our
 TensorRT plugin and the fused ONNX Runtime op) or portable form (standard ONNX ops only), verified
 against PyTorch on real images before anything is written.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 import warnings
@@ -23,12 +22,14 @@ try:
     import torch
 except ImportError as exc:
     raise MissingExtraError(f"exporting a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
-if importlib.util.find_spec("onnxscript") is None:
-    raise MissingExtraError(f"exporting a checkpoint needs onnxscript: {install_hint('export')}")
+try:
+    import onnxscript.optimizer
+except ImportError:
+    raise MissingExtraError(f"exporting a checkpoint needs onnxscript: {install_hint('export')}") from None
 
 from medmamba_edge import __version__
 from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
@@ -39,6 +40,8 @@ from medmamba_edge.runtime.bundled import sample_image_paths
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
 DEFAULT_ATOL = 1e-4
+# Elements a folded constant may have: every MedMamba-B weight fits (the largest, in_proj, is 1024×4096).
+FOLD_LIMIT = 1 << 24
 
 
 class ExportError(UserError):
@@ -99,6 +102,9 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
+    # The exporter folds constants of up to 8192 elements only; the rest (the x_proj weights reshaped for their
+    # 1×1 Conv, A = -exp(A_logs) from stage 2 on) would stay subgraphs that quantizers skip as non-constant.
+    onnxscript.optimizer.fold_constants(program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
     model = program.model_proto
     _strip_exporter_annotations(model)
     model.producer_name, model.producer_version = "medmamba-edge", __version__
@@ -150,7 +156,7 @@ def export_onnx(
     hidden = _hidden_scan_functions(plugin_form)
     if hidden:
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
-    portable_form = lower_selective_scan(plugin_form)
+    portable_form = lower_ss2d_scan(plugin_form)
 
     metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     model = plugin_form if scan == "plugin" else portable_form

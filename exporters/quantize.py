@@ -2,14 +2,14 @@
 
 The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
 kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
-activations, on the inputs of Conv, MatMul and Gemm with a constant weight on the right only. Everything
-else stays float: the selective scan and the tensors it reads (u, delta, B, C come from the x_proj/dt_proj
-projections — MatMul(weight, x) — Slice and SiLU, which are not quantized), the LayerNorms, the
-softplus. Biases stay float too: TensorRT's parser
-rejects the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
+activations, on the inputs of Conv, MatMul and Gemm with a constant weight on the right only, which
+includes each SS2D block's x_proj projection (a 1×1 Conv). Everything else stays float: the SS2DScan node
+and what it reads (x, the conv's SiLU output, keeps its float value for the scan even where the projection
+reads it quantized; x_dbl is the projection's float output), the LayerNorms, the softplus. Biases stay
+float too: TensorRT's parser rejects the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
 
 Calibration runs in ONNX Runtime on the CPU. onnxruntime.quantization's calibrators open their own
-InferenceSession, which cannot load our fused SelectiveScan op, so a plugin-form model is calibrated on
+InferenceSession, which cannot load our SS2DScan op, so a plugin-form model is calibrated on
 its portable lowering: the lowering keeps every tensor name outside the scans, so the ranges it yields
 apply to the plugin form unchanged, and ``quantize_static`` reads them from a calibration cache.
 
@@ -44,7 +44,7 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
@@ -84,10 +84,6 @@ class QuantizeResult:
     int8_top1: float | None = None
     evaluated_on: str | None = None  # the CPU and instruction set the accuracies were measured on
     seconds: float = 0.0
-
-
-def is_plugin_form(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node)
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -163,7 +159,7 @@ def calibrate(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str,
         options["percentile"] = percentile
     with tempfile.TemporaryDirectory(prefix="medmamba-calib.") as tmp:
         source = Path(tmp) / "portable.onnx"
-        onnx.save(lower_selective_scan(model), source)
+        onnx.save(lower_ss2d_scan(model), source)
         calibrator = create_calibrator(source, list(QUANTIZED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
                                        _calibration_method(method), extra_options=options)
         # One run per batch: the calibrators merge runs incrementally, so memory stays one batch deep.
@@ -209,13 +205,41 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
                         weight_type=QuantType.QInt8, reduce_range=True, nodes_to_quantize=list(nodes),
                         calibrate_method=_calibration_method(method), calibration_cache_path=cache,
                         extra_options=options, **formats)
-        return onnx.load(str(output))
+        return _float_for_float_consumers(onnx.load(str(output)), set(nodes))
+
+
+def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> onnx.ModelProto:
+    """Give the nodes left in float their float inputs back.
+
+    ONNX Runtime's Q/DQ quantizer puts a tensor read by a quantized node through QuantizeLinear/DequantizeLinear
+    for every reader. x feeds both the x_proj projection (quantized) and the scan (float): the scan would read
+    x rounded to INT8 for nothing."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+
+    def original(name: str) -> str | None:
+        dequantize = producers.get(name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            return None
+        quantize = producers.get(dequantize.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] in initializers:
+            return None
+        return quantize.input[0]
+
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            source = original(name)
+            if source is not None:
+                node.input[i] = source
+    return model
 
 
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
-    if is_plugin_form(model):
+    if scan_node.has_scan_nodes(model):
         from medmamba_edge.runtime import fused_scan
 
         return fused_scan.make_fused_session(model)

@@ -1,6 +1,6 @@
 """ONNX → TensorRT engine, with a manifest beside it, for TensorRT 10.3+ and 11 behind one function.
 
-``build_engine`` parses the exported ONNX (plugin or portable form) with the SelectiveScan plugin loaded,
+``build_engine`` parses the exported ONNX (plugin or portable form) with the SS2DScan plugin loaded,
 applies the build options (presets for Jetson boards and desktop GPUs, precision, batch profile,
 workspace, timing cache, optimisation level, DLA, version/hardware compatibility) and writes the engine and
 ``<engine>.json`` atomically. ``cached_engine`` does the same into the engine cache, keyed so that a model is
@@ -132,10 +132,6 @@ def has_quantize_nodes(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
-def has_scan_nodes(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node)
-
-
 def parser_error_summary(parser) -> str:
     """Every ONNX parser error on one line: node name, op type and TensorRT's description."""
     parts = []
@@ -198,6 +194,9 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
     except Exception as exc:  # protobuf's DecodeError, onnx's ValueError, OSError: whatever the bytes trigger
         raise EngineBuildError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     read_onnx_metadata(model)  # a clear error for ONNX files that `medmamba-edge export` did not write
+    retired = scan_node.retired_scan_node(model)
+    if retired:
+        raise EngineBuildError(f"{onnx_path}: {retired}")
     if options.int8 and not has_quantize_nodes(model):
         raise EngineBuildError(
             f"{onnx_path}: --int8 needs an explicitly quantized model (QuantizeLinear/DequantizeLinear nodes) and "
@@ -207,7 +206,7 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
     import_tensorrt()
     import_cudart()
     library = None
-    if has_scan_nodes(model):
+    if scan_node.has_scan_nodes(model):
         library = Path(plugin) if plugin is not None else find_plugin_library()
         if not library.is_file():
             raise EngineBuildError(f"{library}: no such plugin library; build it with `medmamba-edge build-plugin`")
@@ -260,7 +259,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
     parser = trt.OnnxParser(network, logger.trt_logger)
     if generation.plugin_override_flag:
         # Our nodes carry plugin_namespace, which already makes 10.15+ prefer the plugin; the flag also covers a
-        # SelectiveScan node whose attributes a graph tool dropped.
+        # SS2DScan node whose attributes a graph tool dropped.
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
     if not parser.parse(model.SerializeToString(), path=str(onnx_path)):
         raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {parser_error_summary(parser)}")

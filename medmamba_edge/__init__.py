@@ -4,4 +4,4 @@ Importing this package (or ``medmamba_edge.runtime``) must stay cheap and torch-
 need torch (``model``, ``scan``, ``checkpoint``, ``exporters``) import it themselves.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

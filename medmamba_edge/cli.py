@@ -104,8 +104,8 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     classes: Annotated[Optional[str], typer.Option(help="Class names: comma-separated, or a class_indices.json. "
                                                         "Default: class_indices.json beside the checkpoint.")] = None,
-    scan: Annotated[str, typer.Option(help="plugin: one SelectiveScan node per scan (TensorRT plugin, fused ONNX "
-                                           "Runtime op); portable: standard ONNX ops only.")] = "plugin",
+    scan: Annotated[str, typer.Option(help="plugin: one SS2DScan node per SS2D block (TensorRT plugin, "
+                                           "native ONNX Runtime op); portable: standard ONNX ops only.")] = "plugin",
     verify: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch on real images.")] = True,
     atol: Annotated[float, typer.Option(help="Largest allowed logit difference in verification.")] = 1e-4,
 ) -> None:
@@ -205,7 +205,7 @@ def build_engine(
     dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core with GPU fallback (-1: GPU only).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Runs on later TensorRT versions too.")] = False,
     hardware_compat: Annotated[bool, typer.Option("--hardware-compat", help="Runs on any Ampere or newer GPU.")] = False,
-    plugin: Annotated[Optional[Path], typer.Option(help="SelectiveScan plugin library (default: the one "
+    plugin: Annotated[Optional[Path], typer.Option(help="SS2DScan plugin library (default: the one "
                                                         "`medmamba-edge build-plugin` built).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Defaults for orin-nano, orin-nx, agx-orin, thor or dgpu; "
                                                        "explicit options win.")] = None,

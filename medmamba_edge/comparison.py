@@ -1,6 +1,6 @@
 """``medmamba-edge compare``: the same inputs through two models (any backends), and whether they agree.
 
-Polygraphy cannot run our SelectiveScan custom op in ONNX Runtime; here every model goes through our
+Polygraphy cannot run our SS2DScan custom op in ONNX Runtime; here every model goes through our
 backends, so plugin-form ONNX runs with the fused scan and checkpoints run in PyTorch.
 
 Tolerances are tiered by the less precise of the two models (``precision`` in their metadata):

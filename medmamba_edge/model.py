@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmamba_edge.scan import selective_scan_fn
+from medmamba_edge.runtime.scan_node import NUM_DIRECTIONS
+from medmamba_edge.scan import ss2d_scan_fn
 
 VARIANTS: dict[str, dict[str, list[int]]] = {
     "medmamba_t": {"depths": [2, 2, 4, 2], "dims": [96, 192, 384, 768]},
     "medmamba_s": {"depths": [2, 2, 8, 2], "dims": [96, 192, 384, 768]},
     "medmamba_b": {"depths": [2, 2, 12, 2], "dims": [128, 256, 512, 1024]},
 }
-NUM_DIRECTIONS = 4  # SS2D scans row-major, column-major and both reversed
 
 
 def variant_name(depths: Sequence[int], dims: Sequence[int]) -> str | None:
@@ -96,39 +96,23 @@ class SS2D(nn.Module):
         nn.init.zeros_(self.dt_projs_bias)
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, d, h, w) → (b, h, w, d): the official four-direction scan, summed, as one SS2DScan node.
+
+        The official code stacks the four orders of x, projects each (einsum with x_proj_weight), scans, and
+        flips and transposes back. The projections act per position, so they are computed once on x as it is,
+        for all four directions at once; the scan walks each direction's positions by index. The projection is
+        a 1×1 convolution rather than a MatMul with the weight on the left: the same GEMM, but in the form
+        quantizers and TensorRT treat as a constant-weight layer (per-output-channel INT8 scales).
+        """
         b, d, h, w = x.shape
-        length, k = h * w, NUM_DIRECTIONS
-        x_hwwh = torch.stack([x.reshape(b, d, length), x.transpose(2, 3).reshape(b, d, length)], dim=1)
-        xs = torch.cat([x_hwwh, x_hwwh.flip(-1)], dim=1)  # (b, k, d, l)
-
-        # The official einsums ("b k d l, k c d -> b k c l" and "b k r l, k d r -> b k d l") as broadcast
-        # matmuls: same maths, but ONNX Runtime runs MatMul ~1.7x faster than its generic Einsum.
-        x_dbl = torch.matmul(self.x_proj_weight, xs)
-        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.matmul(self.dt_projs_weight, dts)
-
-        out_y = selective_scan_fn(
-            xs.float().reshape(b, k * d, length),
-            dts.float().reshape(b, k * d, length),
-            -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
-            self.Ds.float(),
-            self.dt_projs_bias.float().reshape(-1),
-            True,
-        ).reshape(b, k, d, length)
-
-        inv_y = out_y[:, 2:4].flip(-1)
-        # Both column-major directions share one transpose back to row-major (the official code does two).
-        wh_y = (out_y[:, 1] + inv_y[:, 1]).reshape(b, d, w, h).transpose(2, 3).reshape(b, d, length)
-        return out_y[:, 0] + inv_y[:, 0] + wh_y
+        x_dbl = F.conv2d(x, self.x_proj_weight.reshape(-1, d, 1, 1)).reshape(b, -1, h * w)
+        return ss2d_scan_fn(x, x_dbl, self.dt_projs_weight, self.dt_projs_bias, -torch.exp(self.A_logs.float()),
+                            self.Ds.float(), True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
-        y = self.forward_core(x).transpose(1, 2).reshape(b, h, w, -1)
-        y = self.out_norm(y) * F.silu(z)
+        y = self.out_norm(self.forward_core(x)) * F.silu(z)
         return self.out_proj(y)
 
 

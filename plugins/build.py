@@ -1,11 +1,11 @@
-"""Build and locate the selective-scan libraries: the TensorRT plugin and the CUDA-only launcher.
+"""Build and locate the SS2DScan libraries: the TensorRT plugin and the CUDA-only launcher.
 
 Standard library only: this runs on a Jetson next to TensorRT, where PyTorch is usually absent.
 
 ``find_plugin_library()`` looks, in this order, at:
 
 1. ``$MEDMAMBA_EDGE_PLUGIN``: the path of the plugin ``.so`` (set but missing is an error, not a fallback);
-2. the default build directory, ``<cache>/plugins/selective_scan-<machine>/``, where ``<cache>`` is
+2. the default build directory, ``<cache>/plugins/ss2d_scan-<machine>/``, where ``<cache>`` is
    ``$MEDMAMBA_EDGE_CACHE`` or else ``$XDG_CACHE_HOME/medmamba-edge`` or else ``~/.cache/medmamba-edge``
    (``build_plugin()`` writes there by default);
 3. this package's directory (a wheel that bundles a prebuilt library).
@@ -51,8 +51,10 @@ class PluginNotFoundError(UserError, FileNotFoundError):
 
 
 def default_build_dir() -> Path:
-    """Build directory used when none is given; per machine type so a shared home serves x86 and Jetson."""
-    return cache_root() / "plugins" / f"selective_scan-{platform.machine() or 'unknown'}"
+    """Build directory used when none is given; per machine type so a shared home serves x86 and Jetson. Named
+    after the node: a library built for version 1's SelectiveScan node (in ``selective_scan-<machine>``) has no
+    SS2DScan creator and must not be found."""
+    return cache_root() / "plugins" / f"ss2d_scan-{platform.machine() or 'unknown'}"
 
 
 def _search(env_var: str, filename: str) -> Path:

@@ -80,7 +80,7 @@ class EngineManifest:
     profile: dict  # {input name: {"min": [...], "opt": [...], "max": [...]}}
     onnx_path: str
     onnx_sha256: str
-    plugin_sha256: str | None  # None: the graph has no SelectiveScan node
+    plugin_sha256: str | None  # None: the graph has no SS2DScan node
     build: BuildOptions
     metadata: ModelMetadata
     fp16_graph: bool = False  # the ONNX was converted to float16 before parsing (strongly typed TensorRT)

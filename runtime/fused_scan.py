@@ -1,4 +1,4 @@
-"""Run a plugin-form ONNX model (``SelectiveScan`` nodes, domain ``medmamba_edge``) in ONNX Runtime on the
+"""Run a plugin-form ONNX model (``SS2DScan`` nodes, domain ``medmamba_edge``) in ONNX Runtime on the
 CPU, with the compiled scan kernel as the node's implementation. Torch-free.
 
 The kernel comes as a native ONNX Runtime custom-op library, ``libmedmamba_ort_ops`` (runtime/csrc/

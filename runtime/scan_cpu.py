@@ -1,8 +1,8 @@
-"""The compiled CPU selective scan (``runtime/csrc/selective_scan_cpu.c``), torch-free.
+"""The compiled CPU SS2D scan (``runtime/csrc/selective_scan_cpu.c``), torch-free.
 
-``selective_scan`` has the semantics of ``medmamba_edge.scan.selective_scan_ref`` and the
-``SelectiveScan`` node contract (``runtime/scan_node.py``); it runs a C kernel vectorised across
-channels on ``num_threads`` pthreads. On x86-64 the kernel is compiled for AVX-512, AVX2 and the
+``ss2d_scan`` has the semantics of the ``SS2DScan`` node contract (``runtime/scan_node.py``) and of
+``medmamba_edge.scan.ss2d_scan_ref``; it runs a C kernel vectorised across channels on ``num_threads``
+pthreads. On x86-64 the kernel is compiled for AVX-512, AVX2 and the
 baseline and runs the widest path the CPU supports, or the one $MEDMAMBA_EDGE_SCAN_ISA forces (read on
 every call; ``isa()`` says which); elsewhere (NEON on aarch64) there is one path, ``baseline``.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from medmamba_edge.runtime import scan_node
 
 try:
     from medmamba_edge.runtime import _scan_cpu as _ext
@@ -61,7 +63,7 @@ def cpu_supports(isa_name: str) -> bool:
 
 
 def isa() -> str:
-    """The path ``selective_scan`` runs: $MEDMAMBA_EDGE_SCAN_ISA if set, else the widest this CPU supports.
+    """The path ``ss2d_scan`` runs: $MEDMAMBA_EDGE_SCAN_ISA if set, else the widest this CPU supports.
 
     ValueError if the variable names no path of this build, RuntimeError if this CPU cannot run it.
     """
@@ -97,52 +99,51 @@ def _f32(name: str, x) -> np.ndarray:
     try:
         return np.ascontiguousarray(x, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"selective_scan: {name} cannot be converted to a float32 array: {exc}") from None
+        raise ValueError(f"ss2d_scan: {name} cannot be converted to a float32 array: {exc}") from None
 
 
-def selective_scan(
-    u,
-    delta,
+def ss2d_scan(
+    x,
+    x_dbl,
+    dt_projs_weight,
+    dt_projs_bias,
     A,
-    B,
-    C,
-    D,
-    delta_bias,
+    Ds,
     *,
     delta_softplus: bool = True,
     num_threads: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """y = selective_scan(u, delta, A, B, C, D, delta_bias) with the compiled kernel.
+    """y = SS2DScan(x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds) with the compiled kernel.
 
-    u, delta: (batch, channels, length); A: (channels, d_state); B, C: (batch, groups, d_state, length);
-    D, delta_bias: (channels,). Inputs of another dtype or layout are converted to C-contiguous float32.
-    Returns y, float32 with u's shape (``out`` if given: a writable C-contiguous float32 array of that
-    shape, not sharing memory with any input). Runs the path ``isa()`` names. Raises ValueError on bad
-    shapes, RuntimeError if the extension is not built; $MEDMAMBA_EDGE_SCAN_ISA errors as ``isa()``.
+    Shapes as the node's (``runtime/scan_node.py``): x (batch, D, H, W), x_dbl (batch, 4·(R+2N), H·W),
+    dt_projs_weight (4, D, R), dt_projs_bias (4, D), A (4·D, N), Ds (4·D,). Inputs of another dtype or layout
+    are converted to C-contiguous float32. Returns y (batch, H, W, D) float32 (``out`` if given: a writable
+    C-contiguous float32 array of that shape, not sharing memory with any input). Runs the path ``isa()``
+    names. Raises ValueError on bad shapes, RuntimeError if the extension is not built;
+    $MEDMAMBA_EDGE_SCAN_ISA errors as ``isa()``.
     """
     if _ext is None:
         raise RuntimeError(_IMPORT_ERROR)
-    names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-    arrays = [_f32(n, x) for n, x in zip(names, (u, delta, A, B, C, D, delta_bias))]
-    if arrays[0].ndim != 3:
-        raise ValueError(f"selective_scan: u must be (batch, channels, length), got shape {arrays[0].shape}")
+    names = scan_node.INPUT_NAMES
+    arrays = [_f32(n, a) for n, a in zip(names, (x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds))]
+    if arrays[0].ndim != 4:
+        raise ValueError(f"ss2d_scan: x must be (batch, channels, height, width), got shape {arrays[0].shape}")
+    batch, channels, height, width = arrays[0].shape
+    shape = (batch, height, width, channels)
     if out is None:
-        out = np.empty(arrays[0].shape, dtype=np.float32)
+        out = np.empty(shape, dtype=np.float32)
     elif not (
         isinstance(out, np.ndarray)
         and out.dtype == np.float32
         and out.flags.c_contiguous
         and out.flags.writeable
-        and out.shape == arrays[0].shape
+        and out.shape == shape
     ):
-        raise ValueError(
-            f"selective_scan: out must be a writable C-contiguous float32 array of shape {arrays[0].shape}"
-        )
-    if out is not None and any(np.may_share_memory(out, a) for a in arrays):
-        raise ValueError("selective_scan: out must not share memory with the inputs")
+        raise ValueError(f"ss2d_scan: out must be a writable C-contiguous float32 array of shape {shape}")
+    elif any(np.may_share_memory(out, a) for a in arrays):
+        raise ValueError("ss2d_scan: out must not share memory with the inputs")
     if num_threads is None:
         num_threads = default_num_threads()
-    num_threads = max(1, int(num_threads))
-    _ext.selective_scan(*arrays, out, bool(delta_softplus), num_threads, isa())
+    _ext.ss2d_scan(*arrays, out, bool(delta_softplus), max(1, int(num_threads)), isa())
     return out

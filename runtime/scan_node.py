@@ -1,18 +1,47 @@
-"""The contract of the ``SelectiveScan`` ONNX node, shared by the exporter, the runtime and the plugin.
+"""The contract of the ``SS2DScan`` ONNX node: SS2D's four-direction selective scan as one node, shared by the
+exporter, the portable lowering, the CPU kernel (ONNX Runtime custom op), the CUDA kernel and the TensorRT plugin.
 
-Inputs, in order: u (batch, K·D, L); delta (batch, K·D, L); A (K·D, N) float32; B, C (batch, G, N, L);
-D (K·D,) float32; delta_bias (K·D,) float32. Output: y (batch, K·D, L), dtype of u. G divides K·D.
-Attributes: ``delta_softplus`` (int 0/1) plus ``plugin_version`` and ``plugin_namespace``, which
-TensorRT's ONNX parser uses to find our IPluginV3 creator (``plugins/selective_scan``) by name, version
-and namespace; the namespace's presence also makes TensorRT >= 10.15 prefer the plugin.
+SS2D (MedMamba's 2-D selective scan) reads its feature map in four orders: k=0 row-major, k=1 column-major,
+k=2 and k=3 the same reversed. Its projections act per position, so they commute with the orders: the exporter
+computes ``x_dbl`` once, on the map as it is, with one constant-weight MatMul for all four directions, and the
+node walks each direction's positions by index and sums the four outputs into one ``y``.
+
+Inputs, in order (H·W = L; D channels; N = d_state; R = dt_rank; K = 4 directions):
+  x                (batch, D, H, W)        the depthwise conv's SiLU output, channel-first, as the conv writes it
+  x_dbl            (batch, K·(R+2N), L)     per direction k the rows [k·(R+2N), (k+1)·(R+2N)): dt_low (R), B (N),
+                                            C (N), each at position p = h·W + w (row-major), not in scan order
+  dt_projs_weight  (K, D, R)   float32
+  dt_projs_bias    (K, D)      float32
+  A                (K·D, N)    float32      -exp(A_logs)
+  Ds               (K·D,)      float32
+Output: y (batch, H, W, D), channel-last as ``out_norm`` reads it, dtype of x.
+
+Direction k visits positions in the order seq_k(t), t = 0..L-1:
+  seq_0(t) = t;  seq_1(t) = (t mod H)·W + t div H;  seq_2(t) = seq_0(L-1-t);  seq_3(t) = seq_1(L-1-t).
+For each k, channel d (c = k·D + d), with p = seq_k(t) and h_{-1} = 0:
+  delta = dt_projs_bias[k,d] + sum_r dt_projs_weight[k,d,r]·dt_low_k[r,p];  softplus(delta) if delta_softplus
+          (x itself above SOFTPLUS_THRESHOLD, as PyTorch and mamba_ssm)
+  h_t[n] = exp(delta·A[c,n])·h_{t-1}[n] + delta·B_k[n,p]·x[d,p]
+  y_k[d,p] = sum_n C_k[n,p]·h_t[n] + Ds[c]·x[d,p]
+  y[p,d] = y_0[d,p] + y_1[d,p] + y_2[d,p] + y_3[d,p]
+State and accumulation are float32 whatever the input dtype (float16 in TensorRT's FP16 engines).
+
+Attributes: ``delta_softplus`` (int 0/1) plus ``plugin_version`` and ``plugin_namespace``, which TensorRT's ONNX
+parser uses to find our IPluginV3 creator (``plugins/selective_scan``) by name, version and namespace; the
+namespace's presence also makes TensorRT >= 10.15 prefer the plugin. Version 2 replaced version 1's
+``SelectiveScan`` (one direction-stacked scan between Transpose/flip/Concat/Slice glue): models exported before
+must be exported again.
 """
 
 DOMAIN = "medmamba_edge"
 DOMAIN_VERSION = 1
-OP_TYPE = "SelectiveScan"
-PLUGIN_VERSION = "1"
+OP_TYPE = "SS2DScan"
+PLUGIN_VERSION = "2"
 PLUGIN_NAMESPACE = "medmamba_edge"
-INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+NUM_DIRECTIONS = 4
+INPUT_NAMES = ("x", "x_dbl", "dt_projs_weight", "dt_projs_bias", "A", "Ds")
+# Weights of the node: float32 in every precision (float16.py keeps them so; TensorRT's plugin reads them so).
+FLOAT32_INPUTS = ("dt_projs_weight", "dt_projs_bias", "A", "Ds")
 OUTPUT_NAMES = ("y",)
 # Attributes that become plugin fields (PluginFieldCollection); TensorRT's parser consumes the other two.
 FIELD_ATTRIBUTES = ("delta_softplus",)
@@ -21,9 +50,43 @@ SOFTPLUS_THRESHOLD = 20.0
 
 
 def node_attributes(delta_softplus: bool) -> dict[str, int | str]:
-    """Every attribute of a SelectiveScan node, as the exporter writes it."""
+    """Every attribute of an SS2DScan node, as the exporter writes it."""
     return {
         "delta_softplus": int(delta_softplus),
         "plugin_version": PLUGIN_VERSION,
         "plugin_namespace": PLUGIN_NAMESPACE,
     }
+
+
+def is_scan_node(node) -> bool:
+    """Whether an ``onnx.NodeProto`` is an SS2DScan node of ours."""
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
+
+
+def has_scan_nodes(model) -> bool:
+    """Whether an ``onnx.ModelProto``'s graph holds SS2DScan nodes (the plugin form) or none (the portable form)."""
+    return any(is_scan_node(n) for n in model.graph.node)
+
+
+def retired_scan_node(model) -> str | None:
+    """Why the graph cannot run here, if it carries a node of ours from another contract (version 1's
+    ``SelectiveScan``, or an SS2DScan of another plugin_version); None when it can."""
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        version = next((a.s.decode() for a in node.attribute if a.name == "plugin_version"), None)
+        if node.op_type != OP_TYPE or version not in (None, PLUGIN_VERSION):
+            return (f"it holds a {node.op_type} node of plugin version {version or '?'}, which this medmamba-edge "
+                    f"(plugin version {PLUGIN_VERSION}, {OP_TYPE}) no longer runs; export it again from its checkpoint")
+    return None
+
+
+def scan_order(height: int, width: int):
+    """seq_k for k = 0..3 as four int64 NumPy arrays of length H·W: the positions each direction visits, in order.
+    The one statement of the orders every implementation (and its tests) indexes by."""
+    import numpy as np
+
+    length = height * width
+    t = np.arange(length, dtype=np.int64)
+    row_major, column_major = t, (t % height) * width + t // height
+    return row_major, column_major, row_major[::-1].copy(), column_major[::-1].copy()

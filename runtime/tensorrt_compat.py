@@ -4,7 +4,7 @@ TensorRT 10.x (10.3 is JetPack 6.1/6.2) builds *weakly typed* networks: precisio
 flags (FP16; INT8 for a Q/DQ network). TensorRT 11 builds only *strongly typed* networks: the FP16 and
 INT8 builder flags are gone and every tensor has the type the ONNX graph gives it, so an FP16 engine
 needs a float16 graph (``exporters/float16.py``) and an INT8 engine a Q/DQ graph. TensorRT < 10.3 (8.x
-on JetPack 5) has no IPluginV3, which our SelectiveScan plugin is.
+on JetPack 5) has no IPluginV3, which our SS2DScan plugin is.
 
 Device memory, streams and the GPU's name come from cuda-python (``cuda.bindings.runtime``; ``cuda.cudart``
 in cuda-python < 12.6), the binding TensorRT's own Python samples use. It was preferred over Polygraphy's
@@ -87,7 +87,7 @@ def tensorrt_generation(version: str) -> TensorRTGeneration:
     parsed = parse_version(version)
     if parsed < MIN_VERSION:
         raise TensorRTUnavailableError(
-            f"TensorRT {version} is not supported: the SelectiveScan plugin needs TensorRT >= 10.3 (IPluginV3). "
+            f"TensorRT {version} is not supported: the SS2DScan plugin needs TensorRT >= 10.3 (IPluginV3). "
             "JetPack 5 ships TensorRT 8.x: upgrade to JetPack 6.1+, or run the model with ONNX Runtime "
             "(medmamba-edge export --scan portable)"
         )

@@ -16,7 +16,7 @@ from medmamba_edge.cli import app
 from medmamba_edge.exporters import tensorrt_build as tb
 from medmamba_edge.exporters.float16 import convert_float16
 from medmamba_edge.exporters.onnx_export import export_onnx
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import open_backend
 from medmamba_edge.runtime.engine_manifest import (
@@ -71,7 +71,7 @@ def exported(tmp_path_factory):
     # Verification against PyTorch is test_export's job; skipping it keeps this module fast.
     export_onnx(require_shared(*OFFICIAL_T32), plugin_path, input_size=32, batch=None, scan="plugin", verify=False)
     plugin = onnx.load(str(plugin_path))
-    portable = lower_selective_scan(plugin)
+    portable = lower_ss2d_scan(plugin)
     write_onnx_metadata(portable, read_onnx_metadata(plugin).replace(scan_form="portable"))
     portable_path = folder / "t32_portable.onnx"
     onnx.save(portable, str(portable_path))
@@ -267,9 +267,10 @@ def test_float16_plugin_graph_keeps_scan_parameters_float32(exported):
     fp16 = convert_float16(exported["plugin"])
     onnx.checker.check_model(fp16)
     types = element_types(fp16)
-    scans = [n for n in fp16.graph.node if n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN]
+    scans = [n for n in fp16.graph.node if scan_node.is_scan_node(n)]
     assert len(scans) == 10
-    expected = {"u": FLOAT16, "delta": FLOAT16, "A": FLOAT, "B": FLOAT16, "C": FLOAT16, "D": FLOAT, "delta_bias": FLOAT}
+    expected = {name: FLOAT if name in scan_node.FLOAT32_INPUTS else FLOAT16 for name in scan_node.INPUT_NAMES}
+    assert expected["x"] == expected["x_dbl"] == FLOAT16
     producers = {o: n for n in fp16.graph.node for o in n.output}
     for node in scans:
         assert {name: types[tensor] for name, tensor in zip(scan_node.INPUT_NAMES, node.input)} == expected

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from medmamba_edge.checkpoint import load_checkpoint
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import ExportError, export_onnx
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.metadata import read_onnx_metadata
 from tests.shared_data import OFFICIAL_T32, require_shared
@@ -37,7 +37,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def test_plugin_form_has_one_scan_node_per_block_with_plugin_attributes(plugin32):
     result, model = plugin32
-    scans = [n for n in model.graph.node if n.op_type == scan_node.OP_TYPE]
+    scans = [n for n in model.graph.node if scan_node.is_scan_node(n)]
     assert len(scans) == sum(result.metadata.depths) == 10
     for node in scans:
         assert node.domain == scan_node.DOMAIN
@@ -54,14 +54,50 @@ def test_plugin_form_shapes_by_onnx_shape_inference(plugin32):
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
-    scans = [n for n in inferred.graph.node if n.op_type == scan_node.OP_TYPE]
-    # MedMamba-T at 32×32: 8×8, 4×4, 2×2, 1×1 tokens; K·D = 4 × dim.
-    expected_ud = [[384, 64]] * 2 + [[768, 16]] * 2 + [[1536, 4]] * 4 + [[3072, 1]] * 2
-    for node, (channels, length) in zip(scans, expected_ud):
-        u, delta, a, b, c, d, bias = (shapes[name] for name in node.input)
-        assert u[1:] == delta[1:] == [channels, length] and isinstance(u[0], str)  # dynamic batch
-        assert a == [channels, 16] and d == bias == [channels]
-        assert b[1:] == c[1:] == [4, 16, length]
+    shapes.update({i.name: list(i.dims) for i in inferred.graph.initializer})
+    scans = [n for n in inferred.graph.node if scan_node.is_scan_node(n)]
+    # MedMamba-T at 32×32: 8×8, 4×4, 2×2, 1×1 tokens; D = 96·2^i channels, dt_rank D/32, d_state 16.
+    expected = [(96, 8, 3)] * 2 + [(192, 4, 6)] * 2 + [(384, 2, 12)] * 4 + [(768, 1, 24)] * 2
+    for node, (channels, side, rank) in zip(scans, expected):
+        x, x_dbl, dt_w, dt_b, a, ds = (shapes[name] for name in node.input)
+        assert x[1:] == [channels, side, side] and isinstance(x[0], str)  # dynamic batch
+        assert x_dbl[1:] == [4 * (rank + 32), side * side] and x_dbl[0] == x[0]
+        assert dt_w == [4, channels, rank] and dt_b == [4, channels]
+        assert a == [4 * channels, 16] and ds == [4 * channels]
+        assert shapes[node.output[0]] == [x[0], side, side, channels]
+
+
+def test_nothing_but_the_projection_between_the_conv_and_out_norm(plugin32):
+    """SS2D's core is the scan node alone: x straight from the conv's SiLU, x_dbl from one 1×1 Conv (a GEMM with
+    a constant weight) on that same x, y straight into out_norm. No Transpose, flip, Concat or Slice around it."""
+    _, model = plugin32
+    producer = {out: n for n in model.graph.node for out in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    constants = {i.name for i in model.graph.initializer}
+
+    def through_reshapes(name):
+        while name in producer and producer[name].op_type in ("Reshape", "Identity"):
+            name = producer[name].input[0]
+        return name
+
+    scans = [n for n in model.graph.node if scan_node.is_scan_node(n)]
+    assert scans
+    for node in scans:
+        x, x_dbl = node.input[:2]
+        assert producer[x].op_type in ("Mul", "Sigmoid", "Silu"), producer[x].op_type  # SiLU = x·sigmoid(x)
+        projection = producer[through_reshapes(x_dbl)]
+        assert projection.op_type == "Conv" and len(projection.input) == 2  # no bias
+        features, weight = projection.input
+        assert weight in constants and features == x
+        assert [d for d in next(i for i in model.graph.initializer if i.name == weight).dims[2:]] == [1, 1]
+        assert all(w in constants for w in node.input[2:])
+        assert [c.op_type for c in consumers[node.output[0]]] == ["LayerNormalization"]
+    glue = {"Transpose", "Concat", "Slice", "Split", "Gather", "ReverseSequence"}
+    between = {producer[name].op_type for node in scans for name in node.input[:2]}
+    assert not between & glue
 
 
 def test_metadata_round_trip(plugin32, official):
@@ -78,7 +114,7 @@ def test_exported_model_matches_pytorch_on_real_images_with_dynamic_batch(plugin
     result, model = plugin32
     assert result.max_abs_diff <= 1e-4 and result.verified_images > 0
     x, labels = pneumoniamnist_val()
-    portable = session(lower_selective_scan(model))
+    portable = session(lower_ss2d_scan(model))
     for batch in (x[:1], x[1:40]):
         (logits,) = portable.run(None, {"input": batch.numpy()})
         with torch.no_grad():

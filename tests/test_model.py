@@ -92,10 +92,14 @@ def test_reference_scan_matches_an_independent_float64_recurrence():
 
 
 def test_scan_rejects_inconsistent_shapes():
-    u = torch.zeros(1, 6, 4)
-    with pytest.raises(ValueError, match="groups"):
-        scan.check_scan_shapes(u, u, torch.zeros(6, 2), torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4),
-                               torch.zeros(6), torch.zeros(6))
+    x = torch.zeros(1, 6, 2, 3)
+    weights = dict(x_dbl=torch.zeros(1, 4 * (1 + 2 * 2), 6), dt_projs_weight=torch.zeros(4, 6, 1),
+                   dt_projs_bias=torch.zeros(4, 6), A=torch.zeros(24, 2), Ds=torch.zeros(24))
+    assert scan.check_ss2d_shapes(x, *weights.values()) == (1, 6, 2, 3, 1, 2)
+    with pytest.raises(ValueError, match="x_dbl must be"):
+        scan.check_ss2d_shapes(x, **{**weights, "x_dbl": torch.zeros(1, 20, 5)})
+    with pytest.raises(ValueError, match="A must be"):
+        scan.check_ss2d_shapes(x, **{**weights, "A": torch.zeros(6, 2)})
 
 
 def test_concat_shuffled_is_the_official_channel_shuffle():

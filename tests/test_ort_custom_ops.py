@@ -1,5 +1,5 @@
 """The native ONNX Runtime custom-op library (runtime/csrc/ort_custom_ops.c, loaded by runtime/fused_scan.py):
-it loads into the installed onnxruntime, its SelectiveScan matches a float64 reference, refuses bad shapes with
+it loads into the installed onnxruntime, its SS2DScan matches a float64 reference, refuses bad shapes with
 an ONNX Runtime error, gives the same bits on any thread count, and runs the whole plugin-form model."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from medmamba_edge.runtime import fused_scan, scan_cpu, scan_node
-from tests.test_scan_cpu import make_inputs
+from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_node_model, ss2d_reference64
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = scan_node.INPUT_NAMES
@@ -32,43 +32,9 @@ def test_library_loads_into_the_installed_onnxruntime(record_property):
     record_property("onnxruntime", ort.__version__)
     print(f"onnxruntime {ort.__version__}, {LIBRARY}")
     options = fused_scan.fused_session_options(threads=1)
-    session = ort.InferenceSession(scan_model(8, 4, 2).SerializeToString(), options,
+    session = ort.InferenceSession(ss2d_node_model(8, 2, 3, 1, 4).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(NAMES)
-
-
-def scan_model(channels, d_state, groups, *, softplus: int | None = 1) -> onnx.ModelProto:
-    """One SelectiveScan node as the exporter writes it (batch and length symbolic); softplus None leaves the
-    attribute out."""
-    dims = {"u": ["batch", channels, "L"], "delta": ["batch", channels, "L"], "A": [channels, d_state],
-            "B": ["batch", groups, d_state, "L"], "C": ["batch", groups, d_state, "L"], "D": [channels],
-            "delta_bias": [channels]}
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in NAMES]
-    attrs = scan_node.node_attributes(bool(softplus))
-    if softplus is None:
-        del attrs["delta_softplus"]
-    node = helper.make_node(scan_node.OP_TYPE, list(NAMES), ["y"], name="scan", domain=scan_node.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "scan", inputs,
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, "L"])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                   helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)])
-
-
-def reference64(u, delta, A, B, C, D, delta_bias, softplus: bool) -> np.ndarray:
-    """The scan in float64 (runtime/scan_node.py semantics), independent of every implementation under test."""
-    u, delta, A, B, C, D, delta_bias = (np.asarray(x, dtype=np.float64) for x in (u, delta, A, B, C, D, delta_bias))
-    batch, channels, length = u.shape
-    per_group = channels // B.shape[1]
-    dt = delta + delta_bias[:, None]
-    if softplus:
-        dt = np.where(dt > scan_node.SOFTPLUS_THRESHOLD, dt, np.logaddexp(0.0, dt))
-    B, C = np.repeat(B, per_group, axis=1), np.repeat(C, per_group, axis=1)  # (batch, channels, N, L)
-    h = np.zeros((batch, channels, A.shape[1]))
-    y = np.empty_like(u)
-    for t in range(length):
-        h = np.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[..., t]
-        y[:, :, t] = (h * C[..., t]).sum(-1)
-    return y + u * D[:, None]
 
 
 def session(model, threads=2):
@@ -81,39 +47,40 @@ def run_scan(sess, arrays):
 
 def assert_relative(y, ref, tol=1e-5):
     assert y.shape == ref.shape and y.dtype == np.float32
-    err = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
+    err = relative_error(y, ref)
     assert err <= tol, f"max error {err:.3g} of max |y| > {tol:g}"
 
 
 @pytest.mark.parametrize("softplus", [1, 0], ids=["softplus", "no-softplus"])
-@pytest.mark.parametrize("batch,channels,length,groups,d_state", [
-    pytest.param(2, 40, 77, 4, 16, id="b2-G4-10ch-per-group-L77"),  # a partial 16-channel block, a partial tile
-    pytest.param(1, 384, 200, 4, 16, id="stage1-384ch-L200"),  # MedMamba-T's first stage, shorter sequence
-    pytest.param(3, 37, 130, 1, 7, id="b3-G1-odd-N7-L130"),  # the generic-N path, L past two tiles
-    pytest.param(2, 24, 1, 2, 16, id="L1"),
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 40, 9, 11, 3, 16), id="b2-40ch-9x11"),  # a partial 16-channel block, partial tiles
+    pytest.param((1, 96, 28, 28, 3, 16), id="stage1-96ch-28x28"),  # MedMamba-T's first stage at half size
+    pytest.param((3, 37, 13, 10, 2, 7), id="b3-odd-N7"),  # the generic-N path, L past two tiles
+    pytest.param((2, 24, 1, 1, 1, 16), id="L1"),
 ])
-def test_matches_float64_reference(batch, channels, length, groups, d_state, softplus):
-    sess = session(scan_model(channels, d_state, groups, softplus=softplus))
-    arrays = make_inputs(batch, channels, length, groups, d_state, softplus=bool(softplus), seed=length)
-    assert_relative(run_scan(sess, arrays), reference64(*arrays, softplus=bool(softplus)))
+def test_matches_float64_reference(shape, softplus):
+    batch, channels, height, width, dt_rank, d_state = shape
+    sess = session(ss2d_node_model(channels, height, width, dt_rank, d_state, softplus=softplus))
+    arrays = make_ss2d_inputs(*shape, softplus=bool(softplus), seed=height)
+    assert_relative(run_scan(sess, arrays), ss2d_reference64(*arrays, delta_softplus=bool(softplus)))
 
 
 def test_absent_delta_softplus_means_softplus_on():
-    sess = session(scan_model(16, 4, 2, softplus=None))
-    arrays = make_inputs(1, 16, 20, 2, 4, seed=7)
-    assert_relative(run_scan(sess, arrays), reference64(*arrays, softplus=True))
+    sess = session(ss2d_node_model(16, 4, 5, 2, 4, softplus=None))
+    arrays = make_ss2d_inputs(1, 16, 4, 5, 2, 4, seed=7)
+    assert_relative(run_scan(sess, arrays), ss2d_reference64(*arrays))
 
 
 def test_delta_softplus_other_than_0_or_1_is_refused_when_the_session_is_made():
-    model = scan_model(8, 4, 2)
+    model = ss2d_node_model(8, 2, 3, 1, 4)
     next(a for a in model.graph.node[0].attribute if a.name == "delta_softplus").i = 2
-    with pytest.raises(Exception, match="SelectiveScan node 'scan': delta_softplus must be 0 or 1, got 2"):
+    with pytest.raises(Exception, match="SS2DScan node 'ss2d': delta_softplus must be 0 or 1, got 2"):
         session(model)
 
 
 def test_one_and_two_threads_give_the_same_bits():
-    model = scan_model(64, 16, 4)
-    arrays = make_inputs(2, 64, 150, 4, 16, seed=3)
+    model = ss2d_node_model(64, 12, 13, 3, 16)
+    arrays = make_ss2d_inputs(2, 64, 12, 13, 3, 16, seed=3)
     one, two = (run_scan(session(model, threads), arrays) for threads in (1, 2))
     np.testing.assert_array_equal(one, two)
 
@@ -121,11 +88,11 @@ def test_one_and_two_threads_give_the_same_bits():
 def test_denormals_work_again_in_the_next_node():
     """The kernel flushes denormals to zero on ONNX Runtime's threads while it runs, and must leave them as it
     found them: a Mul after the scan, on the same thread, still produces denormals."""
-    model = scan_model(16, 4, 1)
+    model = ss2d_node_model(16, 5, 6, 2, 4)
     model.graph.node.append(helper.make_node("Mul", ["y", "tiny"], ["z"]))
     model.graph.initializer.append(helper.make_tensor("tiny", TensorProto.FLOAT, [], [1e-39]))
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
-    y, z = session(model, threads=1).run(None, dict(zip(NAMES, make_inputs(1, 16, 30, 1, 4, seed=8))))
+    y, z = session(model, threads=1).run(None, dict(zip(NAMES, make_ss2d_inputs(1, 16, 5, 6, 2, 4, seed=8))))
     # Looked at as bits: a leaked flush-to-zero would also flush this thread's own float maths.
     magnitude = z.view(np.uint32) & 0x7FFFFFFF
     assert ((magnitude != 0) & (magnitude < 0x00800000)).mean() > 0.5  # mostly denormals, not zeros
@@ -136,50 +103,46 @@ def test_same_kernel_as_the_python_extension(monkeypatch):
     """Each compiled path this CPU runs, forced by MEDMAMBA_EDGE_SCAN_ISA, gives the extension's exact output."""
     if not scan_cpu.available():
         pytest.skip(scan_cpu.unavailable_reason())
-    model = scan_model(42, 16, 2)
-    arrays = make_inputs(1, 42, 77, 2, 16, seed=11)
+    model = ss2d_node_model(42, 9, 11, 3, 16)
+    arrays = make_ss2d_inputs(1, 42, 9, 11, 3, 16, seed=11)
     runnable = [isa for isa in scan_cpu.compiled_isas() if scan_cpu.cpu_supports(isa)]
     for isa in runnable:
         monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
-        np.testing.assert_array_equal(run_scan(session(model), arrays), scan_cpu.selective_scan(*arrays), err_msg=isa)
+        np.testing.assert_array_equal(run_scan(session(model), arrays), scan_cpu.ss2d_scan(*arrays), err_msg=isa)
 
 
 def test_unknown_isa_is_refused_when_the_session_is_made(monkeypatch):
     monkeypatch.setenv(scan_cpu.ISA_ENV, "avx1024")
     # ONNX Runtime's errors are its own Exception subclasses (Fail, InvalidArgument, ...), RuntimeError before 1.2x
     with pytest.raises(Exception, match=f"{scan_cpu.ISA_ENV}='avx1024': this build of the CPU scan has the paths"):
-        session(scan_model(8, 4, 2))
+        session(ss2d_node_model(8, 2, 3, 1, 4))
 
 
 @pytest.mark.parametrize("index,shape,message", [
-    (0, (2, 40), r"u must be \(batch, channels, length\), got shape \(2, 40\)"),
-    (1, (2, 40, 76), r"delta must have u's shape \(2, 40, 77\), got \(2, 40, 76\)"),
-    (2, (39, 16), r"A must be \(channels=40, d_state\), got \(39, 16\)"),
-    (3, (2, 3, 16, 77), r"C must be \(batch=2, groups=3, d_state=16, length=77\) like B"),
-    (4, (2, 4, 16, 76), r"C must be \(batch=2, groups=4, d_state=16, length=77\) like B, got \(2, 4, 16, 76\)"),
-    (5, (39,), r"D must be \(channels=40,\), got \(39,\)"),
-    (6, (40, 1), r"delta_bias must be \(channels=40,\), got \(40, 1\)"),
+    (0, (2, 40, 63), r"x must be \(batch, channels, height, width\), got \(2, 40, 63\)"),
+    (1, (2, 140, 62), r"x_dbl must be \(batch = 2, 4 \* \(dt_rank \+ 2 \* d_state\) = 140, height \* width = 63\), "
+                      r"got \(2, 140, 62\)"),
+    (2, (4, 39, 3), r"dt_projs_weight must be \(4, channels = 40, dt_rank\), got \(4, 39, 3\)"),
+    (3, (4, 40, 1), r"dt_projs_bias must be \(4, channels = 40\), got \(4, 40, 1\)"),
+    (4, (160, 15), r"x_dbl must be \(batch = 2, 4 \* \(dt_rank \+ 2 \* d_state\) = 132"),  # N from A
+    (4, (159, 16), r"A must be \(4 \* channels = 160, d_state\), got \(159, 16\)"),
+    (5, (40,), r"Ds must be \(4 \* channels = 160,\), got \(40,\)"),
 ])
 def test_bad_shapes_are_an_onnxruntime_error(index, shape, message):
     """Bad shapes end in an ONNX Runtime error naming the node and the input, never in a crash; the session still
     works afterwards. Inputs are declared shapeless here so that the kernel, not ORT, sees them."""
-    model = scan_model(40, 16, 4)
+    model = ss2d_node_model(40, 7, 9, 3, 16)
     for value in model.graph.input:
         value.type.tensor_type.ClearField("shape")
+    model.graph.output[0].type.tensor_type.ClearField("shape")
     sess = session(model)
-    arrays = make_inputs(2, 40, 77, 4, 16)
+    arrays = make_ss2d_inputs(2, 40, 7, 9, 3, 16)
     bad = list(arrays)
     bad[index] = np.zeros(shape, dtype=np.float32)
-    with pytest.raises(Exception, match=rf"SelectiveScan node 'scan': {message}") as caught:
+    with pytest.raises(Exception, match=rf"SS2DScan node 'ss2d': {message}") as caught:
         run_scan(sess, bad)
     assert "INVALID_ARGUMENT" in str(caught.value)
-    assert_relative(run_scan(sess, arrays), reference64(*arrays, softplus=True))
-
-
-def test_groups_must_divide_channels():
-    sess = session(scan_model(10, 4, 3))
-    with pytest.raises(Exception, match=r"SelectiveScan node 'scan': groups \(3\) must divide channels \(10\)"):
-        run_scan(sess, make_inputs(1, 10, 5, 3, 4))
+    assert_relative(run_scan(sess, arrays), ss2d_reference64(*arrays))
 
 
 def test_an_onnxruntime_without_c_api_17_is_refused_with_its_version():
@@ -211,7 +174,7 @@ def test_a_missing_library_is_one_clear_error(monkeypatch):
     with pytest.raises(fused_scan.FusedScanUnavailable, match=r"^a plugin-form model .* runs its scan in ONNX "
                        r"Runtime through libmedmamba_ort_ops_absent.so, which is not built: .*setup.py build_ext "
                        r"--inplace.*--scan portable$"):
-        fused_scan.make_fused_session(scan_model(8, 4, 2))
+        fused_scan.make_fused_session(ss2d_node_model(8, 2, 3, 1, 4))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,3 +262,27 @@ def test_run_with_an_unknown_scan_path_forced_is_one_line(bundled_forms, monkeyp
     assert f"{bundled_forms['plugin']}: ONNX Runtime cannot load it" in result.output
     assert f"{scan_cpu.ISA_ENV}='avx1024'" in result.output
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_model_with_the_retired_selective_scan_node_is_one_line(bundled_forms, tmp_path):
+    """Version 1's SelectiveScan node (before SS2DScan) is refused by name, with what to do, when the model is
+    opened: by `run` (ONNX Runtime) and by `build-engine` before TensorRT is needed."""
+    from typer.testing import CliRunner
+
+    from medmamba_edge.cli import app
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    model = onnx.load(str(bundled_forms["plugin"]))
+    node = next(n for n in model.graph.node if scan_node.is_scan_node(n))
+    node.op_type = "SelectiveScan"
+    next(a for a in node.attribute if a.name == "plugin_version").s = b"1"
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    for args in (["run", str(old), str(sample_image_paths()[0]), "--jsonl", str(tmp_path / "r.jsonl")],
+                 ["build-engine", str(old), "-o", str(tmp_path / "old.engine")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+        assert (f"{old}: it holds a SelectiveScan node of plugin version 1, which this medmamba-edge (plugin "
+                f"version 2, SS2DScan) no longer runs; export it again from its checkpoint") in result.output
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "old.engine").exists()

@@ -1,8 +1,9 @@
-"""Selective-scan plugin: what can be checked without a GPU.
+"""SS2DScan plugin: what can be checked without a GPU.
 
-Compiles the CUDA kernel and the TensorRT wrapper (when nvcc / TensorRT headers exist), checks the C ABI
-through ctypes, runs the CMake build through medmamba_edge.plugins.build, and pins the plugin's identity to
-the ONNX node contract. Numerical parity needs a GPU: plugins/selective_scan/gpu_check.py.
+Runs a NumPy transliteration of the CUDA kernel's indexing against the float64 reference, compiles the CUDA
+kernel and the TensorRT wrapper (when nvcc / TensorRT headers exist), checks the C ABI through ctypes, runs
+the CMake build through medmamba_edge.plugins.build, and pins the plugin's identity to the ONNX node
+contract. Numerical parity of the compiled kernel needs a GPU: plugins/selective_scan/gpu_check.py.
 Set TENSORRT_ROOT to a TensorRT prefix (headers are enough) to include the plugin compile checks.
 """
 
@@ -16,9 +17,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medmamba_edge.runtime.files import CACHE_ENV
+from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_reference64
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "plugins" / "selective_scan"
@@ -56,7 +59,8 @@ TRT_INCLUDE = _tensorrt_include()
 requires_tensorrt = pytest.mark.skipif(
     TRT_INCLUDE is None, reason="TensorRT headers not found (set TENSORRT_ROOT; headers alone are enough)"
 )
-C_SYMBOLS = ("medmamba_selective_scan_forward", "medmamba_selective_scan_error_string", "medmamba_selective_scan_abi_version")
+C_SYMBOLS = ("medmamba_ss2d_scan_forward", "medmamba_ss2d_scan_workspace_size", "medmamba_ss2d_scan_error_string",
+             "medmamba_ss2d_scan_abi_version")
 CUDA_ERROR_INVALID_VALUE = 1
 
 
@@ -85,6 +89,130 @@ def launcher(tmp_path_factory) -> Path:
     return out
 
 
+# --- the kernel's indexing, transliterated -----------------------------------------------------------------
+
+KERNEL_SOURCE = (SRC / "selective_scan_kernel.cu").read_text()
+# The block shapes dispatch() launches: (static d_state or 0, lanes per (direction, channel), channels per block,
+# chunk length); the transliteration below runs each of them.
+SHIPPED_SHAPES = sorted({tuple(int(v) for v in m) for m in re.findall(
+    r"launch<T, (\d+), (\d+), (\d+), (\d+)>\(p, device", KERNEL_SOURCE)})
+MAX_D_STATE = int(re.search(r"#define MEDMAMBA_SCAN_MAX_D_STATE (\d+)", (SRC / "selective_scan.h").read_text()).group(1))
+K = scan_node.NUM_DIRECTIONS
+
+
+def scan_position(k: int, t: np.ndarray, height: int, width: int) -> np.ndarray:
+    """scanPosition() of the kernel."""
+    length = height * width
+    s = length - 1 - t if k & 2 else t
+    return (s % height) * width + s // height if k & 1 else s
+
+
+def kernel_in_numpy(x, x_dbl, dt_w, dt_b, A, Ds, delta_softplus, *, static_n, lanes, group, chunk):
+    """ss2dScanKernel<float, static_n, lanes, group, chunk> step by step, in float32: one loop iteration per
+    thread block (b, channels d0..d0+group-1), thread (k, r, lane) vectorised as axes (K, group, lanes) with
+    its states n = s * lanes + lane along the last axis, the chunks staged at seq_k(t), the per-lane sums and
+    the direction-by-direction accumulation exactly as the kernel orders them."""
+    f32 = np.float32
+    batch, channels, height, width = x.shape
+    length, d_state, dt_rank = height * width, A.shape[1], dt_w.shape[2]
+    states = -(-(static_n or MAX_D_STATE) // lanes)
+    n_of = np.arange(states)[None, :] * lanes + np.arange(lanes)[:, None]  # (lanes, states)
+    state_ok = n_of < d_state
+    n_safe = np.where(state_ok, n_of, 0)
+    rows = x_dbl.astype(f32).reshape(batch, K, dt_rank + 2 * d_state, length)
+    u_all = x.astype(f32).reshape(batch, channels, length)
+    y = np.zeros((batch, length, channels), f32)
+    for b in range(batch):
+        for d0 in range(0, channels, group):
+            n_valid = min(group, channels - d0)
+            A2 = np.zeros((K, group, lanes, states), f32)
+            for k in range(K):
+                A2[k, :n_valid] = A[k * channels + d0:k * channels + d0 + n_valid][:, n_safe] * f32(1.4426950408889634)
+            A2 = np.where(state_ok, A2, f32(0))
+            h = np.zeros_like(A2)
+            ds_sum = np.zeros(group, f32)
+            for k in range(K):
+                ds_sum[:n_valid] += Ds[k * channels + d0:k * channels + d0 + n_valid]
+            acc = np.zeros((group, length), f32)
+            for t0 in range(0, length, chunk):
+                t = t0 + np.arange(chunk)
+                inside = t < length
+                # 1. gather at seq_k(t); padding is 0
+                u = np.zeros((K, group, chunk), f32)
+                staged = np.zeros((K, dt_rank + 2 * d_state, chunk), f32)
+                for k in range(K):
+                    pos = scan_position(k, t[inside], height, width)
+                    u[k, :n_valid, inside] = u_all[b, d0:d0 + n_valid][:, pos].T
+                    staged[k][:, inside] = rows[b, k][:, pos]
+                dt_low, B, C = np.split(staged, [dt_rank, dt_rank + d_state], axis=1)
+                # 2. delta per (k, channel, t)
+                delta = np.zeros((K, group, chunk), f32)
+                for k in range(K):
+                    for r in range(n_valid):
+                        v = np.full(chunk, dt_b[k, d0 + r], f32)
+                        for j in range(dt_rank):
+                            v += dt_w[k, d0 + r, j] * dt_low[k, j]
+                        if delta_softplus:
+                            v = np.where(v <= scan_node.SOFTPLUS_THRESHOLD, np.log1p(np.exp(v)), v).astype(f32)
+                        delta[k, r] = np.where(inside, v, f32(0))
+                # 3. each thread's states through the chunk
+                y_sum = np.zeros((K, group, lanes, chunk), f32)
+                for i in range(chunk):
+                    dt = delta[:, :, i, None, None]
+                    du = (delta[:, :, i] * u[:, :, i])[:, :, None, None]
+                    b_n = B[:, n_safe, i][:, None]  # (K, 1, lanes, states)
+                    c_n = C[:, n_safe, i][:, None]
+                    h = np.where(state_ok, np.exp2(dt * A2) * h + du * b_n, h)
+                    for s in range(states):
+                        y_sum[..., i] += np.where(state_ok[:, s], c_n[..., s] * h[..., s], f32(0))
+                # 4. lane sums, added one direction at a time; Ds * x with direction 0
+                for k in range(K):
+                    v = np.zeros((group, chunk), f32)
+                    for lane in range(lanes):
+                        v += y_sum[k, :, lane]
+                    if k == 0:
+                        v += ds_sum[:, None] * u[0]
+                    pos = scan_position(k, t[inside], height, width)
+                    acc[:n_valid, pos] += v[:n_valid][:, inside]
+            y[b, :, d0:d0 + n_valid] = acc[:n_valid].T
+    return y.reshape(batch, height, width, channels)
+
+
+def test_dispatch_launches_the_shapes_the_transliteration_covers():
+    assert SHIPPED_SHAPES, "no launch<...> found in dispatch()"
+    assert any(n == 16 for n, *_ in SHIPPED_SHAPES) and any(n == 0 for n, *_ in SHIPPED_SHAPES)
+    for static_n, lanes, group, chunk in SHIPPED_SHAPES:
+        assert 32 % lanes == 0 and chunk % 4 == 0
+        assert static_n == 0 or static_n % lanes == 0  # the static path has no state masking to lean on
+
+
+@pytest.mark.parametrize("shape", SHIPPED_SHAPES, ids=lambda s: "N{}-lanes{}-G{}-chunk{}".format(*s))
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "no-softplus"])
+def test_kernel_indexing_matches_the_float64_reference(shape, softplus):
+    static_n, lanes, group, chunk = shape
+    # H != W so rows and columns cannot be confused, L spanning three chunks with a partial last one,
+    # channels not a multiple of the block's group.
+    d_state = static_n or 5
+    arrays = make_ss2d_inputs(batch=2, channels=group + 3, height=7, width=11, dt_rank=3, d_state=d_state, seed=7)
+    x, x_dbl, dt_w, dt_b, A, Ds = arrays
+    if not softplus:  # without softplus the caller keeps delta positive (else exp(delta * A) overflows)
+        dt_b = np.log1p(np.exp(dt_b)).astype(np.float32)
+        dt_w = dt_w * np.float32(0.01)
+    arrays = (x, x_dbl, dt_w, dt_b, A, Ds)
+    y = kernel_in_numpy(*arrays, softplus, static_n=static_n, lanes=lanes, group=group, chunk=chunk)
+    ref = ss2d_reference64(*arrays, delta_softplus=softplus)
+    assert y.shape == ref.shape
+    assert relative_error(y, ref) <= 1e-5
+
+
+def test_generic_shape_masks_states_beyond_d_state():
+    # d_state = 1 leaves all but one state of every thread idle in the generic instantiation.
+    static_n, lanes, group, chunk = next(s for s in SHIPPED_SHAPES if s[0] == 0)
+    arrays = make_ss2d_inputs(batch=1, channels=2, height=3, width=2, dt_rank=1, d_state=1, seed=3)
+    y = kernel_in_numpy(*arrays, True, static_n=static_n, lanes=lanes, group=group, chunk=chunk)
+    assert relative_error(y, ss2d_reference64(*arrays)) <= 1e-5
+
+
 # --- the CUDA launcher ---------------------------------------------------------------------------------
 
 
@@ -101,29 +229,35 @@ def test_launcher_loads_without_a_gpu_and_rejects_bad_arguments_before_any_cuda_
     lib = ctypes.CDLL(str(launcher))
     header = (SRC / "selective_scan.h").read_text()
     abi = int(re.search(r"#define MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION (\d+)", header).group(1))
-    assert lib.medmamba_selective_scan_abi_version() == abi
-    lib.medmamba_selective_scan_error_string.restype = ctypes.c_char_p
-    assert lib.medmamba_selective_scan_error_string(CUDA_ERROR_INVALID_VALUE) == b"invalid argument"
+    assert lib.medmamba_ss2d_scan_abi_version() == abi
+    lib.medmamba_ss2d_scan_error_string.restype = ctypes.c_char_p
+    assert lib.medmamba_ss2d_scan_error_string(CUDA_ERROR_INVALID_VALUE) == b"invalid argument"
 
-    forward = lib.medmamba_selective_scan_forward
-    forward.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
-    fake = [1] * 8  # never dereferenced: validation fails first
-    good = dict(batch=1, channels=384, length=3136, groups=4, d_state=16, delta_softplus=1, dtype=0)
+    workspace_size = lib.medmamba_ss2d_scan_workspace_size
+    workspace_size.restype = ctypes.c_size_t
+    assert workspace_size(8, 96, 56, 56) == 4 * 8 * 96 * 56 * 56  # float32 accumulators of y
+    assert workspace_size(-1, 96, 56, 56) == 0 and workspace_size(1, 0, 56, 56) == 0
+
+    forward = lib.medmamba_ss2d_scan_forward
+    forward.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_size_t] + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    fake = [1] * 7  # never dereferenced: validation fails first
+    good = dict(batch=1, channels=96, height=56, width=56, dt_rank=3, d_state=16, delta_softplus=1, dtype=0)
 
     def call(pointers=fake, **changes):
         args = {**good, **changes}
-        return forward(*pointers, *args.values(), None)
+        return forward(*pointers, None, 0, *args.values(), None)
 
-    assert call(pointers=[None] * 8) == CUDA_ERROR_INVALID_VALUE
-    assert call(pointers=[1] * 7 + [None]) == CUDA_ERROR_INVALID_VALUE
-    assert call(groups=5) == CUDA_ERROR_INVALID_VALUE  # groups must divide channels
-    assert call(groups=0) == CUDA_ERROR_INVALID_VALUE
+    assert call(pointers=[None] * 7) == CUDA_ERROR_INVALID_VALUE
+    assert call(pointers=[1] * 6 + [None]) == CUDA_ERROR_INVALID_VALUE  # y
     assert call(d_state=65) == CUDA_ERROR_INVALID_VALUE
     assert call(d_state=0) == CUDA_ERROR_INVALID_VALUE
+    assert call(dt_rank=0) == CUDA_ERROR_INVALID_VALUE
     assert call(dtype=2) == CUDA_ERROR_INVALID_VALUE
     assert call(batch=65536) == CUDA_ERROR_INVALID_VALUE
-    assert call(length=-1) == CUDA_ERROR_INVALID_VALUE
-    assert call(batch=0) == 0 and call(length=0) == 0  # empty: nothing to launch
+    assert call(channels=0) == CUDA_ERROR_INVALID_VALUE
+    assert call(height=-1) == CUDA_ERROR_INVALID_VALUE
+    assert call(height=65536, width=65536) == CUDA_ERROR_INVALID_VALUE  # positions must fit in int32
+    assert call(batch=0) == 0 and call(height=0) == 0  # empty: nothing to launch
 
 
 # --- the TensorRT plugin ---------------------------------------------------------------------------------
@@ -161,7 +295,11 @@ def test_plugin_identity_matches_the_onnx_node_contract():
         "kPluginVersion": scan_node.PLUGIN_VERSION,
         "kPluginNamespace": scan_node.PLUGIN_NAMESPACE,
     }
-    assert len(scan_node.INPUT_NAMES) == 7 and "kNbInputs" in header
+    enum = re.search(r"enum Input : int32_t\s*\{(.*?)\};", header, re.S).group(1)
+    names = [n.strip().split(" ")[0] for n in enum.split(",") if n.strip()]
+    # One enumerator per node input, in node order (kX = x, kXDbl = x_dbl, ...), then the count.
+    assert [n.lower() for n in names[:-1]] == ["k" + i.replace("_", "").lower() for i in scan_node.INPUT_NAMES]
+    assert names[-1] == "kNbInputs"
 
 
 def test_plugin_fields_are_the_node_attributes_tensorrt_passes_through():
@@ -358,15 +496,10 @@ def test_find_launcher_uses_its_own_variable(clean_env, monkeypatch):
 
 
 def test_gpu_check_cases_have_finite_reference():
-    # On the first H200 run the "no softplus" case failed on both sides: its inputs made exp(delta * A) overflow
-    # in the reference too. Every case the GPU check compares must have a finite float32 reference.
-    import torch
-
-    from medmamba_edge.scan import selective_scan_ref
-
+    # Every case the GPU check compares must have a finite reference (a case whose inputs overflow would
+    # "pass" or fail on both sides for the wrong reason).
     gpu_check = _load("_medmamba_gpu_check", SRC / "gpu_check.py")
-    for name, batch, channels, length, groups, d_state, softplus in gpu_check.OTHER_CASES:
-        inputs = gpu_check.make_inputs(batch, channels, length, groups, d_state, torch.float32,
-                                       delta_softplus=softplus, device="cpu")
-        y = selective_scan_ref(*inputs, delta_softplus=softplus)
-        assert torch.isfinite(y).all(), name
+    for name, batch, channels, height, width, dt_rank, d_state, softplus in gpu_check.cases():
+        arrays = gpu_check.make_arrays(batch, channels, height, width, dt_rank, d_state, softplus)
+        if batch * channels * height * width * d_state <= 2_000_000:  # the float64 reference is a Python loop
+            assert np.isfinite(ss2d_reference64(*arrays, delta_softplus=softplus)).all(), name

@@ -1,4 +1,4 @@
-"""The portable lowering of SelectiveScan must match the reference scan in plain ONNX Runtime."""
+"""The portable lowering of SS2DScan must match the float64 reference in plain ONNX Runtime, with standard ops only."""
 
 from __future__ import annotations
 
@@ -6,68 +6,37 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.scan import selective_scan_ref
+
+from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_node_model, ss2d_reference64
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+# float32 state and accumulation against float64: what is left is rounding.
+FLOAT32_TOLERANCE = 1e-5
+# The float16 output's own rounding (2^-11 relative) dominates.
+FLOAT16_TOLERANCE = 1e-3
 
 
-def make_model(channels, d_state, groups, length, *, softplus=1, dtype=TensorProto.FLOAT, n_scans=1, opset=18,
-               seed=0) -> onnx.ModelProto:
-    """u, delta, B, C are inputs with a symbolic batch (and L when ``length`` is a string); A, D, delta_bias
-    are initializers, one set per scan node."""
-    rng = np.random.default_rng(seed)
-    inputs = [helper.make_tensor_value_info(n, dtype, ["batch", channels, length]) for n in ("u", "delta")]
-    inputs += [helper.make_tensor_value_info(n, dtype, ["batch", groups, d_state, length]) for n in ("B", "C")]
-    nodes, outputs, initializers = [], [], []
-    for i in range(n_scans):
-        delta_bias = rng.normal(size=channels)
-        if not softplus:  # delta + delta_bias must then stay positive, as in a real model, or the state explodes
-            delta_bias = 0.3 + 0.1 * delta_bias
-        initializers += [
-            numpy_helper.from_array(-np.exp(rng.normal(0, 0.5, (channels, d_state))).astype(np.float32), f"A{i}"),
-            numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), f"D{i}"),
-            numpy_helper.from_array(delta_bias.astype(np.float32), f"delta_bias{i}"),
-        ]
-        nodes.append(helper.make_node(
-            scan_node.OP_TYPE, ["u", "delta", f"A{i}", "B", "C", f"D{i}", f"delta_bias{i}"], [f"y{i}"],
-            name="ssm/scan",  # the same name on every node: the lowering must still produce unique names
-            domain=scan_node.DOMAIN, delta_softplus=softplus,
-            plugin_version=scan_node.PLUGIN_VERSION, plugin_namespace=scan_node.PLUGIN_NAMESPACE,
-        ))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", dtype, ["batch", channels, length]))
-    graph = helper.make_graph(nodes, "scan_test", inputs, outputs, initializer=initializers)
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)]
-    return helper.make_model(graph, opset_imports=opsets)
+# Channels whose delta goes above the softplus threshold in test_softplus_threshold.
+ABOVE_THRESHOLD = slice(None, None, 5)
 
 
-def make_inputs(batch, channels, d_state, groups, length, dtype=np.float32, softplus=1, seed=1):
-    rng = np.random.default_rng(seed)
-    delta = rng.normal(size=(batch, channels, length))
-    if softplus:
-        delta[:, : channels // 2, ::3] += 25.0  # above the softplus threshold once the bias is added
-    else:  # delta is used as is: keep it small and positive, like the softplus output a real model feeds
-        delta = np.abs(delta) * 0.5
-    return {
-        "u": rng.normal(size=(batch, channels, length)).astype(dtype),
-        "delta": delta.astype(dtype),
-        "B": rng.normal(size=(batch, groups, d_state, length)).astype(dtype),
-        "C": rng.normal(size=(batch, groups, d_state, length)).astype(dtype),
-    }
+def make_feeds(batch, channels, height, width, dt_rank, d_state, *, softplus=1, dtype=np.float32, seed=0,
+               above_threshold=False):
+    x, x_dbl, dt_w, dt_b, a, ds = make_ss2d_inputs(batch, channels, height, width, dt_rank, d_state, seed=seed,
+                                                   dtype=dtype)
+    if not softplus:  # delta is used as is: keep it positive, as the softplus output a real model feeds
+        dt_b = dt_b + 5.0
+    if above_threshold:
+        dt_b[:, ABOVE_THRESHOLD] += 25.0
+    return dict(zip(scan_node.INPUT_NAMES, (x, x_dbl, dt_w, dt_b, a, ds)))
 
 
-def reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], index: int = 0) -> np.ndarray:
-    init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
-    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    node = model.graph.node[index]
-    softplus = bool(next(helper.get_attribute_value(a) for a in node.attribute if a.name == "delta_softplus"))
-    y = selective_scan_ref(t["u"], t["delta"], init[f"A{index}"], t["B"], t["C"], init[f"D{index}"],
-                           init[f"delta_bias{index}"], softplus)
-    return y.numpy()
+def reference(feeds, softplus=1) -> np.ndarray:
+    return ss2d_reference64(*(feeds[n] for n in scan_node.INPUT_NAMES), delta_softplus=bool(softplus))
 
 
 def all_nodes(graph: onnx.GraphProto):
@@ -79,7 +48,7 @@ def all_nodes(graph: onnx.GraphProto):
 
 
 def lower_checked(model: onnx.ModelProto) -> onnx.ModelProto:
-    lowered = lower_selective_scan(model)
+    lowered = lower_ss2d_scan(model)
     onnx.checker.check_model(lowered, full_check=True)
     onnx.shape_inference.infer_shapes(lowered, check_type=True, strict_mode=True)
     assert all(n.domain in STANDARD_DOMAINS for n in all_nodes(lowered.graph))
@@ -93,53 +62,90 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("d_state", [16, 5])
 @pytest.mark.parametrize("softplus", [0, 1])
-def test_matches_reference_for_any_batch(groups, d_state, softplus):
-    channels, length = 8, 11
-    model = make_model(channels, d_state, groups, length, softplus=softplus)
-    sess = session(lower_checked(model))
-    for batch in (1, 3):  # one session: the batch is symbolic
-        feeds = make_inputs(batch, channels, d_state, groups, length, softplus=softplus)
+@pytest.mark.parametrize("shape", [(8, 5, 7, 2, 16), (6, 4, 3, 3, 5), (16, 12, 16, 3, 16)],
+                         ids=["5x7", "4x3_d_state5", "12x16"])
+def test_matches_reference_for_any_batch(shape, softplus):
+    channels, height, width, dt_rank, d_state = shape
+    sess = session(lower_checked(ss2d_node_model(channels, height, width, dt_rank, d_state, softplus=softplus)))
+    for batch in (1, 2):  # one session: the batch is symbolic
+        feeds = make_feeds(batch, channels, height, width, dt_rank, d_state, softplus=softplus, seed=batch)
         (y,) = sess.run(None, feeds)
-        assert y.shape == (batch, channels, length) and y.dtype == np.float32
-        np.testing.assert_allclose(y, reference(model, feeds), rtol=0, atol=1e-4)
+        assert y.shape == (batch, height, width, channels) and y.dtype == np.float32
+        assert relative_error(y, reference(feeds, softplus)) <= FLOAT32_TOLERANCE
+
+
+def test_softplus_threshold():
+    """Above the threshold delta passes through unchanged; those channels' outputs are ~25x larger, so the
+    others are checked on their own too."""
+    channels, height, width, dt_rank, d_state = 10, 4, 5, 2, 16
+    sess = session(lower_checked(ss2d_node_model(channels, height, width, dt_rank, d_state)))
+    feeds = make_feeds(2, channels, height, width, dt_rank, d_state, above_threshold=True)
+    (y,) = sess.run(None, feeds)
+    ref = reference(feeds)
+    below = np.ones(channels, bool)
+    below[ABOVE_THRESHOLD] = False
+    assert relative_error(y, ref) <= FLOAT32_TOLERANCE
+    assert relative_error(y[..., below], ref[..., below]) <= FLOAT32_TOLERANCE
+
+
+def test_missing_softplus_attribute_means_softplus():
+    channels, height, width, dt_rank, d_state = 8, 3, 4, 2, 4
+    sess = session(lower_checked(ss2d_node_model(channels, height, width, dt_rank, d_state, softplus=None)))
+    feeds = make_feeds(1, channels, height, width, dt_rank, d_state)
+    assert relative_error(sess.run(None, feeds)[0], reference(feeds, softplus=1)) <= FLOAT32_TOLERANCE
 
 
 @pytest.mark.parametrize("opset", [17, 21])
-def test_symbolic_length_and_opsets(opset):
-    channels, d_state, groups = 12, 4, 3
-    model = make_model(channels, d_state, groups, "L", opset=opset)
-    sess = session(lower_checked(model))
-    for batch, length in ((2, 7), (1, 30)):
-        feeds = make_inputs(batch, channels, d_state, groups, length)
-        (y,) = sess.run(None, feeds)
-        np.testing.assert_allclose(y, reference(model, feeds), rtol=0, atol=1e-4)
+def test_opsets(opset):
+    channels, height, width, dt_rank, d_state = 8, 4, 6, 2, 4
+    sess = session(lower_checked(ss2d_node_model(channels, height, width, dt_rank, d_state, opset=opset)))
+    feeds = make_feeds(2, channels, height, width, dt_rank, d_state)
+    assert relative_error(sess.run(None, feeds)[0], reference(feeds)) <= FLOAT32_TOLERANCE
 
 
 def test_float16_inputs_give_float16_output():
-    channels, d_state, groups, length = 8, 16, 2, 13
-    model = make_model(channels, d_state, groups, length, dtype=TensorProto.FLOAT16)
-    feeds = make_inputs(2, channels, d_state, groups, length, dtype=np.float16)
+    channels, height, width, dt_rank, d_state = 8, 5, 7, 2, 16
+    model = ss2d_node_model(channels, height, width, dt_rank, d_state, elem_type=TensorProto.FLOAT16)
+    feeds = make_feeds(2, channels, height, width, dt_rank, d_state, dtype=np.float16)
     (y,) = session(lower_checked(model)).run(None, feeds)
-    assert y.dtype == np.float16
-    ref = reference(model, feeds)
-    np.testing.assert_allclose(y.astype(np.float32), ref.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert y.dtype == np.float16 and y.shape == (2, height, width, channels)
+    assert relative_error(y, reference(feeds)) <= FLOAT16_TOLERANCE
 
 
-def test_two_scans_get_unique_names():
-    channels, d_state, groups, length = 8, 5, 2, 6
-    model = make_model(channels, d_state, groups, length, n_scans=2)
+def two_scan_model(channels, height, width, dt_rank, d_state) -> onnx.ModelProto:
+    """Two SS2DScan nodes of the same name on shared inputs, the second reading the first's output through
+    standard ops, so the lowering must keep the names around it and make its own unique."""
+    single = ss2d_node_model(channels, height, width, dt_rank, d_state)
+    first = single.graph.node[0]
+    second = onnx.NodeProto()
+    second.CopyFrom(first)
+    second.input[0], second.output[0] = "x2", "y2"
+    glue = [helper.make_node("Transpose", ["y"], ["y_channel_first"], name="to_channel_first", perm=[0, 3, 1, 2]),
+            helper.make_node("Neg", ["y_channel_first"], ["x2"], name="negate")]
+    graph = helper.make_graph([first, *glue, second], "two_scans", single.graph.input,
+                              [*single.graph.output, helper.make_tensor_value_info(
+                                  "y2", TensorProto.FLOAT, ["batch", height, width, channels])])
+    return helper.make_model(graph, opset_imports=single.opset_import)
+
+
+def test_two_scans_get_unique_names_and_keep_the_others():
+    channels, height, width, dt_rank, d_state = 8, 4, 5, 2, 4
+    model = two_scan_model(channels, height, width, dt_rank, d_state)
     lowered = lower_checked(model)
     nodes = list(all_nodes(lowered.graph))
     node_names = [n.name for n in nodes]
     values = [o for n in nodes for o in n.output] + [t.name for t in lowered.graph.initializer]
     assert len(set(node_names)) == len(node_names) and len(set(values)) == len(values)
-    assert sum(n.op_type == "Scan" for n in lowered.graph.node) == 2
-    feeds = make_inputs(2, channels, d_state, groups, length)
-    for index, y in enumerate(session(lowered).run(None, feeds)):
-        np.testing.assert_allclose(y, reference(model, feeds, index), rtol=0, atol=1e-4)
+    assert {"y", "y_channel_first", "x2", "y2"} <= set(values)
+    assert {"to_channel_first", "negate"} <= set(node_names)
+
+    feeds = make_feeds(2, channels, height, width, dt_rank, d_state)
+    y, y2 = session(lowered).run(None, feeds)
+    ref = reference(feeds)
+    assert relative_error(y, ref) <= FLOAT32_TOLERANCE
+    second = dict(feeds, x=-ref.transpose(0, 3, 1, 2))
+    assert relative_error(y2, reference(second)) <= 10 * FLOAT32_TOLERANCE  # y's own rounding goes in
 
 
 def test_model_without_scan_is_unchanged():
@@ -149,9 +155,36 @@ def test_model_without_scan_is_unchanged():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert lower_selective_scan(model) == model
+    assert lower_ss2d_scan(model) == model
 
 
 def test_old_opset_is_refused():
-    with pytest.raises(ValueError, match="opset"):
-        lower_selective_scan(make_model(4, 2, 1, 3, opset=16))
+    with pytest.raises(ValueError, match="opset >= 17"):
+        lower_ss2d_scan(ss2d_node_model(4, 2, 3, 1, 2, opset=16))
+
+
+def test_unknown_spatial_size_is_refused():
+    """The scan orders are constants built from H and W, so they must be known; the batch need not be."""
+    model = ss2d_node_model(4, 2, 3, 1, 2)
+    x_dims = model.graph.input[0].type.tensor_type.shape.dim
+    x_dims[2].dim_param = "height"
+    with pytest.raises(ValueError, match=r"static shape of its input x .*\(\?, 4, \?, 3\)"):
+        lower_ss2d_scan(model)
+
+
+def test_weights_are_read_from_inputs_of_any_name():
+    """The exporter's weights are initializers with its own names, not the contract's input names."""
+    channels, height, width, dt_rank, d_state = 8, 3, 5, 2, 4
+    model = ss2d_node_model(channels, height, width, dt_rank, d_state)
+    feeds = make_feeds(1, channels, height, width, dt_rank, d_state)
+    weights = scan_node.INPUT_NAMES[2:]
+    renamed = {name: f"block0.{name}" for name in weights}
+    node = model.graph.node[0]
+    node.input[:] = [renamed.get(name, name) for name in node.input]
+    kept_inputs = [i for i in model.graph.input if i.name not in renamed]
+    del model.graph.input[:]
+    model.graph.input.extend(kept_inputs)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(feeds.pop(name), renamed[name]) for name in weights)
+    (y,) = session(lower_checked(model)).run(None, feeds)
+    full = make_feeds(1, channels, height, width, dt_rank, d_state)
+    assert relative_error(y, reference(full)) <= FLOAT32_TOLERANCE

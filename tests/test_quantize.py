@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import export_onnx
-from medmamba_edge.exporters.portable import lower_selective_scan
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, quantizable_nodes, quantize_onnx,
                                                top1_accuracy)
 from medmamba_edge.runtime import scan_node
@@ -34,7 +34,7 @@ def fp32_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quantize")
     plugin = folder / "t32_plugin.onnx"
     result = export_onnx(require_shared(*OFFICIAL_T32), plugin, input_size=32, batch=None, scan="plugin")
-    portable_model = lower_selective_scan(onnx.load(str(plugin)))
+    portable_model = lower_ss2d_scan(onnx.load(str(plugin)))
     write_onnx_metadata(portable_model, result.metadata.replace(scan_form="portable"))
     portable = folder / "t32_portable.onnx"
     onnx.save(portable_model, portable)
@@ -74,12 +74,18 @@ def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_
     model = onnx.load(str(int8_models[form].path))
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = _producers(model)
-    # Every Conv/Gemm and every MatMul by a constant weight on the right (65 in MedMamba-T); the SS2D
-    # projections, MatMul(weight, x), keep float like the rest of the scan's input path.
-    expected = [n.name for n in quantizable_nodes(onnx.load(str(fp32_models[form])))]
-    assert len(expected) == 65 and int8_models[form].quantized_nodes == expected
+    # Every Conv/Gemm and every MatMul by a constant weight on the right: 75 in MedMamba-T, the SS2D blocks'
+    # x_proj projections (one 1×1 Conv each) among them.
+    fp32 = onnx.load(str(fp32_models[form]))
+    expected = [n.name for n in quantizable_nodes(fp32)]
+    assert len(expected) == 75 and int8_models[form].quantized_nodes == expected
+    if form == "plugin":  # x_dbl is the projection's output, reshaped to (batch, rows, L)
+        fp32_producers = _producers(fp32)
+        projections = {fp32_producers[fp32_producers[n.input[1]].input[0]].name
+                       for n in fp32.graph.node if scan_node.is_scan_node(n)}
+        assert len(projections) == 10 and projections <= set(expected)
     dense = [n for n in model.graph.node if n.name in expected]
-    assert len(dense) == 65
+    assert len(dense) == 75
     for node in dense:
         activation, weight = (producers.get(name) for name in node.input[:2])
         assert activation.op_type == "DequantizeLinear" and producers[activation.input[0]].op_type == "QuantizeLinear"
@@ -95,7 +101,7 @@ def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_
             zero_point = initializers[node.input[2]]
             assert zero_point.dtype == np.int8 and not zero_point.any(), node.name  # symmetric
             assert initializers[node.input[1]].dtype == np.float32
-    # The scan (a SelectiveScan node, or its lowering to standard ops), its inputs and the LayerNorms
+    # The scan (an SS2DScan node, or its lowering to standard ops), its inputs and the LayerNorms
     # read float tensors that no DequantizeLinear produced.
     untouched = [n for n in model.graph.node if n.op_type in (scan_node.OP_TYPE, "LayerNormalization", "Softplus")
                  or "/lowered/" in n.name]

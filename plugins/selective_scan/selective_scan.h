@@ -1,13 +1,13 @@
-/* C ABI of the CUDA selective scan (forward only).
+/* C ABI of the CUDA SS2DScan (forward only); the node's contract is runtime/scan_node.py.
  *
  * Kept free of TensorRT and C++ types so that the same library serves the TensorRT plugin, ctypes (tests,
- * gpu_check.py) and any other host code. Semantics are those of medmamba_edge.scan.selective_scan_ref, i.e.
- * mamba_ssm's selective_scan_fn forward with grouped B/C, no z and float32 state.
+ * gpu_check.py) and any other host code.
  */
 #ifndef MEDMAMBA_SELECTIVE_SCAN_H
 #define MEDMAMBA_SELECTIVE_SCAN_H
 
 #include <cuda_runtime_api.h>
+#include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -19,10 +19,11 @@ extern "C" {
 #define MEDMAMBA_SCAN_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever the signature or semantics of an exported function change; ctypes callers check it. */
-#define MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION 1
+/* Bumped whenever the signature or semantics of an exported function change; ctypes callers check it.
+ * 2: SS2DScan (four directions, dt_proj inside, channel-last y) replaced version 1's SelectiveScan. */
+#define MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION 2
 
-/* Element type of u, delta, B, C and y. A, D and delta_bias are always float32. */
+/* Element type of x, x_dbl and y. dt_projs_weight, dt_projs_bias, A and Ds are always float32. */
 enum medmamba_scan_dtype
 {
     MEDMAMBA_SCAN_FLOAT32 = 0,
@@ -32,25 +33,35 @@ enum medmamba_scan_dtype
 /* Largest d_state the kernels accept (d_state == 16 takes the fast path). */
 #define MEDMAMBA_SCAN_MAX_D_STATE 64
 
-/* y = selective_scan(u, delta, A, B, C, D, delta_bias) on `stream`, asynchronously.
+/* Bytes of device workspace medmamba_ss2d_scan_forward may use for these shapes (float32 accumulators of
+ * batch * channels * height * width). The kernel keeps them in shared memory when the device has room and
+ * only then leaves the workspace untouched; the size does not depend on the device, so a TensorRT engine
+ * built on one GPU asks for enough on any other. 0 for invalid shapes. */
+MEDMAMBA_SCAN_API size_t medmamba_ss2d_scan_workspace_size(int batch, int channels, int height, int width);
+
+/* y = SS2DScan(x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds) on `stream`, asynchronously.
  *
- * Shapes (all contiguous, row-major): u, delta, y (batch, channels, length); A (channels, d_state);
- * B, C (batch, groups, d_state, length); D, delta_bias (channels). `groups` must divide `channels`;
- * channel c reads B/C group c / (channels / groups). delta_softplus != 0 applies softplus (threshold 20)
- * to delta + delta_bias.
+ * Shapes (all contiguous, row-major; K = 4, L = height * width, R = dt_rank, N = d_state):
+ * x (batch, channels, height, width); x_dbl (batch, K * (R + 2N), L); dt_projs_weight (K, channels, R);
+ * dt_projs_bias (K, channels); A (K * channels, N); Ds (K * channels); y (batch, height, width, channels).
+ * delta_softplus != 0 applies softplus (threshold 20) to the projected delta. `workspace` must hold
+ * medmamba_ss2d_scan_workspace_size(...) bytes (it may be NULL when that is 0 or when workspace_bytes is 0
+ * and the accumulators fit in shared memory). The result is deterministic: no atomics.
  *
  * Returns 0 (cudaSuccess) or a cudaError_t value: cudaErrorInvalidValue (1) for bad arguments, detected
- * before any CUDA call, otherwise the error of the launch itself.
+ * before any CUDA call except when only the device's shared-memory size shows that a missing workspace is
+ * needed; otherwise the error of the launch itself.
  */
-MEDMAMBA_SCAN_API int medmamba_selective_scan_forward(void const* u, void const* delta, float const* A,
-    void const* B, void const* C, float const* D, float const* delta_bias, void* y, int batch, int channels,
-    int length, int groups, int d_state, int delta_softplus, int dtype, cudaStream_t stream);
+MEDMAMBA_SCAN_API int medmamba_ss2d_scan_forward(void const* x, void const* x_dbl, float const* dt_projs_weight,
+    float const* dt_projs_bias, float const* A, float const* Ds, void* y, void* workspace, size_t workspace_bytes,
+    int batch, int channels, int height, int width, int dt_rank, int d_state, int delta_softplus, int dtype,
+    cudaStream_t stream);
 
-/* Short, static description of a status returned by medmamba_selective_scan_forward. */
-MEDMAMBA_SCAN_API char const* medmamba_selective_scan_error_string(int status);
+/* Short, static description of a status returned by medmamba_ss2d_scan_forward. */
+MEDMAMBA_SCAN_API char const* medmamba_ss2d_scan_error_string(int status);
 
 /* MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION of the compiled library. */
-MEDMAMBA_SCAN_API int medmamba_selective_scan_abi_version(void);
+MEDMAMBA_SCAN_API int medmamba_ss2d_scan_abi_version(void);
 
 #ifdef __cplusplus
 }

@@ -1,56 +1,61 @@
-// Selective scan forward (mamba_ssm selective_scan_fn semantics, grouped B/C, no z) for MedMamba.
+// SS2DScan forward (contract: runtime/scan_node.py) for MedMamba: four directional selective scans with
+// dt_proj inside, summed into a channel-last y.
 //
-// Work decomposition. A thread block owns kR channels of one B/C group for one batch element and walks the
-// sequence in tiles of 32 * kItems time steps, carrying the float32 state of every (channel, n) across
-// tiles. Each channel gets kWarpsPerChannel warps and each warp owns kStates of the d_state recurrences
-// (8 x 2 or 2 x 8 for d_state = 16, see fitsOneWave):
-//   * inside a warp, lane l owns kItems consecutive time steps; the recurrence h_t = a_t h_{t-1} + b_t is
-//     scanned with the associative pair operator (a1,b1)∘(a2,b2) = (a1 a2, a2 b1 + b2): sequentially over
-//     the lane's items, then with a shuffle scan across lanes, then the lane replays its items from its
-//     carried-in state. exp(delta * A) is evaluated once per (t, n): the special-function unit, not memory,
-//     is the other bound of this kernel, so recomputing it in a second pass (chunked scans) would cost ~2x.
-//   * splitting d_state across warps (rather than time across warps) needs no cross-warp scan and no
-//     per-state __syncthreads; the price is one cross-warp sum of the y partials per tile, through shared
-//     memory.
-//   * B and C tiles are staged once in shared memory and read by all kR channels of the block, so that
-//     their L2 traffic (16 states x 2 per time step, re-read by every channel of the group) shrinks by kR.
-//   * the next tile's global loads are issued into registers before the current tile is computed, which
-//     hides DRAM latency when only one block fits on an SM (stage 1 of MedMamba-T: 384 channels, L=3136).
-// d_state == 16 (MedMamba, Mamba defaults) is compiled with a static d_state; other values up to
-// MEDMAMBA_SCAN_MAX_D_STATE take a generic instantiation with a runtime d_state.
+// Work decomposition. A thread block owns one batch element, kG consecutive channels and all four directions,
+// so the four directions can be summed in a fixed order without atomics (deterministic) and without a second
+// kernel over per-direction partials (on a Jetson, writing and re-reading four float32 copies of y would cost
+// about as much DRAM time as the scan itself). Thread (k, r, lane) runs the recurrences of direction k,
+// channel d0 + r and the states n = s * kLanes + lane, sequentially in time with float32 state in registers:
+// no time-parallel scan, so exp(delta * A) (the special-function unit is this kernel's bound) and each FMA
+// are issued once per (t, n). The sequence is walked in chunks of kChunk steps:
+//   1. stage: x's kG channel rows and x_dbl's dt_low, B and C rows of every direction are gathered into
+//      shared memory at p = seq_k(t), so no transposed or flipped copy exists anywhere; the B/C rows are read
+//      by all kG channels of the block (x_dbl traffic shrinks by kG);
+//   2. delta = dt_projs_bias + dt_projs_weight . dt_low (then softplus), once per (k, channel, t);
+//   3. scan: each thread sums C * h over its own states per step;
+//   4. the per-lane sums go through shared memory (over the dead B/C rows) and are added, direction by
+//      direction, into a float32 accumulator of kG x L positions; Ds * x joins with direction 0.
+// The accumulator lives in shared memory when the device has room for it (every MedMamba-T shape at 224 px
+// on sm_80+), else in the caller's workspace, private to the block and L2-resident. Finally the block writes
+// its kG channels of y (b, H, W, D). d_state == 16 (MedMamba, Mamba defaults) is compiled with a static
+// d_state; other values up to MEDMAMBA_SCAN_MAX_D_STATE take a generic instantiation.
 
 #include "selective_scan.h"
 
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
-#include <type_traits>
 
 namespace
 {
 
-constexpr int kWarpSize = 32;
+constexpr int kDirections = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 // Same threshold as medmamba_edge.runtime.scan_node.SOFTPLUS_THRESHOLD (and torch / mamba_ssm).
 constexpr float kSoftplusThreshold = 20.0f;
+// Dynamic shared memory every supported GPU grants without cudaFuncSetAttribute.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 struct ScanParams
 {
-    void const* u;
-    void const* delta;
+    void const* x;
+    void const* xDbl;
+    float const* dtWeight;
+    float const* dtBias;
     float const* A;
-    void const* B;
-    void const* C;
-    float const* D;
-    float const* delta_bias;
+    float const* Ds;
     void* y;
+    float* workspace;
     int batch;
     int channels;
-    int length;
-    int groups;
-    int d_state;
-    int delta_softplus;
+    int height;
+    int width;
+    int dtRank;
+    int dState;
+    int deltaSoftplus;
+    int accInShared;
 };
 
 __device__ __forceinline__ float toFloat(float v)
@@ -74,401 +79,355 @@ __device__ __forceinline__ __half fromFloat<__half>(float v)
     return __float2half_rn(v);
 }
 
-// Shared-memory layout of one tile row. Lane l reads positions l*kItems .. l*kItems+kItems-1; for an even
-// kItems that stride sends several lanes to the same bank, and one padding word per 32 spreads them over all
-// 32 banks (checked for kItems = 2, 4, 8, 16). Odd strides are already conflict-free. Row-wise accesses
-// (the coalesced global<->shared copies) stay conflict-free either way.
-template <int kItems>
-struct TileLayout
+// seq_k(t) of runtime/scan_node.py: k = 1, 3 column-major, k = 2, 3 reversed.
+__host__ __device__ __forceinline__ int scanPosition(int k, int t, int height, int width, int length)
 {
-    static constexpr int kLength = kWarpSize * kItems;
-    static constexpr bool kPadded = (kItems % 2) == 0;
-    static constexpr int kStride = kPadded ? kLength + kLength / kWarpSize : kLength;
-    __device__ __forceinline__ static int index(int pos)
-    {
-        return kPadded ? pos + (pos >> 5) : pos;
-    }
-};
+    int const s = (k & 2) ? length - 1 - t : t;
+    return (k & 1) ? (s % height) * width + s / height : s;
+}
 
-template <typename T, int kN, int kStates, int kWarpsPerChannel, int kR, int kItems>
-__global__ void __launch_bounds__(kR* kWarpsPerChannel* kWarpSize) selectiveScanKernel(ScanParams const p)
+// Row stride of a staged chunk: a multiple of 4 floats keeps float4 reads aligned, and the 4 extra words
+// put consecutive rows 4 banks apart, so the 8 lanes of a quarter-warp reading 8 rows hit distinct banks.
+template <int kChunk>
+__host__ __device__ constexpr int chunkStride()
 {
-    using Tile = TileLayout<kItems>;
-    constexpr int kWarps = kR * kWarpsPerChannel;
-    constexpr int kThreads = kWarps * kWarpSize;
-    constexpr int kMaxN = kN > 0 ? kN : kStates * kWarpsPerChannel;
-    constexpr int kTile = Tile::kLength;
-    constexpr int kStride = Tile::kStride;
-    // Shared rows of a tile: kR u rows, kR delta rows, then d_state B rows and d_state C rows. Once a tile's
-    // B/C rows are consumed, rows 2 kR .. 2 kR + kWarps - 1 take the per-warp y partials.
-    constexpr int kMaxRows = 2 * kR + 2 * kMaxN;
-    constexpr int kRowsPerWarp = (kMaxRows + kWarps - 1) / kWarps;
-    // With one channel per block, 8 warps would hold 4+ rows of the next tile each, and the registers that
-    // costs would keep other blocks off the SM; there, co-resident blocks hide the load latency instead.
-    constexpr bool kPrefetch = kR > 1;
-    static_assert(kN == 0 || kN <= kStates * kWarpsPerChannel, "every state needs an owning warp");
-    static_assert(kWarps <= 2 * kMaxN, "y partials are stored in the B/C rows");
+    return kChunk + 4;
+}
 
-    __shared__ float sRows[kMaxRows * kStride];
+// Rows of one direction's staged chunk: kG x rows, kG delta rows, R dt_low rows, then N B rows and N C rows,
+// which the kG * kLanes per-lane y sums overwrite once the scan has read them.
+__host__ __device__ __forceinline__ int directionRows(int g, int lanes, int dtRank, int dState)
+{
+    return 2 * g + dtRank + (2 * dState > g * lanes ? 2 * dState : g * lanes);
+}
 
-    int const N = kN > 0 ? kN : p.d_state;
-    int const rows = 2 * kR + 2 * N;
-    int const L = p.length;
-    int const channelsPerGroup = p.channels / p.groups;
-    int const blocksPerGroup = (channelsPerGroup + kR - 1) / kR;
-    int const g = blockIdx.x / blocksPerGroup;
-    int const c0 = g * channelsPerGroup + (blockIdx.x % blocksPerGroup) * kR;
-    int const nValid = min(kR, (g + 1) * channelsPerGroup - c0);
+// An odd stride spreads the final channel-interleaved reads of the accumulator over all banks.
+__host__ __device__ __forceinline__ int sharedAccStride(int length)
+{
+    return length | 1;
+}
+
+template <typename T, int kN, int kLanes, int kG, int kChunk>
+__global__ void __launch_bounds__(kDirections* kG* kLanes) ss2dScanKernel(ScanParams const p)
+{
+    constexpr int kThreads = kDirections * kG * kLanes;
+    constexpr int kMaxN = kN > 0 ? kN : MEDMAMBA_SCAN_MAX_D_STATE;
+    constexpr int kStates = (kMaxN + kLanes - 1) / kLanes;
+    constexpr int kStride = chunkStride<kChunk>();
+    static_assert(kChunk % 4 == 0, "chunks are read as float4");
+    static_assert(kLanes <= 32 && 32 % kLanes == 0, "a (direction, channel) stays inside one warp");
+
+    extern __shared__ float4 sDynamic[];
+    float* const smem = reinterpret_cast<float*>(sDynamic);
+    __shared__ float sDsum[kG];
+
+    int const N = kN > 0 ? kN : p.dState;
+    int const R = p.dtRank;
+    int const D = p.channels;
+    int const H = p.height;
+    int const W = p.width;
+    int const L = H * W;
+    int const rowsPerDirection = directionRows(kG, kLanes, R, N);
+    int const xDblRows = R + 2 * N;
     int const b = blockIdx.y;
+    int const d0 = blockIdx.x * kG;
+    int const nValid = min(kG, D - d0);
 
-    size_t const rowBase = (static_cast<size_t>(b) * p.channels + c0) * L;
-    T* y = static_cast<T*>(p.y) + rowBase;
-    size_t const groupBase = (static_cast<size_t>(b) * p.groups + g) * N * L;
+    float* acc;
+    int accStride;
+    if (p.accInShared)
+    {
+        acc = smem + kDirections * rowsPerDirection * kStride;
+        accStride = sharedAccStride(L);
+    }
+    else
+    {
+        acc = p.workspace + (static_cast<size_t>(b) * D + d0) * L;
+        accStride = L;
+    }
 
-    int const warp = threadIdx.x / kWarpSize;
-    int const lane = threadIdx.x % kWarpSize;
-    int const r = warp / kWarpsPerChannel; // channel of this warp within the block
-    int const w = warp % kWarpsPerChannel; // state slice of this warp
-    bool const warpActive = r < nValid;
+    T const* x = static_cast<T const*>(p.x) + static_cast<size_t>(b) * D * L;
+    T const* xDbl = static_cast<T const*>(p.xDbl) + static_cast<size_t>(b) * kDirections * xDblRows * L;
 
-    float A2[kStates];    // A * log2(e): exp(delta * A) == exp2(delta * A2)
-    float carry[kStates]; // state after the last processed tile, uniform across the warp
+    int const tid = threadIdx.x;
+    int const lane = tid % kLanes;
+    int const r = (tid / kLanes) % kG;
+    int const k = tid / (kLanes * kG);
+    bool const channelValid = r < nValid;
+
+    float A2[kStates]; // A * log2(e): exp(delta * A) == exp2(delta * A2)
+    float h[kStates];
 #pragma unroll
     for (int s = 0; s < kStates; ++s)
     {
-        int const n = w * kStates + s;
-        A2[s] = (warpActive && n < N) ? p.A[static_cast<size_t>(c0 + r) * N + n] * kLog2e : 0.0f;
-        carry[s] = 0.0f;
+        int const n = s * kLanes + lane;
+        A2[s] = (channelValid && n < N) ? p.A[(static_cast<size_t>(k) * D + d0 + r) * N + n] * kLog2e : 0.0f;
+        h[s] = 0.0f;
     }
-
-    // Global row `row` of the tile rows above, or null when it is padding (beyond the group's channels or
-    // beyond d_state): padding loads as 0.
-    auto globalRow = [&](int row) -> T const* {
-        if (row < kR)
-            return row < nValid ? static_cast<T const*>(p.u) + rowBase + static_cast<size_t>(row) * L : nullptr;
-        if (row < 2 * kR)
-            return row - kR < nValid
-                ? static_cast<T const*>(p.delta) + rowBase + static_cast<size_t>(row - kR) * L
-                : nullptr;
-        if (row < 2 * kR + N)
-            return static_cast<T const*>(p.B) + groupBase + static_cast<size_t>(row - 2 * kR) * L;
-        if (row < rows)
-            return static_cast<T const*>(p.C) + groupBase + static_cast<size_t>(row - 2 * kR - N) * L;
-        return nullptr;
-    };
-
-    // Warp `warp` copies rows warp, warp + kWarps, ...; lanes stride the row, so loads are coalesced.
-    float staged[kRowsPerWarp][kItems];
-    auto loadTile = [&](int t0) {
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k)
-        {
-            T const* src = globalRow(warp + k * kWarps);
-#pragma unroll
-            for (int m = 0; m < kItems; ++m)
-            {
-                int const t = t0 + lane + m * kWarpSize;
-                staged[k][m] = (src != nullptr && t < L) ? toFloat(src[t]) : 0.0f;
-            }
-        }
-    };
-    auto storeTile = [&](int t0) {
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k)
-        {
-            int const row = warp + k * kWarps;
-            if (row >= rows)
-                break;
-#pragma unroll
-            for (int m = 0; m < kItems; ++m)
-            {
-                int const pos = lane + m * kWarpSize;
-                float v = staged[k][m];
-                if (row >= kR && row < 2 * kR)
-                {
-                    // Padding steps (past the end, or past the group's last channel) must be the identity
-                    // of the scan, (a, b) = (1, 0), which delta = 0 gives; the bias would break that.
-                    if (row - kR < nValid && t0 + pos < L)
-                    {
-                        v += p.delta_bias[c0 + row - kR];
-                        if (p.delta_softplus && v <= kSoftplusThreshold)
-                            v = log1pf(expf(v));
-                    }
-                    else
-                    {
-                        v = 0.0f;
-                    }
-                }
-                sRows[row * kStride + Tile::index(pos)] = v;
-            }
-        }
-    };
-
-    if (kPrefetch)
-        loadTile(0);
-    for (int t0 = 0; t0 < L; t0 += kTile)
+    if (tid < kG)
     {
-        if (!kPrefetch)
-            loadTile(t0);
-        storeTile(t0);
-        __syncthreads();
-        if (kPrefetch && t0 + kTile < L)
-            loadTile(t0 + kTile); // in flight while this tile is scanned
+        float sum = 0.0f;
+        if (tid < nValid)
+            for (int kk = 0; kk < kDirections; ++kk)
+                sum += p.Ds[kk * D + d0 + tid];
+        sDsum[tid] = sum;
+    }
+    for (int e = tid; e < nValid * L; e += kThreads)
+        acc[(e / L) * accStride + e % L] = 0.0f;
 
-        float yAcc[kItems];
-#pragma unroll
-        for (int i = 0; i < kItems; ++i)
-            yAcc[i] = 0.0f;
-
-        if (warpActive)
+    // Rows staged from global memory per direction: kG of x, then all of x_dbl's (dt_low, B, C).
+    int const loadRows = kG + xDblRows;
+    for (int t0 = 0; t0 < L; t0 += kChunk)
+    {
+        // 1. Gather; consecutive threads take consecutive t, so directions 0 and 2 read contiguous runs.
+        for (int e = tid; e < kDirections * loadRows * kChunk; e += kThreads)
         {
-            float const* sU = sRows + r * kStride;
-            float const* sDelta = sRows + (kR + r) * kStride;
-            float dt[kItems];
-            float du[kItems];
-#pragma unroll
-            for (int i = 0; i < kItems; ++i)
+            int const i = e % kChunk;
+            int const row = (e / kChunk) % loadRows;
+            int const kk = e / (kChunk * loadRows);
+            int const t = t0 + i;
+            float v = 0.0f; // padding (past L, past the last channel) scans as delta = 0: h unchanged
+            if (t < L)
             {
-                int const idx = Tile::index(lane * kItems + i);
-                dt[i] = sDelta[idx];
-                du[i] = dt[i] * sU[idx];
+                int const pos = scanPosition(kk, t, H, W, L);
+                if (row < kG)
+                {
+                    if (row < nValid)
+                        v = toFloat(x[static_cast<size_t>(d0 + row) * L + pos]);
+                }
+                else
+                {
+                    v = toFloat(xDbl[static_cast<size_t>(kk * xDblRows + row - kG) * L + pos]);
+                }
             }
+            int const sharedRow = row < kG ? row : row + kG; // the delta rows sit between x and dt_low
+            smem[(kk * rowsPerDirection + sharedRow) * kStride + i] = v;
+        }
+        __syncthreads();
+
+        // 2. delta, once per (direction, channel, t) rather than once per state.
+        for (int e = tid; e < kDirections * kG * kChunk; e += kThreads)
+        {
+            int const i = e % kChunk;
+            int const rr = (e / kChunk) % kG;
+            int const kk = e / (kChunk * kG);
+            float v = 0.0f;
+            if (rr < nValid && t0 + i < L)
+            {
+                int const c = kk * D + d0 + rr;
+                float const* dtLow = smem + (kk * rowsPerDirection + 2 * kG) * kStride + i;
+                v = p.dtBias[c];
+                for (int j = 0; j < R; ++j)
+                    v += p.dtWeight[static_cast<size_t>(c) * R + j] * dtLow[j * kStride];
+                if (p.deltaSoftplus && v <= kSoftplusThreshold)
+                    v = log1pf(expf(v));
+            }
+            smem[(kk * rowsPerDirection + kG + rr) * kStride + i] = v;
+        }
+        __syncthreads();
+
+        // 3. Scan this thread's states through the chunk.
+        float* const region = smem + k * rowsPerDirection * kStride;
+        float const* const uRow = region + r * kStride;
+        float const* const deltaRow = region + (kG + r) * kStride;
+        float const* const bRows = region + (2 * kG + R) * kStride;
+        float const* const cRows = bRows + N * kStride;
+        float ySum[kChunk];
+#pragma unroll
+        for (int i = 0; i < kChunk; i += 4)
+        {
+            float4 const d4 = *reinterpret_cast<float4 const*>(deltaRow + i);
+            float4 const u4 = *reinterpret_cast<float4 const*>(uRow + i);
+            float const dt[4] = {d4.x, d4.y, d4.z, d4.w};
+            float const du[4] = {d4.x * u4.x, d4.y * u4.y, d4.z * u4.z, d4.w * u4.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                ySum[i + q] = 0.0f;
 #pragma unroll
             for (int s = 0; s < kStates; ++s)
             {
-                int const n = w * kStates + s;
-                if (n >= N) // warp-uniform, so the shuffles below stay converged
-                    break;
-                float const* sB = sRows + (2 * kR + n) * kStride;
-                float const* sC = sRows + (2 * kR + N + n) * kStride;
-                float a[kItems];
-                float bu[kItems];
-#pragma unroll
-                for (int i = 0; i < kItems; ++i)
+                int const n = s * kLanes + lane;
+                if (kLanes * kStates == kN || n < N) // static for d_state = 16
                 {
-                    a[i] = exp2f(dt[i] * A2[s]);
-                    bu[i] = du[i] * sB[Tile::index(lane * kItems + i)];
-                }
-                // This lane's segment as one pair.
-                float segA = a[0];
-                float segB = bu[0];
+                    float4 const b4 = *reinterpret_cast<float4 const*>(bRows + n * kStride + i);
+                    float4 const c4 = *reinterpret_cast<float4 const*>(cRows + n * kStride + i);
+                    float const bv[4] = {b4.x, b4.y, b4.z, b4.w};
+                    float const cv[4] = {c4.x, c4.y, c4.z, c4.w};
 #pragma unroll
-                for (int i = 1; i < kItems; ++i)
-                {
-                    segB = a[i] * segB + bu[i];
-                    segA *= a[i];
-                }
-                // Inclusive scan of the segments over lanes: lane l ends with lanes 0..l composed.
-#pragma unroll
-                for (int offset = 1; offset < kWarpSize; offset *= 2)
-                {
-                    float const prevA = __shfl_up_sync(0xffffffffu, segA, offset);
-                    float const prevB = __shfl_up_sync(0xffffffffu, segB, offset);
-                    if (lane >= offset)
+                    for (int q = 0; q < 4; ++q)
                     {
-                        segB = segA * prevB + segB;
-                        segA *= prevA;
+                        h[s] = exp2f(dt[q] * A2[s]) * h[s] + du[q] * bv[q];
+                        ySum[i + q] += cv[q] * h[s];
                     }
                 }
-                float const exclA = __shfl_up_sync(0xffffffffu, segA, 1);
-                float const exclB = __shfl_up_sync(0xffffffffu, segB, 1);
-                float const tileA = __shfl_sync(0xffffffffu, segA, kWarpSize - 1);
-                float const tileB = __shfl_sync(0xffffffffu, segB, kWarpSize - 1);
-                float h = lane == 0 ? carry[s] : exclA * carry[s] + exclB;
-                carry[s] = tileA * carry[s] + tileB;
+            }
+        }
+        __syncthreads(); // every thread is done with B/C: they now take the per-lane sums
+        float* const laneRow = region + (2 * kG + R + r * kLanes + lane) * kStride;
 #pragma unroll
-                for (int i = 0; i < kItems; ++i)
+        for (int i = 0; i < kChunk; i += 4)
+            *reinterpret_cast<float4*>(laneRow + i) = make_float4(ySum[i], ySum[i + 1], ySum[i + 2], ySum[i + 3]);
+        __syncthreads();
+
+        // 4. One direction per pass: two directions can meet at a position within a chunk, and a fixed order
+        // of the four additions keeps y bitwise reproducible.
+        for (int kk = 0; kk < kDirections; ++kk)
+        {
+            float const* const dir = smem + kk * rowsPerDirection * kStride;
+            for (int e = tid; e < kG * kChunk; e += kThreads)
+            {
+                int const i = e % kChunk;
+                int const rr = e / kChunk;
+                int const t = t0 + i;
+                if (rr < nValid && t < L)
                 {
-                    h = a[i] * h + bu[i];
-                    yAcc[i] += sC[Tile::index(lane * kItems + i)] * h;
+                    float v = 0.0f;
+                    for (int l = 0; l < kLanes; ++l)
+                        v += dir[(2 * kG + R + rr * kLanes + l) * kStride + i];
+                    if (kk == 0) // seq_0(t) = t: direction 0's staged x row is x at this position
+                        v += sDsum[rr] * dir[rr * kStride + i];
+                    acc[rr * accStride + scanPosition(kk, t, H, W, L)] += v;
                 }
             }
+            __syncthreads(); // also frees the chunk rows for the next gather
         }
-        __syncthreads(); // every warp is done with the B/C rows: they now take the y partials
-        if (warpActive)
-        {
-            float* partial = sRows + (2 * kR + warp) * kStride;
-#pragma unroll
-            for (int i = 0; i < kItems; ++i)
-                partial[Tile::index(lane * kItems + i)] = yAcc[i];
-        }
-        __syncthreads();
-        for (int e = threadIdx.x; e < kR * kTile; e += kThreads)
-        {
-            int const rr = e / kTile;
-            int const pos = e % kTile;
-            int const t = t0 + pos;
-            if (rr < nValid && t < L)
-            {
-                int const idx = Tile::index(pos);
-                float acc = p.D[c0 + rr] * sRows[rr * kStride + idx];
-#pragma unroll
-                for (int ww = 0; ww < kWarpsPerChannel; ++ww)
-                    acc += sRows[(2 * kR + rr * kWarpsPerChannel + ww) * kStride + idx];
-                y[static_cast<size_t>(rr) * L + t] = fromFloat<T>(acc);
-            }
-        }
-        __syncthreads(); // the next storeTile overwrites every row
     }
-}
 
-template <typename T, int kN, int kStates, int kWarpsPerChannel, int kR, int kItems>
-cudaError_t launch(ScanParams const& p, cudaStream_t stream)
-{
-    int const channelsPerGroup = p.channels / p.groups;
-    dim3 const grid(p.groups * ((channelsPerGroup + kR - 1) / kR), p.batch);
-    int const threads = kR * kWarpsPerChannel * kWarpSize;
-    selectiveScanKernel<T, kN, kStates, kWarpsPerChannel, kR, kItems><<<grid, threads, 0, stream>>>(p);
-    return cudaGetLastError();
-}
-
-// Items per lane: the tile (32 * kItems steps) should not overshoot L by much, and larger kItems amortise
-// the shuffle scan (~2 items' worth of work per lane and state). Cost ~ padded length * (kItems + 2) / kItems;
-// ties go to the larger kItems. MedMamba's L = 49 * 4^k give 2 for L = 49, 7 otherwise (3136 = 14 tiles).
-int chooseItems(int length)
-{
-    static constexpr int kCandidates[] = {7, 4, 2};
-    int best = 2;
-    long long bestCost = -1;
-    for (int k : kCandidates)
+    // Channel-last y: consecutive threads write the block's kG consecutive channels of one position.
+    T* const y = static_cast<T*>(p.y) + static_cast<size_t>(b) * L * D + d0;
+    for (int e = tid; e < kG * L; e += kThreads)
     {
-        long long const tile = kWarpSize * k;
-        long long const padded = (length + tile - 1) / tile * tile;
-        long long const cost = padded * (k + 2) * (28 / k); // 28 = lcm(7, 4, 2) keeps it integral
-        if (bestCost < 0 || cost < bestCost)
-        {
-            best = k;
-            bestCost = cost;
-        }
+        int const rr = e % kG;
+        int const pos = e / kG;
+        if (rr < nValid)
+            y[static_cast<size_t>(pos) * D + rr] = fromFloat<T>(acc[rr * accStride + pos]);
     }
-    return best;
 }
 
-// Channels per block within one wave: more share each B/C tile, fewer give more blocks. Minimise the channels
-// on the busiest SM (blocks spread evenly), preferring larger blocks when within 5%: e.g. 384 channels on 132
-// SMs -> 3 (128 blocks, one wave) rather than 2 (192 blocks, some SMs doing two).
-int chooseChannelsPerBlock(ScanParams const& p, int smCount)
+struct DeviceInfo
 {
-    int const channelsPerGroup = p.channels / p.groups;
-    long long costs[4] = {};
-    long long minCost = -1;
-    for (int r = 1; r <= 3; ++r)
-    {
-        long long const blocks = static_cast<long long>(p.batch) * p.groups * ((channelsPerGroup + r - 1) / r);
-        costs[r] = (blocks + smCount - 1) / smCount * r;
-        if (minCost < 0 || costs[r] < minCost)
-            minCost = costs[r];
-    }
-    for (int r = 3; r > 1; --r)
-    {
-        if (costs[r] * 100 <= minCost * 105)
-            return r;
-    }
-    return 1;
-}
+    int smCount;
+    int sharedOptin; // largest dynamic shared memory a block may opt in to
+};
 
-cudaError_t smCount(int* count)
+cudaError_t deviceInfo(DeviceInfo* info)
 {
     constexpr int kCachedDevices = 64;
-    static std::atomic<int> cache[kCachedDevices];
+    static std::atomic<int> smCache[kCachedDevices];
+    static std::atomic<int> sharedCache[kCachedDevices];
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess)
         return err;
-    if (device >= 0 && device < kCachedDevices)
+    bool const cacheable = device >= 0 && device < kCachedDevices;
+    if (cacheable)
     {
-        int const cached = cache[device].load(std::memory_order_relaxed);
-        if (cached > 0)
-        {
-            *count = cached;
+        info->smCount = smCache[device].load(std::memory_order_relaxed);
+        info->sharedOptin = sharedCache[device].load(std::memory_order_relaxed);
+        if (info->smCount > 0 && info->sharedOptin > 0)
             return cudaSuccess;
-        }
     }
-    err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess && device >= 0 && device < kCachedDevices)
-        cache[device].store(*count, std::memory_order_relaxed);
+    err = cudaDeviceGetAttribute(&info->smCount, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&info->sharedOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess && cacheable)
+    {
+        smCache[device].store(info->smCount, std::memory_order_relaxed);
+        sharedCache[device].store(info->sharedOptin, std::memory_order_relaxed);
+    }
     return err;
 }
 
-// Block shape. While blocks of three 8-warp channels cover the GPU in one wave (stage 1 of MedMamba-T at batch
-// 1: 128 blocks), the scan is latency-bound, and 8 warps per channel (2 states each) keep the per-tile chain
-// short. Beyond one wave it is issue-bound: 2 warps per channel (8 states each) issue fewer instructions per
-// state and two blocks share an SM. The throughput shapes below were the fastest of a sweep on an H200 over
-// the MedMamba-T stage shapes at batch 1 and 8 (plugins/selective_scan/README.md); float16 with 7 items per
-// lane ran 1.7x slower than with 4 there, so float16 stops at 4.
-bool fitsOneWave(ScanParams const& p, int smCount)
+template <typename T, int kN, int kLanes, int kG, int kChunk>
+cudaError_t launch(ScanParams p, DeviceInfo const& device, size_t workspaceBytes, cudaStream_t stream)
 {
-    int const channelsPerGroup = p.channels / p.groups;
-    return static_cast<long long>(p.batch) * p.groups * ((channelsPerGroup + 2) / 3) <= smCount;
-}
-
-template <typename T, int kItems>
-cudaError_t launchThroughputShape(ScanParams const& p, cudaStream_t stream)
-{
-    if constexpr (kItems > 4 && std::is_same_v<T, __half>)
-        return launch<T, 16, 8, 2, 4, 4>(p, stream);
-    else if constexpr (kItems > 4)
-        return launch<T, 16, 8, 2, 3, kItems>(p, stream);
-    else
-        return launch<T, 16, 8, 2, 4, kItems>(p, stream);
-}
-
-template <typename T, int kItems>
-cudaError_t launchFastPath(ScanParams const& p, int smCount, cudaStream_t stream)
-{
-    if (!fitsOneWave(p, smCount))
-        return launchThroughputShape<T, kItems>(p, stream);
-    switch (chooseChannelsPerBlock(p, smCount))
+    int const length = p.height * p.width;
+    size_t const tileBytes = sizeof(float) * kDirections * chunkStride<kChunk>()
+        * directionRows(kG, kLanes, p.dtRank, kN > 0 ? kN : p.dState);
+    size_t const accBytes = sizeof(float) * kG * static_cast<size_t>(sharedAccStride(length));
+    p.accInShared = tileBytes + accBytes <= static_cast<size_t>(device.sharedOptin);
+    size_t const sharedBytes = p.accInShared ? tileBytes + accBytes : tileBytes;
+    if (sharedBytes > static_cast<size_t>(device.sharedOptin))
+        return cudaErrorInvalidValue; // only an absurd dt_rank gets here
+    if (!p.accInShared
+        && (p.workspace == nullptr
+            || workspaceBytes < medmamba_ss2d_scan_workspace_size(p.batch, p.channels, p.height, p.width)))
+        return cudaErrorInvalidValue;
+    auto kernel = ss2dScanKernel<T, kN, kLanes, kG, kChunk>;
+    if (sharedBytes > kDefaultSharedBytes)
     {
-    case 3: return launch<T, 16, 2, 8, 3, kItems>(p, stream);
-    case 2: return launch<T, 16, 2, 8, 2, kItems>(p, stream);
-    default: return launch<T, 16, 2, 8, 1, kItems>(p, stream);
+        cudaError_t const err
+            = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sharedBytes));
+        if (err != cudaSuccess)
+            return err;
     }
+    dim3 const grid((p.channels + kG - 1) / kG, p.batch);
+    kernel<<<grid, kDirections * kG * kLanes, sharedBytes, stream>>>(p);
+    return cudaGetLastError();
 }
 
+// Block shapes (all 128 threads): many channels per block divide the x_dbl re-reads (B/C rows are shared by
+// the block's channels) and leave each thread several independent state chains; few channels per block give
+// the GPU enough blocks when there is little work (MedMamba-T stage 1 at batch 1: 96 channels). A first
+// choice by block count, pending tune_block_shapes.py on real GPUs (H200 and Jetson Orin).
 template <typename T>
-cudaError_t dispatch(ScanParams const& p, cudaStream_t stream)
+cudaError_t dispatch(ScanParams const& p, size_t workspaceBytes, cudaStream_t stream)
 {
-    if (p.d_state != 16)
-        return launch<T, 0, 8, 8, 1, 2>(p, stream);
-    int sms = 0;
-    cudaError_t const err = smCount(&sms);
+    DeviceInfo device{};
+    cudaError_t const err = deviceInfo(&device);
     if (err != cudaSuccess)
         return err;
-    switch (chooseItems(p.length))
-    {
-    case 7: return launchFastPath<T, 7>(p, sms, stream);
-    case 4: return launchFastPath<T, 4>(p, sms, stream);
-    default: return launchFastPath<T, 2>(p, sms, stream);
-    }
+    if (p.dState != 16)
+        return launch<T, 0, 32, 1, 32>(p, device, workspaceBytes, stream);
+    auto blocks = [&](long long g) { return p.batch * ((p.channels + g - 1) / g); };
+    if (blocks(8) >= 2LL * device.smCount)
+        return launch<T, 16, 4, 8, 32>(p, device, workspaceBytes, stream);
+    if (blocks(4) >= device.smCount)
+        return launch<T, 16, 8, 4, 32>(p, device, workspaceBytes, stream);
+    return launch<T, 16, 16, 2, 32>(p, device, workspaceBytes, stream);
+}
+
+bool validShape(int batch, int channels, int height, int width)
+{
+    // grid.y holds the batch (at most 65535); index arithmetic within one image is int.
+    return batch >= 0 && batch <= 65535 && channels > 0 && height >= 0 && width >= 0
+        && static_cast<long long>(height) * width * (channels > 8 ? channels : 8) <= INT_MAX;
 }
 
 } // namespace
 
-extern "C" int medmamba_selective_scan_forward(void const* u, void const* delta, float const* A, void const* B,
-    void const* C, float const* D, float const* delta_bias, void* y, int batch, int channels, int length, int groups,
-    int d_state, int delta_softplus, int dtype, cudaStream_t stream)
+extern "C" size_t medmamba_ss2d_scan_workspace_size(int batch, int channels, int height, int width)
 {
-    if (!u || !delta || !A || !B || !C || !D || !delta_bias || !y)
-        return cudaErrorInvalidValue;
-    // grid.y holds the batch (at most 65535); groups * blocks-per-group fits grid.x for any int channels.
-    if (batch < 0 || batch > 65535 || channels <= 0 || length < 0 || groups <= 0 || channels % groups != 0
-        || d_state <= 0 || d_state > MEDMAMBA_SCAN_MAX_D_STATE
-        || (dtype != MEDMAMBA_SCAN_FLOAT32 && dtype != MEDMAMBA_SCAN_FLOAT16))
-        return cudaErrorInvalidValue;
-    if (batch == 0 || length == 0)
-        return cudaSuccess;
-    ScanParams const p{u, delta, A, B, C, D, delta_bias, y, batch, channels, length, groups, d_state,
-        delta_softplus != 0};
-    return dtype == MEDMAMBA_SCAN_FLOAT16 ? dispatch<__half>(p, stream) : dispatch<float>(p, stream);
+    if (!validShape(batch, channels, height, width))
+        return 0;
+    return sizeof(float) * static_cast<size_t>(batch) * channels * height * width;
 }
 
-extern "C" char const* medmamba_selective_scan_error_string(int status)
+extern "C" int medmamba_ss2d_scan_forward(void const* x, void const* x_dbl, float const* dt_projs_weight,
+    float const* dt_projs_bias, float const* A, float const* Ds, void* y, void* workspace, size_t workspace_bytes,
+    int batch, int channels, int height, int width, int dt_rank, int d_state, int delta_softplus, int dtype,
+    cudaStream_t stream)
+{
+    if (!x || !x_dbl || !dt_projs_weight || !dt_projs_bias || !A || !Ds || !y)
+        return cudaErrorInvalidValue;
+    if (!validShape(batch, channels, height, width) || dt_rank <= 0 || d_state <= 0
+        || d_state > MEDMAMBA_SCAN_MAX_D_STATE || (dtype != MEDMAMBA_SCAN_FLOAT32 && dtype != MEDMAMBA_SCAN_FLOAT16)
+        || static_cast<long long>(kDirections) * (dt_rank + 2 * d_state) * height * width > INT_MAX)
+        return cudaErrorInvalidValue;
+    if (batch == 0 || height == 0 || width == 0)
+        return cudaSuccess;
+    ScanParams const p{x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds, y, static_cast<float*>(workspace), batch,
+        channels, height, width, dt_rank, d_state, delta_softplus != 0, 0};
+    return dtype == MEDMAMBA_SCAN_FLOAT16 ? dispatch<__half>(p, workspace_bytes, stream)
+                                          : dispatch<float>(p, workspace_bytes, stream);
+}
+
+extern "C" char const* medmamba_ss2d_scan_error_string(int status)
 {
     return cudaGetErrorString(static_cast<cudaError_t>(status));
 }
 
-extern "C" int medmamba_selective_scan_abi_version(void)
+extern "C" int medmamba_ss2d_scan_abi_version(void)
 {
     return MEDMAMBA_SELECTIVE_SCAN_ABI_VERSION;
 }

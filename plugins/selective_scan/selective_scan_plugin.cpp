@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 wrapper of the CUDA selective scan (selective_scan_kernel.cu).
+// TensorRT IPluginV3 wrapper of the CUDA SS2DScan (selective_scan_kernel.cu).
 //
 // Only TensorRT's headers are needed to build this: every TensorRT object is reached through virtual calls,
 // so the library does not link libnvinfer and the same binary loads into a process that already has
@@ -8,6 +8,7 @@
 
 #include "selective_scan.h"
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstring>
@@ -30,12 +31,12 @@ struct FieldSpec
 {
     char const* name;
     PluginFieldType type;
-    int32_t SelectiveScanPlugin::*member;
+    int32_t SS2DScanPlugin::*member;
     int32_t defaultValue;
 };
 
 constexpr FieldSpec kFields[] = {
-    {"delta_softplus", PluginFieldType::kINT32, &SelectiveScanPlugin::mDeltaSoftplus, 1},
+    {"delta_softplus", PluginFieldType::kINT32, &SS2DScanPlugin::mDeltaSoftplus, 1},
 };
 
 std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
@@ -71,34 +72,58 @@ bool readInt(nvinfer1::PluginField const& field, int32_t& value)
 // Shape contract of runtime/scan_node.py for the dimensions that are known (>= 0); "" when consistent.
 std::string checkShapes(nvinfer1::Dims const* dims)
 {
-    using I = SelectiveScanPlugin::Input;
-    nvinfer1::Dims const& u = dims[I::kU];
+    using I = SS2DScanPlugin::Input;
+    nvinfer1::Dims const& x = dims[I::kX];
+    nvinfer1::Dims const& xDbl = dims[I::kXDbl];
+    nvinfer1::Dims const& weight = dims[I::kDtProjsWeight];
+    nvinfer1::Dims const& bias = dims[I::kDtProjsBias];
     nvinfer1::Dims const& A = dims[I::kA];
-    nvinfer1::Dims const& B = dims[I::kB];
-    if (u.nbDims != 3 || dims[I::kDelta].nbDims != 3 || A.nbDims != 2 || B.nbDims != 4 || dims[I::kC].nbDims != 4
-        || dims[I::kD].nbDims != 1 || dims[I::kDeltaBias].nbDims != 1)
-        return "expected u, delta (b, KD, L); A (KD, N); B, C (b, G, N, L); D, delta_bias (KD)";
+    nvinfer1::Dims const& Ds = dims[I::kDs];
+    if (x.nbDims != 4 || xDbl.nbDims != 3 || weight.nbDims != 3 || bias.nbDims != 2 || A.nbDims != 2
+        || Ds.nbDims != 1)
+        return "expected x (b, D, H, W); x_dbl (b, 4(R+2N), HW); dt_projs_weight (4, D, R); dt_projs_bias (4, D); "
+               "A (4D, N); Ds (4D)";
     auto known = [](int64_t d) { return d >= 0; };
+    int64_t const channels = x.d[1];
     if (known(A.d[1]) && (A.d[1] < 1 || A.d[1] > MEDMAMBA_SCAN_MAX_D_STATE))
-        return "d_state must be in 1.." + std::to_string(MEDMAMBA_SCAN_MAX_D_STATE);
-    if (known(u.d[1]) && known(B.d[1]) && (B.d[1] < 1 || u.d[1] % B.d[1] != 0))
-        return "groups (B.shape[1]) must divide channels (u.shape[1])";
-    if (known(u.d[0]) && u.d[0] > 65535)
+        return "d_state (A.shape[1]) must be in 1.." + std::to_string(MEDMAMBA_SCAN_MAX_D_STATE);
+    if (known(weight.d[2]) && weight.d[2] < 1)
+        return "dt_rank (dt_projs_weight.shape[2]) must be at least 1";
+    if ((known(weight.d[0]) && weight.d[0] != 4) || (known(bias.d[0]) && bias.d[0] != 4))
+        return "dt_projs_weight and dt_projs_bias must have 4 directions";
+    if (known(channels))
+    {
+        if ((known(weight.d[1]) && weight.d[1] != channels) || (known(bias.d[1]) && bias.d[1] != channels)
+            || (known(A.d[0]) && A.d[0] != 4 * channels) || (known(Ds.d[0]) && Ds.d[0] != 4 * channels))
+            return "dt_projs_weight, dt_projs_bias, A and Ds must match x's channels (x.shape[1])";
+    }
+    if (known(x.d[2]) && known(x.d[3]) && known(xDbl.d[2]) && xDbl.d[2] != x.d[2] * x.d[3])
+        return "x_dbl.shape[2] must be H * W of x";
+    if (known(weight.d[2]) && known(A.d[1]) && known(xDbl.d[1]) && xDbl.d[1] != 4 * (weight.d[2] + 2 * A.d[1]))
+        return "x_dbl.shape[1] must be 4 * (dt_rank + 2 * d_state)";
+    if (known(x.d[0]) && x.d[0] > 65535)
         return "batch must be at most 65535";
-    for (int32_t i = 0; i < 3; ++i)
-        if (u.d[i] > INT_MAX)
-            return "dimensions must fit in int32";
+    if (known(channels) && known(x.d[2]) && known(x.d[3])
+        && std::max<int64_t>(channels, 8) * x.d[2] * x.d[3] > INT_MAX)
+        return "channels * H * W must fit in int32";
     return {};
+}
+
+// Dims as the C ABI takes them; all known by the time TensorRT asks for workspace or enqueues.
+size_t workspaceSize(nvinfer1::Dims const& x)
+{
+    return medmamba_ss2d_scan_workspace_size(
+        static_cast<int>(x.d[0]), static_cast<int>(x.d[1]), static_cast<int>(x.d[2]), static_cast<int>(x.d[3]));
 }
 
 } // namespace
 
-SelectiveScanPlugin::SelectiveScanPlugin(int32_t deltaSoftplus)
+SS2DScanPlugin::SS2DScanPlugin(int32_t deltaSoftplus)
     : mDeltaSoftplus(deltaSoftplus)
 {
 }
 
-nvinfer1::IPluginCapability* SelectiveScanPlugin::getCapabilityInterface(
+nvinfer1::IPluginCapability* SS2DScanPlugin::getCapabilityInterface(
     nvinfer1::PluginCapabilityType type) noexcept
 {
     switch (type)
@@ -110,36 +135,36 @@ nvinfer1::IPluginCapability* SelectiveScanPlugin::getCapabilityInterface(
     return nullptr;
 }
 
-nvinfer1::IPluginV3* SelectiveScanPlugin::clone() noexcept
+nvinfer1::IPluginV3* SS2DScanPlugin::clone() noexcept
 {
     // The serialisation views point into the original; the clone rebuilds its own on demand.
-    auto* copy = new (std::nothrow) SelectiveScanPlugin(mDeltaSoftplus);
+    auto* copy = new (std::nothrow) SS2DScanPlugin(mDeltaSoftplus);
     if (copy == nullptr)
         logError("out of host memory in clone()");
     return copy;
 }
 
-char const* SelectiveScanPlugin::getPluginName() const noexcept
+char const* SS2DScanPlugin::getPluginName() const noexcept
 {
     return kPluginName;
 }
 
-char const* SelectiveScanPlugin::getPluginVersion() const noexcept
+char const* SS2DScanPlugin::getPluginVersion() const noexcept
 {
     return kPluginVersion;
 }
 
-char const* SelectiveScanPlugin::getPluginNamespace() const noexcept
+char const* SS2DScanPlugin::getPluginNamespace() const noexcept
 {
     return kPluginNamespace;
 }
 
-int32_t SelectiveScanPlugin::getNbOutputs() const noexcept
+int32_t SS2DScanPlugin::getNbOutputs() const noexcept
 {
     return 1;
 }
 
-int32_t SelectiveScanPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+int32_t SS2DScanPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
     if (in == nullptr || nbInputs != kNbInputs || nbOutputs != 1)
@@ -156,7 +181,7 @@ int32_t SelectiveScanPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc c
     return 0;
 }
 
-bool SelectiveScanPlugin::supportsFormatCombination(
+bool SS2DScanPlugin::supportsFormatCombination(
     int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
     if (inOut == nullptr || nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos > kNbInputs)
@@ -166,42 +191,50 @@ bool SelectiveScanPlugin::supportsFormatCombination(
         return false;
     switch (pos)
     {
-    case kU: return isIoType(desc.type);
+    case kX: return isIoType(desc.type);
+    case kDtProjsWeight:
+    case kDtProjsBias:
     case kA:
-    case kD:
-    case kDeltaBias: return desc.type == DataType::kFLOAT; // parameters stay float32 in the fp16 engine too
-    default: return desc.type == inOut[kU].desc.type;      // delta, B, C and y (pos == kNbInputs)
+    case kDs: return desc.type == DataType::kFLOAT; // weights stay float32 in the fp16 engine too
+    default: return desc.type == inOut[kX].desc.type; // x_dbl and y (pos == kNbInputs)
     }
 }
 
-int32_t SelectiveScanPlugin::getOutputDataTypes(
+int32_t SS2DScanPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
     if (outputTypes == nullptr || inputTypes == nullptr || nbOutputs != 1 || nbInputs != kNbInputs)
         return -1;
-    outputTypes[0] = inputTypes[kU];
+    outputTypes[0] = inputTypes[kX];
     return 0;
 }
 
-int32_t SelectiveScanPlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
+int32_t SS2DScanPlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
     nvinfer1::DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, nvinfer1::DimsExprs* outputs,
     int32_t nbOutputs, nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept
 {
     if (inputs == nullptr || outputs == nullptr || nbInputs != kNbInputs || nbOutputs != 1
-        || inputs[kU].nbDims != 3)
+        || inputs[kX].nbDims != 4)
         return -1;
-    outputs[0] = inputs[kU];
+    // x (b, D, H, W) -> y (b, H, W, D): channel-last, as out_norm reads it.
+    outputs[0].nbDims = 4;
+    outputs[0].d[0] = inputs[kX].d[0];
+    outputs[0].d[1] = inputs[kX].d[2];
+    outputs[0].d[2] = inputs[kX].d[3];
+    outputs[0].d[3] = inputs[kX].d[1];
     return 0;
 }
 
-size_t SelectiveScanPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* /*inputs*/,
-    int32_t /*nbInputs*/, nvinfer1::DynamicPluginTensorDesc const* /*outputs*/,
-    int32_t /*nbOutputs*/) const noexcept
+size_t SS2DScanPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    return 0; // the scan keeps its carries in registers: no workspace
+    // For the largest profile shape: the kernel's accumulators, used when shared memory cannot hold them.
+    if (inputs == nullptr || nbInputs != kNbInputs || inputs[kX].max.nbDims != 4)
+        return 0;
+    return workspaceSize(inputs[kX].max);
 }
 
-int32_t SelectiveScanPlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+int32_t SS2DScanPlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
     if (in == nullptr || nbInputs != kNbInputs || nbOutputs != 1)
@@ -218,33 +251,34 @@ int32_t SelectiveScanPlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in,
     return 0;
 }
 
-int32_t SelectiveScanPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
+int32_t SS2DScanPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
     nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs, void* const* outputs,
-    void* /*workspace*/, cudaStream_t stream) noexcept
+    void* workspace, cudaStream_t stream) noexcept
 {
     if (inputDesc == nullptr || inputs == nullptr || outputs == nullptr)
         return -1;
-    nvinfer1::Dims const& u = inputDesc[kU].dims;
-    int const dtype = inputDesc[kU].type == DataType::kHALF ? MEDMAMBA_SCAN_FLOAT16 : MEDMAMBA_SCAN_FLOAT32;
-    int const status = medmamba_selective_scan_forward(inputs[kU], inputs[kDelta],
-        static_cast<float const*>(inputs[kA]), inputs[kB], inputs[kC], static_cast<float const*>(inputs[kD]),
-        static_cast<float const*>(inputs[kDeltaBias]), outputs[0], static_cast<int>(u.d[0]),
-        static_cast<int>(u.d[1]), static_cast<int>(u.d[2]), static_cast<int>(inputDesc[kB].dims.d[1]),
+    nvinfer1::Dims const& x = inputDesc[kX].dims;
+    int const dtype = inputDesc[kX].type == DataType::kHALF ? MEDMAMBA_SCAN_FLOAT16 : MEDMAMBA_SCAN_FLOAT32;
+    int const status = medmamba_ss2d_scan_forward(inputs[kX], inputs[kXDbl],
+        static_cast<float const*>(inputs[kDtProjsWeight]), static_cast<float const*>(inputs[kDtProjsBias]),
+        static_cast<float const*>(inputs[kA]), static_cast<float const*>(inputs[kDs]), outputs[0], workspace,
+        workspaceSize(x), static_cast<int>(x.d[0]), static_cast<int>(x.d[1]), static_cast<int>(x.d[2]),
+        static_cast<int>(x.d[3]), static_cast<int>(inputDesc[kDtProjsWeight].dims.d[2]),
         static_cast<int>(inputDesc[kA].dims.d[1]), mDeltaSoftplus, dtype, stream);
     if (status != 0)
     {
-        logError(std::string("enqueue failed: ") + medmamba_selective_scan_error_string(status));
+        logError(std::string("enqueue failed: ") + medmamba_ss2d_scan_error_string(status));
         return -1;
     }
     return 0;
 }
 
-nvinfer1::IPluginV3* SelectiveScanPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+nvinfer1::IPluginV3* SS2DScanPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
 {
     return clone();
 }
 
-nvinfer1::PluginFieldCollection const* SelectiveScanPlugin::getFieldsToSerialize() noexcept
+nvinfer1::PluginFieldCollection const* SS2DScanPlugin::getFieldsToSerialize() noexcept
 {
     mSerializedFields.clear();
     for (FieldSpec const& spec : kFields)
@@ -254,7 +288,7 @@ nvinfer1::PluginFieldCollection const* SelectiveScanPlugin::getFieldsToSerialize
     return &mSerializedCollection;
 }
 
-SelectiveScanPluginCreator::SelectiveScanPluginCreator()
+SS2DScanPluginCreator::SS2DScanPluginCreator()
 {
     for (FieldSpec const& spec : kFields)
         mFieldNames.emplace_back(spec.name, nullptr, spec.type, 1);
@@ -262,27 +296,27 @@ SelectiveScanPluginCreator::SelectiveScanPluginCreator()
     mFieldCollection.fields = mFieldNames.data();
 }
 
-char const* SelectiveScanPluginCreator::getPluginName() const noexcept
+char const* SS2DScanPluginCreator::getPluginName() const noexcept
 {
     return kPluginName;
 }
 
-char const* SelectiveScanPluginCreator::getPluginVersion() const noexcept
+char const* SS2DScanPluginCreator::getPluginVersion() const noexcept
 {
     return kPluginVersion;
 }
 
-char const* SelectiveScanPluginCreator::getPluginNamespace() const noexcept
+char const* SS2DScanPluginCreator::getPluginNamespace() const noexcept
 {
     return kPluginNamespace;
 }
 
-nvinfer1::PluginFieldCollection const* SelectiveScanPluginCreator::getFieldNames() noexcept
+nvinfer1::PluginFieldCollection const* SS2DScanPluginCreator::getFieldNames() noexcept
 {
     return &mFieldCollection;
 }
 
-nvinfer1::IPluginV3* SelectiveScanPluginCreator::createPlugin(
+nvinfer1::IPluginV3* SS2DScanPluginCreator::createPlugin(
     char const* /*name*/, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
 {
     try
@@ -290,7 +324,7 @@ nvinfer1::IPluginV3* SelectiveScanPluginCreator::createPlugin(
         // Build and runtime phases both arrive here with the same fields (from the ONNX node, or from
         // getFieldsToSerialize); names the plugin does not know, e.g. the parser's plugin_* bookkeeping,
         // are ignored.
-        std::unique_ptr<SelectiveScanPlugin> plugin(new SelectiveScanPlugin(1));
+        std::unique_ptr<SS2DScanPlugin> plugin(new SS2DScanPlugin(1));
         for (FieldSpec const& spec : kFields)
             (*plugin).*spec.member = spec.defaultValue;
         for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
@@ -320,7 +354,7 @@ nvinfer1::IPluginV3* SelectiveScanPluginCreator::createPlugin(
 
 extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static medmamba_edge::SelectiveScanPluginCreator creator;
+    static medmamba_edge::SS2DScanPluginCreator creator;
     static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
     nbCreators = 1;
     return creators;

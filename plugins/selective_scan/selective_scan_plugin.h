@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 for the SelectiveScan ONNX node (contract: runtime/scan_node.py).
+// TensorRT IPluginV3 for the SS2DScan ONNX node (contract: runtime/scan_node.py).
 //
 // TensorRT >= 10.3 only (JetPack 6.1+ and TensorRT 11): IPluginV3 does not exist in TensorRT 8.x.
 // The library exports getCreators()/setLoggerFinder(), the entry points of trtexec --dynamicPlugins and
@@ -9,7 +9,7 @@
 #include <NvInferRuntime.h>
 
 #if NV_TENSORRT_MAJOR < 10 || (NV_TENSORRT_MAJOR == 10 && NV_TENSORRT_MINOR < 3)
-#error "the SelectiveScan plugin is an IPluginV3 and needs TensorRT >= 10.3 (JetPack >= 6.1)"
+#error "the SS2DScan plugin is an IPluginV3 and needs TensorRT >= 10.3 (JetPack >= 6.1)"
 #endif
 
 #include <cstdint>
@@ -20,30 +20,29 @@ namespace medmamba_edge
 
 // Identity of the plugin; must equal OP_TYPE / PLUGIN_VERSION / PLUGIN_NAMESPACE of runtime/scan_node.py
 // (tests/test_plugin_build.py parses these lines).
-constexpr char kPluginName[] = "SelectiveScan";
-constexpr char kPluginVersion[] = "1";
+constexpr char kPluginName[] = "SS2DScan";
+constexpr char kPluginVersion[] = "2";
 constexpr char kPluginNamespace[] = "medmamba_edge";
 
-class SelectiveScanPlugin final : public nvinfer1::IPluginV3,
+class SS2DScanPlugin final : public nvinfer1::IPluginV3,
                                   public nvinfer1::IPluginV3OneCore,
                                   public nvinfer1::IPluginV3OneBuild,
                                   public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    // Inputs in node order; the output y has u's shape and type.
+    // Inputs in node order (scan_node.INPUT_NAMES); the output y is (b, H, W, D) of x's type.
     enum Input : int32_t
     {
-        kU = 0,
-        kDelta,
+        kX = 0,
+        kXDbl,
+        kDtProjsWeight,
+        kDtProjsBias,
         kA,
-        kB,
-        kC,
-        kD,
-        kDeltaBias,
+        kDs,
         kNbInputs
     };
 
-    explicit SelectiveScanPlugin(int32_t deltaSoftplus);
+    explicit SS2DScanPlugin(int32_t deltaSoftplus);
 
     // IPluginV3
     nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
@@ -84,10 +83,10 @@ private:
     nvinfer1::PluginFieldCollection mSerializedCollection{};
 };
 
-class SelectiveScanPluginCreator final : public nvinfer1::IPluginCreatorV3One
+class SS2DScanPluginCreator final : public nvinfer1::IPluginCreatorV3One
 {
 public:
-    SelectiveScanPluginCreator();
+    SS2DScanPluginCreator();
 
     char const* getPluginName() const noexcept override;
     char const* getPluginVersion() const noexcept override;

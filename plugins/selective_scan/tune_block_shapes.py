@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Sweep the CUDA scan's block shapes on this GPU and compare the best with what the dispatcher picks.
+"""Sweep the CUDA SS2DScan's block shapes on this GPU and compare the best with what the dispatcher picks.
 
     python plugins/selective_scan/tune_block_shapes.py
 
-Needs what gpu_check.py needs (PyTorch with CUDA, nvcc). Every shape is compiled into one library next to
-the dispatcher (the kernel file is #included, so the variants are the shipped kernel), checked against the
-dispatcher's output, and timed on the MedMamba-T stage shapes at batch 1 and 8, float32 and float16 I/O.
-The shapes the kernel uses (selective_scan_kernel.cu: fitsOneWave, launchThroughputShape) came from this
-sweep on an H200; on a GPU with far fewer SMs (Jetson Orin: 16) run it again before trusting them.
+Needs what gpu_check.py needs (PyTorch with CUDA, nvcc, the package installed). Every shape is compiled into
+one library next to the dispatcher (the kernel file is #included, so the variants are the shipped kernel),
+checked against the dispatcher's output, and timed on the MedMamba-T stage shapes at batch 1 and 8, float32
+and float16 I/O. The shapes the kernel's dispatch() uses are a first choice by block count; run this on the
+GPUs that matter (H200, Jetson Orin: 16 SMs) and move dispatch() to the winners.
 """
 
 from __future__ import annotations
@@ -26,36 +26,40 @@ _spec = importlib.util.spec_from_file_location("_medmamba_gpu_check", HERE / "gp
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
-# (states per warp, warps per channel): the d_state = 16 recurrences split over a channel's warps.
-STATE_SPLITS = ((2, 8), (4, 4), (8, 2))
-CHANNELS_PER_BLOCK = (1, 2, 3, 4)
-ITEMS_PER_LANE = (2, 4, 7)
+# Lanes per (direction, channel): d_state = 16 states split as 16 lanes x 1, 8 x 2 or 4 x 4 per thread.
+LANES = (16, 8, 4)
+CHANNELS_PER_BLOCK = (1, 2, 4, 8)
+CHUNKS = (32, 64)
 DTYPES = {"float": torch.float32, "__half": torch.float16}
 
 
 def variants():
-    return [(ctype, states, warps, channels, items)
-            for ctype in DTYPES for states, warps in STATE_SPLITS
-            for channels in CHANNELS_PER_BLOCK for items in ITEMS_PER_LANE]
+    return [(ctype, lanes, channels, chunk)
+            for ctype in DTYPES for lanes in LANES for channels in CHANNELS_PER_BLOCK for chunk in CHUNKS
+            if 4 * channels * lanes <= 1024]
 
 
 def sweep_source(kernel: Path, shapes) -> str:
-    table = ",\n".join(
-        f"    {{&launch<{c}, 16, {s}, {w}, {r}, {i}>}}" for c, s, w, r, i in shapes
-    )
+    table = ",\n".join(f"    {{&launch<{c}, 16, {lanes}, {g}, {chunk}>}}" for c, lanes, g, chunk in shapes)
     return f"""#include "{kernel}"
 namespace {{
-struct Variant {{ cudaError_t (*launch)(ScanParams const&, cudaStream_t); }};
+struct Variant {{ cudaError_t (*launch)(ScanParams, DeviceInfo const&, size_t, cudaStream_t); }};
 Variant const kVariants[] = {{
 {table}
 }};
 }}
-extern "C" __attribute__((visibility("default"))) int medmamba_tune_launch(int index, void const* u, void const* delta,
-    float const* A, void const* B, void const* C, float const* D, float const* delta_bias, void* y, int batch,
-    int channels, int length, int groups, cudaStream_t stream)
+extern "C" __attribute__((visibility("default"))) int medmamba_tune_launch(int index, void const* x,
+    void const* x_dbl, float const* dt_w, float const* dt_b, float const* A, float const* Ds, void* y,
+    void* workspace, size_t workspace_bytes, int batch, int channels, int height, int width, int dt_rank,
+    cudaStream_t stream)
 {{
-    ScanParams const p{{u, delta, A, B, C, D, delta_bias, y, batch, channels, length, groups, 16, 1}};
-    return kVariants[index].launch(p, stream);
+    DeviceInfo device{{}};
+    cudaError_t const err = deviceInfo(&device);
+    if (err != cudaSuccess)
+        return err;
+    ScanParams const p{{x, x_dbl, dt_w, dt_b, A, Ds, y, static_cast<float*>(workspace), batch, channels, height,
+        width, dt_rank, 16, 1, 0}};
+    return kVariants[index].launch(p, device, workspace_bytes, stream);
 }}
 """
 
@@ -66,7 +70,6 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device visible to PyTorch")
-    gpu_check.import_medmamba()  # plugins/build.py (nvcc lookup) reports through medmamba_edge.errors
     shapes = variants()
     with tempfile.TemporaryDirectory(prefix="medmamba-tune-") as temp:
         source = Path(temp) / "scan_block_shapes.cu"
@@ -76,36 +79,41 @@ def main() -> int:
               f"built in {seconds:.0f} s)\n")
         scan = gpu_check.Launcher(library)  # the dispatcher, as shipped
         tune = scan.lib.medmamba_tune_launch
-        tune.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
-        print("| dtype | batch | K*D x L | dispatcher us "
-              "| best shape (states/warp, warps/channel, channels/block, items) | best us | dispatcher / best |")
+        tune.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_size_t] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+        print("| dtype | batch | D x H x W | dispatcher us | best shape (lanes, channels/block, chunk) | best us "
+              "| dispatcher / best |")
         print("|---|---|---|---|---|---|---|")
         mismatches = []
         for ctype, dtype in DTYPES.items():
             for batch in (1, 8):
-                for channels, length in gpu_check.STAGES:
-                    inputs = gpu_check.make_inputs(batch, channels, length, 4, 16, dtype)
+                for _, channels, height, width, dt_rank in gpu_check.stage_shapes():
+                    arrays = gpu_check.make_arrays(batch, channels, height, width, dt_rank, 16, True)
+                    inputs = gpu_check.to_cuda(arrays, dtype)
                     expected = scan(*inputs)
                     y = torch.empty_like(expected)
                     dispatcher = gpu_check.cuda_time(lambda: scan(*inputs, out=y), args.iters, warmup=3)
+                    workspace = scan.workspace  # sized for this shape by the call above
                     timings = []
                     for index, shape in enumerate(shapes):
                         if shape[0] != ctype:
                             continue
 
                         def launch():
-                            status = tune(index, *(t.data_ptr() for t in (*inputs, y)), batch, channels, length, 4,
+                            status = tune(index, *(t.data_ptr() for t in (*inputs, y)), workspace.data_ptr(),
+                                          workspace.numel(), batch, channels, height, width, dt_rank,
                                           torch.cuda.current_stream().cuda_stream)
                             if status:
                                 raise RuntimeError(f"variant {shape}: CUDA error {status}")
 
                         launch()
-                        _, rel = gpu_check.rel_error(y, expected)
+                        # Every variant sums the four directions in the same order: only the float32 rounding
+                        # of the per-lane sums differs.
+                        _, rel = gpu_check.rel_error(y.float().cpu().numpy(), expected.float().cpu().numpy())
                         if not rel <= gpu_check.TOLERANCE[dtype]:
-                            mismatches.append((shape, batch, channels, length))
+                            mismatches.append((shape, batch, channels, height))
                         timings.append((gpu_check.cuda_time(launch, args.iters, warmup=3), shape))
                     best, shape = min(timings)
-                    print(f"| {str(dtype)[6:]} | {batch} | {channels} x {length} | {dispatcher * 1e6:.1f} "
+                    print(f"| {str(dtype)[6:]} | {batch} | {channels} x {height} x {width} | {dispatcher * 1e6:.1f} "
                           f"| {', '.join(map(str, shape[1:]))} | {best * 1e6:.1f} | {dispatcher / best:.2f} |")
     if mismatches:
         print(f"\n**MISMATCH** against the dispatcher: {mismatches}")

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend. Plugin-form models (``SelectiveScan`` nodes) run through the fused CPU scan
+"""ONNX Runtime backend. Plugin-form models (``SS2DScan`` nodes) run through the fused CPU scan
 (our custom-op library, runtime/fused_scan.py); portable models need nothing but ONNX Runtime.
 
 Execution providers are chosen from what this onnxruntime build offers, fastest first (TensorRT, CUDA,
@@ -70,9 +70,12 @@ class OnnxRuntimeBackend:
         self.path = Path(path)
         self.metadata: ModelMetadata = read_onnx_metadata(self.path)
         model = onnx.load(str(self.path))
+        retired = scan_node.retired_scan_node(model)
+        if retired:
+            raise BackendError(f"{self.path}: {retired}")
         providers = choose_providers(providers, self.metadata)
         try:
-            if any(n.op_type == scan_node.OP_TYPE and n.domain == scan_node.DOMAIN for n in model.graph.node):
+            if scan_node.has_scan_nodes(model):
                 from medmamba_edge.runtime import fused_scan
 
                 self.session = fused_scan.make_fused_session(model, threads=threads, providers=providers)

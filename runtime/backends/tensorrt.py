@@ -2,7 +2,7 @@
 
 The manifest beside the engine supplies the model metadata and is checked against the running TensorRT
 and GPU first, so a stale engine fails with the command that rebuilds it instead of a deserialisation
-error. The SelectiveScan plugin library is loaded automatically. I/O goes through ``execute_async_v3``
+error. The SS2DScan plugin library is loaded automatically. I/O goes through ``execute_async_v3``
 with ``set_input_shape``/``set_tensor_address`` on device buffers from cuda-python (see
 ``runtime/tensorrt_compat.py`` for why cuda-python). torch-free.
 """

@@ -1,5 +1,5 @@
 /*
- * libmedmamba_ort_ops: the SelectiveScan node (domain medmamba_edge, contract in runtime/scan_node.py) as a native
+ * libmedmamba_ort_ops: the SS2DScan node (domain medmamba_edge, contract in runtime/scan_node.py) as a native
  * ONNX Runtime custom op on the CPU execution provider.  Load it with SessionOptions.register_custom_ops_library
  * (Python), Ort::SessionOptions::RegisterCustomOpsLibrary (C++) or Triton's op_library_filename (docs/runtime.md).
  *
@@ -24,7 +24,7 @@
 #define MM_ORT_API_VERSION 17
 #define MM_ORT_MIN_RELEASE "1.17"
 #define MM_DOMAIN "medmamba_edge"
-#define MM_OP_TYPE "SelectiveScan"
+#define MM_OP_TYPE "SS2DScan"
 
 typedef struct {
     const OrtApi *api;
@@ -109,8 +109,14 @@ static OrtStatus *describe_input(const scan_kernel *k, OrtKernelContext *ctx, si
     return NULL;
 }
 
-static void run_worker(void *job, size_t i) {
-    (void)i; /* workers take items from the job's counter, not by index */
+/* Workers take items from the job's counters, not by index. */
+static void prepare_worker(void *job, size_t i) {
+    (void)i;
+    mm_scan_prepare((mm_scan_job *)job);
+}
+
+static void scan_worker(void *job, size_t i) {
+    (void)i;
     mm_scan_work((mm_scan_job *)job);
 }
 
@@ -130,24 +136,33 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if (mm_scan_check_shapes(ndim, dim_ptrs, &a, err, sizeof err) != 0)
         return errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': %s", k->node, err);
 
-    const float **in_data[MM_SCAN_INPUTS] = {&a.u, &a.delta, &a.A, &a.B, &a.C, &a.D, &a.delta_bias};
+    const float **in_data[MM_SCAN_INPUTS] = {&a.x, &a.x_dbl, &a.dt_w, &a.dt_b, &a.A, &a.Ds};
     for (size_t i = 0; i < MM_SCAN_INPUTS; i++) {
         /* GetTensorData (read-only) came in API 23; the mutable accessor hands out the same pointer */
         RETURN_IF_ERROR(ORT_API_FN(api, GetTensorMutableData)((OrtValue *)inputs[i], (void **)in_data[i]));
     }
+    int64_t out_dims[4];
+    mm_scan_output_dims(&a, out_dims);
     OrtValue *output = NULL;
-    RETURN_IF_ERROR(ORT_API_FN(api, KernelContext_GetOutput)(ctx, 0, dims[0], 3, &output));
+    RETURN_IF_ERROR(ORT_API_FN(api, KernelContext_GetOutput)(ctx, 0, out_dims, 4, &output));
     RETURN_IF_ERROR(ORT_API_FN(api, GetTensorMutableData)(output, (void **)&a.out));
 
     mm_scan_job job;
-    mm_scan_job_init(&job, &a, k->path);
-    if (job.total == 0) return NULL;
-    /* One call per item, so the pool can give every thread work; the first call on each thread takes items
-     * until none are left and the later ones return at once. */
-    RETURN_IF_ERROR(ORT_API_FN(api, KernelContext_ParallelFor)(ctx, run_worker, (size_t)job.total, 0, &job));
-    if (mm_scan_job_status(&job) != 0)
+    if (mm_scan_job_init(&job, &a, k->path) != 0) {
+        mm_scan_job_free(&job);
         return errorf(api, ORT_FAIL, MM_OP_TYPE " node '%s': out of memory for the scan's scratch buffers", k->node);
-    return NULL;
+    }
+    /* One call per item, so the pool can give every thread work; the first call on each thread takes items until
+     * none are left and the later ones return at once. */
+    OrtStatus *status = NULL;
+    if (job.total > 0) {
+        status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, prepare_worker, (size_t)job.rows_to_transpose, 0, &job);
+        if (status == NULL) status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, scan_worker, (size_t)job.total, 0, &job);
+    }
+    mm_scan_job_free(&job);
+    if (status == NULL && mm_scan_job_status(&job) != 0)
+        status = errorf(api, ORT_FAIL, MM_OP_TYPE " node '%s': out of memory for the scan's scratch buffers", k->node);
+    return status;
 }
 
 static const char *op_name(const OrtCustomOp *op) {
@@ -190,7 +205,7 @@ static OrtMemType op_memory(const OrtCustomOp *op, size_t index) {
 
 /* Version 17 although only 16's members carry code: ONNX Runtime refuses an op whose version is above its own
  * API version, so this states the same floor as the ParallelFor entry the kernel calls. */
-static const OrtCustomOp selective_scan_op = {
+static const OrtCustomOp ss2d_scan_op = {
     .version = MM_ORT_API_VERSION,
     .GetName = op_name,
     .GetExecutionProviderType = op_provider,
@@ -223,7 +238,7 @@ MM_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiB
     if (domain == NULL) {
         OrtCustomOpDomain *created = NULL;
         status = ORT_API_FN(api, CreateCustomOpDomain)(MM_DOMAIN, &created);
-        if (status == NULL) status = ORT_API_FN(api, CustomOpDomain_Add)(created, &selective_scan_op);
+        if (status == NULL) status = ORT_API_FN(api, CustomOpDomain_Add)(created, &ss2d_scan_op);
         if (status == NULL)
             domain = created;
         else

@@ -1,5 +1,5 @@
 /*
- * medmamba_edge.runtime._scan_cpu: a torch-free, multi-threaded CPU selective scan for Python.
+ * medmamba_edge.runtime._scan_cpu: a torch-free, multi-threaded CPU SS2D scan for Python.
  *
  * The kernel (semantics, layout, code paths) is selective_scan_kernel.{h,c}, shared with the ONNX Runtime
  * custom-op library; this file is the Python glue: buffer-protocol inputs (no numpy C API at build time),
@@ -30,7 +30,7 @@ static void buffer_dims(const Py_buffer *v, int64_t dims[8]) {
     for (int i = 0; i < v->ndim && i < 8; i++) dims[i] = (int64_t)v->shape[i];
 }
 
-static const char *const ARG_NAMES[8] = {"u", "delta", "A", "B", "C", "D", "delta_bias", "out"};
+#define N_ARGS (MM_SCAN_INPUTS + 1) /* the inputs, then out */
 
 /* The index of the path called `name`; -1 with ValueError set if this build has none. */
 static int find_path(const char *name) {
@@ -65,66 +65,68 @@ static PyObject *py_cpu_supports(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(mm_scan_path_supported(i));
 }
 
-static PyObject *py_selective_scan(PyObject *self, PyObject *args, PyObject *kwargs) {
+static const char *arg_name(int i) { return i < MM_SCAN_INPUTS ? mm_scan_input_names[i] : "out"; }
+
+static PyObject *py_ss2d_scan(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    static char *kwlist[] = {"u", "delta", "A", "B", "C", "D", "delta_bias", "out",
+    static char *kwlist[] = {"x", "x_dbl", "dt_projs_weight", "dt_projs_bias", "A", "Ds", "out",
                              "delta_softplus", "num_threads", "isa", NULL};
-    PyObject *objs[8];
+    PyObject *objs[N_ARGS];
     int delta_softplus = 1;
     int num_threads = 1;
     const char *isa = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOO|piz:selective_scan", kwlist, &objs[0], &objs[1],
-                                     &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7],
-                                     &delta_softplus, &num_threads, &isa))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|piz:ss2d_scan", kwlist, &objs[0], &objs[1], &objs[2],
+                                     &objs[3], &objs[4], &objs[5], &objs[6], &delta_softplus, &num_threads, &isa))
         return NULL;
     const int path = choose_path(isa);
     if (path < 0) return NULL;
 
-    Py_buffer v[8];
+    Py_buffer v[N_ARGS];
     int got = 0;
     PyObject *result = NULL;
 
-    for (; got < 8; got++) {
-        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
-        if (got == 7) flags |= PyBUF_WRITABLE;
-        if (PyObject_GetBuffer(objs[got], &v[got], flags) != 0) {
+    for (; got < N_ARGS; got++) {
+        const int is_out = got == MM_SCAN_INPUTS;
+        if (PyObject_GetBuffer(objs[got], &v[got], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (is_out ? PyBUF_WRITABLE : 0)) != 0) {
             PyErr_Clear();
-            PyErr_Format(PyExc_ValueError,
-                         "selective_scan: %s must be a C-contiguous float32 buffer%s (got %R)", ARG_NAMES[got],
-                         got == 7 ? " and writable" : "", (PyObject *)Py_TYPE(objs[got]));
+            PyErr_Format(PyExc_ValueError, "ss2d_scan: %s must be a C-contiguous float32 buffer%s (got %R)",
+                         arg_name(got), is_out ? " and writable" : "", (PyObject *)Py_TYPE(objs[got]));
             goto done;
         }
         if (!is_float32_format(v[got].format) || v[got].itemsize != 4) {
-            PyErr_Format(PyExc_ValueError, "selective_scan: %s must be float32, got buffer format '%s'",
-                         ARG_NAMES[got], v[got].format ? v[got].format : "B");
+            PyErr_Format(PyExc_ValueError, "ss2d_scan: %s must be float32, got buffer format '%s'", arg_name(got),
+                         v[got].format ? v[got].format : "B");
             got++;
             goto done;
         }
     }
 
-    int64_t dims[8][8];
-    int ndim[8];
+    int64_t dims[N_ARGS][8];
+    int ndim[N_ARGS];
     const int64_t *dim_ptrs[MM_SCAN_INPUTS];
-    for (int k = 0; k < 8; k++) {
+    for (int k = 0; k < N_ARGS; k++) {
         ndim[k] = v[k].ndim;
         buffer_dims(&v[k], dims[k]);
         if (k < MM_SCAN_INPUTS) dim_ptrs[k] = dims[k];
     }
     mm_scan_args sa = {
-        .u = (const float *)v[0].buf, .delta = (const float *)v[1].buf, .A = (const float *)v[2].buf,
-        .B = (const float *)v[3].buf, .C = (const float *)v[4].buf, .D = (const float *)v[5].buf,
-        .delta_bias = (const float *)v[6].buf, .out = (float *)v[7].buf, .delta_softplus = delta_softplus,
+        .x = (const float *)v[0].buf, .x_dbl = (const float *)v[1].buf, .dt_w = (const float *)v[2].buf,
+        .dt_b = (const float *)v[3].buf, .A = (const float *)v[4].buf, .Ds = (const float *)v[5].buf,
+        .out = (float *)v[6].buf, .delta_softplus = delta_softplus,
     };
     char err[256];
     if (mm_scan_check_shapes(ndim, dim_ptrs, &sa, err, sizeof err) != 0) {
-        PyErr_Format(PyExc_ValueError, "selective_scan: %s", err);
+        PyErr_Format(PyExc_ValueError, "ss2d_scan: %s", err);
         goto done;
     }
-    if (ndim[7] != 3 || dims[7][0] != dims[0][0] || dims[7][1] != dims[0][1] || dims[7][2] != dims[0][2]) {
+    int64_t want[4];
+    mm_scan_output_dims(&sa, want);
+    const int64_t *out_dims = dims[MM_SCAN_INPUTS];
+    if (ndim[MM_SCAN_INPUTS] != 4 || memcmp(out_dims, want, sizeof want) != 0) {
         char s1[128], s2[128];
-        mm_scan_shape_str(ndim[0], dims[0], s1, sizeof s1);
-        mm_scan_shape_str(ndim[7], dims[7], s2, sizeof s2);
-        PyErr_Format(PyExc_ValueError, "selective_scan: out must have u's shape %s, got %s", s1, s2);
+        mm_scan_shape_str(4, want, s1, sizeof s1);
+        mm_scan_shape_str(ndim[MM_SCAN_INPUTS], out_dims, s2, sizeof s2);
+        PyErr_Format(PyExc_ValueError, "ss2d_scan: out must be (batch, height, width, channels) = %s, got %s", s1, s2);
         goto done;
     }
     int rc;
@@ -135,8 +137,8 @@ static PyObject *py_selective_scan(PyObject *self, PyObject *args, PyObject *kwa
         PyErr_NoMemory();
         goto done;
     }
-    Py_INCREF(objs[7]);
-    result = objs[7];
+    Py_INCREF(objs[MM_SCAN_INPUTS]);
+    result = objs[MM_SCAN_INPUTS];
 
 done:
     for (int i = 0; i < got; i++) PyBuffer_Release(&v[i]);
@@ -144,12 +146,14 @@ done:
 }
 
 static PyMethodDef scan_methods[] = {
-    {"selective_scan", (PyCFunction)(void (*)(void))py_selective_scan, METH_VARARGS | METH_KEYWORDS,
-     "selective_scan(u, delta, A, B, C, D, delta_bias, out, delta_softplus=True, num_threads=1) -> out\n\n"
-     "Selective scan (MedMamba/mamba_ssm semantics, grouped B/C, float32 state) into `out`.\n"
-     "u, delta, out: (batch, channels, length); A: (channels, d_state); B, C: (batch, groups, d_state, length);\n"
-     "D, delta_bias: (channels,). All float32, C-contiguous buffers; `out` writable and not aliasing B or C.\n"
-     "isa: one of ISAS, by default the widest this CPU supports.\n"
+    {"ss2d_scan", (PyCFunction)(void (*)(void))py_ss2d_scan, METH_VARARGS | METH_KEYWORDS,
+     "ss2d_scan(x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds, out, delta_softplus=True, num_threads=1, isa=None)"
+     " -> out\n\n"
+     "SS2D's four-direction selective scan (runtime/scan_node.py, the SS2DScan contract) into `out`.\n"
+     "x: (batch, channels, height, width); x_dbl: (batch, 4 * (dt_rank + 2 * d_state), height * width);\n"
+     "dt_projs_weight: (4, channels, dt_rank); dt_projs_bias: (4, channels); A: (4 * channels, d_state);\n"
+     "Ds: (4 * channels,); out: (batch, height, width, channels), writable, not aliasing an input.\n"
+     "All float32, C-contiguous buffers. isa: one of ISAS, by default the widest this CPU supports.\n"
      "Raises ValueError on bad shapes, dtypes or an unknown isa, RuntimeError on an isa this CPU cannot run.\n"
      "Releases the GIL; uses `num_threads` pthreads."},
     {"cpu_supports", py_cpu_supports, METH_O,
@@ -160,7 +164,7 @@ static PyMethodDef scan_methods[] = {
 static struct PyModuleDef scan_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_scan_cpu",
-    .m_doc = "Compiled CPU selective scan for medmamba_edge (see runtime/scan_cpu.py for the Python API).",
+    .m_doc = "Compiled CPU SS2D scan for medmamba_edge (see runtime/scan_cpu.py for the Python API).",
     .m_size = -1,
     .m_methods = scan_methods,
 };

@@ -1,20 +1,22 @@
 /*
- * The CPU selective scan kernel (selective_scan_kernel.h), compiled into the Python extension
+ * The CPU SS2D scan kernel (selective_scan_kernel.h), compiled into the Python extension
  * medmamba_edge.runtime._scan_cpu and into the ONNX Runtime custom-op library libmedmamba_ort_ops.
  *
- * Semantics (runtime/scan_node.py, medmamba_edge/scan.py: selective_scan_ref):
- *   u, delta (batch, KD, L); A (KD, N); B, C (batch, G, N, L), channel d uses group d / (KD/G);
- *   D, delta_bias (KD,).  delta += delta_bias; if delta_softplus: delta = softplus(delta) (x if x > 20);
- *   h_t[n] = exp(delta_t A[d,n]) h_{t-1}[n] + delta_t u_t B[g,n,t];  y_t = sum_n C[g,n,t] h_t[n] + D[d] u_t.
+ * Semantics (runtime/scan_node.py, the SS2DScan contract): for each direction k, channel d, the positions
+ * p = seq_k(t) in order: delta = softplus(dt_b + dt_w . dt_low[:, p]), h = exp(delta A) h + delta B[:, p] x[d, p],
+ * y[p, d] += C[:, p] . h + Ds x[d, p], summed over the four directions.
  *
- * Layout of the computation: the recurrence is sequential in t, so we vectorise across VW = 16
- * consecutive channels of one group (B_t[n] and C_t[n] are then scalars broadcast to all lanes).
- * A work item is (batch, group, block of <= 16 channels); it walks the sequence in tiles of TT steps:
- *   1. per channel row (contiguous in t): delta + bias, softplus, delta*u  (vectorised over t),
- *      transposed into tile[t][lane];
- *   2. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
- *      polynomial exp2, h = dA h + (delta u) B[n], y += C[n] h  (vectorised over the 16 lanes);
- *   3. y tile transposed back, plus D u, into the output rows.
+ * Layout of the computation: the recurrence is sequential in t, so we vectorise across VW = 16 consecutive
+ * channels (B[n, p] and C[n, p] are then scalars broadcast to all lanes).  A work item is (batch, block of
+ * <= 16 channels) in all four directions, one after the other, so it alone writes y[:, block] and the sum
+ * over directions has a fixed order.  It first copies its 16 channels of x channel-last (xT[p][lane]), so
+ * every direction reads a step's 16 values as one vector whatever order it walks.  Per direction it walks
+ * the sequence in tiles of TT steps:
+ *   1. gather the tile's columns p of x_dbl's R + 2N rows (contiguous for k = 0, 2; stride W for 1, 3);
+ *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
+ *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
+ *      polynomial exp2, h = dA h + (delta x) B[n], y += C[n] h;
+ *   4. y[p][block] (= for k = 0, += after) y + Ds x: 16 contiguous floats of the channel-last output.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
  * four q registers on NEON).  With gcc on x86-64 the hot function is compiled three times, for
  * x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline (SSE2); each call runs the path it is
@@ -29,6 +31,7 @@
 
 #include <ctype.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,14 +61,17 @@
 #define MM_INLINE static inline __attribute__((always_inline))
 #define MM_ALIGN __attribute__((aligned(64)))
 
-/* Per-thread scratch: channel-major rows (as in memory) and their time-major transposes (tiles). */
+/* Per-thread scratch: fixed-size tiles here, the rest sized by the call (scratch_floats). */
 typedef struct {
-    float rd[VW][TT] MM_ALIGN;   /* rows: softplus(delta + bias) */
-    float ru[VW][TT] MM_ALIGN;   /* rows: delta * u */
-    float ry[VW][TT] MM_ALIGN;   /* rows: sum_n C h */
-    float dt[TT][VW] MM_ALIGN;   /* tiles of the same */
-    float du[TT][VW] MM_ALIGN;
-    float y[TT][VW] MM_ALIGN;
+    float dt[TT][VW] MM_ALIGN;   /* softplus(dt_b + dt_w . dt_low), time-major */
+    float du[TT][VW] MM_ALIGN;   /* delta * x */
+    float y[TT][VW] MM_ALIGN;    /* sum_n C h */
+    ptrdiff_t pos[TT];           /* the tile's positions p = seq_k(t) */
+    float bias[VW] MM_ALIGN, ds[VW] MM_ALIGN;
+    float *xT;                   /* (L, VW): the block's x, channel-last, positions row-major */
+    float *xTc;                  /* (L, VW): the same, positions column-major (directions 1 and 3) */
+    float *rows;                 /* (R + 2N, TT): the tile's columns of x_dbl */
+    float *w;                    /* (R, VW): dt_w, rank-major */
     float *a2;                   /* (N, VW): A * log2(e) */
     float *h;                    /* (N, VW): state */
 } scan_scratch;
@@ -144,57 +150,18 @@ MM_INLINE float softplus20(float x) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * 16 x 16 transpose, dst[c * dst_stride + k] = src[k * src_stride + c] for k, c < 16, as 4 x 4 blocks
- * of 128-bit vectors with generic vector shuffles (gcc and clang): native on every target (unpck/shufps on SSE and
- * AVX, zip/trn on NEON).  (A 512-bit butterfly version measured the same on AVX-512, and gcc turns
- * 512-bit shuffles into scalar moves on the other targets.)
- * ------------------------------------------------------------------------------------------- */
-
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
-
-#if defined(__clang__)
-#define MM_SHUF4(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
-#else
-#define MM_SHUF4(a, b, i0, i1, i2, i3) __builtin_shuffle(a, b, (v4i){i0, i1, i2, i3})
-#endif
-
-MM_INLINE void transpose16(float *restrict dst, ptrdiff_t dst_stride, const float *restrict src,
-                           ptrdiff_t src_stride) {
-    for (int bi = 0; bi < 4; bi++) {
-        for (int bj = 0; bj < 4; bj++) {
-            v4f r0, r1, r2, r3;
-            const float *s = src + 4 * bi * src_stride + 4 * bj;
-            memcpy(&r0, s, sizeof r0);
-            memcpy(&r1, s + src_stride, sizeof r1);
-            memcpy(&r2, s + 2 * src_stride, sizeof r2);
-            memcpy(&r3, s + 3 * src_stride, sizeof r3);
-            v4f t0 = MM_SHUF4(r0, r1, 0, 4, 1, 5), t1 = MM_SHUF4(r0, r1, 2, 6, 3, 7);
-            v4f t2 = MM_SHUF4(r2, r3, 0, 4, 1, 5), t3 = MM_SHUF4(r2, r3, 2, 6, 3, 7);
-            v4f o0 = MM_SHUF4(t0, t2, 0, 1, 4, 5), o1 = MM_SHUF4(t0, t2, 2, 3, 6, 7);
-            v4f o2 = MM_SHUF4(t1, t3, 0, 1, 4, 5), o3 = MM_SHUF4(t1, t3, 2, 3, 6, 7);
-            float *d = dst + 4 * bj * dst_stride + 4 * bi;
-            memcpy(d, &o0, sizeof o0);
-            memcpy(d + dst_stride, &o1, sizeof o1);
-            memcpy(d + 2 * dst_stride, &o2, sizeof o2);
-            memcpy(d + 3 * dst_stride, &o3, sizeof o3);
-        }
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------
  * The scan of one tile: steps [0, tl) of the block, state h (N, VW) carried across tiles.
  * ------------------------------------------------------------------------------------------- */
 
 MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
                          float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
-                         const float *restrict Ct, ptrdiff_t L, int tl, int N, int clamp_hi) {
+                         const float *restrict Ct, int tl, int N, int clamp_hi) {
     for (int t = 0; t < tl; t++) {
         float acc[VW] MM_ALIGN;
         for (int l = 0; l < VW; l++) acc[l] = 0.0f;
         for (int n = 0; n < N; n++) {
-            const float b = Bt[n * L + t];
-            const float c = Ct[n * L + t];
+            const float b = Bt[n * TT + t];
+            const float c = Ct[n * TT + t];
             for (int l = 0; l < VW; l++) {
                 float dA = fast_exp2(dtt[t][l] * a2[n * VW + l], clamp_hi);
                 float hv = dA * h[n * VW + l] + dut[t][l] * b;
@@ -206,93 +173,158 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
     }
 }
 
-/* One work item: batch b, channels [c0, c0 + nch) (all in group g), the whole sequence.  Always inlined
- * into one wrapper per instruction set below, which is where it gets vectorised. */
-MM_INLINE void scan_block(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0, int nch) {
-    const ptrdiff_t KD = a->channels, L = a->length, N = a->d_state, G = a->groups;
-    const ptrdiff_t g = c0 / (KD / G);
-    const float *Bg = a->B + (b * G + g) * N * L;
-    const float *Cg = a->C + (b * G + g) * N * L;
+/* The positions p = seq_k(t) of the tile [t0, t0 + tl) (runtime/scan_node.py scan_order), where y is written;
+ * the column-major walks keep (row, column) as they go rather than divide at every step. */
+MM_INLINE void tile_positions(ptrdiff_t *restrict pos, int k, ptrdiff_t t0, int tl, ptrdiff_t H, ptrdiff_t W) {
+    const ptrdiff_t last = H * W - 1;
+    if (k == 0) {
+        for (int t = 0; t < tl; t++) pos[t] = t0 + t;
+    } else if (k == 2) {
+        for (int t = 0; t < tl; t++) pos[t] = last - t0 - t;
+    } else {
+        const ptrdiff_t q = k == 1 ? t0 : last - t0;
+        ptrdiff_t row = q % H, col = q / H;
+        for (int t = 0; t < tl; t++) {
+            pos[t] = row * W + col;
+            if (k == 1 && ++row == H) {
+                row = 0;
+                col++;
+            } else if (k == 3 && row-- == 0) {
+                row = H - 1;
+                col--;
+            }
+        }
+    }
+}
+
+/* One direction k of one work item: channels [c0, c0 + nch) of batch b, the whole sequence.  Every input is read
+ * at q = t (k = 0, 1) or q = L - 1 - t (k = 2, 3) of an array in the direction's own order: x_dbl's rows and xT
+ * for the row-major directions, `columns` (the job's column-major copy of x_dbl's rows) and xTc for the others. */
+MM_INLINE void scan_direction(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+                              ptrdiff_t c0, int nch, int k) {
+    const ptrdiff_t D = a->channels, L = a->height * a->width, N = a->d_state, R = a->dt_rank;
+    const ptrdiff_t P = R + 2 * N;
+    const ptrdiff_t ck = (ptrdiff_t)k * D + c0; /* the block's first row of A, Ds, dt_w, dt_b */
+    const float *rows = (k & 1) ? columns + (b * 2 + k / 2) * P * L : a->x_dbl + (b * MM_SCAN_DIRECTIONS + k) * P * L;
+    const float *xk = (k & 1) ? s->xTc : s->xT;
+    const int forward = k < 2;
     const int n_state = (int)N;
 
     /* delta*A <= 0 whenever delta >= 0 (always after softplus) and A <= 0 (always in Mamba:
      * A = -exp(A_log)): then exp never overflows and the upper clamp can go. */
     int clamp_hi = !a->delta_softplus;
     for (ptrdiff_t n = 0; n < N; n++) {
-        for (int l = 0; l < nch; l++) clamp_hi |= !(a->A[(c0 + l) * N + n] <= 0.0f);
+        for (int l = 0; l < nch; l++) clamp_hi |= !(a->A[(ck + l) * N + n] <= 0.0f);
     }
+    /* Padding lanes: x = 0 there, so delta * x = 0 and h stays 0; never written back. */
     for (ptrdiff_t n = 0; n < N; n++) {
         for (int l = 0; l < VW; l++) {
-            s->a2[n * VW + l] = l < nch ? a->A[(c0 + l) * N + n] * 1.44269504088896341f : 0.0f;
+            s->a2[n * VW + l] = l < nch ? a->A[(ck + l) * N + n] * 1.44269504088896341f : 0.0f;
             s->h[n * VW + l] = 0.0f;
         }
     }
-    /* Padding lanes: delta = 0, delta*u = 0 -> dA = 1, h stays 0; never written back. */
-    for (int l = nch; l < VW; l++) {
-        for (int t = 0; t < TT; t++) {
-            s->rd[l][t] = 0.0f;
-            s->ru[l][t] = 0.0f;
-        }
+    for (ptrdiff_t r = 0; r < R; r++) {
+        for (int l = 0; l < VW; l++) s->w[r * VW + l] = l < nch ? a->dt_w[(ck + l) * R + r] : 0.0f;
+    }
+    for (int l = 0; l < VW; l++) {
+        s->bias[l] = l < nch ? a->dt_b[ck + l] : 0.0f;
+        s->ds[l] = l < nch ? a->Ds[ck + l] : 0.0f;
     }
 
     for (ptrdiff_t t0 = 0; t0 < L; t0 += TT) {
         const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
-        const int nsub = (tl + 15) / 16; /* 16-step sub-tiles to transpose; steps >= tl are ignored */
-        /* 1. rows (contiguous in t, vectorised over t), then transposed into tiles */
-        for (int l = 0; l < nch; l++) {
-            const ptrdiff_t row = (b * KD + c0 + l) * L + t0;
-            const float *restrict ur = a->u + row;
-            const float *restrict dr = a->delta + row;
-            const float bias = a->delta_bias[c0 + l];
-            float *restrict rd = s->rd[l];
-            float *restrict ru = s->ru[l];
-            if (a->delta_softplus) {
-                for (int t = 0; t < tl; t++) rd[t] = softplus20(dr[t] + bias);
+        const ptrdiff_t q0 = forward ? t0 : L - 1 - t0; /* the tile's first q; then q0 + t or q0 - t */
+        tile_positions(s->pos, k, t0, tl, a->height, a->width);
+        /* 1. the tile of x_dbl's rows, in step order */
+        for (ptrdiff_t j = 0; j < P; j++) {
+            const float *restrict src = rows + j * L;
+            float *restrict dst = s->rows + j * TT;
+            if (forward) {
+                memcpy(dst, src + q0, sizeof(float) * (size_t)tl);
             } else {
-                for (int t = 0; t < tl; t++) rd[t] = dr[t] + bias;
+                for (int t = 0; t < tl; t++) dst[t] = src[q0 - t];
             }
-            for (int t = 0; t < tl; t++) ru[t] = rd[t] * ur[t];
         }
-        for (int j = 0; j < nsub; j++) {
-            transpose16(&s->dt[16 * j][0], VW, &s->rd[0][16 * j], TT);
-            transpose16(&s->du[16 * j][0], VW, &s->ru[0][16 * j], TT);
+        /* 2. delta and delta * x */
+        for (int t = 0; t < tl; t++) {
+            float acc[VW] MM_ALIGN;
+            for (int l = 0; l < VW; l++) acc[l] = s->bias[l];
+            for (ptrdiff_t r = 0; r < R; r++) {
+                const float v = s->rows[r * TT + t];
+                for (int l = 0; l < VW; l++) acc[l] += s->w[r * VW + l] * v;
+            }
+            const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
+            if (a->delta_softplus) {
+                for (int l = 0; l < VW; l++) acc[l] = softplus20(acc[l]);
+            }
+            for (int l = 0; l < VW; l++) {
+                s->dt[t][l] = acc[l];
+                s->du[t][l] = acc[l] * xt[l];
+            }
         }
-        /* 2. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
+        /* 3. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
+        const float *Bt = s->rows + R * TT, *Ct = s->rows + (R + N) * TT;
         if (n_state == 16 && !clamp_hi)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, 16, 0);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, 16, 0);
         else if (!clamp_hi)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, n_state, 0);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 0);
         else
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bg + t0, Cg + t0, L, tl, n_state, 1);
-        /* 3. tiles -> rows, y += D u */
-        for (int j = 0; j < nsub; j++) transpose16(&s->ry[0][16 * j], TT, &s->y[16 * j][0], VW);
-        for (int l = 0; l < nch; l++) {
-            const ptrdiff_t row = (b * KD + c0 + l) * L + t0;
-            const float *restrict ur = a->u + row;
-            float *restrict yr = a->out + row;
-            const float dd = a->D[c0 + l];
-            const float *restrict ry = s->ry[l];
-            for (int t = 0; t < tl; t++) yr[t] = ry[t] + dd * ur[t];
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 1);
+        /* 4. into the channel-last output: the first direction sets it, the others add */
+        for (int t = 0; t < tl; t++) {
+            const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
+            float *restrict yo = a->out + (b * L + s->pos[t]) * D + c0;
+            float v[VW] MM_ALIGN;
+            for (int l = 0; l < VW; l++) v[l] = s->y[t][l] + s->ds[l] * xt[l];
+            if (nch == VW && k == 0) {
+                for (int l = 0; l < VW; l++) yo[l] = v[l];
+            } else if (nch == VW) {
+                for (int l = 0; l < VW; l++) yo[l] += v[l];
+            } else {
+                for (int l = 0; l < nch; l++) yo[l] = k == 0 ? v[l] : yo[l] + v[l];
+            }
         }
     }
 }
 
-typedef void (*scan_block_fn)(const mm_scan_args *, scan_scratch *restrict, ptrdiff_t, ptrdiff_t, int);
-
-#if MM_X86_PATHS
-__attribute__((target("arch=x86-64-v4"))) static void scan_block_avx512(const mm_scan_args *a, scan_scratch *restrict s,
-                                                                         ptrdiff_t b, ptrdiff_t c0, int nch) {
-    scan_block(a, s, b, c0, nch);
+/* One work item: batch b, channels [c0, c0 + nch), all four directions in order.  Always inlined into one
+ * wrapper per instruction set below, which is where it gets vectorised. */
+MM_INLINE void scan_block(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+                          ptrdiff_t c0, int nch) {
+    const ptrdiff_t H = a->height, W = a->width, L = H * W;
+    const float *x = a->x + (b * a->channels + c0) * L;
+    for (ptrdiff_t p = 0; p < L; p++) {
+        for (int l = 0; l < VW; l++) s->xT[p * VW + l] = l < nch ? x[l * L + p] : 0.0f;
+    }
+    for (ptrdiff_t col = 0; col < W; col++) {
+        for (ptrdiff_t row = 0; row < H; row++) {
+            float *restrict dst = s->xTc + (col * H + row) * VW;
+            const float *restrict src = s->xT + (row * W + col) * VW;
+            for (int l = 0; l < VW; l++) dst[l] = src[l];
+        }
+    }
+    for (int k = 0; k < MM_SCAN_DIRECTIONS; k++) scan_direction(a, columns, s, b, c0, nch, k);
 }
 
-__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, scan_scratch *restrict s,
-                                                                       ptrdiff_t b, ptrdiff_t c0, int nch) {
-    scan_block(a, s, b, c0, nch);
+typedef void (*scan_block_fn)(const mm_scan_args *, const float *, scan_scratch *restrict, ptrdiff_t, ptrdiff_t, int);
+
+#if MM_X86_PATHS
+__attribute__((target("arch=x86-64-v4"))) static void scan_block_avx512(const mm_scan_args *a, const float *columns,
+                                                                       scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
+                                                                       int nch) {
+    scan_block(a, columns, s, b, c0, nch);
+}
+
+__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, const float *columns,
+                                                                       scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
+                                                                       int nch) {
+    scan_block(a, columns, s, b, c0, nch);
 }
 #endif
 
-static void scan_block_baseline(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0, int nch) {
-    scan_block(a, s, b, c0, nch);
+static void scan_block_baseline(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+                                ptrdiff_t c0, int nch) {
+    scan_block(a, columns, s, b, c0, nch);
 }
 
 /* The compiled paths, widest first. */
@@ -376,7 +408,7 @@ int mm_scan_path_from_env(char *err, size_t err_size) {
  * Shapes
  * ------------------------------------------------------------------------------------------- */
 
-const char *const mm_scan_input_names[MM_SCAN_INPUTS] = {"u", "delta", "A", "B", "C", "D", "delta_bias"};
+const char *const mm_scan_input_names[MM_SCAN_INPUTS] = {"x", "x_dbl", "dt_projs_weight", "dt_projs_bias", "A", "Ds"};
 
 void mm_scan_shape_str(int ndim, const int64_t *dims, char *buf, size_t n) {
     size_t pos = (size_t)snprintf(buf, n, "(");
@@ -388,62 +420,61 @@ void mm_scan_shape_str(int ndim, const int64_t *dims, char *buf, size_t n) {
     if (pos < n) snprintf(buf + pos, n - pos, ")");
 }
 
+/* A one-line message naming input i, its expected shape (printf-style) and its actual shape. */
+static int shape_error(char *err, size_t err_size, int ndim, const int64_t *dims, const char *fmt, ...) {
+    char want[160], got[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(want, sizeof want, fmt, ap);
+    va_end(ap);
+    mm_scan_shape_str(ndim, dims, got, sizeof got);
+    snprintf(err, err_size, "%s, got %s", want, got);
+    return -1;
+}
+
+#define LL(v) ((long long)(v))
+
 int mm_scan_check_shapes(const int ndim[MM_SCAN_INPUTS], const int64_t *const dims[MM_SCAN_INPUTS], mm_scan_args *a,
                          char *err, size_t err_size) {
-    const char *const *names = mm_scan_input_names;
-    char s1[128], s2[128];
-    if (ndim[0] != 3) {
-        mm_scan_shape_str(ndim[0], dims[0], s1, sizeof s1);
-        snprintf(err, err_size, "u must be (batch, channels, length), got shape %s", s1);
-        return -1;
-    }
-    const int64_t batch = dims[0][0], KD = dims[0][1], L = dims[0][2];
-    if (ndim[1] != 3 || dims[1][0] != batch || dims[1][1] != KD || dims[1][2] != L) {
-        mm_scan_shape_str(ndim[0], dims[0], s1, sizeof s1);
-        mm_scan_shape_str(ndim[1], dims[1], s2, sizeof s2);
-        snprintf(err, err_size, "delta must have u's shape %s, got %s", s1, s2);
-        return -1;
-    }
-    if (ndim[2] != 2 || dims[2][0] != KD || dims[2][1] < 1) {
-        mm_scan_shape_str(ndim[2], dims[2], s1, sizeof s1);
-        snprintf(err, err_size, "A must be (channels=%lld, d_state), got %s", (long long)KD, s1);
-        return -1;
-    }
-    const int64_t N = dims[2][1];
-    if (ndim[3] != 4 || dims[3][0] != batch || dims[3][2] != N || dims[3][3] != L) {
-        mm_scan_shape_str(ndim[3], dims[3], s1, sizeof s1);
-        snprintf(err, err_size, "B must be (batch=%lld, groups, d_state=%lld, length=%lld), got %s", (long long)batch,
-                 (long long)N, (long long)L, s1);
-        return -1;
-    }
-    if (ndim[4] != 4 || dims[4][0] != batch || dims[4][1] != dims[3][1] || dims[4][2] != N || dims[4][3] != L) {
-        mm_scan_shape_str(ndim[4], dims[4], s1, sizeof s1);
-        snprintf(err, err_size, "C must be (batch=%lld, groups=%lld, d_state=%lld, length=%lld) like B, got %s",
-                 (long long)batch, (long long)dims[3][1], (long long)N, (long long)L, s1);
-        return -1;
-    }
-    const int64_t G = dims[3][1];
-    if (G < 1 || KD % G != 0) {
-        snprintf(err, err_size, "groups (%lld) must divide channels (%lld)", (long long)G, (long long)KD);
-        return -1;
-    }
-    for (int k = 5; k <= 6; k++) {
-        if (ndim[k] != 1 || dims[k][0] != KD) {
-            mm_scan_shape_str(ndim[k], dims[k], s1, sizeof s1);
-            snprintf(err, err_size, "%s must be (channels=%lld,), got %s", names[k], (long long)KD, s1);
-            return -1;
-        }
-    }
-    if (N > (1 << 20)) { /* the per-thread state is 2 * 16 * N floats */
-        snprintf(err, err_size, "d_state %lld is too large", (long long)N);
+    const int64_t K = MM_SCAN_DIRECTIONS;
+    if (ndim[0] != 4)
+        return shape_error(err, err_size, ndim[0], dims[0], "x must be (batch, channels, height, width)");
+    const int64_t batch = dims[0][0], D = dims[0][1], H = dims[0][2], W = dims[0][3];
+    if (ndim[4] != 2 || dims[4][0] != K * D || dims[4][1] < 1)
+        return shape_error(err, err_size, ndim[4], dims[4], "A must be (4 * channels = %lld, d_state)", LL(K * D));
+    const int64_t N = dims[4][1];
+    if (ndim[2] != 3 || dims[2][0] != K || dims[2][1] != D || dims[2][2] < 1)
+        return shape_error(err, err_size, ndim[2], dims[2], "dt_projs_weight must be (4, channels = %lld, dt_rank)",
+                           LL(D));
+    const int64_t R = dims[2][2];
+    if (ndim[1] != 3 || dims[1][0] != batch || dims[1][1] != K * (R + 2 * N) || dims[1][2] != H * W)
+        return shape_error(err, err_size, ndim[1], dims[1],
+                           "x_dbl must be (batch = %lld, 4 * (dt_rank + 2 * d_state) = %lld, height * width = %lld)",
+                           LL(batch), LL(K * (R + 2 * N)), LL(H * W));
+    if (ndim[3] != 2 || dims[3][0] != K || dims[3][1] != D)
+        return shape_error(err, err_size, ndim[3], dims[3], "dt_projs_bias must be (4, channels = %lld)", LL(D));
+    if (ndim[5] != 1 || dims[5][0] != K * D)
+        return shape_error(err, err_size, ndim[5], dims[5], "Ds must be (4 * channels = %lld,)", LL(K * D));
+    /* the per-thread scratch holds 16 floats per position and per state, and a tile of x_dbl's rows */
+    if (H * W > ((int64_t)1 << 26) || N > (1 << 20) || R > (1 << 20)) {
+        snprintf(err, err_size, "height * width = %lld, d_state = %lld or dt_rank = %lld is too large", LL(H * W), LL(N),
+                 LL(R));
         return -1;
     }
     a->batch = (ptrdiff_t)batch;
-    a->channels = (ptrdiff_t)KD;
-    a->length = (ptrdiff_t)L;
-    a->groups = (ptrdiff_t)G;
+    a->channels = (ptrdiff_t)D;
+    a->height = (ptrdiff_t)H;
+    a->width = (ptrdiff_t)W;
+    a->dt_rank = (ptrdiff_t)R;
     a->d_state = (ptrdiff_t)N;
     return 0;
+}
+
+void mm_scan_output_dims(const mm_scan_args *a, int64_t dims[4]) {
+    dims[0] = a->batch;
+    dims[1] = a->height;
+    dims[2] = a->width;
+    dims[3] = a->channels;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -480,15 +511,43 @@ static void fp_mode_leave(fp_mode m) {
 #endif
 }
 
-void mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
-    const ptrdiff_t cpg = a->groups > 0 ? a->channels / a->groups : 0;
+int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
+    const ptrdiff_t L = a->height * a->width, P = a->dt_rank + 2 * a->d_state;
     job->args = a;
     job->path = path;
-    job->blocks_per_group = (cpg + VW - 1) / VW;
-    job->blocks_per_batch = job->blocks_per_group * a->groups;
-    job->total = a->length > 0 ? job->blocks_per_batch * a->batch : 0;
+    job->blocks_per_batch = (a->channels + VW - 1) / VW;
+    job->total = L > 0 ? job->blocks_per_batch * a->batch : 0;
+    job->rows_to_transpose = job->total > 0 ? a->batch * 2 * P : 0;
+    job->columns = NULL;
+    atomic_init(&job->next_row, 0);
     atomic_init(&job->next, 0);
     atomic_init(&job->failed, 0);
+    if (job->rows_to_transpose > 0) {
+        job->columns = malloc(sizeof(float) * (size_t)(job->rows_to_transpose * L));
+        if (job->columns == NULL) return -1;
+    }
+    return 0;
+}
+
+void mm_scan_job_free(mm_scan_job *job) {
+    free(job->columns);
+    job->columns = NULL;
+}
+
+void mm_scan_prepare(mm_scan_job *job) {
+    const mm_scan_args *a = job->args;
+    const ptrdiff_t H = a->height, W = a->width, L = H * W, P = a->dt_rank + 2 * a->d_state;
+    for (;;) {
+        const long long i = atomic_fetch_add_explicit(&job->next_row, 1, memory_order_relaxed);
+        if (i >= job->rows_to_transpose) break;
+        /* row i of (batch, 2, P): direction 1 + 2 * (i / P % 2), batch i / (2 P) */
+        const ptrdiff_t b = (ptrdiff_t)i / (2 * P), k = 1 + 2 * ((ptrdiff_t)i / P % 2), j = (ptrdiff_t)i % P;
+        const float *restrict src = a->x_dbl + ((b * MM_SCAN_DIRECTIONS + k) * P + j) * L;
+        float *restrict dst = job->columns + (ptrdiff_t)i * L;
+        for (ptrdiff_t col = 0; col < W; col++) {
+            for (ptrdiff_t row = 0; row < H; row++) dst[col * H + row] = src[row * W + col];
+        }
+    }
 }
 
 void mm_scan_work(mm_scan_job *job) {
@@ -496,32 +555,33 @@ void mm_scan_work(mm_scan_job *job) {
     if (atomic_load_explicit(&job->next, memory_order_relaxed) >= job->total) return;
     const mm_scan_args *a = job->args;
     const scan_block_fn block = PATHS[job->path].fn;
-    const ptrdiff_t cpg = a->channels / a->groups;
+    const size_t L = (size_t)(a->height * a->width), N = (size_t)a->d_state, R = (size_t)a->dt_rank;
+    /* xT, xTc, rows, w, a2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
+    const size_t floats = 2 * L * VW + (R + 2 * N) * TT + R * VW + 2 * N * VW;
     scan_scratch *s = NULL;
-    float *state = NULL;
-    if (posix_memalign((void **)&s, 64, sizeof *s) != 0 ||
-        posix_memalign((void **)&state, 64, sizeof(float) * 2 * VW * (size_t)a->d_state) != 0) {
+    float *buf = NULL;
+    if (posix_memalign((void **)&s, 64, sizeof *s) != 0 || posix_memalign((void **)&buf, 64, sizeof(float) * floats) != 0) {
         free(s);
         atomic_store(&job->failed, 1);
         return;
     }
-    memset(s, 0, sizeof *s); /* tile steps beyond a sequence's end are transposed but never used */
-    s->a2 = state;
-    s->h = state + VW * a->d_state;
+    s->xT = buf;
+    s->xTc = s->xT + L * VW;
+    s->rows = s->xTc + L * VW;
+    s->w = s->rows + (R + 2 * N) * TT;
+    s->a2 = s->w + R * VW;
+    s->h = s->a2 + N * VW;
     const fp_mode mode = fp_mode_enter();
     for (;;) {
         long long i = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (i >= job->total) break;
         const ptrdiff_t b = (ptrdiff_t)i / job->blocks_per_batch;
-        const ptrdiff_t rem = (ptrdiff_t)i % job->blocks_per_batch;
-        const ptrdiff_t g = rem / job->blocks_per_group;
-        const ptrdiff_t k = rem % job->blocks_per_group;
-        const ptrdiff_t first = k * VW;
-        const int nch = (int)((cpg - first) < VW ? (cpg - first) : VW);
-        block(a, s, b, g * cpg + first, nch);
+        const ptrdiff_t first = ((ptrdiff_t)i % job->blocks_per_batch) * VW;
+        const int nch = (int)((a->channels - first) < VW ? (a->channels - first) : VW);
+        block(a, job->columns, s, b, first, nch);
     }
     fp_mode_leave(mode);
-    free(state);
+    free(buf);
     free(s);
 }
 
@@ -530,26 +590,37 @@ int mm_scan_job_status(mm_scan_job *job) {
     return atomic_load(&job->failed) && atomic_load(&job->next) < job->total ? -1 : 0;
 }
 
-static void *pthread_worker(void *job) {
+static void *pthread_prepare(void *job) {
+    mm_scan_prepare((mm_scan_job *)job);
+    return NULL;
+}
+
+static void *pthread_work(void *job) {
     mm_scan_work((mm_scan_job *)job);
     return NULL;
 }
 
-int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads) {
-    mm_scan_job job;
-    mm_scan_job_init(&job, a, path);
-    if (job.total == 0) return 0;
-    if (num_threads < 1) num_threads = 1;
-    if ((ptrdiff_t)num_threads > job.total) num_threads = (int)job.total;
-    if (num_threads > 256) num_threads = 256;
-
+/* Runs fn on the caller's thread and up to num_threads - 1 pthreads (fewer if they cannot be created: the
+ * others, and this one, take their items). */
+static void run_on_threads(void *(*fn)(void *), mm_scan_job *job, int num_threads) {
     pthread_t tids[256];
     int started = 0;
     for (int i = 1; i < num_threads; i++) {
-        if (pthread_create(&tids[started], NULL, pthread_worker, &job) == 0) started++;
-        /* if a thread cannot be created, the others (and this one) simply take its work */
+        if (pthread_create(&tids[started], NULL, fn, job) == 0) started++;
     }
-    mm_scan_work(&job);
+    fn(job);
     for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
+}
+
+int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads) {
+    mm_scan_job job;
+    if (mm_scan_job_init(&job, a, path) != 0) return -1;
+    if (job.total > 0) {
+        if (num_threads < 1) num_threads = 1;
+        if (num_threads > 256) num_threads = 256;
+        run_on_threads(pthread_prepare, &job, num_threads < job.rows_to_transpose ? num_threads : (int)job.rows_to_transpose);
+        run_on_threads(pthread_work, &job, num_threads < job.total ? num_threads : (int)job.total);
+    }
+    mm_scan_job_free(&job);
     return mm_scan_job_status(&job);
 }

@@ -2,7 +2,7 @@
  * The CPU selective scan shared by the Python extension (selective_scan_cpu.c) and the ONNX Runtime custom-op
  * library (ort_custom_ops.c): one kernel source, compiled into each.  No Python, no ONNX Runtime here.
  *
- * Semantics: runtime/scan_node.py (the SelectiveScan contract) and medmamba_edge/scan.py (selective_scan_ref).
+ * Semantics: runtime/scan_node.py (the SS2DScan contract) and medmamba_edge/scan.py (ss2d_scan_ref).
  */
 #ifndef MEDMAMBA_EDGE_SELECTIVE_SCAN_KERNEL_H
 #define MEDMAMBA_EDGE_SELECTIVE_SCAN_KERNEL_H
@@ -11,27 +11,33 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Channels per vector block (one work item at most) and time steps per tile. */
+/* Channels per vector block (one work item) and time steps per tile. */
 #define MM_SCAN_BLOCK_CHANNELS 16
 #define MM_SCAN_TILE_STEPS 64
+/* SS2D's directions: row-major, column-major, and both reversed. */
+#define MM_SCAN_DIRECTIONS 4
 
-/* float32, C-contiguous: u, delta, out (batch, channels, length); A (channels, d_state);
- * B, C (batch, groups, d_state, length); D, delta_bias (channels,).  out must not alias B or C. */
+/* float32, C-contiguous (K = 4 directions, L = height * width, P = dt_rank + 2 * d_state):
+ *   x (batch, channels, height, width); x_dbl (batch, K * P, L); dt_w (K, channels, dt_rank); dt_b (K, channels);
+ *   A (K * channels, d_state); Ds (K * channels); out (batch, height, width, channels), not aliasing any input. */
 typedef struct {
-    const float *u, *delta, *A, *B, *C, *D, *delta_bias;
+    const float *x, *x_dbl, *dt_w, *dt_b, *A, *Ds;
     float *out;
-    ptrdiff_t batch, channels, length, groups, d_state;
+    ptrdiff_t batch, channels, height, width, dt_rank, d_state;
     int delta_softplus;
 } mm_scan_args;
 
 /* The inputs in their contract order, for messages (runtime/scan_node.py INPUT_NAMES). */
-#define MM_SCAN_INPUTS 7
+#define MM_SCAN_INPUTS 6
 extern const char *const mm_scan_input_names[MM_SCAN_INPUTS];
 
-/* Checks the inputs' shapes (ndim[i], dims[i] for u, delta, A, B, C, D, delta_bias) and sets a's sizes.
+/* Checks the inputs' shapes (ndim[i], dims[i] for x, x_dbl, dt_w, dt_b, A, Ds) and sets a's sizes.
  * Returns 0, or -1 with a one-line message (no prefix) in err. */
 int mm_scan_check_shapes(const int ndim[MM_SCAN_INPUTS], const int64_t *const dims[MM_SCAN_INPUTS], mm_scan_args *a,
                          char *err, size_t err_size);
+
+/* The output's shape (batch, height, width, channels) for checked args. */
+void mm_scan_output_dims(const mm_scan_args *a, int64_t dims[4]);
 
 /* "(2, 3, 4)" into buf; at most the first 8 dims are shown. */
 void mm_scan_shape_str(int ndim, const int64_t *dims, char *buf, size_t n);
@@ -49,24 +55,32 @@ void mm_scan_path_names(char *buf, size_t n); /* "avx512, avx2, baseline" */
 #define MM_SCAN_ISA_ENV "MEDMAMBA_EDGE_SCAN_ISA"
 int mm_scan_path_from_env(char *err, size_t err_size);
 
-/* One scan split into work items (batch, group, block of <= 16 channels) that workers take from an atomic counter,
- * so any number of threads, from any thread pool, share it dynamically; results do not depend on who runs what. */
+/* One call split into work items that workers take from atomic counters: any number of threads, from any thread
+ * pool, share it dynamically, and results do not depend on who runs what.  Two phases, each complete before the
+ * next starts: mm_scan_prepare copies the x_dbl rows of the column-major directions (1, 3) into their walking
+ * order, one row per item, so that every direction then reads its rows contiguously; mm_scan_work scans, one item
+ * per (batch, block of <= 16 channels) in all four directions, so it alone writes their outputs and the sum over
+ * directions has a fixed order. */
 typedef struct {
     const mm_scan_args *args;
     int path;
-    ptrdiff_t blocks_per_group, blocks_per_batch, total;
-    atomic_llong next;
+    float *columns; /* (batch, 2, dt_rank + 2 * d_state, L): x_dbl's rows of directions 1 and 3, column-major */
+    ptrdiff_t rows_to_transpose, blocks_per_batch, total;
+    atomic_llong next_row, next;
     atomic_int failed;
 } mm_scan_job;
 
-void mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
-/* Takes and runs items until none are left.  Safe to call from many threads at once, and more often than there are
- * threads: a call that finds no item left returns at once. */
+/* 0, or -1 if the column-major copy could not be allocated.  mm_scan_job_free afterwards either way. */
+int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
+void mm_scan_job_free(mm_scan_job *job);
+/* Take and run items until none are left.  Safe to call from many threads at once, and more often than there are
+ * threads (rows_to_transpose, total): a call that finds no item left returns at once. */
+void mm_scan_prepare(mm_scan_job *job);
 void mm_scan_work(mm_scan_job *job);
 /* After every mm_scan_work call has returned: 0, or -1 if scratch memory could not be had and items were left. */
 int mm_scan_job_status(mm_scan_job *job);
 
-/* The whole scan on num_threads threads: the caller's and num_threads - 1 pthreads.  0, or -1 out of memory. */
+/* The whole call on num_threads threads: the caller's and num_threads - 1 pthreads.  0, or -1 out of memory. */
 int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads);
 
 #endif
