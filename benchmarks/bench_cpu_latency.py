@@ -1,7 +1,7 @@
 """CPU latency of MedMamba-T at 224×224, side by side in one run (ratios hold on noisy machines).
 
-Rows: the official code's CPU path (PyTorch eager with the pure-PyTorch reference scan, i.e. mamba_ssm's
-``selective_scan_ref``), our PyTorch model (compiled scan), ONNX Runtime on the portable ONNX (standard
+Rows: the official code's CPU path (its SS2D transcribed op for op in tests/official_ss2d.py: PyTorch eager,
+mamba_ssm's ``selective_scan_ref`` maths), our PyTorch model (compiled scan), ONNX Runtime on the portable ONNX (standard
 ops only), ONNX Runtime on the plugin-form ONNX with our native SS2DScan op, and the same model with each
 scan replaced by a transpose of its input (dense layers only) to show where the time goes.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import onnx
@@ -28,6 +29,9 @@ from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
 from common import cpu_session, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/official_ss2d.py
+from tests.official_ss2d import official_ss2d  # noqa: E402
 
 SIZE = 224
 
@@ -67,9 +71,10 @@ def main() -> None:
         x = torch.randn(batch, 3, SIZE, SIZE)
         feed = {"input": x.numpy()}
         plugin_form = trace_to_onnx(loaded, (SIZE, SIZE), batch, opset=18)
-        portable = cpu_session(lower_ss2d_scan(plugin_form), args.threads)
-        fused = cpu_session(plugin_form, args.threads, fused=True)
-        dense = cpu_session(dense_only(plugin_form), args.threads)
+        # Timed one after the other, so each with ONNX Runtime's default spinning, as `medmamba-edge run` runs.
+        portable = cpu_session(lower_ss2d_scan(plugin_form), args.threads, spinning=True)
+        fused = cpu_session(plugin_form, args.threads, fused=True, spinning=True)
+        dense = cpu_session(dense_only(plugin_form), args.threads, spinning=True)
         size_mb = plugin_form.ByteSize() / 1e6
         if args.profile and batch == 1:
             profile = profile_by_op_type(plugin_form, feed, args.threads)
@@ -79,16 +84,11 @@ def main() -> None:
                 loaded.model(x)
 
         def torch_official():
-            original = scan_cpu.available
-            scan_cpu.available = lambda: False  # the reference scan, as the official code runs on a CPU
-            try:
-                with torch.no_grad():
-                    loaded.model(x)
-            finally:
-                scan_cpu.available = original
+            with torch.no_grad(), official_ss2d(loaded.model):
+                loaded.model(x)
 
         candidates = [
-            ("official eager, reference scan (baseline)", torch_official, 0, 1 if batch == 1 else 0),
+            ("official code, eager, reference scan (baseline)", torch_official, 0, 2 if batch == 1 else 0),
             ("ours, PyTorch eager, compiled scan", torch_ours, args.warmup, args.iterations),
             ("ONNX Runtime, portable (standard ops)", lambda: portable.run(None, feed), args.warmup, args.iterations),
             ("ONNX Runtime, plugin form + native SS2DScan op", lambda: fused.run(None, feed), args.warmup, args.iterations),

@@ -23,15 +23,18 @@ def medmamba_t(checkpoint: Path | None) -> LoadedCheckpoint:
     return LoadedCheckpoint(config.build().eval(), config, [f"c{i}" for i in range(6)], Path("random"), "")
 
 
-def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False) -> ort.InferenceSession:
-    """A CPU session that can be timed beside others in one process: its idle workers do not spin (they
-    would steal the cores of the session being timed). ``fused``: a plugin-form model on the C scan."""
+def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False, spinning: bool = False) -> ort.InferenceSession:
+    """A CPU session. ``spinning`` False: one that can be timed interleaved with others in one process, its
+    idle workers not spinning (they would steal the cores of the session being timed); True: ONNX Runtime's
+    default, as `medmamba-edge run` has it, for sessions timed one after the other. ``fused``: a plugin-form
+    model on the native SS2DScan op."""
     if fused:
         options = fused_scan.fused_session_options(threads)
     else:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -3,10 +3,14 @@
 The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
 kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
 activations, on the inputs of Conv, MatMul and Gemm with a constant weight on the right only, which
-includes each SS2D block's x_proj projection (a 1×1 Conv). Everything else stays float: the SS2DScan node
-and what it reads (x, the conv's SiLU output, keeps its float value for the scan even where the projection
-reads it quantized; x_dbl is the projection's float output), the LayerNorms, the softplus. Biases stay
-float too: TensorRT's parser rejects the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
+includes each SS2D block's x_proj projection (a 1×1 Conv), and on the outputs of the Convs: ONNX Runtime
+fuses DequantizeLinear→Conv→QuantizeLinear into QLinearConv (a Conv without the output Q runs in float on
+weights dequantized every run, slower than fp32) and TensorRT folds the output scale into its INT8 Conv.
+MatMul/Gemm outputs stay float: ONNX Runtime fuses their Q/DQ inputs into MatMulIntegerToFloat.
+Everything else stays float: the SS2DScan node and its state, the LayerNorms, the softplus. The node
+reads x, the conv's SiLU output, at its float value even where the projection reads it quantized, and
+x_dbl from the projection's INT8 output, dequantized. Biases stay float too: TensorRT's parser rejects
+the INT32 DequantizeLinear that ONNX Runtime would otherwise put on them.
 
 Calibration runs in ONNX Runtime on the CPU. onnxruntime.quantization's calibrators open their own
 InferenceSession, which cannot load our SS2DScan op, so a plugin-form model is calibrated on
@@ -14,7 +18,7 @@ its portable lowering: the lowering keeps every tensor name outside the scans, s
 apply to the plugin form unchanged, and ``quantize_static`` reads them from a calibration cache.
 
 ``quant_format="qoperator"`` writes ONNX Runtime's QLinearConv/QLinearMatMul form instead, for its CPU
-only: faster there than Q/DQ on inputs (docs/quantization.md has the measurements), unreadable by TensorRT.
+only (docs/quantization.md compares the two there), unreadable by TensorRT.
 
 Weights use 7 bits of the INT8 range ([-64, 64], ONNX Runtime's ``reduce_range``) in both forms, so the
 model gives the same accuracy on every x86 CPU. ONNX Runtime's INT8 kernels multiply uint8 activations
@@ -188,10 +192,11 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if quant_format == "qdq":
-        # The TensorRT-ready recipe (ORT's CPU runs it too): symmetric S8S8, Q/DQ on inputs only, float bias.
+        # The TensorRT-ready recipe (ORT's CPU runs it too): symmetric S8S8, Q/DQ on inputs and Conv outputs,
+        # float bias (module docstring).
         formats = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8)
         options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                   "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES)}
+                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
     else:
         # QLinearConv/QLinearMatMul for ORT's CPU: MLAS' VNNI kernels take unsigned activations
         # (vpdpbusd multiplies u8 by s8), so activations are asymmetric uint8 there.
@@ -223,6 +228,9 @@ def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> o
             return None
         quantize = producers.get(dequantize.input[0])
         if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] in initializers:
+            return None
+        source = producers.get(quantize.input[0])
+        if source is not None and source.name in quantized:  # a quantized output: its readers read it so
             return None
         return quantize.input[0]
 

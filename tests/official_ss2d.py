@@ -11,11 +11,13 @@ own re-implementation.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from medmamba_edge.model import SS2D
+from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
+from medmamba_edge.model import SS2D, VARIANTS
 from medmamba_edge.scan import selective_scan_ref
 
 
@@ -68,3 +70,18 @@ def official_ss2d(model: torch.nn.Module):
     finally:
         for block in blocks:
             del block.forward
+
+
+def random_checkpoint(variant: str, num_classes: int = 3, seed: int = 0) -> LoadedCheckpoint:
+    """A variant with seeded weights, dt biases and A spread as a trained model's are (mamba's dt init gives
+    delta ≈ softplus(-4.6..-2.3); zero biases would make every channel alike)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(**VARIANTS[variant], num_classes=num_classes)
+    model = config.build().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("dt_projs_bias"):
+                param.uniform_(-4.6, -1.0)
+            elif name.endswith("A_logs"):
+                param.add_(torch.randn_like(param) * 0.3)
+    return LoadedCheckpoint(model, config, [f"c{i}" for i in range(num_classes)], Path(f"random-{variant}"), "")

@@ -3,6 +3,7 @@ is one line naming the file, exit 1 and nothing written; tables and --help stay 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medmamba_edge.cli import app
-from medmamba_edge.runtime.bundled import bundled_checkpoint
+from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
 from tests.exported_models import bundled_onnx
 
 runner = CliRunner()
@@ -150,14 +151,14 @@ def test_export_output_is_checked_before_the_checkpoint_is_even_read(tmp_path, m
     one_line_error(["export", bundled_checkpoint(), "-o", target, "--input-size", "32"], str(target), reason)
 
 
-# ---- a runtime-only install: no torch, no onnxscript, no onnxruntime-extensions ------------------------
+# ---- a runtime-only install: no torch, no onnxscript, no matplotlib ------------------------------------
 
 RUNTIME_ONLY = textwrap.dedent("""
     import sys
 
     class NotInstalled:
         # What `pip install .` without extras leaves out.
-        missing = ("torch", "onnxscript", "onnxruntime_extensions", "matplotlib")
+        missing = ("torch", "onnxscript", "matplotlib")
 
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in self.missing:
@@ -186,6 +187,16 @@ def test_runtime_only_install_names_the_export_extra(tmp_path, args):
     assert output.strip().count("\n") == 0 and "Traceback" not in output, output
     assert "needs PyTorch" in output and "pip install '.[export]'" in output and "medmamba-edge[export]" in output
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_runtime_only_install_runs_the_default_export(onnx32, tmp_path):
+    """The default (plugin-form) export runs without torch: its SS2DScan nodes on the native op library."""
+    samples = sample_image_paths()
+    result = runtime_only("run", onnx32, samples[0].parent, "--jsonl", "r.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(records) == len(list(samples[0].parent.glob("*.png"))) > 0
+    assert all(r["status"] == "ok" for r in records), records
 
 
 def test_plots_without_matplotlib_fail_before_evaluating(onnx32, tmp_path):

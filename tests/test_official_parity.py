@@ -4,33 +4,14 @@ does the same at 224×224."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
 from medmamba_edge.exporters.onnx_export import export_onnx
-from medmamba_edge.model import VARIANTS
 from medmamba_edge.runtime import fused_scan, scan_node
-from tests.official_ss2d import official_ss2d
-
-
-def random_checkpoint(variant: str, seed: int = 0) -> LoadedCheckpoint:
-    """A variant with seeded weights, dt biases and A spread as a trained model's are (mamba's dt init gives
-    delta ≈ softplus(-4.6..-2.3); zero biases would make every channel alike)."""
-    torch.manual_seed(seed)
-    config = ModelConfig(**VARIANTS[variant], num_classes=3)
-    model = config.build().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("dt_projs_bias"):
-                param.uniform_(-4.6, -1.0)
-            elif name.endswith("A_logs"):
-                param.add_(torch.randn_like(param) * 0.3)
-    return LoadedCheckpoint(model, config, ["a", "b", "c"], Path(f"random-{variant}"), "")
+from tests.official_ss2d import official_ss2d, random_checkpoint
 
 
 # Each export costs ~25 s: every variant at an odd size (H ≠ W, so the column-major orders are tested), T also

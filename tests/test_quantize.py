@@ -96,6 +96,17 @@ def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_
         # 7-bit weights: what keeps ONNX Runtime's non-VNNI INT8 kernels (AVX2) from saturating
         assert np.abs(int8_weight.astype(np.int32)).max() <= 64, node.name
         assert len(node.input) < 3 or node.input[2] in initializers, "biases stay float (TensorRT's parser)"
+    # A Conv's output goes through Q/DQ (ONNX Runtime fuses DQ→Conv→Q into QLinearConv); MatMul/Gemm outputs stay
+    # float (DQ→MatMul fuses into MatMulIntegerToFloat).
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    for node in dense:
+        if node.op_type == "Conv":
+            assert readers[node.output[0]] == ["QuantizeLinear"], node.name
+        else:
+            assert "QuantizeLinear" not in readers.get(node.output[0], []), node.name
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zero_point = initializers[node.input[2]]
