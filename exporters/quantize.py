@@ -3,7 +3,8 @@
 The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
 kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
 activations, on the inputs of Conv, MatMul and Gemm with a constant weight on the right only, which
-includes each SS2D block's x_proj projection (a 1×1 Conv), and on the outputs of the Convs: ONNX Runtime
+includes each SS2D block's x_proj projection (a 1×1 Conv) and leaves out the depthwise Convs
+(``quantizable_nodes`` says why), and on the outputs of the Convs: ONNX Runtime
 fuses DequantizeLinear→Conv→QuantizeLinear into QLinearConv (a Conv without the output Q runs in float on
 weights dequantized every run, slower than fp32) and TensorRT folds the output scale into its INT8 Conv.
 MatMul/Gemm outputs stay float: ONNX Runtime fuses their Q/DQ inputs into MatMulIntegerToFloat.
@@ -91,9 +92,19 @@ class QuantizeResult:
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Top-level Conv/MatMul/Gemm nodes with a constant weight: the ones with an INT8 kernel to gain."""
-    constants = {t.name for t in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and n.input[1] in constants]
+    """Top-level Conv/MatMul/Gemm nodes with a constant weight: the ones with an INT8 kernel to gain.
+
+    Depthwise Convs (one input channel per group: SS2D's 3×3 conv) are left out: ONNX Runtime does not fuse
+    their Q/DQ into QLinearConv, so quantized they run in float between extra Q/DQ nodes, and they are a
+    few percent of the model's multiply-adds."""
+    constants = {t.name: t for t in model.graph.initializer}
+
+    def depthwise(node: onnx.NodeProto) -> bool:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return node.op_type == "Conv" and group > 1 and constants[node.input[1]].dims[1] == 1
+
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1
+            and n.input[1] in constants and not depthwise(n)]
 
 
 def matches(node: onnx.NodeProto, pattern: str) -> bool:
