@@ -32,7 +32,7 @@ from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
-from medmamba_edge.runtime.metadata import ModelMetadata, write_onnx_metadata
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess, read_image
 from medmamba_edge.runtime.files import check_writable, write_bytes_atomically
 from medmamba_edge.runtime.bundled import sample_image_paths
@@ -128,7 +128,7 @@ def export_onnx(
     checkpoint: str | Path | LoadedCheckpoint,
     output: str | Path,
     *,
-    input_size: int | tuple[int, int] = 224,
+    input_size: int | tuple[int, int] = DEFAULT_INPUT_SIZE,
     batch: int | None = 1,
     opset: int = DEFAULT_OPSET,
     classes: str | list[str] | None = None,
@@ -139,7 +139,7 @@ def export_onnx(
 ) -> ExportResult:
     """Export, verify against PyTorch, and write ``output`` (only if verification passed)."""
     started = time.perf_counter()
-    if scan not in ("plugin", "portable"):
+    if scan not in SCAN_FORMS:
         raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be ≥ 1, got {batch}")

@@ -30,7 +30,7 @@ from medmamba_edge.runtime.engine_manifest import (
     write_manifest,
 )
 from medmamba_edge.runtime.files import cache_root, check_writable, sha256_file, write_bytes_atomically
-from medmamba_edge.runtime.metadata import read_onnx_metadata
+from medmamba_edge.runtime.metadata import PRECISIONS, read_onnx_metadata
 from medmamba_edge.runtime.tensorrt_compat import (
     current_gpu,
     import_cudart,
@@ -356,8 +356,8 @@ def cached_engine(onnx_path: str | Path, precision: str = "fp32", *, plugin: str
     """The engine for ``onnx_path`` from the cache, built there first if this TensorRT/GPU/option set has none.
 
     ``options`` are ``BuildOptions`` fields (``max_batch=16``, ``workspace_mib=...``) on top of ``preset``."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise EngineBuildError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise EngineBuildError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     resolved = resolve_options(preset, fp16=precision == "fp16" or None, int8=precision == "int8" or None, **options)
     onnx_path = Path(onnx_path)
     inputs = _read_inputs(onnx_path, resolved, plugin)

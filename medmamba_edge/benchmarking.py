@@ -169,7 +169,7 @@ class _Worker:
         self.log.close()
 
 
-def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_BATCHES, input_size: int | None = None,
+def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_BATCHES, input_size: int | tuple[int, int] | None = None,
               warmup: int = 3, iterations: int = 20, threads: int | None = None,
               progress: Progress | None = None) -> BenchmarkReport:
     paths = [Path(p) for p in models]

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 app = typer.Typer(
     name="medmamba-edge",
@@ -98,7 +99,7 @@ def parse_input_size(text: str) -> tuple[int, int]:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
-    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = "224",
+    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
     batch: Annotated[int, typer.Option(help="Fixed batch size.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
@@ -284,7 +285,7 @@ def demo(
 ModelsArgument = Annotated[list[Path], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
                                                             ".engine (TensorRT), in any mix.")]
 CheckpointSizeOption = Annotated[Optional[str], typer.Option(
-    "--input-size", metavar=INPUT_SIZE, help="Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else 224).")]
+    "--input-size", metavar=INPUT_SIZE, help=f"Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else {DEFAULT_INPUT_SIZE}).")]
 SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
 
 
@@ -423,7 +424,7 @@ def run(
     providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers in order, e.g. cuda,cpu "
                                                           "(default: TensorRT, CUDA, CPU as available).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference.")] = None,
-    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size for a .pth checkpoint: N or HxW.")] = "224",
+    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size for a .pth checkpoint: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
     classes: Annotated[Optional[str], typer.Option(help="Class names for a .pth: comma-separated or a class_indices.json.")] = None,
     reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
 ) -> None:

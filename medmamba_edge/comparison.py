@@ -131,7 +131,7 @@ def bundled_samples() -> Dataset:
 
 def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = None, *, split: str = "val",
             num_samples: int | None = None, atol: float | None = None, rtol: float | None = None,
-            input_size: int | None = None, batch_size: int = 32, seed: int = 0) -> ComparisonReport:
+            input_size: int | tuple[int, int] | None = None, batch_size: int = 32, seed: int = 0) -> ComparisonReport:
     backends = open_models([model_a, model_b], input_size)
     # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
     dataset = bundled_samples() if data is None else open_dataset(data, split=split)

@@ -18,11 +18,10 @@ import numpy as np
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, open_backend, softmax
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
-from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
 from medmamba_edge.runtime.metrics import Metrics, classification_metrics
 from medmamba_edge.runtime.preprocess import ImageError, preprocess
 
-DEFAULT_CHECKPOINT_SIZE = 224
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
 
@@ -30,18 +29,18 @@ class EvaluationError(UserError):
     """Models that cannot be evaluated together, or data without usable images."""
 
 
-def checkpoint_input_size(paths: Sequence[Path], explicit: int | None) -> int | tuple[int, int]:
+def checkpoint_input_size(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -> int | tuple[int, int]:
     """The input size for checkpoints among ``paths``: ``explicit``, else the first ONNX model's (so
-    ``evaluate model.pth model.onnx`` runs both at the export's size), else 224."""
+    ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE."""
     if explicit is not None:
         return explicit
     for path in paths:
         if path.suffix.lower() in ONNX_SUFFIXES and path.exists():
             return read_onnx_metadata(path).input_size
-    return DEFAULT_CHECKPOINT_SIZE
+    return DEFAULT_INPUT_SIZE
 
 
-def open_models(paths: Sequence[str | Path], input_size: int | None = None, threads: int | None = None) -> list[Backend]:
+def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None) -> list[Backend]:
     """Backends for models that must agree on their classes (they are compared class by class)."""
     paths = [Path(p) for p in paths]
     if not paths:
@@ -154,7 +153,7 @@ class EvaluationReport:
                 "gate_passed": not self.gate_failures, "models": [m.to_dict() for m in self.models]}
 
 
-def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | None = None,
+def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | tuple[int, int] | None = None,
              batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
              progress: Progress | None = None) -> EvaluationReport:
     backends = open_models(models, input_size, threads)

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from medmamba_edge.checkpoint import load_checkpoint
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 
 class PyTorchBackend:
-    def __init__(self, path: str | Path, input_size: int | tuple[int, int] = 224, classes=None, threads: int | None = None):
+    def __init__(self, path: str | Path, input_size: int | tuple[int, int] = DEFAULT_INPUT_SIZE, classes=None, threads: int | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path, classes)
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)

@@ -7,8 +7,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 BUNDLED_CHECKPOINT = "medmamba_pneumoniamnist32_tiny.pth"

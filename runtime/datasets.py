@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.preprocess import read_image
+from medmamba_edge.runtime.preprocess import IMAGE_SUFFIXES, read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
 class DatasetError(UserError):

@@ -17,6 +17,8 @@ from medmamba_edge.errors import UserError
 SCHEMA_VERSION = 1
 METADATA_KEY = "medmamba_edge"
 SCAN_FORMS = ("plugin", "portable")
+# The input size `export` uses unless told, and that a bare .pth checkpoint runs at when nothing says otherwise.
+DEFAULT_INPUT_SIZE = 224
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -153,6 +153,10 @@ def quiet_opencv():
         cv2.utils.logging.setLogLevel(previous)
 
 
+# The file suffixes read_image reads as images (by OpenCV), wherever images are looked for: `run`'s folders
+# and globs, data sets for evaluate and quantize, the bundled samples.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
 # The most pixels an image is decoded with. 64 megapixels (8192 × 8192; 192 MB as 8-bit RGB) is far more
 # than any model input needs and more than radiographs have (a full-field mammogram is ≈ 14 MP), while a
 # header declaring 20000 × 20000 would cost ~30 s and gigabytes before the model sees 224 × 224 of it.

@@ -35,9 +35,8 @@ import cv2
 import numpy as np
 
 from medmamba_edge.errors import UserError, first_line, install_hint
-from medmamba_edge.runtime.preprocess import ImageError, quiet_opencv, read_image
+from medmamba_edge.runtime.preprocess import IMAGE_SUFFIXES, ImageError, quiet_opencv, read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")

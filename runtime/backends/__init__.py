@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from medmamba_edge.errors import UserError, install_hint
-from medmamba_edge.runtime.metadata import ModelMetadata
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -68,7 +68,7 @@ def open_backend(path: str | Path, **options) -> Backend:
             from medmamba_edge.torch_backend import PyTorchBackend
         except ImportError as exc:
             raise BackendError(f"{path}: running a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
-        return PyTorchBackend(path, input_size=options.get("input_size", 224), classes=options.get("classes"),
+        return PyTorchBackend(path, input_size=options.get("input_size", DEFAULT_INPUT_SIZE), classes=options.get("classes"),
                               threads=options.get("threads"))
     if suffix in ENGINE_SUFFIXES:
         from medmamba_edge.runtime.backends.tensorrt import TensorRTBackend
