@@ -3,8 +3,9 @@ exporter, the portable lowering, the CPU kernel (ONNX Runtime custom op), the CU
 
 SS2D (MedMamba's 2-D selective scan) reads its feature map in four orders: k=0 row-major, k=1 column-major,
 k=2 and k=3 the same reversed. Its projections act per position, so they commute with the orders: the exporter
-computes ``x_dbl`` once, on the map as it is, with one constant-weight MatMul for all four directions, and the
-node walks each direction's positions by index and sums the four outputs into one ``y``.
+computes ``x_dbl`` once, on the map as it is, with one constant-weight GEMM for all four directions (a 1×1 Conv:
+medmamba_edge/model.py says why), and the node walks each direction's positions by index and sums the four
+outputs into one ``y``.
 
 Inputs, in order (H·W = L; D channels; N = d_state; R = dt_rank; K = 4 directions):
   x                (batch, D, H, W)        the depthwise conv's SiLU output, channel-first, as the conv writes it
