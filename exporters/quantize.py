@@ -207,7 +207,7 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
         # float bias (module docstring).
         formats = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8)
         options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                   "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
+                   "OpTypesToExcludeOutputQuantization": [t for t in QUANTIZED_OP_TYPES if t != "Conv"]}
     else:
         # QLinearConv/QLinearMatMul for ORT's CPU: MLAS' VNNI kernels take unsigned activations
         # (vpdpbusd multiplies u8 by s8), so activations are asymmetric uint8 there.

@@ -148,14 +148,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     RETURN_IF_ERROR(ORT_API_FN(api, GetTensorMutableData)(output, (void **)&a.out));
 
     mm_scan_job job;
-    if (mm_scan_job_init(&job, &a, k->path) != 0) {
-        mm_scan_job_free(&job);
-        return errorf(api, ORT_FAIL, MM_OP_TYPE " node '%s': out of memory for the scan's scratch buffers", k->node);
-    }
+    OrtStatus *status = NULL;
     /* One call per item, so the pool can give every thread work; the first call on each thread takes items until
      * none are left and the later ones return at once. */
-    OrtStatus *status = NULL;
-    if (job.total > 0) {
+    if (mm_scan_job_init(&job, &a, k->path) == 0 && job.total > 0) {
         status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, prepare_worker, (size_t)job.rows_to_transpose, 0, &job);
         if (status == NULL) status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, scan_worker, (size_t)job.total, 0, &job);
     }

@@ -70,7 +70,8 @@ typedef struct {
     atomic_int failed;
 } mm_scan_job;
 
-/* 0, or -1 if the column-major copy could not be allocated.  mm_scan_job_free afterwards either way. */
+/* 0, or -1 if the column-major copy could not be allocated (mm_scan_job_status then says -1 too).
+ * mm_scan_job_free afterwards either way. */
 int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
 void mm_scan_job_free(mm_scan_job *job);
 /* Take and run items until none are left.  Safe to call from many threads at once, and more often than there are
