@@ -18,8 +18,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from medmamba_edge.runtime.backends import open_backend
-from medmamba_edge.runtime.preprocess import read_image, resize_like_pil
+from medmamba_edge.loaders import open_model
+from medmamba_edge.runtime.decode import read_image
+from medmamba_edge.runtime.preprocess import resize_like_pil
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -41,8 +42,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
-    backend = open_backend(SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth",
-                           input_size=args.size)
+    backend = open_model(SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth",
+                         input_size=args.size)
     meta = backend.metadata
     paths = sorted((SHARED / "data/busi").rglob("*.png"))
     images = [read_image(p) for p in paths[:: max(1, len(paths) // args.images)][: args.images]]

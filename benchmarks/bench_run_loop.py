@@ -23,7 +23,8 @@ import numpy as np
 from medmamba_edge.runtime.backends import open_backend
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.loop import RunOptions, run
-from medmamba_edge.runtime.preprocess import preprocess_one, read_image
+from medmamba_edge.runtime.decode import read_image
+from medmamba_edge.runtime.preprocess import preprocess_one
 from medmamba_edge.runtime.sinks import JsonlSink
 from medmamba_edge.runtime.sources import iterate, open_source
 

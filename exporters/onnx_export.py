@@ -33,7 +33,8 @@ from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
-from medmamba_edge.runtime.preprocess import preprocess, read_image
+from medmamba_edge.runtime.decode import read_image
+from medmamba_edge.runtime.preprocess import preprocess
 from medmamba_edge.runtime.files import check_writable, write_bytes_atomically
 from medmamba_edge.runtime.bundled import sample_image_paths
 

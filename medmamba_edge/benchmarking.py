@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.evaluation import checkpoint_input_size
+from medmamba_edge.evaluation import input_sizes
 from medmamba_edge.runtime.cpu import describe_cpu
 
 DEFAULT_BATCHES = (1, 8)
@@ -180,11 +180,10 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     for path in paths:
         if not path.exists():
             raise BenchmarkError(f"{path}: no such model file")
-    size = checkpoint_input_size(paths, input_size)
     workers: list[_Worker] = []
     try:
         # One at a time, so that no model loads or warms up while another does.
-        for path in paths:
+        for path, size in zip(paths, input_sizes(paths, input_size)):
             workers.append(_Worker({"path": str(path), "input_size": size, "threads": threads,
                                     "batches": list(batches), "warmup": warmup}))
         latencies = {(w, b): [] for w in range(len(workers)) for b in batches}
@@ -220,15 +219,16 @@ def _serve() -> None:
         replies.write(json.dumps(message) + "\n")
         replies.flush()
 
-    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.loaders import open_model
     from medmamba_edge.runtime.bundled import sample_image_paths
-    from medmamba_edge.runtime.preprocess import preprocess, read_image
+    from medmamba_edge.runtime.decode import read_image
+    from medmamba_edge.runtime.preprocess import preprocess
 
     try:
         spec = json.loads(sys.stdin.readline())
         size = spec["input_size"]
-        backend = open_backend(spec["path"], input_size=size if isinstance(size, int) else tuple(size),
-                               threads=spec["threads"])
+        backend = open_model(spec["path"], input_size=size if size is None or isinstance(size, int) else tuple(size),
+                             threads=spec["threads"])
         images = preprocess([read_image(p) for p in sample_image_paths()], backend.metadata)
         inputs = {b: np.ascontiguousarray(images[np.arange(b) % len(images)]) for b in spec["batches"]}
         for batch in inputs.values():

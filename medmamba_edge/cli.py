@@ -183,10 +183,10 @@ def build_plugin(
     build_dir: Annotated[Optional[Path], typer.Option(help="Build directory (default: the plugin cache).")] = None,
 ) -> None:
     """Build the selective-scan TensorRT plugin with CMake and print where the library is."""
-    from medmamba_edge.plugins import build
+    from medmamba_edge.runtime.backends.tensorrt import plugin
 
     with console.status("building the TensorRT plugin (cmake)") as spinner:
-        library = build.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
+        library = plugin.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
                                      progress=lambda line: spinner.update(line[:100]))
     out.print(str(library))
 
@@ -214,7 +214,7 @@ def build_engine(
     """Build a TensorRT engine from an exported ONNX model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-    from medmamba_edge.exporters import tensorrt_build
+    from medmamba_edge.runtime.backends.tensorrt import build as tensorrt_build
 
     options = tensorrt_build.resolve_options(
         preset, fp16=fp16 or None, int8=int8 or None, min_batch=min_batch, opt_batch=opt_batch,
@@ -261,7 +261,8 @@ def demo(
     from medmamba_edge.exporters.onnx_export import export_onnx
     from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
     from medmamba_edge.runtime.backends import open_backend, softmax
-    from medmamba_edge.runtime.preprocess import preprocess, read_image
+    from medmamba_edge.runtime.decode import read_image
+    from medmamba_edge.runtime.preprocess import preprocess
 
     onnx_path = workdir / f"bundled_{scan}.onnx"
     with console.status("exporting the bundled checkpoint"):
@@ -424,22 +425,24 @@ def run(
     providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers in order, e.g. cuda,cpu "
                                                           "(default: TensorRT, CUDA, CPU as available).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference.")] = None,
-    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size for a .pth checkpoint: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
+    input_size: Annotated[Optional[str], typer.Option(metavar=INPUT_SIZE, help=f"Input size for a .pth checkpoint: N or HxW "
+                                                                                f"(default {DEFAULT_INPUT_SIZE}).")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Class names for a .pth: comma-separated or a class_indices.json.")] = None,
     reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
 ) -> None:
     """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""
-    size = parse_input_size(input_size)
+    size = parse_input_size(input_size) if input_size else None
     warn = lambda message: console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
-    from medmamba_edge.runtime.loop import RunOptions, open_model
+    from medmamba_edge.loaders import open_model
+    from medmamba_edge.runtime.loop import RunOptions
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
     with console.status("loading the model") as spinner:
-        model_backend = open_model(model, backend, precision, status=spinner.update, threads=threads,
+        model_backend = open_model(model, backend=backend, precision=precision, status=spinner.update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
                                       jsonl, csv)

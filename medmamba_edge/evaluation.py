@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, open_backend, softmax
+from medmamba_edge.loaders import open_model
+from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, softmax
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
 from medmamba_edge.runtime.metrics import Metrics, classification_metrics
-from medmamba_edge.runtime.preprocess import ImageError, preprocess
+from medmamba_edge.runtime.decode import ImageError
+from medmamba_edge.runtime.preprocess import preprocess
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
@@ -29,15 +31,19 @@ class EvaluationError(UserError):
     """Models that cannot be evaluated together, or data without usable images."""
 
 
-def checkpoint_input_size(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -> int | tuple[int, int]:
-    """The input size for checkpoints among ``paths``: ``explicit``, else the first ONNX model's (so
-    ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE."""
-    if explicit is not None:
-        return explicit
-    for path in paths:
-        if path.suffix.lower() in ONNX_SUFFIXES and path.exists():
-            return read_onnx_metadata(path).input_size
-    return DEFAULT_INPUT_SIZE
+def input_sizes(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -> list[int | tuple[int, int] | None]:
+    """The ``input_size`` to open each model with. Checkpoints get ``explicit``, else the first ONNX model's (so
+    ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE; exported models
+    carry their own and get None, unless no checkpoint is among them: then ``explicit`` goes to them as given,
+    for ``open_model`` to refuse rather than ignore."""
+    is_checkpoint = [path.suffix.lower() in TORCH_SUFFIXES for path in paths]
+    if not any(is_checkpoint):
+        return [explicit] * len(paths)
+    size = explicit
+    if size is None:
+        onnx_paths = [p for p in paths if p.suffix.lower() in ONNX_SUFFIXES and p.exists()]
+        size = read_onnx_metadata(onnx_paths[0]).input_size if onnx_paths else DEFAULT_INPUT_SIZE
+    return [size if checkpoint else None for checkpoint in is_checkpoint]
 
 
 def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None) -> list[Backend]:
@@ -45,8 +51,7 @@ def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] |
     paths = [Path(p) for p in paths]
     if not paths:
         raise EvaluationError("no models given")
-    size = checkpoint_input_size(paths, input_size) if any(p.suffix.lower() in TORCH_SUFFIXES for p in paths) else None
-    backends = [open_backend(p, input_size=size, threads=threads) for p in paths]
+    backends = [open_model(p, input_size=size, threads=threads) for p, size in zip(paths, input_sizes(paths, input_size))]
     first = backends[0].metadata.class_names
     for backend in backends[1:]:
         if backend.metadata.class_names != first:

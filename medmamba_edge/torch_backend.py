@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from medmamba_edge.checkpoint import load_checkpoint
+from medmamba_edge.runtime.backends import Backend, BackendError
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 
-class PyTorchBackend:
+class PyTorchBackend(Backend):
     def __init__(self, path: str | Path, input_size: int | tuple[int, int] = DEFAULT_INPUT_SIZE, classes=None, threads: int | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path, classes)
@@ -27,6 +28,12 @@ class PyTorchBackend:
     def describe(self) -> str:
         return f"PyTorch {torch.__version__} (CPU, float32)"
 
+    def close(self) -> None:
+        # The checkpoint holds the model's weights: dropping it is what frees them.
+        self.checkpoint = None
+
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.checkpoint is None:
+            raise BackendError(f"{self.path}: the model was closed")
         with torch.no_grad():
             return self.checkpoint.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()

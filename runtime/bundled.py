@@ -7,7 +7,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.preprocess import IMAGE_SUFFIXES
+from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
 
 
 

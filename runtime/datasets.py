@@ -5,6 +5,7 @@
 - a plain folder of images (no labels),
 - a MedMNIST-style ``.npz`` (``{split}_images``, ``{split}_labels``; ``split`` chooses which),
 - a CSV of ``path,label`` rows (paths relative to the CSV; a header row is optional).
+Images are any format ``decode.read_image`` reads, or single-frame DICOM files (as ``run`` reads them).
 Labels are mapped to the model's class names; a label the model does not know is an error.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.preprocess import IMAGE_SUFFIXES, read_image
+from medmamba_edge.runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still, read_single_image
 
 
 
@@ -52,10 +53,10 @@ class Dataset:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
     def image(self, index: int) -> np.ndarray:
-        """Decoded image (RGB or grayscale, uint8/uint16); raises ImageError for a broken file."""
+        """Decoded image or DICOM (RGB or grayscale, uint8/uint16/float32); raises ImageError for a broken file."""
         if self._npz_images is not None:
             return self._npz_images[index]
-        return read_image(self.samples[index].source)
+        return read_single_image(self.samples[index].source)
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         images = self._npz_images[list(indices)] if self._npz_images is not None else None
@@ -83,7 +84,7 @@ def _label_index(label: str, class_names: Sequence[str], where: str) -> int:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_still(p))
 
 
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
@@ -98,7 +99,8 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
         samples = [Sample(str(f), None) for f in _image_files(path)]
         kind = "folder"
     if not samples:
-        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} "
+                           f"and DICOM files without a suffix)")
     return Dataset(f"{path} ({kind}, {len(samples)} images)", samples)
 
 

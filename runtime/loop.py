@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medmamba_edge.errors import UserError, first_line
-from medmamba_edge.runtime.backends import Backend, BackendError, open_backend, softmax
+from medmamba_edge.runtime.backends import Backend, softmax
 from medmamba_edge.runtime.preprocess import preprocess_one
 from medmamba_edge.runtime.sinks import Outputs, Record, Sink, Stats
 from medmamba_edge.runtime.sources import Capture, Frame, Source, SourceError
@@ -38,21 +38,6 @@ class RunOptions:
             raise UserError("--batch, --top-k, --stride and --max-frames must be ≥ 1")
         if not 0.0 <= self.threshold <= 1.0:
             raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
-
-
-def open_model(path, backend: str = "auto", precision: str | None = None, status=lambda message: None, **options) -> Backend:
-    """The backend for ``run``: by file type, or ``tensorrt`` on an .onnx through the engine cache (built
-    once per model, TensorRT version, GPU and precision; minutes the first time)."""
-    if backend == "auto":
-        return open_backend(path, **options)
-    if backend != "tensorrt" or not str(path).lower().endswith(".onnx"):
-        raise BackendError(f"--backend {backend} on {path}: expected auto, or tensorrt with an .onnx model")
-    from medmamba_edge.exporters.tensorrt_build import cached_engine
-    from medmamba_edge.runtime.metadata import read_onnx_metadata
-
-    status(f"looking up (or building) the TensorRT engine for {path}")
-    engine = cached_engine(path, precision or read_onnx_metadata(path).precision, plugin=options.get("plugin"))
-    return open_backend(engine, **options)
 
 
 # SIGTERM and SIGHUP are how systemd, docker and a closed terminal stop a service: the same as Ctrl-C.

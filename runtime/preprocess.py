@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import struct
-from contextlib import contextmanager
 
-import cv2
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.metadata import ModelMetadata
 
 # Pillow's fixed-point format for 8-bit resampling (libImaging/Resample.c): 32 bits − 8 for the pixel − 2.
 PRECISION_BITS = 32 - 8 - 2
-
-
-class ImageError(UserError, ValueError):
-    """An image file that cannot be decoded or used."""
 
 
 def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
@@ -140,104 +132,3 @@ def preprocess(images: list[np.ndarray], metadata: ModelMetadata) -> np.ndarray:
     for i, image in enumerate(images):
         batch[i] = preprocess_one(image, metadata)
     return batch
-
-
-@contextmanager
-def quiet_opencv():
-    """Silence OpenCV's own WARN lines (a truncated PNG, a missing camera): our errors say it in one line."""
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(previous)
-
-
-# The file suffixes read_image reads as images (by OpenCV), wherever images are looked for: `run`'s folders
-# and globs, data sets for evaluate and quantize, the bundled samples.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-
-# The most pixels an image is decoded with. 64 megapixels (8192 × 8192; 192 MB as 8-bit RGB) is far more
-# than any model input needs and more than radiographs have (a full-field mammogram is ≈ 14 MP), while a
-# header declaring 20000 × 20000 would cost ~30 s and gigabytes before the model sees 224 × 224 of it.
-# JPEG over the limit is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, no full-size buffer);
-# other formats over it are refused with the reason. Images within it decode exactly as before.
-MAX_IMAGE_PIXELS = 8192 * 8192
-_REDUCED = {(False, 2): cv2.IMREAD_REDUCED_COLOR_2, (False, 4): cv2.IMREAD_REDUCED_COLOR_4,
-            (False, 8): cv2.IMREAD_REDUCED_COLOR_8, (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
-            (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8}
-
-
-def _jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
-    """(width, height, grayscale) from a JPEG's start-of-frame segment."""
-    i = 2
-    while i + 10 <= len(data) and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return width, height, data[i + 9] == 1
-        else:
-            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
-    return None
-
-
-def image_header(data: bytes) -> tuple[str, int, int, bool] | None:
-    """(format, width, height, grayscale) as a PNG, JPEG or BMP header declares them, without decoding;
-    None for other formats (their size is checked after decoding)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 26:
-        width, height = struct.unpack(">II", data[16:24])
-        return "PNG", width, height, data[25] in (0, 4)
-    if data.startswith(b"BM") and len(data) >= 26 and struct.unpack("<I", data[14:18])[0] >= 40:
-        width, height = struct.unpack("<ii", data[18:26])
-        return "BMP", abs(width), abs(height), False
-    if data.startswith(b"\xff\xd8"):
-        header = _jpeg_header(data)
-        return ("JPEG", *header) if header else None
-    return None
-
-
-def _over_limit(path, width: int, height: int, kind: str, note: str = "") -> ImageError:
-    return ImageError(f"{path}: a {width}×{height} {kind} ({width * height / 1e6:.1f} megapixels) is over the limit of "
-                      f"{MAX_IMAGE_PIXELS:,} pixels (preprocess.MAX_IMAGE_PIXELS){note}; downscale it first")
-
-
-def read_image(path) -> np.ndarray:
-    """Decode an image file to RGB (or grayscale) uint8/uint16, keeping its bit depth. Over
-    ``MAX_IMAGE_PIXELS`` a JPEG is decoded reduced and anything else refused (see the constant)."""
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if data.size == 0:
-        raise ImageError(f"{path}: file is empty")
-    flags = cv2.IMREAD_UNCHANGED
-    header = image_header(data[:65536].tobytes())
-    if header and header[1] * header[2] > MAX_IMAGE_PIXELS:
-        kind, width, height, gray = header
-        factor = next((f for f in (2, 4, 8) if kind == "JPEG" and width * height <= MAX_IMAGE_PIXELS * f * f), None)
-        if factor is None:
-            raise _over_limit(path, width, height, kind, " even at 1/8 scale" if kind == "JPEG"
-                              else "; only JPEG is decoded reduced")
-        flags = _REDUCED[gray, factor]
-    try:
-        with quiet_opencv():
-            image = cv2.imdecode(data, flags)
-    except cv2.error as exc:  # OpenCV's own checks (its 2^30-pixel limit, a corrupt header): this file only
-        detail = re.search(r"error: \(.*?\) (.*)", str(exc))
-        detail = detail.group(1) if detail else str(exc).strip()
-        raise ImageError(f"{path}: OpenCV cannot decode it ({detail})") from None
-    if image is None:
-        raise ImageError(f"{path}: not a decodable image (corrupt, truncated or unsupported format)")
-    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # a format whose header we do not read (TIFF, WebP)
-        raise _over_limit(path, image.shape[1], image.shape[0], "image")
-    if image.dtype not in (np.uint8, np.uint16):  # 32-bit TIFF, float EXR: no defined mapping to the model's range
-        raise ImageError(f"{path}: {image.dtype} pixels are not supported (8- or 16-bit images only)")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image

@@ -81,3 +81,29 @@ def test_backend_factory_errors(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     with pytest.raises(MetadataError, match="broken.onnx: not a readable ONNX model"):
         open_backend(tmp_path / "broken.onnx")
+
+
+def test_imagefolder_reads_dicom_as_run_does(tmp_path):
+    """evaluate's and quantize's data sets decode DICOM (suffixed or not) with the same function as `run`."""
+    pytest.importorskip("pydicom")
+    from medmamba_edge.runtime.decode import ImageError, read_dicom
+    from tests.test_sources import synthetic_dicom
+
+    dicom = require_shared("data", "dicom", "chest_xray_rsna.dcm")
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "pneumonia").mkdir()
+    (tmp_path / "normal" / "study.dcm").write_bytes(dicom.read_bytes())
+    (tmp_path / "pneumonia" / "IM0001").write_bytes(dicom.read_bytes())  # PACS exports often have no suffix
+    (tmp_path / "pneumonia" / "notes.txt").write_text("not an image")
+    data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
+    assert data.labels().tolist() == [0, 1]
+    expected = read_dicom(dicom)[0]
+    for index in range(2):
+        assert np.array_equal(data.image(index), expected)
+    # One label per file: a multi-frame file in a labelled set is a per-file error, not frames silently dropped.
+    frames = np.arange(2 * 4 * 5, dtype=np.uint8).reshape(8, 5)
+    synthetic_dicom(tmp_path / "normal" / "cine.dcm", frames, Rows=4, NumberOfFrames=2)
+    data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
+    index = [s.source for s in data.samples].index(str(tmp_path / "normal" / "cine.dcm"))
+    with pytest.raises(ImageError, match="cine.dcm: a DICOM file of 2 frames; a data set takes one image per file"):
+        data.image(index)

@@ -4,7 +4,6 @@ errors); building and running an engine needs TensorRT and a GPU and is skipped 
 
 import json
 import shlex
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from medmamba_edge.cli import app
-from medmamba_edge.exporters import tensorrt_build as tb
-from medmamba_edge.exporters.float16 import convert_float16
+from medmamba_edge.runtime.backends.tensorrt import build as tb
+from medmamba_edge.runtime.backends.tensorrt.float16 import convert_float16
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import open_backend
-from medmamba_edge.runtime.engine_manifest import (
+from medmamba_edge.runtime.backends.tensorrt.manifest import (
     BuildOptions,
     EngineManifest,
     EngineManifestError,
@@ -30,7 +29,7 @@ from medmamba_edge.runtime.engine_manifest import (
     write_manifest,
 )
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
-from medmamba_edge.runtime.tensorrt_compat import GpuInfo, TensorRTUnavailableError, tensorrt_generation
+from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo, TensorRTUnavailableError, tensorrt_generation
 from tests.shared_data import OFFICIAL_T32, require_shared
 from tests.test_model import pneumoniamnist_val
 
@@ -41,7 +40,7 @@ ORIN = GpuInfo("Orin", "8.7")
 
 def tensorrt_or_skip():
     try:
-        from medmamba_edge.runtime.tensorrt_compat import current_gpu, import_tensorrt
+        from medmamba_edge.runtime.backends.tensorrt.compat import current_gpu, import_tensorrt
 
         trt = import_tensorrt()
         current_gpu()
@@ -55,7 +54,7 @@ def tensorrt_or_skip():
 
 def tensorrt_missing() -> bool:
     try:
-        from medmamba_edge.runtime.tensorrt_compat import import_tensorrt
+        from medmamba_edge.runtime.backends.tensorrt.compat import import_tensorrt
 
         import_tensorrt()
     except TensorRTUnavailableError:
@@ -327,9 +326,9 @@ def test_cli_input_errors(exported, tmp_path, monkeypatch):
     assert "--int8 needs an explicitly quantized model" in output and "medmamba-edge quantize" in output
     monkeypatch.delenv("MEDMAMBA_EDGE_PLUGIN", raising=False)
     monkeypatch.setenv("MEDMAMBA_EDGE_CACHE", str(tmp_path / "cache"))
-    from medmamba_edge.plugins import build
+    from medmamba_edge.runtime.backends.tensorrt import plugin
 
-    if (Path(build.__file__).parent / build.PLUGIN_LIBRARY).is_file():
+    if (plugin.PLUGINS_DIR / plugin.PLUGIN_LIBRARY).is_file():
         pytest.skip("a plugin library is bundled in the package directory")
     if not tensorrt_missing():  # without TensorRT, that is said first (test above)
         assert "run `medmamba-edge build-plugin`" in invoke(exported["plugin_path"], "-o", tmp_path / "m.engine")

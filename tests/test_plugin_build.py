@@ -2,7 +2,7 @@
 
 Runs a NumPy transliteration of the CUDA kernel's indexing against the float64 reference, compiles the CUDA
 kernel and the TensorRT wrapper (when nvcc / TensorRT headers exist), checks the C ABI through ctypes, runs
-the CMake build through medmamba_edge.plugins.build, and pins the plugin's identity to the ONNX node
+the CMake build through medmamba_edge.runtime.backends.tensorrt.plugin, and pins the plugin's identity to the ONNX node
 contract. Numerical parity of the compiled kernel needs a GPU: plugins/selective_scan/gpu_check.py.
 Set TENSORRT_ROOT to a TensorRT prefix (headers are enough) to include the plugin compile checks.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends.tensorrt import plugin as build
 from medmamba_edge.runtime.files import CACHE_ENV
 from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_reference64
 
@@ -30,15 +32,13 @@ TEST_ARCH = "87"
 
 
 def _load(name: str, path: Path):
-    # By file path: what ships in plugins/ is tested whether or not the package is installed.
+    # A script of the checkout (run as `python plugins/selective_scan/gpu_check.py`), not a package module.
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-build = _load("_medmamba_plugins_build", REPO / "plugins" / "build.py")
-scan_node = _load("_medmamba_scan_node", REPO / "runtime" / "scan_node.py")
 
 NVCC = build.find_nvcc()
 CMAKE = shutil.which("cmake")
@@ -312,7 +312,7 @@ def test_plugin_fields_are_the_node_attributes_tensorrt_passes_through():
     assert set(scan_node.node_attributes(True)) == {*scan_node.FIELD_ATTRIBUTES, "plugin_version", "plugin_namespace"}
 
 
-# --- CMake and medmamba_edge.plugins.build -----------------------------------------------------------------
+# --- CMake and medmamba_edge.runtime.backends.tensorrt.plugin -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +441,7 @@ def clean_env(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     # The package-directory fallback, pointed away from the real checkout.
-    monkeypatch.setattr(build, "__file__", str(tmp_path / "pkg" / "build.py"))
+    monkeypatch.setattr(build, "PLUGINS_DIR", tmp_path / "pkg")
     return tmp_path
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medmamba_edge.runtime.backends import open_backend
+from medmamba_edge.loaders import open_model
 from medmamba_edge.runtime.metadata import ModelMetadata
-from medmamba_edge.runtime.preprocess import ImageError, preprocess, preprocess_one, read_image, resize_like_pil
+from medmamba_edge.runtime.decode import ImageError, read_image
+from medmamba_edge.runtime.preprocess import preprocess, preprocess_one, resize_like_pil
 from tests.shared_data import OFFICIAL_T32, require_shared
 
 
@@ -37,7 +38,7 @@ def real_images():
     busi = sorted(require_shared("data", "busi").rglob("*.png"))[::20]
     pairs = [(read_image(p), Image.open(p)) for p in busi]
     pydicom = pytest.importorskip("pydicom")
-    # 8-bit MONOCHROME2 without rescale or window: its pixels are the image (sources.read_dicom agrees).
+    # 8-bit MONOCHROME2 without rescale or window: its pixels are the image (decode.read_dicom agrees).
     dicom = pydicom.dcmread(require_shared("data", "dicom", "chest_xray_rsna.dcm")).pixel_array
     return pairs + [(dicom, Image.fromarray(dicom))]
 
@@ -50,7 +51,7 @@ def test_bit_identical_to_train_transform_on_real_images(real_images, size):
 
 
 def test_same_logits_and_top1_through_official_medmamba_t(real_images):
-    backend = open_backend(require_shared(*OFFICIAL_T32), input_size=32)
+    backend = open_model(require_shared(*OFFICIAL_T32), input_size=32)
     ours = preprocess([im for im, _ in real_images], backend.metadata)
     ref = np.stack([reference(pil, backend.metadata) for _, pil in real_images])
     a, b = backend.run(ours), backend.run(ref)
@@ -107,14 +108,14 @@ def test_images_over_the_pixel_limit_are_decoded_reduced_or_refused_at_once(tmp_
 
     import cv2
 
-    from medmamba_edge.runtime import preprocess as module
+    from medmamba_edge.runtime import decode as module
     from tests.test_run_robustness import png_header
 
     # A header declaring 20000×20000 (400 MP; ~30 s and gigabytes to decode): refused from the header.
     (tmp_path / "huge.png").write_bytes(png_header(20000, 20000))
     started = time.perf_counter()
     with pytest.raises(ImageError, match=r"huge.png: a 20000×20000 PNG \(400.0 megapixels\) is over the limit of "
-                                         r"67,108,864 pixels \(preprocess.MAX_IMAGE_PIXELS\); only JPEG"):
+                                         r"67,108,864 pixels \(decode.MAX_IMAGE_PIXELS\); only JPEG"):
         read_image(tmp_path / "huge.png")
     assert time.perf_counter() - started < 1.0
     # Past OpenCV's own 2^30-pixel limit, with the constant raised: still this file's ImageError, not cv2.error.

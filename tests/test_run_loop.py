@@ -182,9 +182,32 @@ def test_option_and_backend_errors_are_one_line(tiny_onnx, tmp_path):
     for args, message in [(("--threshold", 2), "--threshold must be between 0 and 1"),
                           (("--save-video", tmp_path / "x.gif"), "--save-video needs one of"),
                           (("--show",), "--show needs"),
-                          (("--backend", "pytorch"), "expected auto, or tensorrt with an .onnx model")]:
+                          (("--backend", "pytorch"), "--backend pytorch: expected one of auto, tensorrt"),
+                          # An exported model carries its input size and classes: asking for others is refused, not
+                          # silently ignored; so is a precision for a model that is not being built.
+                          (("--input-size", "64"), "input_size cannot be set for an exported model"),
+                          (("--classes", "a,b"), "classes cannot be set for an exported model"),
+                          (("--precision", "fp16"), "precision cannot be set for a model opened as it is")]:
         code, output = cli("run", tiny_onnx, image, *args)
-        assert code == 1 and message in output and "Traceback" not in output
+        assert code == 1 and message in output and "Traceback" not in output, output
+    with pytest.raises(BackendError, match="plugin cannot be set for an ONNX model"):
+        open_backend(tiny_onnx, plugin=tmp_path / "libplugin.so")
+    with pytest.raises(BackendError, match="a PyTorch checkpoint is opened with torch"):
+        open_backend(bundled_checkpoint())
+
+
+def test_backends_close_and_work_as_context_managers(tiny_onnx):
+    from medmamba_edge.loaders import open_model
+
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    for path in (tiny_onnx, bundled_checkpoint()):
+        with open_model(path, input_size=32 if path.suffix == ".pth" else None) as backend:
+            assert backend.run(image).shape == (1, 2)
+        backend.close()  # closing twice is harmless
+    with pytest.raises(BackendError, match="the model was closed"):
+        backend = open_backend(tiny_onnx)
+        backend.close()
+        backend.run(image)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from medmamba_edge.runtime import sources
-from medmamba_edge.runtime.preprocess import ImageError
-from medmamba_edge.runtime.sources import SourceError, iterate, open_source, read_dicom
+from medmamba_edge.runtime.sources import video
+from medmamba_edge.runtime.decode import ImageError
+from medmamba_edge.runtime.decode import read_dicom
+from medmamba_edge.runtime.sources import SourceError, iterate, open_source
 from tests.shared_data import require_shared
 
 pydicom = pytest.importorskip("pydicom")
@@ -49,7 +50,7 @@ def synthetic_dicom(path, pixels, photometric="MONOCHROME2", pixel_data=None, **
 def test_uri_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match=r"camera 99: cannot be opened \(no such device"):
         open_source("99")
-    monkeypatch.setattr(sources, "has_gstreamer", lambda: False)
+    monkeypatch.setattr(video, "has_gstreamer", lambda: False)
     with pytest.raises(SourceError, match=r"no GStreamer support.*python3-opencv"):
         open_source("csi://0")
     with pytest.raises(SourceError, match="unknown scheme ftp://"):

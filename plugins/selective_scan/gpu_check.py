@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmamba_edge.plugins.build import find_nvcc, launcher_nvcc_command
+from medmamba_edge.runtime.backends.tensorrt.plugin import find_nvcc, launcher_nvcc_command
 from medmamba_edge.scan import ss2d_scan_ref
 
 HERE = Path(__file__).resolve().parent
@@ -52,15 +51,9 @@ OTHER_CASES = (
 )
 
 
-def _load_reference():
-    # tests/ is not installed with the package: the checkout's copy, loaded by path.
-    spec = importlib.util.spec_from_file_location("_ss2d_reference", REPO / "tests" / "ss2d_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_reference()
+# The float64 reference is the test suite's (tests/ is not installed): this script runs from a checkout.
+sys.path.insert(0, str(REPO))
+from tests import ss2d_reference as reference  # noqa: E402
 
 
 def stage_shapes():

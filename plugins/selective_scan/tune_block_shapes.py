@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_medmamba_gpu_check", HERE / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+import gpu_check  # the script beside this one (a script's own folder is first on sys.path)
 
 # Lanes per (direction, channel): d_state = 16 states split as 16 lanes x 1, 8 x 2 or 4 x 4 per thread.
 LANES = (16, 8, 4)
@@ -73,7 +69,7 @@ def main() -> int:
     shapes = variants()
     with tempfile.TemporaryDirectory(prefix="medmamba-tune-") as temp:
         source = Path(temp) / "scan_block_shapes.cu"
-        source.write_text(sweep_source(HERE / "selective_scan_kernel.cu", shapes))
+        source.write_text(sweep_source(gpu_check.HERE / "selective_scan_kernel.cu", shapes))
         library, seconds, arch = gpu_check.compile_launcher(Path(temp), source)
         print(f"# block-shape sweep on {torch.cuda.get_device_name()} ({arch}, {len(shapes)} variants, "
               f"built in {seconds:.0f} s)\n")

@@ -1,8 +1,8 @@
-"""Backends behind one small interface (as Polygraphy's runners): open a model file, read its metadata,
-turn a preprocessed batch into logits. The run loop, evaluate, benchmark, compare and quantize all use
-these. The backend is chosen from the file: ``.onnx`` → ONNX Runtime, ``.engine``/``.plan`` → TensorRT,
-``.pth``/``.pt`` → PyTorch (needs torch; for comparisons with the original model). Heavy imports happen
-in ``open_backend`` so that importing this package stays torch- and TensorRT-free.
+"""Backends behind one small interface (as Polygraphy's runners): open an exported model, read its metadata,
+turn a preprocessed batch into logits, close. The run loop, evaluate, benchmark, compare and quantize all use
+these. The backend is chosen from the file: ``.onnx`` → ONNX Runtime, ``.engine``/``.plan`` → TensorRT. A
+PyTorch checkpoint is opened one floor up (``medmamba_edge.loaders``), where torch may be imported. Heavy
+imports happen in ``open_backend`` so that importing this package stays torch- and TensorRT-free.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from medmamba_edge.errors import UserError, install_hint
-from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata
+from medmamba_edge.errors import UserError
+from medmamba_edge.runtime.metadata import ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -25,6 +25,8 @@ class BackendError(UserError):
 
 
 class Backend(Protocol):
+    """What every backend offers. Backends subclass it for ``with``: the model is closed on leaving the block."""
+
     metadata: ModelMetadata
     path: Path
 
@@ -33,6 +35,15 @@ class Backend(Protocol):
 
     def describe(self) -> str:
         """One line: framework, device/providers, precision."""
+
+    def close(self) -> None:
+        """Free the session or engine and its (device) memory now rather than at garbage collection; idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -52,26 +63,33 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
     return np.concatenate(outputs)
 
 
-def open_backend(path: str | Path, **options) -> Backend:
-    """The backend for a model file. Options are backend-specific (``threads``, ``providers``, ``plugin``,
-    ``input_size``/``classes`` for checkpoints) and ignored where they do not apply."""
+def refuse_options(path: str | Path, kind: str, **given) -> None:
+    """An option that does not apply to this kind of model is an error: silently ignoring it would run something
+    other than what was asked for (an input size given with an .onnx, which carries its own)."""
+    wrong = [name for name, value in given.items() if value is not None]
+    if wrong:
+        raise BackendError(f"{path}: {', '.join(wrong)} cannot be set for {kind}")
+
+
+def open_backend(path: str | Path, *, threads: int | None = None, providers: list[str] | str | None = None,
+                 plugin: str | Path | None = None) -> Backend:
+    """The backend for an exported model: ``threads`` and ``providers`` apply to ONNX Runtime, ``plugin`` (the
+    SS2DScan plugin library) to TensorRT; giving one to the other kind is refused."""
     path = Path(path)
     if not path.exists():
         raise BackendError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
+        refuse_options(path, "an ONNX model (ONNX Runtime)", plugin=plugin)
         from medmamba_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, threads=options.get("threads"), providers=options.get("providers"))
-    if suffix in TORCH_SUFFIXES:
-        try:
-            from medmamba_edge.torch_backend import PyTorchBackend
-        except ImportError as exc:
-            raise BackendError(f"{path}: running a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
-        return PyTorchBackend(path, input_size=options.get("input_size", DEFAULT_INPUT_SIZE), classes=options.get("classes"),
-                              threads=options.get("threads"))
+        return OnnxRuntimeBackend(path, threads=threads, providers=providers)
     if suffix in ENGINE_SUFFIXES:
-        from medmamba_edge.runtime.backends.tensorrt import TensorRTBackend
+        refuse_options(path, "a TensorRT engine", threads=threads, providers=providers)
+        from medmamba_edge.runtime.backends.tensorrt.runner import TensorRTBackend
 
-        return TensorRTBackend(path, plugin=options.get("plugin"))
+        return TensorRTBackend(path, plugin=plugin)
+    if suffix in TORCH_SUFFIXES:
+        raise BackendError(f"{path}: a PyTorch checkpoint is opened with torch (medmamba_edge.loaders.open_model), "
+                           f"not by the torch-free runtime; export it first (medmamba-edge export)")
     raise BackendError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected .onnx, .engine/.plan or .pth/.pt")

@@ -14,7 +14,7 @@ import numpy as np
 
 from medmamba_edge.errors import first_line
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
+from medmamba_edge.runtime.backends import Backend, BackendError, run_in_fixed_batches
 from medmamba_edge.runtime.files import cache_root
 from medmamba_edge.runtime.metadata import ModelMetadata, check_against_graph, read_onnx_metadata
 
@@ -62,7 +62,7 @@ def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata)
     return [(name, provider_options(name, metadata)) for name in names]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
         import onnx
         import onnxruntime as ort
@@ -94,5 +94,10 @@ class OnnxRuntimeBackend:
         return f"ONNX Runtime ({', '.join(self.session.get_providers())}, {self.metadata.scan_form} scan)"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise BackendError(f"{self.path}: the model was closed")
         return run_in_fixed_batches(lambda chunk: self.session.run(None, {self.input_name: chunk})[0],
                                     batch, self.metadata.batch)
+
+    def close(self) -> None:
+        self.session = None

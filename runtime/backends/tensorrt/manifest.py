@@ -18,7 +18,7 @@ from pathlib import Path
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata
-from medmamba_edge.runtime.tensorrt_compat import GpuInfo, parse_version
+from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo, parse_version
 
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"

@@ -4,7 +4,7 @@ The manifest beside the engine supplies the model metadata and is checked agains
 and GPU first, so a stale engine fails with the command that rebuilds it instead of a deserialisation
 error. The SS2DScan plugin library is loaded automatically. I/O goes through ``execute_async_v3``
 with ``set_input_shape``/``set_tensor_address`` on device buffers from cuda-python (see
-``runtime/tensorrt_compat.py`` for why cuda-python). torch-free.
+``runtime/backends/tensorrt/compat.py`` for why cuda-python). torch-free.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.plugins.build import find_plugin_library
-from medmamba_edge.runtime.backends import BackendError, run_in_fixed_batches
-from medmamba_edge.runtime.engine_manifest import check_manifest, read_manifest
+from medmamba_edge.runtime.backends.tensorrt.plugin import find_plugin_library
+from medmamba_edge.runtime.backends import Backend, BackendError, run_in_fixed_batches
+from medmamba_edge.runtime.backends.tensorrt.manifest import check_manifest, read_manifest
 from medmamba_edge.runtime.metadata import check_against_graph
-from medmamba_edge.runtime.tensorrt_compat import (
+from medmamba_edge.runtime.backends.tensorrt.compat import (
     cuda_check,
     current_gpu,
     import_cudart,
@@ -27,7 +27,7 @@ from medmamba_edge.runtime.tensorrt_compat import (
 )
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     def __init__(self, path: str | Path, plugin: str | Path | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)

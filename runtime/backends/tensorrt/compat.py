@@ -3,7 +3,7 @@
 TensorRT 10.x (10.3 is JetPack 6.1/6.2) builds *weakly typed* networks: precision comes from builder
 flags (FP16; INT8 for a Q/DQ network). TensorRT 11 builds only *strongly typed* networks: the FP16 and
 INT8 builder flags are gone and every tensor has the type the ONNX graph gives it, so an FP16 engine
-needs a float16 graph (``exporters/float16.py``) and an INT8 engine a Q/DQ graph. TensorRT < 10.3 (8.x
+needs a float16 graph (``runtime/backends/tensorrt/float16.py``) and an INT8 engine a Q/DQ graph. TensorRT < 10.3 (8.x
 on JetPack 5) has no IPluginV3, which our SS2DScan plugin is.
 
 Device memory, streams and the GPU's name come from cuda-python (``cuda.bindings.runtime``; ``cuda.cudart``

@@ -8,7 +8,7 @@ Standard library only: this runs on a Jetson next to TensorRT, where PyTorch is 
 2. the default build directory, ``<cache>/plugins/ss2d_scan-<machine>/``, where ``<cache>`` is
    ``$MEDMAMBA_EDGE_CACHE`` or else ``$XDG_CACHE_HOME/medmamba-edge`` or else ``~/.cache/medmamba-edge``
    (``build_plugin()`` writes there by default);
-3. this package's directory (a wheel that bundles a prebuilt library).
+3. the ``plugins`` package's directory, beside the sources (a wheel that bundles a prebuilt library).
 
 ``find_launcher()`` does the same for the CUDA-only library with ``$MEDMAMBA_EDGE_SCAN_CUDA``.
 """
@@ -25,15 +25,17 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from medmamba_edge import plugins
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.files import cache_root
-from medmamba_edge.runtime.tensorrt_compat import INSTALL_HINT
+from medmamba_edge.runtime.backends.tensorrt.compat import INSTALL_HINT
 
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
 PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
 LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"
-SOURCE_DIR = Path(__file__).resolve().parent / "selective_scan"
+PLUGINS_DIR = Path(plugins.__file__).resolve().parent
+SOURCE_DIR = PLUGINS_DIR / "selective_scan"
 BUILD_LOG = "medmamba-build.log"
 # Where nvcc is looked for after $CUDACXX, $CUDA_HOME/$CUDA_PATH and PATH (JetPack and the .run/.deb
 # installers all provide /usr/local/cuda).
@@ -64,7 +66,7 @@ def _search(env_var: str, filename: str) -> Path:
         if path.is_file():
             return path
         raise PluginNotFoundError(f"${env_var} is set to {path}, which is not a file")
-    candidates = [default_build_dir() / filename, Path(__file__).resolve().parent / filename]
+    candidates = [default_build_dir() / filename, PLUGINS_DIR / filename]
     for path in candidates:
         if path.is_file():
             return path

@@ -5,7 +5,7 @@ applies the build options (presets for Jetson boards and desktop GPUs, precision
 workspace, timing cache, optimisation level, DLA, version/hardware compatibility) and writes the engine and
 ``<engine>.json`` atomically. ``cached_engine`` does the same into the engine cache, keyed so that a model is
 built once per TensorRT version, GPU and option set. Version differences live in
-``runtime/tensorrt_compat.py``. torch-free: this runs on a Jetson next to TensorRT.
+``runtime/backends/tensorrt/compat.py``. torch-free: this runs on a Jetson next to TensorRT.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.exporters.float16 import convert_float16
-from medmamba_edge.plugins.build import find_plugin_library
+from medmamba_edge.runtime.backends.tensorrt.float16 import convert_float16
+from medmamba_edge.runtime.backends.tensorrt.plugin import find_plugin_library
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.engine_manifest import (
+from medmamba_edge.runtime.backends.tensorrt.manifest import (
     BuildOptions,
     EngineManifest,
     engine_cache_key,
@@ -31,7 +31,7 @@ from medmamba_edge.runtime.engine_manifest import (
 )
 from medmamba_edge.runtime.files import cache_root, check_writable, sha256_file, write_bytes_atomically
 from medmamba_edge.runtime.metadata import PRECISIONS, read_onnx_metadata
-from medmamba_edge.runtime.tensorrt_compat import (
+from medmamba_edge.runtime.backends.tensorrt.compat import (
     current_gpu,
     import_cudart,
     import_tensorrt,

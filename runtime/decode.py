@@ -1,0 +1,232 @@
+"""Files to pixels: still images (OpenCV) and DICOM (pydicom, imported only when a DICOM file is read), the
+same way for ``run``'s file sources, the data sets of evaluate and compare, and quantize's calibration images.
+What comes out is what ``preprocess`` takes: RGB or grayscale, uint8/uint16, or float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from medmamba_edge.errors import UserError, first_line, install_hint
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageError(UserError, ValueError):
+    """An image file that cannot be decoded or used."""
+
+@contextmanager
+def quiet_opencv():
+    """Silence OpenCV's own WARN lines (a truncated PNG, a missing camera): our errors say it in one line."""
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
+# The file suffixes read_image reads as images (by OpenCV), wherever images are looked for: `run`'s folders
+# and globs, data sets for evaluate and quantize, the bundled samples.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+# The most pixels an image is decoded with. 64 megapixels (8192 × 8192; 192 MB as 8-bit RGB) is far more
+# than any model input needs and more than radiographs have (a full-field mammogram is ≈ 14 MP), while a
+# header declaring 20000 × 20000 would cost ~30 s and gigabytes before the model sees 224 × 224 of it.
+# JPEG over the limit is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, no full-size buffer);
+# other formats over it are refused with the reason. Images within it decode exactly as before.
+MAX_IMAGE_PIXELS = 8192 * 8192
+_REDUCED = {(False, 2): cv2.IMREAD_REDUCED_COLOR_2, (False, 4): cv2.IMREAD_REDUCED_COLOR_4,
+            (False, 8): cv2.IMREAD_REDUCED_COLOR_8, (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, grayscale) from a JPEG's start-of-frame segment."""
+    i = 2
+    while i + 10 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height, data[i + 9] == 1
+        else:
+            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
+def image_header(data: bytes) -> tuple[str, int, int, bool] | None:
+    """(format, width, height, grayscale) as a PNG, JPEG or BMP header declares them, without decoding;
+    None for other formats (their size is checked after decoding)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 26:
+        width, height = struct.unpack(">II", data[16:24])
+        return "PNG", width, height, data[25] in (0, 4)
+    if data.startswith(b"BM") and len(data) >= 26 and struct.unpack("<I", data[14:18])[0] >= 40:
+        width, height = struct.unpack("<ii", data[18:26])
+        return "BMP", abs(width), abs(height), False
+    if data.startswith(b"\xff\xd8"):
+        header = _jpeg_header(data)
+        return ("JPEG", *header) if header else None
+    return None
+
+
+def _over_limit(path, width: int, height: int, kind: str, note: str = "") -> ImageError:
+    return ImageError(f"{path}: a {width}×{height} {kind} ({width * height / 1e6:.1f} megapixels) is over the limit of "
+                      f"{MAX_IMAGE_PIXELS:,} pixels (decode.MAX_IMAGE_PIXELS){note}; downscale it first")
+
+
+def read_image(path) -> np.ndarray:
+    """Decode an image file to RGB (or grayscale) uint8/uint16, keeping its bit depth. Over
+    ``MAX_IMAGE_PIXELS`` a JPEG is decoded reduced and anything else refused (see the constant)."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if data.size == 0:
+        raise ImageError(f"{path}: file is empty")
+    flags = cv2.IMREAD_UNCHANGED
+    header = image_header(data[:65536].tobytes())
+    if header and header[1] * header[2] > MAX_IMAGE_PIXELS:
+        kind, width, height, gray = header
+        factor = next((f for f in (2, 4, 8) if kind == "JPEG" and width * height <= MAX_IMAGE_PIXELS * f * f), None)
+        if factor is None:
+            raise _over_limit(path, width, height, kind, " even at 1/8 scale" if kind == "JPEG"
+                              else "; only JPEG is decoded reduced")
+        flags = _REDUCED[gray, factor]
+    try:
+        with quiet_opencv():
+            image = cv2.imdecode(data, flags)
+    except cv2.error as exc:  # OpenCV's own checks (its 2^30-pixel limit, a corrupt header): this file only
+        detail = re.search(r"error: \(.*?\) (.*)", str(exc))
+        detail = detail.group(1) if detail else str(exc).strip()
+        raise ImageError(f"{path}: OpenCV cannot decode it ({detail})") from None
+    if image is None:
+        raise ImageError(f"{path}: not a decodable image (corrupt, truncated or unsupported format)")
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:  # a format whose header we do not read (TIFF, WebP)
+        raise _over_limit(path, image.shape[1], image.shape[0], "image")
+    if image.dtype not in (np.uint8, np.uint16):  # 32-bit TIFF, float EXR: no defined mapping to the model's range
+        raise ImageError(f"{path}: {image.dtype} pixels are not supported (8- or 16-bit images only)")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+
+def is_dicom(path: Path) -> bool:
+    """By suffix, or by the 'DICM' magic after the 128-byte preamble (DICOM files often have no suffix)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _pydicom():
+    try:
+        import pydicom
+        from pydicom import pixels
+    except ImportError as exc:
+        raise ImageError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
+    return pydicom, pixels
+
+
+def read_dicom(path: str | Path) -> list[np.ndarray]:
+    """A DICOM file's frames, ready for ``preprocess``. Monochrome images go through the modality LUT
+    (rescale slope/intercept) and the VOI LUT or window, in float, then map that output range to [0, 1]
+    (MONOCHROME1 inverted so that bright is dense everywhere). An 8-bit image without any of these is
+    returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
+    to RGB; colour images stay RGB; 1- to 7-bit images are scaled from their bit range like 12-bit ones."""
+    pydicom, lut = _pydicom()
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
+        raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds:
+        # pydicom reads a cut file up to where it ends, silently: an image class or image attributes
+        # without the pixels means the pixels were cut off, not that there never were any.
+        sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+        if "Rows" in ds or "Image" in str(getattr(sop, "name", "")):
+            raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before "
+                             f"its pixel data")
+        raise ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # missing decoder plugin, truncated pixel data, …
+        message = first_line(exc)
+        if "less than expected" in message:
+            raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {message})") from None
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise ImageError(f"{path}: cannot decode DICOM pixel data ({name}): {message} "
+                         f"(compressed DICOM may need pillow or pylibjpeg)") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames == 1:
+        pixels = pixels[None]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
+            return list(lut.apply_color_lut(pixels, ds))
+        if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
+            return list(pixels)
+        return _monochrome(ds, pixels, photometric, lut, path)
+    except ImageError:
+        raise
+    except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
+        raise ImageError(f"{path}: DICOM {photometric} pixels cannot be mapped to intensities "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.ndarray]:
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"{path}: DICOM photometric interpretation {photometric} with one sample per pixel is "
+                         f"not supported (MONOCHROME1/2 or PALETTE COLOR)")
+    transformed = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
+                                        "WindowCenter", "VOILUTSequence"))
+    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
+    if pixels.dtype == np.uint8 and bits == 8 and not transformed:
+        return list(255 - pixels if photometric == "MONOCHROME1" else pixels)
+    values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
+    # The output range of the same transforms applied to the extremes the stored bits can hold: the
+    # window's or LUT's range when there is one, else the modality range of the stored values.
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
+                        dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
+    low, high = (float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+    if not high > low:
+        raise ImageError(f"{path}: DICOM value range is empty ({low}..{high})")
+    scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return list(1.0 - scaled if photometric == "MONOCHROME1" else scaled)
+
+
+def read_still(path: Path) -> list[np.ndarray]:
+    """An image or DICOM file's frames (one, except multi-frame DICOM)."""
+    return read_dicom(path) if is_dicom(path) else [read_image(path)]
+
+
+def read_single_image(path: str | Path) -> np.ndarray:
+    """The one image of an image or single-frame DICOM file: a labelled data set has one label per file."""
+    frames = read_still(Path(path))
+    if len(frames) != 1:
+        raise ImageError(f"{path}: a DICOM file of {len(frames)} frames; a data set takes one image per file "
+                         f"(`medmamba-edge run` classifies every frame)")
+    return frames[0]
+
+
+def is_still(path: Path) -> bool:
+    """Whether ``path`` names what ``read_still`` reads: an image or DICOM suffix, or a DICOM without one."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(path))

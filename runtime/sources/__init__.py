@@ -1,0 +1,84 @@
+"""Frame sources behind one URI grammar, as jetson-inference's videoSource or Ultralytics' ``source=``:
+
+    0, 1, …                    camera by index (V4L2 on Linux)
+    /dev/video0, v4l2:///dev/video0   camera device
+    csi://0[?width=&height=&fps=]     Jetson CSI camera (GStreamer nvarguscamerasrc; needs OpenCV with GStreamer)
+    rtsp://…, http(s)://…, rtmp://…   network stream (live: reconnects with back-off)
+    clip.mp4 (.avi, .mkv, …)   video file
+    scan.png, study.dcm        one image or DICOM file (a multi-frame DICOM gives one frame per frame)
+    folder/, "images/*.png"    every image and DICOM file under a folder (recursively) or matching a glob
+
+``open_source(spec)`` parses it and opens the device or file at once, so a camera that does not exist or
+a file that is not a video fails before the run starts. ``Source.frames(stride)`` then yields ``Frame``s;
+a file that cannot be decoded, or fails in any other way, yields a Frame with ``error`` set (it gets a
+"skipped" record with the reason) and the run goes on. Everything here is numpy + OpenCV; pydicom is
+imported only when a DICOM file is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from medmamba_edge.runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
+from medmamba_edge.runtime.sources.base import Frame, Source, SourceError, item_error, iterate
+from medmamba_edge.runtime.sources.capture import Capture
+from medmamba_edge.runtime.sources.files import FileSource, folder_files, glob_files
+from medmamba_edge.runtime.sources.video import (
+    STREAM_SCHEMES,
+    VIDEO_SUFFIXES,
+    camera_source,
+    csi_source,
+    stream_source,
+    video_file_source,
+)
+
+__all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate", "open_source"]
+
+
+def open_source(spec: str, reconnect: int = 5) -> Source:
+    """The source for a URI (see the module docstring), opened."""
+    spec = str(spec).strip()
+    if re.fullmatch(r"\d+", spec):
+        return camera_source(int(spec), spec)
+    scheme = urlparse(spec).scheme.lower() if "://" in spec else ""
+    if scheme == "csi":
+        return csi_source(spec)
+    if scheme == "v4l2":
+        return camera_source(urlparse(spec).path, spec)
+    if scheme in STREAM_SCHEMES:
+        return stream_source(spec, reconnect)
+    if scheme == "file":
+        spec = unquote(urlparse(spec).path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
+    elif scheme:
+        raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "
+                          f"({', '.join(s + '://' for s in STREAM_SCHEMES)})")
+    if re.fullmatch(r"/dev/video\d+", spec):
+        return camera_source(spec, spec)
+    if glob.has_magic(spec) and not Path(spec).exists():
+        paths = glob_files(spec)
+        if not paths:
+            raise SourceError(f"{spec}: no files match")
+        return FileSource(paths, f"{spec} ({len(paths)} files)")
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file, folder, camera or stream")
+    if path.is_dir():
+        paths = folder_files(path)
+        if not paths:
+            raise SourceError(f"{path}: no images or DICOM files found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+        return FileSource(paths, f"{path} ({len(paths)} files)")
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise SourceError(f"{path}: not a regular file (a FIFO, socket or device); expected an image, video, "
+                          f"DICOM file, folder, camera or stream")
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        if path.stat().st_size == 0:
+            raise SourceError(f"{path}: video file is empty")
+        return video_file_source(path)
+    if suffix in IMAGE_SUFFIXES or is_dicom(path):
+        return FileSource([path], str(path))
+    raise SourceError(f"{path}: unsupported file type {suffix or '(no suffix)'}; expected an image "
+                      f"({', '.join(IMAGE_SUFFIXES)}), a video ({', '.join(VIDEO_SUFFIXES)}) or DICOM")

@@ -1,0 +1,90 @@
+"""The capture thread: decoding and preprocessing overlap inference, and a frame dropped by a live source
+that outruns the model still gets its record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from medmamba_edge.runtime.sources.base import Frame, Source, item_error, iterate
+
+
+class Capture:
+    """Reads and preprocesses frames in its own thread into a bounded queue, so decoding overlaps
+    inference. A live source that outruns inference loses its oldest waiting frame (kept in ``dropped``
+    so that it still gets a record); a file source waits for room and loses nothing."""
+
+    def __init__(self, source: Source, prepare: Callable[[np.ndarray], np.ndarray], size: int, **iterate_options):
+        self.source, self.prepare, self.size, self.options = source, prepare, max(size, 1), iterate_options
+        self.queue: deque[Frame] = deque()
+        self.dropped: list[Frame] = []
+        self.ready = threading.Condition()
+        self.stopping = threading.Event()
+        self.done = False
+        self.failure: BaseException | None = None  # what ended the source early; the loop reports or re-raises it
+        self.thread = threading.Thread(target=self._read, name="capture", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for frame in iterate(self.source, stop=self.stopping, **self.options):
+                if frame.error is None:
+                    try:
+                        frame.tensor = self.prepare(frame.image)
+                    except Exception as exc:  # a 5-channel TIFF, float pixels: skipped, the run goes on
+                        frame.image, frame.error = None, item_error(frame.source, exc)
+                self._put(frame)
+        except BaseException as exc:  # handed to the main thread, which owns error reporting
+            self.failure = exc
+        finally:
+            self.source.close()
+            with self.ready:
+                self.done = True
+                self.ready.notify_all()
+
+    def _put(self, frame: Frame) -> None:
+        with self.ready:
+            while len(self.queue) >= self.size and not self.stopping.is_set():
+                if self.source.live:
+                    dropped = self.queue.popleft()
+                    dropped.image = dropped.tensor = None
+                    self.dropped.append(dropped)
+                    break
+                self.ready.wait(0.1)
+            self.queue.append(frame)
+            self.ready.notify_all()
+
+    def next_batch(self, size: int, timeout: float = 0.1) -> list[Frame] | None:
+        """Up to ``size`` frames, waiting at most ``timeout`` for each; a live source's batch takes only
+        what is waiting (latency first). None once the source is finished and the queue empty."""
+        batch: list[Frame] = []
+        with self.ready:
+            while len(batch) < size:
+                if self.queue:
+                    batch.append(self.queue.popleft())
+                    self.ready.notify_all()
+                elif self.done or (batch and self.source.live) or not self.ready.wait(timeout):
+                    break
+            return None if not batch and self.done and not self.queue else batch
+
+    def take_dropped(self) -> list[Frame]:
+        with self.ready:
+            dropped, self.dropped = self.dropped, []
+        return dropped
+
+    def stop(self) -> list[Frame]:
+        """Stop reading; the frames still waiting (they get records too)."""
+        self.stopping.set()
+        self.source.stop()
+        with self.ready:
+            self.ready.notify_all()
+        self.thread.join(timeout=2.0)
+        with self.ready:
+            left, self.queue = list(self.queue), deque()
+        return left

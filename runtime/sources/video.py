@@ -1,0 +1,172 @@
+"""Video through OpenCV: files, V4L2 cameras, Jetson CSI cameras (GStreamer) and network streams (FFmpeg),
+one ``VideoSource`` class; a live one reconnects with back-off and is lost only after ``reconnect`` failures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import cv2
+
+from medmamba_edge.runtime.decode import quiet_opencv
+from medmamba_edge.runtime.sources.base import Frame, Source, SourceError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
+# FFmpeg logs every dropped connection itself; our reconnect notice says it once, in words.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+NETWORK_TIMEOUT_MS = 5000  # FFmpeg's open/read timeouts: a dead server is noticed, not waited on forever
+
+
+class VideoSource(Source):
+    """A video file, camera or network stream through OpenCV. A live source that stops delivering is
+    reopened with exponential back-off; after ``reconnect`` failures in a row it is lost. A stream also
+    gets those retries for its first connection (a camera that is still booting)."""
+
+    def __init__(self, open_capture: Callable[[], cv2.VideoCapture], description: str, uri: str, live: bool = False,
+                 reconnect: int = 5, retry_first_open: bool = False, backoff: float = 0.5):
+        self.open_capture, self.description, self.uri, self.live = open_capture, description, uri, live
+        self.reconnect, self.backoff = reconnect, backoff  # first wait; doubles up to 8 s
+        self.stopping = threading.Event()  # set by the loop: stop reading and waiting
+        self.capture: cv2.VideoCapture | None = None
+        try:
+            self.capture = open_capture()
+            return
+        except SourceError:
+            if not retry_first_open:
+                raise
+        for attempt in range(1, reconnect + 1):
+            self._wait(attempt)
+            capture = self._try_open()
+            if capture.isOpened():
+                self.capture = capture
+                return
+        raise SourceError(f"{uri}: cannot be opened after {reconnect} attempts "
+                          f"(server unreachable, wrong URL or unsupported stream)")
+
+    def frames(self, stride: int = 1) -> Iterator[Frame]:
+        if self.capture is None:  # a second pass (--loop) over a file
+            self.capture = self.open_capture()
+        total = 0 if self.live else int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        index, failures = 0, 0
+        while not self.stopping.is_set():
+            keep = index % stride == 0
+            # grab() skips a frame without decoding it, so --stride saves the decode too.
+            ok, image = self.capture.read() if keep else (self.capture.grab(), None)
+            if not ok:
+                if not self.live:
+                    break
+                failures += 1
+                self.close()
+                if failures > self.reconnect:
+                    raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
+                self._wait(failures)
+                self.capture = self._try_open()
+                continue
+            failures = 0
+            if keep:
+                timestamp = time.time() if self.live else self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+                yield Frame(self.uri, index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            index += 1
+        self.close()
+        if self.stopping.is_set():
+            return
+        if index == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
+            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
+                                               f"(no frames, or corrupt or unsupported video data)")
+        elif index < total - 1:  # the container promised more frames: the file ends early or stops decoding
+            yield Frame(self.uri, index, 0.0, error=f"{self.uri}: video stopped decoding at frame {index} of "
+                                                  f"{total} (truncated or corrupt)")
+
+    def _wait(self, attempt: int) -> None:
+        wait = min(self.backoff * 2 ** (attempt - 1), 8.0)
+        self.notify(f"{self.description}: no frames; reconnecting in {wait:.1f} s (attempt {attempt}/{self.reconnect})")
+        self.stopping.wait(wait)
+
+    def _try_open(self) -> cv2.VideoCapture:
+        """Opened, or a closed capture whose read() fails, which counts as the next failure."""
+        try:
+            return self.open_capture()
+        except SourceError:
+            return cv2.VideoCapture()
+
+    @property
+    def fps(self) -> float | None:
+        fps = self.capture.get(cv2.CAP_PROP_FPS) if self.capture is not None else 0.0
+        return fps if 0 < fps < 1000 else None  # some streams report 0 or 90000 (the RTP clock)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        if self.capture is not None:
+            self.capture.release()
+            self.capture = None
+
+
+def _opener(what: str, *args, hint: str = "") -> Callable[[], cv2.VideoCapture]:
+    def open_capture() -> cv2.VideoCapture:
+        with quiet_opencv():
+            capture = cv2.VideoCapture(*args)
+        if not capture.isOpened():
+            raise SourceError(f"{what}: cannot be opened{hint}")
+        return capture
+    return open_capture
+
+
+def has_gstreamer() -> bool:
+    if cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
+        return True
+    return bool(re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()))
+
+
+def csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, fps: int = 30) -> str:
+    """nvarguscamerasrc (Jetson ISP) → NVMM → nvvidconv → BGR for OpenCV; appsink keeps only the newest frame."""
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
+            f"framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR "
+            f"! appsink drop=true max-buffers=1")
+
+
+def csi_source(uri: str) -> VideoSource:
+    parsed = urlparse(uri)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    try:
+        sensor = int(parsed.netloc or "0")
+        size = {k: int(query[k]) for k in ("width", "height", "fps") if k in query}
+    except ValueError:
+        raise SourceError(f"{uri}: expected csi://N[?width=W&height=H&fps=F] with integers") from None
+    if not has_gstreamer():
+        raise SourceError(
+            f"{uri}: this OpenCV ({cv2.__version__}, {Path(cv2.__file__).parent}) has no GStreamer support, which "
+            f"CSI cameras need (PyPI's opencv-python wheels never have it). On Jetson use JetPack's OpenCV: "
+            f"`sudo apt install python3-opencv`, create the venv with --system-site-packages and "
+            f"`pip uninstall opencv-python opencv-python-headless` inside it")
+    return VideoSource(_opener(uri, csi_pipeline(sensor, **size), cv2.CAP_GSTREAMER,
+                               hint=" (is nvargus-daemon running and the sensor connected?)"),
+                       f"CSI camera {sensor}", uri, live=True)
+
+
+def camera_source(device: int | str, uri: str) -> VideoSource:
+    # A path (/dev/video0) goes to V4L2 directly; an index lets OpenCV pick the platform's camera backend.
+    args = (device, cv2.CAP_V4L2) if isinstance(device, str) else (device,)
+    return VideoSource(_opener(f"camera {device}", *args,
+                               hint=" (no such device, no permission, or in use; list cameras with `v4l2-ctl --list-devices`)"),
+                       f"camera {device}", uri, live=True)
+
+
+def stream_source(uri: str, reconnect: int) -> VideoSource:
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+    return VideoSource(_opener(uri, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)"),
+                       f"stream {uri}", uri, live=True, reconnect=reconnect, retry_first_open=True)
+
+
+def video_file_source(path: Path) -> VideoSource:
+    return VideoSource(_opener(str(path), str(path), cv2.CAP_FFMPEG,
+                               hint=" as a video (corrupt, truncated or an unsupported codec)"),
+                       f"video {path}", str(path))

@@ -1,0 +1,103 @@
+"""The floors of docs/architecture.md hold: every module's imports, lazy ones inside functions included, go to
+its own floor or below, and the runtime's third-party imports leave out the torch side.
+
+The modules are read as source (ast), not imported, so an optional package that is not installed (TensorRT)
+hides nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import pkgutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lowest first. A module belongs to the floor of the longest prefix that names it.
+FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ground: version, errors, native sources", ("medmamba_edge.errors", "medmamba_edge.plugins")),
+    ("runtime: torch-free inference", ("medmamba_edge.runtime",)),
+    ("torch side and exporters", ("medmamba_edge.model", "medmamba_edge.scan", "medmamba_edge.checkpoint",
+                                  "medmamba_edge.torch_backend", "medmamba_edge.exporters")),
+    ("commands", ("medmamba_edge.loaders", "medmamba_edge.evaluation", "medmamba_edge.comparison",
+                  "medmamba_edge.benchmarking", "medmamba_edge.plots", "medmamba_edge.serving", "medmamba_edge.cli")),
+)
+# What the runtime must run without: a Jetson or CPU box has none of these.
+TORCH_SIDE = ("torch", "onnxscript", "torchvision", "timm")
+
+
+def floor_of(module: str) -> int:
+    if module == "medmamba_edge":
+        return 0
+    best = None
+    for level, (_, prefixes) in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (level, len(prefix))
+    if best is None:
+        raise AssertionError(f"{module} is on no floor: add it to FLOORS here and to docs/architecture.md")
+    return best[0]
+
+
+def all_modules() -> dict[str, Path]:
+    """Every module of every folder pyproject maps into the ``medmamba_edge`` namespace."""
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    found = {}
+    for name in mapping:
+        package = importlib.import_module(name)
+        found[name] = Path(package.__file__)
+        for info in pkgutil.walk_packages(package.__path__, name + "."):
+            origin = Path(importlib.util.find_spec(info.name).origin)
+            if origin.suffix == ".py":  # compiled extensions import nothing of ours
+                found[info.name] = origin
+    return found
+
+
+def imports_of(module: str, path: Path) -> set[str]:
+    """Every module named by an import statement anywhere in the file, relative ones resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
+            names.add(base)
+            # `from medmamba_edge.runtime import sources` imports a module, not a name.
+            names.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
+    return names
+
+
+MODULES = all_modules()
+
+
+def test_every_package_folder_is_walked():
+    assert {"medmamba_edge.runtime.backends.tensorrt.runner", "medmamba_edge.runtime.sources",
+            "medmamba_edge.exporters.onnx_export", "medmamba_edge.cli"} <= set(MODULES)
+
+
+def test_every_package_folder_is_in_the_wheel():
+    # An editable install finds a sub-package that pyproject's list leaves out; a wheel, `pip install .` on a
+    # Jetson, does not, and the runtime breaks there alone.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert on_disk == set(setuptools["packages"])
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down_or_level(module):
+    level = floor_of(module)
+    upward = sorted(f"{name} ({FLOORS[floor_of(name)][0]})" for name in imports_of(module, MODULES[module])
+                    if name.split(".")[0] == "medmamba_edge" and floor_of(name) > level)
+    assert not upward, f"{module} ({FLOORS[level][0]}) imports from above: {', '.join(upward)}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if floor_of(m) <= 1))
+def test_runtime_needs_no_torch(module):
+    heavy = sorted(name for name in imports_of(module, MODULES[module]) if name.split(".")[0] in TORCH_SIDE)
+    assert not heavy, f"{module} imports {', '.join(heavy)}: the runtime must run where torch is not installed"
