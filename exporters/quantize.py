@@ -49,13 +49,14 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
 from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess
+
+from .portable import lower_ss2d_scan
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
-from medmamba_edge.evaluation import input_sizes
 from medmamba_edge.runtime.cpu import describe_cpu
+
+from .errors import UserError
+from .evaluation import input_sizes
 
 DEFAULT_BATCHES = (1, 8)
 ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
@@ -126,7 +127,7 @@ class BenchmarkReport:
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:
-        from medmamba_edge.plots import latency_bars_png
+        from .plots import latency_bars_png
 
         rows = self.measurements
         return latency_bars_png([f"{Path(r.model).name} ({r.precision}), batch {r.batch}" for r in rows],
@@ -219,10 +220,11 @@ def _serve() -> None:
         replies.write(json.dumps(message) + "\n")
         replies.flush()
 
-    from medmamba_edge.loaders import open_model
     from medmamba_edge.runtime.bundled import sample_image_paths
     from medmamba_edge.runtime.decode import read_image
     from medmamba_edge.runtime.preprocess import preprocess
+
+    from .loaders import open_model
 
     try:
         spec = json.loads(sys.stdin.readline())

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from medmamba_edge import __version__
-from medmamba_edge.errors import UserError
-from medmamba_edge.model import VSSM, SS_Conv_SSM, variant_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import ModelMetadata
+
+from . import __version__
+from .errors import UserError
+from .model import VSSM, SS_Conv_SSM, variant_name
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
 CLASS_INDEX_FILE = "class_indices.json"

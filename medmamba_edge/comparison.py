@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.evaluation import Failure, open_models, run_models
 from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Sample, open_dataset
 from medmamba_edge.runtime.metadata import PRECISIONS
+
+from .evaluation import Failure, open_models, run_models
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
-from medmamba_edge.loaders import open_model
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, softmax
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
+from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
 from medmamba_edge.runtime.metrics import Metrics, classification_metrics
-from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.preprocess import preprocess
+
+from .errors import UserError
+from .loaders import open_model
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 
@@ -189,7 +190,7 @@ def plot_file_names(paths: Sequence[str]) -> list[str]:
 
 
 def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:
-    from medmamba_edge.plots import confusion_matrix_png
+    from .plots import confusion_matrix_png
 
     return [
         confusion_matrix_png(m.metrics.confusion, report.class_names,

@@ -25,9 +25,9 @@ def open_model(path: str | Path, *, backend: str = "auto", precision: str | None
         refuse_options(path, "a PyTorch checkpoint", providers=providers, plugin=plugin, precision=precision,
                        backend=None if backend == "auto" else backend)
         try:
-            from medmamba_edge.torch_backend import PyTorchBackend
+            from .torch_backend import PyTorchBackend
         except ImportError as exc:
-            from medmamba_edge.errors import install_hint
+            from .errors import install_hint
 
             raise BackendError(f"{path}: running a checkpoint needs PyTorch ({exc}): {install_hint('export')}") from None
         return PyTorchBackend(path, input_size=input_size or DEFAULT_INPUT_SIZE, classes=classes, threads=threads)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmamba_edge.runtime.scan_node import NUM_DIRECTIONS
-from medmamba_edge.scan import ss2d_scan_fn
+
+from .scan import ss2d_scan_fn
 
 VARIANTS: dict[str, dict[str, list[int]]] = {
     "medmamba_t": {"depths": [2, 2, 4, 2], "dims": [96, 192, 384, 768]},

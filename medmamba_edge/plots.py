@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.errors import MissingExtraError, install_hint
 from medmamba_edge.runtime.files import write_bytes_atomically
+
+from .errors import MissingExtraError, install_hint
 
 
 def pyplot():

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmamba_edge.checkpoint import load_checkpoint
 from medmamba_edge.runtime.backends import Backend, BackendError
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
+
+from .checkpoint import load_checkpoint
 
 
 class PyTorchBackend(Backend):

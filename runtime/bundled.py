@@ -7,9 +7,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
 
-
+from .decode import IMAGE_SUFFIXES
 
 BUNDLED_CHECKPOINT = "medmamba_pneumoniamnist32_tiny.pth"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still, read_single_image
 
+from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still, read_single_image
 
 
 class DatasetError(UserError):

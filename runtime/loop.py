@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from medmamba_edge.errors import UserError, first_line
-from medmamba_edge.runtime.backends import Backend, softmax
-from medmamba_edge.runtime.preprocess import preprocess_one
-from medmamba_edge.runtime.sinks import Outputs, Record, Sink, Stats
-from medmamba_edge.runtime.sources import Capture, Frame, Source, SourceError
+
+from .backends import Backend, softmax
+from .preprocess import preprocess_one
+from .sinks import Outputs, Record, Sink, Stats
+from .sources import Capture, Frame, Source, SourceError
 
 
 @dataclass

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from medmamba_edge.runtime.decode import ImageError
-from medmamba_edge.runtime.metadata import ModelMetadata
+from .decode import ImageError
+from .metadata import ModelMetadata
 
 # Pillow's fixed-point format for 8-bit resampling (libImaging/Resample.c): 32 bits − 8 for the pixel − 2.
 PRECISION_BITS = 32 - 8 - 2

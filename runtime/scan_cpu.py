@@ -16,10 +16,10 @@ import os
 
 import numpy as np
 
-from medmamba_edge.runtime import scan_node
+from . import scan_node
 
 try:
-    from medmamba_edge.runtime import _scan_cpu as _ext
+    from . import _scan_cpu as _ext
 
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # not built (no compiler at install time) or built for another Python

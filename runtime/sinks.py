@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.files import AtomicOutput
+
+from .files import AtomicOutput
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.errors import first_line
-from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends import Backend, BackendError, run_in_fixed_batches
-from medmamba_edge.runtime.files import cache_root
-from medmamba_edge.runtime.metadata import ModelMetadata, check_against_graph, read_onnx_metadata
 
+from .. import scan_node
+from ..files import cache_root
+from ..metadata import ModelMetadata, check_against_graph, read_onnx_metadata
+from . import Backend, BackendError, run_in_fixed_batches
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -76,7 +76,7 @@ class OnnxRuntimeBackend(Backend):
         providers = choose_providers(providers, self.metadata)
         try:
             if scan_node.has_scan_nodes(model):
-                from medmamba_edge.runtime import fused_scan
+                from .. import fused_scan
 
                 self.session = fused_scan.make_fused_session(model, threads=threads, providers=providers)
             else:

@@ -22,11 +22,11 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from medmamba_edge.runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
-from medmamba_edge.runtime.sources.base import Frame, Source, SourceError, item_error, iterate
-from medmamba_edge.runtime.sources.capture import Capture
-from medmamba_edge.runtime.sources.files import FileSource, folder_files, glob_files
-from medmamba_edge.runtime.sources.video import (
+from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
+from .base import Frame, Source, SourceError, item_error, iterate
+from .capture import Capture
+from .files import FileSource, folder_files, glob_files
+from .video import (
     STREAM_SCHEMES,
     VIDEO_SUFFIXES,
     camera_source,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from medmamba_edge.runtime.sources.base import Frame, Source, item_error, iterate
+from .base import Frame, Source, item_error, iterate
 
 
 class Capture:

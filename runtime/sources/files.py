@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from medmamba_edge.runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, is_still, read_still
-from medmamba_edge.runtime.sources.base import Frame, Source, item_error
+from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, is_still, read_still
+from .base import Frame, Source, item_error
 
 
 class FileSource(Source):

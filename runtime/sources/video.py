@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlparse
 
 import cv2
 
-from medmamba_edge.runtime.decode import quiet_opencv
-from medmamba_edge.runtime.sources.base import Frame, Source, SourceError
+from ..decode import quiet_opencv
+from .base import Frame, Source, SourceError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")

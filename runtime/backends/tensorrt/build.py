@@ -19,19 +19,11 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.backends.tensorrt.float16 import convert_float16
-from medmamba_edge.runtime.backends.tensorrt.plugin import find_plugin_library
-from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends.tensorrt.manifest import (
-    BuildOptions,
-    EngineManifest,
-    engine_cache_key,
-    manifest_path,
-    write_manifest,
-)
-from medmamba_edge.runtime.files import cache_root, check_writable, sha256_file, write_bytes_atomically
-from medmamba_edge.runtime.metadata import PRECISIONS, read_onnx_metadata
-from medmamba_edge.runtime.backends.tensorrt.compat import (
+
+from ... import scan_node
+from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
+from ...metadata import PRECISIONS, read_onnx_metadata
+from .compat import (
     current_gpu,
     import_cudart,
     import_tensorrt,
@@ -39,6 +31,15 @@ from medmamba_edge.runtime.backends.tensorrt.compat import (
     tensorrt_generation,
     tensorrt_logger,
 )
+from .float16 import convert_float16
+from .manifest import (
+    BuildOptions,
+    EngineManifest,
+    engine_cache_key,
+    manifest_path,
+    write_manifest,
+)
+from .plugin import find_plugin_library
 
 DEFAULT_BATCH_PROFILE = (1, 1, 8)  # min, opt, max of a dynamic-batch model: tuned for single images
 NO_DLA = -1  # --dla-core -1: GPU only, whatever the preset says

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
+from ... import scan_node
+from ...metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FLOAT16_MAX = float(np.finfo(np.float16).max)

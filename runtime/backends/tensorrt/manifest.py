@@ -9,16 +9,17 @@ preprocess inputs and to refuse a mismatched engine with the exact command that 
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.files import write_bytes_atomically
-from medmamba_edge.runtime.metadata import ModelMetadata
-from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo, parse_version
+
+from ...files import write_bytes_atomically
+from ...metadata import ModelMetadata
+from .compat import GpuInfo, parse_version
 
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from medmamba_edge import plugins
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.files import cache_root
-from medmamba_edge.runtime.backends.tensorrt.compat import INSTALL_HINT
+
+from ...files import cache_root
+from .compat import INSTALL_HINT
 
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends.tensorrt.plugin import find_plugin_library
-from medmamba_edge.runtime.backends import Backend, BackendError, run_in_fixed_batches
-from medmamba_edge.runtime.backends.tensorrt.manifest import check_manifest, read_manifest
-from medmamba_edge.runtime.metadata import check_against_graph
-from medmamba_edge.runtime.backends.tensorrt.compat import (
+from ...metadata import check_against_graph
+from .. import Backend, BackendError, run_in_fixed_batches
+from .compat import (
     cuda_check,
     current_gpu,
     import_cudart,
@@ -25,6 +23,8 @@ from medmamba_edge.runtime.backends.tensorrt.compat import (
     load_plugin_library,
     tensorrt_logger,
 )
+from .manifest import check_manifest, read_manifest
+from .plugin import find_plugin_library
 
 
 class TensorRTBackend(Backend):
