@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup serve-setup demo test bench
 
 $(BIN)/medmamba-edge: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,20 @@ $(BIN)/medmamba-edge: pyproject.toml setup.py
 
 setup: $(BIN)/medmamba-edge
 
+# `serve` (PyTriton) pins numpy < 2; the dev venv keeps numpy 2. So a second venv: the runtime and the serve
+# extra only, no torch (what it serves is torch-free). The Triton tests start `medmamba-edge serve` from it and skip without it.
+SERVE_VENV := .venv-serve
+$(SERVE_VENV)/bin/medmamba-edge: pyproject.toml setup.py
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet -e ".[serve]"
+	touch $@
+
+serve-setup: $(SERVE_VENV)/bin/medmamba-edge
+
 demo: setup
 	$(BIN)/medmamba-edge demo --workdir out/demo
 
-test: setup
+test: setup serve-setup
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
+
+from .errors import UserError
 
 app = typer.Typer(
     name="medmamba-edge",
@@ -75,7 +76,7 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
     if folder:
         check_writable(folder, folder=True)
     if plots:
-        from medmamba_edge.plots import pyplot
+        from .plots import pyplot
 
         pyplot()
 
@@ -305,7 +306,7 @@ def evaluate(
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from medmamba_edge import evaluation
+    from . import evaluation
 
     size = parse_input_size(input_size) if input_size else None
     check_outputs(json_file, folder=plots, plots=bool(plots))
@@ -348,7 +349,7 @@ def benchmark(
     """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
-    from medmamba_edge import benchmarking
+    from . import benchmarking
 
     try:
         batches = [int(b) for b in batch.split(",")]
@@ -388,7 +389,7 @@ def compare(
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
 ) -> None:
     """Run the same images through two models; exit 1 when their outputs differ beyond tolerance."""
-    from medmamba_edge import comparison
+    from . import comparison
 
     size = parse_input_size(input_size) if input_size else None
     with console.status("comparing"):
@@ -405,7 +406,9 @@ def compare(
 
 @command()
 def run(
-    model: Annotated[Path, typer.Argument(help="Model: .onnx (ONNX Runtime), .engine (TensorRT) or .pth (PyTorch).")],
+    # str, not Path: a Path would fold the double slash of triton://HOST:PORT/MODEL.
+    model: Annotated[str, typer.Argument(help="Model: .onnx (ONNX Runtime), .engine (TensorRT), .pth (PyTorch) or "
+                                              "triton://HOST:PORT/MODEL (a server, docs/serving.md).")],
     source: Annotated[str, typer.Argument(help="Camera index, /dev/videoN, csi://N, rtsp:// or http(s):// stream, video, "
                                                 "image, folder, glob or DICOM (docs/runtime.md).")],
     batch: Annotated[int, typer.Option(help="Frames per inference batch.")] = 1,
@@ -434,10 +437,11 @@ def run(
     size = parse_input_size(input_size) if input_size else None
     warn = lambda message: console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
-    from medmamba_edge.loaders import open_model
     from medmamba_edge.runtime.loop import RunOptions
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
+
+    from .loaders import open_model
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
@@ -446,7 +450,7 @@ def run(
                                    providers=providers, input_size=size, classes=classes)
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
                                       jsonl, csv)
-    console.print(f"{escape(model.name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
+    console.print(f"{escape(Path(model).name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
                   highlight=False, soft_wrap=True)
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     out.print(stats.summary(), highlight=False, soft_wrap=True)
@@ -458,6 +462,75 @@ def run(
     if stats.classified == 0 and stats.counts["skipped"]:
         # Nothing usable at all (a single broken file, a folder of them): the records say why, the exit says so.
         fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; reasons above)")
+
+
+@command("export-triton")
+def export_triton(
+    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Triton model repository (the model goes in OUTPUT/NAME).")],
+    name: Annotated[str, typer.Option(help="Model name on the server.")] = "medmamba",
+    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms (dynamic-batch models).")] = 8,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
+    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
+    kind: Annotated[str, typer.Option(help="cpu or gpu instances (an engine is always gpu).")] = "cpu",
+    server_root: Annotated[Optional[str], typer.Option(help="Where the server sees OUTPUT (e.g. /models in a container); "
+                                                            "library paths in the configs point there. Default: OUTPUT here.")] = None,
+    plugin: Annotated[Optional[str], typer.Option(help="The TensorRT plugin library's path on the server or DeepStream "
+                                                       "device (default: a copy in OUTPUT/NAME).")] = None,
+    deepstream_batch: Annotated[Optional[int], typer.Option(help="nvinfer batch-size: the number of streams "
+                                                                 "(default: the model's batch, else --max-batch).")] = None,
+) -> None:
+    """Write a Triton model repository entry (onnxruntime or tensorrt backend) and a DeepStream nvinfer config."""
+    from medmamba_edge.exporters.triton_repository import export_triton as write_repository
+
+    from .errors import install_hint
+
+    if kind.lower() not in ("cpu", "gpu"):
+        fail(f"--kind must be cpu or gpu, got {kind!r}")
+    result = write_repository(model, output, name=name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+                              instances=instances, kind=f"KIND_{kind.upper()}", server_root=server_root, plugin=plugin,
+                              deepstream_batch=deepstream_batch)
+    served = result.served
+    batching = (f"max batch {served.max_batch}, dynamic batching ≤ {max_queue_delay_us} µs" if served.max_batch
+                else f"fixed batch {served.metadata.batch}")
+    out.print(f"wrote {result.folder} ({'onnxruntime' if served.kind == 'onnx' else 'tensorrt'} backend, {batching}, "
+              f"{served.metadata.scan_form} scan)", highlight=False, soft_wrap=True)
+    if result.schema_checked_with:
+        out.print(f"config.pbtxt parses with Triton's model_config schema (tritonclient {result.schema_checked_with})",
+                  highlight=False)
+    else:
+        console.print("[yellow]config.pbtxt not checked against Triton's schema: tritonclient is not installed "
+                      f"({escape(install_hint('serve'))})[/]", highlight=False, soft_wrap=True)
+    if result.deepstream_text:
+        out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1)", highlight=False)
+    else:
+        console.print(f"[yellow]no DeepStream config: {escape(result.deepstream_refusal or '')}[/]", highlight=False,
+                      soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
+    out.print(f"start: tritonserver --model-repository={result.folder.parent.resolve()}; "
+              f"clients: medmamba-edge run triton://HOST:8000/{name} SOURCE", highlight=False, soft_wrap=True)
+
+
+@command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (KServe v2); gRPC and metrics default to the next two.")] = 8000,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default: --port + 1).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: --port + 2).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms.")] = 8,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
+    name: Annotated[str, typer.Option(help="Model name on the server.")] = "medmamba",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference (ONNX Runtime).")] = None,
+) -> None:
+    """Serve a model on a real Triton Inference Server (PyTriton): HTTP and gRPC, dynamic batching, metrics."""
+    from .serving import ServeOptions
+    from .serving import serve as serve_model
+
+    options = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
+                           max_queue_delay_us=max_queue_delay_us, name=name, threads=threads)
+    serve_model(model, options, notify=lambda message: out.print(message, markup=False, highlight=False, soft_wrap=True))
 
 
 def main() -> None:

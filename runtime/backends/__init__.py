@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime.metadata import ModelMetadata
+
+from ..metadata import ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -74,19 +75,25 @@ def refuse_options(path: str | Path, kind: str, **given) -> None:
 def open_backend(path: str | Path, *, threads: int | None = None, providers: list[str] | str | None = None,
                  plugin: str | Path | None = None) -> Backend:
     """The backend for an exported model: ``threads`` and ``providers`` apply to ONNX Runtime, ``plugin`` (the
-    SS2DScan plugin library) to TensorRT; giving one to the other kind is refused."""
+    SS2DScan plugin library) to TensorRT; giving one to the other kind is refused. ``triton://HOST:PORT/MODEL``
+    is a model on a server (runtime/backends/triton.py), not a file."""
+    if str(path).lower().startswith("triton:/"):
+        refuse_options(path, "a served model (the server runs it)", threads=threads, providers=providers, plugin=plugin)
+        from .triton import TritonBackend
+
+        return TritonBackend(str(path))
     path = Path(path)
     if not path.exists():
         raise BackendError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         refuse_options(path, "an ONNX model (ONNX Runtime)", plugin=plugin)
-        from medmamba_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(path, threads=threads, providers=providers)
     if suffix in ENGINE_SUFFIXES:
         refuse_options(path, "a TensorRT engine", threads=threads, providers=providers)
-        from medmamba_edge.runtime.backends.tensorrt.runner import TensorRTBackend
+        from .tensorrt.runner import TensorRTBackend
 
         return TensorRTBackend(path, plugin=plugin)
     if suffix in TORCH_SUFFIXES:

@@ -1,0 +1,206 @@
+"""Serving on Triton against local inference, side by side in one run, on this machine's CPU.
+
+Exports the official MedMamba-T (../shared) at --size (plugin form, dynamic batch; cached in --workdir),
+preprocesses real BUSI images once, then measures:
+
+* local: the ONNX Runtime backend `medmamba-edge run` uses, at batch 1 and batch 8 (images/s, latency per call);
+* served: `medmamba-edge serve` (PyTriton's tritonserver, from the serve venv, dynamic batching up to
+  --max-batch) with 1, 4 and 16 concurrent clients, each a thread with its own `triton://` backend sending
+  batch-1 requests back to back (images/s over the wall time, per-request latency p50/p99);
+* local batch 8 again at the end, so a machine that slowed down during the run shows.
+
+The goal of issue 15: at 16 clients with dynamic batching, ≥ 90 % of local batch-8 throughput. Server and
+clients share the machine's cores with each other (and, served, with Triton's Python backend stub).
+
+    python benchmarks/bench_triton.py [--size 224] [--images 96] [--threads 2] [--max-batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.runtime.backends import open_backend
+from medmamba_edge.runtime.cpu import describe_cpu
+from medmamba_edge.runtime.decode import read_image
+from medmamba_edge.runtime.preprocess import preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OFFICIAL_T = SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth"
+SERVE_PYTHON = Path(os.environ.get("MEDMAMBA_EDGE_SERVE_PYTHON", ROOT / ".venv-serve" / "bin" / "python"))
+
+
+def export(size: int, workdir: Path) -> Path:
+    path = workdir / f"medmamba_t_plugin_{size}_dynamic.onnx"
+    if not path.exists():
+        from medmamba_edge.exporters.onnx_export import export_onnx
+
+        export_onnx(OFFICIAL_T, path, input_size=size, batch=None, verify=False)
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def time_local(backend, images: np.ndarray, batch: int) -> dict:
+    backend.run(images[:batch])  # warm-up
+    latencies, started = [], time.perf_counter()
+    for start in range(0, max(len(images) // batch * batch, 1), batch):  # whole batches only
+        t = time.perf_counter()
+        backend.run(images[start:start + batch])
+        latencies.append((time.perf_counter() - t) * 1000)
+    wall = time.perf_counter() - started
+    done = len(latencies) * batch
+    return {"images": done, "per_s": done / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+
+
+def time_served(url: str, images: np.ndarray, clients: int) -> dict:
+    per_client = max(1, len(images) // clients)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        try:
+            with open_backend(url) as remote:
+                remote.run(images[index:index + 1])  # connect and warm up before the clock starts
+                ready.wait()
+                for i in range(per_client):
+                    row = images[(index * per_client + i) % len(images)][None]
+                    t = time.perf_counter()
+                    remote.run(row)
+                    with lock:
+                        latencies.append((time.perf_counter() - t) * 1000)
+        except Exception as exc:  # reported in the table's place
+            errors.append(f"{type(exc).__name__}: {exc}")
+            ready.abort()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    ready.wait(timeout=120)
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(timeout=600)
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(errors[0])
+    return {"images": len(latencies), "per_s": len(latencies) / wall, "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99)}
+
+
+def batch_counts(http: str, name: str) -> dict[int, int]:
+    """Executions per batch size so far, from Triton's statistics."""
+    import json
+
+    with urllib.request.urlopen(f"{http}/v2/models/{name}/stats", timeout=10) as response:
+        (stats,) = json.loads(response.read())["model_stats"]
+    return {int(s["batch_size"]): int(s["compute_infer"]["count"]) for s in stats["batch_stats"]}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_server(model: Path, threads: int, max_batch: int, delay_us: int, log: Path, home: Path):
+    ports = free_ports(3)
+    process = subprocess.Popen(
+        [str(SERVE_PYTHON), "-m", "medmamba_edge.cli", "serve", str(model), "--port", str(ports[0]), "--grpc-port",
+         str(ports[1]), "--metrics-port", str(ports[2]), "--threads", str(threads), "--max-batch", str(max_batch),
+         "--max-queue-delay-us", str(delay_us)],
+        cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "HOME": str(home)})
+    http = f"http://127.0.0.1:{ports[0]}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}: see {log}")
+        try:
+            with urllib.request.urlopen(f"{http}/v2/models/medmamba/ready", timeout=2) as response:
+                if response.status == 200:
+                    return process, http, f"triton://127.0.0.1:{ports[0]}/medmamba"
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"serve was not ready in 180 s: see {log}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=96, help="images per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="inference threads (local and server)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medmamba-bench-triton")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if not SERVE_PYTHON.exists():
+        raise SystemExit(f"needs the serve venv ({SERVE_PYTHON}; `make serve-setup`)")
+
+    model = export(args.size, args.workdir)
+    paths = sorted((SHARED / "data/busi").rglob("*.png"))[:args.images]
+    with open_backend(model, threads=args.threads) as local:
+        images = preprocess([read_image(p) for p in paths], local.metadata)
+        rows = [("local, batch 1", 1, time_local(local, images, 1)), ("local, batch 8", 1, time_local(local, images, 8))]
+    home = Path(tempfile.mkdtemp(prefix="mt-bench-"))  # PyTriton's workspace; short for its Unix sockets
+    process, http, url = start_server(model, args.threads, args.max_batch, args.max_queue_delay_us,
+                                      args.workdir / "serve.log", home)
+    try:
+        histograms = []
+        for clients in (int(c) for c in args.clients.split(",")):
+            before = batch_counts(http, "medmamba")
+            rows.append((f"served, {clients} client{'s' * (clients > 1)}", clients, time_served(url, images, clients)))
+            after = batch_counts(http, "medmamba")
+            executed = {size: after[size] - before.get(size, 0) for size in sorted(after) if after[size] > before.get(size, 0)}
+            histograms.append(f"{clients} client{'s' * (clients > 1)}: " + ", ".join(f"{n}× batch {size}"
+                                                                                  for size, n in executed.items()))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(home, ignore_errors=True)
+    with open_backend(model, threads=args.threads) as local:
+        rows.append(("local, batch 8 (again, after)", 1, time_local(local, images, 8)))
+
+    reference = statistics.mean([r[2]["per_s"] for r in rows if r[0].startswith("local, batch 8")])
+    print(f"CPU: {describe_cpu()}; {os.cpu_count()} cores; MedMamba-T {args.size}×{args.size}, plugin form (native "
+          f"SS2DScan op), {args.threads} inference threads; server: max batch {args.max_batch}, queue delay ≤ "
+          f"{args.max_queue_delay_us} µs; {len(images)} real BUSI images per row\n")
+    print("| what | clients | images | images/s | p50 ms | p99 ms | × local batch 8 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for what, clients, r in rows:
+        print(f"| {what} | {clients} | {r['images']} | {r['per_s']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+              f"{r['per_s'] / reference:.0%} |")
+    print("\nlocal rows: latency per call (a batch-8 call carries 8 images); served rows: per batch-1 request, "
+          "queueing included. Server batch sizes executed:")
+    for line in histograms:
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""``medmamba-edge export-triton``: an exported model as a Triton model repository entry, and a DeepStream
+``nvinfer`` configuration beside it, for the stock servers (no Python of ours runs in them).
+
+::
+
+    REPO/NAME/config.pbtxt              Triton: backend, I/O names and dims, max batch, dynamic batching,
+                                        the model's metadata (parameters["medmamba_edge"]) for triton:// clients
+    REPO/NAME/1/model.onnx | model.plan the model, copied
+    REPO/NAME/labels.txt                class names, one a line (Triton's classification extension)
+    REPO/NAME/libmedmamba_ort_ops.so    plugin-form ONNX: the native SS2DScan op (model_operations)
+    REPO/NAME/deepstream_nvinfer.txt    DeepStream: Gst-nvinfer [property] group (network-type=1, classifier)
+    REPO/NAME/deepstream_labels.txt     DeepStream's classifier label file (one line, ';'-separated)
+    REPO/NAME/README.md                 how to start the server on it
+
+Preprocessing stays with the client (``medmamba-edge run triton://…`` runs the runtime's own PIL-exact
+resize and normalisation, then sends float32 NCHW), so the served model is the exported graph unchanged.
+DeepStream has no client: nvinfer scales frames itself and normalises as ``net-scale-factor·(x − offsets[c])``,
+which is our ``(x/255 − mean[c])/std[c]`` only when std is the same for every channel (docs/serving.md).
+
+Standard library, numpy and onnx only; ``check_triton_config`` parses the written config with Triton's own
+schema (``tritonclient.grpc.model_config_pb2``) where tritonclient is installed (the ``serve`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medmamba_edge.errors import UserError, first_line
+from medmamba_edge.runtime.files import _umask
+from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph
+
+DEFAULT_NAME = "medmamba"
+# The names `medmamba-edge export` gives the graph's input and output (exporters/onnx_export.py, which needs
+# torch); an engine built from such a model keeps them. ONNX models are read for their own names.
+EXPORTED_INPUT, EXPORTED_OUTPUT = "input", "logits"
+ORT_LIBRARY = "libmedmamba_ort_ops.so"
+TRT_PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
+DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
+NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
+COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
+# Gst-nvinfer's documented [property] keys (DeepStream SDK, "Gst-nvinfer: configuration file properties";
+# gstnvinfer_property_parser.h): everything written below must be one of them, checked by check_deepstream_config.
+DEEPSTREAM_KEYS = frozenset({
+    "gpu-id", "net-scale-factor", "offsets", "model-color-format", "model-file", "proto-file", "int8-calib-file",
+    "batch-size", "model-engine-file", "onnx-file", "uff-file", "tlt-encoded-model", "tlt-model-key",
+    "labelfile-path", "mean-file", "network-mode", "network-type", "process-mode", "interval", "gie-unique-id",
+    "operate-on-gie-id", "operate-on-class-ids", "output-blob-names", "output-tensor-meta", "infer-dims",
+    "uff-input-order", "custom-lib-path", "parse-classifier-func-name", "classifier-threshold",
+    "classifier-async-mode", "classifier-type", "maintain-aspect-ratio", "symmetric-padding", "scaling-filter",
+    "scaling-compute-hw", "workspace-size", "enable-dla", "use-dla-core", "secondary-reinfer-interval",
+    "input-object-min-width", "input-object-min-height", "input-object-max-width", "input-object-max-height",
+    "num-detected-classes", "cluster-mode", "parse-bbox-func-name", "force-implicit-batch-dim", "is-classifier",
+    "engine-create-func-name", "filter-out-class-ids", "layer-device-precision", "network-input-order",
+    "output-io-formats", "crop-objects-to-roi-boundary", "disable-output-host-copy", "input-tensor-from-meta",
+})
+
+
+class TritonExportError(UserError):
+    """A model that cannot be written as a Triton repository or DeepStream configuration."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the repository says about one model: where it came from and what the server must be told."""
+
+    source: Path
+    kind: str  # "onnx" or "engine"
+    metadata: ModelMetadata
+    input_name: str
+    output_name: str
+    max_batch: int  # Triton's max_batch_size: 0 for a fixed-batch model (its dims carry the batch)
+    needs_ort_ops: bool  # plugin-form ONNX: SS2DScan runs through our custom-op library
+    needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
+    precision: str
+
+    @property
+    def dims(self) -> list[int]:
+        chw = [self.metadata.in_chans, *self.metadata.input_size]
+        return chw if self.max_batch else [self.metadata.batch or 1, *chw]
+
+    @property
+    def output_dims(self) -> list[int]:
+        return [self.metadata.num_classes] if self.max_batch else [self.metadata.batch or 1, self.metadata.num_classes]
+
+
+@dataclass
+class TritonExport:
+    folder: Path  # REPO/NAME
+    name: str
+    served: ServedModel
+    config_text: str
+    deepstream_text: str | None  # None: refused (deepstream_refusal says why)
+    deepstream_refusal: str | None = None
+    schema_checked_with: str | None = None  # the tritonclient version the config was parsed with
+    notes: list[str] = field(default_factory=list)
+
+
+def describe_model(path: str | Path, max_batch: int) -> ServedModel:
+    """Read an exported ONNX model or a TensorRT engine (its manifest) into what the repository needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise TritonExportError(f"{path}: no such model file")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        import onnx
+        from medmamba_edge.runtime import scan_node
+        from medmamba_edge.runtime.metadata import read_onnx_metadata
+
+        metadata = read_onnx_metadata(path)
+        model = onnx.load(str(path), load_external_data=False)
+        retired = scan_node.retired_scan_node(model)
+        if retired:
+            raise TritonExportError(f"{path}: {retired}")
+        graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        if len(graph_inputs) != 1 or len(model.graph.output) != 1:
+            raise TritonExportError(f"{path}: {len(graph_inputs)} inputs and {len(model.graph.output)} outputs; "
+                                    f"a MedMamba export has one of each")
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in graph_inputs[0].type.tensor_type.shape.dim]
+        out_shape = [d.dim_value if d.HasField("dim_value") else -1 for d in model.graph.output[0].type.tensor_type.shape.dim]
+        check_against_graph(metadata, shape, out_shape, str(path))
+        plugin_form = scan_node.has_scan_nodes(model)
+        return ServedModel(path, "onnx", metadata, graph_inputs[0].name, model.graph.output[0].name,
+                           max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision)
+    if suffix in (".engine", ".plan"):
+        from medmamba_edge.runtime.backends.tensorrt.manifest import read_manifest
+
+        manifest = read_manifest(path)
+        (input_name, shapes), = manifest.profile.items()
+        dynamic = shapes["min"][0] != shapes["max"][0]
+        return ServedModel(path, "engine", manifest.metadata, input_name, EXPORTED_OUTPUT,
+                           min(max_batch, shapes["max"][0]) if dynamic else 0, False,
+                           manifest.plugin_sha256 is not None, manifest.precision)
+    raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
+                            f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
+
+
+def _pbtxt_string(text: str) -> str:
+    """A protobuf text-format string literal (JSON's escapes are a subset it reads)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=True)
+
+
+def triton_config(served: ServedModel, name: str, *, max_queue_delay_us: int, instances: int, kind: str,
+                  op_library: str | None) -> str:
+    """config.pbtxt for Triton's onnxruntime or tensorrt backend."""
+    lines = [f"name: {_pbtxt_string(name)}",
+             f'backend: "{"onnxruntime" if served.kind == "onnx" else "tensorrt"}"',
+             f"max_batch_size: {served.max_batch}",
+             "input [", "  {", f"    name: {_pbtxt_string(served.input_name)}", "    data_type: TYPE_FP32",
+             f"    dims: [ {', '.join(map(str, served.dims))} ]", "  }", "]",
+             "output [", "  {", f"    name: {_pbtxt_string(served.output_name)}", "    data_type: TYPE_FP32",
+             f"    dims: [ {', '.join(map(str, served.output_dims))} ]",
+             f'    label_filename: "{TRITON_LABELS}"', "  }", "]"]
+    if served.max_batch:
+        # Requests from many clients are merged into batches of up to max_batch_size, waiting at most this long.
+        lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
+    lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}", "  }", "]"]
+    if op_library:
+        lines += ["model_operations {", f"  op_library_filename: {_pbtxt_string(op_library)}", "}"]
+    lines += ["parameters {", f'  key: "{METADATA_KEY}"', f"  value {{ string_value: {_pbtxt_string(served.metadata.to_json())} }}",
+              "}"]
+    return "\n".join(lines) + "\n"
+
+
+def deepstream_scaling(metadata: ModelMetadata) -> tuple[float, list[float]]:
+    """(net-scale-factor, offsets) with ``scale·(x − offset[c]) = (x/255 − mean[c])/std[c]`` for 8-bit x.
+
+    nvinfer takes one scale for all channels, so this holds only when std is the same for every channel;
+    a model with per-channel std is refused (TritonExportError) rather than fed wrongly normalised frames."""
+    std = metadata.std
+    if any(not math.isclose(s, std[0], rel_tol=1e-6) for s in std):
+        raise TritonExportError(
+            f"DeepStream's nvinfer normalises with one net-scale-factor for all channels, but this model's std is "
+            f"per channel ({', '.join(f'{s:g}' for s in std)}); the frames would be normalised wrongly")
+    return 1.0 / (255.0 * std[0]), [255.0 * m for m in metadata.mean]
+
+
+def deepstream_config(served: ServedModel, *, plugin_path: str | None, model_file: str, onnx_file: str | None,
+                      batch: int) -> str:
+    """A Gst-nvinfer [property] group running the model as a primary classifier on whole frames."""
+    meta = served.metadata
+    scale, offsets = deepstream_scaling(meta)
+    color = COLOR_FORMATS.get((meta.channel_order.upper(), meta.in_chans))
+    if color is None:
+        raise TritonExportError(f"DeepStream takes RGB, BGR or gray input; this model takes {meta.in_chans} "
+                                f"{meta.channel_order} channels")
+    properties = {
+        "gpu-id": 0,
+        # y = net-scale-factor·(x − offsets[c]) on 8-bit pixels: our (x/255 − mean[c])/std[c].
+        "net-scale-factor": repr(scale),
+        "offsets": ";".join(repr(o) for o in offsets),
+        "model-color-format": color,
+        "infer-dims": f"{meta.in_chans};{meta.input_size[0]};{meta.input_size[1]}",
+        "batch-size": batch,
+        "network-mode": NETWORK_MODES[served.precision],
+        "network-type": 1,  # classifier
+        "process-mode": 1,  # primary: whole frames
+        "gie-unique-id": 1,
+        "output-blob-names": served.output_name,
+        "labelfile-path": DEEPSTREAM_LABELS,
+        "classifier-threshold": 0.0,  # every frame gets its top label; thresholds belong to the application
+        # train.py resizes to H×W whatever the aspect ratio, bilinearly (nvinfer's filter has no antialiasing).
+        "maintain-aspect-ratio": 0,
+        "scaling-filter": 1,
+        "model-engine-file": model_file,
+    }
+    if onnx_file:
+        properties["onnx-file"] = onnx_file
+    if plugin_path:
+        properties["custom-lib-path"] = plugin_path
+    header = ["# Gst-nvinfer configuration written by medmamba-edge export-triton (see docs/serving.md).",
+              f"# Model: {served.source.name}, {meta.variant}, input {meta.input_size[0]}x{meta.input_size[1]}, "
+              f"classes {', '.join(meta.class_names)}.",
+              "# Paths are relative to this file, as nvinfer resolves them."]
+    return "\n".join(header + ["[property]"] + [f"{k}={v}" for k, v in properties.items()]) + "\n"
+
+
+def check_deepstream_config(text: str, source: str = DEEPSTREAM_CONFIG) -> None:
+    """Refuse keys Gst-nvinfer does not document (a typo would be silently ignored by DeepStream)."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # keys keep their case, as GKeyFile reads them
+    parser.read_string(text, source)
+    unknown = sorted(set(parser["property"]) - DEEPSTREAM_KEYS)
+    if unknown:
+        raise TritonExportError(f"{source}: keys Gst-nvinfer does not document: {', '.join(unknown)}")
+
+
+def check_triton_config(text: str, source: str = "config.pbtxt") -> str | None:
+    """Parse ``text`` with Triton's own ModelConfig schema; the tritonclient version used, or None when
+    tritonclient is not installed (it comes with the serve extra). Unknown fields and wrong types are errors."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return None
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TritonExportError(f"{source}: not a valid Triton model configuration ({first_line(exc)})") from None
+    return importlib.metadata.version("tritonclient")
+
+
+def _readme(name: str, served: ServedModel, server_root: str, op_library: str | None, plugin: str | None) -> str:
+    backend = "onnxruntime" if served.kind == "onnx" else "tensorrt"
+    lines = [f"# {name}: {served.source.name} for Triton Inference Server and DeepStream", "",
+             "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
+             "```", f"tritonserver --model-repository={server_root}" +
+             (" --backend-config=tensorrt,version-compatible=true   # or plugins=" + (plugin or TRT_PLUGIN_LIBRARY)
+              if served.kind == "engine" and served.needs_trt_plugin else ""),
+             f"medmamba-edge run triton://SERVER:8000/{name} SOURCE   # preprocessing runs on the client", "```", "",
+             f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
+             f"`medmamba-edge run` prepares it), output `{served.output_name}` logits {served.output_dims}; "
+             f"max_batch_size {served.max_batch}."]
+    if op_library:
+        lines += ["", f"The SS2DScan nodes run in `{op_library}` (loaded through `model_operations`); it was built "
+                  "for this machine's CPU architecture and needs the server's ONNX Runtime to be 1.17 or newer."]
+    if served.kind == "engine":
+        lines += ["", "An engine runs only on the TensorRT version and GPU it was built for: build it with the "
+                  "server's TensorRT (inside the Triton container)."]
+    return "\n".join(lines) + "\n"
+
+
+def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFAULT_NAME, max_batch: int = 8,
+                  max_queue_delay_us: int = 2000, instances: int = 1, kind: str = "KIND_CPU",
+                  server_root: str | None = None, plugin: str | None = None,
+                  deepstream_batch: int | None = None) -> TritonExport:
+    """Write ``repository/name`` (temporary folder, renamed into place when complete; a model folder already
+    there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
+    point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
+    DeepStream device (default: a copy beside the config, when one is built here)."""
+    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0:
+        raise TritonExportError("--max-batch and --instances must be ≥ 1, --max-queue-delay-us ≥ 0")
+    if kind not in ("KIND_CPU", "KIND_GPU"):
+        raise TritonExportError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
+    if not name or name.startswith(".") or "/" in name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise TritonExportError(f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (not leading '.')")
+    served = describe_model(model, max_batch)
+    if served.kind == "engine" and kind == "KIND_CPU":
+        kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
+    repository = Path(repository)
+    if repository.exists() and not repository.is_dir():
+        raise TritonExportError(f"{repository}: is not a folder")
+    root = (server_root or str(repository.resolve())).rstrip("/") or "/"
+    folder_on_server = f"{root}/{name}"
+    op_library = f"{folder_on_server}/{ORT_LIBRARY}" if served.needs_ort_ops else None
+    notes: list[str] = []
+
+    trt_plugin_source: Path | None = None
+    if served.needs_trt_plugin and plugin is None:
+        try:
+            from medmamba_edge.runtime.backends.tensorrt.plugin import (
+                find_plugin_library,
+            )
+
+            trt_plugin_source = find_plugin_library()
+        except UserError:
+            notes.append(f"no TensorRT plugin library is built here: build it on the device "
+                         f"(medmamba-edge build-plugin) and put it at {folder_on_server}/{TRT_PLUGIN_LIBRARY}")
+        plugin = f"{folder_on_server}/{TRT_PLUGIN_LIBRARY}"
+
+    model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
+    config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,
+                                op_library=op_library)
+    checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
+
+    ds_batch = deepstream_batch or served.metadata.batch or served.max_batch
+    if served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
+        raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
+    try:
+        if served.kind == "onnx":
+            # nvinfer builds the engine from the ONNX on first start and saves it under this name (its own
+            # naming: <onnx>_b<batch>_gpu<id>_<precision>.engine), which the next start loads.
+            engine_name = f"1/{model_file}_b{ds_batch}_gpu0_{served.precision}.engine"
+            deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
+                                                model_file=engine_name, onnx_file=f"1/{model_file}", batch=ds_batch)
+        else:
+            deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
+                                                model_file=f"1/{model_file}", onnx_file=None, batch=ds_batch)
+        check_deepstream_config(deepstream_text)
+        refusal = None
+    except TritonExportError as exc:
+        deepstream_text, refusal = None, str(exc)
+    if any(";" in c or "\n" in c for c in served.metadata.class_names):
+        deepstream_text, refusal = None, "a class name contains ';' or a line break, which DeepStream's label file cannot hold"
+
+    repository.mkdir(parents=True, exist_ok=True)
+    # Built beside its final place (same filesystem, so the rename is atomic), hidden by its leading dot.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=repository))
+    try:
+        (staging / "1").mkdir()
+        shutil.copyfile(served.source, staging / "1" / model_file)
+        (staging / "config.pbtxt").write_text(config_text)
+        (staging / TRITON_LABELS).write_text("\n".join(served.metadata.class_names) + "\n")
+        if op_library:
+            from medmamba_edge.runtime import fused_scan
+
+            shutil.copyfile(fused_scan.library_path(), staging / ORT_LIBRARY)
+        if trt_plugin_source is not None:
+            shutil.copyfile(trt_plugin_source, staging / TRT_PLUGIN_LIBRARY)
+        if deepstream_text is not None:
+            (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
+            (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
+        (staging / "README.md").write_text(_readme(name, served, root, op_library, plugin))
+        for path in (staging, *staging.rglob("*")):
+            os.chmod(path, 0o777 & ~_umask() if path.is_dir() else 0o666 & ~_umask())
+        _replace_folder(staging, repository / name)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; a folder already there is moved aside first and removed after."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rename(target, old / target.name)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["DEEPSTREAM_KEYS", "TritonExport", "TritonExportError", "check_deepstream_config", "check_triton_config",
+           "deepstream_scaling", "export_triton"]

@@ -1,0 +1,210 @@
+"""``medmamba-edge serve``: an exported model behind a real NVIDIA Triton Inference Server, through PyTriton.
+
+PyTriton (``nvidia-pytriton``, the ``serve`` extra) ships a ``tritonserver`` binary with its Python backend;
+the model itself runs here, in this process, in the torch-free runtime (ONNX Runtime with the native scan
+op, or TensorRT): Triton's Python backend hands each dynamic batch over shared memory to the function
+bound below. Clients get what Triton gives: KServe v2 over HTTP and gRPC, dynamic batching, health and
+readiness, statistics, Prometheus metrics. The model's ``ModelMetadata`` travels in the served model's
+configuration (``parameters["medmamba_edge"]``), where ``triton://`` clients read preprocessing and class
+names from (runtime/backends/triton.py); preprocessing stays on the client (docs/serving.md says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medmamba_edge.runtime.backends import Backend, open_backend
+from medmamba_edge.runtime.metadata import METADATA_KEY
+
+from .errors import MissingExtraError, UserError, first_line, install_hint
+
+DEFAULT_MODEL_NAME = "medmamba"
+# Endpoints that change the server rather than ask it something: loading and unloading models, mapping
+# shared memory, tracing, log settings. PyTriton guards them with a token it generates; statistics stay
+# open to monitoring, as in a stock Triton.
+GUARDED_ENDPOINTS = ["model-repository", "shared-memory", "trace", "logging"]
+# Long enough for a batch of 224×224 images on a small CPU to finish; a stop never waits longer.
+EXIT_TIMEOUT_S = 10
+
+
+class ServeError(UserError):
+    """A server that cannot start or stopped by itself."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP; gRPC and metrics default to the next two ports
+    grpc_port: int | None = None
+    metrics_port: int | None = None
+    max_batch: int = 8
+    max_queue_delay_us: int = 2000
+    name: str = DEFAULT_MODEL_NAME
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be ≥ 1, got {self.max_batch}")
+        if self.max_queue_delay_us < 0:
+            raise UserError(f"--max-queue-delay-us must be ≥ 0, got {self.max_queue_delay_us}")
+        for flag, port in (("--port", self.port), ("--grpc-port", self.grpc_port), ("--metrics-port", self.metrics_port)):
+            if port is not None and not 0 < port < 65536:
+                raise UserError(f"{flag} must be a port number (1–65535), got {port}")
+        ports = [self.port, self.grpc_port_or_default, self.metrics_port_or_default]
+        if len(set(ports)) < 3:
+            raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
+
+    @property
+    def grpc_port_or_default(self) -> int:
+        return self.grpc_port if self.grpc_port is not None else self.port + 1
+
+    @property
+    def metrics_port_or_default(self) -> int:
+        return self.metrics_port if self.metrics_port is not None else self.port + 2
+
+
+def system_library_dirs() -> set[str]:
+    """Where the dynamic loader looks without being told (Debian/Ubuntu multiarch folders and the classic ones)."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = {"/lib", "/usr/lib", "/lib64", "/usr/lib64"}
+    if multiarch:
+        dirs |= {f"/lib/{multiarch}", f"/usr/lib/{multiarch}"}
+    return {os.path.realpath(d) for d in dirs}
+
+
+def interpreter_library_dir() -> str | None:
+    """This interpreter's own libpython folder, when the loader would otherwise pick another libpython.
+
+    PyTriton's Python-backend stub is linked against ``libpython3.X.so.1.0`` and finds the system's (Debian's
+    /usr/lib/x86_64-linux-gnu) before anything else, while it runs this interpreter's standard library. A
+    Python built elsewhere (pyenv, conda, a source build) then mixes two patch releases, and loading the model
+    fails inside multiprocessing with ``'_thread.RLock' object has no attribute '_recursion_count'``. With
+    the interpreter's LIBDIR first on the server's LD_LIBRARY_PATH the stub loads the matching libpython."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    library = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    if not libdir or not (Path(libdir) / library).exists():
+        return None  # a static interpreter: nothing better to offer than what the loader finds
+    return None if os.path.realpath(libdir) in system_library_dirs() else libdir
+
+
+def server_environment(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with this interpreter's libpython folder first on LD_LIBRARY_PATH (see interpreter_library_dir)."""
+    libdir = interpreter_library_dir()
+    if libdir is None:
+        return dict(environ)
+    rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
+    return {**environ, "LD_LIBRARY_PATH": ":".join([libdir, *rest])}
+
+
+def check_ports_free(host: str, ports: list[int]) -> None:
+    """Fail now, in one line, on a port something else listens on: tritonserver would exit at once, but PyTriton
+    only notices after its start-up timeout (minutes)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in ports:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ServeError(f"{host}:{port}: cannot listen there ({exc.strerror or exc})") from None
+
+
+def _pytriton():
+    try:
+        from pytriton.decorators import batch
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"serving needs PyTriton ({exc}): {install_hint('serve')}; it pins numpy < 2, so give it its own "
+            f"virtual environment (docs/serving.md)") from None
+    return batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig
+
+
+def bind_model(triton, backend: Backend, options: ServeOptions) -> None:
+    """Bind ``backend`` as ``options.name``: float32 (C, H, W) in, (classes,) logits out, batched by Triton."""
+    batch, DynamicBatcher, ModelConfig, Tensor, *_ = _pytriton()
+    meta = backend.metadata
+
+    @batch
+    def infer(**inputs):
+        # The bound names are the exported model's own ("input", "logits"), as a stock repository has them.
+        (images,) = inputs.values()
+        return {"logits": backend.run(images)}
+
+    triton.bind(
+        model_name=options.name, infer_func=infer,
+        inputs=[Tensor(name="input", dtype=np.float32, shape=(meta.in_chans, *meta.input_size))],
+        outputs=[Tensor(name="logits", dtype=np.float32, shape=(meta.num_classes,))],
+        config=ModelConfig(max_batch_size=options.max_batch,
+                           batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),
+    )
+    # PyTriton's ModelConfig has no free-form parameters; its generated Triton config (built once, before the
+    # model is loaded) does. The metadata goes there so that clients read it from /v2/models/NAME/config exactly
+    # as from a stock repository's config.pbtxt. nvidia-pytriton is pinned to 0.7.x for this hook.
+    (model,) = [m for m in triton._model_manager.models if m.model_name == options.name]
+    model._get_triton_model_config().backend_parameters[METADATA_KEY] = meta.to_json()
+
+
+def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
+    """Serve ``model`` until SIGINT/SIGTERM/SIGHUP (a second one aborts); ServeError if the server fails."""
+    *_, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
+    from medmamba_edge.runtime.loop import stop_on_signals
+
+    ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
+    check_ports_free(options.host, ports)
+    backend = open_backend(model, threads=options.threads)
+    # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
+    os.environ.update(server_environment(dict(os.environ)))
+    logging.getLogger("pytriton").setLevel(logging.WARNING)
+    config = TritonConfig(http_address=options.host, http_port=options.port, grpc_address=options.host,
+                          grpc_port=options.grpc_port_or_default, metrics_address=options.host,
+                          metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,
+                          allow_gpu_metrics=False)
+    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
+    with backend, stop_on_signals(lambda message: notify(
+            f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
+        try:
+            bind_model(triton, backend, options)
+            try:
+                triton.run()
+            except Exception as exc:  # PyTriton's own errors, tritonclient's, timeouts: all say "did not start"
+                raise ServeError(f"{model}: Triton did not start on {options.host} ports {options.port}, "
+                                 f"{options.grpc_port_or_default}, {options.metrics_port_or_default} "
+                                 f"({type(exc).__name__}: {first_line(exc).split(': Traceback')[0]}){_server_hint(triton)}") from None
+            host = f"[{options.host}]" if ":" in options.host else options.host
+            notify(f"serving {model} as {options.name} ({backend.describe()}; max batch {options.max_batch}, "
+                   f"queue delay ≤ {options.max_queue_delay_us} µs)")
+            notify(f"HTTP http://{host}:{options.port}/v2/models/{options.name}, gRPC {host}:"
+                   f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
+                   f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
+            while not stopping.wait(0.5):
+                if not triton.is_alive():
+                    raise ServeError(f"{model}: the Triton server stopped by itself{_server_hint(triton)}")
+        finally:
+            triton.stop()
+
+
+def _server_hint(triton) -> str:
+    """What the server log says went wrong, in one line: the innermost Python exception of a model that failed to
+    load (Triton prints the backend's traceback with escaped line breaks), else its last error line."""
+    server = getattr(triton, "_triton_server", None)
+    log = getattr(server, "_tritonserver_logs", "") or ""
+    exceptions = [m for m in re.findall(r"\b([A-Z]\w*(?:Error|Exception): [^\"\\]+)", log)
+                  if not m.startswith("TritonModelException")]
+    errors = [line.split('"', 1)[-1].split("\\n")[0].rstrip('"') for line in log.splitlines()
+              if line.startswith("E") and "NVML" not in line and "DCGM" not in line and "CudaDriver" not in line]
+    said = (exceptions or errors or [""])[-1].strip()
+    return f"; the server said: {said[:300]}" if said else ""
+
+
+__all__ = ["ServeError", "ServeOptions", "interpreter_library_dir", "serve", "server_environment"]

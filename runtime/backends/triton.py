@@ -1,0 +1,319 @@
+"""A model served by NVIDIA Triton Inference Server, as a Backend: ``triton://HOST:PORT/MODEL``.
+
+``medmamba-edge run triton://gpu-server:8000/medmamba study/`` sends the same preprocessed batches the local
+backends get to a server (``medmamba-edge serve``, or a stock Triton with a repository from
+``medmamba-edge export-triton``) over the KServe v2 HTTP/REST protocol with Triton's binary tensor
+extension (raw float32 bytes after a JSON header, not a JSON list of numbers). The model's ``ModelMetadata``
+comes from the served model's configuration (its ``parameters["medmamba_edge"]``, which both writers set),
+so preprocessing and class names are the exported model's own, checked against the served input and
+output shapes as a local model is.
+
+Standard library and numpy only (no tritonclient, no gRPC): the client stays as light as the runtime.
+
+A server that goes away never hangs a run: connecting waits at most ``CONNECT_TIMEOUT_S``, an answer at
+most ``timeout`` seconds (``?timeout=S`` in the URL). A failed request raises ``BackendError``, which the
+run loop turns into a ``skipped`` record for each frame of that batch and a non-zero exit. After a
+connection failure the server is tried again only after a back-off (0.5 s doubling to 8 s, as live
+sources reconnect); batches in between fail at once with the same reason, so a folder run against a dead
+server ends promptly with every frame accounted for, and a live source resumes when the server is back.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import parse_qs, quote, urlsplit
+
+import numpy as np
+
+from medmamba_edge.errors import first_line
+
+from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
+from . import Backend, BackendError, run_in_fixed_batches
+
+SCHEME = "triton"
+DEFAULT_PORT = 8000  # Triton's HTTP port
+CONNECT_TIMEOUT_S = 5.0
+DEFAULT_TIMEOUT_S = 30.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
+# KServe v2 datatypes a MedMamba input or output can have, and Triton's config spelling of them.
+DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+CONFIG_DATATYPES = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16"}
+HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's split of JSON and raw bytes
+
+
+def is_triton_url(spec) -> bool:
+    """Whether a model argument names a server. ``triton:/`` with one slash too: ``pathlib.Path`` folds the
+    double slash of a URL that went through a Path-typed option."""
+    return re.match(rf"{SCHEME}:/", str(spec), re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    """Where a served model is: ``triton://HOST[:PORT]/MODEL[/VERSION][?timeout=SECONDS]``."""
+
+    host: str
+    port: int
+    model: str
+    version: str = ""  # "": the server's choice (its version policy)
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{SCHEME}://{host}:{self.port}/{self.model}" + (f"/{self.version}" if self.version else "")
+
+    def model_path(self, tail: str = "") -> str:
+        """The KServe v2 path of the model (and of one of its endpoints)."""
+        path = f"/v2/models/{quote(self.model, safe='')}"
+        if self.version:
+            path += f"/versions/{quote(self.version, safe='')}"
+        return path + tail
+
+
+def parse_url(spec) -> ServerModel:
+    text = re.sub(rf"^{SCHEME}:/+", f"{SCHEME}://", str(spec).strip(), flags=re.IGNORECASE)
+    usage = f"expected {SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
+    try:
+        parts = urlsplit(text)
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise BackendError(f"{spec}: not a server address ({exc}); {usage}") from None
+    names = [p for p in parts.path.split("/") if p]
+    if not parts.hostname or not 1 <= len(names) <= 2:
+        raise BackendError(f"{spec}: not a server address; {usage}")
+    if len(names) == 2 and not names[1].isdigit():
+        raise BackendError(f"{spec}: the model version must be a number, got {names[1]!r}; {usage}")
+    query = parse_qs(parts.query)
+    unknown = sorted(set(query) - {"timeout"})
+    if unknown:
+        raise BackendError(f"{spec}: unknown option {', '.join(unknown)}; {usage}")
+    timeout = DEFAULT_TIMEOUT_S
+    if "timeout" in query:
+        try:
+            timeout = float(query["timeout"][-1])
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise BackendError(f"{spec}: timeout must be a positive number of seconds, got {query['timeout'][-1]!r}")
+    return ServerModel(parts.hostname, port, names[0], names[1] if len(names) == 2 else "", timeout)
+
+
+def connection_error(exc: OSError, timeout: float) -> str:
+    """A failed connection in words, for a record's reason."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: is the server running?"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                        http.client.IncompleteRead)):
+        return "the server closed the connection"
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({exc.strerror or exc})"
+    return exc.strerror or first_line(exc) or type(exc).__name__
+
+
+def encode_infer_request(input_name: str, output_name: str, batch: np.ndarray) -> tuple[bytes, memoryview]:
+    """KServe v2 inference request with the binary tensor extension: (JSON header, raw little-endian input)."""
+    header = json.dumps({
+        "inputs": [{"name": input_name, "shape": list(batch.shape), "datatype": _datatype(batch.dtype),
+                    "parameters": {"binary_data_size": batch.nbytes}}],
+        "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
+    }, separators=(",", ":")).encode()
+    return header, memoryview(np.ascontiguousarray(batch)).cast("B")
+
+
+def decode_infer_response(body: bytes, header_length: int | None, output_name: str) -> np.ndarray:
+    """The named output of a KServe v2 response: raw bytes after the JSON header, or JSON ``data`` when the
+    server answered without the binary extension."""
+    header = json.loads(body[:header_length] if header_length is not None else body)
+    offset = header_length or 0
+    for output in header.get("outputs", []):
+        size = output.get("parameters", {}).get("binary_data_size")
+        if output.get("name") == output_name:
+            dtype = DATATYPES.get(output.get("datatype"))
+            if dtype is None:
+                raise ValueError(f"output {output_name} has datatype {output.get('datatype')}, expected FP32 or FP16")
+            if size is None:
+                values = np.asarray(output["data"], dtype=dtype)
+            else:
+                values = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            return values.reshape(output["shape"]).astype(np.float32)
+        offset += size or 0
+    raise ValueError(f"the answer has no output {output_name!r}")
+
+
+def _datatype(dtype: np.dtype) -> str:
+    return next(name for name, known in DATATYPES.items() if known == dtype.newbyteorder("<"))
+
+
+class TritonBackend(Backend):
+    def __init__(self, spec: str):
+        self.server = parse_url(spec)
+        self.path = self.server.url  # what records and reports name the model by
+        self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._failures, self._retry_at, self._down_reason = 0, 0.0, ""
+        self._closed = False
+
+        config = self._get_json(self.server.model_path("/config"), "read the model's configuration")
+        server = self._get_json("/v2", "read the server's metadata")
+        self.server_description = f"{server.get('name', 'KServe v2 server')} {server.get('version', '')}".strip()
+        self.backend_name = config.get("backend") or config.get("platform") or "unknown"
+        self.metadata = self._metadata(config)
+        inputs, outputs = config.get("input") or [], config.get("output") or []
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackendError(f"{self.path}: the served model has {len(inputs)} inputs and {len(outputs)} outputs; "
+                               f"a MedMamba model has one of each")
+        self.input_name, self.output_name = inputs[0]["name"], outputs[0]["name"]
+        self.input_dtype = DATATYPES.get(CONFIG_DATATYPES.get(inputs[0].get("data_type", ""), ""))
+        if self.input_dtype is None:
+            raise BackendError(f"{self.path}: the served input has type {inputs[0].get('data_type')}; expected TYPE_FP32 "
+                               f"or TYPE_FP16")
+        # max_batch_size > 0: Triton batches, the dims leave the batch out. 0: the dims are the whole shape.
+        self.max_batch = int(config.get("max_batch_size", 0))
+        input_dims = [int(d) for d in inputs[0].get("dims", [])]
+        output_dims = [int(d) for d in outputs[0].get("dims", [])]
+        if self.max_batch > 0:
+            input_dims, output_dims = [-1, *input_dims], [-1, *output_dims]
+        check_against_graph(self.metadata, input_dims, output_dims, self.path)
+        self.fixed_batch = input_dims[0] if self.max_batch == 0 and input_dims and input_dims[0] > 0 else None
+
+    def _metadata(self, config: dict) -> ModelMetadata:
+        parameter = (config.get("parameters") or {}).get(METADATA_KEY) or {}
+        if "string_value" not in parameter:
+            raise BackendError(f"{self.path}: the served model carries no medmamba-edge metadata (config parameter "
+                               f"{METADATA_KEY!r}); serve it with `medmamba-edge serve` or a repository from "
+                               f"`medmamba-edge export-triton`")
+        try:
+            return ModelMetadata.from_json(parameter["string_value"], self.path)
+        except MetadataError as exc:
+            raise BackendError(str(exc)) from None
+
+    def describe(self) -> str:
+        batching = f"max batch {self.max_batch}" if self.max_batch else f"batch {self.fixed_batch or 'any'}"
+        return (f"{self.server_description} at {self.server.host}:{self.server.port}, model {self.server.model} "
+                f"({self.backend_name} backend, {batching}, {self.metadata.scan_form} scan)")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self._closed:
+            raise BackendError(f"{self.path}: the model was closed")
+        batch = batch.astype(self.input_dtype, copy=False)
+        if self.fixed_batch or not self.max_batch:
+            return run_in_fixed_batches(self._infer, batch, self.fixed_batch)
+        return np.concatenate([self._infer(batch[start:start + self.max_batch])
+                               for start in range(0, len(batch), self.max_batch)])
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _infer(self, chunk: np.ndarray) -> np.ndarray:
+        header, data = encode_infer_request(self.input_name, self.output_name, chunk)
+        status, headers, body = self._request("POST", self.server.model_path("/infer"), [header, data],
+                                              {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))})
+        if status != 200:
+            raise BackendError(f"{self.path}: the server refused the batch (HTTP {status}: {_error_text(body)})")
+        length = headers.get(HEADER_LENGTH)
+        try:
+            logits = decode_infer_response(body, int(length) if length is not None else None, self.output_name)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"{self.path}: unreadable answer ({type(exc).__name__}: {first_line(exc)})") from None
+        if logits.shape != (len(chunk), self.metadata.num_classes):
+            raise BackendError(f"{self.path}: the answer has shape {logits.shape}, expected "
+                               f"{(len(chunk), self.metadata.num_classes)}")
+        return logits
+
+    def _get_json(self, path: str, what: str) -> dict:
+        status, _, body = self._request("GET", path)
+        if status != 200:
+            raise BackendError(f"{self.path}: cannot {what} (HTTP {status}: {_error_text(body)})")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise BackendError(f"{self.path}: cannot {what}: the answer is not JSON; is this a Triton (KServe v2) "
+                               f"HTTP port?") from None
+
+    def _request(self, method: str, path: str, body: list | None = None,
+                 headers: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        with self._lock:
+            if self._failures and time.monotonic() < self._retry_at:
+                raise BackendError(f"{self.path}: server unreachable ({self._down_reason}); retrying in "
+                                   f"{self._retry_at - time.monotonic():.1f} s")
+        # One retry, on a fresh connection, for a kept-alive connection the server closed while idle.
+        for attempt in (0, 1):
+            connection, reused = self._connection()
+            try:
+                if not reused:
+                    connection.connect()
+                    # Connecting waits at most CONNECT_TIMEOUT_S; every later wait (an inference) the model's timeout.
+                    connection.sock.settimeout(self.server.timeout)
+                    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection.putrequest(method, path, skip_accept_encoding=True)
+                for key, value in {**(headers or {}),
+                                   "Content-Length": str(sum(len(part) for part in body or []))}.items():
+                    connection.putheader(key, value)
+                connection.endheaders()
+                for part in body or []:
+                    connection.send(part)
+                response = connection.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(connection)
+                stale = reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if attempt == 0 and stale:
+                    continue
+                reason = connection_error(exc, self.server.timeout) if isinstance(exc, OSError) else \
+                    f"broken HTTP answer ({type(exc).__name__})"
+                self._mark_down(reason)
+                raise BackendError(f"{self.path}: server unreachable ({reason})") from None
+            if response.will_close:
+                self._drop(connection)
+            with self._lock:
+                self._failures = 0
+            return response.status, response.headers, data
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's kept-alive connection (concurrent callers each get their own), and whether it is reused."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection, True
+        connection = http.client.HTTPConnection(self.server.host, self.server.port, timeout=CONNECT_TIMEOUT_S)
+        self._local.connection = connection
+        with self._lock:
+            self._connections.append(connection)
+        return connection, False
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        self._local.connection = None
+        with self._lock:
+            if connection in self._connections:
+                self._connections.remove(connection)
+
+    def _mark_down(self, reason: str) -> None:
+        with self._lock:
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(BACKOFF_FIRST_S * 2 ** (self._failures - 1), BACKOFF_MAX_S)
+            self._down_reason = reason
+
+
+def _error_text(body: bytes) -> str:
+    """The server's own error message (KServe v2 puts it under "error"), cut to one line."""
+    try:
+        text = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        text = body.decode("utf-8", "replace")
+    return first_line(Exception(text)) or "no message"

@@ -1,0 +1,220 @@
+"""`medmamba-edge export-triton`: the Triton repository entry and the DeepStream nvinfer config, checked with
+what a stock server would check them with where none runs here: Triton's own ModelConfig schema
+(tritonclient's protobuf, in the serve venv), PyTriton's real tritonserver reading the repository up to the
+backend it lacks, and Gst-nvinfer's documented keys and arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.exporters.triton_repository import (
+    DEEPSTREAM_KEYS, TritonExportError, check_deepstream_config, deepstream_scaling, export_triton)
+from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.preprocess import _uint8_lookup
+from tests.exported_models import official_onnx
+from tests.triton_server import require_serve_python
+
+EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_labels.txt", "deepstream_nvinfer.txt",
+                  "labels.txt", "libmedmamba_ort_ops.so"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return official_onnx(tmp_path_factory)
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def in_serve_venv(script: str) -> str:
+    result = subprocess.run([str(require_serve_python()), "-c", textwrap.dedent(script)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_plugin_form_model_becomes_an_onnxruntime_entry_with_our_op_library(model, tmp_path):
+    repository = tmp_path / "repo"
+    code, output = cli("export-triton", model, "-o", repository, "--server-root", "/models")
+    assert code == 0, output
+    assert "wrote" in output and "onnxruntime backend, max batch 8, dynamic batching ≤ 2000 µs, plugin scan" in output
+    folder = repository / "medmamba"
+    assert files(folder) == EXPECTED_FILES and files(repository) == ["medmamba", *[f"medmamba/{f}" for f in EXPECTED_FILES]]
+    assert (folder / "1" / "model.onnx").read_bytes() == model.read_bytes()
+    assert (folder / "libmedmamba_ort_ops.so").read_bytes() == fused_scan.library_path().read_bytes()
+    assert (folder / "labels.txt").read_text() == "normal\npneumonia\n"
+    config = (folder / "config.pbtxt").read_text()
+    assert 'op_library_filename: "/models/medmamba/libmedmamba_ort_ops.so"' in config
+    assert "max_batch_size: 8" in config and "max_queue_delay_microseconds: 2000" in config
+
+    # Exported again: the folder is replaced whole, nothing half-written or hidden is left beside it.
+    code, output = cli("export-triton", model, "-o", repository, "--max-batch", 4, "--max-queue-delay-us", 500)
+    assert code == 0, output
+    config = (folder / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in config and "max_queue_delay_microseconds: 500" in config
+    assert f'op_library_filename: "{repository.resolve()}/medmamba/libmedmamba_ort_ops.so"' in config
+    assert sorted(p.name for p in repository.iterdir()) == ["medmamba"]
+
+
+def test_the_config_is_valid_for_tritons_own_schema_and_carries_the_metadata(model, tmp_path):
+    result = export_triton(model, tmp_path / "repo", name="pneumonia-t32")
+    config = result.folder / "config.pbtxt"
+    parsed = json.loads(in_serve_venv(f"""
+        import json
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+        config = text_format.Parse(open({str(config)!r}).read(), model_config_pb2.ModelConfig())
+        print(json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)))
+    """))
+    assert parsed["name"] == "pneumonia-t32" and parsed["backend"] == "onnxruntime" and parsed["max_batch_size"] == 8
+    assert parsed["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": ["3", "32", "32"]}]
+    assert parsed["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["2"], "label_filename": "labels.txt"}]
+    assert parsed["dynamic_batching"] == {"max_queue_delay_microseconds": "2000"}
+    assert parsed["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+    assert parsed["model_operations"]["op_library_filename"] == [f"{result.folder.resolve()}/libmedmamba_ort_ops.so"]
+    metadata = json.loads(parsed["parameters"]["medmamba_edge"]["string_value"])
+    assert metadata == json.loads(read_onnx_metadata(model).to_json())
+    # The same check refuses what Triton would: a misspelt field.
+    broken = config.read_text().replace("max_batch_size", "max_batch")
+    out = in_serve_venv(f"""
+        from medmamba_edge.exporters.triton_repository import TritonExportError, check_triton_config
+        print(check_triton_config(open({str(config)!r}).read()))
+        try:
+            check_triton_config({broken!r}, "broken.pbtxt")
+        except TritonExportError as exc:
+            print(exc)
+    """).splitlines()
+    assert out[0][0].isdigit()  # the tritonclient version it was checked with
+    assert out[1].startswith("broken.pbtxt: not a valid Triton model configuration (") and "max_batch" in out[1]
+
+
+def test_a_real_tritonserver_reads_the_repository_up_to_the_backend_it_lacks(model, tmp_path):
+    """PyTriton's tritonserver has only the Python backend; it loads our repository, parses and accepts the
+    config and the model folder, and stops where the onnxruntime backend library would be needed."""
+    result = export_triton(model, tmp_path / "repo")
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "repo", broken)
+    config = broken / "medmamba" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 8", "max_batch_size: 8\nmax_batches: 2"))
+    logs = {}
+    for name, repository in (("good", result.folder.parent), ("broken", broken)):
+        logs[name] = in_serve_venv(f"""
+            import pathlib, subprocess, pytriton
+            server = pathlib.Path(pytriton.__file__).parent / "tritonserver"
+            run = subprocess.run([str(server / "bin" / "tritonserver"), "--model-repository={repository}",
+                                  "--backend-directory=" + str(server / "backends"), "--model-control-mode=explicit",
+                                  "--load-model=medmamba", "--allow-http=false", "--allow-grpc=false",
+                                  "--allow-metrics=false", "--exit-on-error=true"],
+                                 capture_output=True, text=True, timeout=60)
+            print(run.stdout + run.stderr)
+        """)
+    assert "loading: medmamba:1" in logs["good"]
+    assert "unable to find backend library for backend 'onnxruntime'" in logs["good"]
+    assert "failed to read text proto" in logs["broken"] and "loading: medmamba:1" not in logs["broken"]
+
+
+def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
+    result = export_triton(model, tmp_path / "repo")
+    text = (result.folder / "deepstream_nvinfer.txt").read_text()
+    properties = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert set(properties) <= DEEPSTREAM_KEYS
+    assert properties["network-type"] == "1" and properties["network-mode"] == "0" and properties["batch-size"] == "8"
+    assert properties["infer-dims"] == "3;32;32" and properties["model-color-format"] == "0"
+    assert properties["onnx-file"] == "1/model.onnx" and properties["model-engine-file"] == "1/model.onnx_b8_gpu0_fp32.engine"
+    assert properties["output-blob-names"] == "logits" and properties["maintain-aspect-ratio"] == "0"
+    assert properties["custom-lib-path"].endswith("/medmamba/libmedmamba_trt_plugin.so")
+    assert (result.folder / properties["labelfile-path"]).read_text() == "normal;pneumonia\n"
+    # nvinfer's y = net-scale-factor·(x − offsets[c]) on every 8-bit value equals the runtime's lookup table.
+    meta = result.served.metadata
+    scale, offsets = float(properties["net-scale-factor"]), [float(o) for o in properties["offsets"].split(";")]
+    x = np.arange(256, dtype=np.float64)
+    nvinfer = np.stack([scale * (x - offset) for offset in offsets])
+    assert np.abs(nvinfer - _uint8_lookup(meta.mean, meta.std)).max() < 1e-6
+    with pytest.raises(TritonExportError, match="keys Gst-nvinfer does not document: net-scale"):
+        check_deepstream_config(text.replace("net-scale-factor", "net-scale"))
+
+
+def _rewritten(model: Path, path: Path, batch: int | None = None, **changes) -> Path:
+    """The model with its metadata changed (and, for a fixed batch, its graph's batch dimension fixed too)."""
+    proto = onnx.load(str(model))
+    meta = read_onnx_metadata(proto)
+    if batch is not None:
+        changes["batch"] = batch
+        for value in (proto.graph.input[0], proto.graph.output[0]):
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    write_onnx_metadata(proto, meta.replace(**changes))
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_per_channel_std_gets_no_deepstream_config_and_says_why(model, tmp_path):
+    odd = _rewritten(model, tmp_path / "odd_std.onnx", std=(0.229, 0.224, 0.225), mean=(0.485, 0.456, 0.406))
+    with pytest.raises(TritonExportError, match=r"std is per channel \(0\.229, 0\.224, 0\.225\)"):
+        deepstream_scaling(read_onnx_metadata(odd))
+    code, output = cli("export-triton", odd, "-o", tmp_path / "repo")
+    assert code == 0, output
+    assert "no DeepStream config: DeepStream's nvinfer normalises with one net-scale-factor" in output
+    assert not (tmp_path / "repo" / "medmamba" / "deepstream_nvinfer.txt").exists()
+    assert (tmp_path / "repo" / "medmamba" / "config.pbtxt").exists()
+
+
+def test_a_fixed_batch_model_is_served_without_triton_batching(model, tmp_path):
+    fixed = _rewritten(model, tmp_path / "b1.onnx", batch=1)
+    result = export_triton(fixed, tmp_path / "repo")
+    config = result.config_text
+    assert "max_batch_size: 0" in config and "dims: [ 1, 3, 32, 32 ]" in config and "dims: [ 1, 2 ]" in config
+    assert "dynamic_batching" not in config
+    assert "batch-size=1" in result.deepstream_text
+
+
+def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
+    from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo
+    from medmamba_edge.runtime.backends.tensorrt.manifest import BuildOptions, EngineManifest, write_manifest
+
+    engine = tmp_path / "t32.engine"
+    engine.write_bytes(b"a plan is opaque to the repository writer")
+    gpu = GpuInfo("NVIDIA Jetson AGX Orin", "8.7")
+    write_manifest(engine, EngineManifest(
+        tensorrt_version="10.3.0", gpu_name=gpu.name, compute_capability=gpu.compute_capability, precision="fp16",
+        profile={"input": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}},
+        onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64, build=BuildOptions(fp16=True, max_batch=16),
+        metadata=read_onnx_metadata(model).replace(precision="fp16")))
+    result = export_triton(engine, tmp_path / "repo", max_batch=32, plugin="/opt/medmamba/libmedmamba_trt_plugin.so")
+    config = result.config_text
+    assert 'backend: "tensorrt"' in config and "kind: KIND_GPU" in config and "max_batch_size: 16" in config
+    assert "model_operations" not in config
+    assert (result.folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
+    properties = dict(line.split("=", 1) for line in result.deepstream_text.splitlines() if "=" in line)
+    assert properties["model-engine-file"] == "1/model.plan" and "onnx-file" not in properties
+    assert properties["network-mode"] == "2" and properties["custom-lib-path"] == "/opt/medmamba/libmedmamba_trt_plugin.so"
+    assert "--backend-config=tensorrt" in (result.folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "missing.onnx: no such model file"),
+    (["{model}", "--name", "../up"], "--name '../up': a model name is letters"),
+    (["{model}", "--kind", "tpu"], "--kind must be cpu or gpu"),
+])
+def test_bad_requests_are_one_line(model, tmp_path, args, message):
+    code, output = cli("export-triton", *[a.format(model=model) for a in args], "-o", tmp_path / "repo")
+    assert code == 1
+    (line,) = output.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())

@@ -1,0 +1,253 @@
+"""`medmamba-edge serve` on a real Triton server (PyTriton's tritonserver, 127.0.0.1), with this venv as its
+client: answers equal local inference on real images, concurrent clients are all answered and batched,
+HTTP and gRPC, health, readiness, statistics and metrics as Triton gives them, and a clean stop on SIGTERM.
+The official PneumoniaMNIST checkpoint, exported once per session (plugin form, native scan op, 32×32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medmamba_edge.cli import app
+from medmamba_edge.runtime.backends import BackendError, open_backend
+from medmamba_edge.runtime.decode import read_image
+from medmamba_edge.runtime.preprocess import preprocess
+from tests.exported_models import official_onnx
+from tests.shared_data import require_shared
+from tests.triton_server import ROOT, free_ports, http_get, require_serve_python, running_server
+
+CLIENTS, REQUESTS_PER_CLIENT = 16, 4
+CONCURRENCY_DEADLINE_S = 120
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    require_serve_python()
+    return official_onnx(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """24 real BUSI ultrasound images (8 per class), linked into one folder."""
+    busi = require_shared("data", "busi")
+    folder = tmp_path_factory.mktemp("busi24")
+    for label in ("benign", "malignant", "normal"):
+        for path in sorted((busi / label).glob("*.png"))[:8]:
+            (folder / f"{label}_{path.name.replace(' ', '_')}").symlink_to(path)
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    # A queue delay long enough that concurrent requests meet in the batcher even on a busy CI machine.
+    with running_server(model, tmp_path_factory.mktemp("serve"), "--max-batch", "8",
+                        "--max-queue-delay-us", "20000") as server:
+        yield server
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_run_against_the_server_equals_local_inference_on_real_images(server, model, images, tmp_path):
+    folder = images[0].parent
+    code, output = cli("run", server.url, folder, "--batch", 4, "--top-k", 2, "--jsonl", tmp_path / "served.jsonl",
+                       "--console", "none")
+    assert code == 0, output
+    assert "on triton" in output and "python backend, max batch 8, plugin scan" in output
+    code, output = cli("run", model, folder, "--batch", 4, "--top-k", 2, "--jsonl", tmp_path / "local.jsonl",
+                       "--console", "none")
+    assert code == 0, output
+    served, local = read_jsonl(tmp_path / "served.jsonl"), read_jsonl(tmp_path / "local.jsonl")
+    assert len(served) == len(local) == len(images)
+    assert [r["status"] for r in served] == ["ok"] * len(images)
+    assert [(r["source"], r["labels"]) for r in served] == [(r["source"], r["labels"]) for r in local]
+    assert np.allclose([r["probabilities"] for r in served], [r["probabilities"] for r in local], atol=1e-6)
+
+
+def test_the_backend_gives_the_local_logits_and_the_metadata_of_the_file(server, model, images):
+    local, remote = open_backend(model), open_backend(server.url)
+    with local, remote:
+        assert remote.metadata == local.metadata
+        batch = preprocess([read_image(p) for p in images[:11]], local.metadata)  # 11 > max batch: two requests
+        assert np.abs(remote.run(batch) - local.run(batch)).max() < 1e-5
+
+
+def test_concurrent_clients_are_all_answered_in_batches_larger_than_one(server, model, images):
+    with open_backend(model) as local:
+        batch = preprocess([read_image(p) for p in images[:CLIENTS]], local.metadata)
+        expected = local.run(batch)
+    before = _model_stats(server)
+    answers: dict[tuple[int, int], np.ndarray] = {}
+    errors: list[str] = []
+    start = threading.Barrier(CLIENTS)
+
+    def client(index: int) -> None:
+        try:
+            with open_backend(server.url) as remote:  # one connection per client, as separate carts have
+                start.wait(timeout=30)
+                for request in range(REQUESTS_PER_CLIENT):
+                    answers[index, request] = remote.run(batch[index:index + 1])[0]
+        except Exception as exc:  # reported below with the others
+            errors.append(f"client {index}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(1.0, CONCURRENCY_DEADLINE_S - (time.monotonic() - started)))
+    assert not any(t.is_alive() for t in threads), f"clients still waiting after {CONCURRENCY_DEADLINE_S} s"
+    assert not errors, errors
+    assert len(answers) == CLIENTS * REQUESTS_PER_CLIENT
+    for (index, _), logits in answers.items():
+        assert np.abs(logits - expected[index]).max() < 1e-5
+    after = _model_stats(server)
+    assert after["inference_count"] - before["inference_count"] == CLIENTS * REQUESTS_PER_CLIENT
+    executions = after["execution_count"] - before["execution_count"]
+    assert executions < CLIENTS * REQUESTS_PER_CLIENT, "every request ran alone: no dynamic batching"
+    assert max(int(s["batch_size"]) for s in after["batch_stats"]) > 1
+
+
+def _model_stats(server) -> dict:
+    status, body = http_get(f"{server.http}/v2/models/{server.name}/stats")
+    assert status == 200, body
+    (stats,) = json.loads(body)["model_stats"]
+    return stats
+
+
+def test_health_readiness_metadata_and_metrics_are_tritons(server):
+    assert http_get(f"{server.http}/v2/health/live")[0] == 200
+    assert http_get(f"{server.http}/v2/health/ready")[0] == 200
+    status, body = http_get(f"{server.http}/v2/models/{server.name}")
+    assert status == 200
+    served = json.loads(body)
+    assert served["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert served["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
+    status, metrics = http_get(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    assert status == 200
+    assert re.search(rf'nv_inference_request_success\{{model="{server.name}",version="1"\}} \d+', metrics.decode())
+    # Loading and unloading models is guarded (PyTriton's token): a client cannot unload the served model.
+    unload = urllib.request.Request(f"{server.http}/v2/repository/models/{server.name}/unload", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(unload, timeout=10)
+    assert refused.value.code in (401, 403)
+    assert http_get(f"{server.http}/v2/models/{server.name}/ready")[0] == 200
+
+
+def test_grpc_answers_as_http_does(server, model, images):
+    """KServe v2 over gRPC, with tritonclient from the serve venv (this venv's protobuf is too new for it)."""
+    with open_backend(model) as local:
+        batch = preprocess([read_image(p) for p in images[:3]], local.metadata)
+        expected = local.run(batch)
+    np.save(Path(server.log).with_suffix(".npy"), batch)
+    script = textwrap.dedent(f"""
+        import numpy as np, tritonclient.grpc as g
+        client = g.InferenceServerClient("127.0.0.1:{server.grpc_port}")
+        x = np.load({str(Path(server.log).with_suffix(".npy"))!r})
+        i = g.InferInput("input", list(x.shape), "FP32"); i.set_data_from_numpy(x)
+        print(client.infer({server.name!r}, [i]).as_numpy("logits").tolist())
+    """)
+    result = subprocess.run([str(require_serve_python()), "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert np.abs(np.array(json.loads(result.stdout)) - expected).max() < 1e-5
+
+
+def test_a_model_the_server_does_not_have_is_one_line(server):
+    with pytest.raises(BackendError, match=r"triton://127\.0\.0\.1:\d+/nosuchmodel: cannot read the model's "
+                                           r"configuration \(HTTP 4\d\d: .*nosuchmodel"):
+        open_backend(f"triton://127.0.0.1:{server.http_port}/nosuchmodel")
+
+
+def test_sigterm_stops_the_server_cleanly(model, tmp_path):
+    with running_server(model, tmp_path) as server:
+        os.kill(server.process.pid, signal.SIGTERM)
+        code = server.process.wait(timeout=30)
+        log = server.log.read_text(errors="replace")
+        assert code == 0, server.log_tail()
+        assert "stopping on SIGTERM: letting the requests in flight finish" in log
+        # The whole group is gone: tritonserver and the Python backend stub stopped with it.
+        with pytest.raises(ProcessLookupError):
+            os.killpg(server.process.pid, 0)
+        assert not list(Path("/dev/shm").glob(f"*pytrtion{server.process.pid}-*"))
+
+
+def test_a_port_in_use_is_one_line(model, tmp_path):
+    python = require_serve_python()
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc, metrics = free_ports(2)
+        result = subprocess.run([str(python), "-m", "medmamba_edge.cli", "serve", str(model), "--port", str(port),
+                                 "--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60, start_new_session=True)
+    assert result.returncode == 1
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert line == f"error: 127.0.0.1:{port}: cannot listen there (Address already in use)"
+
+
+def test_the_server_loads_this_interpreters_libpython_and_would_fail_without_it(tmp_path):
+    """PyTriton's backend stub links libpython3.X.so.1.0 and finds Debian's first; a pyenv or conda Python then
+    fails to load any model. serve puts the interpreter's LIBDIR first; here the same PyTriton without that."""
+    python = require_serve_python()
+    probe = json.loads(subprocess.run([str(python), "-c", textwrap.dedent("""
+        import json, sysconfig
+        from medmamba_edge.serving import interpreter_library_dir, server_environment
+        print(json.dumps([interpreter_library_dir(), sysconfig.get_config_var("LIBDIR"),
+                          server_environment({"LD_LIBRARY_PATH": "/opt/other"})["LD_LIBRARY_PATH"]]))
+    """)], capture_output=True, text=True, check=True).stdout)
+    libdir, interpreter_libdir, path = probe
+    if libdir is None:
+        assert path == "/opt/other"
+        pytest.skip(f"this interpreter's libpython is the system's ({interpreter_libdir}): nothing to put first")
+    assert path == f"{libdir}:/opt/other" and libdir == interpreter_libdir
+    workspace = Path(tempfile.mkdtemp(prefix="mt-plain-"))  # short: PyTriton binds Unix sockets in it
+    script = textwrap.dedent(f"""
+        import numpy as np, os
+        from pytriton.decorators import batch
+        from pytriton.model_config import ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+        @batch
+        def identity(x):
+            return {{"y": x}}
+        triton = Triton(config=TritonConfig(http_address="127.0.0.1", http_port={free_ports(1)[0]}, allow_grpc=False,
+                                            allow_metrics=False), workspace={str(workspace / "w")!r})
+        triton.bind("identity", identity, inputs=[Tensor(name="x", dtype=np.float32, shape=(1,))],
+                    outputs=[Tensor(name="y", dtype=np.float32, shape=(1,))], config=ModelConfig(max_batch_size=1))
+        try:
+            triton.run()
+            print("loaded")
+        except Exception as exc:
+            print("failed:", exc)
+        finally:
+            triton.stop()
+    """)
+    try:
+        result = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=150,
+                                env={k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}, start_new_session=True)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    assert "failed:" in result.stdout and "_recursion_count" in result.stdout + result.stderr, result.stdout[-2000:]
