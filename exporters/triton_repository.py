@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmamba_edge.errors import UserError, first_line
+from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.files import _umask
 from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph
 
@@ -40,7 +41,6 @@ DEFAULT_NAME = "medmamba"
 # torch); an engine built from such a model keeps them. ONNX models are read for their own names.
 EXPORTED_INPUT, EXPORTED_OUTPUT = "input", "logits"
 ORT_LIBRARY = "libmedmamba_ort_ops.so"
-TRT_PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
@@ -254,7 +254,7 @@ def _readme(name: str, served: ServedModel, server_root: str, op_library: str | 
     lines = [f"# {name}: {served.source.name} for Triton Inference Server and DeepStream", "",
              "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
              "```", f"tritonserver --model-repository={server_root}" +
-             (" --backend-config=tensorrt,version-compatible=true   # or plugins=" + (plugin or TRT_PLUGIN_LIBRARY)
+             (" --backend-config=tensorrt,version-compatible=true   # or plugins=" + (plugin or AUTOLOAD_PLUGIN_LIBRARY)
               if served.kind == "engine" and served.needs_trt_plugin else ""),
              f"medmamba-edge run triton://SERVER:8000/{name} SOURCE   # preprocessing runs on the client", "```", "",
              f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
@@ -296,16 +296,14 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
     trt_plugin_source: Path | None = None
     if served.needs_trt_plugin and plugin is None:
+        # The self-registering build: Triton's `plugins=`, LD_PRELOAD and nvinfer's custom-lib-path only dlopen it.
         try:
-            from medmamba_edge.runtime.backends.tensorrt.plugin import (
-                find_plugin_library,
-            )
-
-            trt_plugin_source = find_plugin_library()
+            trt_plugin_source = find_autoload_plugin_library()
         except UserError:
             notes.append(f"no TensorRT plugin library is built here: build it on the device "
-                         f"(medmamba-edge build-plugin) and put it at {folder_on_server}/{TRT_PLUGIN_LIBRARY}")
-        plugin = f"{folder_on_server}/{TRT_PLUGIN_LIBRARY}"
+                         f"(medmamba-edge build-plugin) and put {AUTOLOAD_PLUGIN_LIBRARY} at "
+                         f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}")
+        plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
 
     model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
     config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,
@@ -345,7 +343,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
             shutil.copyfile(fused_scan.library_path(), staging / ORT_LIBRARY)
         if trt_plugin_source is not None:
-            shutil.copyfile(trt_plugin_source, staging / TRT_PLUGIN_LIBRARY)
+            shutil.copyfile(trt_plugin_source, staging / AUTOLOAD_PLUGIN_LIBRARY)
         if deepstream_text is not None:
             (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")

@@ -72,6 +72,11 @@ def _exported_symbols(library: Path) -> set[str]:
     return {line.split()[-1] for line in out.splitlines() if line.strip()}
 
 
+def _undefined_symbols(path: Path) -> set[str]:
+    out = subprocess.run(["nm", "-u", "-C", str(path)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1].split("(")[0] for line in out.splitlines() if line.strip()}
+
+
 def _needed_libraries(library: Path) -> list[str]:
     readelf = shutil.which("readelf")
     if readelf is None:
@@ -285,6 +290,27 @@ def test_plugin_compiles_warning_free_and_links_without_libnvinfer(launcher, tmp
     )
     assert {"getCreators", "setLoggerFinder"} <= _exported_symbols(plugin)
     assert not [lib for lib in _needed_libraries(plugin) if "nvinfer" in lib]
+    assert "getPluginRegistry" not in _undefined_symbols(obj)  # registered by loadLibrary, never at load
+
+
+@requires_tensorrt
+def test_autoload_build_registers_its_creator_when_loaded(tmp_path):
+    """The build for loaders that only dlopen (Triton's `plugins=`, LD_PRELOAD, DeepStream) compiles warning-free
+    and calls libnvinfer's getPluginRegistry from a static initializer; linking and running it need libnvinfer."""
+    cxx = shutil.which("g++") or shutil.which("c++") or pytest.skip("no C++ compiler")
+    cuda_include = Path(NVCC or "/usr/local/cuda/bin/nvcc").resolve().parent.parent / "include"
+    if not (cuda_include / "cuda_runtime_api.h").is_file():
+        cuda_include = Path("/usr/local/cuda/include")
+    obj = tmp_path / "plugin_autoload.o"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror",
+         "-DMEDMAMBA_REGISTER_AT_LOAD", "-I", str(SRC), "-isystem", str(TRT_INCLUDE), "-isystem", str(cuda_include),
+         "-c", str(SRC / "selective_scan_plugin.cpp"), "-o", str(obj)],
+        check=True, capture_output=True, text=True,
+    )
+    assert "getPluginRegistry" in _undefined_symbols(obj)
+    sections = subprocess.run(["objdump", "-h", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert ".init_array" in sections  # the registrar runs when the library is loaded
 
 
 def test_plugin_identity_matches_the_onnx_node_contract():

@@ -139,7 +139,7 @@ def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
     assert properties["infer-dims"] == "3;32;32" and properties["model-color-format"] == "0"
     assert properties["onnx-file"] == "1/model.onnx" and properties["model-engine-file"] == "1/model.onnx_b8_gpu0_fp32.engine"
     assert properties["output-blob-names"] == "logits" and properties["maintain-aspect-ratio"] == "0"
-    assert properties["custom-lib-path"].endswith("/medmamba/libmedmamba_trt_plugin.so")
+    assert properties["custom-lib-path"].endswith("/medmamba/libmedmamba_trt_plugin_autoload.so")
     assert (result.folder / properties["labelfile-path"]).read_text() == "normal;pneumonia\n"
     # nvinfer's y = net-scale-factor·(x − offsets[c]) on every 8-bit value equals the runtime's lookup table.
     meta = result.served.metadata
@@ -196,14 +196,14 @@ def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
         profile={"input": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}},
         onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64, build=BuildOptions(fp16=True, max_batch=16),
         metadata=read_onnx_metadata(model).replace(precision="fp16")))
-    result = export_triton(engine, tmp_path / "repo", max_batch=32, plugin="/opt/medmamba/libmedmamba_trt_plugin.so")
+    result = export_triton(engine, tmp_path / "repo", max_batch=32, plugin="/opt/medmamba/libmedmamba_trt_plugin_autoload.so")
     config = result.config_text
     assert 'backend: "tensorrt"' in config and "kind: KIND_GPU" in config and "max_batch_size: 16" in config
     assert "model_operations" not in config
     assert (result.folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
     properties = dict(line.split("=", 1) for line in result.deepstream_text.splitlines() if "=" in line)
     assert properties["model-engine-file"] == "1/model.plan" and "onnx-file" not in properties
-    assert properties["network-mode"] == "2" and properties["custom-lib-path"] == "/opt/medmamba/libmedmamba_trt_plugin.so"
+    assert properties["network-mode"] == "2" and properties["custom-lib-path"] == "/opt/medmamba/libmedmamba_trt_plugin_autoload.so"
     assert "--backend-config=tensorrt" in (result.folder / "README.md").read_text()
 
 

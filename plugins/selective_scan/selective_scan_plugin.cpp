@@ -350,6 +350,15 @@ nvinfer1::IPluginV3* SS2DScanPluginCreator::createPlugin(
     return nullptr;
 }
 
+#ifdef MEDMAMBA_REGISTER_AT_LOAD
+// The autoload build (libmedmamba_trt_plugin_autoload.so) is for loaders that only dlopen a plugin library and
+// never call getCreators(): Triton's tensorrt backend (`plugins=`), LD_PRELOAD, DeepStream's custom-lib-path,
+// trtexec --staticPlugins. It registers its creator when loaded, as TensorRT's own plugins do. The default build
+// must not: IPluginRegistry::loadLibrary (our runtime, trtexec --dynamicPlugins, version-compatible engines)
+// registers getCreators()'s creator itself, and a second registration of the same name fails.
+REGISTER_TENSORRT_PLUGIN(SS2DScanPluginCreator);
+#endif
+
 } // namespace medmamba_edge
 
 extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)

@@ -34,10 +34,13 @@ from .compat import INSTALL_HINT
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
 PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
+# The same plugin registering itself when loaded, for loaders that only dlopen (selective_scan_plugin.cpp).
+AUTOLOAD_PLUGIN_LIBRARY = "libmedmamba_trt_plugin_autoload.so"
 LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"
 PLUGINS_DIR = Path(plugins.__file__).resolve().parent
 SOURCE_DIR = PLUGINS_DIR / "selective_scan"
 BUILD_LOG = "medmamba-build.log"
+PLUGIN_TARGET = "medmamba_trt_plugins"  # CMake's: every plugin library libnvinfer's presence allows
 # Where nvcc is looked for after $CUDACXX, $CUDA_HOME/$CUDA_PATH and PATH (JetPack and the .run/.deb
 # installers all provide /usr/local/cuda).
 CUDA_HOME_CANDIDATES: tuple[str, ...] = ("/usr/local/cuda",)
@@ -80,6 +83,16 @@ def _search(env_var: str, filename: str) -> Path:
 def find_plugin_library() -> Path:
     """Path of the TensorRT plugin library (search order in the module docstring)."""
     return _search(PLUGIN_ENV, PLUGIN_LIBRARY)
+
+
+def find_autoload_plugin_library() -> Path:
+    """The self-registering variant for Triton's tensorrt backend, LD_PRELOAD and DeepStream: built beside the
+    plugin library wherever libnvinfer itself is installed."""
+    library = find_plugin_library().with_name(AUTOLOAD_PLUGIN_LIBRARY)
+    if not library.is_file():
+        raise PluginNotFoundError(f"{library} not found: it is built beside {PLUGIN_LIBRARY} where libnvinfer is "
+                                  f"installed (run `medmamba-edge build-plugin` on the server or device)")
+    return library
 
 
 def find_launcher() -> Path:
@@ -205,7 +218,7 @@ def _cmake_build(
     progress: Progress | None,
 ) -> Path:
     root = tensorrt_root if tensorrt_root is not None else os.environ.get("TENSORRT_ROOT")
-    if target == "medmamba_trt_plugin" and not root and not tensorrt_installed():
+    if target == PLUGIN_TARGET and not root and not tensorrt_installed():
         raise PluginBuildError(f"TensorRT is not installed (no tensorrt package, no libnvinfer, TENSORRT_ROOT "
                                f"unset): {INSTALL_HINT}")
     cmake = shutil.which("cmake")
@@ -227,8 +240,8 @@ def _cmake_build(
     if cuda_arch is not None:
         configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={normalize_cuda_arch(cuda_arch)}")
     # Explicit either way: the option is cached, and one build directory may serve both functions.
-    configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == 'medmamba_trt_plugin' else 'OFF'}")
-    if target == "medmamba_trt_plugin":
+    configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == PLUGIN_TARGET else 'OFF'}")
+    if target == PLUGIN_TARGET:
         if root:
             configure.append(f"-DTENSORRT_ROOT={Path(root).expanduser()}")
         pip_libs = pip_tensorrt_lib_dir()
@@ -240,7 +253,7 @@ def _cmake_build(
     with log_path.open("w") as log:
         if _run(configure, log, progress) != 0:
             error = _failure("CMake configure", log_path)
-            if target == "medmamba_trt_plugin" and pip_tensorrt_lib_dir() is not None and "headers" in str(error):
+            if target == PLUGIN_TARGET and pip_tensorrt_lib_dir() is not None and "headers" in str(error):
                 error = PluginBuildError(
                     f"{error}; the pip TensorRT wheels ship no headers: point TENSORRT_ROOT at the include/ "
                     "of the matching TensorRT tarball or of github.com/NVIDIA/TensorRT checked out at that version"
@@ -261,7 +274,8 @@ def build_plugin(
     jobs: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Configure and build the TensorRT plugin with CMake; return the path of libmedmamba_trt_plugin.so.
+    """Configure and build the TensorRT plugin with CMake; return the path of libmedmamba_trt_plugin.so (and, where
+    libnvinfer is installed, libmedmamba_trt_plugin_autoload.so beside it).
 
     ``build_dir`` defaults to ``default_build_dir()``, where ``find_plugin_library()`` looks. ``cuda_arch``
     (e.g. "87", "8.7", "87;90", "native") defaults to every supported GPU generation; a single one builds
@@ -270,7 +284,7 @@ def build_plugin(
     Raises PluginBuildError with a one-line reason (the full log stays in the build directory).
     """
     return _cmake_build(
-        "medmamba_trt_plugin",
+        PLUGIN_TARGET,
         PLUGIN_LIBRARY,
         build_dir=build_dir,
         cuda_arch=cuda_arch,
