@@ -340,7 +340,12 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     while time.time() < deadline and not any(p.stat().st_size > 2000 for p in tmp_path.glob(".records.*.partial.jsonl")):
         time.sleep(0.1)
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=30)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"still running 60 s after {signal.Signals(signum).name}; stderr: {stderr[-2000:]}")
     assert process.returncode == 0, stderr
     records = read_jsonl(jsonl)
     assert len(records) >= 5 and [r["seq"] for r in records] == list(range(len(records)))
