@@ -2,7 +2,6 @@
 on live sources, Ctrl-C, a stream that goes away, the PyTorch backend, and a torch-free runtime."""
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -13,14 +12,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from medmamba_edge.cli import app
 from medmamba_edge.runtime.backends import BackendError, open_backend
 from medmamba_edge.runtime.backends.onnxruntime import choose_providers
 from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
 from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.sources import Frame, Source
+from tests.cli_runner import cli, read_jsonl
 from tests.test_sources import FlakyMjpegServer, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +31,6 @@ def tiny_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.onnx"
     export_onnx(bundled_checkpoint(), path, input_size=32, batch=None, scan="portable", verify=False)
     return path
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_a_source_with_nothing_classifiable_exits_nonzero_with_its_records(tiny_onnx, tmp_path):

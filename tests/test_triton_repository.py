@@ -14,14 +14,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
-from medmamba_edge.cli import app
 from medmamba_edge.exporters.triton_repository import (
-    DEEPSTREAM_KEYS, TritonExportError, check_deepstream_config, deepstream_scaling, export_triton)
+    DEEPSTREAM_KEYS,
+    TritonExportError,
+    check_deepstream_config,
+    deepstream_scaling,
+    export_triton,
+)
 from medmamba_edge.runtime import fused_scan
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import _uint8_lookup
+from tests.cli_runner import cli
 from tests.exported_models import official_onnx
 from tests.triton_server import require_serve_python
 
@@ -32,11 +36,6 @@ EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return official_onnx(tmp_path_factory)
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def files(folder: Path) -> list[str]:

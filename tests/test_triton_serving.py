@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from medmamba_edge.cli import app
 from medmamba_edge.runtime.backends import BackendError, open_backend
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.preprocess import preprocess
+from tests.cli_runner import cli, read_jsonl
 from tests.exported_models import official_onnx
 from tests.shared_data import require_shared
 from tests.triton_server import ROOT, free_ports, http_get, require_serve_python, running_server
@@ -58,15 +57,6 @@ def server(model, tmp_path_factory):
     with running_server(model, tmp_path_factory.mktemp("serve"), "--max-batch", "8",
                         "--max-queue-delay-us", "20000") as server:
         yield server
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_run_against_the_server_equals_local_inference_on_real_images(server, model, images, tmp_path):

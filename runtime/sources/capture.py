@@ -84,9 +84,7 @@ class Capture:
         self.source.stop()
         with self.ready:
             self.ready.notify_all()
-        # A file source stops at its next frame: wait for it, so that no thread is left inside OpenCV's decoder
-        # while the interpreter shuts down. A live one may sit in a network read: it gets 2 s, then is left behind.
-        self.thread.join(timeout=2.0 if self.source.live else 30.0)
+        self.thread.join(timeout=2.0)
         with self.ready:
             left, self.queue = list(self.queue), deque()
         return left
