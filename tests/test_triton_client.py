@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from medmamba_edge.runtime.backends import BackendError, open_backend
-from medmamba_edge.runtime.backends.triton import ServerModel, is_triton_url, parse_url
+from medmamba_edge.runtime.backends import is_triton_url
+from medmamba_edge.runtime.backends.triton import ServerModel, parse_url
 from tests.exported_models import official_onnx
 from tests.shared_data import require_shared
 from tests.triton_server import ROOT, free_ports, require_serve_python, running_server

@@ -64,6 +64,12 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
     return np.concatenate(outputs)
 
 
+def is_triton_url(spec) -> bool:
+    """Whether a model argument names a server (runtime/backends/triton.py). ``triton:/`` with one slash too:
+    ``pathlib.Path`` folds the double slash of a URL that went through a Path-typed option."""
+    return str(spec)[:8].lower() == "triton:/"
+
+
 def refuse_options(path: str | Path, kind: str, **given) -> None:
     """An option that does not apply to this kind of model is an error: silently ignoring it would run something
     other than what was asked for (an input size given with an .onnx, which carries its own)."""
@@ -77,7 +83,7 @@ def open_backend(path: str | Path, *, threads: int | None = None, providers: lis
     """The backend for an exported model: ``threads`` and ``providers`` apply to ONNX Runtime, ``plugin`` (the
     SS2DScan plugin library) to TensorRT; giving one to the other kind is refused. ``triton://HOST:PORT/MODEL``
     is a model on a server (runtime/backends/triton.py), not a file."""
-    if str(path).lower().startswith("triton:/"):
+    if is_triton_url(path):
         refuse_options(path, "a served model (the server runs it)", threads=threads, providers=providers, plugin=plugin)
         from .triton import TritonBackend
 

@@ -47,12 +47,6 @@ CONFIG_DATATYPES = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16"}
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's split of JSON and raw bytes
 
 
-def is_triton_url(spec) -> bool:
-    """Whether a model argument names a server. ``triton:/`` with one slash too: ``pathlib.Path`` folds the
-    double slash of a URL that went through a Path-typed option."""
-    return re.match(rf"{SCHEME}:/", str(spec), re.IGNORECASE) is not None
-
-
 @dataclass(frozen=True)
 class ServerModel:
     """Where a served model is: ``triton://HOST[:PORT]/MODEL[/VERSION][?timeout=SECONDS]``."""
