@@ -49,13 +49,18 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 def stop_on_signals(notify):
     """The first stop signal sets the event (finish the batch, close outputs); a second one aborts at once."""
     stop = threading.Event()
+    messengers: list[threading.Thread] = []
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        notify(f"stopping on {signal.Signals(signum).name}: finishing the current batch and closing outputs "
-               f"(again to abort)")
+        # Not notify() here: the handler runs between any two bytecodes of the main thread, which may be inside
+        # notify itself (a console mid-print or mid-import is not reentrant). A thread waits its turn instead.
+        message = (f"stopping on {signal.Signals(signum).name}: finishing the current batch and closing outputs "
+                   f"(again to abort)")
+        messengers.append(threading.Thread(target=notify, args=(message,), name="stop-message"))
+        messengers[-1].start()
 
     main = threading.current_thread() is threading.main_thread()
     # A signal already ignored stays ignored: under nohup a closed terminal must not stop the run.
@@ -66,6 +71,8 @@ def stop_on_signals(notify):
     finally:
         for s, handler_before in previous.items():
             signal.signal(s, handler_before)
+        for messenger in messengers:
+            messenger.join(timeout=5)
 
 
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print) -> Stats:

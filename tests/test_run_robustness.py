@@ -346,6 +346,30 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     assert not list(tmp_path.glob(".records.*"))
 
 
+def test_a_stop_signal_arriving_inside_notify_does_not_reenter_it():
+    """A stop signal lands between two bytecodes of the main thread, possibly inside notify itself (`serve` once
+    died when SIGTERM arrived while rich's console was importing its emoji table for the "serving" line)."""
+    from medmamba_edge.runtime.loop import stop_on_signals
+
+    printing, messages = threading.Lock(), []
+
+    def notify(message):  # a printer that, like a console mid-print, cannot be entered twice
+        if not printing.acquire(timeout=5):
+            raise RuntimeError("notify re-entered")
+        try:
+            messages.append(message)
+            if message == "serving":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler runs here, inside notify
+        finally:
+            printing.release()
+
+    with stop_on_signals(notify) as stopping:
+        notify("serving")
+        assert stopping.is_set()
+    assert messages == ["serving", "stopping on SIGTERM: finishing the current batch and closing outputs (again to abort)"]
+
+
 def test_an_ignored_sighup_stays_ignored_as_under_nohup(model, tmp_path):
     video = write_video(tmp_path / "clip.avi", count=10)
     jsonl = tmp_path / "records.jsonl"
