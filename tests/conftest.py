@@ -1,4 +1,37 @@
 import os
 
+import pytest
+
 # Two cores here: keep torch from oversubscribing them when ONNX Runtime or the scan kernel also runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_each_checkpoint_once():
+    """torch.onnx's tracing is most of an export's 20-40 s, and a dozen tests export the same two checkpoints at
+    the same size (each form, with and without verification, through the CLI in-process). The trace is a pure
+    function of the weights (sha256), input size, batch and opset, so the session keeps one per key and hands
+    every export a copy; everything after it (lowering, metadata, checks, verification, writing) runs each time.
+    Checkpoints without a digest (tests' random weights) are traced every time."""
+    try:
+        import onnx
+
+        from medmamba_edge.exporters import onnx_export
+    except ImportError:  # a runtime-only environment exports nothing
+        yield
+        return
+    trace, traced = onnx_export.trace_to_onnx, {}
+
+    def trace_once(checkpoint, size, batch, opset):
+        if not checkpoint.sha256:
+            return trace(checkpoint, size, batch, opset)
+        key = (checkpoint.sha256, tuple(size), batch, opset)
+        if key not in traced:
+            traced[key] = trace(checkpoint, size, batch, opset)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(traced[key])
+        return copy
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "trace_to_onnx", trace_once)
+        yield
