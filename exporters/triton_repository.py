@@ -32,15 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmamba_edge.errors import UserError, first_line
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
-from medmamba_edge.runtime.files import _umask
+from medmamba_edge.runtime.files import current_umask
 from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph
 
 DEFAULT_NAME = "medmamba"
 # The names `medmamba-edge export` gives the graph's input and output (exporters/onnx_export.py, which needs
 # torch); an engine built from such a model keeps them. ONNX models are read for their own names.
 EXPORTED_INPUT, EXPORTED_OUTPUT = "input", "logits"
-ORT_LIBRARY = "libmedmamba_ort_ops.so"
+ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
@@ -109,7 +110,6 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         import onnx
-        from medmamba_edge.runtime import scan_node
         from medmamba_edge.runtime.metadata import read_onnx_metadata
 
         metadata = read_onnx_metadata(path)
@@ -349,7 +349,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
         (staging / "README.md").write_text(_readme(name, served, root, op_library, plugin))
         for path in (staging, *staging.rglob("*")):
-            os.chmod(path, 0o777 & ~_umask() if path.is_dir() else 0o666 & ~_umask())
+            os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
         _replace_folder(staging, repository / name)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)

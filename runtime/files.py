@@ -22,7 +22,7 @@ class OutputError(UserError):
     """An output file that cannot be created or written (a folder, no permission, a full disk)."""
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # The only portable way to read the umask is to set it; set it straight back.
     mask = os.umask(0o022)
     os.umask(mask)
@@ -104,7 +104,7 @@ class AtomicOutput:
         """Close, and rename a temporary file into place (readable as the umask allows)."""
         self._close_handle()
         if not self.in_place and self.write_path.exists():
-            os.chmod(self.write_path, 0o666 & ~_umask())
+            os.chmod(self.write_path, 0o666 & ~current_umask())
             os.replace(self.write_path, self.target)
 
     def discard(self) -> None:

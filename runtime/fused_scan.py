@@ -22,7 +22,9 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
-LIBRARY_NAME = "libmedmamba_ort_ops.dylib" if sys.platform == "darwin" else "libmedmamba_ort_ops.so"
+from .scan_node import ORT_OPS_LIBRARY
+
+LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
 
 
 class FusedScanUnavailable(UserError, ImportError):
