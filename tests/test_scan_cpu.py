@@ -116,7 +116,12 @@ def test_an_unknown_path_is_refused(monkeypatch):
         _scan_cpu.ss2d_scan(*arrays, np.empty((1, 2, 3, 16), np.float32), True, 1, "avx1024")
 
 
-def test_large_deltas_and_softplus_threshold():
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_large_deltas_and_softplus_threshold(isa, monkeypatch):
+    """Also tiles whose delta * A leaves exp2's clamp-free range (the first tile of batch 0, every tile of batch 1)
+    beside tiles that stay in it, on every path."""
+    require_isa(isa)
+    monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
     x, x_dbl, dt_w, dt_b, A, Ds = make_ss2d_inputs(2, 48, 10, 16, 1, 16, seed=1)
     # delta = dt_b + dt_w * dt_low: right at and around softplus' threshold of 20, and far beyond it both ways
     dt_w[:] = 1.0
