@@ -59,7 +59,8 @@ def stop_on_signals(notify):
         # notify itself (a console mid-print or mid-import is not reentrant). A thread waits its turn instead.
         message = (f"stopping on {signal.Signals(signum).name}: finishing the current batch and closing outputs "
                    f"(again to abort)")
-        messengers.append(threading.Thread(target=notify, args=(message,), name="stop-message"))
+        # Daemon: joined (bounded) on leaving, and a notify stuck on a full pipe must not hold the exit.
+        messengers.append(threading.Thread(target=notify, args=(message,), name="stop-message", daemon=True))
         messengers[-1].start()
 
     main = threading.current_thread() is threading.main_thread()
