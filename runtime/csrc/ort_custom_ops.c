@@ -152,7 +152,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     /* One call per item, so the pool can give every thread work; the first call on each thread takes items until
      * none are left and the later ones return at once. */
     if (mm_scan_job_init(&job, &a, k->path) == 0 && job.total > 0) {
-        status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, prepare_worker, (size_t)job.rows_to_transpose, 0, &job);
+        status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, prepare_worker, (size_t)job.rows_to_arrange, 0, &job);
         if (status == NULL) status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, scan_worker, (size_t)job.total, 0, &job);
     }
     mm_scan_job_free(&job);

@@ -12,7 +12,8 @@
  * over directions has a fixed order.  It first copies its 16 channels of x channel-last (xT[p][lane]), so
  * every direction reads a step's 16 values as one vector whatever order it walks.  Per direction it walks
  * the sequence in tiles of TT steps:
- *   1. gather the tile's columns p of x_dbl's R + 2N rows (contiguous for k = 0, 2; stride W for 1, 3);
+ *   1. the tile's R + 2N rows of x_dbl in walking order: one contiguous block the job laid out beforehand
+ *      (mm_scan_prepare), the same for every block of channels;
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
  *      polynomial exp2, h = dA h + (delta x) B[n], y += C[n] h;
@@ -71,7 +72,6 @@ typedef struct {
     float *xT;                   /* (L, VW): the block's x, channel-last, positions row-major */
     float *xTc;                  /* (L, VW): the same, positions column-major (directions 1 and 3): read at pos
                                   * instead of in order, xT alone made stage 1 ~1.3x slower */
-    float *rows;                 /* (R + 2N, TT): the tile's columns of x_dbl */
     float *w;                    /* (R, VW): dt_w, rank-major */
     float *a2;                   /* (N, VW): A * log2(e) */
     float *h;                    /* (N, VW): state */
@@ -167,13 +167,12 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
 
 /* delta before softplus, dt_b + dt_w . dt_low, for the steps [t, t + 4) of the tile, into s->dt: four independent
  * accumulators, where one step's R dependent FMAs left the FMA units waiting on their latency.  A tile's last pass
- * may run past its length (TT is a multiple of 4): those steps read rows' leftover columns (finite: zeroed when
- * allocated, then earlier tiles' values) and are never used. */
-MM_INLINE void delta_four_steps(scan_scratch *restrict s, int t, ptrdiff_t R) {
+ * may run past its length (TT is a multiple of 4): those steps read the tile's zero padding and are never used. */
+MM_INLINE void delta_four_steps(scan_scratch *restrict s, const float *restrict rows, int t, ptrdiff_t R) {
     float a0[VW] MM_ALIGN, a1[VW] MM_ALIGN, a2[VW] MM_ALIGN, a3[VW] MM_ALIGN;
     for (int l = 0; l < VW; l++) a0[l] = a1[l] = a2[l] = a3[l] = s->bias[l];
     for (ptrdiff_t r = 0; r < R; r++) {
-        const float *restrict v = s->rows + r * TT + t;
+        const float *restrict v = rows + r * TT + t;
         const float *restrict w = s->w + r * VW;
         for (int l = 0; l < VW; l++) {
             a0[l] += w[l] * v[0];
@@ -214,15 +213,15 @@ MM_INLINE void tile_positions(ptrdiff_t *restrict pos, int k, ptrdiff_t t0, int 
     }
 }
 
-/* One direction k of one work item: channels [c0, c0 + nch) of batch b, the whole sequence.  Every input is read
- * at q = t (k = 0, 1) or q = L - 1 - t (k = 2, 3) of an array in the direction's own order: x_dbl's rows and xT
- * for the row-major directions, `columns` (the job's column-major copy of x_dbl's rows) and xTc for the others. */
-MM_INLINE void scan_direction(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+/* One direction k of one work item: channels [c0, c0 + nch) of batch b, the whole sequence: x_dbl's rows from the
+ * job's tiles (mm_scan_job), x at q = t (k = 0, 1) or q = L - 1 - t (k = 2, 3) of xT (row-major directions) or
+ * xTc (column-major). */
+MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
                               ptrdiff_t c0, int nch, int k, int fused) {
     const ptrdiff_t D = a->channels, L = a->height * a->width, N = a->d_state, R = a->dt_rank;
     const ptrdiff_t P = R + 2 * N;
     const ptrdiff_t ck = (ptrdiff_t)k * D + c0; /* the block's first row of A, Ds, dt_w, dt_b */
-    const float *rows = (k & 1) ? columns + (b * 2 + k / 2) * P * L : a->x_dbl + (b * MM_SCAN_DIRECTIONS + k) * P * L;
+    const float *rows = tiles + (b * MM_SCAN_DIRECTIONS + k) * ((L + TT - 1) / TT) * P * TT; /* tile 0's */
     const float *xk = (k & 1) ? s->xTc : s->xT;
     const int forward = k < 2;
     const int n_state = (int)N;
@@ -254,24 +253,14 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *columns, scan_
         s->ds[l] = l < nch ? a->Ds[ck + l] : 0.0f;
     }
 
-    for (ptrdiff_t t0 = 0; t0 < L; t0 += TT) {
+    for (ptrdiff_t t0 = 0; t0 < L; t0 += TT, rows += P * TT) {
         const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
         const ptrdiff_t q0 = forward ? t0 : L - 1 - t0; /* the tile's first q; then q0 + t or q0 - t */
         tile_positions(s->pos, k, t0, tl, a->height, a->width);
-        /* 1. the tile of x_dbl's rows, in step order */
-        for (ptrdiff_t j = 0; j < P; j++) {
-            const float *restrict src = rows + j * L;
-            float *restrict dst = s->rows + j * TT;
-            if (forward) {
-                memcpy(dst, src + q0, sizeof(float) * (size_t)tl);
-            } else {
-                for (int t = 0; t < tl; t++) dst[t] = src[q0 - t];
-            }
-        }
         /* 2. delta = dt_b + dt_w . dt_low (four steps per pass: one step's R dependent FMAs left the FMA units
          * waiting on their latency), then softplus and delta * x */
         _Static_assert(TT % 4 == 0, "delta_four_steps fills whole groups of four steps");
-        for (int t = 0; t < tl; t += 4) delta_four_steps(s, t, R);
+        for (int t = 0; t < tl; t += 4) delta_four_steps(s, rows, t, R);
         float widest[VW] MM_ALIGN; /* per lane, the largest delta * max |A| * log2(e) of the tile */
         for (int l = 0; l < VW; l++) widest[l] = 0.0f;
         for (int t = 0; t < tl; t++) {
@@ -286,7 +275,7 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *columns, scan_
         int in_range = signs_known;
         for (int l = 0; l < VW; l++) in_range &= widest[l] <= 125.0f;
         /* 3. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
-        const float *Bt = s->rows + R * TT, *Ct = s->rows + (R + N) * TT;
+        const float *Bt = rows + R * TT, *Ct = rows + (R + N) * TT;
         if (n_state == 16 && in_range)
             scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, 16, 1, fused);
         else if (in_range)
@@ -313,7 +302,7 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *columns, scan_
 /* One work item: batch b, channels [c0, c0 + nch), all four directions in order.  Always inlined into one
  * wrapper per instruction set below, which is where it gets vectorised; fused says whether that instruction set
  * has FMA (without it fmaf is a slow library call). */
-MM_INLINE void scan_block(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+MM_INLINE void scan_block(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
                           ptrdiff_t c0, int nch, int fused) {
     const ptrdiff_t H = a->height, W = a->width, L = H * W;
     const float *x = a->x + (b * a->channels + c0) * L;
@@ -327,31 +316,31 @@ MM_INLINE void scan_block(const mm_scan_args *a, const float *columns, scan_scra
             for (int l = 0; l < VW; l++) dst[l] = src[l];
         }
     }
-    for (int k = 0; k < MM_SCAN_DIRECTIONS; k++) scan_direction(a, columns, s, b, c0, nch, k, fused);
+    for (int k = 0; k < MM_SCAN_DIRECTIONS; k++) scan_direction(a, tiles, s, b, c0, nch, k, fused);
 }
 
 typedef void (*scan_block_fn)(const mm_scan_args *, const float *, scan_scratch *restrict, ptrdiff_t, ptrdiff_t, int);
 
 #if MM_X86_PATHS
-__attribute__((target("arch=x86-64-v4"))) static void scan_block_avx512(const mm_scan_args *a, const float *columns,
+__attribute__((target("arch=x86-64-v4"))) static void scan_block_avx512(const mm_scan_args *a, const float *tiles,
                                                                        scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
                                                                        int nch) {
-    scan_block(a, columns, s, b, c0, nch, 1);
+    scan_block(a, tiles, s, b, c0, nch, 1);
 }
 
-__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, const float *columns,
+__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, const float *tiles,
                                                                        scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
                                                                        int nch) {
-    scan_block(a, columns, s, b, c0, nch, 1);
+    scan_block(a, tiles, s, b, c0, nch, 1);
 }
 #endif
 
-static void scan_block_baseline(const mm_scan_args *a, const float *columns, scan_scratch *restrict s, ptrdiff_t b,
+static void scan_block_baseline(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
                                 ptrdiff_t c0, int nch) {
 #ifdef __FP_FAST_FMAF /* aarch64, or a baseline built for a CPU with FMA */
-    scan_block(a, columns, s, b, c0, nch, 1);
+    scan_block(a, tiles, s, b, c0, nch, 1);
 #else
-    scan_block(a, columns, s, b, c0, nch, 0);
+    scan_block(a, tiles, s, b, c0, nch, 0);
 #endif
 }
 
@@ -545,14 +534,14 @@ int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
     job->path = path;
     job->blocks_per_batch = (a->channels + VW - 1) / VW;
     job->total = L > 0 ? job->blocks_per_batch * a->batch : 0;
-    job->rows_to_transpose = job->total > 0 ? a->batch * 2 * P : 0;
-    job->columns = NULL;
+    job->rows_to_arrange = job->total > 0 ? a->batch * MM_SCAN_DIRECTIONS * P : 0;
+    job->tiles = NULL;
     atomic_init(&job->next_row, 0);
     atomic_init(&job->next, 0);
     atomic_init(&job->failed, 0);
-    if (job->rows_to_transpose > 0) {
-        job->columns = malloc(sizeof(float) * (size_t)(job->rows_to_transpose * L));
-        if (job->columns == NULL) {
+    if (job->rows_to_arrange > 0) {
+        job->tiles = malloc(sizeof(float) * (size_t)(job->rows_to_arrange * ((L + TT - 1) / TT) * TT));
+        if (job->tiles == NULL) {
             atomic_store(&job->failed, 1); /* so mm_scan_job_status reports it too */
             return -1;
         }
@@ -561,22 +550,27 @@ int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
 }
 
 void mm_scan_job_free(mm_scan_job *job) {
-    free(job->columns);
-    job->columns = NULL;
+    free(job->tiles);
+    job->tiles = NULL;
 }
 
 void mm_scan_prepare(mm_scan_job *job) {
     const mm_scan_args *a = job->args;
     const ptrdiff_t H = a->height, W = a->width, L = H * W, P = a->dt_rank + 2 * a->d_state;
+    const ptrdiff_t tiles = (L + TT - 1) / TT;
+    ptrdiff_t pos[TT];
     for (;;) {
         const long long i = atomic_fetch_add_explicit(&job->next_row, 1, memory_order_relaxed);
-        if (i >= job->rows_to_transpose) break;
-        /* row i of (batch, 2, P): direction 1 + 2 * (i / P % 2), batch i / (2 P) */
-        const ptrdiff_t b = (ptrdiff_t)i / (2 * P), k = 1 + 2 * ((ptrdiff_t)i / P % 2), j = (ptrdiff_t)i % P;
-        const float *restrict src = a->x_dbl + ((b * MM_SCAN_DIRECTIONS + k) * P + j) * L;
-        float *restrict dst = job->columns + (ptrdiff_t)i * L;
-        for (ptrdiff_t col = 0; col < W; col++) {
-            for (ptrdiff_t row = 0; row < H; row++) dst[col * H + row] = src[row * W + col];
+        if (i >= job->rows_to_arrange) break;
+        /* row i of (batch, 4, P): row j of direction k of batch bk / 4 */
+        const ptrdiff_t bk = (ptrdiff_t)i / P, k = bk % MM_SCAN_DIRECTIONS, j = (ptrdiff_t)i % P;
+        const float *restrict src = a->x_dbl + (bk * P + j) * L;
+        float *restrict dst = job->tiles + (bk * tiles * P + j) * TT;
+        for (ptrdiff_t t0 = 0; t0 < L; t0 += TT, dst += P * TT) {
+            const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
+            tile_positions(pos, (int)k, t0, tl, H, W);
+            for (int t = 0; t < tl; t++) dst[t] = src[pos[t]];
+            for (int t = tl; t < TT; t++) dst[t] = 0.0f;
         }
     }
 }
@@ -587,8 +581,8 @@ void mm_scan_work(mm_scan_job *job) {
     const mm_scan_args *a = job->args;
     const scan_block_fn block = PATHS[job->path].fn;
     const size_t L = (size_t)(a->height * a->width), N = (size_t)a->d_state, R = (size_t)a->dt_rank;
-    /* xT, xTc, rows, w, a2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
-    const size_t floats = 2 * L * VW + (R + 2 * N) * TT + R * VW + 2 * N * VW;
+    /* xT, xTc, w, a2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
+    const size_t floats = 2 * L * VW + R * VW + 2 * N * VW;
     scan_scratch *s = NULL;
     float *buf = NULL;
     if (posix_memalign((void **)&s, 64, sizeof *s) != 0 || posix_memalign((void **)&buf, 64, sizeof(float) * floats) != 0) {
@@ -596,11 +590,9 @@ void mm_scan_work(mm_scan_job *job) {
         atomic_store(&job->failed, 1);
         return;
     }
-    memset(buf, 0, sizeof(float) * floats);
     s->xT = buf;
     s->xTc = s->xT + L * VW;
-    s->rows = s->xTc + L * VW;
-    s->w = s->rows + (R + 2 * N) * TT;
+    s->w = s->xTc + L * VW;
     s->a2 = s->w + R * VW;
     s->h = s->a2 + N * VW;
     const fp_mode mode = fp_mode_enter();
@@ -610,7 +602,7 @@ void mm_scan_work(mm_scan_job *job) {
         const ptrdiff_t b = (ptrdiff_t)i / job->blocks_per_batch;
         const ptrdiff_t first = ((ptrdiff_t)i % job->blocks_per_batch) * VW;
         const int nch = (int)((a->channels - first) < VW ? (a->channels - first) : VW);
-        block(a, job->columns, s, b, first, nch);
+        block(a, job->tiles, s, b, first, nch);
     }
     fp_mode_leave(mode);
     free(buf);
@@ -649,7 +641,7 @@ int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads) {
     if (mm_scan_job_init(&job, a, path) == 0 && job.total > 0) {
         if (num_threads < 1) num_threads = 1;
         if (num_threads > 256) num_threads = 256;
-        run_on_threads(pthread_prepare, &job, num_threads < job.rows_to_transpose ? num_threads : (int)job.rows_to_transpose);
+        run_on_threads(pthread_prepare, &job, num_threads < job.rows_to_arrange ? num_threads : (int)job.rows_to_arrange);
         run_on_threads(pthread_work, &job, num_threads < job.total ? num_threads : (int)job.total);
     }
     mm_scan_job_free(&job);

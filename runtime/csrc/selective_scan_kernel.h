@@ -57,25 +57,28 @@ int mm_scan_path_from_env(char *err, size_t err_size);
 
 /* One call split into work items that workers take from atomic counters: any number of threads, from any thread
  * pool, share it dynamically, and results do not depend on who runs what.  Two phases, each complete before the
- * next starts: mm_scan_prepare copies the x_dbl rows of the column-major directions (1, 3) into their walking
- * order, one row per item, so that every direction then reads its rows contiguously; mm_scan_work scans, one item
- * per (batch, block of <= 16 channels) in all four directions, so it alone writes their outputs and the sum over
- * directions has a fixed order. */
+ * next starts: mm_scan_prepare lays x_dbl's rows out in each direction's walking order, tile by tile, one row per
+ * item, so that every work item then reads a tile's rows as one contiguous block whatever its direction (they
+ * were copied per tile by every block of channels before); mm_scan_work scans, one item per (batch, block of
+ * <= 16 channels) in all four directions, so it alone writes their outputs and the sum over directions has a
+ * fixed order. */
 typedef struct {
     const mm_scan_args *args;
     int path;
-    float *columns; /* (batch, 2, dt_rank + 2 * d_state, L): x_dbl's rows of directions 1 and 3, column-major */
-    ptrdiff_t rows_to_transpose, blocks_per_batch, total;
+    /* (batch, 4, tiles, dt_rank + 2 * d_state, MM_SCAN_TILE_STEPS): for direction k, tile i, row j, step t,
+     * x_dbl's row j of direction k at position seq_k(i * MM_SCAN_TILE_STEPS + t); zero past the sequence's end */
+    float *tiles;
+    ptrdiff_t rows_to_arrange, blocks_per_batch, total;
     atomic_llong next_row, next;
     atomic_int failed;
 } mm_scan_job;
 
-/* 0, or -1 if the column-major copy could not be allocated (mm_scan_job_status then says -1 too).
+/* 0, or -1 if the tiles could not be allocated (mm_scan_job_status then says -1 too).
  * mm_scan_job_free afterwards either way. */
 int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
 void mm_scan_job_free(mm_scan_job *job);
 /* Take and run items until none are left.  Safe to call from many threads at once, and more often than there are
- * threads (rows_to_transpose, total): a call that finds no item left returns at once. */
+ * threads (rows_to_arrange, total): a call that finds no item left returns at once. */
 void mm_scan_prepare(mm_scan_job *job);
 void mm_scan_work(mm_scan_job *job);
 /* After every mm_scan_work call has returned: 0, or -1 if scratch memory could not be had and items were left. */
