@@ -82,15 +82,17 @@ def test_each_forced_path_matches_reference(isa, shape, softplus, monkeypatch):
     check(shape, softplus, num_threads=2)
 
 
-def test_forcing_a_path_changes_the_code_that_runs(monkeypatch):
-    # The AVX2 path contracts multiply-adds into FMAs, the baseline (SSE2) cannot: their last bits differ.
-    require_isa("avx2")
+@pytest.mark.parametrize("paths", [("avx2", "baseline"), ("avx512", "avx2")], ids=lambda p: "-vs-".join(p))
+def test_forcing_a_path_changes_the_code_that_runs(paths, monkeypatch):
+    # The AVX2 path contracts multiply-adds into FMAs, the baseline (SSE2) cannot; the AVX-512 path computes exp2
+    # with vreduceps/vscalefps and its own polynomial: each pair's last bits differ.
+    require_isa(paths[0])
     arrays = make_ss2d_inputs(1, 64, 12, 13, 3, 16, seed=9)
     outputs = {}
-    for isa in ("avx2", "baseline"):
+    for isa in paths:
         monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
         outputs[isa] = scan_cpu.ss2d_scan(*arrays, num_threads=1)
-    assert not np.array_equal(outputs["avx2"], outputs["baseline"])
+    assert not np.array_equal(*outputs.values())
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
