@@ -2,9 +2,11 @@
 
 For each scan form (plugin form with the fused scan op, portable form) and batch size: the fp32 model,
 the INT8 model in Q/DQ form (``--format qdq``, the TensorRT-ready default) and in QOperator form
-(``--format qoperator``, ONNX Runtime CPU only). Rounds are interleaved (fp32, qdq, qoperator, fp32, ...)
-so drift on a shared machine hits every model alike; every session has spinning off, or one session's
-idle workers would steal the cores of the next.
+(``--format qoperator``, ONNX Runtime CPU only). The models take turns in blocks of a few runs (fp32, qdq,
+qoperator, fp32, ...) so drift on a shared machine hits every model alike. Sessions spin as ONNX Runtime's
+default has them, as `medmamba-edge run` runs, with a pause after each block so that one session's idle
+workers have stopped spinning before the next one starts; ``--no-spinning`` times sessions with spinning
+off instead, run by run, which charges every node a thread wake-up (the INT8 graphs have more nodes).
 
     python benchmarks/bench_quantize_cpu.py [--checkpoint PTH] [--batches 1,8] [--iterations 10] [--profile]
 
@@ -40,16 +42,30 @@ LAYOUT = {"Transpose", "Slice", "Split", "Concat", "Reshape", "ReorderInput", "R
 GROUPS = ("SS2D scan", "Conv/MatMul, constant weight (fp32)", "INT8 kernels", "Q/DQ",
           "MatMul, no constant weight", "layout (Transpose/Slice/Split/Concat/...)", "other")
 SAMPLES = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets" / "samples"
-def interleaved(runs: dict[str, callable], warmup: int, iterations: int) -> dict[str, list[float]]:
+BLOCK = 5  # timed runs per model and turn
+# Pause after a turn, for the session's idle workers to stop spinning: with none, the next model's runs took 30 %
+# longer; 50 ms and 300 ms gave the same medians (Xeon, ONNX Runtime 1.32).
+SPIN_DOWN_S = 0.1
+
+
+def interleaved(runs: dict[str, callable], warmup: int, iterations: int, block: int) -> dict[str, list[float]]:
+    """``iterations`` timed runs of each model after ``warmup`` untimed ones, the models taking turns of ``block``
+    runs; a turn of several runs follows a pause (SPIN_DOWN_S), so it starts with one untimed run that wakes the
+    session's workers."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in runs}
-    for _ in range(iterations):
+    while len(samples[next(iter(runs))]) < iterations:
         for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1000)
+            if block > 1:
+                fn()
+            for _ in range(min(block, iterations - len(samples[name]))):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1000)
+            if block > 1:
+                time.sleep(SPIN_DOWN_S)
     return samples
 
 
@@ -105,8 +121,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--forms", default="plugin,portable")
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=20, help="timed runs per model and batch")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-spinning", action="store_true",
+                        help="sessions with spinning off, taking turns run by run (the script's method before)")
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
     parser.add_argument("--profile", action="store_true",
                         help="also print where each model's time goes and the Amdahl ceiling of the INT8 speedup")
@@ -128,17 +146,20 @@ def main() -> None:
     rows = []
     for form in args.forms.split(","):
         plugin = form == "plugin"
-        sessions = {name: cpu_session(m if plugin else lower_ss2d_scan(m), args.threads, fused=plugin)
+        sessions = {name: cpu_session(m if plugin else lower_ss2d_scan(m), args.threads, fused=plugin,
+                                      spinning=not args.no_spinning)
                     for name, m in models.items()}
         for batch in [int(b) for b in args.batches.split(",")]:
             feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)}
             runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
-            samples = interleaved(runs, args.warmup, args.iterations)
+            samples = interleaved(runs, args.warmup, args.iterations, 1 if args.no_spinning else BLOCK)
             rows += [(form, batch, name, statistics.median(t), min(t)) for name, t in samples.items()]
         del sessions
 
+    method = ("spinning off, turns of 1 run" if args.no_spinning
+              else f"ONNX Runtime's default spinning, turns of {BLOCK} runs")
     print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
-          f"onnxruntime {ort.__version__}, {args.iterations} interleaved rounds\n")
+          f"onnxruntime {ort.__version__}, {args.iterations} timed runs per model ({method})\n")
     print("| form | batch | model | median ms | min ms | ms/image | fp32 / this (median) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     fp32 = {(form, batch): median for form, batch, name, median, _ in rows if name == "fp32"}

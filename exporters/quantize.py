@@ -18,7 +18,7 @@ InferenceSession, which cannot load our SS2DScan op, so a plugin-form model is c
 its portable lowering: the lowering keeps every tensor name outside the scans, so the ranges it yields
 apply to the plugin form unchanged, and ``quantize_static`` reads them from a calibration cache.
 
-``quant_format="qoperator"`` writes ONNX Runtime's QLinearConv/QLinearMatMul form instead, for its CPU
+``quant_format="qoperator"`` writes ONNX Runtime's QLinearConv/MatMulIntegerToFloat form instead, for its CPU
 only (docs/quantization.md compares the two there), unreadable by TensorRT.
 
 Weights use 7 bits of the INT8 range ([-64, 64], ONNX Runtime's ``reduce_range``) in both forms, so the
