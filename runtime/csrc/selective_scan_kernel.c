@@ -17,7 +17,8 @@
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
  *      polynomial exp2, h = dA h + (delta x) B[n], y += C[n] h;
- *   4. y[p][block] (= for k = 0, += after) y + Ds x: 16 contiguous floats of the channel-last output.
+ *   4. y + Ds x summed over the directions in the block's own buffer (ysum), the last direction's sum into
+ *      y[p][block]: 16 contiguous floats of the channel-last output, written once.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
  * four q registers on NEON); only step 3 on AVX-512 is written with intrinsics (exp2_scalef).  With gcc
  * on x86-64 the hot function is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and
@@ -80,6 +81,10 @@ typedef struct {
     float *xT;                   /* (L, VW): the block's x, channel-last, positions row-major */
     float *xTc;                  /* (L, VW): the same, positions column-major (directions 1 and 3): read at pos
                                   * instead of in order, xT alone made stage 1 ~1.3x slower */
+    float *ysum;                 /* (L, VW): y summed over the first three directions, positions row-major: the
+                                  * last writes the output once, where four read-modify-write passes over the
+                                  * output shared by the threads slowed two threads down (stage 1: 2.27 ->
+                                  * 1.85 ms) */
     float *w;                    /* (R, VW): dt_w, rank-major */
     float *a2;                   /* (N, VW): A * log2(e) */
     float *h;                    /* (N, VW): state */
@@ -343,18 +348,20 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_sc
             scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 1, form);
         else
             scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 0, form);
-        /* 4. into the channel-last output: the first direction sets it, the others add */
+        /* 4. into the block's sum over directions (the first direction sets it, the next two add), and with the
+         * last direction into the channel-last output */
         for (int t = 0; t < tl; t++) {
             const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
-            float *restrict yo = a->out + (b * L + s->pos[t]) * D + c0;
+            float *restrict sum = s->ysum + s->pos[t] * VW;
             float v[VW] MM_ALIGN;
             for (int l = 0; l < VW; l++) v[l] = s->y[t][l] + s->ds[l] * xt[l];
-            if (nch == VW && k == 0) {
-                for (int l = 0; l < VW; l++) yo[l] = v[l];
-            } else if (nch == VW) {
-                for (int l = 0; l < VW; l++) yo[l] += v[l];
+            if (k == 0) {
+                for (int l = 0; l < VW; l++) sum[l] = v[l];
+            } else if (k < MM_SCAN_DIRECTIONS - 1) {
+                for (int l = 0; l < VW; l++) sum[l] += v[l];
             } else {
-                for (int l = 0; l < nch; l++) yo[l] = k == 0 ? v[l] : yo[l] + v[l];
+                float *restrict yo = a->out + (b * L + s->pos[t]) * D + c0;
+                for (int l = 0; l < nch; l++) yo[l] = sum[l] + v[l];
             }
         }
     }
@@ -641,8 +648,8 @@ void mm_scan_work(mm_scan_job *job) {
     const mm_scan_args *a = job->args;
     const scan_block_fn block = PATHS[job->path].fn;
     const size_t L = (size_t)(a->height * a->width), N = (size_t)a->d_state, R = (size_t)a->dt_rank;
-    /* xT, xTc, w, a2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
-    const size_t floats = 2 * L * VW + R * VW + 2 * N * VW;
+    /* xT, xTc, ysum, w, a2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
+    const size_t floats = 3 * L * VW + R * VW + 2 * N * VW;
     scan_scratch *s = NULL;
     float *buf = NULL;
     if (posix_memalign((void **)&s, 64, sizeof *s) != 0 || posix_memalign((void **)&buf, 64, sizeof(float) * floats) != 0) {
@@ -652,7 +659,8 @@ void mm_scan_work(mm_scan_job *job) {
     }
     s->xT = buf;
     s->xTc = s->xT + L * VW;
-    s->w = s->xTc + L * VW;
+    s->ysum = s->xTc + L * VW;
+    s->w = s->ysum + L * VW;
     s->a2 = s->w + R * VW;
     s->h = s->a2 + N * VW;
     const fp_mode mode = fp_mode_enter();
