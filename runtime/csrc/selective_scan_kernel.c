@@ -635,8 +635,16 @@ void mm_scan_prepare(mm_scan_job *job) {
         float *restrict dst = job->tiles + (bk * tiles * P + j) * TT;
         for (ptrdiff_t t0 = 0; t0 < L; t0 += TT, dst += P * TT) {
             const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
-            tile_positions(pos, (int)k, t0, tl, H, W);
-            for (int t = 0; t < tl; t++) dst[t] = src[pos[t]];
+            /* the row-major walks read src straight, forwards or backwards (vectorised copies: half the rows
+             * took two thirds of the time as gathers); the column-major ones gather at their positions */
+            if (k == 0) {
+                for (int t = 0; t < tl; t++) dst[t] = src[t0 + t];
+            } else if (k == 2) {
+                for (int t = 0; t < tl; t++) dst[t] = src[L - 1 - t0 - t];
+            } else {
+                tile_positions(pos, (int)k, t0, tl, H, W);
+                for (int t = 0; t < tl; t++) dst[t] = src[pos[t]];
+            }
             for (int t = tl; t < TT; t++) dst[t] = 0.0f;
         }
     }
