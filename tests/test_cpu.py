@@ -48,3 +48,17 @@ def test_arm_without_a_model_name_falls_back_to_platform(tmp_path, monkeypatch):
         assert cpu.describe_cpu() == "aarch64"
     finally:
         cpu.describe_cpu.cache_clear()
+
+
+def test_names_the_instruction_set_left_when_avx512_is_hidden_from_cpuid(tmp_path, monkeypatch):
+    """benchmarks/hide_avx512.c leaves /proc/cpuinfo as it is and says so in the environment: tables then name
+    what the kernels saw."""
+    (tmp_path / "cpuinfo").write_text(XEON_VNNI.replace("avx2 fma", "avx2 avx_vnni fma"))
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setenv(cpu.CPUID_ENV, "avx2")
+    cpu.describe_cpu.cache_clear()
+    try:
+        assert cpu.describe_cpu() == ("Intel Xeon Platinum 8481C CPU @ 2.70GHz, AVX2 "
+                                      "(AVX-512, AVX-VNNI and AMX hidden from CPUID)")
+    finally:
+        cpu.describe_cpu.cache_clear()

@@ -2,6 +2,11 @@
 of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy gate and bad calibration data."""
 
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -68,6 +73,49 @@ def test_int8_top1_within_half_a_point_of_fp32_on_real_val_split(form, fp32_mode
     int8 = top1_accuracy(int8_models[form].path, batches, labels)
     assert fp32 > 85.0, "the official checkpoint should classify PneumoniaMNIST well"
     assert fp32 - int8 <= 0.5, f"{form}: fp32 {fp32:.2f}% → int8 {int8:.2f}% ({describe_cpu()})"
+
+
+HIDE_AVX512 = Path(__file__).resolve().parents[1] / "benchmarks" / "hide_avx512.c"
+# Run with benchmarks/hide_avx512.c preloaded: what the kernels see, then fp32 and INT8 top-1 on the val split.
+TOP1_ON_AVX2_PATHS = """
+import json, sys
+from pathlib import Path
+from medmamba_edge.exporters.quantize import top1_accuracy
+from medmamba_edge.runtime import scan_cpu
+from medmamba_edge.runtime.cpu import describe_cpu
+from medmamba_edge.runtime.datasets import open_dataset
+from medmamba_edge.runtime.metadata import read_onnx_metadata
+from medmamba_edge.runtime.preprocess import preprocess
+npz, *models = map(Path, sys.argv[1:])
+dataset = open_dataset(npz, split="val", class_names=("normal", "pneumonia"))
+metadata = read_onnx_metadata(models[0])
+batches = [preprocess(images, metadata) for _, images in dataset.batches(128)]
+print(json.dumps({"cpu": describe_cpu(), "scan_path": scan_cpu.isa(),
+                  "top1": [top1_accuracy(m, batches, dataset.labels()) for m in models]}))
+"""
+
+
+def test_int8_top1_on_avx2_code_paths_of_an_avx512_cpu(fp32_models, int8_models, tmp_path):
+    """The INT8 models on ONNX Runtime's AVX2 kernels (vpmaddubsw, whose int16 sums saturate where VNNI's int32
+    do not), natively on an AVX-512 CPU: benchmarks/hide_avx512.c hides AVX-512 from CPUID. On an AVX2-only CPU
+    the accuracy test above runs these kernels itself."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if platform.machine() != "x86_64" or "avx512f" not in flags:
+        pytest.skip("needs an x86-64 CPU with AVX-512 to hide (without it the accuracy test runs AVX2 kernels)")
+    if "cpuid_fault" not in flags or shutil.which("gcc") is None:
+        pytest.skip("needs CPUID faulting (cpuinfo flag cpuid_fault) and gcc to hide AVX-512 from ONNX Runtime")
+    library = tmp_path / "hide_avx512.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(library), str(HIDE_AVX512)], check=True)
+    models = [fp32_models["plugin"], int8_models["plugin"].path, int8_models["plugin-qoperator"].path]
+    result = subprocess.run([sys.executable, "-c", TOP1_ON_AVX2_PATHS, str(require_shared(*PNEUMONIAMNIST)),
+                             *map(str, models)], env={**os.environ, "LD_PRELOAD": str(library)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["scan_path"] == "avx2" and "AVX2 (AVX-512, AVX-VNNI and AMX hidden from CPUID)" in seen["cpu"]
+    fp32, qdq, qoperator = seen["top1"]
+    assert fp32 > 85.0
+    assert fp32 - qdq <= 0.5 and fp32 - qoperator <= 0.5, f"{seen['cpu']}: fp32 {fp32:.2f}% → {qdq:.2f}% / {qoperator:.2f}%"
 
 
 def test_qoperator_graph_folds_the_relus_and_keeps_matmul_outputs_float(fp32_models, int8_models):
