@@ -110,6 +110,8 @@ def test_int8_top1_on_avx2_code_paths_of_an_avx512_cpu(fp32_models, int8_models,
     result = subprocess.run([sys.executable, "-c", TOP1_ON_AVX2_PATHS, str(require_shared(*PNEUMONIAMNIST)),
                              *map(str, models)], env={**os.environ, "LD_PRELOAD": str(library)},
                             capture_output=True, text=True, timeout=600)
+    if "no CPUID faulting" in result.stderr:  # the flag is there but the kernel or a sandbox refused it
+        pytest.skip(result.stderr.strip().splitlines()[0])
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen["scan_path"] == "avx2" and "AVX2 (AVX-512, AVX-VNNI and AMX hidden from CPUID)" in seen["cpu"]
