@@ -14,8 +14,9 @@
  *
  * It sets MEDMAMBA_EDGE_CPUID=avx2, which medmamba_edge.runtime.cpu.describe_cpu reads so that every table
  * names the instruction set the kernels saw.  Without CPUID faulting it says so on stderr and changes nothing.
- * The setting survives fork and is dropped by exec, which reloads the library through LD_PRELOAD.
- */
+ * The setting survives fork and is dropped by exec, which reloads the library through LD_PRELOAD.  It owns
+ * SIGSEGV: a program that installs its own handler later (Python's faulthandler, so pytest) crashes at its next
+ * CPUID; run such code in a plain subprocess, as tests/test_quantize.py does. */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <signal.h>

@@ -2,11 +2,6 @@
 of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy gate and bad calibration data."""
 
 import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -26,6 +21,7 @@ from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess
+from tests import hidden_avx512
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
 CALIBRATION_IMAGES = 64
@@ -75,7 +71,6 @@ def test_int8_top1_within_half_a_point_of_fp32_on_real_val_split(form, fp32_mode
     assert fp32 - int8 <= 0.5, f"{form}: fp32 {fp32:.2f}% → int8 {int8:.2f}% ({describe_cpu()})"
 
 
-HIDE_AVX512 = Path(__file__).resolve().parents[1] / "benchmarks" / "hide_avx512.c"
 # Run with benchmarks/hide_avx512.c preloaded: what the kernels see, then fp32 and INT8 top-1 on the val split.
 TOP1_ON_AVX2_PATHS = """
 import json, sys
@@ -99,19 +94,10 @@ def test_int8_top1_on_avx2_code_paths_of_an_avx512_cpu(fp32_models, int8_models,
     """The INT8 models on ONNX Runtime's AVX2 kernels (vpmaddubsw, whose int16 sums saturate where VNNI's int32
     do not), natively on an AVX-512 CPU: benchmarks/hide_avx512.c hides AVX-512 from CPUID. On an AVX2-only CPU
     the accuracy test above runs these kernels itself."""
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if platform.machine() != "x86_64" or "avx512f" not in flags:
-        pytest.skip("needs an x86-64 CPU with AVX-512 to hide (without it the accuracy test runs AVX2 kernels)")
-    if "cpuid_fault" not in flags or shutil.which("gcc") is None:
-        pytest.skip("needs CPUID faulting (cpuinfo flag cpuid_fault) and gcc to hide AVX-512 from ONNX Runtime")
-    library = tmp_path / "hide_avx512.so"
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(library), str(HIDE_AVX512)], check=True)
+    library = hidden_avx512.build(tmp_path)
     models = [fp32_models["plugin"], int8_models["plugin"].path, int8_models["plugin-qoperator"].path]
-    result = subprocess.run([sys.executable, "-c", TOP1_ON_AVX2_PATHS, str(require_shared(*PNEUMONIAMNIST)),
-                             *map(str, models)], env={**os.environ, "LD_PRELOAD": str(library)},
-                            capture_output=True, text=True, timeout=600)
-    if "no CPUID faulting" in result.stderr:  # the flag is there but the kernel or a sandbox refused it
-        pytest.skip(result.stderr.strip().splitlines()[0])
+    result = hidden_avx512.run_python(library, TOP1_ON_AVX2_PATHS, str(require_shared(*PNEUMONIAMNIST)),
+                                      *map(str, models))
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen["scan_path"] == "avx2" and "AVX2 (AVX-512, AVX-VNNI and AMX hidden from CPUID)" in seen["cpu"]

@@ -13,6 +13,7 @@ import torch
 
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.scan import ss2d_scan, ss2d_scan_ref
+from tests import hidden_avx512
 from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_reference64
 
 pytestmark = pytest.mark.skipif(not scan_cpu.available(), reason=scan_cpu.unavailable_reason() or "not built")
@@ -104,6 +105,25 @@ def test_forcing_a_path_the_cpu_lacks_is_refused(isa, monkeypatch):
     monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
     with pytest.raises(RuntimeError, match=f"{scan_cpu.ISA_ENV}={isa}: this CPU cannot run it, it lacks"):
         scan_cpu.ss2d_scan(*make_ss2d_inputs(1, 16, 2, 3, 1, 4))
+
+
+FORCED_AVX512 = """
+from medmamba_edge.runtime import scan_cpu
+from tests.ss2d_reference import make_ss2d_inputs
+print(scan_cpu.isa())
+scan_cpu.ss2d_scan(*make_ss2d_inputs(1, 16, 2, 3, 1, 4))
+"""
+
+
+def test_forcing_avx512_where_cpuid_hides_it_is_refused(tmp_path):
+    """The refusal above on an AVX-512 CPU: with AVX-512 hidden from CPUID (benchmarks/hide_avx512.c) the
+    default is the AVX2 path and forcing AVX-512 is refused, naming what is missing."""
+    library = hidden_avx512.build(tmp_path)
+    default = hidden_avx512.run_python(library, "from medmamba_edge.runtime import scan_cpu; print(scan_cpu.isa())")
+    assert default.returncode == 0 and default.stdout.split() == ["avx2"], default.stderr
+    forced = hidden_avx512.run_python(library, FORCED_AVX512, env={scan_cpu.ISA_ENV: "avx512"})
+    assert forced.returncode != 0
+    assert f"{scan_cpu.ISA_ENV}=avx512: this CPU cannot run it, it lacks" in forced.stderr
 
 
 def test_an_unknown_path_is_refused(monkeypatch):
