@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from medmamba_edge.runtime import cpu
+
 SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "hide_avx512.c"
 REFUSED = "no CPUID faulting"  # the library's line where the kernel or a sandbox refuses it
 
 
 def build(folder: Path) -> Path:
     """The library, built into ``folder``; skips where this CPU has no AVX-512 to hide or cannot hide it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    flags = cpu.parse_cpuinfo(cpu.CPUINFO.read_text())[1] if cpu.CPUINFO.exists() else set()
     if platform.machine() != "x86_64" or "avx512f" not in flags:
         pytest.skip("needs an x86-64 CPU with AVX-512 to hide (an AVX2-only CPU runs these paths itself)")
     if "cpuid_fault" not in flags or shutil.which("gcc") is None:

@@ -22,8 +22,9 @@
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
  * four q registers on NEON); only step 3 on AVX-512 is written with intrinsics (exp2_scalef).  With gcc
  * on x86-64 the hot function is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and
- * the baseline (SSE2); each call runs the path it is given, by default the widest this CPU supports.  Explicit copies rather than target_clones, so that
- * every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and tested on any CPU able to run it.
+ * the baseline (SSE2); each call runs the path it is given, by default the widest this CPU supports.
+ * Explicit copies rather than target_clones, so that every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and
+ * tested on any CPU able to run it.
  *
  * Threads: workers pull work items from an atomic counter, whoever runs them: our own pthreads (not
  * OpenMP, torch ships its own libgomp) for the extension, ONNX Runtime's intra-op pool for the library.
