@@ -109,12 +109,7 @@ static OrtStatus *describe_input(const scan_kernel *k, OrtKernelContext *ctx, si
     return NULL;
 }
 
-/* Workers take items from the job's counters, not by index. */
-static void prepare_worker(void *job, size_t i) {
-    (void)i;
-    mm_scan_prepare((mm_scan_job *)job);
-}
-
+/* Workers take items from the job's counter, not by index. */
 static void scan_worker(void *job, size_t i) {
     (void)i;
     mm_scan_work((mm_scan_job *)job);
@@ -151,11 +146,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     OrtStatus *status = NULL;
     /* One call per item, so the pool can give every thread work; the first call on each thread takes items until
      * none are left and the later ones return at once. */
-    if (mm_scan_job_init(&job, &a, k->path) == 0 && job.total > 0) {
-        status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, prepare_worker, (size_t)job.rows_to_arrange, 0, &job);
-        if (status == NULL) status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, scan_worker, (size_t)job.total, 0, &job);
-    }
-    mm_scan_job_free(&job);
+    mm_scan_job_init(&job, &a, k->path);
+    if (job.total > 0) status = ORT_API_FN(api, KernelContext_ParallelFor)(ctx, scan_worker, (size_t)job.total, 0, &job);
     if (status == NULL && mm_scan_job_status(&job) != 0)
         status = errorf(api, ORT_FAIL, MM_OP_TYPE " node '%s': out of memory for the scan's scratch buffers", k->node);
     return status;

@@ -12,8 +12,10 @@
  * over directions has a fixed order.  It first copies its 16 channels of x channel-last (xT[p][lane]), so
  * every direction reads a step's 16 values as one vector whatever order it walks.  Per direction it walks
  * the sequence in tiles of TT steps:
- *   1. the tile's R + 2N rows of x_dbl in walking order: one contiguous block the job laid out beforehand
- *      (mm_scan_prepare), the same for every block of channels;
+ *   1. the tile's positions p = seq_k(t); x_dbl's rows are read where they are, at those positions (B[n, p] and
+ *      C[n, p] are scalars, so any order costs the same loads: a layout pass writing them out in walking order,
+ *      once per call, cost the whole fp32 model 3 % on two Xeon threads, the second thread reading what the
+ *      first had written);
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
  *      polynomial exp2, h = dA h + (delta x) B[n], y += C[n] h;
@@ -77,7 +79,7 @@ typedef struct {
     float dt[TT][VW] MM_ALIGN;   /* softplus(dt_b + dt_w . dt_low), time-major */
     float du[TT][VW] MM_ALIGN;   /* delta * x */
     float y[TT][VW] MM_ALIGN;    /* sum_n C h */
-    ptrdiff_t pos[TT];           /* the tile's positions p = seq_k(t) */
+    ptrdiff_t pos[TT];           /* the tile's positions p = seq_k(t), the last repeated past the tile's end */
     float bias[VW] MM_ALIGN, ds[VW] MM_ALIGN;
     float *xT;                   /* (L, VW): the block's x, channel-last, positions row-major */
     float *xTc;                  /* (L, VW): the same, positions column-major (directions 1 and 3): read at pos
@@ -160,14 +162,16 @@ MM_INLINE float softplus20(float x) {
  * ------------------------------------------------------------------------------------------- */
 
 MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
-                         float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
-                         const float *restrict Ct, int tl, int N, int in_range, exp2_form form) {
+                         float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bk,
+                         const float *restrict Ck, const ptrdiff_t *restrict pos, ptrdiff_t L, int tl, int N, int in_range,
+                         exp2_form form) {
     for (int t = 0; t < tl; t++) {
         float acc[VW] MM_ALIGN;
+        const float *restrict bp = Bk + pos[t], *restrict cp = Ck + pos[t];
         for (int l = 0; l < VW; l++) acc[l] = 0.0f;
         for (int n = 0; n < N; n++) {
-            const float b = Bt[n * TT + t];
-            const float c = Ct[n * TT + t];
+            const float b = bp[n * L];
+            const float c = cp[n * L];
             for (int l = 0; l < VW; l++) {
                 float dA = exp2_product(dtt[t][l], a2[n * VW + l], in_range, form != EXP2_PLAIN);
                 float hv = dA * h[n * VW + l] + dut[t][l] * b;
@@ -199,17 +203,19 @@ MM_AVX512 MM_INLINE __m512 exp2_scalef(__m512 x) {
 
 /* scan_tile with one zmm for the 16 lanes and exp2_scalef. */
 MM_AVX512 MM_INLINE void scan_tile_zmm(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
-                                       float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
-                                       const float *restrict Ct, int tl, int N) {
+                                       float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bk,
+                                       const float *restrict Ck, const ptrdiff_t *restrict pos, ptrdiff_t L, int tl,
+                                       int N) {
     _Static_assert(VW == 16, "one zmm holds a block's lanes");
     for (int t = 0; t < tl; t++) {
         const __m512 delta = _mm512_load_ps(dtt[t]), du = _mm512_load_ps(dut[t]);
+        const float *restrict bp = Bk + pos[t], *restrict cp = Ck + pos[t];
         __m512 acc = _mm512_setzero_ps();
         for (int n = 0; n < N; n++) {
             const __m512 dA = exp2_scalef(_mm512_mul_ps(delta, _mm512_load_ps(a2 + n * VW)));
-            const __m512 hv = _mm512_fmadd_ps(dA, _mm512_load_ps(h + n * VW), _mm512_mul_ps(du, _mm512_set1_ps(Bt[n * TT + t])));
+            const __m512 hv = _mm512_fmadd_ps(dA, _mm512_load_ps(h + n * VW), _mm512_mul_ps(du, _mm512_set1_ps(bp[n * L])));
             _mm512_store_ps(h + n * VW, hv);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n * TT + t]), hv, acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(cp[n * L]), hv, acc);
         }
         _mm512_store_ps(yt[t], acc);
     }
@@ -218,29 +224,32 @@ MM_AVX512 MM_INLINE void scan_tile_zmm(float *restrict h, const float *restrict 
 /* Not always_inline: the paths without AVX-512 call it only from code they never run, and could not inline it.
  * N = 16 (MedMamba) gets its own copy with a constant trip count. */
 MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
-                                       float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bt,
-                                       const float *restrict Ct, int tl, int N) {
+                                       float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bk,
+                                       const float *restrict Ck, const ptrdiff_t *restrict pos, ptrdiff_t L, int tl,
+                                       int N) {
     if (N == 16)
-        scan_tile_zmm(h, a2, dtt, dut, yt, Bt, Ct, tl, 16);
+        scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, 16);
     else
-        scan_tile_zmm(h, a2, dtt, dut, yt, Bt, Ct, tl, N);
+        scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, N);
 }
 #endif
 
 /* delta before softplus, dt_b + dt_w . dt_low, for the steps [t, t + 4) of the tile, into s->dt: four independent
- * accumulators, where one step's R dependent FMAs left the FMA units waiting on their latency.  A tile's last pass
- * may run past its length (TT is a multiple of 4): those steps read the tile's zero padding and are never used. */
-MM_INLINE void delta_four_steps(scan_scratch *restrict s, const float *restrict rows, int t, ptrdiff_t R) {
+ * accumulators, where one step's R dependent FMAs left the FMA units waiting on their latency.  dt_low's rows are
+ * x_dbl's first R of the direction (row stride L).  A tile's last pass may run past its length (TT is a multiple
+ * of 4): those steps read its last position again and are never used. */
+MM_INLINE void delta_four_steps(scan_scratch *restrict s, const float *restrict dt_low, int t, ptrdiff_t R, ptrdiff_t L) {
     float a0[VW] MM_ALIGN, a1[VW] MM_ALIGN, a2[VW] MM_ALIGN, a3[VW] MM_ALIGN;
     for (int l = 0; l < VW; l++) a0[l] = a1[l] = a2[l] = a3[l] = s->bias[l];
     for (ptrdiff_t r = 0; r < R; r++) {
-        const float *restrict v = rows + r * TT + t;
+        const float *restrict v = dt_low + r * L;
+        const float v0 = v[s->pos[t]], v1 = v[s->pos[t + 1]], v2 = v[s->pos[t + 2]], v3 = v[s->pos[t + 3]];
         const float *restrict w = s->w + r * VW;
         for (int l = 0; l < VW; l++) {
-            a0[l] += w[l] * v[0];
-            a1[l] += w[l] * v[1];
-            a2[l] += w[l] * v[2];
-            a3[l] += w[l] * v[3];
+            a0[l] += w[l] * v0;
+            a1[l] += w[l] * v1;
+            a2[l] += w[l] * v2;
+            a3[l] += w[l] * v3;
         }
     }
     for (int l = 0; l < VW; l++) {
@@ -275,15 +284,15 @@ MM_INLINE void tile_positions(ptrdiff_t *restrict pos, int k, ptrdiff_t t0, int 
     }
 }
 
-/* One direction k of one work item: channels [c0, c0 + nch) of batch b, the whole sequence: x_dbl's rows from the
- * job's tiles (mm_scan_job), x at q = t (k = 0, 1) or q = L - 1 - t (k = 2, 3) of xT (row-major directions) or
- * xTc (column-major). */
-MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
-                              ptrdiff_t c0, int nch, int k, exp2_form form) {
+/* One direction k of one work item: channels [c0, c0 + nch) of batch b, the whole sequence: x_dbl's rows of
+ * direction k at the walk's positions, x at q = t (k = 0, 1) or q = L - 1 - t (k = 2, 3) of xT (row-major
+ * directions) or xTc (column-major). */
+MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0, int nch, int k,
+                              exp2_form form) {
     const ptrdiff_t D = a->channels, L = a->height * a->width, N = a->d_state, R = a->dt_rank;
     const ptrdiff_t P = R + 2 * N;
     const ptrdiff_t ck = (ptrdiff_t)k * D + c0; /* the block's first row of A, Ds, dt_w, dt_b */
-    const float *rows = tiles + (b * MM_SCAN_DIRECTIONS + k) * ((L + TT - 1) / TT) * P * TT; /* tile 0's */
+    const float *rows = a->x_dbl + (b * MM_SCAN_DIRECTIONS + k) * P * L; /* dt_low, then B, then C */
     const float *xk = (k & 1) ? s->xTc : s->xT;
     const int forward = k < 2;
     const int n_state = (int)N;
@@ -315,14 +324,15 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_sc
         s->ds[l] = l < nch ? a->Ds[ck + l] : 0.0f;
     }
 
-    for (ptrdiff_t t0 = 0; t0 < L; t0 += TT, rows += P * TT) {
+    for (ptrdiff_t t0 = 0; t0 < L; t0 += TT) {
         const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
         const ptrdiff_t q0 = forward ? t0 : L - 1 - t0; /* the tile's first q; then q0 + t or q0 - t */
         tile_positions(s->pos, k, t0, tl, a->height, a->width);
+        for (int t = tl; t < TT; t++) s->pos[t] = s->pos[tl - 1];
         /* 2. delta = dt_b + dt_w . dt_low (four steps per pass: one step's R dependent FMAs left the FMA units
          * waiting on their latency), then softplus and delta * x */
         _Static_assert(TT % 4 == 0, "delta_four_steps fills whole groups of four steps");
-        for (int t = 0; t < tl; t += 4) delta_four_steps(s, rows, t, R);
+        for (int t = 0; t < tl; t += 4) delta_four_steps(s, rows, t, R, L);
         float widest[VW] MM_ALIGN; /* per lane, the largest delta * max |A| * log2(e) of the tile */
         for (int l = 0; l < VW; l++) widest[l] = 0.0f;
         for (int t = 0; t < tl; t++) {
@@ -337,18 +347,18 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_sc
         int in_range = signs_known;
         for (int l = 0; l < VW; l++) in_range &= widest[l] <= 125.0f;
         /* 3. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
-        const float *Bt = rows + R * TT, *Ct = rows + (R + N) * TT;
+        const float *Bk = rows + R * L, *Ck = rows + (R + N) * L;
 #if MM_X86_PATHS
         if (form == EXP2_SCALEF)
-            scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state);
+            scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state);
         else
 #endif
         if (n_state == 16 && in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, 16, 1, form);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, form);
         else if (in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 1, form);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, form);
         else
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bt, Ct, tl, n_state, 0, form);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, form);
         /* 4. into the block's sum over directions (the first direction sets it, the next two add), and with the
          * last direction into the channel-last output */
         for (int t = 0; t < tl; t++) {
@@ -371,8 +381,8 @@ MM_INLINE void scan_direction(const mm_scan_args *a, const float *tiles, scan_sc
 /* One work item: batch b, channels [c0, c0 + nch), all four directions in order.  Always inlined into one
  * wrapper per instruction set below, which is where it gets vectorised; form is how that instruction set
  * computes exp2. */
-MM_INLINE void scan_block(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
-                          ptrdiff_t c0, int nch, exp2_form form) {
+MM_INLINE void scan_block(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0, int nch,
+                          exp2_form form) {
     const ptrdiff_t H = a->height, W = a->width, L = H * W;
     const float *x = a->x + (b * a->channels + c0) * L;
     for (ptrdiff_t p = 0; p < L; p++) {
@@ -385,30 +395,28 @@ MM_INLINE void scan_block(const mm_scan_args *a, const float *tiles, scan_scratc
             for (int l = 0; l < VW; l++) dst[l] = src[l];
         }
     }
-    for (int k = 0; k < MM_SCAN_DIRECTIONS; k++) scan_direction(a, tiles, s, b, c0, nch, k, form);
+    for (int k = 0; k < MM_SCAN_DIRECTIONS; k++) scan_direction(a, s, b, c0, nch, k, form);
 }
 
-typedef void (*scan_block_fn)(const mm_scan_args *, const float *, scan_scratch *restrict, ptrdiff_t, ptrdiff_t, int);
+typedef void (*scan_block_fn)(const mm_scan_args *, scan_scratch *restrict, ptrdiff_t, ptrdiff_t, int);
 
 #if MM_X86_PATHS
-MM_AVX512 static void scan_block_avx512(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s,
-                                        ptrdiff_t b, ptrdiff_t c0, int nch) {
-    scan_block(a, tiles, s, b, c0, nch, EXP2_SCALEF);
+MM_AVX512 static void scan_block_avx512(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
+                                        int nch) {
+    scan_block(a, s, b, c0, nch, EXP2_SCALEF);
 }
 
-__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, const float *tiles,
-                                                                       scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0,
-                                                                       int nch) {
-    scan_block(a, tiles, s, b, c0, nch, EXP2_FMA);
+__attribute__((target("arch=x86-64-v3"))) static void scan_block_avx2(const mm_scan_args *a, scan_scratch *restrict s,
+                                                                       ptrdiff_t b, ptrdiff_t c0, int nch) {
+    scan_block(a, s, b, c0, nch, EXP2_FMA);
 }
 #endif
 
-static void scan_block_baseline(const mm_scan_args *a, const float *tiles, scan_scratch *restrict s, ptrdiff_t b,
-                                ptrdiff_t c0, int nch) {
+static void scan_block_baseline(const mm_scan_args *a, scan_scratch *restrict s, ptrdiff_t b, ptrdiff_t c0, int nch) {
 #ifdef __FP_FAST_FMAF /* aarch64, or a baseline built for a CPU with FMA */
-    scan_block(a, tiles, s, b, c0, nch, EXP2_FMA);
+    scan_block(a, s, b, c0, nch, EXP2_FMA);
 #else
-    scan_block(a, tiles, s, b, c0, nch, EXP2_PLAIN);
+    scan_block(a, s, b, c0, nch, EXP2_PLAIN);
 #endif
 }
 
@@ -596,60 +604,13 @@ static void fp_mode_leave(fp_mode m) {
 #endif
 }
 
-int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
-    const ptrdiff_t L = a->height * a->width, P = a->dt_rank + 2 * a->d_state;
+void mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path) {
     job->args = a;
     job->path = path;
     job->blocks_per_batch = (a->channels + VW - 1) / VW;
-    job->total = L > 0 ? job->blocks_per_batch * a->batch : 0;
-    job->rows_to_arrange = job->total > 0 ? a->batch * MM_SCAN_DIRECTIONS * P : 0;
-    job->tiles = NULL;
-    atomic_init(&job->next_row, 0);
+    job->total = a->height * a->width > 0 ? job->blocks_per_batch * a->batch : 0;
     atomic_init(&job->next, 0);
     atomic_init(&job->failed, 0);
-    if (job->rows_to_arrange > 0) {
-        job->tiles = malloc(sizeof(float) * (size_t)(job->rows_to_arrange * ((L + TT - 1) / TT) * TT));
-        if (job->tiles == NULL) {
-            atomic_store(&job->failed, 1); /* so mm_scan_job_status reports it too */
-            return -1;
-        }
-    }
-    return 0;
-}
-
-void mm_scan_job_free(mm_scan_job *job) {
-    free(job->tiles);
-    job->tiles = NULL;
-}
-
-void mm_scan_prepare(mm_scan_job *job) {
-    const mm_scan_args *a = job->args;
-    const ptrdiff_t H = a->height, W = a->width, L = H * W, P = a->dt_rank + 2 * a->d_state;
-    const ptrdiff_t tiles = (L + TT - 1) / TT;
-    ptrdiff_t pos[TT];
-    for (;;) {
-        const long long i = atomic_fetch_add_explicit(&job->next_row, 1, memory_order_relaxed);
-        if (i >= job->rows_to_arrange) break;
-        /* row i of (batch, 4, P): row j of direction k of batch bk / 4 */
-        const ptrdiff_t bk = (ptrdiff_t)i / P, k = bk % MM_SCAN_DIRECTIONS, j = (ptrdiff_t)i % P;
-        const float *restrict src = a->x_dbl + (bk * P + j) * L;
-        float *restrict dst = job->tiles + (bk * tiles * P + j) * TT;
-        for (ptrdiff_t t0 = 0; t0 < L; t0 += TT, dst += P * TT) {
-            const int tl = (L - t0) < TT ? (int)(L - t0) : TT;
-            /* the row-major walks read src straight, forwards or backwards (vectorised copies; as gathers the
-             * layout of MedMamba-T's stage 1 took 0.35 ms instead of 0.26 on one Xeon thread); the column-major
-             * ones gather at their positions */
-            if (k == 0) {
-                for (int t = 0; t < tl; t++) dst[t] = src[t0 + t];
-            } else if (k == 2) {
-                for (int t = 0; t < tl; t++) dst[t] = src[L - 1 - t0 - t];
-            } else {
-                tile_positions(pos, (int)k, t0, tl, H, W);
-                for (int t = 0; t < tl; t++) dst[t] = src[pos[t]];
-            }
-            for (int t = tl; t < TT; t++) dst[t] = 0.0f;
-        }
-    }
 }
 
 void mm_scan_work(mm_scan_job *job) {
@@ -680,7 +641,7 @@ void mm_scan_work(mm_scan_job *job) {
         const ptrdiff_t b = (ptrdiff_t)i / job->blocks_per_batch;
         const ptrdiff_t first = ((ptrdiff_t)i % job->blocks_per_batch) * VW;
         const int nch = (int)((a->channels - first) < VW ? (a->channels - first) : VW);
-        block(a, job->tiles, s, b, first, nch);
+        block(a, s, b, first, nch);
     }
     fp_mode_leave(mode);
     free(buf);
@@ -692,36 +653,24 @@ int mm_scan_job_status(mm_scan_job *job) {
     return atomic_load(&job->failed) && atomic_load(&job->next) < job->total ? -1 : 0;
 }
 
-static void *pthread_prepare(void *job) {
-    mm_scan_prepare((mm_scan_job *)job);
-    return NULL;
-}
-
 static void *pthread_work(void *job) {
     mm_scan_work((mm_scan_job *)job);
     return NULL;
 }
 
-/* Runs fn on the caller's thread and up to num_threads - 1 pthreads (fewer if they cannot be created: the
- * others, and this one, take their items). */
-static void run_on_threads(void *(*fn)(void *), mm_scan_job *job, int num_threads) {
+/* The caller's thread and up to num_threads - 1 pthreads take the items (fewer if they cannot be created: the
+ * others, and this one, take theirs). */
+int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads) {
+    mm_scan_job job;
+    mm_scan_job_init(&job, a, path);
+    if (num_threads > job.total) num_threads = (int)job.total;
+    if (num_threads > 256) num_threads = 256;
     pthread_t tids[256];
     int started = 0;
     for (int i = 1; i < num_threads; i++) {
-        if (pthread_create(&tids[started], NULL, fn, job) == 0) started++;
+        if (pthread_create(&tids[started], NULL, pthread_work, &job) == 0) started++;
     }
-    fn(job);
+    mm_scan_work(&job);
     for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
-}
-
-int mm_scan_run_pthreads(const mm_scan_args *a, int path, int num_threads) {
-    mm_scan_job job;
-    if (mm_scan_job_init(&job, a, path) == 0 && job.total > 0) {
-        if (num_threads < 1) num_threads = 1;
-        if (num_threads > 256) num_threads = 256;
-        run_on_threads(pthread_prepare, &job, num_threads < job.rows_to_arrange ? num_threads : (int)job.rows_to_arrange);
-        run_on_threads(pthread_work, &job, num_threads < job.total ? num_threads : (int)job.total);
-    }
-    mm_scan_job_free(&job);
     return mm_scan_job_status(&job);
 }

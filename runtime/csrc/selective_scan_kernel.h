@@ -55,31 +55,21 @@ void mm_scan_path_names(char *buf, size_t n); /* "avx512, avx2, baseline" */
 #define MM_SCAN_ISA_ENV "MEDMAMBA_EDGE_SCAN_ISA"
 int mm_scan_path_from_env(char *err, size_t err_size);
 
-/* One call split into work items that workers take from atomic counters: any number of threads, from any thread
- * pool, share it dynamically, and results do not depend on who runs what.  Two phases, each complete before the
- * next starts: mm_scan_prepare lays x_dbl's rows out in each direction's walking order, tile by tile, one row per
- * item, so that every work item then reads a tile's rows as one contiguous block whatever its direction (they
- * were copied per tile by every block of channels before); mm_scan_work scans, one item per (batch, block of
- * <= 16 channels) in all four directions, so it alone writes their outputs and the sum over directions has a
- * fixed order. */
+/* One call split into work items that workers take from an atomic counter: any number of threads, from any thread
+ * pool, share it dynamically, and results do not depend on who runs what.  One item per (batch, block of <= 16
+ * channels) in all four directions, so it alone writes their outputs and the sum over directions has a fixed
+ * order. */
 typedef struct {
     const mm_scan_args *args;
     int path;
-    /* (batch, 4, tiles, dt_rank + 2 * d_state, MM_SCAN_TILE_STEPS): for direction k, tile i, row j, step t,
-     * x_dbl's row j of direction k at position seq_k(i * MM_SCAN_TILE_STEPS + t); zero past the sequence's end */
-    float *tiles;
-    ptrdiff_t rows_to_arrange, blocks_per_batch, total;
-    atomic_llong next_row, next;
+    ptrdiff_t blocks_per_batch, total;
+    atomic_llong next;
     atomic_int failed;
 } mm_scan_job;
 
-/* 0, or -1 if the tiles could not be allocated (mm_scan_job_status then says -1 too).
- * mm_scan_job_free afterwards either way. */
-int mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
-void mm_scan_job_free(mm_scan_job *job);
+void mm_scan_job_init(mm_scan_job *job, const mm_scan_args *a, int path);
 /* Take and run items until none are left.  Safe to call from many threads at once, and more often than there are
- * threads (rows_to_arrange, total): a call that finds no item left returns at once. */
-void mm_scan_prepare(mm_scan_job *job);
+ * threads (total): a call that finds no item left returns at once. */
 void mm_scan_work(mm_scan_job *job);
 /* After every mm_scan_work call has returned: 0, or -1 if scratch memory could not be had and items were left. */
 int mm_scan_job_status(mm_scan_job *job);
