@@ -135,26 +135,24 @@ MM_INLINE float exp2_product(float u, float v, int in_range, int fused) {
 
 /* log(1 + z) for z in [0, 1] as z q(z), q a degree-7 polynomial fitted for relative error (3.4e-7 evaluated in
  * float32), so log1p(z) ~ z keeps its relative accuracy for small z.  No division: on cores that split 256-bit
- * divides (AMD Zen 1) the series in z / (2 + z) it replaced cost a fifth of the kernel outside the scan. */
+ * divides (AMD Zen 1) the series in z / (2 + z) it replaced cost a fifth of the kernel outside the scan.
+ * Coefficients highest first, for Horner's rule. */
+static const float LOG1P_Q[8] = {-8.539154194295406e-3f, 4.4089365750551224e-2f, -1.0768121480941772e-1f,
+                                 1.7745196819305420e-1f, -2.4495442211627960e-1f, 3.3275476098060610e-1f,
+                                 -4.9997404217720030e-1f, 9.9999982118606570e-1f};
+
 MM_INLINE float log1p_unit(float z) {
-    float q = -8.539154194295406e-3f;
-    q = q * z + 4.4089365750551224e-2f;
-    q = q * z - 1.0768121480941772e-1f;
-    q = q * z + 1.7745196819305420e-1f;
-    q = q * z - 2.4495442211627960e-1f;
-    q = q * z + 3.3275476098060610e-1f;
-    q = q * z - 4.9997404217720030e-1f;
-    q = q * z + 9.9999982118606570e-1f;
+    float q = LOG1P_Q[0];
+    for (int i = 1; i < 8; i++) q = q * z + LOG1P_Q[i];
     return z * q;
 }
 
 /* torch.nn.functional.softplus(x, threshold=20): x if x > 20 else log1p(exp(x)),
- * computed stably as max(x, 0) + log1p(exp(-|x|)), exp(-|x|) = 2^(-|x| log2 e) in (0, 1]. */
+ * computed stably as max(x, 0) + log1p(exp(-|x|)), exp(-|x|) = 2^(-|x| log2 e) in (0, 1].  Past 20 that is x
+ * exactly: log1p(exp(-x)) < 2.1e-9 is below half an ulp of x (9.5e-7), so the threshold needs no test. */
 MM_INLINE float softplus20(float x) {
-    float ax = __builtin_fabsf(x);
-    float pos = x > 0.0f ? x : 0.0f;
-    float sp = pos + log1p_unit(exp2_product(ax, -1.44269504088896341f, 0, 0));
-    return x > 20.0f ? x : sp;
+    const float pos = x > 0.0f ? x : 0.0f;
+    return pos + log1p_unit(exp2_product(__builtin_fabsf(x), -1.44269504088896341f, 0, 0));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -231,6 +229,27 @@ MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict 
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, 16);
     else
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, N);
+}
+
+/* softplus20 with exp2_scalef for its exp (4 instructions fewer than exp2_product's clamped form); its last
+ * multiply-add also adds max(x, 0). */
+MM_AVX512 MM_INLINE __m512 softplus_zmm(__m512 x) {
+    const __m512 z = exp2_scalef(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-1.44269504088896341f)));
+    __m512 q = _mm512_set1_ps(LOG1P_Q[0]);
+    for (int i = 1; i < 8; i++) q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(LOG1P_Q[i]));
+    return _mm512_fmadd_ps(z, q, _mm512_max_ps(x, _mm512_setzero_ps()));
+}
+
+/* Step 2's tail on AVX-512: delta = softplus(dt) in place (if softplus), and delta * x, x of step t at
+ * x0 + t * stride. */
+MM_AVX512 static void delta_x_avx512(float (*restrict dtt)[VW], float (*restrict dut)[VW], const float *restrict x0,
+                                     ptrdiff_t stride, int tl, int softplus) {
+    for (int t = 0; t < tl; t++) {
+        __m512 d = _mm512_load_ps(dtt[t]);
+        if (softplus) d = softplus_zmm(d);
+        _mm512_store_ps(dtt[t], d);
+        _mm512_store_ps(dut[t], _mm512_mul_ps(d, _mm512_load_ps(x0 + t * stride)));
+    }
 }
 #endif
 
@@ -330,35 +349,38 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         tile_positions(s->pos, k, t0, tl, a->height, a->width);
         for (int t = tl; t < TT; t++) s->pos[t] = s->pos[tl - 1];
         /* 2. delta = dt_b + dt_w . dt_low (four steps per pass: one step's R dependent FMAs left the FMA units
-         * waiting on their latency), then softplus and delta * x */
+         * waiting on their latency), then softplus and delta * x; 3. the scan */
         _Static_assert(TT % 4 == 0, "delta_four_steps fills whole groups of four steps");
         for (int t = 0; t < tl; t += 4) delta_four_steps(s, rows, t, R, L);
-        float widest[VW] MM_ALIGN; /* per lane, the largest delta * max |A| * log2(e) of the tile */
-        for (int l = 0; l < VW; l++) widest[l] = 0.0f;
-        for (int t = 0; t < tl; t++) {
-            const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
-            for (int l = 0; l < VW; l++) {
-                const float d = a->delta_softplus ? softplus20(s->dt[t][l]) : s->dt[t][l];
-                s->dt[t][l] = d;
-                s->du[t][l] = d * xt[l];
-                widest[l] = widest[l] > d * amax2[l] ? widest[l] : d * amax2[l];
-            }
-        }
-        int in_range = signs_known;
-        for (int l = 0; l < VW; l++) in_range &= widest[l] <= 125.0f;
-        /* 3. scan; N = 16 (MedMamba) gets its own copy with a constant trip count */
         const float *Bk = rows + R * L, *Ck = rows + (R + N) * L;
 #if MM_X86_PATHS
-        if (form == EXP2_SCALEF)
+        if (form == EXP2_SCALEF) {
+            delta_x_avx512(s->dt, s->du, xk + q0 * VW, forward ? VW : -VW, tl, a->delta_softplus);
             scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state);
-        else
+        } else
 #endif
-        if (n_state == 16 && in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, form);
-        else if (in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, form);
-        else
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, form);
+        {
+            float widest[VW] MM_ALIGN; /* per lane, the largest delta * max |A| * log2(e) of the tile */
+            for (int l = 0; l < VW; l++) widest[l] = 0.0f;
+            for (int t = 0; t < tl; t++) {
+                const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
+                for (int l = 0; l < VW; l++) {
+                    const float d = a->delta_softplus ? softplus20(s->dt[t][l]) : s->dt[t][l];
+                    s->dt[t][l] = d;
+                    s->du[t][l] = d * xt[l];
+                    widest[l] = widest[l] > d * amax2[l] ? widest[l] : d * amax2[l];
+                }
+            }
+            int in_range = signs_known;
+            for (int l = 0; l < VW; l++) in_range &= widest[l] <= 125.0f;
+            /* N = 16 (MedMamba) gets its own copy with a constant trip count */
+            if (n_state == 16 && in_range)
+                scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, form);
+            else if (in_range)
+                scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, form);
+            else
+                scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, form);
+        }
         /* 4. into the block's sum over directions (the first direction sets it, the next two add), and with the
          * last direction into the channel-last output */
         for (int t = 0; t < tl; t++) {
