@@ -277,9 +277,9 @@ MM_AVX512 MM_INLINE void transpose_16x16(__m512 r[16]) {
     }
 }
 
-/* dst[i][l] = scale * src[l * stride + i] for i < len, l < VW (0 for l >= nch): a block's rows of A or dt_w turned
- * lane-major by 16 x 16 transposes in registers, where the plain loops read one float per row and lane (at
- * MedMamba-T's stage 4, 768 channels on 7 x 7, that took a tenth of the node). */
+/* dst[i][l] = scale * src[l * stride + i] for i < len, l < VW (0 for l >= nch): a block's rows of x, A or dt_w turned
+ * lane-major by 16 x 16 transposes in registers, where the plain loops read one float per row and lane (A and dt_w
+ * that way took a tenth of the node at MedMamba-T's stage 4, 768 channels on 7 x 7). */
 MM_AVX512 static void lanes_last_avx512(float *restrict dst, const float *restrict src, ptrdiff_t stride, ptrdiff_t len,
                                         int nch, float scale) {
     for (ptrdiff_t i0 = 0; i0 < len; i0 += VW) {
@@ -454,6 +454,11 @@ MM_INLINE void scan_block(const mm_scan_args *a, scan_scratch *restrict s, ptrdi
                           exp2_form form) {
     const ptrdiff_t H = a->height, W = a->width, L = H * W;
     const float *x = a->x + (b * a->channels + c0) * L;
+#if MM_X86_PATHS
+    if (form == EXP2_SCALEF)
+        lanes_last_avx512(s->xT, x, L, L, nch, 1.0f);
+    else
+#endif
     for (ptrdiff_t p = 0; p < L; p++) {
         for (int l = 0; l < VW; l++) s->xT[p * VW + l] = l < nch ? x[l * L + p] : 0.0f;
     }
