@@ -14,7 +14,7 @@
  * the sequence in tiles of TT steps:
  *   1. the tile's positions p = seq_k(t); x_dbl's rows are read where they are, at those positions (B[n, p] and
  *      C[n, p] are scalars, so any order costs the same loads: a layout pass writing them out in walking order,
- *      once per call, cost the whole fp32 model 3 % on two Xeon threads, the second thread reading what the
+ *      once per call, cost the whole fp32 model 2.4 % on two Xeon threads, the second thread reading what the
  *      first had written);
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
@@ -22,7 +22,8 @@
  *   4. y + Ds x summed over the directions in the block's own buffer (ysum), the last direction's sum into
  *      y[p][block]: 16 contiguous floats of the channel-last output, written once.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
- * four q registers on NEON); only step 3 on AVX-512 is written with intrinsics (exp2_scalef).  With gcc
+ * four q registers on NEON); on AVX-512, steps 2 (softplus) and 3 and the transposes of x, A and dt_w into
+ * lane order are written with intrinsics (exp2_scalef, lanes_last_avx512), which gcc does not find.  With gcc
  * on x86-64 the hot function is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and
  * the baseline (SSE2); each call runs the path it is given, by default the widest this CPU supports.
  * Explicit copies rather than target_clones, so that every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and
