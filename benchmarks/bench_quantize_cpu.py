@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 
-from common import cpu_session, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
+from common import BLOCK, cpu_session, interleaved, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
 
 SIZE = 224
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "QGemm"}
@@ -42,33 +41,6 @@ LAYOUT = {"Transpose", "Slice", "Split", "Concat", "Reshape", "ReorderInput", "R
 GROUPS = ("SS2D scan", "Conv/MatMul, constant weight (fp32)", "INT8 kernels", "Q/DQ",
           "MatMul, no constant weight", "layout (Transpose/Slice/Split/Concat/...)", "other")
 SAMPLES = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets" / "samples"
-BLOCK = 5  # timed runs per model and turn
-# Pause after a turn, for the session's idle workers to stop spinning: with none, the next model's runs took 30 %
-# longer; 50 ms and 300 ms gave the same medians (Xeon, ONNX Runtime 1.32).
-SPIN_DOWN_S = 0.1
-
-
-def interleaved(runs: dict[str, callable], warmup: int, iterations: int, block: int) -> dict[str, list[float]]:
-    """``iterations`` timed runs of each model after ``warmup`` untimed ones, the models taking turns of ``block``
-    runs; a turn of several runs follows a pause (SPIN_DOWN_S), so it starts with one untimed run that wakes the
-    session's workers."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in runs}
-    while len(samples[next(iter(runs))]) < iterations:
-        for name, fn in runs.items():
-            if block > 1:
-                fn()
-            for _ in range(min(block, iterations - len(samples[name]))):
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1000)
-            if block > 1:
-                time.sleep(SPIN_DOWN_S)
-    return samples
-
-
 def time_by_group(profile: dict[tuple[str, str], float], constant_weight: set[str]) -> dict[str, float]:
     """Kernel time of one model by what the node is. ONNX Runtime renames the Convs it moves to its NCHWc
     layout, so every Conv counts as constant-weight (true of all of MedMamba's, the SS2D projections' 1×1 Convs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -40,11 +41,45 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False, spinn
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 5) -> dict[tuple[str, str], float]:
+BLOCK = 5  # timed runs per model and turn
+# Pause after a turn, for the session's idle workers to stop spinning: with none, the next model's runs took 30 %
+# longer; 50 ms and 300 ms gave the same medians (Xeon, ONNX Runtime 1.32).
+SPIN_DOWN_S = 0.1
+
+
+def interleaved(runs: dict[str, callable], warmup: int, iterations: int, block: int) -> dict[str, list[float]]:
+    """``iterations`` timed runs of each model after ``warmup`` untimed ones, the models taking turns of ``block``
+    runs; a turn of several runs follows a pause (SPIN_DOWN_S), so it starts with one untimed run that wakes the
+    session's workers."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in runs}
+    while len(samples[next(iter(runs))]) < iterations:
+        for name, fn in runs.items():
+            if block > 1:
+                fn()
+            for _ in range(min(block, iterations - len(samples[name]))):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1000)
+            if block > 1:
+                time.sleep(SPIN_DOWN_S)
+    return samples
+
+
+def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 5,
+                  library: Path | None = None) -> dict[tuple[str, str], float]:
     """ONNX Runtime's own kernel time per node, ms per run over ``runs`` runs after one warm-up run, keyed by
     (node name, op type) as the profile names them (after ONNX Runtime's fusions). A plugin-form model runs
-    on the fused C scan."""
-    options = fused_scan.fused_session_options(threads)
+    on the fused C scan: this checkout's, or the custom-op ``library`` given."""
+    if library is None:
+        options = fused_scan.fused_session_options(threads)
+    else:
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = f"{tmp}/profile"
