@@ -28,18 +28,10 @@ from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
-from common import BLOCK, interleaved, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
+from common import BLOCK, interleaved, library_options, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
 
 SIZE = 224
 PROFILED_RUNS = 10
-
-
-def library_session(model: bytes, library: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -63,7 +55,8 @@ def main() -> None:
     serialized = model.SerializeToString()
     feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE), dtype=np.float32)}
 
-    sessions = {name: library_session(serialized, Path(name), args.threads) for name in names}
+    sessions = {name: ort.InferenceSession(serialized, library_options(Path(name), args.threads),
+                                           providers=["CPUExecutionProvider"]) for name in names}
     runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
     latency = interleaved(runs, args.warmup, args.iterations, BLOCK)
     del sessions, runs

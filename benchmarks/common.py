@@ -41,6 +41,15 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False, spinn
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def library_options(library: Path, threads: int) -> ort.SessionOptions:
+    """SessionOptions on a given build of the SS2DScan custom-op library (this checkout's: fused_scan)."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
 BLOCK = 5  # timed runs per model and turn
 # Pause after a turn, for the session's idle workers to stop spinning: with none, the next model's runs took 30 %
 # longer; 50 ms and 300 ms gave the same medians (Xeon, ONNX Runtime 1.32).
@@ -73,13 +82,7 @@ def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 
     """ONNX Runtime's own kernel time per node, ms per run over ``runs`` runs after one warm-up run, keyed by
     (node name, op type) as the profile names them (after ONNX Runtime's fusions). A plugin-form model runs
     on the fused C scan: this checkout's, or the custom-op ``library`` given."""
-    if library is None:
-        options = fused_scan.fused_session_options(threads)
-    else:
-        options = ort.SessionOptions()
-        options.register_custom_ops_library(str(library))
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+    options = fused_scan.fused_session_options(threads) if library is None else library_options(library, threads)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = f"{tmp}/profile"
