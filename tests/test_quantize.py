@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
-from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, quantizable_nodes, quantize_onnx,
-                                               top1_accuracy)
+from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, _producers, quantizable_nodes,
+                                               quantize_onnx, top1_accuracy)
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
@@ -124,10 +124,6 @@ def test_qoperator_graph_folds_the_relus_and_keeps_matmul_outputs_float(fp32_mod
             assert producers[node.input[0]].op_type != "DequantizeLinear"
     read = {name for node in model.graph.node for name in node.input}
     assert [t.name for t in model.graph.initializer if t.name not in read] == []  # ONNX Runtime warns of each
-
-
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {output: node for node in model.graph.node for output in node.output}
 
 
 @pytest.mark.parametrize("form", ["plugin", "portable"])
