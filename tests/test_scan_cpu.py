@@ -83,6 +83,28 @@ def test_each_forced_path_matches_reference(isa, shape, softplus, monkeypatch):
     check(shape, softplus, num_threads=2)
 
 
+@pytest.mark.parametrize("a_jitter", [1e-3, 0.0], ids=["trained-A", "A-exactly-linear"])
+@pytest.mark.parametrize("shape", [
+    pytest.param((1, 96, 28, 28, 3, 16), id="stage1-96ch"),
+    pytest.param((2, 384, 14, 14, 12, 16), id="stage3-384ch-b2"),
+    pytest.param((1, 42, 9, 11, 3, 16), id="partial-block-partial-tile"),
+    pytest.param((2, 24, 7, 10, 3, 7), id="N7"),
+    pytest.param((1, 32, 6, 5, 2, 64), id="N64"),  # more states than the chain takes
+    pytest.param((3, 8, 1, 1, 1, 16), id="L1"),
+])
+@pytest.mark.parametrize("isa", ALL_ISAS)
+def test_A_close_to_its_init_matches_reference(isa, shape, a_jitter, monkeypatch):
+    """A as training leaves it, close to -(n + 1) per channel: where the AVX2 path scans by the power chain (one exp
+    per step, its powers and a correction per state) in the tiles whose deltas keep the correction accurate. At
+    stage 1 one block has deltas past that bound in one tile, so both scans meet in one call there; exactly linear
+    A needs no correction at all."""
+    require_isa(isa)
+    monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
+    arrays = make_ss2d_inputs(*shape, seed=0, a_jitter=a_jitter)
+    y = scan_cpu.ss2d_scan(*arrays, num_threads=2)
+    assert_close(y, ss2d_reference64(*arrays))
+
+
 @pytest.mark.parametrize("paths", [("avx2", "baseline"), ("avx512", "avx2")], ids=lambda p: "-vs-".join(p))
 def test_forcing_a_path_changes_the_code_that_runs(paths, monkeypatch):
     # The AVX2 path contracts multiply-adds into FMAs, the baseline (SSE2) cannot; the AVX-512 path computes exp2
@@ -138,13 +160,15 @@ def test_an_unknown_path_is_refused(monkeypatch):
         _scan_cpu.ss2d_scan(*arrays, np.empty((1, 2, 3, 16), np.float32), True, 1, "avx1024")
 
 
+@pytest.mark.parametrize("a_jitter", [0.5, 1e-3, 0.0], ids=["A-spread", "trained-A", "A-exactly-linear"])
 @pytest.mark.parametrize("isa", ALL_ISAS)
-def test_large_deltas_and_softplus_threshold(isa, monkeypatch):
+def test_large_deltas_and_softplus_threshold(isa, a_jitter, monkeypatch):
     """Also tiles whose delta * A leaves exp2's clamp-free range (the first tile of batch 0, every tile of batch 1)
-    beside tiles that stay in it, on every path."""
+    beside tiles that stay in it, on every path; with A close to its init, tiles past the power chain's bound
+    beside tiles within it, and (exactly linear A) the chain's base underflowing."""
     require_isa(isa)
     monkeypatch.setenv(scan_cpu.ISA_ENV, isa)
-    x, x_dbl, dt_w, dt_b, A, Ds = make_ss2d_inputs(2, 48, 10, 16, 1, 16, seed=1)
+    x, x_dbl, dt_w, dt_b, A, Ds = make_ss2d_inputs(2, 48, 10, 16, 1, 16, seed=1, a_jitter=a_jitter)
     # delta = dt_b + dt_w * dt_low: right at and around softplus' threshold of 20, and far beyond it both ways
     dt_w[:] = 1.0
     dt_b[:] = 0.0
