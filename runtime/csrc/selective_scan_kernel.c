@@ -18,12 +18,14 @@
  *      first had written);
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
- *      polynomial exp2, h = dA h + (delta x) B[n], y += C[n] h;
+ *      polynomial exp2 (on AVX2, where A is close to Mamba's init, by the power chain: one exp per step),
+ *      h = dA h + (delta x) B[n], y += C[n] h;
  *   4. y + Ds x summed over the directions in the block's own buffer (ysum), the last direction's sum into
  *      y[p][block]: 16 contiguous floats of the channel-last output, written once.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
  * four q registers on NEON); on AVX-512, steps 2 (softplus) and 3 and the transposes of x, A and dt_w into
- * lane order are written with intrinsics (exp2_scalef, lanes_last_avx512), which gcc does not find.  With gcc
+ * lane order are written with intrinsics (exp2_scalef, lanes_last_avx512), which gcc does not find, and so is
+ * AVX2's power chain (chain_ymm), whose powers gcc would keep in memory.  With gcc
  * on x86-64 the hot function is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and
  * the baseline (SSE2); each call runs the path it is given, by default the widest this CPU supports.
  * Explicit copies rather than target_clones, so that every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and
@@ -206,8 +208,9 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
  * 2^(delta e_n) = 1 + z + z^2 / 2 (z = delta e_n ln 2) to 2.1e-7 while delta |e_n| <= 1/64, a bound a tile takes
  * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  7 vector operations per
  * state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3 (3 % at stage 4)
- * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10, it measured no faster, so that path keeps its
- * exp per state.  Only where the powers' error stays small (N <= 16) and A <= 0 (E <= 1, no overflow); other
+ * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10, it measured no faster in ONNX Runtime (its
+ * base computed in the loop: 4 % off the node alone at stages 1-2 in a C harness, none in two side-by-side
+ * runs of the model), so that path keeps its exp per state.  Only where the powers' error stays small (N <= 16) and A <= 0 (E <= 1, no overflow); other
  * blocks and tiles take the exp per state.
  * ------------------------------------------------------------------------------------------- */
 
