@@ -210,8 +210,8 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
  * state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3 (3 % at stage 4)
  * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10, it measured no faster in ONNX Runtime (its
  * base computed in the loop: 4 % off the node alone at stages 1-2 in a C harness, none in two side-by-side
- * runs of the model), so that path keeps its exp per state.  Only where the powers' error stays small (N <= 16) and A <= 0 (E <= 1, no overflow); other
- * blocks and tiles take the exp per state.
+ * runs of the model), so that path keeps its exp per state.  Only where the powers' error stays small
+ * (N <= 16) and A <= 0 (E <= 1, no overflow); other blocks and tiles take the exp per state.
  * ------------------------------------------------------------------------------------------- */
 
 #define CHAIN_MAX_STATES 16
