@@ -218,19 +218,14 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
 #define CHAIN_MAX_Z (1.0f / 64.0f) /* the largest delta |e_n| */
 
 /* The block's slope s (least squares over n), correction coefficients k1 = e ln 2, k2 = (e ln 2)^2 / 2 and
- * chain_delta from its a2.  0 if the block cannot take the chain. */
-MM_INLINE int chain_setup(scan_scratch *restrict s, int N) {
+ * chain_delta from its a2. */
+MM_INLINE void chain_setup(scan_scratch *restrict s, int N) {
     const float ln2 = 0.693147180559945309f;
     const float squares = (float)(N * (N + 1) * (2 * N + 1) / 6); /* sum of (n + 1)^2 */
     float emax[VW] MM_ALIGN, num[VW] MM_ALIGN;
-    int nonpositive = 1;
-    if (N > CHAIN_MAX_STATES) return 0;
     for (int l = 0; l < VW; l++) num[l] = emax[l] = 0.0f;
     for (int n = 0; n < N; n++) {
-        for (int l = 0; l < VW; l++) {
-            num[l] += (float)(n + 1) * s->a2[n * VW + l];
-            nonpositive &= s->a2[n * VW + l] <= 0.0f;
-        }
+        for (int l = 0; l < VW; l++) num[l] += (float)(n + 1) * s->a2[n * VW + l];
     }
     for (int l = 0; l < VW; l++) s->slope[l] = num[l] / squares;
     for (int n = 0; n < N; n++) {
@@ -242,7 +237,6 @@ MM_INLINE int chain_setup(scan_scratch *restrict s, int N) {
         }
     }
     for (int l = 0; l < VW; l++) s->chain_delta[l] = emax[l] > 0.0f ? CHAIN_MAX_Z / emax[l] : 3.0e38f;
-    return nonpositive;
 }
 
 /* The tile's bases E = 2^(delta s); whether every delta (>= 0 after softplus) keeps its lane's correction
@@ -516,8 +510,9 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         s->ds[l] = l < nch ? a->Ds[ck + l] : 0.0f;
     }
 #if MM_X86_PATHS
-    /* delta >= 0 (softplus) is the chain's other condition */
-    const int chain = isa == ISA_AVX2 && a->delta_softplus && chain_setup(s, n_state);
+    /* signs_known: delta >= 0 (softplus) and A <= 0, so E <= 1 */
+    const int chain = isa == ISA_AVX2 && signs_known && n_state <= CHAIN_MAX_STATES;
+    if (chain) chain_setup(s, n_state);
 #endif
 
     for (ptrdiff_t t0 = 0; t0 < L; t0 += TT) {
