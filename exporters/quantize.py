@@ -1,4 +1,4 @@
-"""Post-training INT8 quantization of an exported MedMamba ONNX model, with an accuracy gate.
+"""Post-training INT8 quantization of an exported MedMamba ONNX model, with accuracy and speed gates.
 
 The output is explicit quantization (QuantizeLinear/DequantizeLinear) that ONNX Runtime's CPU INT8
 kernels and TensorRT both accept: symmetric INT8 (zero point 0), per-channel weights, per-tensor
@@ -41,7 +41,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +72,28 @@ CALIBRATION_BATCH = 8
 # Images the sensitivity ranking compares float and INT8 activations on.
 SENSITIVITY_IMAGES = 32
 EVAL_BATCH = 64
+# Timed runs per model for --min-speedup, after a warm-up: enough for a stable median on a noisy 2-core VM.
+SPEED_ITERATIONS = 30
+SPEED_WARMUP = 3
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 
 
 class QuantizeError(UserError):
-    """Quantization could not produce a model within the accuracy budget; nothing was written."""
+    """Quantization could not produce a model within the accuracy or speed budget; nothing was written."""
+
+
+@dataclass
+class SpeedCheck:
+    """fp32 and INT8 timed side by side on this machine (medmamba_edge.benchmarking), medians."""
+    batch: int
+    fp32_ms: float
+    int8_ms: float
+    measured_on: str  # the CPU and instruction set: ONNX Runtime's INT8 kernels differ between them
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.int8_ms
 
 
 @dataclass
@@ -91,7 +107,18 @@ class QuantizeResult:
     float_top1: float | None = None  # percent; None without --eval
     int8_top1: float | None = None
     evaluated_on: str | None = None  # the CPU and instruction set the accuracies were measured on
+    speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
+
+
+def time_against_fp32(fp32: Path, int8: Path, batch: int, progress: Progress) -> SpeedCheck:
+    """The two models in ``medmamba-edge benchmark``'s worker processes, taking turns, on its sample images."""
+    from medmamba_edge.benchmarking import benchmark
+
+    report = benchmark([fp32, int8], batches=[batch], warmup=SPEED_WARMUP, iterations=SPEED_ITERATIONS,
+                       progress=lambda done, total: progress("timing fp32 and INT8 on this CPU", done, total))
+    fp32_run, int8_run = report.measurements
+    return SpeedCheck(batch, fp32_run.percentile(50), int8_run.percentile(50), report.machine["cpu"])
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -384,7 +411,7 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
 
 
 def _check_options(method: str, percentile: float, quant_format: str, num_samples: int, max_drop: float,
-                   eval_data, auto_fallback: bool) -> None:
+                   eval_data, auto_fallback: bool, min_speedup: float | None, speed_batch: int) -> None:
     if method not in METHODS:
         raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if quant_format not in FORMATS:
@@ -397,6 +424,10 @@ def _check_options(method: str, percentile: float, quant_format: str, num_sample
         raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
     if auto_fallback and eval_data is None:
         raise QuantizeError("--auto-fallback needs --eval DATA to measure accuracy on")
+    if min_speedup is not None and not min_speedup > 0:
+        raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
+    if speed_batch < 1:
+        raise QuantizeError(f"--speed-batch must be >= 1, got {speed_batch}")
 
 
 def quantize_onnx(
@@ -415,12 +446,16 @@ def quantize_onnx(
     eval_split: str = "val",
     max_drop: float = 1.0,
     auto_fallback: bool = False,
+    min_speedup: float | None = None,
+    speed_batch: int = 1,
     progress: Progress = lambda task, done, total: None,
 ) -> QuantizeResult:
-    """Calibrate, quantize, check accuracy (with ``eval_data``), and write ``output`` only if it passed."""
+    """Calibrate, quantize, check accuracy (with ``eval_data``) and speed on this machine (with ``min_speedup``:
+    fp32 / INT8 median latency at ``speed_batch``), and write ``output`` only if both passed."""
 
     started = time.perf_counter()
-    _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback)
+    _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback, min_speedup,
+                   speed_batch)
     model_path, output = Path(model_path), Path(output)
     metadata = read_onnx_metadata(model_path)
     if metadata.precision != "fp32":
@@ -467,16 +502,26 @@ def quantize_onnx(
                     f"INT8 top-1 {int8_top1:.2f}% is {float_top1 - int8_top1:.2f} points below fp32 {float_top1:.2f}% "
                     f"on {eval_set.description} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
                     f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
+        speed = None
+        if min_speedup is not None:
+            onnx.save(int8, candidate)
+            speed = time_against_fp32(model_path, candidate, speed_batch, progress)
+            if speed.speedup < min_speedup:
+                raise QuantizeError(
+                    f"INT8 runs at {speed.speedup:.2f}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at "
+                    f"batch {speed_batch}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
+                    f"written to {output} (on this CPU keep the fp32 model, or --exclude the layers that do not pay)")
 
     evaluated_on = describe_cpu() if eval_data is not None else None
     details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
                "calibration_images": len(calib_set), "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
-               "evaluated_on": evaluated_on, "tool_version": __version__}
+               "evaluated_on": evaluated_on, "tool_version": __version__,
+               "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, len(calib_set), float_top1, int8_top1, evaluated_on,
-                          time.perf_counter() - started)
+                          speed, time.perf_counter() - started)

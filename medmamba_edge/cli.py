@@ -145,8 +145,11 @@ def quantize(
     max_drop: Annotated[float, typer.Option(help="Largest allowed top-1 drop in points; more refuses (no output).")] = 1.0,
     auto_fallback: Annotated[bool, typer.Option("--auto-fallback", help="Keep the most sensitive layers float, one "
                                                                         "at a time, until within --max-drop.")] = False,
+    min_speedup: Annotated[Optional[float], typer.Option(help="Time fp32 and INT8 side by side on this machine; a "
+                                                              "smaller fp32/INT8 ratio refuses (no output).")] = None,
+    speed_batch: Annotated[int, typer.Option(help="Batch size --min-speedup times.")] = 1,
 ) -> None:
-    """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with an accuracy gate."""
+    """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     check_outputs(output)
@@ -164,7 +167,8 @@ def quantize(
         result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
                                method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
                                eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
-                               auto_fallback=auto_fallback, progress=progress)
+                               auto_fallback=auto_fallback, min_speedup=min_speedup, speed_batch=speed_batch,
+                               progress=progress)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
     if result.kept_float:
@@ -174,6 +178,10 @@ def quantize(
     if result.int8_top1 is not None:
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
                   f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g}) on {result.evaluated_on}")
+    if result.speed is not None:
+        speed = result.speed
+        out.print(f"speed at batch {speed.batch}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
+                  f"{speed.speedup:.2f}× (--min-speedup {min_speedup:g}) on {speed.measured_on}")
 
 
 @command("build-plugin")

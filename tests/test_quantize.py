@@ -1,5 +1,5 @@
 """`medmamba-edge quantize` on the official checkpoint and real PneumoniaMNIST: accuracy within one point
-of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy gate and bad calibration data."""
+of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy and speed gates and bad input."""
 
 import json
 from pathlib import Path
@@ -247,4 +247,41 @@ def test_bad_calibration_data_is_a_one_line_error(fp32_models, tmp_path, make_ca
                                       "-o", str(output)])
     assert result.exit_code == 1
     assert message in result.output and result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert not output.exists()
+
+
+def test_speed_gate_refuses_an_int8_model_below_the_asked_speedup_and_writes_nothing(fp32_models, tmp_path):
+    # No INT8 kernel is 1000x faster than fp32: the gate must time both and refuse.
+    output = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib",
+                                      str(require_shared(*PNEUMONIAMNIST)), "-o", str(output), "--num-samples", "16",
+                                      "--min-speedup", "1000"])
+    message = result.output.replace("\n", " ")
+    assert result.exit_code == 1, result.output
+    assert "below --min-speedup 1000" in message and "nothing was written" in message
+    assert f"on {describe_cpu()}" in message, "INT8 speed depends on the instruction set"
+    assert not output.exists() and not list(tmp_path.glob(".model.int8.onnx*"))
+
+
+def test_speed_gate_records_both_medians_and_the_cpu_when_it_passes(fp32_models, tmp_path):
+    output = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib",
+                                      str(require_shared(*PNEUMONIAMNIST)), "-o", str(output), "--num-samples", "16",
+                                      "--min-speedup", "0.01", "--speed-batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "speed at batch 2: fp32" in result.output
+    speed = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])["speed"]
+    assert speed["batch"] == 2 and speed["measured_on"] == describe_cpu()
+    assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
+    assert speed["speedup"] == pytest.approx(speed["fp32_ms"] / speed["int8_ms"])
+    assert f"{speed['speedup']:.2f}×" in result.output
+
+
+@pytest.mark.parametrize("option, message", [(["--min-speedup", "0"], "--min-speedup must be > 0"),
+                                             (["--min-speedup", "1", "--speed-batch", "0"], "--speed-batch must be >= 1")])
+def test_bad_speed_gate_options_are_one_line_errors(fp32_models, tmp_path, option, message):
+    output = tmp_path / "out.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib", str(tmp_path), "-o",
+                                      str(output), *option])
+    assert result.exit_code == 1 and message in result.output and result.output.strip().count("\n") == 0
     assert not output.exists()
