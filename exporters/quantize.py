@@ -72,11 +72,9 @@ CALIBRATION_BATCH = 8
 # Images the sensitivity ranking compares float and INT8 activations on.
 SENSITIVITY_IMAGES = 32
 EVAL_BATCH = 64
-# Timed runs per model for --min-speedup, after a warm-up: enough for a stable median on a noisy 2-core VM.
-SPEED_ITERATIONS = 30
-SPEED_WARMUP = 3
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
+SpeedCheckFn = Callable[[Path, Path], "SpeedCheck"]  # (fp32 model, INT8 candidate) -> both timed on this machine
 
 
 class QuantizeError(UserError):
@@ -85,7 +83,7 @@ class QuantizeError(UserError):
 
 @dataclass
 class SpeedCheck:
-    """fp32 and INT8 timed side by side on this machine (medmamba_edge.benchmarking), medians."""
+    """fp32 and INT8 timed side by side on this machine, medians (medmamba_edge.benchmarking.speed_check)."""
     batch: int
     fp32_ms: float
     int8_ms: float
@@ -109,16 +107,6 @@ class QuantizeResult:
     evaluated_on: str | None = None  # the CPU and instruction set the accuracies were measured on
     speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
-
-
-def time_against_fp32(fp32: Path, int8: Path, batch: int, progress: Progress) -> SpeedCheck:
-    """The two models in ``medmamba-edge benchmark``'s worker processes, taking turns, on its sample images."""
-    from medmamba_edge.benchmarking import benchmark
-
-    report = benchmark([fp32, int8], batches=[batch], warmup=SPEED_WARMUP, iterations=SPEED_ITERATIONS,
-                       progress=lambda done, total: progress("timing fp32 and INT8 on this CPU", done, total))
-    fp32_run, int8_run = report.measurements
-    return SpeedCheck(batch, fp32_run.percentile(50), int8_run.percentile(50), report.machine["cpu"])
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -411,7 +399,7 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
 
 
 def _check_options(method: str, percentile: float, quant_format: str, num_samples: int, max_drop: float,
-                   eval_data, auto_fallback: bool, min_speedup: float | None, speed_batch: int) -> None:
+                   eval_data, auto_fallback: bool, min_speedup: float | None, speed_check: SpeedCheckFn | None) -> None:
     if method not in METHODS:
         raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if quant_format not in FORMATS:
@@ -426,8 +414,8 @@ def _check_options(method: str, percentile: float, quant_format: str, num_sample
         raise QuantizeError("--auto-fallback needs --eval DATA to measure accuracy on")
     if min_speedup is not None and not min_speedup > 0:
         raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
-    if speed_batch < 1:
-        raise QuantizeError(f"--speed-batch must be >= 1, got {speed_batch}")
+    if min_speedup is not None and speed_check is None:
+        raise ValueError("min_speedup needs speed_check, the function that times the two models")
 
 
 def quantize_onnx(
@@ -447,15 +435,15 @@ def quantize_onnx(
     max_drop: float = 1.0,
     auto_fallback: bool = False,
     min_speedup: float | None = None,
-    speed_batch: int = 1,
+    speed_check: SpeedCheckFn | None = None,
     progress: Progress = lambda task, done, total: None,
 ) -> QuantizeResult:
-    """Calibrate, quantize, check accuracy (with ``eval_data``) and speed on this machine (with ``min_speedup``:
-    fp32 / INT8 median latency at ``speed_batch``), and write ``output`` only if both passed."""
+    """Calibrate, quantize, check accuracy (with ``eval_data``) and speed (with ``min_speedup``: the fp32 / INT8
+    ratio of the medians ``speed_check`` measures), and write ``output`` only if both passed."""
 
     started = time.perf_counter()
     _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback, min_speedup,
-                   speed_batch)
+                   speed_check)
     model_path, output = Path(model_path), Path(output)
     metadata = read_onnx_metadata(model_path)
     if metadata.precision != "fp32":
@@ -505,11 +493,11 @@ def quantize_onnx(
         speed = None
         if min_speedup is not None:
             onnx.save(int8, candidate)
-            speed = time_against_fp32(model_path, candidate, speed_batch, progress)
+            speed = speed_check(model_path, candidate)
             if speed.speedup < min_speedup:
                 raise QuantizeError(
                     f"INT8 runs at {speed.speedup:.2f}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at "
-                    f"batch {speed_batch}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
+                    f"batch {speed.batch}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
                     f"written to {output} (on this CPU keep the fp32 model, or --exclude the layers that do not pay)")
 
     evaluated_on = describe_cpu() if eval_data is not None else None

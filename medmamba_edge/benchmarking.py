@@ -36,6 +36,9 @@ from .evaluation import input_sizes
 
 DEFAULT_BATCHES = (1, 8)
 ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
+# quantize --min-speedup: timed runs per model after a warm-up, enough for a stable median on a noisy 2-core VM.
+SPEED_CHECK_ITERATIONS = 30
+SPEED_CHECK_WARMUP = 3
 Progress = Callable[[int, int], None]
 
 
@@ -207,6 +210,22 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
         for batch in batches for w, worker in enumerate(workers)
     ]
     return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
+
+
+def speed_check(batch: int, progress: Progress | None = None):
+    """quantize's speed gate: a function timing an fp32 model and its INT8 candidate at ``batch`` as
+    ``benchmark`` does. A bad batch is refused here, before calibration starts."""
+    if batch < 1:
+        raise BenchmarkError(f"--speed-batch must be >= 1, got {batch}")
+    from medmamba_edge.exporters.quantize import SpeedCheck
+
+    def measure(fp32: Path, int8: Path) -> SpeedCheck:
+        report = benchmark([fp32, int8], batches=[batch], warmup=SPEED_CHECK_WARMUP,
+                           iterations=SPEED_CHECK_ITERATIONS, progress=progress)
+        fp32_run, int8_run = report.measurements
+        return SpeedCheck(batch, fp32_run.percentile(50), int8_run.percentile(50), report.machine["cpu"])
+
+    return measure
 
 
 def _serve() -> None:

@@ -164,10 +164,15 @@ def quantize(
                 tasks[task] = bar.add_task(task, total=total)
             bar.update(tasks[task], completed=done, total=total)
 
+        timer = None
+        if min_speedup is not None:
+            from medmamba_edge.benchmarking import speed_check
+
+            timer = speed_check(speed_batch, lambda done, total: progress("timing fp32 and INT8 on this machine", done, total))
         result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
                                method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
                                eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
-                               auto_fallback=auto_fallback, min_speedup=min_speedup, speed_batch=speed_batch,
+                               auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
                                progress=progress)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
