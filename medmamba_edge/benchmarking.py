@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from medmamba_edge.runtime.cpu import describe_cpu
 
 from .errors import UserError
 from .evaluation import input_sizes
+
+if TYPE_CHECKING:
+    from medmamba_edge.exporters.quantize import SpeedCheckFn
 
 DEFAULT_BATCHES = (1, 8)
 ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
@@ -212,7 +216,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
 
 
-def speed_check(batch: int, progress: Progress | None = None):
+def speed_check(batch: int, progress: Progress | None = None) -> SpeedCheckFn:
     """quantize's speed gate: a function timing an fp32 model and its INT8 candidate at ``batch`` as
     ``benchmark`` does. A bad batch is refused here, before calibration starts."""
     if batch < 1:

@@ -67,6 +67,13 @@
 #endif
 
 #define MM_INLINE static inline __attribute__((always_inline))
+/* Before the loop over a step's states in every scan loop: each state's B and C loads become their own
+ * instructions, each with a steady stride along the walk that the hardware prefetchers can follow, where one
+ * load instruction for all states jumps a row (L floats) at every state.  MedMamba-T's node 10-15 % faster at
+ * every stage on the AVX-512 path, 3-9 % on AVX2's power chain (Xeon, C harness, builds side by side), about
+ * what holding B and C in L1 gave in a timing experiment.  The same results bit for bit on the AVX-512 and
+ * baseline paths; on AVX2, where gcc vectorises and contracts the unrolled loop its own way, within 1 ulp. */
+#define MM_UNROLL_STATES _Pragma("GCC unroll 16")
 #define MM_ALIGN __attribute__((aligned(64)))
 #define MM_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define MM_AVX2 __attribute__((target("arch=x86-64-v3")))
@@ -183,6 +190,7 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
         float acc[VW] MM_ALIGN;
         const float *restrict bp = Bk + pos[t], *restrict cp = Ck + pos[t];
         for (int l = 0; l < VW; l++) acc[l] = 0.0f;
+        MM_UNROLL_STATES
         for (int n = 0; n < N; n++) {
             const float b = bp[n * L];
             const float c = cp[n * L];
@@ -269,6 +277,7 @@ MM_AVX2 MM_INLINE void chain_ymm(scan_scratch *restrict s, const float *restrict
         const __m256 E_lo = _mm256_load_ps(s->base[t]), E_hi = _mm256_load_ps(s->base[t] + 8);
         const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];
         __m256 power_lo = E_lo, power_hi = E_hi, acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
+        MM_UNROLL_STATES
         for (int n = 0; n < N; n++) {
             const float *restrict k1n = k1 + n * VW, *restrict k2n = k2 + n * VW;
             float *restrict hn = h + n * VW;
@@ -329,6 +338,7 @@ MM_AVX512 MM_INLINE void scan_tile_zmm(float *restrict h, const float *restrict 
         const __m512 delta = _mm512_load_ps(dtt[t]), du = _mm512_load_ps(dut[t]);
         const float *restrict bp = Bk + pos[t], *restrict cp = Ck + pos[t];
         __m512 acc = _mm512_setzero_ps();
+        MM_UNROLL_STATES
         for (int n = 0; n < N; n++) {
             const __m512 dA = exp2_scalef(_mm512_mul_ps(delta, _mm512_load_ps(a2 + n * VW)));
             const __m512 hv = _mm512_fmadd_ps(dA, _mm512_load_ps(h + n * VW), _mm512_mul_ps(du, _mm512_set1_ps(bp[n * L])));
