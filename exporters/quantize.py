@@ -467,13 +467,14 @@ def quantize_onnx(
             return int8
 
         int8, fallback = quantized([]), []
+        if eval_data is not None or min_speedup is not None:  # the gates run the candidate from this file
+            onnx.save(int8, candidate)
         float_top1 = int8_top1 = None
         if eval_data is not None:
             eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
             labels = eval_set.labels()
             eval_inputs = preprocessed(eval_set, metadata, EVAL_BATCH, False, "reading evaluation images", progress)
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
-            onnx.save(int8, candidate)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
             if float_top1 - int8_top1 > max_drop and auto_fallback:
                 few = calib_inputs[: max(1, SENSITIVITY_IMAGES // len(calib_inputs[0]))]
@@ -492,7 +493,6 @@ def quantize_onnx(
                     f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
         speed = None
         if min_speedup is not None:
-            onnx.save(int8, candidate)
             speed = speed_check(model_path, candidate)
             if speed.speedup < min_speedup:
                 raise QuantizeError(
