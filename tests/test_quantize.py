@@ -115,7 +115,8 @@ def test_qoperator_graph_folds_the_relus_and_keeps_matmul_outputs_float(fp32_mod
     ops = [n.op_type for n in fp32.graph.node]
     int8_ops = [n.op_type for n in model.graph.node]
     assert ops.count("Relu") == 30 and "Relu" not in int8_ops
-    assert int8_ops.count("MatMulIntegerToFloat") == ops.count("MatMul") == 23
+    # Per block in_proj's two halves and out_proj, and the three patch mergings.
+    assert int8_ops.count("MatMulIntegerToFloat") == ops.count("MatMul") == 3 * 10 + 3
     assert "QLinearMatMul" not in int8_ops and "MatMul" not in int8_ops
     assert int8_ops.count("QLinearConv") == ops.count("Conv") - 10  # all but the depthwise ones
     producers = _producers(model)
@@ -131,11 +132,11 @@ def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_
     model = onnx.load(str(int8_models[form].path))
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     producers = _producers(model)
-    # Every Conv/Gemm and every MatMul by a constant weight on the right but the depthwise Convs: 65 in
-    # MedMamba-T, the SS2D blocks' x_proj projections (one 1×1 Conv each) among them.
+    # Every Conv/Gemm and every MatMul by a constant weight on the right but the depthwise Convs: 75 in
+    # MedMamba-T, the SS2D blocks' x_proj projections (one 1×1 Conv each) and in_proj halves among them.
     fp32 = onnx.load(str(fp32_models[form]))
     expected = [n.name for n in quantizable_nodes(fp32)]
-    assert len(expected) == 65 and int8_models[form].quantized_nodes == expected
+    assert len(expected) == 75 and int8_models[form].quantized_nodes == expected
     depthwise = [n for n in fp32.graph.node if n.op_type == "Conv" and n.name not in expected]
     assert len(depthwise) == 10 and all(a.i > 1 for n in depthwise for a in n.attribute if a.name == "group")
     if form == "plugin":  # x_dbl is the projection's output, reshaped to (batch, rows, L)
@@ -144,7 +145,7 @@ def test_qdq_graph_quantizes_every_dense_weight_per_channel_and_leaves_the_scan_
                        for n in fp32.graph.node if scan_node.is_scan_node(n)}
         assert len(projections) == 10 and projections <= set(expected)
     dense = [n for n in model.graph.node if n.name in expected]
-    assert len(dense) == 65
+    assert len(dense) == 75
     for node in dense:
         activation, weight = (producers.get(name) for name in node.input[:2])
         assert activation.op_type == "DequantizeLinear" and producers[activation.input[0]].op_type == "QuantizeLinear"
@@ -207,7 +208,7 @@ def test_gate_refuses_a_damaging_recipe_writes_nothing_and_exits_1(fp32_models, 
 
 
 def test_auto_fallback_keeps_the_damaged_layers_float_until_within_budget(fp32_models, tmp_path):
-    # Only the patch embedding and the first in_proj are quantized, clipped at the median: both hurt,
+    # Only the patch embedding and the first in_proj's x half are quantized, clipped at the median: both hurt,
     # so the fallback has something to find, and at most two steps to take.
     evaluation = _image_folder(tmp_path / "val", "val", 60)
     result = quantize_onnx(fp32_models["plugin"], tmp_path / "model.int8.onnx", evaluation, num_samples=16,
