@@ -106,6 +106,23 @@ def test_int8_top1_on_avx2_code_paths_of_an_avx512_cpu(fp32_models, int8_models,
     assert fp32 - qdq <= 0.5 and fp32 - qoperator <= 0.5, f"{seen['cpu']}: fp32 {fp32:.2f}% → {qdq:.2f}% / {qoperator:.2f}%"
 
 
+@pytest.mark.parametrize("form", ["plugin", "portable"])
+def test_onnx_runtime_runs_every_quantized_matmul_of_the_qdq_model_as_an_int8_kernel(form, fp32_models, int8_models,
+                                                                                   tmp_path):
+    """No Q/DQ MatMul left for ONNX Runtime's CPU to run in float on weights dequantized every run: each in_proj
+    half reads the LayerNorm output through a Q/DQ pair of its own, which ONNX Runtime needs to fuse it."""
+    from medmamba_edge.runtime import fused_scan
+
+    options = fused_scan.fused_session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    fused_scan.ort.InferenceSession(str(int8_models[form].path), options, providers=["CPUExecutionProvider"])
+    optimized = {node.name: node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    quantized = set(int8_models[form].quantized_nodes)
+    matmuls = [n.name for n in onnx.load(str(fp32_models[form])).graph.node if n.op_type == "MatMul" and n.name in quantized]
+    assert len(matmuls) == 3 * 10 + 3
+    assert {name: optimized.get(name) for name in matmuls} == dict.fromkeys(matmuls, "MatMulIntegerToFloat")
+
+
 def test_qoperator_graph_folds_the_relus_and_keeps_matmul_outputs_float(fp32_models, int8_models):
     """QOperator form: each conv branch Relu folded into its QLinearConv's uint8 range, and each MatMul a
     MatMulIntegerToFloat, so no DequantizeLinear → Relu → QuantizeLinear or QLinearMatMul → DequantizeLinear
