@@ -363,7 +363,8 @@ def _pair_per_quantized_reader(model: onnx.ModelProto, quantized: set[str]) -> o
             quantized_copy, dequantized_copy = f"{quantize.output[0]}/reader{copy}", f"{node.output[0]}/reader{copy}"
             for original, inputs, output in ((quantize, [quantize.input[0], *params], quantized_copy),
                                              (node, [quantized_copy, *params], dequantized_copy)):
-                pair_node = onnx.helper.make_node(original.op_type, inputs, [output], name=f"{original.name}/reader{copy}")
+                pair_node = onnx.helper.make_node(original.op_type, inputs, [output],
+                                                  name=f"{original.name}/reader{copy}")
                 pair_node.attribute.extend(original.attribute)
                 nodes.append(pair_node)
             reader.input[list(reader.input).index(node.output[0])] = dequantized_copy

@@ -118,7 +118,8 @@ def test_onnx_runtime_runs_every_quantized_matmul_of_the_qdq_model_as_an_int8_ke
     fused_scan.ort.InferenceSession(str(int8_models[form].path), options, providers=["CPUExecutionProvider"])
     optimized = {node.name: node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     quantized = set(int8_models[form].quantized_nodes)
-    matmuls = [n.name for n in onnx.load(str(fp32_models[form])).graph.node if n.op_type == "MatMul" and n.name in quantized]
+    matmuls = [node.name for node in onnx.load(str(fp32_models[form])).graph.node
+               if node.op_type == "MatMul" and node.name in quantized]
     assert len(matmuls) == 3 * 10 + 3
     assert {name: optimized.get(name) for name in matmuls} == dict.fromkeys(matmuls, "MatMulIntegerToFloat")
 
