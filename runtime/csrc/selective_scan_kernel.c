@@ -247,20 +247,19 @@ MM_INLINE void chain_setup(scan_scratch *restrict s, int N) {
     for (int l = 0; l < VW; l++) s->chain_delta[l] = emax[l] > 0.0f ? CHAIN_MAX_Z / emax[l] : 3.0e38f;
 }
 
-/* The tile's bases E = 2^(delta s); whether every delta (>= 0 after softplus) keeps its lane's correction
+/* Whether the tile's largest delta in each lane (deltas are >= 0 after softplus) keeps the lane's correction
  * accurate. */
-MM_INLINE int chain_bases(scan_scratch *restrict s, int tl) {
-    float dmax[VW] MM_ALIGN;
+MM_INLINE int chain_fits(const scan_scratch *restrict s, const float *restrict dmax) {
     int fits = 1;
-    for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
-    for (int t = 0; t < tl; t++) {
-        for (int l = 0; l < VW; l++) {
-            s->base[t][l] = exp2_product(s->dt[t][l], s->slope[l], 0, 0, 1);
-            dmax[l] = dmax[l] > s->dt[t][l] ? dmax[l] : s->dt[t][l];
-        }
-    }
     for (int l = 0; l < VW; l++) fits &= dmax[l] <= s->chain_delta[l];
     return fits;
+}
+
+/* The tile's bases E = 2^(delta s). */
+MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
+    for (int t = 0; t < tl; t++) {
+        for (int l = 0; l < VW; l++) s->base[t][l] = exp2_product(s->dt[t][l], s->slope[l], 0, 0, 1);
+    }
 }
 
 /* The chain's scan with the 16 lanes in two ymm: gcc's vectorisation of the plain loop kept the powers and sums in
@@ -536,28 +535,30 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         for (int t = 0; t < tl; t += 4) delta_four_steps(s, rows, t, R, L);
         const float *Bk = rows + R * L, *Ck = rows + (R + N) * L;
         int in_range = 0;
+        float dmax[VW] MM_ALIGN; /* per lane, the tile's largest delta (not on the AVX-512 path) */
 #if MM_X86_PATHS
         if (isa == ISA_AVX512)
             delta_x_avx512(s->dt, s->du, xk + q0 * VW, forward ? VW : -VW, tl, a->delta_softplus);
         else
 #endif
         {
-            float widest[VW] MM_ALIGN; /* per lane, the largest delta * max |A| * log2(e) of the tile */
-            for (int l = 0; l < VW; l++) widest[l] = 0.0f;
+            for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
             for (int t = 0; t < tl; t++) {
                 const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
                 for (int l = 0; l < VW; l++) {
                     const float d = a->delta_softplus ? softplus20(s->dt[t][l]) : s->dt[t][l];
                     s->dt[t][l] = d;
                     s->du[t][l] = d * xt[l];
-                    widest[l] = widest[l] > d * amax2[l] ? widest[l] : d * amax2[l];
+                    dmax[l] = dmax[l] > d ? dmax[l] : d;
                 }
             }
+            /* with signs_known, amax2 >= 0, so the tile's largest delta * max |A| * log2(e) is dmax * amax2 */
             in_range = signs_known;
-            for (int l = 0; l < VW; l++) in_range &= widest[l] <= 125.0f;
+            for (int l = 0; l < VW; l++) in_range &= dmax[l] * amax2[l] <= 125.0f;
         }
 #if MM_X86_PATHS
-        if (chain && chain_bases(s, tl)) {
+        if (chain && chain_fits(s, dmax)) {
+            chain_bases(s, tl);
             scan_tile_chain_avx2(s, Bk, Ck, L, tl, n_state);
         } else if (isa == ISA_AVX512) {
             scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state);
