@@ -304,6 +304,17 @@ def _matmuls_to_float(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _activation_pair(dequantize: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto],
+                     initializers) -> onnx.NodeProto | None:
+    """The QuantizeLinear behind ``dequantize`` when the two are the Q/DQ pair of a computed tensor (not of a weight)."""
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    quantize = producers.get(dequantize.input[0])
+    if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] in initializers:
+        return None
+    return quantize
+
+
 def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> onnx.ModelProto:
     """Give the nodes left in float their float inputs back.
 
@@ -314,11 +325,8 @@ def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> o
     initializers = {init.name for init in model.graph.initializer}
 
     def original(name: str) -> str | None:
-        dequantize = producers.get(name)
-        if dequantize is None or dequantize.op_type != "DequantizeLinear":
-            return None
-        quantize = producers.get(dequantize.input[0])
-        if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] in initializers:
+        quantize = _activation_pair(producers.get(name), producers, initializers)
+        if quantize is None:
             return None
         source = producers.get(quantize.input[0])
         if source is not None and source.name in quantized:  # a quantized output: its readers read it so
@@ -349,8 +357,8 @@ def _pair_per_quantized_reader(model: onnx.ModelProto, quantized: set[str]) -> o
     nodes = []
     for node in model.graph.node:
         nodes.append(node)
-        quantize = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if quantize is None or quantize.op_type != "QuantizeLinear":
+        quantize = _activation_pair(node, producers, initializers)
+        if quantize is None:
             continue
         for copy, reader in enumerate([r for r in readers[node.output[0]] if r.name in quantized][1:], 1):
             params = []
