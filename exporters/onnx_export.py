@@ -40,7 +40,9 @@ from medmamba_edge.runtime.preprocess import preprocess
 from .portable import lower_ss2d_scan
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-DEFAULT_OPSET = 18
+# torch.onnx's exporter writes opset 18 and converts from there; down to 17 fails on MedMamba (ONNX's converter
+# needs constant axes inputs, and the exporter's are not folded yet when it converts).
+DEFAULT_OPSET = MIN_OPSET = 18
 DEFAULT_ATOL = 1e-4
 # Elements a folded constant may have: every MedMamba-B weight fits (the largest, in_proj, is 1024×4096).
 FOLD_LIMIT = 1 << 24
@@ -57,18 +59,6 @@ class ExportResult:
     max_abs_diff: float | None  # None when verification was skipped
     verified_images: int
     seconds: float
-
-
-def check_input_size(checkpoint: LoadedCheckpoint, size: tuple[int, int]) -> None:
-    """Every stage needs at least one token: patch embedding then one 2× merge per stage after the first."""
-    config = checkpoint.config
-    for side in size:
-        tokens = side // config.patch_size
-        for _ in range(len(config.depths) - 1):
-            tokens //= 2
-        if tokens < 1:
-            minimum = config.patch_size * 2 ** (len(config.depths) - 1)
-            raise ExportError(f"{checkpoint.path}: input size {size} is too small; the model needs at least {minimum}")
 
 
 def _strip_exporter_annotations(model: onnx.ModelProto) -> None:
@@ -92,6 +82,8 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if batch is None else None
     # The exporter logs a line per absent torchvision op and warns on internals the user cannot act on.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # A conversion to the requested opset that fails is logged with its traceback; export_onnx says it in one line.
+    logging.getLogger("onnxscript.version_converter").setLevel(logging.CRITICAL)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -145,22 +137,27 @@ def export_onnx(
         raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be ≥ 1, got {batch}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")
     check_writable(output)
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    check_input_size(checkpoint, size)
+    metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     output = Path(output)
 
     status(f"tracing {checkpoint.config.variant} at {size[0]}×{size[1]}")
     plugin_form = trace_to_onnx(checkpoint, size, batch, opset)
+    written = next((o.version for o in plugin_form.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(f"--opset {opset}: torch.onnx {torch.__version__} could not convert the model to it "
+                          f"(it wrote opset {written}); nothing was written to {output}")
     hidden = _hidden_scan_functions(plugin_form)
     if hidden:
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
     portable_form = lower_ss2d_scan(plugin_form)
 
-    metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     model = plugin_form if scan == "plugin" else portable_form
     write_onnx_metadata(model, metadata)
     try:

@@ -72,6 +72,7 @@ CALIBRATION_BATCH = 8
 # Images the sensitivity ranking compares float and INT8 activations on.
 SENSITIVITY_IMAGES = 32
 EVAL_BATCH = 64
+DEFAULT_MAX_DROP = 1.0  # points of top-1 the accuracy gate allows INT8 to lose
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 SpeedCheckFn = Callable[[Path, Path], "SpeedCheck"]  # (fp32 model, INT8 candidate) -> both timed on this machine
@@ -107,6 +108,7 @@ class QuantizeResult:
     evaluated_on: str | None = None  # the CPU and instruction set the accuracies were measured on
     speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
+    max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -444,7 +446,7 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
     return 100.0 * float((np.concatenate(predictions) == labels).mean())
 
 
-def _check_options(method: str, percentile: float, quant_format: str, num_samples: int, max_drop: float,
+def _check_options(method: str, percentile: float, quant_format: str, max_drop: float | None,
                    eval_data, auto_fallback: bool, min_speedup: float | None, speed_check: SpeedCheckFn | None) -> None:
     if method not in METHODS:
         raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -452,12 +454,11 @@ def _check_options(method: str, percentile: float, quant_format: str, num_sample
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, got {quant_format!r}")
     if not 0 < percentile <= 100:
         raise QuantizeError(f"--percentile must be in (0, 100], got {percentile}")
-    if num_samples < 1:
-        raise QuantizeError(f"--num-samples must be >= 1, got {num_samples}")
-    if max_drop < 0:
+    if max_drop is not None and max_drop < 0:
         raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
-    if auto_fallback and eval_data is None:
-        raise QuantizeError("--auto-fallback needs --eval DATA to measure accuracy on")
+    for option, given in (("--max-drop", max_drop is not None), ("--auto-fallback", auto_fallback)):
+        if given and eval_data is None:
+            raise QuantizeError(f"{option} needs --eval DATA to measure accuracy on")
     if min_speedup is not None and not min_speedup > 0:
         raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
     if min_speedup is not None and speed_check is None:
@@ -478,18 +479,20 @@ def quantize_onnx(
     quant_format: str = "qdq",
     eval_data: str | Path | None = None,
     eval_split: str = "val",
-    max_drop: float = 1.0,
+    max_drop: float | None = None,
     auto_fallback: bool = False,
     min_speedup: float | None = None,
     speed_check: SpeedCheckFn | None = None,
     progress: Progress = lambda task, done, total: None,
 ) -> QuantizeResult:
-    """Calibrate, quantize, check accuracy (with ``eval_data``) and speed (with ``min_speedup``: the fp32 / INT8
-    ratio of the medians ``speed_check`` measures), and write ``output`` only if both passed."""
+    """Calibrate, quantize, check accuracy (with ``eval_data``: at most ``max_drop`` points of top-1 lost,
+    DEFAULT_MAX_DROP if None) and speed (with ``min_speedup``: the fp32 / INT8 ratio of the medians ``speed_check``
+    measures), and write ``output`` only if both passed."""
 
     started = time.perf_counter()
-    _check_options(method, percentile, quant_format, num_samples, max_drop, eval_data, auto_fallback, min_speedup,
-                   speed_check)
+    _check_options(method, percentile, quant_format, max_drop, eval_data, auto_fallback, min_speedup, speed_check)
+    if eval_data is not None and max_drop is None:
+        max_drop = DEFAULT_MAX_DROP
     model_path, output = Path(model_path), Path(output)
     metadata = read_onnx_metadata(model_path)
     if metadata.precision != "fp32":
@@ -558,4 +561,4 @@ def quantize_onnx(
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, len(calib_set), float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started)
+                          speed, time.perf_counter() - started, max_drop)

@@ -34,7 +34,7 @@ from pathlib import Path
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
-from medmamba_edge.runtime.files import current_umask
+from medmamba_edge.runtime.files import check_writable, current_umask
 from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph
 
 DEFAULT_NAME = "medmamba"
@@ -277,8 +277,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
     point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
     DeepStream device (default: a copy beside the config, when one is built here)."""
-    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0:
-        raise TritonExportError("--max-batch and --instances must be ≥ 1, --max-queue-delay-us ≥ 0")
+    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0 or (deepstream_batch is not None and deepstream_batch < 1):
+        raise TritonExportError("--max-batch, --instances and --deepstream-batch must be ≥ 1, --max-queue-delay-us ≥ 0")
     if kind not in ("KIND_CPU", "KIND_GPU"):
         raise TritonExportError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
     if not name or name.startswith(".") or "/" in name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -287,8 +287,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     repository = Path(repository)
-    if repository.exists() and not repository.is_dir():
-        raise TritonExportError(f"{repository}: is not a folder")
+    check_writable(repository, folder=True)
     root = (server_root or str(repository.resolve())).rstrip("/") or "/"
     folder_on_server = f"{root}/{name}"
     op_library = f"{folder_on_server}/{ORT_LIBRARY}" if served.needs_ort_ops else None
@@ -310,7 +309,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                 op_library=op_library)
     checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
 
-    ds_batch = deepstream_batch or served.metadata.batch or served.max_batch
+    ds_batch = deepstream_batch if deepstream_batch is not None else served.metadata.batch or served.max_batch
     if served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
         raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
     try:

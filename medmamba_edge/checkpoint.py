@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,14 @@ class LoadedCheckpoint:
     sha256: str
 
     def metadata(self, input_size: tuple[int, int], scan_form: str, batch: int | None) -> ModelMetadata:
-        """What an export of this checkpoint carries; preprocessing is the official train.py's."""
+        """What an export of this checkpoint carries; preprocessing is the official train.py's. Raises
+        CheckpointError for an input too small to leave every stage a token (patch embedding, then a 2× merge
+        per stage after the first)."""
         config = self.config
+        for side in input_size:
+            if side // config.patch_size // 2 ** (len(config.depths) - 1) < 1:
+                minimum = config.patch_size * 2 ** (len(config.depths) - 1)
+                raise CheckpointError(f"{self.path}: input size {tuple(input_size)} is too small; the model needs at least {minimum}")
         return ModelMetadata(
             input_size=tuple(input_size),
             class_names=tuple(self.class_names),
@@ -85,7 +92,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. on a bare pickle, a warning that would come before our one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; the line naming the blocked global or bad opcode is what matters.
         blocked = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)

@@ -58,6 +58,14 @@ def command(name: str | None = None):
     return register
 
 
+def progress_bars(*columns):
+    """Transient progress bars on stderr. None off a terminal: there they draw nothing and leave a blank line,
+    which would come before an error's one line."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
 def write_json(path: Path, data: dict) -> None:
     import json
 
@@ -101,9 +109,9 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
-    batch: Annotated[int, typer.Option(help="Fixed batch size.")] = 1,
+    batch: Annotated[Optional[int], typer.Option(help="Fixed batch size (default 1).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or later).")] = 18,
     classes: Annotated[Optional[str], typer.Option(help="Class names: comma-separated, or a class_indices.json. "
                                                         "Default: class_indices.json beside the checkpoint.")] = None,
     scan: Annotated[str, typer.Option(help="plugin: one SS2DScan node per SS2D block (TensorRT plugin, "
@@ -113,10 +121,13 @@ def export(
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
     size = parse_input_size(input_size)
+    if dynamic_batch and batch is not None:
+        fail("--batch and --dynamic-batch exclude each other: a model has a fixed batch or a dynamic one")
+    fixed_batch = None if dynamic_batch else 1 if batch is None else batch
     from medmamba_edge.exporters.onnx_export import export_onnx
 
     with console.status("exporting") as spinner:
-        result = export_onnx(checkpoint, output, input_size=size, batch=None if dynamic_batch else batch,
+        result = export_onnx(checkpoint, output, input_size=size, batch=fixed_batch,
                              opset=opset, classes=classes, scan=scan, verify=verify, atol=atol,
                              status=lambda message: spinner.update(message))
     meta = result.metadata
@@ -142,7 +153,8 @@ def quantize(
                                                         "QLinear* ops (ONNX Runtime CPU only).")] = "qdq",
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
     eval_split: Annotated[str, typer.Option(help="Split of a .npz evaluation set.")] = "val",
-    max_drop: Annotated[float, typer.Option(help="Largest allowed top-1 drop in points; more refuses (no output).")] = 1.0,
+    max_drop: Annotated[Optional[float], typer.Option(help="Largest allowed top-1 drop in points with --eval; more "
+                                                           "refuses (no output). Default: 1.")] = None,
     auto_fallback: Annotated[bool, typer.Option("--auto-fallback", help="Keep the most sensitive layers float, one "
                                                                         "at a time, until within --max-drop.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(help="Time fp32 and INT8 side by side on this machine; a "
@@ -150,13 +162,12 @@ def quantize(
     speed_batch: Annotated[int, typer.Option(help="Batch size --min-speedup times.")] = 1,
 ) -> None:
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     check_outputs(output)
     from medmamba_edge.exporters.quantize import quantize_onnx
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         tasks: dict[str, int] = {}
 
         def progress(task: str, done: int, total: int) -> None:
@@ -182,7 +193,7 @@ def quantize(
         out.print(f"--auto-fallback kept {len(result.fallback_nodes)} sensitive layers float: {', '.join(result.fallback_nodes)}")
     if result.int8_top1 is not None:
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
-                  f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {max_drop:g}) on {result.evaluated_on}")
+                  f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {result.max_drop:g}) on {result.evaluated_on}")
     if result.speed is not None:
         speed = result.speed
         out.print(f"speed at batch {speed.batch}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
@@ -255,8 +266,7 @@ def build_engine(
         def phase_finish(self, phase):
             self.bars.remove_task(self.tasks.pop(phase))
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True) as bars:
+    with progress_bars(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         result = tensorrt_build.build_engine(model, output, options, plugin=plugin, progress=RichProgress(bars))
     manifest = result.manifest
     shapes = next(iter(manifest.profile.values()))
@@ -317,14 +327,14 @@ def evaluate(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every metric to this JSON file.")] = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 
     from . import evaluation
 
     size = parse_input_size(input_size) if input_size else None
     check_outputs(json_file, folder=plots, plots=bool(plots))
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn()) as bar:
         task = bar.add_task("evaluating", total=None)
         report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
                                      max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -360,7 +370,7 @@ def benchmark(
     plot: Annotated[Optional[Path], typer.Option(help="Write a latency bar chart (PNG) here.")] = None,
 ) -> None:
     """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+    from rich.progress import BarColumn, MofNCompleteColumn
 
     from . import benchmarking
 
@@ -370,8 +380,7 @@ def benchmark(
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
     check_outputs(json_file, plot, plots=bool(plot))
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True) as bar:
+    with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("loading and warming up", total=None)
 
         def advance(done: int, total: int) -> None:

@@ -64,6 +64,8 @@ class Dataset:
 
     def sample(self, count: int | None, seed: int = 0) -> Dataset:
         """A deterministic random subset of ``count`` samples (all of them when count is None or larger)."""
+        if count is not None and count < 1:
+            raise DatasetError(f"--num-samples must be >= 1, got {count}")
         if count is None or count >= len(self):
             return self
         order = np.random.default_rng(seed).permutation(len(self))[:count]

@@ -139,8 +139,8 @@ def check_against_graph(metadata: ModelMetadata, input_shape, output_shape, sour
         raise MetadataError(f"{source}: the metadata does not fit the model graph: {'; '.join(problems)}")
 
 
-def read_onnx_metadata(model_or_path) -> ModelMetadata:
-    """The metadata of an ONNX model (a path or a loaded ``onnx.ModelProto``)."""
+def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMetadata:
+    """The metadata of an ONNX model (a path, or a loaded ``onnx.ModelProto`` read from ``source``)."""
     import onnx
 
     if isinstance(model_or_path, (str, Path)):
@@ -150,7 +150,9 @@ def read_onnx_metadata(model_or_path) -> ModelMetadata:
         except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
             raise MetadataError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     else:
-        source, model = "model", model_or_path
+        model = model_or_path
+    if not model.HasField("graph"):  # what protobuf makes of an empty file, and of some other bytes
+        raise MetadataError(f"{source}: not an ONNX model (the file is empty or holds no graph)")
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise MetadataError(

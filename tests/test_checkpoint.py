@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -49,15 +51,25 @@ def test_default_class_names_without_json(tmp_path, tiny_state_dict):
     assert load_checkpoint(save(tiny_state_dict, tmp_path / "m.pth")).class_names == ["class_0", "class_1", "class_2"]
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path):
+def _pickled(obj, path):  # a bare pickle, not torch.save's zip: torch warns about its protocol before refusing it
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    return path
+
+
+@pytest.mark.parametrize("write, refusal", [
+    (save, r"refused to load: the pickle wants to call posix\.system .*weights_only=True"),
+    (_pickled, r"not a readable PyTorch checkpoint \(not a tensor-only pickle\)"),
+], ids=["torch.save", "bare pickle"])
+def test_pickle_that_runs_code_is_refused(tmp_path, write, refusal):
     marker = tmp_path / "pwned"
 
     class Exploit:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
-    path = save({"model": Exploit()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load: the pickle wants to call posix\.system .*weights_only=True"):
+    path = write({"model": Exploit()}, tmp_path / "evil.pth")
+    with warnings.catch_warnings(), pytest.raises(CheckpointError, match=r"evil\.pth: " + refusal):
+        warnings.simplefilter("error")  # the refusal is the one thing said
         load_checkpoint(path)
     assert not marker.exists()
 

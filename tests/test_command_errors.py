@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ def onnx32(tmp_path_factory):
 def one_line_error(args, *fragments) -> str:
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1, result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
     return result.output
@@ -149,6 +150,44 @@ def test_export_output_is_checked_before_the_checkpoint_is_even_read(tmp_path, m
     (tmp_path / "file").write_text("")
     target = where if where.startswith("/") else tmp_path / where
     one_line_error(["export", bundled_checkpoint(), "-o", target, "--input-size", "32"], str(target), reason)
+
+
+# ---- options that cannot work together or at all: refused in one line, nothing written ------------------
+
+def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
+    checkpoint, npz = bundled_checkpoint(), _labelled_npz(tmp_path)
+    empty, foreign = tmp_path / "empty.onnx", tmp_path / "foreign.onnx"
+    empty.write_bytes(b"")
+    identity = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "other",
+                                      [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                      [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(identity), foreign)
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["export", checkpoint, "-o", tmp_path / "a.onnx", "--opset", "17"], "--opset must be ≥ 18"),
+        (["export", checkpoint, "-o", tmp_path / "a.onnx", "--batch", "4", "--dynamic-batch"], "exclude each other"),
+        (["evaluate", checkpoint, "--data", npz, "--input-size", "31"], "input size (31, 31) is too small"),
+        (["compare", checkpoint, onnx32, "--input-size", "28"], "input size (28, 28) is too small"),
+        (["compare", onnx32, onnx32, "--data", npz, "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (["quantize", onnx32, "--calib", npz, "-o", tmp_path / "a.onnx", "--max-drop", "0.5"],
+         "--max-drop needs --eval"),
+        (["export-triton", onnx32, "-o", tmp_path / "repo", "--deepstream-batch", "0"], "--deepstream-batch must be ≥ 1"),
+        (["export-triton", onnx32, "-o", tmp_path / "file" / "repo"], "file/repo: " + str(tmp_path / "file") + " is not a folder"),
+        (["build-engine", foreign, "-o", tmp_path / "a.engine"], "foreign.onnx: no medmamba-edge metadata"),
+        (["quantize", empty, "--calib", npz, "-o", tmp_path / "a.onnx"], "empty.onnx: not an ONNX model (the file is empty"),
+    ]
+    for args, reason in cases:
+        one_line_error(args, reason)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "empty.onnx", "file", "foreign.onnx"]
+    assert (tmp_path / "file").read_text() == ""
+
+
+def test_an_opset_the_exporter_cannot_write_is_one_line(tmp_path):
+    # torch.onnx falls back to opset 18 where it cannot convert (and logs a traceback): refused, nothing written
+    output = tmp_path / "a.onnx"
+    one_line_error(["export", bundled_checkpoint(), "-o", output, "--input-size", "32", "--opset", "99"],
+                   "--opset 99: torch.onnx", "could not convert the model to it (it wrote opset 18)")
+    assert not output.exists()
 
 
 # ---- a runtime-only install: no torch, no onnxscript, no matplotlib ------------------------------------

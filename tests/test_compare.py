@@ -63,4 +63,4 @@ def test_models_with_different_classes_cannot_be_compared(onnx32, tmp_path):
     (tmp_path / "class_indices.json").write_text('{"0": "healthy", "1": "sick"}')
     result = runner.invoke(app, ["compare", str(onnx32), str(renamed)])
     assert result.exit_code == 1 and "classes ['healthy', 'sick'] differ" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(result.output.splitlines()) == 1

@@ -288,7 +288,7 @@ def test_float16_plugin_graph_keeps_scan_parameters_float32(exported):
 def invoke(*args):
     result = runner.invoke(app, ["build-engine", *map(str, args)])
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1, result.output
     return result.output
 
 

@@ -111,7 +111,7 @@ def one_line_error(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert len(result.output.splitlines()) == 1, result.output
 
 
 def test_bad_data_is_a_one_line_error(onnx32, tmp_path):

@@ -396,7 +396,7 @@ def test_build_plugin_without_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(build.PluginBuildError) as info:
         build.build_plugin(build_dir=tmp_path / "b", cuda_arch=TEST_ARCH, tensorrt_root=tmp_path / "no-trt")
     message = str(info.value)
-    assert "TensorRT" in message and "TENSORRT_ROOT" in message and "\n" not in message
+    assert "TensorRT" in message and f"TENSORRT_ROOT={tmp_path / 'no-trt'}" in message and "\n" not in message
 
 
 def test_build_plugin_on_a_machine_without_tensorrt_says_so_before_cmake_or_nvcc(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from medmamba_edge.errors import UserError
 
 from ... import scan_node
 from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
-from ...metadata import PRECISIONS, read_onnx_metadata
+from ...metadata import PRECISIONS, ModelMetadata, read_onnx_metadata
 from .compat import (
     current_gpu,
     import_cudart,
@@ -182,6 +182,7 @@ def _progress_monitor(trt, progress: BuildProgress):
 @dataclass
 class _Inputs:
     model: onnx.ModelProto
+    metadata: ModelMetadata
     onnx_sha256: str
     plugin: Path | None
     plugin_sha256: str | None
@@ -194,7 +195,7 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf's DecodeError, onnx's ValueError, OSError: whatever the bytes trigger
         raise EngineBuildError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    read_onnx_metadata(model)  # a clear error for ONNX files that `medmamba-edge export` did not write
+    metadata = read_onnx_metadata(model, onnx_path)  # a clear error for ONNX files `medmamba-edge export` did not write
     retired = scan_node.retired_scan_node(model)
     if retired:
         raise EngineBuildError(f"{onnx_path}: {retired}")
@@ -211,7 +212,7 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
         library = Path(plugin) if plugin is not None else find_plugin_library()
         if not library.is_file():
             raise EngineBuildError(f"{library}: no such plugin library; build it with `medmamba-edge build-plugin`")
-    return _Inputs(model, sha256_file(onnx_path), library, sha256_file(library) if library else None)
+    return _Inputs(model, metadata, sha256_file(onnx_path), library, sha256_file(library) if library else None)
 
 
 @dataclass
@@ -242,7 +243,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
     logger = tensorrt_logger(trt)
     logger.take_errors()
     logger.forward = progress.status
-    metadata = read_onnx_metadata(inputs.model)
+    metadata = inputs.metadata
     low, opt, high = batch_profile(options, metadata.batch)
 
     model, fp16_graph = inputs.model, generation.converts_graph_to_fp16(fp16=options.fp16)
