@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medmamba_edge.runtime.cpu import describe_cpu
+from medmamba_edge.runtime.cpu import describe_cpu, usable_cpus
 
 from .errors import UserError
 from .evaluation import input_sizes
@@ -70,7 +70,7 @@ def _installed(package: str) -> str | None:
 
 
 def machine_info(threads: int | None) -> dict:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cpus()
     versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "torch", "tensorrt")}
     return {"cpu": describe_cpu(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "threads": threads if threads else f"backend default ({usable})",

@@ -471,7 +471,7 @@ def run(
         model_backend = open_model(model, backend=backend, precision=precision, status=spinner.update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
-                                      jsonl, csv)
+                                      jsonl, csv, reads=[*frames.inputs, Path(model)])
     console.print(f"{escape(Path(model).name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
                   highlight=False, soft_wrap=True)
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)

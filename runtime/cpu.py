@@ -64,3 +64,11 @@ def describe_cpu() -> str:
         return f"{model}, {instruction_set(flags)} (AVX-512, AVX-VNNI and AMX hidden from CPUID)"
     isa = instruction_set(flags)
     return f"{model}, {isa}" if isa else model
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (a container's or taskset's share), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)

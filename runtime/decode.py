@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,10 +152,20 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
     to RGB; colour images stay RGB; 1- to 7-bit images are scaled from their bit range like 12-bit ones."""
     pydicom, lut = _pydicom()
+    # pydicom warns on stderr about what it works around; what matters reaches the record below, or is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _dicom_frames(pydicom, lut, path)
+
+
+def _dicom_frames(pydicom, lut, path) -> list[np.ndarray]:
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise ImageError(f"{path}: DICOM float pixel data (a parametric map) is not supported: it has no stored "
+                         f"value range to map to intensities")
     if "PixelData" not in ds:
         # pydicom reads a cut file up to where it ends, silently: an image class or image attributes
         # without the pixels means the pixels were cut off, not that there never were any.
@@ -166,14 +177,20 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # missing decoder plugin, truncated pixel data, …
-        message = first_line(exc)
+        message = " ".join(str(exc).split())  # pydicom lists each plugin's failure on a line of its own
         if "less than expected" in message:
             raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {message})") from None
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax)
-        raise ImageError(f"{path}: cannot decode DICOM pixel data ({name}): {message} "
-                         f"(compressed DICOM may need pillow or pylibjpeg)") from None
+        hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
+        raise ImageError(f"{path}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
+                         f"{message[:300]}{hint}") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    # pydicom reshapes what it finds (pixel data for two frames where the header says one): the header decides.
+    samples = int(ds.get("SamplesPerPixel", 1))
+    described = (frames,) * (frames > 1) + (int(ds.Rows), int(ds.Columns)) + (samples,) * (samples > 1)
+    if pixels.shape != described:
+        raise ImageError(f"{path}: DICOM pixel data decodes to shape {pixels.shape}, not the {described} its header "
+                         f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel)")
     if frames == 1:
         pixels = pixels[None]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()

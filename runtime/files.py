@@ -29,7 +29,7 @@ def current_umask() -> int:
     return mask
 
 
-def _streamed_in_place(path: Path) -> bool:
+def streamed_in_place(path: Path) -> bool:
     """Whether ``path`` is written where it is, as a stream: a FIFO or device (/dev/full), or one of
     the process's file descriptors (/dev/stdout, /dev/fd/N: links to whatever stdout is, even a
     regular file). Renaming a temporary file over those would replace the device node or the link."""
@@ -57,7 +57,7 @@ class AtomicOutput:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.in_place = _streamed_in_place(self.path)
+        self.in_place = streamed_in_place(self.path)
         self.written = 0  # bytes of whole chunks
         self.handle = None
         if self.in_place:
@@ -158,7 +158,7 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
         raise OutputError(f"{path}: is not a folder")
     if not folder and path.is_dir():
         raise OutputError(f"{path}: is a folder, expected a file name")
-    if not folder and _streamed_in_place(path):
+    if not folder and streamed_in_place(path):
         if not os.access(path, os.W_OK):
             raise OutputError(f"{path}: cannot write there (permission denied)")
         return

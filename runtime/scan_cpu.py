@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from . import scan_node
+from .cpu import usable_cpus
 
 try:
     from . import _scan_cpu as _ext
@@ -89,10 +90,7 @@ def default_num_threads() -> int:
         if value < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
         return value
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def _f32(name: str, x) -> np.ndarray:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -23,7 +24,7 @@ import numpy as np
 
 from medmamba_edge.errors import UserError
 
-from .files import AtomicOutput
+from .files import AtomicOutput, OutputError, streamed_in_place
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -226,7 +227,7 @@ class ConsoleSink:
 
     def __init__(self, every: str, stream: IO[str] | None = None):
         if every not in ("frame", "second", "none"):
-            raise SinkError(f"--console must be frame, second or none, got {every!r}")
+            raise SinkError(f"--console must be auto, frame, second or none, got {every!r}")
         self.every, self.stream = every, stream or sys.stdout
         self.window_start = time.perf_counter()
         self.window: list[Record] = []
@@ -289,17 +290,30 @@ class Outputs:
 
 
 def open_outputs(console: str, live: bool, video: Path | None = None, video_fps: float = 5.0, show: bool = False,
-                 jsonl: Path | None = None, csv_path: Path | None = None) -> list[Sink]:
+                 jsonl: Path | None = None, csv_path: Path | None = None, reads: Iterable[Path] = ()) -> list[Sink]:
     """The sinks ``run`` asked for. Those that can refuse without touching a file (console mode, display)
-    come first; if a file output then cannot be created (a folder, a video format, no permission), the
-    ones already created are removed again, so a refused run leaves no file behind."""
+    come first; if a file output then cannot be created (a folder, a video format, no permission, one of the
+    files the run ``reads``, or another output's file), the ones already created are removed again, so a
+    refused run leaves no file behind."""
     outputs: list[Sink] = [ConsoleSink(console if console != "auto" else ("second" if live else "frame"))]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
+    read = {os.path.realpath(p) for p in reads}
+    taken: dict[str, str] = {}
     try:
-        for make, path in ((lambda p: VideoSink(p, video_fps), video), (JsonlSink, jsonl), (CsvSink, csv_path)):
-            if path is not None:
-                files.append(make(path))
+        for option, make, path in (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
+                                   ("--csv", CsvSink, csv_path)):
+            if path is None:
+                continue
+            # Renamed into place at the end, an output would replace an input or another output without a word (a
+            # stream, such as /dev/stdout, is written in place: two outputs may share it).
+            real = os.path.realpath(path)
+            if real in read:
+                raise OutputError(f"{path}: {option} would overwrite a file this run reads (the model or a source)")
+            if real in taken and not streamed_in_place(Path(path)):
+                raise OutputError(f"{path}: given to both {taken[real]} and {option}")
+            taken[real] = option
+            files.append(make(path))
     except UserError:
         for sink in files:
             sink.discard()

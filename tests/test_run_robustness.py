@@ -399,3 +399,30 @@ def test_an_output_refused_at_the_start_leaves_no_file_behind(model, tmp_path):
                        tmp_path / "r.jsonl", "--csv", tmp_path / "folder.csv")
     assert code == 1 and "folder.csv: is a folder, expected a file name" in output and "Traceback" not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.csv", "x.png"]
+
+
+def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is_written(model, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.png"), image())
+    video = write_video(tmp_path / "clip.avi", count=3)
+    before = {p: p.read_bytes() for p in (model, folder / "x.png", video)}
+    for source, args, message in [
+        (folder, ["--jsonl", folder / "x.png"], "x.png: --jsonl would overwrite a file this run reads"),
+        (folder, ["--csv", model], "toy.onnx: --csv would overwrite a file this run reads"),
+        (video, ["--save-video", video], "clip.avi: --save-video would overwrite a file this run reads"),
+        (folder, ["--jsonl", tmp_path / "r.out", "--csv", tmp_path / "r.out"], "r.out: given to both --jsonl and --csv"),
+        (folder, ["--threads", "0"], "--threads must be between 1 and"),
+        (folder, ["--threads", "100000"], "--threads must be between 1 and"),
+    ]:
+        code, output = cli("run", model, source, *args)
+        assert code == 1 and message in output and len(output.splitlines()) == 1, output
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi", "scans"]
+    assert [p.name for p in folder.iterdir()] == ["x.png"]
+    # One stream may take two outputs: both are written in place, no file is replaced.
+    process = run_cli_process(model, folder / "x.png", "--console", "none", "--jsonl", "/dev/stdout", "--csv", "/dev/stdout")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert [r["status"] for r in records] == ["ok"] and "\nseq,source," in "\n" + stdout

@@ -71,6 +71,11 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
     (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(SourceError, match="cannot be opened as a video"):
         open_source(str(tmp_path / "noise.mp4"))
+    for empty in ("", "  "):  # an unset "$SOURCE": not the current folder
+        with pytest.raises(SourceError, match="SOURCE is empty"):
+            open_source(empty)
+    with pytest.raises(SourceError, match="names a file on this machine .* not on otherhost"):
+        open_source(f"file://otherhost{tmp_path / 'zero.mp4'}")
 
 
 def test_folder_skips_broken_files_and_keeps_going(tmp_path):
@@ -120,6 +125,17 @@ def test_broken_dicom_and_the_real_one(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"\0" * 300)
     with pytest.raises(ImageError, match="not a readable DICOM file"):
         read_dicom(tmp_path / "junk.dcm")
+    # Two frames' pixels under a header for one: pydicom warns and returns both; the header decides.
+    pixels = np.zeros((64, 64), np.uint8)
+    with pytest.raises(ImageError, match=r"rows\.dcm: DICOM pixel data decodes to shape \(2, 32, 64\), not the \(32, 64\)"):
+        read_dicom(synthetic_dicom(tmp_path / "rows.dcm", pixels, Rows=32))
+    float_map = synthetic_dicom(tmp_path / "float.dcm", pixels)
+    ds = pydicom.dcmread(float_map)
+    del ds.PixelData
+    ds.FloatPixelData = np.zeros((64, 64), np.float32).tobytes()
+    ds.save_as(float_map)
+    with pytest.raises(ImageError, match="float pixel data .* is not supported"):  # complete, not "truncated"
+        read_dicom(float_map)
     real = require_shared("data", "dicom", "chest_xray_rsna.dcm")
     (image,) = read_dicom(real)
     # 8-bit MONOCHROME2 without LUTs: exactly its stored pixels, as if saved as PNG.
@@ -135,8 +151,14 @@ def test_video_stride_loop_and_truncation(tmp_path):
     assert [f.index for f in iterate(open_source(str(video)), stride=5, loop=True, max_frames=6)] == [0, 5, 10, 0, 5, 10]
     data = video.read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
-    frames = list(iterate(open_source(str(tmp_path / "cut.avi"))))
-    assert 0 < len(frames) < 12 and "truncated or corrupt" in frames[-1].error
+    # A frame's bytes zeroed mid-file: FFmpeg passes over it and the frames after it decode (11 of 12 here,
+    # which once went unrecorded).
+    (tmp_path / "hole.avi").write_bytes(data[: len(data) // 2] + bytes(300) + data[len(data) // 2 + 300:])
+    for broken in ("cut.avi", "hole.avi"):
+        *decoded, last = iterate(open_source(str(tmp_path / broken)))
+        assert 0 < len(decoded) < 12 and all(f.error is None for f in decoded), broken
+        assert f"{12 - len(decoded)} of the 12 frames the video lists did not decode" in last.error
+        assert last.timestamp == pytest.approx(len(decoded) / 10)
 
 
 class FlakyMjpegServer:

@@ -41,6 +41,8 @@ __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate",
 def open_source(spec: str, reconnect: int = 5) -> Source:
     """The source for a URI (see the module docstring), opened."""
     spec = str(spec).strip()
+    if not spec:  # an unset "$SOURCE" would otherwise be ".", the current folder
+        raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"\d+", spec):
         return camera_source(int(spec), spec)
     scheme = urlparse(spec).scheme.lower() if "://" in spec else ""
@@ -51,6 +53,8 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
     if scheme in STREAM_SCHEMES:
         return stream_source(spec, reconnect)
     if scheme == "file":
+        if urlparse(spec).netloc not in ("", "localhost"):
+            raise SourceError(f"{spec}: a file:// URL names a file on this machine (file:///path), not on {urlparse(spec).netloc}")
         spec = unquote(urlparse(spec).path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
     elif scheme:
         raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "

@@ -9,6 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class Source(ABC):
 
     description: str = ""
     live: bool = False
+    inputs: tuple[Path, ...] = ()  # the files it reads, which no output may overwrite
     # Where a source reports what happened without ending the run (a reconnect); the loop prints it.
     notify: Callable[[str], None] = staticmethod(lambda message: None)
 

@@ -22,6 +22,7 @@ class FileSource(Source):
 
     def __init__(self, paths: list[Path | tuple[Path, str]], description: str):
         self.paths, self.description = paths, description
+        self.inputs = tuple(entry[0] if isinstance(entry, tuple) else entry for entry in paths)
 
     def frames(self, stride: int = 1) -> Iterator[Frame]:
         for entry in self.paths[::stride]:

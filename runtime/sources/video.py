@@ -54,6 +54,7 @@ class VideoSource(Source):
         if self.capture is None:  # a second pass (--loop) over a file
             self.capture = self.open_capture()
         total = 0 if self.live else int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = self.fps
         index, failures = 0, 0
         while not self.stopping.is_set():
             keep = index % stride == 0
@@ -80,9 +81,12 @@ class VideoSource(Source):
         if index == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
             yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
                                                f"(no frames, or corrupt or unsupported video data)")
-        elif index < total - 1:  # the container promised more frames: the file ends early or stops decoding
-            yield Frame(self.uri, index, 0.0, error=f"{self.uri}: video stopped decoding at frame {index} of "
-                                                  f"{total} (truncated or corrupt)")
+        elif index < total:
+            # The container lists more frames than decoded: FFmpeg passes over a corrupt frame without a word, and
+            # a truncated file ends early. Which frames are missing it does not say (positions count decoded frames).
+            yield Frame(self.uri, index, index / fps if fps else 0.0,
+                        error=f"{self.uri}: {total - index} of the {total} frames the video lists did not decode "
+                              f"(corrupt or truncated); frame numbers count the {index} decoded")
 
     def _wait(self, attempt: int) -> None:
         wait = min(self.backoff * 2 ** (attempt - 1), 8.0)
@@ -167,6 +171,8 @@ def stream_source(uri: str, reconnect: int) -> VideoSource:
 
 
 def video_file_source(path: Path) -> VideoSource:
-    return VideoSource(_opener(str(path), str(path), cv2.CAP_FFMPEG,
-                               hint=" as a video (corrupt, truncated or an unsupported codec)"),
-                       f"video {path}", str(path))
+    source = VideoSource(_opener(str(path), str(path), cv2.CAP_FFMPEG,
+                                 hint=" as a video (corrupt, truncated or an unsupported codec)"),
+                         f"video {path}", str(path))
+    source.inputs = (path,)
+    return source
