@@ -31,9 +31,9 @@ import numpy as np
 from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Sample, open_dataset
-from medmamba_edge.runtime.metadata import PRECISIONS
+from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 
-from .evaluation import Failure, open_models, run_models
+from .evaluation import PREPROCESSING_FIELDS, Failure, open_models, run_models
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class ComparisonReport:
     disagreeing: list[str]  # sources of the images whose top-1 class differs
     checks: list[Check]
     failures: list[Failure] = field(default_factory=list)
+    input_differences: list[str] = field(default_factory=list)  # how A's preprocessing differs from B's
 
     @property
     def problems(self) -> list[str]:
@@ -125,6 +126,15 @@ def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
     return checks
 
 
+def input_differences(a: ModelMetadata, b: ModelMetadata) -> list[str]:
+    """The preprocessing fields in which two models differ, as "input_size 32×32 vs 48×48"."""
+    def shown(name: str, value) -> str:
+        return "×".join(map(str, value)) if name == "input_size" else str(value)
+
+    return [f"{name} {shown(name, getattr(a, name))} vs {shown(name, getattr(b, name))}"
+            for name in PREPROCESSING_FIELDS if getattr(a, name) != getattr(b, name)]
+
+
 def bundled_samples() -> Dataset:
     paths = sample_image_paths()
     return Dataset(f"bundled sample images ({len(paths)})", [Sample(str(p), None) for p in paths])
@@ -153,6 +163,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
         disagreeing=[dataset.samples[i].source for i in outputs.indices[differ]],
         checks=_checks(a, b, tolerance),
         failures=outputs.failures,
+        input_differences=input_differences(backends[0].metadata, backends[1].metadata),
     )
 
 
@@ -177,7 +188,9 @@ def render_tables(report: ComparisonReport) -> list:
 
 def summary_lines(report: ComparisonReport, limit: int = 5) -> Sequence[str]:
     """The images whose top-1 class differs (first ``limit``) and those that could not be decoded."""
-    lines = [f"top-1 differs on {source}" for source in report.disagreeing[:limit]]
+    lines = [f"A and B preprocess differently ({'; '.join(report.input_differences)}): the difference is "
+             f"the input's as well as the model's"] if report.input_differences else []
+    lines += [f"top-1 differs on {source}" for source in report.disagreeing[:limit]]
     if len(report.disagreeing) > limit:
         lines.append(f"… and on {len(report.disagreeing) - limit} more images")
     lines += [f"left out (could not decode): {f.reason}" for f in report.failures[:limit]]

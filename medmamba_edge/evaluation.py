@@ -61,8 +61,12 @@ def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] |
     return backends
 
 
+# What preprocess() takes from a model's metadata: models equal in these see the same input tensors.
+PREPROCESSING_FIELDS = ("input_size", "in_chans", "channel_order", "mean", "std", "resize")
+
+
 def _preprocessing_key(metadata: ModelMetadata) -> tuple:
-    return (metadata.input_size, metadata.in_chans, metadata.channel_order, metadata.mean, metadata.std, metadata.resize)
+    return tuple(getattr(metadata, name) for name in PREPROCESSING_FIELDS)
 
 
 @dataclass(frozen=True)

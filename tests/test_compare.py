@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medmamba_edge.cli import app
-from medmamba_edge.comparison import TIERS, compare, tolerance_for
+from medmamba_edge.comparison import TIERS, compare, summary_lines, tolerance_for
 from tests.exported_models import bundled_onnx, official_onnx
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
@@ -22,6 +22,13 @@ def test_checkpoint_and_its_onnx_export_agree_on_the_bundled_samples(onnx32):
     assert report.images == 9 and report.tolerance == TIERS["fp32"] and "bundled sample images" in report.data
     assert report.logits.max_abs < 1e-4 and report.top1_agreement == 1.0 and not report.disagreeing
     assert "PyTorch" in report.backends[0] and "plugin scan" in report.backends[1]  # fused scan in ORT
+
+
+def test_a_difference_in_preprocessing_is_named(onnx32):
+    report = compare(require_shared(*OFFICIAL_T32), onnx32, input_size=48)
+    assert report.input_differences == ["input_size 48×48 vs 32×32"]
+    assert summary_lines(report)[0].startswith("A and B preprocess differently (input_size 48×48 vs 32×32)")
+    assert compare(require_shared(*OFFICIAL_T32), onnx32).input_differences == []
 
 
 def test_cli_passes_on_real_data(onnx32):
