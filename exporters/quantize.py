@@ -50,6 +50,7 @@ import onnx
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
 from medmamba_edge.runtime.files import write_bytes_atomically
@@ -149,16 +150,12 @@ def excluded_nodes(candidates: Sequence[onnx.NodeProto], patterns: Sequence[str]
     return excluded
 
 
-def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, fill: bool, task: str,
-                 progress: Progress) -> list[np.ndarray]:
-    """The data set as model inputs of ``batch`` images each; ``fill``: complete the last one by cycling
-    its images (a fixed-batch model run directly takes whole batches only)."""
+def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: str, progress: Progress) -> list[np.ndarray]:
+    """The data set as model inputs of ``batch`` images each (the last may have fewer)."""
     chunks = []
     for indices, images in dataset.batches(batch):
         chunks.append(preprocess(images, metadata))
         progress(task, indices[-1] + 1, len(dataset))
-    if fill and len(chunks[-1]) < batch:
-        chunks[-1] = chunks[-1][np.arange(batch) % len(chunks[-1])]
     return chunks
 
 
@@ -183,9 +180,10 @@ def _calibration_method(method: str):
             "percentile": CalibrationMethod.Percentile}[method]
 
 
-def calibrate(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str, method: str, percentile: float,
+def calibrate(model: onnx.ModelProto, inputs: list[list[np.ndarray]], input_name: str, method: str, percentile: float,
               cache: Path, progress: Progress) -> None:
-    """Activation ranges of the Conv/MatMul/Gemm/Relu tensors over ``inputs``, saved to ``cache`` for quantize_static."""
+    """Activation ranges of the Conv/MatMul/Gemm/Relu tensors over ``inputs`` (groups of the model's batches),
+    saved to ``cache`` for quantize_static."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     # The symmetric histogram keeps |x|, so percentile clips the largest magnitudes of either sign.
@@ -197,24 +195,24 @@ def calibrate(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str,
         onnx.save(lower_ss2d_scan(model), source)
         calibrator = create_calibrator(source, list(CALIBRATED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
                                        _calibration_method(method), extra_options=options)
-        # One run per batch: the calibrators merge runs incrementally, so memory stays one batch deep.
-        for done, batch in enumerate(inputs, start=1):
+        # One collect_data per group: the calibrators merge groups incrementally (memory stays one group deep),
+        # and a histogram's bins depend on how the data was grouped, so every model groups the same images.
+        for done, group in enumerate(inputs, start=1):
             with _quiet():
-                calibrator.collect_data(_OneBatch({input_name: batch}))
+                calibrator.collect_data(_Feeds([{input_name: batch} for batch in group]))
             progress("calibrating", done, len(inputs))
         with _quiet():
             save_tensors_data(calibrator.compute_data(), cache)
 
 
-class _OneBatch:
-    """A CalibrationDataReader yielding one feed."""
+class _Feeds:
+    """A CalibrationDataReader yielding the given feeds."""
 
-    def __init__(self, feed: dict[str, np.ndarray]):
-        self.feed = feed
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = iter(feeds)
 
     def get_next(self):
-        feed, self.feed = self.feed, None
-        return feed
+        return next(self.feeds, None)
 
 
 def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes: Sequence[str],
@@ -504,7 +502,10 @@ def quantize_onnx(
     excluded = excluded_nodes(candidates, exclude)
     nodes = [n.name for n in candidates if n.name not in excluded]
     calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
-    calib_inputs = preprocessed(calib_set, metadata, metadata.batch or CALIBRATION_BATCH, True, "reading calibration images", progress)
+    # Groups of CALIBRATION_BATCH images, each as the model's own batches: a batch-1 export calibrates as its
+    # dynamic-batch twin does (the same histograms, so the same INT8 model).
+    calib_inputs = [fixed_batches(group, metadata.batch) for group in
+                    preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)]
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
@@ -522,11 +523,12 @@ def quantize_onnx(
         if eval_data is not None:
             eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
             labels = eval_set.labels()
-            eval_inputs = preprocessed(eval_set, metadata, EVAL_BATCH, False, "reading evaluation images", progress)
+            eval_inputs = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
             if float_top1 - int8_top1 > max_drop and auto_fallback:
-                few = calib_inputs[: max(1, SENSITIVITY_IMAGES // len(calib_inputs[0]))]
+                batches = [batch for group in calib_inputs for batch in group]
+                few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
                 ranking = rank_by_sensitivity(model, int8, nodes, few, input_name)
                 while float_top1 - int8_top1 > max_drop and len(fallback) < len(nodes) - 1:
                     fallback.append(ranking[len(fallback)])

@@ -52,16 +52,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def fixed_batches(batch: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """``batch`` as whole batches of ``fixed`` images (one batch if None), the last padded with copies of its
+    last image: what a fixed-batch model takes."""
+    step = fixed or len(batch)
+    chunks = [batch[start:start + step] for start in range(0, len(batch), step)]
+    if len(chunks[-1]) < step:
+        chunks[-1] = np.concatenate([chunks[-1], np.repeat(chunks[-1][-1:], step - len(chunks[-1]), axis=0)])
+    return chunks
+
+
 def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.ndarray:
     """Feed a fixed-batch model whole batches, padding the last one with copies of its last image."""
-    step = fixed or len(batch)
-    outputs = []
-    for start in range(0, len(batch), step):
-        chunk = batch[start:start + step]
-        if len(chunk) < step:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
-        outputs.append(run_fixed(chunk)[: min(step, len(batch) - start)])
-    return np.concatenate(outputs)
+    return np.concatenate([run_fixed(chunk) for chunk in fixed_batches(batch, fixed)])[: len(batch)]
 
 
 def is_triton_url(spec) -> bool:
