@@ -530,7 +530,7 @@ def export_triton(
                       soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
-    out.print(f"start: tritonserver --model-repository={result.folder.parent.resolve()}; "
+    out.print(f"start: tritonserver --model-repository={server_root or result.folder.parent.resolve()}; "
               f"clients: medmamba-edge run triton://HOST:8000/{name} SOURCE", highlight=False, soft_wrap=True)
 
 

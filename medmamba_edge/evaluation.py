@@ -166,6 +166,8 @@ class EvaluationReport:
 def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | tuple[int, int] | None = None,
              batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
              progress: Progress | None = None) -> EvaluationReport:
+    if max_drop is not None and not max_drop >= 0:
+        raise EvaluationError(f"--max-drop must be ≥ 0 points, got {max_drop}")
     backends = open_models(models, input_size, threads)
     class_names = backends[0].metadata.class_names
     dataset = open_dataset(data, split=split, class_names=class_names)

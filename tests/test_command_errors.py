@@ -169,6 +169,7 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["evaluate", checkpoint, "--data", npz, "--input-size", "31"], "input size (31, 31) is too small"),
         (["compare", checkpoint, onnx32, "--input-size", "28"], "input size (28, 28) is too small"),
         (["compare", onnx32, onnx32, "--data", npz, "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (["evaluate", onnx32, onnx32, "--data", npz, "--max-drop", "-0.5"], "--max-drop must be ≥ 0 points"),
         (["quantize", onnx32, "--calib", npz, "-o", tmp_path / "a.onnx", "--max-drop", "0.5"],
          "--max-drop needs --eval"),
         (["export-triton", onnx32, "-o", tmp_path / "repo", "--deepstream-batch", "0"], "--deepstream-batch must be ≥ 1"),

@@ -54,6 +54,7 @@ def test_a_plugin_form_model_becomes_an_onnxruntime_entry_with_our_op_library(mo
     code, output = cli("export-triton", model, "-o", repository, "--server-root", "/models")
     assert code == 0, output
     assert "wrote" in output and "onnxruntime backend, max batch 8, dynamic batching ≤ 2000 µs, plugin scan" in output
+    assert "start: tritonserver --model-repository=/models;" in output  # where the server sees it
     folder = repository / "medmamba"
     assert files(folder) == EXPECTED_FILES and files(repository) == ["medmamba", *[f"medmamba/{f}" for f in EXPECTED_FILES]]
     assert (folder / "1" / "model.onnx").read_bytes() == model.read_bytes()
