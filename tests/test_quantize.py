@@ -252,7 +252,8 @@ def test_a_batch_1_export_calibrates_as_its_dynamic_batch_twin(tmp_path):
         # By value: the two traces name some tensors differently
         scales[batch] = sorted(float(v) for t in onnx.load(int8).graph.initializer if t.name.endswith("_scale")
                                for v in numpy_helper.to_array(t).ravel())
-    assert len(scales[1]) > 100 and scales[1] == scales[None]
+    # Equal up to float rounding: the activations themselves may differ in the last bits between batch sizes.
+    assert len(scales[1]) > 100 and np.allclose(scales[1], scales[None], rtol=1e-5, atol=0)
 
 
 def test_gate_passes_with_the_default_recipe_and_records_accuracy(fp32_models, tmp_path):
