@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medmamba_edge.runtime.backends import TORCH_SUFFIXES, Backend, BackendError, open_backend, refuse_options
-from medmamba_edge.runtime.cpu import usable_cpus
+from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 BACKEND_CHOICES = ("auto", "tensorrt")
@@ -22,9 +22,7 @@ def open_model(path: str | Path, *, backend: str = "auto", precision: str | None
     ``input_size`` and ``classes`` apply to a checkpoint only: an exported model carries its own."""
     if backend not in BACKEND_CHOICES:
         raise BackendError(f"--backend {backend}: expected one of {', '.join(BACKEND_CHOICES)}")
-    # More threads than CPUs only contend (--threads 100000 would start that many, gigabytes of stacks).
-    if threads is not None and not 1 <= threads <= usable_cpus():
-        raise BackendError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this process may use), got {threads}")
+    check_threads(threads)
     if Path(path).suffix.lower() in TORCH_SUFFIXES:
         refuse_options(path, "a PyTorch checkpoint", providers=providers, plugin=plugin, precision=precision,
                        backend=None if backend == "auto" else backend)

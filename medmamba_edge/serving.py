@@ -11,18 +11,22 @@ names from (runtime/backends/triton.py); preprocessing stays on the client (docs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medmamba_edge.runtime.backends import Backend, open_backend
+from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import METADATA_KEY
 
 from .errors import MissingExtraError, UserError, first_line, install_hint
@@ -34,6 +38,8 @@ DEFAULT_MODEL_NAME = "medmamba"
 GUARDED_ENDPOINTS = ["model-repository", "shared-memory", "trace", "logging"]
 # Long enough for a batch of 224×224 images on a small CPU to finish; a stop never waits longer.
 EXIT_TIMEOUT_S = 10
+# Error lines tritonserver logs at every start on a CPU machine, whatever then happens: never the reason.
+STARTUP_NOISE = ("NVML", "DCGM", "CudaDriver", "Failed to set config modification time")
 
 
 class ServeError(UserError):
@@ -56,10 +62,11 @@ class ServeOptions:
             raise UserError(f"--max-batch must be ≥ 1, got {self.max_batch}")
         if self.max_queue_delay_us < 0:
             raise UserError(f"--max-queue-delay-us must be ≥ 0, got {self.max_queue_delay_us}")
-        for flag, port in (("--port", self.port), ("--grpc-port", self.grpc_port), ("--metrics-port", self.metrics_port)):
-            if port is not None and not 0 < port < 65536:
-                raise UserError(f"{flag} must be a port number (1–65535), got {port}")
+        check_threads(self.threads)
         ports = [self.port, self.grpc_port_or_default, self.metrics_port_or_default]
+        for flag, port in zip(("--port", "--grpc-port (default --port + 1)", "--metrics-port (default --port + 2)"), ports):
+            if not 0 < port < 65536:
+                raise UserError(f"{flag} must be a port number (1–65535), got {port}")
         if len(set(ports)) < 3:
             raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
 
@@ -171,6 +178,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
                           metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,
                           allow_gpu_metrics=False)
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
+    spawned: set[tuple[int, int]] = set()
     with backend, stop_on_signals(lambda message: notify(
             f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
         try:
@@ -188,10 +196,79 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
                    f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
                    f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
             while not stopping.wait(0.5):
+                # Seen while their server lives: once it dies they are re-parented and no longer to be found.
+                spawned |= server_processes(triton)
                 if not triton.is_alive():
-                    raise ServeError(f"{model}: the Triton server stopped by itself{_server_hint(triton)}")
+                    raise ServeError(f"{model}: the Triton server {_exit_reason(triton)}{_server_hint(triton)}")
         finally:
+            spawned |= server_processes(triton)
             triton.stop()
+            stop_leftovers(spawned)
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, start time in clock ticks) of every running process (zombies left out), from /proc
+    (Triton runs on Linux only)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # gone since the listing
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, …, starttime (20th)
+            if fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def server_processes(triton) -> set[tuple[int, int]]:
+    """(pid, start time) of tritonserver and the processes below it (its Python backend's stub and the stub's
+    workers); the start time tells a reused pid from the one seen. Not this process's other children:
+    multiprocessing's resource tracker must outlive us to unlink our shared memory."""
+    try:
+        pid = triton._triton_server._tritonserver_running_cmd.pid
+    except AttributeError:  # not started, or PyTriton's internals moved
+        return set()
+    table = _process_table()
+    if pid not in table:
+        return set()
+    found, parents = {(pid, table[pid][1])}, [pid]
+    while parents:
+        parent = parents.pop()
+        children = {(child, start) for child, (ppid, start) in table.items() if ppid == parent} - found
+        found |= children
+        parents += [child for child, _ in children]
+    return found
+
+
+def stop_leftovers(processes: set[tuple[int, int]], grace_s: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``, the ``processes`` still running: the Python backend's stub and
+    its workers outlive a tritonserver that crashed, was killed, or gave up waiting for a client's open
+    connection on stopping, and would run on, re-parented, for good."""
+    def running() -> list[int]:
+        table = _process_table()
+        return [pid for pid, start in processes if pid in table and table[pid][1] == start]
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        for pid in running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _exit_reason(triton) -> str:
+    """How the server process ended, as sh reports it (minus the signal number when a signal ended it; its
+    RunningCommand.exit_code would raise that as an exception)."""
+    try:
+        code = triton._triton_server._tritonserver_running_cmd.process.exit_code
+    except AttributeError:  # PyTriton's internals moved: say less rather than fail
+        return "stopped by itself"
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"stopped by itself (exit status {code})"
 
 
 def _server_hint(triton) -> str:
@@ -202,7 +279,7 @@ def _server_hint(triton) -> str:
     exceptions = [m for m in re.findall(r"\b([A-Z]\w*(?:Error|Exception): [^\"\\]+)", log)
                   if not m.startswith("TritonModelException")]
     errors = [line.split('"', 1)[-1].split("\\n")[0].rstrip('"') for line in log.splitlines()
-              if line.startswith("E") and "NVML" not in line and "DCGM" not in line and "CudaDriver" not in line]
+              if line.startswith("E") and not any(noise in line for noise in STARTUP_NOISE)]
     said = (exceptions or errors or [""])[-1].strip()
     return f"; the server said: {said[:300]}" if said else ""
 

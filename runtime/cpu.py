@@ -14,6 +14,8 @@ import platform
 import re
 from pathlib import Path
 
+from medmamba_edge.errors import UserError
+
 CPUINFO = Path("/proc/cpuinfo")
 # Set to "avx2" by benchmarks/hide_avx512.c, which hides the AVX-512 family, AVX-VNNI and AMX from CPUID (where
 # the kernels look) but not from /proc/cpuinfo (where we look).
@@ -72,3 +74,10 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
         return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None) -> None:
+    """A --threads value: more threads than CPUs only contend (--threads 100000 would start that many, with
+    gigabytes of stacks)."""
+    if threads is not None and not 1 <= threads <= usable_cpus():
+        raise UserError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this process may use), got {threads}")

@@ -22,15 +22,20 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 class ImageError(UserError, ValueError):
     """An image file that cannot be decoded or used."""
 
+# OpenCV's log level: cv2.utils.logging in OpenCV 5, cv2.getLogLevel/setLogLevel in 4.x (the serve extra pins
+# opencv-python-headless < 4.12, which has no cv2.utils.logging). 0 is LOG_LEVEL_SILENT in both.
+_LOG_LEVEL = getattr(cv2.utils, "logging", cv2)
+
+
 @contextmanager
 def quiet_opencv():
     """Silence OpenCV's own WARN lines (a truncated PNG, a missing camera): our errors say it in one line."""
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    previous = _LOG_LEVEL.getLogLevel()
+    _LOG_LEVEL.setLogLevel(0)
     try:
         yield
     finally:
-        cv2.utils.logging.setLogLevel(previous)
+        _LOG_LEVEL.setLogLevel(previous)
 
 
 # The file suffixes read_image reads as images (by OpenCV), wherever images are looked for: `run`'s folders

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -73,6 +74,24 @@ def test_run_against_the_server_equals_local_inference_on_real_images(server, mo
     assert [r["status"] for r in served] == ["ok"] * len(images)
     assert [(r["source"], r["labels"]) for r in served] == [(r["source"], r["labels"]) for r in local]
     assert np.allclose([r["probabilities"] for r in served], [r["probabilities"] for r in local], atol=1e-6)
+
+
+def test_the_serve_venv_runs_models_locally_as_this_one_does(model, images, tmp_path):
+    # Its older OpenCV (opencv-python-headless < 4.12) once lacked an API the decoder used: every image skipped.
+    folder = tmp_path / "with_a_broken_png"
+    folder.mkdir()
+    for image in images[:3]:
+        (folder / image.name).symlink_to(image)
+    (folder / "z_broken.png").write_bytes(images[0].read_bytes()[:300])
+    records = {}
+    for python in (require_serve_python(), Path(sys.executable)):
+        jsonl = tmp_path / f"{python.parent.parent.name}.jsonl"
+        result = subprocess.run([str(python), "-m", "medmamba_edge.cli", "run", str(model), str(folder), "--console",
+                                 "none", "--jsonl", str(jsonl)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        records[python] = [(r["status"], r["labels"]) for r in read_jsonl(jsonl)]
+    serve_venv, this_venv = records.values()
+    assert serve_venv == this_venv and [status for status, _ in serve_venv] == ["ok"] * 3 + ["skipped"]
 
 
 def test_the_backend_gives_the_local_logits_and_the_metadata_of_the_file(server, model, images):
@@ -180,6 +199,47 @@ def test_sigterm_stops_the_server_cleanly(model, tmp_path):
         # server gone (not always by the time the leader has been reaped).
         assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
         assert not list(Path("/dev/shm").glob(f"*pytrtion{server.process.pid}-*"))
+
+
+def test_a_killed_tritonserver_is_named_and_leaves_no_process_behind(model, tmp_path):
+    with running_server(model, tmp_path) as server:
+        (tritonserver,) = [int(m.split()[0]) for m in group_members(server.process.pid) if " tritonserver " in m]
+        os.kill(tritonserver, signal.SIGKILL)
+        code = server.process.wait(timeout=60)
+        errors = [line for line in server.log.read_text(errors="replace").splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and "the Triton server was killed by SIGKILL" in errors[0], server.log_tail()
+        # Its Python backend stub, re-parented when its server died, would otherwise run on for good.
+        assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
+
+
+def test_ctrl_c_while_a_client_sends_leaves_no_process_behind(model, images, tmp_path):
+    # A client's open connection holds Triton's stop until its exit timeout, after which tritonserver exits
+    # without stopping its Python backend: the stub outlived it, re-parented, for good.
+    with running_server(model, tmp_path) as server:
+        client = open_backend(server.url)
+        batch = preprocess([read_image(images[0])], client.metadata)
+        answered, stop = [], threading.Event()
+
+        def send() -> None:
+            while not stop.is_set():
+                try:
+                    answered.append(client.run(batch))
+                except BackendError:
+                    stop.wait(0.1)  # the server is stopping: asked again until the test ends
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            while not answered:
+                time.sleep(0.05)
+            os.killpg(server.process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group
+            code = server.process.wait(timeout=60)
+        finally:
+            stop.set()
+            sender.join(timeout=30)
+            client.close()
+        assert code == 0, server.log_tail()
+        assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
 
 
 def group_gone_within(pgid: int, seconds: float) -> bool:
