@@ -503,7 +503,7 @@ def quantize_onnx(
     nodes = [n.name for n in candidates if n.name not in excluded]
     calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
     # Groups of CALIBRATION_BATCH images, each as the model's own batches: a batch-1 export calibrates as its
-    # dynamic-batch twin does (the same histograms, so the same INT8 model).
+    # dynamic-batch twin does (the same histograms, up to the float rounding of activations at another batch).
     calib_inputs = [fixed_batches(group, metadata.batch) for group in
                     preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)]
 

@@ -55,9 +55,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def fixed_batches(batch: np.ndarray, fixed: int | None) -> list[np.ndarray]:
     """``batch`` as whole batches of ``fixed`` images (one batch if None), the last padded with copies of its
     last image: what a fixed-batch model takes."""
-    step = fixed or len(batch)
+    step = fixed or max(len(batch), 1)
     chunks = [batch[start:start + step] for start in range(0, len(batch), step)]
-    if len(chunks[-1]) < step:
+    if chunks and len(chunks[-1]) < step:
         chunks[-1] = np.concatenate([chunks[-1], np.repeat(chunks[-1][-1:], step - len(chunks[-1]), axis=0)])
     return chunks
 
