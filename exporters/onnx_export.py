@@ -58,6 +58,7 @@ class ExportResult:
     metadata: ModelMetadata
     max_abs_diff: float | None  # None when verification was skipped
     verified_images: int
+    verified_form: str | None  # what ONNX Runtime ran (max_logit_difference)
     seconds: float
 
 
@@ -105,17 +106,29 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
     return model
 
 
-def max_logit_difference(checkpoint: LoadedCheckpoint, portable: onnx.ModelProto, images: np.ndarray, batch: int | None) -> float:
-    """Largest |ONNX Runtime − PyTorch| logit over ``images``, fed to a fixed-batch graph as the runtime does."""
+def max_logit_difference(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, images: np.ndarray,
+                         batch: int | None) -> tuple[float, str]:
+    """Largest |ONNX Runtime − PyTorch| logit over ``images``, fed to a fixed-batch graph as the runtime does, and
+    what ran: the model as it will be written, or, for a plugin-form model where the native op library is not
+    built, its portable lowering (the same maths in standard ops)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(portable.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    from medmamba_edge.runtime import fused_scan
+
+    session, ran = None, "portable form"
+    if scan_node.has_scan_nodes(model):
+        try:
+            session, ran = fused_scan.make_fused_session(model), "plugin form, native SS2DScan op"
+        except fused_scan.FusedScanUnavailable:
+            model, ran = lower_ss2d_scan(model), "its portable lowering: the native op library is not built"
+    if session is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ort_logits = run_in_fixed_batches(lambda chunk: session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0], images, batch)
     with torch.no_grad():
         torch_logits = checkpoint.model(torch.from_numpy(images)).numpy()
-    return float(np.abs(ort_logits - torch_logits).max())
+    return float(np.abs(ort_logits - torch_logits).max()), ran
 
 
 def export_onnx(
@@ -156,21 +169,19 @@ def export_onnx(
     hidden = _hidden_scan_functions(plugin_form)
     if hidden:
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
-    portable_form = lower_ss2d_scan(plugin_form)
-
-    model = plugin_form if scan == "plugin" else portable_form
+    model = plugin_form if scan == "plugin" else lower_ss2d_scan(plugin_form)
     write_onnx_metadata(model, metadata)
     try:
         onnx.checker.check_model(model, full_check=scan == "portable")
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{checkpoint.path}: exported graph is invalid: {first_line(exc)}") from None
 
-    max_abs_diff, verified = None, 0
+    max_abs_diff, verified, verified_form = None, 0, None
     if verify:
         status("verifying ONNX Runtime against PyTorch on the bundled sample images")
         # The bundled real sample images, preprocessed exactly as deployment will preprocess them.
         images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
-        max_abs_diff = max_logit_difference(checkpoint, portable_form, images, batch)
+        max_abs_diff, verified_form = max_logit_difference(checkpoint, model, images, batch)
         verified = len(images)
         if not max_abs_diff <= atol:
             raise ExportError(
@@ -179,4 +190,4 @@ def export_onnx(
             )
     # Whole models in memory are fine: MedMamba-B is ~160 MB, far below protobuf's 2 GB limit.
     write_bytes_atomically(output, model.SerializeToString())
-    return ExportResult(output, metadata, max_abs_diff, verified, time.perf_counter() - started)
+    return ExportResult(output, metadata, max_abs_diff, verified, verified_form, time.perf_counter() - started)

@@ -134,7 +134,8 @@ def export(
     out.print(f"wrote {result.path} ({meta.variant}, {meta.scan_form} scan, input {meta.input_size[0]}×{meta.input_size[1]}, "
               f"batch {meta.batch or 'dynamic'}, classes {', '.join(meta.class_names)}) in {result.seconds:.1f} s")
     if result.max_abs_diff is not None:
-        out.print(f"verified on {result.verified_images} real images: max |ONNX Runtime − PyTorch| = {result.max_abs_diff:.2e}")
+        out.print(f"verified on {result.verified_images} real images ({result.verified_form}): "
+                  f"max |ONNX Runtime − PyTorch| = {result.max_abs_diff:.2e}")
 
 
 @command()

@@ -122,6 +122,26 @@ def test_exported_model_matches_pytorch_on_real_images_with_dynamic_batch(plugin
         assert np.abs(logits - expected).max() <= 1e-4
 
 
+def test_verification_runs_the_model_as_written(official, plugin32, tmp_path, monkeypatch):
+    from medmamba_edge.runtime import fused_scan
+
+    assert plugin32[0].verified_form == "plugin form, native SS2DScan op"  # the file, SS2DScan nodes and all
+    ran = []
+    monkeypatch.setattr(fused_scan, "make_fused_session", lambda model: ran.append(model) or session(model))
+    with pytest.raises(Exception):  # plain ONNX Runtime has no SS2DScan kernel: the plugin form itself was handed over
+        export_onnx(official, tmp_path / "a.onnx", input_size=32, batch=1)
+    assert scan_node.has_scan_nodes(ran[0]) and not (tmp_path / "a.onnx").exists()
+
+    def unavailable(model):
+        raise fused_scan.FusedScanUnavailable("not built")
+
+    monkeypatch.setattr(fused_scan, "make_fused_session", unavailable)
+    result = export_onnx(official, tmp_path / "b.onnx", input_size=32, batch=1)
+    assert result.verified_form == "its portable lowering: the native op library is not built"
+    assert result.max_abs_diff <= 1e-4 and scan_node.has_scan_nodes(onnx.load(str(tmp_path / "b.onnx")))
+    assert export_onnx(official, tmp_path / "c.onnx", input_size=32, batch=1, scan="portable").verified_form == "portable form"
+
+
 def test_portable_export_at_224_runs_in_plain_onnxruntime(official, tmp_path):
     path = tmp_path / "t224.onnx"
     result = export_onnx(official, path, input_size=224, batch=2, scan="portable")
