@@ -471,7 +471,9 @@ def run(
     with console.status("loading the model") as spinner:
         model_backend = open_model(model, backend=backend, precision=precision, status=spinner.update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
-    outputs = sink_types.open_outputs(console_lines, frames.live, save_video, (frames.fps or 5.0) / stride, show,
+    # A video's frame rate divided by the stride; stills at 5 fps (--stride picks files, not a rate)
+    video_fps = frames.fps / stride if frames.fps else 5.0
+    outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
                                       jsonl, csv, reads=[*frames.inputs, Path(model)])
     console.print(f"{escape(Path(model).name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
                   highlight=False, soft_wrap=True)

@@ -93,7 +93,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
             record.latency_ms = (time.perf_counter() - frame.captured) * 1000
             recent.append(time.perf_counter())
             if record.probabilities[0] < options.threshold:
-                record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {options.threshold:.0%}"
+                record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {100 * options.threshold:g}%"
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
         outputs.write(record, frame.image, fps)
         stats.add(record)
@@ -128,6 +128,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                         emit(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
         finally:
             for frame in capture.stop():
+                frame.image = None  # never shown to the model: a record, but no frame of the annotated video
                 emit(frame, "skipped", reason="run stopped before inference")
             for frame in capture.take_dropped():
                 emit(frame, "dropped", reason="inference slower than the source")

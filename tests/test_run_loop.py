@@ -51,7 +51,7 @@ def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     (images / "zz_empty.png").write_bytes(b"")
     (images / "zz_cut.png").write_bytes(samples[0].read_bytes()[:50])
     out = tmp_path / "out"
-    code, output = cli("run", tiny_onnx, images, "--batch", 4, "--threshold", 0.9, "--jsonl", out / "r.jsonl",
+    code, output = cli("run", tiny_onnx, images, "--batch", 4, "--threshold", 0.905, "--jsonl", out / "r.jsonl",
                        "--csv", out / "r.csv", "--save-video", out / "r.mp4")
     assert code == 0, output
     records = read_jsonl(out / "r.jsonl")
@@ -60,12 +60,17 @@ def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     assert "not a decodable image" in records[-2]["reason"] and "file is empty" in records[-1]["reason"]
     classified = records[:-2]
     assert all(r["labels"][0] in ("normal", "pneumonia") and r["latency_ms"] > 0 for r in classified)
-    assert all((r["status"] == "abstain") == (r["probabilities"][0] < 0.9) for r in classified)
+    assert all((r["status"] == "abstain") == (r["probabilities"][0] < 0.905) for r in classified)
+    abstained = [r for r in classified if r["status"] == "abstain"]
+    assert abstained and all(r["reason"].endswith("< threshold 90.5%") for r in abstained)
     rows = list(csv.DictReader(open(out / "r.csv")))
     assert [row["status"] for row in rows] == [r["status"] for r in records]
     video = cv2.VideoCapture(str(out / "r.mp4"))
-    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(classified)
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(classified) and video.get(cv2.CAP_PROP_FPS) == 5
     assert sorted(p.name for p in out.iterdir()) == ["r.csv", "r.jsonl", "r.mp4"]  # no partial files left
+    # --stride picks every other file; stills have no frame rate to divide
+    strided, strided_output = cli("run", tiny_onnx, images, "--stride", 2, "--save-video", tmp_path / "s.mp4")
+    assert strided == 0 and cv2.VideoCapture(str(tmp_path / "s.mp4")).get(cv2.CAP_PROP_FPS) == 5, strided_output
     assert f"{len(classified)} frames" in output and "2 skipped" in output and "p50/p95/p99" in output
 
 
@@ -126,7 +131,8 @@ def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     video = write_video(tmp_path / "loop.avi", count=10)
     jsonl = tmp_path / "records.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "run", str(tiny_onnx), str(video), "--loop",
-                                "--console", "none", "--jsonl", str(jsonl)],
+                                "--batch", "4", "--console", "none", "--jsonl", str(jsonl), "--save-video",
+                                str(tmp_path / "annotated.avi")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.read_text().count("\n") >= 30 for p in tmp_path.glob(".records.*.partial.jsonl")):
@@ -138,6 +144,9 @@ def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     assert len(records) >= 30 and [r["seq"] for r in records] == list(range(len(records)))
     assert not list(tmp_path.glob(".records.*"))
     assert "stopping" in stderr and f"{sum(r['status'] == 'ok' for r in records)} frames" in stdout
+    # Frames still queued get a record but are no frame of the annotated video, which shows what was classified
+    annotated = cv2.VideoCapture(str(tmp_path / "annotated.avi"))
+    assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == sum(r["status"] == "ok" for r in records)
     assert "FPS" in stdout and "capture→result latency p50/p95/p99" in stdout
 
 
