@@ -206,11 +206,20 @@ def read_class_names(path: Path, num_classes: int) -> list[str] | None:
         names = data
     else:
         raise CheckpointError(f"{path}: expected a JSON object {{\"0\": name, ...}} or a list of names")
+    return _checked_names(names, num_classes, path, "")
+
+
+def _checked_names(names: list, num_classes: int, where, given: str) -> list[str]:
+    """``names`` if they can label the model's outputs: one non-empty string per output, no two alike (a data
+    set's folder or label would map to two outputs)."""
     if not all(isinstance(n, str) and n for n in names):
-        raise CheckpointError(f"{path}: class names must be non-empty strings")
+        raise CheckpointError(f"{where}: class names must be non-empty strings, got {names!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CheckpointError(f"{where}: class names must differ; {', '.join(map(repr, repeated))} is given more than once")
     if len(names) != num_classes:
-        raise CheckpointError(f"{path}: {len(names)} class names but the model has {num_classes} outputs")
-    return names
+        raise CheckpointError(f"{where}: {len(names)} class names {given}but the model has {num_classes} outputs")
+    return list(names)
 
 
 def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[str] | None) -> list[str]:
@@ -221,11 +230,7 @@ def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",")]
     if classes is not None:
-        if len(classes) != num_classes or not all(classes):
-            raise CheckpointError(
-                f"{checkpoint}: {len(classes)} class names given but the model has {num_classes} outputs"
-            )
-        return list(classes)
+        return _checked_names(list(classes), num_classes, checkpoint, "given ")
     beside = Path(checkpoint).with_name(CLASS_INDEX_FILE)
     if beside.is_file():
         return read_class_names(beside, num_classes)

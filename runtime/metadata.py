@@ -58,8 +58,9 @@ class ModelMetadata:
                 and all(_positive_int(v) for v in self.input_size)):
             raise MetadataError(f"input_size must be two positive integers (height, width), got {self.input_size!r}")
         if not (isinstance(self.class_names, (tuple, list)) and self.class_names
-                and all(isinstance(c, str) and c for c in self.class_names)):
-            raise MetadataError(f"class_names must be a non-empty list of names, got {self.class_names!r}")
+                and all(isinstance(c, str) and c for c in self.class_names)
+                and len(set(self.class_names)) == len(self.class_names)):
+            raise MetadataError(f"class_names must be a non-empty list of distinct names, got {self.class_names!r}")
         if not _positive_int(self.in_chans):
             raise MetadataError(f"in_chans must be a positive integer, got {self.in_chans!r}")
         if self.batch is not None and not _positive_int(self.batch):

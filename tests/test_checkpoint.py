@@ -45,6 +45,13 @@ def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict)
     assert load_checkpoint(path, classes="a,b,c").class_names == ["a", "b", "c"]
     with pytest.raises(CheckpointError, match="2 class names given but the model has 3 outputs"):
         load_checkpoint(path, classes=["a", "b"])
+    with pytest.raises(CheckpointError, match=r"class names must be non-empty strings, got \['a', 'b', ''\]"):
+        load_checkpoint(path, classes="a,b,")  # once reported as "3 class names given but the model has 3 outputs"
+    with pytest.raises(CheckpointError, match="class names must differ; 'a' is given more than once"):
+        load_checkpoint(path, classes="a,b,a")
+    (tmp_path / "class_indices.json").write_text(json.dumps(["x", "y", "x"]))
+    with pytest.raises(CheckpointError, match=r"class_indices\.json: class names must differ; 'x'"):
+        load_checkpoint(path)
 
 
 def test_default_class_names_without_json(tmp_path, tiny_state_dict):
