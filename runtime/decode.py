@@ -22,6 +22,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 class ImageError(UserError, ValueError):
     """An image file that cannot be decoded or used."""
 
+
 # OpenCV's log level: cv2.utils.logging in OpenCV 5, cv2.getLogLevel/setLogLevel in 4.x (the serve extra pins
 # opencv-python-headless < 4.12, which has no cv2.utils.logging). 0 is LOG_LEVEL_SILENT in both.
 _LOG_LEVEL = getattr(cv2.utils, "logging", cv2)
@@ -147,6 +148,10 @@ def _pydicom():
         from pydicom import pixels
     except ImportError as exc:
         raise ImageError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
+    # pydicom warns on stderr about what it works around, between the records; what matters reaches a record
+    # (read_dicom checks the pixel data's shape against the header). A filter, not catch_warnings: files are read
+    # in the capture thread, and catch_warnings swaps the process-wide filters.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     return pydicom, pixels
 
 
@@ -157,13 +162,6 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
     to RGB; colour images stay RGB; 1- to 7-bit images are scaled from their bit range like 12-bit ones."""
     pydicom, lut = _pydicom()
-    # pydicom warns on stderr about what it works around; what matters reaches the record below, or is fine.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _dicom_frames(pydicom, lut, path)
-
-
-def _dicom_frames(pydicom, lut, path) -> list[np.ndarray]:
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
