@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends.tensorrt import compat
 from medmamba_edge.runtime.backends.tensorrt import plugin as build
 from medmamba_edge.runtime.files import CACHE_ENV
 from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_reference64
@@ -367,7 +368,29 @@ def test_build_plugin_with_cmake_reuses_the_kernel_objects(cmake_build_dir, monk
     root = TRT_INCLUDE.parent if TRT_INCLUDE.name == "include" else TRT_INCLUDE
     library = build.build_plugin(build_dir=cmake_build_dir, cuda_arch=TEST_ARCH, tensorrt_root=root)
     assert library.name == build.PLUGIN_LIBRARY and library.is_file()
-    assert {"getCreators", "setLoggerFinder", *C_SYMBOLS} <= _exported_symbols(library)
+    assert {"getCreators", "setLoggerFinder", "medmambaTensorRTMajor", *C_SYMBOLS} <= _exported_symbols(library)
+    headers_major = int(re.search(r"define (?:NV_TENSORRT_MAJOR|TRT_MAJOR_ENTERPRISE) (\d+)",
+                                  (TRT_INCLUDE / "NvInferVersion.h").read_text()).group(1))
+    try:
+        assert compat.built_for_tensorrt_major(library) == headers_major
+    except OSError as exc:  # its CUDA runtime is not on this machine's loader path
+        pytest.skip(f"the plugin library does not load here ({exc})")
+
+
+def test_the_tensorrt_major_a_library_was_built_for_is_read_from_it(tmp_path):
+    # A plugin's calls into TensorRT's logger follow its headers' class layouts, which changed in TensorRT 11:
+    # load_plugin_library refuses a library built for another major version, by what this reads.
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "says.c").write_text("int medmambaTensorRTMajor(void) { return 11; }\n")
+    (tmp_path / "silent.c").write_text("int other(void) { return 0; }\n")
+    for name in ("says", "silent"):
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"), str(tmp_path / f"{name}.c")],
+                       check=True)
+    assert compat.built_for_tensorrt_major(tmp_path / "says.so") == 11
+    assert compat.built_for_tensorrt_major(tmp_path / "silent.so") is None  # built before it said: TensorRT's load decides
+    assert compat.built_for_tensorrt_major(tmp_path / "missing.so") is None
 
 
 @requires_nvcc

@@ -1,8 +1,10 @@
 // TensorRT IPluginV3 wrapper of the CUDA SS2DScan (selective_scan_kernel.cu).
 //
 // Only TensorRT's headers are needed to build this: every TensorRT object is reached through virtual calls,
-// so the library does not link libnvinfer and the same binary loads into a process that already has
-// TensorRT 10 or 11 (the IPluginV3One* interfaces are versioned and frozen).
+// so the library does not link libnvinfer. Those calls follow the headers' class layouts, which hold within a
+// major version but not across: TensorRT 11 put IVersionedInterface under ILogger and ILoggerFinder, moving
+// findLogger() and log() in their virtual tables. So a library loads into the major version it was built for,
+// which medmambaTensorRTMajor() tells the loader (runtime/backends/tensorrt/compat.py checks it).
 
 #include "selective_scan_plugin.h"
 
@@ -372,4 +374,9 @@ extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCrea
 extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     medmamba_edge::gLoggerFinder.store(finder);
+}
+
+extern "C" int32_t medmambaTensorRTMajor()
+{
+    return NV_TENSORRT_MAJOR;
 }

@@ -2,7 +2,8 @@
 //
 // TensorRT >= 10.3 only (JetPack 6.1+ and TensorRT 11): IPluginV3 does not exist in TensorRT 8.x.
 // The library exports getCreators()/setLoggerFinder(), the entry points of trtexec --dynamicPlugins and
-// IPluginRegistry::loadLibrary; it registers nothing statically, so loading it twice is harmless.
+// IPluginRegistry::loadLibrary, and registers nothing statically; loadLibrary itself refuses a second load of
+// a library whose creator is registered already, so our runtime loads it once (compat.load_plugin_library).
 #ifndef MEDMAMBA_SELECTIVE_SCAN_PLUGIN_H
 #define MEDMAMBA_SELECTIVE_SCAN_PLUGIN_H
 
@@ -108,6 +109,8 @@ extern "C"
     __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(
         int32_t& nbCreators);
     __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
+    // NV_TENSORRT_MAJOR of the headers that built this library (its virtual calls follow their class layouts).
+    __attribute__((visibility("default"))) int32_t medmambaTensorRTMajor();
 }
 
 #endif // MEDMAMBA_SELECTIVE_SCAN_PLUGIN_H

@@ -15,10 +15,14 @@ Nothing here imports TensorRT or CUDA at module import time, and nothing here ne
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 from dataclasses import dataclass
 
 from medmamba_edge.errors import UserError, first_line
+
+from ... import scan_node
 
 MIN_VERSION = (10, 3, 0)
 STRONGLY_TYPED_FROM = 11
@@ -197,12 +201,33 @@ class PluginLoadError(UserError):
     """TensorRT could not load the plugin library."""
 
 
+def built_for_tensorrt_major(path) -> int | None:
+    """The TensorRT major version whose headers built the plugin library at ``path`` (None: a build that does
+    not say, or a library that cannot be opened here, which TensorRT's own load then reports)."""
+    try:
+        return int(ctypes.CDLL(str(path)).medmambaTensorRTMajor())
+    except (OSError, AttributeError):
+        return None
+
+
 def load_plugin_library(trt, path) -> None:
-    """Register the plugin's creators with TensorRT (once per process and library)."""
-    key = str(path)
+    """Register the plugin's creators with TensorRT (once per process and library, whatever the path it is
+    reached by: TensorRT refuses to register a creator twice)."""
+    key = os.path.realpath(path)
     if key in _LOADED_PLUGINS:
         return
-    handle = trt.get_plugin_registry().load_library(key)
+    built_for = built_for_tensorrt_major(key)
+    running = int(trt.__version__.split(".")[0])
+    if built_for is not None and built_for != running:
+        # Its calls to TensorRT's logger would land on other virtual functions (selective_scan_plugin.cpp).
+        raise PluginLoadError(f"{path}: built with TensorRT {built_for} headers, and this is TensorRT {trt.__version__}; "
+                              f"rebuild it with `medmamba-edge build-plugin`")
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(scan_node.OP_TYPE, scan_node.PLUGIN_VERSION, scan_node.PLUGIN_NAMESPACE) is not None:
+        # Registered by another copy (the autoload build, LD_PRELOADed): loading this one too would fail.
+        _LOADED_PLUGINS[key] = None
+        return
+    handle = registry.load_library(key)
     if handle is None:
         errors = tensorrt_logger(trt).take_errors()
         detail = f": {errors[-1]}" if errors else ""
