@@ -14,10 +14,12 @@ here; a ``.pth`` worker imports PyTorch.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,10 +109,11 @@ class BenchmarkReport:
     machine: dict
     warmup: int
     iterations: int
+    rounds: int  # turns the timed runs of each row were split into, the models taking turns
     measurements: list[Measurement]
 
     def to_dict(self) -> dict:
-        return {"machine": self.machine, "warmup": self.warmup, "iterations": self.iterations,
+        return {"machine": self.machine, "warmup": self.warmup, "iterations": self.iterations, "rounds": self.rounds,
                 "measurements": [m.to_dict() for m in self.measurements]}
 
     def markdown(self) -> str:
@@ -118,7 +121,7 @@ class BenchmarkReport:
         versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         lines = [f"{m['cpu']}, {m['usable_cpus']} of {m['logical_cpus']} CPUs usable, threads: {m['threads']}; "
                  f"{m['os']}, Python {m['python']}, {versions}",
-                 f"{self.iterations} timed runs per row after {self.warmup} warm-up runs, interleaved in {ROUNDS} rounds",
+                 f"{self.iterations} timed runs per row after {self.warmup} warm-up runs, interleaved in {self.rounds} rounds",
                  "",
                  "| model | backend | precision | input | batch | p50 ms | p90 ms | p99 ms | images/s | × first | peak RSS MB |",
                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -146,11 +149,14 @@ class BenchmarkReport:
 class _Worker:
     """One model in its own process, answering JSON-line requests on its stdin."""
 
-    def __init__(self, spec: dict):
-        self.model = spec["path"]
+    def __init__(self, model: str):
+        self.model = model
         self.log = tempfile.TemporaryFile(mode="w+")  # its stderr: read back only if it fails
-        self.process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.benchmarking"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.benchmarking", str(os.getpid())],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.ready: dict = {}
+
+    def load(self, spec: dict) -> None:
         self.ready = self.request(spec)  # answered once the model is loaded and warm
 
     def request(self, message: dict) -> dict:
@@ -161,10 +167,11 @@ class _Worker:
         except BrokenPipeError:
             line = ""
         if not line:
-            self.process.wait()
+            code = self.process.wait()
             self.log.seek(0)
-            tail = [t for t in self.log.read().strip().splitlines() if t.strip()][-1:] or ["no output"]
-            raise BenchmarkError(f"{self.model}: the benchmark worker exited ({tail[0]})")
+            said = [t for t in self.log.read().strip().splitlines() if t.strip()][-1:]
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            raise BenchmarkError(f"{self.model}: the benchmark worker {how}" + (f" ({said[0]})" if said else ""))
         reply = json.loads(line)
         if "error" in reply:
             raise BenchmarkError(reply["error"])
@@ -188,14 +195,18 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     for path in paths:
         if not path.exists():
             raise BenchmarkError(f"{path}: no such model file")
+    batches = list(dict.fromkeys(batches))  # a size asked twice is one row
     workers: list[_Worker] = []
     try:
-        # One at a time, so that no model loads or warms up while another does.
+        # One at a time, so that no model loads or warms up while another does. Each is a worker here before it
+        # loads: one that hangs there is killed on the way out too.
         for path, size in zip(paths, input_sizes(paths, input_size)):
-            workers.append(_Worker({"path": str(path), "input_size": size, "threads": threads,
-                                    "batches": list(batches), "warmup": warmup}))
+            workers.append(_Worker(str(path)))
+            workers[-1].load({"path": str(path), "input_size": size, "threads": threads, "batches": batches,
+                              "warmup": warmup})
         latencies = {(w, b): [] for w in range(len(workers)) for b in batches}
-        shares = [len(part) for part in np.array_split(np.arange(iterations), min(ROUNDS, iterations))]
+        rounds = min(ROUNDS, iterations)
+        shares = [len(part) for part in np.array_split(np.arange(iterations), rounds)]
         done, total = 0, len(shares) * len(latencies)
         for share in shares:
             for batch in batches:
@@ -213,7 +224,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
                     batch, worker.ready["fixed_batch"], latencies[w, batch], peaks[w])
         for batch in batches for w, worker in enumerate(workers)
     ]
-    return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
+    return BenchmarkReport(machine_info(threads), warmup, iterations, rounds, measurements)
 
 
 def speed_check(batch: int, progress: Progress | None = None) -> SpeedCheckFn:
@@ -232,8 +243,20 @@ def speed_check(batch: int, progress: Progress | None = None) -> SpeedCheckFn:
     return measure
 
 
+def _die_with(parent: int) -> None:
+    """Have Linux SIGKILL this worker when ``parent`` ends, however it ends (SIGTERM and SIGKILL run no finally
+    there): a worker busy in native code would otherwise run on, re-parented."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's finally is all there is
+        return
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
 def _serve() -> None:
     """The worker: load one model, warm it up, then time runs on request until told to quit."""
+    _die_with(int(sys.argv[1]))
     # Replies go through a private copy of stdout; anything else printed (by a backend, even from C)
     # lands on stderr and cannot corrupt the protocol.
     replies = os.fdopen(os.dup(1), "w")

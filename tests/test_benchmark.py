@@ -1,7 +1,15 @@
 """`medmamba-edge benchmark` on the bundled tiny model: markdown table, JSON and PNG."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import onnx
+from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from medmamba_edge.benchmarking import timed
@@ -46,3 +54,83 @@ def test_timed_counts_warmup_apart():
     calls = []
     samples = timed(lambda: calls.append(1), warmup=2, iterations=3)
     assert len(calls) == 5 and len(samples) == 3 and min(samples) >= 0
+
+
+def test_a_batch_size_asked_twice_is_one_row_and_the_header_counts_the_rounds_run(tmp_path_factory, tmp_path):
+    model = bundled_onnx(tmp_path_factory)
+    result = runner.invoke(app, ["benchmark", str(model), "--batch", "1,1", "--warmup", "0", "--iterations", "2",
+                                 "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "2 timed runs per row after 0 warm-up runs, interleaved in 2 rounds" in result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["rounds"] == 2 and [len(r["latencies_ms"]) for r in report["measurements"]] == [2]
+
+
+def _model_that_never_finishes(path: Path) -> Path:
+    """(N, 3, 32, 32) → three logits, times a Loop of 10^15 steps: ONNX Runtime runs it in native code for good."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "true", "zero"], ["count"], body=body),
+         helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+         helper.make_node("Mul", ["flat", "count"], ["logits"])],
+        "never", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor("steps", TensorProto.INT64, [], [10 ** 15]),
+         helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "medmamba_edge", json.dumps({"input_size": [32, 32], "class_names": ["a", "b", "c"],
+                                                          "batch": None})
+    onnx.save(model, str(path))
+    return path
+
+
+def _workers_of(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"medmamba_edge.benchmarking" in stat.read_bytes() and f"\0{parent}\0".encode() in stat.read_bytes():
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (one that ended but whose new parent has not collected it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_stuck_in_native_code_ends_with_its_parent(tmp_path):
+    model = _model_that_never_finishes(tmp_path / "never.onnx")
+    parent = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "benchmark", str(model), "--batch", "1",
+                               "--iterations", "1", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _workers_of(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (worker,) = _workers_of(parent.pid)
+        time.sleep(3)  # loaded and warming up: inside the Loop, deaf to everything but a signal
+        parent.send_signal(signal.SIGTERM)  # no finally runs: the kernel has to end the worker
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), "the worker outlived its parent"
+    finally:
+        parent.kill()
+        for pid in _workers_of(parent.pid):
+            os.kill(pid, signal.SIGKILL)
