@@ -128,7 +128,8 @@ def test_verification_runs_the_model_as_written(official, plugin32, tmp_path, mo
     assert plugin32[0].verified_form == "plugin form, native SS2DScan op"  # the file, SS2DScan nodes and all
     ran = []
     monkeypatch.setattr(fused_scan, "make_fused_session", lambda model: ran.append(model) or session(model))
-    with pytest.raises(Exception):  # plain ONNX Runtime has no SS2DScan kernel: the plugin form itself was handed over
+    # Plain ONNX Runtime has no SS2DScan kernel: its refusal shows the plugin form itself was handed over
+    with pytest.raises(Exception, match="SS2DScan"):
         export_onnx(official, tmp_path / "a.onnx", input_size=32, batch=1)
     assert scan_node.has_scan_nodes(ran[0]) and not (tmp_path / "a.onnx").exists()
 

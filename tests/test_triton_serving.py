@@ -230,8 +230,10 @@ def test_ctrl_c_while_a_client_sends_leaves_no_process_behind(model, images, tmp
         sender = threading.Thread(target=send)
         sender.start()
         try:
-            while not answered:
+            deadline = time.monotonic() + 60
+            while not answered and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert answered, server.log_tail()
             os.killpg(server.process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group
             code = server.process.wait(timeout=60)
         finally:
