@@ -150,7 +150,8 @@ def _pydicom():
         raise ImageError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
     # pydicom warns on stderr about what it works around, between the records; what matters reaches a record
     # (read_dicom checks the pixel data's shape against the header). A filter, not catch_warnings: files are read
-    # in the capture thread, and catch_warnings swaps the process-wide filters.
+    # in the capture thread, and catch_warnings swaps the process-wide filters. Set at every read (it replaces
+    # itself, so the list does not grow): a caller's own catch_warnings, pytest's per test, drops it on leaving.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     return pydicom, pixels
 
