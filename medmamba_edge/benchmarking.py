@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medmamba_edge.runtime.cpu import describe_cpu, usable_cpus
+from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
 
 from .errors import UserError
 from .evaluation import input_sizes
@@ -104,13 +104,21 @@ class Measurement:
                 "p99_ms": self.percentile(99), "images_per_s": self.throughput}
 
 
+def rounds_of(iterations: int) -> int:
+    """The turns a row's timed runs are split into, the models taking turns: ROUNDS, or one per run if fewer."""
+    return min(ROUNDS, iterations)
+
+
 @dataclass
 class BenchmarkReport:
     machine: dict
     warmup: int
     iterations: int
-    rounds: int  # turns the timed runs of each row were split into, the models taking turns
     measurements: list[Measurement]
+
+    @property
+    def rounds(self) -> int:
+        return rounds_of(self.iterations)
 
     def to_dict(self) -> dict:
         return {"machine": self.machine, "warmup": self.warmup, "iterations": self.iterations, "rounds": self.rounds,
@@ -190,8 +198,9 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     paths = [Path(p) for p in models]
     if not paths:
         raise BenchmarkError("no models given")
-    if not batches or min(batches) < 1 or warmup < 0 or iterations < 1 or (threads is not None and threads < 1):
-        raise BenchmarkError("batch sizes, iterations and threads must be ≥ 1, warm-up ≥ 0")
+    if not batches or min(batches) < 1 or warmup < 0 or iterations < 1:
+        raise BenchmarkError("batch sizes and iterations must be ≥ 1, warm-up ≥ 0")
+    check_threads(threads)  # here, before any worker starts, as each worker's open_model would
     for path in paths:
         if not path.exists():
             raise BenchmarkError(f"{path}: no such model file")
@@ -205,8 +214,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
             workers[-1].load({"path": str(path), "input_size": size, "threads": threads, "batches": batches,
                               "warmup": warmup})
         latencies = {(w, b): [] for w in range(len(workers)) for b in batches}
-        rounds = min(ROUNDS, iterations)
-        shares = [len(part) for part in np.array_split(np.arange(iterations), rounds)]
+        shares = [len(part) for part in np.array_split(np.arange(iterations), rounds_of(iterations))]
         done, total = 0, len(shares) * len(latencies)
         for share in shares:
             for batch in batches:
@@ -224,7 +232,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
                     batch, worker.ready["fixed_batch"], latencies[w, batch], peaks[w])
         for batch in batches for w, worker in enumerate(workers)
     ]
-    return BenchmarkReport(machine_info(threads), warmup, iterations, rounds, measurements)
+    return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
 
 
 def speed_check(batch: int, progress: Progress | None = None) -> SpeedCheckFn:
