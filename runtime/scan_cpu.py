@@ -95,7 +95,8 @@ def default_num_threads() -> int:
 
 def _f32(name: str, x) -> np.ndarray:
     try:
-        return np.ascontiguousarray(x, dtype=np.float32)
+        # ALIGNED too: a float32 view at an odd byte offset is copied, not read through float* in C.
+        return np.require(x, dtype=np.float32, requirements=("C_CONTIGUOUS", "ALIGNED"))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"ss2d_scan: {name} cannot be converted to a float32 array: {exc}") from None
 
@@ -116,8 +117,8 @@ def ss2d_scan(
 
     Shapes as the node's (``runtime/scan_node.py``): x (batch, D, H, W), x_dbl (batch, 4·(R+2N), H·W),
     dt_projs_weight (4, D, R), dt_projs_bias (4, D), A (4·D, N), Ds (4·D,). Inputs of another dtype or layout
-    are converted to C-contiguous float32. Returns y (batch, H, W, D) float32 (``out`` if given: a writable
-    C-contiguous float32 array of that shape, not sharing memory with any input). Runs the path ``isa()``
+    are converted to aligned C-contiguous float32. Returns y (batch, H, W, D) float32 (``out`` if given: a writable
+    aligned C-contiguous float32 array of that shape, not sharing memory with any input). Runs the path ``isa()``
     names. Raises ValueError on bad shapes, RuntimeError if the extension is not built;
     $MEDMAMBA_EDGE_SCAN_ISA errors as ``isa()``.
     """
@@ -135,10 +136,11 @@ def ss2d_scan(
         isinstance(out, np.ndarray)
         and out.dtype == np.float32
         and out.flags.c_contiguous
+        and out.flags.aligned
         and out.flags.writeable
         and out.shape == shape
     ):
-        raise ValueError(f"ss2d_scan: out must be a writable C-contiguous float32 array of shape {shape}")
+        raise ValueError(f"ss2d_scan: out must be a writable aligned C-contiguous float32 array of shape {shape}")
     elif any(np.may_share_memory(out, a) for a in arrays):
         raise ValueError("ss2d_scan: out must not share memory with the inputs")
     if num_threads is None:

@@ -111,11 +111,15 @@ def test_same_kernel_as_the_python_extension(monkeypatch):
         np.testing.assert_array_equal(run_scan(session(model), arrays), scan_cpu.ss2d_scan(*arrays), err_msg=isa)
 
 
-def test_unknown_isa_is_refused_when_the_session_is_made(monkeypatch):
-    monkeypatch.setenv(scan_cpu.ISA_ENV, "avx1024")
+@pytest.mark.parametrize("value,shown", [("avx1024", "avx1024"), ("avx512" + " " * 30 + "bogus", "avx512 +[.][.][.]")],
+                         ids=["unknown", "known-prefix-of-a-long-value"])
+def test_unknown_isa_is_refused_when_the_session_is_made(monkeypatch, value, shown):
+    monkeypatch.setenv(scan_cpu.ISA_ENV, value)
     # ONNX Runtime's errors are its own Exception subclasses (Fail, InvalidArgument, ...), RuntimeError before 1.2x
-    with pytest.raises(Exception, match=f"{scan_cpu.ISA_ENV}='avx1024': this build of the CPU scan has the paths"):
+    with pytest.raises(Exception, match=f"{scan_cpu.ISA_ENV}='{shown}': this build of the CPU scan has the paths"):
         session(ss2d_node_model(8, 2, 3, 1, 4))
+    with pytest.raises(ValueError, match="this build of the CPU scan has the paths"):
+        scan_cpu.isa()  # the Python path refuses the same values
 
 
 @pytest.mark.parametrize("index,shape,message", [
@@ -127,6 +131,7 @@ def test_unknown_isa_is_refused_when_the_session_is_made(monkeypatch):
     (4, (160, 15), r"x_dbl must be \(batch = 2, 4 \* \(dt_rank \+ 2 \* d_state\) = 132"),  # N from A
     (4, (159, 16), r"A must be \(4 \* channels = 160, d_state\), got \(159, 16\)"),
     (5, (40,), r"Ds must be \(4 \* channels = 160,\), got \(40,\)"),
+    (0, (2, 0, 2**40, 1), r"x is too large \(height \* width at most 2\^26\), got \(2, 0, 1099511627776, 1\)"),
 ])
 def test_bad_shapes_are_an_onnxruntime_error(index, shape, message):
     """Bad shapes end in an ONNX Runtime error naming the node and the input, never in a crash; the session still

@@ -254,6 +254,13 @@ def test_bad_shapes_raise_value_error():
     with pytest.raises(ValueError, match="out must not share memory"):
         x = np.zeros((1, 8, 8, 8), np.float32)  # (b, H, W, D) = (b, D, H, W) for this shape
         scan_cpu.ss2d_scan(x, np.zeros((1, 40, 64), np.float32), *good[2:], out=x)
+    # Empty arrays may have any other extent: the limits come before any product of sizes (int64 overflow).
+    with pytest.raises(ValueError, match=r"x is too large \(height \* width at most 2\^26\), got \(1, 0, 1099511627776, 1\)"):
+        call(x=np.empty((1, 0, 2**40, 1), np.float32))
+    with pytest.raises(ValueError, match="d_state = 1152921504606846976 or dt_rank = 144115188075855872 is too large"):
+        scan_cpu.ss2d_scan(np.empty((1, 0, 2, 2), np.float32), np.empty((1, 0, 4), np.float32),
+                           np.empty((4, 0, 2**57), np.float32), np.empty((4, 0), np.float32),
+                           np.empty((0, 2**60), np.float32), np.empty((0,), np.float32))
 
 
 def test_extension_validates_its_buffers():
@@ -271,7 +278,25 @@ def test_extension_validates_its_buffers():
         _scan_cpu.ss2d_scan(*good, ro)
     with pytest.raises(ValueError, match=r"out must be \(batch, height, width, channels\) = \(1, 2, 5, 8\)"):
         _scan_cpu.ss2d_scan(*good, out[:, :1])
+    with pytest.raises(ValueError, match="A must be aligned to 4 bytes"):
+        _scan_cpu.ss2d_scan(*good[:4], at_odd_offset(good[4]), good[5], out)
     assert _scan_cpu.ss2d_scan(*good, out, True, 1) is out
+
+
+def at_odd_offset(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 copy of ``a`` one byte into its buffer: numpy's "not aligned"."""
+    view = np.frombuffer(np.zeros(a.nbytes + 1, np.uint8), np.float32, a.size, offset=1).reshape(a.shape)
+    view[...] = a
+    assert view.flags.c_contiguous and not view.flags.aligned
+    return view
+
+
+def test_unaligned_arrays_are_copied_not_read_through_float_pointers():
+    arrays = make_ss2d_inputs(2, 40, 9, 7, 3, 16)
+    y = scan_cpu.ss2d_scan(*[at_odd_offset(a) for a in arrays])
+    np.testing.assert_array_equal(y, scan_cpu.ss2d_scan(*arrays))
+    with pytest.raises(ValueError, match="out must be a writable aligned C-contiguous float32 array"):
+        scan_cpu.ss2d_scan(*arrays, out=at_odd_offset(y))
 
 
 def test_torch_custom_op_uses_the_kernel():

@@ -99,6 +99,12 @@ static PyObject *py_ss2d_scan(PyObject *self, PyObject *args, PyObject *kwargs) 
             got++;
             goto done;
         }
+        if ((uintptr_t)v[got].buf % sizeof(float) != 0) {
+            PyErr_Format(PyExc_ValueError, "ss2d_scan: %s must be aligned to 4 bytes (a float32 view at an odd offset)",
+                         arg_name(got));
+            got++;
+            goto done;
+        }
     }
 
     int64_t dims[N_ARGS][8];

@@ -691,19 +691,22 @@ void mm_scan_path_names(char *buf, size_t n) {
 int mm_scan_path_from_env(char *err, size_t err_size) {
     const char *raw = getenv(MM_SCAN_ISA_ENV);
     char value[32];
-    size_t len = 0;
+    size_t len = 0, end = 0;
     if (raw != NULL) {
         while (isspace((unsigned char)*raw)) raw++;
-        for (; raw[len] != '\0' && len + 1 < sizeof value; len++) value[len] = (char)tolower((unsigned char)raw[len]);
-        while (len > 0 && isspace((unsigned char)value[len - 1])) len--;
+        end = strlen(raw);
+        while (end > 0 && isspace((unsigned char)raw[end - 1])) end--;
+        for (; len < end && len + 1 < sizeof value; len++) value[len] = (char)tolower((unsigned char)raw[len]);
     }
     value[len] = '\0';
     if (len == 0) return mm_scan_default_path();
-    const int path = mm_scan_find_path(value);
+    const int truncated = len < end; /* no path has so long a name: never match its first 31 characters */
+    const int path = truncated ? -1 : mm_scan_find_path(value);
     if (path < 0) {
         char names[64];
         mm_scan_path_names(names, sizeof names);
-        snprintf(err, err_size, "%s='%s': this build of the CPU scan has the paths %s", MM_SCAN_ISA_ENV, value, names);
+        snprintf(err, err_size, "%s='%s%s': this build of the CPU scan has the paths %s", MM_SCAN_ISA_ENV, value,
+                 truncated ? "..." : "", names);
         return -1;
     }
     if (!mm_scan_path_supported(path)) {
@@ -749,6 +752,10 @@ int mm_scan_check_shapes(const int ndim[MM_SCAN_INPUTS], const int64_t *const di
     if (ndim[0] != 4)
         return shape_error(err, err_size, ndim[0], dims[0], "x must be (batch, channels, height, width)");
     const int64_t batch = dims[0][0], D = dims[0][1], H = dims[0][2], W = dims[0][3];
+    /* Limits before any product of sizes: an empty tensor may have any other extent, and int64 must not overflow.
+     * The per-thread scratch holds 16 floats per position and per state, and a tile of x_dbl's rows. */
+    if (D > ((int64_t)1 << 40) || H > ((int64_t)1 << 26) || W > ((int64_t)1 << 26) || H * W > ((int64_t)1 << 26))
+        return shape_error(err, err_size, ndim[0], dims[0], "x is too large (height * width at most 2^26)");
     if (ndim[4] != 2 || dims[4][0] != K * D || dims[4][1] < 1)
         return shape_error(err, err_size, ndim[4], dims[4], "A must be (4 * channels = %lld, d_state)", LL(K * D));
     const int64_t N = dims[4][1];
@@ -756,6 +763,10 @@ int mm_scan_check_shapes(const int ndim[MM_SCAN_INPUTS], const int64_t *const di
         return shape_error(err, err_size, ndim[2], dims[2], "dt_projs_weight must be (4, channels = %lld, dt_rank)",
                            LL(D));
     const int64_t R = dims[2][2];
+    if (N > (1 << 20) || R > (1 << 20)) {
+        snprintf(err, err_size, "d_state = %lld or dt_rank = %lld is too large (at most 2^20)", LL(N), LL(R));
+        return -1;
+    }
     if (ndim[1] != 3 || dims[1][0] != batch || dims[1][1] != K * (R + 2 * N) || dims[1][2] != H * W)
         return shape_error(err, err_size, ndim[1], dims[1],
                            "x_dbl must be (batch = %lld, 4 * (dt_rank + 2 * d_state) = %lld, height * width = %lld)",
@@ -764,12 +775,6 @@ int mm_scan_check_shapes(const int ndim[MM_SCAN_INPUTS], const int64_t *const di
         return shape_error(err, err_size, ndim[3], dims[3], "dt_projs_bias must be (4, channels = %lld)", LL(D));
     if (ndim[5] != 1 || dims[5][0] != K * D)
         return shape_error(err, err_size, ndim[5], dims[5], "Ds must be (4 * channels = %lld,)", LL(K * D));
-    /* the per-thread scratch holds 16 floats per position and per state, and a tile of x_dbl's rows */
-    if (H * W > ((int64_t)1 << 26) || N > (1 << 20) || R > (1 << 20)) {
-        snprintf(err, err_size, "height * width = %lld, d_state = %lld or dt_rank = %lld is too large", LL(H * W), LL(N),
-                 LL(R));
-        return -1;
-    }
     a->batch = (ptrdiff_t)batch;
     a->channels = (ptrdiff_t)D;
     a->height = (ptrdiff_t)H;
