@@ -216,7 +216,8 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, model_fil
     if plugin_path:
         properties["custom-lib-path"] = plugin_path
     header = ["# Gst-nvinfer configuration written by medmamba-edge export-triton (see docs/serving.md).",
-              f"# Model: {served.source.name}, {meta.variant}, input {meta.input_size[0]}x{meta.input_size[1]}, "
+              # quoted with escapes: a file name may hold a line break, which would end the comment
+              f"# Model: {_pbtxt_string(served.source.name)}, {meta.variant}, input {meta.input_size[0]}x{meta.input_size[1]}, "
               f"classes {', '.join(meta.class_names)}.",
               "# Paths are relative to this file, as nvinfer resolves them."]
     return "\n".join(header + ["[property]"] + [f"{k}={v}" for k, v in properties.items()]) + "\n"
@@ -228,7 +229,10 @@ def check_deepstream_config(text: str, source: str = DEEPSTREAM_CONFIG) -> None:
 
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # keys keep their case, as GKeyFile reads them
-    parser.read_string(text, source)
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        raise TritonExportError(f"{source}: not a key file Gst-nvinfer can read ({str(exc).splitlines()[0]})") from None
     unknown = sorted(set(parser["property"]) - DEEPSTREAM_KEYS)
     if unknown:
         raise TritonExportError(f"{source}: keys Gst-nvinfer does not document: {', '.join(unknown)}")
@@ -326,8 +330,6 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         refusal = None
     except TritonExportError as exc:
         deepstream_text, refusal = None, str(exc)
-    if any(";" in c or "\n" in c for c in served.metadata.class_names):
-        deepstream_text, refusal = None, "a class name contains ';' or a line break, which DeepStream's label file cannot hold"
 
     repository.mkdir(parents=True, exist_ok=True)
     # Built beside its final place (same filesystem, so the rename is atomic), hidden by its leading dot.

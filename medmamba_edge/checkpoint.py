@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from medmamba_edge.runtime.files import sha256_file
-from medmamba_edge.runtime.metadata import ModelMetadata
+from medmamba_edge.runtime.metadata import ModelMetadata, class_names_problem
 
 from . import __version__
 from .errors import UserError
@@ -210,13 +210,11 @@ def read_class_names(path: Path, num_classes: int) -> list[str] | None:
 
 
 def _checked_names(names: list, num_classes: int, where, given: str) -> list[str]:
-    """``names`` if they can label the model's outputs: one non-empty string per output, no two alike (a data
-    set's folder or label would map to two outputs)."""
-    if not all(isinstance(n, str) and n for n in names):
-        raise CheckpointError(f"{where}: class names must be non-empty strings, got {names!r}")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise CheckpointError(f"{where}: class names must differ; {', '.join(map(repr, repeated))} is given more than once")
+    """``names`` if they can label the model's outputs: one per output, by the metadata's rule (no two alike: a
+    data set's folder or label would map to two outputs)."""
+    problem = class_names_problem(names)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
     if len(names) != num_classes:
         raise CheckpointError(f"{where}: {len(names)} class names {given}but the model has {num_classes} outputs")
     return list(names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -28,6 +29,26 @@ class MetadataError(UserError, ValueError):
 
 def _positive_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+# ';' separates labels in DeepStream's label file and in the CSV's top_k; a line break (or any control
+# character) would split a line of Triton's labels.txt; a lone surrogate, Python's spelling of an undecodable
+# byte, cannot be written as UTF-8 at all.
+_UNWRITABLE_CATEGORIES = {"Cc", "Zl", "Zp", "Cs"}
+
+
+def class_names_problem(names) -> str | None:
+    """Why ``names`` cannot label a model's outputs (in every file a model's labels go to), or None."""
+    if not (isinstance(names, (tuple, list)) and names and all(isinstance(n, str) and n for n in names)):
+        return f"class names must be a non-empty list of non-empty strings, got {names!r}"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return f"class names must differ; {', '.join(map(repr, repeated))} is given more than once"
+    unwritable = [n for n in names if ";" in n or any(unicodedata.category(c) in _UNWRITABLE_CATEGORIES for c in n)]
+    if unwritable:
+        return (f"class names must not contain ';', line breaks, other control characters or undecodable bytes, "
+                f"got {', '.join(map(repr, unwritable))}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,10 +78,9 @@ class ModelMetadata:
         if not (isinstance(self.input_size, (tuple, list)) and len(self.input_size) == 2
                 and all(_positive_int(v) for v in self.input_size)):
             raise MetadataError(f"input_size must be two positive integers (height, width), got {self.input_size!r}")
-        if not (isinstance(self.class_names, (tuple, list)) and self.class_names
-                and all(isinstance(c, str) and c for c in self.class_names)
-                and len(set(self.class_names)) == len(self.class_names)):
-            raise MetadataError(f"class_names must be a non-empty list of distinct names, got {self.class_names!r}")
+        problem = class_names_problem(self.class_names)
+        if problem:
+            raise MetadataError(problem)
         if not _positive_int(self.in_chans):
             raise MetadataError(f"in_chans must be a positive integer, got {self.in_chans!r}")
         if self.batch is not None and not _positive_int(self.batch):

@@ -45,13 +45,25 @@ def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict)
     assert load_checkpoint(path, classes="a,b,c").class_names == ["a", "b", "c"]
     with pytest.raises(CheckpointError, match="2 class names given but the model has 3 outputs"):
         load_checkpoint(path, classes=["a", "b"])
-    with pytest.raises(CheckpointError, match=r"class names must be non-empty strings, got \['a', 'b', ''\]"):
+    with pytest.raises(CheckpointError, match=r"class names must be a non-empty list of non-empty strings, got \['a', 'b', ''\]"):
         load_checkpoint(path, classes="a,b,")  # once reported as "3 class names given but the model has 3 outputs"
     with pytest.raises(CheckpointError, match="class names must differ; 'a' is given more than once"):
         load_checkpoint(path, classes="a,b,a")
     (tmp_path / "class_indices.json").write_text(json.dumps(["x", "y", "x"]))
     with pytest.raises(CheckpointError, match=r"class_indices\.json: class names must differ; 'x'"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["a;b", "line\nbreak", "tab\there", "nul\x00", "next\u2028line", "byte\udcff"],
+                         ids=["semicolon", "newline", "tab", "nul", "line-separator", "undecodable-byte"])
+def test_class_names_every_label_file_cannot_hold_are_refused(tmp_path, tiny_state_dict, name):
+    """Triton's labels.txt has one name per line; DeepStream's label file and run's CSV top_k separate names by ';'."""
+    path = save(tiny_state_dict, tmp_path / "m.pth")
+    (tmp_path / "classes.json").write_text(json.dumps(["a", name, "c"]))
+    with pytest.raises(CheckpointError, match=r"classes\.json: class names must not contain ';', line breaks"):
+        load_checkpoint(path, classes=str(tmp_path / "classes.json"))
+    odd_but_writable = ["é [x] $y$", "b, c: d", 'e "f" #g']
+    assert load_checkpoint(path, classes=odd_but_writable).class_names == odd_but_writable
 
 
 def test_default_class_names_without_json(tmp_path, tiny_state_dict):

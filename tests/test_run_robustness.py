@@ -170,8 +170,9 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
 @pytest.mark.parametrize("meta, message", [
     ({**GOOD_META, "input_size": [64, 64]}, "input_size is 64×64 but the graph takes 32×32"),
     ({**GOOD_META, "class_names": ["a", "b"]}, "2 class names but the graph outputs 3 classes"),
-    ({**GOOD_META, "class_names": ["a", "b", "a"]}, "class_names must be a non-empty list of distinct names"),
-    ({**GOOD_META, "class_names": []}, "class_names must be a non-empty list"),
+    ({**GOOD_META, "class_names": ["a", "b", "a"]}, "class names must differ; 'a' is given more than once"),
+    ({**GOOD_META, "class_names": []}, "class names must be a non-empty list"),
+    ({**GOOD_META, "class_names": ["a", "b\nc", "d"]}, "class names must not contain ';', line breaks"),
     ({**GOOD_META, "input_size": [0, 32]}, "input_size must be two positive integers"),
     ({**GOOD_META, "input_size": [-32, 32]}, "input_size must be two positive integers"),
     ({**GOOD_META, "input_size": 32}, "input_size must be two positive integers"),

@@ -151,6 +151,17 @@ def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
         check_deepstream_config(text.replace("net-scale-factor", "net-scale"))
 
 
+def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):
+    odd = tmp_path / "a\ngpu-id=7\nb.onnx"
+    shutil.copyfile(model, odd)
+    result = export_triton(odd, tmp_path / "repo")
+    check_deepstream_config(result.deepstream_text)
+    assert '# Model: "a\\ngpu-id=7\\nb.onnx"' in result.deepstream_text
+    assert [line for line in result.deepstream_text.splitlines() if line.startswith("gpu-id")] == ["gpu-id=0"]
+    with pytest.raises(TritonExportError, match="not a key file Gst-nvinfer can read"):
+        check_deepstream_config("gpu-id=0\n")
+
+
 def _rewritten(model: Path, path: Path, batch: int | None = None, **changes) -> Path:
     """The model with its metadata changed (and, for a fixed batch, its graph's batch dimension fixed too)."""
     proto = onnx.load(str(model))
