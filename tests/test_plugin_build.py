@@ -60,8 +60,8 @@ TRT_INCLUDE = _tensorrt_include()
 requires_tensorrt = pytest.mark.skipif(
     TRT_INCLUDE is None, reason="TensorRT headers not found (set TENSORRT_ROOT; headers alone are enough)"
 )
-C_SYMBOLS = ("medmamba_ss2d_scan_forward", "medmamba_ss2d_scan_workspace_size", "medmamba_ss2d_scan_error_string",
-             "medmamba_ss2d_scan_abi_version")
+C_SYMBOLS = ("medmamba_ss2d_scan_forward", "medmamba_ss2d_scan_workspace_size", "medmamba_ss2d_scan_plan",
+             "medmamba_ss2d_scan_error_string", "medmamba_ss2d_scan_abi_version")
 CUDA_ERROR_INVALID_VALUE = 1
 
 
@@ -87,21 +87,27 @@ def _needed_libraries(library: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def launcher(tmp_path_factory) -> Path:
+def launcher_build(tmp_path_factory) -> tuple[Path, str]:
+    """The launcher library and ptxas' report of every kernel's resources."""
     if NVCC is None:
         pytest.skip("nvcc not found")
     out = tmp_path_factory.mktemp("nvcc") / build.LAUNCHER_LIBRARY
-    subprocess.run(build.launcher_nvcc_command(NVCC, TEST_ARCH, out), check=True, capture_output=True, text=True)
-    return out
+    command = build.launcher_nvcc_command(NVCC, TEST_ARCH, out) + ["-Xptxas", "-v"]
+    return out, subprocess.run(command, check=True, capture_output=True, text=True).stderr
+
+
+@pytest.fixture(scope="module")
+def launcher(launcher_build) -> Path:
+    return launcher_build[0]
 
 
 # --- the kernel's indexing, transliterated -----------------------------------------------------------------
 
 KERNEL_SOURCE = (SRC / "selective_scan_kernel.cu").read_text()
-# The block shapes dispatch() launches: (static d_state or 0, lanes per (direction, channel), channels per block,
-# chunk length); the transliteration below runs each of them.
+# The block shapes the launcher plans with, kShapes: (static d_state or 0, lanes per (direction, channel),
+# channels per block, chunk length); the transliteration below runs each of them.
 SHIPPED_SHAPES = sorted({tuple(int(v) for v in m) for m in re.findall(
-    r"launch<T, (\d+), (\d+), (\d+), (\d+)>\(p, device", KERNEL_SOURCE)})
+    r"\{(\d+), (\d+), (\d+), (\d+)\}", re.search(r"kShapes\[\] = \{(.*?)\};", KERNEL_SOURCE, re.S).group(1))})
 MAX_D_STATE = int(re.search(r"#define MEDMAMBA_SCAN_MAX_D_STATE (\d+)", (SRC / "selective_scan.h").read_text()).group(1))
 K = scan_node.NUM_DIRECTIONS
 
@@ -185,7 +191,7 @@ def kernel_in_numpy(x, x_dbl, dt_w, dt_b, A, Ds, delta_softplus, *, static_n, la
 
 
 def test_dispatch_launches_the_shapes_the_transliteration_covers():
-    assert SHIPPED_SHAPES, "no launch<...> found in dispatch()"
+    assert len(SHIPPED_SHAPES) >= 4, "kShapes not found in the kernel source"
     assert any(n == 16 for n, *_ in SHIPPED_SHAPES) and any(n == 0 for n, *_ in SHIPPED_SHAPES)
     for static_n, lanes, group, chunk in SHIPPED_SHAPES:
         assert 32 % lanes == 0 and chunk % 4 == 0
@@ -263,7 +269,13 @@ def test_launcher_loads_without_a_gpu_and_rejects_bad_arguments_before_any_cuda_
     assert call(channels=0) == CUDA_ERROR_INVALID_VALUE
     assert call(height=-1) == CUDA_ERROR_INVALID_VALUE
     assert call(height=65536, width=65536) == CUDA_ERROR_INVALID_VALUE  # positions must fit in int32
+    assert call(dt_rank=2**31 - 11) == CUDA_ERROR_INVALID_VALUE  # 4 * (dt_rank + 2 * d_state) in 64 bits
     assert call(batch=0) == 0 and call(height=0) == 0  # empty: nothing to launch
+
+
+def _cuda_include() -> Path:
+    include = Path(NVCC).resolve().parent.parent / "include"
+    return include if (include / "cuda_runtime_api.h").is_file() else Path("/usr/local/cuda/include")
 
 
 # --- the TensorRT plugin ---------------------------------------------------------------------------------
@@ -273,9 +285,7 @@ def test_launcher_loads_without_a_gpu_and_rejects_bad_arguments_before_any_cuda_
 @requires_tensorrt
 def test_plugin_compiles_warning_free_and_links_without_libnvinfer(launcher, tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++") or pytest.skip("no C++ compiler")
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    if not (cuda_include / "cuda_runtime_api.h").is_file():
-        cuda_include = Path("/usr/local/cuda/include")
+    cuda_include = _cuda_include()
     obj = tmp_path / "plugin.o"
     subprocess.run(
         [cxx, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror",
@@ -292,6 +302,47 @@ def test_plugin_compiles_warning_free_and_links_without_libnvinfer(launcher, tmp
     assert {"getCreators", "setLoggerFinder"} <= _exported_symbols(plugin)
     assert not [lib for lib in _needed_libraries(plugin) if "nvinfer" in lib]
     assert "getPluginRegistry" not in _undefined_symbols(obj)  # registered by loadLibrary, never at load
+
+
+SHAPE_CHECK_HARNESS = r"""
+#include "selective_scan_plugin.cpp"
+#include <cstdio>
+#include <initializer_list>
+
+nvinfer1::Dims dims(std::initializer_list<int64_t> values)
+{
+    nvinfer1::Dims result{};
+    for (int64_t v : values)
+        result.d[result.nbDims++] = v;
+    return result;
+}
+
+int main()
+{
+    // x, x_dbl, dt_projs_weight, dt_projs_bias, A, Ds for D = 40, 7 x 9, R = 3, N = 16; -1: not known yet
+    int64_t const cases[][2] = {{2, 2}, {-1, -1}, {2, -1}, {2, 1}};
+    for (auto const& batches : cases)
+    {
+        nvinfer1::Dims const shapes[] = {dims({batches[0], 40, 7, 9}), dims({batches[1], 140, 63}), dims({4, 40, 3}),
+            dims({4, 40}), dims({160, 16}), dims({160})};
+        std::printf("%s|\n", medmamba_edge::checkShapes(shapes).c_str());
+    }
+}
+"""
+
+
+@requires_nvcc
+@requires_tensorrt
+def test_plugin_shape_check_refuses_an_x_dbl_of_another_batch(launcher, tmp_path):
+    """The kernel reads x_dbl for every batch element of x; a smaller x_dbl would be read past its end."""
+    cxx = shutil.which("g++") or shutil.which("c++") or pytest.skip("no C++ compiler")
+    (tmp_path / "harness.cpp").write_text(SHAPE_CHECK_HARNESS)
+    cuda_include = _cuda_include()
+    subprocess.run([cxx, "-std=c++17", "-I", str(SRC), "-isystem", str(TRT_INCLUDE), "-isystem", str(cuda_include),
+                    str(tmp_path / "harness.cpp"), str(launcher), f"-Wl,-rpath,{launcher.parent}",
+                    "-o", str(tmp_path / "harness")], check=True, capture_output=True, text=True)
+    lines = subprocess.run([str(tmp_path / "harness")], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert lines == ["|", "|", "|", "x_dbl.shape[0] must be x's batch|"]
 
 
 @requires_tensorrt
@@ -552,3 +603,66 @@ def test_gpu_check_cases_have_finite_reference():
         arrays = gpu_check.make_arrays(batch, channels, height, width, dt_rank, d_state, softplus)
         if batch * channels * height * width * d_state <= 2_000_000:  # the float64 reference is a Python loop
             assert np.isfinite(ss2d_reference64(*arrays, delta_softplus=softplus)).all(), name
+
+
+# --- the launch plan, for GPUs this machine does not have ------------------------------------------------
+
+# (multiprocessors, opt-in shared memory per block in bytes), from NVIDIA's specifications and the CUDA C++
+# programming guide's table of compute capabilities.
+GPUS = {
+    "T4 (sm_75)": (40, 64 * 1024),
+    "A100 (sm_80)": (108, 163 * 1024),
+    "L4 (sm_89)": (58, 99 * 1024),
+    "H100 SXM (sm_90)": (132, 227 * 1024),
+    "Jetson AGX Orin (sm_87)": (16, 163 * 1024),
+    "Jetson Orin Nano (sm_87)": (8, 163 * 1024),
+}
+
+
+def _planner(launcher):
+    gpu_check = _load("_medmamba_gpu_check", SRC / "gpu_check.py")
+    lib = ctypes.CDLL(str(launcher))
+    lib.medmamba_ss2d_scan_plan.argtypes = [ctypes.c_int] * 8 + [ctypes.POINTER(gpu_check.ScanPlan)]
+
+    def plan(gpu, batch, channels, height, width, dt_rank, d_state):
+        result = gpu_check.ScanPlan()
+        status = lib.medmamba_ss2d_scan_plan(batch, channels, height, width, dt_rank, d_state, *GPUS[gpu],
+                                             ctypes.byref(result))
+        return status, result
+
+    return gpu_check, plan
+
+
+@requires_nvcc
+def test_kernels_use_no_static_shared_memory(launcher_build):
+    """The plan weighs a launch's dynamic shared memory against the device's opt-in (and 48 KiB without one);
+    a static array beside it would push a shape that just fits past the limit, and the launch would fail."""
+    log = launcher_build[1]
+    kernels = re.findall(r"Compiling entry function '(\w+)'", log)
+    assert len(kernels) == 2 * len(SHIPPED_SHAPES)  # float32 and float16 I/O
+    assert not re.findall(r"\b[1-9]\d* bytes smem", log)
+
+
+@requires_nvcc
+@pytest.mark.parametrize("gpu", GPUS)
+def test_every_d_state_the_contract_allows_gets_a_plan(launcher, gpu):
+    """A large d_state stages fewer steps per chunk where its B/C rows would not fit (64 KiB on a T4 once
+    refused d_state 56..64)."""
+    _, plan = _planner(launcher)
+    for d_state in range(1, MAX_D_STATE + 1):
+        for dt_rank in (1, 8, 48):
+            status, result = plan(gpu, 1, 12, 31, 33, dt_rank, d_state)
+            assert status == 0, (d_state, dt_rank)
+            assert result.shared_bytes <= GPUS[gpu][1] and result.chunk % 4 == 0
+    sizes = {plan(gpu, 1, 12, 31, 33, 1, n)[1].chunk for n in (16, 64)}
+    assert gpu != "T4 (sm_75)" or sizes == {32, 16}
+
+
+@requires_nvcc
+@pytest.mark.parametrize("gpu", GPUS)
+def test_gpu_check_reaches_every_code_path_on_every_gpu(launcher, gpu):
+    gpu_check, plan = _planner(launcher)
+    planned = [(case, plan(gpu, *case[1:7])[1]) for case in gpu_check.cases()]
+    assert gpu_check.missing_paths(planned) == []
+    stages = [(case, result) for case, result in planned if case[0].startswith("stage")]
+    assert {"partial channel blocks", "generic d_state"} <= set(gpu_check.missing_paths(stages))  # it would notice

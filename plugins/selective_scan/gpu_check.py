@@ -9,9 +9,11 @@ It compiles selective_scan_kernel.cu for the local GPU only, loads it with ctype
   * checks the MedMamba-T stage shapes at 224 px (D = 96·2^i, H = W = 56/2^i, R = 3·2^i, N = 16), float32
     and float16 I/O, batch 1 and 8, plus odd shapes that reach the other code paths (partial channel blocks,
     H != W, generic d_state, no softplus, accumulators in the workspace), against medmamba_edge.scan's
-    ss2d_scan_ref and the float64 reference of tests/ss2d_reference.py;
-  * times the kernel against ss2d_scan_ref on the same GPU (CUDA events), and every stage shape against its
-    memory-bandwidth bound (bytes of x, x_dbl, weights read and y written / measured device copy bandwidth);
+    ss2d_scan_ref and the float64 reference of tests/ss2d_reference.py; the launcher's own plan for each
+    shape shows the path it took, and a path no case reached is a failure;
+  * times the kernel (replayed from a CUDA graph, so the ctypes call that issues it is not timed) against
+    ss2d_scan_ref on the same GPU (CUDA events), and every stage shape against its memory-bandwidth bound
+    (bytes of x, x_dbl, weights read and y written / measured device copy bandwidth);
   * times a MedMamba-T forward pass (batch 1 and 8) with the reference scan and with the kernel.
 Prints markdown tables; exits 1 when a parity check fails (timing goals are reported, not enforced).
 Tolerances (max|y - ref| / max|ref| against float64): float32 1e-4, float16 I/O 1e-2.
@@ -41,13 +43,15 @@ BANDWIDTH_GOAL = 3.0  # issue 13: stage 1 within 3x of the memory-bandwidth boun
 # Cases whose float64 reference (a Python loop over positions) would take minutes are compared with
 # ss2d_scan_ref only.
 FLOAT64_LIMIT = 40_000_000
-# Shapes that reach the kernel's other code paths: (name, batch, D, H, W, R, N, delta_softplus).
+# Shapes that reach the kernel's other code paths on every GPU the tests plan for (T4 to H100, Jetson Orin):
+# (name, batch, D, H, W, R, N, delta_softplus). 101 channels leave a partial block whatever the block's
+# channel count; 2 x 30977 float32 accumulators exceed even an H100's 227 KiB of shared memory.
 OTHER_CASES = (
-    ("partial channel blocks, H != W", 3, 100, 9, 23, 5, 16, True),
+    ("partial channel blocks, H != W", 3, 101, 9, 23, 5, 16, True),
     ("generic N=5, no softplus", 2, 24, 13, 7, 2, 5, False),
     ("generic N=64", 1, 12, 31, 33, 4, 64, True),
     ("1x1 map", 4, 40, 1, 1, 3, 16, True),
-    ("L=25600: accumulators in the workspace", 1, 16, 160, 160, 1, 16, True),
+    ("L=30976: accumulators in the workspace", 1, 16, 176, 176, 1, 16, True),
 )
 
 
@@ -66,6 +70,17 @@ def cases():
     stages = [(f"stage {s} b{batch}", batch, d, h, w, r, 16, True)
               for batch in (1, 8) for s, d, h, w, r in stage_shapes()]
     return stages + list(OTHER_CASES)
+
+
+def missing_paths(planned) -> list[str]:
+    """The kernel's code paths that none of the (case, plan) pairs reaches."""
+    reached = {
+        "accumulators in shared memory": any(plan.accumulators_in_shared for _, plan in planned),
+        "accumulators in the workspace": any(not plan.accumulators_in_shared for _, plan in planned),
+        "partial channel blocks": any(case[2] % plan.channels_per_block for case, plan in planned),
+        "generic d_state": any(case[6] != 16 for case, _ in planned),
+    }
+    return [path for path, ok in reached.items() if not ok]
 
 
 def make_arrays(batch, channels, height, width, dt_rank, d_state, softplus, seed=0):
@@ -98,6 +113,17 @@ def compile_launcher(out_dir: Path, source: Path = HERE / "selective_scan_kernel
     return library, seconds, f"sm_{arch}" + (f" ({len(spills)} kernels spill registers)" if spills else "")
 
 
+class ScanPlan(ctypes.Structure):
+    """medmamba_scan_plan of selective_scan.h."""
+
+    _fields_ = [(name, ctypes.c_int) for name in
+                ("block_shape", "channels_per_block", "chunk", "shared_bytes", "accumulators_in_shared")]
+
+    def __str__(self):
+        where = "shared" if self.accumulators_in_shared else "workspace"
+        return f"G{self.channels_per_block} chunk {self.chunk}, {self.shared_bytes} B, acc in {where}"
+
+
 class Launcher:
     """medmamba_ss2d_scan_forward through ctypes, on CUDA tensors and the current stream."""
 
@@ -110,7 +136,17 @@ class Launcher:
         self.lib.medmamba_ss2d_scan_workspace_size.restype = ctypes.c_size_t
         self.lib.medmamba_ss2d_scan_error_string.restype = ctypes.c_char_p
         self.lib.medmamba_ss2d_scan_error_string.argtypes = [ctypes.c_int]
+        self.lib.medmamba_ss2d_scan_plan.argtypes = [ctypes.c_int] * 8 + [ctypes.POINTER(ScanPlan)]
         self.workspace = torch.empty(0, dtype=torch.uint8, device="cuda")
+
+    def plan(self, batch, channels, height, width, dt_rank, d_state, sm_count=0, shared_optin=0) -> ScanPlan:
+        """How forward launches these shapes on a GPU of sm_count SMs and shared_optin bytes (0, 0: this one)."""
+        plan = ScanPlan()
+        status = self.lib.medmamba_ss2d_scan_plan(batch, channels, height, width, dt_rank, d_state, sm_count,
+                                                  shared_optin, ctypes.byref(plan))
+        if status != 0:
+            raise RuntimeError(f"no plan: {self.lib.medmamba_ss2d_scan_error_string(status).decode()}")
+        return plan
 
     def __call__(self, x, x_dbl, dt_w, dt_b, A, Ds, delta_softplus=True, out=None):
         batch, channels, height, width = x.shape
@@ -137,15 +173,25 @@ def to_cuda(arrays, dtype):
     return (x.to(dtype), x_dbl.to(dtype), *weights)
 
 
-def cuda_time(fn, iters: int, warmup: int = 2) -> float:
-    """Mean seconds per call."""
+def cuda_time(fn, iters: int, warmup: int = 2, graph: bool = False) -> float:
+    """Mean seconds per call. graph: the calls are captured once and replayed, so that only the GPU's work is
+    timed; a small stage's kernel takes a few microseconds, about what the Python call that launches it takes."""
     for _ in range(warmup):
         fn()
+
+    def run():
+        for _ in range(iters):
+            fn()
+
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        run = captured.replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(iters):
-        fn()
+    run()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / iters
@@ -208,9 +254,13 @@ def run_checks(scan: Launcher, args) -> int:
     failures = []
     stage_rows = []
     print("## Parity (rel err = max|y - ref| / max|ref|)\n")
-    print("| case | batch | D | H x W | R | N | softplus | dtype | vs float64 | vs ss2d_scan_ref | tol | parity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, batch, channels, height, width, dt_rank, d_state, softplus in cases():
+    print("| case | batch | D | H x W | R | N | softplus | plan | dtype | vs float64 | vs ss2d_scan_ref | tol | parity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    planned = []
+    for case in cases():
+        name, batch, channels, height, width, dt_rank, d_state, softplus = case
+        plan = scan.plan(batch, channels, height, width, dt_rank, d_state)
+        planned.append((case, plan))
         arrays = make_arrays(batch, channels, height, width, dt_rank, d_state, softplus)
         ref64 = None
         if batch * channels * height * width * d_state <= FLOAT64_LIMIT:
@@ -228,14 +278,19 @@ def run_checks(scan: Launcher, args) -> int:
             if not ok:
                 failures.append(f"{name} {str(dtype)[6:]}")
             print(f"| {name} | {batch} | {channels} | {height} x {width} | {dt_rank} | {d_state} | {int(softplus)} "
-                  f"| {str(dtype)[6:]} | {rel64:.2e} | {rel_torch:.2e} | {TOLERANCE[dtype]:.0e} "
+                  f"| {plan} | {str(dtype)[6:]} | {rel64:.2e} | {rel_torch:.2e} | {TOLERANCE[dtype]:.0e} "
                   f"| {'PASS' if ok else 'FAIL'} |")
             if name.startswith("stage"):
                 out = torch.empty_like(y)
-                kernel = cuda_time(lambda: scan(*inputs, delta_softplus=softplus, out=out), args.kernel_iters, warmup=5)
+                kernel = cuda_time(lambda: scan(*inputs, delta_softplus=softplus, out=out), args.kernel_iters, warmup=5,
+                                   graph=True)
                 ref = cuda_time(lambda: ss2d_scan_ref(*inputs, delta_softplus=softplus), args.ref_iters, warmup=0)
                 nbytes = scan_bytes(batch, channels, height, width, dt_rank, d_state, dtype)
                 stage_rows.append((name, dtype, kernel, ref, nbytes))
+
+    missing = missing_paths(planned)
+    if missing:
+        failures.append(f"no case reached: {', '.join(missing)}")
 
     print("\n## Speed: kernel vs ss2d_scan_ref, and against the memory-bandwidth bound\n")
     print(f"bound = bytes(x, x_dbl, weights read + y written) / {bandwidth / 1e9:.0f} GB/s (measured copy)\n")

@@ -57,6 +57,23 @@ MEDMAMBA_SCAN_API int medmamba_ss2d_scan_forward(void const* x, void const* x_db
     int batch, int channels, int height, int width, int dt_rank, int d_state, int delta_softplus, int dtype,
     cudaStream_t stream);
 
+/* How medmamba_ss2d_scan_forward launches a shape on a GPU. */
+typedef struct medmamba_scan_plan
+{
+    int block_shape;            /* index into the kernel's table of block shapes */
+    int channels_per_block;     /* a block scans this many channels, all four directions */
+    int chunk;                  /* time steps staged in shared memory per pass */
+    int shared_bytes;           /* dynamic shared memory per block */
+    int accumulators_in_shared; /* 1: y's accumulators in shared memory; 0: in the workspace */
+} medmamba_scan_plan;
+
+/* The plan medmamba_ss2d_scan_forward follows for these shapes on a GPU with sm_count multiprocessors and
+ * shared_optin bytes of opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin); both 0:
+ * the current device's. Returns 0 and fills *plan, or cudaErrorInvalidValue for shapes forward refuses,
+ * or the error of the device query. Lets tests and gpu_check.py see which code path a shape takes. */
+MEDMAMBA_SCAN_API int medmamba_ss2d_scan_plan(int batch, int channels, int height, int width, int dt_rank,
+    int d_state, int sm_count, int shared_optin, medmamba_scan_plan* plan);
+
 /* Short, static description of a status returned by medmamba_ss2d_scan_forward. */
 MEDMAMBA_SCAN_API char const* medmamba_ss2d_scan_error_string(int status);
 

@@ -15,8 +15,8 @@
 //   3. scan: each thread sums C * h over its own states per step;
 //   4. the per-lane sums go through shared memory (over the dead B/C rows) and are added, direction by
 //      direction, into a float32 accumulator of kG x L positions; Ds * x joins with direction 0.
-// The accumulator lives in shared memory when the device has room for it (every MedMamba-T shape at 224 px
-// on sm_80+), else in the caller's workspace, private to the block and L2-resident. Finally the block writes
+// The accumulator lives in shared memory when the device has room for it (medmamba_ss2d_scan_plan says
+// where), else in the caller's workspace, private to the block and L2-resident. Finally the block writes
 // its kG channels of y (b, H, W, D). d_state == 16 (MedMamba, Mamba defaults) is compiled with a static
 // d_state; other values up to MEDMAMBA_SCAN_MAX_D_STATE take a generic instantiation.
 
@@ -88,10 +88,17 @@ __host__ __device__ __forceinline__ int scanPosition(int k, int t, int height, i
 
 // Row stride of a staged chunk: a multiple of 4 floats keeps float4 reads aligned, and the 4 extra words
 // put consecutive rows 4 banks apart, so the 8 lanes of a quarter-warp reading 8 rows hit distinct banks.
-template <int kChunk>
-__host__ __device__ constexpr int chunkStride()
+__host__ __device__ constexpr int chunkStride(int chunk)
 {
-    return kChunk + 4;
+    return chunk + 4;
+}
+
+// The block's sum of Ds over the four directions, one float per channel, heads the dynamic shared memory
+// (rounded up to 4 floats so the staged rows after it stay float4-aligned). No static shared memory: the
+// dynamic bytes a launch asks for are then all it uses, and the whole opt-in is available to them.
+__host__ __device__ constexpr int dsumFloats(int g)
+{
+    return (g + 3) / 4 * 4;
 }
 
 // Rows of one direction's staged chunk: kG x rows, kG delta rows, R dt_low rows, then N B rows and N C rows,
@@ -113,13 +120,13 @@ __global__ void __launch_bounds__(kDirections* kG* kLanes) ss2dScanKernel(ScanPa
     constexpr int kThreads = kDirections * kG * kLanes;
     constexpr int kMaxN = kN > 0 ? kN : MEDMAMBA_SCAN_MAX_D_STATE;
     constexpr int kStates = (kMaxN + kLanes - 1) / kLanes;
-    constexpr int kStride = chunkStride<kChunk>();
+    constexpr int kStride = chunkStride(kChunk);
     static_assert(kChunk % 4 == 0, "chunks are read as float4");
     static_assert(kLanes <= 32 && 32 % kLanes == 0, "a (direction, channel) stays inside one warp");
 
     extern __shared__ float4 sDynamic[];
-    float* const smem = reinterpret_cast<float*>(sDynamic);
-    __shared__ float sDsum[kG];
+    float* const sDsum = reinterpret_cast<float*>(sDynamic);
+    float* const smem = sDsum + dsumFloats(kG);
 
     int const N = kN > 0 ? kN : p.dState;
     int const R = p.dtRank;
@@ -306,19 +313,21 @@ __global__ void __launch_bounds__(kDirections* kG* kLanes) ss2dScanKernel(ScanPa
 
 struct DeviceInfo
 {
+    int device;
     int smCount;
     int sharedOptin; // largest dynamic shared memory a block may opt in to
 };
 
+constexpr int kCachedDevices = 64;
+
 cudaError_t deviceInfo(DeviceInfo* info)
 {
-    constexpr int kCachedDevices = 64;
     static std::atomic<int> smCache[kCachedDevices];
     static std::atomic<int> sharedCache[kCachedDevices];
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
+    cudaError_t err = cudaGetDevice(&info->device);
     if (err != cudaSuccess)
         return err;
+    int const device = info->device;
     bool const cacheable = device >= 0 && device < kCachedDevices;
     if (cacheable)
     {
@@ -338,53 +347,126 @@ cudaError_t deviceInfo(DeviceInfo* info)
     return err;
 }
 
+// Block shapes (all 128 threads): many channels per block divide the x_dbl re-reads (B/C rows are shared by
+// the block's channels) and leave each thread several independent state chains; few channels per block give
+// the GPU enough blocks when there is little work (MedMamba-T stage 1 at batch 1: 96 channels). A first
+// choice by block count, pending tune_block_shapes.py on real GPUs (H200 and Jetson Orin). d_state != 16
+// takes the generic shape with the longest chunk whose staged rows fit: a large d_state's B/C rows do not
+// fit 32 steps in 64 KiB (sm_75).
+struct BlockShape
+{
+    int dState; // 0: generic, any d_state up to MEDMAMBA_SCAN_MAX_D_STATE
+    int lanes;
+    int channels;
+    int chunk;
+};
+constexpr BlockShape kShapes[] = {
+    {16, 4, 8, 32}, {16, 8, 4, 32}, {16, 16, 2, 32}, {0, 32, 1, 32}, {0, 32, 1, 16}, {0, 32, 1, 8}};
+constexpr int kShapeCount = sizeof(kShapes) / sizeof(kShapes[0]);
+constexpr int kFirstGenericShape = 3;
+
+// Dynamic shared memory `shape` needs for these sizes, with y's accumulators in it when they fit (else they
+// go to the workspace); 0 when not even the staged rows fit.
+size_t sharedBytes(BlockShape const& shape, int dtRank, int dState, int length, int sharedOptin, bool* accInShared)
+{
+    size_t const staging = sizeof(float)
+        * (dsumFloats(shape.channels)
+            + static_cast<size_t>(kDirections) * chunkStride(shape.chunk)
+                * directionRows(shape.channels, shape.lanes, dtRank, dState));
+    size_t const accumulators = sizeof(float) * shape.channels * static_cast<size_t>(sharedAccStride(length));
+    *accInShared = staging + accumulators <= static_cast<size_t>(sharedOptin);
+    if (*accInShared)
+        return staging + accumulators;
+    return staging <= static_cast<size_t>(sharedOptin) ? staging : 0;
+}
+
+cudaError_t planLaunch(int batch, int channels, int height, int width, int dtRank, int dState, int smCount,
+    int sharedOptin, medmamba_scan_plan* plan)
+{
+    int const length = height * width;
+    bool accInShared = false;
+    int shape = 0;
+    if (dState != 16)
+    {
+        shape = kFirstGenericShape;
+        while (shape + 1 < kShapeCount && sharedBytes(kShapes[shape], dtRank, dState, length, sharedOptin, &accInShared) == 0)
+            ++shape;
+    }
+    else
+    {
+        auto blocks = [&](long long g) { return batch * ((channels + g - 1) / g); };
+        shape = blocks(8) >= 2LL * smCount ? 0 : blocks(4) >= smCount ? 1 : 2;
+    }
+    size_t const shared = sharedBytes(kShapes[shape], dtRank, dState, length, sharedOptin, &accInShared);
+    if (shared == 0)
+        return cudaErrorInvalidValue; // only an absurd dt_rank gets here
+    *plan = medmamba_scan_plan{
+        shape, kShapes[shape].channels, kShapes[shape].chunk, static_cast<int>(shared), accInShared ? 1 : 0};
+    return cudaSuccess;
+}
+
 template <typename T, int kN, int kLanes, int kG, int kChunk>
 cudaError_t launch(ScanParams p, DeviceInfo const& device, size_t workspaceBytes, cudaStream_t stream)
 {
-    int const length = p.height * p.width;
-    size_t const tileBytes = sizeof(float) * kDirections * chunkStride<kChunk>()
-        * directionRows(kG, kLanes, p.dtRank, kN > 0 ? kN : p.dState);
-    size_t const accBytes = sizeof(float) * kG * static_cast<size_t>(sharedAccStride(length));
-    p.accInShared = tileBytes + accBytes <= static_cast<size_t>(device.sharedOptin);
-    size_t const sharedBytes = p.accInShared ? tileBytes + accBytes : tileBytes;
-    if (sharedBytes > static_cast<size_t>(device.sharedOptin))
-        return cudaErrorInvalidValue; // only an absurd dt_rank gets here
+    bool accInShared = false;
+    size_t const shared = sharedBytes(BlockShape{kN, kLanes, kG, kChunk}, p.dtRank, p.dState, p.height * p.width,
+        device.sharedOptin, &accInShared);
+    if (shared == 0)
+        return cudaErrorInvalidValue;
+    p.accInShared = accInShared;
     if (!p.accInShared
         && (p.workspace == nullptr
             || workspaceBytes < medmamba_ss2d_scan_workspace_size(p.batch, p.channels, p.height, p.width)))
         return cudaErrorInvalidValue;
     auto kernel = ss2dScanKernel<T, kN, kLanes, kG, kChunk>;
-    if (sharedBytes > kDefaultSharedBytes)
+    if (shared > kDefaultSharedBytes)
     {
-        cudaError_t const err
-            = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sharedBytes));
-        if (err != cudaSuccess)
-            return err;
+        // Once per kernel and device, and to all the device allows: a per-launch value would race between host
+        // threads launching this kernel with other shapes (two TensorRT execution contexts, Triton instances).
+        static std::atomic<bool> optedIn[kCachedDevices];
+        bool const cacheable = device.device >= 0 && device.device < kCachedDevices;
+        if (!cacheable || !optedIn[device.device].load(std::memory_order_acquire))
+        {
+            cudaError_t const err
+                = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device.sharedOptin);
+            if (err != cudaSuccess)
+                return err;
+            if (cacheable)
+                optedIn[device.device].store(true, std::memory_order_release);
+        }
     }
     dim3 const grid((p.channels + kG - 1) / kG, p.batch);
-    kernel<<<grid, kDirections * kG * kLanes, sharedBytes, stream>>>(p);
+    kernel<<<grid, kDirections * kG * kLanes, shared, stream>>>(p);
     return cudaGetLastError();
 }
 
-// Block shapes (all 128 threads): many channels per block divide the x_dbl re-reads (B/C rows are shared by
-// the block's channels) and leave each thread several independent state chains; few channels per block give
-// the GPU enough blocks when there is little work (MedMamba-T stage 1 at batch 1: 96 channels). A first
-// choice by block count, pending tune_block_shapes.py on real GPUs (H200 and Jetson Orin).
+// launch() with the block shape kShapes[shape].
+template <typename T, int kShape = 0>
+cudaError_t launchShape(int shape, ScanParams const& p, DeviceInfo const& device, size_t workspaceBytes,
+    cudaStream_t stream)
+{
+    if constexpr (kShape + 1 < kShapeCount)
+    {
+        if (shape != kShape)
+            return launchShape<T, kShape + 1>(shape, p, device, workspaceBytes, stream);
+    }
+    constexpr BlockShape s = kShapes[kShape];
+    return launch<T, s.dState, s.lanes, s.channels, s.chunk>(p, device, workspaceBytes, stream);
+}
+
 template <typename T>
 cudaError_t dispatch(ScanParams const& p, size_t workspaceBytes, cudaStream_t stream)
 {
     DeviceInfo device{};
-    cudaError_t const err = deviceInfo(&device);
+    cudaError_t err = deviceInfo(&device);
     if (err != cudaSuccess)
         return err;
-    if (p.dState != 16)
-        return launch<T, 0, 32, 1, 32>(p, device, workspaceBytes, stream);
-    auto blocks = [&](long long g) { return p.batch * ((p.channels + g - 1) / g); };
-    if (blocks(8) >= 2LL * device.smCount)
-        return launch<T, 16, 4, 8, 32>(p, device, workspaceBytes, stream);
-    if (blocks(4) >= device.smCount)
-        return launch<T, 16, 8, 4, 32>(p, device, workspaceBytes, stream);
-    return launch<T, 16, 16, 2, 32>(p, device, workspaceBytes, stream);
+    medmamba_scan_plan plan{};
+    err = planLaunch(p.batch, p.channels, p.height, p.width, p.dtRank, p.dState, device.smCount, device.sharedOptin,
+        &plan);
+    if (err != cudaSuccess)
+        return err;
+    return launchShape<T>(plan.block_shape, p, device, workspaceBytes, stream);
 }
 
 bool validShape(int batch, int channels, int height, int width)
@@ -392,6 +474,13 @@ bool validShape(int batch, int channels, int height, int width)
     // grid.y holds the batch (at most 65535); index arithmetic within one image is int.
     return batch >= 0 && batch <= 65535 && channels > 0 && height >= 0 && width >= 0
         && static_cast<long long>(height) * width * (channels > 8 ? channels : 8) <= INT_MAX;
+}
+
+bool validArguments(int batch, int channels, int height, int width, int dtRank, int dState)
+{
+    return validShape(batch, channels, height, width) && dtRank > 0 && dState > 0
+        && dState <= MEDMAMBA_SCAN_MAX_D_STATE
+        && kDirections * (static_cast<long long>(dtRank) + 2 * dState) * height * width <= INT_MAX;
 }
 
 } // namespace
@@ -410,9 +499,8 @@ extern "C" int medmamba_ss2d_scan_forward(void const* x, void const* x_dbl, floa
 {
     if (!x || !x_dbl || !dt_projs_weight || !dt_projs_bias || !A || !Ds || !y)
         return cudaErrorInvalidValue;
-    if (!validShape(batch, channels, height, width) || dt_rank <= 0 || d_state <= 0
-        || d_state > MEDMAMBA_SCAN_MAX_D_STATE || (dtype != MEDMAMBA_SCAN_FLOAT32 && dtype != MEDMAMBA_SCAN_FLOAT16)
-        || static_cast<long long>(kDirections) * (dt_rank + 2 * d_state) * height * width > INT_MAX)
+    if (!validArguments(batch, channels, height, width, dt_rank, d_state)
+        || (dtype != MEDMAMBA_SCAN_FLOAT32 && dtype != MEDMAMBA_SCAN_FLOAT16))
         return cudaErrorInvalidValue;
     if (batch == 0 || height == 0 || width == 0)
         return cudaSuccess;
@@ -420,6 +508,24 @@ extern "C" int medmamba_ss2d_scan_forward(void const* x, void const* x_dbl, floa
         channels, height, width, dt_rank, d_state, delta_softplus != 0, 0};
     return dtype == MEDMAMBA_SCAN_FLOAT16 ? dispatch<__half>(p, workspace_bytes, stream)
                                           : dispatch<float>(p, workspace_bytes, stream);
+}
+
+extern "C" int medmamba_ss2d_scan_plan(int batch, int channels, int height, int width, int dt_rank, int d_state,
+    int sm_count, int shared_optin, medmamba_scan_plan* plan)
+{
+    if (plan == nullptr || !validArguments(batch, channels, height, width, dt_rank, d_state) || sm_count < 0
+        || shared_optin < 0 || (sm_count == 0) != (shared_optin == 0))
+        return cudaErrorInvalidValue;
+    if (sm_count == 0)
+    {
+        DeviceInfo device{};
+        cudaError_t const err = deviceInfo(&device);
+        if (err != cudaSuccess)
+            return err;
+        sm_count = device.smCount;
+        shared_optin = device.sharedOptin;
+    }
+    return planLaunch(batch, channels, height, width, dt_rank, d_state, sm_count, shared_optin, plan);
 }
 
 extern "C" char const* medmamba_ss2d_scan_error_string(int status)

@@ -99,6 +99,8 @@ std::string checkShapes(nvinfer1::Dims const* dims)
             || (known(A.d[0]) && A.d[0] != 4 * channels) || (known(Ds.d[0]) && Ds.d[0] != 4 * channels))
             return "dt_projs_weight, dt_projs_bias, A and Ds must match x's channels (x.shape[1])";
     }
+    if (known(x.d[0]) && known(xDbl.d[0]) && xDbl.d[0] != x.d[0])
+        return "x_dbl.shape[0] must be x's batch";
     if (known(x.d[2]) && known(x.d[3]) && known(xDbl.d[2]) && xDbl.d[2] != x.d[2] * x.d[3])
         return "x_dbl.shape[2] must be H * W of x";
     if (known(weight.d[2]) && known(A.d[1]) && known(xDbl.d[1]) && xDbl.d[1] != 4 * (weight.d[2] + 2 * A.d[1]))

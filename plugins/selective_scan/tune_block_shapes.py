@@ -6,8 +6,8 @@
 Needs what gpu_check.py needs (PyTorch with CUDA, nvcc, the package installed). Every shape is compiled into
 one library next to the dispatcher (the kernel file is #included, so the variants are the shipped kernel),
 checked against the dispatcher's output, and timed on the MedMamba-T stage shapes at batch 1 and 8, float32
-and float16 I/O. The shapes the kernel's dispatch() uses are a first choice by block count; run this on the
-GPUs that matter (H200, Jetson Orin: 16 SMs) and move dispatch() to the winners.
+and float16 I/O. The shapes the kernel's plan uses (kShapes, planLaunch) are a first choice by block count; run this on
+the GPUs that matter (H200, Jetson Orin: 16 SMs) and move them to the winners.
 """
 
 from __future__ import annotations
