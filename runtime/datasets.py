@@ -4,14 +4,16 @@
 - an ImageFolder directory (one sub-folder per class, as the official ``train.py`` expects),
 - a plain folder of images (no labels),
 - a MedMNIST-style ``.npz`` (``{split}_images``, ``{split}_labels``; ``split`` chooses which),
-- a CSV of ``path,label`` rows (paths relative to the CSV; a header row is optional).
+- a UTF-8 CSV of ``path,label`` rows (paths relative to the CSV; a header row is optional, see ``_is_header``).
 Images are any format ``decode.read_image`` reads, or single-frame DICOM files (as ``run`` reads them).
 Labels are mapped to the model's class names; a label the model does not know is an error.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import numpy as np
 
 from medmamba_edge.errors import UserError
 
-from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still, read_single_image
+from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
+from .sources.files import folder_files
 
 
 class DatasetError(UserError):
@@ -32,6 +35,7 @@ class DatasetError(UserError):
 class Sample:
     source: str  # a path, or "file.npz[val:12]"
     label: int | None  # index into the model's class names; None when unlabelled
+    unreadable: str | None = None  # why listing found it cannot be read (a dangling link, a FIFO); not opened
 
 
 @dataclass
@@ -56,7 +60,10 @@ class Dataset:
         """Decoded image or DICOM (RGB or grayscale, uint8/uint16/float32); raises ImageError for a broken file."""
         if self._npz_images is not None:
             return self._npz_images[index]
-        return read_single_image(self.samples[index].source)
+        sample = self.samples[index]
+        if sample.unreadable:
+            raise ImageError(f"{sample.source}: {sample.unreadable}")
+        return read_single_image(sample.source)
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         images = self._npz_images[list(indices)] if self._npz_images is not None else None
@@ -80,13 +87,22 @@ class Dataset:
 def _label_index(label: str, class_names: Sequence[str], where: str) -> int:
     if label in class_names:
         return list(class_names).index(label)
-    if label.isdigit() and int(label) < len(class_names):
+    # ASCII digits only: "²".isdigit() holds, yet int() refuses it, and int("١") is 1.
+    if label.isascii() and label.isdigit() and int(label) < len(class_names):
         return int(label)
     raise DatasetError(f"{where}: label {label!r} is not one of the model's classes {list(class_names)}")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_still(p))
+def _image_samples(folder: Path, label: int | None) -> list[Sample]:
+    """The images in ``folder`` (not below: a class folder's sub-folders are not its images), as ``run`` lists
+    them: what cannot be read (a dangling link, a FIFO) is a sample that fails to decode, so it is reported.
+    Hidden files are left out, not reported: macOS copies a '._' metadata file beside every image."""
+    samples = []
+    for entry in folder_files(folder, recursive=False):
+        path, unreadable = entry if isinstance(entry, tuple) else (entry, None)
+        if not path.name.startswith("."):
+            samples.append(Sample(str(path), label, unreadable))
+    return samples
 
 
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
@@ -95,10 +111,10 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
         samples = []
         for folder in subfolders:
             label = _label_index(folder.name, class_names, str(folder)) if class_names else None
-            samples += [Sample(str(f), label) for f in _image_files(folder)]
+            samples += _image_samples(folder, label)
         kind = "ImageFolder"
     else:
-        samples = [Sample(str(f), None) for f in _image_files(path)]
+        samples = _image_samples(path, None)
         kind = "folder"
     if not samples:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} "
@@ -154,17 +170,31 @@ def _npz_labels(labels: np.ndarray, count: int, where: str, class_names: Sequenc
     return labels
 
 
+def _is_header(row: list[str], folder: Path) -> bool:
+    """Whether a CSV's first row names its columns (``path,label``, ``file,class``, ``image,…``): a file that is
+    really called ``image`` (a DICOM file without a suffix) is a sample all the same."""
+    name = row[0].strip()
+    return name.lower() in ("path", "file", "image") and not (folder / name).exists()
+
+
 def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
+    # Excel starts a UTF-8 CSV with a byte-order mark, which would otherwise hide the header.
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                           f"save the CSV as UTF-8") from None
     samples = []
-    with open(path, newline="") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            if not row or row[0].startswith("#") or (line == 1 and row[0].strip().lower() in ("path", "file", "image")):
-                continue
-            if len(row) < 2 and class_names is not None:
-                raise DatasetError(f"{path}:{line}: expected 'path,label'")
-            image = (path.parent / row[0].strip()).resolve()
-            label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
-            samples.append(Sample(str(image), label))
+    for line, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or (line == 1 and _is_header(row, path.parent)):
+            continue
+        if len(row) < 2 and class_names is not None:
+            raise DatasetError(f"{path}:{line}: expected 'path,label'")
+        image = (path.parent / row[0].strip()).resolve()
+        label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
+        samples.append(Sample(str(image), label))
     if not samples:
         raise DatasetError(f"{path}: no rows")
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)

@@ -1,7 +1,9 @@
 """Data set readers and the backend factory on real data."""
 
 import csv
+import os
 
+import cv2
 import numpy as np
 import pytest
 
@@ -107,3 +109,61 @@ def test_imagefolder_reads_dicom_as_run_does(tmp_path):
     index = [s.source for s in data.samples].index(str(tmp_path / "normal" / "cine.dcm"))
     with pytest.raises(ImageError, match="cine.dcm: a DICOM file of 2 frames; a data set takes one image per file"):
         data.image(index)
+
+
+def test_csv_rows_are_samples_whatever_their_first_character_and_a_header_names_no_file(tmp_path):
+    pytest.importorskip("pydicom")
+    from tests.test_sources import synthetic_dicom
+
+    for name in ("#0003.png", "p0.png"):
+        cv2.imwrite(str(tmp_path / name), np.zeros((8, 8), np.uint8))
+    synthetic_dicom(tmp_path / "image", np.zeros((8, 8), np.uint8))  # a DICOM file without a suffix, named "image"
+    classes = ["normal", "pneumonia"]
+    cases = {
+        b'"#0003.png",normal\n#0003.png,normal\np0.png,pneumonia\n': ["#0003.png", "#0003.png", "p0.png"],
+        b"image,normal\np0.png,pneumonia\n": ["image", "p0.png"],
+        b"\xef\xbb\xbfpath,label\r\np0.png,pneumonia\r\n": ["p0.png"],  # as Excel saves UTF-8: a byte-order mark
+        b"file,label\n\np0.png,1\n": ["p0.png"],
+    }
+    for text, names in cases.items():
+        (tmp_path / "list.csv").write_bytes(text)
+        data = open_dataset(tmp_path / "list.csv", class_names=classes)
+        assert [s.source for s in data.samples] == [str(tmp_path / name) for name in names], text
+        assert [data.image(i).shape for i in range(len(data))] == [(8, 8)] * len(names)
+
+
+def test_csv_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes(b"p0.png,pneumonia\nn7.png,normal\nr\xe9sum\xe9.png,normal\n")
+    with pytest.raises(DatasetError, match=r"latin1\.csv:3: not UTF-8 text \(byte 0xe9\); save the CSV as UTF-8$"):
+        open_dataset(tmp_path / "latin1.csv", class_names=["normal", "pneumonia"])
+
+
+@pytest.mark.parametrize("name", ["²", "١"])  # str.isdigit() holds for both; int() refuses the first, reads 1 in the second
+def test_class_folder_named_by_a_non_ascii_digit_is_not_an_index(tmp_path, name):
+    for folder in ("normal", name):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "x.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=f"{name}: label '{name}' is not one of the model's classes"):
+        open_dataset(tmp_path, class_names=["normal", "pneumonia"])
+    (tmp_path / name).rename(tmp_path / "1")
+    assert open_dataset(tmp_path, class_names=["normal", "pneumonia"]).labels().tolist() == [1, 0]
+
+
+def test_imagefolder_entries_that_cannot_be_read_are_samples_that_fail_to_decode(tmp_path):
+    from medmamba_edge.runtime.decode import ImageError
+
+    (tmp_path / "normal").mkdir(), (tmp_path / "pneumonia").mkdir()
+    cv2.imwrite(str(tmp_path / "normal" / "a.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "normal" / "dangling.png").symlink_to("missing.png")
+    os.mkfifo(tmp_path / "pneumonia" / "pipe.png")  # reading it would wait for a writer forever
+    (tmp_path / "pneumonia" / "._a.png").write_bytes(b"macOS metadata: left out, not reported")
+    (tmp_path / "pneumonia" / "sub").mkdir()  # a class folder's sub-folders are not its images
+    cv2.imwrite(str(tmp_path / "pneumonia" / "sub" / "b.png"), np.zeros((8, 8), np.uint8))
+    data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
+    assert [(s.source[len(str(tmp_path)) + 1:], s.label) for s in data.samples] == [
+        ("normal/a.png", 0), ("normal/dangling.png", 0), ("pneumonia/pipe.png", 1)]
+    assert data.image(0).shape == (8, 8)
+    with pytest.raises(ImageError, match=r"dangling\.png: a dangling symbolic link \(to missing\.png\)"):
+        data.image(1)
+    with pytest.raises(ImageError, match=r"pipe\.png: not a regular file \(a FIFO, socket or device\), not read"):
+        data.image(2)

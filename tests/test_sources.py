@@ -1,5 +1,10 @@
 """Sources: the URI grammar, broken inputs, DICOM mapping, video files and a network stream that drops."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -257,3 +262,50 @@ def test_folder_follows_links_to_folders_once_and_reports_what_it_cannot_read(tm
     assert [(f.source.split("data/")[1], f.error is None) for f in frames] == [
         ("a.png", True), ("link/linked.png", True), ("link_again", False)]
     assert "a link to a folder already listed" in frames[2].error
+
+
+def frames_without_file_permissions_overridden(spec) -> list[tuple[str, str | None]]:
+    """(source, error) of each frame of ``spec``, listed by a process that file modes bind. Root's
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH ignore them, so as root it runs under setpriv without those two."""
+    code = ("import json, sys; from medmamba_edge.runtime.sources import open_source; "
+            "print(json.dumps([(f.source, f.error) for f in open_source(sys.argv[1]).frames()]))")
+    command = [sys.executable, "-c", code, str(spec)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, which reads any file, and setpriv (util-linux) is not here to drop that")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [tuple(frame) for frame in json.loads(done.stdout)]
+
+
+def test_entries_of_a_folder_that_can_be_listed_but_not_searched_get_a_record(tmp_path):
+    (tmp_path / "ok").mkdir(), (tmp_path / "noexec").mkdir()
+    cv2.imwrite(str(tmp_path / "ok" / "a.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(tmp_path / "noexec" / "b.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "noexec" / "IM0001").write_bytes(b"a DICOM file or a folder: nothing tells which")
+    (tmp_path / "noexec" / "notes.txt").write_text("not an image: not listed")
+    (tmp_path / "noexec").chmod(0o644)  # its names can be read, nothing else about them
+    try:
+        for spec, found in ((tmp_path, ["noexec/IM0001", "noexec/b.png", "ok/a.png"]),
+                            (tmp_path / "*" / "*.png", ["noexec/b.png", "ok/a.png"])):
+            frames = frames_without_file_permissions_overridden(spec)
+            assert [source.split(f"{tmp_path.name}/")[1] for source, _ in frames] == found
+            assert all(error.endswith("cannot be examined (Permission denied), not read") for _, error in frames[:-1])
+            assert frames[-1][1] is None
+    finally:
+        (tmp_path / "noexec").chmod(0o755)  # so that pytest can remove it
+
+
+def test_recursive_glob_gives_each_file_once_through_links_to_folders(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "a").mkdir(parents=True), elsewhere.mkdir()
+    cv2.imwrite(str(data / "a" / "img.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(elsewhere / "linked.png"), np.zeros((8, 8), np.uint8))
+    (data / "a" / "up").symlink_to("..")  # a loop: a/up/a/up/… until the system refuses the path
+    (data / "link").symlink_to(elsewhere)
+    (data / "link_again").symlink_to(elsewhere)
+    (data / "a" / "same.png").symlink_to("img.png")  # a second name in the same folder: listed, as a folder lists it
+    frames = list(open_source(str(data / "**" / "*.png")).frames())
+    assert [(f.source.split("data/")[1], f.error) for f in frames] == [
+        ("a/img.png", None), ("a/same.png", None), ("link/linked.png", None)]

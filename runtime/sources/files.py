@@ -42,21 +42,34 @@ class FileSource(Source):
 NOT_REGULAR = "not a regular file (a FIFO, socket or device), not read"
 
 
-def _broken_link(path: Path, error: OSError) -> str:
-    # ELOOP or ENOENT from following it: the link, not a file, is what is there.
+def _cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
+    """Why os.stat refused a listed entry: a link that leads nowhere (ELOOP or ENOENT from following it: the
+    link, not a file, is what is there), or an entry of a folder that can be listed but not searched (mode
+    644: its names can be read, nothing else about them)."""
+    if not is_link:
+        return f"cannot be examined ({error.strerror or error}), not read"
     what = "a symbolic link loop" if error.errno == errno.ELOOP else "a dangling symbolic link"
     return f"{what} (to {os.readlink(path)})"
 
 
 def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
     """The files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read (a dangling
-    link, a FIFO) comes with the reason, so it gets a record."""
+    link, a FIFO) comes with the reason, so it gets a record, and a folder's entries are listed once: ``**``
+    follows links to folders, so a link back up the tree (or a second link to one folder) would give the same
+    files again and again, under ever longer names. The shortest name (the first in sorted order of those)
+    is kept."""
+    entries = {}
+    for path in sorted((Path(p) for p in glob.glob(pattern, recursive=True)), key=lambda p: (len(p.parts), p)):
+        # An entry is its folder (as the folder walker tells folders apart) and its name: a link to a file in
+        # the same folder is a name of its own, listed as a folder's listing lists it.
+        folder = os.stat(path.parent)  # cannot fail: glob has just listed that folder
+        entries.setdefault((folder.st_dev, folder.st_ino, path.name), path)
     found: list[Path | tuple[Path, str]] = []
-    for path in sorted(Path(p) for p in glob.glob(pattern, recursive=True)):
+    for path in sorted(entries.values()):
         try:
             info = os.stat(path)
         except OSError as exc:
-            found.append((path, _broken_link(path, exc)))
+            found.append((path, _cannot_stat(path, exc, os.path.islink(path))))
             continue
         if stat.S_ISREG(info.st_mode):
             found.append(path)
@@ -65,11 +78,11 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
     return found
 
 
-def folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
-    """Every image and DICOM file below ``folder``, sorted, following links to folders once each (a link
-    back up the tree is a loop and is not entered). What looks like an image but cannot be read as one
-    (a dangling link, a link loop, a FIFO, a hidden file) comes with the reason, so it gets a record;
-    other files (notes.txt, .DS_Store) are not listed."""
+def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path, str]]:
+    """Every image and DICOM file in ``folder`` and, if ``recursive``, below it, sorted, following links to
+    folders once each (a link back up the tree is a loop and is not entered). What looks like an image but
+    cannot be read as one (a dangling link, a link loop, a FIFO, a hidden file, an entry that cannot be
+    examined) comes with the reason, so it gets a record; other files (notes.txt, .DS_Store) are not listed."""
     found: list[Path | tuple[Path, str]] = []
     top = os.stat(folder)
     seen = {(top.st_dev, top.st_ino)}
@@ -85,10 +98,13 @@ def folder_files(folder: Path) -> list[Path | tuple[Path, str]]:
             try:
                 info = os.stat(path)
             except OSError as exc:
-                if entry.is_symlink():
-                    found.append((path, _broken_link(path, exc)))
+                # Without a suffix it may be a DICOM file or a folder of images: nothing tells which.
+                if entry.is_symlink() or path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES or not path.suffix:
+                    found.append((path, _cannot_stat(path, exc, entry.is_symlink())))
                 continue
             if stat.S_ISDIR(info.st_mode):
+                if not recursive:
+                    continue
                 if (info.st_dev, info.st_ino) in seen:
                     found.append((path, f"a link to a folder already listed ({os.readlink(path)}), not entered again "
                                         f"(a loop, or a second way to the same files)"
