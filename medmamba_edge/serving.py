@@ -179,6 +179,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
                           allow_gpu_metrics=False)
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
     spawned: set[tuple[int, int]] = set()
+    segments: set[Path] = set()
     with backend, stop_on_signals(lambda message: notify(
             f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
         try:
@@ -198,12 +199,20 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             while not stopping.wait(0.5):
                 # Seen while their server lives: once it dies they are re-parented and no longer to be found.
                 spawned |= server_processes(triton)
+                segments |= shared_memory_of(spawned)
                 if not triton.is_alive():
                     raise ServeError(f"{model}: the Triton server {_exit_reason(triton)}{_server_hint(triton)}")
         finally:
             spawned |= server_processes(triton)
+            segments |= shared_memory_of(spawned)
             triton.stop()
             stop_leftovers(spawned)
+            # PyTriton names its tensor buffers after this process; a server that crashes (its forced exit after
+            # the exit timeout sometimes does) unlinks neither those nor its Python backend's: RAM lost for good.
+            remove_shared_memory(segments | set(Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*")))
+        if stopping.is_set() and _exit_code(triton):
+            notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
+                   f"cleaned up")
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -259,16 +268,45 @@ def stop_leftovers(processes: set[tuple[int, int]], grace_s: float = 2.0) -> Non
             time.sleep(0.05)
 
 
-def _exit_reason(triton) -> str:
-    """How the server process ended, as sh reports it (minus the signal number when a signal ended it; its
-    RunningCommand.exit_code would raise that as an exception)."""
+def shared_memory_of(processes: set[tuple[int, int]]) -> set[Path]:
+    """The /dev/shm files the processes have mapped and not unlinked (Triton's Python backend and PyTriton pass
+    tensors through them)."""
+    found = set()
+    for pid, _ in processes:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:  # gone, or never ours to read
+            continue
+        for line in maps.splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith(" (deleted)"):
+                found.add(Path(fields[5]))
+    return found
+
+
+def remove_shared_memory(segments: set[Path]) -> None:
+    """Unlink what is left of ``segments`` once the processes that used them are gone (a mapping still open
+    elsewhere keeps its memory until it is unmapped; only the name goes)."""
+    for segment in segments:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            segment.unlink()
+
+
+def _exit_code(triton) -> int | None:
+    """The server process's exit status as sh reports it: negative for a signal (its RunningCommand.exit_code
+    would raise that as an exception); None if unknown or PyTriton's internals moved."""
     try:
-        code = triton._triton_server._tritonserver_running_cmd.process.exit_code
-    except AttributeError:  # PyTriton's internals moved: say less rather than fail
-        return "stopped by itself"
-    if code is not None and code < 0:
-        return f"was killed by {signal.Signals(-code).name}"
-    return f"stopped by itself (exit status {code})"
+        return triton._triton_server._tritonserver_running_cmd.process.exit_code
+    except AttributeError:
+        return None
+
+
+def _exit_reason(triton) -> str:
+    """How the server process ended, in words (minus the signal number when a signal ended it)."""
+    code = _exit_code(triton)
+    if code is None:
+        return "stopped"
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
 
 
 def _server_hint(triton) -> str:

@@ -83,7 +83,8 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
     outputs = Outputs(sinks)
-    model_failures: list[str] = []
+    # A count and the first message, not a list: a client whose server is down for a day fails every batch.
+    failed_batches, first_failure = 0, None
 
     def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
         record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
@@ -115,7 +116,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                         logits = iter(backend.run(np.stack([f.tensor for f in usable])))
                     except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
                         model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
-                        model_failures.append(model_error)
+                        failed_batches, first_failure = failed_batches + 1, first_failure or model_error
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
                 for frame in frames:
                     if frame.error or model_error:
@@ -137,7 +138,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
-    if model_failures:
-        errors.append(f"{len(model_failures)} of {stats.batches} batches failed in the model, first: {model_failures[0]}")
+    if failed_batches:
+        errors.append(f"{failed_batches} of {stats.batches} batches failed in the model, first: {first_failure}")
     stats.error = "; ".join(errors) or None
     return stats

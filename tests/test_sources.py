@@ -62,6 +62,8 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
         open_source("ftp://host/x.mp4")
     with pytest.raises(SourceError, match="no such file, folder, camera or stream"):
         open_source(str(tmp_path / "missing.png"))
+    with pytest.raises(SourceError, match="١: no such file, folder, camera or stream"):
+        open_source("١")  # an Arabic-Indic digit one: a file name, not camera 1
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(SourceError, match="unsupported file type .txt"):
         open_source(str(tmp_path / "notes.txt"))
@@ -218,8 +220,10 @@ def test_stream_reconnects_with_backoff_then_gives_up():
         assert "reconnecting in" in notices[0] and notices[-1].endswith("(attempt 3/3)")
     finally:
         server.close()
+    first_notices = []  # the first connection's retries are said as they happen, not only after them
     with pytest.raises(SourceError, match="cannot be opened after 1 attempts"):
-        open_source(server.url, reconnect=1)
+        open_source(server.url, reconnect=1, notify=first_notices.append)
+    assert len(first_notices) == 1 and first_notices[0].endswith("reconnecting in 0.5 s (attempt 1/1)")
 
 
 def test_palette_colour_and_one_bit_dicom_are_mapped_not_read_as_raw_values(tmp_path):

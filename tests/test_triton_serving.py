@@ -326,3 +326,30 @@ def test_the_server_loads_this_interpreters_libpython_and_would_fail_without_it(
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     assert "failed:" in result.stdout and "_recursion_count" in result.stdout + result.stderr, result.stdout[-2000:]
+
+
+def test_shared_memory_a_dead_server_left_is_found_and_removed(tmp_path):
+    """What a crashed tritonserver and its Python backend had mapped in /dev/shm, they never unlink."""
+    from medmamba_edge.serving import remove_shared_memory, shared_memory_of
+
+    name = Path("/dev/shm") / f"medmamba-test-{os.getpid()}"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import mmap, sys, time
+        with open({str(name)!r}, "w+b") as f:
+            f.truncate(4096)
+            memory = mmap.mmap(f.fileno(), 4096)
+        print("mapped", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        segments = shared_memory_of({(holder.pid, 0)})
+        assert name in segments and all(str(s).startswith("/dev/shm/") for s in segments)
+        assert name not in shared_memory_of({(os.getpid(), 0)})  # only what the given processes map
+    finally:
+        holder.kill()
+        holder.wait()
+    assert name.exists()  # a killed process unlinks nothing
+    remove_shared_memory(segments)
+    assert not name.exists()
+    remove_shared_memory({name})  # already gone: no error

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -38,12 +39,13 @@ from .video import (
 __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate", "open_source"]
 
 
-def open_source(spec: str, reconnect: int = 5) -> Source:
-    """The source for a URI (see the module docstring), opened."""
+def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
+    """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
+    attempts (the run loop takes over once it starts)."""
     spec = str(spec).strip()
     if not spec:  # an unset "$SOURCE" would otherwise be ".", the current folder
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
-    if re.fullmatch(r"\d+", spec):
+    if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
         return camera_source(int(spec), spec)
     scheme = urlparse(spec).scheme.lower() if "://" in spec else ""
     if scheme == "csi":
@@ -51,7 +53,7 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
     if scheme == "v4l2":
         return camera_source(urlparse(spec).path, spec)
     if scheme in STREAM_SCHEMES:
-        return stream_source(spec, reconnect)
+        return stream_source(spec, reconnect, notify)
     if scheme == "file":
         if urlparse(spec).netloc not in ("", "localhost"):
             raise SourceError(f"{spec}: a file:// URL names a file on this machine (file:///path), not on {urlparse(spec).netloc}")
@@ -59,7 +61,7 @@ def open_source(spec: str, reconnect: int = 5) -> Source:
     elif scheme:
         raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "
                           f"({', '.join(s + '://' for s in STREAM_SCHEMES)})")
-    if re.fullmatch(r"/dev/video\d+", spec):
+    if re.fullmatch(r"/dev/video[0-9]+", spec):
         return camera_source(spec, spec)
     if glob.has_magic(spec) and not Path(spec).exists():
         paths = glob_files(spec)

@@ -30,8 +30,11 @@ class VideoSource(Source):
     gets those retries for its first connection (a camera that is still booting)."""
 
     def __init__(self, open_capture: Callable[[], cv2.VideoCapture], description: str, uri: str, live: bool = False,
-                 reconnect: int = 5, retry_first_open: bool = False, backoff: float = 0.5):
+                 reconnect: int = 5, retry_first_open: bool = False, backoff: float = 0.5,
+                 notify: Callable[[str], None] | None = None):
         self.open_capture, self.description, self.uri, self.live = open_capture, description, uri, live
+        if notify is not None:  # a first connection's retries are said too, not only a lost stream's
+            self.notify = notify
         self.reconnect, self.backoff = reconnect, backoff  # first wait; doubles up to 8 s
         self.stopping = threading.Event()  # set by the loop: stop reading and waiting
         self.capture: cv2.VideoCapture | None = None
@@ -164,10 +167,10 @@ def camera_source(device: int | str, uri: str) -> VideoSource:
                        f"camera {device}", uri, live=True)
 
 
-def stream_source(uri: str, reconnect: int) -> VideoSource:
+def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None = None) -> VideoSource:
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
     return VideoSource(_opener(uri, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)"),
-                       f"stream {uri}", uri, live=True, reconnect=reconnect, retry_first_open=True)
+                       f"stream {uri}", uri, live=True, reconnect=reconnect, retry_first_open=True, notify=notify)
 
 
 def video_file_source(path: Path) -> VideoSource:
