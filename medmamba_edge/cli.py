@@ -5,12 +5,14 @@ commands so ``--help`` is instant and optional parts stay optional."""
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
@@ -23,8 +25,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
+# Messages name the user's files and classes: neither console turns ":name:" into an emoji. stderr's lines
+# are rich markup with the user's strings escaped; stdout prints results as given, never read as markup
+# (a path "res[/x].jsonl" or a class "[/]" would vanish or crash the print after the work is done), so
+# its styles come as rich Text.
+console = Console(stderr=True, emoji=False)
+out = Console(markup=False, emoji=False)
 # Off a terminal rich assumes 80 columns and folds table cells mid-word ("medmam│ba_t_p"); a file or a CI log
 # has no width, so there tables and lines get the room they need.
 UNBOUNDED_WIDTH = 1000
@@ -34,6 +40,10 @@ UNBOUNDED_WIDTH = 1000
 def _fit_output_to_its_destination() -> None:
     for stream in (out, console):
         stream.width = None if stream.is_terminal else UNBOUNDED_WIDTH
+    # A file name's undecodable bytes (surrogate-escaped by Python) print as \udcff, as in the JSONL and as
+    # stderr always writes them; a UTF-8 locale's stdout would raise UnicodeEncodeError after the work is done.
+    if hasattr(out.file, "reconfigure"):
+        out.file.reconfigure(errors="backslashreplace")
 
 
 def fail(message: str) -> None:
@@ -56,6 +66,14 @@ def command(name: str | None = None):
         return app.command(name)(reporting_user_errors)
 
     return register
+
+
+@contextmanager
+def spinner(text: str):
+    """A transient status line on stderr; yields the function that replaces its text, shown as given:
+    library messages name the user's files ("loading ck[/x].pth")."""
+    with console.status(text) as status:
+        yield lambda message: status.update(Text(message))
 
 
 def progress_bars(*columns):
@@ -126,10 +144,9 @@ def export(
     fixed_batch = None if dynamic_batch else 1 if batch is None else batch
     from medmamba_edge.exporters.onnx_export import export_onnx
 
-    with console.status("exporting") as spinner:
+    with spinner("exporting") as update:
         result = export_onnx(checkpoint, output, input_size=size, batch=fixed_batch,
-                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol,
-                             status=lambda message: spinner.update(message))
+                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol, status=update)
     meta = result.metadata
     out.print(f"wrote {result.path} ({meta.variant}, {meta.scan_form} scan, input {meta.input_size[0]}×{meta.input_size[1]}, "
               f"batch {meta.batch or 'dynamic'}, classes {', '.join(meta.class_names)}) in {result.seconds:.1f} s")
@@ -211,9 +228,9 @@ def build_plugin(
     """Build the selective-scan TensorRT plugin with CMake and print where the library is."""
     from medmamba_edge.runtime.backends.tensorrt import plugin
 
-    with console.status("building the TensorRT plugin (cmake)") as spinner:
+    with spinner("building the TensorRT plugin (cmake)") as update:
         library = plugin.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
-                                     progress=lambda line: spinner.update(line[:100]))
+                                     progress=lambda line: update(line[:100]))
     out.print(str(library))
 
 
@@ -290,7 +307,7 @@ def demo(
     from medmamba_edge.runtime.preprocess import preprocess
 
     onnx_path = workdir / f"bundled_{scan}.onnx"
-    with console.status("exporting the bundled checkpoint"):
+    with spinner("exporting the bundled checkpoint"):
         result = export_onnx(bundled_checkpoint(), onnx_path, input_size=32, batch=None, scan=scan)
     out.print(f"exported {result.path}; verified against PyTorch: max logit diff {result.max_abs_diff:.1e}")
     backend = open_backend(onnx_path)
@@ -390,7 +407,7 @@ def benchmark(
         report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
                                         iterations=iterations, threads=threads, progress=advance)
     written = [report.plot(plot)] if plot else []
-    out.print(report.markdown(), markup=False, highlight=False, soft_wrap=True)
+    out.print(report.markdown(), highlight=False, soft_wrap=True)
     if json_file:
         write_json(json_file, report.to_dict())
         written.append(json_file)
@@ -415,7 +432,7 @@ def compare(
     from . import comparison
 
     size = parse_input_size(input_size) if input_size else None
-    with console.status("comparing"):
+    with spinner("comparing"):
         report = comparison.compare(model_a, model_b, data, split=split, num_samples=num_samples, atol=atol,
                                     rtol=rtol, input_size=size, batch_size=batch)
     for table in comparison.render_tables(report):
@@ -424,7 +441,7 @@ def compare(
         console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     if not report.passed:
         fail(f"{model_b} differs from {model_a}: " + "; ".join(report.problems))
-    out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance", markup=False)
+    out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance")
 
 
 @command()
@@ -468,8 +485,8 @@ def run(
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
-    with console.status("loading the model") as spinner:
-        model_backend = open_model(model, backend=backend, precision=precision, status=spinner.update, threads=threads,
+    with spinner("loading the model") as update:
+        model_backend = open_model(model, backend=backend, precision=precision, status=update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
     # A video's frame rate divided by the stride; stills at 5 fps (--stride picks files, not a rate)
     video_fps = frames.fps / stride if frames.fps else 5.0
@@ -479,9 +496,11 @@ def run(
                   highlight=False, soft_wrap=True)
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     out.print(stats.summary(), highlight=False, soft_wrap=True)
-    for path in (jsonl, csv, save_video):
-        if path:
-            out.print(f"wrote {path}", highlight=False)
+    for sink in outputs:
+        # The file outputs' own record: one that failed (a full disk) or never got a frame was not written.
+        output = getattr(sink, "output", None)
+        if output and output.complete:
+            out.print(f"wrote {output.path}", highlight=False)
     if stats.error:
         fail(stats.error)
     if stats.classified == 0 and stats.counts["skipped"]:
@@ -555,7 +574,7 @@ def serve(
 
     options = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, name=name, threads=threads)
-    serve_model(model, options, notify=lambda message: out.print(message, markup=False, highlight=False, soft_wrap=True))
+    serve_model(model, options, notify=lambda message: out.print(message, highlight=False, soft_wrap=True))
 
 
 def main() -> None:

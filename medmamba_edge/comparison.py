@@ -168,7 +168,9 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
 
 
 def render_tables(report: ComparisonReport) -> list:
+    """Rich tables of the differences and the checks; plain text (file names) as in evaluation.render_tables."""
     from rich.table import Table
+    from rich.text import Text
 
     differences = Table(title=f"A = {Path(report.models[0]).name}, B = {Path(report.models[1]).name}: "
                               f"{report.images} images of {report.data}",
@@ -180,7 +182,7 @@ def render_tables(report: ComparisonReport) -> list:
     checks = Table(title=f"checks ({report.tolerance.tier} tier)")
     for column in ("check", "measured", "limit", "result"):
         checks.add_column(column)
-    verdicts = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "reported"}
+    verdicts = {True: Text("pass", style="green"), False: Text("FAIL", style="bold red"), None: "reported"}
     for check in report.checks:
         checks.add_row(check.name, check.measured, check.limit, verdicts[check.passed])
     return [differences, checks]

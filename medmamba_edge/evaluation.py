@@ -210,8 +210,10 @@ def _percent(value: float | None) -> str:
 
 
 def render_tables(report: EvaluationReport) -> list:
-    """Rich tables: the paper's metrics per model (macro averages, in %), then per class."""
+    """Rich tables: the paper's metrics per model (macro averages, in %), then per class. Their text is
+    plain (file and class names), for a console that reads no markup (cli's ``out``); styles are rich Text."""
     from rich.table import Table
+    from rich.text import Text
 
     names = [Path(m.path).name for m in report.models]
     evaluated = report.models[0].metrics.count
@@ -226,7 +228,7 @@ def render_tables(report: EvaluationReport) -> list:
         metrics = m.metrics
         drop = "" if m.drop is None else f"{0.0 - m.drop:+.2f}"  # 0.0 - 0.0 prints +0.00, not -0.00
         if m in report.gate_failures:
-            drop = f"[bold red]{drop}[/]"
+            drop = Text(drop, style="bold red")
         summary.add_row(name, m.precision, _percent(metrics.accuracy), _percent(metrics.precision),
                         _percent(metrics.sensitivity), _percent(metrics.specificity), _percent(metrics.f1),
                         _percent(metrics.auc), drop)

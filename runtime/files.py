@@ -44,6 +44,18 @@ def streamed_in_place(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
+    """mkstemp's prefix and suffix beside ``target``: ``.NAME.XXXXXXXX.partial.SUFFIX``, NAME cut so that the
+    whole fits the file system's ``name_max`` bytes (a valid 250-byte target name must still get one). A
+    suffix too long to keep (no container's: "notes.<200 bytes>") stays part of NAME."""
+    stem, suffix = target.stem, target.suffix
+    if len(os.fsencode(f"..XXXXXXXX.partial{suffix}")) >= name_max:
+        stem, suffix = target.name, ""
+    while len(os.fsencode(f".{stem}.XXXXXXXX.partial{suffix}")) > name_max:
+        stem = stem[:-1]
+    return f".{stem}.", f".partial{suffix}"
+
+
 class AtomicOutput:
     """One output file. A regular file is written to a unique temporary file beside the target
     (``.NAME.XXXXXXXX.partial.SUFFIX``: unique, so two runs given the same target never share it; the
@@ -59,18 +71,20 @@ class AtomicOutput:
         self.path = Path(path)
         self.in_place = streamed_in_place(self.path)
         self.written = 0  # bytes of whole chunks
+        self.cut_short = False  # a write failed: a commit keeps the whole chunks before it
+        self.complete = False  # committed with every chunk: only then may a command say "wrote PATH"
         self.handle = None
         if self.in_place:
             self.write_path = self.path
             return
-        if self.path.is_dir():
-            raise OutputError(f"{self.path}: is a folder, expected a file name")
         # A link to a file: replace the file it points to, keep the link.
         self.target = Path(os.path.realpath(self.path))
         try:
+            if self.path.is_dir():  # raises, too, for a name longer than the file system allows
+                raise OutputError(f"{self.path}: is a folder, expected a file name")
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=f".{self.target.stem}.", suffix=f".partial{self.target.suffix}",
-                                        dir=self.target.parent)
+            prefix, suffix = _temporary_affixes(self.target, os.pathconf(self.target.parent, "PC_NAME_MAX"))
+            fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=self.target.parent)
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
         os.close(fd)
@@ -93,6 +107,7 @@ class AtomicOutput:
             while view:
                 view = view[self.handle.write(view):]
         except OSError as exc:
+            self.cut_short = True
             if not self.in_place:
                 self.handle.truncate(self.written)
             why = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
@@ -106,6 +121,7 @@ class AtomicOutput:
         if not self.in_place and self.write_path.exists():
             os.chmod(self.write_path, 0o666 & ~current_umask())
             os.replace(self.write_path, self.target)
+        self.complete = not self.cut_short
 
     def discard(self) -> None:
         """Close and remove the temporary file: the target is left as it was."""
@@ -154,16 +170,19 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
     A real file is created and removed in the nearest existing folder: permission bits say nothing for
     root, a read-only mount or an ACL."""
     path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: is not a folder")
-    if not folder and path.is_dir():
-        raise OutputError(f"{path}: is a folder, expected a file name")
-    if not folder and streamed_in_place(path):
-        if not os.access(path, os.W_OK):
-            raise OutputError(f"{path}: cannot write there (permission denied)")
-        return
-    start = path if folder else Path(os.path.realpath(path)).parent
-    existing = next(p for p in (start, *start.parents) if p.exists())
+    try:  # every look at path raises, too, for a name longer than the file system allows
+        if folder and path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: is not a folder")
+        if not folder and path.is_dir():
+            raise OutputError(f"{path}: is a folder, expected a file name")
+        if not folder and streamed_in_place(path):
+            if not os.access(path, os.W_OK):
+                raise OutputError(f"{path}: cannot write there (permission denied)")
+            return
+        start = path if folder else Path(os.path.realpath(path)).parent
+        existing = next(p for p in (start, *start.parents) if p.exists())
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     if not existing.is_dir():
         raise OutputError(f"{path}: {existing} is not a folder")
     try:

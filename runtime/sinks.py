@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -215,10 +216,16 @@ class WindowSink:
         cv2.destroyWindow(self.NAME)
 
 
+# C0, DEL and C1: in a file name, ESC [ ... would move the cursor, clear or retitle the terminal.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def printable(text: str, stream: IO[str]) -> str:
-    """``text`` as ``stream`` can encode it: a file name's undecodable bytes are shown as ``\\udcff``
-    escapes, as in the JSONL, instead of a UnicodeEncodeError that would end the run."""
+    """``text`` as ``stream`` can show it: control characters and a file name's undecodable bytes are
+    written as ``\\u001b`` and ``\\udcff`` escapes, as in the JSONL, instead of reaching the terminal or
+    raising a UnicodeEncodeError that would end the run."""
     encoding = getattr(stream, "encoding", None) or "utf-8"
+    text = CONTROL_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
@@ -237,7 +244,7 @@ class ConsoleSink:
             where = f"{record.source}" + (f" #{record.frame}" if record.frame else "")
             detail = caption(record) if record.status in ("ok", "abstain") else f"{record.status}: {record.reason}"
             latency = f" ({record.latency_ms:.0f} ms capture→result)" if record.latency_ms is not None else ""
-            print(printable(f"{where}: {detail}{latency}", self.stream), file=self.stream, flush=True)
+            self._line(f"{where}: {detail}{latency}")
         elif self.every == "second":
             self.window.append(record)
             if time.perf_counter() - self.window_start >= 1.0:
@@ -250,8 +257,11 @@ class ConsoleSink:
         counts = {s: sum(r.status == s for r in self.window) for s in ("skipped", "dropped")}
         last = f"last: {caption(classified[-1])}" if classified else "no classified frame"
         extra = "".join(f", {n} {s}" for s, n in counts.items() if n)
-        print(f"{len(classified)} frames, {fps:.1f} FPS, {last}{extra}", file=self.stream, flush=True)
+        self._line(f"{len(classified)} frames, {fps:.1f} FPS, {last}{extra}")
         self.window_start, self.window = time.perf_counter(), []
+
+    def _line(self, text: str) -> None:
+        print(printable(text, self.stream), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.every == "second":

@@ -281,3 +281,38 @@ def test_help_shows_the_usual_metavars(command, expected):
         assert metavar in result.output, result.output
     for typer_label in ("<bool>", "<str>", "<int>", "<path>", "{"):
         assert typer_label not in result.output, result.output
+
+
+def test_paths_and_class_names_print_as_given_never_as_rich_markup(onnx32, tmp_path):
+    # Rich reads "[...]" as markup and ":name:" as an emoji: the work done, printing what was written crashed
+    # on a closing tag with nothing to close, or dropped the brackets.
+    checkpoint = tmp_path / "ck[" / "x].pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(bundled_checkpoint().read_bytes())
+    model = tmp_path / "m[" / "b]:red_heart:.onnx"
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(model), "--input-size", "32", "--no-verify",
+                                 "--classes", "[property],[/]"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {model} (" in result.output and "classes [property], [/])" in result.output
+
+    npz = tmp_path / "data.npz"
+    np.savez(npz, val_images=np.full((4, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1], [0], [1]]))
+    result = runner.invoke(app, ["evaluate", str(model), "--data", str(npz), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    rows = [[cell.strip() for cell in line.split("│")[1:3]] for line in result.output.splitlines() if line.count("│") == 9]
+    assert rows == [[model.name, "[property]"], [model.name, "[/]"]], result.output
+    assert (tmp_path / "e.json").exists()
+
+    jsonl, csv = tmp_path / "[red]:x:res.jsonl", tmp_path / "res[" / "x].csv"
+    result = runner.invoke(app, ["run", str(model), str(sample_image_paths("pneumoniamnist")[0]), "--jsonl", str(jsonl),
+                                 "--csv", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {jsonl}\n" in result.output and f"wrote {csv}\n" in result.output
+
+    repo = tmp_path / "repo[" / "q]"
+    result = runner.invoke(app, ["export-triton", str(onnx32), "-o", str(repo)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {repo / 'medmamba'} (" in result.output
+    # Styles of our own come as rich Text, so they still apply where markup is not read.
+    result = runner.invoke(app, ["compare", str(model), str(model)])
+    assert result.exit_code == 0 and "│ pass " in result.output and "[green]" not in result.output, result.output

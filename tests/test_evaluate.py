@@ -2,6 +2,7 @@
 side by side on PneumoniaMNIST val; metrics against scikit-learn; bad data → one-line errors."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -129,3 +130,46 @@ def test_bad_data_is_a_one_line_error(onnx32, tmp_path):
     one_line_error(["evaluate", model, "--data", str(require_shared(*PNEUMONIAMNIST)), "--split", "test"],
                    "no split 'test'")
     one_line_error(["evaluate", str(tmp_path / "nope.onnx"), "--data", str(unlabelled)], "no such model file")
+
+
+def test_dangling_links_and_fifos_in_an_imagefolder_are_reported_as_not_decoded(onnx32, tmp_path):
+    folder = tmp_path / "xrays"
+    for path in sample_image_paths("pneumoniamnist"):
+        label = path.stem.rsplit("_", 1)[-1]  # val_0003_normal.png
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / label / path.name)
+    (folder / "normal" / "dangling.png").symlink_to("missing.png")
+    os.mkfifo(folder / "pneumonia" / "pipe.png")
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["evaluated"] == len(sample_image_paths("pneumoniamnist"))
+    assert [f["source"].rsplit("/", 2)[-2:] for f in report["failed_to_decode"]] == [
+        ["normal", "dangling.png"], ["pneumonia", "pipe.png"]]
+    assert "2 images could not be decoded" in result.output and "a dangling symbolic link" in result.output
+
+
+def test_csv_that_is_not_utf8_is_a_one_line_error(onnx32, tmp_path):
+    shutil.copy(sample_image_paths("pneumoniamnist")[0], tmp_path / "a.png")
+    (tmp_path / "latin1.csv").write_bytes(b"a.png,normal\n# r\xe9sum\xe9\n")
+    one_line_error(["evaluate", str(onnx32), "--data", str(tmp_path / "latin1.csv")],
+                   "latin1.csv:2: not UTF-8 text (byte 0xe9); save the CSV as UTF-8")
+
+
+def test_plot_labels_are_drawn_as_given(onnx32, tmp_path):
+    # "$...$" is mathtext to matplotlib ("$\frac{$" does not parse); a file name's undecodable byte (surrogate-
+    # escaped by Python) is a string FreeType refuses. Both crashed the plot, after the evaluation.
+    name = os.fsdecode(b"m$\\frac{$ \xff.onnx")
+    model = tmp_path / name
+    shutil.copy(onnx32, model)
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    result = runner.invoke(app, ["evaluate", str(model), "--data", str(tmp_path / "data.npz"), "--plots",
+                                 str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plots" / f"{name}.confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from medmamba_edge.plots import latency_bars_png
+
+    latency_bars_png([f"{name} (fp32), batch 1", "cost $5 or $6.onnx (fp32), batch 1"], [1.0, 2.0], [1.5, 2.5],
+                     [2.0, 3.0], "$\\frac{$", tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

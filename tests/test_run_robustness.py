@@ -428,3 +428,46 @@ def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is
     assert process.returncode == 0, stderr
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [r["status"] for r in records] == ["ok"] and "\nseq,source," in "\n" + stdout
+
+
+def test_output_names_up_to_the_file_systems_limit_are_written_and_a_longer_one_is_one_line(model, tmp_path):
+    # The temporary file beside each output is named after it: a name near the limit must not make that one too long.
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    jsonl = tmp_path / ("r" * (limit - len(".jsonl")) + ".jsonl")
+    csv_path = tmp_path / ("notes." + "n" * (limit - len("notes.")))  # a "suffix" no container has, as long as it gets
+    video = tmp_path / ("é" * ((limit - len(".avi")) // 2) + ".avi")  # two bytes a character; the suffix picks the codec
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", jsonl, "--csv", csv_path, "--save-video", video)
+    assert code == 0, output
+    assert [r["status"] for r in read_jsonl(jsonl)] == ["ok"] and csv_path.read_text().startswith("seq,source,")
+    assert cv2.VideoCapture(str(video)).read()[0]
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "x.png", jsonl, csv_path, video])
+    too_long = tmp_path / ("r" * (limit + 1 - len(".jsonl")) + ".jsonl")
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", too_long)
+    assert code == 1 and output == f"error: {too_long}: cannot write there (File name too long)\n", output
+    for check in (files.check_writable, lambda path: files.check_writable(path, folder=True)):
+        with pytest.raises(files.OutputError, match=r"cannot write there \(File name too long\)"):
+            check(too_long)
+
+
+def test_only_outputs_written_whole_are_reported_as_written(model, tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", tmp_path / "full.jsonl", "--csv", tmp_path / "r.csv")
+    assert code == 1 and "full.jsonl: cannot write (No space left on device)" in output, output
+    assert f"wrote {tmp_path / 'r.csv'}\n" in output and "wrote " + str(tmp_path / "full.jsonl") not in output
+    # Not one frame for the video: no file, and no word of one.
+    (tmp_path / "broken.png").write_bytes(png_header(40, 40)[:30])
+    code, output = cli("run", model, tmp_path / "broken.png", "--save-video", tmp_path / "v.mp4")
+    assert code == 1 and "wrote" not in output and not (tmp_path / "v.mp4").exists(), output
+
+
+def test_file_names_reach_the_console_with_control_characters_escaped(model, tmp_path):
+    # OSC (retitle the terminal), BEL, CSI 2J (clear the screen) and the one-byte C1 CSI.
+    name = "\x1b]0;pwned\x07\x1b[2Jx\x9b1m.png"
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    (tmp_path / "x.png").rename(tmp_path / name)
+    code, output = cli("run", model, tmp_path, "--console", "frame")
+    assert code == 0, output
+    assert f"{tmp_path}/\\u001b]0;pwned\\u0007\\u001b[2Jx\\u009b1m.png: " in output, output
+    assert not any(c in output for c in "\x1b\x07\x9b"), output
