@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from medmamba_edge.runtime.files import GuardedStdout
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 from .errors import UserError
@@ -28,9 +29,9 @@ app = typer.Typer(
 # Messages name the user's files and classes: neither console turns ":name:" into an emoji. stderr's lines
 # are rich markup with the user's strings escaped; stdout prints results as given, never read as markup
 # (a path "res[/x].jsonl" or a class "[/]" would vanish or crash the print after the work is done), so
-# its styles come as rich Text.
+# its styles come as rich Text. A stdout that cannot be written (`| head` gone, a full disk) is a one-line error.
 console = Console(stderr=True, emoji=False)
-out = Console(markup=False, emoji=False)
+out = Console(markup=False, emoji=False, file=GuardedStdout())
 # Off a terminal rich assumes 80 columns and folds table cells mid-word ("medmam│ba_t_p"); a file or a CI log
 # has no width, so there tables and lines get the room they need.
 UNBOUNDED_WIDTH = 1000
@@ -484,7 +485,7 @@ def run(
     from .loaders import open_model
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
-    frames = open_source(source, reconnect=reconnect)  # before the model: a missing camera fails at once
+    frames = open_source(source, reconnect=reconnect, notify=warn)  # before the model: a missing camera fails at once
     with spinner("loading the model") as update:
         model_backend = open_model(model, backend=backend, precision=precision, status=update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)

@@ -5,11 +5,14 @@ ONNX Runtime's TensorRT EP engines)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -115,13 +118,14 @@ class AtomicOutput:
             raise OutputError(f"{self.path}: cannot write ({why}){kept}") from None
         self.written += len(data)
 
-    def commit(self) -> None:
-        """Close, and rename a temporary file into place (readable as the umask allows)."""
+    def commit(self, whole: bool = True) -> None:
+        """Close, and rename a temporary file into place (readable as the umask allows). ``whole=False``: what
+        was written is kept, but it is not all (a writer that reports its failures only at the end)."""
         self._close_handle()
         if not self.in_place and self.write_path.exists():
             os.chmod(self.write_path, 0o666 & ~current_umask())
             os.replace(self.write_path, self.target)
-        self.complete = not self.cut_short
+        self.complete = whole and not self.cut_short
 
     def discard(self) -> None:
         """Close and remove the temporary file: the target is left as it was."""
@@ -160,6 +164,33 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medmamba-edge"
+
+
+class GuardedStdout:
+    """sys.stdout as it is at each call (tests swap it), where a write that fails (a pipe whose reader has gone,
+    `| head`; a full disk) raises OutputError in one line instead of ending a run with a traceback before its
+    outputs are closed. stdout is then pointed at /dev/null, or Python's own flush at exit would fail again."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stdout, name)
+
+    @staticmethod
+    def _failed(exc: OSError) -> OutputError:
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OutputError(f"stdout: cannot write ({exc.strerror or exc})")
 
 
 def check_writable(path: str | Path, *, folder: bool = False) -> None:

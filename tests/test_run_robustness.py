@@ -471,3 +471,60 @@ def test_file_names_reach_the_console_with_control_characters_escaped(model, tmp
     assert code == 0, output
     assert f"{tmp_path}/\\u001b]0;pwned\\u0007\\u001b[2Jx\\u009b1m.png: " in output, output
     assert not any(c in output for c in "\x1b\x07\x9b"), output
+
+
+def _folder_of_images(folder, count=30):
+    folder.mkdir()
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), image(i))
+    return folder
+
+
+def test_a_console_that_cannot_be_written_ends_the_run_with_its_files_complete(model, tmp_path):
+    """`run ... | head -1`: the reader goes, stdout's next write fails (EPIPE); the run stops as for a full disk,
+    and the JSONL is complete under its name. Once, the error escaped as a traceback and the JSONL stayed hidden."""
+    jsonl = tmp_path / "r.jsonl"
+    process = run_cli_process(model, _folder_of_images(tmp_path / "images"), "--console", "frame", "--jsonl", jsonl)
+    assert process.stdout.readline().strip()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stdout: cannot write (Broken pipe)" in errors[0], stderr
+    records = read_jsonl(jsonl)
+    assert records and [r["seq"] for r in records] == list(range(len(records)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "r.jsonl"]
+
+
+def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(model, tmp_path):
+    """OpenCV's VideoWriter drops frames it cannot write without a word: the container, read back, tells."""
+    video = tmp_path / "v.avi"
+
+    def small_files():  # writes past 20 kB fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+
+    process = run_cli_process(model, _folder_of_images(tmp_path / "images"), "--console", "none", "--save-video", video,
+                              preexec_fn=small_files)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "v.avi: cannot write the video (disk full?): the file holds less than its 30 frames" \
+        in errors[0], stderr
+    assert "wrote" not in stdout and video.exists()  # what it holds is kept, as a cut JSONL is
+
+
+def test_run_summary_latency_percentiles_are_within_half_a_percent_in_bounded_memory():
+    from medmamba_edge.runtime.sinks import LatencyHistogram
+
+    values = np.random.default_rng(0).lognormal(3, 1.5, 200_000)
+    histogram = LatencyHistogram()
+    for value in values:
+        histogram.add(float(value))
+    exact = np.percentile(values, [50, 95, 99], method="nearest")
+    assert np.allclose(histogram.percentiles([50, 95, 99]), exact, rtol=0.005)
+    assert len(histogram.counts) < 2000  # a few thousand counters however long the run
+    one = LatencyHistogram()
+    one.add(0.0)
+    assert one.percentiles([50]) == [pytest.approx(0.001, rel=0.01)]  # the floor: a microsecond
