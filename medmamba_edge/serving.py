@@ -206,10 +206,12 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             spawned |= server_processes(triton)
             segments |= shared_memory_of(spawned)
             triton.stop()
+            # A server that gives up stopping (its exit timeout) leaves its Python backend's stubs running, and a
+            # crash on the way out (which that forced exit sometimes is) unlinks none of their shared memory: RAM
+            # lost for good. What this process made, its resource tracker removes when it exits.
+            segments |= shared_memory_of(spawned)
             stop_leftovers(spawned)
-            # PyTriton names its tensor buffers after this process; a server that crashes (its forced exit after
-            # the exit timeout sometimes does) unlinks neither those nor its Python backend's: RAM lost for good.
-            remove_shared_memory(segments | set(Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*")))
+            remove_shared_memory(segments - shared_memory_of({(os.getpid(), 0)}))
         if stopping.is_set() and _exit_code(triton):
             notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
                    f"cleaned up")
