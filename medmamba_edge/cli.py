@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from medmamba_edge.runtime.files import GuardedStdout
+from medmamba_edge.runtime.files import GuardedStdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 from .errors import UserError
@@ -47,9 +47,15 @@ def _fit_output_to_its_destination() -> None:
         out.file.reconfigure(errors="backslashreplace")
 
 
+def shown(text: str) -> str:
+    """A user's string (a file or class name) in a stderr line: control characters and undecodable bytes as
+    escapes, as the console sink writes them (a name's ESC [2J would clear the terminal), and no markup."""
+    return escape(printable(str(text), console.file))
+
+
 def fail(message: str) -> None:
     # Escaped: sources such as "file.npz[val:12]" would otherwise be read as rich markup and vanish.
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -274,10 +280,10 @@ def build_engine(
             self.stage = bars.add_task("preparing", total=None)
 
         def status(self, message: str) -> None:
-            self.bars.update(self.stage, description=escape(message[:100]))
+            self.bars.update(self.stage, description=shown(message[:100]))
 
         def phase_start(self, phase, parent, steps):
-            self.tasks[phase] = self.bars.add_task(escape(phase), total=steps or None)
+            self.tasks[phase] = self.bars.add_task(shown(phase), total=steps or None)
 
         def step_complete(self, phase, step):
             self.bars.update(self.tasks[phase], completed=step + 1)
@@ -364,7 +370,7 @@ def evaluate(
         console.print(f"[yellow]warning:[/] {len(report.failures)} images could not be decoded and were left out "
                       f"for every model:", highlight=False)
         for failure in report.failures[:5]:
-            console.print(f"  {failure.reason}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"  {shown(failure.reason)}", highlight=False, soft_wrap=True)
         if len(report.failures) > 5:
             console.print(f"  … and {len(report.failures) - 5} more (all in --json)", highlight=False)
     for path in written:
@@ -439,7 +445,7 @@ def compare(
     for table in comparison.render_tables(report):
         out.print(table)
     for line in comparison.summary_lines(report):
-        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  {shown(line)}", highlight=False, soft_wrap=True)
     if not report.passed:
         fail(f"{model_b} differs from {model_a}: " + "; ".join(report.problems))
     out.print(f"PASSED: {model_b} matches {model_a} within the {report.tolerance.tier} tolerance")
@@ -476,7 +482,7 @@ def run(
 ) -> None:
     """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""
     size = parse_input_size(input_size) if input_size else None
-    warn = lambda message: console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
+    warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
     from medmamba_edge.runtime.loop import RunOptions
     from medmamba_edge.runtime.loop import run as run_loop
@@ -493,7 +499,7 @@ def run(
     video_fps = frames.fps / stride if frames.fps else 5.0
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
                                       jsonl, csv, reads=[*frames.inputs, Path(model)])
-    console.print(f"{escape(Path(model).name)} on {escape(model_backend.describe())}; source: {escape(frames.description)}",
+    console.print(f"{shown(Path(model).name)} on {shown(model_backend.describe())}; source: {shown(frames.description)}",
                   highlight=False, soft_wrap=True)
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     out.print(stats.summary(), highlight=False, soft_wrap=True)
@@ -545,14 +551,14 @@ def export_triton(
                   highlight=False)
     else:
         console.print("[yellow]config.pbtxt not checked against Triton's schema: tritonclient is not installed "
-                      f"({escape(install_hint('serve'))})[/]", highlight=False, soft_wrap=True)
+                      f"({shown(install_hint('serve'))})[/]", highlight=False, soft_wrap=True)
     if result.deepstream_text:
         out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1)", highlight=False)
     else:
-        console.print(f"[yellow]no DeepStream config: {escape(result.deepstream_refusal or '')}[/]", highlight=False,
+        console.print(f"[yellow]no DeepStream config: {shown(result.deepstream_refusal or '')}[/]", highlight=False,
                       soft_wrap=True)
     for note in result.notes:
-        console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]{shown(note)}[/]", highlight=False, soft_wrap=True)
     out.print(f"start: tritonserver --model-repository={server_root or result.folder.parent.resolve()}; "
               f"clients: medmamba-edge run triton://HOST:8000/{name} SOURCE", highlight=False, soft_wrap=True)
 

@@ -179,7 +179,10 @@ def _is_header(row: list[str], folder: Path) -> bool:
 
 def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
     # Excel starts a UTF-8 CSV with a byte-order mark, which would otherwise hide the header.
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -15,6 +15,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from medmamba_edge.errors import UserError
 
@@ -191,6 +192,19 @@ class GuardedStdout:
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return OutputError(f"stdout: cannot write ({exc.strerror or exc})")
+
+
+# C0, DEL and C1: in a file name, ESC [ ... would move the cursor, clear or retitle the terminal.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, stream: IO[str]) -> str:
+    """``text`` as ``stream`` can show it: control characters and a file name's undecodable bytes are
+    written as ``\\u001b`` and ``\\udcff`` escapes, as in the JSONL, instead of reaching the terminal or
+    raising a UnicodeEncodeError that would end the run."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    text = CONTROL_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def check_writable(path: str | Path, *, folder: bool = False) -> None:

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, OutputError, streamed_in_place
+from .files import AtomicOutput, GuardedStdout, OutputError, printable, streamed_in_place
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -237,19 +236,6 @@ class WindowSink:
 
     def close(self) -> None:
         cv2.destroyWindow(self.NAME)
-
-
-# C0, DEL and C1: in a file name, ESC [ ... would move the cursor, clear or retitle the terminal.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: str, stream: IO[str]) -> str:
-    """``text`` as ``stream`` can show it: control characters and a file name's undecodable bytes are
-    written as ``\\u001b`` and ``\\udcff`` escapes, as in the JSONL, instead of reaching the terminal or
-    raising a UnicodeEncodeError that would end the run."""
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    text = CONTROL_CHARACTERS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 class ConsoleSink:

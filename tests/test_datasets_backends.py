@@ -138,6 +138,12 @@ def test_csv_that_is_not_utf8_is_a_one_line_error(tmp_path):
         open_dataset(tmp_path / "latin1.csv", class_names=["normal", "pneumonia"])
 
 
+def test_csv_that_cannot_be_read_is_a_one_line_error(tmp_path):
+    (tmp_path / "x.csv").symlink_to("/proc/self/mem")  # unreadable even for root: offset 0 is never mapped
+    with pytest.raises(DatasetError, match=r"x\.csv: cannot read \(Input/output error\)$"):
+        open_dataset(tmp_path / "x.csv", class_names=["normal", "pneumonia"])
+
+
 @pytest.mark.parametrize("name", ["²", "١"])  # str.isdigit() holds for both; int() refuses the first, reads 1 in the second
 def test_class_folder_named_by_a_non_ascii_digit_is_not_an_index(tmp_path, name):
     for folder in ("normal", name):
