@@ -8,6 +8,7 @@ imported by the backend of a ``.pth`` model.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -189,10 +190,16 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
 
 
 def plot_file_names(paths: Sequence[str]) -> list[str]:
-    """``<model file>.confusion.png``, prefixed by the model's position where two files share a name."""
+    """``<model file>.confusion.png``, prefixed by the model's position where two files share a name, the model's
+    name cut where the whole would pass a file system's 255 bytes (after the evaluation, not before it)."""
     names = [Path(p).name for p in paths]
-    return [f"{k + 1}-{name}.confusion.png" if names.count(name) > 1 else f"{name}.confusion.png"
-            for k, name in enumerate(names)]
+    plots = []
+    for k, name in enumerate(names):
+        prefix = f"{k + 1}-" if names.count(name) > 1 else ""
+        while len(os.fsencode(f"{prefix}{name}.confusion.png")) > 255:
+            name = name[:-1]
+        plots.append(f"{prefix}{name}.confusion.png")
+    return plots
 
 
 def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:

@@ -173,3 +173,15 @@ def test_plot_labels_are_drawn_as_given(onnx32, tmp_path):
     latency_bars_png([f"{name} (fp32), batch 1", "cost $5 or $6.onnx (fp32), batch 1"], [1.0, 2.0], [1.5, 2.5],
                      [2.0, 3.0], "$\\frac{$", tmp_path / "latency.png")
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_name_near_the_file_systems_limit_gets_its_plot(onnx32, tmp_path):
+    model = tmp_path / ("é" * 120 + ".onnx")  # 246 bytes: the plot's name would be 260
+    shutil.copy(onnx32, model)
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    result = runner.invoke(app, ["evaluate", str(model), str(model), "--data", str(tmp_path / "data.npz"),
+                                 "--plots", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert len(plots) == 2 and all(len(os.fsencode(p)) <= 255 and p.endswith(".confusion.png") for p in plots)
+    assert [p[:2] for p in plots] == ["1-", "2-"]
