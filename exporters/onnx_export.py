@@ -122,9 +122,8 @@ def max_logit_difference(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, i
         except fused_scan.FusedScanUnavailable:
             model, ran = lower_ss2d_scan(model), "its portable lowering: the native op library is not built"
     if session is None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(),
+                                       providers=["CPUExecutionProvider"])
     ort_logits = run_in_fixed_batches(lambda chunk: session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0], images, batch)
     with torch.no_grad():
         torch_logits = checkpoint.model(torch.from_numpy(images)).numpy()

@@ -384,13 +384,12 @@ def _pair_per_quantized_reader(model: onnx.ModelProto, quantized: set[str]) -> o
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
-    if scan_node.has_scan_nodes(model):
-        from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime import fused_scan
 
+    if scan_node.has_scan_nodes(model):
         return fused_scan.make_fused_session(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def _exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:

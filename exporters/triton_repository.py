@@ -35,7 +35,7 @@ from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.files import check_writable, current_umask
-from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph
+from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph, unwritable_class_names
 
 DEFAULT_NAME = "medmamba"
 # The names `medmamba-edge export` gives the graph's input and output (exporters/onnx_export.py, which needs
@@ -288,6 +288,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if not name or name.startswith(".") or "/" in name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise TritonExportError(f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (not leading '.')")
     served = describe_model(model, max_batch)
+    unwritable = unwritable_class_names(served.metadata.class_names)
+    if unwritable:  # a model exported before the rule: labels.txt and DeepStream's label file would be wrong
+        raise TritonExportError(f"{model}: {unwritable}: re-export it with other names (--classes)")
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     repository = Path(repository)
@@ -348,7 +351,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         if deepstream_text is not None:
             (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
-        (staging / "README.md").write_text(_readme(name, served, root, op_library, plugin))
+        # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
+        (staging / "README.md").write_text(_readme(name, served, root, op_library, plugin), errors="backslashreplace")
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
         _replace_folder(staging, repository / name)

@@ -71,10 +71,21 @@ def _installed(package: str) -> str | None:
         return None
 
 
+def cpu_scan_path() -> str:
+    """The compiled scan's code path the plugin-form models run on this CPU, and whether it was forced: the
+    same model is several times slower on the baseline path than on the AVX-512 one."""
+    from medmamba_edge.runtime import scan_cpu
+
+    if not scan_cpu.available():
+        return "not built"
+    forced = os.environ.get(scan_cpu.ISA_ENV, "").strip(" \t\n\r\f\v")
+    return scan_cpu.isa() + (f" (forced by {scan_cpu.ISA_ENV})" if forced else "")
+
+
 def machine_info(threads: int | None) -> dict:
     usable = usable_cpus()
     versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "torch", "tensorrt")}
-    return {"cpu": describe_cpu(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+    return {"cpu": describe_cpu(), "cpu_scan_path": cpu_scan_path(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "threads": threads if threads else f"backend default ({usable})",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "versions": {k: v for k, v in versions.items() if v}}
@@ -127,7 +138,8 @@ class BenchmarkReport:
     def markdown(self) -> str:
         m = self.machine
         versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        lines = [f"{m['cpu']}, {m['usable_cpus']} of {m['logical_cpus']} CPUs usable, threads: {m['threads']}; "
+        lines = [f"{m['cpu']}, {m['usable_cpus']} of {m['logical_cpus']} CPUs usable, threads: {m['threads']}, "
+                 f"scan path: {m['cpu_scan_path']}; "
                  f"{m['os']}, Python {m['python']}, {versions}",
                  f"{self.iterations} timed runs per row after {self.warmup} warm-up runs, interleaved in {self.rounds} rounds",
                  "",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from medmamba_edge.runtime.files import sha256_file
-from medmamba_edge.runtime.metadata import ModelMetadata, class_names_problem
+from medmamba_edge.runtime.metadata import ModelMetadata, class_names_problem, unwritable_class_names
 
 from . import __version__
 from .errors import UserError
@@ -212,7 +212,7 @@ def read_class_names(path: Path, num_classes: int) -> list[str] | None:
 def _checked_names(names: list, num_classes: int, where, given: str) -> list[str]:
     """``names`` if they can label the model's outputs: one per output, by the metadata's rule (no two alike: a
     data set's folder or label would map to two outputs)."""
-    problem = class_names_problem(names)
+    problem = class_names_problem(names) or unwritable_class_names(names)
     if problem:
         raise CheckpointError(f"{where}: {problem}")
     if len(names) != num_classes:

@@ -363,7 +363,11 @@ def evaluate(
         task = bar.add_task("evaluating", total=None)
         report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
                                      max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    # Files first: printing may fail (stdout's reader gone), and a long evaluation's report must not go with it.
     written = evaluation.write_confusion_plots(report, plots) if plots else []
+    if json_file:
+        write_json(json_file, report.to_dict())
+        written.append(json_file)
     for table in evaluation.render_tables(report):
         out.print(table)
     if report.failures:
@@ -375,9 +379,6 @@ def evaluate(
             console.print(f"  … and {len(report.failures) - 5} more (all in --json)", highlight=False)
     for path in written:
         out.print(f"wrote {path}")
-    if json_file:
-        write_json(json_file, report.to_dict())
-        out.print(f"wrote {json_file}")
     for m in report.gate_failures:
         fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.2f} points below "
              f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {max_drop:g})")
@@ -413,11 +414,11 @@ def benchmark(
 
         report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
                                         iterations=iterations, threads=threads, progress=advance)
-    written = [report.plot(plot)] if plot else []
-    out.print(report.markdown(), highlight=False, soft_wrap=True)
+    written = [report.plot(plot)] if plot else []  # files first, as evaluate's
     if json_file:
         write_json(json_file, report.to_dict())
         written.append(json_file)
+    out.print(report.markdown(), highlight=False, soft_wrap=True)
     for path in written:
         out.print(f"wrote {path}")
 

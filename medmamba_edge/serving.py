@@ -211,7 +211,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             # lost for good. What this process made, its resource tracker removes when it exits.
             segments |= shared_memory_of(spawned)
             stop_leftovers(spawned)
-            remove_shared_memory(segments - shared_memory_of({(os.getpid(), 0)}))
+            remove_shared_memory(segments - shared_memory_of({(os.getpid(), _process_table()[os.getpid()][1])}))
         if stopping.is_set() and _exit_code(triton):
             notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
                    f"cleaned up")
@@ -273,8 +273,10 @@ def stop_leftovers(processes: set[tuple[int, int]], grace_s: float = 2.0) -> Non
 def shared_memory_of(processes: set[tuple[int, int]]) -> set[Path]:
     """The /dev/shm files the processes have mapped and not unlinked (Triton's Python backend and PyTriton pass
     tensors through them)."""
-    found = set()
-    for pid, _ in processes:
+    found, table = set(), _process_table()
+    for pid, start in processes:
+        if table.get(pid, (0, None))[1] != start:  # gone, or its pid reused by another program: not ours to read
+            continue
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:  # gone, or never ours to read

@@ -79,5 +79,6 @@ def usable_cpus() -> int:
 def check_threads(threads: int | None) -> None:
     """A --threads value: more threads than CPUs only contend (--threads 100000 would start that many, with
     gigabytes of stacks)."""
-    if threads is not None and not 1 <= threads <= usable_cpus():
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= usable_cpus()):
         raise UserError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this process may use), got {threads}")

@@ -174,7 +174,7 @@ def _is_header(row: list[str], folder: Path) -> bool:
     """Whether a CSV's first row names its columns (``path,label``, ``file,class``, ``image,…``): a file that is
     really called ``image`` (a DICOM file without a suffix) is a sample all the same."""
     name = row[0].strip()
-    return name.lower() in ("path", "file", "image") and not (folder / name).exists()
+    return name.lower() in ("path", "file", "image") and not (folder / name).is_file()
 
 
 def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
@@ -195,6 +195,8 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             continue
         if len(row) < 2 and class_names is not None:
             raise DatasetError(f"{path}:{line}: expected 'path,label'")
+        if "\0" in row[0]:  # no file name holds one; the OS calls would raise ValueError
+            raise DatasetError(f"{path}:{line}: the path holds a NUL character")
         image = (path.parent / row[0].strip()).resolve()
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import os
@@ -170,22 +171,31 @@ def cache_root() -> Path:
 class GuardedStdout:
     """sys.stdout as it is at each call (tests swap it), where a write that fails (a pipe whose reader has gone,
     `| head`; a full disk) raises OutputError in one line instead of ending a run with a traceback before its
-    outputs are closed. stdout is then pointed at /dev/null, or Python's own flush at exit would fail again."""
+    outputs are closed. stdout is then pointed at /dev/null, or Python's own flush at exit would fail again.
+    A closed stdout (`>&-`: Python's sys.stdout is None) takes everything and keeps nothing, as /dev/null."""
 
     def write(self, text: str) -> int:
         try:
-            return sys.stdout.write(text)
+            return self._stdout().write(text)
         except OSError as exc:
             raise self._failed(exc) from None
 
     def flush(self) -> None:
         try:
-            sys.stdout.flush()
+            self._stdout().flush()
         except OSError as exc:
             raise self._failed(exc) from None
 
     def __getattr__(self, name: str):
-        return getattr(sys.stdout, name)
+        return getattr(self._stdout(), name)
+
+    @staticmethod
+    @functools.cache
+    def _devnull() -> IO[str]:
+        return open(os.devnull, "w")
+
+    def _stdout(self) -> IO[str]:
+        return sys.stdout if sys.stdout is not None else self._devnull()
 
     @staticmethod
     def _failed(exc: OSError) -> OutputError:

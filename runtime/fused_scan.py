@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
+from .cpu import check_threads
 from .scan_node import ORT_OPS_LIBRARY
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
@@ -43,13 +44,22 @@ def library_path() -> Path:
     return path
 
 
-def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
-    """SessionOptions with the custom-op library registered.
-
-    ``threads``: ONNX Runtime's intra-op threads, which run the scan too (None: ONNX Runtime's default).
-    """
-    path = library_path()
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """SessionOptions for any of our sessions: ``threads`` intra-op threads (None: ONNX Runtime's default), and
+    ONNX Runtime's own log quiet below FATAL: an error it logs (raw, coloured, naming its source file) comes back
+    as the exception that the caller reports in one line."""
+    check_threads(threads)
     so = ort.SessionOptions()
+    so.log_severity_level = 4
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
+    """session_options with the custom-op library registered; its scan runs on the intra-op threads too."""
+    path = library_path()
+    so = session_options(threads)
     try:
         so.register_custom_ops_library(str(path))
     # The library refuses ONNX Runtime < 1.17, saying so. ONNX Runtime raises its own Exception subclasses (Fail),
@@ -59,11 +69,6 @@ def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
             f"ONNX Runtime {ort.__version__} cannot load {LIBRARY_NAME} ({first_line(exc)}); "
             f"or export with --scan portable"
         ) from None
-    if threads is not None:
-        threads = int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        so.intra_op_num_threads = threads
     return so
 
 

@@ -46,9 +46,10 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 @contextmanager
-def stop_on_signals(notify):
-    """The first stop signal sets the event (finish the batch, close outputs); a second one aborts at once."""
-    stop = threading.Event()
+def stop_on_signals(notify, stop: threading.Event | None = None):
+    """The first stop signal sets ``stop`` (a new event if None: finish the batch, close outputs); a second one
+    aborts at once. Off the main thread no handler can be set: there ``stop`` is the caller's only way."""
+    stop = stop if stop is not None else threading.Event()
     messengers: list[threading.Thread] = []
 
     def handler(signum, frame):
@@ -76,7 +77,10 @@ def stop_on_signals(notify):
             messenger.join(timeout=5)
 
 
-def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print) -> Stats:
+def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print,
+        stop: threading.Event | None = None) -> Stats:
+    """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
+    is set (from any thread: an application's own shutdown); every frame gets a record and the sinks are closed."""
     meta, stats, recent = backend.metadata, Stats(), deque(maxlen=30)
     top_k = min(options.top_k, meta.num_classes)
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
@@ -99,7 +103,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
         outputs.write(record, frame.image, fps)
         stats.add(record)
 
-    with stop_on_signals(notify) as interrupted:
+    with stop_on_signals(notify, stop) as interrupted:
         capture.start()
         try:
             while not interrupted.is_set() and not outputs.stop_requested:

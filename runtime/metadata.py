@@ -38,12 +38,19 @@ _UNWRITABLE_CATEGORIES = {"Cc", "Zl", "Zp", "Cs"}
 
 
 def class_names_problem(names) -> str | None:
-    """Why ``names`` cannot label a model's outputs (in every file a model's labels go to), or None."""
+    """Why ``names`` cannot label a model's outputs, or None: what every model's metadata must satisfy."""
     if not (isinstance(names, (tuple, list)) and names and all(isinstance(n, str) and n for n in names)):
         return f"class names must be a non-empty list of non-empty strings, got {names!r}"
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         return f"class names must differ; {', '.join(map(repr, repeated))} is given more than once"
+    return None
+
+
+def unwritable_class_names(names) -> str | None:
+    """Why ``names`` cannot go into every file a model's labels go to, or None. Checked where names are given
+    (a checkpoint's, --classes) and where such files are written (export-triton); a model exported before this
+    rule still runs."""
     unwritable = [n for n in names if ";" in n or any(unicodedata.category(c) in _UNWRITABLE_CATEGORIES for c in n)]
     if unwritable:
         return (f"class names must not contain ';', line breaks, other control characters or undecodable bytes, "
@@ -160,16 +167,23 @@ def check_against_graph(metadata: ModelMetadata, input_shape, output_shape, sour
         raise MetadataError(f"{source}: the metadata does not fit the model graph: {'; '.join(problems)}")
 
 
-def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMetadata:
-    """The metadata of an ONNX model (a path, or a loaded ``onnx.ModelProto`` read from ``source``)."""
+def load_onnx(path: str | Path, external_data: bool = True):
+    """The ``onnx.ModelProto`` at ``path``, or a MetadataError saying why it cannot be read. Read once by whoever
+    needs both the graph and the metadata: a model replaced between two reads (an export renames a new file over
+    it) would pair one file's metadata with the other's graph."""
     import onnx
 
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
+        raise MetadataError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMetadata:
+    """The metadata of an ONNX model (a path, or a loaded ``onnx.ModelProto`` read from ``source``)."""
     if isinstance(model_or_path, (str, Path)):
         source = str(model_or_path)
-        try:
-            model = onnx.load(source, load_external_data=False)
-        except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
-            raise MetadataError(f"{source}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        model = load_onnx(source, external_data=False)
     else:
         model = model_or_path
     if not model.HasField("graph"):  # what protobuf makes of an empty file, and of some other bytes

@@ -68,7 +68,8 @@ def isa() -> str:
 
     ValueError if the variable names no path of this build, RuntimeError if this CPU cannot run it.
     """
-    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    # C's isspace (the library reads the same variable): str.strip() would also take \x1c..\x1f and \x85 away.
+    forced = os.environ.get(ISA_ENV, "").strip(" \t\n\r\f\v").lower()
     if not forced:
         return next(name for name in compiled_isas() if cpu_supports(name))
     if forced not in compiled_isas():

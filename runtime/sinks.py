@@ -201,13 +201,15 @@ class VideoSink:
 def _holds_frames(path: Path, frames: int) -> bool:
     """Whether the video at ``path`` lists ``frames`` frames and its last one can be read. Not a count of
     decodable frames: that would decode a day's video at the end of a day's run. An AVI's header is written
-    first, so it can list every frame of a file cut short; its last frame cannot be read."""
+    first, so it can list every frame of a file cut short; its last frame cannot be read. Matroska's count is
+    duration x rate, one short at some rates: one frame either way is the container's rounding."""
     with quiet_opencv():
         capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
         try:
-            if not capture.isOpened() or int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) != frames:
+            listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+            if listed < 1 or abs(listed - frames) > 1:
                 return False
-            capture.set(cv2.CAP_PROP_POS_FRAMES, frames - 1)
+            capture.set(cv2.CAP_PROP_POS_FRAMES, min(listed, frames) - 1)
             return capture.grab()
         finally:
             capture.release()

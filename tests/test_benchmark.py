@@ -30,6 +30,7 @@ def test_benchmark_writes_table_json_and_plot(tmp_path_factory, tmp_path):
     assert result.output.startswith(f"{describe_cpu()}, "), "the table is headed by the CPU and its instruction set"
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["machine"]["cpu"] == describe_cpu() and report["machine"]["threads"] == 1
+    assert report["machine"]["cpu_scan_path"] in ("avx512", "avx2", "baseline")
     rows = report["measurements"]
     assert [r["batch"] for r in rows] == [1, 2]
     for row in rows:
@@ -37,6 +38,17 @@ def test_benchmark_writes_table_json_and_plot(tmp_path_factory, tmp_path):
         assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 50  # a Python process with ONNX Runtime
         assert row["precision"] == "fp32" and row["input_size"] == [32, 32]
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_forced_scan_path_is_in_the_header_and_the_json(tmp_path_factory, tmp_path, monkeypatch):
+    """MEDMAMBA_EDGE_SCAN_ISA=baseline made the same model 9x slower with nothing in the report saying why."""
+    monkeypatch.setenv("MEDMAMBA_EDGE_SCAN_ISA", "baseline")
+    result = runner.invoke(app, ["benchmark", str(bundled_onnx(tmp_path_factory)), "--batch", "1", "--warmup", "0",
+                                 "--iterations", "1", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "scan path: baseline (forced by MEDMAMBA_EDGE_SCAN_ISA)" in result.output.splitlines()[0]
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["cpu_scan_path"] == \
+        "baseline (forced by MEDMAMBA_EDGE_SCAN_ISA)"
 
 
 def test_benchmark_errors_are_one_line(tmp_path):

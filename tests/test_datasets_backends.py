@@ -138,6 +138,17 @@ def test_csv_that_is_not_utf8_is_a_one_line_error(tmp_path):
         open_dataset(tmp_path / "latin1.csv", class_names=["normal", "pneumonia"])
 
 
+def test_csv_header_beside_a_folder_of_that_name_is_a_header(tmp_path):
+    (tmp_path / "image").mkdir()  # the ordinary layout: image,label rows naming image/a.png
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "image" / f"{name}.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "labels.csv").write_text("image,label\nimage/a.png,normal\nimage/b.png,pneumonia\n")
+    assert open_dataset(tmp_path / "labels.csv", class_names=["normal", "pneumonia"]).labels().tolist() == [0, 1]
+    (tmp_path / "nul.csv").write_text("a\x00b.png,normal\n")
+    with pytest.raises(DatasetError, match=r"nul\.csv:1: the path holds a NUL character$"):
+        open_dataset(tmp_path / "nul.csv", class_names=["normal", "pneumonia"])
+
+
 def test_csv_that_cannot_be_read_is_a_one_line_error(tmp_path):
     (tmp_path / "x.csv").symlink_to("/proc/self/mem")  # unreadable even for root: offset 0 is never mapped
     with pytest.raises(DatasetError, match=r"x\.csv: cannot read \(Input/output error\)$"):

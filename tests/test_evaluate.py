@@ -4,6 +4,8 @@ side by side on PneumoniaMNIST val; metrics against scikit-learn; bad data → o
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,3 +187,15 @@ def test_a_model_name_near_the_file_systems_limit_gets_its_plot(onnx32, tmp_path
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert len(plots) == 2 and all(len(os.fsencode(p)) <= 255 and p.endswith(".confusion.png") for p in plots)
     assert [p[:2] for p in plots] == ["1-", "2-"]
+
+
+def test_the_report_files_are_written_before_a_stdout_that_fails(onnx32, tmp_path):
+    """A long evaluation's --json outlives a stdout that cannot take the tables (a full disk, `| head` gone)."""
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "evaluate", str(onnx32), "--data",
+                                 str(tmp_path / "data.npz"), "--json", str(tmp_path / "e.json")],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: stdout: cannot write (No space left on device)"]
+    assert json.loads((tmp_path / "e.json").read_text())["models"][0]["metrics"]["count"] == 2

@@ -111,8 +111,9 @@ def test_same_kernel_as_the_python_extension(monkeypatch):
         np.testing.assert_array_equal(run_scan(session(model), arrays), scan_cpu.ss2d_scan(*arrays), err_msg=isa)
 
 
-@pytest.mark.parametrize("value,shown", [("avx1024", "avx1024"), ("avx512" + " " * 30 + "bogus", "avx512 +[.][.][.]")],
-                         ids=["unknown", "known-prefix-of-a-long-value"])
+@pytest.mark.parametrize("value,shown", [("avx1024", "avx1024"), ("avx512" + " " * 30 + "bogus", "avx512 +[.][.][.]"),
+                                        ("avx2\x1c", "avx2\x1c")],
+                         ids=["unknown", "known-prefix-of-a-long-value", "a-separator-python-calls-space"])
 def test_unknown_isa_is_refused_when_the_session_is_made(monkeypatch, value, shown):
     monkeypatch.setenv(scan_cpu.ISA_ENV, value)
     # ONNX Runtime's errors are its own Exception subclasses (Fail, InvalidArgument, ...), RuntimeError before 1.2x
@@ -250,6 +251,68 @@ def test_run_without_the_library_is_one_line(bundled_forms, monkeypatch, tmp_pat
     assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output, result.output
     assert "libmedmamba_ort_ops_absent.so, which is not built" in result.output
     assert "--scan portable" in result.output
+
+
+def test_onnx_runtimes_own_log_stays_quiet_under_our_one_line(bundled_forms, tmp_path):
+    """ONNX Runtime logged the failure itself too, raw and coloured, before our line (a process's real stderr)."""
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "run", str(bundled_forms["plugin"]),
+                             str(sample_image_paths()[0])], capture_output=True, text=True,
+                            env={**os.environ, scan_cpu.ISA_ENV: "avx9"}, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+
+
+@pytest.mark.parametrize("form", ["plugin", "portable"])
+def test_both_forms_check_threads_alike(bundled_forms, form):
+    from medmamba_edge.errors import UserError
+    from medmamba_edge.runtime.backends import open_backend
+
+    for threads in (0, -1, 2.5, "2", True):
+        with pytest.raises(UserError, match="threads must be between 1 and"):
+            open_backend(bundled_forms[form], threads=threads)
+    with open_backend(bundled_forms[form], threads=1) as backend:
+        assert backend.run(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 2)
+
+
+def test_a_model_is_read_once_so_a_replaced_file_cannot_mix_with_its_metadata(bundled_forms, monkeypatch):
+    """`export` renames a new file over the model; read twice (metadata, then graph), an open could pair one
+    version's class names with the other's graph."""
+    from medmamba_edge.runtime.backends import open_backend
+
+    reads = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: reads.append(args[0]) or real_load(*args, **kwargs))
+    open_backend(bundled_forms["portable"]).close()
+    assert reads == [str(bundled_forms["portable"])]
+
+
+def test_closing_a_backend_while_another_thread_runs_it_never_breaks_that_run(bundled_forms, tmp_path):
+    from medmamba_edge.runtime.backends import BackendError, open_backend
+    from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+
+    model = onnx.load(str(bundled_forms["portable"]))  # a fixed batch of 1: a batch of 3 runs as three chunks
+    write_onnx_metadata(model, read_onnx_metadata(model).replace(batch=1))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "b1.onnx"))
+    backend = open_backend(tmp_path / "b1.onnx")
+
+    class ClosingOnFirstRun:  # the other thread's close(), between the first chunk and the second
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, *args):
+            backend.close()
+            return self.session.run(*args)
+
+    backend.session = ClosingOnFirstRun(backend.session)
+    assert backend.run(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 2)  # the run that had started finishes
+    with pytest.raises(BackendError, match="the model was closed"):
+        backend.run(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(BackendError, match="the model was closed"):
+        backend.describe()
 
 
 def test_run_with_an_unknown_scan_path_forced_is_one_line(bundled_forms, monkeypatch, tmp_path):

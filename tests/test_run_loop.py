@@ -127,6 +127,24 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
 
 
+def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(tiny_onnx):
+    """No signal handler can be set off the main thread: the caller's event is how an application stops it."""
+    import threading
+
+    sink, stop, result = Collect(), threading.Event(), {}
+    worker = threading.Thread(target=lambda: result.update(stats=run(
+        SlowBackend(open_backend(tiny_onnx), delay=0.01), FastLiveSource(100_000), [sink], RunOptions(), stop=stop)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while len(sink.records) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and 20 <= len(sink.records) < 100_000
+    assert sorted(r.frame for r in sink.records) == list(range(len(sink.records)))  # none lost, none twice
+    assert sum(result["stats"].counts.values()) == len(sink.records)
+
+
 def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     video = write_video(tmp_path / "loop.avi", count=10)
     jsonl = tmp_path / "records.jsonl"

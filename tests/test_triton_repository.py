@@ -6,6 +6,7 @@ backend it lacks, and Gst-nvinfer's documented keys and arithmetic."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -160,6 +161,18 @@ def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(mod
     assert [line for line in result.deepstream_text.splitlines() if line.startswith("gpu-id")] == ["gpu-id=0"]
     with pytest.raises(TritonExportError, match="not a key file Gst-nvinfer can read"):
         check_deepstream_config("gpu-id=0\n")
+
+
+def test_a_model_exported_with_names_no_label_file_can_hold_still_runs_but_gets_no_repository(model, tmp_path):
+    from medmamba_edge.runtime.backends import open_backend
+
+    odd = _rewritten(model, tmp_path / os.fsdecode(b"old \xff.onnx"), class_names=("normal; no finding", "pneumonia"))
+    with open_backend(odd) as backend:  # exported before names were checked: it runs as it did
+        assert backend.metadata.class_names == ("normal; no finding", "pneumonia")
+    with pytest.raises(TritonExportError, match=r"class names must not contain ';', .*re-export it with other names"):
+        export_triton(odd, tmp_path / "repo")
+    export_triton(_rewritten(model, tmp_path / os.fsdecode(b"\xff.onnx")), tmp_path / "repo")  # an odd file name is fine
+    assert "\\udcff" in (tmp_path / "repo" / "medmamba" / "README.md").read_text()
 
 
 def _rewritten(model: Path, path: Path, batch: int | None = None, **changes) -> Path:

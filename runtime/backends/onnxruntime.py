@@ -16,7 +16,7 @@ from medmamba_edge.errors import first_line
 
 from .. import scan_node
 from ..files import cache_root
-from ..metadata import ModelMetadata, check_against_graph, read_onnx_metadata
+from ..metadata import ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
 from . import Backend, BackendError, run_in_fixed_batches
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -64,26 +64,23 @@ def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata)
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
-        import onnx
         import onnxruntime as ort
 
+        from .. import fused_scan
+
         self.path = Path(path)
-        self.metadata: ModelMetadata = read_onnx_metadata(self.path)
-        model = onnx.load(str(self.path))
+        model = load_onnx(self.path)
+        self.metadata: ModelMetadata = read_onnx_metadata(model, self.path)
         retired = scan_node.retired_scan_node(model)
         if retired:
             raise BackendError(f"{self.path}: {retired}")
         providers = choose_providers(providers, self.metadata)
         try:
             if scan_node.has_scan_nodes(model):
-                from .. import fused_scan
-
                 self.session = fused_scan.make_fused_session(model, threads=threads, providers=providers)
-            else:
-                options = ort.SessionOptions()
-                if threads:
-                    options.intra_op_num_threads = threads
-                self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            else:  # the same options, threads checked alike (ONNX Runtime itself would take 0 and -1, refuse 2.5)
+                self.session = ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(threads),
+                                                    providers=providers)
         except onnxruntime_errors() as exc:
             raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -91,13 +88,18 @@ class OnnxRuntimeBackend(Backend):
                             str(self.path))
 
     def describe(self) -> str:
-        return f"ONNX Runtime ({', '.join(self.session.get_providers())}, {self.metadata.scan_form} scan)"
+        return f"ONNX Runtime ({', '.join(self._open_session().get_providers())}, {self.metadata.scan_form} scan)"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if self.session is None:
-            raise BackendError(f"{self.path}: the model was closed")
-        return run_in_fixed_batches(lambda chunk: self.session.run(None, {self.input_name: chunk})[0],
+        session = self._open_session()  # once: another thread may close the backend between two chunks
+        return run_in_fixed_batches(lambda chunk: session.run(None, {self.input_name: chunk})[0],
                                     batch, self.metadata.batch)
+
+    def _open_session(self):
+        session = self.session
+        if session is None:
+            raise BackendError(f"{self.path}: the model was closed")
+        return session
 
     def close(self) -> None:
         self.session = None
