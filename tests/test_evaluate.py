@@ -94,12 +94,17 @@ def test_cli_writes_plots_and_json_and_fails_the_max_drop_gate(onnx32, tmp_path_
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
-    folder = tmp_path / "xrays"
+def xray_folder(folder):
+    """The bundled PneumoniaMNIST samples as an ImageFolder (val_0003_normal.png goes to normal/)."""
     for path in sample_image_paths("pneumoniamnist"):
-        label = path.stem.rsplit("_", 1)[-1]  # val_0003_normal.png
+        label = path.stem.rsplit("_", 1)[-1]
         (folder / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / label / path.name)
+    return folder
+
+
+def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
+    folder = xray_folder(tmp_path / "xrays")
     (folder / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     total = len(sample_image_paths("pneumoniamnist")) + 1
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
@@ -135,11 +140,7 @@ def test_bad_data_is_a_one_line_error(onnx32, tmp_path):
 
 
 def test_dangling_links_and_fifos_in_an_imagefolder_are_reported_as_not_decoded(onnx32, tmp_path):
-    folder = tmp_path / "xrays"
-    for path in sample_image_paths("pneumoniamnist"):
-        label = path.stem.rsplit("_", 1)[-1]  # val_0003_normal.png
-        (folder / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, folder / label / path.name)
+    folder = xray_folder(tmp_path / "xrays")
     (folder / "normal" / "dangling.png").symlink_to("missing.png")
     os.mkfifo(folder / "pneumonia" / "pipe.png")
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
