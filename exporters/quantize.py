@@ -451,11 +451,16 @@ def _check_options(method: str, percentile: float, quant_format: str, max_drop: 
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, got {quant_format!r}")
     if not 0 < percentile <= 100:
         raise QuantizeError(f"--percentile must be in (0, 100], got {percentile}")
-    if max_drop is not None and max_drop < 0:
+    if max_drop is not None and not max_drop >= 0:  # "not >=": NaN would pass every gate
         raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
     for option, given in (("--max-drop", max_drop is not None), ("--auto-fallback", auto_fallback)):
         if given and eval_data is None:
             raise QuantizeError(f"{option} needs --eval DATA to measure accuracy on")
+    if auto_fallback and quant_format != "qdq":
+        # The sensitivity ranking reads each layer's float output beside its quantized one; QLinearConv folds
+        # those tensors away.
+        raise QuantizeError("--auto-fallback needs --format qdq (rank the layers in Q/DQ, then --exclude them "
+                            "with --format qoperator)")
     if min_speedup is not None and not min_speedup > 0:
         raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
     if min_speedup is not None and speed_check is None:
@@ -500,6 +505,8 @@ def quantize_onnx(
     candidates = quantizable_nodes(model)
     excluded = excluded_nodes(candidates, exclude)
     nodes = [n.name for n in candidates if n.name not in excluded]
+    if not candidates:  # before calibrating: its metadata says fp32, its weights say otherwise
+        raise QuantizeError(f"{model_path}: no Conv, MatMul or Gemm with a float weight: is it quantized already?")
     calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
     # Groups of CALIBRATION_BATCH images, each as the model's own batches: a batch-1 export calibrates as its
     # dynamic-batch twin does (the same histograms, up to the float rounding of activations at another batch).

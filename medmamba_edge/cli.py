@@ -5,6 +5,7 @@ commands so ``--help`` is instant and optional parts stay optional."""
 from __future__ import annotations
 
 import functools
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -99,12 +100,14 @@ def write_json(path: Path, data: dict) -> None:
     write_bytes_atomically(path, json.dumps(data, indent=2).encode())
 
 
-def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool = False) -> None:
-    """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written, or plots
-    without matplotlib, fail now."""
-    from medmamba_edge.runtime.files import check_writable
+def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool = False, reads=()) -> None:
+    """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written, that would
+    replace one of the files the command ``reads``, or plots without matplotlib, fail now."""
+    from medmamba_edge.runtime.files import OutputError, check_writable, overwrites_input
 
     for path in filter(None, files):
+        if overwrites_input(path, filter(None, reads)):
+            raise OutputError(f"{path}: the output would overwrite a file this command reads")
         check_writable(path)
     if folder:
         check_writable(folder, folder=True)
@@ -189,7 +192,7 @@ def quantize(
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    check_outputs(output)
+    check_outputs(output, reads=[model, calib, eval_data])
     from medmamba_edge.exporters.quantize import quantize_onnx
 
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
@@ -585,7 +588,17 @@ def serve(
     serve_model(model, options, notify=lambda message: out.print(message, highlight=False, soft_wrap=True))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM and SIGHUP (systemd, docker, a closed terminal) end a command as Ctrl-C does, its temporary files
+    # removed on the way out; `run` and `serve` install their own, gentler handlers while they work. A signal
+    # ignored at the start (nohup) stays ignored.
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
     app()
 
 

@@ -73,6 +73,8 @@ class Dataset:
         """A deterministic random subset of ``count`` samples (all of them when count is None or larger)."""
         if count is not None and count < 1:
             raise DatasetError(f"--num-samples must be >= 1, got {count}")
+        if seed < 0:
+            raise DatasetError(f"--seed must be >= 0, got {seed}")
         if count is None or count >= len(self):
             return self
         order = np.random.default_rng(seed).permutation(len(self))[:count]
@@ -152,6 +154,10 @@ def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Data
         raise DatasetError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1|3|4)")
     if len(images) == 0:
         raise DatasetError(f"{path}: split {split!r} is empty")
+    if images.dtype == np.float32 and not (np.isfinite(images).all() and 0.0 <= images.min() and images.max() <= 1.0):
+        # float32 pixels are 0..1 (as ToTensor gives them); 0..255 in float32 would be read 255 times too bright
+        raise DatasetError(f"{where} has float32 pixels from {images.min():g} to {images.max():g}; expected 0..1 "
+                           f"(store 0..255 as uint8)")
     if labels is not None:
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]

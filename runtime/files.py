@@ -217,6 +217,12 @@ def printable(text: str, stream: IO[str]) -> str:
     return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
+def overwrites_input(path: str | Path, reads) -> bool:
+    """Whether writing ``path`` would replace one of the files ``reads`` (through a link too): an output renamed
+    into place replaces whatever file is there without a word."""
+    return os.path.realpath(path) in {os.path.realpath(p) for p in reads}
+
+
 def check_writable(path: str | Path, *, folder: bool = False) -> None:
     """Raise OutputError unless ``path`` (a file, or with ``folder`` a folder of files) can be written as
     ``AtomicOutput`` writes it. For the start of long work (an export, an evaluation), so that a wrong

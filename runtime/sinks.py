@@ -26,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, OutputError, printable, streamed_in_place
+from .files import AtomicOutput, GuardedStdout, OutputError, overwrites_input, printable, streamed_in_place
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -319,7 +319,6 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     outputs: list[Sink] = [ConsoleSink(console if console != "auto" else ("second" if live else "frame"))]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
-    read = {os.path.realpath(p) for p in reads}
     taken: dict[str, str] = {}
     try:
         for option, make, path in (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
@@ -329,7 +328,7 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
             # Renamed into place at the end, an output would replace an input or another output without a word (a
             # stream, such as /dev/stdout, is written in place: two outputs may share it).
             real = os.path.realpath(path)
-            if real in read:
+            if overwrites_input(path, reads):
                 raise OutputError(f"{path}: {option} would overwrite a file this run reads (the model or a source)")
             if real in taken and not streamed_in_place(Path(path)):
                 raise OutputError(f"{path}: given to both {taken[real]} and {option}")
