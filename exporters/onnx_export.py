@@ -28,12 +28,12 @@ except ImportError:
     raise MissingExtraError(f"exporting a checkpoint needs onnxscript: {install_hint('export')}") from None
 
 from medmamba_edge import __version__
-from medmamba_edge.checkpoint import LoadedCheckpoint, load_checkpoint
+from medmamba_edge.checkpoint import LoadedCheckpoint, class_names_files, load_checkpoint
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
-from medmamba_edge.runtime.files import check_writable, write_bytes_atomically
+from medmamba_edge.runtime.files import check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess
 
@@ -151,7 +151,13 @@ def export_onnx(
         raise ExportError(f"batch must be ≥ 1, got {batch}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")
+    if not atol >= 0:  # NaN too: no difference is within it
+        raise ExportError(f"--atol must be ≥ 0, got {atol}")
     check_writable(output)
+    source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
+    if overwrites_input(output, [source, *class_names_files(source, classes)]):
+        raise ExportError(f"{output}: the output would overwrite a file this export reads (the checkpoint or its "
+                          f"class names)")
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)

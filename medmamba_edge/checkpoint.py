@@ -103,6 +103,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: the pickle wants to call {blocked.group(1)} (loaded with "
                 f"weights_only=True; medmamba-edge never runs code from a model file)"
             ) from None
+        # torch's other wording: an object (a whole nn.Module, a numpy scalar, argparse's Namespace) beside
+        # or instead of the tensors, which loading would have to construct.
+        other = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if other:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds a {other.group(1)} object, not only tensors (loaded with "
+                f"weights_only=True); save the weights with torch.save(net.state_dict(), path)"
+            ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a tensor-only pickle)") from None
     except Exception as exc:  # torch's unpickler raises whatever the garbage triggers (IndexError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
@@ -194,7 +202,10 @@ def _describe_key_mismatch(path: Path, missing: list[str], unexpected: list[str]
 def read_class_names(path: Path, num_classes: int) -> list[str] | None:
     """Class names from an official ``class_indices.json`` ({"0": "name", ...}) or a JSON list."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is fine
+    except UnicodeDecodeError as exc:  # Notepad's "ANSI" (cp1252), GBK: save it as UTF-8
+        raise CheckpointError(f"{path}: cannot read class names (not UTF-8 text: byte 0x{exc.object[exc.start]:02x}"
+                              f"; save it as UTF-8)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read class names ({exc})") from None
     if isinstance(data, dict):
@@ -220,11 +231,21 @@ def _checked_names(names: list, num_classes: int, where, given: str) -> list[str
     return list(names)
 
 
+def _names_file(classes: str | list[str] | None) -> Path | None:
+    """--classes when it names a JSON file (NAMES.JSON too), else None."""
+    return Path(classes) if isinstance(classes, str) and Path(classes).suffix.lower() == ".json" else None
+
+
+def class_names_files(checkpoint: Path, classes: str | list[str] | None) -> list[Path]:
+    """The JSON files the class names of ``checkpoint`` may be read from: --classes', and the one beside it."""
+    return [p for p in (_names_file(classes), Path(checkpoint).with_name(CLASS_INDEX_FILE)) if p is not None]
+
+
 def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[str] | None) -> list[str]:
     """User's names (a list, a comma-separated string or a JSON file) > class_indices.json beside the
     checkpoint > ``class_0..``."""
-    if isinstance(classes, str) and Path(classes).suffix == ".json":
-        return read_class_names(Path(classes), num_classes)
+    if _names_file(classes):
+        return read_class_names(_names_file(classes), num_classes)
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",")]
     if classes is not None:
@@ -257,6 +278,11 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
                 f"{path}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} "
                 f"for depths {config.depths} dims {config.dims}"
             )
+    if any(t.is_meta for t in state_dict.values()):
+        raise CheckpointError(f"{path}: its tensors have no data (saved from the meta device)")
+    broken = next((k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken:  # else every output is NaN, and an export's verification would blame ONNX Runtime
+        raise CheckpointError(f"{path}: {broken} holds NaN or infinite values (did the training diverge?)")
     model = config.build()
     model.load_state_dict(state_dict, strict=True)
     model.eval()

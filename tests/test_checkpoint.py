@@ -159,3 +159,27 @@ def test_wrong_rank_weights_that_fix_the_architecture_are_named(tmp_path, tiny_s
     bad = dict(tiny_state_dict, **{key: value})
     with pytest.raises(CheckpointError, match=rf"bad\.pth: {key.replace('.', r'[.]')} has shape .*; expected \d dimensions"):
         load_checkpoint(save(bad, tmp_path / "bad.pth"))
+
+
+def test_checkpoints_as_users_files_come_out_are_loaded_or_refused_in_one_line(tmp_path, tiny_state_dict):
+    meta = save({k: torch.empty_like(v, device="meta") for k, v in tiny_state_dict.items()}, tmp_path / "meta.pth")
+    with pytest.raises(CheckpointError, match=r"meta\.pth: its tensors have no data \(saved from the meta device\)$"):
+        load_checkpoint(meta)
+    diverged = dict(tiny_state_dict, **{"head.weight": tiny_state_dict["head.weight"].clone()})
+    diverged["head.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"nan\.pth: head\.weight holds NaN or infinite values"):
+        load_checkpoint(save(diverged, tmp_path / "nan.pth"))  # it had been blamed on ONNX Runtime at export
+    whole = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=1)
+    with pytest.raises(CheckpointError, match=r"it holds a medmamba_edge\.model\.VSSM object, not only tensors .*"
+                                              r"torch\.save\(net\.state_dict\(\), path\)"):
+        load_checkpoint(save(whole, tmp_path / "whole.pth"))
+    path = save(tiny_state_dict, tmp_path / "m.ckpt")
+    (tmp_path / "ansi.json").write_bytes('["l\xe9sion", "b", "c"]'.encode("cp1252"))  # Notepad's "ANSI"
+    with pytest.raises(CheckpointError, match=r"ansi\.json: cannot read class names \(not UTF-8 text: byte 0xe9"):
+        load_checkpoint(path, classes=str(tmp_path / "ansi.json"))
+    (tmp_path / "NAMES.JSON").write_bytes(b'\xef\xbb\xbf["a", "b", "c"]')  # a byte-order mark, an upper-case suffix
+    assert load_checkpoint(path, classes=str(tmp_path / "NAMES.JSON")).class_names == ["a", "b", "c"]
+    from medmamba_edge.loaders import open_model
+
+    with open_model(path, input_size=32) as backend:  # a .ckpt is a checkpoint to run, evaluate and compare as well
+        assert backend.run(torch.zeros(2, 1, 32, 32).numpy()).shape == (2, 3)

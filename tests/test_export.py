@@ -184,6 +184,22 @@ def test_cli_export_reports_parity(tmp_path):
     assert "max |ONNX Runtime − PyTorch|" in result.output and out.is_file()
 
 
+def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
+    checkpoint = tmp_path / "t.pth"
+    checkpoint.write_bytes(require_shared(*OFFICIAL_T32).read_bytes())
+    (tmp_path / "class_indices.json").write_text('{"0": "normal", "1": "pneumonia"}')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for output, extra, message in [
+        (checkpoint, [], "t.pth: the output would overwrite a file this export reads"),  # once: weights gone, exit 0
+        (tmp_path / "class_indices.json", [], "the output would overwrite a file this export reads"),
+        (tmp_path / "m.onnx", ["--atol", "-1"], "--atol must be ≥ 0, got -1"),
+        (tmp_path / "m.onnx", ["--atol", "nan"], "--atol must be ≥ 0, got nan"),
+    ]:
+        result = runner.invoke(app, ["export", str(checkpoint), "-o", str(output), "--input-size", "32", *extra])
+        assert result.exit_code == 1 and message in result.output and len(result.output.splitlines()) == 1, result.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.pth"], "missing.pth: no such checkpoint file"),
     ([__file__], "test_export.py: not a readable PyTorch checkpoint"),

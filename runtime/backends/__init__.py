@@ -18,7 +18,7 @@ from ..metadata import ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-TORCH_SUFFIXES = (".pth", ".pt")
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")  # what train.py and trainers name a torch.save file
 
 
 class BackendError(UserError):
@@ -108,4 +108,5 @@ def open_backend(path: str | Path, *, threads: int | None = None, providers: lis
     if suffix in TORCH_SUFFIXES:
         raise BackendError(f"{path}: a PyTorch checkpoint is opened with torch (medmamba_edge.loaders.open_model), "
                            f"not by the torch-free runtime; export it first (medmamba-edge export)")
-    raise BackendError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected .onnx, .engine/.plan or .pth/.pt")
+    raise BackendError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected .onnx, .engine/.plan or a "
+                       f"checkpoint ({', '.join(TORCH_SUFFIXES)})")
