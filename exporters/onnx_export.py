@@ -111,19 +111,14 @@ def max_logit_difference(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, i
     """Largest |ONNX Runtime − PyTorch| logit over ``images``, fed to a fixed-batch graph as the runtime does, and
     what ran: the model as it will be written, or, for a plugin-form model where the native op library is not
     built, its portable lowering (the same maths in standard ops)."""
-    import onnxruntime as ort
-
     from medmamba_edge.runtime import fused_scan
 
-    session, ran = None, "portable form"
-    if scan_node.has_scan_nodes(model):
-        try:
-            session, ran = fused_scan.make_fused_session(model), "plugin form, native SS2DScan op"
-        except fused_scan.FusedScanUnavailable:
-            model, ran = lower_ss2d_scan(model), "its portable lowering: the native op library is not built"
-    if session is None:
-        session = ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(),
-                                       providers=["CPUExecutionProvider"])
+    ran = "plugin form, native SS2DScan op" if scan_node.has_scan_nodes(model) else "portable form"
+    try:
+        session = fused_scan.make_session(model)
+    except fused_scan.FusedScanUnavailable:
+        model, ran = lower_ss2d_scan(model), "its portable lowering: the native op library is not built"
+        session = fused_scan.make_session(model)
     ort_logits = run_in_fixed_batches(lambda chunk: session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0], images, batch)
     with torch.no_grad():
         torch_logits = checkpoint.model(torch.from_numpy(images)).numpy()

@@ -49,7 +49,6 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, open_dataset
@@ -381,17 +380,6 @@ def _pair_per_quantized_reader(model: onnx.ModelProto, quantized: set[str]) -> o
     return model
 
 
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    from medmamba_edge.runtime import fused_scan
-
-    if scan_node.has_scan_nodes(model):
-        return fused_scan.make_fused_session(model)
-    return ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(),
-                                providers=["CPUExecutionProvider"])
-
-
 def _exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs ``tensors`` (all float32: Conv/MatMul/Gemm inputs and outputs)."""
     exposed = onnx.ModelProto()
@@ -413,8 +401,10 @@ def rank_by_sensitivity(float_model: onnx.ModelProto, int8_model: onnx.ModelProt
     by_name = {n.name: n for n in float_model.graph.node}
     pairs = {name: (by_name[name].input[0], by_name[name].output[0]) for name in nodes}
     tensors = sorted({t for pair in pairs.values() for t in pair})
-    float_session = _session(_exposing(float_model, tensors))
-    int8_session = _session(_exposing(int8_model, tensors))
+    from medmamba_edge.runtime import fused_scan
+
+    float_session = fused_scan.make_session(_exposing(float_model, tensors))
+    int8_session = fused_scan.make_session(_exposing(int8_model, tensors))
     noise = dict.fromkeys(tensors, 0.0)
     signal = dict.fromkeys(tensors, 0.0)
     for batch in inputs:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from medmamba_edge.errors import UserError, first_line
 
 from .cpu import check_threads
-from .scan_node import ORT_OPS_LIBRARY
+from .scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
 
@@ -83,4 +83,17 @@ def make_fused_session(
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-__all__ = ["FusedScanUnavailable", "fused_session_options", "library_path", "make_fused_session"]
+def make_session(
+    model: onnx.ModelProto,
+    threads: int | None = None,
+    providers: list | None = None,
+) -> ort.InferenceSession:
+    """A session for an exported model of either form: the plugin form's through make_fused_session, the portable
+    form's with the same options (FusedScanUnavailable only for the plugin form)."""
+    if has_scan_nodes(model):
+        return make_fused_session(model, threads=threads, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+__all__ = ["FusedScanUnavailable", "fused_session_options", "library_path", "make_fused_session", "make_session"]

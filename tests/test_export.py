@@ -127,13 +127,13 @@ def test_verification_runs_the_model_as_written(official, plugin32, tmp_path, mo
 
     assert plugin32[0].verified_form == "plugin form, native SS2DScan op"  # the file, SS2DScan nodes and all
     ran = []
-    monkeypatch.setattr(fused_scan, "make_fused_session", lambda model: ran.append(model) or session(model))
+    monkeypatch.setattr(fused_scan, "make_fused_session", lambda model, **_: ran.append(model) or session(model))
     # Plain ONNX Runtime has no SS2DScan kernel: its refusal shows the plugin form itself was handed over
     with pytest.raises(Exception, match="SS2DScan"):
         export_onnx(official, tmp_path / "a.onnx", input_size=32, batch=1)
     assert scan_node.has_scan_nodes(ran[0]) and not (tmp_path / "a.onnx").exists()
 
-    def unavailable(model):
+    def unavailable(model, **_):
         raise fused_scan.FusedScanUnavailable("not built")
 
     monkeypatch.setattr(fused_scan, "make_fused_session", unavailable)

@@ -64,8 +64,6 @@ def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata)
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
-        import onnxruntime as ort
-
         from .. import fused_scan
 
         self.path = Path(path)
@@ -76,11 +74,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{self.path}: {retired}")
         providers = choose_providers(providers, self.metadata)
         try:
-            if scan_node.has_scan_nodes(model):
-                self.session = fused_scan.make_fused_session(model, threads=threads, providers=providers)
-            else:  # the same options, threads checked alike (ONNX Runtime itself would take 0 and -1, refuse 2.5)
-                self.session = ort.InferenceSession(model.SerializeToString(), fused_scan.session_options(threads),
-                                                    providers=providers)
+            self.session = fused_scan.make_session(model, threads=threads, providers=providers)
         except onnxruntime_errors() as exc:
             raise BackendError(f"{self.path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
