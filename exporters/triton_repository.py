@@ -109,11 +109,10 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         raise TritonExportError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        import onnx
-        from medmamba_edge.runtime.metadata import read_onnx_metadata
+        from medmamba_edge.runtime.metadata import load_onnx, read_onnx_metadata
 
-        metadata = read_onnx_metadata(path)
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
+        metadata = read_onnx_metadata(model, path)
         retired = scan_node.retired_scan_node(model)
         if retired:
             raise TritonExportError(f"{path}: {retired}")

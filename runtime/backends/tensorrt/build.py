@@ -22,7 +22,7 @@ from medmamba_edge.errors import UserError
 
 from ... import scan_node
 from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
-from ...metadata import PRECISIONS, ModelMetadata, read_onnx_metadata
+from ...metadata import PRECISIONS, ModelMetadata, load_onnx, read_onnx_metadata
 from .compat import (
     current_gpu,
     import_cudart,
@@ -191,10 +191,7 @@ class _Inputs:
 def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | None) -> _Inputs:
     if not onnx_path.is_file():
         raise EngineBuildError(f"{onnx_path}: no such ONNX file")
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as exc:  # protobuf's DecodeError, onnx's ValueError, OSError: whatever the bytes trigger
-        raise EngineBuildError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    model = load_onnx(onnx_path)
     metadata = read_onnx_metadata(model, onnx_path)  # a clear error for ONNX files `medmamba-edge export` did not write
     retired = scan_node.retired_scan_node(model)
     if retired:
