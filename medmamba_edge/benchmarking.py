@@ -34,7 +34,7 @@ import numpy as np
 
 from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
 
-from .errors import UserError
+from .errors import UserError, process_ending
 from .evaluation import input_sizes
 
 if TYPE_CHECKING:
@@ -190,8 +190,8 @@ class _Worker:
             code = self.process.wait()
             self.log.seek(0)
             said = [t for t in self.log.read().strip().splitlines() if t.strip()][-1:]
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            raise BenchmarkError(f"{self.model}: the benchmark worker {how}" + (f" ({said[0]})" if said else ""))
+            raise BenchmarkError(f"{self.model}: the benchmark worker {process_ending(code)}"
+                                 + (f" ({said[0]})" if said else ""))
         reply = json.loads(line)
         if "error" in reply:
             raise BenchmarkError(reply["error"])

@@ -4,6 +4,8 @@ The CLI prints such an error as one line and exits non-zero; anything else is a 
 traceback. Torch-free, so the runtime and the plugin tools share it.
 """
 
+import signal
+
 
 class UserError(Exception):
     """Bad input or a missing part; the message names the file and what is wrong."""
@@ -16,6 +18,11 @@ class MissingExtraError(UserError, ImportError):
 def install_hint(extra: str) -> str:
     """The command that adds one of pyproject.toml's extras, from an index or from a checkout."""
     return f"pip install 'medmamba-edge[{extra}]' (from a checkout: pip install '.[{extra}]')"
+
+
+def process_ending(returncode: int) -> str:
+    """How a child process ended, from its return code (negative: the signal that ended it), for a message."""
+    return f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
 
 
 def first_line(error: BaseException) -> str:

@@ -29,7 +29,7 @@ from medmamba_edge.runtime.backends import Backend, open_backend
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import METADATA_KEY
 
-from .errors import MissingExtraError, UserError, first_line, install_hint
+from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
 
 DEFAULT_MODEL_NAME = "medmamba"
 # Endpoints that change the server rather than ask it something: loading and unloading models, mapping
@@ -308,9 +308,7 @@ def _exit_code(triton) -> int | None:
 def _exit_reason(triton) -> str:
     """How the server process ended, in words (minus the signal number when a signal ended it)."""
     code = _exit_code(triton)
-    if code is None:
-        return "stopped"
-    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    return "stopped" if code is None else process_ending(code)
 
 
 def _server_hint(triton) -> str:
