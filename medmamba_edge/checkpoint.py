@@ -1,4 +1,5 @@
-"""Load MedMamba checkpoints written by the official ``train.py`` (or wrapped/DataParallel variants).
+"""Load MedMamba checkpoints written by the official ``train.py`` (or wrapped, DataParallel, compiled or
+Lightning variants).
 
 The architecture is read off the weights, so users never restate depths, dims or the class count.
 Loading is ``torch.load(weights_only=True)``: a pickle that tries to run code is refused.
@@ -85,7 +86,7 @@ class LoadedCheckpoint:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped and without ``module.`` prefixes."""
+    """The model's tensors in a checkpoint file, unwrapped and without wrapper prefixes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -124,9 +125,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: expected a state_dict (name → tensor), optionally under one of {list(WRAPPER_KEYS)}; "
             f"got {type(obj).__name__}"
         )
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return _model_keys(obj, path)
+
+
+def _model_keys(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The model's own tensors, named as VSSM names them. DataParallel (``module.``), torch.compile
+    (``_orig_mod.``), a Lightning module's attribute (``model.``, ``net.``) or a nesting of them put the same
+    prefix before every model key, so the prefix is read off the patch embedding's weight rather than listed.
+    Under a prefix, keys outside it belong to the wrapper (a loss's class weights, a metric's state)."""
+    anchor = "patch_embed.proj.weight"
+    prefixes = sorted(k[:-len(anchor)] for k in state_dict
+                      if k.endswith(anchor) and (k == anchor or k[-len(anchor) - 1] == "."))
+    if len(prefixes) > 1:
+        raise CheckpointError(
+            f"{path}: holds {len(prefixes)} models' weights (under {', '.join(repr(p) for p in prefixes)}); "
+            f"save the one to export with torch.save(net.state_dict(), path)"
+        )
+    if not prefixes or not prefixes[0]:
+        return state_dict  # infer_config names what is missing, or the keys are already the model's
+    prefix = prefixes[0]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _shape(state_dict: dict[str, torch.Tensor], key: str, rank: int, path: Path) -> tuple[int, ...]:

@@ -28,7 +28,11 @@ def save(obj, path):
     lambda sd: {"model": sd, "epoch": 3},
     lambda sd: {"state_dict": sd, "optimizer_lr": 1e-4},
     lambda sd: {f"module.{k}": v for k, v in sd.items()},  # nn.DataParallel
-])
+    lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},  # torch.compile inside DataParallel
+    # a LightningModule holding the net as self.model, with a weighted loss whose buffer is saved beside it
+    lambda sd: {"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(3)},
+                "epoch": 7, "global_step": 700},
+], ids=["bare", "model-key", "state_dict-key", "data-parallel", "compiled-data-parallel", "lightning"])
 def test_architecture_is_inferred_from_any_usual_wrapping(tmp_path, tiny_state_dict, wrap):
     loaded = load_checkpoint(save(wrap(tiny_state_dict), tmp_path / "w.pth"))
     config = loaded.config
@@ -36,6 +40,22 @@ def test_architecture_is_inferred_from_any_usual_wrapping(tmp_path, tiny_state_d
     assert config.variant == "custom"
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
     assert not loaded.model.training
+
+
+def test_torch_compile_prefix_is_read_off_a_real_compiled_module(tmp_path, tiny_state_dict):
+    model = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=1)
+    model.load_state_dict(tiny_state_dict)
+    compiled = torch.compile(model)  # wraps lazily: nothing is compiled until it is called
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    loaded = load_checkpoint(save(compiled.state_dict(), tmp_path / "c.pth"))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
+
+
+def test_two_models_in_one_file_are_refused_by_name(tmp_path, tiny_state_dict):
+    both = {**{f"model.{k}": v for k, v in tiny_state_dict.items()},
+            **{f"model_ema.{k}": v for k, v in tiny_state_dict.items()}}
+    with pytest.raises(CheckpointError, match=r"b\.pth: holds 2 models' weights \(under 'model\.', 'model_ema\.'\)"):
+        load_checkpoint(save(both, tmp_path / "b.pth"))
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
