@@ -51,7 +51,7 @@ from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
-from medmamba_edge.runtime.datasets import Dataset, open_dataset
+from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import write_bytes_atomically
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import preprocess
@@ -109,6 +109,7 @@ class QuantizeResult:
     speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
     max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
+    left_out: list[Failure] = field(default_factory=list)  # calibration and evaluation images that were unusable
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -149,13 +150,44 @@ def excluded_nodes(candidates: Sequence[onnx.NodeProto], patterns: Sequence[str]
     return excluded
 
 
-def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: str, progress: Progress) -> list[np.ndarray]:
-    """The data set as model inputs of ``batch`` images each (the last may have fewer)."""
-    chunks = []
-    for indices, images in dataset.batches(batch):
-        chunks.append(preprocess(images, metadata))
-        progress(task, indices[-1] + 1, len(dataset))
-    return chunks
+@dataclass
+class Inputs:
+    """A data set's usable images as model inputs, and why the others were left out."""
+    batches: list[np.ndarray]
+    indices: list[int]  # the samples the batches hold, in order
+    left_out: list[Failure]
+
+
+def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: str, progress: Progress) -> Inputs:
+    """The data set as model inputs of at most ``batch`` images each. An image that cannot be decoded or
+    preprocessed is left out with its reason, as ``evaluate`` leaves it out; none usable is an error."""
+    inputs = Inputs([], [], [])
+    for chunk in dataset.prepared(batch, lambda image: preprocess([image], metadata)[0]):
+        if chunk.items:
+            inputs.batches.append(np.stack(chunk.items))
+        inputs.indices += chunk.indices
+        inputs.left_out += chunk.failures
+        progress(task, chunk.end, len(dataset))
+    if not inputs.indices:
+        first = inputs.left_out[0]
+        raise QuantizeError(f"{dataset.description}: none of its {len(dataset)} images could be used "
+                            f"(first: {first.reason})")
+    return inputs
+
+
+def calibration_groups(batches: list[np.ndarray], fixed: int | None) -> tuple[list[list[np.ndarray]], int]:
+    """Groups of about CALIBRATION_BATCH images, each group as the model's own batches, and how many images
+    they hold (padding aside). A batch-1 export
+    calibrates as its dynamic-batch twin does (the same groups, so the same histograms up to the float rounding
+    of activations at another batch). A fixed batch of B takes whole batches only: groups are a multiple of B,
+    and the images past the last whole batch are left out, since padding would count copies of one image in
+    every histogram (unless there are fewer images than one batch)."""
+    images = np.concatenate(batches)
+    step = fixed or 1
+    if len(images) >= step:
+        images = images[: len(images) // step * step]
+    size = -(-CALIBRATION_BATCH // step) * step
+    return [fixed_batches(images[start:start + size], fixed) for start in range(0, len(images), size)], len(images)
 
 
 @contextlib.contextmanager
@@ -498,10 +530,10 @@ def quantize_onnx(
     if not candidates:  # before calibrating: its metadata says fp32, its weights say otherwise
         raise QuantizeError(f"{model_path}: no Conv, MatMul or Gemm with a float weight: is it quantized already?")
     calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
-    # Groups of CALIBRATION_BATCH images, each as the model's own batches: a batch-1 export calibrates as its
-    # dynamic-batch twin does (the same histograms, up to the float rounding of activations at another batch).
-    calib_inputs = [fixed_batches(group, metadata.batch) for group in
-                    preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)]
+    calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
+    calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
+    del calib_read.batches[:]  # the groups hold the images now
+    left_out = list(calib_read.left_out)
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
@@ -518,8 +550,9 @@ def quantize_onnx(
         float_top1 = int8_top1 = None
         if eval_data is not None:
             eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
-            labels = eval_set.labels()
-            eval_inputs = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
+            eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
+            eval_inputs, labels = eval_read.batches, eval_set.labels()[eval_read.indices]
+            left_out += eval_read.left_out
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
             if float_top1 - int8_top1 > max_drop and auto_fallback:
@@ -550,13 +583,13 @@ def quantize_onnx(
     evaluated_on = describe_cpu() if eval_data is not None else None
     details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
-               "calibration_images": len(calib_set), "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
+               "calibration_images": calib_images, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
-               "evaluated_on": evaluated_on, "tool_version": __version__,
+               "evaluated_on": evaluated_on, "tool_version": __version__, "left_out": [asdict(f) for f in left_out],
                "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
-                          excluded + fallback, fallback, len(calib_set), float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop)
+                          excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
+                          speed, time.perf_counter() - started, max_drop, left_out)

@@ -120,6 +120,18 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
+def warn_left_out(failures, whose: str, rest_in: str) -> None:
+    """The images a command left out, the first few by name; ``rest_in`` says where every one is listed."""
+    if not failures:
+        return
+    console.print(f"[yellow]warning:[/] {len(failures)} images could not be used and were left out {whose}:",
+                  highlight=False)
+    for failure in failures[:5]:
+        console.print(f"  {shown(failure.reason)}", highlight=False, soft_wrap=True)
+    if len(failures) > 5:
+        console.print(f"  … and {len(failures) - 5} more ({rest_in})", highlight=False)
+
+
 def parse_input_size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
@@ -215,6 +227,8 @@ def quantize(
                                progress=progress)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
+    warn_left_out(result.left_out, "of calibration and evaluation",
+                  f"all under left_out in {result.path.name}'s medmamba_edge.quantization metadata")
     if result.kept_float:
         out.print(f"kept float: {', '.join(result.kept_float)}")
     if result.fallback_nodes:
@@ -373,13 +387,7 @@ def evaluate(
         written.append(json_file)
     for table in evaluation.render_tables(report):
         out.print(table)
-    if report.failures:
-        console.print(f"[yellow]warning:[/] {len(report.failures)} images could not be decoded and were left out "
-                      f"for every model:", highlight=False)
-        for failure in report.failures[:5]:
-            console.print(f"  {shown(failure.reason)}", highlight=False, soft_wrap=True)
-        if len(report.failures) > 5:
-            console.print(f"  … and {len(report.failures) - 5} more (all in --json)", highlight=False)
+    warn_left_out(report.failures, "for every model", "all in --json")
     for path in written:
         out.print(f"wrote {path}")
     for m in report.gate_failures:

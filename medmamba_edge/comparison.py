@@ -30,10 +30,10 @@ import numpy as np
 
 from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
-from medmamba_edge.runtime.datasets import Dataset, Sample, open_dataset
+from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_dataset
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 
-from .evaluation import PREPROCESSING_FIELDS, Failure, open_models, run_models
+from .evaluation import PREPROCESSING_FIELDS, open_models, run_models
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, softmax
-from medmamba_edge.runtime.datasets import Dataset, open_dataset
-from medmamba_edge.runtime.decode import ImageError
+from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
 from medmamba_edge.runtime.metrics import Metrics, classification_metrics
 from medmamba_edge.runtime.preprocess import preprocess
@@ -70,12 +69,6 @@ def _preprocessing_key(metadata: ModelMetadata) -> tuple:
     return tuple(getattr(metadata, name) for name in PREPROCESSING_FIELDS)
 
 
-@dataclass(frozen=True)
-class Failure:
-    source: str
-    reason: str
-
-
 @dataclass
 class Outputs:
     """Logits of each model on the same images: those of ``dataset`` at ``indices`` (the decodable ones)."""
@@ -96,29 +89,21 @@ def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 
     kept, failures = [], []
     logits: list[list[np.ndarray]] = [[] for _ in backends]
     seconds = [0.0] * len(backends)
-    for start in range(0, len(dataset), batch_size):
-        indices = range(start, min(start + batch_size, len(dataset)))
-        inputs: dict[tuple, list[np.ndarray]] = {key: [] for key in groups}
-        for i in indices:
-            try:
-                image = dataset.image(i)
-                # Preprocess per image so that one unusable image (e.g. two channels) fails alone.
-                prepared = {key: preprocess([image], meta)[0] for key, meta in group_metadata.items()}
-            except ImageError as exc:
-                failures.append(Failure(dataset.samples[i].source, str(exc)))
-                continue
-            kept.append(i)
-            for key, x in prepared.items():
-                inputs[key].append(x)
-        if any(inputs.values()):
+    def prepare(image: np.ndarray) -> dict[tuple, np.ndarray]:
+        return {key: preprocess([image], meta)[0] for key, meta in group_metadata.items()}
+
+    for chunk in dataset.prepared(batch_size, prepare):
+        kept += chunk.indices
+        failures += chunk.failures
+        if chunk.items:
             for key, members in groups.items():
-                batch = np.stack(inputs[key])
+                batch = np.stack([item[key] for item in chunk.items])
                 for k in members:
                     began = time.perf_counter()
                     logits[k].append(np.asarray(backends[k].run(batch), dtype=np.float32))
                     seconds[k] += time.perf_counter() - began
         if progress:
-            progress(indices.stop, len(dataset))
+            progress(chunk.end, len(dataset))
     if not kept:
         raise EvaluationError(f"{dataset.description}: none of its {len(dataset)} images could be decoded "
                               f"(first: {failures[0].source}: {failures[0].reason})")

@@ -15,9 +15,10 @@ import codecs
 import csv
 import io
 import zipfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,25 @@ class Sample:
     source: str  # a path, or "file.npz[val:12]"
     label: int | None  # index into the model's class names; None when unlabelled
     unreadable: str | None = None  # why listing found it cannot be read (a dangling link, a FIFO); not opened
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A sample left out, and why."""
+    source: str
+    reason: str  # one line that names the source
+
+
+Prepared = TypeVar("Prepared")
+
+
+@dataclass
+class PreparedChunk(Generic[Prepared]):
+    """One chunk of a data set: what ``prepare`` made of each usable image, and why the others were left out."""
+    end: int  # one past the chunk's last sample index: how far through the data set it reaches
+    indices: list[int] = field(default_factory=list)  # of the samples in ``items``, in order
+    items: list[Prepared] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
 
 @dataclass
@@ -80,10 +100,22 @@ class Dataset:
         order = np.random.default_rng(seed).permutation(len(self))[:count]
         return self.subset(sorted(int(i) for i in order))
 
-    def batches(self, size: int) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    def prepared(self, size: int, prepare: Callable[[np.ndarray], Prepared]) -> Iterator[PreparedChunk[Prepared]]:
+        """The samples ``size`` at a time, each image decoded and passed to ``prepare`` on its own, so that one
+        unusable image (a broken file, two channels: an ImageError) is left out alone, with its reason."""
         for start in range(0, len(self), size):
-            indices = list(range(start, min(start + size, len(self))))
-            yield indices, [self.image(i) for i in indices]
+            chunk = PreparedChunk[Prepared](end=min(start + size, len(self)))
+            for i in range(start, chunk.end):
+                try:
+                    item = prepare(self.image(i))
+                except ImageError as exc:
+                    source, reason = self.samples[i].source, str(exc)
+                    # Decoding names the file; preprocessing (a channel count it cannot map) does not.
+                    chunk.failures.append(Failure(source, reason if reason.startswith(source) else f"{source}: {reason}"))
+                    continue
+                chunk.indices.append(i)
+                chunk.items.append(item)
+            yield chunk
 
 
 def _label_index(label: str, class_names: Sequence[str], where: str) -> int:

@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
-from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, _producers, quantizable_nodes,
-                                               quantize_onnx, top1_accuracy)
+from medmamba_edge import evaluation as evaluation_module
+from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, _producers, calibration_groups,
+                                               preprocessed, quantizable_nodes, quantize_onnx, top1_accuracy)
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
-from medmamba_edge.runtime.preprocess import preprocess
 from tests import hidden_avx512
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
@@ -65,7 +65,7 @@ def int8_models(fp32_models):
 def val_batches(fp32_models):
     dataset = open_dataset(require_shared(*PNEUMONIAMNIST), split="val", class_names=("normal", "pneumonia"))
     metadata = read_onnx_metadata(fp32_models["plugin"])
-    return [preprocess(images, metadata) for _, images in dataset.batches(128)], dataset.labels()
+    return preprocessed(dataset, metadata, 128, "reading", lambda *_: None).batches, dataset.labels()
 
 
 @pytest.mark.parametrize("form", ["plugin", "portable", "plugin-qoperator"])
@@ -81,16 +81,15 @@ def test_int8_top1_within_half_a_point_of_fp32_on_real_val_split(form, fp32_mode
 TOP1_ON_AVX2_PATHS = """
 import json, sys
 from pathlib import Path
-from medmamba_edge.exporters.quantize import top1_accuracy
+from medmamba_edge.exporters.quantize import preprocessed, top1_accuracy
 from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata
-from medmamba_edge.runtime.preprocess import preprocess
 npz, *models = map(Path, sys.argv[1:])
 dataset = open_dataset(npz, split="val", class_names=("normal", "pneumonia"))
 metadata = read_onnx_metadata(models[0])
-batches = [preprocess(images, metadata) for _, images in dataset.batches(128)]
+batches = preprocessed(dataset, metadata, 128, "reading", lambda *_: None).batches
 print(json.dumps({"cpu": describe_cpu(), "scan_path": scan_cpu.isa(),
                   "top1": [top1_accuracy(m, batches, dataset.labels()) for m in models]}))
 """
@@ -260,6 +259,41 @@ def test_a_batch_1_export_calibrates_as_its_dynamic_batch_twin(tmp_path):
                                for v in numpy_helper.to_array(t).ravel())
     # Equal up to float rounding: the activations themselves may differ in the last bits between batch sizes.
     assert len(scales[1]) > 100 and np.allclose(scales[1], scales[None], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("count, fixed, sizes, used", [
+    (20, None, [[8], [8], [4]], 20),
+    (20, 1, [[1] * 8, [1] * 8, [1] * 4], 20),  # the dynamic twin's groups, one image per run
+    (20, 3, [[3, 3, 3], [3, 3, 3]], 18),  # 2 images past the last whole batch: left out, not padded
+    (20, 8, [[8], [8]], 16),
+    (2, 3, [[3]], 2),  # fewer than one batch: padding is the only way to run them
+])
+def test_calibration_groups_take_whole_fixed_batches_without_counting_copies(count, fixed, sizes, used):
+    images = np.arange(count, dtype=np.float32).reshape(count, 1, 1, 1)
+    groups, counted = calibration_groups([images[:7], images[7:]], fixed)
+    assert [[len(b) for b in group] for group in groups] == sizes and counted == used
+    seen = np.concatenate([b for group in groups for b in group]).ravel()
+    assert len(set(seen.tolist())) == used and (count < (fixed or 1) or len(seen) == used)
+
+
+def test_unusable_images_are_left_out_by_name_as_evaluate_leaves_them(fp32_models, tmp_path):
+    """Once the first broken file stopped `quantize --eval` with an error, where `evaluate` leaves it out."""
+    folder = _image_folder(tmp_path / "val", "val", 40)
+    (folder / "normal" / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (folder / "pneumonia" / "empty.png").write_bytes(b"")
+    output = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32_models["plugin"]), "--calib", str(folder), "-o",
+                                      str(output), "--num-samples", "64", "--eval", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 40 images" in result.output and "4 images could not be used" in result.output
+    assert "torn.png" in result.output and "empty.png" in result.output
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+    assert sorted(Path(f["source"]).name for f in recorded["left_out"]) == ["empty.png", "empty.png", "torn.png", "torn.png"]
+    assert recorded["calibration_images"] == 40
+    # The labels stay in step with the images kept: evaluate, leaving out the same two, measures the same top-1.
+    report = evaluation_module.evaluate([fp32_models["plugin"]], folder)
+    assert len(report.failures) == 2
+    assert recorded["fp32_top1"] == pytest.approx(100 * report.models[0].metrics.accuracy)
 
 
 def test_gate_passes_with_the_default_recipe_and_records_accuracy(fp32_models, tmp_path):
