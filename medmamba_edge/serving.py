@@ -180,6 +180,14 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
     spawned: set[tuple[int, int]] = set()
     segments: set[Path] = set()
+
+    def watch() -> None:
+        """Note the server's processes and the shared memory they map, from one read of /proc: seen while their
+        server lives, since once it dies they are re-parented and no longer to be found."""
+        table = _process_table()
+        spawned.update(server_processes(triton, table))
+        segments.update(shared_memory_of(spawned, table))
+
     with backend, stop_on_signals(lambda message: notify(
             f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
         try:
@@ -197,21 +205,19 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
                    f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
                    f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
             while not stopping.wait(0.5):
-                # Seen while their server lives: once it dies they are re-parented and no longer to be found.
-                spawned |= server_processes(triton)
-                segments |= shared_memory_of(spawned)
+                watch()
                 if not triton.is_alive():
                     raise ServeError(f"{model}: the Triton server {_exit_reason(triton)}{_server_hint(triton)}")
         finally:
-            spawned |= server_processes(triton)
-            segments |= shared_memory_of(spawned)
+            watch()
             triton.stop()
             # A server that gives up stopping (its exit timeout) leaves its Python backend's stubs running, and a
             # crash on the way out (which that forced exit sometimes is) unlinks none of their shared memory: RAM
             # lost for good. What this process made, its resource tracker removes when it exits.
-            segments |= shared_memory_of(spawned)
+            watch()
             stop_leftovers(spawned)
-            remove_shared_memory(segments - shared_memory_of({(os.getpid(), _process_table()[os.getpid()][1])}))
+            table = _process_table()
+            remove_shared_memory(segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
         if stopping.is_set() and _exit_code(triton):
             notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
                    f"cleaned up")
@@ -233,7 +239,7 @@ def _process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
-def server_processes(triton) -> set[tuple[int, int]]:
+def server_processes(triton, table: dict[int, tuple[int, int]]) -> set[tuple[int, int]]:
     """(pid, start time) of tritonserver and the processes below it (its Python backend's stub and the stub's
     workers); the start time tells a reused pid from the one seen. Not this process's other children:
     multiprocessing's resource tracker must outlive us to unlink our shared memory."""
@@ -241,7 +247,6 @@ def server_processes(triton) -> set[tuple[int, int]]:
         pid = triton._triton_server._tritonserver_running_cmd.pid
     except AttributeError:  # not started, or PyTriton's internals moved
         return set()
-    table = _process_table()
     if pid not in table:
         return set()
     found, parents = {(pid, table[pid][1])}, [pid]
@@ -270,10 +275,10 @@ def stop_leftovers(processes: set[tuple[int, int]], grace_s: float = 2.0) -> Non
             time.sleep(0.05)
 
 
-def shared_memory_of(processes: set[tuple[int, int]]) -> set[Path]:
-    """The /dev/shm files the processes have mapped and not unlinked (Triton's Python backend and PyTriton pass
-    tensors through them)."""
-    found, table = set(), _process_table()
+def shared_memory_of(processes: set[tuple[int, int]], table: dict[int, tuple[int, int]]) -> set[Path]:
+    """The /dev/shm files the processes (as ``table``, a _process_table, last saw them) have mapped and not
+    unlinked (Triton's Python backend and PyTriton pass tensors through them)."""
+    found = set()
     for pid, start in processes:
         if table.get(pid, (0, None))[1] != start:  # gone, or its pid reused by another program: not ours to read
             continue

@@ -346,10 +346,10 @@ def test_shared_memory_a_dead_server_left_is_found_and_removed(tmp_path):
         from medmamba_edge.serving import _process_table
 
         table = _process_table()
-        segments = shared_memory_of({(holder.pid, table[holder.pid][1])})
+        segments = shared_memory_of({(holder.pid, table[holder.pid][1])}, table)
         assert name in segments and all(str(s).startswith("/dev/shm/") for s in segments)
-        assert name not in shared_memory_of({(os.getpid(), table[os.getpid()][1])})  # only what they map
-        assert shared_memory_of({(holder.pid, table[holder.pid][1] + 1)}) == set()  # a pid reused by another program
+        assert name not in shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table)  # only what they map
+        assert shared_memory_of({(holder.pid, table[holder.pid][1] + 1)}, table) == set()  # a pid reused by another program
     finally:
         holder.kill()
         holder.wait()
