@@ -9,6 +9,7 @@
     REPO/NAME/labels.txt                class names, one a line (Triton's classification extension)
     REPO/NAME/libmedmamba_ort_ops.so    plugin-form ONNX: the native SS2DScan op (model_operations)
     REPO/NAME/deepstream_nvinfer.txt    DeepStream: Gst-nvinfer [property] group (network-type=1, classifier)
+    REPO/NAME/deepstream_model.onnx     DeepStream's model: the ONNX with a Softmax after the logits (ONNX only)
     REPO/NAME/deepstream_labels.txt     DeepStream's classifier label file (one line, ';'-separated)
     REPO/NAME/README.md                 how to start the server on it
 
@@ -31,6 +32,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
@@ -43,6 +46,8 @@ DEFAULT_NAME = "medmamba"
 EXPORTED_INPUT, EXPORTED_OUTPUT = "input", "logits"
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
+# DeepStream's copy of an ONNX model: a Softmax after the logits, whose output nvinfer reads (with_softmax).
+DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
 # Gst-nvinfer's documented [property] keys (DeepStream SDK, "Gst-nvinfer: configuration file properties";
@@ -79,6 +84,7 @@ class ServedModel:
     needs_ort_ops: bool  # plugin-form ONNX: SS2DScan runs through our custom-op library
     needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
     precision: str
+    version_compatible: bool = False  # an engine built with --version-compatible (its plan holds the plugin)
 
     @property
     def dims(self) -> list[int]:
@@ -131,10 +137,17 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
 
         manifest = read_manifest(path)
         (input_name, shapes), = manifest.profile.items()
-        dynamic = shapes["min"][0] != shapes["max"][0]
-        return ServedModel(path, "engine", manifest.metadata, input_name, EXPORTED_OUTPUT,
-                           min(max_batch, shapes["max"][0]) if dynamic else 0, False,
-                           manifest.plugin_sha256 is not None, manifest.precision)
+        smallest, largest = shapes["min"][0], shapes["max"][0]
+        metadata = manifest.metadata
+        if smallest == largest:  # one batch size, whatever the ONNX allowed: served as a fixed-batch model
+            metadata = metadata.replace(batch=smallest)
+        elif smallest > 1:
+            raise TritonExportError(
+                f"{path}: its profile takes batches {smallest} to {largest}, but Triton's dynamic batcher sends "
+                f"any batch from 1; rebuild it with --min-batch 1 (or one batch size, --min-batch = --max-batch)")
+        return ServedModel(path, "engine", metadata, input_name, EXPORTED_OUTPUT,
+                           0 if smallest == largest else min(max_batch, largest), False,
+                           manifest.plugin_sha256 is not None, manifest.precision, manifest.build.version_compatible)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
                             f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
 
@@ -181,9 +194,14 @@ def deepstream_scaling(metadata: ModelMetadata) -> tuple[float, list[float]]:
     return 1.0 / (255.0 * std[0]), [255.0 * m for m in metadata.mean]
 
 
-def deepstream_config(served: ServedModel, *, plugin_path: str | None, model_file: str, onnx_file: str | None,
-                      batch: int) -> str:
-    """A Gst-nvinfer [property] group running the model as a primary classifier on whole frames."""
+def deepstream_config(served: ServedModel, *, plugin_path: str | None, batch: int) -> str:
+    """A Gst-nvinfer [property] group running DEEPSTREAM_MODEL (the model with a Softmax) as a primary classifier
+    on whole frames."""
+    if served.kind != "onnx":
+        raise TritonExportError(
+            "an engine outputs logits, and nvinfer's built-in classifier parser takes its output for probabilities "
+            "(it labels a frame only with a class whose value is above 0, and reports that value as the confidence); "
+            "run export-triton on the ONNX export for DeepStream, which gets a Softmax and builds its own engine")
     meta = served.metadata
     scale, offsets = deepstream_scaling(meta)
     color = COLOR_FORMATS.get((meta.channel_order.upper(), meta.in_chans))
@@ -202,16 +220,17 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, model_fil
         "network-type": 1,  # classifier
         "process-mode": 1,  # primary: whole frames
         "gie-unique-id": 1,
-        "output-blob-names": served.output_name,
+        "output-blob-names": PROBABILITIES,
         "labelfile-path": DEEPSTREAM_LABELS,
         "classifier-threshold": 0.0,  # every frame gets its top label; thresholds belong to the application
         # train.py resizes to H×W whatever the aspect ratio, bilinearly (nvinfer's filter has no antialiasing).
         "maintain-aspect-ratio": 0,
         "scaling-filter": 1,
-        "model-engine-file": model_file,
+        "onnx-file": DEEPSTREAM_MODEL,
+        # nvinfer builds the engine from the ONNX on first start and saves it under this name (its own naming:
+        # <onnx>_b<batch>_gpu<id>_<precision>.engine), which the next start loads.
+        "model-engine-file": f"{DEEPSTREAM_MODEL}_b{batch}_gpu0_{served.precision}.engine",
     }
-    if onnx_file:
-        properties["onnx-file"] = onnx_file
     if plugin_path:
         properties["custom-lib-path"] = plugin_path
     header = ["# Gst-nvinfer configuration written by medmamba-edge export-triton (see docs/serving.md).",
@@ -220,6 +239,20 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, model_fil
               f"classes {', '.join(meta.class_names)}.",
               "# Paths are relative to this file, as nvinfer resolves them."]
     return "\n".join(header + ["[property]"] + [f"{k}={v}" for k, v in properties.items()]) + "\n"
+
+
+def with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its logits turned into class probabilities (output PROBABILITIES): what nvinfer's built-in
+    classifier parser expects, so that every frame gets its top class and a confidence in [0, 1]."""
+    (logits,) = model.graph.output
+    model.graph.node.append(onnx.helper.make_node("Softmax", [logits.name], [PROBABILITIES], axis=1,
+                                                  name="deepstream_softmax"))
+    probabilities = onnx.ValueInfoProto()
+    probabilities.CopyFrom(logits)
+    probabilities.name = PROBABILITIES
+    model.graph.output.remove(logits)
+    model.graph.output.append(probabilities)
+    return model
 
 
 def check_deepstream_config(text: str, source: str = DEEPSTREAM_CONFIG) -> None:
@@ -252,13 +285,22 @@ def check_triton_config(text: str, source: str = "config.pbtxt") -> str | None:
     return importlib.metadata.version("tritonclient")
 
 
+def _plugin_loading(served: ServedModel, plugin: str | None) -> str:
+    """tritonserver's option that registers SS2DScan before an engine loads. A version-compatible engine carries
+    the plugin library inside (build-engine serialises it), which the backend's version-compatible mode trusts;
+    any other engine needs the library loaded by path (the tensorrt backend's ``plugins=``)."""
+    if served.kind != "engine" or not served.needs_trt_plugin:
+        return ""
+    if served.version_compatible:
+        return " --backend-config=tensorrt,version-compatible=true"
+    return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
+
+
 def _readme(name: str, served: ServedModel, server_root: str, op_library: str | None, plugin: str | None) -> str:
     backend = "onnxruntime" if served.kind == "onnx" else "tensorrt"
     lines = [f"# {name}: {served.source.name} for Triton Inference Server and DeepStream", "",
              "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
-             "```", f"tritonserver --model-repository={server_root}" +
-             (" --backend-config=tensorrt,version-compatible=true   # or plugins=" + (plugin or AUTOLOAD_PLUGIN_LIBRARY)
-              if served.kind == "engine" and served.needs_trt_plugin else ""),
+             "```", f"tritonserver --model-repository={server_root}" + _plugin_loading(served, plugin),
              f"medmamba-edge run triton://SERVER:8000/{name} SOURCE   # preprocessing runs on the client", "```", "",
              f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
              f"`medmamba-edge run` prepares it), output `{served.output_name}` logits {served.output_dims}; "
@@ -319,15 +361,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
         raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
     try:
-        if served.kind == "onnx":
-            # nvinfer builds the engine from the ONNX on first start and saves it under this name (its own
-            # naming: <onnx>_b<batch>_gpu<id>_<precision>.engine), which the next start loads.
-            engine_name = f"1/{model_file}_b{ds_batch}_gpu0_{served.precision}.engine"
-            deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
-                                                model_file=engine_name, onnx_file=f"1/{model_file}", batch=ds_batch)
-        else:
-            deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
-                                                model_file=f"1/{model_file}", onnx_file=None, batch=ds_batch)
+        deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
+                                            batch=ds_batch)
         check_deepstream_config(deepstream_text)
         refusal = None
     except TritonExportError as exc:
@@ -348,6 +383,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         if trt_plugin_source is not None:
             shutil.copyfile(trt_plugin_source, staging / AUTOLOAD_PLUGIN_LIBRARY)
         if deepstream_text is not None:
+            onnx.save(with_softmax(onnx.load(str(staging / "1" / model_file))), staging / DEEPSTREAM_MODEL)
             (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
         # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.

@@ -30,8 +30,8 @@ from tests.cli_runner import cli
 from tests.exported_models import official_onnx
 from tests.triton_server import require_serve_python
 
-EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_labels.txt", "deepstream_nvinfer.txt",
-                  "labels.txt", "libmedmamba_ort_ops.so"]
+EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_labels.txt", "deepstream_model.onnx",
+                  "deepstream_nvinfer.txt", "labels.txt", "libmedmamba_ort_ops.so"]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,9 @@ def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
     assert set(properties) <= DEEPSTREAM_KEYS
     assert properties["network-type"] == "1" and properties["network-mode"] == "0" and properties["batch-size"] == "8"
     assert properties["infer-dims"] == "3;32;32" and properties["model-color-format"] == "0"
-    assert properties["onnx-file"] == "1/model.onnx" and properties["model-engine-file"] == "1/model.onnx_b8_gpu0_fp32.engine"
-    assert properties["output-blob-names"] == "logits" and properties["maintain-aspect-ratio"] == "0"
+    assert properties["onnx-file"] == "deepstream_model.onnx"
+    assert properties["model-engine-file"] == "deepstream_model.onnx_b8_gpu0_fp32.engine"
+    assert properties["output-blob-names"] == "probabilities" and properties["maintain-aspect-ratio"] == "0"
     assert properties["custom-lib-path"].endswith("/medmamba/libmedmamba_trt_plugin_autoload.so")
     assert (result.folder / properties["labelfile-path"]).read_text() == "normal;pneumonia\n"
     # nvinfer's y = net-scale-factor·(x − offsets[c]) on every 8-bit value equals the runtime's lookup table.
@@ -150,6 +151,26 @@ def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
     assert np.abs(nvinfer - _uint8_lookup(meta.mean, meta.std)).max() < 1e-6
     with pytest.raises(TritonExportError, match="keys Gst-nvinfer does not document: net-scale"):
         check_deepstream_config(text.replace("net-scale-factor", "net-scale"))
+
+
+def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(model, tmp_path):
+    """nvinfer's built-in classifier parser labels a frame only with a class whose output is above 0 and reports
+    that output as the confidence: it takes probabilities, and the served model outputs logits."""
+    from medmamba_edge.runtime.bundled import sample_image_paths
+    from medmamba_edge.runtime.decode import read_single_image
+    from medmamba_edge.runtime.preprocess import preprocess
+
+    folder = export_triton(model, tmp_path / "repo").folder
+    served, deepstream = onnx.load(str(folder / "1" / "model.onnx")), onnx.load(str(folder / "deepstream_model.onnx"))
+    assert [o.name for o in deepstream.graph.output] == ["probabilities"]
+    assert deepstream.metadata_props == served.metadata_props
+    meta = read_onnx_metadata(served)
+    batch = preprocess([read_single_image(p) for p in sample_image_paths()], meta)
+    logits = fused_scan.make_session(served).run(None, {"input": batch})[0]
+    probabilities = fused_scan.make_session(deepstream).run(None, {"input": batch})[0]
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.abs(probabilities - expected).max() < 1e-6 and (probabilities.argmax(1) == logits.argmax(1)).all()
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):
@@ -208,27 +229,53 @@ def test_a_fixed_batch_model_is_served_without_triton_batching(model, tmp_path):
     assert "batch-size=1" in result.deepstream_text
 
 
-def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
-    from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo
+def _engine(model: Path, path: Path, smallest: int, largest: int, version_compatible: bool = False) -> Path:
+    """An engine file as the repository writer sees it: opaque bytes and build-engine's manifest."""
     from medmamba_edge.runtime.backends.tensorrt.manifest import BuildOptions, EngineManifest, write_manifest
 
-    engine = tmp_path / "t32.engine"
-    engine.write_bytes(b"a plan is opaque to the repository writer")
-    gpu = GpuInfo("NVIDIA Jetson AGX Orin", "8.7")
-    write_manifest(engine, EngineManifest(
-        tensorrt_version="10.3.0", gpu_name=gpu.name, compute_capability=gpu.compute_capability, precision="fp16",
-        profile={"input": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}},
-        onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64, build=BuildOptions(fp16=True, max_batch=16),
+    path.write_bytes(b"a plan is opaque to the repository writer")
+    write_manifest(path, EngineManifest(
+        tensorrt_version="10.3.0", gpu_name="NVIDIA Jetson AGX Orin", compute_capability="8.7", precision="fp16",
+        profile={"input": {"min": [smallest, 3, 32, 32], "opt": [smallest, 3, 32, 32], "max": [largest, 3, 32, 32]}},
+        onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64,
+        build=BuildOptions(fp16=True, min_batch=smallest, max_batch=largest, version_compatible=version_compatible),
         metadata=read_onnx_metadata(model).replace(precision="fp16")))
+    return path
+
+
+def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
+    engine = _engine(model, tmp_path / "t32.engine", 1, 16)
     result = export_triton(engine, tmp_path / "repo", max_batch=32, plugin="/opt/medmamba/libmedmamba_trt_plugin_autoload.so")
     config = result.config_text
     assert 'backend: "tensorrt"' in config and "kind: KIND_GPU" in config and "max_batch_size: 16" in config
     assert "model_operations" not in config
     assert (result.folder / "1" / "model.plan").read_bytes() == engine.read_bytes()
-    properties = dict(line.split("=", 1) for line in result.deepstream_text.splitlines() if "=" in line)
-    assert properties["model-engine-file"] == "1/model.plan" and "onnx-file" not in properties
-    assert properties["network-mode"] == "2" and properties["custom-lib-path"] == "/opt/medmamba/libmedmamba_trt_plugin_autoload.so"
-    assert "--backend-config=tensorrt" in (result.folder / "README.md").read_text()
+    # An engine outputs logits, which nvinfer's built-in parser would take for probabilities.
+    assert result.deepstream_text is None and "run export-triton on the ONNX export for DeepStream" in result.deepstream_refusal
+    assert not (result.folder / "deepstream_nvinfer.txt").exists() and not (result.folder / "deepstream_model.onnx").exists()
+    # Not version-compatible: the plan does not carry the plugin, so the server must load it by path.
+    assert ("--backend-config=tensorrt,plugins=/opt/medmamba/libmedmamba_trt_plugin_autoload.so"
+            in (result.folder / "README.md").read_text())
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_an_engine_of_one_batch_size_from_a_dynamic_onnx_is_served_at_that_batch(model, tmp_path, batch):
+    """build-engine --min-batch B --max-batch B on a dynamic-batch export: once refused, as 'batch None, not 0'."""
+    result = export_triton(_engine(model, tmp_path / "e.engine", batch, batch), tmp_path / "repo")
+    assert "max_batch_size: 0" in result.config_text and f"dims: [ {batch}, 3, 32, 32 ]" in result.config_text
+    assert f"dims: [ {batch}, 2 ]" in result.config_text and "dynamic_batching" not in result.config_text
+
+
+def test_an_engine_that_cannot_take_batch_1_is_refused_for_the_dynamic_batcher(model, tmp_path):
+    with pytest.raises(TritonExportError, match=r"profile takes batches 2 to 8, but Triton's dynamic batcher sends "
+                                                r"any batch from 1; rebuild it with --min-batch 1"):
+        export_triton(_engine(model, tmp_path / "e.engine", 2, 8), tmp_path / "repo")
+
+
+def test_a_version_compatible_engine_is_served_with_the_plugin_it_carries(model, tmp_path):
+    result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, version_compatible=True), tmp_path / "repo")
+    readme = (result.folder / "README.md").read_text()
+    assert "--backend-config=tensorrt,version-compatible=true" in readme and "plugins=" not in readme
 
 
 @pytest.mark.parametrize("args, message", [
