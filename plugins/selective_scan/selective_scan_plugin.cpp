@@ -360,7 +360,20 @@ nvinfer1::IPluginV3* SS2DScanPluginCreator::createPlugin(
 // trtexec --staticPlugins. It registers its creator when loaded, as TensorRT's own plugins do. The default build
 // must not: IPluginRegistry::loadLibrary (our runtime, trtexec --dynamicPlugins, version-compatible engines)
 // registers getCreators()'s creator itself, and a second registration of the same name fails.
-REGISTER_TENSORRT_PLUGIN(SS2DScanPluginCreator);
+// Not REGISTER_TENSORRT_PLUGIN: it registers under the namespace "", and the ONNX node and the parser look the
+// creator up under kPluginNamespace; TensorRT's own library (initLibNvInferPlugins) passes the namespace its
+// creators report, and so does this.
+namespace
+{
+struct RegisterAtLoad
+{
+    SS2DScanPluginCreator creator;
+    RegisterAtLoad()
+    {
+        getPluginRegistry()->registerCreator(creator, kPluginNamespace);
+    }
+} registerAtLoad;
+} // namespace
 #endif
 
 } // namespace medmamba_edge
