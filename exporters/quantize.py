@@ -75,6 +75,7 @@ EVAL_BATCH = 64
 DEFAULT_MAX_DROP = 1.0  # points of top-1 the accuracy gate allows INT8 to lose
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
+LeftOut = Callable[[str, list[Failure]], None]  # ("calibration" | "evaluation", the images left out and why)
 SpeedCheckFn = Callable[[Path, Path], "SpeedCheck"]  # (fp32 model, INT8 candidate) -> both timed on this machine
 
 
@@ -109,7 +110,6 @@ class QuantizeResult:
     speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
     max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
-    left_out: list[Failure] = field(default_factory=list)  # calibration and evaluation images that were unusable
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -508,10 +508,13 @@ def quantize_onnx(
     min_speedup: float | None = None,
     speed_check: SpeedCheckFn | None = None,
     progress: Progress = lambda task, done, total: None,
+    left_out: LeftOut = lambda stage, failures: None,
 ) -> QuantizeResult:
     """Calibrate, quantize, check accuracy (with ``eval_data``: at most ``max_drop`` points of top-1 lost,
     DEFAULT_MAX_DROP if None) and speed (with ``min_speedup``: the fp32 / INT8 ratio of the medians ``speed_check``
-    measures), and write ``output`` only if both passed."""
+    measures), and write ``output`` only if both passed. ``left_out`` hears of the images each stage left out as
+    soon as it has read them, so that they are named even when a gate refuses; the model records only how many
+    (file names in medical data sets often carry patient identifiers)."""
 
     started = time.perf_counter()
     _check_options(method, percentile, quant_format, max_drop, eval_data, auto_fallback, min_speedup, speed_check)
@@ -533,7 +536,8 @@ def quantize_onnx(
     calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
     calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
     del calib_read.batches[:]  # the groups hold the images now
-    left_out = list(calib_read.left_out)
+    left_out("calibration", calib_read.left_out)
+    left_out_counts = {"calibration": len(calib_read.left_out)}
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
@@ -550,9 +554,13 @@ def quantize_onnx(
         float_top1 = int8_top1 = None
         if eval_data is not None:
             eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
+            labels = eval_set.labels()  # before decoding: an unlabelled set is refused at once
             eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
-            eval_inputs, labels = eval_read.batches, eval_set.labels()[eval_read.indices]
-            left_out += eval_read.left_out
+            eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
+            left_out("evaluation", eval_read.left_out)
+            left_out_counts["evaluation"] = len(eval_read.left_out)
+            measured_on = eval_set.description + (f", {len(eval_read.left_out)} of them left out"
+                                                  if eval_read.left_out else "")
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
             if float_top1 - int8_top1 > max_drop and auto_fallback:
@@ -569,7 +577,7 @@ def quantize_onnx(
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
                 raise QuantizeError(
                     f"INT8 top-1 {int8_top1:.2f}% is {float_top1 - int8_top1:.2f} points below fp32 {float_top1:.2f}% "
-                    f"on {eval_set.description} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
+                    f"on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
                     f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
         speed = None
         if min_speedup is not None:
@@ -585,11 +593,11 @@ def quantize_onnx(
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
                "calibration_images": calib_images, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
-               "evaluated_on": evaluated_on, "tool_version": __version__, "left_out": [asdict(f) for f in left_out],
+               "evaluated_on": evaluated_on, "tool_version": __version__, "left_out": left_out_counts,
                "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop, left_out)
+                          speed, time.perf_counter() - started, max_drop)

@@ -138,7 +138,8 @@ def _model_keys(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, to
                       if k.endswith(anchor) and (k == anchor or k[-len(anchor) - 1] == "."))
     if len(prefixes) > 1:
         raise CheckpointError(
-            f"{path}: holds {len(prefixes)} models' weights (under {', '.join(repr(p) for p in prefixes)}); "
+            f"{path}: holds {len(prefixes)} models' weights (under "
+            f"{', '.join(repr(p) if p else '(no prefix)' for p in prefixes)}); "
             f"save the one to export with torch.save(net.state_dict(), path)"
         )
     if not prefixes or not prefixes[0]:

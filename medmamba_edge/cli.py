@@ -120,16 +120,18 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
-def warn_left_out(failures, whose: str, rest_in: str) -> None:
-    """The images a command left out, the first few by name; ``rest_in`` says where every one is listed."""
+def warn_left_out(failures, whose: str, rest_in: str | None = None) -> None:
+    """The images a command left out, each by name, or the first few when ``rest_in`` says where every one is
+    listed."""
     if not failures:
         return
     console.print(f"[yellow]warning:[/] {len(failures)} images could not be used and were left out {whose}:",
                   highlight=False)
-    for failure in failures[:5]:
+    shown_here = failures if rest_in is None else failures[:5]
+    for failure in shown_here:
         console.print(f"  {shown(failure.reason)}", highlight=False, soft_wrap=True)
-    if len(failures) > 5:
-        console.print(f"  … and {len(failures) - 5} more ({rest_in})", highlight=False)
+    if len(failures) > len(shown_here):
+        console.print(f"  … and {len(failures) - len(shown_here)} more ({rest_in})", highlight=False)
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -224,11 +226,9 @@ def quantize(
                                method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
                                eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
                                auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
-                               progress=progress)
+                               progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"))
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
-    warn_left_out(result.left_out, "of calibration and evaluation",
-                  f"all under left_out in {result.path.name}'s medmamba_edge.quantization metadata")
     if result.kept_float:
         out.print(f"kept float: {', '.join(result.kept_float)}")
     if result.fallback_nodes:

@@ -189,11 +189,11 @@ def render_tables(report: ComparisonReport) -> list:
 
 
 def summary_lines(report: ComparisonReport, limit: int = 5) -> Sequence[str]:
-    """The images whose top-1 class differs (first ``limit``) and those that could not be decoded."""
+    """The images whose top-1 class differs (first ``limit``) and those left out as unusable (undecodable, or a channel count preprocessing cannot map)."""
     lines = [f"A and B preprocess differently ({'; '.join(report.input_differences)}): the difference is "
              f"the input's as well as the model's"] if report.input_differences else []
     lines += [f"top-1 differs on {source}" for source in report.disagreeing[:limit]]
     if len(report.disagreeing) > limit:
         lines.append(f"… and on {len(report.disagreeing) - limit} more images")
-    lines += [f"left out (could not decode): {f.reason}" for f in report.failures[:limit]]
+    lines += [f"left out (unusable): {f.reason}" for f in report.failures[:limit]]
     return lines

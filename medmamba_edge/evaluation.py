@@ -106,7 +106,7 @@ def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 
             progress(chunk.end, len(dataset))
     if not kept:
         raise EvaluationError(f"{dataset.description}: none of its {len(dataset)} images could be decoded "
-                              f"(first: {failures[0].source}: {failures[0].reason})")
+                              f"(first: {failures[0].reason})")
     return Outputs(np.array(kept), [np.concatenate(chunks) for chunks in logits], seconds, failures)
 
 
@@ -209,7 +209,7 @@ def render_tables(report: EvaluationReport) -> list:
 
     names = [Path(m.path).name for m in report.models]
     evaluated = report.models[0].metrics.count
-    summary = Table(title=report.data + (f"; {len(report.failures)} could not be decoded, {evaluated} evaluated"
+    summary = Table(title=report.data + (f"; {len(report.failures)} left out (unusable), {evaluated} evaluated"
                                          if report.failures else ""),
                     caption="macro averages over classes, %; Δ top-1: accuracy points vs the first model\n"
                             + "\n".join(f"{name}: {m.backend}" for name, m in zip(names, report.models)))

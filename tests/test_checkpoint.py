@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import warnings
 
 import pytest
@@ -51,11 +52,18 @@ def test_torch_compile_prefix_is_read_off_a_real_compiled_module(tmp_path, tiny_
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
 
 
-def test_two_models_in_one_file_are_refused_by_name(tmp_path, tiny_state_dict):
-    both = {**{f"model.{k}": v for k, v in tiny_state_dict.items()},
-            **{f"model_ema.{k}": v for k, v in tiny_state_dict.items()}}
-    with pytest.raises(CheckpointError, match=r"b\.pth: holds 2 models' weights \(under 'model\.', 'model_ema\.'\)"):
+@pytest.mark.parametrize("prefixes, named", [(("model.", "model_ema."), "'model.', 'model_ema.'"),
+                                              (("", "module."), "(no prefix), 'module.'")])
+def test_two_models_side_by_side_are_refused_by_name(tmp_path, tiny_state_dict, prefixes, named):
+    both = {f"{prefix}{k}": v for prefix in prefixes for k, v in tiny_state_dict.items()}
+    with pytest.raises(CheckpointError, match=re.escape(f"b.pth: holds 2 models' weights (under {named})")):
         load_checkpoint(save(both, tmp_path / "b.pth"))
+
+
+def test_an_ema_beside_the_trained_weights_is_not_what_is_read(tmp_path, tiny_state_dict):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in tiny_state_dict.items()}
+    loaded = load_checkpoint(save({"state_dict": tiny_state_dict, "state_dict_ema": ema}, tmp_path / "t.pth"))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
