@@ -98,12 +98,20 @@ class Measurement:
     precision: str
     input_size: tuple[int, int]
     batch: int
-    fixed_batch: int | None  # the model's own batch size; a larger batch runs as several of them
+    fixed_batch: int | None  # the model's own batch size: another batch runs as whole ones, the last padded
     latencies_ms: list[float]
     peak_rss_mb: float = 0.0  # of the model's worker process, over all its batches
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
+
+    def batch_label(self) -> str:
+        """The batch, and for a fixed-batch model of another size how it ran: "6 (2×4, 2 padded)"."""
+        if not self.fixed_batch or self.batch == self.fixed_batch:
+            return str(self.batch)
+        runs = -(-self.batch // self.fixed_batch)
+        padded = runs * self.fixed_batch - self.batch
+        return f"{self.batch} ({runs}×{self.fixed_batch}" + (f", {padded} padded)" if padded else ")")
 
     @property
     def throughput(self) -> float:
@@ -135,6 +143,19 @@ class BenchmarkReport:
         return {"machine": self.machine, "warmup": self.warmup, "iterations": self.iterations, "rounds": self.rounds,
                 "measurements": [m.to_dict() for m in self.measurements]}
 
+    def model_names(self) -> dict[str, str]:
+        """Each model as its file name, or as much of its path as tells it from another of the same name."""
+        paths = list(dict.fromkeys(r.model for r in self.measurements))
+        names = {}
+        for path in paths:
+            parts = Path(path).parts
+            for depth in range(1, len(parts) + 1):
+                tail = Path(*parts[-depth:])
+                if all(other == path or Path(*Path(other).parts[-depth:]) != tail for other in paths):
+                    break
+            names[path] = str(tail)
+        return names
+
     def markdown(self) -> str:
         m = self.machine
         versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -145,12 +166,11 @@ class BenchmarkReport:
                  "",
                  "| model | backend | precision | input | batch | p50 ms | p90 ms | p99 ms | images/s | × first | peak RSS MB |",
                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        first = {}
+        first, names = {}, self.model_names()
         for r in self.measurements:
             first.setdefault(r.batch, r.throughput)
-            batch = f"{r.batch} ({r.batch // r.fixed_batch}×{r.fixed_batch})" if r.fixed_batch and r.batch > r.fixed_batch else str(r.batch)
-            lines.append(f"| {Path(r.model).name} | {r.backend} | {r.precision} | {r.input_size[0]}×{r.input_size[1]} | "
-                         f"{batch} | {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} | "
+            lines.append(f"| {names[r.model]} | {r.backend} | {r.precision} | {r.input_size[0]}×{r.input_size[1]} | "
+                         f"{r.batch_label()} | {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} | "
                          f"{r.throughput:.1f} | {r.throughput / first[r.batch]:.2f} | {r.peak_rss_mb:.0f} |")
         lines += ["", "× first: throughput relative to the first model at the same batch; "
                       "peak RSS: the model's own process, whole run."]
@@ -159,8 +179,8 @@ class BenchmarkReport:
     def plot(self, path: Path) -> Path:
         from .plots import latency_bars_png
 
-        rows = self.measurements
-        return latency_bars_png([f"{Path(r.model).name} ({r.precision}), batch {r.batch}" for r in rows],
+        rows, names = self.measurements, self.model_names()
+        return latency_bars_png([f"{names[r.model]} ({r.precision}), batch {r.batch_label()}" for r in rows],
                                 [r.percentile(50) for r in rows], [r.percentile(90) for r in rows],
                                 [r.percentile(99) for r in rows],
                                 f"{self.machine['cpu']}, threads: {self.machine['threads']}", path)

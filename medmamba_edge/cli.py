@@ -105,9 +105,12 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
     replace one of the files the command ``reads``, or plots without matplotlib, fail now."""
     from medmamba_edge.runtime.files import OutputError, check_writable, overwrites_input
 
-    for path in filter(None, files):
+    outputs = [path for path in files if path]
+    for k, path in enumerate(outputs):
         if overwrites_input(path, filter(None, reads)):
             raise OutputError(f"{path}: the output would overwrite a file this command reads")
+        if overwrites_input(path, outputs[:k]):  # the last one written would silently replace the other
+            raise OutputError(f"{path}: given for two outputs")
         check_writable(path)
     if folder:
         check_writable(folder, folder=True)
@@ -351,6 +354,8 @@ def demo(
 
 ModelsArgument = Annotated[list[Path], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
                                                             ".engine (TensorRT), in any mix.")]
+CheckpointClassesOption = Annotated[Optional[str], typer.Option(
+    help="Class names for a .pth: comma-separated or a class_indices.json (default: the json beside it).")]
 CheckpointSizeOption = Annotated[Optional[str], typer.Option(
     "--input-size", metavar=INPUT_SIZE, help=f"Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else {DEFAULT_INPUT_SIZE}).")]
 SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
@@ -367,6 +372,7 @@ def evaluate(
                                                            "than this many points below the first model's.")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for a confusion-matrix PNG per model.")] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    classes: CheckpointClassesOption = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
     from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
@@ -374,12 +380,12 @@ def evaluate(
     from . import evaluation
 
     size = parse_input_size(input_size) if input_size else None
-    check_outputs(json_file, folder=plots, plots=bool(plots))
+    check_outputs(json_file, folder=plots, plots=bool(plots), reads=[*models, data])
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn()) as bar:
         task = bar.add_task("evaluating", total=None)
-        report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch,
-                                     max_drop=max_drop, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch, max_drop=max_drop,
+                                     classes=classes, progress=lambda done, total: bar.update(task, completed=done, total=total))
     # Files first: printing may fail (stdout's reader gone), and a long evaluation's report must not go with it.
     written = evaluation.write_confusion_plots(report, plots) if plots else []
     if json_file:
@@ -416,7 +422,7 @@ def benchmark(
     except ValueError:
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
-    check_outputs(json_file, plot, plots=bool(plot))
+    check_outputs(json_file, plot, plots=bool(plot), reads=models)
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("loading and warming up", total=None)
 
@@ -446,14 +452,20 @@ def compare(
     rtol: Annotated[Optional[float], typer.Option(help="Relative logit tolerance.")] = None,
     input_size: CheckpointSizeOption = None,
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
+    classes: CheckpointClassesOption = None,
 ) -> None:
     """Run the same images through two models; exit 1 when their outputs differ beyond tolerance."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+
     from . import comparison
 
     size = parse_input_size(input_size) if input_size else None
-    with spinner("comparing"):
+    with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn()) as bar:
+        task = bar.add_task("comparing", total=None)
         report = comparison.compare(model_a, model_b, data, split=split, num_samples=num_samples, atol=atol,
-                                    rtol=rtol, input_size=size, batch_size=batch)
+                                    rtol=rtol, input_size=size, batch_size=batch, classes=classes,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     for table in comparison.render_tables(report):
         out.print(table)
     for line in comparison.summary_lines(report):
@@ -489,7 +501,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference.")] = None,
     input_size: Annotated[Optional[str], typer.Option(metavar=INPUT_SIZE, help=f"Input size for a .pth checkpoint: N or HxW "
                                                                                 f"(default {DEFAULT_INPUT_SIZE}).")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="Class names for a .pth: comma-separated or a class_indices.json.")] = None,
+    classes: CheckpointClassesOption = None,
     reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
 ) -> None:
     """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""

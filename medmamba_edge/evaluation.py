@@ -47,17 +47,24 @@ def input_sizes(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -
     return [size if checkpoint else None for checkpoint in is_checkpoint]
 
 
-def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None) -> list[Backend]:
-    """Backends for models that must agree on their classes (they are compared class by class)."""
+def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
+                classes: str | Sequence[str] | None = None) -> list[Backend]:
+    """Backends for models that must agree on their classes (they are compared class by class). ``classes``
+    names a checkpoint's classes, as ``input_size`` sizes it (input_sizes: given to exported models only when
+    no checkpoint is among them, for open_model to refuse)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise EvaluationError("no models given")
-    backends = [open_model(p, input_size=size, threads=threads) for p, size in zip(paths, input_sizes(paths, input_size))]
+    is_checkpoint = [path.suffix.lower() in TORCH_SUFFIXES for path in paths]
+    names = [classes if checkpoint or not any(is_checkpoint) else None for checkpoint in is_checkpoint]
+    backends = [open_model(p, input_size=size, threads=threads, classes=named)
+                for p, size, named in zip(paths, input_sizes(paths, input_size), names)]
     first = backends[0].metadata.class_names
     for backend in backends[1:]:
         if backend.metadata.class_names != first:
+            hint = "; name a checkpoint's classes with --classes" if any(is_checkpoint) else ""
             raise EvaluationError(f"{backend.path}: classes {list(backend.metadata.class_names)} differ from "
-                                  f"{backends[0].path}'s {list(first)}")
+                                  f"{backends[0].path}'s {list(first)}{hint}")
     return backends
 
 
@@ -151,10 +158,10 @@ class EvaluationReport:
 
 def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | tuple[int, int] | None = None,
              batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
-             progress: Progress | None = None) -> EvaluationReport:
+             progress: Progress | None = None, classes: str | Sequence[str] | None = None) -> EvaluationReport:
     if max_drop is not None and not max_drop >= 0:
         raise EvaluationError(f"--max-drop must be ≥ 0 points, got {max_drop}")
-    backends = open_models(models, input_size, threads)
+    backends = open_models(models, input_size, threads, classes)
     class_names = backends[0].metadata.class_names
     dataset = open_dataset(data, split=split, class_names=class_names)
     if not dataset.labelled:

@@ -62,6 +62,32 @@ def test_benchmark_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and "--batch must be comma-separated integers" in result.output
 
 
+def test_outputs_that_would_replace_a_model_or_each_other_are_refused_before_timing(tmp_path_factory, tmp_path):
+    """`--json model.onnx` once replaced the 58 MB model with a 1 KB report, and said 'wrote model.onnx'."""
+    model = tmp_path / "victim.onnx"
+    model.write_bytes(bundled_onnx(tmp_path_factory).read_bytes())
+    before = model.read_bytes()
+    for args, message in ((["--json", str(model)], "victim.onnx: the output would overwrite a file this command reads"),
+                          (["--plot", str(model)], "victim.onnx: the output would overwrite a file this command reads"),
+                          (["--json", str(tmp_path / "same"), "--plot", str(tmp_path / "same")], "same: given for two outputs")):
+        result = runner.invoke(app, ["benchmark", str(model), "--iterations", "1", *args])
+        assert result.exit_code == 1 and message in result.output and len(result.output.splitlines()) == 1
+    assert model.read_bytes() == before and not (tmp_path / "same").exists()
+
+
+def test_rows_say_how_a_fixed_batch_model_ran_and_tell_same_named_files_apart():
+    from medmamba_edge.benchmarking import BenchmarkReport, Measurement
+
+    def row(model, batch, fixed):
+        return Measurement(model, "ONNX Runtime", "fp32", (32, 32), batch, fixed, [1.0])
+
+    rows = [row("a/model.onnx", 1, None), row("b/model.onnx", 1, 4), row("b/model.onnx", 6, 4),
+            row("b/model.onnx", 8, 4), row("c.onnx", 4, 4)]
+    assert [r.batch_label() for r in rows] == ["1", "1 (1×4, 3 padded)", "6 (2×4, 2 padded)", "8 (2×4)", "4"]
+    report = BenchmarkReport(machine={}, warmup=0, iterations=1, measurements=rows)
+    assert report.model_names() == {"a/model.onnx": "a/model.onnx", "b/model.onnx": "b/model.onnx", "c.onnx": "c.onnx"}
+
+
 def test_timed_counts_warmup_apart():
     calls = []
     samples = timed(lambda: calls.append(1), warmup=2, iterations=3)

@@ -70,4 +70,15 @@ def test_models_with_different_classes_cannot_be_compared(onnx32, tmp_path):
     (tmp_path / "class_indices.json").write_text('{"0": "healthy", "1": "sick"}')
     result = runner.invoke(app, ["compare", str(onnx32), str(renamed)])
     assert result.exit_code == 1 and "classes ['healthy', 'sick'] differ" in result.output
-    assert len(result.output.splitlines()) == 1
+    assert "name a checkpoint's classes with --classes" in result.output and len(result.output.splitlines()) == 1
+    # A checkpoint named otherwise (or not at all: class_0, class_1) is compared with its export by naming them.
+    result = runner.invoke(app, ["compare", str(onnx32), str(renamed), "--classes", "normal,pneumonia"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("option, value", [("--atol", "-1"), ("--rtol", "-0.5"), ("--atol", "nan"), ("--rtol", "inf")])
+def test_a_tolerance_that_means_nothing_is_a_one_line_error(onnx32, option, value):
+    """--atol -1 once ran, and reported 'limit |A−B| ≤ -1 + …' as a mismatch between the models."""
+    result = runner.invoke(app, ["compare", str(onnx32), str(onnx32), option, value])
+    assert result.exit_code == 1 and f"{option} must be a finite number ≥ 0, got" in result.output
+    assert len(result.output.splitlines()) == 1, result.output
