@@ -110,6 +110,7 @@ class QuantizeResult:
     speed: SpeedCheck | None = None  # None without --min-speedup
     seconds: float = 0.0
     max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
+    past_last_batch: int = 0  # usable calibration images a fixed-batch model had no whole batch for
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -538,6 +539,9 @@ def quantize_onnx(
     del calib_read.batches[:]  # the groups hold the images now
     left_out("calibration", calib_read.left_out)
     left_out_counts = {"calibration": len(calib_read.left_out)}
+    past_last_batch = len(calib_read.indices) - calib_images
+    if past_last_batch:
+        left_out_counts["calibration_past_last_whole_batch"] = past_last_batch
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
@@ -600,4 +604,4 @@ def quantize_onnx(
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop)
+                          speed, time.perf_counter() - started, max_drop, past_last_batch)

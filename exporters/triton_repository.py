@@ -49,6 +49,8 @@ DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", 
 # DeepStream's copy of an ONNX model: a Softmax after the logits, whose output nvinfer reads (with_softmax).
 DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
+# Standard ONNX ops of a QOperator model that TensorRT's ONNX parser does not take (it takes Q/DQ instead).
+ONNX_RUNTIME_ONLY_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"})
 COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
 # Gst-nvinfer's documented [property] keys (DeepStream SDK, "Gst-nvinfer: configuration file properties";
 # gstnvinfer_property_parser.h): everything written below must be one of them, checked by check_deepstream_config.
@@ -85,6 +87,7 @@ class ServedModel:
     needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
     precision: str
     version_compatible: bool = False  # an engine built with --version-compatible (its plan holds the plugin)
+    onnx_runtime_only_ops: tuple[str, ...] = ()  # a QOperator model's QLinear*/com.microsoft ops: not TensorRT's
 
     @property
     def dims(self) -> list[int]:
@@ -106,6 +109,7 @@ class TritonExport:
     deepstream_refusal: str | None = None
     schema_checked_with: str | None = None  # the tritonclient version the config was parsed with
     notes: list[str] = field(default_factory=list)
+    server_command: str = ""  # how to start tritonserver on the repository (the plugin option an engine needs)
 
 
 def describe_model(path: str | Path, max_batch: int) -> ServedModel:
@@ -130,8 +134,12 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         out_shape = [d.dim_value if d.HasField("dim_value") else -1 for d in model.graph.output[0].type.tensor_type.shape.dim]
         check_against_graph(metadata, shape, out_shape, str(path))
         plugin_form = scan_node.has_scan_nodes(model)
+        # TensorRT takes INT8 as Q/DQ pairs only; `quantize --format qoperator` writes ONNX Runtime's own ops.
+        runtime_only = sorted({n.op_type for n in model.graph.node
+                               if n.domain == "com.microsoft" or n.op_type in ONNX_RUNTIME_ONLY_OPS})
         return ServedModel(path, "onnx", metadata, graph_inputs[0].name, model.graph.output[0].name,
-                           max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision)
+                           max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
+                           onnx_runtime_only_ops=tuple(runtime_only))
     if suffix in (".engine", ".plan"):
         from medmamba_edge.runtime.backends.tensorrt.manifest import read_manifest
 
@@ -202,6 +210,10 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, batch: in
             "an engine outputs logits, and nvinfer's built-in classifier parser takes its output for probabilities "
             "(it labels a frame only with a class whose value is above 0, and reports that value as the confidence); "
             "run export-triton on the ONNX export for DeepStream, which gets a Softmax and builds its own engine")
+    if served.onnx_runtime_only_ops:
+        raise TritonExportError(
+            f"nvinfer builds a TensorRT engine, and TensorRT does not take {', '.join(served.onnx_runtime_only_ops)} "
+            f"(a `quantize --format qoperator` model, for ONNX Runtime); quantize with --format qdq for DeepStream")
     meta = served.metadata
     scale, offsets = deepstream_scaling(meta)
     color = COLOR_FORMATS.get((meta.channel_order.upper(), meta.in_chans))
@@ -243,8 +255,13 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, batch: in
 
 def with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its logits turned into class probabilities (output PROBABILITIES): what nvinfer's built-in
-    classifier parser expects, so that every frame gets its top class and a confidence in [0, 1]."""
+    classifier parser expects, so that every frame gets its top class and a confidence in [0, 1]. Without our
+    metadata: it is DeepStream's copy, and every tool of ours reads a model's output as logits."""
     (logits,) = model.graph.output
+    kept = [entry for entry in model.metadata_props if entry.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.doc_string = f"DeepStream's copy of a medmamba-edge export: its logits through a Softmax ({PROBABILITIES})"
     model.graph.node.append(onnx.helper.make_node("Softmax", [logits.name], [PROBABILITIES], axis=1,
                                                   name="deepstream_softmax"))
     probabilities = onnx.ValueInfoProto()
@@ -296,11 +313,13 @@ def _plugin_loading(served: ServedModel, plugin: str | None) -> str:
     return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
 
 
-def _readme(name: str, served: ServedModel, server_root: str, op_library: str | None, plugin: str | None) -> str:
+def _readme(name: str, served: ServedModel, server_command: str, op_library: str | None,
+            deepstream_refusal: str | None) -> str:
     backend = "onnxruntime" if served.kind == "onnx" else "tensorrt"
-    lines = [f"# {name}: {served.source.name} for Triton Inference Server and DeepStream", "",
+    lines = [f"# {name}: {served.source.name} for Triton Inference Server" +
+             ("" if deepstream_refusal else " and DeepStream"), "",
              "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
-             "```", f"tritonserver --model-repository={server_root}" + _plugin_loading(served, plugin),
+             "```", server_command,
              f"medmamba-edge run triton://SERVER:8000/{name} SOURCE   # preprocessing runs on the client", "```", "",
              f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
              f"`medmamba-edge run` prepares it), output `{served.output_name}` logits {served.output_dims}; "
@@ -311,6 +330,9 @@ def _readme(name: str, served: ServedModel, server_root: str, op_library: str | 
     if served.kind == "engine":
         lines += ["", "An engine runs only on the TensorRT version and GPU it was built for: build it with the "
                   "server's TensorRT (inside the Triton container)."]
+    lines += ["", f"DeepStream: `{DEEPSTREAM_CONFIG}` is the `config-file-path` of an nvinfer element; it runs "
+                  f"`{DEEPSTREAM_MODEL}` (this model, its logits through a Softmax) and labels with "
+                  f"`{DEEPSTREAM_LABELS}`." if not deepstream_refusal else f"No DeepStream config: {deepstream_refusal}."]
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +357,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     repository = Path(repository)
+    if Path(os.path.realpath(model)).is_relative_to(os.path.realpath(repository / name)):
+        raise TritonExportError(f"{model}: lies in {repository / name}, which export-triton replaces as a whole; "
+                                f"write the repository elsewhere (-o) or under another --name")
     check_writable(repository, folder=True)
     root = (server_root or str(repository.resolve())).rstrip("/") or "/"
     folder_on_server = f"{root}/{name}"
@@ -352,13 +377,14 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                          f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}")
         plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
 
+    server_command = f"tritonserver --model-repository={root}" + _plugin_loading(served, plugin)
     model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
     config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,
                                 op_library=op_library)
     checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
 
     ds_batch = deepstream_batch if deepstream_batch is not None else served.metadata.batch or served.max_batch
-    if served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
+    if served.kind == "onnx" and served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
         raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
     try:
         deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
@@ -387,7 +413,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
             (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
         # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
-        (staging / "README.md").write_text(_readme(name, served, root, op_library, plugin), errors="backslashreplace")
+        (staging / "README.md").write_text(_readme(name, served, server_command, op_library, refusal),
+                                           errors="backslashreplace")
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
         _replace_folder(staging, repository / name)
@@ -397,7 +424,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes)
+    return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes,
+                        server_command)
 
 
 def _replace_folder(new: Path, target: Path) -> None:

@@ -5,6 +5,7 @@ commands so ``--help`` is instant and optional parts stay optional."""
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,13 +106,21 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
     replace one of the files the command ``reads``, or plots without matplotlib, fail now."""
     from medmamba_edge.runtime.files import OutputError, check_writable, overwrites_input
 
+    from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
+
     outputs = [path for path in files if path]
+    read_folders = [Path(os.path.realpath(p)) for p in filter(None, reads) if os.path.isdir(p)]
     for k, path in enumerate(outputs):
         if overwrites_input(path, filter(None, reads)):
             raise OutputError(f"{path}: the output would overwrite a file this command reads")
         if overwrites_input(path, outputs[:k]):  # the last one written would silently replace the other
             raise OutputError(f"{path}: given for two outputs")
         check_writable(path)
+    # A plot written into the data folder would be one of its images at the next run.
+    for path in [*(p for p in outputs if p.suffix.lower() in IMAGE_SUFFIXES), *([folder] if folder else [])]:
+        inside = [d for d in read_folders if Path(os.path.realpath(path)).is_relative_to(d)]
+        if inside:
+            raise OutputError(f"{path}: lies in {inside[0]}, which this command reads images from")
     if folder:
         check_writable(folder, folder=True)
     if plots:
@@ -232,6 +241,9 @@ def quantize(
                                progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"))
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
+    if result.past_last_batch:
+        out.print(f"{result.past_last_batch} usable calibration images were past the model's last whole batch of "
+                  f"{result.metadata.batch}, and left out rather than counted twice by padding", highlight=False)
     if result.kept_float:
         out.print(f"kept float: {', '.join(result.kept_float)}")
     if result.fallback_nodes:
@@ -380,7 +392,8 @@ def evaluate(
     from . import evaluation
 
     size = parse_input_size(input_size) if input_size else None
-    check_outputs(json_file, folder=plots, plots=bool(plots), reads=[*models, data])
+    plot_files = [plots / name for name in evaluation.plot_file_names(models)] if plots else []
+    check_outputs(json_file, *plot_files, folder=plots, plots=bool(plots), reads=[*models, data])
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn()) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -577,14 +590,15 @@ def export_triton(
         console.print("[yellow]config.pbtxt not checked against Triton's schema: tritonclient is not installed "
                       f"({shown(install_hint('serve'))})[/]", highlight=False, soft_wrap=True)
     if result.deepstream_text:
-        out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1)", highlight=False)
+        out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1) and "
+                  f"deepstream_model.onnx (the model, its logits through a Softmax)", highlight=False, soft_wrap=True)
     else:
         console.print(f"[yellow]no DeepStream config: {shown(result.deepstream_refusal or '')}[/]", highlight=False,
                       soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]{shown(note)}[/]", highlight=False, soft_wrap=True)
-    out.print(f"start: tritonserver --model-repository={server_root or result.folder.parent.resolve()}; "
-              f"clients: medmamba-edge run triton://HOST:8000/{name} SOURCE", highlight=False, soft_wrap=True)
+    out.print(f"start: {result.server_command}; clients: medmamba-edge run triton://HOST:8000/{name} SOURCE",
+              highlight=False, soft_wrap=True)
 
 
 @command()

@@ -115,6 +115,20 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     assert "1 images could not be used" in result.output and "broken.png" in result.output
 
 
+def test_outputs_that_would_replace_each_other_or_join_the_data_are_refused(onnx32, tmp_path):
+    """--json onto a planned confusion plot replaced it silently; --plots in a class folder added an image to it."""
+    folder = xray_folder(tmp_path / "xrays")
+    images = sorted(str(p) for p in folder.rglob("*"))
+    plot = tmp_path / "plots" / f"{onnx32.name}.confusion.png"
+    one_line_error(["evaluate", str(onnx32), "--data", str(folder), "--plots", str(plot.parent), "--json", str(plot)],
+                   f"{onnx32.name}.confusion.png: given for two outputs")
+    one_line_error(["evaluate", str(onnx32), "--data", str(folder), "--plots", str(folder / "normal")],
+                   f"normal/{onnx32.name}.confusion.png: lies in")
+    one_line_error(["evaluate", str(onnx32), "--data", str(folder), "--json", str(onnx32)],
+                   "the output would overwrite a file this command reads")
+    assert sorted(str(p) for p in folder.rglob("*")) == images and not plot.parent.exists()
+
+
 def one_line_error(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output

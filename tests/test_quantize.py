@@ -276,6 +276,22 @@ def test_calibration_groups_take_whole_fixed_batches_without_counting_copies(cou
     assert len(set(seen.tolist())) == used and (count < (fixed or 1) or len(seen) == used)
 
 
+def test_a_fixed_batch_export_says_how_many_images_its_whole_batches_left_out(tmp_path):
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    fp32 = tmp_path / "b3.onnx"
+    export_onnx(bundled_checkpoint(), fp32, input_size=32, batch=3, verify=False)
+    output = tmp_path / "b3.int8.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(fp32), "--calib", str(require_shared(*PNEUMONIAMNIST)),
+                                      "-o", str(output), "--num-samples", "20"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 18 images" in result.output
+    assert "2 usable calibration images were past the model's last whole batch of 3" in result.output
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+    assert recorded["calibration_images"] == 18
+    assert recorded["left_out"] == {"calibration": 0, "calibration_past_last_whole_batch": 2}
+
+
 def test_unusable_images_are_left_out_by_name_as_evaluate_leaves_them(fp32_models, tmp_path):
     """Once the first broken file stopped `quantize --eval` with an error, where `evaluate` leaves it out."""
     folder = _image_folder(tmp_path / "val", "val", 40)

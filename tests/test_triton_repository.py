@@ -23,11 +23,13 @@ from medmamba_edge.exporters.triton_repository import (
     deepstream_scaling,
     export_triton,
 )
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import fused_scan
-from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import _uint8_lookup
 from tests.cli_runner import cli
 from tests.exported_models import official_onnx
+from tests.shared_data import PNEUMONIAMNIST, require_shared
 from tests.triton_server import require_serve_python
 
 EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_labels.txt", "deepstream_model.onnx",
@@ -163,7 +165,11 @@ def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(mod
     folder = export_triton(model, tmp_path / "repo").folder
     served, deepstream = onnx.load(str(folder / "1" / "model.onnx")), onnx.load(str(folder / "deepstream_model.onnx"))
     assert [o.name for o in deepstream.graph.output] == ["probabilities"]
-    assert deepstream.metadata_props == served.metadata_props
+    # Not a model for our tools, which read every output as logits: without our metadata they refuse it.
+    assert METADATA_KEY in {e.key for e in served.metadata_props}
+    assert METADATA_KEY not in {e.key for e in deepstream.metadata_props}
+    with pytest.raises(UserError, match="deepstream_model.onnx"):
+        export_triton(folder / "deepstream_model.onnx", tmp_path / "again")
     meta = read_onnx_metadata(served)
     batch = preprocess([read_single_image(p) for p in sample_image_paths()], meta)
     logits = fused_scan.make_session(served).run(None, {"input": batch})[0]
@@ -171,6 +177,34 @@ def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(mod
     expected = np.exp(logits - logits.max(axis=1, keepdims=True))
     expected /= expected.sum(axis=1, keepdims=True)
     assert np.abs(probabilities - expected).max() < 1e-6 and (probabilities.argmax(1) == logits.argmax(1)).all()
+
+
+def test_a_qoperator_model_gets_no_deepstream_config_since_tensorrt_cannot_parse_it(tmp_path):
+    from medmamba_edge.exporters.onnx_export import export_onnx
+    from medmamba_edge.exporters.quantize import quantize_onnx
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    fp32 = tmp_path / "b.onnx"
+    export_onnx(bundled_checkpoint(), fp32, input_size=32, batch=None, verify=False)
+    qoperator = quantize_onnx(fp32, tmp_path / "q.onnx", require_shared(*PNEUMONIAMNIST), num_samples=8,
+                              quant_format="qoperator").path
+    result = export_triton(qoperator, tmp_path / "repo")
+    assert result.deepstream_text is None and "TensorRT does not take" in result.deepstream_refusal
+    assert "QLinearConv" in result.deepstream_refusal and "--format qdq" in result.deepstream_refusal
+    assert not (result.folder / "deepstream_model.onnx").exists() and (result.folder / "config.pbtxt").exists()
+    assert "No DeepStream config: nvinfer builds a TensorRT engine" in (result.folder / "README.md").read_text()
+
+
+def test_a_model_inside_the_folder_it_would_replace_is_refused(model, tmp_path):
+    """export-triton replaces REPO/NAME as a whole: a model kept there (and its neighbours) went with it."""
+    inside = tmp_path / "repo" / "medmamba" / "kept.onnx"
+    inside.parent.mkdir(parents=True)
+    shutil.copyfile(model, inside)
+    (inside.parent / "NOTES.md").write_text("mine")
+    with pytest.raises(TritonExportError, match="kept.onnx: lies in .*medmamba, which export-triton replaces"):
+        export_triton(inside, tmp_path / "repo")
+    assert inside.exists() and (inside.parent / "NOTES.md").read_text() == "mine"
+    export_triton(inside, tmp_path / "repo", name="other")  # another --name leaves it alone
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):
@@ -253,9 +287,14 @@ def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
     # An engine outputs logits, which nvinfer's built-in parser would take for probabilities.
     assert result.deepstream_text is None and "run export-triton on the ONNX export for DeepStream" in result.deepstream_refusal
     assert not (result.folder / "deepstream_nvinfer.txt").exists() and not (result.folder / "deepstream_model.onnx").exists()
-    # Not version-compatible: the plan does not carry the plugin, so the server must load it by path.
-    assert ("--backend-config=tensorrt,plugins=/opt/medmamba/libmedmamba_trt_plugin_autoload.so"
-            in (result.folder / "README.md").read_text())
+    # Not version-compatible: the plan does not carry the plugin, so the server must load it by path; the
+    # README and the command line printed say so alike.
+    command = "--backend-config=tensorrt,plugins=/opt/medmamba/libmedmamba_trt_plugin_autoload.so"
+    assert command in result.server_command and result.server_command in (result.folder / "README.md").read_text()
+    code, output = cli("export-triton", engine, "-o", tmp_path / "repo2", "--plugin", "/opt/p.so",
+                       "--deepstream-batch", "2")  # no DeepStream config for an engine: its batch is not checked
+    assert code == 0, output
+    assert "start: tritonserver --model-repository=" in output and "plugins=/opt/p.so" in output
 
 
 @pytest.mark.parametrize("batch", [1, 4])
