@@ -178,11 +178,11 @@ def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: st
 
 def calibration_groups(batches: list[np.ndarray], fixed: int | None) -> tuple[list[list[np.ndarray]], int]:
     """Groups of about CALIBRATION_BATCH images, each group as the model's own batches, and how many images
-    they hold (padding aside). A batch-1 export
-    calibrates as its dynamic-batch twin does (the same groups, so the same histograms up to the float rounding
-    of activations at another batch). A fixed batch of B takes whole batches only: groups are a multiple of B,
-    and the images past the last whole batch are left out, since padding would count copies of one image in
-    every histogram (unless there are fewer images than one batch)."""
+    they hold (padding aside). A batch-1 export calibrates as its dynamic-batch twin does (the same groups, so
+    the same histograms up to the float rounding of activations at another batch). A fixed batch of B takes
+    whole batches only: groups are a multiple of B, and the images past the last whole batch are left out,
+    since padding would count copies of one image in every histogram (unless there are fewer images than one
+    batch)."""
     images = np.concatenate(batches)
     step = fixed or 1
     if len(images) >= step:
