@@ -7,8 +7,10 @@ import shlex
 
 import numpy as np
 import onnx
+import onnx.utils
 import onnxruntime as ort
 import pytest
+from onnx.reference import ReferenceEvaluator
 from typer.testing import CliRunner
 
 from medmamba_edge.cli import app
@@ -243,7 +245,17 @@ def element_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def test_float16_portable_graph_matches_float32_in_onnxruntime(exported):
+def run_float32(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def run_float16(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """onnx's reference evaluator, which computes float16 ops in float16; ONNX Runtime's CPU kernels compute
+    some of them (Exp, Add) in float32, which hid an overflow to inf."""
+    return ReferenceEvaluator(model).run(None, {"input": x})[0]
+
+
+def test_float16_portable_graph_matches_float32(exported):
     fp32 = exported["portable"]
     before = fp32.SerializeToString()
     fp16 = convert_float16(fp32)
@@ -254,12 +266,59 @@ def test_float16_portable_graph_matches_float32_in_onnxruntime(exported):
     assert types["input"] == types["logits"] == FLOAT, "graph I/O stays float32"
     assert any(t == FLOAT16 for t in types.values())
     images, _ = pneumoniamnist_val()
-    x = images[:32].numpy()
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    reference, converted = run(fp32), run(fp16)
+    x = images[:16].numpy()
+    reference, converted = run_float32(fp32, x), run_float16(fp16, x)
     # Logits span about ±8 here; float16 (11-bit mantissa) costs a few 1e-3. Tolerance: 0.02 absolute.
     assert np.abs(converted - reference).max() <= 0.02
     assert (converted.argmax(1) == reference.argmax(1)).all()
+
+
+def test_float16_softplus_saturates_instead_of_overflowing(exported, tmp_path):
+    """The portable softplus computes e^x up to x = 20 in float32; cast down as it was, e^12 became inf and
+    inf - inf NaN, for every dt projection above 11.09."""
+    fp16 = tmp_path / "fp16.onnx"
+    onnx.save(convert_float16(exported["portable"]), fp16)
+    delta = [n for n in onnx.load(str(fp16)).graph.node if n.output[0].endswith("/delta_softplus")][0]
+    softplus = tmp_path / "softplus.onnx"
+    source = [n for n in delta.input if n.endswith("/delta_proj")][0]
+    onnx.utils.extract_model(str(fp16), str(softplus), [source], [delta.output[0]])
+    part = onnx.load(str(softplus))
+    (value,) = part.graph.input
+    shape = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
+    x = np.zeros(int(np.prod(shape)), np.float16)
+    probes = np.array([-8, 0, 8, 11, 11.1, 12, 15, 19.9, 25], np.float16)
+    x[:len(probes)] = probes
+    (y,) = ReferenceEvaluator(part).run(None, {value.name: x.reshape(shape)})
+    y = y.ravel()[:len(probes)].astype(np.float64)
+    expected = np.log1p(np.exp(probes.astype(np.float64)))
+    assert np.isfinite(y).all() and np.abs(y - expected).max() < 2e-2, y
+
+
+def test_float16_int8_graph_converts_around_its_int8_layers(exported, tmp_path):
+    """A DequantizeLinear of activations reads float32 scales and int8 data: counted as a constant, it took
+    every layer after it along, and --int8 --fp16 on TensorRT 11 converted nothing."""
+    from medmamba_edge.exporters.quantize import quantize_onnx
+    from tests.shared_data import PNEUMONIAMNIST
+
+    int8_path = quantize_onnx(exported["portable_path"], tmp_path / "int8.onnx", require_shared(*PNEUMONIAMNIST),
+                              num_samples=8).path
+    int8 = onnx.load(str(int8_path))
+    fp16 = convert_float16(int8)
+    onnx.checker.check_model(fp16, full_check=True)
+    types = element_types(fp16)
+    assert sum(t == FLOAT16 for t in types.values()) > 100
+    # TensorRT fuses DQ into the layer reading it (an INT8 Conv/MatMul): nothing may stand between them.
+    dequantized = {n.output[0] for n in fp16.graph.node if n.op_type == "DequantizeLinear"}
+    readers = [n for n in fp16.graph.node if dequantized & set(n.input)]
+    assert readers and not any(n.op_type == "Cast" for n in readers)
+    assert all(types[i] == FLOAT for n in readers for i in n.input if i and i in types and types[i] in (FLOAT, FLOAT16))
+    images, _ = pneumoniamnist_val()
+    x = images[:32].numpy()
+    # ONNX Runtime: the reference evaluator has no opset-18 DequantizeLinear (its implementations start at 19).
+    reference, converted = run_float32(int8, x), run_float32(fp16, x)
+    # Float16 rounding moves an activation across a quantization level now and then (the INT8 model vs its
+    # float32 twin differs by more): about 0.3 at most on logits of ±8 here.
+    assert np.abs(converted - reference).max() <= 0.5 and (converted.argmax(1) == reference.argmax(1)).all()
 
 
 def test_float16_plugin_graph_keeps_scan_parameters_float32(exported):

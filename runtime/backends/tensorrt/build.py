@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import onnx
@@ -68,6 +68,11 @@ PRESETS = {
     "thor": Preset(8192, 4, None, "Jetson Thor (128 GB)"),
     "dgpu": Preset(None, 4, None, "desktop / data-centre GPU"),
 }
+
+
+def _preset_dla(options: BuildOptions) -> int | None:
+    """The DLA core the options' preset picks, if any."""
+    return PRESETS[options.preset].dla_core if options.preset in PRESETS else None
 
 
 def resolve_options(preset: str | None = None, **explicit) -> BuildOptions:
@@ -270,6 +275,12 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
         config.builder_optimization_level = options.opt_level
     for flag in generation.builder_flags(fp16=options.fp16, int8=options.int8):
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if options.dla_core is not None and builder.num_DLA_cores == 0 and options.dla_core == _preset_dla(options):
+        # TensorRT 11.0-11.3 has no DLA at all, and JetPack 6 boards with TensorRT 11 none either: a preset for
+        # an Orin board must still build there.
+        progress.status(f"TensorRT {trt.__version__} offers no DLA here: building the {options.preset} preset "
+                        f"for the GPU only")
+        options = replace(options, dla_core=None)
     if options.dla_core is not None:
         if options.dla_core >= builder.num_DLA_cores:
             raise EngineBuildError(f"--dla-core {options.dla_core}: this device has {builder.num_DLA_cores} DLA cores "

@@ -3,8 +3,9 @@ float16 tensors in the ONNX graph itself (there is no FP16 builder flag any more
 
 onnx + numpy only. Rules, in order:
 
-* Constant subgraphs (initializers, ``Constant`` nodes and everything computed only from them, such as the
-  scan's ``A = -exp(A_logs)``) are left in float32; a float16 consumer gets a float16 copy of an initializer,
+* Constant subgraphs (initializers, ``Constant`` nodes, the shapes ``Shape``/``Size`` read, and everything
+  computed only from those, such as the scan's ``A = -exp(A_logs)`` or its batch-dependent view) are left in
+  float32; a float16 consumer gets a float16 copy of an initializer,
   or a ``Cast`` of a computed constant, which TensorRT folds at build time. So the scan's weights reach it
   in float32 and weights are rounded once.
 * ``SS2DScan`` (plugin form) takes x and x_dbl and returns y in float16; its weights (dt_projs_weight,
@@ -13,7 +14,12 @@ onnx + numpy only. Rules, in order:
 * Numerically sensitive ops run in float32 between Casts: normalisation (statistics of float16 activations
   lose bits and overflow), Softmax, exp/log/pow-like ops, reductions, and control flow (the portable form's
   ``Scan`` carries the recurrent state h, which must not be rounded to float16 every step).
-  Q/DQ stay float32: before opset 19 they accept float32 only.
+  Q/DQ stay float32: before opset 19 they accept float32 only. So does every op reading a DequantizeLinear
+  output: TensorRT fuses DQ into the Conv/MatMul after it (an INT8 layer), which a Cast between them would
+  break; the layer's float32 output is cast down after it.
+* A computed float32 tensor that can leave float16's range (the output of exp-like ops, reductions, control
+  flow) is clipped to ±65504 before its Cast down, as constants are: inf would turn the next subtraction into
+  NaN (the portable form's softplus computes e^x up to x = 20).
 * Everything else (Conv, MatMul/Gemm/Einsum, elementwise, data movement) runs in float16.
 * The graph's inputs and outputs stay float32, so callers feed and read the same arrays as before.
 """
@@ -45,6 +51,11 @@ FLOAT32_INPUTS = {"Resize": {2}}
 # to int must see the float32 value (a float16 detour would round indices above 2048).
 ANY_INPUT_TYPE_OPS = frozenset({"Shape", "Size", "Cast"})
 SCAN_FLOAT32_INPUTS = {scan_node.INPUT_NAMES.index(name) for name in scan_node.FLOAT32_INPUTS}
+# Ops whose output lies within float16's range whatever their input: nothing to saturate on the way down.
+BOUNDED_OPS = frozenset({"LayerNormalization", "BatchNormalization", "InstanceNormalization",
+                         "GroupNormalization", "RMSNormalization", "LpNormalization", "Softmax", "Erf"})
+# Inputs that only read a shape: a tensor computed from them depends on the input's shape, not its values.
+SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 class _Converter:
@@ -54,6 +65,9 @@ class _Converter:
         self.initializers = {init.name: init for init in graph.initializer}
         self.constants = set(self.initializers)
         self.current: dict[str, int] = {}  # float tensors: their type in the converted graph
+        self.producers: dict[str, str] = {}  # computed tensor -> the op type that computed it
+        self.dequantized: set[str] = set()  # DequantizeLinear outputs
+        self.limits: dict[int, str] = {}  # sign -> the initializer float16_limit made
         self.nodes: list[onnx.NodeProto] = []
         self.casts: dict[tuple[str, int], str] = {}
         self.new_initializers: list[onnx.TensorProto] = []
@@ -85,9 +99,22 @@ class _Converter:
             self.new_initializers.append(numpy_helper.from_array(converted, new))
         else:
             new = self.fresh(f"{name}__{suffix}")
-            self.nodes.append(helper.make_node("Cast", [name], [new], name=self.fresh(f"{new}__cast"), to=to))
+            source = name
+            if to == FLOAT16 and self.producers.get(name) not in BOUNDED_OPS:
+                source = self.fresh(f"{name}__saturated")
+                self.nodes.append(helper.make_node("Clip", [name, self.float16_limit(-1), self.float16_limit(1)],
+                                                   [source], name=self.fresh(f"{source}__clip")))
+            self.nodes.append(helper.make_node("Cast", [source], [new], name=self.fresh(f"{new}__cast"), to=to))
         self.casts[(name, to)] = new
         return new
+
+    def float16_limit(self, sign: int) -> str:
+        """A float32 initializer holding ±65504, float16's largest finite magnitude (made once per sign)."""
+        if sign not in self.limits:
+            self.limits[sign] = self.fresh("float16_max" if sign > 0 else "float16_min")
+            self.new_initializers.append(numpy_helper.from_array(np.array(sign * FLOAT16_MAX, np.float32),
+                                                                 self.limits[sign]))
+        return self.limits[sign]
 
     def convert(self) -> None:
         for value in self.graph.input:
@@ -100,16 +127,22 @@ class _Converter:
         converted = onnx.NodeProto()
         converted.CopyFrom(node)
         subgraphs = list(_subgraphs(converted))
-        if not subgraphs and all(name in self.constants for name in node.input if self.is_float(name)):
-            # Float data computed from constants only (shapes and indices may come from the input, as in a
-            # Reshape of A to a batch-dependent view) stays float32; see the module docstring.
+        if node.op_type in SHAPE_READERS or (
+                not subgraphs and all(name in self.constants for name in node.input if name)):
+            # Computed from constants and shapes only: stays as it is (see the module docstring). Every input
+            # counts, not only the float ones: a DequantizeLinear of activations has one float input, its
+            # scale, and its data is anything but constant.
             self.constants.update(node.output)
             self.nodes.append(node)
             return
+        for name in node.output:
+            self.producers[name] = node.op_type
+        if node.op_type == "DequantizeLinear":
+            self.dequantized.update(node.output)
         if scan_node.is_scan_node(node):
             wanted = [FLOAT if i in SCAN_FLOAT32_INPUTS else FLOAT16 for i in range(len(node.input))]
             output_type = FLOAT16
-        elif node.op_type in FLOAT32_OPS or subgraphs:
+        elif node.op_type in FLOAT32_OPS or subgraphs or any(name in self.dequantized for name in node.input):
             wanted = [FLOAT] * len(node.input)
             output_type = FLOAT
             for body in subgraphs:
