@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from medmamba_edge.runtime.files import GuardedStdout, printable
+from medmamba_edge.runtime.files import GuardedStdout, is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
 from .errors import UserError
@@ -521,6 +521,7 @@ def run(
     size = parse_input_size(input_size) if input_size else None
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
+    from medmamba_edge.runtime.backends import TORCH_SUFFIXES
     from medmamba_edge.runtime.loop import RunOptions
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
@@ -529,6 +530,9 @@ def run(
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect, notify=warn)  # before the model: a missing camera fails at once
+    if Path(model).suffix.lower() in TORCH_SUFFIXES and size is None:
+        warn(f"{model}: a checkpoint does not record its training size: running it at "
+             f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)")
     with spinner("loading the model") as update:
         model_backend = open_model(model, backend=backend, precision=precision, status=update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
@@ -539,12 +543,14 @@ def run(
     console.print(f"{shown(Path(model).name)} on {shown(model_backend.describe())}; source: {shown(frames.description)}",
                   highlight=False, soft_wrap=True)
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
-    out.print(stats.summary(), highlight=False, soft_wrap=True)
-    for sink in outputs:
+    files = [sink.output for sink in outputs if getattr(sink, "output", None)]
+    # Records piped through stdout (--jsonl /dev/stdout) stay JSON lines only: the summary goes to stderr.
+    report = console if any(is_stdout(f.path) for f in files) else out
+    report.print(stats.summary(), markup=False, highlight=False, soft_wrap=True)
+    for output in files:
         # The file outputs' own record: one that failed (a full disk) or never got a frame was not written.
-        output = getattr(sink, "output", None)
-        if output and output.complete:
-            out.print(f"wrote {output.path}", highlight=False)
+        if output.complete:
+            report.print(f"wrote {output.path}", markup=False, highlight=False)
     if stats.error:
         fail(stats.error)
     if stats.classified == 0 and stats.counts["skipped"]:

@@ -34,6 +34,16 @@ def current_umask() -> int:
     return mask
 
 
+def is_stdout(path: str | Path) -> bool:
+    """Whether writing ``path`` writes where this process's stdout goes (/dev/stdout, /dev/fd/1, or the very
+    file or pipe stdout is)."""
+    try:
+        here, there = os.fstat(1), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def streamed_in_place(path: Path) -> bool:
     """Whether ``path`` is written where it is, as a stream: a FIFO or device (/dev/full), or one of
     the process's file descriptors (/dev/stdout, /dev/fd/N: links to whatever stdout is, even a

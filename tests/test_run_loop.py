@@ -184,7 +184,10 @@ def test_checkpoint_backend_agrees_with_onnx(tiny_onnx, tmp_path):
     folder = sample_image_paths("pneumoniamnist")[0].parent
     assert cli("run", tiny_onnx, folder, "--jsonl", tmp_path / "onnx.jsonl")[0] == 0
     code, output = cli("run", bundled_checkpoint(), folder, "--input-size", 32, "--jsonl", tmp_path / "pth.jsonl")
-    assert code == 0, output and "PyTorch" in output
+    assert code == 0 and "PyTorch" in output and "does not record its training size" not in output, output
+    # Without --input-size a checkpoint runs at 224, whatever it was trained at: run says so.
+    code, output = cli("run", bundled_checkpoint(), folder / "val_0000_pneumonia.png", "--console", "none")
+    assert code == 0 and "does not record its training size: running it at 224×224" in output, output
     a, b = read_jsonl(tmp_path / "onnx.jsonl"), read_jsonl(tmp_path / "pth.jsonl")
     assert [r["labels"][0] for r in a] == [r["labels"][0] for r in b]
     assert np.allclose([r["probabilities"] for r in a], [r["probabilities"] for r in b], atol=1e-4)

@@ -430,6 +430,24 @@ def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is
     assert [r["status"] for r in records] == ["ok"] and "\nseq,source," in "\n" + stdout
 
 
+def test_records_piped_through_stdout_are_json_lines_only(model, tmp_path):
+    """docs/runtime.md pipes `--jsonl /dev/stdout` to another program: the summary and 'wrote' lines followed
+    the records on stdout, and broke every JSON reader of the pipe."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(folder / name), image())
+    process = run_cli_process(model, folder, "--console", "none", "--jsonl", "/dev/stdout")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert [json.loads(line)["status"] for line in stdout.splitlines()] == ["ok", "ok"]
+    assert "2 frames" in stderr and "wrote /dev/stdout" in stderr
+    # A file output keeps its summary on stdout, as before.
+    process = run_cli_process(model, folder, "--console", "none", "--jsonl", tmp_path / "r.jsonl")
+    stdout, _ = process.communicate(timeout=120)
+    assert "2 frames" in stdout and f"wrote {tmp_path / 'r.jsonl'}" in stdout
+
+
 def test_output_names_up_to_the_file_systems_limit_are_written_and_a_longer_one_is_one_line(model, tmp_path):
     # The temporary file beside each output is named after it: a name near the limit must not make that one too long.
     cv2.imwrite(str(tmp_path / "x.png"), image())
