@@ -103,11 +103,13 @@ def write_json(path: Path, data: dict) -> None:
 
 def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool = False, reads=()) -> None:
     """Before the long work: an output (--json, a plot, a folder of plots) that cannot be written, that would
-    replace one of the files the command ``reads``, or plots without matplotlib, fail now."""
+    replace one of the files the command ``reads`` or another output, a plot inside a folder it reads, or plots
+    without matplotlib, fail now."""
+    from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
     from medmamba_edge.runtime.files import OutputError, check_writable, overwrites_input
 
-    from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
-
+    if folder:  # first: its files' own checks would only say it is not a folder in more words
+        check_writable(folder, folder=True)
     outputs = [path for path in files if path]
     read_folders = [Path(os.path.realpath(p)) for p in filter(None, reads) if os.path.isdir(p)]
     for k, path in enumerate(outputs):
@@ -121,8 +123,6 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
         inside = [d for d in read_folders if Path(os.path.realpath(path)).is_relative_to(d)]
         if inside:
             raise OutputError(f"{path}: lies in {inside[0]}, which this command reads images from")
-    if folder:
-        check_writable(folder, folder=True)
     if plots:
         from .plots import pyplot
 
