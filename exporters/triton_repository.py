@@ -357,7 +357,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     repository = Path(repository)
-    if Path(os.path.realpath(model)).is_relative_to(os.path.realpath(repository / name)):
+    # The folder itself, not where a link by that name points: a link is replaced, its target left alone.
+    if Path(os.path.realpath(model)).is_relative_to(Path(os.path.realpath(repository)) / name):
         raise TritonExportError(f"{model}: lies in {repository / name}, which export-triton replaces as a whole; "
                                 f"write the repository elsewhere (-o) or under another --name")
     check_writable(repository, folder=True)

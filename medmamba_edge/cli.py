@@ -530,22 +530,23 @@ def run(
 
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect, notify=warn)  # before the model: a missing camera fails at once
-    if Path(model).suffix.lower() in TORCH_SUFFIXES and size is None:
-        warn(f"{model}: a checkpoint does not record its training size: running it at "
-             f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)")
     with spinner("loading the model") as update:
         model_backend = open_model(model, backend=backend, precision=precision, status=update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
+    if Path(model).suffix.lower() in TORCH_SUFFIXES and size is None:
+        warn(f"{model}: a checkpoint does not record its training size: running it at "
+             f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)")
     # A video's frame rate divided by the stride; stills at 5 fps (--stride picks files, not a rate)
     video_fps = frames.fps / stride if frames.fps else 5.0
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
                                       jsonl, csv, reads=[*frames.inputs, Path(model)])
     console.print(f"{shown(Path(model).name)} on {shown(model_backend.describe())}; source: {shown(frames.description)}",
                   highlight=False, soft_wrap=True)
-    stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     files = [sink.output for sink in outputs if getattr(sink, "output", None)]
-    # Records piped through stdout (--jsonl /dev/stdout) stay JSON lines only: the summary goes to stderr.
+    # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary goes
+    # to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
     report = console if any(is_stdout(f.path) for f in files) else out
+    stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     report.print(stats.summary(), markup=False, highlight=False, soft_wrap=True)
     for output in files:
         # The file outputs' own record: one that failed (a full disk) or never got a frame was not written.

@@ -26,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, OutputError, overwrites_input, printable, streamed_in_place
+from .files import AtomicOutput, GuardedStdout, OutputError, is_stdout, overwrites_input, printable, streamed_in_place
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -316,7 +316,10 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     come first; if a file output then cannot be created (a folder, a video format, no permission, one of the
     files the run ``reads``, or another output's file), the ones already created are removed again, so a
     refused run leaves no file behind."""
-    outputs: list[Sink] = [ConsoleSink(console if console != "auto" else ("second" if live else "frame"))]
+    if console == "auto":  # records piped through stdout (--jsonl /dev/stdout) get it to themselves
+        piped = any(path is not None and is_stdout(path) for path in (jsonl, csv_path))
+        console = "none" if piped else "second" if live else "frame"
+    outputs: list[Sink] = [ConsoleSink(console)]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
     taken: dict[str, str] = {}

@@ -91,6 +91,10 @@ def test_presets_fill_defaults_and_explicit_options_win():
     explicit = tb.resolve_options("agx-orin", fp16=True, workspace_mib=512, opt_level=1, dla_core=1)
     assert (explicit.workspace_mib, explicit.opt_level, explicit.dla_core) == (512, 1, 1)
     assert tb.resolve_options("orin-nx", fp16=True, dla_core=-1).dla_core is None
+    # Where TensorRT offers no DLA (11.0-11.3) a build drops the preset's pick, never the user's own.
+    assert tb.resolve_options("orin-nx", fp16=True).dla_from_preset
+    assert not tb.resolve_options("orin-nx", fp16=True, dla_core=0).dla_from_preset
+    assert "dla_from_preset" not in tb.resolve_options("orin-nx", fp16=True).key_fields()
     assert tb.resolve_options("dgpu").workspace_mib is None and tb.resolve_options(None) == BuildOptions()
 
 

@@ -437,11 +437,17 @@ def test_records_piped_through_stdout_are_json_lines_only(model, tmp_path):
     folder.mkdir()
     for name in ("a.png", "b.png"):
         cv2.imwrite(str(folder / name), image())
-    process = run_cli_process(model, folder, "--console", "none", "--jsonl", "/dev/stdout")
+    process = run_cli_process(model, folder, "--jsonl", "/dev/stdout")  # --console auto: no frame lines then
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert [json.loads(line)["status"] for line in stdout.splitlines()] == ["ok", "ok"]
     assert "2 frames" in stderr and "wrote /dev/stdout" in stderr
+    # `--jsonl F > F`: F is renamed into place at the end, so the summary must be routed before.
+    with open(tmp_path / "same.jsonl", "w") as same:
+        process = run_cli_process(model, folder, "--jsonl", tmp_path / "same.jsonl", stdout=same)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "2 frames" in stderr, stderr
+    assert [json.loads(line)["status"] for line in (tmp_path / "same.jsonl").read_text().splitlines()] == ["ok", "ok"]
     # A file output keeps its summary on stdout, as before.
     process = run_cli_process(model, folder, "--console", "none", "--jsonl", tmp_path / "r.jsonl")
     stdout, _ = process.communicate(timeout=120)

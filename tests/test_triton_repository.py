@@ -205,6 +205,15 @@ def test_a_model_inside_the_folder_it_would_replace_is_refused(model, tmp_path):
         export_triton(inside, tmp_path / "repo")
     assert inside.exists() and (inside.parent / "NOTES.md").read_text() == "mine"
     export_triton(inside, tmp_path / "repo", name="other")  # another --name leaves it alone
+    # A link by that name is replaced as a link: the folder it points to, and the model there, stay.
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    shutil.copyfile(model, keep / "m.onnx")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "medmamba").symlink_to(keep)
+    export_triton(keep / "m.onnx", tmp_path / "linked")
+    assert sorted(p.name for p in keep.iterdir()) == ["m.onnx"]
+    assert not (tmp_path / "linked" / "medmamba").is_symlink() and (tmp_path / "linked" / "medmamba" / "config.pbtxt").exists()
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):

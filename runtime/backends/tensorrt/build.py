@@ -70,11 +70,6 @@ PRESETS = {
 }
 
 
-def _preset_dla(options: BuildOptions) -> int | None:
-    """The DLA core the options' preset picks, if any."""
-    return PRESETS[options.preset].dla_core if options.preset in PRESETS else None
-
-
 def resolve_options(preset: str | None = None, **explicit) -> BuildOptions:
     """Build options from a preset, with every explicit (non-None) value taking precedence."""
     names = {f.name for f in fields(BuildOptions)}
@@ -88,8 +83,8 @@ def resolve_options(preset: str | None = None, **explicit) -> BuildOptions:
         chosen = PRESETS[preset]
         values.setdefault("workspace_mib", chosen.workspace_mib)
         values.setdefault("opt_level", chosen.opt_level)
-        if values.get("fp16") or values.get("int8"):
-            values.setdefault("dla_core", chosen.dla_core)
+        if (values.get("fp16") or values.get("int8")) and "dla_core" not in values and chosen.dla_core is not None:
+            values["dla_core"], values["dla_from_preset"] = chosen.dla_core, True
         values["preset"] = preset
     if values.get("dla_core") == NO_DLA:
         values["dla_core"] = None
@@ -275,12 +270,12 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
         config.builder_optimization_level = options.opt_level
     for flag in generation.builder_flags(fp16=options.fp16, int8=options.int8):
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if options.dla_core is not None and builder.num_DLA_cores == 0 and options.dla_core == _preset_dla(options):
+    if options.dla_from_preset and builder.num_DLA_cores == 0:
         # TensorRT 11.0-11.3 has no DLA at all, and JetPack 6 boards with TensorRT 11 none either: a preset for
         # an Orin board must still build there.
         progress.status(f"TensorRT {trt.__version__} offers no DLA here: building the {options.preset} preset "
                         f"for the GPU only")
-        options = replace(options, dla_core=None)
+        options = replace(options, dla_core=None, dla_from_preset=False)
     if options.dla_core is not None:
         if options.dla_core >= builder.num_DLA_cores:
             raise EngineBuildError(f"--dla-core {options.dla_core}: this device has {builder.num_DLA_cores} DLA cores "

@@ -46,10 +46,11 @@ class BuildOptions:
     hardware_compat: bool = False
     timing_cache: str | None = None
     preset: str | None = None
+    dla_from_preset: bool = False  # dla_core is the preset's pick, not the user's: dropped where there is no DLA
 
-    # Neither changes the engine's meaning: a timing cache only speeds up tactic selection, and a preset is
+    # None changes the engine's meaning: a timing cache only speeds up tactic selection, and a preset is
     # already expanded into the fields above.
-    NOT_IN_CACHE_KEY = ("timing_cache", "preset")
+    NOT_IN_CACHE_KEY = ("timing_cache", "preset", "dla_from_preset")
 
     @property
     def precision(self) -> str:
