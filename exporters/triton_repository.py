@@ -430,8 +430,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
 
 def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; a folder already there is moved aside first and removed after."""
-    if not target.exists():
+    """Move ``new`` to ``target``; whatever is there (a folder, a link, a dangling one) is moved aside first and
+    removed after."""
+    if not os.path.lexists(target):
         os.rename(new, target)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

@@ -547,6 +547,8 @@ def run(
     # to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
     report = console if any(is_stdout(f.path) for f in files) else out
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
+    if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
+        report = console
     report.print(stats.summary(), markup=False, highlight=False, soft_wrap=True)
     for output in files:
         # The file outputs' own record: one that failed (a full disk) or never got a frame was not written.

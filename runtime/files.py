@@ -184,6 +184,13 @@ class GuardedStdout:
     outputs are closed. stdout is then pointed at /dev/null, or Python's own flush at exit would fail again.
     A closed stdout (`>&-`: Python's sys.stdout is None) takes everything and keeps nothing, as /dev/null."""
 
+    _failed_on = None  # the sys.stdout a write failed on: process-wide, as stdout is, whichever guard wrote
+
+    @property
+    def failed(self) -> bool:
+        """Whether a write to stdout failed (its reader gone): what is still to say belongs on stderr."""
+        return GuardedStdout._failed_on is not None and GuardedStdout._failed_on is sys.stdout
+
     def write(self, text: str) -> int:
         try:
             return self._stdout().write(text)
@@ -209,6 +216,7 @@ class GuardedStdout:
 
     @staticmethod
     def _failed(exc: OSError) -> OutputError:
+        GuardedStdout._failed_on = sys.stdout
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return OutputError(f"stdout: cannot write ({exc.strerror or exc})")

@@ -164,6 +164,18 @@ def test_manifest_round_trip_is_atomic(tmp_path):
     assert data["metadata"]["class_names"] == ["normal", "pneumonia"] and data["build"]["fp16"] is True
 
 
+def test_manifests_read_across_versions(tmp_path):
+    """A build-only field written into a manifest made every earlier reader refuse it; a build field a later
+    version adds is left out, as an unknown top-level key is."""
+    engine = tmp_path / "model.engine"
+    path = write_manifest(engine, make_manifest(build=tb.resolve_options("orin-nx", fp16=True)))
+    assert "dla_from_preset" not in json.loads(path.read_text())["build"]
+    data = json.loads(path.read_text())
+    data["build"]["from_a_later_version"] = 1
+    path.write_text(json.dumps(data))
+    assert read_manifest(engine).build.dla_core == 0
+
+
 def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"plan")

@@ -519,6 +519,8 @@ def test_a_console_that_cannot_be_written_ends_the_run_with_its_files_complete(m
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "stdout: cannot write (Broken pipe)" in errors[0], stderr
+    # The summary and the file's own line, once thrown away with the dead stdout, come on stderr.
+    assert f"wrote {jsonl}" in stderr and " frames (" in stderr, stderr
     records = read_jsonl(jsonl)
     assert records and [r["seq"] for r in records] == list(range(len(records)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "r.jsonl"]

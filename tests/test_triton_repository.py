@@ -214,6 +214,9 @@ def test_a_model_inside_the_folder_it_would_replace_is_refused(model, tmp_path):
     export_triton(keep / "m.onnx", tmp_path / "linked")
     assert sorted(p.name for p in keep.iterdir()) == ["m.onnx"]
     assert not (tmp_path / "linked" / "medmamba").is_symlink() and (tmp_path / "linked" / "medmamba" / "config.pbtxt").exists()
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "medmamba").symlink_to(tmp_path / "gone")
+    assert (export_triton(model, tmp_path / "dangling").folder / "config.pbtxt").exists()
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):

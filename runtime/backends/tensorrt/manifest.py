@@ -51,6 +51,8 @@ class BuildOptions:
     # None changes the engine's meaning: a timing cache only speeds up tactic selection, and a preset is
     # already expanded into the fields above.
     NOT_IN_CACHE_KEY = ("timing_cache", "preset", "dla_from_preset")
+    # Used by the build only, and not written to manifests: readers before it reject unknown build fields.
+    NOT_IN_MANIFEST = ("dla_from_preset",)
 
     @property
     def precision(self) -> str:
@@ -95,6 +97,8 @@ class EngineManifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        for name in BuildOptions.NOT_IN_MANIFEST:
+            del data["build"][name]
         data["metadata"] = json.loads(self.metadata.to_json())
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -107,7 +111,9 @@ class EngineManifest:
                                           f"medmamba-edge understands; upgrade medmamba-edge")
             known = {f.name for f in fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
-            data["build"] = BuildOptions(**data["build"])
+            # Fields a later version added are left out, as unknown top-level keys are.
+            data["build"] = BuildOptions(**{k: v for k, v in data["build"].items()
+                                            if k in {f.name for f in fields(BuildOptions)}})
             data["metadata"] = ModelMetadata.from_json(json.dumps(data["metadata"]), source)
             return cls(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
