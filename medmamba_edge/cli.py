@@ -171,7 +171,9 @@ def export(
     scan: Annotated[str, typer.Option(help="plugin: one SS2DScan node per SS2D block (TensorRT plugin, "
                                            "native ONNX Runtime op); portable: standard ONNX ops only.")] = "plugin",
     verify: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch on real images.")] = True,
-    atol: Annotated[float, typer.Option(help="Largest allowed logit difference in verification.")] = 1e-4,
+    atol: Annotated[float, typer.Option(help="Verification: |ONNX Runtime − PyTorch| ≤ atol + rtol·|PyTorch| "
+                                             "on every logit (compare's fp32 rule).")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Verification's relative logit tolerance.")] = 1e-4,
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
     size = parse_input_size(input_size)
@@ -182,7 +184,8 @@ def export(
 
     with spinner("exporting") as update:
         result = export_onnx(checkpoint, output, input_size=size, batch=fixed_batch,
-                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol, status=update)
+                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol, rtol=rtol,
+                             status=update)
     meta = result.metadata
     out.print(f"wrote {result.path} ({meta.variant}, {meta.scan_form} scan, input {meta.input_size[0]}×{meta.input_size[1]}, "
               f"batch {meta.batch or 'dynamic'}, classes {', '.join(meta.class_names)}) in {result.seconds:.1f} s")

@@ -164,8 +164,23 @@ def test_odd_input_size_exports_and_matches(official, tmp_path):
 def test_failed_verification_writes_nothing(official, tmp_path):
     target = tmp_path / "strict.onnx"
     with pytest.raises(ExportError, match="differ from PyTorch"):
-        export_onnx(official, target, input_size=32, scan="portable", atol=0.0)
+        export_onnx(official, target, input_size=32, scan="portable", atol=0.0, rtol=0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_path):
+    """Logits in the thousands differ by a few 1e-3 in float32 arithmetic: verification once held them to 1e-4
+    absolute and refused an export that `compare` passes (its fp32 rule: atol + rtol·|A|)."""
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    state = load_checkpoint(bundled_checkpoint()).model.state_dict()
+    state["head.weight"] *= 3000
+    loud = tmp_path / "loud.pth"
+    torch.save(state, loud)
+    result = export_onnx(loud, tmp_path / "loud.onnx", input_size=32)
+    assert result.max_abs_diff > 1e-4, "the case needs logits whose float32 error passes 1e-4"
+    with pytest.raises(ExportError, match=r"beyond 0\.0001 \+ 0·\|PyTorch\|"):
+        export_onnx(loud, tmp_path / "strict.onnx", input_size=32, rtol=0.0)
 
 
 def test_too_small_input_is_refused(official, tmp_path):
@@ -194,6 +209,10 @@ def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
         (tmp_path / "class_indices.json", [], "the output would overwrite a file this export reads"),
         (tmp_path / "m.onnx", ["--atol", "-1"], "--atol must be ≥ 0, got -1"),
         (tmp_path / "m.onnx", ["--atol", "nan"], "--atol must be ≥ 0, got nan"),
+        (tmp_path / "m.onnx", ["--rtol", "-1e-4"], "--rtol must be ≥ 0, got -0.0001"),
+        # run and the other commands open a model by its suffix: this ONNX would be taken for a checkpoint.
+        (tmp_path / "m.pth", [], "m.pth: an export is ONNX; name it *.onnx"),
+        (tmp_path / "m.onnx", ["--input-size", "99999999"], "cannot trace at 99999999×99999999"),
     ]:
         result = runner.invoke(app, ["export", str(checkpoint), "-o", str(output), "--input-size", "32", *extra])
         assert result.exit_code == 1 and message in result.output and len(result.output.splitlines()) == 1, result.output
