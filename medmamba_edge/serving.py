@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -180,13 +181,15 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
     spawned: set[tuple[int, int]] = set()
     segments: set[Path] = set()
+    model_copies: set[Path] = set()
 
     def watch() -> None:
-        """Note the server's processes and the shared memory they map, from one read of /proc: seen while their
-        server lives, since once it dies they are re-parented and no longer to be found."""
+        """Note the server's processes, the shared memory they map and the model copies they run, from one read
+        of /proc: seen while their server lives, since once it dies they are re-parented and no longer found."""
         table = _process_table()
         spawned.update(server_processes(triton, table))
         segments.update(shared_memory_of(spawned, table))
+        model_copies.update(model_copies_of(spawned, table))
 
     with backend, stop_on_signals(lambda message: notify(
             f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
@@ -218,6 +221,8 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             stop_leftovers(spawned)
             table = _process_table()
             remove_shared_memory(segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
+            for copy in model_copies:  # what a clean stop removes; a stop that gave up waiting left it
+                shutil.rmtree(copy, ignore_errors=True)
         if stopping.is_set() and _exit_code(triton):
             notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
                    f"cleaned up")
@@ -290,6 +295,24 @@ def shared_memory_of(processes: set[tuple[int, int]], table: dict[int, tuple[int
             fields = line.split(None, 5)
             if len(fields) == 6 and fields[5].startswith("/dev/shm/") and not fields[5].endswith(" (deleted)"):
                 found.add(Path(fields[5]))
+    return found
+
+
+def model_copies_of(processes: set[tuple[int, int]], table: dict[int, tuple[int, int]]) -> set[Path]:
+    """The /tmp/folderXXXXXX copies of the model that Triton's Python backend runs its stubs from (a stub's
+    first argument, ``…/1/model.py``); the backend removes them on a clean stop only."""
+    found = set()
+    for pid, start in processes:
+        if table.get(pid, (0, None))[1] != start:  # gone, or its pid reused: not ours to read
+            continue
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for argument in arguments:
+            copy = re.fullmatch(rb"(/tmp/folder\w+)/.+", argument)
+            if copy:
+                found.add(Path(os.fsdecode(copy.group(1))))
     return found
 
 

@@ -29,7 +29,7 @@ from medmamba_edge.runtime.preprocess import preprocess
 from tests.cli_runner import cli, read_jsonl
 from tests.exported_models import official_onnx
 from tests.shared_data import require_shared
-from tests.triton_server import ROOT, free_ports, http_get, require_serve_python, running_server
+from tests.triton_server import ROOT, _cmdline, _group_members, free_ports, http_get, require_serve_python, running_server
 
 CLIENTS, REQUESTS_PER_CLIENT = 16, 4
 CONCURRENCY_DEADLINE_S = 120
@@ -242,6 +242,26 @@ def test_ctrl_c_while_a_client_sends_leaves_no_process_behind(model, images, tmp
             client.close()
         assert code == 0, server.log_tail()
         assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
+
+
+def test_a_stop_a_client_holds_up_leaves_no_model_copy_behind(model, tmp_path):
+    """A kept-alive connection holds Triton's stop until its exit timeout; the server then exits without its
+    Python backend removing the model copy it ran from (/tmp/folderXXXXXX): one more left on every such stop."""
+    import http.client
+
+    with running_server(model, tmp_path) as server:
+        copies = {Path(*Path(arg).parts[:3]) for pid in _group_members(server.process.pid) for arg in _cmdline(pid)
+                  if re.fullmatch(r"/tmp/folder\w+/.*", arg)}
+        assert copies and all(c.is_dir() for c in copies)
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+        connection.request("GET", "/v2/health/live")
+        connection.getresponse().read()  # answered, and the connection stays open
+        try:
+            os.kill(server.process.pid, signal.SIGTERM)
+            server.process.wait(timeout=90)
+        finally:
+            connection.close()
+        assert not [c for c in copies if c.exists()], server.log_tail()
 
 
 def group_gone_within(pgid: int, seconds: float) -> bool:
