@@ -458,8 +458,9 @@ def benchmark(
 
 @command()
 def compare(
-    model_a: Annotated[Path, typer.Argument(help="Reference model (.pth, .onnx, .engine).")],
-    model_b: Annotated[Path, typer.Argument(help="Model to check against it.")],
+    # str, not Path: a Path would fold the double slash of triton://HOST:PORT/MODEL.
+    model_a: Annotated[str, typer.Argument(help="Reference model (.pth, .onnx, .engine, triton://HOST:PORT/MODEL).")],
+    model_b: Annotated[str, typer.Argument(help="Model to check against it.")],
     data: Annotated[Optional[Path], typer.Option(help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
     split: SplitOption = "val",
     num_samples: Annotated[Optional[int], typer.Option(help="Compare a fixed random subset of this many images.")] = None,
@@ -524,7 +525,7 @@ def run(
     size = parse_input_size(input_size) if input_size else None
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
-    from medmamba_edge.runtime.backends import TORCH_SUFFIXES
+    from medmamba_edge.runtime.backends import TORCH_SUFFIXES, is_triton_url
     from medmamba_edge.runtime.loop import RunOptions
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
@@ -543,7 +544,8 @@ def run(
     video_fps = frames.fps / stride if frames.fps else 5.0
     outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
                                       jsonl, csv, reads=[*frames.inputs, Path(model)])
-    console.print(f"{shown(Path(model).name)} on {shown(model_backend.describe())}; source: {shown(frames.description)}",
+    console.print(f"{shown(model_backend.path if is_triton_url(model) else Path(model).name)} on "
+                  f"{shown(model_backend.describe())}; source: {shown(frames.description)}",
                   highlight=False, soft_wrap=True)
     files = [sink.output for sink in outputs if getattr(sink, "output", None)]
     # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary goes

@@ -28,10 +28,12 @@ RUN_DEADLINE_S = 120
     ("triton:/127.0.0.1:9000/m", ServerModel("127.0.0.1", 9000, "m")),  # as a Path-typed option folds it
     ("TRITON://[::1]:8000/m/3?timeout=2.5", ServerModel("::1", 8000, "m", "3", 2.5)),
     ("triton://host/m", ServerModel("host", 8000, "m")),
+    ("triton://host:8000/med%20mamba", ServerModel("host", 8000, "med mamba")),  # once quoted twice: med%2520mamba
 ])
 def test_server_addresses_parse(spec, expected):
     assert is_triton_url(spec) and parse_url(spec) == expected
     assert parse_url(expected.url).url == expected.url  # the address without its client options
+    assert parse_url(expected.url) == ServerModel(expected.host, expected.port, expected.model, expected.version)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -40,6 +42,8 @@ def test_server_addresses_parse(spec, expected):
     ("triton://host:8000/m?timeout=0", "timeout must be a positive number"),
     ("triton://host:8000/m?retries=3", "unknown option retries"),
     ("triton://host:99999/m", "not a server address"),
+    ("triton://host:8000/m#frag", "a server address has no #fragment part"),
+    ("triton://me@host:8000/m", "a server address has no user@ part"),
 ])
 def test_bad_server_addresses_are_one_line(spec, message):
     with pytest.raises(BackendError, match=message):

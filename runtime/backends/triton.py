@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class ServerModel:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{SCHEME}://{host}:{self.port}/{self.model}" + (f"/{self.version}" if self.version else "")
+        return f"{SCHEME}://{host}:{self.port}/{quote(self.model, safe='')}" + (f"/{self.version}" if self.version else "")
 
     def model_path(self, tail: str = "") -> str:
         """The KServe v2 path of the model (and of one of its endpoints)."""
@@ -78,9 +78,13 @@ def parse_url(spec) -> ServerModel:
         port = parts.port or DEFAULT_PORT
     except ValueError as exc:
         raise BackendError(f"{spec}: not a server address ({exc}); {usage}") from None
-    names = [p for p in parts.path.split("/") if p]
+    # The name as the server knows it: `med%20mamba` is `med mamba`, quoted once again on the way out.
+    names = [unquote(p) for p in parts.path.split("/") if p]
     if not parts.hostname or not 1 <= len(names) <= 2:
         raise BackendError(f"{spec}: not a server address; {usage}")
+    if parts.fragment or parts.username is not None:
+        raise BackendError(f"{spec}: a server address has no {'#fragment' if parts.fragment else 'user@'} part; "
+                           f"{usage}")
     if len(names) == 2 and not names[1].isdigit():
         raise BackendError(f"{spec}: the model version must be a number, got {names[1]!r}; {usage}")
     query = parse_qs(parts.query)
