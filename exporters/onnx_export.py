@@ -29,13 +29,13 @@ except ImportError:
 
 from medmamba_edge import __version__
 from medmamba_edge.checkpoint import LoadedCheckpoint, class_names_files, load_checkpoint
-from medmamba_edge.comparison import TIERS
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
+from medmamba_edge.runtime.metrics import TIERS
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan

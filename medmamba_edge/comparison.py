@@ -33,24 +33,9 @@ from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_dataset
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
+from medmamba_edge.runtime.metrics import TIERS, Tolerance
 
 from .evaluation import PREPROCESSING_FIELDS, EvaluationError, Progress, open_models, run_models
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    tier: str
-    logits_atol: float | None  # None: logits are not compared element by element
-    logits_rtol: float = 0.0
-    min_top1_agreement: float | None = None  # fraction of images
-    max_mean_probability_error: float | None = None
-
-
-TIERS = {
-    "fp32": Tolerance("fp32", 1e-4, 1e-4),
-    "fp16": Tolerance("fp16", 1e-2, 1e-2),
-    "int8": Tolerance("int8", None, min_top1_agreement=0.98, max_mean_probability_error=0.02),
-}
 
 
 def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:

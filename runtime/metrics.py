@@ -17,6 +17,24 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+# How close two models' logits must be, by the less precise of the two (docs/evaluation.md, "Tolerance tiers"):
+# `compare` judges pairs by it, and `export` verifies its graph against PyTorch by the fp32 tier.
+@dataclass(frozen=True)
+class Tolerance:
+    tier: str
+    logits_atol: float | None  # None: logits are not compared element by element
+    logits_rtol: float = 0.0
+    min_top1_agreement: float | None = None  # fraction of images
+    max_mean_probability_error: float | None = None
+
+
+TIERS = {
+    "fp32": Tolerance("fp32", 1e-4, 1e-4),
+    "fp16": Tolerance("fp16", 1e-2, 1e-2),
+    "int8": Tolerance("int8", None, min_top1_agreement=0.98, max_mean_probability_error=0.02),
+}
+
+
 @dataclass(frozen=True)
 class ClassMetrics:
     name: str
