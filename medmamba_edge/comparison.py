@@ -6,7 +6,7 @@ backends, so plugin-form ONNX runs with the fused scan and checkpoints run in Py
 Tolerances are tiered by the less precise of the two models (``precision`` in their metadata):
 
 - fp32: every logit within ``atol 1e-4 + rtol 1e-4·|a|`` (``numpy.isclose`` with A as the reference):
-  a checkpoint and its ONNX export differ by ~1e-5 on real images.
+  a checkpoint and its ONNX export differ by up to ~4e-5 on real images (MedMamba-T at 224).
 - fp16: the same check at ``atol 1e-2, rtol 1e-2``: half precision keeps ~3 significant digits, and
   the error grows through the model's depth.
 - int8: logits are not compared element by element (quantization shifts them by design); instead at
