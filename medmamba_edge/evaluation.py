@@ -32,37 +32,42 @@ class EvaluationError(UserError):
     """Models that cannot be evaluated together, or data without usable images."""
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return path.suffix.lower() in TORCH_SUFFIXES
+
+
+def checkpoint_option(paths: Sequence[Path], value):
+    """``value`` (an input size, class names) for each checkpoint among ``paths``, None for the exported models,
+    which carry their own; unless no checkpoint is among them: then each model gets ``value`` as given, for
+    ``open_model`` to refuse rather than ignore."""
+    if not any(map(_is_checkpoint, paths)):
+        return [value] * len(paths)
+    return [value if _is_checkpoint(path) else None for path in paths]
+
+
 def input_sizes(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -> list[int | tuple[int, int] | None]:
-    """The ``input_size`` to open each model with. Checkpoints get ``explicit``, else the first ONNX model's (so
-    ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE; exported models
-    carry their own and get None, unless no checkpoint is among them: then ``explicit`` goes to them as given,
-    for ``open_model`` to refuse rather than ignore."""
-    is_checkpoint = [path.suffix.lower() in TORCH_SUFFIXES for path in paths]
-    if not any(is_checkpoint):
-        return [explicit] * len(paths)
+    """The ``input_size`` to open each model with (checkpoint_option): ``explicit``, else the first ONNX model's
+    (so ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE."""
     size = explicit
-    if size is None:
+    if size is None and any(map(_is_checkpoint, paths)):
         onnx_paths = [p for p in paths if p.suffix.lower() in ONNX_SUFFIXES and p.exists()]
         size = read_onnx_metadata(onnx_paths[0]).input_size if onnx_paths else DEFAULT_INPUT_SIZE
-    return [size if checkpoint else None for checkpoint in is_checkpoint]
+    return checkpoint_option(paths, size)
 
 
 def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
                 classes: str | Sequence[str] | None = None) -> list[Backend]:
-    """Backends for models that must agree on their classes (they are compared class by class). ``classes``
-    names a checkpoint's classes, as ``input_size`` sizes it (input_sizes: given to exported models only when
-    no checkpoint is among them, for open_model to refuse)."""
+    """Backends for models that must agree on their classes (they are compared class by class). ``input_size``
+    and ``classes`` go to the checkpoints (checkpoint_option)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise EvaluationError("no models given")
-    is_checkpoint = [path.suffix.lower() in TORCH_SUFFIXES for path in paths]
-    names = [classes if checkpoint or not any(is_checkpoint) else None for checkpoint in is_checkpoint]
-    backends = [open_model(p, input_size=size, threads=threads, classes=named)
-                for p, size, named in zip(paths, input_sizes(paths, input_size), names)]
+    backends = [open_model(p, input_size=size, threads=threads, classes=named) for p, size, named in
+                zip(paths, input_sizes(paths, input_size), checkpoint_option(paths, classes))]
     first = backends[0].metadata.class_names
     for backend in backends[1:]:
         if backend.metadata.class_names != first:
-            hint = "; name a checkpoint's classes with --classes" if any(is_checkpoint) else ""
+            hint = "; name a checkpoint's classes with --classes" if any(map(_is_checkpoint, paths)) else ""
             raise EvaluationError(f"{backend.path}: classes {list(backend.metadata.class_names)} differ from "
                                   f"{backends[0].path}'s {list(first)}{hint}")
     return backends
