@@ -554,11 +554,14 @@ def run(
     stats = run_loop(model_backend, frames, outputs, options, notify=warn)
     if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
         report = console
-    report.print(stats.summary(), markup=False, highlight=False, soft_wrap=True)
+    # On stderr, as every stderr line, a file name's control characters as escapes (printable).
+    say = (lambda text: report.print(text if report is out else printable(text, console.file), markup=False,
+                                     highlight=False, soft_wrap=True))
+    say(stats.summary())
     for output in files:
         # The file outputs' own record: one that failed (a full disk) or never got a frame was not written.
         if output.complete:
-            report.print(f"wrote {output.path}", markup=False, highlight=False)
+            say(f"wrote {output.path}")
     if stats.error:
         fail(stats.error)
     if stats.classified == 0 and stats.counts["skipped"]:

@@ -437,11 +437,13 @@ def test_records_piped_through_stdout_are_json_lines_only(model, tmp_path):
     folder.mkdir()
     for name in ("a.png", "b.png"):
         cv2.imwrite(str(folder / name), image())
-    process = run_cli_process(model, folder, "--jsonl", "/dev/stdout")  # --console auto: no frame lines then
+    escape = tmp_path / "r\x1b[2Jx.csv"  # on stderr as on every stderr line: the name's ESC as an escape
+    process = run_cli_process(model, folder, "--jsonl", "/dev/stdout", "--csv", escape)  # --console auto: quiet
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert [json.loads(line)["status"] for line in stdout.splitlines()] == ["ok", "ok"]
     assert "2 frames" in stderr and "wrote /dev/stdout" in stderr
+    assert "r\\u001b[2Jx.csv" in stderr and "\x1b" not in stderr
     # `--jsonl F > F`: F is renamed into place at the end, so the summary must be routed before.
     with open(tmp_path / "same.jsonl", "w") as same:
         process = run_cli_process(model, folder, "--jsonl", tmp_path / "same.jsonl", stdout=same)
