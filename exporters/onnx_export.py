@@ -35,7 +35,7 @@ from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
-from medmamba_edge.runtime.metrics import TIERS
+from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -149,9 +149,8 @@ def export_onnx(
         raise ExportError(f"batch must be ≥ 1, got {batch}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")
-    for option, value in (("--atol", atol), ("--rtol", rtol)):
-        if not value >= 0:  # NaN too: no difference is within it
-            raise ExportError(f"{option} must be ≥ 0, got {value}")
+    if problem := tolerance_problem(atol=atol, rtol=rtol):
+        raise ExportError(problem)
     check_writable(output)
     source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
     if overwrites_input(output, [source, *class_names_files(source, classes)]):

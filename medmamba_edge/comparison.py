@@ -22,7 +22,6 @@ still swap the order of a near-tie.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_dataset
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
-from medmamba_edge.runtime.metrics import TIERS, Tolerance
+from medmamba_edge.runtime.metrics import TIERS, Tolerance, tolerance_problem
 
 from .evaluation import PREPROCESSING_FIELDS, EvaluationError, Progress, open_models, run_models
 
@@ -130,9 +129,8 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
             num_samples: int | None = None, atol: float | None = None, rtol: float | None = None,
             input_size: int | tuple[int, int] | None = None, batch_size: int = 32, seed: int = 0,
             classes: str | Sequence[str] | None = None, progress: Progress | None = None) -> ComparisonReport:
-    for option, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise EvaluationError(f"{option} must be a finite number ≥ 0, got {value}")
+    if problem := tolerance_problem(atol=atol, rtol=rtol):
+        raise EvaluationError(problem)
     backends = open_models([model_a, model_b], input_size, classes=classes)
     # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
     dataset = bundled_samples() if data is None else open_dataset(data, split=split)

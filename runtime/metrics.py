@@ -12,6 +12,7 @@ for a class with no positive or no negative samples and is left out of the avera
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,6 +34,14 @@ TIERS = {
     "fp16": Tolerance("fp16", 1e-2, 1e-2),
     "int8": Tolerance("int8", None, min_top1_agreement=0.98, max_mean_probability_error=0.02),
 }
+
+
+def tolerance_problem(**options: float | None) -> str | None:
+    """What is wrong with a user's --atol/--rtol, if anything: NaN would pass no difference, inf every one."""
+    for name, value in options.items():
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return f"--{name} must be a finite number ≥ 0, got {value}"
+    return None
 
 
 @dataclass(frozen=True)

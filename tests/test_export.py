@@ -207,9 +207,11 @@ def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
     for output, extra, message in [
         (checkpoint, [], "t.pth: the output would overwrite a file this export reads"),  # once: weights gone, exit 0
         (tmp_path / "class_indices.json", [], "the output would overwrite a file this export reads"),
-        (tmp_path / "m.onnx", ["--atol", "-1"], "--atol must be ≥ 0, got -1"),
-        (tmp_path / "m.onnx", ["--atol", "nan"], "--atol must be ≥ 0, got nan"),
-        (tmp_path / "m.onnx", ["--rtol", "-1e-4"], "--rtol must be ≥ 0, got -0.0001"),
+        (tmp_path / "m.onnx", ["--atol", "-1"], "--atol must be a finite number ≥ 0, got -1"),
+        (tmp_path / "m.onnx", ["--atol", "nan"], "--atol must be a finite number ≥ 0, got nan"),
+        # compare's rule: inf would pass any difference (--no-verify says that plainly).
+        (tmp_path / "m.onnx", ["--atol", "inf"], "--atol must be a finite number ≥ 0, got inf"),
+        (tmp_path / "m.onnx", ["--rtol", "-1e-4"], "--rtol must be a finite number ≥ 0, got -0.0001"),
         # run and the other commands open a model by its suffix: this ONNX would be taken for a checkpoint.
         (tmp_path / "m.pth", [], "m.pth: an export is ONNX; name it *.onnx"),
         (tmp_path / "m.onnx", ["--input-size", "99999999"], "cannot trace at 99999999×99999999"),
