@@ -37,7 +37,7 @@ from tests.test_model import pneumoniamnist_val
 
 runner = CliRunner()
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-ORIN = GpuInfo("Orin", "8.7")
+ORIN = GpuInfo("Orin", "8.7", 8)  # an Orin NX 16GB
 
 
 def tensorrt_or_skip():
@@ -145,7 +145,7 @@ def test_version_dispatch():
 
 def make_manifest(**changes) -> EngineManifest:
     fields = dict(
-        tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", precision="fp16",
+        tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", gpu_multiprocessors=8, precision="fp16",
         profile={"input": {"min": [1, 3, 32, 32], "opt": [1, 3, 32, 32], "max": [8, 3, 32, 32]}},
         onnx_path="/models/t32 plugin.onnx", onnx_sha256="a" * 64, plugin_sha256="b" * 64,
         build=BuildOptions(fp16=True, max_batch=8, workspace_mib=2048, opt_level=3, preset="orin-nx"),
@@ -193,10 +193,19 @@ def test_mismatch_names_both_sides_and_the_rebuild_command():
         check_manifest(manifest, "m.engine", "10.13.1", GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
     message = str(error.value)
     assert "built with TensorRT 10.3.0, running 10.13.1" in message
-    assert "built for Orin (compute capability 8.7), running on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in message
+    assert "built for Orin (compute capability 8.7, 8 SMs), running on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in message
     command = ("medmamba-edge build-engine '/models/t32 plugin.onnx' -o m.engine --fp16 --max-batch 8 "
                "--workspace 2048 --opt-level 3")
     assert message.endswith(f"rebuild it: {command}") and rebuild_command(manifest, "m.engine") == command
+
+
+def test_jetson_orin_modules_are_told_apart_by_their_sm_count():
+    """Every Orin module reports "Orin", 8.7: an engine built on an Orin NX ran unchecked on an Orin Nano."""
+    with pytest.raises(EngineManifestError, match=r"built for Orin \(compute capability 8.7, 8 SMs\), running on "
+                                                  r"Orin \(compute capability 8.7, 4 SMs\)"):
+        check_manifest(make_manifest(), "m.engine", "10.3.0", GpuInfo("Orin", "8.7", 4))
+    # A manifest written before the count was recorded is judged by name and capability, as it was then.
+    check_manifest(make_manifest(gpu_multiprocessors=None), "m.engine", "10.3.0", GpuInfo("Orin", "8.7", 4))
 
 
 def test_compatibility_flags_relax_the_checks():
@@ -224,14 +233,15 @@ def test_rebuild_command_is_a_valid_cli_call(tmp_path):
 def test_cache_key_is_stable_and_changes_with_every_input():
     options = BuildOptions(fp16=True)
     key = engine_cache_key("a" * 64, options, "10.3.0", ORIN, "b" * 64)
-    assert key == engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", GpuInfo("Orin", "8.7"), "b" * 64)
+    assert key == engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", GpuInfo("Orin", "8.7", 8), "b" * 64)
     variants = [
         engine_cache_key("c" * 64, options, "10.3.0", ORIN, "b" * 64),
         engine_cache_key("a" * 64, BuildOptions(), "10.3.0", ORIN, "b" * 64),
         engine_cache_key("a" * 64, BuildOptions(int8=True), "10.3.0", ORIN, "b" * 64),
         engine_cache_key("a" * 64, options, "10.3.1", ORIN, "b" * 64),
-        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin Nano", "8.7"), "b" * 64),
-        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin", "8.6"), "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin Nano", "8.7", 8), "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin", "8.7", 4), "b" * 64),
+        engine_cache_key("a" * 64, options, "10.3.0", GpuInfo("Orin", "8.6", 8), "b" * 64),
         engine_cache_key("a" * 64, options, "10.3.0", ORIN, None),
         engine_cache_key("a" * 64, BuildOptions(fp16=True, max_batch=16), "10.3.0", ORIN, "b" * 64),
         engine_cache_key("a" * 64, BuildOptions(fp16=True, workspace_mib=512), "10.3.0", ORIN, "b" * 64),
@@ -241,6 +251,15 @@ def test_cache_key_is_stable_and_changes_with_every_input():
     # Neither a timing cache nor a preset name changes the engine.
     assert key == engine_cache_key("a" * 64, BuildOptions(fp16=True, timing_cache="t", preset="dgpu"),
                                    "10.3.0", ORIN, "b" * 64)
+
+
+def test_cache_key_changes_with_the_tool_version(monkeypatch):
+    """A cached engine built by an earlier float16 conversion or build recipe is not reused by a later one."""
+    import medmamba_edge.runtime.backends.tensorrt.manifest as manifest_module
+
+    key = engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64)
+    monkeypatch.setattr(manifest_module, "__version__", "99.0.0")
+    assert engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64) != key
 
 
 def test_unusable_engine_cache_is_a_clear_error(tmp_path, monkeypatch):

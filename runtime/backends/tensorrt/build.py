@@ -323,6 +323,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
         tensorrt_version=trt.__version__,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
+        gpu_multiprocessors=gpu.multiprocessors,
         precision=options.precision,
         profile={input_tensor.name: shapes},
         onnx_path=str(onnx_path.resolve()),

@@ -148,18 +148,22 @@ def cuda_check(cudart, result):
 class GpuInfo:
     name: str
     compute_capability: str  # "8.7"
+    # Every Jetson Orin module reports "Orin", 8.7: the SM count (16 AGX, 8 NX 16GB, 4 Nano) tells them apart, and
+    # an engine is tuned for the exact GPU it was built on. None: not recorded (manifests written before it was).
+    multiprocessors: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.name} (compute capability {self.compute_capability})"
+        sms = f", {self.multiprocessors} SMs" if self.multiprocessors else ""
+        return f"{self.name} (compute capability {self.compute_capability}{sms})"
 
 
 def current_gpu(cudart=None) -> GpuInfo:
-    """Name and compute capability of the current CUDA device."""
+    """Name, compute capability and SM count of the current CUDA device."""
     cudart = cudart or import_cudart()
     device = cuda_check(cudart, cudart.cudaGetDevice())
     props = cuda_check(cudart, cudart.cudaGetDeviceProperties(device))
     name = props.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return GpuInfo(name.strip(), f"{props.major}.{props.minor}")
+    return GpuInfo(name.strip(), f"{props.major}.{props.minor}", int(props.multiProcessorCount))
 
 
 class _Logger:

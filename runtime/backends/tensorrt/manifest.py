@@ -15,6 +15,7 @@ import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 
 from ...files import write_bytes_atomically
@@ -90,10 +91,11 @@ class EngineManifest:
     fp16_graph: bool = False  # the ONNX was converted to float16 before parsing (strongly typed TensorRT)
     tool_version: str = ""
     manifest_version: int = MANIFEST_VERSION
+    gpu_multiprocessors: int | None = None  # GpuInfo.multiprocessors
 
     @property
     def gpu(self) -> GpuInfo:
-        return GpuInfo(self.gpu_name, self.compute_capability)
+        return GpuInfo(self.gpu_name, self.compute_capability, self.gpu_multiprocessors)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -161,7 +163,9 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
     if manifest.build.hardware_compat:
         gpu_ok = _cc(gpu.compute_capability) >= AMPERE
     else:
-        gpu_ok = (gpu.name, gpu.compute_capability) == (manifest.gpu_name, manifest.compute_capability)
+        built_on = manifest.gpu
+        gpu_ok = ((gpu.name, gpu.compute_capability) == (built_on.name, built_on.compute_capability)
+                  and built_on.multiprocessors in (None, gpu.multiprocessors))
     if version_ok and gpu_ok:
         return
     problems = []
@@ -177,12 +181,13 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
 
 def engine_cache_key(onnx_sha256: str, options: BuildOptions, tensorrt_version: str, gpu: GpuInfo,
                      plugin_sha256: str | None) -> str:
-    """Stable over runs; changes with the model, precision, TensorRT version, GPU, plugin build or any option
-    that changes the engine."""
+    """Stable over runs; changes with the model, precision, TensorRT version, GPU, plugin build, any option that
+    changes the engine, or medmamba-edge's version (its graph conversion and build recipe make the engine too)."""
     identity = {
         "onnx": onnx_sha256,
         "tensorrt": tensorrt_version,
-        "gpu": [gpu.name, gpu.compute_capability],
+        "gpu": [gpu.name, gpu.compute_capability, gpu.multiprocessors],
+        "tool": __version__,
         "plugin": plugin_sha256,
         "options": options.key_fields(),
     }
