@@ -360,7 +360,8 @@ def test_autoload_build_registers_its_creator_when_loaded(tmp_path):
          "-c", str(SRC / "selective_scan_plugin.cpp"), "-o", str(obj)],
         check=True, capture_output=True, text=True,
     )
-    assert "getPluginRegistry" in _undefined_symbols(obj)
+    # getLogger: its errors reach libnvinfer's logger, as no dlopen-only loader calls setLoggerFinder.
+    assert {"getPluginRegistry", "getLogger"} <= set(_undefined_symbols(obj))
     sections = subprocess.run(["objdump", "-h", str(obj)], capture_output=True, text=True, check=True).stdout
     assert ".init_array" in sections  # the registrar runs when the library is loaded
 

@@ -47,6 +47,12 @@ void logError(std::string const& message) noexcept
 {
     nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
     nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+#ifdef MEDMAMBA_REGISTER_AT_LOAD
+    // Loaders that only dlopen the autoload build never call setLoggerFinder(); this build links libnvinfer,
+    // whose global logger keeps the plugin's errors from vanishing there.
+    if (logger == nullptr)
+        logger = getLogger();
+#endif
     if (logger != nullptr)
         logger->log(nvinfer1::ILogger::Severity::kERROR, (std::string(kPluginName) + ": " + message).c_str());
 }
