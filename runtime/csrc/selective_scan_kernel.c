@@ -117,11 +117,14 @@ typedef struct {
 MM_INLINE float bits_to_float(uint32_t b) { float f; memcpy(&f, &b, sizeof f); return f; }
 MM_INLINE uint32_t float_to_bits(float f) { uint32_t b; memcpy(&b, &f, sizeof b); return b; }
 
-/* 2^f for |f| <= 0.5, fitted for relative error, highest coefficient first: degree 4 (2.7e-6 evaluated in float32)
- * for the scan's exp per state and step, degree 6 (9.6e-8) for the power chain's base, whose error its powers
- * multiply. */
-static const float EXP2_P4[5] = {0.009570036083459854f, 0.05591771379113197f, 0.240247443318367f,
-                                 0.6931218504905701f, 0.9999992847442627f};
+/* 2^f for |f| <= 0.5, fitted for relative error, highest coefficient first: degree 4 for the scan's exp per state
+ * and step, degree 6 (9.6e-8) for the power chain's base, whose error its powers multiply.
+ * EXP2_P4 keeps p(0) = 1 and p'(0) = ln 2 exact (5.4e-6 elsewhere, evaluated in float32): a state whose decay
+ * 2^(delta A log2 e) is close to 1 remembers ~1/(delta |A|) steps, and a bias at f ~ 0 adds up over all of them.
+ * The unconstrained fit (2.7e-6, but p(0) = 1 - 7e-7, p'(0) 4e-5 low) put the scan 1.8e-5 of its largest output
+ * off float64 with delta |A| ~ 0.01-0.3 (delta ~ 0.7, A scaled by 0.02; review of 2026-12-06); this fit 3.4e-6. */
+static const float EXP2_P4[5] = {0.009528321214020252f, 0.055793341249227524f, 0.2402510941028595f,
+                                 0.6931471824645996f, 1.0f};
 static const float EXP2_P6[7] = {1.534581242594868e-4f, 1.3399930903688073e-3f, 9.618489071726799e-3f,
                                  5.550328642129898e-2f, 2.4022646248340607e-1f, 6.931471824645996e-1f, 1.0f};
 
@@ -133,8 +136,8 @@ static const float EXP2_P6[7] = {1.534581242594868e-4f, 1.3399930903688073e-3f, 
  *   otherwise u v is clamped to [-126, 127] first (at most 2^-126 below, 2^127 above, never garbage).
  * The scan's exp is bound by floating-point throughput (every operation counts on AVX2, FMA most): degree 5 had
  * 2.5e-7 but one more FMA per state and step (7 % of the kernel on AVX2), and the range check per tile saves the
- * clamp and one subtraction (5 %).  The scan's error against float64 went from 1.8e-7 to 1.1e-6 of its largest
- * output; the node's bound is 1e-5. */
+ * clamp and one subtraction (5 %).  The scan's error against float64 is at most 3.4e-6 of its largest output in
+ * the tests' regimes; the node's bound is 1e-5. */
 MM_INLINE float exp2_product(float u, float v, int in_range, int fused, int precise) {
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
     float t, f;
@@ -216,8 +219,8 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
  * 2^(delta e_n) = 1 + z + z^2 / 2 (z = delta e_n ln 2) to 2.1e-7 while delta |e_n| <= 1/64, a bound a tile takes
  * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  7 vector operations per
  * state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3 (3 % at stage 4)
- * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10, it measured no faster in ONNX Runtime (its
- * base computed in the loop: 4 % off the node alone at stages 1-2 in a C harness, none in two side-by-side
+ * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10 (11 since), it measured no faster in ONNX
+ * Runtime (its base computed in the loop: 4 % off the node alone at stages 1-2 in a C harness, none in two side-by-side
  * runs of the model), so that path keeps its exp per state.  Only where the powers' error stays small
  * (N <= 16) and A <= 0 (E <= 1, no overflow); other blocks and tiles take the exp per state.
  * ------------------------------------------------------------------------------------------- */
@@ -310,21 +313,19 @@ MM_AVX2 static void scan_tile_chain_avx2(scan_scratch *restrict s, const float *
 #endif
 
 #if MM_X86_PATHS
-/* 2^x the AVX-512 way: vreduceps gives f = x - floor(x) in [0, 1) exactly, vscalefps p(f) 2^floor(x), zero (with
- * the kernel's FTZ) where that underflows, so no clamp and no range check.  Around the polynomial that is 3
+/* 2^x the AVX-512 way: vreduceps gives f = x - round(x) in [-0.5, 0.5] exactly, vscalefps p(f) 2^(x - f), zero
+ * (with the kernel's FTZ) where that underflows, so no clamp and no range check.  Around the polynomial that is 4
  * instructions where exp2_product's fastest form needs 5, and the scan's loop is bound by the count of its
- * instructions on the two vector ports: 10 per state and step instead of 12.
- * p: degree 4 fitted for relative error on [0, 1) with p(0) = 1 and p(1) = 2 exact, so 2^x is continuous where
- * floor(x) steps: 3.4e-6 evaluated in float32; the scan's error against float64 is 1.8e-6 of its largest output
- * (1e-5 allowed). */
+ * instructions on the two vector ports: 11 per state and step instead of 12.
+ * Rounded to nearest, not down: x - floor(x) = 1 + x for the slowest decays (x just below 0) rounds away the low
+ * bits of x, and with them the decay's distance from 1 that such a state sums over ~1/|x| steps (the scan was
+ * 4.3e-5 of its largest output off float64 there; EXP2_P4's comment); f = x keeps them, and the one subtraction
+ * more cost ~5 % of the node on one Xeon thread, nothing measurable on two. */
 MM_AVX512 MM_INLINE __m512 exp2_scalef(__m512 x) {
-    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(0.013555747456848621f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05203237012028694f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2413797676563263f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930321455001831f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, x);
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(EXP2_P4[0]);
+    for (int i = 1; i <= 4; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_P4[i]));
+    return _mm512_scalef_ps(p, _mm512_sub_ps(x, f));
 }
 
 /* scan_tile with one zmm for the 16 lanes and exp2_scalef. */
@@ -360,7 +361,7 @@ MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict 
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, N);
 }
 
-/* softplus20 with exp2_scalef for its exp (4 instructions fewer than exp2_product's clamped form); its last
+/* softplus20 with exp2_scalef for its exp (3 instructions fewer than exp2_product's clamped form); its last
  * multiply-add also adds max(x, 0). */
 MM_AVX512 MM_INLINE __m512 softplus_zmm(__m512 x) {
     const __m512 z = exp2_scalef(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-1.44269504088896341f)));
