@@ -136,7 +136,7 @@ def _lower_node(g: _Graph, node: onnx.NodeProto, shapes: dict, elem_types: dict)
     _, channels, height, width = _static_dims(shapes, x_in, node, "x", 4, symbolic_first=True)
     dt_rank = _static_dims(shapes, dt_w, node, "dt_projs_weight", 3)[2]
     d_state = _static_dims(shapes, A, node, "A", 2)[1]
-    softplus = next((a.i for a in node.attribute if a.name == "delta_softplus"), 1)
+    softplus = scan_node.delta_softplus(node)
     length = height * width
 
     def as_float(name: str, local: str) -> str:

@@ -62,6 +62,17 @@ def node_attributes(delta_softplus: bool) -> dict[str, int | str]:
     }
 
 
+def delta_softplus(node) -> bool:
+    """An SS2DScan node's ``delta_softplus``: absent means 1; anything but an int 0 or 1 is refused (ValueError), as
+    the ONNX Runtime op and the TensorRT plugin refuse it, where reading a float's int field would give 0."""
+    attribute = next((a for a in node.attribute if a.name == "delta_softplus"), None)
+    if attribute is None:
+        return True
+    if attribute.type != 2 or attribute.i not in (0, 1):  # 2: onnx.AttributeProto.INT (no onnx import here)
+        raise ValueError(f"{OP_TYPE} node {node.name!r}: delta_softplus must be an int (0 or 1)")
+    return bool(attribute.i)
+
+
 def is_scan_node(node) -> bool:
     """Whether an ``onnx.NodeProto`` is an SS2DScan node of ours."""
     return node.op_type == OP_TYPE and node.domain == DOMAIN

@@ -81,6 +81,20 @@ def ss2d_node_model(channels, height, width, dt_rank, d_state, *, softplus: int 
                                                    helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)])
 
 
+# delta_softplus values every implementation refuses (the contract: an int, 0 or 1), by name. A float 0.0 once ran
+# in ONNX Runtime with softplus on (its int getter failed as for an absent attribute).
+BAD_DELTA_SOFTPLUS = {"int-2": 2, "float-0": 0.0, "string-0": "0", "ints-0": [0]}
+
+
+def with_delta_softplus(model: onnx.ModelProto, value) -> onnx.ModelProto:
+    """The model with its SS2DScan node's delta_softplus replaced by ``value`` (of the attribute type it implies)."""
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "delta_softplus"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("delta_softplus", value)])
+    return model
+
+
 def relative_error(y, ref) -> float:
     """max |y - ref| / max |ref|, in float64."""
     return float(np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max())

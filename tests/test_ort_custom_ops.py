@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from medmamba_edge.runtime import fused_scan, scan_cpu, scan_node
-from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_node_model, ss2d_reference64
+from tests.ss2d_reference import (BAD_DELTA_SOFTPLUS, make_ss2d_inputs, relative_error, ss2d_node_model,
+                                  ss2d_reference64, with_delta_softplus)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = scan_node.INPUT_NAMES
@@ -71,10 +72,11 @@ def test_absent_delta_softplus_means_softplus_on():
     assert_relative(run_scan(sess, arrays), ss2d_reference64(*arrays))
 
 
-def test_delta_softplus_other_than_0_or_1_is_refused_when_the_session_is_made():
-    model = ss2d_node_model(8, 2, 3, 1, 4)
-    next(a for a in model.graph.node[0].attribute if a.name == "delta_softplus").i = 2
-    with pytest.raises(Exception, match="SS2DScan node 'ss2d': delta_softplus must be 0 or 1, got 2"):
+@pytest.mark.parametrize("value", BAD_DELTA_SOFTPLUS.values(), ids=BAD_DELTA_SOFTPLUS.keys())
+def test_delta_softplus_other_than_an_int_0_or_1_is_refused_when_the_session_is_made(value):
+    model = with_delta_softplus(ss2d_node_model(8, 2, 3, 1, 4), value)
+    expected = "must be 0 or 1, got 2" if value == 2 else "must be an int \\(0 or 1\\)"
+    with pytest.raises(Exception, match=f"SS2DScan node 'ss2d': delta_softplus {expected}"):
         session(model)
 
 

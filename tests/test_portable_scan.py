@@ -11,7 +11,8 @@ from onnx import TensorProto, helper
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
 
-from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_node_model, ss2d_reference64
+from tests.ss2d_reference import (BAD_DELTA_SOFTPLUS, make_ss2d_inputs, relative_error, ss2d_node_model,
+                                  ss2d_reference64, with_delta_softplus)
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 # float32 state and accumulation against float64: what is left is rounding.
@@ -73,6 +74,13 @@ def test_matches_reference_for_any_batch(shape, softplus):
         (y,) = sess.run(None, feeds)
         assert y.shape == (batch, height, width, channels) and y.dtype == np.float32
         assert relative_error(y, reference(feeds, softplus)) <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("value", BAD_DELTA_SOFTPLUS.values(), ids=BAD_DELTA_SOFTPLUS.keys())
+def test_delta_softplus_other_than_an_int_0_or_1_is_refused(value):
+    """As the ONNX Runtime op refuses it: the float 0.0's int field, 0, was once read as softplus off."""
+    with pytest.raises(ValueError, match="SS2DScan node 'ss2d': delta_softplus must be an int \\(0 or 1\\)"):
+        lower_ss2d_scan(with_delta_softplus(ss2d_node_model(8, 5, 7, 2, 16), value))
 
 
 def test_softplus_threshold():

@@ -351,6 +351,11 @@ nvinfer1::IPluginV3* SS2DScanPluginCreator::createPlugin(
                 }
             }
         }
+        if (plugin->mDeltaSoftplus != 0 && plugin->mDeltaSoftplus != 1)
+        {
+            logError("attribute delta_softplus must be 0 or 1, got " + std::to_string(plugin->mDeltaSoftplus));
+            return nullptr;
+        }
         return plugin.release();
     }
     catch (std::exception const& e)

@@ -64,9 +64,14 @@ typedef OrtStatus *(*GetDimensions_fn)(const OrtTensorTypeAndShapeInfo *info, in
                                                    size_t length);
 #define ORT_API_POS_GetTensorTypeAndShape 65 /* since 1 */
 typedef OrtStatus *(*GetTensorTypeAndShape_fn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+#define ORT_API_POS_KernelInfoGetAttribute_float 85 /* since 1 */
+typedef OrtStatus *(*KernelInfoGetAttribute_float_fn)(const OrtKernelInfo *info, const char *name, float *out);
 #define ORT_API_POS_KernelInfoGetAttribute_int64 86 /* since 1 */
 typedef OrtStatus *(*KernelInfoGetAttribute_int64_fn)(const OrtKernelInfo *info, const char *name,
                                                                   int64_t *out);
+#define ORT_API_POS_KernelInfoGetAttribute_string 87 /* since 1; out NULL: only *size (bytes with the NUL) */
+typedef OrtStatus *(*KernelInfoGetAttribute_string_fn)(const OrtKernelInfo *info, const char *name, char *out,
+                                                       size_t *size);
 #define ORT_API_POS_KernelContext_GetInput 90 /* since 1; *out is NULL for an absent optional input */
 typedef OrtStatus *(*KernelContext_GetInput_fn)(const OrtKernelContext *ctx, size_t index,
                                                             const OrtValue **out);
@@ -79,6 +84,13 @@ typedef void(*ReleaseStatus_fn)(OrtStatus *status);
 typedef void(*ReleaseTensorTypeAndShapeInfo_fn)(OrtTensorTypeAndShapeInfo *info);
 #define ORT_API_POS_ReleaseCustomOpDomain 101 /* since 1 */
 typedef void(*ReleaseCustomOpDomain_fn)(OrtCustomOpDomain *domain);
+/* The array getters: no \since tag; they precede entry 244, which came with 15.  out NULL: only *size. */
+#define ORT_API_POS_KernelInfoGetAttributeArray_float 162
+typedef OrtStatus *(*KernelInfoGetAttributeArray_float_fn)(const OrtKernelInfo *info, const char *name, float *out,
+                                                           size_t *size);
+#define ORT_API_POS_KernelInfoGetAttributeArray_int64 163
+typedef OrtStatus *(*KernelInfoGetAttributeArray_int64_fn)(const OrtKernelInfo *info, const char *name, int64_t *out,
+                                                           size_t *size);
 #define ORT_API_POS_KernelInfo_GetNodeName 244 /* since 15; size in: buffer bytes, out: bytes needed */
 typedef OrtStatus *(*KernelInfo_GetNodeName_fn)(const OrtKernelInfo *info, char *out, size_t *size);
 #define ORT_API_POS_KernelContext_ParallelFor 274 /* since 17; fn(usr_data, i) for i < total on the intra-op pool */

@@ -48,6 +48,27 @@ static OrtStatus *errorf(const OrtApi *api, OrtErrorCode code, const char *fmt, 
         if (status_ != NULL) return status_;    \
     } while (0)
 
+/* Whether the node has attribute `name` of a type other than int: ONNX Runtime's int getter fails alike for an absent
+ * attribute and one of another type, and only the first may take the contract's default. */
+static int has_non_int_attribute(const OrtApi *api, const OrtKernelInfo *info, const char *name) {
+    float f;
+    size_t size = 0;
+    OrtStatus *probes[4] = {
+        ORT_API_FN(api, KernelInfoGetAttribute_float)(info, name, &f),
+        ORT_API_FN(api, KernelInfoGetAttribute_string)(info, name, NULL, &size),
+        ORT_API_FN(api, KernelInfoGetAttributeArray_float)(info, name, NULL, &size),
+        ORT_API_FN(api, KernelInfoGetAttributeArray_int64)(info, name, NULL, &size),
+    };
+    int found = 0;
+    for (int i = 0; i < 4; i++) {
+        if (probes[i] == NULL)
+            found = 1;
+        else
+            ORT_API_FN(api, ReleaseStatus)(probes[i]);
+    }
+    return found;
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)op;
     scan_kernel *k = calloc(1, sizeof *k);
@@ -63,6 +84,12 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     status = ORT_API_FN(api, KernelInfoGetAttribute_int64)(info, "delta_softplus", &softplus);
     if (status != NULL) {
         ORT_API_FN(api, ReleaseStatus)(status);
+        if (has_non_int_attribute(api, info, "delta_softplus")) {
+            status = errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': delta_softplus must be an int (0 or 1)",
+                            k->node);
+            free(k);
+            return status;
+        }
         softplus = 1;
     }
     if (softplus != 0 && softplus != 1) {
