@@ -1,5 +1,6 @@
 """Sources: the URI grammar, broken inputs, DICOM mapping, video files and a network stream that drops."""
 
+import glob
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +19,7 @@ from medmamba_edge.runtime.sources import video
 from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.decode import read_dicom
 from medmamba_edge.runtime.sources import SourceError, iterate, open_source
+from medmamba_edge.runtime.sources.files import glob_files
 from tests.shared_data import require_shared
 
 pydicom = pytest.importorskip("pydicom")
@@ -299,6 +302,32 @@ def test_entries_of_a_folder_that_can_be_listed_but_not_searched_get_a_record(tm
             assert frames[-1][1] is None
     finally:
         (tmp_path / "noexec").chmod(0o755)  # so that pytest can remove it
+
+
+def test_recursive_glob_with_two_links_into_the_tree_returns(tmp_path):
+    """glob.glob followed both links at every level: the paths it walked doubled per level until it never
+    returned (a run that never started). Each folder is entered once."""
+    (tmp_path / "gl" / "a").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "gl" / "a" / "x.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "gl" / "a" / "up").symlink_to("..")
+    (tmp_path / "gl" / "a" / "again").symlink_to("../a")
+    frames = []
+    listing = threading.Thread(target=lambda: frames.extend(open_source(str(tmp_path / "gl" / "**" / "*.png")).frames()),
+                               daemon=True)  # a regression hangs that thread, not the suite
+    listing.start()
+    listing.join(60)
+    assert not listing.is_alive(), "listing the glob did not return"
+    assert [(f.source.split("gl/")[1], f.error) for f in frames] == [("a/x.png", None)]
+
+
+def test_glob_matches_what_glob_glob_matches_in_a_tree_without_links(tmp_path):
+    for name in ("a/b/c.png", "a/.hidden/d.png", "a/e.PNG", "f.png", "a/b/.g.png", "a/notes.txt", "h/i/j/k.dcm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    for pattern in ("**/*.png", "a/**/*.png", "*/b/*.png", "**/.*.png", "a/*", "**", "**/*.dcm", "a/**/c.png",
+                    "h/*/j/*.dcm", "nothing/**/*.png", "a/b//*.png"):
+        expected = sorted(Path(p) for p in glob.glob(str(tmp_path / pattern), recursive=True) if Path(p).is_file())
+        assert [p for p in glob_files(str(tmp_path / pattern)) if not isinstance(p, tuple)] == expected, pattern
 
 
 def test_recursive_glob_gives_each_file_once_through_links_to_folders(tmp_path):

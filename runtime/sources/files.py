@@ -5,6 +5,7 @@ is passed over in silence: a dangling link, a FIFO or a hidden file gets a recor
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import os
 import stat
@@ -52,19 +53,86 @@ def _cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
     return f"{what} (to {os.readlink(path)})"
 
 
+def _names(directory: str, part: str, folders_only: bool) -> tuple[list[str], OSError | None]:
+    """The names in ``directory`` that ``part`` matches, sorted, by glob's rules (a leading '.' matched only by a
+    part that starts with one; ``folders_only``: folders or links to them), and the error listing it gave."""
+    try:
+        with os.scandir(directory or os.curdir) as listing:
+            entries = list(listing)
+    except OSError as exc:
+        return [], exc
+    names = []
+    for entry in entries:
+        if (entry.name.startswith(".") and not part.startswith(".")) or not fnmatch.fnmatchcase(entry.name, part):
+            continue
+        try:
+            if folders_only and not entry.is_dir():
+                continue
+        except OSError:
+            continue
+        names.append(entry.name)
+    return sorted(names), None
+
+
+def _expand(pattern: str, problems: list[tuple[Path, str]]) -> list[str]:
+    """glob.glob(pattern, recursive=True), but ``**`` enters each folder (by device and inode) once, nearest first:
+    glob.glob follows every link to a folder, so two links into a tree (a loop and a second way in) multiplied
+    the paths it walked until it never returned. A folder ``**`` cannot list is added to ``problems``."""
+    parts = pattern.split(os.sep)
+    current = [os.sep] if parts[0] == "" and len(parts) > 1 else [""]
+    parts = parts[1:] if current == [os.sep] else parts
+    entered: set[tuple[int, int]] = set()
+
+    def folders_below(top: str) -> list[str]:
+        found, queue = [], [top]
+        while queue:
+            folder = queue.pop(0)
+            try:
+                info = os.stat(folder or os.curdir)
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in entered:
+                continue
+            entered.add((info.st_dev, info.st_ino))
+            found.append(folder)
+            names, error = _names(folder, "*", folders_only=True)
+            if error is not None:
+                problems.append((Path(folder), f"folder cannot be listed ({error.strerror or error})"))
+            queue += [os.path.join(folder, name) for name in names]
+        return found
+
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        matched = []
+        for folder in current:
+            if part == "**":
+                below = folders_below(folder)
+                matched += ([os.path.join(f, name) for f in below for name in _names(f, "*", False)[0]]
+                            if last else below)
+            elif glob.has_magic(part):
+                matched += [os.path.join(folder, name) for name in _names(folder, part, folders_only=not last)[0]]
+            elif part and (os.path.lexists if last else os.path.isdir)(os.path.join(folder, part)):
+                matched.append(os.path.join(folder, part))
+            elif not part:  # a doubled or trailing separator
+                matched.append(folder)
+        current = matched
+    return current
+
+
 def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
     """The files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read (a dangling
     link, a FIFO) comes with the reason, so it gets a record, and a folder's entries are listed once: ``**``
     follows links to folders, so a link back up the tree (or a second link to one folder) would give the same
     files again and again, under ever longer names. The shortest name (the first in sorted order of those)
     is kept."""
+    problems: list[tuple[Path, str]] = []
     entries = {}
-    for path in sorted((Path(p) for p in glob.glob(pattern, recursive=True)), key=lambda p: (len(p.parts), p)):
+    for path in sorted((Path(p) for p in _expand(pattern, problems)), key=lambda p: (len(p.parts), p)):
         # An entry is its folder (as the folder walker tells folders apart) and its name: a link to a file in
         # the same folder is a name of its own, listed as a folder's listing lists it.
-        folder = os.stat(path.parent)  # cannot fail: glob has just listed that folder
+        folder = os.stat(path.parent)  # cannot fail: its folder has just been listed
         entries.setdefault((folder.st_dev, folder.st_ino, path.name), path)
-    found: list[Path | tuple[Path, str]] = []
+    found: list[Path | tuple[Path, str]] = list(problems)
     for path in sorted(entries.values()):
         try:
             info = os.stat(path)
@@ -75,7 +143,7 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
             found.append(path)
         elif not stat.S_ISDIR(info.st_mode):
             found.append((path, NOT_REGULAR))
-    return found
+    return sorted(found, key=lambda entry: entry[0] if isinstance(entry, tuple) else entry)
 
 
 def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path, str]]:
