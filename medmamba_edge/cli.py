@@ -526,7 +526,7 @@ def run(
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
     from medmamba_edge.runtime.backends import TORCH_SUFFIXES, is_triton_url
-    from medmamba_edge.runtime.loop import RunOptions
+    from medmamba_edge.runtime.loop import RunOptions, stop_on_signals
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
 
@@ -542,16 +542,19 @@ def run(
              f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)")
     # A video's frame rate divided by the stride; stills at 5 fps (--stride picks files, not a rate)
     video_fps = frames.fps / stride if frames.fps else 5.0
-    outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
-                                      jsonl, csv, reads=[*frames.inputs, Path(model)])
-    console.print(f"{shown(model_backend.path if is_triton_url(model) else Path(model).name)} on "
-                  f"{shown(model_backend.describe())}; source: {shown(frames.description)}",
-                  highlight=False, soft_wrap=True)
-    files = [sink.output for sink in outputs if getattr(sink, "output", None)]
-    # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary goes
-    # to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
-    report = console if any(is_stdout(f.path) for f in files) else out
-    stats = run_loop(model_backend, frames, outputs, options, notify=warn)
+    # From the first output file on, a stop signal stops the run as it would mid-run (records, outputs renamed into
+    # place, exit 0); before, the default handler's KeyboardInterrupt left a .partial file and exit 130.
+    with stop_on_signals(warn) as stop:
+        outputs = sink_types.open_outputs(console_lines, frames.live, save_video, video_fps, show,
+                                          jsonl, csv, reads=[*frames.inputs, Path(model)])
+        console.print(f"{shown(model_backend.path if is_triton_url(model) else Path(model).name)} on "
+                      f"{shown(model_backend.describe())}; source: {shown(frames.description)}",
+                      highlight=False, soft_wrap=True)
+        files = [sink.output for sink in outputs if getattr(sink, "output", None)]
+        # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary
+        # goes to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
+        report = console if any(is_stdout(f.path) for f in files) else out
+        stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
     if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
         report = console
     # On stderr, as every stderr line, a file name's control characters as escapes (printable).
@@ -564,7 +567,7 @@ def run(
             say(f"wrote {output.path}")
     if stats.error:
         fail(stats.error)
-    if stats.classified == 0 and stats.counts["skipped"]:
+    if stats.classified == 0 and stats.counts["skipped"] and not stats.stopped:
         # Nothing usable at all (a single broken file, a folder of them): the records say why, the exit says so.
         fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; reasons above)")
 

@@ -381,6 +381,7 @@ class Stats:
     model_seconds: float = 0.0
     batches: int = 0
     error: str | None = None  # why the source ended early (a stream lost for good)
+    stopped: bool = False  # by a stop signal or the caller's stop event, before the source ended
 
     def add(self, record: Record) -> None:
         self.counts[record.status] += 1

@@ -127,6 +127,29 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
 
 
+def test_frames_waiting_at_a_stop_keep_their_own_reason(tiny_onnx):
+    """A broken file still queued when the run stopped was recorded 'run stopped before inference', as if a rerun
+    would classify it."""
+    import threading
+
+    class HalfBroken(Source):
+        live, description = False, "files"
+
+        def frames(self, stride=1):
+            for i in range(40):
+                yield (Frame(f"f{i}.png", 0, time.time(), error=f"f{i}.png: not a decodable image") if i % 2 else
+                       Frame(f"f{i}.png", 0, time.time(), np.zeros((40, 40, 3), np.uint8)))
+
+    stop, sink = threading.Event(), Collect()
+    sink.write = lambda record, image, fps: (sink.records.append(record), stop.set())  # stop after the first
+    run(SlowBackend(open_backend(tiny_onnx), delay=0.2), HalfBroken(), [sink], RunOptions(batch=1), stop=stop)
+    waiting = sink.records[1:]
+    assert waiting and [r.source for r in sink.records] == [f"f{i}.png" for i in range(len(sink.records))]
+    assert all(r.status == "skipped" for r in waiting)
+    assert [r.reason for r in waiting] == [f"{r.source}: not a decodable image" if int(r.source[1:-4]) % 2
+                                           else "run stopped before inference" for r in waiting]
+
+
 def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(tiny_onnx):
     """No signal handler can be set off the main thread: the caller's event is how an application stops it."""
     import threading

@@ -348,6 +348,29 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     assert not list(tmp_path.glob(".records.*"))
 
 
+def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(model, tmp_path):
+    """An 8000×8000 PNG decodes for seconds. A stop then once left the capture thread inside OpenCV when the
+    process exited (SIGABRT, 'terminate called without an active exception'), the file without a record, or,
+    nothing classified yet, exit 1 'no frame could be classified'; a signal before the loop began, a .partial file
+    and exit 130."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    pixels = np.zeros((8000, 8000, 3), np.uint8)
+    pixels[::7], pixels[:, ::5] = 255, 128
+    cv2.imwrite(str(folder / "big.png"), pixels)
+    jsonl = tmp_path / "r.jsonl"
+    process = run_cli_process(model, folder, "--console", "none", "--jsonl", jsonl)
+    while "source:" not in process.stderr.readline():  # printed once the outputs are open
+        assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "terminate called" not in stderr and "error:" not in stderr
+    [record] = read_jsonl(jsonl)
+    assert record["source"].endswith("big.png") and record["status"] in ("ok", "skipped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "r.jsonl"]
+
+
 def test_a_stop_signal_arriving_inside_notify_does_not_reenter_it():
     """A stop signal lands between two bytecodes of the main thread, possibly inside notify itself (`serve` once
     died when SIGTERM arrived while rich's console was importing its emoji table for the "serving" line)."""

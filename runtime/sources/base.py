@@ -73,12 +73,17 @@ def iterate(source: Source, stride: int = 1, max_frames: int | None = None, loop
         raise SourceError(f"--stride must be ≥ 1, got {stride}")
     count = 0
     while True:
-        usable = False
-        for frame in source.frames(stride):
-            if (stop is not None and stop.is_set()) or (max_frames is not None and count >= max_frames):
-                return
+        usable, frames = False, source.frames(stride)
+        # Asked before each read, not after: a frame read when the stop came (a large file takes seconds) is
+        # yielded and gets its record, and no file is read past the last one wanted.
+        while not (stop is not None and stop.is_set()) and (max_frames is None or count < max_frames):
+            frame = next(frames, None)
+            if frame is None:
+                break
             usable = usable or frame.error is None
             count += 1
             yield frame
+        else:
+            return
         if not loop or source.live or not usable:
             return

@@ -84,7 +84,10 @@ class Capture:
         self.source.stop()
         with self.ready:
             self.ready.notify_all()
-        self.thread.join(timeout=2.0)
+        # A file source's thread finishes the file it is decoding (an 8000×8000 PNG takes seconds) and puts it in
+        # the queue, so it gets its record; leaving it inside OpenCV made the exit abort (SIGABRT). Only a live
+        # source's read can hang for good (a stalled stream): it gets a bound.
+        self.thread.join(timeout=10.0 if self.source.live else None)
         with self.ready:
             left, self.queue = list(self.queue), deque()
         return left
