@@ -30,7 +30,9 @@ _LOG_LEVEL = getattr(cv2.utils, "logging", cv2)
 
 @contextmanager
 def quiet_opencv():
-    """Silence OpenCV's own WARN lines (a truncated PNG, a missing camera): our errors say it in one line."""
+    """Silence OpenCV's own WARN lines (a missing camera, a corrupt video): our errors say it in one line. libpng's
+    'libpng error: …' for a truncated PNG is written to the process's stderr itself: it stays (only redirecting
+    file descriptor 2 would hide it, and every other thread's messages with it)."""
     previous = _LOG_LEVEL.getLogLevel()
     _LOG_LEVEL.setLogLevel(0)
     try:
@@ -71,17 +73,19 @@ def _jpeg_header(data: bytes) -> tuple[int, int, bool] | None:
     return None
 
 
-def image_header(data: bytes) -> tuple[str, int, int, bool] | None:
+def image_header(data) -> tuple[str, int, int, bool] | None:
     """(format, width, height, grayscale) as a PNG, JPEG or BMP header declares them, without decoding;
-    None for other formats (their size is checked after decoding)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 26:
-        width, height = struct.unpack(">II", data[16:24])
-        return "PNG", width, height, data[25] in (0, 4)
-    if data.startswith(b"BM") and len(data) >= 26 and struct.unpack("<I", data[14:18])[0] >= 40:
-        width, height = struct.unpack("<ii", data[18:26])
+    None for other formats (their size is checked after decoding). ``data``: the whole file, any bytes-like
+    object: a JPEG's start-of-frame follows its APP segments (ICC profile, EXIF), which can pass 64 KB."""
+    head = bytes(data[:26])
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 26:
+        width, height = struct.unpack(">II", head[16:24])
+        return "PNG", width, height, head[25] in (0, 4)
+    if head.startswith(b"BM") and len(head) >= 26 and struct.unpack("<I", head[14:18])[0] >= 40:
+        width, height = struct.unpack("<ii", head[18:26])
         return "BMP", abs(width), abs(height), False
-    if data.startswith(b"\xff\xd8"):
-        header = _jpeg_header(data)
+    if head.startswith(b"\xff\xd8"):
+        header = _jpeg_header(memoryview(data))  # not copied: it may be the whole file
         return ("JPEG", *header) if header else None
     return None
 
@@ -101,7 +105,7 @@ def read_image(path) -> np.ndarray:
     if data.size == 0:
         raise ImageError(f"{path}: file is empty")
     flags = cv2.IMREAD_UNCHANGED
-    header = image_header(data[:65536].tobytes())
+    header = image_header(data)
     if header and header[1] * header[2] > MAX_IMAGE_PIXELS:
         kind, width, height, gray = header
         factor = next((f for f in (2, 4, 8) if kind == "JPEG" and width * height <= MAX_IMAGE_PIXELS * f * f), None)
@@ -132,14 +136,12 @@ def read_image(path) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- DICOM
 
 def is_dicom(path: Path) -> bool:
-    """By suffix, or by the 'DICM' magic after the 128-byte preamble (DICOM files often have no suffix)."""
+    """By suffix, or by the 'DICM' magic after the 128-byte preamble (DICOM files often have no suffix). OSError
+    when that cannot be read: a file nobody can tell apart is reported, not passed over as no DICOM."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def _pydicom():
@@ -226,7 +228,8 @@ def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
                         dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
-    low, high = (float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+    # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
+    low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
     if not high > low:
         raise ImageError(f"{path}: DICOM value range is empty ({low}..{high})")
     scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
@@ -235,7 +238,11 @@ def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.
 
 def read_still(path: Path) -> list[np.ndarray]:
     """An image or DICOM file's frames (one, except multi-frame DICOM)."""
-    return read_dicom(path) if is_dicom(path) else [read_image(path)]
+    try:
+        dicom = is_dicom(path)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read_dicom(path) if dicom else [read_image(path)]
 
 
 def read_single_image(path: str | Path) -> np.ndarray:
@@ -248,6 +255,7 @@ def read_single_image(path: str | Path) -> np.ndarray:
 
 
 def is_still(path: Path) -> bool:
-    """Whether ``path`` names what ``read_still`` reads: an image or DICOM suffix, or a DICOM without one."""
+    """Whether ``path`` names what ``read_still`` reads: an image or DICOM suffix, or a DICOM without one (OSError
+    if that file cannot be read)."""
     suffix = path.suffix.lower()
     return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(path))

@@ -130,6 +130,12 @@ def test_images_over_the_pixel_limit_are_decoded_reduced_or_refused_at_once(tmp_
     monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 400_000)
     assert read_image(tmp_path / "big.jpg").shape == (500, 600, 3)
     assert read_image(tmp_path / "big_gray.jpg").shape == (500, 600)
+    # Its start-of-frame past 64 KB of APP segments (a large ICC profile): the header was not found, and the full
+    # image decoded before being refused.
+    data = (tmp_path / "big.jpg").read_bytes()
+    icc = b"\xff\xe2" + (65535).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes(65521)
+    (tmp_path / "big_icc.jpg").write_bytes(data[:2] + icc + data[2:])
+    assert read_image(tmp_path / "big_icc.jpg").shape == (500, 600, 3)
     monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(ImageError, match="even at 1/8 scale"):
         read_image(tmp_path / "big.jpg")

@@ -123,6 +123,9 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     # MONOCHROME1: high stored values are dark; inverted so that bright means dense as in MONOCHROME2.
     (y,) = read_dicom(synthetic_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", BitsStored=12))
     assert np.allclose(y, 1 - stored / 4095, atol=1e-6)
+    # A negative slope maps the largest stored value to the lowest: the range is the same, the other way round.
+    (z,) = read_dicom(synthetic_dicom(tmp_path / "neg.dcm", stored, BitsStored=12, RescaleSlope=-1, RescaleIntercept=0))
+    assert np.allclose(z, 1 - stored / 4095, atol=1e-6)
     # 16-bit without any LUT keeps its precision: no two stored values collapse.
     assert len(np.unique(read_dicom(synthetic_dicom(tmp_path / "raw.dcm", stored))[0])) == len(np.unique(stored))
 
@@ -302,6 +305,21 @@ def test_entries_of_a_folder_that_can_be_listed_but_not_searched_get_a_record(tm
             assert frames[-1][1] is None
     finally:
         (tmp_path / "noexec").chmod(0o755)  # so that pytest can remove it
+
+
+def test_an_unreadable_dicom_without_a_suffix_gets_a_record(tmp_path):
+    """IM0002 mode 600 of another user vanished from its study: only reading it tells a DICOM file apart."""
+    study = tmp_path / "study"
+    study.mkdir()
+    for name in ("IM0001", "IM0002"):
+        synthetic_dicom(study / name, np.zeros((8, 8), np.uint16))
+    (study / "IM0002").chmod(0o000)
+    try:
+        frames = frames_without_file_permissions_overridden(study)
+        assert [(source.rsplit("/", 1)[1], error) for source, error in frames] == [
+            ("IM0001", None), ("IM0002", f"{study / 'IM0002'}: cannot be read (Permission denied), not read")]
+    finally:
+        (study / "IM0002").chmod(0o644)
 
 
 def test_recursive_glob_with_two_links_into_the_tree_returns(tmp_path):

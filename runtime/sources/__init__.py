@@ -84,7 +84,11 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         if path.stat().st_size == 0:
             raise SourceError(f"{path}: video file is empty")
         return video_file_source(path)
-    if suffix in IMAGE_SUFFIXES or is_dicom(path):
+    try:
+        still = suffix in IMAGE_SUFFIXES or is_dicom(path)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if still:
         return FileSource([path], str(path))
     raise SourceError(f"{path}: unsupported file type {suffix or '(no suffix)'}; expected an image "
                       f"({', '.join(IMAGE_SUFFIXES)}), a video ({', '.join(VIDEO_SUFFIXES)}) or DICOM")

@@ -185,8 +185,12 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
                     found.append((path, NOT_REGULAR))
             elif path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES and entry.name.startswith("."):
                 found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), not read"))
-            elif not entry.name.startswith(".") and is_still(path):
-                found.append(path)
+            elif not entry.name.startswith("."):
+                try:
+                    if is_still(path):
+                        found.append(path)
+                except OSError as exc:  # no suffix and unreadable: it may be a DICOM file (IM0001)
+                    found.append((path, f"cannot be read ({exc.strerror or exc}), not read"))
 
     walk(folder)
     return found
