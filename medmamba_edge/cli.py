@@ -507,7 +507,7 @@ def run(
     threshold: Annotated[float, typer.Option(help="Abstain when the top-1 probability is below this.")] = 0.0,
     jsonl: Annotated[Optional[Path], typer.Option(help="Write a JSON record per frame.")] = None,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write a CSV row per frame.")] = None,
-    save_video: Annotated[Optional[Path], typer.Option(help="Write an annotated video (.mp4 or .avi).")] = None,
+    save_video: Annotated[Optional[Path], typer.Option(help="Write an annotated video (.mp4, .m4v, .mov, .mkv or .avi).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Show annotated frames in a window (needs a display).")] = False,
     console_lines: Annotated[str, typer.Option("--console", help="auto, frame, second or none "
                                                                   "(auto: per frame for files, per second for live sources).")] = "auto",

@@ -151,8 +151,18 @@ def overlay(image: np.ndarray, record: Record, fps: float) -> np.ndarray:
     return canvas
 
 
+def video_size(width: int, height: int) -> tuple[int, int]:
+    """The size a video of frames ``width`` × ``height`` is written at: even sides from 16 to 4096 (FFmpeg's mpeg4
+    encoder refuses a side over 8191 or an odd one, and a 1-pixel image shows nothing), the aspect kept where those
+    bounds allow."""
+    scale = min(1.0, 4096 / max(width, height))
+    scale = max(scale, min(16 / min(width, height), 4096 / max(width, height)))
+    return tuple(min(4096, max(16, 2 * round(side * scale / 2))) for side in (width, height))
+
+
 class VideoSink:
-    """MP4 (mp4v) or AVI (MJPG) with the overlay; the first frame fixes the size, later ones are scaled to it."""
+    """MP4 (mp4v) or AVI (MJPG) with the overlay; the first frame fixes the size (video_size), later ones are scaled
+    to it."""
 
     FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
 
@@ -170,11 +180,13 @@ class VideoSink:
             return
         frame = overlay(image, record, fps)
         if self.writer is None:
-            self.size = (frame.shape[1], frame.shape[0])
-            fourcc = cv2.VideoWriter_fourcc(*self.FOURCC[self.output.path.suffix.lower()])
-            writer = cv2.VideoWriter(str(self.output.write_path), fourcc, self.fps, self.size)
+            self.size = video_size(frame.shape[1], frame.shape[0])
+            codec = self.FOURCC[self.output.path.suffix.lower()]
+            with quiet_opencv():
+                writer = cv2.VideoWriter(str(self.output.write_path), cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
             if not writer.isOpened():
-                raise SinkError(f"{self.output.path}: OpenCV cannot write this video format here")
+                raise SinkError(f"{self.output.path}: OpenCV cannot write a {self.size[0]}×{self.size[1]} {codec} video "
+                                f"here")
             self.writer = writer
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)

@@ -371,6 +371,23 @@ def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "r.jsonl"]
 
 
+@pytest.mark.parametrize("first", [(200, 9000), (1, 1)], ids=["9000-wide", "1x1"])
+def test_save_video_takes_any_image_size(model, tmp_path, first):
+    """The mp4v encoder refuses a side over 8191 (or of 1 pixel): a valid first image made the video stop the whole
+    run, with OpenCV's own error lines, the later files unread."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "00.png"), image(0, (*first, 3)))
+    for i in range(1, 4):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), image(i, (64, 64, 3)))
+    video, jsonl = tmp_path / "v.mp4", tmp_path / "r.jsonl"
+    process = run_cli_process(model, folder, "--console", "none", "--save-video", video, "--jsonl", jsonl)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and stderr.count("\n") == 1 and "source:" in stderr, stderr  # no OpenCV lines
+    assert [r["status"] for r in read_jsonl(jsonl)] == ["ok"] * 4
+    assert int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+
+
 def test_a_stop_signal_arriving_inside_notify_does_not_reenter_it():
     """A stop signal lands between two bytecodes of the main thread, possibly inside notify itself (`serve` once
     died when SIGTERM arrived while rich's console was importing its emoji table for the "serving" line)."""
