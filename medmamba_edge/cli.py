@@ -409,7 +409,7 @@ def evaluate(
         written.append(json_file)
     for table in evaluation.render_tables(report):
         out.print(table)
-    warn_left_out(report.failures, "for every model", "all in --json")
+    warn_left_out(report.failures, "for every model", f"all in {json_file}" if json_file else None)
     for path in written:
         out.print(f"wrote {path}")
     for m in report.gate_failures:

@@ -105,14 +105,19 @@ def xray_folder(folder):
 
 def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     folder = xray_folder(tmp_path / "xrays")
-    (folder / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    total = len(sample_image_paths("pneumoniamnist")) + 1
+    for i in range(6):
+        (folder / "normal" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    total = len(sample_image_paths("pneumoniamnist")) + 6
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["evaluated"] == total - 1 and len(report["failed_to_decode"]) == 1
-    assert report["failed_to_decode"][0]["source"].endswith("broken.png")
-    assert "1 images could not be used" in result.output and "broken.png" in result.output
+    assert report["evaluated"] == total - 6 and len(report["failed_to_decode"]) == 6
+    assert report["failed_to_decode"][0]["source"].endswith("broken0.png")
+    assert "6 images could not be used" in result.output and "broken4.png" in result.output
+    assert "broken5.png" not in result.output and f"… and 1 more (all in {tmp_path / 'e.json'})" in result.output
+    # Without --json the console is the only list: every one is named ("all in --json" once pointed nowhere).
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder)])
+    assert all(f"broken{i}.png" in result.output for i in range(6)) and "more" not in result.output
 
 
 def test_outputs_that_would_replace_each_other_or_join_the_data_are_refused(onnx32, tmp_path):

@@ -84,6 +84,11 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
     for empty in ("", "  "):  # an unset "$SOURCE": not the current folder
         with pytest.raises(SourceError, match="SOURCE is empty"):
             open_source(empty)
+    # Spaces around a spec are dropped, unless the name as given is a file (" scan.png" was "no such file").
+    cv2.imwrite(str(tmp_path / " spaced.png"), np.zeros((8, 8), np.uint8))
+    assert [f.error for f in open_source(str(tmp_path / " spaced.png")).frames()] == [None]
+    with pytest.raises(SourceError, match="no such file"):
+        open_source(f"  {tmp_path / 'spaced.png'}  ")
     with pytest.raises(SourceError, match="names a file on this machine .* not on otherhost"):
         open_source(f"file://otherhost{tmp_path / 'zero.mp4'}")
 

@@ -18,6 +18,7 @@ imported only when a DICOM file is read.
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +43,9 @@ __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate",
 def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
     """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
     attempts (the run loop takes over once it starts)."""
-    spec = str(spec).strip()
-    if not spec:  # an unset "$SOURCE" would otherwise be ".", the current folder
+    # Stripped ("$CAMERA " from a config file), unless it names a file as given: "scan 1.png " is one.
+    spec = str(spec) if os.path.lexists(str(spec)) else str(spec).strip()
+    if not spec.strip():  # an unset "$SOURCE" would otherwise be ".", the current folder
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
         return camera_source(int(spec), spec)
