@@ -33,7 +33,7 @@ from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
-from medmamba_edge.runtime.files import check_writable, overwrites_input, write_bytes_atomically
+from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
 from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
@@ -156,9 +156,7 @@ def export_onnx(
     if overwrites_input(output, [source, *class_names_files(source, classes)]):
         raise ExportError(f"{output}: the output would overwrite a file this export reads (the checkpoint or its "
                           f"class names)")
-    if Path(output).suffix.lower() != ".onnx":
-        # run, evaluate and the rest pick a model's backend by its suffix: `-o m.pth` would be read as a checkpoint.
-        raise ExportError(f"{output}: an export is ONNX; name it *.onnx (models are opened by their suffix)")
+    check_onnx_name(output, "an export")
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)

@@ -52,8 +52,9 @@ from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
-from medmamba_edge.runtime.files import write_bytes_atomically
-from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
+from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
+from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
+                                            read_onnx_metadata, write_onnx_metadata)
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -263,8 +264,6 @@ def quantize_with_cache(model: onnx.ModelProto, cache: Path, method: str, nodes:
         # (vpdpbusd multiplies u8 by s8), so activations are asymmetric uint8 there.
         formats = dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8)
         options = {"WeightSymmetric": True}
-    if not nodes:  # quantize_static reads an empty list as "every node"
-        raise QuantizeError("every quantizable node is excluded; nothing to quantize")
     op_types = list(QUANTIZED_OP_TYPES)
     if quant_format == "qoperator":
         op_types.append("Relu")
@@ -450,6 +449,28 @@ def rank_by_sensitivity(float_model: onnx.ModelProto, int8_model: onnx.ModelProt
     return sorted(nodes, key=lambda name: error[pairs[name][1]] - error[pairs[name][0]], reverse=True)
 
 
+def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
+    """Refuse an INT8 model ONNX Runtime cannot load. Its graph optimizer, which runs only when a session is made,
+    refuses some Q/DQ graphs its own quantizer wrote (1.32 at opset ≥ 21: "QuantizeLinear output_dtype INT8 does not
+    match y_zero_point type UINT8" after propagating Q/DQ through Transpose), and such a file was written, exit 0."""
+    import onnxruntime as ort
+
+    from medmamba_edge.errors import first_line
+    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import onnxruntime_errors
+
+    try:
+        try:
+            fused_scan.make_session(int8, threads=1)
+        except fused_scan.FusedScanUnavailable:  # no op library here: the same Q/DQ graph around a portable scan
+            fused_scan.make_session(lower_ss2d_scan(int8), threads=1)
+    except onnxruntime_errors() as exc:
+        opset = next((o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")), 0)
+        hint = f"; export it again with --opset 20 and quantize that (this one is opset {opset})" if opset > 20 else ""
+        raise QuantizeError(f"{model_path}: its INT8 model does not load in ONNX Runtime {ort.__version__} "
+                            f"({first_line(exc)}){hint}; nothing was written to {output}") from None
+
+
 def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.ndarray,
                   progress: Progress = lambda task, done, total: None) -> float:
     """Top-1 accuracy (percent) of a model file over preprocessed batches, through its backend.
@@ -522,17 +543,26 @@ def quantize_onnx(
     if eval_data is not None and max_drop is None:
         max_drop = DEFAULT_MAX_DROP
     model_path, output = Path(model_path), Path(output)
-    metadata = read_onnx_metadata(model_path)
+    check_onnx_name(output, "the INT8 model")
+    model = load_onnx(model_path, external_data=False)
+    metadata = read_onnx_metadata(model, model_path)
     if metadata.precision != "fp32":
         raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
-    model = onnx.load(str(model_path))
+    check_against_graph(metadata, *graph_shapes(model), str(model_path))
     input_name = model.graph.input[0].name
 
+    # Everything that can refuse without the images, before minutes of calibration.
     candidates = quantizable_nodes(model)
     excluded = excluded_nodes(candidates, exclude)
     nodes = [n.name for n in candidates if n.name not in excluded]
-    if not candidates:  # before calibrating: its metadata says fp32, its weights say otherwise
+    if not candidates:  # its metadata says fp32, its weights say otherwise
         raise QuantizeError(f"{model_path}: no Conv, MatMul or Gemm with a float weight: is it quantized already?")
+    if not nodes:  # also: quantize_static would read an empty list as "every node"
+        raise QuantizeError(f"--exclude leaves none of the {len(candidates)} quantizable nodes of {model_path}; "
+                            f"nothing to quantize")
+    if eval_data is not None:
+        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
+        labels = eval_set.labels()  # an unlabelled set is refused now
     calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
     calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
     calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
@@ -553,12 +583,11 @@ def quantize_onnx(
             return int8
 
         int8, fallback = quantized([]), []
+        check_loads(int8, model_path, output)
         if eval_data is not None or min_speedup is not None:  # the gates run the candidate from this file
             onnx.save(int8, candidate)
         float_top1 = int8_top1 = None
         if eval_data is not None:
-            eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
-            labels = eval_set.labels()  # before decoding: an unlabelled set is refused at once
             eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
             eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
             left_out("evaluation", eval_read.left_out)

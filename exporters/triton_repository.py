@@ -119,7 +119,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         raise TritonExportError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from medmamba_edge.runtime.metadata import load_onnx, read_onnx_metadata
+        from medmamba_edge.runtime.metadata import graph_shapes, load_onnx, read_onnx_metadata
 
         model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
         metadata = read_onnx_metadata(model, path)
@@ -130,9 +130,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         if len(graph_inputs) != 1 or len(model.graph.output) != 1:
             raise TritonExportError(f"{path}: {len(graph_inputs)} inputs and {len(model.graph.output)} outputs; "
                                     f"a MedMamba export has one of each")
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in graph_inputs[0].type.tensor_type.shape.dim]
-        out_shape = [d.dim_value if d.HasField("dim_value") else -1 for d in model.graph.output[0].type.tensor_type.shape.dim]
-        check_against_graph(metadata, shape, out_shape, str(path))
+        check_against_graph(metadata, *graph_shapes(model), str(path))
         plugin_form = scan_node.has_scan_nodes(model)
         # TensorRT takes INT8 as Q/DQ pairs only; `quantize --format qoperator` writes ONNX Runtime's own ops.
         runtime_only = sorted({n.op_type for n in model.graph.node

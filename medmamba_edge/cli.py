@@ -4,6 +4,7 @@ commands so ``--help`` is instant and optional parts stay optional."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -71,6 +72,15 @@ def command(name: str | None = None):
                 return function(*args, **kwargs)
             except UserError as exc:
                 fail(str(exc))
+            except OSError as exc:
+                # A full disk is a condition, not a bug: most often the temporary folder (calibration models,
+                # a lowered graph), whose writes carry no file name.
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                import tempfile
+
+                fail(f"{exc.filename + ': ' if exc.filename else ''}no space left on the device; temporary files go "
+                     f"to {tempfile.gettempdir()} (TMPDIR chooses another folder)")
 
         return app.command(name)(reporting_user_errors)
 

@@ -241,6 +241,13 @@ def overwrites_input(path: str | Path, reads) -> bool:
     return os.path.realpath(path) in {os.path.realpath(p) for p in reads}
 
 
+def check_onnx_name(path: str | Path, what: str) -> None:
+    """Refuse an ONNX output not named *.onnx: run, evaluate and the rest pick a model's backend by its suffix, so
+    `-o m.pth` would be read as a checkpoint."""
+    if Path(path).suffix.lower() != ".onnx":
+        raise OutputError(f"{path}: {what} is ONNX; name it *.onnx (models are opened by their suffix)")
+
+
 def check_writable(path: str | Path, *, folder: bool = False) -> None:
     """Raise OutputError unless ``path`` (a file, or with ``folder`` a folder of files) can be written as
     ``AtomicOutput`` writes it. For the start of long work (an export, an evaluation), so that a wrong

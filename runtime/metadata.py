@@ -179,6 +179,15 @@ def load_onnx(path: str | Path, external_data: bool = True):
         raise MetadataError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
 
 
+def graph_shapes(model) -> tuple[list[int], list[int]]:
+    """The input and output shapes of an ``onnx.ModelProto``'s graph (its first non-initializer input, its first
+    output), -1 where a dimension is open: what check_against_graph takes."""
+    weights = {t.name for t in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in weights)
+    return tuple([d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+                 for value in (graph_input, model.graph.output[0]))
+
+
 def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMetadata:
     """The metadata of an ONNX model (a path, or a loaded ``onnx.ModelProto`` read from ``source``)."""
     if isinstance(model_or_path, (str, Path)):
