@@ -188,8 +188,12 @@ def export_onnx(
     if verify:
         status("verifying ONNX Runtime against PyTorch on the bundled sample images")
         # The bundled real sample images, preprocessed exactly as deployment will preprocess them.
-        images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
-        ort_logits, torch_logits, verified_form = logits_beside_pytorch(checkpoint, model, images, batch)
+        try:
+            images = preprocess([read_image(p) for p in sample_image_paths()], metadata)
+            ort_logits, torch_logits, verified_form = logits_beside_pytorch(checkpoint, model, images, batch)
+        except MemoryError as exc:  # numpy's, at a size the trace still took (18000×18000: 33 GB of images)
+            raise ExportError(f"{checkpoint.path}: cannot verify at {size[0]}×{size[1]} (out of memory: "
+                              f"{first_line(exc)}); nothing was written to {output} (--no-verify skips it)") from None
         max_abs_diff, verified = float(np.abs(ort_logits - torch_logits).max()), len(images)
         outside = int((~np.isclose(ort_logits, torch_logits, atol=atol, rtol=rtol)).sum())
         if outside:

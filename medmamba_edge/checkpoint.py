@@ -193,6 +193,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig
             raise CheckpointError(f"{path}: not a MedMamba (VSSM) checkpoint: missing {key}")
         dims.append(2 * _shape(state_dict, key, 1, path)[0])
     proj = _shape(state_dict, "patch_embed.proj.weight", 4, path)
+    if proj[1] not in (1, 3):  # what preprocessing makes of an image (runtime/preprocess.py)
+        raise CheckpointError(f"{path}: the model takes {proj[1]}-channel input (patch_embed.proj.weight); images are "
+                              f"fed as 1 (grayscale) or 3 (RGB) channels")
     a_logs = "layers.0.blocks.0.self_attention.A_logs"
     return ModelConfig(
         depths=depths,

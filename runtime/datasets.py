@@ -163,6 +163,8 @@ def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | No
     """The split's arrays, read in full now: an npz reads each member lazily, so a truncated, CRC-corrupt or
     pickled member would otherwise fail at first use, deep inside quantize or evaluate."""
     key = f"{split}_images"
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load's error for any other bytes names allow_pickle
+        raise DatasetError(f"{path}: not a readable .npz (not a zip archive, as np.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if key not in data.files:

@@ -136,6 +136,13 @@ def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_sta
     assert "\n" not in message
 
 
+def test_input_channels_other_than_1_or_3_are_refused_by_name(tmp_path):
+    """A 2-channel model failed its export with 'cannot turn a 3-channel image into 2 channels', naming no file."""
+    two = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=2).state_dict()
+    with pytest.raises(CheckpointError, match=r"two\.pth: the model takes 2-channel input \(patch_embed\.proj\.weight\)"):
+        load_checkpoint(save(two, tmp_path / "two.pth"))
+
+
 def test_wrong_shape_is_named(tmp_path, tiny_state_dict):
     bad = dict(tiny_state_dict, **{"head.bias": torch.zeros(4)})
     with pytest.raises(CheckpointError, match=r"head\.bias has shape \(4,\), expected \(3,\)"):
