@@ -489,6 +489,23 @@ def test_build_plugin_on_a_machine_without_tensorrt_says_so_before_cmake_or_nvcc
     assert not (tmp_path / "b").exists()
 
 
+def test_a_bad_cuda_arch_is_named_before_anything_else(tmp_path, monkeypatch):
+    """It was checked after the build folder was made, and never where TensorRT is missing."""
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    with pytest.raises(build.PluginBuildError, match="bogus"):
+        build.build_plugin(build_dir=tmp_path / "b", cuda_arch="bogus")
+    assert not (tmp_path / "b").exists()
+
+
+@requires_cmake
+def test_a_build_folder_that_cannot_be_one_is_one_line(tmp_path):
+    if NVCC is None:
+        pytest.skip("nvcc needed: the folder is made after the tools are found")
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(build.PluginBuildError, match=r"afile: cannot use it as the build folder \(File exists\)"):
+        build.build_launcher(build_dir=tmp_path / "afile")
+
+
 def test_build_without_cmake_or_nvcc_says_which(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(build.PluginBuildError, match="cmake not found"):

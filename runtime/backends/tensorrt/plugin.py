@@ -217,6 +217,7 @@ def _cmake_build(
     jobs: int | None,
     progress: Progress | None,
 ) -> Path:
+    arch = normalize_cuda_arch(cuda_arch) if cuda_arch is not None else None  # first: a typo costs no search
     root = tensorrt_root if tensorrt_root is not None else os.environ.get("TENSORRT_ROOT")
     if target == PLUGIN_TARGET and not root and not tensorrt_installed():
         raise PluginBuildError(f"TensorRT is not installed (no tensorrt package, no libnvinfer, TENSORRT_ROOT "
@@ -233,12 +234,16 @@ def _cmake_build(
     if not (SOURCE_DIR / "CMakeLists.txt").is_file():
         raise PluginBuildError(f"plugin sources missing: {SOURCE_DIR / 'CMakeLists.txt'} (broken installation?)")
     build = Path(build_dir).expanduser() if build_dir is not None else default_build_dir()
-    build.mkdir(parents=True, exist_ok=True)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        (build / BUILD_LOG).touch()
+    except OSError as exc:  # a file of that name, a read-only or missing parent
+        raise PluginBuildError(f"{build}: cannot use it as the build folder ({exc.strerror or exc})") from None
     _forget_other_compiler(build, nvcc)
 
     configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={nvcc}"]
-    if cuda_arch is not None:
-        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={normalize_cuda_arch(cuda_arch)}")
+    if arch is not None:
+        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={arch}")
     # Explicit either way: the option is cached, and one build directory may serve both functions.
     configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == PLUGIN_TARGET else 'OFF'}")
     if target == PLUGIN_TARGET:
