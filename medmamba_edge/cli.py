@@ -139,6 +139,14 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
         pyplot()
 
 
+def given_only_with(needed: str, missing: bool, **options) -> None:
+    """An option that means something only with ``needed`` is an error without it (``missing``): ignoring it would
+    run something other than what was asked for."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if missing and given:
+        fail(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with {needed}")
+
+
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
@@ -181,21 +189,24 @@ def export(
     scan: Annotated[str, typer.Option(help="plugin: one SS2DScan node per SS2D block (TensorRT plugin, "
                                            "native ONNX Runtime op); portable: standard ONNX ops only.")] = "plugin",
     verify: Annotated[bool, typer.Option(help="Compare ONNX Runtime with PyTorch on real images.")] = True,
-    atol: Annotated[float, typer.Option(help="Verification: |ONNX Runtime − PyTorch| ≤ atol + rtol·|PyTorch| "
-                                             "on every logit (compare's fp32 rule).")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Verification's relative logit tolerance.")] = 1e-4,
+    atol: Annotated[Optional[float], typer.Option(
+        help="Verification: |ONNX Runtime − PyTorch| ≤ atol + rtol·|PyTorch| on every logit (compare's fp32 rule). "
+             "Default: 1e-4.")] = None,
+    rtol: Annotated[Optional[float], typer.Option(
+        help="Verification's relative logit tolerance. Default: 1e-4.")] = None,
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
     size = parse_input_size(input_size)
     if dynamic_batch and batch is not None:
         fail("--batch and --dynamic-batch exclude each other: a model has a fixed batch or a dynamic one")
+    given_only_with("verification, which --no-verify turns off", not verify, atol=atol, rtol=rtol)
     fixed_batch = None if dynamic_batch else 1 if batch is None else batch
     from medmamba_edge.exporters.onnx_export import export_onnx
 
     with spinner("exporting") as update:
-        result = export_onnx(checkpoint, output, input_size=size, batch=fixed_batch,
-                             opset=opset, classes=classes, scan=scan, verify=verify, atol=atol, rtol=rtol,
-                             status=update)
+        tolerances = {name: value for name, value in (("atol", atol), ("rtol", rtol)) if value is not None}
+        result = export_onnx(checkpoint, output, input_size=size, batch=fixed_batch, opset=opset, classes=classes,
+                             scan=scan, verify=verify, status=update, **tolerances)
     meta = result.metadata
     out.print(f"wrote {result.path} ({meta.variant}, {meta.scan_form} scan, input {meta.input_size[0]}×{meta.input_size[1]}, "
               f"batch {meta.batch or 'dynamic'}, classes {', '.join(meta.class_names)}) in {result.seconds:.1f} s")
@@ -213,23 +224,28 @@ def quantize(
     num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample choice.")] = 0,
     method: Annotated[str, typer.Option(help="Activation ranges: minmax, entropy or percentile.")] = "percentile",
-    percentile: Annotated[float, typer.Option(help="Percentile of |activation| kept by --method percentile.")] = 99.99,
+    percentile: Annotated[Optional[float], typer.Option(help="Percentile of |activation| kept by --method percentile. "
+                                                             "Default: 99.99.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Keep matching nodes float: a glob, or re:REGEX, on "
                                                               "node names or op types. Repeatable.")] = None,
     quant_format: Annotated[str, typer.Option("--format", help="qdq: Q/DQ nodes (TensorRT and ONNX Runtime); qoperator: "
                                                         "QLinear* ops (ONNX Runtime CPU only).")] = "qdq",
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
-    eval_split: Annotated[str, typer.Option(help="Split of a .npz evaluation set.")] = "val",
+    eval_split: Annotated[Optional[str], typer.Option(help="Split of a .npz evaluation set. Default: val.")] = None,
     max_drop: Annotated[Optional[float], typer.Option(help="Largest allowed top-1 drop in points with --eval; more "
                                                            "refuses (no output). Default: 1.")] = None,
     auto_fallback: Annotated[bool, typer.Option("--auto-fallback", help="Keep the most sensitive layers float, one "
                                                                         "at a time, until within --max-drop.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(help="Time fp32 and INT8 side by side on this machine; a "
                                                               "smaller fp32/INT8 ratio refuses (no output).")] = None,
-    speed_batch: Annotated[int, typer.Option(help="Batch size --min-speedup times.")] = 1,
+    speed_batch: Annotated[Optional[int], typer.Option(help="Batch size --min-speedup times. Default: 1.")] = None,
 ) -> None:
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    given_only_with("--eval", eval_data is None, eval_split=eval_split)
+    given_only_with("--min-speedup", min_speedup is None, speed_batch=speed_batch)
+    given_only_with("--method percentile", method != "percentile", percentile=percentile)
 
     check_outputs(output, reads=[model, calib, eval_data])
     from medmamba_edge.exporters.quantize import quantize_onnx
@@ -246,10 +262,12 @@ def quantize(
         if min_speedup is not None:
             from medmamba_edge.benchmarking import speed_check
 
-            timer = speed_check(speed_batch, lambda done, total: progress("timing fp32 and INT8 on this machine", done, total))
+            timer = speed_check(1 if speed_batch is None else speed_batch,
+                                lambda done, total: progress("timing fp32 and INT8 on this machine", done, total))
         result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
-                               method=method, percentile=percentile, exclude=exclude or (), quant_format=quant_format,
-                               eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
+                               method=method, percentile=99.99 if percentile is None else percentile,
+                               exclude=exclude or (), quant_format=quant_format, eval_data=eval_data,
+                               eval_split=eval_split or "val", max_drop=max_drop,
                                auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
                                progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"))
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "

@@ -417,6 +417,10 @@ def test_requests_that_would_silently_go_wrong_are_one_line_errors(fp32_models, 
         ([*calib, "--exclude", "*"], "--exclude leaves none of the"),
         ([*calib, "-o", str(tmp_path / "q.pth")], "q.pth: the INT8 model is ONNX; name it *.onnx"),
         ([*calib], "the metadata does not fit the model graph: input_size is 64×64 but the graph takes 32×32"),
+        # Options that mean something only with another were silently ignored without it.
+        ([*calib, "--speed-batch", "-5"], "--speed-batch applies only with --min-speedup"),
+        ([*calib, "--eval-split", "bogus"], "--eval-split applies only with --eval"),
+        ([*calib, "--method", "minmax", "--percentile", "50"], "--percentile applies only with --method percentile"),
     ]
     mismatched = onnx.load(str(model))
     write_onnx_metadata(mismatched, read_onnx_metadata(mismatched).replace(input_size=(64, 64)))
