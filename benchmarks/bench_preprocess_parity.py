@@ -19,6 +19,7 @@ import pydicom
 from PIL import Image
 
 from medmamba_edge.loaders import open_model
+from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.preprocess import resize_like_pil
 
@@ -58,7 +59,8 @@ def main() -> None:
         return pixels, backend.run(np.ascontiguousarray(inputs)), seconds
 
     ref_pixels, ref_logits, _ = batch(pil_resize)
-    print(f"{len(images)} real images (BUSI + RSNA DICOM) → {args.size}×{args.size}, official MedMamba-T (PyTorch)")
+    print(f"{len(images)} real images (BUSI + RSNA DICOM) → {args.size}×{args.size}, official MedMamba-T (PyTorch), "
+          f"on {describe_cpu()}")
     print(f"{'option':34} {'max |Δpixel|':>13} {'max |Δlogit|':>13} {'top-1 agree':>12} {'ms/image':>9}")
     for name, resize in OPTIONS.items():
         pixels, logits, seconds = batch(resize)
