@@ -20,7 +20,7 @@ def make_ss2d_inputs(batch=1, channels=24, height=5, width=7, dt_rank=3, d_state
     would make it) or the state grows without bound.
     ``a_jitter``: A = -(n + 1) times uniform(1 - a_jitter, 1 + a_jitter) per element. Trained models stay far
     closer to -(n + 1) than the default (|A log2(e) - (n + 1) s| <= 0.07 in MedMamba-T on PneumoniaMNIST, s fitted
-    per channel, about what 1e-3 gives), which is what the AVX2 path's power chain relies on."""
+    per channel, about what 1e-3 gives), which is what the power chain (AVX2 and AVX-512 paths) relies on."""
     rng = np.random.default_rng(seed)
     length = height * width
     x = (rng.standard_normal((batch, channels, height, width)) * 0.7).astype(dtype)

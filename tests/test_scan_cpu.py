@@ -94,8 +94,8 @@ def test_each_forced_path_matches_reference(isa, shape, softplus, monkeypatch):
 ])
 @pytest.mark.parametrize("isa", ALL_ISAS)
 def test_A_close_to_its_init_matches_reference(isa, shape, a_jitter, monkeypatch):
-    """A as training leaves it, close to -(n + 1) per channel: where the AVX2 path scans by the power chain (one exp
-    per step, its powers and a correction per state) in the tiles whose deltas keep the correction accurate. At
+    """A as training leaves it, close to -(n + 1) per channel: where the AVX2 and AVX-512 paths scan by the power
+    chain (one exp per step, its powers and a correction per state) in the tiles whose deltas keep the correction accurate. At
     stage 1 one delta of one block passes that bound (307 at stage 3), so both scans meet in one call there;
     exactly linear A needs no correction at all."""
     require_isa(isa)

@@ -84,7 +84,8 @@ typedef enum {
     ISA_FMA,    /* FMA (aarch64, or a baseline built for a CPU with it): exp2_product's two-FMA split in tiles
                  * whose range allows it */
     ISA_AVX2,   /* as ISA_FMA, and the power-chain scan (scan_tile_chain_avx2) */
-    ISA_AVX512, /* vreduceps and vscalefps (exp2_scalef), no range to check; transposes in registers */
+    ISA_AVX512, /* vreduceps and vscalefps (exp2_scalef), no range to check; transposes in registers; the power
+                 * chain in one zmm (scan_tile_chain_avx512) */
 } path_isa;
 
 /* Per-thread scratch: fixed-size tiles here, the rest sized by the call (one buffer, mm_scan_work). */
@@ -210,19 +211,20 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
 
 #if MM_X86_PATHS
 /* ---------------------------------------------------------------------------------------------
- * The power chain (AVX2 path): a tile's scan with one exp per step instead of one per state and step.
+ * The power chain (AVX2 and AVX-512 paths): a tile's scan with one exp per step instead of one per state and step.
  *
  * Mamba initialises A = -(1, 2, ..., N) (S4D-real) and training moves it little: fitted per channel, A log2(e) =
  * (n + 1) s + e_n with |e_n| <= 0.07 in every block of MedMamba-T trained on PneumoniaMNIST.  Then
  *   2^(delta A_n log2 e) = E^(n + 1) 2^(delta e_n),  E = 2^(delta s):
  * E once per step (EXP2_P6: its powers multiply its error by up to N), the powers by one multiply per state, and
  * 2^(delta e_n) = 1 + z + z^2 / 2 (z = delta e_n ln 2) to 2.1e-7 while delta |e_n| <= 1/64, a bound a tile takes
- * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  7 vector operations per
- * state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3 (3 % at stage 4)
- * on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10 (11 since), it measured no faster in ONNX
- * Runtime (its base computed in the loop: 4 % off the node alone at stages 1-2 in a C harness, none in two side-by-side
- * runs of the model), so that path keeps its exp per state.  Only where the powers' error stays small
- * (N <= 16) and A <= 0 (E <= 1, no overflow); other blocks and tiles take the exp per state.
+ * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  7 vector
+ * operations per state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3
+ * (3 % at stage 4) on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10 instructions, it measured no
+ * faster in ONNX Runtime; against the 11 of its exact reduction (exp2_scalef's comment) it takes the node from
+ * 8.31 to 7.61 ms and the model 2.7 % faster (the trained checkpoint, side by side, 2026-12-06).  Only where the
+ * powers' error stays small (N <= 16) and A <= 0 (E <= 1, no overflow); other blocks and tiles take the exp per
+ * state.
  * ------------------------------------------------------------------------------------------- */
 
 #define CHAIN_MAX_STATES 16
@@ -359,6 +361,38 @@ MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict 
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, 16);
     else
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, N);
+}
+
+/* chain_ymm with the 16 lanes in one zmm. */
+MM_AVX512 MM_INLINE void chain_zmm(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,
+                                   ptrdiff_t L, int tl, int N) {
+    float *restrict h = s->h;
+    const float *restrict k1 = s->k1, *restrict k2 = s->k2;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int t = 0; t < tl; t++) {
+        const __m512 delta = _mm512_load_ps(s->dt[t]), du = _mm512_load_ps(s->du[t]), E = _mm512_load_ps(s->base[t]);
+        const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];
+        __m512 power = E, acc = _mm512_setzero_ps();
+        MM_UNROLL_STATES
+        for (int n = 0; n < N; n++) {
+            const __m512 z = _mm512_fmadd_ps(delta, _mm512_load_ps(k2 + n * VW), _mm512_load_ps(k1 + n * VW));
+            const __m512 corr = _mm512_fmadd_ps(z, delta, one);
+            const __m512 hv = _mm512_fmadd_ps(_mm512_mul_ps(power, corr), _mm512_load_ps(h + n * VW),
+                                              _mm512_mul_ps(du, _mm512_set1_ps(bp[n * L])));
+            power = _mm512_mul_ps(power, E);
+            _mm512_store_ps(h + n * VW, hv);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(cp[n * L]), hv, acc);
+        }
+        _mm512_store_ps(s->y[t], acc);
+    }
+}
+
+MM_AVX512 static void scan_tile_chain_avx512(scan_scratch *restrict s, const float *restrict Bk,
+                                             const float *restrict Ck, ptrdiff_t L, int tl, int N) {
+    if (N == 16)
+        chain_zmm(s, Bk, Ck, L, tl, 16);
+    else
+        chain_zmm(s, Bk, Ck, L, tl, N);
 }
 
 /* softplus20 with exp2_scalef for its exp (3 instructions fewer than exp2_product's clamped form); its last
@@ -521,7 +555,7 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
     }
 #if MM_X86_PATHS
     /* signs_known: delta >= 0 (softplus) and A <= 0, so E <= 1 */
-    const int chain = isa == ISA_AVX2 && signs_known && n_state <= CHAIN_MAX_STATES;
+    const int chain = (isa == ISA_AVX2 || isa == ISA_AVX512) && signs_known && n_state <= CHAIN_MAX_STATES;
     if (chain) chain_setup(s, n_state);
 #endif
 
@@ -538,9 +572,14 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         int in_range = 0;
         float dmax[VW] MM_ALIGN; /* per lane, the tile's largest delta (not on the AVX-512 path) */
 #if MM_X86_PATHS
-        if (isa == ISA_AVX512)
+        if (isa == ISA_AVX512) {
             delta_x_avx512(s->dt, s->du, xk + q0 * VW, forward ? VW : -VW, tl, a->delta_softplus);
-        else
+            if (chain) {
+                for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
+                for (int t = 0; t < tl; t++)
+                    for (int l = 0; l < VW; l++) dmax[l] = dmax[l] > s->dt[t][l] ? dmax[l] : s->dt[t][l];
+            }
+        } else
 #endif
         {
             for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
@@ -560,7 +599,10 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
 #if MM_X86_PATHS
         if (chain && chain_fits(s, dmax)) {
             chain_bases(s, tl);
-            scan_tile_chain_avx2(s, Bk, Ck, L, tl, n_state);
+            if (isa == ISA_AVX512)
+                scan_tile_chain_avx512(s, Bk, Ck, L, tl, n_state);
+            else
+                scan_tile_chain_avx2(s, Bk, Ck, L, tl, n_state);
         } else if (isa == ISA_AVX512) {
             scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state);
         } else
