@@ -132,16 +132,18 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                     else:  # a broken model or an input it overflows on: no label is better than a random one
                         emit(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
         finally:
-            waiting = capture.stop()
-            # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
-            for frame in capture.take_dropped():
-                emit(frame, "dropped", reason="inference slower than the source")
-            for frame in waiting:
-                frame.image = None  # never shown to the model: a record, but no frame of the annotated video
-                emit(frame, "skipped", reason=frame.error or "run stopped before inference")
-            stats.stopped = interrupted.is_set()
-            stats.finished = time.perf_counter()
-            outputs.close()
+            try:
+                waiting = capture.stop()
+                # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
+                for frame in capture.take_dropped():
+                    emit(frame, "dropped", reason="inference slower than the source")
+                for frame in waiting:
+                    frame.image = None  # never shown to the model: a record, but no frame of the annotated video
+                    emit(frame, "skipped", reason=frame.error or "run stopped before inference")
+                stats.stopped = interrupted.is_set()
+                stats.finished = time.perf_counter()
+            finally:
+                outputs.close()
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])

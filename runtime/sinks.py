@@ -306,8 +306,8 @@ class Outputs:
         for sink in list(self.sinks):
             try:
                 sink.write(record, image, fps)
-            except UserError as exc:
-                self.errors.append(str(exc))
+            except Exception as exc:  # an application's sink (a broker gone: ConnectionError) as much as ours
+                self.errors.append(_sink_error(sink, exc))
                 self.sinks.remove(sink)
                 self._close(sink)
 
@@ -318,8 +318,14 @@ class Outputs:
     def _close(self, sink: Sink) -> None:
         try:
             sink.close()
-        except UserError as exc:
-            self.errors.append(str(exc))
+        except Exception as exc:  # the other sinks still close (and rename their files into place)
+            self.errors.append(_sink_error(sink, exc))
+
+
+def _sink_error(sink: Sink, exc: Exception) -> str:
+    """A failed sink's error: ours say it in words; anything else keeps its type and the sink's (a bug is reported,
+    never hidden)."""
+    return str(exc) if isinstance(exc, UserError) else f"{type(sink).__name__}: {type(exc).__name__}: {exc}"
 
 
 def open_outputs(console: str, live: bool, video: Path | None = None, video_fps: float = 5.0, show: bool = False,

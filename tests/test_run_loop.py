@@ -2,6 +2,7 @@
 on live sources, Ctrl-C, a stream that goes away, the PyTorch backend, and a torch-free runtime."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -125,6 +126,32 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     finally:
         FastLiveSource.live = True
     assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
+
+
+def test_an_application_sink_that_raises_is_an_error_and_the_other_outputs_complete(tiny_onnx, tmp_path):
+    """A sink of an application's own (a broker gone away) raised ConnectionError through run(): the JSONL beside it
+    was left as a .partial file, and the frame it failed on had no record."""
+    from medmamba_edge.runtime.sinks import open_outputs
+
+    class Broker(Collect):
+        def write(self, record, image, fps):
+            if len(self.records) == 2:
+                raise ConnectionError("broker gone")
+            super().write(record, image, fps)
+
+    class FailingClose(Collect):
+        def close(self):
+            raise RuntimeError("cannot flush")
+
+    frames = FastLiveSource(12)
+    frames.live = False
+    jsonl = tmp_path / "r.jsonl"
+    stats = run(open_backend(tiny_onnx), frames, [Broker(), FailingClose(), *open_outputs("none", False, jsonl=jsonl)],
+                RunOptions())
+    assert "Broker: ConnectionError: broker gone" in stats.error and "FailingClose: RuntimeError" in stats.error
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert records and [r["seq"] for r in records] == list(range(len(records))) and len(records) >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
 def test_frames_waiting_at_a_stop_keep_their_own_reason(tiny_onnx):
