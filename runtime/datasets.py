@@ -142,10 +142,20 @@ def _image_samples(folder: Path, label: int | None) -> list[Sample]:
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subfolders:
+        # As torchvision's ImageFolder (the official train.py's loader), one level deep: images beside the class
+        # folders, or a class folder whose images are all in its sub-folders, would be left out without a word.
+        loose = _image_samples(path, None)
+        if loose:
+            raise DatasetError(f"{path}: {len(loose)} images beside its class folders (e.g. {Path(loose[0].source).name}); "
+                               f"an ImageFolder's images go in its class folders")
         samples = []
         for folder in subfolders:
             label = _label_index(folder.name, class_names, str(folder)) if class_names else None
-            samples += _image_samples(folder, label)
+            found = _image_samples(folder, label)
+            if not found:
+                raise DatasetError(f"{folder}: a class folder without images (an ImageFolder is read one level deep, "
+                                   f"as torchvision reads it)")
+            samples += found
         kind = "ImageFolder"
     else:
         samples = _image_samples(path, None)
@@ -202,7 +212,10 @@ def _npz_labels(labels: np.ndarray, count: int, where: str, class_names: Sequenc
     """MedMNIST stores (N, 1) integer labels; the first column is the class index."""
     if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or len(labels) != count or labels.size < count:
         raise DatasetError(f"{where}: expected {count} integer class indices, got {labels.dtype} of shape {labels.shape}")
-    labels = labels.reshape(count, -1)[:, 0]
+    if labels.ndim == 2 and labels.shape[1] != 1:  # ChestMNIST's 14 findings per image
+        raise DatasetError(f"{where}: {labels.shape[1]} label columns (multi-label?); expected one class index per "
+                           f"image")
+    labels = labels.reshape(count)
     if labels.min() < 0:
         raise DatasetError(f"{where}: label {int(labels.min())} is negative")
     if class_names is not None and labels.max() >= len(class_names):
