@@ -75,16 +75,16 @@ def _names(directory: str, part: str, folders_only: bool) -> tuple[list[str], OS
 
 
 def _expand(pattern: str, problems: list[tuple[Path, str]]) -> list[str]:
-    """glob.glob(pattern, recursive=True), but ``**`` enters each folder (by device and inode) once, nearest first:
-    glob.glob follows every link to a folder, so two links into a tree (a loop and a second way in) multiplied
-    the paths it walked until it never returned. A folder ``**`` cannot list is added to ``problems``."""
+    """glob.glob(pattern, recursive=True), but each ``**`` enters a folder (by device and inode) once, nearest
+    first from all the folders it starts from: glob.glob follows every link to a folder, so two links into a tree
+    (a loop and a second way in) multiplied the paths it walked until it never returned. A folder ``**`` cannot
+    list is added to ``problems``."""
     parts = pattern.split(os.sep)
     current = [os.sep] if parts[0] == "" and len(parts) > 1 else [""]
     parts = parts[1:] if current == [os.sep] else parts
-    entered: set[tuple[int, int]] = set()
 
-    def folders_below(top: str) -> list[str]:
-        found, queue = [], [top]
+    def folders_below(tops: list[str]) -> list[str]:
+        found, queue, entered = [], list(tops), set()
         while queue:
             folder = queue.pop(0)
             try:
@@ -103,13 +103,13 @@ def _expand(pattern: str, problems: list[tuple[Path, str]]) -> list[str]:
 
     for k, part in enumerate(parts):
         last = k == len(parts) - 1
+        if part == "**":
+            below = folders_below(current)
+            current = [os.path.join(f, name) for f in below for name in _names(f, "*", False)[0]] if last else below
+            continue
         matched = []
         for folder in current:
-            if part == "**":
-                below = folders_below(folder)
-                matched += ([os.path.join(f, name) for f in below for name in _names(f, "*", False)[0]]
-                            if last else below)
-            elif glob.has_magic(part):
+            if glob.has_magic(part):
                 matched += [os.path.join(folder, name) for name in _names(folder, part, folders_only=not last)[0]]
             elif part and (os.path.lexists if last else os.path.isdir)(os.path.join(folder, part)):
                 matched.append(os.path.join(folder, part))
