@@ -528,7 +528,7 @@ def quantize_onnx(
         max_drop = DEFAULT_MAX_DROP
     model_path, output = Path(model_path), Path(output)
     check_onnx_name(output, "the INT8 model")
-    model = load_onnx(model_path, external_data=False)
+    model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
     metadata = read_onnx_metadata(model, model_path)
     if metadata.precision != "fp32":
         raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")

@@ -449,6 +449,15 @@ def test_requests_that_would_silently_go_wrong_are_one_line_errors(fp32_models, 
 
 
 @pytest.fixture(scope="module")
+def bundled32(tmp_path_factory):
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    path = tmp_path_factory.mktemp("bundled") / "tiny.onnx"
+    export_onnx(bundled_checkpoint(), path, input_size=32, batch=None, verify=False)
+    return path
+
+
+@pytest.fixture(scope="module")
 def bundled_opset21(tmp_path_factory):
     from medmamba_edge.runtime.bundled import bundled_checkpoint
 
@@ -474,7 +483,20 @@ def test_an_int8_model_onnx_runtime_cannot_load_is_never_written(bundled_opset21
         assert not output.exists()
 
 
-def test_a_full_temporary_folder_is_a_one_line_error(bundled_opset21, tmp_path, monkeypatch):
+def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
+    """Its weights were not loaded (only what the metadata check needs), and calibration died on a traceback."""
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    model = onnx.load(str(bundled32))
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    quantize_onnx(folder / "m.onnx", tmp_path / "q.int8.onnx", sample_image_paths("pneumoniamnist")[0].parent,
+                  num_samples=4)
+    assert onnx.load(str(tmp_path / "q.int8.onnx")).graph.initializer
+
+
+def test_a_full_temporary_folder_is_a_one_line_error(bundled32, tmp_path, monkeypatch):
     import errno
 
     def full(*args, **kwargs):
@@ -485,7 +507,7 @@ def test_a_full_temporary_folder_is_a_one_line_error(bundled_opset21, tmp_path, 
 
     calib = str(sample_image_paths("pneumoniamnist")[0].parent)
     output = tmp_path / "q.int8.onnx"
-    result = CliRunner().invoke(app, ["quantize", str(bundled_opset21), "--calib", calib, "-o", str(output)])
+    result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", calib, "-o", str(output)])
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
     assert "no space left on the device; temporary files go to" in result.output and not output.exists()
 
