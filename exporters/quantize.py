@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from medmamba_edge import __version__
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, only_with
 from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
@@ -72,6 +72,7 @@ WEIGHT_RANGE = "int8 per channel, 7-bit range [-64, 64] (ONNX Runtime reduce_ran
 CALIBRATION_BATCH = 8
 # Images the sensitivity ranking compares float and INT8 activations on.
 SENSITIVITY_IMAGES = 32
+DEFAULT_PERCENTILE = 99.99
 EVAL_BATCH = 64
 DEFAULT_MAX_DROP = 1.0  # points of top-1 the accuracy gate allows INT8 to lose
 
@@ -476,19 +477,22 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
     return 100.0 * float((np.concatenate(predictions) == labels).mean())
 
 
-def _check_options(method: str, percentile: float, quant_format: str, max_drop: float | None,
-                   eval_data, auto_fallback: bool, min_speedup: float | None, speed_check: SpeedCheckFn | None) -> None:
+def _check_options(method: str, percentile: float | None, quant_format: str, max_drop: float | None, eval_data,
+                   eval_split: str | None, auto_fallback: bool, min_speedup: float | None,
+                   speed_check: SpeedCheckFn | None) -> None:
     if method not in METHODS:
         raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if quant_format not in FORMATS:
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, got {quant_format!r}")
-    if not 0 < percentile <= 100:
+    if percentile is not None and not 0 < percentile <= 100:
         raise QuantizeError(f"--percentile must be in (0, 100], got {percentile}")
     if max_drop is not None and not max_drop >= 0:  # "not >=": NaN would pass every gate
         raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
-    for option, given in (("--max-drop", max_drop is not None), ("--auto-fallback", auto_fallback)):
-        if given and eval_data is None:
-            raise QuantizeError(f"{option} needs --eval DATA to measure accuracy on")
+    for problem in (only_with("--eval DATA", eval_data is None, max_drop=max_drop, auto_fallback=auto_fallback,
+                              eval_split=eval_split),
+                    only_with("--method percentile", method != "percentile", percentile=percentile)):
+        if problem:
+            raise QuantizeError(problem)
     if min_speedup is not None and not min_speedup > 0:
         raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
     if min_speedup is not None and speed_check is None:
@@ -504,11 +508,11 @@ def quantize_onnx(
     num_samples: int = 256,
     seed: int = 0,
     method: str = "percentile",
-    percentile: float = 99.99,
+    percentile: float | None = None,
     exclude: Sequence[str] = (),
     quant_format: str = "qdq",
     eval_data: str | Path | None = None,
-    eval_split: str = "val",
+    eval_split: str | None = None,
     max_drop: float | None = None,
     auto_fallback: bool = False,
     min_speedup: float | None = None,
@@ -523,9 +527,13 @@ def quantize_onnx(
     (file names in medical data sets often carry patient identifiers)."""
 
     started = time.perf_counter()
-    _check_options(method, percentile, quant_format, max_drop, eval_data, auto_fallback, min_speedup, speed_check)
+    _check_options(method, percentile, quant_format, max_drop, eval_data, eval_split, auto_fallback, min_speedup,
+                   speed_check)
     if eval_data is not None and max_drop is None:
         max_drop = DEFAULT_MAX_DROP
+    # None: not given (an option that applies only with another is refused above when given without it)
+    percentile = DEFAULT_PERCENTILE if percentile is None else percentile
+    eval_split = eval_split or "val"
     model_path, output = Path(model_path), Path(output)
     check_onnx_name(output, "the INT8 model")
     model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized

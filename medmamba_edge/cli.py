@@ -20,7 +20,7 @@ from rich.text import Text
 from medmamba_edge.runtime.files import GuardedStdout, is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
-from .errors import UserError
+from .errors import UserError, only_with
 
 app = typer.Typer(
     name="medmamba-edge",
@@ -140,11 +140,8 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
 
 
 def given_only_with(needed: str, missing: bool, **options) -> None:
-    """An option that means something only with ``needed`` is an error without it (``missing``): ignoring it would
-    run something other than what was asked for."""
-    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
-    if missing and given:
-        fail(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with {needed}")
+    if problem := only_with(needed, missing, **options):
+        fail(problem)
 
 
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
@@ -243,9 +240,7 @@ def quantize(
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    given_only_with("--eval", eval_data is None, eval_split=eval_split)
     given_only_with("--min-speedup", min_speedup is None, speed_batch=speed_batch)
-    given_only_with("--method percentile", method != "percentile", percentile=percentile)
 
     check_outputs(output, reads=[model, calib, eval_data])
     from medmamba_edge.exporters.quantize import quantize_onnx
@@ -265,9 +260,8 @@ def quantize(
             timer = speed_check(1 if speed_batch is None else speed_batch,
                                 lambda done, total: progress("timing fp32 and INT8 on this machine", done, total))
         result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
-                               method=method, percentile=99.99 if percentile is None else percentile,
-                               exclude=exclude or (), quant_format=quant_format, eval_data=eval_data,
-                               eval_split=eval_split or "val", max_drop=max_drop,
+                               method=method, percentile=percentile, exclude=exclude or (),
+                               quant_format=quant_format, eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
                                auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
                                progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"))
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "

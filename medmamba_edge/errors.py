@@ -20,6 +20,15 @@ def install_hint(extra: str) -> str:
     return f"pip install 'medmamba-edge[{extra}]' (from a checkout: pip install '.[{extra}]')"
 
 
+def only_with(needed: str, missing: bool, **options) -> str | None:
+    """The error for options (name=value, None when not given) that mean something only with ``needed``, given
+    without it (``missing``): ignoring them would run something other than what was asked for."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value not in (None, False)]
+    if missing and given:
+        return f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with {needed}"
+    return None
+
+
 def process_ending(returncode: int) -> str:
     """How a child process ended, from its return code (negative: the signal that ended it), for a message."""
     return f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"

@@ -176,7 +176,7 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["serve", onnx32, "--port", "65535"], "--grpc-port (default --port + 1) must be a port number (1–65535), got 65536"),
         (["serve", onnx32, "--threads", "0"], "--threads must be between 1 and"),
         (["quantize", onnx32, "--calib", npz, "-o", tmp_path / "a.onnx", "--max-drop", "0.5"],
-         "--max-drop needs --eval"),
+         "--max-drop applies only with --eval DATA"),
         (["export-triton", onnx32, "-o", tmp_path / "repo", "--deepstream-batch", "0"], "--deepstream-batch must be ≥ 1"),
         (["export-triton", onnx32, "-o", tmp_path / "file" / "repo"], "file/repo: " + str(tmp_path / "file") + " is not a folder"),
         (["build-engine", foreign, "-o", tmp_path / "a.engine"], "foreign.onnx: no medmamba-edge metadata"),
