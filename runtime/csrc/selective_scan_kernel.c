@@ -18,14 +18,14 @@
  *      first had written);
  *   2. delta = dt_b + dt_w . dt_low, softplus, delta * x  (vectorised over the 16 lanes);
  *   3. the scan over the tile: per step and state n, dA = 2^(delta * A[d,n]*log2(e)) with a branch-free
- *      polynomial exp2 (on AVX2, where A is close to Mamba's init, by the power chain: one exp per step),
+ *      polynomial exp2 (where A is close to Mamba's init, on AVX2 and AVX-512 by the power chain: one exp per step),
  *      h = dA h + (delta x) B[n], y += C[n] h, the loop over n unrolled (MM_UNROLL_STATES);
  *   4. y + Ds x summed over the directions in the block's own buffer (ysum), the last direction's sum into
  *      y[p][block]: 16 contiguous floats of the channel-last output, written once.
  * Plain C loops over the 16 lanes, which gcc auto-vectorises (one zmm on AVX-512, two ymm on AVX2,
  * four q registers on NEON); on AVX-512, steps 2 (softplus) and 3 and the transposes of x, A and dt_w into
  * lane order are written with intrinsics (exp2_scalef, lanes_last_avx512), which gcc does not find, and so is
- * AVX2's power chain (chain_ymm), whose powers gcc would keep in memory.  With gcc
+ * the power chain (DEFINE_CHAIN_SCAN, once for ymm and zmm), whose powers gcc would keep in memory.  With gcc
  * on x86-64 the hot function is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and
  * the baseline (SSE2); each call runs the path it is given, by default the widest this CPU supports.
  * Explicit copies rather than target_clones, so that every path can be forced (MEDMAMBA_EDGE_SCAN_ISA) and
@@ -267,51 +267,50 @@ MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
     }
 }
 
-/* The chain's scan with the 16 lanes in two ymm: gcc's vectorisation of the plain loop kept the powers and sums in
- * memory (2.9 ns per state and step against 2.2 here; the exp per state's loop takes 3.2, single-core loop
- * benchmark on a Xeon). */
-MM_AVX2 MM_INLINE void chain_ymm(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,
-                                 ptrdiff_t L, int tl, int N) {
-    float *restrict h = s->h;
-    const float *restrict k1 = s->k1, *restrict k2 = s->k2;
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int t = 0; t < tl; t++) {
-        const __m256 delta_lo = _mm256_load_ps(s->dt[t]), delta_hi = _mm256_load_ps(s->dt[t] + 8);
-        const __m256 du_lo = _mm256_load_ps(s->du[t]), du_hi = _mm256_load_ps(s->du[t] + 8);
-        const __m256 E_lo = _mm256_load_ps(s->base[t]), E_hi = _mm256_load_ps(s->base[t] + 8);
-        const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];
-        __m256 power_lo = E_lo, power_hi = E_hi, acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
-        MM_UNROLL_STATES
-        for (int n = 0; n < N; n++) {
-            const float *restrict k1n = k1 + n * VW, *restrict k2n = k2 + n * VW;
-            float *restrict hn = h + n * VW;
-            const __m256 b = _mm256_broadcast_ss(bp + n * L), c = _mm256_broadcast_ss(cp + n * L);
-            const __m256 corr_lo = _mm256_fmadd_ps(_mm256_fmadd_ps(delta_lo, _mm256_load_ps(k2n), _mm256_load_ps(k1n)),
-                                                   delta_lo, one);
-            const __m256 corr_hi = _mm256_fmadd_ps(_mm256_fmadd_ps(delta_hi, _mm256_load_ps(k2n + 8),
-                                                                   _mm256_load_ps(k1n + 8)), delta_hi, one);
-            const __m256 h_lo = _mm256_fmadd_ps(_mm256_mul_ps(power_lo, corr_lo), _mm256_load_ps(hn), _mm256_mul_ps(du_lo, b));
-            const __m256 h_hi = _mm256_fmadd_ps(_mm256_mul_ps(power_hi, corr_hi), _mm256_load_ps(hn + 8),
-                                                _mm256_mul_ps(du_hi, b));
-            power_lo = _mm256_mul_ps(power_lo, E_lo);
-            power_hi = _mm256_mul_ps(power_hi, E_hi);
-            _mm256_store_ps(hn, h_lo);
-            _mm256_store_ps(hn + 8, h_hi);
-            acc_lo = _mm256_fmadd_ps(c, h_lo, acc_lo);
-            acc_hi = _mm256_fmadd_ps(c, h_hi, acc_hi);
-        }
-        _mm256_store_ps(s->y[t], acc_lo);
-        _mm256_store_ps(s->y[t] + 8, acc_hi);
+/* The chain's scan, written once for a vector type V of VN vectors per 16 lanes (two ymm on AVX2, one zmm on
+ * AVX-512) and its intrinsics: gcc's vectorisation of the plain loop kept the powers and sums in memory (2.9 ns per
+ * state and step against 2.2 here; the exp per state's loop takes 3.2, single-core loop benchmark on a Xeon). */
+#define DEFINE_CHAIN_SCAN(NAME, TARGET, V, VN, LOAD, STORE, SET1, FMADD, MUL)                                          \
+    TARGET MM_INLINE void NAME##_n(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,       \
+                                   ptrdiff_t L, int tl, int N) {                                                      \
+        enum { W = VW / VN }; /* lanes per vector */                                                                  \
+        float *restrict hs = s->h;                                                                                    \
+        const float *restrict k1s = s->k1, *restrict k2s = s->k2;                                                     \
+        const V one = SET1(1.0f);                                                                                     \
+        for (int t = 0; t < tl; t++) {                                                                                \
+            V delta[VN], du[VN], E[VN], power[VN], acc[VN];                                                           \
+            for (int v = 0; v < VN; v++) {                                                                            \
+                delta[v] = LOAD(s->dt[t] + v * W), du[v] = LOAD(s->du[t] + v * W), E[v] = LOAD(s->base[t] + v * W);   \
+                power[v] = E[v], acc[v] = SET1(0.0f);                                                                 \
+            }                                                                                                         \
+            const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];                                 \
+            MM_UNROLL_STATES                                                                                          \
+            for (int n = 0; n < N; n++) {                                                                             \
+                const V b = SET1(bp[n * L]), c = SET1(cp[n * L]);                                                     \
+                for (int v = 0; v < VN; v++) {                                                                        \
+                    const float *restrict k1 = k1s + n * VW + v * W, *restrict k2 = k2s + n * VW + v * W;            \
+                    float *restrict h = hs + n * VW + v * W;                                                          \
+                    const V corr = FMADD(FMADD(delta[v], LOAD(k2), LOAD(k1)), delta[v], one);                         \
+                    const V hv = FMADD(MUL(power[v], corr), LOAD(h), MUL(du[v], b));                                  \
+                    power[v] = MUL(power[v], E[v]);                                                                   \
+                    STORE(h, hv);                                                                                     \
+                    acc[v] = FMADD(c, hv, acc[v]);                                                                    \
+                }                                                                                                     \
+            }                                                                                                         \
+            for (int v = 0; v < VN; v++) STORE(s->y[t] + v * W, acc[v]);                                              \
+        }                                                                                                             \
+    }                                                                                                                 \
+    /* N = 16 (MedMamba) gets its own copy with a constant trip count */                                            \
+    TARGET static void NAME(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,           \
+                            ptrdiff_t L, int tl, int N) {                                                             \
+        if (N == 16)                                                                                                  \
+            NAME##_n(s, Bk, Ck, L, tl, 16);                                                                           \
+        else                                                                                                          \
+            NAME##_n(s, Bk, Ck, L, tl, N);                                                                            \
     }
-}
 
-MM_AVX2 static void scan_tile_chain_avx2(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,
-                                         ptrdiff_t L, int tl, int N) {
-    if (N == 16)
-        chain_ymm(s, Bk, Ck, L, tl, 16);
-    else
-        chain_ymm(s, Bk, Ck, L, tl, N);
-}
+DEFINE_CHAIN_SCAN(scan_tile_chain_avx2, MM_AVX2, __m256, 2, _mm256_load_ps, _mm256_store_ps, _mm256_set1_ps,
+                  _mm256_fmadd_ps, _mm256_mul_ps)
 #endif
 
 #if MM_X86_PATHS
@@ -363,37 +362,8 @@ MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict 
         scan_tile_zmm(h, a2, dtt, dut, yt, Bk, Ck, pos, L, tl, N);
 }
 
-/* chain_ymm with the 16 lanes in one zmm. */
-MM_AVX512 MM_INLINE void chain_zmm(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,
-                                   ptrdiff_t L, int tl, int N) {
-    float *restrict h = s->h;
-    const float *restrict k1 = s->k1, *restrict k2 = s->k2;
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (int t = 0; t < tl; t++) {
-        const __m512 delta = _mm512_load_ps(s->dt[t]), du = _mm512_load_ps(s->du[t]), E = _mm512_load_ps(s->base[t]);
-        const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];
-        __m512 power = E, acc = _mm512_setzero_ps();
-        MM_UNROLL_STATES
-        for (int n = 0; n < N; n++) {
-            const __m512 z = _mm512_fmadd_ps(delta, _mm512_load_ps(k2 + n * VW), _mm512_load_ps(k1 + n * VW));
-            const __m512 corr = _mm512_fmadd_ps(z, delta, one);
-            const __m512 hv = _mm512_fmadd_ps(_mm512_mul_ps(power, corr), _mm512_load_ps(h + n * VW),
-                                              _mm512_mul_ps(du, _mm512_set1_ps(bp[n * L])));
-            power = _mm512_mul_ps(power, E);
-            _mm512_store_ps(h + n * VW, hv);
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(cp[n * L]), hv, acc);
-        }
-        _mm512_store_ps(s->y[t], acc);
-    }
-}
-
-MM_AVX512 static void scan_tile_chain_avx512(scan_scratch *restrict s, const float *restrict Bk,
-                                             const float *restrict Ck, ptrdiff_t L, int tl, int N) {
-    if (N == 16)
-        chain_zmm(s, Bk, Ck, L, tl, 16);
-    else
-        chain_zmm(s, Bk, Ck, L, tl, N);
-}
+DEFINE_CHAIN_SCAN(scan_tile_chain_avx512, MM_AVX512, __m512, 1, _mm512_load_ps, _mm512_store_ps, _mm512_set1_ps,
+                  _mm512_fmadd_ps, _mm512_mul_ps)
 
 /* softplus20 with exp2_scalef for its exp (3 instructions fewer than exp2_product's clamped form); its last
  * multiply-add also adds max(x, 0). */
