@@ -59,6 +59,14 @@ def streamed_in_place(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _own_descriptor(path: Path) -> int | None:
+    """The descriptor of this process that ``path`` names (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N)."""
+    text = str(path.absolute())
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}.get(text)
+    match = re.fullmatch(r"/(?:dev|proc/self)/fd/(\d+)", text)
+    return named if named is not None else int(match.group(1)) if match else None
+
+
 def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     """mkstemp's prefix and suffix beside ``target``: ``.NAME.XXXXXXXX.partial.SUFFIX``, NAME cut so that the
     whole fits the file system's ``name_max`` bytes (a valid 250-byte target name must still get one). A
@@ -108,8 +116,14 @@ class AtomicOutput:
     def open(self) -> None:
         """Open for ``write`` (streams opened for appending: /dev/stdout redirected to a file keeps what
         is already there)."""
+        fd = _own_descriptor(self.path) if self.in_place else None
         try:
-            self.handle = open(self.write_path, "ab" if self.in_place else "wb", buffering=0)
+            if fd is not None:
+                # Its own description, not a reopening: /dev/stdout reopened where the shell's `>` made stdout a
+                # file got an offset of its own, and the console's lines and this output overwrote each other.
+                self.handle = os.fdopen(os.dup(fd), "wb", buffering=0)
+            else:
+                self.handle = open(self.write_path, "ab" if self.in_place else "wb", buffering=0)
         except OSError as exc:
             self.discard()
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
@@ -117,6 +131,8 @@ class AtomicOutput:
     def write(self, data: bytes) -> None:
         if self.handle is None:
             self.open()
+        if self.in_place and _own_descriptor(self.path) == 1:
+            sys.stdout.flush()  # what the console printed before this comes before it
         view = memoryview(data)
         try:
             while view:

@@ -496,6 +496,22 @@ def test_records_piped_through_stdout_are_json_lines_only(model, tmp_path):
     assert "2 frames" in stdout and f"wrote {tmp_path / 'r.jsonl'}" in stdout
 
 
+def test_stdout_redirected_to_a_file_takes_records_and_console_lines_without_overwriting(model, tmp_path):
+    """/dev/stdout reopened got an offset of its own where the shell's `>` made stdout a regular file: the console's
+    lines overwrote records (run), the tables the JSON report (evaluate)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), image(i))
+    with open(tmp_path / "out.txt", "w") as out:
+        process = run_cli_process(model, folder, "--console", "frame", "--jsonl", "/dev/stdout", stdout=out)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines if line.startswith("{")] == [0, 1, 2, 3]
+    assert sum(line.startswith(str(folder)) for line in lines) == 4  # the console's line per frame, each kept
+
+
 def test_output_names_up_to_the_file_systems_limit_are_written_and_a_longer_one_is_one_line(model, tmp_path):
     # The temporary file beside each output is named after it: a name near the limit must not make that one too long.
     cv2.imwrite(str(tmp_path / "x.png"), image())
