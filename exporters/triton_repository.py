@@ -51,7 +51,8 @@ DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 # Standard ONNX ops of a QOperator model that TensorRT's ONNX parser does not take (it takes Q/DQ instead).
 ONNX_RUNTIME_ONLY_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"})
-COLOR_FORMATS = {("RGB", 3): 0, ("BGR", 3): 1, ("RGB", 1): 2, ("BGR", 1): 2}  # nvinfer's model-color-format: 2 = GRAY
+# nvinfer's model-color-format by the model's channels (0 RGB, 2 GRAY; metadata holds only RGB, 1 or 3 channels)
+COLOR_FORMATS = {3: 0, 1: 2}
 # Gst-nvinfer's documented [property] keys (DeepStream SDK, "Gst-nvinfer: configuration file properties";
 # gstnvinfer_property_parser.h): everything written below must be one of them, checked by check_deepstream_config.
 DEEPSTREAM_KEYS = frozenset({
@@ -214,10 +215,7 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, batch: in
             f"(a `quantize --format qoperator` model, for ONNX Runtime); quantize with --format qdq for DeepStream")
     meta = served.metadata
     scale, offsets = deepstream_scaling(meta)
-    color = COLOR_FORMATS.get((meta.channel_order.upper(), meta.in_chans))
-    if color is None:
-        raise TritonExportError(f"DeepStream takes RGB, BGR or gray input; this model takes {meta.in_chans} "
-                                f"{meta.channel_order} channels")
+    color = COLOR_FORMATS[meta.in_chans]
     properties = {
         "gpu-id": 0,
         # y = net-scale-factor·(x − offsets[c]) on 8-bit pixels: our (x/255 − mean[c])/std[c].

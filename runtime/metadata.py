@@ -88,8 +88,10 @@ class ModelMetadata:
         problem = class_names_problem(self.class_names)
         if problem:
             raise MetadataError(problem)
-        if not _positive_int(self.in_chans):
-            raise MetadataError(f"in_chans must be a positive integer, got {self.in_chans!r}")
+        if self.in_chans not in (1, 3) or isinstance(self.in_chans, bool):  # what preprocessing makes of an image
+            raise MetadataError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
+        if self.channel_order != "RGB":  # the order preprocessing feeds (and the official train.py's PIL images)
+            raise MetadataError(f"channel_order must be RGB, got {self.channel_order!r}")
         if self.batch is not None and not _positive_int(self.batch):
             raise MetadataError(f"batch must be a positive integer, or null for a dynamic batch; got {self.batch!r}")
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)

@@ -179,6 +179,9 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     ({**GOOD_META, "batch": -1}, "batch must be a positive integer"),
     ({**GOOD_META, "batch": "4"}, "batch must be a positive integer"),
     ({**GOOD_META, "in_chans": 1, "mean": [0.5], "std": [0.5]}, "in_chans is 1 but the graph takes 3 channels"),
+    # Accepted, then ignored: preprocessing feeds RGB whatever the field said (and compare passed such a pair).
+    ({**GOOD_META, "channel_order": "BGR"}, "channel_order must be RGB, got 'BGR'"),
+    ({**GOOD_META, "in_chans": 2, "mean": [0.5] * 2, "std": [0.5] * 2}, "in_chans must be 1 or 3, got 2"),
 ])
 def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
     path = toy_model(tmp_path / "m.onnx", meta)
