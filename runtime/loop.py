@@ -8,6 +8,7 @@ summary. An output that fails (a full disk) ends the run the same way, with its 
 
 from __future__ import annotations
 
+import numbers
 import signal
 import threading
 import time
@@ -35,9 +36,12 @@ class RunOptions:
     threshold: float = 0.0  # abstain when the top-1 probability is below it
 
     def __post_init__(self):
-        if self.batch < 1 or self.top_k < 1 or self.stride < 1 or (self.max_frames is not None and self.max_frames < 1):
-            raise UserError("--batch, --top-k, --stride and --max-frames must be ≥ 1")
-        if not 0.0 <= self.threshold <= 1.0:
+        counts = (self.batch, self.top_k, self.stride, 1 if self.max_frames is None else self.max_frames)
+        # Integers (an application's 1.5 batched by twos, or failed in the capture thread), not bool
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in counts):
+            raise UserError(f"--batch, --top-k, --stride and --max-frames must be integers ≥ 1, got "
+                            f"{self.batch!r}, {self.top_k!r}, {self.stride!r}, {self.max_frames!r}")
+        if not (isinstance(self.threshold, numbers.Real) and 0.0 <= self.threshold <= 1.0):
             raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
 
 

@@ -154,6 +154,17 @@ def test_an_application_sink_that_raises_is_an_error_and_the_other_outputs_compl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
+@pytest.mark.parametrize("options", [dict(batch=0), dict(batch=1.5), dict(stride=1.5), dict(top_k=True),
+                                     dict(max_frames=0), dict(threshold=1.5), dict(threshold=float("nan"))])
+def test_run_options_an_application_gets_wrong_are_one_line_errors(options):
+    """batch=1.5 ran in batches of two; stride=1.5 failed with a TypeError in the capture thread."""
+    from medmamba_edge.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        RunOptions(**options)
+    assert "\n" not in str(error.value) and ("integers ≥ 1" in str(error.value) or "--threshold" in str(error.value))
+
+
 def test_frames_waiting_at_a_stop_keep_their_own_reason(tiny_onnx):
     """A broken file still queued when the run stopped was recorded 'run stopped before inference', as if a rerun
     would classify it."""
