@@ -250,7 +250,9 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             raise DatasetError(f"{path}:{line}: expected 'path,label'")
         if "\0" in row[0]:  # no file name holds one; the OS calls would raise ValueError
             raise DatasetError(f"{path}:{line}: the path holds a NUL character")
-        image = (path.parent / row[0].strip()).resolve()
+        # Stripped ("a.png, 1" as spreadsheets write it), unless the name as given is a file (" scan.png").
+        image = path.parent / row[0]
+        image = (image if image.exists() else path.parent / row[0].strip()).resolve()
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label))
     if not samples:

@@ -172,6 +172,7 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["compare", checkpoint, onnx32, "--input-size", "28"], "input size (28, 28) is too small"),
         (["compare", onnx32, onnx32, "--data", npz, "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
         (["evaluate", onnx32, onnx32, "--data", npz, "--max-drop", "-0.5"], "--max-drop must be ≥ 0 points"),
+        (["benchmark", onnx32, "--plot", tmp_path / "latency.jpg"], "latency.jpg: the plot is a PNG; name it *.png"),
         # serve checks its options before it needs PyTriton (absent from this venv)
         (["serve", onnx32, "--port", "65535"], "--grpc-port (default --port + 1) must be a port number (1–65535), got 65536"),
         (["serve", onnx32, "--threads", "0"], "--threads must be between 1 and"),

@@ -45,6 +45,12 @@ def test_csv_paths_relative_to_the_csv(tmp_path):
         csv.writer(f).writerows(rows)
     data = open_dataset(tmp_path / "list.csv", class_names=BUSI_CLASSES)
     assert data.labels().tolist() == [0, 2]
+    # Spaces around a path are dropped (as spreadsheets write "a.png, 1"), unless the name as given is a file.
+    (tmp_path / " lead.png").write_bytes((busi / "benign" / "benign (1).png").read_bytes())
+    with open(tmp_path / "spaced.csv", "w", newline="") as f:
+        csv.writer(f).writerows([(" lead.png", "0"), (f" {busi / 'normal' / 'normal (1).png'} ", "2")])
+    spaced = open_dataset(tmp_path / "spaced.csv", class_names=BUSI_CLASSES)
+    assert [s.source for s in spaced.samples] == [str(tmp_path / " lead.png"), str(busi / "normal" / "normal (1).png")]
     with open(tmp_path / "bad.csv", "w", newline="") as f:
         csv.writer(f).writerows([("x.png", "tumour")])
     with pytest.raises(DatasetError, match=r"bad\.csv:1: label 'tumour'"):

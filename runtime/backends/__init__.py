@@ -32,7 +32,7 @@ class Backend(Protocol):
     path: Path
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) for a preprocessed float32 (N, C, H, W) batch of any N."""
+        """Logits (N, classes) for a preprocessed float32 (N, C, H, W) batch of any N ≥ 1."""
 
     def describe(self) -> str:
         """One line: framework, device/providers, precision."""
