@@ -37,6 +37,7 @@ import onnx
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
+from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import check_writable, current_umask
 from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph, unwritable_class_names
 
@@ -344,8 +345,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         raise TritonExportError("--max-batch, --instances and --deepstream-batch must be ≥ 1, --max-queue-delay-us ≥ 0")
     if kind not in ("KIND_CPU", "KIND_GPU"):
         raise TritonExportError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
-    if not name or name.startswith(".") or "/" in name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise TritonExportError(f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (not leading '.')")
+    if problem := model_name_problem(name):
+        raise TritonExportError(problem)
     served = describe_model(model, max_batch)
     unwritable = unwritable_class_names(served.metadata.class_names)
     if unwritable:  # a model exported before the rule: labels.txt and DeepStream's label file would be wrong

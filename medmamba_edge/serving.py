@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medmamba_edge.runtime.backends import Backend, open_backend
+from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import METADATA_KEY
 
@@ -70,6 +71,9 @@ class ServeOptions:
                 raise UserError(f"{flag} must be a port number (1–65535), got {port}")
         if len(set(ports)) < 3:
             raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
+        if problem := model_name_problem(self.name):
+            raise UserError(problem)
+        listen_address(self.host)  # now, before PyTriton is even imported
 
     @property
     def grpc_port_or_default(self) -> int:
@@ -113,12 +117,24 @@ def server_environment(environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "LD_LIBRARY_PATH": ":".join([libdir, *rest])}
 
 
+def listen_address(host: str) -> str:
+    """``--host`` as the numeric IPv4 address tritonserver listens on: it resolves no names (`localhost` had it
+    listen on 255.255.255.255, reachable by no one, while PyTriton waited two minutes for it), and PyTriton's own
+    client cannot reach an IPv6 one (it writes http://::1:PORT)."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        if ":" in host:
+            raise ServeError(f"--host {host}: IPv6 is not served (PyTriton reaches its server over IPv4 only); "
+                             f"give an IPv4 address, e.g. 0.0.0.0 or 127.0.0.1") from None
+        raise ServeError(f"--host {host}: not an address of this machine ({getattr(exc, 'strerror', None) or exc})") from None
+
+
 def check_ports_free(host: str, ports: list[int]) -> None:
     """Fail now, in one line, on a port something else listens on: tritonserver would exit at once, but PyTriton
     only notices after its start-up timeout (minutes)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for port in ports:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
             try:
                 probe.bind((host, port))
@@ -169,27 +185,46 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     from medmamba_edge.runtime.loop import stop_on_signals
 
     ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
-    check_ports_free(options.host, ports)
+    host = listen_address(options.host)
+    check_ports_free(host, ports)
     backend = open_backend(model, threads=options.threads)
     # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
     os.environ.update(server_environment(dict(os.environ)))
     logging.getLogger("pytriton").setLevel(logging.WARNING)
-    config = TritonConfig(http_address=options.host, http_port=options.port, grpc_address=options.host,
-                          grpc_port=options.grpc_port_or_default, metrics_address=options.host,
+    config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
+                          grpc_port=options.grpc_port_or_default, metrics_address=host,
                           metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,
                           allow_gpu_metrics=False)
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
     spawned: set[tuple[int, int]] = set()
+    stubs: set[tuple[int, int]] = set()  # the Python backend's processes, which run our model
     segments: set[Path] = set()
     model_copies: set[Path] = set()
 
-    def watch() -> None:
+    def watch() -> dict[int, tuple[int, int]]:
         """Note the server's processes, the shared memory they map and the model copies they run, from one read
         of /proc: seen while their server lives, since once it dies they are re-parented and no longer found."""
         table = _process_table()
-        spawned.update(server_processes(triton, table))
+        found = server_processes(triton, table)
+        stubs.update(p for p in found - spawned if _command_name(p[0]) == PYTHON_BACKEND_STUB[:15])
+        spawned.update(found)
         segments.update(shared_memory_of(spawned, table))
         model_copies.update(model_copies_of(spawned, table))
+        return table
+
+    def failure(table: dict[int, tuple[int, int]]) -> str | None:
+        """Why the server no longer serves the model, though tritonserver runs: its Python backend's process
+        ended (Triton then answers every request with an error, and reports itself ready), or the model was
+        unloaded (through the model-repository API, with the token any local user can read from /proc)."""
+        if not triton.is_alive():
+            return f"the Triton server {_exit_reason(triton)}{_server_hint(triton)}"
+        ended = sorted(pid for pid, start in stubs if table.get(pid, (0, None))[1] != start)
+        if ended:
+            return (f"the server's process running the model ({PYTHON_BACKEND_STUB}, pid {ended[0]}) ended; every "
+                    f"request would fail")
+        if model_ready(host, options.port, options.name) is False:
+            return f"the server no longer has {options.name} ready (unloaded through its model-repository API?)"
+        return None
 
     with backend, stop_on_signals(lambda message: notify(
             f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
@@ -198,19 +233,19 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             try:
                 triton.run()
             except Exception as exc:  # PyTriton's own errors, tritonclient's, timeouts: all say "did not start"
-                raise ServeError(f"{model}: Triton did not start on {options.host} ports {options.port}, "
+                raise ServeError(f"{model}: Triton did not start on {host} ports {options.port}, "
                                  f"{options.grpc_port_or_default}, {options.metrics_port_or_default} "
                                  f"({type(exc).__name__}: {first_line(exc).split(': Traceback')[0]}){_server_hint(triton)}") from None
-            host = f"[{options.host}]" if ":" in options.host else options.host
+            watch()  # now: its processes are known before a client (or anything else) can end them
             notify(f"serving {model} as {options.name} ({backend.describe()}; max batch {options.max_batch}, "
                    f"queue delay ≤ {options.max_queue_delay_us} µs)")
             notify(f"HTTP http://{host}:{options.port}/v2/models/{options.name}, gRPC {host}:"
                    f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
                    f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
             while not stopping.wait(0.5):
-                watch()
-                if not triton.is_alive():
-                    raise ServeError(f"{model}: the Triton server {_exit_reason(triton)}{_server_hint(triton)}")
+                problem = failure(watch())
+                if problem:
+                    raise ServeError(f"{model}: {problem}")
         finally:
             watch()
             triton.stop()
@@ -226,6 +261,32 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
         if stopping.is_set() and _exit_code(triton):
             notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
                    f"cleaned up")
+
+
+PYTHON_BACKEND_STUB = "triton_python_backend_stub"
+
+
+def _command_name(pid: int) -> str:
+    """A process's executable name as the kernel keeps it (its first 15 characters), '' if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def model_ready(host: str, port: int, name: str) -> bool | None:
+    """Whether the server says ``name`` is ready (KServe v2 readiness), None when it does not answer in time (a
+    busy server is not a failed one)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1" if host == "0.0.0.0" else host, port, timeout=2)
+    try:
+        connection.request("GET", f"/v2/models/{name}/ready")
+        return connection.getresponse().status == 200
+    except OSError:
+        return None
+    finally:
+        connection.close()
 
 
 def _process_table() -> dict[int, tuple[int, int]]:

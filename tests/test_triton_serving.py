@@ -212,6 +212,35 @@ def test_a_killed_tritonserver_is_named_and_leaves_no_process_behind(model, tmp_
         assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
 
 
+def test_a_killed_python_backend_is_named_and_ends_serve(model, tmp_path):
+    """Killed, Triton's Python-backend stub left a server that answered every request with an error and called
+    itself ready, while `serve` ran on in silence."""
+    with running_server(model, tmp_path) as server:
+        (stub,) = [int(m.split()[0]) for m in group_members(server.process.pid) if " triton_python_b " in m]  # comm: 15
+        os.kill(stub, signal.SIGKILL)
+        code = server.process.wait(timeout=60)
+        errors = [line for line in server.log.read_text(errors="replace").splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, server.log_tail()
+        assert f"the server's process running the model (triton_python_backend_stub, pid {stub}) ended" in errors[0]
+        assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
+
+
+def test_a_model_unloaded_through_the_repository_api_ends_serve(model, tmp_path):
+    """The token that guards the model-repository API is on tritonserver's command line, which any local user can
+    read from /proc: an unload left `serve` running, serving nothing."""
+    with running_server(model, tmp_path) as server:
+        (tritonserver,) = [int(m.split()[0]) for m in group_members(server.process.pid) if " tritonserver " in m]
+        arguments = Path(f"/proc/{tritonserver}/cmdline").read_bytes().decode()
+        (token,) = set(re.findall(r"triton-access-token=([^\0,;\s]+)", arguments))
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/repository/models/medmamba/unload",
+                                         method="POST", headers={"triton-access-token": token})
+        assert urllib.request.urlopen(request, timeout=30).status == 200
+        code = server.process.wait(timeout=60)
+        errors = [line for line in server.log.read_text(errors="replace").splitlines() if line.startswith("error:")]
+        assert code == 1 and errors == [f"error: {model}: the server no longer has medmamba ready (unloaded through "
+                                        f"its model-repository API?)"], server.log_tail()
+
+
 def test_ctrl_c_while_a_client_sends_leaves_no_process_behind(model, images, tmp_path):
     # A client's open connection holds Triton's stop until its exit timeout, after which tritonserver exits
     # without stopping its Python backend: the stub outlived it, re-parented, for good.

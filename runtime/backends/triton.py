@@ -70,6 +70,14 @@ class ServerModel:
         return path + tail
 
 
+def model_name_problem(name: str) -> str | None:
+    """What Triton refuses in a model name (letters, digits, '.', '_' and '-'; a leading '.' would hide its
+    repository folder), in words, or None."""
+    if not name or name.startswith(".") or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (not leading '.')"
+    return None
+
+
 def parse_url(spec) -> ServerModel:
     text = re.sub(rf"^{SCHEME}:/+", f"{SCHEME}://", str(spec).strip(), flags=re.IGNORECASE)
     usage = f"expected {SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
