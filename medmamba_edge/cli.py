@@ -460,9 +460,9 @@ def benchmark(
     except ValueError:
         fail(f"--batch must be comma-separated integers, got {batch!r}")
     size = parse_input_size(input_size) if input_size else None
+    check_outputs(json_file, plot, plots=bool(plot), reads=models)
     if plot and plot.suffix.lower() != ".png":  # matplotlib is told PNG: another name would not say what it holds
         fail(f"{plot}: the plot is a PNG; name it *.png")
-    check_outputs(json_file, plot, plots=bool(plot), reads=models)
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task("loading and warming up", total=None)
 

@@ -127,7 +127,8 @@ def listen_address(host: str) -> str:
         if ":" in host:
             raise ServeError(f"--host {host}: IPv6 is not served (PyTriton reaches its server over IPv4 only); "
                              f"give an IPv4 address, e.g. 0.0.0.0 or 127.0.0.1") from None
-        raise ServeError(f"--host {host}: not an address of this machine ({getattr(exc, 'strerror', None) or exc})") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise ServeError(f"--host {host}: not an address of this machine ({why})") from None
 
 
 def check_ports_free(host: str, ports: list[int]) -> None:
