@@ -23,7 +23,8 @@ def install_hint(extra: str) -> str:
 def only_with(needed: str, missing: bool, **options) -> str | None:
     """The error for options (name=value, None when not given) that mean something only with ``needed``, given
     without it (``missing``): ignoring them would run something other than what was asked for."""
-    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value not in (None, False)]
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items()
+             if value is not None and value is not False]  # 0 is given (`0 in (None, False)` is true)
     if missing and given:
         return f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with {needed}"
     return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -202,6 +203,8 @@ def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Data
         # float32 pixels are 0..1 (as ToTensor gives them); 0..255 in float32 would be read 255 times too bright
         raise DatasetError(f"{where} has float32 pixels from {images.min():g} to {images.max():g}; expected 0..1 "
                            f"(store 0..255 as uint8)")
+    if labels is not None and class_names is None and labels.ndim == 2 and labels.shape[1] != 1:
+        labels = None  # multi-label (ChestMNIST): what needs no labels (calibration, compare) reads the images alone
     if labels is not None:
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]
@@ -252,7 +255,7 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             raise DatasetError(f"{path}:{line}: the path holds a NUL character")
         # Stripped ("a.png, 1" as spreadsheets write it), unless the name as given is a file (" scan.png").
         image = path.parent / row[0]
-        image = (image if image.exists() else path.parent / row[0].strip()).resolve()
+        image = (image if os.path.exists(image) else path.parent / row[0].strip()).resolve()
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label))
     if not samples:

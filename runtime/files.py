@@ -117,6 +117,8 @@ class AtomicOutput:
         """Open for ``write`` (streams opened for appending: /dev/stdout redirected to a file keeps what
         is already there)."""
         fd = _own_descriptor(self.path) if self.in_place else None
+        if fd == 1 and sys.stdout is None:  # `>&-`: fd 1 is closed, or already some other file's: not stdout
+            fd = None
         try:
             if fd is not None:
                 # Its own description, not a reopening: /dev/stdout reopened where the shell's `>` made stdout a
@@ -131,8 +133,9 @@ class AtomicOutput:
     def write(self, data: bytes) -> None:
         if self.handle is None:
             self.open()
-        if self.in_place and _own_descriptor(self.path) == 1:
-            sys.stdout.flush()  # what the console printed before this comes before it
+        if self.in_place and sys.stdout is not None and _own_descriptor(self.path) == 1:
+            with contextlib.suppress(OSError, ValueError):  # its reader gone: this write says so
+                sys.stdout.flush()  # what the console printed before this comes before it
         view = memoryview(data)
         try:
             while view:

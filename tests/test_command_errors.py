@@ -177,6 +177,7 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["serve", onnx32, "--port", "65535"], "--grpc-port (default --port + 1) must be a port number (1–65535), got 65536"),
         (["serve", onnx32, "--threads", "0"], "--threads must be between 1 and"),
         (["serve", onnx32, "--name", "med mamba"], "--name 'med mamba': a model name is letters, digits"),
+        (["serve", onnx32, "--name", "modèle"], "--name 'modèle': a model name is letters, digits"),  # ASCII only
         (["serve", onnx32, "--host", "::1"], "--host ::1: IPv6 is not served"),
         (["quantize", onnx32, "--calib", npz, "-o", tmp_path / "a.onnx", "--max-drop", "0.5"],
          "--max-drop applies only with --eval DATA"),

@@ -50,6 +50,9 @@ def test_csv_paths_relative_to_the_csv(tmp_path):
     with open(tmp_path / "spaced.csv", "w", newline="") as f:
         csv.writer(f).writerows([(" lead.png", "0"), (f" {busi / 'normal' / 'normal (1).png'} ", "2")])
     spaced = open_dataset(tmp_path / "spaced.csv", class_names=BUSI_CLASSES)
+    with open(tmp_path / "long.csv", "w", newline="") as f:  # a name the file system refuses is a sample that fails
+        csv.writer(f).writerows([("x" * 300 + ".png", "0")])
+    assert len(open_dataset(tmp_path / "long.csv", class_names=BUSI_CLASSES)) == 1
     assert [s.source for s in spaced.samples] == [str(tmp_path / " lead.png"), str(busi / "normal" / "normal (1).png")]
     with open(tmp_path / "bad.csv", "w", newline="") as f:
         csv.writer(f).writerows([("x.png", "tumour")])
@@ -89,7 +92,9 @@ def test_multi_label_npz_labels_are_refused(tmp_path):
     """ChestMNIST-style (N, 14) labels were read as class indices from their first column."""
     np.savez(tmp_path / "chest.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=np.zeros((4, 14), np.int64))
     with pytest.raises(DatasetError, match=r"chest\.npz: val_labels: 14 label columns \(multi-label\?\)"):
-        open_dataset(tmp_path / "chest.npz", split="val")
+        open_dataset(tmp_path / "chest.npz", split="val", class_names=["a", "b"])
+    # What needs no labels (calibration, compare) reads its images.
+    assert len(open_dataset(tmp_path / "chest.npz", split="val")) == 4
 
 
 def test_fixed_batch_padding_keeps_every_result():

@@ -212,7 +212,7 @@ def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
         # compare's rule: inf would pass any difference (--no-verify says that plainly).
         (tmp_path / "m.onnx", ["--atol", "inf"], "--atol must be a finite number ≥ 0, got inf"),
         (tmp_path / "m.onnx", ["--rtol", "-1e-4"], "--rtol must be a finite number ≥ 0, got -0.0001"),
-        (tmp_path / "m.onnx", ["--no-verify", "--atol", "5"], "--atol applies only with verification, which --no-verify"),
+        (tmp_path / "m.onnx", ["--no-verify", "--atol", "0"], "--atol applies only with verification, which --no-verify"),
         # run and the other commands open a model by its suffix: this ONNX would be taken for a checkpoint.
         (tmp_path / "m.pth", [], "m.pth: an export is ONNX; name it *.onnx"),
         (tmp_path / "m.onnx", ["--input-size", "99999999"], "cannot trace at 99999999×99999999"),

@@ -432,6 +432,7 @@ def test_requests_that_would_silently_go_wrong_are_one_line_errors(fp32_models, 
         ([*calib], "the metadata does not fit the model graph: input_size is 64×64 but the graph takes 32×32"),
         # Options that mean something only with another were silently ignored without it.
         ([*calib, "--speed-batch", "-5"], "--speed-batch applies only with --min-speedup"),
+        ([*calib, "--max-drop", "0"], "--max-drop applies only with --eval DATA"),  # 0 is given, not absent
         ([*calib, "--eval-split", "bogus"], "--eval-split applies only with --eval"),
         ([*calib, "--method", "minmax", "--percentile", "50"], "--percentile applies only with --method percentile"),
     ]

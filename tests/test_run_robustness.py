@@ -182,6 +182,7 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     # Accepted, then ignored: preprocessing feeds RGB whatever the field said (and compare passed such a pair).
     ({**GOOD_META, "channel_order": "BGR"}, "channel_order must be RGB, got 'BGR'"),
     ({**GOOD_META, "in_chans": 2, "mean": [0.5] * 2, "std": [0.5] * 2}, "in_chans must be 1 or 3, got 2"),
+    ({**GOOD_META, "in_chans": 3.0}, "in_chans must be 1 or 3, got 3.0"),
 ])
 def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
     path = toy_model(tmp_path / "m.onnx", meta)
@@ -645,3 +646,9 @@ def test_a_closed_stdout_is_a_place_to_write_nothing(model, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in stderr, stderr
     assert [r["status"] for r in read_jsonl(jsonl)] == ["ok"] * 3
+    # Records sent to that stdout go nowhere, as its other lines (written through fd 1 they met a closed or
+    # reused descriptor: an AttributeError in the sink, exit 1).
+    process = run_cli_process(model, tmp_path / "images", "--jsonl", "/dev/stdout", stdout=None,
+                              preexec_fn=lambda: os.close(1))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
