@@ -70,7 +70,7 @@ QUANTIZATION_KEY = "medmamba_edge.quantization"
 WEIGHT_RANGE = "int8 per channel, 7-bit range [-64, 64] (ONNX Runtime reduce_range)"
 # Images per calibration run: the histogram calibrators hold every calibrated tensor of a run in memory.
 CALIBRATION_BATCH = 8
-# Images the sensitivity ranking compares float and INT8 activations on.
+# Images the sensitivity ranking compares the float model's logits and each one-layer-INT8 model's on.
 SENSITIVITY_IMAGES = 32
 DEFAULT_PERCENTILE = 99.99
 EVAL_BATCH = 64
