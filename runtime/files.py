@@ -93,6 +93,8 @@ class AtomicOutput:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.in_place = streamed_in_place(self.path)
+        # A descriptor of this process (/dev/stdout, /dev/fd/N), found once: write() asks for every record
+        self.descriptor = _own_descriptor(self.path) if self.in_place else None
         self.written = 0  # bytes of whole chunks
         self.cut_short = False  # a write failed: a commit keeps the whole chunks before it
         self.complete = False  # committed with every chunk: only then may a command say "wrote PATH"
@@ -116,7 +118,7 @@ class AtomicOutput:
     def open(self) -> None:
         """Open for ``write`` (streams opened for appending: /dev/stdout redirected to a file keeps what
         is already there)."""
-        fd = _own_descriptor(self.path) if self.in_place else None
+        fd = self.descriptor
         if fd == 1 and sys.stdout is None:  # `>&-`: fd 1 is closed, or already some other file's: not stdout
             fd = None
         try:
@@ -133,7 +135,7 @@ class AtomicOutput:
     def write(self, data: bytes) -> None:
         if self.handle is None:
             self.open()
-        if self.in_place and sys.stdout is not None and _own_descriptor(self.path) == 1:
+        if self.descriptor == 1 and sys.stdout is not None:
             with contextlib.suppress(OSError, ValueError):  # its reader gone: this write says so
                 sys.stdout.flush()  # what the console printed before this comes before it
         view = memoryview(data)
