@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medmamba_edge.runtime.files import sha256_file
-from medmamba_edge.runtime.metadata import ModelMetadata, class_names_problem, unwritable_class_names
+from medmamba_edge.runtime.metadata import IN_CHANS, ModelMetadata, class_names_problem, unwritable_class_names
 
 from . import __version__
 from .errors import UserError
@@ -193,7 +193,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig
             raise CheckpointError(f"{path}: not a MedMamba (VSSM) checkpoint: missing {key}")
         dims.append(2 * _shape(state_dict, key, 1, path)[0])
     proj = _shape(state_dict, "patch_embed.proj.weight", 4, path)
-    if proj[1] not in (1, 3):  # what preprocessing makes of an image (runtime/preprocess.py)
+    if proj[1] not in IN_CHANS:
         raise CheckpointError(f"{path}: the model takes {proj[1]}-channel input (patch_embed.proj.weight); images are "
                               f"fed as 1 (grayscale) or 3 (RGB) channels")
     a_logs = "layers.0.blocks.0.self_attention.A_logs"

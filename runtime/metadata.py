@@ -58,6 +58,10 @@ def unwritable_class_names(names) -> str | None:
     return None
 
 
+# The channels preprocessing makes of an image (runtime/preprocess.py): grayscale or RGB.
+IN_CHANS = (1, 3)
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     input_size: tuple[int, int]  # (height, width) the model was exported for
@@ -88,7 +92,7 @@ class ModelMetadata:
         problem = class_names_problem(self.class_names)
         if problem:
             raise MetadataError(problem)
-        if not _positive_int(self.in_chans) or self.in_chans not in (1, 3):  # what preprocessing makes of an image
+        if not _positive_int(self.in_chans) or self.in_chans not in IN_CHANS:
             raise MetadataError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
         if self.channel_order != "RGB":  # the order preprocessing feeds (and the official train.py's PIL images)
             raise MetadataError(f"channel_order must be RGB, got {self.channel_order!r}")
