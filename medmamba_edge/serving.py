@@ -12,6 +12,7 @@ names from (runtime/backends/triton.py); preprocessing stays on the client (docs
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -73,7 +74,12 @@ class ServeOptions:
             raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
         if problem := model_name_problem(self.name):
             raise UserError(problem)
-        listen_address(self.host)  # now, before PyTriton is even imported
+        self.address  # resolved now, before PyTriton is even imported
+
+    @functools.cached_property
+    def address(self) -> str:
+        """``host`` as the numeric IPv4 address the server listens on (listen_address), resolved once."""
+        return listen_address(self.host)
 
     @property
     def grpc_port_or_default(self) -> int:
@@ -186,7 +192,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     from medmamba_edge.runtime.loop import stop_on_signals
 
     ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
-    host = listen_address(options.host)
+    host = options.address
     check_ports_free(host, ports)
     backend = open_backend(model, threads=options.threads)
     # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
