@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from medmamba_edge import __version__
-from medmamba_edge.errors import UserError, only_with
+from medmamba_edge.errors import UserError, first_line, only_with
 from medmamba_edge.runtime.backends import fixed_batches
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
@@ -445,7 +445,6 @@ def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
     match y_zero_point type UINT8" after propagating Q/DQ through Transpose), and such a file was written, exit 0."""
     import onnxruntime as ort
 
-    from medmamba_edge.errors import first_line
     from medmamba_edge.runtime import fused_scan
     from medmamba_edge.runtime.backends.onnxruntime import onnxruntime_errors
 
