@@ -464,6 +464,32 @@ def test_default_cuda_architectures_are_accepted_by_this_nvcc(tmp_path):
 
 @requires_nvcc
 @requires_cmake
+def test_a_build_without_cuda_arch_is_every_gpu_again_after_one_with_it(tmp_path):
+    # One build folder serves every run (the default one every machine of a shared home): an earlier --cuda-arch
+    # must not stay cached as the architectures of a later build that names none.
+    def configured_archs(arch):
+        command = build.configure_command(CMAKE, tmp_path, NVCC, arch, build.PLUGIN_TARGET, None)
+        command = [part for part in command if "TENSORRT" not in part] + ["-DMEDMAMBA_REQUIRE_TENSORRT=OFF"]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        return re.search(r"medmamba: CUDA [\d.]+, architectures (\S+)", result.stdout).group(1)
+
+    assert configured_archs("87") == "87"
+    assert "80-real" in configured_archs(None).split(";")
+
+
+@requires_nvcc
+@requires_cmake
+def test_an_arch_this_nvcc_lacks_is_named_in_the_error_line(tmp_path):
+    # nvcc says why in a "fatal" line; CMake's and make's "error" lines around it only say that a step failed.
+    build.build_launcher(build_dir=tmp_path, cuda_arch="75")
+    with pytest.raises(build.PluginBuildError, match="Unsupported gpu architecture 'compute_99'"):
+        build.build_launcher(build_dir=tmp_path, cuda_arch="99")  # configured: the build step fails
+    with pytest.raises(build.PluginBuildError, match="Unsupported gpu architecture 'compute_99'"):
+        build.build_launcher(build_dir=tmp_path / "fresh", cuda_arch="99")
+
+
+@requires_nvcc
+@requires_cmake
 def test_build_plugin_without_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
     if _tensorrt_include(use_env=False) is not None:
         pytest.skip("TensorRT headers are installed system-wide here")

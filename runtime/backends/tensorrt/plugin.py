@@ -187,7 +187,11 @@ def _failure(stage: str, log_path: Path) -> PluginBuildError:
     ours = re.search(r"MEDMAMBA_ERROR: (.+?)(?:\n\s*\n|\Z)", text, re.S)
     if ours:
         return PluginBuildError(" ".join(ours.group(1).split()))
-    first_error = next((line.strip() for line in text.splitlines() if re.search(r"\berror\b", line, re.I)), "")
+    # A compiler's own fatal line ("nvcc fatal : Unsupported gpu architecture 'compute_101'") says why; the
+    # first "error" line around it is often only CMake's or make's report that a step failed.
+    lines = text.splitlines()
+    first_error = next((" ".join(line.split()) for pattern in (r"\bfatal\b", r"\berror\b") for line in lines
+                        if re.search(pattern, line, re.I)), "")
     detail = f": {first_error}" if first_error else ""
     return PluginBuildError(f"{stage} failed{detail} (full log: {log_path})")
 
@@ -205,6 +209,20 @@ def _forget_other_compiler(build: Path, nvcc: Path) -> None:
     if match and match.group(1).strip() != str(nvcc):
         cache.unlink()
         shutil.rmtree(build / "CMakeFiles", ignore_errors=True)
+
+
+def configure_command(cmake: str, build: Path, nvcc: Path, arch: str | None, target: str, root) -> list[str]:
+    """The CMake configure line. Options are cached in the build directory, and one directory serves both targets
+    and every run (the default one is shared by the machines of a home): each is set explicitly, or cleared
+    (-U) where the CMakeLists' default applies, or an earlier --cuda-arch 87 would stay the "every GPU" build."""
+    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={arch}" if arch is not None else "-UCMAKE_CUDA_ARCHITECTURES")
+    configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == PLUGIN_TARGET else 'OFF'}")
+    if target == PLUGIN_TARGET:
+        configure.append(f"-DTENSORRT_ROOT={Path(root).expanduser()}" if root else "-UTENSORRT_ROOT")
+        pip_libs = pip_tensorrt_lib_dir()
+        configure.append(f"-DTENSORRT_LIB_DIR={pip_libs}" if pip_libs is not None else "-UTENSORRT_LIB_DIR")
+    return configure
 
 
 def _cmake_build(
@@ -241,17 +259,7 @@ def _cmake_build(
         raise PluginBuildError(f"{build}: cannot use it as the build folder ({exc.strerror or exc})") from None
     _forget_other_compiler(build, nvcc)
 
-    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={nvcc}"]
-    if arch is not None:
-        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={arch}")
-    # Explicit either way: the option is cached, and one build directory may serve both functions.
-    configure.append(f"-DMEDMAMBA_REQUIRE_TENSORRT={'ON' if target == PLUGIN_TARGET else 'OFF'}")
-    if target == PLUGIN_TARGET:
-        if root:
-            configure.append(f"-DTENSORRT_ROOT={Path(root).expanduser()}")
-        pip_libs = pip_tensorrt_lib_dir()
-        if pip_libs is not None:
-            configure.append(f"-DTENSORRT_LIB_DIR={pip_libs}")
+    configure = configure_command(cmake, build, nvcc, arch, target, root)
     compile_ = [cmake, "--build", str(build), "--target", target, "--parallel", str(jobs or os.cpu_count() or 1)]
 
     log_path = build / BUILD_LOG
