@@ -104,7 +104,7 @@ def read_image(path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageError(f"{path}: file is empty")
-    flags = cv2.IMREAD_UNCHANGED
+    flags = cv2.IMREAD_UNCHANGED  # which, unlike any other flag, also leaves EXIF orientation unapplied
     header = image_header(data)
     if header and header[1] * header[2] > MAX_IMAGE_PIXELS:
         kind, width, height, gray = header
@@ -112,7 +112,7 @@ def read_image(path) -> np.ndarray:
         if factor is None:
             raise _over_limit(path, width, height, kind, " even at 1/8 scale" if kind == "JPEG"
                               else "; only JPEG is decoded reduced")
-        flags = _REDUCED[gray, factor]
+        flags = _REDUCED[gray, factor] | cv2.IMREAD_IGNORE_ORIENTATION  # as full-size JPEGs and train.py's PIL
     try:
         with quiet_opencv():
             image = cv2.imdecode(data, flags)
@@ -204,13 +204,22 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
         if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
             return list(lut.apply_color_lut(pixels, ds))
         if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
-            return list(pixels)
+            return _colour(ds, pixels)
         return _monochrome(ds, pixels, photometric, lut, path)
     except ImageError:
         raise
     except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
         raise ImageError(f"{path}: DICOM {photometric} pixels cannot be mapped to intensities "
                          f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _colour(ds, pixels: np.ndarray) -> list[np.ndarray]:
+    """RGB frames; stored in fewer bits than allocated (12 of 16), scaled from the range their bits hold, as
+    monochrome ones are (preprocess would divide 12-bit values by 65535: a white of 0.06)."""
+    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
+    if bits >= pixels.dtype.itemsize * 8:
+        return list(pixels)
+    return [(frame * np.float32(1 / ((1 << bits) - 1))).astype(np.float32) for frame in pixels]
 
 
 def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.ndarray]:
@@ -238,8 +247,8 @@ def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.
 
 def read_still(path: Path) -> list[np.ndarray]:
     """An image or DICOM file's frames (one, except multi-frame DICOM)."""
-    try:
-        dicom = is_dicom(path)
+    try:  # an image suffix is taken at its word: a second open per image costs a round trip on a network share
+        dicom = path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return read_dicom(path) if dicom else [read_image(path)]
@@ -255,7 +264,7 @@ def read_single_image(path: str | Path) -> np.ndarray:
 
 
 def is_still(path: Path) -> bool:
-    """Whether ``path`` names what ``read_still`` reads: an image or DICOM suffix, or a DICOM without one (OSError
-    if that file cannot be read)."""
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and is_dicom(path))
+    """Whether ``path`` names what ``read_still`` reads: an image or DICOM suffix, or a DICOM by its magic whatever
+    its name (OSError if that file cannot be read). Not only suffix-less names: PACS exports name files by their
+    UID (``CR.1.2.276.0.7230010.3.1.4.8323329``), whose last digits read as a suffix."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)

@@ -136,6 +136,12 @@ def test_images_over_the_pixel_limit_are_decoded_reduced_or_refused_at_once(tmp_
     icc = b"\xff\xe2" + (65535).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes(65521)
     (tmp_path / "big_icc.jpg").write_bytes(data[:2] + icc + data[2:])
     assert read_image(tmp_path / "big_icc.jpg").shape == (500, 600, 3)
+    # An EXIF orientation (a phone photo's "rotate 90°"): applied by OpenCV's reduced decode unless told not to;
+    # never applied at full size, nor by train.py's PIL. Whether an image turned must not depend on its size.
+    ifd = (1).to_bytes(2, "little") + bytes.fromhex("1201 0300 01000000 0600 0000") + bytes(4)
+    exif = b"Exif\0\0II*\0" + (8).to_bytes(4, "little") + ifd
+    (tmp_path / "big_exif.jpg").write_bytes(data[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + data[2:])
+    assert read_image(tmp_path / "big_exif.jpg").shape == (500, 600, 3)
     monkeypatch.setattr(module, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(ImageError, match="even at 1/8 scale"):
         read_image(tmp_path / "big.jpg")

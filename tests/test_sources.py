@@ -102,10 +102,12 @@ def test_folder_skips_broken_files_and_keeps_going(tmp_path):
     (tmp_path / "e_zero.png").write_bytes(b"")
     (tmp_path / "f_cut.png").write_bytes((tmp_path / "a_rgb.png").read_bytes()[:80])
     synthetic_dicom(tmp_path / "g_nosuffix", rgb[:, :, 0].copy())
+    synthetic_dicom(tmp_path / "h.1.2.826.0.1.3680043.8.498.10001", rgb[:, :, 1].copy())  # a PACS export's UID name
     (tmp_path / "notes.txt").write_text("not an image: not listed")
     frames = list(open_source(str(tmp_path)).frames())
     assert [f.source.rsplit("/", 1)[-1] for f in frames] == ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_deep.png",
-                                                            "e_zero.png", "f_cut.png", "g_nosuffix"]
+                                                            "e_zero.png", "f_cut.png", "g_nosuffix",
+                                                            "h.1.2.826.0.1.3680043.8.498.10001"]
     assert [f.image.shape if f.image is not None else None for f in frames][:4] == [(40, 50, 3), (40, 50), (40, 50, 4), (40, 50)]
     assert frames[3].image.dtype == np.uint16
     assert "file is empty" in frames[4].error and "not a decodable image" in frames[5].error
@@ -251,6 +253,12 @@ def test_palette_colour_and_one_bit_dicom_are_mapped_not_read_as_raw_values(tmp_
     (mask,) = read_dicom(synthetic_dicom(tmp_path / "mask.dcm", bits, BitsAllocated=1, BitsStored=1, HighBit=0,
                                          pixel_data=pydicom.pixels.pack_bits(bits)))
     assert mask.dtype == np.float32 and np.array_equal(mask, bits.astype(np.float32))
+    # RGB in 12 of 16 bits: scaled from 4095 as monochrome is, not passed on as uint16 (a white of 4095/65535).
+    stored = np.random.default_rng(0).integers(0, 4096, (8, 8, 3), dtype=np.uint16)
+    (colour,) = read_dicom(synthetic_dicom(tmp_path / "rgb12.dcm", stored[:, :, 0], photometric="RGB",
+                                           SamplesPerPixel=3, PlanarConfiguration=0, BitsStored=12, HighBit=11,
+                                           pixel_data=stored.tobytes()))
+    assert colour.dtype == np.float32 and np.allclose(colour, stored / 4095, atol=1e-6)
 
 
 def test_dicom_that_cannot_be_mapped_or_is_cut_says_so(tmp_path):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom
+from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
 from .files import FileSource, folder_files, glob_files
@@ -87,7 +87,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
             raise SourceError(f"{path}: video file is empty")
         return video_file_source(path)
     try:
-        still = suffix in IMAGE_SUFFIXES or is_dicom(path)
+        still = is_still(path)
     except OSError as exc:
         raise SourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if still:

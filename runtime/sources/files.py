@@ -189,7 +189,7 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
                 try:
                     if is_still(path):
                         found.append(path)
-                except OSError as exc:  # no suffix and unreadable: it may be a DICOM file (IM0001)
+                except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
                     found.append((path, f"cannot be read ({exc.strerror or exc}), not read"))
 
     walk(folder)
