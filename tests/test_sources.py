@@ -239,6 +239,27 @@ def test_stream_reconnects_with_backoff_then_gives_up():
     assert len(first_notices) == 1 and first_notices[0].endswith("reconnecting in 0.5 s (attempt 1/1)")
 
 
+@pytest.mark.parametrize("spec", ["0", "/dev/video0", "v4l2:///dev/video0"])
+def test_a_camera_that_stops_delivering_is_lost_after_the_reconnect_attempts_asked_for(spec, monkeypatch):
+    class SilentCamera:  # opens, then delivers nothing: a camera unplugged mid-run (no camera on CI machines)
+        opened = 0
+
+        def __init__(self, *args):
+            SilentCamera.opened += 1
+
+        isOpened = lambda self: True  # noqa: E731
+        read = lambda self: (False, None)  # noqa: E731
+        get = lambda self, prop: 0.0  # noqa: E731
+        release = lambda self: None  # noqa: E731
+
+    monkeypatch.setattr(video.cv2, "VideoCapture", SilentCamera)
+    source = open_source(spec, reconnect=2)
+    source.backoff, source.notify = 0.001, lambda message: None
+    with pytest.raises(SourceError, match="lost; no frames after 2 reconnect attempts"):
+        list(source.frames())
+    assert SilentCamera.opened == 1 + 2
+
+
 def test_palette_colour_and_one_bit_dicom_are_mapped_not_read_as_raw_values(tmp_path):
     indices = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     ramp = (np.arange(256, dtype=np.uint16) * 257)

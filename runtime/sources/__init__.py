@@ -48,12 +48,12 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     if not spec.strip():  # an unset "$SOURCE" would otherwise be ".", the current folder
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
-        return camera_source(int(spec), spec)
+        return camera_source(int(spec), spec, reconnect)
     scheme = urlparse(spec).scheme.lower() if "://" in spec else ""
     if scheme == "csi":
-        return csi_source(spec)
+        return csi_source(spec, reconnect)
     if scheme == "v4l2":
-        return camera_source(urlparse(spec).path, spec)
+        return camera_source(urlparse(spec).path, spec, reconnect)
     if scheme in STREAM_SCHEMES:
         return stream_source(spec, reconnect, notify)
     if scheme == "file":
@@ -64,7 +64,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "
                           f"({', '.join(s + '://' for s in STREAM_SCHEMES)})")
     if re.fullmatch(r"/dev/video[0-9]+", spec):
-        return camera_source(spec, spec)
+        return camera_source(spec, spec, reconnect)
     if glob.has_magic(spec) and not Path(spec).exists():
         paths = glob_files(spec)
         if not paths:

@@ -30,12 +30,12 @@ class VideoSource(Source):
     gets those retries for its first connection (a camera that is still booting)."""
 
     def __init__(self, open_capture: Callable[[], cv2.VideoCapture], description: str, uri: str, live: bool = False,
-                 reconnect: int = 5, retry_first_open: bool = False, backoff: float = 0.5,
+                 reconnect: int = 5, retry_first_open: bool = False,
                  notify: Callable[[str], None] | None = None):
         self.open_capture, self.description, self.uri, self.live = open_capture, description, uri, live
         if notify is not None:  # a first connection's retries are said too, not only a lost stream's
             self.notify = notify
-        self.reconnect, self.backoff = reconnect, backoff  # first wait; doubles up to 8 s
+        self.reconnect, self.backoff = reconnect, 0.5  # the first wait, in s; doubles up to 8 s
         self.stopping = threading.Event()  # set by the loop: stop reading and waiting
         self.capture: cv2.VideoCapture | None = None
         try:
@@ -140,7 +140,7 @@ def csi_pipeline(sensor: int, width: int = 1920, height: int = 1080, fps: int = 
             f"! appsink drop=true max-buffers=1")
 
 
-def csi_source(uri: str) -> VideoSource:
+def csi_source(uri: str, reconnect: int) -> VideoSource:
     parsed = urlparse(uri)
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     try:
@@ -156,15 +156,15 @@ def csi_source(uri: str) -> VideoSource:
             f"`pip uninstall opencv-python opencv-python-headless` inside it")
     return VideoSource(_opener(uri, csi_pipeline(sensor, **size), cv2.CAP_GSTREAMER,
                                hint=" (is nvargus-daemon running and the sensor connected?)"),
-                       f"CSI camera {sensor}", uri, live=True)
+                       f"CSI camera {sensor}", uri, live=True, reconnect=reconnect)
 
 
-def camera_source(device: int | str, uri: str) -> VideoSource:
+def camera_source(device: int | str, uri: str, reconnect: int) -> VideoSource:
     # A path (/dev/video0) goes to V4L2 directly; an index lets OpenCV pick the platform's camera backend.
     args = (device, cv2.CAP_V4L2) if isinstance(device, str) else (device,)
     return VideoSource(_opener(f"camera {device}", *args,
                                hint=" (no such device, no permission, or in use; list cameras with `v4l2-ctl --list-devices`)"),
-                       f"camera {device}", uri, live=True)
+                       f"camera {device}", uri, live=True, reconnect=reconnect)
 
 
 def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None = None) -> VideoSource:
