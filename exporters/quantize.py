@@ -55,6 +55,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
+from medmamba_edge.runtime.metrics import non_finite_rows
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -469,11 +470,14 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
     from medmamba_edge.runtime.backends import open_backend
 
     backend = open_backend(model_path)
-    predictions = []
+    logits = []
     for done, batch in enumerate(inputs, start=1):
-        predictions.append(backend.run(batch).argmax(axis=1))
+        logits.append(backend.run(batch))
         progress(f"evaluating {model_path.name}", done, len(inputs))
-    return 100.0 * float((np.concatenate(predictions) == labels).mean())
+    logits = np.concatenate(logits)
+    correct = logits.argmax(axis=1) == labels
+    correct[non_finite_rows(logits)] = False  # no answer is no right answer, whatever class argmax picks
+    return 100.0 * float(correct.mean())
 
 
 def _check_options(method: str, percentile: float | None, quant_format: str, max_drop: float | None, eval_data,

@@ -19,7 +19,7 @@ import numpy as np
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, softmax
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
-from medmamba_edge.runtime.metrics import Metrics, classification_metrics
+from medmamba_edge.runtime.metrics import Metrics, classification_metrics, non_finite_rows
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .errors import UserError
@@ -176,6 +176,11 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
     labels = dataset.labels()[outputs.indices]
     results = []
     for backend, logits, seconds in zip(backends, outputs.logits, outputs.seconds):
+        broken = non_finite_rows(logits)
+        if broken.size:  # scored, they would count as class 0 answers; left out, the metrics would flatter the model
+            raise EvaluationError(f"{backend.path}: non-finite logits (NaN or infinite) for {broken.size} of "
+                                  f"{len(logits)} images (first: {dataset.samples[outputs.indices[broken[0]]].source}); "
+                                  f"its answers there cannot be scored (a float16 overflow? see docs/tensorrt.md)")
         probabilities = softmax(logits)
         results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,
                                        backend.metadata.input_size, classification_metrics(labels, probabilities, class_names),

@@ -91,6 +91,12 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def non_finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Indices of the rows with a NaN or infinite logit: answers no metric can score (argmax takes the first NaN's
+    index, class 0 as often as not; a ranking puts NaN first), as from a float16 overflow or a broken export."""
+    return np.flatnonzero(~np.isfinite(logits).all(axis=1))
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 

@@ -120,6 +120,34 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     assert all(f"broken{i}.png" in result.output for i in range(6)) and "more" not in result.output
 
 
+def with_nan_logits(model, path):
+    """``model`` whose logits are NaN (as a float16 overflow makes them): argmax would call each one class 0."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = (m := onnx.load(model)).graph
+    logits = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{name}_finite" if name == logits else name for name in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+    graph.node.append(helper.make_node("Add", [f"{logits}_finite", "nan"], [logits]))
+    onnx.save(m, path)
+    return path
+
+
+def test_a_model_with_non_finite_logits_is_not_scored(tmp_path_factory, tmp_path):
+    from medmamba_edge.exporters.quantize import top1_accuracy
+
+    broken = with_nan_logits(bundled_onnx(tmp_path_factory), tmp_path / "nan.onnx")
+    folder = xray_folder(tmp_path / "xrays")
+    total = len(sample_image_paths("pneumoniamnist"))
+    one_line_error(["evaluate", str(broken), "--data", str(folder)],
+                   f"nan.onnx: non-finite logits (NaN or infinite) for {total} of {total} images (first: "
+                   f"{folder / 'normal' / 'val_0003_normal.png'})")
+    # quantize's accuracy gate: no answer is a wrong one, not the class 0 argmax names (all labels 0 here).
+    assert top1_accuracy(broken, [np.zeros((4, 3, 32, 32), np.float32)], np.zeros(4, np.int64)) == 0.0
+
+
 def test_outputs_that_would_replace_each_other_or_join_the_data_are_refused(onnx32, tmp_path):
     """--json onto a planned confusion plot replaced it silently; --plots in a class folder added an image to it."""
     folder = xray_folder(tmp_path / "xrays")
@@ -176,6 +204,14 @@ def test_csv_that_is_not_utf8_is_a_one_line_error(onnx32, tmp_path):
     (tmp_path / "latin1.csv").write_bytes(b"a.png,normal\n# r\xe9sum\xe9\n")
     one_line_error(["evaluate", str(onnx32), "--data", str(tmp_path / "latin1.csv")],
                    "latin1.csv:2: not UTF-8 text (byte 0xe9); save the CSV as UTF-8")
+
+
+def test_confusion_shares_are_never_rounded_to_none_or_all():
+    from medmamba_edge.plots import share
+
+    # The official checkpoint's pneumonia row, 388 | 1 of 389: it was drawn "100%" and "0%".
+    assert [share(1 / 389), share(388 / 389)] == ["0.3%", "99.7%"]
+    assert [share(1 / 5000), share(4999 / 5000), share(0.0), share(1.0)] == ["<0.1%", ">99.9%", "0.0%", "100.0%"]
 
 
 def test_plot_labels_are_drawn_as_given(onnx32, tmp_path):
