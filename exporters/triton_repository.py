@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -393,8 +394,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         deepstream_text, refusal = None, str(exc)
 
     repository.mkdir(parents=True, exist_ok=True)
-    # Built beside its final place (same filesystem, so the rename is atomic), hidden by its leading dot.
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=repository))
+    workspace = _workspace(repository)
+    _remove_leftovers(workspace, name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=workspace))
     try:
         (staging / "1").mkdir()
         shutil.copyfile(served.source, staging / "1" / model_file)
@@ -415,7 +417,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                            errors="backslashreplace")
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
-        _replace_folder(staging, repository / name)
+        _replace_folder(staging, repository / name, workspace)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
@@ -426,13 +428,48 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                         server_command)
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; whatever is there (a folder, a link, a dangling one) is moved aside first and
-    removed after."""
+def _workspace(repository: Path) -> Path:
+    """Where a model folder is built, and the one it replaces moved aside: a folder on the repository's file system
+    (so that renames are atomic) and outside it where possible. Triton takes every folder of a repository for a
+    model, hidden ones too: a folder an export killed mid-way (SIGKILL, out of memory, power) left there stops a
+    server from starting ("directory name must equal model name"). Its parent, unless it is another file system
+    (a repository mounted into a container) or not writable; then the repository itself."""
+    parent = repository.resolve().parent
+    try:
+        if os.stat(parent).st_dev == os.stat(repository).st_dev and os.access(parent, os.W_OK | os.X_OK):
+            return parent
+    except OSError:
+        pass
+    return repository
+
+
+def _remove_leftovers(workspace: Path, name: str) -> None:
+    """Remove what exports of ``name`` killed mid-way left in ``workspace``: their folders carry their process id,
+    and that process is gone (a running export's folders stay)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.(?:partial|old)")
+    for entry in workspace.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _process_exists(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _replace_folder(new: Path, target: Path, workspace: Path) -> None:
+    """Move ``new`` to ``target``; whatever is there (a folder, a link, a dangling one) is moved aside (into
+    ``workspace``) first and removed after."""
     if not os.path.lexists(target):
         os.rename(new, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=workspace))
     os.rename(target, old / target.name)
     os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,7 @@ from medmamba_edge.runtime import fused_scan
 from medmamba_edge.runtime.metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import _uint8_lookup
 from tests.cli_runner import cli
-from tests.exported_models import official_onnx
+from tests.exported_models import bundled_onnx, official_onnx
 from tests.shared_data import PNEUMONIAMNIST, require_shared
 from tests.triton_server import require_serve_python
 
@@ -217,6 +217,26 @@ def test_a_model_inside_the_folder_it_would_replace_is_refused(model, tmp_path):
     (tmp_path / "dangling").mkdir()
     (tmp_path / "dangling" / "medmamba").symlink_to(tmp_path / "gone")
     assert (export_triton(model, tmp_path / "dangling").folder / "config.pbtxt").exists()
+
+
+def test_an_export_killed_mid_way_leaves_nothing_a_server_would_take_for_a_model(tmp_path_factory, tmp_path):
+    """Triton takes every folder of a repository for a model, hidden ones too: a half-built one left there by a
+    SIGKILL (out of memory, a container's stop timeout) stopped a stock tritonserver from starting."""
+    import signal
+    import sys
+
+    model, repository = bundled_onnx(tmp_path_factory), tmp_path / "repo"
+    killed_before_the_rename = f"""
+import os, signal
+from medmamba_edge.exporters import triton_repository
+triton_repository._replace_folder = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+triton_repository.export_triton({str(model)!r}, {str(repository)!r})
+"""
+    assert subprocess.run([sys.executable, "-c", killed_before_the_rename]).returncode == -signal.SIGKILL
+    assert list(repository.iterdir()) == []
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    export_triton(model, repository)  # the next export of that name removes what the killed one left
+    assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists()
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):

@@ -71,8 +71,8 @@ class ServerModel:
 
 
 def model_name_problem(name: str) -> str | None:
-    """What Triton refuses in a model name (letters, digits, '.', '_' and '-'; a leading '.' would hide its
-    repository folder), in words, or None."""
+    """What a model name may not be, in words, or None: Triton's letters, digits, '.', '_' and '-', without a leading
+    '.' (export-triton's temporary folders are named '.NAME.…')."""
     if name.startswith(".") or not re.fullmatch(r"[A-Za-z0-9._-]+", name):  # ASCII: "modèle".isalnum() is true
         return f"--name {name!r}: a model name is letters, digits, '.', '_' and '-' (not leading '.')"
     return None
