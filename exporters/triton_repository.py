@@ -50,6 +50,11 @@ ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
 # DeepStream's copy of an ONNX model: a Softmax after the logits, whose output nvinfer reads (with_softmax).
 DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
+# nvinfer sets TensorRT's INT8 flag only when its int8-calib-file can be read (else: "INT8 calibration file not
+# specified. Trying FP16 mode."), and TensorRT builds no Q/DQ network without that flag. A Q/DQ network carries
+# its own scales ("Calibrator won't be used in explicit precision mode"), so the file only has to exist.
+DEEPSTREAM_CALIBRATION = "deepstream_int8_calibration.txt"
+CALIBRATION_CACHE_TEXT = "TRT-0-EntropyCalibration2\n"  # a cache's header; no entries: the Q/DQ nodes hold the scales
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
 # Standard ONNX ops of a QOperator model that TensorRT's ONNX parser does not take (it takes Q/DQ instead).
 ONNX_RUNTIME_ONLY_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"})
@@ -241,6 +246,8 @@ def deepstream_config(served: ServedModel, *, plugin_path: str | None, batch: in
         # <onnx>_b<batch>_gpu<id>_<precision>.engine), which the next start loads.
         "model-engine-file": f"{DEEPSTREAM_MODEL}_b{batch}_gpu0_{served.precision}.engine",
     }
+    if served.precision == "int8":
+        properties["int8-calib-file"] = DEEPSTREAM_CALIBRATION
     if plugin_path:
         properties["custom-lib-path"] = plugin_path
     header = ["# Gst-nvinfer configuration written by medmamba-edge export-triton (see docs/serving.md).",
@@ -412,6 +419,8 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
             onnx.save(with_softmax(onnx.load(str(staging / "1" / model_file))), staging / DEEPSTREAM_MODEL)
             (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
             (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
+            if served.precision == "int8":
+                (staging / DEEPSTREAM_CALIBRATION).write_text(CALIBRATION_CACHE_TEXT)
         # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
         (staging / "README.md").write_text(_readme(name, served, server_command, op_library, refusal),
                                            errors="backslashreplace")

@@ -179,20 +179,29 @@ def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(mod
     assert np.abs(probabilities - expected).max() < 1e-6 and (probabilities.argmax(1) == logits.argmax(1)).all()
 
 
-def test_a_qoperator_model_gets_no_deepstream_config_since_tensorrt_cannot_parse_it(tmp_path):
-    from medmamba_edge.exporters.onnx_export import export_onnx
+def quantized_bundled(tmp_path_factory, tmp_path, quant_format):
     from medmamba_edge.exporters.quantize import quantize_onnx
-    from medmamba_edge.runtime.bundled import bundled_checkpoint
 
-    fp32 = tmp_path / "b.onnx"
-    export_onnx(bundled_checkpoint(), fp32, input_size=32, batch=None, verify=False)
-    qoperator = quantize_onnx(fp32, tmp_path / "q.onnx", require_shared(*PNEUMONIAMNIST), num_samples=8,
-                              quant_format="qoperator").path
-    result = export_triton(qoperator, tmp_path / "repo")
+    return quantize_onnx(bundled_onnx(tmp_path_factory), tmp_path / "q.onnx", require_shared(*PNEUMONIAMNIST),
+                         num_samples=8, quant_format=quant_format).path
+
+
+def test_a_qoperator_model_gets_no_deepstream_config_since_tensorrt_cannot_parse_it(tmp_path_factory, tmp_path):
+    result = export_triton(quantized_bundled(tmp_path_factory, tmp_path, "qoperator"), tmp_path / "repo")
     assert result.deepstream_text is None and "TensorRT does not take" in result.deepstream_refusal
     assert "QLinearConv" in result.deepstream_refusal and "--format qdq" in result.deepstream_refusal
     assert not (result.folder / "deepstream_model.onnx").exists() and (result.folder / "config.pbtxt").exists()
     assert "No DeepStream config: nvinfer builds a TensorRT engine" in (result.folder / "README.md").read_text()
+
+
+def test_a_qdq_model_gets_the_calibration_file_that_makes_nvinfer_build_int8(tmp_path_factory, tmp_path):
+    # Without one nvinfer falls back to FP16 (TensorRT then refuses the Q/DQ network), and saves no engine under
+    # the _int8 name the config gives, so the next start would not find it.
+    folder = export_triton(quantized_bundled(tmp_path_factory, tmp_path, "qdq"), tmp_path / "repo").folder
+    properties = dict(line.split("=", 1) for line in (folder / "deepstream_nvinfer.txt").read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+    assert properties["network-mode"] == "1" and properties["model-engine-file"].endswith("_int8.engine")
+    assert (folder / properties["int8-calib-file"]).read_text().startswith("TRT-")
 
 
 def test_a_model_inside_the_folder_it_would_replace_is_refused(model, tmp_path):
