@@ -96,6 +96,8 @@ class ModelMetadata:
             raise MetadataError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
         if self.channel_order != "RGB":  # the order preprocessing feeds (and the official train.py's PIL images)
             raise MetadataError(f"channel_order must be RGB, got {self.channel_order!r}")
+        if self.resize != "bilinear":  # the one preprocessing does (PIL's, as train.py's Resize)
+            raise MetadataError(f"resize must be bilinear, got {self.resize!r}")
         if self.batch is not None and not _positive_int(self.batch):
             raise MetadataError(f"batch must be a positive integer, or null for a dynamic batch; got {self.batch!r}")
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)

@@ -106,8 +106,6 @@ def preprocess_one(image: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     1/65535) and float32 in [0, 1] (DICOM after windowing) keep their precision through the resize."""
     if image.dtype not in (np.uint8, np.uint16, np.float32):
         raise ImageError(f"expected uint8, uint16 or float32 pixels, got {image.dtype}")
-    if metadata.resize != "bilinear":
-        raise ImageError(f"resize {metadata.resize!r} is not supported (only PIL's bilinear, as train.py)")
     if image.dtype == np.uint16:
         image = image.astype(np.float32) * np.float32(1 / 65535)
     single = image.ndim == 2 or image.shape[2] == 1

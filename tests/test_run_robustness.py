@@ -181,6 +181,8 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     ({**GOOD_META, "in_chans": 1, "mean": [0.5], "std": [0.5]}, "in_chans is 1 but the graph takes 3 channels"),
     # Accepted, then ignored: preprocessing feeds RGB whatever the field said (and compare passed such a pair).
     ({**GOOD_META, "channel_order": "BGR"}, "channel_order must be RGB, got 'BGR'"),
+    # Accepted, then every frame skipped for it, as if the images were at fault.
+    ({**GOOD_META, "resize": "bicubic"}, "resize must be bilinear, got 'bicubic'"),
     ({**GOOD_META, "in_chans": 2, "mean": [0.5] * 2, "std": [0.5] * 2}, "in_chans must be 1 or 3, got 2"),
     ({**GOOD_META, "in_chans": 3.0}, "in_chans must be 1 or 3, got 3.0"),
 ])
