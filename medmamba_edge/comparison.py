@@ -12,8 +12,8 @@ Tolerances are tiered by the less precise of the two models (``precision`` in th
 - int8: logits are not compared element by element (quantization shifts them by design); instead at
   least 98% of the images must keep A's top-1 class and the mean over images of the largest
   probability difference must stay ≤ 0.02. A single image's probability may move much more, so its
-  maximum is reported but not judged. (The official MedMamba-T at 32×32 and its INT8 export on
-  PneumoniaMNIST val: 99.5% agreement, mean 0.005, largest 0.09.)
+  maximum is reported but not judged (figures for the official MedMamba-T at 32×32 and its INT8 export in
+  docs/evaluation.md).
 
 ``--atol``/``--rtol`` replace the logit tolerance and apply the element-wise check at every tier.
 Top-1 agreement is always reported; at fp32/fp16 it is not judged, because logits within tolerance may

@@ -26,6 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
+from .preprocess import PIXEL_TYPES
 from .sources.files import folder_files
 
 
@@ -167,9 +168,6 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     return Dataset(f"{path} ({kind}, {len(samples)} images)", samples)
 
 
-NPZ_PIXEL_TYPES = (np.uint8, np.uint16, np.float32)  # what preprocess() takes
-
-
 def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The split's arrays, read in full now: an npz reads each member lazily, so a truncated, CRC-corrupt or
     pickled member would otherwise fail at first use, deep inside quantize or evaluate."""
@@ -193,7 +191,7 @@ def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | No
 def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Dataset:
     images, labels = _read_npz_split(path, split)
     where = f"{path}: {split}_images"
-    if images.dtype not in NPZ_PIXEL_TYPES:
+    if images.dtype not in PIXEL_TYPES:  # what preprocess() takes
         raise DatasetError(f"{where} has {images.dtype} pixels; expected uint8, uint16 or float32")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)) or 0 in images.shape[1:]:
         raise DatasetError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1|3|4)")

@@ -3,8 +3,9 @@
 It reproduces the official ``train.py`` validation transform (PIL ``Resize((H, W))``, ``ToTensor``,
 ``Normalize(mean, std)``) with numpy, so the runtime needs neither torch nor PIL, and a deployed model
 sees the pixels it was validated on. OpenCV's INTER_AREA / INTER_LINEAR are not PIL's antialiased
-bilinear filter: on BUSI images at 32×32 they move pixels by up to ~20/255 and logits by ~1e-1, while
-the separable triangle filter below matches PIL bit for bit on 8-bit images (docs/runtime.md).
+bilinear filter: they move pixels by tens of 8-bit levels and change a few percent of the predictions on
+real images, while the separable triangle filter below matches PIL bit for bit on 8-bit images (figures in
+docs/runtime.md, "Preprocessing parity with training").
 """
 
 from __future__ import annotations
@@ -101,10 +102,13 @@ def _uint8_lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray
     return ((values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]).astype(np.float32)
 
 
+PIXEL_TYPES = (np.uint8, np.uint16, np.float32)  # float32: in [0, 1], as DICOM after windowing
+
+
 def preprocess_one(image: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     """One RGB or grayscale image → float32 (C, H, W). uint8 follows train.py exactly; uint16 (scaled by
     1/65535) and float32 in [0, 1] (DICOM after windowing) keep their precision through the resize."""
-    if image.dtype not in (np.uint8, np.uint16, np.float32):
+    if image.dtype not in PIXEL_TYPES:
         raise ImageError(f"expected uint8, uint16 or float32 pixels, got {image.dtype}")
     if image.dtype == np.uint16:
         image = image.astype(np.float32) * np.float32(1 / 65535)
