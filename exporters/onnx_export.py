@@ -34,13 +34,13 @@ from medmamba_edge.runtime.backends import run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
-from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, SCAN_FORMS, ModelMetadata, write_onnx_metadata
+from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
+                                            write_onnx_metadata)
 from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # torch.onnx's exporter writes opset 18 and converts from there; down to 17 fails on MedMamba (ONNX's converter
 # needs constant axes inputs, and the exporter's are not folded yet when it converts).
 DEFAULT_OPSET = MIN_OPSET = 18

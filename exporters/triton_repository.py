@@ -37,15 +37,14 @@ import onnx
 
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import check_writable, current_umask
-from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata, check_against_graph, unwritable_class_names
+from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
+                                            unwritable_class_names)
 
 DEFAULT_NAME = "medmamba"
-# The names `medmamba-edge export` gives the graph's input and output (exporters/onnx_export.py, which needs
-# torch); an engine built from such a model keeps them. ONNX models are read for their own names.
-EXPORTED_INPUT, EXPORTED_OUTPUT = "input", "logits"
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
 # DeepStream's copy of an ONNX model: a Softmax after the logits, whose output nvinfer reads (with_softmax).
@@ -126,7 +125,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     if not path.is_file():
         raise TritonExportError(f"{path}: no such model file")
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    if suffix in ONNX_SUFFIXES:
         from medmamba_edge.runtime.metadata import graph_shapes, load_onnx, read_onnx_metadata
 
         model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
@@ -146,7 +145,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         return ServedModel(path, "onnx", metadata, graph_inputs[0].name, model.graph.output[0].name,
                            max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
                            onnx_runtime_only_ops=tuple(runtime_only))
-    if suffix in (".engine", ".plan"):
+    if suffix in ENGINE_SUFFIXES:
         from medmamba_edge.runtime.backends.tensorrt.manifest import read_manifest
 
         manifest = read_manifest(path)
@@ -159,7 +158,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
             raise TritonExportError(
                 f"{path}: its profile takes batches {smallest} to {largest}, but Triton's dynamic batcher sends "
                 f"any batch from 1; rebuild it with --min-batch 1 (or one batch size, --min-batch = --max-batch)")
-        return ServedModel(path, "engine", metadata, input_name, EXPORTED_OUTPUT,
+        return ServedModel(path, "engine", metadata, input_name, OUTPUT_NAME,
                            0 if smallest == largest else min(max_batch, largest), False,
                            manifest.plugin_sha256 is not None, manifest.precision, manifest.build.version_compatible)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
@@ -286,7 +285,7 @@ def check_deepstream_config(text: str, source: str = DEEPSTREAM_CONFIG) -> None:
     try:
         parser.read_string(text, source)
     except configparser.Error as exc:
-        raise TritonExportError(f"{source}: not a key file Gst-nvinfer can read ({str(exc).splitlines()[0]})") from None
+        raise TritonExportError(f"{source}: not a key file Gst-nvinfer can read ({first_line(exc)})") from None
     unknown = sorted(set(parser["property"]) - DEEPSTREAM_KEYS)
     if unknown:
         raise TritonExportError(f"{source}: keys Gst-nvinfer does not document: {', '.join(unknown)}")

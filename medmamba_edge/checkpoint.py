@@ -63,11 +63,9 @@ class LoadedCheckpoint:
         """What an export of this checkpoint carries; preprocessing is the official train.py's. Raises
         CheckpointError for an input too small to leave every stage a token (patch embedding, then a 2× merge
         per stage after the first)."""
-        config = self.config
-        for side in input_size:
-            if side // config.patch_size // 2 ** (len(config.depths) - 1) < 1:
-                minimum = config.patch_size * 2 ** (len(config.depths) - 1)
-                raise CheckpointError(f"{self.path}: input size {tuple(input_size)} is too small; the model needs at least {minimum}")
+        config, minimum = self.config, self.model.min_input_size()
+        if min(input_size) < minimum:
+            raise CheckpointError(f"{self.path}: input size {tuple(input_size)} is too small; the model needs at least {minimum}")
         return ModelMetadata(
             input_size=tuple(input_size),
             class_names=tuple(self.class_names),

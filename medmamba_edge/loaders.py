@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medmamba_edge.runtime.backends import TORCH_SUFFIXES, Backend, BackendError, open_backend, refuse_options
+from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, BackendError, open_backend,
+                                            refuse_options)
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 
@@ -35,7 +36,7 @@ def open_model(path: str | Path, *, backend: str = "auto", precision: str | None
         return PyTorchBackend(path, input_size=input_size or DEFAULT_INPUT_SIZE, classes=classes, threads=threads)
     refuse_options(path, "an exported model (it carries its own)", input_size=input_size, classes=classes)
     if backend == "tensorrt":
-        if not str(path).lower().endswith(".onnx"):
+        if Path(path).suffix.lower() not in ONNX_SUFFIXES:
             raise BackendError(f"--backend tensorrt on {path}: expected an .onnx model to build an engine from")
         refuse_options(path, "a TensorRT engine", threads=threads, providers=providers)
         from medmamba_edge.runtime.backends.tensorrt.build import cached_engine

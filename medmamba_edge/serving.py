@@ -30,7 +30,7 @@ import numpy as np
 from medmamba_edge.runtime.backends import Backend, open_backend
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
-from medmamba_edge.runtime.metadata import METADATA_KEY
+from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 
 from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
 
@@ -168,14 +168,14 @@ def bind_model(triton, backend: Backend, options: ServeOptions) -> None:
 
     @batch
     def infer(**inputs):
-        # The bound names are the exported model's own ("input", "logits"), as a stock repository has them.
+        # The bound names are the exported model's own, as a stock repository has them.
         (images,) = inputs.values()
-        return {"logits": backend.run(images)}
+        return {OUTPUT_NAME: backend.run(images)}
 
     triton.bind(
         model_name=options.name, infer_func=infer,
-        inputs=[Tensor(name="input", dtype=np.float32, shape=(meta.in_chans, *meta.input_size))],
-        outputs=[Tensor(name="logits", dtype=np.float32, shape=(meta.num_classes,))],
+        inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(meta.in_chans, *meta.input_size))],
+        outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(meta.num_classes,))],
         config=ModelConfig(max_batch_size=options.max_batch,
                            batcher=DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)),
     )

@@ -21,6 +21,8 @@ SCAN_FORMS = ("plugin", "portable")
 # The input size `export` uses unless told, and that a bare .pth checkpoint runs at when nothing says otherwise.
 DEFAULT_INPUT_SIZE = 224
 PRECISIONS = ("fp32", "fp16", "int8")
+# The names `medmamba-edge export` gives the graph's input and output; an engine built from it keeps them.
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 class MetadataError(UserError, ValueError):

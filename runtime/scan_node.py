@@ -43,7 +43,6 @@ NUM_DIRECTIONS = 4
 INPUT_NAMES = ("x", "x_dbl", "dt_projs_weight", "dt_projs_bias", "A", "Ds")
 # Weights of the node: float32 in every precision (float16.py keeps them so; TensorRT's plugin reads them so).
 FLOAT32_INPUTS = ("dt_projs_weight", "dt_projs_bias", "A", "Ds")
-OUTPUT_NAMES = ("y",)
 # Attributes that become plugin fields (PluginFieldCollection); TensorRT's parser consumes the other two.
 FIELD_ATTRIBUTES = ("delta_softplus",)
 # mamba_ssm's kernel and torch.nn.functional.softplus both return x unchanged above this.
