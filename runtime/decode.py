@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import struct
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,19 +152,20 @@ def _pydicom():
     except ImportError as exc:
         raise ImageError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
     # pydicom warns on stderr about what it works around, between the records; what matters reaches a record
-    # (read_dicom checks the pixel data's shape against the header). A filter, not catch_warnings: files are read
+    # (DicomFrames checks the pixel data's length against the header). A filter, not catch_warnings: files are read
     # in the capture thread, and catch_warnings swaps the process-wide filters. Set at every read (it replaces
     # itself, so the list does not grow): a caller's own catch_warnings, pytest's per test, drops it on leaving.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     return pydicom, pixels
 
 
-def read_dicom(path: str | Path) -> list[np.ndarray]:
-    """A DICOM file's frames, ready for ``preprocess``. Monochrome images go through the modality LUT
-    (rescale slope/intercept) and the VOI LUT or window, in float, then map that output range to [0, 1]
+def read_dicom(path: str | Path) -> DicomFrames:
+    """A DICOM file's frames, ready for ``preprocess``, decoded one at a time as they are asked for (see
+    DicomFrames); the header, and the first frame, are checked here. Monochrome images go through the modality
+    LUT (rescale slope/intercept) and the VOI LUT or window, in float, then map that output range to [0, 1]
     (MONOCHROME1 inverted so that bright is dense everywhere). An 8-bit image without any of these is
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
-    to RGB; colour images stay RGB; 1- to 7-bit images are scaled from their bit range like 12-bit ones."""
+    to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
     try:
         ds = pydicom.dcmread(str(path))
@@ -180,73 +182,107 @@ def read_dicom(path: str | Path) -> list[np.ndarray]:
             raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before "
                              f"its pixel data")
         raise ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # missing decoder plugin, truncated pixel data, …
-        message = " ".join(str(exc).split())  # pydicom lists each plugin's failure on a line of its own
-        if "less than expected" in message:
-            raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {message})") from None
+    return DicomFrames(path, ds, lut)
+
+
+class DicomFrames(Sequence):
+    """A DICOM file's frames, each decoded and mapped when it is asked for: one frame's memory, where decoding the
+    whole file at once cost ~26 bytes a pixel (a 48-frame 2048² study: 5 GB, more than a Jetson has). A frame
+    over MAX_IMAGE_PIXELS is refused from the header, as any other image is."""
+
+    def __init__(self, path, ds, lut):
+        self.path, self.ds, self.lut = path, ds, lut
+        self.count = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        if rows * columns > MAX_IMAGE_PIXELS:
+            raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
-        raise ImageError(f"{path}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
-                         f"{message[:300]}{hint}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    # pydicom reshapes what it finds (pixel data for two frames where the header says one): the header decides.
-    samples = int(ds.get("SamplesPerPixel", 1))
-    described = (frames,) * (frames > 1) + (int(ds.Rows), int(ds.Columns)) + (samples,) * (samples > 1)
-    if pixels.shape != described:
-        raise ImageError(f"{path}: DICOM pixel data decodes to shape {pixels.shape}, not the {described} its header "
-                         f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel)")
-    if frames == 1:
-        pixels = pixels[None]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    try:
-        if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not intensities
-            return list(lut.apply_color_lut(pixels, ds))
-        if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
-            return _colour(ds, pixels)
-        return _monochrome(ds, pixels, photometric, lut, path)
-    except ImageError:
-        raise
-    except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
-        raise ImageError(f"{path}: DICOM {photometric} pixels cannot be mapped to intensities "
-                         f"({type(exc).__name__}: {first_line(exc)})") from None
+        if syntax is not None and not syntax.is_compressed:
+            # Decoded by index, pixel data for more frames than the header says would pass without a word, and a
+            # cut one fail only at the frame it ends in: the header decides, checked on the whole.
+            from pydicom.pixels.utils import get_expected_length
+
+            expected, stored = get_expected_length(ds), len(ds.PixelData)
+            if stored < expected:
+                raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
+                                 f"{expected} bytes its header describes)")
+            if stored > expected + 1:  # one byte pads an odd length
+                raise ImageError(f"{path}: DICOM pixel data of {stored} bytes, more than the {expected} its header "
+                                 f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel, BitsAllocated)")
+        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        self.bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
+        self.range = None  # the monochrome output range, found with the first frame
+        self.first = self._frame(0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.first if index == 0 else self._frame(index)
+
+    def _frame(self, index: int) -> np.ndarray:
+        path, ds, lut = self.path, self.ds, self.lut
+        where = f"{path}" + (f" frame {index}" if self.count > 1 else "")
+        try:
+            pixels = lut.pixel_array(ds, index=index)
+        except Exception as exc:  # missing decoder plugin, corrupt compressed frame, …
+            message = " ".join(str(exc).split())  # pydicom lists each plugin's failure on a line of its own
+            if "less than expected" in message:
+                raise ImageError(f"{where}: truncated DICOM file (the pixel data is cut short: {message})") from None
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
+            raise ImageError(f"{where}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
+                             f"{message[:300]}{hint}") from None
+        try:
+            if self.photometric == "PALETTE COLOR":  # the stored values are indices into the palette
+                return lut.apply_color_lut(pixels, ds)
+            if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
+                return self._colour(pixels)
+            return self._monochrome(pixels)
+        except ImageError:
+            raise
+        except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
+            raise ImageError(f"{where}: DICOM {self.photometric} pixels cannot be mapped to intensities "
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
+
+    def _colour(self, pixels: np.ndarray) -> np.ndarray:
+        """Stored in fewer bits than allocated (12 of 16): scaled from the range its bits hold, as monochrome is
+        (preprocess would divide 12-bit values by 65535: a white of 0.06)."""
+        if self.bits >= pixels.dtype.itemsize * 8:
+            return pixels
+        return (pixels * np.float32(1 / ((1 << self.bits) - 1))).astype(np.float32)
+
+    def _monochrome(self, pixels: np.ndarray) -> np.ndarray:
+        ds, lut, photometric, bits = self.ds, self.lut, self.photometric, self.bits
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise ImageError(f"{self.path}: DICOM photometric interpretation {photometric} with one sample per "
+                             f"pixel is not supported (MONOCHROME1/2 or PALETTE COLOR)")
+        transformed = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
+                                            "WindowCenter", "VOILUTSequence"))
+        if pixels.dtype == np.uint8 and bits == 8 and not transformed:
+            return 255 - pixels if photometric == "MONOCHROME1" else pixels
+        if self.range is None:
+            # The output range of the same transforms applied to the extremes the stored bits can hold: the
+            # window's or LUT's range when there is one, else the modality range of the stored values.
+            signed = int(ds.get("PixelRepresentation", 0)) == 1
+            extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
+                                dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
+            # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
+            low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+            if not high > low:
+                raise ImageError(f"{self.path}: DICOM value range is empty ({low}..{high})")
+            self.range = low, high
+        low, high = self.range
+        values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
+        scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
 
 
-def _colour(ds, pixels: np.ndarray) -> list[np.ndarray]:
-    """RGB frames; stored in fewer bits than allocated (12 of 16), scaled from the range their bits hold, as
-    monochrome ones are (preprocess would divide 12-bit values by 65535: a white of 0.06)."""
-    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
-    if bits >= pixels.dtype.itemsize * 8:
-        return list(pixels)
-    return [(frame * np.float32(1 / ((1 << bits) - 1))).astype(np.float32) for frame in pixels]
-
-
-def _monochrome(ds, pixels: np.ndarray, photometric: str, lut, path) -> list[np.ndarray]:
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageError(f"{path}: DICOM photometric interpretation {photometric} with one sample per pixel is "
-                         f"not supported (MONOCHROME1/2 or PALETTE COLOR)")
-    transformed = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
-                                        "WindowCenter", "VOILUTSequence"))
-    bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8))
-    if pixels.dtype == np.uint8 and bits == 8 and not transformed:
-        return list(255 - pixels if photometric == "MONOCHROME1" else pixels)
-    values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
-    # The output range of the same transforms applied to the extremes the stored bits can hold: the
-    # window's or LUT's range when there is one, else the modality range of the stored values.
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
-                        dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
-    # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
-    low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
-    if not high > low:
-        raise ImageError(f"{path}: DICOM value range is empty ({low}..{high})")
-    scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    return list(1.0 - scaled if photometric == "MONOCHROME1" else scaled)
-
-
-def read_still(path: Path) -> list[np.ndarray]:
-    """An image or DICOM file's frames (one, except multi-frame DICOM)."""
+def read_still(path: Path) -> Sequence[np.ndarray]:
+    """An image or DICOM file's frames (one, except multi-frame DICOM, whose later frames are decoded as they are
+    asked for, and may raise ImageError then)."""
     try:  # an image suffix is taken at its word: a second open per image costs a round trip on a network share
         dicom = path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)
     except OSError as exc:

@@ -145,9 +145,9 @@ def test_broken_dicom_and_the_real_one(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"\0" * 300)
     with pytest.raises(ImageError, match="not a readable DICOM file"):
         read_dicom(tmp_path / "junk.dcm")
-    # Two frames' pixels under a header for one: pydicom warns and returns both; the header decides.
+    # Two frames' pixels under a header for one: pydicom warns and decodes the first; the header decides.
     pixels = np.zeros((64, 64), np.uint8)
-    with pytest.raises(ImageError, match=r"rows\.dcm: DICOM pixel data decodes to shape \(2, 32, 64\), not the \(32, 64\)"):
+    with pytest.raises(ImageError, match=r"rows\.dcm: DICOM pixel data of 4096 bytes, more than the 2048 its header"):
         read_dicom(synthetic_dicom(tmp_path / "rows.dcm", pixels, Rows=32))
     float_map = synthetic_dicom(tmp_path / "float.dcm", pixels)
     ds = pydicom.dcmread(float_map)
@@ -160,6 +160,31 @@ def test_broken_dicom_and_the_real_one(tmp_path):
     (image,) = read_dicom(real)
     # 8-bit MONOCHROME2 without LUTs: exactly its stored pixels, as if saved as PNG.
     assert image.dtype == np.uint8 and np.array_equal(image, pydicom.dcmread(real).pixel_array)
+
+
+def test_a_multi_frame_dicom_is_decoded_frame_by_frame_each_with_its_record(tmp_path, monkeypatch):
+    """Frame by frame: a 48-frame 2048² study decoded at once took 5 GB. A corrupt frame gets its own record and
+    the others theirs (one record for the file lost its good frames); a frame over the pixel limit is refused
+    from the header, as any other image over it."""
+    from pydicom.encaps import encapsulate, generate_fragmented_frames
+    from pydicom.uid import RLELossless
+
+    from medmamba_edge.runtime import decode
+
+    frames = np.stack([np.full((16, 16), value, np.uint8) for value in (10, 20, 30)])
+    ds = pydicom.dcmread(synthetic_dicom(tmp_path / "cine.dcm", frames[0], NumberOfFrames=3,
+                                         pixel_data=frames.tobytes()))
+    ds.compress(RLELossless)
+    encoded = [b"".join(parts) for parts in generate_fragmented_frames(ds.PixelData, number_of_frames=3)]
+    ds.PixelData = encapsulate([encoded[0], encoded[1][:20], encoded[2]])
+    ds.save_as(tmp_path / "cine.dcm")
+    records = [(f.index, None if f.image is None else int(f.image.max()), f.error)
+               for f in open_source(str(tmp_path / "cine.dcm")).frames()]
+    assert [r[:2] for r in records] == [(0, 10), (1, None), (2, 30)]
+    assert records[1][2].startswith(f"{tmp_path / 'cine.dcm'} frame 1: cannot decode DICOM pixel data (RLE Lossless)")
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 255)
+    with pytest.raises(ImageError, match=r"cine.dcm: a 16×16 DICOM frame .* over the limit of 255 pixels"):
+        read_dicom(tmp_path / "cine.dcm")
 
 
 def test_video_stride_loop_and_truncation(tmp_path):
