@@ -56,6 +56,20 @@ def shown(text: str) -> str:
     return escape(printable(str(text), console.file))
 
 
+def checkpoint_input_size(input_size: str | None, models: list) -> tuple[int, int] | None:
+    """--input-size parsed; and, said on stderr, when a checkpoint among ``models`` runs at the default size for
+    want of one (the models' own sizes are read once they are opened)."""
+    from .evaluation import defaulted_checkpoint
+
+    size = parse_input_size(input_size) if input_size else None
+    checkpoint = defaulted_checkpoint(models, size)
+    if checkpoint is not None:
+        console.print(f"[yellow]{shown(checkpoint)}: a checkpoint does not record its training size: running it at "
+                      f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)[/]", highlight=False,
+                      soft_wrap=True)
+    return size
+
+
 def fail(message: str) -> None:
     # Escaped: sources such as "file.npz[val:12]" would otherwise be read as rich markup and vanish.
     console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
@@ -416,7 +430,7 @@ def evaluate(
 
     from . import evaluation
 
-    size = parse_input_size(input_size) if input_size else None
+    size = checkpoint_input_size(input_size, models)
     plot_files = [plots / name for name in evaluation.plot_file_names(models)] if plots else []
     check_outputs(json_file, *plot_files, folder=plots, plots=bool(plots), reads=[*models, data])
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
@@ -459,7 +473,7 @@ def benchmark(
         batches = [int(b) for b in batch.split(",")]
     except ValueError:
         fail(f"--batch must be comma-separated integers, got {batch!r}")
-    size = parse_input_size(input_size) if input_size else None
+    size = checkpoint_input_size(input_size, models)
     check_outputs(json_file, plot, plots=bool(plot), reads=models)
     if plot and plot.suffix.lower() != ".png":  # matplotlib is told PNG: another name would not say what it holds
         fail(f"{plot}: the plot is a PNG; name it *.png")
@@ -500,7 +514,7 @@ def compare(
 
     from . import comparison
 
-    size = parse_input_size(input_size) if input_size else None
+    size = checkpoint_input_size(input_size, [model_a, model_b])
     with progress_bars("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn()) as bar:
         task = bar.add_task("comparing", total=None)
@@ -546,10 +560,10 @@ def run(
     reconnect: Annotated[int, typer.Option(help="Reconnect attempts in a row before a live stream counts as lost.")] = 5,
 ) -> None:
     """Classify frames from a camera, stream, video, images or DICOM; records, overlay video and a summary."""
-    size = parse_input_size(input_size) if input_size else None
+    size = checkpoint_input_size(input_size, [model])
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
-    from medmamba_edge.runtime.backends import TORCH_SUFFIXES, is_triton_url
+    from medmamba_edge.runtime.backends import is_triton_url
     from medmamba_edge.runtime.loop import RunOptions, stop_on_signals
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
@@ -561,9 +575,6 @@ def run(
     with spinner("loading the model") as update:
         model_backend = open_model(model, backend=backend, precision=precision, status=update, threads=threads,
                                    providers=providers, input_size=size, classes=classes)
-    if Path(model).suffix.lower() in TORCH_SUFFIXES and size is None:
-        warn(f"{model}: a checkpoint does not record its training size: running it at "
-             f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)")
     # A video's frame rate divided by the stride; stills at 5 fps (--stride picks files, not a rate)
     video_fps = frames.fps / stride if frames.fps else 5.0
     # From the first output file on, a stop signal stops the run as it would mid-run (records, outputs renamed into

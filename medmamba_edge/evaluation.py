@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, softmax
+from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, log_softmax, softmax
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
 from medmamba_edge.runtime.metrics import Metrics, classification_metrics, non_finite_rows
@@ -45,14 +45,28 @@ def checkpoint_option(paths: Sequence[Path], value):
     return [value if _is_checkpoint(path) else None for path in paths]
 
 
+def _onnx_models(paths: Sequence[Path]) -> list[Path]:
+    return [p for p in paths if p.suffix.lower() in ONNX_SUFFIXES and p.exists()]
+
+
 def input_sizes(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -> list[int | tuple[int, int] | None]:
     """The ``input_size`` to open each model with (checkpoint_option): ``explicit``, else the first ONNX model's
     (so ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE."""
     size = explicit
     if size is None and any(map(_is_checkpoint, paths)):
-        onnx_paths = [p for p in paths if p.suffix.lower() in ONNX_SUFFIXES and p.exists()]
+        onnx_paths = _onnx_models(paths)
         size = read_onnx_metadata(onnx_paths[0]).input_size if onnx_paths else DEFAULT_INPUT_SIZE
     return checkpoint_option(paths, size)
+
+
+def defaulted_checkpoint(paths: Sequence[str | Path], explicit: int | tuple[int, int] | None) -> Path | None:
+    """The first checkpoint among ``paths`` that input_sizes runs at DEFAULT_INPUT_SIZE for want of a size (none
+    given, no ONNX model to take it from), or None: a checkpoint does not record the size it was trained at, and
+    at another one it answers with confidence and wrongly (the official T-32 at 224: top-1 74 %, not 93 %)."""
+    paths = [Path(p) for p in paths]
+    if explicit is not None or _onnx_models(paths):
+        return None
+    return next((p for p in paths if _is_checkpoint(p)), None)
 
 
 def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
@@ -181,10 +195,10 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
             raise EvaluationError(f"{backend.path}: non-finite logits (NaN or infinite) for {broken.size} of "
                                   f"{len(logits)} images (first: {dataset.samples[outputs.indices[broken[0]]].source}); "
                                   f"its answers there cannot be scored (a float16 overflow? see docs/tensorrt.md)")
-        probabilities = softmax(logits)
+        # Ranked (AUC) by log-probabilities: probabilities of confident answers round to 1.0 and tie.
+        metrics = classification_metrics(labels, log_softmax(logits), class_names)
         results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,
-                                       backend.metadata.input_size, classification_metrics(labels, probabilities, class_names),
-                                       seconds, probabilities))
+                                       backend.metadata.input_size, metrics, seconds, softmax(logits)))
     for result in results[1:]:
         # Rounded so that equal accuracies reached by different float sums give exactly 0.
         result.drop = round(100 * (results[0].metrics.accuracy - result.metrics.accuracy), 9)

@@ -102,8 +102,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> Metrics:
-    """Metrics of (N, classes) probabilities (or any scores whose argmax is the prediction) against
-    integer labels in [0, classes)."""
+    """Metrics of (N, classes) probabilities (or any scores whose argmax is the prediction and whose order within a
+    class is the probabilities', such as log_softmax's: those keep confident answers apart) against integer labels
+    in [0, classes)."""
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities)
     num_classes = len(class_names)

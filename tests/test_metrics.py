@@ -64,3 +64,18 @@ def test_class_never_predicted_counts_zero_and_missing_class_has_no_auc():
     assert metrics.per_class[2].precision == 0 and metrics.per_class[2].auc is None
     assert metrics.auc == pytest.approx(np.mean([metrics.per_class[0].auc, metrics.per_class[1].auc]))
     assert_matches_sklearn(metrics, labels, probabilities)
+
+
+def test_confident_answers_are_ranked_by_log_probabilities_not_tied_at_one():
+    # Leads of 20-40 logits: every float32 probability of class 1 is 1.0, and an AUC of those is 0.5 whatever the
+    # order (the official checkpoint run at 224 scored 50.00 and 59.93 for its two classes so).
+    from medmamba_edge.runtime.backends import log_softmax, softmax
+
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    lead = np.array([20.0, 25.0, 30.0, 40.0, 35.0, 45.0], np.float32)
+    logits = np.stack([np.zeros_like(lead), lead], axis=1)
+    assert (softmax(logits)[:, 1] == 1.0).all()
+    metrics = classification_metrics(labels, log_softmax(logits), ["a", "b"])
+    assert metrics.auc == pytest.approx(sklearn_metrics.roc_auc_score(labels, lead))
+    assert metrics.per_class[0].auc == metrics.per_class[1].auc == metrics.auc
+    assert np.allclose(np.exp(log_softmax(logits)), softmax(logits.astype(np.float64)))

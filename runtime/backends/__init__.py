@@ -52,6 +52,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log(softmax), in float64, that keeps ranking confident answers: the top class's probability rounds to 1.0
+    once it leads by ~17 (float32) or ~37 (float64), and a ranking of such probabilities (AUC) is all ties; its
+    log, -log1p(the others' share), stays distinct while exp(-lead) is a float64 (a lead of up to ~745)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    others = np.exp(shifted)
+    others[np.arange(len(shifted)), shifted.argmax(axis=1)] = 0.0  # the top one's exp(0) = 1 is the 1 of log1p
+    return shifted - np.log1p(others.sum(axis=1, keepdims=True))
+
+
 def fixed_batches(batch: np.ndarray, fixed: int | None) -> list[np.ndarray]:
     """``batch`` as whole batches of ``fixed`` images (one batch if None), the last padded with copies of its
     last image: what a fixed-batch model takes."""
