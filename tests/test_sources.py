@@ -63,6 +63,9 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
         open_source("csi://0")
     with pytest.raises(SourceError, match="unknown scheme ftp://"):
         open_source("ftp://host/x.mp4")
+    for attempts in (-1, 1.5):  # -1 was taken as 0: "cannot be opened after -1 attempts"
+        with pytest.raises(SourceError, match=f"--reconnect must be an integer ≥ 0, got {attempts}"):
+            open_source("http://127.0.0.1:9/x", reconnect=attempts)
     with pytest.raises(SourceError, match="no such file, folder, camera or stream"):
         open_source(str(tmp_path / "missing.png"))
     with pytest.raises(SourceError, match="١: no such file, folder, camera or stream"):

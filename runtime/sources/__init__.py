@@ -43,6 +43,8 @@ __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate",
 def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
     """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
     attempts (the run loop takes over once it starts)."""
+    if isinstance(reconnect, bool) or not isinstance(reconnect, int) or reconnect < 0:
+        raise SourceError(f"--reconnect must be an integer ≥ 0, got {reconnect!r}")
     # Stripped ("$CAMERA " from a config file), unless it names a file as given: "scan 1.png " is one.
     spec = str(spec) if os.path.lexists(str(spec)) else str(spec).strip()
     if not spec.strip():  # an unset "$SOURCE" would otherwise be ".", the current folder
