@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
@@ -72,27 +71,28 @@ def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def make_fused_session(
-    model_or_path: onnx.ModelProto | str | Path,
-    threads: int | None = None,
-    providers: list | None = None,
-) -> ort.InferenceSession:
-    """An ONNX Runtime session running the plugin-form model with the compiled CPU scan."""
-    model = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    return ort.InferenceSession(model, sess_options=fused_session_options(threads),
+def _model_source(model) -> str | bytes:
+    """What ONNX Runtime opens: a path (read by ONNX Runtime itself, external weights beside it included), or an
+    ``onnx.ModelProto``'s bytes."""
+    return str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+
+
+def make_fused_session(model_or_path, threads: int | None = None,
+                       providers: list | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session running the plugin-form model (an ``onnx.ModelProto`` or a path) with the compiled
+    CPU scan."""
+    return ort.InferenceSession(_model_source(model_or_path), sess_options=fused_session_options(threads),
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-def make_session(
-    model: onnx.ModelProto,
-    threads: int | None = None,
-    providers: list | None = None,
-) -> ort.InferenceSession:
-    """A session for an exported model of either form: the plugin form's through make_fused_session, the portable
-    form's with the same options (FusedScanUnavailable only for the plugin form)."""
-    if has_scan_nodes(model):
+def make_session(model, threads: int | None = None, providers: list | None = None, *,
+                 scan_nodes: bool | None = None) -> ort.InferenceSession:
+    """A session for an exported model of either form, an ``onnx.ModelProto`` or a path: the plugin form's through
+    make_fused_session, the portable form's with the same options (FusedScanUnavailable only for the plugin form).
+    Which form a path holds, its metadata says (``scan_nodes``): its graph is not read here."""
+    if scan_nodes if scan_nodes is not None else has_scan_nodes(model):
         return make_fused_session(model, threads=threads, providers=providers)
-    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+    return ort.InferenceSession(_model_source(model), sess_options=session_options(threads),
                                 providers=providers or ["CPUExecutionProvider"])
 
 

@@ -278,16 +278,34 @@ def test_both_forms_check_threads_alike(bundled_forms, form):
         assert backend.run(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 2)
 
 
-def test_a_model_is_read_once_so_a_replaced_file_cannot_mix_with_its_metadata(bundled_forms, monkeypatch):
-    """`export` renames a new file over the model; read twice (metadata, then graph), an open could pair one
-    version's class names with the other's graph."""
-    from medmamba_edge.runtime.backends import open_backend
+def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_read_before(bundled_forms, tmp_path,
+                                                                                         monkeypatch):
+    """`export` renames a new file over the model. Its metadata is read from the file's header and its graph by
+    ONNX Runtime: a file replaced between the two reads would pair one version's class names with the other's
+    graph, unless the session's own metadata is checked against the one read."""
+    import shutil
 
-    reads = []
-    real_load = onnx.load
-    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: reads.append(args[0]) or real_load(*args, **kwargs))
-    open_backend(bundled_forms["portable"]).close()
-    assert reads == [str(bundled_forms["portable"])]
+    import onnxruntime
+
+    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends import BackendError, open_backend
+    from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+
+    path, other = tmp_path / "m.onnx", tmp_path / "other.onnx"
+    shutil.copyfile(bundled_forms["portable"], path)
+    model = onnx.load(str(path))
+    write_onnx_metadata(model, read_onnx_metadata(model).replace(class_names=("b", "a")))
+    onnx.save(model, str(other))
+
+    real_session = onnxruntime.InferenceSession
+
+    def replaced_first(source, *args, **kwargs):  # the export's rename, between the two reads
+        os.replace(other, path)
+        return real_session(source, *args, **kwargs)
+
+    monkeypatch.setattr(fused_scan.ort, "InferenceSession", replaced_first)
+    with pytest.raises(BackendError, match="m.onnx: the file changed while it was opened"):
+        open_backend(path)
 
 
 def test_closing_a_backend_while_another_thread_runs_it_never_breaks_that_run(bundled_forms, tmp_path):
