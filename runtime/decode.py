@@ -5,10 +5,11 @@ What comes out is what ``preprocess`` takes: RGB or grayscale, uint8/uint16, or 
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,15 +161,16 @@ def _pydicom():
 
 
 def read_dicom(path: str | Path) -> DicomFrames:
-    """A DICOM file's frames, ready for ``preprocess``, decoded one at a time as they are asked for (see
-    DicomFrames); the header, and the first frame, are checked here. Monochrome images go through the modality
+    """A DICOM file's frames, ready for ``preprocess``, decoded one at a time as they are iterated (DicomFrames);
+    the header, and a single-frame file's one frame, are checked here. Monochrome images go through the modality
     LUT (rescale slope/intercept) and the VOI LUT or window, in float, then map that output range to [0, 1]
     (MONOCHROME1 inverted so that bright is dense everywhere). An 8-bit image without any of these is
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
     to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
     try:
-        ds = pydicom.dcmread(str(path))
+        # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one.
+        ds = pydicom.dcmread(str(path), defer_size=4096)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -185,24 +187,30 @@ def read_dicom(path: str | Path) -> DicomFrames:
     return DicomFrames(path, ds, lut)
 
 
-class DicomFrames(Sequence):
-    """A DICOM file's frames, each decoded and mapped when it is asked for: one frame's memory, where decoding the
-    whole file at once cost ~26 bytes a pixel (a 48-frame 2048² study: 5 GB, more than a Jetson has). A frame
-    over MAX_IMAGE_PIXELS is refused from the header, as any other image is."""
+class DicomFrames:
+    """A DICOM file's frames, each read from the file, decoded and mapped as the iteration reaches it: one frame's
+    memory, where decoding the whole file at once cost ~26 bytes a pixel (a 48-frame 2048² study: 5 GB, more than
+    a Jetson has). Each item is the frame, or the ImageError saying why that frame is unusable: the frames after a
+    corrupt one are still read. A frame over MAX_IMAGE_PIXELS is refused from the header, as any image over it."""
 
     def __init__(self, path, ds, lut):
         self.path, self.ds, self.lut = path, ds, lut
-        self.count = int(ds.get("NumberOfFrames", 1) or 1)
+        self.count = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
         rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         if rows * columns > MAX_IMAGE_PIXELS:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and not syntax.is_compressed:
-            # Decoded by index, pixel data for more frames than the header says would pass without a word, and a
-            # cut one fail only at the frame it ends in: the header decides, checked on the whole.
+            # Read frame by frame, pixel data for more frames than the header says would pass without a word, and
+            # a cut one fail only at the frame it ends in: the header decides, checked on the whole.
             from pydicom.pixels.utils import get_expected_length
 
-            expected, stored = get_expected_length(ds), len(ds.PixelData)
+            element = ds.get_item("PixelData", keep_deferred=True)
+            if element.value is not None:  # small enough to have been read
+                stored = len(element.value)
+            else:  # deferred: what the file holds of the length its header declares
+                stored = min(element.length, os.path.getsize(path) - element.value_tell)
+            expected = get_expected_length(ds)
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")
@@ -211,41 +219,74 @@ class DicomFrames(Sequence):
                                  f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel, BitsAllocated)")
         self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         self.bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-        self.range = None  # the monochrome output range, found with the first frame
-        self.first = self._frame(0)
+        self.range = None  # the monochrome output range, found with the first frame mapped
+        # One frame: decoded now, so that its error is the file's (read_dicom raises it).
+        self.single = self._map(self._decode(0), 0) if self.count == 1 else None
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return self.first if index == 0 else self._frame(index)
+    def __iter__(self) -> Iterator[np.ndarray | ImageError]:
+        if self.single is not None:
+            yield self.single
+            return
+        # In order from one reader (a frame's place in compressed data without an offset table is found by
+        # parsing the fragments before it: asked for by index, each frame would parse them all again); after a
+        # frame that does not decode, the reader is gone and each later frame is asked for by its index.
+        frames = self.lut.iter_pixels(str(self.path))
+        for index in range(self.count):
+            try:
+                pixels = next(frames) if frames is not None else self._decode(index)
+            except ImageError as exc:
+                pixels = exc
+            except Exception:  # StopIteration (fewer frames than the header says) too: asked for by index, it says
+                frames = None
+                pixels = self._attempt(index)
+            if isinstance(pixels, ImageError):
+                yield pixels
+                continue
+            try:
+                yield self._map(pixels, index)
+            except ImageError as exc:
+                yield exc
 
-    def _frame(self, index: int) -> np.ndarray:
-        path, ds, lut = self.path, self.ds, self.lut
-        where = f"{path}" + (f" frame {index}" if self.count > 1 else "")
+    def _where(self, index: int) -> str:
+        return f"{self.path}" + (f" frame {index}" if self.count > 1 else "")
+
+    def _attempt(self, index: int) -> np.ndarray | ImageError:
         try:
-            pixels = lut.pixel_array(ds, index=index)
-        except Exception as exc:  # missing decoder plugin, corrupt compressed frame, …
-            message = " ".join(str(exc).split())  # pydicom lists each plugin's failure on a line of its own
-            if "less than expected" in message:
-                raise ImageError(f"{where}: truncated DICOM file (the pixel data is cut short: {message})") from None
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
-            raise ImageError(f"{where}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
-                             f"{message[:300]}{hint}") from None
+            return self._decode(index)
+        except ImageError as exc:
+            return exc
+
+    def _decode(self, index: int) -> np.ndarray:
+        try:
+            return self.lut.pixel_array(str(self.path), index=index)
+        except Exception as exc:
+            raise self._decode_error(index, exc) from None
+
+    def _decode_error(self, index: int, exc: Exception) -> ImageError:
+        """A frame that does not decode: missing decoder plugin, corrupt compressed data, the data cut short."""
+        message = " ".join(str(exc).split())  # pydicom lists each plugin's failure on a line of its own
+        if "less than expected" in message:
+            return ImageError(f"{self._where(index)}: truncated DICOM file (the pixel data is cut short: {message})")
+        syntax = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
+        return ImageError(f"{self._where(index)}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
+                          f"{message[:300]}{hint}")
+
+    def _map(self, pixels: np.ndarray, index: int) -> np.ndarray:
         try:
             if self.photometric == "PALETTE COLOR":  # the stored values are indices into the palette
-                return lut.apply_color_lut(pixels, ds)
-            if ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
+                return self.lut.apply_color_lut(pixels, self.ds)
+            if self.ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
                 return self._colour(pixels)
             return self._monochrome(pixels)
         except ImageError:
             raise
         except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
-            raise ImageError(f"{where}: DICOM {self.photometric} pixels cannot be mapped to intensities "
-                             f"({type(exc).__name__}: {first_line(exc)})") from None
+            raise ImageError(f"{self._where(index)}: DICOM {self.photometric} pixels cannot be mapped to "
+                             f"intensities ({type(exc).__name__}: {first_line(exc)})") from None
 
     def _colour(self, pixels: np.ndarray) -> np.ndarray:
         """Stored in fewer bits than allocated (12 of 16): scaled from the range its bits hold, as monochrome is
@@ -280,9 +321,9 @@ class DicomFrames(Sequence):
         return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
 
 
-def read_still(path: Path) -> Sequence[np.ndarray]:
-    """An image or DICOM file's frames (one, except multi-frame DICOM, whose later frames are decoded as they are
-    asked for, and may raise ImageError then)."""
+def read_still(path: Path) -> list[np.ndarray] | DicomFrames:
+    """An image or DICOM file's frames: one, except multi-frame DICOM, whose frames are decoded as they are iterated
+    (an item is an ImageError where that frame is unusable)."""
     try:  # an image suffix is taken at its word: a second open per image costs a round trip on a network share
         dicom = path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)
     except OSError as exc:
@@ -296,7 +337,8 @@ def read_single_image(path: str | Path) -> np.ndarray:
     if len(frames) != 1:
         raise ImageError(f"{path}: a DICOM file of {len(frames)} frames; a data set takes one image per file "
                          f"(`medmamba-edge run` classifies every frame)")
-    return frames[0]
+    (image,) = frames  # one frame is decoded when its file is read: an error there was raised already
+    return image
 
 
 def is_still(path: Path) -> bool:

@@ -134,7 +134,7 @@ def test_imagefolder_reads_dicom_as_run_does(tmp_path):
     (tmp_path / "pneumonia" / "notes.txt").write_text("not an image")
     data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
     assert data.labels().tolist() == [0, 1]
-    expected = read_dicom(dicom)[0]
+    (expected,) = read_dicom(dicom)
     for index in range(2):
         assert np.array_equal(data.image(index), expected)
     # One label per file: a multi-frame file in a labelled set is a per-file error, not frames silently dropped.

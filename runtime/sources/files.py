@@ -36,13 +36,11 @@ class FileSource(Source):
             except Exception as exc:  # this file only: the next one is read all the same
                 yield Frame(str(path), 0, time.time(), error=item_error(path, exc), captured=captured)
                 continue
-            for index in range(len(images)):
-                try:
-                    image = images[index]  # a later DICOM frame is decoded now
-                except ImageError as exc:  # that frame only: its record says why
-                    yield Frame(str(path), index, time.time(), error=str(exc), captured=captured)
-                    continue
-                yield Frame(str(path), index, time.time(), image, captured=captured)
+            for index, image in enumerate(images):  # a multi-frame DICOM file's frames are decoded as they come
+                if isinstance(image, ImageError):  # that frame only: its record says why
+                    yield Frame(str(path), index, time.time(), error=str(image), captured=captured)
+                else:
+                    yield Frame(str(path), index, time.time(), image, captured=captured)
                 captured = time.perf_counter()
 
 
