@@ -74,7 +74,14 @@ def fused_session_options(threads: int | None = None) -> ort.SessionOptions:
 def _model_source(model) -> str | bytes:
     """What ONNX Runtime opens: a path (read by ONNX Runtime itself, external weights beside it included), or an
     ``onnx.ModelProto``'s bytes."""
-    return str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    if not isinstance(model, (str, Path)):
+        return model.SerializeToString()
+    path = str(model)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a name's undecodable bytes, which ONNX Runtime's path (a str) cannot carry
+        return Path(model).read_bytes()
+    return path
 
 
 def make_fused_session(model_or_path, threads: int | None = None,
