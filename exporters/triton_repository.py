@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +403,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     repository.mkdir(parents=True, exist_ok=True)
     workspace = _workspace(repository)
     _remove_leftovers(workspace, name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".partial", dir=workspace))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
     try:
         (staging / "1").mkdir()
         shutil.copyfile(served.source, staging / "1" / model_file)
@@ -437,25 +438,50 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
 
 def _workspace(repository: Path) -> Path:
-    """Where a model folder is built, and the one it replaces moved aside: a folder on the repository's file system
-    (so that renames are atomic) and outside it where possible. Triton takes every folder of a repository for a
+    """Where a model folder is built, and the one it replaces moved aside: on the repository's mount (so that the
+    renames are atomic) and outside the repository where possible. Triton takes every folder of a repository for a
     model, hidden ones too: a folder an export killed mid-way (SIGKILL, out of memory, power) left there stops a
-    server from starting ("directory name must equal model name"). Its parent, unless it is another file system
-    (a repository mounted into a container) or not writable; then the repository itself."""
+    server from starting ("directory name must equal model name"). Its parent, unless the repository is a mount of
+    its own (a volume in a container, a bind mount: rename() does not cross one) or the parent is not ours to use;
+    then the repository itself."""
     parent = repository.resolve().parent
+    if _is_mount_point(repository) or not os.access(parent, os.R_OK | os.W_OK | os.X_OK):
+        return repository
+    return parent
+
+
+def _is_mount_point(path: Path) -> bool:
+    """os.path.ismount, and the bind mounts it misses (same device as the parent): the mount table lists those."""
+    if os.path.ismount(path):
+        return True
     try:
-        if os.stat(parent).st_dev == os.stat(repository).st_dev and os.access(parent, os.W_OK | os.X_OK):
-            return parent
-    except OSError:
-        pass
-    return repository
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+            # The mount point is the fifth field, with space, tab, newline and backslash escaped in octal.
+            points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in table}
+    except OSError:  # not Linux: os.path.ismount's answer
+        return False
+    return str(path.resolve()) in points
+
+
+def _staging_owner(name: str) -> str:
+    """How this host's temporary folders for ``name`` begin: the host says whose they are where machines or
+    containers share the storage (a process id means something on its own host only)."""
+    return f".{name}.{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:64]}"
+
+
+def _staging_prefix(name: str) -> str:
+    return f"{_staging_owner(name)}.{os.getpid()}."
 
 
 def _remove_leftovers(workspace: Path, name: str) -> None:
-    """Remove what exports of ``name`` killed mid-way left in ``workspace``: their folders carry their process id,
-    and that process is gone (a running export's folders stay)."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.(?:partial|old)")
-    for entry in workspace.iterdir():
+    """Remove what exports of ``name`` on this host, killed mid-way, left in ``workspace``: their folders carry the
+    host and process id, and that process is gone (a running export's folders stay, and other hosts')."""
+    pattern = re.compile(rf"{re.escape(_staging_owner(name))}\.(\d+)\.[^.]+\.(?:partial|old)")
+    try:
+        entries = list(workspace.iterdir())
+    except OSError:  # not listable: nothing of ours to find there
+        return
+    for entry in entries:
         match = pattern.fullmatch(entry.name)
         if match and entry.is_dir() and not entry.is_symlink() and not _process_exists(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
@@ -477,7 +503,7 @@ def _replace_folder(new: Path, target: Path, workspace: Path) -> None:
     if not os.path.lexists(target):
         os.rename(new, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=workspace))
+    old = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name), suffix=".old", dir=workspace))
     os.rename(target, old / target.name)
     os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -244,8 +244,26 @@ triton_repository.export_triton({str(model)!r}, {str(repository)!r})
     assert subprocess.run([sys.executable, "-c", killed_before_the_rename]).returncode == -signal.SIGKILL
     assert list(repository.iterdir()) == []
     (leftover,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    # Another host's (sharing the storage) may be an export running there: kept, whatever its process id.
+    _, name, host, *rest = leftover.name.split(".")  # .medmamba.HOST.PID.XXXXXXXX.partial
+    elsewhere = tmp_path / ".".join(["", name, "otherhost", *rest])
+    elsewhere.mkdir()
     export_triton(model, repository)  # the next export of that name removes what the killed one left
-    assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists()
+    assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists() and elsewhere.exists()
+
+
+def test_a_repository_that_is_a_mount_of_its_own_is_its_own_staging_place(tmp_path_factory, tmp_path):
+    """rename() does not cross mounts, a bind mount of the same file system included (EXDEV)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "repo").mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "real"), str(tmp_path / "repo")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need root (CAP_SYS_ADMIN) here")
+    try:
+        export_triton(bundled_onnx(tmp_path_factory), tmp_path / "repo")
+        assert [p.name for p in (tmp_path / "real").iterdir()] == ["medmamba"]
+    finally:
+        subprocess.run(["umount", str(tmp_path / "repo")], check=True)
 
 
 def test_a_model_file_name_with_a_line_break_stays_in_the_deepstream_comment(model, tmp_path):
