@@ -358,10 +358,12 @@ def test_entries_of_a_folder_that_can_be_listed_but_not_searched_get_a_record(tm
     cv2.imwrite(str(tmp_path / "ok" / "a.png"), np.zeros((8, 8), np.uint8))
     cv2.imwrite(str(tmp_path / "noexec" / "b.png"), np.zeros((8, 8), np.uint8))
     (tmp_path / "noexec" / "IM0001").write_bytes(b"a DICOM file or a folder: nothing tells which")
-    (tmp_path / "noexec" / "notes.txt").write_text("not an image: not listed")
+    (tmp_path / "noexec" / "CR.1.2.276.0.7230010.3.1.4.8323329").write_bytes(b"as much a DICOM file by its name")
+    (tmp_path / "noexec" / "notes.txt").write_text("DICOM files are found by content: this one may be one too")
     (tmp_path / "noexec").chmod(0o644)  # its names can be read, nothing else about them
     try:
-        for spec, found in ((tmp_path, ["noexec/IM0001", "noexec/b.png", "ok/a.png"]),
+        for spec, found in ((tmp_path, ["noexec/CR.1.2.276.0.7230010.3.1.4.8323329", "noexec/IM0001", "noexec/b.png",
+                                        "noexec/notes.txt", "ok/a.png"]),
                             (tmp_path / "*" / "*.png", ["noexec/b.png", "ok/a.png"])):
             frames = frames_without_file_permissions_overridden(spec)
             assert [source.split(f"{tmp_path.name}/")[1] for source, _ in frames] == found

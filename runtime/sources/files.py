@@ -170,8 +170,8 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
             try:
                 info = os.stat(path)
             except OSError as exc:
-                # Without a suffix it may be a DICOM file or a folder of images: nothing tells which.
-                if entry.is_symlink() or path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES or not path.suffix:
+                # Whatever its name it may be a DICOM file (IM0001, CR.1.2.276.0.7230010) or a folder of images.
+                if entry.is_symlink() or not entry.name.startswith("."):
                     found.append((path, _cannot_stat(path, exc, entry.is_symlink())))
                 continue
             if stat.S_ISDIR(info.st_mode):
