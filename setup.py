@@ -10,7 +10,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# x86-64 (gcc >= 12): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
+# x86-64 (gcc >= 11): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
 # portable. aarch64 (Jetson, Graviton) has NEON in its baseline.
 extra_compile_args = ["-O3", "-std=c11", "-fno-math-errno", "-pthread", "-fvisibility=hidden"]
 # The scan kernel both binaries compile (selective_scan_kernel.h says why it is separate).

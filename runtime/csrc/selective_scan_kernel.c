@@ -58,9 +58,9 @@
 #define VW MM_SCAN_BLOCK_CHANNELS  /* channels per vector block */
 #define TT MM_SCAN_TILE_STEPS       /* time steps per tile */
 
-/* gcc >= 12 knows the x86-64-v3/v4 level names for target() and __builtin_cpu_supports(); elsewhere
+/* gcc >= 11 knows the x86-64-v3/v4 level names for target() (Ubuntu 22.04's and RHEL 9's gcc is 11); elsewhere
  * (aarch64, clang, older gcc) the baseline path is the only one. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MM_X86_PATHS 1
 #else
 #define MM_X86_PATHS 0
@@ -673,8 +673,20 @@ const char *mm_scan_path_name(int path) { return PATHS[path].name; }
 int mm_scan_path_supported(int path) {
 #if MM_X86_PATHS
     __builtin_cpu_init();
+#if __GNUC__ >= 12
     if (PATHS[path].fn == scan_block_avx512) return __builtin_cpu_supports("x86-64-v4");
     if (PATHS[path].fn == scan_block_avx2) return __builtin_cpu_supports("x86-64-v3");
+#else
+    /* gcc 11 takes the level names in target() but not here: the features that define them and that it can ask
+     * about (MOVBE, LZCNT and F16C it cannot; every CPU with BMI2 and FMA has them). */
+    int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+             __builtin_cpu_supports("bmi2");
+    if (PATHS[path].fn == scan_block_avx512)
+        return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl");
+    if (PATHS[path].fn == scan_block_avx2) return v3;
+#endif
 #else
     (void)path;
 #endif
