@@ -336,3 +336,24 @@ def test_floating_point_mode_is_restored():
     assert_close(y, ss2d_reference64(x, x_dbl, dt_w, dt_b, A, Ds))
     tiny = np.array([1e-40], dtype=np.float32)
     assert (tiny * np.float32(1.0))[0] != 0.0  # denormals still work in this thread
+
+
+@pytest.mark.parametrize("compiler", ["gcc-11", "gcc-12", "gcc"])
+def test_every_gcc_from_11_builds_the_x86_paths(compiler, tmp_path):
+    """gcc 11 (Ubuntu 22.04, RHEL 9) built the baseline path alone, silently ~44 % slower: only gcc 12 had the
+    level names __builtin_cpu_supports was asked with."""
+    import ctypes
+    import shutil
+
+    if platform.machine() != "x86_64" or shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} on x86-64 needed (not here)")
+    version = subprocess.run([compiler, "-dumpversion"], capture_output=True, text=True).stdout.strip()
+    if int(version.split(".")[0]) < 11:
+        pytest.skip(f"{compiler} is gcc {version}: the x86 paths need gcc >= 11")
+    kernel = scan_cpu.__file__.rsplit("/", 1)[0] + "/csrc/selective_scan_kernel.c"
+    subprocess.run([compiler, "-O1", "-std=c11", "-shared", "-fPIC", "-o", str(tmp_path / "k.so"), kernel], check=True)
+    library = ctypes.CDLL(str(tmp_path / "k.so"))
+    library.mm_scan_path_name.restype = ctypes.c_char_p
+    names = [library.mm_scan_path_name(k).decode() for k in range(library.mm_scan_path_count())]
+    assert names == ["avx512", "avx2", "baseline"]
+    assert [bool(library.mm_scan_path_supported(k)) for k in range(3)] == [scan_cpu.cpu_supports(n) for n in names]
