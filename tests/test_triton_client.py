@@ -7,9 +7,12 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medmamba_edge.runtime.backends import BackendError, open_backend
@@ -39,7 +42,9 @@ def test_server_addresses_parse(spec, expected):
 @pytest.mark.parametrize("spec, message", [
     ("triton://host:8000", "not a server address"),
     ("triton://host:8000/m/latest", "the model version must be a number"),
-    ("triton://host:8000/m?timeout=0", "timeout must be a positive number"),
+    ("triton://host:8000/m?timeout=0", "timeout must be a number of seconds above 0 and at most 86400"),
+    ("triton://host:8000/m?timeout=1e10", "timeout must be a number of seconds above 0 and at most 86400"),
+    ("triton://host:0/m", "port 0 is no server's port"),  # was taken as 8000
     ("triton://host:8000/m?retries=3", "unknown option retries"),
     ("triton://host:99999/m", "not a server address"),
     ("triton://host:8000/m#frag", "a server address has no #fragment part"),
@@ -78,6 +83,138 @@ def test_a_server_that_never_answers_costs_the_timeout_not_a_hang():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (f"error: triton://127.0.0.1:{port}/m: server unreachable "
                                                       f"(no answer within 1 s)")
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Answers every GET with what ``answer(handler)`` writes: a server that is not quite Triton."""
+
+    daemon_threads = True
+
+    def __init__(self, answer):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # kept alive, as Triton's
+
+            def do_GET(self):
+                answer(self)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"triton://127.0.0.1:{self.server_address[1]}/m"
+
+
+def trickle(handler):  # a body announced at 1 GB, sent a kilobyte at a time: every read within any timeout
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10 ** 6))
+    handler.end_headers()
+    try:
+        for _ in range(100):
+            handler.wfile.write(b" " * 1000)
+            handler.wfile.flush()
+            time.sleep(0.2)
+    except OSError:
+        pass
+
+
+def stream(handler):  # what a camera's MJPEG port sends: no length, no end
+    handler.send_response(200)
+    handler.end_headers()
+    try:
+        while True:
+            handler.wfile.write(b"\0" * (1 << 20))
+    except OSError:
+        pass
+
+
+def json_list(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Length", "5")
+    handler.end_headers()
+    handler.wfile.write(b"[1,2]")
+
+
+@pytest.mark.parametrize("answer, message", [
+    (trickle, r"server unreachable \(no answer within 1 s\)"),
+    (stream, r"the server's answer runs past 67,108,864 bytes; is this a Triton"),
+    (json_list, r"cannot read the model's configuration: the answer is not a JSON object"),
+])
+def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer, message):
+    server = FakeServer(answer)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=message):
+            open_backend(f"{server.url}?timeout=1")
+        assert time.monotonic() - started < 5  # the trickle once held a run for good; the stream grew its memory
+    finally:
+        server.shutdown()
+
+
+def model_server(max_batch_size=4):
+    """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]."""
+    from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
+
+    metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
+
+    def answer(handler):
+        if handler.command == "POST":
+            body = {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]}
+        elif handler.path.endswith("/config"):
+            body = {"max_batch_size": max_batch_size, "input": [{"name": "input", "data_type": "TYPE_FP32",
+                                                                 "dims": [3, 32, 32]}],
+                    "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [2]}],
+                    "parameters": {METADATA_KEY: {"string_value": metadata}}}
+        else:
+            body = {"name": "triton", "version": "2"}
+        data = json.dumps(body).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return FakeServer(answer)
+
+
+def test_a_served_model_config_of_other_types_is_one_line():
+    server = model_server(max_batch_size="abc")  # a traceback (ValueError from int("abc")) before
+    try:
+        with pytest.raises(BackendError, match=r"/m: the served model's configuration is not one Triton writes "
+                                               r"\(ValueError: invalid literal for int\(\)"):
+            open_backend(server.url)
+    finally:
+        server.shutdown()
+
+
+def test_threads_that_end_take_their_connections_with_them():
+    """One connection per thread that runs the backend; kept for good, a thread per request ran out of files."""
+    import gc
+    import os
+
+    server = model_server()
+    try:
+        backend = open_backend(server.url)
+        batch = np.zeros((1, 3, 32, 32), np.float32)
+        backend.run(batch)
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            worker = threading.Thread(target=backend.run, args=(batch,))
+            worker.start()
+            worker.join()
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
+        assert backend.run(batch).tolist() == [[1.0, 2.0]]
+        backend.close()
+    finally:
+        server.shutdown()
 
 
 def test_a_server_killed_mid_run_ends_the_run_with_every_frame_accounted_for(tmp_path_factory, tmp_path):

@@ -26,6 +26,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -40,6 +41,10 @@ SCHEME = "triton"
 DEFAULT_PORT = 8000  # Triton's HTTP port
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 86400.0
+# The most an answer may hold: a batch's logits are kilobytes, a configuration tens of them. A port that streams
+# (a camera's MJPEG) or a broken server would otherwise grow the client's memory for as long as it sends.
+MAX_ANSWER_BYTES = 64 << 20
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 # KServe v2 datatypes a MedMamba input or output can have, and Triton's config spelling of them.
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
@@ -83,13 +88,15 @@ def parse_url(spec) -> ServerModel:
     usage = f"expected {SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
     try:
         parts = urlsplit(text)
-        port = parts.port or DEFAULT_PORT
+        port = DEFAULT_PORT if parts.port is None else parts.port
     except ValueError as exc:
         raise BackendError(f"{spec}: not a server address ({exc}); {usage}") from None
     # The name as the server knows it: `med%20mamba` is `med mamba`, quoted once again on the way out.
     names = [unquote(p) for p in parts.path.split("/") if p]
     if not parts.hostname or not 1 <= len(names) <= 2:
         raise BackendError(f"{spec}: not a server address; {usage}")
+    if port == 0:  # urlsplit's range is 0-65535; no server listens on 0
+        raise BackendError(f"{spec}: port 0 is no server's port; {usage}")
     if parts.fragment or parts.username is not None:
         raise BackendError(f"{spec}: a server address has no {'#fragment' if parts.fragment else 'user@'} part; "
                            f"{usage}")
@@ -105,17 +112,20 @@ def parse_url(spec) -> ServerModel:
             timeout = float(query["timeout"][-1])
         except ValueError:
             timeout = -1.0
-        if not 0 < timeout < float("inf"):
-            raise BackendError(f"{spec}: timeout must be a positive number of seconds, got {query['timeout'][-1]!r}")
+        if not 0 < timeout <= MAX_TIMEOUT_S:
+            raise BackendError(f"{spec}: timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g} "
+                               f"(a day), got {query['timeout'][-1]!r}")
     return ServerModel(parts.hostname, port, names[0], names[1] if len(names) == 2 else "", timeout)
 
 
-def connection_error(exc: OSError, timeout: float) -> str:
-    """A failed connection in words, for a record's reason."""
+def connection_error(exc: OSError, timeout: float, connected: bool = True) -> str:
+    """A failed connection in words, for a record's reason; ``connected``: whether the wait that ran out was for
+    an answer (``timeout``) or for the connection itself (CONNECT_TIMEOUT_S)."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused: is the server running?"
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return f"no answer within {timeout:g} s"
+        return f"no answer within {timeout:g} s" if connected else \
+            f"no connection within {CONNECT_TIMEOUT_S:g} s (server overloaded, or a firewall dropping it)"
     if isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                         http.client.IncompleteRead)):
         return "the server closed the connection"
@@ -138,6 +148,8 @@ def decode_infer_response(body: bytes, header_length: int | None, output_name: s
     """The named output of a KServe v2 response: raw bytes after the JSON header, or JSON ``data`` when the
     server answered without the binary extension."""
     header = json.loads(body[:header_length] if header_length is not None else body)
+    if not isinstance(header, dict):
+        raise ValueError(f"the answer's JSON is a {type(header).__name__}, not an object")
     offset = header_length or 0
     for output in header.get("outputs", []):
         size = output.get("parameters", {}).get("binary_data_size")
@@ -163,13 +175,23 @@ class TritonBackend(Backend):
         self.server = parse_url(spec)
         self.path = self.server.url  # what records and reports name the model by
         self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
+        # Weakly: a connection lives as long as its thread's local storage, and goes (its socket closed) with a
+        # thread that ends; close() closes those still alive.
+        self._connections: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._failures, self._retry_at, self._down_reason = 0, 0.0, ""
         self._closed = False
 
         config = self._get_json(self.server.model_path("/config"), "read the model's configuration")
         server = self._get_json("/v2", "read the server's metadata")
+        try:
+            self._configure(server, config)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # fields of other types than Triton's
+            raise BackendError(f"{self.path}: the served model's configuration is not one Triton writes "
+                               f"({type(exc).__name__}: {first_line(exc)})") from None
+
+    def _configure(self, server: dict, config: dict) -> None:
+        """The served model's names, types, batching and metadata, from the server's and the model's JSON."""
         self.server_description = f"{server.get('name', 'KServe v2 server')} {server.get('version', '')}".strip()
         self.backend_name = config.get("backend") or config.get("platform") or "unknown"
         self.metadata = self._metadata(config)
@@ -219,7 +241,7 @@ class TritonBackend(Backend):
     def close(self) -> None:
         self._closed = True
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections, self._connections = list(self._connections), weakref.WeakSet()
         for connection in connections:
             connection.close()
 
@@ -234,7 +256,7 @@ class TritonBackend(Backend):
         length = headers.get(HEADER_LENGTH)
         try:
             logits = decode_infer_response(body, int(length) if length is not None else None, self.output_name)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # whatever JSON the server sent instead
             raise BackendError(f"{self.path}: unreadable answer ({type(exc).__name__}: {first_line(exc)})") from None
         if logits.shape != (len(chunk), self.metadata.num_classes):
             raise BackendError(f"{self.path}: the answer has shape {logits.shape}, expected "
@@ -246,10 +268,13 @@ class TritonBackend(Backend):
         if status != 200:
             raise BackendError(f"{self.path}: cannot {what} (HTTP {status}: {_error_text(body)})")
         try:
-            return json.loads(body)
+            answer = json.loads(body)
         except ValueError:
-            raise BackendError(f"{self.path}: cannot {what}: the answer is not JSON; is this a Triton (KServe v2) "
-                               f"HTTP port?") from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise BackendError(f"{self.path}: cannot {what}: the answer is not a JSON object; is this a Triton "
+                               f"(KServe v2) HTTP port?")
+        return answer
 
     def _request(self, method: str, path: str, body: list | None = None,
                  headers: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
@@ -260,12 +285,20 @@ class TritonBackend(Backend):
         # One retry, on a fresh connection, for a kept-alive connection the server closed while idle.
         for attempt in (0, 1):
             connection, reused = self._connection()
+            connected, expired = reused, threading.Event()
+            deadline = None
             try:
                 if not reused:
-                    connection.connect()
-                    # Connecting waits at most CONNECT_TIMEOUT_S; every later wait (an inference) the model's timeout.
+                    connection.connect()  # waits at most CONNECT_TIMEOUT_S
+                    connected = True
                     connection.sock.settimeout(self.server.timeout)
                     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # The whole answer within the timeout, not each read: a server sending a byte at a time (or
+                # headers a line at a time) would pass every read's. At the deadline the socket is shut, which
+                # ends whatever read waits.
+                deadline = threading.Timer(self.server.timeout, _expire, (connection.sock, expired))
+                deadline.daemon = True
+                deadline.start()
                 connection.putrequest(method, path, skip_accept_encoding=True)
                 for key, value in {**(headers or {}),
                                    "Content-Length": str(sum(len(part) for part in body or []))}.items():
@@ -274,16 +307,29 @@ class TritonBackend(Backend):
                 for part in body or []:
                     connection.send(part)
                 response = connection.getresponse()
-                data = response.read()
+                data = _read_answer(response)
+                if expired.is_set():  # the shut socket read as the answer's end
+                    raise TimeoutError("deadline")
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(connection)
                 stale = reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
-                if attempt == 0 and stale:
+                if attempt == 0 and stale and not expired.is_set():
                     continue
-                reason = connection_error(exc, self.server.timeout) if isinstance(exc, OSError) else \
-                    f"broken HTTP answer ({type(exc).__name__})"
+                if expired.is_set():
+                    reason = f"no answer within {self.server.timeout:g} s"  # the whole of it
+                elif isinstance(exc, OSError):
+                    reason = connection_error(exc, self.server.timeout, connected)
+                else:
+                    reason = f"broken HTTP answer ({type(exc).__name__})"
                 self._mark_down(reason)
                 raise BackendError(f"{self.path}: server unreachable ({reason})") from None
+            except AnswerTooLarge as exc:
+                self._drop(connection)
+                self._mark_down(str(exc))
+                raise BackendError(f"{self.path}: {exc}") from None
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
             if response.will_close:
                 self._drop(connection)
             with self._lock:
@@ -299,21 +345,45 @@ class TritonBackend(Backend):
         connection = http.client.HTTPConnection(self.server.host, self.server.port, timeout=CONNECT_TIMEOUT_S)
         self._local.connection = connection
         with self._lock:
-            self._connections.append(connection)
+            self._connections.add(connection)
         return connection, False
 
     def _drop(self, connection: http.client.HTTPConnection) -> None:
         connection.close()
         self._local.connection = None
         with self._lock:
-            if connection in self._connections:
-                self._connections.remove(connection)
+            self._connections.discard(connection)
 
     def _mark_down(self, reason: str) -> None:
         with self._lock:
             self._failures += 1
             self._retry_at = time.monotonic() + min(BACKOFF_FIRST_S * 2 ** (self._failures - 1), BACKOFF_MAX_S)
             self._down_reason = reason
+
+
+class AnswerTooLarge(Exception):
+    pass
+
+
+def _expire(sock: socket.socket, expired: threading.Event) -> None:
+    expired.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed meanwhile
+        pass
+
+
+def _read_answer(response: http.client.HTTPResponse) -> bytes:
+    """The answer's body, refused past MAX_ANSWER_BYTES (announced or sent)."""
+    if response.length is not None and response.length > MAX_ANSWER_BYTES:
+        raise AnswerTooLarge(f"the server announces an answer of {response.length:,} bytes, over the "
+                             f"{MAX_ANSWER_BYTES:,} any answer of a model server holds; is this a Triton (KServe v2) "
+                             f"HTTP port?")
+    data = response.read(MAX_ANSWER_BYTES + 1)
+    if len(data) > MAX_ANSWER_BYTES:
+        raise AnswerTooLarge(f"the server's answer runs past {MAX_ANSWER_BYTES:,} bytes; is this a Triton (KServe v2) "
+                             f"HTTP port?")
+    return data
 
 
 def _error_text(body: bytes) -> str:
