@@ -188,21 +188,35 @@ def bind_model(triton, backend: Backend, options: ServeOptions) -> None:
 
 def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     """Serve ``model`` until SIGINT/SIGTERM/SIGHUP (a second one aborts); ServeError if the server fails."""
-    *_, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
     from medmamba_edge.runtime.loop import stop_on_signals
 
-    ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
+    # From the start: a stop while PyTriton and ONNX Runtime import or the model loads (a `systemctl stop` right
+    # after the start) is a clean stop too, where the default handler's KeyboardInterrupt exited 130, or 1 when it
+    # interrupted an extension module's initialisation.
+    with stop_on_signals(lambda message: notify(
+            f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
+        *_, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
+        ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
+        host = options.address
+        check_ports_free(host, ports)
+        with open_backend(model, threads=options.threads) as backend:
+            if stopping.is_set():  # before anything was served: nothing to finish
+                return
+            # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
+            os.environ.update(server_environment(dict(os.environ)))
+            logging.getLogger("pytriton").setLevel(logging.WARNING)
+            config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
+                                  grpc_port=options.grpc_port_or_default, metrics_address=host,
+                                  metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,
+                                  allow_gpu_metrics=False)
+            triton = Triton(config=config,
+                            security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
+            _serve(model, backend, options, triton, stopping, notify)
+
+
+def _serve(model, backend: Backend, options: ServeOptions, triton, stopping, notify) -> None:
+    """Run ``triton`` serving ``backend`` until ``stopping`` is set or the server fails; clean up after it."""
     host = options.address
-    check_ports_free(host, ports)
-    backend = open_backend(model, threads=options.threads)
-    # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
-    os.environ.update(server_environment(dict(os.environ)))
-    logging.getLogger("pytriton").setLevel(logging.WARNING)
-    config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
-                          grpc_port=options.grpc_port_or_default, metrics_address=host,
-                          metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,
-                          allow_gpu_metrics=False)
-    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
     spawned: set[tuple[int, int]] = set()
     stubs: set[tuple[int, int]] = set()  # the Python backend's processes, which run our model
     segments: set[Path] = set()
@@ -233,41 +247,39 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             return f"the server no longer has {options.name} ready (unloaded through its model-repository API?)"
         return None
 
-    with backend, stop_on_signals(lambda message: notify(
-            f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
+    try:
+        bind_model(triton, backend, options)
         try:
-            bind_model(triton, backend, options)
-            try:
-                triton.run()
-            except Exception as exc:  # PyTriton's own errors, tritonclient's, timeouts: all say "did not start"
-                raise ServeError(f"{model}: Triton did not start on {host} ports {options.port}, "
-                                 f"{options.grpc_port_or_default}, {options.metrics_port_or_default} "
-                                 f"({type(exc).__name__}: {first_line(exc).split(': Traceback')[0]}){_server_hint(triton)}") from None
-            watch()  # now: its processes are known before a client (or anything else) can end them
-            notify(f"serving {model} as {options.name} ({backend.describe()}; max batch {options.max_batch}, "
-                   f"queue delay ≤ {options.max_queue_delay_us} µs)")
-            notify(f"HTTP http://{host}:{options.port}/v2/models/{options.name}, gRPC {host}:"
-                   f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
-                   f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
-            while not stopping.wait(0.5):
-                problem = failure(watch())
-                if problem:
-                    raise ServeError(f"{model}: {problem}")
-        finally:
-            watch()
-            triton.stop()
-            # A server that gives up stopping (its exit timeout) leaves its Python backend's stubs running, and a
-            # crash on the way out (which that forced exit sometimes is) unlinks none of their shared memory: RAM
-            # lost for good. What this process made, its resource tracker removes when it exits.
-            watch()
-            stop_leftovers(spawned)
-            table = _process_table()
-            remove_shared_memory(segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
-            for copy in model_copies:  # what a clean stop removes; a stop that gave up waiting left it
-                shutil.rmtree(copy, ignore_errors=True)
-        if stopping.is_set() and _exit_code(triton):
-            notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
-                   f"cleaned up")
+            triton.run()
+        except Exception as exc:  # PyTriton's own errors, tritonclient's, timeouts: all say "did not start"
+            raise ServeError(f"{model}: Triton did not start on {host} ports {options.port}, "
+                             f"{options.grpc_port_or_default}, {options.metrics_port_or_default} "
+                             f"({type(exc).__name__}: {first_line(exc).split(': Traceback')[0]}){_server_hint(triton)}") from None
+        watch()  # now: its processes are known before a client (or anything else) can end them
+        notify(f"serving {model} as {options.name} ({backend.describe()}; max batch {options.max_batch}, "
+               f"queue delay ≤ {options.max_queue_delay_us} µs)")
+        notify(f"HTTP http://{host}:{options.port}/v2/models/{options.name}, gRPC {host}:"
+               f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
+               f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
+        while not stopping.wait(0.5):
+            problem = failure(watch())
+            if problem:
+                raise ServeError(f"{model}: {problem}")
+    finally:
+        watch()
+        triton.stop()
+        # A server that gives up stopping (its exit timeout) leaves its Python backend's stubs running, and a
+        # crash on the way out (which that forced exit sometimes is) unlinks none of their shared memory: RAM
+        # lost for good. What this process made, its resource tracker removes when it exits.
+        watch()
+        stop_leftovers(spawned)
+        table = _process_table()
+        remove_shared_memory(segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
+        for copy in model_copies:  # what a clean stop removes; a stop that gave up waiting left it
+            shutil.rmtree(copy, ignore_errors=True)
+    if stopping.is_set() and _exit_code(triton):
+        notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "
+               f"cleaned up")
 
 
 PYTHON_BACKEND_STUB = "triton_python_backend_stub"

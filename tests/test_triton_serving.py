@@ -29,7 +29,8 @@ from medmamba_edge.runtime.preprocess import preprocess
 from tests.cli_runner import cli, read_jsonl
 from tests.exported_models import official_onnx
 from tests.shared_data import require_shared
-from tests.triton_server import ROOT, _cmdline, _group_members, free_ports, http_get, require_serve_python, running_server
+from tests.triton_server import (ROOT, _cmdline, _group_members, free_ports, http_get, require_serve_python, running_server,
+                                 started_server)
 
 CLIENTS, REQUESTS_PER_CLIENT = 16, 4
 CONCURRENCY_DEADLINE_S = 120
@@ -199,6 +200,21 @@ def test_sigterm_stops_the_server_cleanly(model, tmp_path):
         # server gone (not always by the time the leader has been reaped).
         assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
         assert not list(Path("/dev/shm").glob(f"*pytrtion{server.process.pid}-*"))
+
+
+def test_sigterm_while_serve_starts_is_a_clean_stop(model, tmp_path):
+    """`systemctl stop` right after the start: the signal came while ONNX Runtime imported (exit 130, or 1 with an
+    ImportError where it interrupted the extension's initialisation)."""
+    with started_server(model, tmp_path) as server:
+        maps = Path(f"/proc/{server.process.pid}/maps")
+        deadline = time.monotonic() + 60
+        while "onnxruntime" not in maps.read_text() and time.monotonic() < deadline:  # serve() loads the model
+            time.sleep(0.01)
+        os.kill(server.process.pid, signal.SIGTERM)
+        code = server.process.wait(timeout=60)
+        log = server.log.read_text(errors="replace")
+        assert code == 0 and "Traceback" not in log, log
+        assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
 
 
 def test_a_killed_tritonserver_is_named_and_leaves_no_process_behind(model, tmp_path):

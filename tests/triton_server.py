@@ -152,8 +152,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextmanager
-def running_server(model: Path, workdir: Path, *options: str, name: str = "medmamba"):
-    """`medmamba-edge serve MODEL` on free 127.0.0.1 ports, ready; killed (group-wide) on the way out."""
+def started_server(model: Path, workdir: Path, *options: str, name: str = "medmamba"):
+    """`medmamba-edge serve MODEL` on free 127.0.0.1 ports, just started; killed (group-wide) on the way out."""
     python = require_serve_python()
     ports = free_ports(3)
     log = workdir / f"serve-{ports[0]}.log"
@@ -169,8 +169,15 @@ def running_server(model: Path, workdir: Path, *options: str, name: str = "medma
                                    start_new_session=True, env={**os.environ, "HOME": str(home)})
     server = Server(process, log, ports, name)
     try:
-        server.wait_ready()
         yield server
     finally:
         server.kill()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def running_server(model: Path, workdir: Path, *options: str, name: str = "medmamba"):
+    """`medmamba-edge serve MODEL` on free 127.0.0.1 ports, ready; killed (group-wide) on the way out."""
+    with started_server(model, workdir, *options, name=name) as server:
+        server.wait_ready()
+        yield server
