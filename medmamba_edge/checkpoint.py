@@ -20,7 +20,7 @@ from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import IN_CHANS, ModelMetadata, class_names_problem, unwritable_class_names
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import VSSM, SS_Conv_SSM, variant_name
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -110,20 +110,39 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: it holds a {other.group(1)} object, not only tensors (loaded with "
                 f"weights_only=True); save the weights with torch.save(net.state_dict(), path)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a tensor-only pickle)") from None
+        why = _what_else(path, "not a tensor-only pickle")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
     except Exception as exc:  # torch's unpickler raises whatever the garbage triggers (IndexError, EOFError, ...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+        cause = f"{type(exc).__name__}: {first_line(exc)[:200]}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_else(path, cause)})") from None
 
-    for key in WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    def is_state_dict(value) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if isinstance(obj, dict) and not is_state_dict(obj):  # the first wrapper key holding one (a "model" key may
+        obj = next((obj[key] for key in WRAPPER_KEYS if is_state_dict(obj.get(key))), obj)  # hold a config)
+    if not is_state_dict(obj):
+        found = (f"a dict of {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) and obj
+                 else type(obj).__name__)
         raise CheckpointError(
             f"{path}: expected a state_dict (name → tensor), optionally under one of {list(WRAPPER_KEYS)}; "
-            f"got {type(obj).__name__}"
+            f"got {found}"
         )
     return _model_keys(obj, path)
+
+
+def _what_else(path: Path, cause: str) -> str:
+    """What a file torch cannot read is instead, where its first bytes say: a clone without git-lfs has pointers
+    where the weights should be, a download link saved as a page has HTML; a cut copy says why torch stopped."""
+    with open(path, "rb") as file:
+        head = file.read(64).lstrip()
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"
+    if head[:1] == b"<":
+        return "an HTML or XML page, not the weights (a download that saved the web page?)"
+    if "central directory" in cause or "EOF" in cause or "unexpected end" in cause.lower():
+        return f"truncated or corrupt: {cause}"
+    return cause
 
 
 def _model_keys(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -153,6 +172,11 @@ def _shape(state_dict: dict[str, torch.Tensor], key: str, rank: int, path: Path)
     return shape
 
 
+def _is_step_counter(key: str) -> bool:
+    """BatchNorm's count of training steps: unused by a model in eval mode, so a checkpoint may lack it."""
+    return key.endswith("num_batches_tracked")
+
+
 def _check_block_count(blocks: dict[int, set[int]], state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Every block up to the highest index has its weights. Depths come from that index, so without this a
     few-KB file naming ``layers.0.blocks.3000`` builds a 3001-block model before its keys are compared."""
@@ -160,7 +184,7 @@ def _check_block_count(blocks: dict[int, set[int]], state_dict: dict[str, torch.
         names = SS_Conv_SSM(hidden_dim=2).state_dict().keys()
     absent = [f"layers.{stage}.blocks.{index}.{name}" for stage, numbered in sorted(blocks.items())
               for index in range(max(numbered) + 1) for name in names
-              if f"layers.{stage}.blocks.{index}.{name}" not in state_dict]
+              if f"layers.{stage}.blocks.{index}.{name}" not in state_dict and not _is_step_counter(name)]
     if absent:
         raise CheckpointError(_describe_key_mismatch(path, absent, []))
 
@@ -288,12 +312,16 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
             expected = config.build().state_dict()
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    missing = sorted(set(expected) - set(state_dict))
+    # The step counters: left out by float-only conversions, infinite in fp16 past 65504 steps (100 epochs of 700).
+    # PyTorch loads such files; so do we, with the model's own counters.
+    counters = {key for key in expected if _is_step_counter(key)}
+    state_dict = {key: value for key, value in state_dict.items() if key not in counters}
+    missing = sorted(set(expected) - set(state_dict) - counters)
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise CheckpointError(_describe_key_mismatch(path, missing, unexpected))
     for key, tensor in expected.items():
-        if state_dict[key].shape != tensor.shape:
+        if key in state_dict and state_dict[key].shape != tensor.shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)} "
                 f"for depths {config.depths} dims {config.dims}"
@@ -304,7 +332,7 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
     if broken:  # else every output is NaN, and an export's verification would blame ONNX Runtime
         raise CheckpointError(f"{path}: {broken} holds NaN or infinite values (did the training diverge?)")
     model = config.build()
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({**{key: model.state_dict()[key] for key in counters}, **state_dict}, strict=True)
     model.eval()
     return LoadedCheckpoint(
         model=model,

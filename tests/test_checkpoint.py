@@ -152,6 +152,10 @@ def test_wrong_shape_is_named(tmp_path, tiny_state_dict):
 @pytest.mark.parametrize("content, message", [
     (b"", "file is empty"),
     (b"this is not a checkpoint", "not a readable PyTorch checkpoint"),
+    # What a deployment box most often has instead (it was "not a tensor-only pickle", or "(RuntimeError)"):
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:2cd5\nsize 57993837\n",
+     r"a Git LFS pointer, not the weights: run `git lfs pull`"),
+    (b"<!DOCTYPE html><html><body>Sign in</body></html>", "an HTML or XML page, not the weights"),
 ])
 def test_unreadable_files(tmp_path, content, message):
     path = tmp_path / "broken.pth"
@@ -160,11 +164,33 @@ def test_unreadable_files(tmp_path, content, message):
         load_checkpoint(path)
 
 
-def test_missing_file_and_non_state_dict(tmp_path):
+def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="expected a state_dict"):
         load_checkpoint(save([1, 2, 3], tmp_path / "list.pth"))
+    # The weights under a listed key after another listed key holding a config: read (refused as "got dict").
+    config = save({"model": {"arch": "medmamba_t"}, "state_dict": tiny_state_dict, "epoch": 9}, tmp_path / "c.pth")
+    assert load_checkpoint(config).config.num_classes == 3
+    with pytest.raises(CheckpointError, match=r"ema\.pth: expected a state_dict .*; got a dict of epoch, ema$"):
+        load_checkpoint(save({"epoch": 9, "ema": tiny_state_dict}, tmp_path / "ema.pth"))
+    whole = save(tiny_state_dict, tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    with pytest.raises(CheckpointError, match=r"cut\.pth: not a readable PyTorch checkpoint \(truncated or corrupt: "):
+        load_checkpoint(tmp_path / "cut.pth")
+
+
+def test_batchnorm_step_counters_left_out_or_infinite_are_loaded_as_pytorch_loads_them(tmp_path, tiny_state_dict):
+    """Unused in eval mode: a float-only conversion leaves them out, fp16 makes 70000 steps infinite."""
+    counters = [k for k in tiny_state_dict if k.endswith("num_batches_tracked")]
+    assert counters
+    half = {k: (torch.tensor(70000) if k in counters else v).half() for k, v in tiny_state_dict.items()}
+    without = {k: v for k, v in tiny_state_dict.items() if k not in counters}
+    reference = load_checkpoint(save(tiny_state_dict, tmp_path / "full.pth")).model
+    x = torch.randn(2, 1, 32, 32)
+    for name, state_dict in (("half", half), ("without", without)):
+        model = load_checkpoint(save(state_dict, tmp_path / f"{name}.pth")).model
+        assert torch.allclose(model(x), reference(x), atol=1e-2 if name == "half" else 0), name
 
 
 def test_blocks_declared_without_weights_are_refused_before_any_model_is_built(tmp_path, tiny_state_dict, monkeypatch):
