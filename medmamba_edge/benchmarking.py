@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medmamba_edge.runtime.backends import is_triton_url
 from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
 
 from .errors import UserError, process_ending
@@ -233,17 +234,19 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     if not batches or min(batches) < 1 or warmup < 0 or iterations < 1:
         raise BenchmarkError("batch sizes and iterations must be ≥ 1, warm-up ≥ 0")
     check_threads(threads)  # here, before any worker starts, as each worker's open_model would
-    for path in paths:
-        if not path.exists():
-            raise BenchmarkError(f"{path}: no such model file")
+    # A served model is timed as its clients see it; its address kept as given (a Path folds the URL's "//").
+    specs = [str(given) if is_triton_url(given) else str(path) for path, given in zip(paths, models)]
+    for path, spec in zip(paths, specs):
+        if not is_triton_url(spec) and not path.exists():
+            raise BenchmarkError(f"{spec}: no such model file")
     batches = list(dict.fromkeys(batches))  # a size asked twice is one row
     workers: list[_Worker] = []
     try:
         # One at a time, so that no model loads or warms up while another does. Each is a worker here before it
         # loads: one that hangs there is killed on the way out too.
-        for path, size in zip(paths, input_sizes(paths, input_size)):
-            workers.append(_Worker(str(path)))
-            workers[-1].load({"path": str(path), "input_size": size, "threads": threads, "batches": batches,
+        for spec, size in zip(specs, input_sizes(paths, input_size)):
+            workers.append(_Worker(spec))
+            workers[-1].load({"path": spec, "input_size": size, "threads": threads, "batches": batches,
                               "warmup": warmup})
         latencies = {(w, b): [] for w in range(len(workers)) for b in batches}
         shares = [len(part) for part in np.array_split(np.arange(iterations), rounds_of(iterations))]
@@ -260,7 +263,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
         for worker in workers:
             worker.close()
     measurements = [
-        Measurement(str(paths[w]), worker.ready["backend"], worker.ready["precision"], tuple(worker.ready["input_size"]),
+        Measurement(specs[w], worker.ready["backend"], worker.ready["precision"], tuple(worker.ready["input_size"]),
                     batch, worker.ready["fixed_batch"], latencies[w, batch], peaks[w])
         for batch in batches for w, worker in enumerate(workers)
     ]

@@ -146,6 +146,15 @@ def _model_stats(server) -> dict:
     return stats
 
 
+def test_benchmark_times_a_served_model_as_its_clients_see_it(server):
+    from medmamba_edge.benchmarking import benchmark
+
+    report = benchmark([server.url], batches=[1], warmup=0, iterations=2)  # "no such model file", one slash, before
+    (measurement,) = report.measurements
+    assert measurement.model == server.url and measurement.backend.startswith("triton 2.")
+    assert measurement.batch == 1 and len(measurement.latencies_ms) == 2
+
+
 def test_health_readiness_metadata_and_metrics_are_tritons(server):
     assert http_get(f"{server.http}/v2/health/live")[0] == 200
     assert http_get(f"{server.http}/v2/health/ready")[0] == 200
