@@ -169,8 +169,11 @@ def read_dicom(path: str | Path) -> DicomFrames:
     to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
     try:
-        # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one.
+        # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
+        # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
         ds = pydicom.dcmread(str(path), defer_size=4096)
+        if _deflated(ds):
+            ds = pydicom.dcmread(str(path))
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -187,6 +190,11 @@ def read_dicom(path: str | Path) -> DicomFrames:
     return DicomFrames(path, ds, lut)
 
 
+def _deflated(ds) -> bool:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return syntax == "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
 class DicomFrames:
     """A DICOM file's frames, each read from the file, decoded and mapped as the iteration reaches it: one frame's
     memory, where decoding the whole file at once cost ~26 bytes a pixel (a 48-frame 2048² study: 5 GB, more than
@@ -195,6 +203,7 @@ class DicomFrames:
 
     def __init__(self, path, ds, lut):
         self.path, self.ds, self.lut = path, ds, lut
+        self.source = ds if _deflated(ds) else str(path)  # where pydicom reads the frames from
         self.count = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
         rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         if rows * columns > MAX_IMAGE_PIXELS:
@@ -206,7 +215,7 @@ class DicomFrames:
             from pydicom.pixels.utils import get_expected_length
 
             element = ds.get_item("PixelData", keep_deferred=True)
-            if element.value is not None:  # small enough to have been read
+            if element.value is not None:  # small enough to have been read, or inflated
                 stored = len(element.value)
             else:  # deferred: what the file holds of the length its header declares
                 stored = min(element.length, os.path.getsize(path) - element.value_tell)
@@ -231,17 +240,16 @@ class DicomFrames:
             yield self.single
             return
         # In order from one reader (a frame's place in compressed data without an offset table is found by
-        # parsing the fragments before it: asked for by index, each frame would parse them all again); after a
-        # frame that does not decode, the reader is gone and each later frame is asked for by its index.
-        frames = self.lut.iter_pixels(str(self.path))
+        # parsing the fragments before it: asked for by index, each frame would parse them all again). A frame the
+        # reader fails on is asked for by its index (which says why, or decodes it), and a new reader takes the
+        # frames after it.
+        frames = self._reader(0)
         for index in range(self.count):
             try:
-                pixels = next(frames) if frames is not None else self._decode(index)
-            except ImageError as exc:
-                pixels = exc
+                pixels = next(frames)
             except Exception:  # StopIteration (fewer frames than the header says) too: asked for by index, it says
-                frames = None
                 pixels = self._attempt(index)
+                frames = self._reader(index + 1)
             if isinstance(pixels, ImageError):
                 yield pixels
                 continue
@@ -253,6 +261,9 @@ class DicomFrames:
     def _where(self, index: int) -> str:
         return f"{self.path}" + (f" frame {index}" if self.count > 1 else "")
 
+    def _reader(self, start: int) -> Iterator[np.ndarray]:
+        return self.lut.iter_pixels(self.source, indices=range(start, self.count))
+
     def _attempt(self, index: int) -> np.ndarray | ImageError:
         try:
             return self._decode(index)
@@ -261,7 +272,7 @@ class DicomFrames:
 
     def _decode(self, index: int) -> np.ndarray:
         try:
-            return self.lut.pixel_array(str(self.path), index=index)
+            return self.lut.pixel_array(self.source, index=index)
         except Exception as exc:
             raise self._decode_error(index, exc) from None
 

@@ -187,6 +187,15 @@ def test_a_multi_frame_dicom_is_decoded_frame_by_frame_each_with_its_record(tmp_
         assert [r[:2] for r in records] == [(k, None if k == broken else 10 * (k + 1)) for k in range(3)]
         assert records[broken][2].startswith(f"{tmp_path / 'cine.dcm'} frame {broken}: cannot decode DICOM pixel "
                                              f"data (RLE Lossless)")
+    # Deflated (the whole data set compressed): read from the inflated copy, not the file (it was refused as cut).
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    deflated = pydicom.dcmread(synthetic_dicom(tmp_path / "deflated.dcm", frames[0], NumberOfFrames=3,
+                                               pixel_data=frames.tobytes()))
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert (tmp_path / "deflated.dcm").stat().st_size < frames.nbytes
+    assert [int(f.image.max()) for f in open_source(str(tmp_path / "deflated.dcm")).frames()] == [10, 20, 30]
     monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 255)
     with pytest.raises(ImageError, match=r"cine.dcm: a 16×16 DICOM frame .* over the limit of 255 pixels"):
         read_dicom(tmp_path / "cine.dcm")
