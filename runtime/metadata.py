@@ -223,7 +223,8 @@ def _string_pair(entry: bytes) -> tuple[str, str]:
         if tag & 7 != 2:
             raise ValueError(f"a metadata entry's field {tag >> 3} of wire type {tag & 7}")
         data = stream.read(_varint(stream) or 0)
-        found[tag >> 3] = data.decode("utf-8")
+        # As onnx and ONNX Runtime take them: proto2 strings may hold any bytes (another tool's entry in Latin-1).
+        found[tag >> 3] = data.decode("utf-8", "surrogateescape")
     return found[1], found[2]
 
 
@@ -260,7 +261,7 @@ def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMeta
         source = str(model_or_path)
         try:
             props, has_graph = onnx_metadata_props(source)
-        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        except (OSError, ValueError) as exc:  # ValueError: bytes that are no protobuf message
             raise MetadataError(f"{source}: not a readable ONNX model ({type(exc).__name__}: "
                                 f"{getattr(exc, 'strerror', None) or exc})") from None
     else:

@@ -308,6 +308,27 @@ def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_rea
         open_backend(path)
 
 
+def test_metadata_read_from_the_file_header_as_onnx_reads_it(bundled_forms, tmp_path):
+    """Another tool's metadata entry in Latin-1 (proto2 strings may hold any bytes; onnx and ONNX Runtime load it),
+    after the graph; and a graph whose scan nodes its metadata does not own to, said as such."""
+    from medmamba_edge.runtime.backends import BackendError, open_backend
+    from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+
+    value = "Universit\xe9 Hospital".encode("latin-1")
+    entry = b"\x0a\x04site\x12" + bytes([len(value)]) + value
+    latin = tmp_path / "latin.onnx"
+    latin.write_bytes(bundled_forms["portable"].read_bytes() + b"\x72" + bytes([len(entry)]) + entry)
+    assert onnx.load(str(latin)).metadata_props[-1].key == "site"
+    with open_backend(latin) as backend:  # "not a readable ONNX model (UnicodeDecodeError ...)" before
+        assert backend.metadata == read_onnx_metadata(onnx.load(str(bundled_forms["portable"])))
+    model = onnx.load(str(bundled_forms["plugin"]))
+    write_onnx_metadata(model, read_onnx_metadata(model).replace(scan_form="portable"))
+    onnx.save(model, str(tmp_path / "says_portable.onnx"))
+    with pytest.raises(BackendError, match=r"says_portable\.onnx: its graph holds SS2DScan nodes, though its "
+                                           r"metadata says scan_form 'portable'"):
+        open_backend(tmp_path / "says_portable.onnx")
+
+
 def test_closing_a_backend_while_another_thread_runs_it_never_breaks_that_run(bundled_forms, tmp_path):
     from medmamba_edge.runtime.backends import BackendError, open_backend
     from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata

@@ -16,7 +16,7 @@ from medmamba_edge.errors import first_line
 
 from .. import scan_node
 from ..files import cache_root
-from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
+from ..metadata import MetadataError, ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
 from . import Backend, BackendError, run_in_fixed_batches
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -62,14 +62,25 @@ def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata)
     return [(name, provider_options(name, metadata)) for name in names]
 
 
-def _not_loaded(path: Path, error: Exception) -> str:
-    """Why ONNX Runtime did not load the model: a node of ours from a retired contract, said as such (its graph is
-    read for that only now, on the way out), else ONNX Runtime's own reason."""
+def _identity(path: Path) -> tuple[int, ...]:
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _not_loaded(path: Path, metadata: ModelMetadata, error: Exception) -> str:
+    """Why ONNX Runtime did not load the model, where its graph says more (read for that only now, on the way out):
+    a node of ours from a retired contract, or scan nodes its metadata does not own to; else ONNX Runtime's reason."""
     try:
-        retired = scan_node.retired_scan_node(load_onnx(path, external_data=False))
+        graph = load_onnx(path, external_data=False)
     except MetadataError:
-        retired = None
-    return retired or f"ONNX Runtime cannot load it ({first_line(error)})"
+        graph = None
+    retired = graph is not None and scan_node.retired_scan_node(graph)
+    if retired:
+        return retired
+    if graph is not None and metadata.scan_form != "plugin" and scan_node.has_scan_nodes(graph):
+        return (f"its graph holds {scan_node.OP_TYPE} nodes, though its metadata says scan_form "
+                f"{metadata.scan_form!r} (changed by another tool?); export it again")
+    return f"ONNX Runtime cannot load it ({first_line(error)})"
 
 
 class OnnxRuntimeBackend(Backend):
@@ -78,16 +89,17 @@ class OnnxRuntimeBackend(Backend):
 
         self.path = Path(path)
         # The metadata from the file's header fields, the graph read by ONNX Runtime alone: not by onnx too, whose
-        # import took a second and whose copy of the model a third of run's peak memory.
+        # import took a second and whose copy of the model a third of run's peak memory. Two reads, of one file:
+        # one replaced in between (an export renames a new file over it) would pair its metadata with another graph.
+        before = _identity(self.path)
         self.metadata: ModelMetadata = read_onnx_metadata(self.path)
         providers = choose_providers(providers, self.metadata)
         try:
             self.session = fused_scan.make_session(self.path, threads=threads, providers=providers,
                                                    scan_nodes=self.metadata.scan_form == "plugin")
         except onnxruntime_errors() as exc:
-            raise BackendError(f"{self.path}: {_not_loaded(self.path, exc)}") from None
-        read = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if read is None or ModelMetadata.from_json(read, str(self.path)) != self.metadata:
+            raise BackendError(f"{self.path}: {_not_loaded(self.path, self.metadata, exc)}") from None
+        if _identity(self.path) != before:
             raise BackendError(f"{self.path}: the file changed while it was opened (replaced by an export?); "
                                f"open it again")
         self.input_name = self.session.get_inputs()[0].name
