@@ -158,14 +158,16 @@ def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer
         server.shutdown()
 
 
-def model_server(max_batch_size=4):
-    """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]."""
+def model_server(max_batch_size=4, infer_s=0.0):
+    """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
+    (``infer_s`` seconds after the request)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
 
     def answer(handler):
         if handler.command == "POST":
+            time.sleep(infer_s)
             body = {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]}
         elif handler.path.endswith("/config"):
             body = {"max_batch_size": max_batch_size, "input": [{"name": "input", "data_type": "TYPE_FP32",
@@ -190,6 +192,23 @@ def test_a_served_model_config_of_other_types_is_one_line():
                                                r"\(ValueError: invalid literal for int\(\)"):
             open_backend(server.url)
     finally:
+        server.shutdown()
+
+
+def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more():
+    """close() from another thread between two chunks: the next chunk went out on a socket of http.client's own,
+    outside the timeout, and the deadline timer raised in its thread."""
+    server, raised = model_server(max_batch_size=1, infer_s=0.3), []
+    previous_hook, threading.excepthook = threading.excepthook, raised.append
+    try:
+        backend = open_backend(f"{server.url}?timeout=5")
+        threading.Timer(0.45, backend.close).start()  # during the second of five one-image requests
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"/m: the model was closed"):
+            backend.run(np.zeros((5, 3, 32, 32), np.float32))
+        assert time.monotonic() - started < 1.0 and not raised
+    finally:
+        threading.excepthook = previous_hook
         server.shutdown()
 
 

@@ -284,6 +284,10 @@ class TritonBackend(Backend):
                                    f"{self._retry_at - time.monotonic():.1f} s")
         # One retry, on a fresh connection, for a kept-alive connection the server closed while idle.
         for attempt in (0, 1):
+            # close() from another thread between two chunks of a run closes this thread's connection too: no
+            # request after it (http.client would open a socket of its own, outside the timeouts and close()).
+            if self._closed:
+                raise BackendError(f"{self.path}: the model was closed")
             connection, reused = self._connection()
             connected, expired = reused, threading.Event()
             deadline = None
@@ -293,6 +297,8 @@ class TritonBackend(Backend):
                     connected = True
                     connection.sock.settimeout(self.server.timeout)
                     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if connection.sock is None:  # closed by close() since the check above
+                    raise BackendError(f"{self.path}: the model was closed")
                 # The whole answer within the timeout, not each read: a server sending a byte at a time (or
                 # headers a line at a time) would pass every read's. At the deadline the socket is shut, which
                 # ends whatever read waits.
@@ -312,6 +318,8 @@ class TritonBackend(Backend):
                     raise TimeoutError("deadline")
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(connection)
+                if self._closed:  # its socket closed under the request by close(): not the server's doing
+                    raise BackendError(f"{self.path}: the model was closed") from None
                 stale = reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
                 if attempt == 0 and stale and not expired.is_set():
                     continue
