@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,7 +403,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
     repository.mkdir(parents=True, exist_ok=True)
     workspace = _workspace(repository)
-    _remove_leftovers(workspace, name)
+    _remove_leftovers(workspace, name, repository)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
     try:
         (staging / "1").mkdir()
@@ -435,6 +436,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         raise
     return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes,
                         server_command)
+
+
+STALE_STAGING_S = 3600.0
 
 
 def _workspace(repository: Path) -> Path:
@@ -473,17 +477,25 @@ def _staging_prefix(name: str) -> str:
     return f"{_staging_owner(name)}.{os.getpid()}."
 
 
-def _remove_leftovers(workspace: Path, name: str) -> None:
-    """Remove what exports of ``name`` on this host, killed mid-way, left in ``workspace``: their folders carry the
-    host and process id, and that process is gone (a running export's folders stay, and other hosts')."""
-    pattern = re.compile(rf"{re.escape(_staging_owner(name))}\.(\d+)\.[^.]+\.(?:partial|old)")
+def _remove_leftovers(workspace: Path, name: str, repository: Path) -> None:
+    """Remove what exports of ``name`` killed mid-way left in ``workspace``: this host's where their process is gone
+    (folders carry the host and process id); inside the repository, where Triton would take them for models, any
+    host's over an hour old (another container's export, its host name gone with it; a running one is younger)."""
+    own = re.compile(rf"{re.escape(_staging_owner(name))}\.(\d+)\.[^.]+\.(?:partial|old)")
+    anyone = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9-]*\.\d+\.[^.]+\.(?:partial|old)")
     try:
-        entries = list(workspace.iterdir())
+        entries = [entry for entry in workspace.iterdir() if entry.is_dir() and not entry.is_symlink()]
     except OSError:  # not listable: nothing of ours to find there
         return
     for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _process_exists(int(match.group(1))):
+        match = own.fullmatch(entry.name)
+        try:
+            gone = (not _process_exists(int(match.group(1))) if match else
+                    workspace == repository and anyone.fullmatch(entry.name) is not None
+                    and time.time() - entry.stat().st_mtime > STALE_STAGING_S)
+        except OSError:  # removed meanwhile
+            continue
+        if gone:
             shutil.rmtree(entry, ignore_errors=True)
 
 
