@@ -265,7 +265,7 @@ def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMeta
             raise MetadataError(f"{source}: not a readable ONNX model ({type(exc).__name__}: "
                                 f"{getattr(exc, 'strerror', None) or exc})") from None
     else:
-        props, has_graph = {p.key: p.value for p in model_or_path.metadata_props}, model_or_path.HasField("graph")
+        props, has_graph = _model_props(model_or_path), model_or_path.HasField("graph")
     if not has_graph:  # what protobuf makes of an empty file, and of some other bytes
         raise MetadataError(f"{source}: not an ONNX model (the file is empty or holds no graph)")
     if METADATA_KEY not in props:
@@ -273,7 +273,20 @@ def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMeta
             f"{source}: no medmamba-edge metadata (metadata_props[{METADATA_KEY!r}]); "
             f"export it with `medmamba-edge export`"
         )
+    try:
+        props[METADATA_KEY].encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file reader kept as escapes: not JSON text that names classes
+        raise MetadataError(f"{source}: its medmamba-edge metadata is not UTF-8 text; export it again") from None
     return ModelMetadata.from_json(props[METADATA_KEY], source)
+
+
+def _model_props(model) -> dict[str, str]:
+    """An ``onnx.ModelProto``'s metadata_props, as the file reader reads them: protobuf hands an entry whose bytes
+    are not UTF-8 over as bytes (proto2 strings may hold any: another tool's entry in Latin-1)."""
+    def text(value) -> str:
+        return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+    return {text(entry.key): text(entry.value) for entry in model.metadata_props}
 
 
 def write_onnx_metadata(model, metadata: ModelMetadata) -> None:

@@ -307,12 +307,28 @@ def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_rea
     with pytest.raises(BackendError, match="m.onnx: the file changed while it was opened"):
         open_backend(path)
 
+    def removed_after(source, *args, **kwargs):  # `rm model.onnx; cp new.onnx model.onnx`, caught in between
+        session = real_session(source, *args, **kwargs)
+        os.remove(path)
+        return session
+
+    monkeypatch.setattr(fused_scan.ort, "InferenceSession", removed_after)
+    with pytest.raises(BackendError, match="m.onnx: the file changed while it was opened"):  # a traceback before
+        open_backend(path)
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while value >= 0x80:
+        out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
+    return out + bytes([value])
+
 
 def test_metadata_read_from_the_file_header_as_onnx_reads_it(bundled_forms, tmp_path):
     """Another tool's metadata entry in Latin-1 (proto2 strings may hold any bytes; onnx and ONNX Runtime load it),
     after the graph; and a graph whose scan nodes its metadata does not own to, said as such."""
     from medmamba_edge.runtime.backends import BackendError, open_backend
-    from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+    from medmamba_edge.runtime.metadata import MetadataError, read_onnx_metadata, write_onnx_metadata
 
     value = "Universit\xe9 Hospital".encode("latin-1")
     entry = b"\x0a\x04site\x12" + bytes([len(value)]) + value
@@ -321,6 +337,17 @@ def test_metadata_read_from_the_file_header_as_onnx_reads_it(bundled_forms, tmp_
     assert onnx.load(str(latin)).metadata_props[-1].key == "site"
     with open_backend(latin) as backend:  # "not a readable ONNX model (UnicodeDecodeError ...)" before
         assert backend.metadata == read_onnx_metadata(onnx.load(str(bundled_forms["portable"])))
+    # Our own entry in Latin-1 (appended: the last of a key is the one read): refused by every reader, where the
+    # file reader passed its class names on as escapes and export-triton and quantize raised UnicodeDecodeError.
+    ours = dict((p.key, p.value) for p in onnx.load(str(latin)).metadata_props)["medmamba_edge"]
+    value = ours.replace('"normal"', '"norm\xe9"').encode("latin-1")
+    key = b"medmamba_edge"
+    entry = b"\x0a" + bytes([len(key)]) + key + b"\x12" + _varint(len(value)) + value
+    (tmp_path / "ours.onnx").write_bytes(latin.read_bytes() + b"\x72" + _varint(len(entry)) + entry)
+    for read in (lambda: read_onnx_metadata(tmp_path / "ours.onnx"),
+                 lambda: read_onnx_metadata(onnx.load(str(tmp_path / "ours.onnx")), "ours.onnx")):
+        with pytest.raises(MetadataError, match=r"ours\.onnx: its medmamba-edge metadata is not UTF-8 text"):
+            read()
     model = onnx.load(str(bundled_forms["plugin"]))
     write_onnx_metadata(model, read_onnx_metadata(model).replace(scan_form="portable"))
     onnx.save(model, str(tmp_path / "says_portable.onnx"))

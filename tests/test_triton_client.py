@@ -212,6 +212,38 @@ def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more
         server.shutdown()
 
 
+def test_closing_the_backend_while_a_run_connects_sends_nothing(monkeypatch):
+    """close() while another thread's connection was being made missed that socket: the request went out."""
+    import http.client
+
+    server = model_server()
+    try:
+        backend = open_backend(server.url)
+        real_connect = http.client.socket.create_connection
+
+        def slow_connect(*args, **kwargs):  # a distant server, or a SYN sent again
+            time.sleep(0.5)
+            return real_connect(*args, **kwargs)
+
+        monkeypatch.setattr(http.client.socket, "create_connection", slow_connect)
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(backend.run(np.zeros((1, 3, 32, 32), np.float32)))
+            except BackendError as exc:
+                outcome.append(str(exc))
+
+        worker = threading.Thread(target=run)  # a thread of its own: a connection of its own, made now
+        worker.start()
+        time.sleep(0.2)
+        backend.close()
+        worker.join()
+        assert outcome == [f"{server.url}: the model was closed"]
+    finally:
+        server.shutdown()
+
+
 def test_threads_that_end_take_their_connections_with_them():
     """One connection per thread that runs the backend; kept for good, a thread per request ran out of files."""
     import gc

@@ -62,8 +62,12 @@ def choose_providers(requested: list[str] | str | None, metadata: ModelMetadata)
     return [(name, provider_options(name, metadata)) for name in names]
 
 
-def _identity(path: Path) -> tuple[int, ...]:
-    info = path.stat()
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """The file as it is now (None: gone), to tell whether it was replaced between two reads."""
+    try:
+        info = path.stat()
+    except OSError:  # removed: the read that follows, or the comparison, says so in words
+        return None
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 

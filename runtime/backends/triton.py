@@ -297,7 +297,8 @@ class TritonBackend(Backend):
                     connected = True
                     connection.sock.settimeout(self.server.timeout)
                     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if connection.sock is None:  # closed by close() since the check above
+                if self._closed or connection.sock is None:  # close() came while connecting: it missed this socket
+                    self._drop(connection)
                     raise BackendError(f"{self.path}: the model was closed")
                 # The whole answer within the timeout, not each read: a server sending a byte at a time (or
                 # headers a line at a time) would pass every read's. At the deadline the socket is shut, which
