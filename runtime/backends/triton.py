@@ -45,6 +45,7 @@ MAX_TIMEOUT_S = 86400.0
 # The most an answer may hold: a batch's logits are kilobytes, a configuration tens of them. A port that streams
 # (a camera's MJPEG) or a broken server would otherwise grow the client's memory for as long as it sends.
 MAX_ANSWER_BYTES = 64 << 20
+NOT_TRITON = "is this a Triton (KServe v2) HTTP port?"  # what answers of another kind of server ask
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 # KServe v2 datatypes a MedMamba input or output can have, and Triton's config spelling of them.
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
@@ -272,8 +273,7 @@ class TritonBackend(Backend):
         except ValueError:
             answer = None
         if not isinstance(answer, dict):
-            raise BackendError(f"{self.path}: cannot {what}: the answer is not a JSON object; is this a Triton "
-                               f"(KServe v2) HTTP port?")
+            raise BackendError(f"{self.path}: cannot {what}: the answer is not a JSON object; {NOT_TRITON}")
         return answer
 
     def _request(self, method: str, path: str, body: list | None = None,
@@ -371,7 +371,7 @@ class TritonBackend(Backend):
 
 
 class AnswerTooLarge(Exception):
-    pass
+    """An answer no model server gives: refused before it is read (announced) or once past the limit (sent)."""
 
 
 def _expire(sock: socket.socket, expired: threading.Event) -> None:
@@ -386,12 +386,10 @@ def _read_answer(response: http.client.HTTPResponse) -> bytes:
     """The answer's body, refused past MAX_ANSWER_BYTES (announced or sent)."""
     if response.length is not None and response.length > MAX_ANSWER_BYTES:
         raise AnswerTooLarge(f"the server announces an answer of {response.length:,} bytes, over the "
-                             f"{MAX_ANSWER_BYTES:,} any answer of a model server holds; is this a Triton (KServe v2) "
-                             f"HTTP port?")
+                             f"{MAX_ANSWER_BYTES:,} any answer of a model server holds; {NOT_TRITON}")
     data = response.read(MAX_ANSWER_BYTES + 1)
     if len(data) > MAX_ANSWER_BYTES:
-        raise AnswerTooLarge(f"the server's answer runs past {MAX_ANSWER_BYTES:,} bytes; is this a Triton (KServe v2) "
-                             f"HTTP port?")
+        raise AnswerTooLarge(f"the server's answer runs past {MAX_ANSWER_BYTES:,} bytes; {NOT_TRITON}")
     return data
 
 
