@@ -332,7 +332,8 @@ def load_checkpoint(path: str | Path, classes: str | list[str] | None = None) ->
     if broken:  # else every output is NaN, and an export's verification would blame ONNX Runtime
         raise CheckpointError(f"{path}: {broken} holds NaN or infinite values (did the training diverge?)")
     model = config.build()
-    model.load_state_dict({**{key: model.state_dict()[key] for key in counters}, **state_dict}, strict=True)
+    own = model.state_dict()  # once: each call builds an entry for every tensor
+    model.load_state_dict({**{key: own[key] for key in counters}, **state_dict}, strict=True)
     model.eval()
     return LoadedCheckpoint(
         model=model,
