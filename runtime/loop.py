@@ -21,6 +21,7 @@ import numpy as np
 from medmamba_edge.errors import UserError, first_line
 
 from .backends import Backend, softmax
+from .metadata import positive_int
 from .preprocess import preprocess_one
 from .sinks import Outputs, Record, Sink, Stats
 from .sources import Capture, Frame, Source, SourceError
@@ -38,7 +39,7 @@ class RunOptions:
     def __post_init__(self):
         counts = (self.batch, self.top_k, self.stride, 1 if self.max_frames is None else self.max_frames)
         # Integers (an application's 1.5 batched by twos, or failed in the capture thread), not bool
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in counts):
+        if not all(positive_int(v) for v in counts):
             raise UserError(f"--batch, --top-k, --stride and --max-frames must be integers ≥ 1, got "
                             f"{self.batch!r}, {self.top_k!r}, {self.stride!r}, {self.max_frames!r}")
         if not (isinstance(self.threshold, numbers.Real) and 0.0 <= self.threshold <= 1.0):

@@ -30,7 +30,9 @@ class MetadataError(UserError, ValueError):
     """A model file without usable medmamba-edge metadata."""
 
 
-def _positive_int(value) -> bool:
+def positive_int(value) -> bool:
+    """An integer (numpy's too) of at least 1, not a bool: what a size or a count takes (1.5 or True would pass a
+    comparison and mean something else)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
@@ -90,18 +92,18 @@ class ModelMetadata:
         # Types and ranges first: a model whose metadata says "size 0" or "batch -1" must fail here, in one
         # line, not as an IndexError or ZeroDivisionError somewhere in preprocessing.
         if not (isinstance(self.input_size, (tuple, list)) and len(self.input_size) == 2
-                and all(_positive_int(v) for v in self.input_size)):
+                and all(positive_int(v) for v in self.input_size)):
             raise MetadataError(f"input_size must be two positive integers (height, width), got {self.input_size!r}")
         problem = class_names_problem(self.class_names)
         if problem:
             raise MetadataError(problem)
-        if not _positive_int(self.in_chans) or self.in_chans not in IN_CHANS:
+        if not positive_int(self.in_chans) or self.in_chans not in IN_CHANS:
             raise MetadataError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
         if self.channel_order != "RGB":  # the order preprocessing feeds (and the official train.py's PIL images)
             raise MetadataError(f"channel_order must be RGB, got {self.channel_order!r}")
         if self.resize != "bilinear":  # the one preprocessing does (PIL's, as train.py's Resize)
             raise MetadataError(f"resize must be bilinear, got {self.resize!r}")
-        if self.batch is not None and not _positive_int(self.batch):
+        if self.batch is not None and not positive_int(self.batch):
             raise MetadataError(f"batch must be a positive integer, or null for a dynamic batch; got {self.batch!r}")
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                    for v in (*self.mean, *self.std)):
