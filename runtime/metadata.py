@@ -224,10 +224,14 @@ def _string_pair(entry: bytes) -> tuple[str, str]:
     while (tag := _varint(stream)) is not None:
         if tag & 7 != 2:
             raise ValueError(f"a metadata entry's field {tag >> 3} of wire type {tag & 7}")
-        data = stream.read(_varint(stream) or 0)
-        # As onnx and ONNX Runtime take them: proto2 strings may hold any bytes (another tool's entry in Latin-1).
-        found[tag >> 3] = data.decode("utf-8", "surrogateescape")
+        found[tag >> 3] = _proto_text(stream.read(_varint(stream) or 0))
     return found[1], found[2]
+
+
+def _proto_text(value: bytes | str) -> str:
+    """A protobuf string field as onnx and ONNX Runtime take it: proto2 strings may hold any bytes (another tool's
+    entry in Latin-1), kept as surrogate escapes rather than refused; protobuf hands such a field over as bytes."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def onnx_metadata_props(path: str | Path) -> tuple[dict[str, str], bool]:
@@ -283,12 +287,8 @@ def read_onnx_metadata(model_or_path, source: str | Path = "model") -> ModelMeta
 
 
 def _model_props(model) -> dict[str, str]:
-    """An ``onnx.ModelProto``'s metadata_props, as the file reader reads them: protobuf hands an entry whose bytes
-    are not UTF-8 over as bytes (proto2 strings may hold any: another tool's entry in Latin-1)."""
-    def text(value) -> str:
-        return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-
-    return {text(entry.key): text(entry.value) for entry in model.metadata_props}
+    """An ``onnx.ModelProto``'s metadata_props, as the file reader (onnx_metadata_props) reads them."""
+    return {_proto_text(entry.key): _proto_text(entry.value) for entry in model.metadata_props}
 
 
 def write_onnx_metadata(model, metadata: ModelMetadata) -> None:
