@@ -545,6 +545,10 @@ def quantize_onnx(
         raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
     check_against_graph(metadata, *graph_shapes(model), str(model_path))
     input_name = model.graph.input[0].name
+    # ONNX Runtime's quantizer rewrites metadata entries as text (another tool's entry in non-UTF-8 bytes raised
+    # UnicodeDecodeError) and adds one of its own: it gets none, and the INT8 model the source's, byte for byte.
+    source_props = onnx.ModelProto(metadata_props=model.metadata_props).metadata_props
+    del model.metadata_props[:]
 
     # Everything that can refuse without the images, before minutes of calibration.
     candidates = quantizable_nodes(model)
@@ -574,6 +578,8 @@ def quantize_onnx(
 
         def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
+            del int8.metadata_props[:]
+            int8.metadata_props.extend(source_props)
             write_onnx_metadata(int8, metadata.replace(precision="int8"))
             return int8
 

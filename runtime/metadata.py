@@ -293,8 +293,9 @@ def _model_props(model) -> dict[str, str]:
 
 def write_onnx_metadata(model, metadata: ModelMetadata) -> None:
     """Set (replace) the metadata of an ``onnx.ModelProto`` in place."""
-    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    for key, value in kept + [(METADATA_KEY, metadata.to_json())]:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    # Other entries stay where they are, untouched: one in non-UTF-8 bytes cannot be assigned back.
+    for index in reversed(range(len(model.metadata_props))):
+        if _proto_text(model.metadata_props[index].key) == METADATA_KEY:
+            del model.metadata_props[index]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()

@@ -497,6 +497,22 @@ def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
     assert onnx.load(str(tmp_path / "q.int8.onnx")).graph.initializer
 
 
+def test_another_tools_metadata_entry_in_non_utf8_bytes_is_kept_byte_for_byte(bundled32, tmp_path):
+    """proto2 strings may hold any bytes (a Latin-1 site name): ONNX Runtime's calibrator rewrote every entry as text
+    and raised UnicodeDecodeError. Now the INT8 model carries the source's entries as they were, and not the
+    quantizer's own ("onnx.infer")."""
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    value = "Universit\xe9 Hospital".encode("latin-1")
+    entry = b"\x0a\x04site\x12" + bytes([len(value)]) + value
+    source = tmp_path / "latin.onnx"
+    source.write_bytes(bundled32.read_bytes() + b"\x72" + bytes([len(entry)]) + entry)
+    quantize_onnx(source, tmp_path / "q.int8.onnx", sample_image_paths("pneumoniamnist")[0].parent, num_samples=4)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "q.int8.onnx")).metadata_props}
+    assert sorted(props) == ["medmamba_edge", QUANTIZATION_KEY, "site"] and props["site"] == value
+    assert read_onnx_metadata(tmp_path / "q.int8.onnx").precision == "int8"
+
+
 def test_a_full_temporary_folder_is_a_one_line_error(bundled32, tmp_path, monkeypatch):
     import errno
 
