@@ -336,7 +336,10 @@ def build_engine(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
     from medmamba_edge.runtime.backends.tensorrt import build as tensorrt_build
+    from medmamba_edge.runtime.backends.tensorrt.manifest import manifest_path
 
+    # The timing cache is read and written: it may be neither the model nor the engine.
+    check_outputs(output, manifest_path(output), timing_cache, reads=[model, plugin])
     options = tensorrt_build.resolve_options(
         preset, fp16=fp16 or None, int8=int8 or None, min_batch=min_batch, opt_batch=opt_batch,
         max_batch=max_batch, workspace_mib=workspace, opt_level=opt_level, dla_core=dla_core,

@@ -414,6 +414,19 @@ def test_cli_engine_and_timing_cache_paths_are_checked_before_the_model(exported
                                                                "--timing-cache", "/sys/timing.cache")
 
 
+def test_cli_refuses_to_overwrite_the_model_or_to_write_one_file_twice(exported, tmp_path):
+    """`-o model.onnx` replaced the exported model with the plan, and a timing cache named as the model or the engine
+    replaced that after the build, exit 0."""
+    model = tmp_path / "victim.onnx"
+    model.write_bytes(exported["portable_path"].read_bytes())
+    assert "victim.onnx: the output would overwrite a file this command reads" in invoke(model, "-o", model)
+    assert "victim.onnx: the output would overwrite a file this command reads" in invoke(
+        model, "-o", tmp_path / "m.engine", "--timing-cache", model)
+    assert "m.engine: given for two outputs" in invoke(model, "-o", tmp_path / "m.engine",
+                                                       "--timing-cache", tmp_path / "m.engine")
+    assert model.read_bytes() == exported["portable_path"].read_bytes() and not list(tmp_path.glob("m.engine*"))
+
+
 def test_cli_input_errors(exported, tmp_path, monkeypatch):
     assert "missing.onnx: no such ONNX file" in invoke(tmp_path / "missing.onnx", "-o", tmp_path / "m.engine")
     output = invoke(exported["portable_path"], "-o", tmp_path / "m.engine", "--int8")
