@@ -194,8 +194,7 @@ def test_mismatch_names_both_sides_and_the_rebuild_command():
     message = str(error.value)
     assert "built with TensorRT 10.3.0, running 10.13.1" in message
     assert "built for Orin (compute capability 8.7, 8 SMs), running on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in message
-    command = ("medmamba-edge build-engine '/models/t32 plugin.onnx' -o m.engine --fp16 --max-batch 8 "
-               "--workspace 2048 --opt-level 3")
+    command = "medmamba-edge build-engine '/models/t32 plugin.onnx' -o m.engine --fp16 --preset orin-nx --max-batch 8 --dla-core -1"
     assert message.endswith(f"rebuild it: {command}") and rebuild_command(manifest, "m.engine") == command
 
 
@@ -228,6 +227,30 @@ def test_rebuild_command_is_a_valid_cli_call(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output  # 2 would be a usage error: an option the CLI does not know
     assert "absent.onnx: no such ONNX file" in result.output
+
+
+@pytest.mark.parametrize("asked", [
+    ["--fp16", "--preset", "orin-nx"],  # DLA core 0 from the preset: dropped by it where there is no DLA
+    ["--fp16", "--preset", "orin-nx", "--dla-core", "-1"],
+    ["--int8", "--preset", "agx-orin", "--dla-core", "1", "--workspace", "512"],
+    ["--preset", "orin-nx"],  # fp32: no DLA
+    ["--fp16", "--preset", "dgpu", "--opt-level", "5", "--max-batch", "16"],
+    ["--fp16", "--workspace", "2048", "--dla-core", "0"],
+])
+def test_rebuild_command_gives_the_options_it_was_built_with(asked, tmp_path, monkeypatch):
+    """The command an engine's mismatch prints spelled a preset's DLA core out as --dla-core 0, which fails on a
+    device without DLA (TensorRT 11.0-11.3 on Jetson), where the preset drops it; and it left the preset out."""
+    built = []
+    monkeypatch.setattr(tb, "build_engine", lambda model, output, options, **_: built.append(options) or 1 / 0)
+    model = tmp_path / "m.onnx"
+    for args in (asked, None):
+        if args is None:
+            manifest = make_manifest(onnx_path=str(model), build=built[0])
+            args = shlex.split(rebuild_command(manifest, tmp_path / "m.engine"))[5:]
+        runner.invoke(app, ["build-engine", str(model), "-o", str(tmp_path / "m.engine"), *args])
+    assert len(built) == 2 and built[1] == built[0], asked
+    if asked[:3] == ["--fp16", "--preset", "orin-nx"] and len(asked) == 3:
+        assert args == ["--fp16", "--preset", "orin-nx"]
 
 
 def test_cache_key_is_stable_and_changes_with_every_input():

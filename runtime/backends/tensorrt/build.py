@@ -33,6 +33,8 @@ from .compat import (
 )
 from .float16 import convert_float16
 from .manifest import (
+    NO_DLA,
+    PRESETS,
     BuildOptions,
     EngineManifest,
     engine_cache_key,
@@ -42,32 +44,10 @@ from .manifest import (
 from .plugin import find_plugin_library
 
 DEFAULT_BATCH_PROFILE = (1, 1, 8)  # min, opt, max of a dynamic-batch model: tuned for single images
-NO_DLA = -1  # --dla-core -1: GPU only, whatever the preset says
 
 
 class EngineBuildError(UserError):
     """The engine could not be built; nothing was written."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    workspace_mib: int | None  # None: TensorRT's default (the whole device memory)
-    opt_level: int
-    dla_core: int | None  # used for FP16/INT8 builds only: DLA has no FP32
-    description: str
-
-
-# Jetson memory is shared by CPU and GPU, so the workspace is capped well below the board's RAM. Orin
-# boards keep optimisation level 3 (TensorRT's default) because the build runs on their ARM cores; Thor and
-# desktop GPUs can afford level 4's wider tactic search. Orin NX and AGX Orin have 2 DLA cores; Orin Nano
-# has none, and Thor's are not usable for this model.
-PRESETS = {
-    "orin-nano": Preset(1024, 3, None, "Jetson Orin Nano (4/8 GB, no DLA)"),
-    "orin-nx": Preset(2048, 3, 0, "Jetson Orin NX (8/16 GB, DLA core 0 with GPU fallback)"),
-    "agx-orin": Preset(4096, 3, 0, "Jetson AGX Orin (32/64 GB, DLA core 0 with GPU fallback)"),
-    "thor": Preset(8192, 4, None, "Jetson Thor (128 GB)"),
-    "dgpu": Preset(None, 4, None, "desktop / data-centre GPU"),
-}
 
 
 def resolve_options(preset: str | None = None, **explicit) -> BuildOptions:

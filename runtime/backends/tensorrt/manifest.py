@@ -27,6 +27,30 @@ MANIFEST_SUFFIX = ".json"
 AMPERE = (8, 0)
 
 
+NO_DLA = -1  # --dla-core -1: GPU only, whatever the preset says
+
+
+@dataclass(frozen=True)
+class Preset:
+    workspace_mib: int | None  # None: TensorRT's default (the whole device memory)
+    opt_level: int
+    dla_core: int | None  # used for FP16/INT8 builds only: DLA has no FP32
+    description: str
+
+
+# Jetson memory is shared by CPU and GPU, so the workspace is capped well below the board's RAM. Orin
+# boards keep optimisation level 3 (TensorRT's default) because the build runs on their ARM cores; Thor and
+# desktop GPUs can afford level 4's wider tactic search. AGX Orin and Orin NX 16GB have 2 DLA cores, Orin NX 8GB
+# one (core 0 on each); Orin Nano has none, and Thor's are not usable for this model.
+PRESETS = {
+    "orin-nano": Preset(1024, 3, None, "Jetson Orin Nano (4/8 GB, no DLA)"),
+    "orin-nx": Preset(2048, 3, 0, "Jetson Orin NX (8/16 GB, DLA core 0 with GPU fallback)"),
+    "agx-orin": Preset(4096, 3, 0, "Jetson AGX Orin (32/64 GB, DLA core 0 with GPU fallback)"),
+    "thor": Preset(8192, 4, None, "Jetson Thor (128 GB)"),
+    "dgpu": Preset(None, 4, None, "desktop / data-centre GPU"),
+}
+
+
 class EngineManifestError(UserError):
     """A manifest that is missing, unreadable, or does not match this machine."""
 
@@ -60,16 +84,25 @@ class BuildOptions:
         return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
     def cli_args(self) -> list[str]:
-        """The `build-engine` options that reproduce these (preset values spelled out)."""
+        """The `build-engine` options that reproduce these: the preset, and the values that differ from its. The
+        preset's DLA core is left to the preset, which drops it where there is no DLA (spelled out, the command an
+        engine's mismatch prints failed on the device that printed it)."""
         args = [flag for flag, on in (("--fp16", self.fp16), ("--int8", self.int8),
                                       ("--version-compatible", self.version_compatible),
                                       ("--hardware-compat", self.hardware_compat)) if on]
+        preset = PRESETS.get(self.preset)
+        if preset:
+            args += ["--preset", self.preset]
+        defaults = dict(workspace_mib=preset.workspace_mib, opt_level=preset.opt_level,
+                        dla_core=preset.dla_core if self.fp16 or self.int8 else None) if preset else {}
+        given = asdict(self)
+        if self.dla_core is None and defaults.get("dla_core") is not None:  # GPU only where the preset picks a DLA
+            given["dla_core"] = NO_DLA
         for name, flag in (("min_batch", "--min-batch"), ("opt_batch", "--opt-batch"), ("max_batch", "--max-batch"),
                            ("workspace_mib", "--workspace"), ("opt_level", "--opt-level"), ("dla_core", "--dla-core"),
                            ("timing_cache", "--timing-cache")):
-            value = getattr(self, name)
-            if value is not None:
-                args += [flag, str(value)]
+            if given[name] is not None and (name not in defaults or given[name] != defaults[name]):
+                args += [flag, str(given[name])]
         return args
 
     def key_fields(self) -> dict:
