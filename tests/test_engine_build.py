@@ -207,6 +207,18 @@ def test_jetson_orin_modules_are_told_apart_by_their_sm_count():
     check_manifest(make_manifest(gpu_multiprocessors=None), "m.engine", "10.3.0", GpuInfo("Orin", "8.7", 4))
 
 
+def test_an_engine_on_a_dla_core_the_device_lacks_is_refused_with_its_rebuild_command():
+    """An Orin NX's engine on DLA core 0 passed on an Orin Nano 8GB (the same 8-SM GPU, its DLA fused off) and failed
+    inside TensorRT's deserialisation instead."""
+    on_dla = make_manifest(build=BuildOptions(fp16=True, max_batch=8, workspace_mib=2048, opt_level=3,
+                                              dla_core=0, preset="orin-nx"))
+    check_manifest(on_dla, "m.engine", "10.3.0", ORIN, dla_cores=2)
+    check_manifest(make_manifest(), "m.engine", "10.3.0", ORIN, dla_cores=0)  # a GPU engine runs on either board
+    with pytest.raises(EngineManifestError, match=r"built for DLA core 0, and this device has 0 DLA cores\); "
+                                                  r"rebuild it: .* --fp16 --preset orin-nx --max-batch 8$"):
+        check_manifest(on_dla, "m.engine", "10.3.0", ORIN, dla_cores=0)
+
+
 def test_compatibility_flags_relax_the_checks():
     versions = make_manifest(build=BuildOptions(fp16=True, version_compatible=True))
     check_manifest(versions, "m.engine", "11.0.0", ORIN)

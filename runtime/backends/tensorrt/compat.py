@@ -148,8 +148,9 @@ def cuda_check(cudart, result):
 class GpuInfo:
     name: str
     compute_capability: str  # "8.7"
-    # Every Jetson Orin module reports "Orin", 8.7: the SM count (16 AGX, 8 NX 16GB, 4 Nano) tells them apart, and
-    # an engine is tuned for the exact GPU it was built on. None: not recorded (manifests written before it was).
+    # Every Jetson Orin module reports "Orin", 8.7: the SM count (16 or 14 AGX, 8 NX and Nano 8GB, 4 Nano 4GB) tells
+    # their GPUs apart, and an engine is tuned for the exact GPU it was built on; Orin NX and Orin Nano 8GB share
+    # theirs (check_manifest checks a DLA engine's core). None: not recorded (manifests written before it was).
     multiprocessors: int | None = None
 
     def __str__(self) -> str:

@@ -185,8 +185,11 @@ def _cc(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
-def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_version: str, gpu: GpuInfo) -> None:
-    """Raise EngineManifestError unless the engine can run on this TensorRT and GPU."""
+def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_version: str, gpu: GpuInfo,
+                   dla_cores: int | None = None) -> None:
+    """Raise EngineManifestError unless the engine can run on this TensorRT and GPU (and, given the device's
+    ``dla_cores``, its DLA core: an Orin NX's engine on DLA core 0 passes the GPU check on an Orin Nano 8GB, whose
+    GPU is the same and whose DLA is fused off)."""
     built, running = parse_version(manifest.tensorrt_version), parse_version(tensorrt_version)
     if manifest.build.version_compatible:
         # A version-compatible plan carries its lean runtime: it runs on the same or a later TensorRT.
@@ -199,7 +202,9 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
         built_on = manifest.gpu
         gpu_ok = ((gpu.name, gpu.compute_capability) == (built_on.name, built_on.compute_capability)
                   and built_on.multiprocessors in (None, gpu.multiprocessors))
-    if version_ok and gpu_ok:
+    dla_core = manifest.build.dla_core
+    dla_ok = dla_core is None or dla_cores is None or dla_core < dla_cores
+    if version_ok and gpu_ok and dla_ok:
         return
     problems = []
     if not version_ok:
@@ -207,6 +212,8 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
     if not gpu_ok:
         wanted = "an Ampere or newer GPU" if manifest.build.hardware_compat else manifest.gpu
         problems.append(f"built for {wanted}, running on {gpu}")
+    if not dla_ok:
+        problems.append(f"built for DLA core {dla_core}, and this device has {dla_cores} DLA cores")
     raise EngineManifestError(
         f"{engine} does not match this machine ({'; '.join(problems)}); rebuild it: {rebuild_command(manifest, engine)}"
     )

@@ -35,13 +35,15 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         self._cudart = cudart = import_cudart()
         self.gpu = current_gpu(cudart)
-        check_manifest(self.manifest, self.path, trt.__version__, self.gpu)
-        if self.manifest.plugin_sha256 is not None:
-            load_plugin_library(trt, Path(plugin) if plugin is not None else find_plugin_library())
-
         self._logger = logger = tensorrt_logger(trt)
         logger.take_errors()
         self._runtime = trt.Runtime(logger.trt_logger)
+        check_manifest(self.manifest, self.path, trt.__version__, self.gpu, self._runtime.num_DLA_cores)
+        if self.manifest.build.dla_core is not None:  # the core it was built for (the runtime's default is -1)
+            self._runtime.DLA_core = self.manifest.build.dla_core
+        if self.manifest.plugin_sha256 is not None:
+            load_plugin_library(trt, Path(plugin) if plugin is not None else find_plugin_library())
+
         if self.manifest.build.version_compatible:
             # A version-compatible plan embeds TensorRT's lean runtime (host code); it was built by
             # `build-engine`, whose manifest we just read, so it is trusted.
