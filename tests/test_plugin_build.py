@@ -490,6 +490,24 @@ def test_an_arch_this_nvcc_lacks_is_named_in_the_error_line(tmp_path):
 
 @requires_nvcc
 @requires_cmake
+def test_native_arch_without_a_gpu_or_before_cmake_3_24_says_why(tmp_path):
+    """The reason was lost: CMake 3.24+ without a GPU gave its header line alone ("CMake Error in CMakeLists.txt:"),
+    and CMake 3.18-3.23 passed 'native' on to nvcc as "compute_," (nvcc: "Unsupported gpu architecture 'compute_'")."""
+    version = re.search(r"version (\d+)\.(\d+)", subprocess.run([CMAKE, "--version"], capture_output=True,
+                                                                text=True).stdout)
+    try:
+        build.build_launcher(build_dir=tmp_path, cuda_arch="native")
+    except build.PluginBuildError as exc:
+        message = str(exc)
+    else:
+        pytest.skip("a GPU is visible here: a native build succeeds")
+    expected = ("CUDA architecture 'native' needs CMake >= 3.24" if (int(version[1]), int(version[2])) < (3, 24)
+                else 'CMake Error in CMakeLists.txt: CUDA_ARCHITECTURES is set to "native", but no GPU was detected.')
+    assert expected in message and "\n" not in message, message
+
+
+@requires_nvcc
+@requires_cmake
 def test_build_plugin_without_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
     if _tensorrt_include(use_env=False) is not None:
         pytest.skip("TensorRT headers are installed system-wide here")

@@ -192,6 +192,10 @@ def _failure(stage: str, log_path: Path) -> PluginBuildError:
     lines = text.splitlines()
     first_error = next((" ".join(line.split()) for pattern in (r"\bfatal\b", r"\berror\b") for line in lines
                         if re.search(pattern, line, re.I)), "")
+    # CMake's own diagnostics put the reason in the indented paragraph under their "CMake Error ...:" header.
+    cmake = re.search(r"^(CMake Error[^\n]*:)\n((?:[ \t]+\S[^\n]*\n?)+)", text, re.M)
+    if cmake and first_error == " ".join(cmake.group(1).split()):
+        first_error = " ".join(f"{cmake.group(1)} {cmake.group(2)}".split())
     detail = f": {first_error}" if first_error else ""
     return PluginBuildError(f"{stage} failed{detail} (full log: {log_path})")
 
