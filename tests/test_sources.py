@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -218,6 +219,16 @@ def test_video_stride_loop_and_truncation(tmp_path):
         assert 0 < len(decoded) < 12 and all(f.error is None for f in decoded), broken
         assert f"{12 - len(decoded)} of the 12 frames the video lists did not decode" in last.error
         assert last.timestamp == pytest.approx(len(decoded) / 10)
+    # A frame whose JPEG header is damaged fails its read: the run ended there (exit 0, frames 6-11 never read).
+    sof = bytearray(data)
+    start = [m.start() for m in re.finditer(b"\xff\xc0", data)][5]
+    sof[start:start + 16] = bytes(b ^ 0xA5 for b in sof[start:start + 16])
+    (tmp_path / "sof.avi").write_bytes(sof)
+    for stride, kept in ((1, range(12)), (5, (0, 5, 10)), (2, range(0, 12, 2))):
+        frames = list(iterate(open_source(str(tmp_path / "sof.avi")), stride=stride))
+        assert [f.index for f in frames] == list(kept)
+        assert [f.index for f in frames if f.error] == ([5] if 5 in kept else [])
+        assert all("frame 5 does not decode (corrupt)" in f.error for f in frames if f.error)
 
 
 class FlakyMjpegServer:

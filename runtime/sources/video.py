@@ -24,6 +24,11 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 NETWORK_TIMEOUT_MS = 5000  # FFmpeg's open/read timeouts: a dead server is noticed, not waited on forever
 
 
+# Failed reads in a row after which a video file counts as ended: a damaged stretch fails a few frames' reads, the
+# missing end of a truncated file every read (each fails at once).
+FILE_READ_FAILURES = 25
+
+
 class VideoSource(Source):
     """A video file, camera or network stream through OpenCV. A live source that stops delivering is
     reopened with exponential back-off; after ``reconnect`` failures in a row it is lost. A stream also
@@ -61,11 +66,22 @@ class VideoSource(Source):
         index, failures = 0, 0
         while not self.stopping.is_set():
             keep = index % stride == 0
-            # grab() skips a frame without decoding it, so --stride saves the decode too.
+            # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way).
             ok, image = self.capture.read() if keep else (self.capture.grab(), None)
-            if not ok:
-                if not self.live:
+            if not ok and not self.live:
+                # A corrupt frame fails its read, which passes over it, and the frames after it read again; the end of
+                # the file, or of what a truncated one holds, fails every read.
+                failures, index = failures + 1, index + 1
+                if index > total or failures > FILE_READ_FAILURES:
                     break
+                continue
+            if not self.live:
+                for lost in range(index - failures, index):
+                    if lost % stride == 0:
+                        yield Frame(self.uri, lost, lost / fps if fps else 0.0,
+                                    error=f"{self.uri}: frame {lost} does not decode (corrupt); the frames after it "
+                                          f"are read")
+            if not ok:
                 failures += 1
                 self.close()
                 if failures > self.reconnect:
@@ -81,15 +97,16 @@ class VideoSource(Source):
         self.close()
         if self.stopping.is_set():
             return
-        if index == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
+        first_lost = index - failures  # the reads that failed at the end, up to the frame count the container lists
+        if first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
             yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
                                                f"(no frames, or corrupt or unsupported video data)")
-        elif index < total:
-            # The container lists more frames than decoded: FFmpeg passes over a corrupt frame without a word, and
-            # a truncated file ends early. Which frames are missing it does not say (positions count decoded frames).
-            yield Frame(self.uri, index, index / fps if fps else 0.0,
-                        error=f"{self.uri}: {total - index} of the {total} frames the video lists did not decode "
-                              f"(corrupt or truncated); frame numbers count the {index} decoded")
+        elif first_lost < total:
+            # A truncated file ends early. FFmpeg also passes over some corrupt frames without a word (its reads do
+            # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
+            yield Frame(self.uri, first_lost, first_lost / fps if fps else 0.0,
+                        error=f"{self.uri}: {total - first_lost} of the {total} frames the video lists did not "
+                              f"decode (truncated or corrupt), from frame {first_lost} on")
 
     def _wait(self, attempt: int) -> None:
         wait = min(self.backoff * 2 ** (attempt - 1), 8.0)
