@@ -266,6 +266,16 @@ class FlakyMjpegServer:
         self.server.server_close()
 
 
+def test_a_stop_while_a_stream_waits_to_reconnect_opens_nothing_more():
+    """A stop during the back-off still reconnected: a stalled server held SIGTERM another 5 s (FFmpeg's timeout),
+    past docker stop's 10 s grace, and the outputs were left .partial."""
+    opened = []
+    source = video.VideoSource(lambda: opened.append(1) or cv2.VideoCapture(), "stream x", "http://x", live=True)
+    threading.Timer(0.1, source.stop).start()
+    started = time.monotonic()
+    assert list(source.frames()) == [] and len(opened) == 1 and time.monotonic() - started < 0.4
+
+
 def test_stream_reconnects_with_backoff_then_gives_up():
     server = FlakyMjpegServer()
     try:

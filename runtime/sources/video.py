@@ -87,6 +87,8 @@ class VideoSource(Source):
                 if failures > self.reconnect:
                     raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
                 self._wait(failures)
+                if self.stopping.is_set():  # a connection now would hold a stop up to FFmpeg's 5 s open timeout
+                    break
                 self.capture = self._try_open()
                 continue
             failures = 0
