@@ -560,7 +560,7 @@ def test_file_names_reach_the_console_with_control_characters_escaped(model, tmp
     assert f"{tmp_path}/\\u001b]0;pwned\\u0007\\u001b[2Jx\\u009b1m.png: " in output, output
     assert not any(c in output for c in "\x1b\x07\x9b"), output
     code, output = cli("run", model, tmp_path / f"missing{name}")  # and in a stderr line, an error's
-    assert code == 1 and "missing\\u001b]0;pwned\\u0007\\u001b[2Jx\\u009b1m.png: no files match" in output, output
+    assert code == 1 and "missing\\u001b]0;pwned\\u0007\\u001b[2Jx\\u009b1m.png: no image or DICOM file matches" in output, output
     assert not any(c in output for c in "\x1b\x07\x9b"), output
 
 

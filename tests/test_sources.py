@@ -77,7 +77,7 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images or DICOM files found"):
         open_source(str(tmp_path / "empty"))
-    with pytest.raises(SourceError, match="no files match"):
+    with pytest.raises(SourceError, match="no image or DICOM file matches"):
         open_source(str(tmp_path / "*.png"))
     (tmp_path / "zero.mp4").write_bytes(b"")
     with pytest.raises(SourceError, match="video file is empty"):
@@ -441,8 +441,24 @@ def test_glob_matches_what_glob_glob_matches_in_a_tree_without_links(tmp_path):
     for pattern in ("**/*.png", "a/**/*.png", "*/b/*.png", "**/.*.png", "a/*", "**", "**/*.dcm", "a/**/c.png",
                     "h/*/j/*.dcm", "nothing/**/*.png", "a/b//*.png", "**/b/**/*.png", "**/**/*.png", "*/**/*.dcm"):
         # As a set: glob.glob gives a file once per way "**/**" reaches it
-        expected = sorted({Path(p) for p in glob.glob(str(tmp_path / pattern), recursive=True) if Path(p).is_file()})
+        expected = sorted({Path(p) for p in glob.glob(str(tmp_path / pattern), recursive=True)
+                           if Path(p).is_file() and Path(p).suffix != ".txt"})  # images and DICOM only
         assert [p for p in glob_files(str(tmp_path / pattern)) if not isinstance(p, tuple)] == expected, pattern
+
+
+def test_a_glob_lists_what_a_folder_lists(tmp_path):
+    """A glob kept every file it matched: a good video and notes.txt were skipped as corrupt images, and a run's own
+    --jsonl from the last run was one of its inputs (the same command refused the second time)."""
+    study = tmp_path / "study"
+    study.mkdir()
+    cv2.imwrite(str(study / "a.png"), np.zeros((8, 8), np.uint8))
+    write_video(study / "clip.avi", count=3)
+    (study / "notes.txt").write_text("x")
+    (study / "results.jsonl").write_text("{}\n")
+    for spec in (study, study / "*", study / "**"):
+        assert [(f.source, f.error) for f in open_source(str(spec)).frames()] == [(str(study / "a.png"), None)], spec
+    with pytest.raises(SourceError, match=r"clip\*\.avi: no image or DICOM file matches \(a video is a source of "):
+        open_source(str(study / "clip*.avi"))
 
 
 def test_recursive_glob_gives_each_file_once_through_links_to_folders(tmp_path):

@@ -70,7 +70,8 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     if glob.has_magic(spec) and not Path(spec).exists():
         paths = glob_files(spec)
         if not paths:
-            raise SourceError(f"{spec}: no files match")
+            raise SourceError(f"{spec}: no image or DICOM file matches (a video is a source of its own: "
+                              f"one per run)")
         return FileSource(paths, f"{spec} ({len(paths)} files)")
     path = Path(spec)
     if not path.exists():

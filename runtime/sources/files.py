@@ -124,8 +124,9 @@ def _expand(pattern: str, problems: list[tuple[Path, str]]) -> list[str]:
 
 
 def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
-    """The files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read (a dangling
-    link, a FIFO) comes with the reason, so it gets a record, and a folder's entries are listed once: ``**``
+    """The image and DICOM files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read
+    (a dangling link, a FIFO named as an image) comes with the reason, so it gets a record, other files are not
+    listed, and a folder's entries are listed once: ``**``
     follows links to folders, so a link back up the tree (or a second link to one folder) would give the same
     files again and again, under ever longer names. The shortest name (the first in sorted order of those)
     is kept."""
@@ -143,11 +144,20 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
         except OSError as exc:
             found.append((path, _cannot_stat(path, exc, os.path.islink(path))))
             continue
-        if stat.S_ISREG(info.st_mode):
-            found.append(path)
-        elif not stat.S_ISDIR(info.st_mode):
-            found.append((path, NOT_REGULAR))
+        if not stat.S_ISDIR(info.st_mode) and (listed := _listed(path, info)) is not None:
+            found.append(listed)
     return sorted(found, key=lambda entry: entry[0] if isinstance(entry, tuple) else entry)
+
+
+def _listed(path: Path, info: os.stat_result) -> Path | tuple[Path, str] | None:
+    """What a folder's listing or a glob gives for an entry that is no folder: an image or DICOM file, or what
+    looks like one with the reason it is not read; None for other files (notes.txt, a video, .DS_Store)."""
+    if not stat.S_ISREG(info.st_mode):
+        return (path, NOT_REGULAR) if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES else None
+    try:
+        return path if is_still(path) else None
+    except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
+        return path, f"cannot be read ({exc.strerror or exc}), not read"
 
 
 def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path, str]]:
@@ -184,17 +194,12 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
                     continue
                 seen.add((info.st_dev, info.st_ino))
                 walk(path)
-            elif not stat.S_ISREG(info.st_mode):
+            elif entry.name.startswith(".") and stat.S_ISREG(info.st_mode):  # a glob matches these only when asked
                 if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
-                    found.append((path, NOT_REGULAR))
-            elif path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES and entry.name.startswith("."):
-                found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), not read"))
-            elif not entry.name.startswith("."):
-                try:
-                    if is_still(path):
-                        found.append(path)
-                except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
-                    found.append((path, f"cannot be read ({exc.strerror or exc}), not read"))
+                    found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), "
+                                        "not read"))
+            elif (listed := _listed(path, info)) is not None:
+                found.append(listed)
 
     walk(folder)
     return found
