@@ -199,7 +199,12 @@ class VideoSink:
             return
         self.writer.release()
         # OpenCV's write() says nothing when a frame fails (a full disk): the file, read back, does.
-        self.output.commit(whole=self.output.in_place or _holds_frames(self.output.write_path, self.frames))
+        whole = self.output.in_place or _holds_frames(self.output.write_path, self.frames)
+        if not whole and not _plays(self.output.write_path):  # an MP4 cut short lacks its index: nothing plays
+            self.output.discard()
+            raise SinkError(f"{self.output.path}: cannot write the video (disk full?): what was written does not play, "
+                            f"so {self.output.path.name} was left as it was")
+        self.output.commit(whole=whole)
         if not self.output.complete:
             raise SinkError(f"{self.output.path}: cannot write the video (disk full?): the file holds less than its "
                             f"{self.frames} frames")
@@ -208,6 +213,16 @@ class VideoSink:
         if self.writer is not None:
             self.writer.release()
         self.output.discard()
+
+
+def _plays(path: Path) -> bool:
+    """Whether the video at ``path`` gives its first frame."""
+    with quiet_opencv():
+        capture = cv2.VideoCapture(str(path))
+        try:
+            return capture.isOpened() and capture.read()[0]
+        finally:
+            capture.release()
 
 
 def _holds_frames(path: Path, frames: int) -> bool:

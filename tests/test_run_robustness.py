@@ -590,9 +590,14 @@ def test_a_console_that_cannot_be_written_ends_the_run_with_its_files_complete(m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "r.jsonl"]
 
 
-def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(model, tmp_path):
-    """OpenCV's VideoWriter drops frames it cannot write without a word: the container, read back, tells."""
-    video = tmp_path / "v.avi"
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(model, tmp_path, suffix):
+    """OpenCV's VideoWriter drops frames it cannot write without a word: the container, read back, tells. What an AVI
+    holds is kept, as a cut JSONL is; an MP4 cut short does not play (its index comes last), and replaced the last
+    run's good video."""
+    video = tmp_path / f"v{suffix}"
+    earlier = b"an earlier run's video"
+    video.write_bytes(earlier)
 
     def small_files():  # writes past 20 kB fail with EFBIG, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -603,9 +608,15 @@ def test_a_video_the_disk_cannot_hold_is_an_error_not_a_success(model, tmp_path)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "v.avi: cannot write the video (disk full?): the file holds less than its 30 frames" \
-        in errors[0], stderr
-    assert "wrote" not in stdout and video.exists()  # what it holds is kept, as a cut JSONL is
+    assert len(errors) == 1 and "wrote" not in stdout, stderr
+    if suffix == ".avi":
+        assert "v.avi: cannot write the video (disk full?): the file holds less than its 30 frames" in errors[0]
+        assert cv2.VideoCapture(str(video)).read()[0]
+    else:
+        assert "v.mp4: cannot write the video (disk full?): what was written does not play, so v.mp4 was left as it " \
+               "was" in errors[0]
+        assert video.read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", video.name]
 
 
 def test_run_summary_latency_percentiles_are_within_half_a_percent_in_bounded_memory():
