@@ -319,3 +319,18 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "t
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
     assert len(read_jsonl(tmp_path / "r.jsonl")) == len(sample_image_paths())
+
+
+def test_the_per_second_console_ends_with_the_runs_rate_not_its_last_windows():
+    """A window closed a few ms after its start (a batch's records arriving at once) read 6545.6 FPS on its last
+    line, where the run went at 2.5."""
+    import io
+
+    from medmamba_edge.runtime.sinks import ConsoleSink, Record
+
+    stream = io.StringIO()
+    console = ConsoleSink("second", stream)
+    for seq in range(3):
+        console.write(Record(seq, "cam", seq, 0.0, "ok", ["normal"], [0.9]), None, 2.5)
+    console.close()
+    assert stream.getvalue().startswith("3 frames, 2.5 FPS"), stream.getvalue()
