@@ -55,7 +55,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import non_finite_rows
+from medmamba_edge.runtime.metrics import non_finite_rows, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -489,8 +489,8 @@ def _check_options(method: str, percentile: float | None, quant_format: str, max
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, got {quant_format!r}")
     if percentile is not None and not 0 < percentile <= 100:
         raise QuantizeError(f"--percentile must be in (0, 100], got {percentile}")
-    if max_drop is not None and not max_drop >= 0:  # "not >=": NaN would pass every gate
-        raise QuantizeError(f"--max-drop must be >= 0, got {max_drop}")
+    if problem := tolerance_problem(**{"max-drop": max_drop}):
+        raise QuantizeError(problem)
     for problem in (only_with("--eval DATA", eval_data is None, max_drop=max_drop, auto_fallback=auto_fallback,
                               eval_split=eval_split),
                     only_with("--method percentile", method != "percentile", percentile=percentile)):

@@ -36,7 +36,7 @@ from medmamba_edge.runtime.backends import is_triton_url
 from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
 
 from .errors import UserError, process_ending
-from .evaluation import input_sizes
+from .evaluation import distinct_names, input_sizes
 
 if TYPE_CHECKING:
     from medmamba_edge.exporters.quantize import SpeedCheckFn
@@ -147,15 +147,7 @@ class BenchmarkReport:
     def model_names(self) -> dict[str, str]:
         """Each model as its file name, or as much of its path as tells it from another of the same name."""
         paths = list(dict.fromkeys(r.model for r in self.measurements))
-        names = {}
-        for path in paths:
-            parts = Path(path).parts
-            for depth in range(1, len(parts) + 1):
-                tail = Path(*parts[-depth:])
-                if all(other == path or Path(*Path(other).parts[-depth:]) != tail for other in paths):
-                    break
-            names[path] = str(tail)
-        return names
+        return dict(zip(paths, distinct_names(paths)))
 
     def markdown(self) -> str:
         m = self.machine

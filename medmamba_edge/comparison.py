@@ -34,7 +34,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_datase
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 from medmamba_edge.runtime.metrics import TIERS, Tolerance, tolerance_problem
 
-from .evaluation import PREPROCESSING_FIELDS, EvaluationError, Progress, open_models, run_models
+from .evaluation import PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, open_models, run_models
 
 
 def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -131,6 +131,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
             classes: str | Sequence[str] | None = None, progress: Progress | None = None) -> ComparisonReport:
     if problem := tolerance_problem(atol=atol, rtol=rtol):
         raise EvaluationError(problem)
+    check_batch(batch_size)
     backends = open_models([model_a, model_b], input_size, classes=classes)
     # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
     dataset = bundled_samples() if data is None else open_dataset(data, split=split)

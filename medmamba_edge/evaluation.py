@@ -18,8 +18,8 @@ import numpy as np
 
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, log_softmax, softmax
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
-from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, read_onnx_metadata
-from medmamba_edge.runtime.metrics import Metrics, classification_metrics, non_finite_rows
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
+from medmamba_edge.runtime.metrics import Metrics, classification_metrics, non_finite_rows, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .errors import UserError
@@ -104,10 +104,14 @@ class Outputs:
     failures: list[Failure]
 
 
+def check_batch(batch_size) -> None:
+    """Before the models load and the images are read (a checkpoint's load, minutes of DICOM)."""
+    if not positive_int(batch_size):
+        raise EvaluationError(f"--batch must be an integer ≥ 1, got {batch_size}")
+
+
 def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 32,
                progress: Progress | None = None) -> Outputs:
-    if batch_size < 1:
-        raise EvaluationError(f"batch size must be ≥ 1, got {batch_size}")
     groups: dict[tuple, list[int]] = {}
     for k, backend in enumerate(backends):
         groups.setdefault(_preprocessing_key(backend.metadata), []).append(k)
@@ -178,8 +182,9 @@ class EvaluationReport:
 def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | tuple[int, int] | None = None,
              batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
              progress: Progress | None = None, classes: str | Sequence[str] | None = None) -> EvaluationReport:
-    if max_drop is not None and not max_drop >= 0:
-        raise EvaluationError(f"--max-drop must be ≥ 0 points, got {max_drop}")
+    if problem := tolerance_problem(**{"max-drop": max_drop}):
+        raise EvaluationError(problem)
+    check_batch(batch_size)
     backends = open_models(models, input_size, threads, classes)
     class_names = backends[0].metadata.class_names
     dataset = open_dataset(data, split=split, class_names=class_names)
@@ -205,6 +210,19 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
     return EvaluationReport(dataset.description, class_names, results, labels, outputs.failures, max_drop)
 
 
+def distinct_names(paths: Sequence[str]) -> list[str]:
+    """Each model as its file name, or as much of its path as tells it from another of the same name."""
+    names = []
+    for path in paths:
+        parts = Path(path).parts
+        for depth in range(1, len(parts) + 1):
+            tail = Path(*parts[-depth:])
+            if all(other == path or Path(*Path(other).parts[-depth:]) != tail for other in paths):
+                break
+        names.append(str(tail))
+    return names
+
+
 def plot_file_names(paths: Sequence[str]) -> list[str]:
     """``<model file>.confusion.png``, prefixed by the model's position where two files share a name, the model's
     name cut where the whole would pass a file system's 255 bytes (after the evaluation, not before it)."""
@@ -221,10 +239,11 @@ def plot_file_names(paths: Sequence[str]) -> list[str]:
 def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:
     from .plots import confusion_matrix_png
 
+    paths = [m.path for m in report.models]
     return [
         confusion_matrix_png(m.metrics.confusion, report.class_names,
-                             f"{Path(m.path).name} ({m.precision}): top-1 {100 * m.metrics.accuracy:.2f}%", folder / name)
-        for m, name in zip(report.models, plot_file_names([m.path for m in report.models]))
+                             f"{shown} ({m.precision}): top-1 {100 * m.metrics.accuracy:.2f}%", folder / name)
+        for m, shown, name in zip(report.models, distinct_names(paths), plot_file_names(paths))
     ]
 
 
@@ -238,7 +257,7 @@ def render_tables(report: EvaluationReport) -> list:
     from rich.table import Table
     from rich.text import Text
 
-    names = [Path(m.path).name for m in report.models]
+    names = distinct_names([m.path for m in report.models])
     evaluated = report.models[0].metrics.count
     summary = Table(title=report.data + (f"; {len(report.failures)} left out (unusable), {evaluated} evaluated"
                                          if report.failures else ""),

@@ -37,7 +37,8 @@ TIERS = {
 
 
 def tolerance_problem(**options: float | None) -> str | None:
-    """What is wrong with a user's --atol/--rtol, if anything: NaN would pass no difference, inf every one."""
+    """What is wrong with a user's tolerance or budget (--atol, --rtol, --max-drop), if anything: NaN would pass no
+    difference, inf every one."""
     for name, value in options.items():
         if value is not None and not (math.isfinite(value) and value >= 0):
             return f"--{name} must be a finite number ≥ 0, got {value}"

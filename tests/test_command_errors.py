@@ -171,7 +171,10 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["evaluate", checkpoint, "--data", npz, "--input-size", "31"], "input size (31, 31) is too small"),
         (["compare", checkpoint, onnx32, "--input-size", "28"], "input size (28, 28) is too small"),
         (["compare", onnx32, onnx32, "--data", npz, "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
-        (["evaluate", onnx32, onnx32, "--data", npz, "--max-drop", "-0.5"], "--max-drop must be ≥ 0 points"),
+        (["evaluate", onnx32, onnx32, "--data", npz, "--max-drop", "-0.5"], "--max-drop must be a finite number ≥ 0, got -0.5"),
+        (["evaluate", onnx32, onnx32, "--data", npz, "--max-drop", "inf"], "--max-drop must be a finite number ≥ 0, got inf"),
+        (["evaluate", onnx32, "--data", npz, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
+        (["compare", onnx32, onnx32, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["benchmark", onnx32, "--plot", tmp_path / "latency.jpg"], "latency.jpg: the plot is a PNG; name it *.png"),
         # serve checks its options before it needs PyTriton (absent from this venv)
         (["serve", onnx32, "--port", "65535"], "--grpc-port (default --port + 1) must be a port number (1–65535), got 65536"),

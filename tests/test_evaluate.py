@@ -271,3 +271,20 @@ def test_the_report_files_are_written_before_a_stdout_that_fails(onnx32, tmp_pat
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: stdout: cannot write (No space left on device)"]
     assert json.loads((tmp_path / "e.json").read_text())["models"][0]["metrics"]["count"] == 2
+
+
+def test_models_of_the_same_file_name_are_told_apart(tmp_path_factory, tmp_path, monkeypatch):
+    """`evaluate runs/a/model.onnx runs/b/model.onnx`: both rows, captions and plot titles read "model.onnx"."""
+    import medmamba_edge.plots as plots
+    from medmamba_edge.evaluation import render_tables, write_confusion_plots
+
+    models = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        models.append(shutil.copy(bundled_onnx(tmp_path_factory), tmp_path / run / "model.onnx"))
+    report = evaluate(models, xray_folder(tmp_path / "xrays"))
+    assert list(render_tables(report)[0].columns[0].cells) == ["a/model.onnx", "b/model.onnx"]
+    titles = []
+    monkeypatch.setattr(plots, "confusion_matrix_png", lambda confusion, names, title, path: titles.append(title))
+    write_confusion_plots(report, tmp_path / "plots")
+    assert [t.split(" (")[0] for t in titles] == ["a/model.onnx", "b/model.onnx"]

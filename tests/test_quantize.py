@@ -421,7 +421,7 @@ def test_requests_that_would_silently_go_wrong_are_one_line_errors(fp32_models, 
     calib = ["--calib", str(tmp_path / "calib.npz")]
     cases = [
         # NaN passed "max_drop < 0" and then every gate comparison
-        ([*calib, "--eval", str(tmp_path / "calib.npz"), "--max-drop", "nan"], "--max-drop must be >= 0, got nan"),
+        ([*calib, "--eval", str(tmp_path / "calib.npz"), "--max-drop", "nan"], "--max-drop must be a finite number ≥ 0, got nan"),
         ([*calib, "--num-samples", "2", "--seed", "-1"], "--seed must be >= 0, got -1"),
         ([*calib, "-o", str(model)], "m.onnx: the output would overwrite a file this command reads"),
         (["--calib", str(tmp_path / "f255.npz")], "has float32 pixels from 128 to 128; expected 0..1"),
