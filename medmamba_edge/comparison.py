@@ -185,4 +185,6 @@ def summary_lines(report: ComparisonReport, limit: int = 5) -> Sequence[str]:
     if len(report.disagreeing) > limit:
         lines.append(f"… and on {len(report.disagreeing) - limit} more images")
     lines += [f"left out (unusable): {f.reason}" for f in report.failures[:limit]]
+    if len(report.failures) > limit:
+        lines.append(f"… and {len(report.failures) - limit} more images left out (unusable)")
     return lines

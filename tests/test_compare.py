@@ -82,3 +82,18 @@ def test_a_tolerance_that_means_nothing_is_a_one_line_error(onnx32, option, valu
     result = runner.invoke(app, ["compare", str(onnx32), str(onnx32), option, value])
     assert result.exit_code == 1 and f"{option} must be a finite number ≥ 0, got" in result.output
     assert len(result.output.splitlines()) == 1, result.output
+
+
+def test_every_image_left_out_is_counted(onnx32, tmp_path):
+    """Only the first five unusable images were named, and nothing said how many more there were."""
+    import shutil
+
+    from medmamba_edge.runtime.bundled import sample_image_paths
+
+    for path in sample_image_paths("pneumoniamnist"):
+        shutil.copy(path, tmp_path)
+    for k in range(7):
+        (tmp_path / f"broken{k}.png").write_bytes(b"not a png")
+    lines = summary_lines(compare(onnx32, onnx32, tmp_path))
+    assert sum(line.startswith("left out (unusable)") for line in lines) == 5
+    assert lines[-1] == "… and 2 more images left out (unusable)"
