@@ -29,16 +29,19 @@ class BuildExt(build_ext):
         return super().get_ext_filename(fullname)
 
 
-def optional_extension(name, sources):
+def optional_extension(name, sources, link=()):
     # optional: a build failure is a warning, and the runtime reports the part as not built
     return Extension(name, sources=sources + [KERNEL], depends=HEADERS, extra_compile_args=extra_compile_args,
-                     extra_link_args=["-pthread"], optional=True)
+                     extra_link_args=["-pthread", *link], optional=True)
 
 
 setup(
     ext_modules=[
         optional_extension("medmamba_edge.runtime._scan_cpu", ["runtime/csrc/selective_scan_cpu.c"]),
-        optional_extension(ORT_OPS, ["runtime/csrc/ort_custom_ops.c"]),
+        # Never unloaded: ONNX Runtime dlcloses it with the last session, and each load made its op domain anew (the
+        # last one's is ONNX Runtime's to keep, but only the library could release it: ~1 KB per model reload).
+        optional_extension(ORT_OPS, ["runtime/csrc/ort_custom_ops.c"],
+                           link=["-Wl,-z,nodelete"] if sys.platform.startswith("linux") else []),
     ],
     cmdclass={"build_ext": BuildExt},
 )

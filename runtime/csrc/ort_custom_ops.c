@@ -237,7 +237,8 @@ static const OrtCustomOp ss2d_scan_op = {
 };
 
 /* One domain for the process, added to every SessionOptions that registers the library: ONNX Runtime keeps a
- * pointer to it in each session, so it must outlive them all, and it is never released (a few bytes, once). */
+ * pointer to it in each session, so it must outlive them all, and it is never released (a few bytes, once: the
+ * library is linked -z nodelete, so ONNX Runtime's dlclose after the last session keeps it, and this, loaded). */
 static pthread_mutex_t domain_lock = PTHREAD_MUTEX_INITIALIZER;
 static OrtCustomOpDomain *domain = NULL;
 
