@@ -55,7 +55,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import non_finite_rows, tolerance_problem
+from medmamba_edge.runtime.metrics import non_finite_rows, points_lost, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -597,21 +597,21 @@ def quantize_onnx(
                                                   if eval_read.left_out else "")
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
-            if float_top1 - int8_top1 > max_drop and auto_fallback:
+            if points_lost(float_top1, int8_top1) > max_drop and auto_fallback:
                 batches = [batch for group in calib_inputs for batch in group]
                 few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
                 ranking = rank_by_sensitivity(model, lambda name: quantized([n for n in nodes if n != name]),
                                               nodes, few, input_name, progress)
-                while float_top1 - int8_top1 > max_drop and len(fallback) < len(nodes) - 1:
+                while points_lost(float_top1, int8_top1) > max_drop and len(fallback) < len(nodes) - 1:
                     fallback.append(ranking[len(fallback)])
                     progress("keeping sensitive layers in float", len(fallback), len(nodes))
                     int8 = quantized(fallback)
                     onnx.save(int8, candidate)
                     int8_top1 = top1_accuracy(candidate, eval_inputs, labels)
-            if float_top1 - int8_top1 > max_drop:
+            if points_lost(float_top1, int8_top1) > max_drop:
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
                 raise QuantizeError(
-                    f"INT8 top-1 {int8_top1:.2f}% is {float_top1 - int8_top1:.2f} points below fp32 {float_top1:.2f}% "
+                    f"INT8 top-1 {int8_top1:.2f}% is {points_lost(float_top1, int8_top1):.2f} points below fp32 {float_top1:.2f}% "
                     f"on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
                     f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
         speed = None

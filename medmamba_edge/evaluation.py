@@ -19,7 +19,8 @@ import numpy as np
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, log_softmax, softmax
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
-from medmamba_edge.runtime.metrics import Metrics, classification_metrics, non_finite_rows, tolerance_problem
+from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, points_lost,
+                                           tolerance_problem)
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .errors import UserError
@@ -206,7 +207,7 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "va
                                        backend.metadata.input_size, metrics, seconds, softmax(logits)))
     for result in results[1:]:
         # Rounded so that equal accuracies reached by different float sums give exactly 0.
-        result.drop = round(100 * (results[0].metrics.accuracy - result.metrics.accuracy), 9)
+        result.drop = points_lost(100 * results[0].metrics.accuracy, 100 * result.metrics.accuracy)
     return EvaluationReport(dataset.description, class_names, results, labels, outputs.failures, max_drop)
 
 

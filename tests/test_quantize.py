@@ -243,6 +243,19 @@ def test_auto_fallback_keeps_the_damaged_layers_float_until_within_budget(fp32_m
     assert result.float_top1 - result.int8_top1 <= 1.0 and result.path.exists()
 
 
+def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
+    """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
+    which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    scores = iter([100 * (984 / 1000), 100 * (979 / 1000)])
+    monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+    evaluation = _image_folder(tmp_path / "val", "val", 8)
+    result = quantize_onnx(bundled32, tmp_path / "q.int8.onnx", evaluation, num_samples=4, eval_data=evaluation,
+                           max_drop=0.5, auto_fallback=True)
+    assert result.fallback_nodes == [] and result.path.exists()
+
+
 def test_auto_fallback_finds_the_late_layer_that_alone_costs_the_budget(tmp_path):
     """Ranked inside the all-INT8 model (output error minus input error), the final linear that alone cost 0.95
     points ranked last: the fallback kept 39 of 40 layers float and failed. Ranked by what each costs alone, it
