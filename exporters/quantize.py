@@ -559,6 +559,13 @@ def quantize_onnx(
     if not nodes:  # also: quantize_static would read an empty list as "every node"
         raise QuantizeError(f"--exclude leaves none of the {len(candidates)} quantizable nodes of {model_path}; "
                             f"nothing to quantize")
+    if (eval_data is not None or min_speedup is not None) and metadata.scan_form == "plugin":
+        from medmamba_edge.runtime import fused_scan
+
+        try:  # the gates run the model as it is; without the op library they failed after the calibration
+            fused_scan.fused_session_options()
+        except fused_scan.FusedScanUnavailable as exc:
+            raise QuantizeError(f"{model_path}: the accuracy and speed gates run it, and {exc}") from None
     if eval_data is not None:
         eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
         labels = eval_set.labels()  # an unlabelled set is refused now

@@ -23,7 +23,7 @@ from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge import evaluation as evaluation_module
 from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, _producers, calibration_groups,
                                                preprocessed, quantizable_nodes, quantize_onnx, top1_accuracy)
-from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime import fused_scan, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
@@ -254,6 +254,21 @@ def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_
     result = quantize_onnx(bundled32, tmp_path / "q.int8.onnx", evaluation, num_samples=4, eval_data=evaluation,
                            max_drop=0.5, auto_fallback=True)
     assert result.fallback_nodes == [] and result.path.exists()
+
+
+def test_gates_without_the_op_library_refuse_before_calibrating(bundled32, tmp_path, monkeypatch):
+    """Installed without a C compiler, a plugin-form model's gates failed only after the calibration (minutes at
+    224×224); the portable lowering quantizes it, but the gates run the model as it is."""
+    import medmamba_edge.exporters.quantize as quantize
+    from medmamba_edge.exporters.quantize import QuantizeError
+
+    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    monkeypatch.setattr(quantize, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated first"))
+    evaluation = _image_folder(tmp_path / "val", "val", 8)
+    for gate in (dict(eval_data=evaluation), dict(min_speedup=1.0, speed_check=lambda *args: None)):
+        with pytest.raises(QuantizeError, match=r"tiny\.onnx: the accuracy and speed gates run it, and a plugin-form "
+                                                r"model .* libmedmamba_ort_ops_absent\.so, which is not built"):
+            quantize_onnx(bundled32, tmp_path / "q.int8.onnx", evaluation, num_samples=4, **gate)
 
 
 def test_auto_fallback_finds_the_late_layer_that_alone_costs_the_budget(tmp_path):
