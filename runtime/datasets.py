@@ -201,8 +201,8 @@ def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Data
         # float32 pixels are 0..1 (as ToTensor gives them); 0..255 in float32 would be read 255 times too bright
         raise DatasetError(f"{where} has float32 pixels from {images.min():g} to {images.max():g}; expected 0..1 "
                            f"(store 0..255 as uint8)")
-    if labels is not None and class_names is None and labels.ndim == 2 and labels.shape[1] != 1:
-        labels = None  # multi-label (ChestMNIST): what needs no labels (calibration, compare) reads the images alone
+    if class_names is None:  # what needs no labels (calibration, compare) reads the images alone, whatever they hold
+        labels = None
     if labels is not None:
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]

@@ -93,8 +93,12 @@ def test_multi_label_npz_labels_are_refused(tmp_path):
     np.savez(tmp_path / "chest.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=np.zeros((4, 14), np.int64))
     with pytest.raises(DatasetError, match=r"chest\.npz: val_labels: 14 label columns \(multi-label\?\)"):
         open_dataset(tmp_path / "chest.npz", split="val", class_names=["a", "b"])
-    # What needs no labels (calibration, compare) reads its images.
+    # What needs no labels (calibration, compare) reads its images, whatever the labels hold (float, negative, too
+    # few: calibration refused such a set for labels it never reads).
     assert len(open_dataset(tmp_path / "chest.npz", split="val")) == 4
+    for labels in (np.zeros((4, 1), np.float32), np.full(4, -1), np.zeros(2, np.int64)):
+        np.savez(tmp_path / "odd.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=labels)
+        assert len(open_dataset(tmp_path / "odd.npz", split="val")) == 4
 
 
 def test_fixed_batch_padding_keeps_every_result():
