@@ -546,7 +546,8 @@ def quantize_onnx(
     check_against_graph(metadata, *graph_shapes(model), str(model_path))
     input_name = model.graph.input[0].name
     # ONNX Runtime's quantizer rewrites metadata entries as text (another tool's entry in non-UTF-8 bytes raised
-    # UnicodeDecodeError) and adds one of its own: it gets none, and the INT8 model the source's, byte for byte.
+    # UnicodeDecodeError), adds one of its own and names itself the producer: it gets no entries, and the INT8 model
+    # the source's, byte for byte, and its producer.
     source_props = onnx.ModelProto(metadata_props=model.metadata_props).metadata_props
     del model.metadata_props[:]
 
@@ -587,6 +588,7 @@ def quantize_onnx(
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
             del int8.metadata_props[:]
             int8.metadata_props.extend(source_props)
+            int8.producer_name, int8.producer_version = model.producer_name, model.producer_version  # not onnx.quantize
             write_onnx_metadata(int8, metadata.replace(precision="int8"))
             return int8
 

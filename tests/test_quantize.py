@@ -17,6 +17,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from medmamba_edge import __version__
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
@@ -528,7 +529,7 @@ def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
 def test_another_tools_metadata_entry_in_non_utf8_bytes_is_kept_byte_for_byte(bundled32, tmp_path):
     """proto2 strings may hold any bytes (a Latin-1 site name): ONNX Runtime's calibrator rewrote every entry as text
     and raised UnicodeDecodeError. Now the INT8 model carries the source's entries as they were, and not the
-    quantizer's own ("onnx.infer")."""
+    quantizer's own ("onnx.infer"), and the source's producer."""
     from medmamba_edge.runtime.bundled import sample_image_paths
 
     value = "Universit\xe9 Hospital".encode("latin-1")
@@ -536,8 +537,12 @@ def test_another_tools_metadata_entry_in_non_utf8_bytes_is_kept_byte_for_byte(bu
     source = tmp_path / "latin.onnx"
     source.write_bytes(bundled32.read_bytes() + b"\x72" + bytes([len(entry)]) + entry)
     quantize_onnx(source, tmp_path / "q.int8.onnx", sample_image_paths("pneumoniamnist")[0].parent, num_samples=4)
-    props = {p.key: p.value for p in onnx.load(str(tmp_path / "q.int8.onnx")).metadata_props}
+    int8 = onnx.load(str(tmp_path / "q.int8.onnx"))
+    props = {p.key: p.value for p in int8.metadata_props}
     assert sorted(props) == ["medmamba_edge", QUANTIZATION_KEY, "site"] and props["site"] == value
+    source = onnx.load(str(bundled32))
+    assert (int8.producer_name, int8.producer_version) == (source.producer_name, source.producer_version) \
+        == ("medmamba-edge", __version__)  # not the quantizer's "onnx.quantize"
     assert read_onnx_metadata(tmp_path / "q.int8.onnx").precision == "int8"
 
 
