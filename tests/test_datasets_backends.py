@@ -54,6 +54,12 @@ def test_csv_paths_relative_to_the_csv(tmp_path):
         csv.writer(f).writerows([("x" * 300 + ".png", "0")])
     assert len(open_dataset(tmp_path / "long.csv", class_names=BUSI_CLASSES)) == 1
     assert [s.source for s in spaced.samples] == [str(tmp_path / " lead.png"), str(busi / "normal" / "normal (1).png")]
+    # A row's link is named as listed, not by its target (a data set of links into a hashed store).
+    (tmp_path / "case1.png").symlink_to(busi / "benign" / "benign (1).png")
+    (tmp_path / "case2.png").symlink_to("/nonexistent/1.2.840.113619.png")
+    (tmp_path / "links.csv").write_text("case1.png,0\ncase2.png,1\n")
+    assert [s.source for s in open_dataset(tmp_path / "links.csv", class_names=BUSI_CLASSES).samples] == [
+        str(tmp_path / "case1.png"), str(tmp_path / "case2.png")]
     with open(tmp_path / "bad.csv", "w", newline="") as f:
         csv.writer(f).writerows([("x.png", "tumour")])
     with pytest.raises(DatasetError, match=r"bad\.csv:1: label 'tumour'"):
