@@ -101,7 +101,7 @@ class Measurement:
     batch: int
     fixed_batch: int | None  # the model's own batch size: another batch runs as whole ones, the last padded
     latencies_ms: list[float]
-    peak_rss_mb: float = 0.0  # of the model's worker process, over all its batches
+    peak_rss_mb: float | None = 0.0  # of the model's worker process, over all its batches; None: a served model's
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -164,9 +164,10 @@ class BenchmarkReport:
             first.setdefault(r.batch, r.throughput)
             lines.append(f"| {names[r.model]} | {r.backend} | {r.precision} | {r.input_size[0]}×{r.input_size[1]} | "
                          f"{r.batch_label()} | {r.percentile(50):.2f} | {r.percentile(90):.2f} | {r.percentile(99):.2f} | "
-                         f"{r.throughput:.1f} | {r.throughput / first[r.batch]:.2f} | {r.peak_rss_mb:.0f} |")
+                         f"{r.throughput:.1f} | {r.throughput / first[r.batch]:.2f} | "
+                         f"{'served' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} |")
         lines += ["", "× first: throughput relative to the first model at the same batch; "
-                      "peak RSS: the model's own process, whole run."]
+                      "peak RSS: the model's own process, whole run (a served model's is the server's)."]
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:
@@ -251,6 +252,8 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
                     if progress:
                         progress(done, total)
         peaks = [worker.request({"quit": True})["peak_rss_mb"] for worker in workers]
+        # A served model's worker is its client: its memory is not the model's.
+        peaks = [None if is_triton_url(spec) else peak for spec, peak in zip(specs, peaks)]
     finally:
         for worker in workers:
             worker.close()

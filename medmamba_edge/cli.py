@@ -406,7 +406,7 @@ def demo(
     out.print(table)
 
 
-ModelsArgument = Annotated[list[Path], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
+ModelsArgument = Annotated[list[str], typer.Argument(help="Model files: .pth (PyTorch), .onnx (ONNX Runtime), "
                                                             ".engine (TensorRT), in any mix.")]
 CheckpointClassesOption = Annotated[Optional[str], typer.Option(
     help="Class names for a .pth: comma-separated or a class_indices.json (default: the json beside it).")]

@@ -153,6 +153,22 @@ def test_benchmark_times_a_served_model_as_its_clients_see_it(server):
     (measurement,) = report.measurements
     assert measurement.model == server.url and measurement.backend.startswith("triton 2.")
     assert measurement.batch == 1 and len(measurement.latencies_ms) == 2
+    # Its worker is only a client: its 55 MB were shown as the model's peak RSS beside a local model's 214.
+    assert measurement.peak_rss_mb is None and report.markdown().split("\n")[-3].endswith("| served |")
+
+
+def test_a_served_models_address_is_kept_whole_by_every_command(server, tmp_path):
+    """A Path-typed argument folded triton:// into triton:/ (benchmark's JSON recorded that)."""
+    from typer.testing import CliRunner
+
+    from medmamba_edge.cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", server.url, "--batch", "1", "--warmup", "0", "--iterations", "1",
+                                      "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["measurements"][0]["model"] == server.url
+    result = CliRunner().invoke(app, ["evaluate", server.url + "x", "--data", str(tmp_path / "absent")])
+    assert result.exit_code == 1 and f"{server.url}x" in result.output, result.output
 
 
 def test_health_readiness_metadata_and_metrics_are_tritons(server):
