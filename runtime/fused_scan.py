@@ -37,8 +37,8 @@ def library_path() -> Path:
     if not path.is_file():
         raise FusedScanUnavailable(
             f"a plugin-form model (the default of `medmamba-edge export`) runs its scan in ONNX Runtime through "
-            f"{LIBRARY_NAME}, which is not built: reinstall medmamba-edge with a C compiler available (from a "
-            f"checkout: python setup.py build_ext --inplace), or export with --scan portable"
+            f"{LIBRARY_NAME}, which is not built: install medmamba-edge again where a C compiler is present (pip "
+            f"builds it; an editable install: python setup.py build_ext --inplace), or export with --scan portable"
         )
     return path
 

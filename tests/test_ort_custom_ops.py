@@ -274,6 +274,8 @@ def test_run_without_the_library_is_one_line(bundled_forms, monkeypatch, tmp_pat
                                       "--jsonl", str(tmp_path / "r.jsonl")])
     assert result.exit_code == 1, result.output
     assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output, result.output
+    # The model named: `evaluate portable.onnx plugin.onnx` did not say which of the two needs the library.
+    assert f"{bundled_forms['plugin']}: a plugin-form model" in result.output.replace("\n", "")
     assert "libmedmamba_ort_ops_absent.so, which is not built" in result.output
     assert "--scan portable" in result.output
 

@@ -103,6 +103,8 @@ class OnnxRuntimeBackend(Backend):
                                                    scan_nodes=self.metadata.scan_form == "plugin")
         except onnxruntime_errors() as exc:
             raise BackendError(f"{self.path}: {_not_loaded(self.path, self.metadata, exc)}") from None
+        except fused_scan.FusedScanUnavailable as exc:  # which of evaluate's models needs it
+            raise BackendError(f"{self.path}: {exc}") from None
         if _identity(self.path) != before:
             raise BackendError(f"{self.path}: the file changed while it was opened (replaced by an export?); "
                                f"open it again")
