@@ -294,7 +294,7 @@ def test_stream_reconnects_with_backoff_then_gives_up():
     finally:
         server.close()
     first_notices = []  # the first connection's retries are said as they happen, not only after them
-    with pytest.raises(SourceError, match="cannot be opened after 1 attempts"):
+    with pytest.raises(SourceError, match="cannot be opened after 2 attempts"):  # the first and one retry
         open_source(server.url, reconnect=1, notify=first_notices.append)
     assert len(first_notices) == 1 and first_notices[0].endswith("reconnecting in 0.5 s (attempt 1/1)")
 

@@ -55,7 +55,8 @@ class VideoSource(Source):
             if capture.isOpened():
                 self.capture = capture
                 return
-        raise SourceError(f"{uri}: cannot be opened after {reconnect} attempts "
+        tries = reconnect + 1  # the first and its retries
+        raise SourceError(f"{uri}: cannot be opened after {tries} attempt{'s' if tries > 1 else ''} "
                           f"(server unreachable, wrong URL or unsupported stream)")
 
     def frames(self, stride: int = 1) -> Iterator[Frame]:
