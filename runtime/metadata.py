@@ -132,7 +132,10 @@ class ModelMetadata:
             raise MetadataError(f"{source}: metadata is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise MetadataError(f"{source}: metadata must be a JSON object")
-        if data.get("schema_version", 0) > SCHEMA_VERSION:
+        version = data.get("schema_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):  # "1" or null: a TypeError at the comparison
+            raise MetadataError(f"{source}: metadata schema_version must be an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
             raise MetadataError(
                 f"{source}: metadata schema {data['schema_version']} is newer than this medmamba-edge "
                 f"understands ({SCHEMA_VERSION}); upgrade medmamba-edge"
@@ -143,10 +146,11 @@ class ModelMetadata:
             raise MetadataError(f"{source}: unknown metadata fields {unknown}")
         tuples = {"input_size", "class_names", "mean", "std", "depths", "dims"}
         try:
-            # Only lists become tuples: a number or a string where a list belongs is reported by __post_init__.
+            # Only lists become tuples: anything else where a list belongs is refused, by __post_init__ or as the
+            # TypeError its checks raise on it (a number where mean's list belongs).
             return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
         except TypeError as exc:
-            raise MetadataError(f"{source}: incomplete metadata ({exc})") from None
+            raise MetadataError(f"{source}: incomplete or mistyped metadata ({exc})") from None
         except MetadataError as exc:
             raise MetadataError(f"{source}: {exc}") from None
 

@@ -185,6 +185,9 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     ({**GOOD_META, "resize": "bicubic"}, "resize must be bilinear, got 'bicubic'"),
     ({**GOOD_META, "in_chans": 2, "mean": [0.5] * 2, "std": [0.5] * 2}, "in_chans must be 1 or 3, got 2"),
     ({**GOOD_META, "in_chans": 3.0}, "in_chans must be 1 or 3, got 3.0"),
+    ({**GOOD_META, "schema_version": "1"}, "metadata schema_version must be an integer, got '1'"),  # a traceback
+    ({**GOOD_META, "schema_version": None}, "metadata schema_version must be an integer, got None"),
+    ({**GOOD_META, "mean": 0.5}, "incomplete or mistyped metadata"),
 ])
 def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
     path = toy_model(tmp_path / "m.onnx", meta)
