@@ -96,6 +96,8 @@ def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classi
     cv2.imwrite(str(folder / "._i_hidden.png"), image(2))
     os.mkfifo(folder / "j_fifo.png")
     cv2.imwrite(str(folder / "k_last.png"), image(3))
+    (folder / ".Trash-1000" / "files").mkdir(parents=True)  # deleted studies were classified
+    cv2.imwrite(str(folder / ".Trash-1000" / "files" / "deleted.png"), image(4))
     out = tmp_path / "out"
     code, output = cli("run", model, folder, "--jsonl", out / "r.jsonl", "--csv", out / "r.csv")
     assert code == 0, output
@@ -114,6 +116,7 @@ def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classi
     assert "symbolic link loop" in reasons[b"g_loop.png"]
     assert "a link to a folder already listed (.), not entered again" in reasons[b"h_folder_loop"]
     assert "hidden file" in reasons[b"._i_hidden.png"]
+    assert "hidden folder (the name starts with '.'), not entered" in reasons[b".Trash-1000"]
     assert "not a regular file" in reasons[b"j_fifo.png"]
     # The CSV has the same rows, valid UTF-8, the undecodable bytes spelled as in the JSONL.
     rows = list(csv.DictReader(open(out / "r.csv", encoding="utf-8")))

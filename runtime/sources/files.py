@@ -187,6 +187,9 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
             if stat.S_ISDIR(info.st_mode):
                 if not recursive:
                     continue
+                if entry.name.startswith("."):  # .Trash-1000's deleted studies, .ipynb_checkpoints' copies
+                    found.append((path, "hidden folder (the name starts with '.'), not entered"))
+                    continue
                 if (info.st_dev, info.st_ino) in seen:
                     found.append((path, f"a link to a folder already listed ({os.readlink(path)}), not entered again "
                                         f"(a loop, or a second way to the same files)"
