@@ -34,7 +34,8 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_datase
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 from medmamba_edge.runtime.metrics import TIERS, Tolerance, tolerance_problem
 
-from .evaluation import PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, open_models, run_models
+from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, distinct_names, open_models,
+                         run_models)
 
 
 def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -161,8 +162,8 @@ def render_tables(report: ComparisonReport) -> list:
     from rich.table import Table
     from rich.text import Text
 
-    differences = Table(title=f"A = {Path(report.models[0]).name}, B = {Path(report.models[1]).name}: "
-                              f"{report.images} images of {report.data}",
+    a, b = distinct_names([str(m) for m in report.models])
+    differences = Table(title=f"A = {a}, B = {b}: {report.images} images of {report.data}",
                         caption=f"A: {report.backends[0]}\nB: {report.backends[1]}")
     for column in ("output", "max |A−B|", "max |A−B|/|A|", "mean |A−B|"):
         differences.add_column(column, justify="left" if column == "output" else "right")

@@ -97,3 +97,16 @@ def test_every_image_left_out_is_counted(onnx32, tmp_path):
     lines = summary_lines(compare(onnx32, onnx32, tmp_path))
     assert sum(line.startswith("left out (unusable)") for line in lines) == 5
     assert lines[-1] == "… and 2 more images left out (unusable)"
+
+
+def test_two_models_of_the_same_file_name_are_told_apart(onnx32, tmp_path):
+    """`compare runs/a/m.onnx runs/b/m.onnx` titled its table "A = m.onnx, B = m.onnx"."""
+    import shutil
+
+    from medmamba_edge.comparison import render_tables
+
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        shutil.copy(onnx32, tmp_path / run / "m.onnx")
+    report = compare(tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx")
+    assert render_tables(report)[0].title.startswith("A = a/m.onnx, B = b/m.onnx: ")
