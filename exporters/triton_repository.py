@@ -125,7 +125,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     """Read an exported ONNX model or a TensorRT engine (its manifest) into what the repository needs."""
     path = Path(path)
     if not path.is_file():
-        raise TritonExportError(f"{path}: no such model file")
+        raise TritonExportError(f"{path}: {'not a file' if path.exists() else 'no such model file'}")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         from medmamba_edge.runtime.metadata import graph_shapes, load_onnx, read_onnx_metadata

@@ -193,7 +193,9 @@ def load_onnx(path: str | Path, external_data: bool = True):
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on how the file is broken
-        raise MetadataError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        # An OSError's strerror alone: its str() names the path again (read_onnx_metadata says it so too).
+        raise MetadataError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                            f"{getattr(exc, 'strerror', None) or exc})") from None
 
 
 def graph_shapes(model) -> tuple[list[int], list[int]]:

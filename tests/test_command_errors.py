@@ -188,10 +188,15 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["export-triton", onnx32, "-o", tmp_path / "file" / "repo"], "file/repo: " + str(tmp_path / "file") + " is not a folder"),
         (["build-engine", foreign, "-o", tmp_path / "a.engine"], "foreign.onnx: no medmamba-edge metadata"),
         (["quantize", empty, "--calib", npz, "-o", tmp_path / "a.onnx"], "empty.onnx: not an ONNX model (the file is empty"),
+        # A folder: export-triton called it "no such model file", quantize named its path twice.
+        (["export-triton", tmp_path / "dir.onnx", "-o", tmp_path / "repo"], "dir.onnx: not a file"),
+        (["quantize", tmp_path / "dir.onnx", "--calib", npz, "-o", tmp_path / "a.onnx"],
+         "dir.onnx: not a readable ONNX model (IsADirectoryError: Is a directory)"),
     ]
+    (tmp_path / "dir.onnx").mkdir()
     for args, reason in cases:
         one_line_error(args, reason)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "empty.onnx", "file", "foreign.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "dir.onnx", "empty.onnx", "file", "foreign.onnx"]
     assert (tmp_path / "file").read_text() == ""
 
 
