@@ -86,7 +86,10 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
     is set (from any thread: an application's own shutdown); every frame gets a record and the sinks are closed."""
-    meta, stats, recent = backend.metadata, Stats(), deque(maxlen=30)
+    # When the last results came, from the run's start on: two whole batches and more, so that a batch's results, all
+    # at once, are not a rate of their own (batch 32 read 53787 FPS at 45).
+    meta, stats = backend.metadata, Stats()
+    recent = deque([time.perf_counter()], maxlen=max(30, 2 * options.batch) + 1)
     top_k = min(options.top_k, meta.num_classes)
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)

@@ -128,6 +128,26 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
 
 
+def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
+    """A batch's results come all at once: over the last 30 records, batch 32 read 53787 FPS where the run went at 45
+    (the console's lines and the video overlay show it)."""
+    class Rates(Collect):
+        def __init__(self):
+            super().__init__()
+            self.rates = []
+
+        def write(self, record, image, fps):
+            self.rates.append(fps)
+
+    backend, sink = SlowBackend(open_backend(tiny_onnx), delay=0.05), Rates()
+    FastLiveSource.live = False
+    try:
+        run(backend, FastLiveSource(64), [sink], RunOptions(batch=16))
+    finally:
+        FastLiveSource.live = True
+    assert len(sink.rates) == 64 and 0 < max(sink.rates) < 16 / 0.05 * 1.25, sink.rates
+
+
 def test_an_application_sink_that_raises_is_an_error_and_the_other_outputs_complete(tiny_onnx, tmp_path):
     """A sink of an application's own (a broker gone away) raised ConnectionError through run(): the JSONL beside it
     was left as a .partial file, and the frame it failed on had no record."""
