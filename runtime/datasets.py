@@ -253,8 +253,9 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             raise DatasetError(f"{path}:{line}: the path holds a NUL character")
         # Stripped ("a.png, 1" as spreadsheets write it), unless the name as given is a file (" scan.png").
         image = path.parent / row[0]
-        # Absolute, but named as listed: resolved, a link into a hashed store was reported by its target's name.
-        image = Path(os.path.abspath(image if os.path.exists(image) else path.parent / row[0].strip()))
+        # Named as listed from the CSV's real folder: resolved, a link into a hashed store was reported by its
+        # target's name; joined as text (abspath), "../images" left a linked folder the wrong way.
+        image = path.parent.resolve() / (row[0] if os.path.exists(image) else row[0].strip())
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label))
     if not samples:

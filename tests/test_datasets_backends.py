@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -54,6 +55,15 @@ def test_csv_paths_relative_to_the_csv(tmp_path):
         csv.writer(f).writerows([("x" * 300 + ".png", "0")])
     assert len(open_dataset(tmp_path / "long.csv", class_names=BUSI_CLASSES)) == 1
     assert [s.source for s in spaced.samples] == [str(tmp_path / " lead.png"), str(busi / "normal" / "normal (1).png")]
+    # "../images" from a CSV reached through a linked folder ("current" → releases/v3/labels) is the release's, as
+    # the shell's ls finds it: joined as text, it named tmp_path/images, missing or other files.
+    (tmp_path / "releases" / "v3" / "labels").mkdir(parents=True)
+    (tmp_path / "releases" / "v3" / "images").mkdir()
+    shutil.copy(busi / "benign" / "benign (1).png", tmp_path / "releases" / "v3" / "images" / "a.png")
+    (tmp_path / "releases" / "v3" / "labels" / "labels.csv").write_text("path,label\n../images/a.png,benign\n")
+    (tmp_path / "current").symlink_to("releases/v3/labels")
+    (sample,) = open_dataset(tmp_path / "current" / "labels.csv", class_names=BUSI_CLASSES).samples
+    assert os.path.samefile(sample.source, tmp_path / "releases" / "v3" / "images" / "a.png")
     # A row's link is named as listed, not by its target (a data set of links into a hashed store).
     (tmp_path / "case1.png").symlink_to(busi / "benign" / "benign (1).png")
     (tmp_path / "case2.png").symlink_to("/nonexistent/1.2.840.113619.png")

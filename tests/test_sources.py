@@ -229,6 +229,25 @@ def test_video_stride_loop_and_truncation(tmp_path):
         assert [f.index for f in frames] == list(kept)
         assert [f.index for f in frames if f.error] == ([5] if 5 in kept else [])
         assert all("frame 5 does not decode (corrupt)" in f.error for f in frames if f.error)
+    # A raw MJPEG recording (an IP camera's, `curl http://cam/mjpg > rec.mjpeg`) lists no frame count: it ended at
+    # its first damaged frame, with no record for that frame or the rest.
+    jpegs = [cv2.imencode(".jpg", np.full((48, 64, 3), 20 * i, np.uint8))[1].tobytes() for i in range(12)]
+    jpegs[5] = jpegs[5].replace(b"\xff\xc0", b"\x00\xc0", 1)
+    (tmp_path / "raw.mjpeg").write_bytes(b"".join(jpegs))
+    frames = list(iterate(open_source(str(tmp_path / "raw.mjpeg"))))
+    assert [f.index for f in frames] == list(range(12)) and [f.index for f in frames if f.error] == [5]
+    # A damaged stretch past FILE_READ_FAILURES ends the reading, said as such (what follows was not read).
+    from medmamba_edge.runtime.sources.video import FILE_READ_FAILURES
+
+    data = write_video(tmp_path / "long.avi", count=40).read_bytes()
+    damaged = bytearray(data)
+    for start in [m.start() for m in re.finditer(b"\xff\xc0", data)][3:3 + FILE_READ_FAILURES + 1]:
+        damaged[start] = 0
+    (tmp_path / "long.avi").write_bytes(damaged)
+    *read, last = iterate(open_source(str(tmp_path / "long.avi")))
+    assert [f.index for f in read] == [0, 1, 2] and last.index == 3
+    assert f"{FILE_READ_FAILURES + 1} frames in a row from frame 3 on did not decode, and the rest of the 40 " \
+           f"frames the video lists was not read (damaged or truncated)" in last.error
 
 
 class FlakyMjpegServer:

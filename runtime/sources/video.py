@@ -73,7 +73,8 @@ class VideoSource(Source):
                 # A corrupt frame fails its read, which passes over it, and the frames after it read again; the end of
                 # the file, or of what a truncated one holds, fails every read.
                 failures, index = failures + 1, index + 1
-                if index > total or failures > FILE_READ_FAILURES:
+                # Raw MJPEG and some MPEG files list no count (-1, or -2^63): their end is the failures in a row.
+                if 0 < total < index or failures > FILE_READ_FAILURES:
                     break
                 continue
             if not self.live:
@@ -104,6 +105,11 @@ class VideoSource(Source):
         if first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
             yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
                                                f"(no frames, or corrupt or unsupported video data)")
+        elif first_lost < total and failures > FILE_READ_FAILURES:  # what follows may decode, but was not read
+            # (A file that lists no count ends so too: its damage cannot be told from its end.)
+            yield Frame(self.uri, first_lost, first_lost / fps if fps else 0.0,
+                        error=f"{self.uri}: {failures} frames in a row from frame {first_lost} on did not decode, and "
+                              f"the rest of the {total} frames the video lists was not read (damaged or truncated)")
         elif first_lost < total:
             # A truncated file ends early. FFmpeg also passes over some corrupt frames without a word (its reads do
             # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
