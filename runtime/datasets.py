@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -243,14 +244,22 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
                            f"save the CSV as UTF-8") from None
+    if "\0" in text:  # no file name or label holds one (Python 3.10's csv refuses it, 3.11's passes it to the OS)
+        raise DatasetError(f"{path}:{text.count(chr(10), 0, text.index(chr(0))) + 1}: holds a NUL character")
     samples = []
-    for line, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
-        if not row or (line == 1 and _is_header(row, path.parent)):
+    rows = csv.reader(io.StringIO(text, newline=""))
+    for count in itertools.count(1):
+        try:
+            row = next(rows, None)
+        except csv.Error as exc:  # a field over csv's limit (128 KiB), …
+            raise DatasetError(f"{path}:{rows.line_num}: not a CSV row ({exc})") from None
+        if row is None:
+            break
+        line = rows.line_num  # where the row ends (a quoted field may hold line breaks)
+        if not row or (count == 1 and _is_header(row, path.parent)):
             continue
         if len(row) < 2 and class_names is not None:
             raise DatasetError(f"{path}:{line}: expected 'path,label'")
-        if "\0" in row[0]:  # no file name holds one; the OS calls would raise ValueError
-            raise DatasetError(f"{path}:{line}: the path holds a NUL character")
         # Stripped ("a.png, 1" as spreadsheets write it), unless the name as given is a file (" scan.png").
         image = path.parent / row[0]
         # Named as listed from the CSV's real folder: resolved, a link into a hashed store was reported by its
