@@ -343,17 +343,20 @@ def _readme(name: str, served: ServedModel, server_command: str, op_library: str
 
 
 def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFAULT_NAME, max_batch: int = 8,
-                  max_queue_delay_us: int = 2000, instances: int = 1, kind: str = "KIND_CPU",
+                  max_queue_delay_us: int = 2000, instances: int = 1, kind: str = "cpu",
                   server_root: str | None = None, plugin: str | None = None,
                   deepstream_batch: int | None = None) -> TritonExport:
     """Write ``repository/name`` (temporary folder, renamed into place when complete; a model folder already
     there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
     point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
     DeepStream device (default: a copy beside the config, when one is built here)."""
-    if max_batch < 1 or instances < 1 or max_queue_delay_us < 0 or (deepstream_batch is not None and deepstream_batch < 1):
-        raise TritonExportError("--max-batch, --instances and --deepstream-batch must be ≥ 1, --max-queue-delay-us ≥ 0")
-    if kind not in ("KIND_CPU", "KIND_GPU"):
-        raise TritonExportError(f"--kind must be KIND_CPU or KIND_GPU, got {kind}")
+    for option, value, least in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
+                                 ("--deepstream-batch", deepstream_batch, 1), ("--max-queue-delay-us", max_queue_delay_us, 0)):
+        if value is not None and value < least:
+            raise TritonExportError(f"{option} must be ≥ {least}, got {value}")
+    if kind.lower() not in ("cpu", "gpu"):  # the CLI's words; Triton's are KIND_CPU and KIND_GPU
+        raise TritonExportError(f"--kind must be cpu or gpu, got {kind!r}")
+    kind = f"KIND_{kind.upper()}"
     if problem := model_name_problem(name):
         raise TritonExportError(problem)
     served = describe_model(model, max_batch)

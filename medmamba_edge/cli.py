@@ -631,10 +631,8 @@ def export_triton(
 
     from .errors import install_hint
 
-    if kind.lower() not in ("cpu", "gpu"):
-        fail(f"--kind must be cpu or gpu, got {kind!r}")
     result = write_repository(model, output, name=name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
-                              instances=instances, kind=f"KIND_{kind.upper()}", server_root=server_root, plugin=plugin,
+                              instances=instances, kind=kind, server_root=server_root, plugin=plugin,
                               deepstream_batch=deepstream_batch)
     served = result.served
     batching = (f"max batch {served.max_batch}, dynamic batching ≤ {max_queue_delay_us} µs" if served.max_batch
