@@ -599,7 +599,7 @@ def test_normalize_cuda_arch():
 
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch):
-    for var in (build.PLUGIN_ENV, build.LAUNCHER_ENV, CACHE_ENV, "XDG_CACHE_HOME"):
+    for var in (build.PLUGIN_ENV, CACHE_ENV, "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     # The package-directory fallback, pointed away from the real checkout.
@@ -646,15 +646,6 @@ def test_find_plugin_library_errors_say_what_to_do(clean_env, monkeypatch):
     monkeypatch.setenv(build.PLUGIN_ENV, str(clean_env / "missing.so"))
     with pytest.raises(build.PluginNotFoundError, match=build.PLUGIN_ENV):
         build.find_plugin_library()  # a wrong explicit path is an error, not a silent fallback
-
-
-def test_find_launcher_uses_its_own_variable(clean_env, monkeypatch):
-    plugin = _touch(clean_env / "p" / build.PLUGIN_LIBRARY)
-    monkeypatch.setenv(build.PLUGIN_ENV, str(plugin))
-    with pytest.raises(build.PluginNotFoundError, match=build.LAUNCHER_ENV):
-        build.find_launcher()
-    launcher = _touch(build.default_build_dir() / build.LAUNCHER_LIBRARY)
-    assert build.find_launcher() == launcher
 
 
 def test_gpu_check_cases_have_finite_reference():

@@ -9,8 +9,6 @@ Standard library only: this runs on a Jetson next to TensorRT, where PyTorch is 
    ``$MEDMAMBA_EDGE_CACHE`` or else ``$XDG_CACHE_HOME/medmamba-edge`` or else ``~/.cache/medmamba-edge``
    (``build_plugin()`` writes there by default);
 3. the ``plugins`` package's directory, beside the sources (a wheel that bundles a prebuilt library).
-
-``find_launcher()`` does the same for the CUDA-only library with ``$MEDMAMBA_EDGE_SCAN_CUDA``.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from ...files import cache_root
 from .compat import INSTALL_HINT
 
 PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
-LAUNCHER_ENV = "MEDMAMBA_EDGE_SCAN_CUDA"
 PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
 # The same plugin registering itself when loaded, for loaders that only dlopen (selective_scan_plugin.cpp).
 AUTOLOAD_PLUGIN_LIBRARY = "libmedmamba_trt_plugin_autoload.so"
@@ -93,11 +90,6 @@ def find_autoload_plugin_library() -> Path:
         raise PluginNotFoundError(f"{library} not found: it is built beside {PLUGIN_LIBRARY} where libnvinfer is "
                                   f"installed (run `medmamba-edge build-plugin` on the server or device)")
     return library
-
-
-def find_launcher() -> Path:
-    """Path of the CUDA-only scan library (same search order, with $MEDMAMBA_EDGE_SCAN_CUDA)."""
-    return _search(LAUNCHER_ENV, LAUNCHER_LIBRARY)
 
 
 def find_nvcc() -> Path | None:
