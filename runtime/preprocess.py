@@ -35,6 +35,10 @@ def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
     if image.shape[2] == 1:
         return np.repeat(image, in_chans, axis=2)
     if in_chans == 1:  # ITU-R 601-2 luma, as PIL's convert("L")
+        if image.dtype == np.uint8:  # in PIL's 16-bit fixed point, bit for bit (rounded floats missed 27 of 65536)
+            rgb = image.astype(np.uint32)
+            return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(
+                np.uint8)[:, :, None]
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         luma = image.astype(np.float32) @ weights
         return (luma if image.dtype == np.float32 else luma.round().astype(image.dtype))[:, :, None]

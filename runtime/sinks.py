@@ -415,7 +415,7 @@ class Stats:
     latencies_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
     model_seconds: float = 0.0
     batches: int = 0
-    error: str | None = None  # why the source ended early (a stream lost for good)
+    error: str | None = None  # why the run failed: a stream lost for good, an output that failed, failed batches
     stopped: bool = False  # by a stop signal or the caller's stop event, before the source ended
 
     def add(self, record: Record) -> None:

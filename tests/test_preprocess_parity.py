@@ -84,6 +84,11 @@ def test_grayscale_rgba_and_deep_inputs_map_like_pil():
     assert np.abs(deep - preprocess_one(gray, m)).max() <= 2 / 255 / 0.5 + 1e-6
     assert np.allclose(preprocess_one(gray.astype(np.float32) / 255, m), deep, atol=1e-5)
     assert preprocess_one(rgba, meta((32, 32), in_chans=1)).shape == (1, 32, 32)
+    # RGB into a one-channel model: PIL's convert("L") bit for bit (rounded float luma missed 27 of 65536 pixels).
+    from medmamba_edge.runtime.preprocess import to_model_channels
+
+    rgb = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert np.array_equal(to_model_channels(rgb, 1)[:, :, 0], np.asarray(Image.fromarray(rgb).convert("L")))
     with pytest.raises(ImageError, match="expected uint8, uint16 or float32"):
         preprocess_one(gray.astype(np.int32), m)
 
