@@ -42,6 +42,7 @@ def test_server_addresses_parse(spec, expected):
 @pytest.mark.parametrize("spec, message", [
     ("triton://host:8000", "not a server address"),
     ("triton://host:8000/m/latest", "the model version must be a number"),
+    ("triton://host:8000/m/\u00b2", "the model version must be a number"),  # "²".isdigit() held
     ("triton://host:8000/m?timeout=0", "timeout must be a number of seconds above 0 and at most 86400"),
     ("triton://host:8000/m?timeout=1e10", "timeout must be a number of seconds above 0 and at most 86400"),
     ("triton://host:0/m", "port 0 is no server's port"),  # was taken as 8000

@@ -101,7 +101,7 @@ def parse_url(spec) -> ServerModel:
     if parts.fragment or parts.username is not None:
         raise BackendError(f"{spec}: a server address has no {'#fragment' if parts.fragment else 'user@'} part; "
                            f"{usage}")
-    if len(names) == 2 and not names[1].isdigit():
+    if len(names) == 2 and not re.fullmatch(r"[0-9]+", names[1]):  # not isdigit(): "²" and "١" are digits to it
         raise BackendError(f"{spec}: the model version must be a number, got {names[1]!r}; {usage}")
     query = parse_qs(parts.query)
     unknown = sorted(set(query) - {"timeout"})
