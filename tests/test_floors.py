@@ -11,10 +11,14 @@ import ast
 import importlib
 import importlib.util
 import pkgutil
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
+
+# Python 3.10 (JetPack 6's) has no tomllib; the floors are the same on every Python.
+tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli",
+                              reason="reading pyproject.toml needs Python >= 3.11's tomllib, or tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 
