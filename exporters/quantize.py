@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +207,26 @@ def _quiet():
             yield
     finally:
         root.setLevel(level)
+
+
+# ONNX Runtime's calibration cache (calibrate once, quantize each candidate from it): onnxruntime >= 1.27, which
+# needs Python >= 3.11 (Python 3.10's newest, JetPack 6's, is 1.23).
+CALIBRATION_CACHE_SINCE = "1.27"
+
+
+def check_quantizer() -> None:
+    """Refuse, in one line, an ONNX Runtime whose quantizer cannot take a calibration cache."""
+    import inspect
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import calibrate, quantize_static
+
+    if not (hasattr(calibrate, "save_tensors_data")
+            and "calibration_cache_path" in inspect.signature(quantize_static).parameters):
+        raise QuantizeError(
+            f"quantize needs onnxruntime >= {CALIBRATION_CACHE_SINCE} (its calibration cache), on Python >= 3.11; "
+            f"this is onnxruntime {ort.__version__} on Python {sys.version_info[0]}.{sys.version_info[1]}: quantize "
+            f"on such a machine, and run the INT8 model on any (ONNX Runtime >= 1.18, TensorRT)")
 
 
 def _calibration_method(method: str):
@@ -530,6 +551,7 @@ def quantize_onnx(
     (file names in medical data sets often carry patient identifiers)."""
 
     started = time.perf_counter()
+    check_quantizer()
     _check_options(method, percentile, quant_format, max_drop, eval_data, eval_split, auto_fallback, min_speedup,
                    speed_check)
     if eval_data is not None and max_drop is None:

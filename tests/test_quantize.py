@@ -546,6 +546,18 @@ def test_another_tools_metadata_entry_in_non_utf8_bytes_is_kept_byte_for_byte(bu
     assert read_onnx_metadata(tmp_path / "q.int8.onnx").precision == "int8"
 
 
+def test_an_onnx_runtime_without_the_calibration_cache_is_one_line(bundled32, tmp_path, monkeypatch):
+    """Python 3.10's newest onnxruntime (1.23, JetPack 6's Python) has no calibration cache: quantize died on an
+    ImportError traceback there."""
+    from onnxruntime.quantization import calibrate
+
+    monkeypatch.delattr(calibrate, "save_tensors_data")
+    result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", str(tmp_path), "-o",
+                                      str(tmp_path / "q.int8.onnx")])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert "quantize needs onnxruntime >= 1.27 (its calibration cache), on Python >= 3.11" in result.output
+
+
 def test_a_full_temporary_folder_is_a_one_line_error(bundled32, tmp_path, monkeypatch):
     import errno
 
