@@ -68,8 +68,9 @@ def fused_runner(threads):
     node = helper.make_node(scan_node.OP_TYPE, list(names), ["y"], domain=scan_node.DOMAIN,
                             **scan_node.node_attributes(delta_softplus=True))
     graph = helper.make_graph([node], "scan", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)]
+    model = helper.make_model(  # IR 10, as exports are: onnx's default may be newer than the ONNX Runtime here
+        graph, ir_version=10,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)]
     )
     try:
         sess = fused_scan.make_fused_session(model, threads=threads)

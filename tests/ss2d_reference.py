@@ -77,8 +77,10 @@ def ss2d_node_model(channels, height, width, dt_rank, d_state, *, softplus: int 
                             domain=scan_node.DOMAIN, **attrs)
     graph = helper.make_graph([node], "ss2d", inputs,
                               [helper.make_tensor_value_info("y", elem_type, ["batch", height, width, channels])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                   helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)])
+    # IR 10, as exports are: onnx's default (14 with onnx 1.23) is newer than ONNX Runtime < 1.24 reads (Python 3.10's).
+    return helper.make_model(graph, ir_version=10,
+                             opset_imports=[helper.make_opsetid("", opset),
+                                            helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)])
 
 
 # delta_softplus values every implementation refuses (the contract: an int, 0 or 1), by name. A float 0.0 once ran

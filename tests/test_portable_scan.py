@@ -134,7 +134,7 @@ def two_scan_model(channels, height, width, dt_rank, d_state) -> onnx.ModelProto
     graph = helper.make_graph([first, *glue, second], "two_scans", single.graph.input,
                               [*single.graph.output, helper.make_tensor_value_info(
                                   "y2", TensorProto.FLOAT, ["batch", height, width, channels])])
-    return helper.make_model(graph, opset_imports=single.opset_import)
+    return helper.make_model(graph, ir_version=single.ir_version, opset_imports=single.opset_import)
 
 
 def test_two_scans_get_unique_names_and_keep_the_others():
@@ -162,7 +162,7 @@ def test_model_without_scan_is_unchanged():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
     assert lower_ss2d_scan(model) == model
 
 
