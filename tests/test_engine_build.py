@@ -368,8 +368,10 @@ def test_float16_int8_graph_converts_around_its_int8_layers(exported, tmp_path):
     """A DequantizeLinear of activations reads float32 scales and int8 data: counted as a constant, it took
     every layer after it along, and --int8 --fp16 on TensorRT 11 converted nothing."""
     from medmamba_edge.exporters.quantize import quantize_onnx
+    from tests.exported_models import quantizer_or_skip
     from tests.shared_data import PNEUMONIAMNIST
 
+    quantizer_or_skip()
     int8_path = quantize_onnx(exported["portable_path"], tmp_path / "int8.onnx", require_shared(*PNEUMONIAMNIST),
                               num_samples=8).path
     int8 = onnx.load(str(int8_path))

@@ -182,7 +182,9 @@ def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(mod
 
 def quantized_bundled(tmp_path_factory, tmp_path, quant_format):
     from medmamba_edge.exporters.quantize import quantize_onnx
+    from tests.exported_models import quantizer_or_skip
 
+    quantizer_or_skip()
     return quantize_onnx(bundled_onnx(tmp_path_factory), tmp_path / "q.onnx", require_shared(*PNEUMONIAMNIST),
                          num_samples=8, quant_format=quant_format).path
 
