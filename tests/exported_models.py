@@ -37,14 +37,20 @@ def bundled_onnx(tmp_path_factory) -> Path:
                    lambda path: export_onnx(bundled_checkpoint(), path, input_size=32, batch=None, verify=False))
 
 
-def quantizer_or_skip() -> None:
-    """Skip where this onnxruntime cannot quantize (< 1.27: Python 3.10's newest is 1.23)."""
+def quantizer_problem() -> str | None:
+    """Why this onnxruntime cannot quantize (< 1.27: Python 3.10's newest is 1.23), or None."""
     from medmamba_edge.exporters.quantize import QuantizeError, check_quantizer
 
     try:
         check_quantizer()
     except QuantizeError as exc:
-        pytest.skip(str(exc))
+        return str(exc)
+    return None
+
+
+def quantizer_or_skip() -> None:
+    if problem := quantizer_problem():
+        pytest.skip(problem)
 
 
 def official_int8_onnx(tmp_path_factory) -> Path:
