@@ -528,7 +528,7 @@ def quantize_onnx(
     output: str | Path,
     calib: str | Path,
     *,
-    split: str = "train",
+    split: str | None = None,
     num_samples: int = 256,
     seed: int = 0,
     method: str = "percentile",
@@ -558,7 +558,6 @@ def quantize_onnx(
         max_drop = DEFAULT_MAX_DROP
     # None: not given (an option that applies only with another is refused above when given without it)
     percentile = DEFAULT_PERCENTILE if percentile is None else percentile
-    eval_split = eval_split or "val"
     model_path, output = Path(model_path), Path(output)
     check_onnx_name(output, "the INT8 model")
     model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
@@ -592,7 +591,7 @@ def quantize_onnx(
     if eval_data is not None:
         eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
         labels = eval_set.labels()  # an unlabelled set is refused now
-    calib_set = open_dataset(calib, split=split).sample(num_samples, seed)
+    calib_set = open_dataset(calib, split=split, default_split="train").sample(num_samples, seed)
     calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
     calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
     del calib_read.batches[:]  # the groups hold the images now

@@ -231,7 +231,7 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
     calib: Annotated[Path, typer.Option(help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the INT8 ONNX model.")],
-    split: Annotated[str, typer.Option(help="Split of a .npz calibration set.")] = "train",
+    split: Annotated[Optional[str], typer.Option(help="Split of a .npz calibration set. Default: train.")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample choice.")] = 0,
     method: Annotated[str, typer.Option(help="Activation ranges: minmax, entropy or percentile.")] = "percentile",
@@ -412,14 +412,14 @@ CheckpointClassesOption = Annotated[Optional[str], typer.Option(
     help="Class names for a .pth: comma-separated or a class_indices.json (default: the json beside it).")]
 CheckpointSizeOption = Annotated[Optional[str], typer.Option(
     "--input-size", metavar=INPUT_SIZE, help=f"Input size for .pth checkpoints: N or HxW (default: the first .onnx model's, else {DEFAULT_INPUT_SIZE}).")]
-SplitOption = Annotated[str, typer.Option(help="Split of a MedMNIST .npz (val, test, train).")]
+SplitOption = Annotated[Optional[str], typer.Option(help="Split of a MedMNIST .npz (val, test, train). Default: val.")]
 
 
 @command()
 def evaluate(
     models: ModelsArgument,
     data: Annotated[Path, typer.Option(help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
-    split: SplitOption = "val",
+    split: SplitOption = None,
     input_size: CheckpointSizeOption = None,
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
     max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when a model's top-1 accuracy is more "
@@ -503,7 +503,7 @@ def compare(
     model_a: Annotated[str, typer.Argument(help="Reference model (.pth, .onnx, .engine, triton://HOST:PORT/MODEL).")],
     model_b: Annotated[str, typer.Argument(help="Model to check against it.")],
     data: Annotated[Optional[Path], typer.Option(help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
-    split: SplitOption = "val",
+    split: SplitOption = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Compare a fixed random subset of this many images.")] = None,
     atol: Annotated[Optional[float], typer.Option(help="Logit tolerance |A−B| ≤ atol + rtol·|A| "
                                                        "(default: by precision, see docs/evaluation.md).")] = None,

@@ -126,7 +126,7 @@ def bundled_samples() -> Dataset:
     return Dataset(f"bundled sample images ({len(paths)})", [Sample(str(p), None) for p in paths])
 
 
-def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = None, *, split: str = "val",
+def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = None, *, split: str | None = None,
             num_samples: int | None = None, atol: float | None = None, rtol: float | None = None,
             input_size: int | tuple[int, int] | None = None, batch_size: int = 32, seed: int = 0,
             classes: str | Sequence[str] | None = None, progress: Progress | None = None) -> ComparisonReport:
@@ -135,6 +135,8 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     check_batch(batch_size)
     backends = open_models([model_a, model_b], input_size, classes=classes)
     # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
+    if data is None and split is not None:
+        raise EvaluationError(f"--split {split} applies to --data, a MedMNIST .npz")
     dataset = bundled_samples() if data is None else open_dataset(data, split=split)
     dataset = dataset.sample(num_samples, seed)
     outputs = run_models(backends, dataset, batch_size, progress)

@@ -180,7 +180,7 @@ class EvaluationReport:
                 "gate_passed": not self.gate_failures, "models": [m.to_dict() for m in self.models]}
 
 
-def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str = "val", input_size: int | tuple[int, int] | None = None,
+def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str | None = None, input_size: int | tuple[int, int] | None = None,
              batch_size: int = 32, max_drop: float | None = None, threads: int | None = None,
              progress: Progress | None = None, classes: str | Sequence[str] | None = None) -> EvaluationReport:
     if problem := tolerance_problem(**{"max-drop": max_drop}):

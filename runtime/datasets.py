@@ -272,15 +272,20 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)
 
 
-def open_dataset(spec: str | Path, split: str = "val", class_names: Sequence[str] | None = None) -> Dataset:
+def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequence[str] | None = None, *,
+                 default_split: str = "val") -> Dataset:
+    """``split``: a .npz's, ``default_split`` if None; given for a folder or a CSV, which have none, it is refused
+    (ignored, the run would read other images than asked for)."""
     path = Path(spec)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if split is not None and (path.is_dir() or suffix != ".npz"):
+        raise DatasetError(f"{path}: --split {split} applies to a MedMNIST .npz; a folder or a CSV has no splits")
     if path.is_dir():
         return _from_folder(path, class_names)
-    suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _from_npz(path, split, class_names)
+        return _from_npz(path, split or default_split, class_names)
     if suffix == ".csv":
         return _from_csv(path, class_names)
     raise DatasetError(f"{path}: expected an image folder, a .npz or a .csv")

@@ -247,3 +247,16 @@ def test_a_csv_row_csv_cannot_read_is_one_line(tmp_path):
     (tmp_path / "big.csv").write_text("a.png,normal\n\"" + "x" * 200_000 + "\",normal\n")
     with pytest.raises(DatasetError, match=r"big\.csv:2: not a CSV row \(field larger than field limit"):
         open_dataset(tmp_path / "big.csv", class_names=["normal", "pneumonia"])
+
+
+def test_a_split_given_for_data_without_splits_is_refused(tmp_path):
+    """`evaluate --data folder/ --split test` ran on the whole folder without a word."""
+    (tmp_path / "normal").mkdir()
+    cv2.imwrite(str(tmp_path / "normal" / "a.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "list.csv").write_text("normal/a.png,normal\n")
+    for data in (tmp_path, tmp_path / "list.csv"):
+        with pytest.raises(DatasetError, match=r"--split test applies to a MedMNIST \.npz; a folder or a CSV has no "):
+            open_dataset(data, split="test", class_names=["normal"])
+        assert len(open_dataset(data, class_names=["normal"])) == 1
+    np.savez(tmp_path / "d.npz", val_images=np.zeros((2, 8, 8), np.uint8), train_images=np.zeros((3, 8, 8), np.uint8))
+    assert len(open_dataset(tmp_path / "d.npz")) == 2 and len(open_dataset(tmp_path / "d.npz", default_split="train")) == 3
