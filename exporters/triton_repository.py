@@ -404,19 +404,36 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     except TritonExportError as exc:
         deepstream_text, refusal = None, str(exc)
 
+    library = None
+    if op_library:
+        from medmamba_edge.runtime import fused_scan
+
+        try:  # before anything is written
+            library = fused_scan.library_path()
+        except fused_scan.FusedScanUnavailable as exc:
+            raise TritonExportError(f"{model}: {exc}") from None
+    whole_model = None  # an ONNX model whose weights are in files of their own, read in: Triton gets one file
+    if served.kind == "onnx":
+        from onnx.external_data_helper import uses_external_data
+
+        from medmamba_edge.runtime.metadata import load_onnx
+
+        if any(uses_external_data(t) for t in load_onnx(served.source, external_data=False).graph.initializer):
+            whole_model = load_onnx(served.source)
     repository.mkdir(parents=True, exist_ok=True)
     workspace = _workspace(repository)
     _remove_leftovers(workspace, name, repository)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
     try:
         (staging / "1").mkdir()
-        shutil.copyfile(served.source, staging / "1" / model_file)
+        if whole_model is not None:
+            onnx.save(whole_model, staging / "1" / model_file)
+        else:
+            shutil.copyfile(served.source, staging / "1" / model_file)
         (staging / "config.pbtxt").write_text(config_text)
         (staging / TRITON_LABELS).write_text("\n".join(served.metadata.class_names) + "\n")
-        if op_library:
-            from medmamba_edge.runtime import fused_scan
-
-            shutil.copyfile(fused_scan.library_path(), staging / ORT_LIBRARY)
+        if library is not None:
+            shutil.copyfile(library, staging / ORT_LIBRARY)
         if trt_plugin_source is not None:
             shutil.copyfile(trt_plugin_source, staging / AUTOLOAD_PLUGIN_LIBRARY)
         if deepstream_text is not None:

@@ -396,3 +396,25 @@ def test_bad_requests_are_one_line(model, tmp_path, args, message):
     (line,) = output.strip().splitlines()
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_a_model_with_external_weights_is_written_as_one_file(tmp_path_factory, tmp_path):
+    """Only the .onnx was copied: the DeepStream step raised a ValidationError traceback, and Triton would have
+    lacked the weights."""
+    source = tmp_path / "ext" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(str(bundled_onnx(tmp_path_factory))), source, save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=1024)
+    result = export_triton(source, tmp_path / "repo")
+    written = onnx.load(str(result.folder / "1" / "model.onnx"), load_external_data=False)
+    assert written.graph.initializer and not any(t.data_location == onnx.TensorProto.EXTERNAL
+                                                 for t in written.graph.initializer)
+    assert "model.onnx.data" not in files(result.folder) and result.deepstream_text is not None
+
+
+def test_no_op_library_is_one_line_naming_the_model_and_writes_nothing(tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    model = bundled_onnx(tmp_path_factory)
+    with pytest.raises(TritonExportError, match=rf"^{model}: a plugin-form model .* which is not built"):
+        export_triton(model, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()  # an empty repository folder was left
