@@ -248,6 +248,10 @@ def test_video_stride_loop_and_truncation(tmp_path):
     assert [f.index for f in read] == [0, 1, 2] and last.index == 3
     assert f"{FILE_READ_FAILURES + 1} frames in a row from frame 3 on did not decode, and the rest of the 40 " \
            f"frames the video lists was not read (damaged or truncated)" in last.error
+    # From the first frame on, the same (it was "no frame decodes", though the frames after the stretch do).
+    (tmp_path / "head.avi").write_bytes(damaged.replace(b"\xff\xc0", b"\x00\xc0", 3))
+    (only,) = iterate(open_source(str(tmp_path / "head.avi")))
+    assert only.index == 0 and "frames in a row from frame 0 on did not decode, and the rest" in only.error
 
 
 class FlakyMjpegServer:

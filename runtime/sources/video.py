@@ -102,14 +102,14 @@ class VideoSource(Source):
         if self.stopping.is_set():
             return
         first_lost = index - failures  # the reads that failed at the end, up to the frame count the container lists
-        if first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
-            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
-                                               f"(no frames, or corrupt or unsupported video data)")
-        elif first_lost < total and failures > FILE_READ_FAILURES:  # what follows may decode, but was not read
+        if first_lost < total and failures > FILE_READ_FAILURES:  # what follows may decode, but was not read
             # (A file that lists no count ends so too: its damage cannot be told from its end.)
             yield Frame(self.uri, first_lost, first_lost / fps if fps else 0.0,
                         error=f"{self.uri}: {failures} frames in a row from frame {first_lost} on did not decode, and "
                               f"the rest of the {total} frames the video lists was not read (damaged or truncated)")
+        elif first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
+            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
+                                               f"(no frames, or corrupt or unsupported video data)")
         elif first_lost < total:
             # A truncated file ends early. FFmpeg also passes over some corrupt frames without a word (its reads do
             # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
