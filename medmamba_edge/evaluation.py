@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends import ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, log_softmax, softmax
+from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, is_triton_url, log_softmax,
+                                            softmax)
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
 from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, points_lost,
@@ -212,9 +213,13 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str | Non
 
 
 def distinct_names(paths: Sequence[str]) -> list[str]:
-    """Each model as its file name, or as much of its path as tells it from another of the same name."""
+    """Each model as its file name, or as much of its path as tells it from another of the same name; a served
+    model as its address (two versions of one were "1" and "2")."""
     names = []
     for path in paths:
+        if is_triton_url(path):
+            names.append(str(path))
+            continue
         parts = Path(path).parts
         for depth in range(1, len(parts) + 1):
             tail = Path(*parts[-depth:])

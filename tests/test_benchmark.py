@@ -86,6 +86,10 @@ def test_rows_say_how_a_fixed_batch_model_ran_and_tell_same_named_files_apart():
     assert [r.batch_label() for r in rows] == ["1", "1 (1×4, 3 padded)", "6 (2×4, 2 padded)", "8 (2×4)", "4"]
     report = BenchmarkReport(machine={}, warmup=0, iterations=1, measurements=rows)
     assert report.model_names() == {"a/model.onnx": "a/model.onnx", "b/model.onnx": "b/model.onnx", "c.onnx": "c.onnx"}
+    # Two versions of a served model by their addresses (their last parts were "1" and "2").
+    served = BenchmarkReport(machine={}, warmup=0, iterations=1,
+                             measurements=[row("triton://h:8000/m/1", 1, None), row("triton://h:8000/m/2", 1, None)])
+    assert list(served.model_names().values()) == ["triton://h:8000/m/1", "triton://h:8000/m/2"]
 
 
 def test_timed_counts_warmup_apart():
