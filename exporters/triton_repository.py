@@ -97,6 +97,7 @@ class ServedModel:
     precision: str
     version_compatible: bool = False  # an engine built with --version-compatible (its plan holds the plugin)
     onnx_runtime_only_ops: tuple[str, ...] = ()  # a QOperator model's QLinear*/com.microsoft ops: not TensorRT's
+    external_weights: bool = False  # an ONNX model whose weights are in files of their own
 
     @property
     def dims(self) -> list[int]:
@@ -128,6 +129,8 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         raise TritonExportError(f"{path}: {'not a file' if path.exists() else 'no such model file'}")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
+        from onnx.external_data_helper import uses_external_data
+
         from medmamba_edge.runtime.metadata import graph_shapes, load_onnx, read_onnx_metadata
 
         model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
@@ -146,7 +149,8 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
                                if n.domain == "com.microsoft" or n.op_type in ONNX_RUNTIME_ONLY_OPS})
         return ServedModel(path, "onnx", metadata, graph_inputs[0].name, model.graph.output[0].name,
                            max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
-                           onnx_runtime_only_ops=tuple(runtime_only))
+                           onnx_runtime_only_ops=tuple(runtime_only),
+                           external_weights=any(uses_external_data(t) for t in model.graph.initializer))
     if suffix in ENGINE_SUFFIXES:
         from medmamba_edge.runtime.backends.tensorrt.manifest import read_manifest
 
@@ -413,13 +417,10 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         except fused_scan.FusedScanUnavailable as exc:
             raise TritonExportError(f"{model}: {exc}") from None
     whole_model = None  # an ONNX model whose weights are in files of their own, read in: Triton gets one file
-    if served.kind == "onnx":
-        from onnx.external_data_helper import uses_external_data
-
+    if served.external_weights:
         from medmamba_edge.runtime.metadata import load_onnx
 
-        if any(uses_external_data(t) for t in load_onnx(served.source, external_data=False).graph.initializer):
-            whole_model = load_onnx(served.source)
+        whole_model = load_onnx(served.source)
     repository.mkdir(parents=True, exist_ok=True)
     workspace = _workspace(repository)
     _remove_leftovers(workspace, name, repository)
