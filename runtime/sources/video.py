@@ -64,6 +64,7 @@ class VideoSource(Source):
             self.capture = self.open_capture()
         total = 0 if self.live else int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = self.fps
+        at = lambda position: position / fps if fps else 0.0  # noqa: E731  a frame not read has no time of its own
         index, failures = 0, 0
         while not self.stopping.is_set():
             keep = index % stride == 0
@@ -80,7 +81,7 @@ class VideoSource(Source):
             if not self.live:
                 for lost in range(index - failures, index):
                     if lost % stride == 0:
-                        yield Frame(self.uri, lost, lost / fps if fps else 0.0,
+                        yield Frame(self.uri, lost, at(lost),
                                     error=f"{self.uri}: frame {lost} does not decode (corrupt); the frames after it "
                                           f"are read")
             if not ok:
@@ -104,7 +105,7 @@ class VideoSource(Source):
         first_lost = index - failures  # the reads that failed at the end, up to the frame count the container lists
         if first_lost < total and failures > FILE_READ_FAILURES:  # what follows may decode, but was not read
             # (A file that lists no count ends so too: its damage cannot be told from its end.)
-            yield Frame(self.uri, first_lost, first_lost / fps if fps else 0.0,
+            yield Frame(self.uri, first_lost, at(first_lost),
                         error=f"{self.uri}: {failures} frames in a row from frame {first_lost} on did not decode, and "
                               f"the rest of the {total} frames the video lists was not read (damaged or truncated)")
         elif first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
@@ -113,7 +114,7 @@ class VideoSource(Source):
         elif first_lost < total:
             # A truncated file ends early. FFmpeg also passes over some corrupt frames without a word (its reads do
             # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
-            yield Frame(self.uri, first_lost, first_lost / fps if fps else 0.0,
+            yield Frame(self.uri, first_lost, at(first_lost),
                         error=f"{self.uri}: {total - first_lost} of the {total} frames the video lists did not "
                               f"decode (truncated or corrupt), from frame {first_lost} on")
 
