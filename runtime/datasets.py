@@ -27,8 +27,10 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
+from .files import is_special
 from .preprocess import PIXEL_TYPES
-from .sources.files import folder_files
+from .sources.base import item_error
+from .sources.files import NOT_REGULAR, folder_files
 
 
 class DatasetError(UserError):
@@ -105,14 +107,15 @@ class Dataset:
 
     def prepared(self, size: int, prepare: Callable[[np.ndarray], Prepared]) -> Iterator[PreparedChunk[Prepared]]:
         """The samples ``size`` at a time, each image decoded and passed to ``prepare`` on its own, so that one
-        unusable image (a broken file, two channels: an ImageError) is left out alone, with its reason."""
+        unusable image (a broken file, two channels: an ImageError) is left out alone, with its reason; anything
+        else one image raises too, named as unexpected (a bug is reported, never hidden, as run's records do)."""
         for start in range(0, len(self), size):
             chunk = PreparedChunk[Prepared](end=min(start + size, len(self)))
             for i in range(start, chunk.end):
                 try:
                     item = prepare(self.image(i))
-                except ImageError as exc:
-                    source, reason = self.samples[i].source, str(exc)
+                except Exception as exc:  # one file's problem, as run's records have it: the others are still read
+                    source, reason = self.samples[i].source, item_error(self.samples[i].source, exc)
                     # Decoding names the file; preprocessing (a channel count it cannot map) does not.
                     chunk.failures.append(Failure(source, reason if reason.startswith(source) else f"{source}: {reason}"))
                     continue
@@ -266,7 +269,7 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
         # target's name; joined as text (abspath), "../images" left a linked folder the wrong way.
         image = path.parent.resolve() / (row[0] if os.path.exists(image) else row[0].strip())
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
-        samples.append(Sample(str(image), label))
+        samples.append(Sample(str(image), label, NOT_REGULAR if is_special(image) else None))
     if not samples:
         raise DatasetError(f"{path}: no rows")
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)

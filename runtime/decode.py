@@ -92,6 +92,44 @@ def image_header(data) -> tuple[str, int, int, bool] | None:
     return None
 
 
+def _netpbm_maxval(data) -> int | None:
+    """The largest sample value a PGM/PPM header (P2, P3, P5, P6) declares; None for other files. OpenCV returns
+    the samples as stored, so a 12-bit PGM (maxval 4095) would reach 6 % of full scale."""
+    head = bytes(data[:512])
+    if len(head) < 2 or head[:1] != b"P" or head[1:2] not in b"2356":
+        return None
+    fields = re.sub(rb"#[^\n\r]*", b" ", head[2:]).split()  # comments may sit between the fields
+    return int(fields[2]) if len(fields) >= 3 and fields[2].isdigit() else None
+
+
+def _rescaled(image: np.ndarray, maxval: int | None) -> np.ndarray:
+    """Samples of a maxval other than their type's full scale brought to it, rounded as PIL's PPM decoder rounds
+    them (round(v / maxval * full), train.py's loader): bit for bit the same 8-bit image."""
+    full = np.iinfo(image.dtype).max
+    if not maxval or maxval == full:
+        return image
+    return np.minimum(np.round(image / maxval * full), full).astype(image.dtype)
+
+
+def _tiff_white_is_zero(data) -> bool:
+    """Whether a TIFF's first image says PhotometricInterpretation 0 (WhiteIsZero: 0 is white). OpenCV inverts
+    such 8-bit images and returns 16-bit ones as stored, so this tells which 16-bit ones are inverted."""
+    head = bytes(data[:8])
+    if head[:4] not in (b"II*\0", b"MM\0*"):
+        return False
+    order = "<" if head[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(order + "I", head[4:8])
+        (count,) = struct.unpack(order + "H", bytes(data[ifd:ifd + 2]))
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind = struct.unpack(order + "HH", bytes(data[entry:entry + 4]))
+            if tag == 262:  # PhotometricInterpretation, a SHORT held in the entry itself
+                return kind == 3 and struct.unpack(order + "H", bytes(data[entry + 8:entry + 10]))[0] == 0
+    except struct.error:  # an IFD past the end: OpenCV has decoded what it could, its photometric unknown
+        return False
+    return False
+
+
 def _over_limit(path, width: int, height: int, kind: str, note: str = "") -> ImageError:
     return ImageError(f"{path}: a {width}×{height} {kind} ({width * height / 1e6:.1f} megapixels) is over the limit of "
                       f"{MAX_IMAGE_PIXELS:,} pixels (decode.MAX_IMAGE_PIXELS){note}; downscale it first")
@@ -128,6 +166,9 @@ def read_image(path) -> np.ndarray:
         raise _over_limit(path, image.shape[1], image.shape[0], "image")
     if image.dtype not in (np.uint8, np.uint16):  # 32-bit TIFF, float EXR: no defined mapping to the model's range
         raise ImageError(f"{path}: {image.dtype} pixels are not supported (8- or 16-bit images only)")
+    image = _rescaled(image, _netpbm_maxval(data))
+    if image.dtype == np.uint16 and image.ndim == 2 and _tiff_white_is_zero(data):
+        image = np.iinfo(np.uint16).max - image  # bright is dense, as 8-bit ones and MONOCHROME1 DICOM are read
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:
@@ -204,8 +245,8 @@ class DicomFrames:
     def __init__(self, path, ds, lut):
         self.path, self.ds, self.lut = path, ds, lut
         self.source = ds if _deflated(ds) else str(path)  # where pydicom reads the frames from
-        self.count = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-        rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        self.count = max(self._header_int("NumberOfFrames", 1) or 1, 1)
+        rows, columns = self._header_int("Rows", 0), self._header_int("Columns", 0)
         if rows * columns > MAX_IMAGE_PIXELS:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -219,7 +260,10 @@ class DicomFrames:
                 stored = len(element.value)
             else:  # deferred: what the file holds of the length its header declares
                 stored = min(element.length, os.path.getsize(path) - element.value_tell)
-            expected = get_expected_length(ds)
+            try:
+                expected = get_expected_length(ds)
+            except (TypeError, ValueError) as exc:  # SamplesPerPixel or BitsAllocated not a number
+                raise ImageError(f"{path}: malformed DICOM header ({first_line(exc)})") from None
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")
@@ -227,10 +271,18 @@ class DicomFrames:
                 raise ImageError(f"{path}: DICOM pixel data of {stored} bytes, more than the {expected} its header "
                                  f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel, BitsAllocated)")
         self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        self.bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-        self.range = None  # the monochrome output range, found with the first frame mapped
+        self.bits = self._header_int("BitsStored", self._header_int("BitsAllocated", 8))
         # One frame: decoded now, so that its error is the file's (read_dicom raises it).
         self.single = self._map(self._decode(0), 0) if self.count == 1 else None
+
+    def _header_int(self, keyword: str, default: int) -> int:
+        """A header value that sizes the pixel data, as an int; a value that is not one (an IS of 'abc', a
+        multi-valued Rows) makes the file unreadable, said as such."""
+        value = self.ds.get(keyword, default)
+        try:
+            return default if value is None or value == "" else int(value)
+        except (TypeError, ValueError):
+            raise ImageError(f"{self.path}: malformed DICOM header ({keyword} {str(value)!r} is not a number)") from None
 
     def __len__(self) -> int:
         return self.count
@@ -282,7 +334,9 @@ class DicomFrames:
         if "less than expected" in message:
             return ImageError(f"{self._where(index)}: truncated DICOM file (the pixel data is cut short: {message})")
         syntax = getattr(getattr(self.ds, "file_meta", None), "TransferSyntaxUID", None)
-        hint = " (install pillow or pylibjpeg)" if "missing dependencies" in message else ""
+        # pydicom's message names the plugins this transfer syntax needs (pillow alone decodes none of JPEG
+        # Lossless or JPEG-LS): pointing at one of them, not at a fixed pair
+        hint = " (install one of the decoding plugins named)" if "missing dependencies" in message else ""
         return ImageError(f"{self._where(index)}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
                           f"{message[:300]}{hint}")
 
@@ -290,46 +344,91 @@ class DicomFrames:
         try:
             if self.photometric == "PALETTE COLOR":  # the stored values are indices into the palette
                 return self.lut.apply_color_lut(pixels, self.ds)
-            if self.ds.get("SamplesPerPixel", 1) != 1:  # RGB (pydicom converts YBR to RGB)
-                return self._colour(pixels)
-            return self._monochrome(pixels)
+            if self.ds.get("SamplesPerPixel", 1) != 1:
+                return self._colour(pixels, index)
+            return self._monochrome(pixels, index)
         except ImageError:
             raise
         except Exception as exc:  # a WindowWidth of 0, a palette without its tables: the file's values, not ours
             raise ImageError(f"{self._where(index)}: DICOM {self.photometric} pixels cannot be mapped to "
                              f"intensities ({type(exc).__name__}: {first_line(exc)})") from None
 
-    def _colour(self, pixels: np.ndarray) -> np.ndarray:
-        """Stored in fewer bits than allocated (12 of 16): scaled from the range its bits hold, as monochrome is
-        (preprocess would divide 12-bit values by 65535: a white of 0.06)."""
+    def _colour(self, pixels: np.ndarray, index: int) -> np.ndarray:
+        """RGB as pydicom gives it (it converts YBR_FULL, YBR_FULL_422, YBR_ICT and YBR_RCT), YBR_PARTIAL converted
+        here (pydicom leaves it as stored); stored in fewer bits than allocated (12 of 16): scaled from the range its
+        bits hold, as monochrome is (preprocess would divide 12-bit values by 65535: a white of 0.06)."""
+        if self.photometric in ("YBR_PARTIAL_420", "YBR_PARTIAL_422"):
+            return _partial_ybr_to_rgb(pixels, self.bits)
+        if self.photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+            raise ImageError(f"{self._where(index)}: DICOM photometric interpretation {self.photometric} with "
+                             f"{self.ds.get('SamplesPerPixel')} samples per pixel is not supported (RGB or YBR)")
         if self.bits >= pixels.dtype.itemsize * 8:
             return pixels
         return (pixels * np.float32(1 / ((1 << self.bits) - 1))).astype(np.float32)
 
-    def _monochrome(self, pixels: np.ndarray) -> np.ndarray:
-        ds, lut, photometric, bits = self.ds, self.lut, self.photometric, self.bits
+    def _monochrome(self, pixels: np.ndarray, index: int) -> np.ndarray:
+        lut, photometric, bits = self.lut, self.photometric, self.bits
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise ImageError(f"{self.path}: DICOM photometric interpretation {photometric} with one sample per "
                              f"pixel is not supported (MONOCHROME1/2 or PALETTE COLOR)")
+        ds = self._lut_attributes(index)
         transformed = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
                                             "WindowCenter", "VOILUTSequence"))
         if pixels.dtype == np.uint8 and bits == 8 and not transformed:
             return 255 - pixels if photometric == "MONOCHROME1" else pixels
-        if self.range is None:
-            # The output range of the same transforms applied to the extremes the stored bits can hold: the
-            # window's or LUT's range when there is one, else the modality range of the stored values.
-            signed = int(ds.get("PixelRepresentation", 0)) == 1
-            extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
-                                dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
-            # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
-            low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
-            if not high > low:
-                raise ImageError(f"{self.path}: DICOM value range is empty ({low}..{high})")
-            self.range = low, high
-        low, high = self.range
+        # The output range of the same transforms applied to the extremes the stored bits can hold: the window's or
+        # LUT's range when there is one, else the modality range of the stored values.
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
+                            dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
+        # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
+        low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+        if not high > low:
+            raise ImageError(f"{self._where(index)}: DICOM value range is empty ({low}..{high})")
         values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
         scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
         return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
+
+    def _lut_attributes(self, index: int):
+        """What pydicom's modality and VOI LUT functions read, for frame ``index``: the top level's attributes, with
+        an enhanced multi-frame file's (Enhanced CT/MR, tomosynthesis) Pixel Value Transformation and Frame VOI LUT
+        functional groups laid over them, the frame's own over the shared ones: such files hold their rescale and
+        window there alone. A value left empty (a RescaleSlope without one) counts as absent."""
+        from pydicom.dataset import Dataset
+
+        layers = [self.ds]
+        shared, per_frame = self.ds.get("SharedFunctionalGroupsSequence"), self.ds.get("PerFrameFunctionalGroupsSequence")
+        for groups in (shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None):
+            layers += [groups[name][0] for name in _FRAME_LUT_GROUPS if groups is not None and groups.get(name)]
+        attributes = Dataset()
+        for layer in layers:
+            for keyword in _LUT_KEYWORDS:
+                if keyword in layer and layer[keyword].VM > 0:
+                    attributes[keyword] = layer[keyword]
+        return attributes
+
+
+# What pydicom's LUT functions read (pydicom.pixels.apply_modality_lut, apply_voi_lut), and the functional groups
+# of enhanced multi-frame files that hold some of them per frame.
+_LUT_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "BitsAllocated", "PixelRepresentation", "RescaleSlope",
+                 "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+                 "VOILUTFunction", "VOILUTSequence")
+_FRAME_LUT_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+# DICOM PS3.3 C.7.6.3.1.2, YBR_PARTIAL from 8-bit RGB: (Y, Cb, Cr) = M (R, G, B) + (16, 128, 128), the ranges of
+# ITU-R BT.601 (Y 16-235, Cb and Cr 16-240).
+_RGB_TO_PARTIAL_YBR = np.array([[0.2568, 0.5041, 0.0979], [-0.1482, -0.2910, 0.4392], [0.4392, -0.3678, -0.0714]])
+_PARTIAL_YBR_OFFSETS = np.array([16.0, 128.0, 128.0])
+
+
+def _partial_ybr_to_rgb(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """YBR_PARTIAL_420/422 samples (as decoded, full resolution) to RGB in [0, 1]; offsets and range scaled from
+    8 bits to ``bits``."""
+    scale = float(1 << (bits - 8)) if bits > 8 else 1.0
+    ybr = pixels.astype(np.float64) - _PARTIAL_YBR_OFFSETS * scale
+    rgb = ybr @ np.linalg.inv(_RGB_TO_PARTIAL_YBR).T / (255.0 * scale)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
 def read_still(path: Path) -> list[np.ndarray] | DicomFrames:

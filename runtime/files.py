@@ -52,9 +52,15 @@ def streamed_in_place(path: Path) -> bool:
     if str(absolute) in ("/dev/stdout", "/dev/stderr") or re.fullmatch(r"/proc/(self|\d+)/fd",
                                                                          os.path.realpath(absolute.parent)):
         return True
+    return is_special(path)  # not there yet (or a dangling link): created by the rename
+
+
+def is_special(path: Path) -> bool:
+    """Whether ``path`` is a FIFO, socket or device: reading one waits for a writer or never ends (/dev/zero).
+    False where it cannot be looked at (missing, no permission): opening it says why."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:  # does not exist yet (or a dangling link): created by the rename
+    except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 

@@ -260,3 +260,28 @@ def test_a_split_given_for_data_without_splits_is_refused(tmp_path):
         assert len(open_dataset(data, class_names=["normal"])) == 1
     np.savez(tmp_path / "d.npz", val_images=np.zeros((2, 8, 8), np.uint8), train_images=np.zeros((3, 8, 8), np.uint8))
     assert len(open_dataset(tmp_path / "d.npz")) == 2 and len(open_dataset(tmp_path / "d.npz", default_split="train")) == 3
+
+
+def test_a_csv_row_naming_a_fifo_fails_alone_and_one_unexpected_error_does_not_end_the_set(tmp_path, monkeypatch):
+    """A FIFO named by a CSV row hung evaluate (reading it waits for a writer); a malformed DICOM header raised a
+    ValueError that ended evaluate with a traceback, the other images never evaluated."""
+    from medmamba_edge.runtime import datasets
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    os.mkfifo(tmp_path / "pipe.png")
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((8, 8), 9, np.uint8))
+    (tmp_path / "data.csv").write_text("path,label\na.png,normal\npipe.png,normal\nb.png,pneumonia\n")
+    data = open_dataset(tmp_path / "data.csv", class_names=["normal", "pneumonia"])
+    real_read = datasets.read_single_image
+
+    def read(path):  # b.png's decoder fails as nothing should: a bug, reported as one
+        if path.endswith("b.png"):
+            raise ValueError("boom")
+        return real_read(path)
+
+    monkeypatch.setattr(datasets, "read_single_image", read)
+    (chunk,) = data.prepared(8, lambda image: image.shape)
+    assert chunk.indices == [0] and chunk.items == [(8, 8)]
+    assert [f.reason for f in chunk.failures] == [
+        f"{tmp_path / 'pipe.png'}: not a regular file (a FIFO, socket or device), not read",
+        f"{tmp_path / 'b.png'}: unexpected ValueError: boom"]

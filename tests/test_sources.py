@@ -499,3 +499,131 @@ def test_recursive_glob_gives_each_file_once_through_links_to_folders(tmp_path):
         frames = list(open_source(str(data / pattern)).frames())
         assert [(f.source.split("data/")[1], f.error) for f in frames] == [
             ("a/img.png", None), ("a/same.png", None), ("link/linked.png", None)], pattern
+
+
+def test_pgm_and_ppm_samples_are_scaled_from_their_maxval_as_pil_reads_them(tmp_path):
+    """OpenCV returns PxM samples as stored: a 12-bit PGM (maxval 4095) reached 6 % of full scale, and an 8-bit
+    one with maxval 100 a white of 0.39; PIL, train.py's loader, scales them to full range."""
+    from PIL import Image
+
+    from medmamba_edge.runtime.decode import read_image
+
+    rng = np.random.default_rng(0)
+    for maxval in (100, 255, 1023, 4095, 65535):
+        gray = rng.integers(0, maxval + 1, (5, 7))
+        samples = gray.astype(">u2" if maxval > 255 else np.uint8).tobytes()
+        path = tmp_path / f"m{maxval}.pgm"
+        path.write_bytes(b"P5\n# a comment between the fields\n7 5\n%d\n" % maxval + samples)
+        ours = read_image(path)
+        assert ours.dtype == (np.uint16 if maxval > 255 else np.uint8)
+        assert np.array_equal(ours.astype(np.int64), np.asarray(Image.open(path)).astype(np.int64)), maxval
+    rgb = rng.integers(0, 101, (5, 7, 3)).astype(np.uint8)
+    (tmp_path / "c.ppm").write_bytes(b"P6 7 5 100\n" + rgb.tobytes())
+    assert np.array_equal(read_image(tmp_path / "c.ppm"), np.asarray(Image.open(tmp_path / "c.ppm")))
+
+
+def _tiff(path, pixels, photometric, order="<"):
+    """An uncompressed one-strip grayscale TIFF, written by hand: OpenCV and PIL write MinIsBlack only."""
+    import struct
+
+    raw = pixels.astype(f"{order}u{pixels.dtype.itemsize}").tobytes()
+    entries = [(256, 3, pixels.shape[1]), (257, 3, pixels.shape[0]), (258, 3, pixels.dtype.itemsize * 8), (259, 3, 1),
+               (262, 3, photometric), (273, 4, 8), (277, 3, 1), (278, 3, pixels.shape[0]), (279, 4, len(raw))]
+    data = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8 + len(raw)) + raw
+    data += struct.pack(order + "H", len(entries)) + b"".join(
+        struct.pack(order + "HHI", tag, kind, 1) + struct.pack(order + ("HH" if kind == 3 else "I"), value, *([0] * (kind == 3)))
+        for tag, kind, value in entries) + b"\0\0\0\0"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_16_bit_white_is_zero_tiff_is_inverted_as_8_bit_ones_are(tmp_path):
+    """OpenCV inverts an 8-bit WhiteIsZero TIFF and returned a 16-bit one as stored: black lungs read as dense."""
+    from medmamba_edge.runtime.decode import read_image
+
+    stored = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    for order in "<>":
+        assert np.array_equal(read_image(_tiff(tmp_path / "w16.tif", stored, 0, order)), 65535 - stored)
+        assert np.array_equal(read_image(_tiff(tmp_path / "b16.tif", stored, 1, order)), stored)
+        eight = (stored // 257).astype(np.uint8)
+        assert np.array_equal(read_image(_tiff(tmp_path / "w8.tif", eight, 0, order)), 255 - eight)
+
+
+def test_enhanced_multi_frame_dicom_takes_its_window_from_the_functional_groups(tmp_path):
+    """Enhanced CT/MR and tomosynthesis files hold rescale and window in functional groups, not at the top level:
+    they were mapped from the whole stored range, no window (a normal study read as pneumonia, 99.9 %)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    stored = np.array([[0, 1000, 2000, 3000], [4000, 4095, 2048, 100]], dtype=np.uint16)
+    (classic,) = read_dicom(synthetic_dicom(tmp_path / "classic.dcm", stored, BitsStored=12, RescaleSlope=1,
+                                            RescaleIntercept=-1024, WindowCenter=1000, WindowWidth=2000))
+    (narrow,) = read_dicom(synthetic_dicom(tmp_path / "narrow.dcm", stored, BitsStored=12, RescaleSlope=1,
+                                           RescaleIntercept=-1024, WindowCenter=500, WindowWidth=400))
+
+    def group(**values):
+        item = Dataset()
+        for key, value in values.items():
+            setattr(item, key, value)
+        return Sequence([item])
+
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = group(RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")
+    shared.FrameVOILUTSequence = group(WindowCenter=1000, WindowWidth=2000)
+    second = Dataset()  # the second frame's own window, over the shared one
+    second.FrameVOILUTSequence = group(WindowCenter=500, WindowWidth=400)
+    path = synthetic_dicom(tmp_path / "enhanced.dcm", np.vstack([stored, stored]), BitsStored=12, Rows=2,
+                           NumberOfFrames=2, SharedFunctionalGroupsSequence=Sequence([shared]),
+                           PerFrameFunctionalGroupsSequence=Sequence([Dataset(), second]))
+    first, other = read_dicom(path)
+    assert np.array_equal(first, classic) and np.array_equal(other, narrow)
+    # A Rescale Slope and Intercept present but left empty are no rescale: the file was unusable (a TypeError).
+    (empty,) = read_dicom(synthetic_dicom(tmp_path / "empty.dcm", stored, BitsStored=12, RescaleSlope=None,
+                                          RescaleIntercept=None))
+    assert np.allclose(empty, stored / 4095, atol=1e-6)
+
+
+def test_colour_dicom_in_partial_range_ybr_is_converted_and_other_interpretations_refused(tmp_path):
+    """pydicom converts YBR_FULL(_422) to RGB but leaves YBR_PARTIAL_422 as stored: raw Y, Cb, Cr reached the
+    model as RGB (a grey X-ray read as pneumonia, 57 %, status ok)."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    gray = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (16, 1))
+    jpeg = io.BytesIO()
+    Image.fromarray(np.dstack([gray] * 3)).save(jpeg, "JPEG", quality=100, subsampling=2)  # YCbCr 4:2:0 codestream
+    decoded = {}
+    for photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        ds = pydicom.dcmread(synthetic_dicom(tmp_path / "x.dcm", gray))
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PhotometricInterpretation = 3, 0, photometric
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.PixelData = encapsulate([jpeg.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(tmp_path / f"{photometric}.dcm", enforce_file_format=True)
+        (decoded[photometric],) = read_dicom(tmp_path / f"{photometric}.dcm")
+    full = decoded["YBR_FULL_422"].astype(np.float64) / 255
+    partial = decoded["YBR_PARTIAL_422"]
+    assert partial.dtype == np.float32 and partial.shape == (16, 32, 3)
+    assert np.abs(partial - partial[..., :1]).max() < 2 / 255  # grey stays grey: no chroma offsets left in
+    # The same codestream read as BT.601's partial range: black at 16, white at 235.
+    assert np.abs(partial - np.clip((full * 255 - 16) / 219, 0, 1)).max() < 3 / 255
+    ds = pydicom.dcmread(tmp_path / "YBR_FULL_422.dcm")
+    ds.PhotometricInterpretation = "HSV"  # retired: no RGB without its own conversion
+    ds.save_as(tmp_path / "hsv.dcm")
+    with pytest.raises(ImageError, match=r"hsv\.dcm: DICOM photometric interpretation HSV with 3 samples per pixel "
+                                         r"is not supported \(RGB or YBR\)"):
+        read_dicom(tmp_path / "hsv.dcm")
+
+
+def test_a_header_value_that_is_not_a_number_is_a_malformed_header_not_a_crash(tmp_path):
+    """A NumberOfFrames of 'abc' raised a ValueError: evaluate ended with a traceback, run called it unexpected."""
+    path = synthetic_dicom(tmp_path / "nf.dcm", np.zeros((4, 4), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00280008, "LO", "abc")  # NumberOfFrames, text where a number belongs (pydicom reads it as given)
+    ds.save_as(path)
+    with pytest.raises(ImageError, match=r"nf\.dcm: malformed DICOM header \(NumberOfFrames 'abc' is not a number\)"):
+        read_dicom(path)
