@@ -381,15 +381,19 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     notes: list[str] = []
 
     trt_plugin_source: Path | None = None
+    deepstream_plugin = plugin  # a --plugin path is one on the device, for both
     if served.needs_trt_plugin and plugin is None:
         # The self-registering build: Triton's `plugins=`, LD_PRELOAD and nvinfer's custom-lib-path only dlopen it.
         try:
             trt_plugin_source = find_autoload_plugin_library()
         except UserError:
             notes.append(f"no TensorRT plugin library is built here: build it on the device "
-                         f"(medmamba-edge build-plugin) and put {AUTOLOAD_PLUGIN_LIBRARY} at "
-                         f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}")
+                         f"(medmamba-edge build-plugin) and put {AUTOLOAD_PLUGIN_LIBRARY} in the model's folder "
+                         f"({folder_on_server} on the server, beside deepstream_nvinfer.txt)")
         plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
+        # Relative, as nvinfer resolves it from the config's folder: DeepStream runs outside Triton's container
+        # (or on a Jetson the folder was copied to), where the server's root (/models) is no path.
+        deepstream_plugin = AUTOLOAD_PLUGIN_LIBRARY
 
     server_command = f"tritonserver --model-repository={root}" + _plugin_loading(served, plugin)
     model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
@@ -401,7 +405,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     if served.kind == "onnx" and served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
         raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
     try:
-        deepstream_text = deepstream_config(served, plugin_path=plugin if served.needs_trt_plugin else None,
+        deepstream_text = deepstream_config(served, plugin_path=deepstream_plugin if served.needs_trt_plugin else None,
                                             batch=ds_batch)
         check_deepstream_config(deepstream_text)
         refusal = None

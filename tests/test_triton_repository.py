@@ -144,7 +144,10 @@ def test_deepstream_config_normalises_as_the_runtime_does(model, tmp_path):
     assert properties["onnx-file"] == "deepstream_model.onnx"
     assert properties["model-engine-file"] == "deepstream_model.onnx_b8_gpu0_fp32.engine"
     assert properties["output-blob-names"] == "probabilities" and properties["maintain-aspect-ratio"] == "0"
-    assert properties["custom-lib-path"].endswith("/medmamba/libmedmamba_trt_plugin_autoload.so")
+    # Beside the config, as nvinfer resolves a relative path: DeepStream does not see the server's root (/models).
+    assert properties["custom-lib-path"] == "libmedmamba_trt_plugin_autoload.so"
+    served = export_triton(model, tmp_path / "served", server_root="/models")
+    assert "custom-lib-path=libmedmamba_trt_plugin_autoload.so\n" in (served.folder / "deepstream_nvinfer.txt").read_text()
     assert (result.folder / properties["labelfile-path"]).read_text() == "normal;pneumonia\n"
     # nvinfer's y = net-scale-factor·(x − offsets[c]) on every 8-bit value equals the runtime's lookup table.
     meta = result.served.metadata
