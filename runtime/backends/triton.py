@@ -34,6 +34,7 @@ import numpy as np
 
 from medmamba_edge.errors import first_line
 
+from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
 from . import Backend, BackendError, run_in_fixed_batches
 
@@ -46,7 +47,6 @@ MAX_TIMEOUT_S = 86400.0
 # (a camera's MJPEG) or a broken server would otherwise grow the client's memory for as long as it sends.
 MAX_ANSWER_BYTES = 64 << 20
 NOT_TRITON = "is this a Triton (KServe v2) HTTP port?"  # what answers of another kind of server ask
-BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 # KServe v2 datatypes a MedMamba input or output can have, and Triton's config spelling of them.
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 CONFIG_DATATYPES = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16"}
@@ -366,7 +366,7 @@ class TritonBackend(Backend):
     def _mark_down(self, reason: str) -> None:
         with self._lock:
             self._failures += 1
-            self._retry_at = time.monotonic() + min(BACKOFF_FIRST_S * 2 ** (self._failures - 1), BACKOFF_MAX_S)
+            self._retry_at = time.monotonic() + backoff_s(self._failures)
             self._down_reason = reason
 
 

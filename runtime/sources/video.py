@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlparse
 
 import cv2
 
+from ..backoff import BACKOFF_FIRST_S, backoff_s
 from ..decode import quiet_opencv
 from .base import Frame, Source, SourceError
 
@@ -40,7 +41,7 @@ class VideoSource(Source):
         self.open_capture, self.description, self.uri, self.live = open_capture, description, uri, live
         if notify is not None:  # a first connection's retries are said too, not only a lost stream's
             self.notify = notify
-        self.reconnect, self.backoff = reconnect, 0.5  # the first wait, in s; doubles up to 8 s
+        self.reconnect, self.backoff = reconnect, BACKOFF_FIRST_S  # the first wait, in s (backoff_s doubles it)
         self.stopping = threading.Event()  # set by the loop: stop reading and waiting
         self.capture: cv2.VideoCapture | None = None
         try:
@@ -119,7 +120,7 @@ class VideoSource(Source):
                               f"decode (truncated or corrupt), from frame {first_lost} on")
 
     def _wait(self, attempt: int) -> None:
-        wait = min(self.backoff * 2 ** (attempt - 1), 8.0)
+        wait = backoff_s(attempt, self.backoff)
         self.notify(f"{self.description}: no frames; reconnecting in {wait:.1f} s (attempt {attempt}/{self.reconnect})")
         self.stopping.wait(wait)
 
