@@ -227,6 +227,7 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     if not batches or min(batches) < 1 or warmup < 0 or iterations < 1:
         raise BenchmarkError("batch sizes and iterations must be ≥ 1, warm-up ≥ 0")
     check_threads(threads)  # here, before any worker starts, as each worker's open_model would
+    threads = None if threads is None else int(threads)  # numpy's too: the workers are told in JSON
     # A served model is timed as its clients see it; its address kept as given (a Path folds the URL's "//").
     specs = [str(given) if is_triton_url(given) else str(path) for path, given in zip(paths, models)]
     for path, spec in zip(paths, specs):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from medmamba_edge.errors import UserError
 
+from .metadata import positive_int
+
 CPUINFO = Path("/proc/cpuinfo")
 # Set to "avx2" by benchmarks/hide_avx512.c, which hides the AVX-512 family, AVX-VNNI and AMX from CPUID (where
 # the kernels look) but not from /proc/cpuinfo (where we look).
@@ -79,6 +81,5 @@ def usable_cpus() -> int:
 def check_threads(threads: int | None) -> None:
     """A --threads value: more threads than CPUs only contend (--threads 100000 would start that many, with
     gigabytes of stacks)."""
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or not 1 <= threads <= usable_cpus()):
+    if threads is not None and not (positive_int(threads) and threads <= usable_cpus()):
         raise UserError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this process may use), got {threads}")

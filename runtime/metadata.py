@@ -30,10 +30,15 @@ class MetadataError(UserError, ValueError):
     """A model file without usable medmamba-edge metadata."""
 
 
+def int_at_least(value, least: int) -> bool:
+    """An integer (numpy's too) of at least ``least``, not a bool: what a size, a count or a number of tries takes
+    (1.5 or True would pass a comparison and mean something else)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 def positive_int(value) -> bool:
-    """An integer (numpy's too) of at least 1, not a bool: what a size or a count takes (1.5 or True would pass a
-    comparison and mean something else)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    """An integer of at least 1 (``int_at_least``)."""
+    return int_at_least(value, 1)
 
 
 # ';' separates labels in DeepStream's label file and in the CSV's top_k; a line break (or any control

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still
+from ..metadata import int_at_least
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
 from .files import FileSource, folder_files, glob_files
@@ -43,7 +44,7 @@ __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate",
 def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
     """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
     attempts (the run loop takes over once it starts)."""
-    if isinstance(reconnect, bool) or not isinstance(reconnect, int) or reconnect < 0:
+    if not int_at_least(reconnect, 0):
         raise SourceError(f"--reconnect must be an integer ≥ 0, got {reconnect!r}")
     # Stripped ("$CAMERA " from a config file), unless it names a file as given: "scan 1.png " is one.
     spec = str(spec) if os.path.lexists(str(spec)) else str(spec).strip()
