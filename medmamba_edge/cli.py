@@ -19,6 +19,7 @@ from rich.text import Text
 
 from medmamba_edge.runtime.files import GuardedStdout, is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
+from medmamba_edge.runtime.triton_defaults import DEFAULT_MODEL_NAME
 
 from .errors import UserError, only_with
 
@@ -614,7 +615,7 @@ def run(
 def export_triton(
     model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Triton model repository (the model goes in OUTPUT/NAME).")],
-    name: Annotated[str, typer.Option(help="Model name on the server.")] = "medmamba",
+    name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms (dynamic-batch models).")] = 8,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
     instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
@@ -666,7 +667,7 @@ def serve(
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: --port + 2).")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms.")] = 8,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
-    name: Annotated[str, typer.Option(help="Model name on the server.")] = "medmamba",
+    name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference (ONNX Runtime).")] = None,
 ) -> None:
     """Serve a model on a real Triton Inference Server (PyTriton): HTTP and gRPC, dynamic batching, metrics."""

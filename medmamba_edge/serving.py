@@ -31,10 +31,10 @@ from medmamba_edge.runtime.backends import Backend, open_backend
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
+from medmamba_edge.runtime.triton_defaults import DEFAULT_MODEL_NAME
 
 from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
 
-DEFAULT_MODEL_NAME = "medmamba"
 # Endpoints that change the server rather than ask it something: loading and unloading models, mapping
 # shared memory, tracing, log settings. PyTriton guards them with a token it generates; statistics stay
 # open to monitoring, as in a stock Triton.
