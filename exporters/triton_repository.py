@@ -45,7 +45,8 @@ from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import check_writable, current_umask
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             unwritable_class_names)
-from medmamba_edge.runtime.triton_defaults import DEFAULT_MODEL_NAME
+from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
+                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME)
 
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
@@ -346,8 +347,9 @@ def _readme(name: str, served: ServedModel, server_command: str, op_library: str
     return "\n".join(lines) + "\n"
 
 
-def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFAULT_MODEL_NAME, max_batch: int = 8,
-                  max_queue_delay_us: int = 2000, instances: int = 1, kind: str = "cpu",
+def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFAULT_MODEL_NAME,
+                  max_batch: int = DEFAULT_MAX_BATCH, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+                  instances: int = DEFAULT_INSTANCES, kind: str = DEFAULT_KIND,
                   server_root: str | None = None, plugin: str | None = None,
                   deepstream_batch: int | None = None) -> TritonExport:
     """Write ``repository/name`` (temporary folder, renamed into place when complete; a model folder already

@@ -19,7 +19,8 @@ from rich.text import Text
 
 from medmamba_edge.runtime.files import GuardedStdout, is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
-from medmamba_edge.runtime.triton_defaults import DEFAULT_MODEL_NAME
+from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
+                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT)
 
 from .errors import UserError, only_with
 
@@ -616,10 +617,12 @@ def export_triton(
     model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
-    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms (dynamic-batch models).")] = 8,
-    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
-    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = 1,
-    kind: Annotated[str, typer.Option(help="cpu or gpu instances (an engine is always gpu).")] = "cpu",
+    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms "
+                                                "(dynamic-batch models).")] = DEFAULT_MAX_BATCH,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch "
+                                                         "with.")] = DEFAULT_MAX_QUEUE_DELAY_US,
+    instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = DEFAULT_INSTANCES,
+    kind: Annotated[str, typer.Option(help="cpu or gpu instances (an engine is always gpu).")] = DEFAULT_KIND,
     server_root: Annotated[Optional[str], typer.Option(help="Where the server sees OUTPUT (e.g. /models in a container); "
                                                             "library paths in the configs point there. Default: OUTPUT here.")] = None,
     plugin: Annotated[Optional[str], typer.Option(help="The TensorRT plugin library's path on the server or DeepStream "
@@ -661,12 +664,14 @@ def export_triton(
 @command()
 def serve(
     model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port (KServe v2); gRPC and metrics default to the next two.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="HTTP port (KServe v2); gRPC and metrics default to the next "
+                                           "two.")] = DEFAULT_PORT,
     grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default: --port + 1).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: --port + 2).")] = None,
-    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms.")] = 8,
-    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch with.")] = 2000,
+    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms.")] = DEFAULT_MAX_BATCH,
+    max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch "
+                                                         "with.")] = DEFAULT_MAX_QUEUE_DELAY_US,
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference (ONNX Runtime).")] = None,
 ) -> None:

@@ -31,7 +31,8 @@ from medmamba_edge.runtime.backends import Backend, open_backend
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
-from medmamba_edge.runtime.triton_defaults import DEFAULT_MODEL_NAME
+from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
+                                                   DEFAULT_MODEL_NAME, DEFAULT_PORT)
 
 from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
 
@@ -51,12 +52,12 @@ class ServeError(UserError):
 
 @dataclass(frozen=True)
 class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000  # HTTP; gRPC and metrics default to the next two ports
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # HTTP; gRPC and metrics default to the next two ports
     grpc_port: int | None = None
     metrics_port: int | None = None
-    max_batch: int = 8
-    max_queue_delay_us: int = 2000
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
     name: str = DEFAULT_MODEL_NAME
     threads: int | None = None
 

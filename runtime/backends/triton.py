@@ -36,10 +36,10 @@ from medmamba_edge.errors import first_line
 
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
+from ..triton_defaults import DEFAULT_PORT
 from . import Backend, BackendError, run_in_fixed_batches
 
 SCHEME = "triton"
-DEFAULT_PORT = 8000  # Triton's HTTP port
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 86400.0
