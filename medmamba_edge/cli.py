@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from medmamba_edge.runtime.files import GuardedStdout, is_stdout, printable
+from medmamba_edge.runtime.files import GuardedStdout, any_is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
                                                    DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT)
@@ -593,7 +593,7 @@ def run(
         files = [sink.output for sink in outputs if getattr(sink, "output", None)]
         # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary
         # goes to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
-        report = console if any(is_stdout(f.path) for f in files) else out
+        report = console if any_is_stdout(*(f.path for f in files)) else out
         stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
     if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
         report = console

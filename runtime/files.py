@@ -34,14 +34,21 @@ def current_umask() -> int:
     return mask
 
 
-def is_stdout(path: str | Path) -> bool:
-    """Whether writing ``path`` writes where this process's stdout goes (/dev/stdout, /dev/fd/1, or the very
-    file or pipe stdout is)."""
+def any_is_stdout(*paths: str | Path | None) -> bool:
+    """Whether writing one of ``paths`` (None: an output not given) writes where this process's stdout goes
+    (/dev/stdout, /dev/fd/1, or the very file or pipe stdout is): records piped through stdout."""
     try:
-        here, there = os.fstat(1), os.stat(path)
+        here = os.fstat(1)
     except OSError:
         return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+    for path in filter(None, paths):
+        try:
+            there = os.stat(path)
+        except OSError:
+            continue
+        if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            return True
+    return False
 
 
 def streamed_in_place(path: Path) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, OutputError, is_stdout, overwrites_input, printable, streamed_in_place
+from .files import AtomicOutput, GuardedStdout, OutputError, any_is_stdout, overwrites_input, printable, streamed_in_place
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -352,8 +352,7 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     files the run ``reads``, or another output's file), the ones already created are removed again, so a
     refused run leaves no file behind."""
     if console == "auto":  # records piped through stdout (--jsonl /dev/stdout) get it to themselves
-        piped = any(path is not None and is_stdout(path) for path in (jsonl, csv_path))
-        console = "none" if piped else "second" if live else "frame"
+        console = "none" if any_is_stdout(jsonl, csv_path) else "second" if live else "frame"
     outputs: list[Sink] = [ConsoleSink(console)]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
