@@ -15,7 +15,6 @@ import codecs
 import csv
 import io
 import itertools
-import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
-from .files import is_special
+from .files import is_special, strip_unless_named
 from .preprocess import PIXEL_TYPES
 from .sources.base import item_error
 from .sources.files import NOT_REGULAR, folder_files
@@ -263,11 +262,9 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             continue
         if len(row) < 2 and class_names is not None:
             raise DatasetError(f"{path}:{line}: expected 'path,label'")
-        # Stripped ("a.png, 1" as spreadsheets write it), unless the name as given is a file (" scan.png").
-        image = path.parent / row[0]
         # Named as listed from the CSV's real folder: resolved, a link into a hashed store was reported by its
         # target's name; joined as text (abspath), "../images" left a linked folder the wrong way.
-        image = path.parent.resolve() / (row[0] if os.path.exists(image) else row[0].strip())
+        image = path.parent.resolve() / strip_unless_named(row[0], path.parent)
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label, NOT_REGULAR if is_special(image) else None))
     if not samples:

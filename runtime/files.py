@@ -51,6 +51,12 @@ def any_is_stdout(*paths: str | Path | None) -> bool:
     return False
 
 
+def strip_unless_named(name: str, folder: str | Path | None = None) -> str:
+    """``name`` without the white space around it ("$CAMERA " from a config file, "a.png, 1" as spreadsheets write
+    it), unless ``name`` as given (in ``folder``, if one is given) is a file or a link: "scan 1.png " is one."""
+    return name if os.path.lexists(name if folder is None else Path(folder) / name) else name.strip()
+
+
 def streamed_in_place(path: Path) -> bool:
     """Whether ``path`` is written where it is, as a stream: a FIFO or device (/dev/full), or one of
     the process's file descriptors (/dev/stdout, /dev/fd/N: links to whatever stdout is, even a

@@ -18,13 +18,13 @@ imported only when a DICOM file is read.
 from __future__ import annotations
 
 import glob
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still
+from ..files import strip_unless_named
 from ..metadata import int_at_least
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
@@ -46,8 +46,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     attempts (the run loop takes over once it starts)."""
     if not int_at_least(reconnect, 0):
         raise SourceError(f"--reconnect must be an integer ≥ 0, got {reconnect!r}")
-    # Stripped ("$CAMERA " from a config file), unless it names a file as given: "scan 1.png " is one.
-    spec = str(spec) if os.path.lexists(str(spec)) else str(spec).strip()
+    spec = strip_unless_named(str(spec))
     if not spec.strip():  # an unset "$SOURCE" would otherwise be ".", the current folder
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
