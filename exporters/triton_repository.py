@@ -132,23 +132,23 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     if suffix in ONNX_SUFFIXES:
         from onnx.external_data_helper import uses_external_data
 
-        from medmamba_edge.runtime.metadata import graph_shapes, load_onnx, read_onnx_metadata
+        from medmamba_edge.runtime.metadata import graph_inputs, graph_shapes, load_onnx, read_onnx_metadata
 
         model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
         metadata = read_onnx_metadata(model, path)
         retired = scan_node.retired_scan_node(model)
         if retired:
             raise TritonExportError(f"{path}: {retired}")
-        graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        if len(graph_inputs) != 1 or len(model.graph.output) != 1:
-            raise TritonExportError(f"{path}: {len(graph_inputs)} inputs and {len(model.graph.output)} outputs; "
+        inputs = graph_inputs(model)
+        if len(inputs) != 1 or len(model.graph.output) != 1:
+            raise TritonExportError(f"{path}: {len(inputs)} inputs and {len(model.graph.output)} outputs; "
                                     f"a MedMamba export has one of each")
         check_against_graph(metadata, *graph_shapes(model), str(path))
         plugin_form = scan_node.has_scan_nodes(model)
         # TensorRT takes INT8 as Q/DQ pairs only; `quantize --format qoperator` writes ONNX Runtime's own ops.
         runtime_only = sorted({n.op_type for n in model.graph.node
                                if n.domain == "com.microsoft" or n.op_type in ONNX_RUNTIME_ONLY_OPS})
-        return ServedModel(path, "onnx", metadata, graph_inputs[0].name, model.graph.output[0].name,
+        return ServedModel(path, "onnx", metadata, inputs[0].name, model.graph.output[0].name,
                            max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
                            onnx_runtime_only_ops=tuple(runtime_only),
                            external_weights=any(uses_external_data(t) for t in model.graph.initializer))

@@ -203,11 +203,16 @@ def load_onnx(path: str | Path, external_data: bool = True):
                             f"{getattr(exc, 'strerror', None) or exc})") from None
 
 
-def graph_shapes(model) -> tuple[list[int], list[int]]:
-    """The input and output shapes of an ``onnx.ModelProto``'s graph (its first non-initializer input, its first
-    output), -1 where a dimension is open: what check_against_graph takes."""
+def graph_inputs(model) -> list:
+    """An ``onnx.ModelProto``'s graph inputs that are not weights (an initializer may be listed as an input too)."""
     weights = {t.name for t in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in weights)
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def graph_shapes(model) -> tuple[list[int], list[int]]:
+    """The input and output shapes of an ``onnx.ModelProto``'s graph (its first ``graph_inputs``, its first
+    output), -1 where a dimension is open: what check_against_graph takes."""
+    graph_input = graph_inputs(model)[0]
     return tuple([d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
                  for value in (graph_input, model.graph.output[0]))
 
