@@ -64,6 +64,20 @@ def test_an_ema_beside_the_trained_weights_is_not_what_is_read(tmp_path, tiny_st
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in tiny_state_dict.items()}
     loaded = load_checkpoint(save({"state_dict": tiny_state_dict, "state_dict_ema": ema}, tmp_path / "t.pth"))
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
+    # As timm's CheckpointSaver writes it: with its argparse Namespace, and a numpy metric as other scripts keep
+    # (both refused as "holds a argparse.Namespace object"); data only, so weights_only loads them, and nothing else.
+    import argparse
+
+    import numpy as np
+
+    timm = {"epoch": 3, "arch": "medmamba_t", "state_dict": tiny_state_dict, "state_dict_ema": ema,
+            "args": argparse.Namespace(lr=1e-3, model="medmamba_t"), "metric": np.float64(0.93), "best": np.int64(7)}
+    loaded = load_checkpoint(save(timm, tmp_path / "timm.pth"))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
+    import datetime
+
+    with pytest.raises(CheckpointError, match=r"other\.pth: refused to load: it holds a datetime\.date object"):
+        load_checkpoint(save({"state_dict": tiny_state_dict, "day": datetime.date(2026, 12, 6)}, tmp_path / "other.pth"))
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
@@ -178,6 +192,28 @@ def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
     with pytest.raises(CheckpointError, match=r"cut\.pth: not a readable PyTorch checkpoint \(truncated or corrupt: "):
         load_checkpoint(tmp_path / "cut.pth")
+
+
+def test_a_checkpoint_damaged_in_place_a_folder_a_pipe_and_text_are_named_for_what_they_are(tmp_path, tiny_state_dict):
+    """torch.load does not check a zip record's CRC: 100 zeroed bytes in the middle of the official checkpoint
+    loaded as other weights, and export verified the damaged model against itself."""
+    whole = bytearray(save(tiny_state_dict, tmp_path / "whole.pth").read_bytes())
+    middle = len(whole) // 2
+    whole[middle:middle + 100] = bytes(100)
+    (tmp_path / "rot.pth").write_bytes(whole)
+    with pytest.raises(CheckpointError, match=r"rot\.pth: corrupt: its record \S+ fails its CRC check"):
+        load_checkpoint(tmp_path / "rot.pth")
+    (tmp_path / "run1").mkdir()
+    save(tiny_state_dict, tmp_path / "run1" / "best.pth")
+    with pytest.raises(CheckpointError, match=r"run1: a folder, not a checkpoint file \(it holds best\.pth\)$"):
+        load_checkpoint(tmp_path / "run1")
+    os.mkfifo(tmp_path / "pipe.pth")  # was "no such checkpoint file"
+    with pytest.raises(CheckpointError, match=r"pipe\.pth: not a regular file"):
+        load_checkpoint(tmp_path / "pipe.pth")
+    (tmp_path / "notes.pth").write_text("epoch 3, best 0.93\n")  # was "(KeyError: 101)"
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a readable PyTorch checkpoint \(not a PyTorch "
+                                              r"checkpoint: it starts with b'epoch 3, best 0\.'\)"):
+        load_checkpoint(tmp_path / "notes.pth")
 
 
 def test_batchnorm_step_counters_left_out_or_infinite_are_loaded_as_pytorch_loads_them(tmp_path, tiny_state_dict):
