@@ -92,8 +92,8 @@ def _data_globals() -> list:
     """What training scripts save beside the weights that only rebuilds data, allowed by name to weights_only's
     unpickler (nothing else it would construct is): timm's CheckpointSaver stores its argparse Namespace ("args"),
     other scripts a numpy metric (best_acc) with its dtype. numpy 1 named the scalar numpy.core.multiarray.scalar."""
-    scalar = np._core.multiarray.scalar
-    dtypes = [cls for cls in vars(np.dtypes).values()
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2, numpy 1
+    dtypes = [cls for cls in vars(getattr(np, "dtypes", object)).values()  # np.dtypes: numpy >= 1.25
               if isinstance(cls, type) and issubclass(cls, np.dtype) and isinstance(getattr(cls, "type", None), type)
               and issubclass(cls.type, (np.number, np.bool_))]
     return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes]
