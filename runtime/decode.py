@@ -93,13 +93,22 @@ def image_header(data) -> tuple[str, int, int, bool] | None:
 
 
 def _netpbm_maxval(data) -> int | None:
-    """The largest sample value a PGM/PPM header (P2, P3, P5, P6) declares; None for other files. OpenCV returns
-    the samples as stored, so a 12-bit PGM (maxval 4095) would reach 6 % of full scale."""
-    head = bytes(data[:512])
-    if len(head) < 2 or head[:1] != b"P" or head[1:2] not in b"2356":
+    """The largest sample value a PGM/PPM header declares where OpenCV returns the samples as stored (binary P5 and
+    P6, and ASCII P2 and P3 over 8 bits; it scales 8-bit ASCII itself); None for other files. As stored, a 12-bit
+    PGM (maxval 4095) reached 6 % of full scale."""
+    if bytes(data[:1]) != b"P" or bytes(data[1:2]) not in (b"2", b"3", b"5", b"6"):
         return None
-    fields = re.sub(rb"#[^\n\r]*", b" ", head[2:]).split()  # comments may sit between the fields
-    return int(fields[2]) if len(fields) >= 3 and fields[2].isdigit() else None
+    head = bytes(data[2:1 << 20])  # comments may sit between the fields, and be long
+    fields = []
+    for match in re.finditer(rb"#[^\n\r]*|\S+", head):  # found lazily: the pixels follow the header
+        if not match.group().startswith(b"#"):
+            fields.append(match.group())
+            if len(fields) == 3:
+                break
+    if len(fields) < 3 or not fields[2].isdigit():
+        return None
+    maxval = int(fields[2])
+    return maxval if bytes(data[1:2]) in (b"5", b"6") or maxval > 255 else None
 
 
 def _rescaled(image: np.ndarray, maxval: int | None) -> np.ndarray:
@@ -114,17 +123,23 @@ def _rescaled(image: np.ndarray, maxval: int | None) -> np.ndarray:
 def _tiff_white_is_zero(data) -> bool:
     """Whether a TIFF's first image says PhotometricInterpretation 0 (WhiteIsZero: 0 is white). OpenCV inverts
     such 8-bit images and returns 16-bit ones as stored, so this tells which 16-bit ones are inverted."""
-    head = bytes(data[:8])
-    if head[:4] not in (b"II*\0", b"MM\0*"):
+    head = bytes(data[:16])
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None:
         return False
-    order = "<" if head[:2] == b"II" else ">"
     try:
-        (ifd,) = struct.unpack(order + "I", head[4:8])
-        (count,) = struct.unpack(order + "H", bytes(data[ifd:ifd + 2]))
-        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        (magic,) = struct.unpack(order + "H", head[2:4])
+        # classic TIFF: a 4-byte IFD offset, 2-byte entry count, 12-byte entries; BigTIFF (43): 8, 8 and 20
+        offset, count, size, value_at = ("I", "H", 12, 8) if magic == 42 else ("Q", "Q", 20, 12) if magic == 43 else (None,) * 4
+        if offset is None:
+            return False
+        (ifd,) = struct.unpack_from(order + offset, head, 4 if magic == 42 else 8)
+        width = struct.calcsize(count)
+        (entries,) = struct.unpack(order + count, bytes(data[ifd:ifd + width]))
+        for entry in range(ifd + width, ifd + width + size * entries, size):
             tag, kind = struct.unpack(order + "HH", bytes(data[entry:entry + 4]))
             if tag == 262:  # PhotometricInterpretation, a SHORT held in the entry itself
-                return kind == 3 and struct.unpack(order + "H", bytes(data[entry + 8:entry + 10]))[0] == 0
+                return kind == 3 and struct.unpack(order + "H", bytes(data[entry + value_at:entry + value_at + 2]))[0] == 0
     except struct.error:  # an IFD past the end: OpenCV has decoded what it could, its photometric unknown
         return False
     return False
@@ -262,8 +277,8 @@ class DicomFrames:
                 stored = min(element.length, os.path.getsize(path) - element.value_tell)
             try:
                 expected = get_expected_length(ds)
-            except (TypeError, ValueError) as exc:  # SamplesPerPixel or BitsAllocated not a number
-                raise ImageError(f"{path}: malformed DICOM header ({first_line(exc)})") from None
+            except (TypeError, ValueError, AttributeError) as exc:  # SamplesPerPixel not a number, Rows missing
+                raise ImageError(f"{path}: malformed DICOM header ({type(exc).__name__}: {first_line(exc)})") from None
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")
@@ -278,7 +293,10 @@ class DicomFrames:
     def _header_int(self, keyword: str, default: int) -> int:
         """A header value that sizes the pixel data, as an int; a value that is not one (an IS of 'abc', a
         multi-valued Rows) makes the file unreadable, said as such."""
-        value = self.ds.get(keyword, default)
+        try:
+            value = self.ds.get(keyword, default)
+        except Exception as exc:  # pydicom's conversion: a US Rows of 3 bytes (BytesLengthException), ...
+            raise ImageError(f"{self.path}: malformed DICOM header ({keyword}: {first_line(exc)[:150]})") from None
         try:
             return default if value is None or value == "" else int(value)
         except (TypeError, ValueError):
@@ -400,7 +418,11 @@ class DicomFrames:
         shared, per_frame = self.ds.get("SharedFunctionalGroupsSequence"), self.ds.get("PerFrameFunctionalGroupsSequence")
         for groups in (shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None):
             layers += [groups[name][0] for name in _FRAME_LUT_GROUPS if groups is not None and groups.get(name)]
+        if len(layers) == 1 and all(self.ds[k].VM > 0 for k in _LUT_KEYWORDS if k in self.ds):
+            return self.ds  # a classic file as it is
         attributes = Dataset()
+        # pydicom unpacks an OW LUT by the file's byte order, which it reads from file_meta
+        attributes.file_meta = self.ds.file_meta
         for layer in layers:
             for keyword in _LUT_KEYWORDS:
                 if keyword in layer and layer[keyword].VM > 0:

@@ -520,20 +520,33 @@ def test_pgm_and_ppm_samples_are_scaled_from_their_maxval_as_pil_reads_them(tmp_
     rgb = rng.integers(0, 101, (5, 7, 3)).astype(np.uint8)
     (tmp_path / "c.ppm").write_bytes(b"P6 7 5 100\n" + rgb.tobytes())
     assert np.array_equal(read_image(tmp_path / "c.ppm"), np.asarray(Image.open(tmp_path / "c.ppm")))
+    # A header comment past the first 512 bytes (its maxval was missed); ASCII, which OpenCV scales itself at 8
+    # bits (it was scaled twice: 4 of 15 became 255) and returns as stored above them.
+    twelve = rng.integers(0, 4096, (5, 7)).astype(">u2")
+    (tmp_path / "long.pgm").write_bytes(b"P5\n#" + b"x" * 600 + b"\n7 5\n4095\n" + twelve.tobytes())
+    assert np.array_equal(read_image(tmp_path / "long.pgm"), np.round(twelve / 4095 * 65535))
+    for maxval, values in ((15, [4, 8, 12, 15]), (4095, [4, 1000, 4000, 4095])):
+        (tmp_path / "ascii.pgm").write_text(f"P2\n4 1\n{maxval}\n" + " ".join(map(str, values)) + "\n")
+        expected = np.round(np.array(values) / maxval * (255 if maxval < 256 else 65535))
+        assert np.array_equal(read_image(tmp_path / "ascii.pgm")[0], expected), maxval
 
 
-def _tiff(path, pixels, photometric, order="<"):
-    """An uncompressed one-strip grayscale TIFF, written by hand: OpenCV and PIL write MinIsBlack only."""
+def _tiff(path, pixels, photometric, order="<", big=False):
+    """An uncompressed one-strip grayscale TIFF (or BigTIFF), written by hand: OpenCV and PIL write MinIsBlack only."""
     import struct
 
     raw = pixels.astype(f"{order}u{pixels.dtype.itemsize}").tobytes()
+    field, header = ("Q", 16) if big else ("I", 8)  # offsets, counts and values: 8 bytes in a BigTIFF
     entries = [(256, 3, pixels.shape[1]), (257, 3, pixels.shape[0]), (258, 3, pixels.dtype.itemsize * 8), (259, 3, 1),
-               (262, 3, photometric), (273, 4, 8), (277, 3, 1), (278, 3, pixels.shape[0]), (279, 4, len(raw))]
-    data = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8 + len(raw)) + raw
-    data += struct.pack(order + "H", len(entries)) + b"".join(
-        struct.pack(order + "HHI", tag, kind, 1) + struct.pack(order + ("HH" if kind == 3 else "I"), value, *([0] * (kind == 3)))
-        for tag, kind, value in entries) + b"\0\0\0\0"
-    path.write_bytes(data)
+               (262, 3, photometric), (273, 16 if big else 4, header), (277, 3, 1), (278, 3, pixels.shape[0]),
+               (279, 16 if big else 4, len(raw))]
+    magic = struct.pack(order + "HHH", 43, 8, 0) if big else struct.pack(order + "H", 42)
+    data = (b"II" if order == "<" else b"MM") + magic + struct.pack(order + field, header + len(raw)) + raw
+    data += struct.pack(order + ("Q" if big else "H"), len(entries))
+    for tag, kind, value in entries:
+        packed = struct.pack(order + "H", value).ljust(struct.calcsize(field), b"\0") if kind == 3 else struct.pack(order + field, value)
+        data += struct.pack(order + "HH" + field, tag, kind, 1) + packed
+    path.write_bytes(data + bytes(struct.calcsize(field)))  # no next IFD
     return path
 
 
@@ -547,6 +560,7 @@ def test_a_16_bit_white_is_zero_tiff_is_inverted_as_8_bit_ones_are(tmp_path):
         assert np.array_equal(read_image(_tiff(tmp_path / "b16.tif", stored, 1, order)), stored)
         eight = (stored // 257).astype(np.uint8)
         assert np.array_equal(read_image(_tiff(tmp_path / "w8.tif", eight, 0, order)), 255 - eight)
+        assert np.array_equal(read_image(_tiff(tmp_path / "big16.tif", stored, 0, order, big=True)), 65535 - stored)
 
 
 def test_enhanced_multi_frame_dicom_takes_its_window_from_the_functional_groups(tmp_path):
@@ -577,6 +591,20 @@ def test_enhanced_multi_frame_dicom_takes_its_window_from_the_functional_groups(
                            PerFrameFunctionalGroupsSequence=Sequence([Dataset(), second]))
     first, other = read_dicom(path)
     assert np.array_equal(first, classic) and np.array_equal(other, narrow)
+    # A classic file's VOI LUT with its data as OW (every implicit-VR file's): pydicom unpacks it by the file's byte
+    # order, which a copy of the attributes without file_meta lost (a regression of the functional groups' reading).
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 10]
+    lut.add_new(0x00283006, "OW", (np.arange(4096) // 4).astype("<u2").tobytes())  # LUTData: 0..1023
+    voi = synthetic_dicom(tmp_path / "voi.dcm", stored, BitsStored=12, VOILUTSequence=Sequence([lut]))
+    implicit = pydicom.dcmread(voi)
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(tmp_path / "implicit.dcm", enforce_file_format=True)
+    for path in (voi, tmp_path / "implicit.dcm"):
+        (mapped,) = read_dicom(path)
+        assert np.allclose(mapped, (stored // 4) / 1023, atol=1e-6), path
     # A Rescale Slope and Intercept present but left empty are no rescale: the file was unusable (a TypeError).
     (empty,) = read_dicom(synthetic_dicom(tmp_path / "empty.dcm", stored, BitsStored=12, RescaleSlope=None,
                                           RescaleIntercept=None))
@@ -626,4 +654,8 @@ def test_a_header_value_that_is_not_a_number_is_a_malformed_header_not_a_crash(t
     ds.add_new(0x00280008, "LO", "abc")  # NumberOfFrames, text where a number belongs (pydicom reads it as given)
     ds.save_as(path)
     with pytest.raises(ImageError, match=r"nf\.dcm: malformed DICOM header \(NumberOfFrames 'abc' is not a number\)"):
+        read_dicom(path)
+    del ds.NumberOfFrames, ds.Rows  # pixel data without the rows that size it: "unexpected AttributeError"
+    ds.save_as(path)
+    with pytest.raises(ImageError, match=r"nf\.dcm: malformed DICOM header \(AttributeError: .*Rows"):
         read_dicom(path)
