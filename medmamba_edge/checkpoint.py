@@ -106,8 +106,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         mode = os.stat(path).st_mode
     except OSError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
-    if stat.S_ISDIR(mode):
-        inside = sorted(p.name for p in path.glob("*.pth"))[:3]
+    if stat.S_ISDIR(mode):  # as train.py (.pth), timm (.pth.tar) and Lightning (.ckpt) name them
+        inside = sorted(p.name for suffix in ("*.pth", "*.pth.tar", "*.pt", "*.ckpt") for p in path.glob(suffix))[:3]
         raise CheckpointError(f"{path}: a folder, not a checkpoint file"
                               + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not stat.S_ISREG(mode):  # torch.load seeks: a pipe or process substitution (<(…)) cannot be read
@@ -127,12 +127,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: the pickle wants to call {blocked.group(1)} (loaded with "
                 f"weights_only=True; medmamba-edge never runs code from a model file)"
             ) from None
-        # torch's other wording: an object (a whole nn.Module, a numpy scalar, argparse's Namespace) beside
-        # or instead of the tensors, which loading would have to construct.
-        other = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch's other wordings: an object (a whole nn.Module, argparse's Namespace before it was allowed) beside or
+        # instead of the tensors, which loading would have to construct; or one built from an allowed global (a numpy
+        # scalar of a str or datetime64 dtype, which are not allowed).
+        other = re.search(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>", str(exc))
         if other:
             raise CheckpointError(
-                f"{path}: refused to load: it holds a {other.group(1)} object, not only tensors (loaded with "
+                f"{path}: refused to load: it holds a {other.group(1) or other.group(2)} object, not only tensors (loaded with "
                 f"weights_only=True); save the weights with torch.save(net.state_dict(), path)"
             ) from None
         why = _what_else(path, "not a tensor-only pickle")
@@ -162,8 +163,8 @@ def _check_crcs(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return  # a legacy (non-zip) checkpoint, or one cut short: torch.load says which
+    except Exception:  # a legacy (non-zip) checkpoint, one cut short, an encrypted record: torch.load says which
+        return
     if damaged is not None:
         raise CheckpointError(f"{path}: corrupt: its record {damaged} fails its CRC check (copy or download the "
                               f"checkpoint again)")

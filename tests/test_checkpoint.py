@@ -78,6 +78,9 @@ def test_an_ema_beside_the_trained_weights_is_not_what_is_read(tmp_path, tiny_st
 
     with pytest.raises(CheckpointError, match=r"other\.pth: refused to load: it holds a datetime\.date object"):
         load_checkpoint(save({"state_dict": tiny_state_dict, "day": datetime.date(2026, 12, 6)}, tmp_path / "other.pth"))
+    # A numpy scalar of a dtype not allowed, built from allowed globals: torch words that refusal otherwise
+    with pytest.raises(CheckpointError, match=r"text\.pth: refused to load: it holds a numpy\.dtypes\.StrDType object"):
+        load_checkpoint(save({"state_dict": tiny_state_dict, "name": np.str_("t")}, tmp_path / "text.pth"))
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
@@ -205,8 +208,17 @@ def test_a_checkpoint_damaged_in_place_a_folder_a_pipe_and_text_are_named_for_wh
         load_checkpoint(tmp_path / "rot.pth")
     (tmp_path / "run1").mkdir()
     save(tiny_state_dict, tmp_path / "run1" / "best.pth")
-    with pytest.raises(CheckpointError, match=r"run1: a folder, not a checkpoint file \(it holds best\.pth\)$"):
+    save(tiny_state_dict, tmp_path / "run1" / "model_best.pth.tar")  # timm's name
+    with pytest.raises(CheckpointError, match=r"run1: a folder, not a checkpoint file \(it holds best\.pth, "
+                                              r"model_best\.pth\.tar\)$"):
         load_checkpoint(tmp_path / "run1")
+    # An encrypted record (zipfile cannot test it): torch.load's own one line, not zipfile's traceback
+    raw = bytearray((tmp_path / "run1" / "best.pth").read_bytes())
+    central = raw.index(b"PK\x01\x02")  # the first record's central directory entry: its flags at +8
+    raw[central + 8] |= 1
+    (tmp_path / "locked.pth").write_bytes(raw)
+    with pytest.raises(CheckpointError, match=r"locked\.pth: "):
+        load_checkpoint(tmp_path / "locked.pth")
     os.mkfifo(tmp_path / "pipe.pth")  # was "no such checkpoint file"
     with pytest.raises(CheckpointError, match=r"pipe\.pth: not a regular file"):
         load_checkpoint(tmp_path / "pipe.pth")
