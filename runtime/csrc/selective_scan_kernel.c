@@ -189,7 +189,7 @@ MM_INLINE float softplus20(float x) {
 MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*restrict dtt)[VW],
                          float (*restrict dut)[VW], float (*restrict yt)[VW], const float *restrict Bk,
                          const float *restrict Ck, const ptrdiff_t *restrict pos, ptrdiff_t L, int tl, int N, int in_range,
-                         path_isa isa) {
+                         path_isa isa, int precise) {
     for (int t = 0; t < tl; t++) {
         float acc[VW] MM_ALIGN;
         const float *restrict bp = Bk + pos[t], *restrict cp = Ck + pos[t];
@@ -199,7 +199,7 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
             const float b = bp[n * L];
             const float c = cp[n * L];
             for (int l = 0; l < VW; l++) {
-                float dA = exp2_product(dtt[t][l], a2[n * VW + l], in_range, isa != ISA_PLAIN, 0);
+                float dA = exp2_product(dtt[t][l], a2[n * VW + l], in_range, isa != ISA_PLAIN, precise);
                 float hv = dA * h[n * VW + l] + dut[t][l] * b;
                 h[n * VW + l] = hv;
                 acc[l] += c * hv;
@@ -492,11 +492,12 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
 
     /* delta * A <= 0 whenever delta >= 0 (always after softplus) and A <= 0 (always in Mamba: A = -exp(A_log));
      * then a tile whose delta * max |A| stays >= -125 (in base 2) can skip exp2_product's clamps: amax2 is that
-     * max (exp2_scalef needs no range) */
+     * max (exp2_scalef needs no range). Known signs also let the power chain (E <= 1) and exp2_scalef's degree-4 exp
+     * take the tile on AVX-512: the AVX-512 path took them for A > 0 too. */
     int signs_known = a->delta_softplus;
     float amax2[VW] MM_ALIGN;
     for (int l = 0; l < VW; l++) amax2[l] = 0.0f;
-    for (ptrdiff_t n = 0; n < N && isa != ISA_AVX512; n++) {
+    for (ptrdiff_t n = 0; n < N; n++) {
         for (int l = 0; l < nch; l++) {
             const float v = a->A[(ck + l) * N + n];
             signs_known &= v <= 0.0f;
@@ -573,17 +574,19 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
                 scan_tile_chain_avx512(s, Bk, Ck, L, tl, n_state);
             else
                 scan_tile_chain_avx2(s, Bk, Ck, L, tl, n_state);
-        } else if (isa == ISA_AVX512) {
+        } else if (isa == ISA_AVX512 && signs_known) {
             scan_tile_avx512(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state);
         } else
 #endif
-        /* N = 16 (MedMamba) gets its own copy with a constant trip count */
+        /* N = 16 (MedMamba) gets its own copy with a constant trip count. Without known signs (A > 0 somewhere, or
+         * delta < 0 without softplus) a state can grow, and grows the exp's error with it, step after step: the
+         * degree-6 exp there (EXP2_P4 put such a scan 9.5e-5 of its largest output off float64, 5e-6 now). */
         if (n_state == 16 && in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, isa);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, isa, 0);
         else if (in_range)
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, isa);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, isa, 0);
         else
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, isa);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, isa, !signs_known);
         /* 4. into the block's sum over directions (the first direction sets it, the next two add), and with the
          * last direction into the channel-last output */
         for (int t = 0; t < tl; t++) {
