@@ -120,20 +120,24 @@ def _rescaled(image: np.ndarray, maxval: int | None) -> np.ndarray:
     return np.minimum(np.round(image / maxval * full), full).astype(image.dtype)
 
 
+# Per TIFF magic: the first IFD's offset (format, where it is), the entry count's format, an entry's size and where
+# in it a value held in place is: classic TIFF (42), BigTIFF (43).
+_TIFF_LAYOUTS = {42: ("I", 4, "H", 12, 8), 43: ("Q", 8, "Q", 20, 12)}
+
+
 def _tiff_white_is_zero(data) -> bool:
     """Whether a TIFF's first image says PhotometricInterpretation 0 (WhiteIsZero: 0 is white). OpenCV inverts
     such 8-bit images and returns 16-bit ones as stored, so this tells which 16-bit ones are inverted."""
     head = bytes(data[:16])
     order = {b"II": "<", b"MM": ">"}.get(head[:2])
-    if order is None:
+    if order is None or len(head) < 8:
         return False
+    (magic,) = struct.unpack(order + "H", head[2:4])
+    if magic not in _TIFF_LAYOUTS:
+        return False
+    offset, where, count, size, value_at = _TIFF_LAYOUTS[magic]
     try:
-        (magic,) = struct.unpack(order + "H", head[2:4])
-        # classic TIFF: a 4-byte IFD offset, 2-byte entry count, 12-byte entries; BigTIFF (43): 8, 8 and 20
-        offset, count, size, value_at = ("I", "H", 12, 8) if magic == 42 else ("Q", "Q", 20, 12) if magic == 43 else (None,) * 4
-        if offset is None:
-            return False
-        (ifd,) = struct.unpack_from(order + offset, head, 4 if magic == 42 else 8)
+        (ifd,) = struct.unpack_from(order + offset, head, where)
         width = struct.calcsize(count)
         (entries,) = struct.unpack(order + count, bytes(data[ifd:ifd + width]))
         for entry in range(ifd + width, ifd + width + size * entries, size):
