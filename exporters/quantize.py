@@ -37,6 +37,7 @@ import fnmatch
 import io
 import json
 import logging
+import math
 import re
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import non_finite_rows, points_lost, tolerance_problem
+from medmamba_edge.runtime.metrics import non_finite_rows, over_budget, points_lost, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -517,8 +518,8 @@ def _check_options(method: str, percentile: float | None, quant_format: str, max
                     only_with("--method percentile", method != "percentile", percentile=percentile)):
         if problem:
             raise QuantizeError(problem)
-    if min_speedup is not None and not min_speedup > 0:
-        raise QuantizeError(f"--min-speedup must be > 0, got {min_speedup}")
+    if min_speedup is not None and not (math.isfinite(min_speedup) and min_speedup > 0):  # inf: refused after it all
+        raise QuantizeError(f"--min-speedup must be a finite number > 0, got {min_speedup}")
     if min_speedup is not None and speed_check is None:
         raise ValueError("min_speedup needs speed_check, the function that times the two models")
 
@@ -593,6 +594,9 @@ def quantize_onnx(
         labels = eval_set.labels()  # an unlabelled set is refused now
     calib_set = open_dataset(calib, split=split, default_split="train").sample(num_samples, seed)
     calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
+    if eval_data is not None:  # read before the calibration too: a set with no usable image was refused after it
+        eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
+        eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
     calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
     del calib_read.batches[:]  # the groups hold the images now
     left_out("calibration", calib_read.left_out)
@@ -619,29 +623,27 @@ def quantize_onnx(
             onnx.save(int8, candidate)
         float_top1 = int8_top1 = None
         if eval_data is not None:
-            eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
-            eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
             left_out("evaluation", eval_read.left_out)
             left_out_counts["evaluation"] = len(eval_read.left_out)
             measured_on = eval_set.description + (f", {len(eval_read.left_out)} of them left out"
                                                   if eval_read.left_out else "")
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
             int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
-            if points_lost(float_top1, int8_top1) > max_drop and auto_fallback:
+            if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
                 batches = [batch for group in calib_inputs for batch in group]
                 few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
                 ranking = rank_by_sensitivity(model, lambda name: quantized([n for n in nodes if n != name]),
                                               nodes, few, input_name, progress)
-                while points_lost(float_top1, int8_top1) > max_drop and len(fallback) < len(nodes) - 1:
+                while over_budget(points_lost(float_top1, int8_top1), max_drop) and len(fallback) < len(nodes) - 1:
                     fallback.append(ranking[len(fallback)])
                     progress("keeping sensitive layers in float", len(fallback), len(nodes))
                     int8 = quantized(fallback)
                     onnx.save(int8, candidate)
                     int8_top1 = top1_accuracy(candidate, eval_inputs, labels)
-            if points_lost(float_top1, int8_top1) > max_drop:
+            if over_budget(points_lost(float_top1, int8_top1), max_drop):
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
                 raise QuantizeError(
-                    f"INT8 top-1 {int8_top1:.2f}% is {points_lost(float_top1, int8_top1):.2f} points below fp32 {float_top1:.2f}% "
+                    f"INT8 top-1 {int8_top1:.2f}% is {points_lost(float_top1, int8_top1):.4g} points below fp32 {float_top1:.2f}% "
                     f"on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of {max_drop:g}; "
                     f"nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
         speed = None

@@ -20,7 +20,7 @@ from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backe
                                             softmax)
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
-from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, points_lost,
+from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, over_budget, points_lost,
                                            tolerance_problem)
 from medmamba_edge.runtime.preprocess import preprocess
 
@@ -173,7 +173,7 @@ class EvaluationReport:
         """Models whose top-1 accuracy is more than ``max_drop`` points below the first model's."""
         if self.max_drop is None:
             return []
-        return [m for m in self.models[1:] if m.drop > self.max_drop]
+        return [m for m in self.models[1:] if over_budget(m.drop, self.max_drop)]
 
     def to_dict(self) -> dict:
         return {"data": self.data, "class_names": list(self.class_names), "evaluated": self.models[0].metrics.count,
