@@ -454,7 +454,7 @@ def evaluate(
     for path in written:
         out.print(f"wrote {path}")
     for m in report.gate_failures:
-        fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.2f} points below "
+        fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.4g} points below "
              f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {max_drop:g})")
 
 
