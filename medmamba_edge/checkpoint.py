@@ -103,16 +103,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model's tensors in a checkpoint file, unwrapped and without wrapper prefixes."""
     path = Path(path)
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
-    if stat.S_ISDIR(mode):  # as train.py (.pth), timm (.pth.tar) and Lightning (.ckpt) name them
+    if stat.S_ISDIR(info.st_mode):  # as train.py (.pth), timm (.pth.tar) and Lightning (.ckpt) name them
         inside = sorted(p.name for suffix in ("*.pth", "*.pth.tar", "*.pt", "*.ckpt") for p in path.glob(suffix))[:3]
         raise CheckpointError(f"{path}: a folder, not a checkpoint file"
                               + (f" (it holds {', '.join(inside)})" if inside else ""))
-    if not stat.S_ISREG(mode):  # torch.load seeks: a pipe or process substitution (<(…)) cannot be read
+    if not stat.S_ISREG(info.st_mode):  # torch.load seeks: a pipe or process substitution (<(…)) cannot be read
         raise CheckpointError(f"{path}: not a regular file (a pipe or device); save the checkpoint to a file")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     _check_crcs(path)
     try:
