@@ -291,6 +291,7 @@ class DicomFrames:
                                  f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel, BitsAllocated)")
         self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         self.bits = self._header_int("BitsStored", self._header_int("BitsAllocated", 8))
+        self.range = None  # a classic file's monochrome output range, found with the first frame mapped
         # One frame: decoded now, so that its error is the file's (read_dicom raises it).
         self.single = self._map(self._decode(0), 0) if self.count == 1 else None
 
@@ -398,15 +399,20 @@ class DicomFrames:
                                             "WindowCenter", "VOILUTSequence"))
         if pixels.dtype == np.uint8 and bits == 8 and not transformed:
             return 255 - pixels if photometric == "MONOCHROME1" else pixels
-        # The output range of the same transforms applied to the extremes the stored bits can hold: the window's or
-        # LUT's range when there is one, else the modality range of the stored values.
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
-                            dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
-        # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
-        low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
-        if not high > low:
-            raise ImageError(f"{self._where(index)}: DICOM value range is empty ({low}..{high})")
+        if ds is self.ds and self.range is not None:  # a classic file's transforms are every frame's
+            low, high = self.range
+        else:
+            # The output range of the same transforms applied to the extremes the stored bits can hold: the window's
+            # or LUT's range when there is one, else the modality range of the stored values.
+            signed = int(ds.get("PixelRepresentation", 0)) == 1
+            extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
+                                dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
+            # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
+            low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+            if not high > low:
+                raise ImageError(f"{self._where(index)}: DICOM value range is empty ({low}..{high})")
+            if ds is self.ds:
+                self.range = low, high
         values = lut.apply_voi_lut(lut.apply_modality_lut(pixels, ds), ds)
         scaled = np.clip((values.astype(np.float64) - low) / (high - low), 0.0, 1.0).astype(np.float32)
         return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
