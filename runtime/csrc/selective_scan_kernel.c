@@ -98,6 +98,7 @@ typedef struct {
     float bias[VW] MM_ALIGN, ds[VW] MM_ALIGN;
     float slope[VW] MM_ALIGN;    /* per lane, the s of A log2(e) ~ (n + 1) s */
     float chain_delta[VW] MM_ALIGN; /* per lane, the largest delta the chain's correction is accurate for */
+    float base_delta[VW] MM_ALIGN;  /* per lane, the delta past which the base 2^(delta s) is capped at 2^-124 */
     float *xT;                   /* (L, VW): the block's x, channel-last, positions row-major */
     float *xTc;                  /* (L, VW): the same, positions column-major (directions 1 and 3): read at pos
                                   * instead of in order, xT alone made stage 1 ~1.3x slower */
@@ -177,10 +178,15 @@ MM_INLINE float log1p_unit(float z) {
 /* torch.nn.functional.softplus(x, threshold=20): x if x > 20 else log1p(exp(x)),
  * computed stably as max(x, 0) + log1p(exp(-|x|)), exp(-|x|) = 2^(-|x| log2 e) in (0, 1].  Past 20 that is x
  * exactly: log1p(exp(-x)) < 2.1e-9 is below half an ulp of x (9.5e-7), so the threshold needs no test.
+ * |x| is capped at 86 (2^-124.1), which keeps the exponent in exp2_product's range without its two clamps: beyond
+ * it the true log1p(exp(-|x|)) < 2.3e-38 is replaced by exp(-86) = 4.4e-38, where the clamped form gave 2^-126,
+ * both far below half an ulp of max(x, 0) or flushed as denormals would be.  One operation instead of two, and with
+ * fused the product goes straight into the FMAs: softplus 3 of its ~21 vector operations shorter.
  * precise (EXP2_P6) where states may grow: delta's error multiplies the whole exponent such a state carries. */
-MM_INLINE float softplus20(float x, int precise) {
+MM_INLINE float softplus20(float x, int fused, int precise) {
     const float pos = x > 0.0f ? x : 0.0f;
-    return pos + log1p_unit(exp2_product(__builtin_fabsf(x), -1.44269504088896341f, 0, 0, precise));
+    const float magnitude = __builtin_fabsf(x) < 86.0f ? __builtin_fabsf(x) : 86.0f;
+    return pos + log1p_unit(exp2_product(magnitude, -1.44269504088896341f, 1, fused, precise));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -231,8 +237,8 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
 #define CHAIN_MAX_STATES 16
 #define CHAIN_MAX_Z (1.0f / 64.0f) /* the largest delta |e_n| */
 
-/* The block's slope s (least squares over n), correction coefficients k1 = e ln 2, k2 = (e ln 2)^2 / 2 and
- * chain_delta from its a2. */
+/* The block's slope s (least squares over n), correction coefficients k1 = e ln 2, k2 = (e ln 2)^2 / 2,
+ * chain_delta and base_delta from its a2. */
 MM_INLINE void chain_setup(scan_scratch *restrict s, int N) {
     const float ln2 = 0.693147180559945309f;
     const float squares = (float)(N * (N + 1) * (2 * N + 1) / 6); /* sum of (n + 1)^2 */
@@ -250,7 +256,10 @@ MM_INLINE void chain_setup(scan_scratch *restrict s, int N) {
             s->k2[n * VW + l] = 0.5f * (e * ln2) * (e * ln2);
         }
     }
-    for (int l = 0; l < VW; l++) s->chain_delta[l] = emax[l] > 0.0f ? CHAIN_MAX_Z / emax[l] : 3.0e38f;
+    for (int l = 0; l < VW; l++) {
+        s->chain_delta[l] = emax[l] > 0.0f ? CHAIN_MAX_Z / emax[l] : 3.0e38f;
+        s->base_delta[l] = s->slope[l] < 0.0f ? -124.0f / s->slope[l] : 3.0e38f;
+    }
 }
 
 /* Whether the tile's largest delta in each lane (deltas are >= 0 after softplus) keeps the lane's correction
@@ -261,10 +270,15 @@ MM_INLINE int chain_fits(const scan_scratch *restrict s, const float *restrict d
     return fits;
 }
 
-/* The tile's bases E = 2^(delta s). */
+/* The tile's bases E = 2^(delta s), s <= 0 (A <= 0), delta capped at base_delta: then the exponent is within
+ * exp2_product's range, which saves its clamps (one operation for two) and lets the product go into its FMAs; a
+ * base below 2^-124 differs from its cap by less than 2^-124, where the clamped form gave 2^-126. */
 MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
     for (int t = 0; t < tl; t++) {
-        for (int l = 0; l < VW; l++) s->base[t][l] = exp2_product(s->dt[t][l], s->slope[l], 0, 0, 1);
+        for (int l = 0; l < VW; l++) {
+            const float delta = s->dt[t][l] < s->base_delta[l] ? s->dt[t][l] : s->base_delta[l];
+            s->base[t][l] = exp2_product(delta, s->slope[l], 1, 1, 1);
+        }
     }
 }
 
@@ -454,6 +468,24 @@ MM_INLINE void delta_four_steps(scan_scratch *restrict s, const float *restrict 
     }
 }
 
+/* Step 2's tail where AVX-512's delta_x_avx512 does not take the tile: delta = softplus(dt) in place (if softplus),
+ * delta * x (x of step t at x0 + t * stride), and per lane the tile's largest delta.  Called with precise a
+ * constant: a degree chosen at run time kept gcc from vectorising the loop (69de823 had the AVX2 path run it one
+ * float at a time, the node 3x slower on Zen 3). */
+MM_INLINE void delta_x_tile(scan_scratch *restrict s, const float *restrict x0, ptrdiff_t stride, int tl, int softplus,
+                            int fused, int precise, float *restrict dmax) {
+    for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
+    for (int t = 0; t < tl; t++) {
+        const float *restrict xt = x0 + t * stride;
+        for (int l = 0; l < VW; l++) {
+            const float d = softplus ? softplus20(s->dt[t][l], fused, precise) : s->dt[t][l];
+            s->dt[t][l] = d;
+            s->du[t][l] = d * xt[l];
+            dmax[l] = dmax[l] > d ? dmax[l] : d;
+        }
+    }
+}
+
 /* The positions p = seq_k(t) of the tile [t0, t0 + tl) (runtime/scan_node.py scan_order), where y is written;
  * the column-major walks keep (row, column) as they go rather than divide at every step. */
 MM_INLINE void tile_positions(ptrdiff_t *restrict pos, int k, ptrdiff_t t0, int tl, ptrdiff_t H, ptrdiff_t W) {
@@ -554,16 +586,12 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         } else
 #endif
         {
-            for (int l = 0; l < VW; l++) dmax[l] = 0.0f;
-            for (int t = 0; t < tl; t++) {
-                const float *restrict xt = xk + (forward ? q0 + t : q0 - t) * VW;
-                for (int l = 0; l < VW; l++) {
-                    const float d = a->delta_softplus ? softplus20(s->dt[t][l], !signs_known) : s->dt[t][l];
-                    s->dt[t][l] = d;
-                    s->du[t][l] = d * xt[l];
-                    dmax[l] = dmax[l] > d ? dmax[l] : d;
-                }
-            }
+            const float *x0 = xk + q0 * VW;
+            const ptrdiff_t stride = forward ? VW : -VW;
+            if (signs_known)
+                delta_x_tile(s, x0, stride, tl, a->delta_softplus, isa != ISA_PLAIN, 0, dmax);
+            else
+                delta_x_tile(s, x0, stride, tl, a->delta_softplus, isa != ISA_PLAIN, 1, dmax);
             /* with signs_known, amax2 >= 0, so the tile's largest delta * max |A| * log2(e) is dmax * amax2 */
             in_range = signs_known;
             for (int l = 0; l < VW; l++) in_range &= dmax[l] * amax2[l] <= 125.0f;
@@ -582,13 +610,15 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         /* N = 16 (MedMamba) gets its own copy with a constant trip count. Without known signs (A > 0 somewhere, or
          * delta < 0 without softplus) a state can grow, and grows the exp's error with it, step after step: the
          * degree-6 exp there, and in softplus (EXP2_P4 in both put such scans up to 3.9e-4 of their largest output
-         * off float64, ≤ 7e-6 now). */
+         * off float64, ≤ 7e-6 now), a constant at each call as in delta_x_tile. */
         if (n_state == 16 && in_range)
             scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, 16, 1, isa, 0);
         else if (in_range)
             scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 1, isa, 0);
+        else if (signs_known)
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, isa, 0);
         else
-            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, isa, !signs_known);
+            scan_tile(s->h, s->a2, s->dt, s->du, s->y, Bk, Ck, s->pos, L, tl, n_state, 0, isa, 1);
         /* 4. into the block's sum over directions (the first direction sets it, the next two add), and with the
          * last direction into the channel-last output */
         for (int t = 0; t < tl; t++) {
