@@ -58,8 +58,6 @@ DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
 DEEPSTREAM_CALIBRATION = "deepstream_int8_calibration.txt"
 CALIBRATION_CACHE_TEXT = "TRT-0-EntropyCalibration2\n"  # a cache's header; no entries: the Q/DQ nodes hold the scales
 NETWORK_MODES = {"fp32": 0, "int8": 1, "fp16": 2}  # nvinfer's network-mode
-# Standard ONNX ops of a QOperator model that TensorRT's ONNX parser does not take (it takes Q/DQ instead).
-ONNX_RUNTIME_ONLY_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"})
 # nvinfer's model-color-format by the model's channels (0 RGB, 2 GRAY; metadata holds only RGB, 1 or 3 channels)
 COLOR_FORMATS = {3: 0, 1: 2}
 # Gst-nvinfer's documented [property] keys (DeepStream SDK, "Gst-nvinfer: configuration file properties";
@@ -132,7 +130,8 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     if suffix in ONNX_SUFFIXES:
         from onnx.external_data_helper import uses_external_data
 
-        from medmamba_edge.runtime.metadata import graph_inputs, graph_shapes, load_onnx, read_onnx_metadata
+        from medmamba_edge.runtime.metadata import (graph_inputs, graph_shapes, load_onnx, onnx_runtime_only_ops,
+                                                    read_onnx_metadata)
 
         model = load_onnx(path, external_data=False)  # once: read twice, a replaced file could mix two versions
         metadata = read_onnx_metadata(model, path)
@@ -145,12 +144,9 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
                                     f"a MedMamba export has one of each")
         check_against_graph(metadata, *graph_shapes(model), str(path))
         plugin_form = scan_node.has_scan_nodes(model)
-        # TensorRT takes INT8 as Q/DQ pairs only; `quantize --format qoperator` writes ONNX Runtime's own ops.
-        runtime_only = sorted({n.op_type for n in model.graph.node
-                               if n.domain == "com.microsoft" or n.op_type in ONNX_RUNTIME_ONLY_OPS})
         return ServedModel(path, "onnx", metadata, inputs[0].name, model.graph.output[0].name,
                            max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
-                           onnx_runtime_only_ops=tuple(runtime_only),
+                           onnx_runtime_only_ops=tuple(onnx_runtime_only_ops(model)),
                            external_weights=any(uses_external_data(t) for t in model.graph.initializer))
     if suffix in ENGINE_SUFFIXES:
         from medmamba_edge.runtime.backends.tensorrt.manifest import read_manifest

@@ -209,6 +209,17 @@ def graph_inputs(model) -> list:
     return [i for i in model.graph.input if i.name not in weights]
 
 
+# Standard ONNX ops of a QOperator model (`quantize --format qoperator`) that TensorRT's ONNX parser does not take
+# (its operator table lists them as unsupported; it takes INT8 as Q/DQ pairs).
+ONNX_RUNTIME_ONLY_OPS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"})
+
+
+def onnx_runtime_only_ops(model) -> list[str]:
+    """The op types of an ``onnx.ModelProto``'s graph that only ONNX Runtime runs (com.microsoft's contrib ops and
+    ONNX_RUNTIME_ONLY_OPS), sorted: what keeps it from TensorRT."""
+    return sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft" or n.op_type in ONNX_RUNTIME_ONLY_OPS})
+
+
 def graph_shapes(model) -> tuple[list[int], list[int]]:
     """The input and output shapes of an ``onnx.ModelProto``'s graph (its first ``graph_inputs``, its first
     output), -1 where a dimension is open: what check_against_graph takes."""

@@ -464,6 +464,23 @@ def test_cli_refuses_to_overwrite_the_model_or_to_write_one_file_twice(exported,
     assert model.read_bytes() == exported["portable_path"].read_bytes() and not list(tmp_path.glob("m.engine*"))
 
 
+def test_a_qoperator_model_is_refused_before_tensorrt_is_needed(exported, tmp_path):
+    """TensorRT's parser takes INT8 as Q/DQ only; a QOperator model's QLinearConv would reach its plugin lookup
+    ("Plugin not found") instead of this line."""
+    from medmamba_edge.exporters.quantize import quantize_onnx
+    from tests.exported_models import quantizer_or_skip
+    from tests.shared_data import PNEUMONIAMNIST
+
+    quantizer_or_skip()
+    qoperator = quantize_onnx(exported["plugin_path"], tmp_path / "q.onnx", require_shared(*PNEUMONIAMNIST),
+                              num_samples=8, quant_format="qoperator").path
+    for int8 in ([], ["--int8"]):
+        output = invoke(qoperator, "-o", tmp_path / "m.engine", *int8)
+        assert f"{qoperator}: TensorRT does not take " in output and "QLinearConv" in output, output
+        assert "--format qdq" in output
+    assert not list(tmp_path.glob("m.engine*"))
+
+
 def test_cli_input_errors(exported, tmp_path, monkeypatch):
     assert "missing.onnx: no such ONNX file" in invoke(tmp_path / "missing.onnx", "-o", tmp_path / "m.engine")
     output = invoke(exported["portable_path"], "-o", tmp_path / "m.engine", "--int8")

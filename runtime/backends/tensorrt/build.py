@@ -22,7 +22,7 @@ from medmamba_edge.errors import UserError
 
 from ... import scan_node
 from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
-from ...metadata import PRECISIONS, ModelMetadata, load_onnx, read_onnx_metadata
+from ...metadata import PRECISIONS, ModelMetadata, load_onnx, onnx_runtime_only_ops, read_onnx_metadata
 from .compat import (
     current_gpu,
     import_cudart,
@@ -176,6 +176,12 @@ def _read_inputs(onnx_path: Path, options: BuildOptions, plugin: str | Path | No
     retired = scan_node.retired_scan_node(model)
     if retired:
         raise EngineBuildError(f"{onnx_path}: {retired}")
+    runtime_only = onnx_runtime_only_ops(model)
+    if runtime_only:  # TensorRT's parser would look for a plugin of that name and report that instead
+        raise EngineBuildError(
+            f"{onnx_path}: TensorRT does not take {', '.join(runtime_only)} (a `quantize --format qoperator` model, "
+            "for ONNX Runtime); quantize with --format qdq for TensorRT"
+        )
     if options.int8 and not has_quantize_nodes(model):
         raise EngineBuildError(
             f"{onnx_path}: --int8 needs an explicitly quantized model (QuantizeLinear/DequantizeLinear nodes) and "
