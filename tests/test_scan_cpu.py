@@ -4,6 +4,7 @@ scan. Its ONNX Runtime form, the custom-op library, is tests/test_ort_custom_ops
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 
@@ -374,3 +375,26 @@ def test_every_gcc_from_11_builds_the_x86_paths(compiler, tmp_path):
     names = [library.mm_scan_path_name(k).decode() for k in range(library.mm_scan_path_count())]
     assert names == ["avx512", "avx2", "baseline"]
     assert [bool(library.mm_scan_path_supported(k)) for k in range(3)] == [scan_cpu.cpu_supports(n) for n in names]
+
+
+@pytest.mark.parametrize("library", ["extension", "onnxruntime-library"])
+def test_every_path_computes_its_exps_in_vector_registers(library):
+    """exp2_product puts 2^k into a float's exponent with a shift by 23: pslld on vectors, a scalar shl where gcc left
+    a lane loop scalar. That happened twice unseen, the scan then several times slower on AVX2 and the baseline path:
+    a degree chosen at run time inside the loop (69de823), and Python's -fwrapv in the build flags (setup.py)."""
+    import shutil
+
+    from medmamba_edge.runtime import fused_scan
+
+    objdump = shutil.which("objdump")
+    if platform.machine() != "x86_64" or objdump is None:
+        pytest.skip("objdump on x86-64 needed (not here)")
+    path = scan_cpu._ext.__file__ if library == "extension" else str(fused_scan.library_path())
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                             check=True).stdout
+    functions = {name: body for name, body in re.findall(r"<(scan_block_\w+)>:\n(.*?)\n\n", listing, re.S)}
+    if not functions:
+        pytest.skip(f"{path}: no symbols for the scan paths (a stripped build)")
+    assert set(functions) == {f"scan_block_{isa}" for isa in scan_cpu.compiled_isas()}
+    scalar = {name: len(re.findall(r"\bshl\s+\$0x17,%[er]", body)) for name, body in functions.items()}
+    assert not any(scalar.values()), f"scalar exponent shifts (a lane loop gcc did not vectorise): {scalar}"
