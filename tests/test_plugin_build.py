@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,23 @@ def test_launcher_exports_only_the_c_abi_and_links_cudart_statically(launcher):
     assert set(C_SYMBOLS) <= exported
     assert not [s for s in exported if "selectiveScan" in s or "medmamba" in s and s not in C_SYMBOLS]
     assert not [lib for lib in _needed_libraries(launcher) if "cudart" in lib or lib.startswith("libcuda.")]
+
+
+@requires_nvcc
+def test_block_shape_sweep_builds_and_asks_which_shapes_fit_the_gpu(tmp_path):
+    """tune_block_shapes.py skips a shape whose staged rows are over the GPU's shared memory per block (Orin's 163
+    KiB, a T4's 64 KiB) instead of dying on its launch's refusal; two of its variants compiled as the sweep builds
+    them (all 96 take a minute)."""
+    sys.path.insert(0, str(SRC))  # the sweep imports gpu_check, beside it
+    try:
+        sweep = _load("tune_block_shapes", SRC / "tune_block_shapes.py")
+    finally:
+        sys.path.remove(str(SRC))
+    source = tmp_path / "sweep.cu"
+    source.write_text(sweep.sweep_source(SRC / "selective_scan_kernel.cu", [("float", 16, 8, 64), ("__half", 4, 1, 32)]))
+    library = tmp_path / "libsweep.so"
+    subprocess.run(build.launcher_nvcc_command(NVCC, TEST_ARCH, library, source), check=True, capture_output=True)
+    assert {"medmamba_tune_launch", "medmamba_tune_shared_bytes"} <= _exported_symbols(library)
 
 
 @requires_nvcc

@@ -36,13 +36,28 @@ def variants():
 
 
 def sweep_source(kernel: Path, shapes) -> str:
-    table = ",\n".join(f"    {{&launch<{c}, 16, {lanes}, {g}, {chunk}>}}" for c, lanes, g, chunk in shapes)
+    table = ",\n".join(f"    {{&launch<{c}, 16, {lanes}, {g}, {chunk}>, {{16, {lanes}, {g}, {chunk}}}}}"
+                       for c, lanes, g, chunk in shapes)
     return f"""#include "{kernel}"
 namespace {{
-struct Variant {{ cudaError_t (*launch)(ScanParams, DeviceInfo const&, size_t, cudaStream_t); }};
+struct Variant {{
+    cudaError_t (*launch)(ScanParams, DeviceInfo const&, size_t, cudaStream_t);
+    BlockShape shape;
+}};
 Variant const kVariants[] = {{
 {table}
 }};
+}}
+// The dynamic shared memory the variant needs for this problem on this device, 0 where it does not fit (its launch
+// would refuse it: cudaErrorInvalidValue).
+extern "C" __attribute__((visibility("default"))) size_t medmamba_tune_shared_bytes(int index, int dt_rank,
+    int length)
+{{
+    DeviceInfo device{{}};
+    bool accInShared = false;
+    if (deviceInfo(&device) != cudaSuccess)
+        return 0;
+    return sharedBytes(kVariants[index].shape, dt_rank, 16, length, device.sharedOptin, &accInShared);
 }}
 extern "C" __attribute__((visibility("default"))) int medmamba_tune_launch(int index, void const* x,
     void const* x_dbl, float const* dt_w, float const* dt_b, float const* A, float const* Ds, void* y,
@@ -76,9 +91,11 @@ def main() -> int:
         scan = gpu_check.Launcher(library)  # the dispatcher, as shipped
         tune = scan.lib.medmamba_tune_launch
         tune.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_size_t] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+        shared_bytes = scan.lib.medmamba_tune_shared_bytes
+        shared_bytes.argtypes, shared_bytes.restype = [ctypes.c_int] * 3, ctypes.c_size_t
         print("| dtype | batch | D x H x W | dispatcher us | best shape (lanes, channels/block, chunk) | best us "
-              "| dispatcher / best |")
-        print("|---|---|---|---|---|---|---|")
+              "| dispatcher / best | shapes over this GPU's shared memory |")
+        print("|---|---|---|---|---|---|---|---|")
         mismatches = []
         for ctype, dtype in DTYPES.items():
             for batch in (1, 8):
@@ -89,9 +106,14 @@ def main() -> int:
                     y = torch.empty_like(expected)
                     dispatcher = gpu_check.cuda_time(lambda: scan(*inputs, out=y), args.iters, warmup=3)
                     workspace = scan.workspace  # sized for this shape by the call above
-                    timings = []
+                    timings, too_large = [], 0
                     for index, shape in enumerate(shapes):
                         if shape[0] != ctype:
+                            continue
+                        # Staged rows grow with dt_rank and chunk: a shape that fits an H100's 227 KiB per block
+                        # may not fit Orin's 163 KiB or a T4's 64 KiB.
+                        if shared_bytes(index, dt_rank, height * width) == 0:
+                            too_large += 1
                             continue
 
                         def launch():
@@ -110,7 +132,8 @@ def main() -> int:
                         timings.append((gpu_check.cuda_time(launch, args.iters, warmup=3), shape))
                     best, shape = min(timings)
                     print(f"| {str(dtype)[6:]} | {batch} | {channels} x {height} x {width} | {dispatcher * 1e6:.1f} "
-                          f"| {', '.join(map(str, shape[1:]))} | {best * 1e6:.1f} | {dispatcher / best:.2f} |")
+                          f"| {', '.join(map(str, shape[1:]))} | {best * 1e6:.1f} | {dispatcher / best:.2f} "
+                          f"| {too_large} |")
     if mismatches:
         print(f"\n**MISMATCH** against the dispatcher: {mismatches}")
         return 1
