@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import io
 import json
 import logging
@@ -42,7 +43,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ DEFAULT_MAX_DROP = 1.0  # points of top-1 the accuracy gate allows INT8 to lose
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 LeftOut = Callable[[str, list[Failure]], None]  # ("calibration" | "evaluation", the images left out and why)
+AlsoCalibrated = Callable[[int, int], None]  # (evaluation images that are also calibration images, evaluation images)
 SpeedCheckFn = Callable[[Path, Path], "SpeedCheck"]  # (fp32 model, INT8 candidate) -> both timed on this machine
 
 
@@ -179,6 +181,12 @@ def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: st
         raise QuantizeError(f"{dataset.description}: none of its {len(dataset)} images could be used "
                             f"(first: {first.reason})")
     return inputs
+
+
+def input_digests(batches: Iterable[np.ndarray]) -> list[bytes]:
+    """One digest per image of ``batches``: equal digests, the same model input. Compared as inputs, not as
+    names, since a copy of an image under another name (or in another data set) is the same image to the model."""
+    return [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for batch in batches for image in batch]
 
 
 def calibration_groups(batches: list[np.ndarray], fixed: int | None) -> tuple[list[list[np.ndarray]], int]:
@@ -544,12 +552,15 @@ def quantize_onnx(
     speed_check: SpeedCheckFn | None = None,
     progress: Progress = lambda task, done, total: None,
     left_out: LeftOut = lambda stage, failures: None,
+    also_calibrated: AlsoCalibrated = lambda overlapping, evaluated: None,
 ) -> QuantizeResult:
     """Calibrate, quantize, check accuracy (with ``eval_data``: at most ``max_drop`` points of top-1 lost,
     DEFAULT_MAX_DROP if None) and speed (with ``min_speedup``: the fp32 / INT8 ratio of the medians ``speed_check``
     measures), and write ``output`` only if both passed. ``left_out`` hears of the images each stage left out as
     soon as it has read them, so that they are named even when a gate refuses; the model records only how many
-    (file names in medical data sets often carry patient identifiers)."""
+    (file names in medical data sets often carry patient identifiers). ``also_calibrated`` hears, before the
+    calibration, how many evaluation images are also calibration images (when any are), and the model records
+    it: on those the accuracy gate reads optimistic, INT8's activation ranges having been fitted to them."""
 
     started = time.perf_counter()
     check_quantizer()
@@ -604,6 +615,12 @@ def quantize_onnx(
     past_last_batch = len(calib_read.indices) - calib_images
     if past_last_batch:
         left_out_counts["calibration_past_last_whole_batch"] = past_last_batch
+    overlapping = None
+    if eval_data is not None:
+        calibrated_on = set(input_digests(batch for group in calib_inputs for batch in group))
+        overlapping = sum(digest in calibrated_on for digest in input_digests(eval_inputs))
+        if overlapping:
+            also_calibrated(overlapping, len(labels))
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
@@ -660,7 +677,8 @@ def quantize_onnx(
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
                "calibration_images": calib_images, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
-               "evaluated_on": evaluated_on, "tool_version": __version__, "left_out": left_out_counts,
+               "evaluated_on": evaluated_on, "evaluation_also_calibration": overlapping,
+               "tool_version": __version__, "left_out": left_out_counts,
                "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)

@@ -177,6 +177,12 @@ def warn_left_out(failures, whose: str, rest_in: str | None = None) -> None:
         console.print(f"  … and {len(failures) - len(shown_here)} more ({rest_in})", highlight=False)
 
 
+def warn_also_calibrated(overlapping: int, evaluated: int) -> None:
+    console.print(f"[yellow]warning:[/] {overlapping} of the {evaluated} evaluation images are also calibration images "
+                  f"(the same model input): INT8's ranges were fitted to them, so the accuracy gate reads optimistic; "
+                  f"evaluate on images kept out of --calib", highlight=False, soft_wrap=True)
+
+
 def parse_input_size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
@@ -279,7 +285,8 @@ def quantize(
                                method=method, percentile=percentile, exclude=exclude or (),
                                quant_format=quant_format, eval_data=eval_data, eval_split=eval_split, max_drop=max_drop,
                                auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
-                               progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"))
+                               progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"),
+                               also_calibrated=warn_also_calibrated)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
     if result.past_last_batch:

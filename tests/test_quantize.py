@@ -3,6 +3,7 @@ of fp32 in both scan forms, the Q/DQ graph's structure, the accuracy and speed g
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -533,6 +534,29 @@ def test_an_int8_model_onnx_runtime_cannot_load_is_never_written(bundled_opset21
         assert "tiny21.onnx: its INT8 model does not load in ONNX Runtime" in result.output, result.output
         assert "export it again with --opset 20" in result.output and result.output.strip().count("\n") == 0
         assert not output.exists()
+
+
+def test_evaluation_images_also_calibrated_on_are_counted_in_a_warning_and_the_record(bundled32, tmp_path):
+    """The same folder given to --calib and --eval passed the accuracy gate without a word, on images whose
+    activation ranges INT8 was fitted to. Counted by the model input (preprocessed pixels), not by name: a copy
+    of a calibration image under another name is the same image to the gate."""
+    folder = _image_folder(tmp_path / "val", "val", 16)
+    copies = tmp_path / "copies"
+    shutil.copytree(folder, copies)
+    for image in copies.rglob("*.png"):
+        image.rename(image.with_name(f"copy of {image.name}"))
+    npz = str(require_shared(*PNEUMONIAMNIST))
+    for calib, evaluation, also_calibrated in ((folder, folder, 8), (folder, copies, 8), (npz, folder, 0)):
+        output = tmp_path / "q.int8.onnx"
+        result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", str(calib), "-o", str(output),
+                                          "--num-samples", "8", "--eval", str(evaluation), "--max-drop", "100"])
+        assert result.exit_code == 0, result.output
+        warned = re.findall(r"warning: \d+ of the \d+ evaluation images are also calibration images",
+                            result.output.replace("\n", " "))
+        assert warned == ([f"warning: {also_calibrated} of the 16 evaluation images are also calibration images"]
+                          if also_calibrated else []), result.output
+        recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+        assert recorded["evaluation_also_calibration"] == also_calibrated
 
 
 def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
