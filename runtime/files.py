@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -176,8 +177,24 @@ class AtomicOutput:
         self._close_handle()
         if not self.in_place and self.write_path.exists():
             os.chmod(self.write_path, 0o666 & ~current_umask())
-            os.replace(self.write_path, self.target)
+            try:
+                os.replace(self.write_path, self.target)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    self._kept(exc)
+                # The target is a mount point, a file bind-mounted into a container (`docker run -v
+                # host.jsonl:/out/r.jsonl`): no rename replaces it, so its content is, in place.
+                try:
+                    with open(self.write_path, "rb") as whole_file, open(self.target, "wb") as target:
+                        shutil.copyfileobj(whole_file, target)
+                except OSError as copy_exc:
+                    self._kept(copy_exc)
+                self.write_path.unlink()
         self.complete = whole and not self.cut_short
+
+    def _kept(self, exc: OSError) -> None:
+        raise OutputError(f"{self.path}: cannot put the output in place ({exc.strerror or exc}); it is kept as "
+                          f"{self.write_path}") from None
 
     def discard(self) -> None:
         """Close and remove the temporary file: the target is left as it was."""

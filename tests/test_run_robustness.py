@@ -671,3 +671,32 @@ def test_a_closed_stdout_is_a_place_to_write_nothing(model, tmp_path):
                               preexec_fn=lambda: os.close(1))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
+
+
+def test_an_output_bind_mounted_over_a_file_is_written_into_it(tmp_path):
+    """`docker run -v host.jsonl:/out/r.jsonl`: the target is a mount point, which no rename replaces (EBUSY); the
+    records went nowhere but a hidden .partial file, reported by a raw OSError after the whole run."""
+    host, target = tmp_path / "host.jsonl", tmp_path / "r.jsonl"
+    host.write_bytes(b"old\n")
+    target.write_bytes(b"")
+    mount = subprocess.run(["mount", "--bind", str(host), str(target)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount a file here ({mount.stderr.strip() or 'mount failed'})")
+    try:
+        output = AtomicOutput(target)
+        output.write(b'{"seq": 0}\n')
+        output.commit()
+        assert output.complete and target.read_bytes() == b'{"seq": 0}\n'
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert host.read_bytes() == b'{"seq": 0}\n' and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):
+    target = tmp_path / "r.jsonl"
+    output = AtomicOutput(target)
+    output.write(b'{"seq": 0}\n')
+    target.mkdir()  # made after the output opened: os.replace cannot put a file over a folder
+    with pytest.raises(files.OutputError, match=r"r\.jsonl: cannot put the output in place \(.*\); it is kept as .*partial"):
+        output.commit()
+    assert output.write_path.read_bytes() == b'{"seq": 0}\n'
