@@ -34,8 +34,8 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_datase
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 from medmamba_edge.runtime.metrics import TIERS, Tolerance, tolerance_problem
 
-from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, distinct_names, open_models,
-                         run_models)
+from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, distinct_names, on_cpu,
+                         open_models, run_models)
 
 
 def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -72,6 +72,7 @@ class Check:
 class ComparisonReport:
     models: tuple[str, str]
     backends: tuple[str, str]
+    cpus: tuple[str | None, str | None]  # Backend.cpu() of A and B
     data: str
     images: int
     tolerance: Tolerance
@@ -146,6 +147,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     return ComparisonReport(
         models=(str(backends[0].path), str(backends[1].path)),
         backends=(backends[0].describe(), backends[1].describe()),
+        cpus=(backends[0].cpu(), backends[1].cpu()),
         data=dataset.description,
         images=len(a),
         tolerance=tolerance,
@@ -166,7 +168,8 @@ def render_tables(report: ComparisonReport) -> list:
 
     a, b = distinct_names([str(m) for m in report.models])
     differences = Table(title=f"A = {a}, B = {b}: {report.images} images of {report.data}",
-                        caption=f"A: {report.backends[0]}\nB: {report.backends[1]}")
+                        caption=f"A: {report.backends[0]}{on_cpu(report.cpus[0])}\n"
+                                f"B: {report.backends[1]}{on_cpu(report.cpus[1])}")
     for column in ("output", "max |A−B|", "max |A−B|/|A|", "mean |A−B|"):
         differences.add_column(column, justify="left" if column == "output" else "right")
     for name, diff in (("logits", report.logits), ("probabilities", report.probabilities)):

@@ -151,10 +151,13 @@ class ModelEvaluation:
     metrics: Metrics
     seconds: float
     probabilities: np.ndarray  # (images evaluated, classes), for checks and further analysis; not in the JSON
+    cpu: str | None  # Backend.cpu(): the CPU these figures hold for, None where they hold on any
     drop: float | None = None  # top-1 accuracy points below the first model (negative: better)
 
     def to_dict(self) -> dict:
+        # "machine" as benchmark's JSON has it, so that one reader finds the CPU in both.
         return {"path": self.path, "backend": self.backend, "precision": self.precision,
+                "machine": {"cpu": self.cpu} if self.cpu else None,
                 "input_size": list(self.input_size), "seconds": self.seconds, "top1_drop_points": self.drop,
                 "metrics": self.metrics.to_dict()}
 
@@ -205,7 +208,7 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str | Non
         # Ranked (AUC) by log-probabilities: probabilities of confident answers round to 1.0 and tie.
         metrics = classification_metrics(labels, log_softmax(logits), class_names)
         results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,
-                                       backend.metadata.input_size, metrics, seconds, softmax(logits)))
+                                       backend.metadata.input_size, metrics, seconds, softmax(logits), backend.cpu()))
     for result in results[1:]:
         # Rounded so that equal accuracies reached by different float sums give exactly 0.
         result.drop = points_lost(100 * results[0].metrics.accuracy, 100 * result.metrics.accuracy)
@@ -242,13 +245,20 @@ def plot_file_names(paths: Sequence[str]) -> list[str]:
     return plots
 
 
+def on_cpu(cpu: str | None) -> str:
+    """" on <CPU>" after figures that hold for that CPU only (Backend.cpu: INT8 kernels differ with the instruction
+    set), "" after figures that hold on any."""
+    return f" on {cpu}" if cpu else ""
+
+
 def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:
     from .plots import confusion_matrix_png
 
     paths = [m.path for m in report.models]
     return [
         confusion_matrix_png(m.metrics.confusion, report.class_names,
-                             f"{shown} ({m.precision}): top-1 {100 * m.metrics.accuracy:.2f}%", folder / name)
+                             f"{shown} ({m.precision}): top-1 {100 * m.metrics.accuracy:.2f}%{on_cpu(m.cpu)}",
+                             folder / name)
         for m, shown, name in zip(report.models, distinct_names(paths), plot_file_names(paths))
     ]
 
@@ -268,7 +278,7 @@ def render_tables(report: EvaluationReport) -> list:
     summary = Table(title=report.data + (f"; {len(report.failures)} left out (unusable), {evaluated} evaluated"
                                          if report.failures else ""),
                     caption="macro averages over classes, %; Δ top-1: accuracy points vs the first model\n"
-                            + "\n".join(f"{name}: {m.backend}" for name, m in zip(names, report.models)))
+                            + "\n".join(f"{name}: {m.backend}{on_cpu(m.cpu)}" for name, m in zip(names, report.models)))
     for column in ("model", "dtype", "accuracy", "precision", "sensitivity", "specificity", "F1", "AUC", "Δ top-1"):
         summary.add_column(column, justify="left" if column in ("model", "dtype") else "right",
                            overflow="fold")  # fold, not truncate: file names tell the models apart

@@ -110,3 +110,13 @@ def test_two_models_of_the_same_file_name_are_told_apart(onnx32, tmp_path):
         shutil.copy(onnx32, tmp_path / run / "m.onnx")
     report = compare(tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx")
     assert render_tables(report)[0].title.startswith("A = a/m.onnx, B = b/m.onnx: ")
+
+
+def test_a_model_onnx_runtime_ran_on_this_cpu_names_the_cpu(onnx32):
+    """As evaluate's caption: an INT8 comparison holds for the instruction set it ran on (runtime/cpu.py)."""
+    from medmamba_edge.comparison import render_tables
+    from medmamba_edge.runtime.cpu import describe_cpu
+
+    report = compare(require_shared(*OFFICIAL_T32), onnx32, num_samples=2)
+    a, b = render_tables(report)[0].caption.splitlines()
+    assert a == f"A: {report.backends[0]}" and b == f"B: {report.backends[1]} on {describe_cpu()}"

@@ -288,3 +288,23 @@ def test_models_of_the_same_file_name_are_told_apart(tmp_path_factory, tmp_path,
     monkeypatch.setattr(plots, "confusion_matrix_png", lambda confusion, names, title, path: titles.append(title))
     write_confusion_plots(report, tmp_path / "plots")
     assert [t.split(" (")[0] for t in titles] == ["a/model.onnx", "b/model.onnx"]
+
+
+def test_figures_from_onnx_runtime_on_this_cpu_name_the_cpu(onnx32, tmp_path, monkeypatch):
+    """INT8 kernels differ with the instruction set (runtime/cpu.py): the caption, the JSON and the plot title of a
+    model ONNX Runtime ran on the CPU name that CPU; a checkpoint's (PyTorch) figures hold on any."""
+    import medmamba_edge.plots as plots
+    from medmamba_edge.evaluation import render_tables, write_confusion_plots
+    from medmamba_edge.runtime.cpu import describe_cpu
+
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    report = evaluate([require_shared(*OFFICIAL_T32), onnx32], tmp_path / "data.npz")
+    checkpoint, exported = report.to_dict()["models"]
+    assert exported["machine"] == {"cpu": describe_cpu()} and checkpoint["machine"] is None
+    caption = render_tables(report)[0].caption.splitlines()
+    assert caption[2] == f"official32.onnx: {report.models[1].backend} on {describe_cpu()}"
+    assert caption[1].endswith("(CPU, float32)")  # PyTorch's line as before
+    titles = []
+    monkeypatch.setattr(plots, "confusion_matrix_png", lambda confusion, names, title, path: titles.append(title))
+    write_confusion_plots(report, tmp_path / "plots")
+    assert titles[1].endswith(f"% on {describe_cpu()}") and titles[0].endswith("%")

@@ -37,6 +37,12 @@ class Backend(Protocol):
     def describe(self) -> str:
         """One line: framework, device/providers, precision."""
 
+    def cpu(self) -> str | None:
+        """This machine's CPU (runtime/cpu.describe_cpu) where it computes the outputs with kernels chosen by its
+        instruction set, so that a figure from them holds for that CPU only (ONNX Runtime's INT8 kernels); None
+        where a GPU or a server computes them."""
+        return None
+
     def close(self) -> None:
         """Free the session or engine and its (device) memory now rather than at garbage collection; idempotent."""
 

@@ -15,6 +15,7 @@ import numpy as np
 from medmamba_edge.errors import first_line
 
 from .. import scan_node
+from ..cpu import describe_cpu
 from ..files import cache_root
 from ..metadata import MetadataError, ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
 from . import Backend, BackendError, run_in_fixed_batches
@@ -114,6 +115,11 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         return f"ONNX Runtime ({', '.join(self._open_session().get_providers())}, {self.metadata.scan_form} scan)"
+
+    def cpu(self) -> str | None:
+        # The first provider takes every node it can; the CPU one, always listed, only what a GPU one leaves.
+        on_cpu = self._open_session().get_providers()[0] == "CPUExecutionProvider"
+        return describe_cpu() if on_cpu else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         session = self._open_session()  # once: another thread may close the backend between two chunks
