@@ -71,15 +71,16 @@ def defaulted_checkpoint(paths: Sequence[str | Path], explicit: int | tuple[int,
     return next((p for p in paths if _is_checkpoint(p)), None)
 
 
-def open_models(paths: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
+def open_models(models: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
                 classes: str | Sequence[str] | None = None) -> list[Backend]:
     """Backends for models that must agree on their classes (they are compared class by class). ``input_size``
     and ``classes`` go to the checkpoints (checkpoint_option)."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    if not models:
         raise EvaluationError("no models given")
-    backends = [open_model(p, input_size=size, threads=threads, classes=named) for p, size, named in
-                zip(paths, input_sizes(paths, input_size), checkpoint_option(paths, classes))]
+    paths = [Path(m) for m in models]
+    # Each opened as given: a Path would fold the "//" of a URL before open_backend reads its scheme.
+    backends = [open_model(model, input_size=size, threads=threads, classes=named) for model, size, named in
+                zip(models, input_sizes(paths, input_size), checkpoint_option(paths, classes))]
     first = backends[0].metadata.class_names
     for backend in backends[1:]:
         if backend.metadata.class_names != first:

@@ -105,6 +105,15 @@ def _labelled_npz(folder):
     return npz
 
 
+@pytest.mark.parametrize("command", ["evaluate", "compare", "benchmark"])
+@pytest.mark.parametrize("url, scheme", [("http://localhost:8000/medmamba", "http"), ("GRPC://h:8001/m", "grpc")])
+def test_a_model_url_of_another_scheme_than_triton_is_named_as_such(tmp_path, command, url, scheme):
+    """It was "http:/localhost:8000/medmamba: no such model file": the "//" folded by a Path, the scheme unsaid."""
+    arguments = {"evaluate": ["--data", _labelled_npz(tmp_path)], "compare": ["m.onnx"], "benchmark": []}[command]
+    one_line_error([command, url, *arguments],
+                   f"error: {url}: unknown model URI scheme '{scheme}'; a served model is triton://HOST:PORT/MODEL")
+
+
 @pytest.fixture
 def never_evaluate(monkeypatch):
     """Output paths are checked before any model is opened: evaluating at all fails the test."""

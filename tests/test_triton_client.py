@@ -39,6 +39,12 @@ def test_server_addresses_parse(spec, expected):
     assert parse_url(expected.url) == ServerModel(expected.host, expected.port, expected.model, expected.version)
 
 
+@pytest.mark.parametrize("spec", ["C://models/m.onnx", "runs:/m.onnx", "m.onnx", "/data/http://m.onnx"])
+def test_file_paths_are_no_urls(spec):
+    """A Windows drive, a folder named "runs:", a "://" past the start: paths, neither served nor refused."""
+    assert not is_triton_url(spec)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("triton://host:8000", "not a server address"),
     ("triton://host:8000/m/latest", "the model version must be a number"),

@@ -7,6 +7,7 @@ imports happen in ``open_backend`` so that importing this package stays torch- a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,10 @@ from ..metadata import ModelMetadata
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")  # what train.py and trainers name a torch.save file
+TRITON_SCHEME = "triton"  # the one kind of model URI: triton://HOST:PORT/MODEL (runtime/backends/triton.py)
+# "scheme://": two letters or more, so that a Windows drive (C://m.onnx) stays a path. A served model's "triton:/"
+# with one slash too: pathlib.Path folds the double slash of a URL that went through a Path-typed option.
+MODEL_URI = re.compile(rf"(?i:({TRITON_SCHEME}):/|([a-z][a-z0-9+.-]+)://)")
 
 
 class BackendError(UserError):
@@ -84,9 +89,14 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
 
 
 def is_triton_url(spec) -> bool:
-    """Whether a model argument names a server (runtime/backends/triton.py). ``triton:/`` with one slash too:
-    ``pathlib.Path`` folds the double slash of a URL that went through a Path-typed option."""
-    return str(spec)[:8].lower() == "triton:/"
+    """Whether a model argument names a server (runtime/backends/triton.py) rather than a file. A URI of another
+    scheme names neither: it is refused here, where every command first looks at its models, in words rather
+    than as a missing file."""
+    match = MODEL_URI.match(str(spec))
+    if match and match[2]:
+        raise BackendError(f"{spec}: unknown model URI scheme {match[2].lower()!r}; a served model is "
+                           f"{TRITON_SCHEME}://HOST:PORT/MODEL")
+    return match is not None
 
 
 def refuse_options(path: str | Path, kind: str, **given) -> None:

@@ -37,9 +37,8 @@ from medmamba_edge.errors import first_line
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
 from ..triton_defaults import DEFAULT_PORT
-from . import Backend, BackendError, run_in_fixed_batches
+from . import TRITON_SCHEME, Backend, BackendError, run_in_fixed_batches
 
-SCHEME = "triton"
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 86400.0
@@ -66,7 +65,8 @@ class ServerModel:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{SCHEME}://{host}:{self.port}/{quote(self.model, safe='')}" + (f"/{self.version}" if self.version else "")
+        return (f"{TRITON_SCHEME}://{host}:{self.port}/{quote(self.model, safe='')}"
+                + (f"/{self.version}" if self.version else ""))
 
     def model_path(self, tail: str = "") -> str:
         """The KServe v2 path of the model (and of one of its endpoints)."""
@@ -85,8 +85,8 @@ def model_name_problem(name: str) -> str | None:
 
 
 def parse_url(spec) -> ServerModel:
-    text = re.sub(rf"^{SCHEME}:/+", f"{SCHEME}://", str(spec).strip(), flags=re.IGNORECASE)
-    usage = f"expected {SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
+    text = re.sub(rf"^{TRITON_SCHEME}:/+", f"{TRITON_SCHEME}://", str(spec).strip(), flags=re.IGNORECASE)
+    usage = f"expected {TRITON_SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
     try:
         parts = urlsplit(text)
         port = DEFAULT_PORT if parts.port is None else parts.port
