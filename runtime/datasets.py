@@ -153,9 +153,13 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
         if loose:
             raise DatasetError(f"{path}: {len(loose)} images beside its class folders (e.g. {Path(loose[0].source).name}); "
                                f"an ImageFolder's images go in its class folders")
-        samples = []
+        samples, class_folders = [], {}
         for folder in subfolders:
             label = _label_index(folder.name, class_names, str(folder)) if class_names else None
+            # A class named twice ("normal/" and "0/") would silently pool two folders' images under it.
+            if label is not None and class_folders.setdefault(label, folder) != folder:
+                raise DatasetError(f"{class_folders[label]} and {folder}: two folders of class {class_names[label]!r} "
+                                   f"(a class folder is named by the class or by its index); put its images in one")
             found = _image_samples(folder, label)
             if not found:
                 raise DatasetError(f"{folder}: a class folder without images (an ImageFolder is read one level deep, "

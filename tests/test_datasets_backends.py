@@ -221,6 +221,16 @@ def test_class_folder_named_by_a_non_ascii_digit_is_not_an_index(tmp_path, name)
     assert open_dataset(tmp_path, class_names=["normal", "pneumonia"]).labels().tolist() == [1, 0]
 
 
+def test_two_class_folders_of_one_class_are_refused(tmp_path):
+    """"normal/" and "0/" (class normal's index) were pooled as normal without a word."""
+    for folder in ("normal", "0", "pneumonia"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "x.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=f"^{tmp_path}/0 and {tmp_path}/normal: two folders of class 'normal' "):
+        open_dataset(tmp_path, class_names=["normal", "pneumonia"])
+    assert len(open_dataset(tmp_path)) == 3  # unlabelled (compare, calibration): the folders are only images
+
+
 def test_imagefolder_entries_that_cannot_be_read_are_samples_that_fail_to_decode(tmp_path):
     from medmamba_edge.runtime.decode import ImageError
 
