@@ -234,16 +234,25 @@ def distinct_names(paths: Sequence[str]) -> list[str]:
 
 
 def plot_file_names(paths: Sequence[str]) -> list[str]:
-    """``<model file>.confusion.png``, prefixed by the model's position where two files share a name, the model's
-    name cut where the whole would pass a file system's 255 bytes (after the evaluation, not before it)."""
+    """``<model file>.confusion.png``, prefixed by the model's position where two plots would share a name: two
+    files of one name, then a file named as such a prefixed one (``a/m.onnx 1-m.onnx b/m.onnx``: 1-m.onnx,
+    2-1-m.onnx, 3-m.onnx). Positions differ, so prefixed names do too: once every plot that shares its name is
+    prefixed, none does. The model's name is cut where the whole would pass a file system's 255 bytes (after the
+    evaluation, not before it)."""
     names = [Path(p).name for p in paths]
-    plots = []
-    for k, name in enumerate(names):
-        prefix = f"{k + 1}-" if names.count(name) > 1 else ""
-        while len(os.fsencode(f"{prefix}{name}.confusion.png")) > 255:
-            name = name[:-1]
-        plots.append(f"{prefix}{name}.confusion.png")
-    return plots
+    prefixed: set[int] = set()
+    while True:
+        plots = [_plot_file_name(f"{k + 1}-{name}" if k in prefixed else name) for k, name in enumerate(names)]
+        sharing = {k for k, plot in enumerate(plots) if plots.count(plot) > 1} - prefixed
+        if not sharing:
+            return plots
+        prefixed |= sharing
+
+
+def _plot_file_name(name: str) -> str:
+    while len(os.fsencode(f"{name}.confusion.png")) > 255:
+        name = name[:-1]  # from the end: a position prefix stays
+    return f"{name}.confusion.png"
 
 
 def on_cpu(cpu: str | None) -> str:

@@ -261,6 +261,20 @@ def test_a_model_name_near_the_file_systems_limit_gets_its_plot(onnx32, tmp_path
     assert [p[:2] for p in plots] == ["1-", "2-"]
 
 
+def test_a_file_named_as_a_prefixed_plot_gets_a_plot_of_its_own(onnx32, tmp_path):
+    """`evaluate a/m.onnx 1-m.onnx b/m.onnx` was refused: a/m.onnx's plot, prefixed 1-, was 1-m.onnx's."""
+    models = [tmp_path / "a" / "m.onnx", tmp_path / "1-m.onnx", tmp_path / "b" / "m.onnx"]
+    for model in models:
+        model.parent.mkdir(exist_ok=True)
+        shutil.copy(onnx32, model)
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    result = runner.invoke(app, ["evaluate", *map(str, models), "--data", str(tmp_path / "data.npz"),
+                                 "--plots", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "1-m.onnx.confusion.png", "2-1-m.onnx.confusion.png", "3-m.onnx.confusion.png"]
+
+
 def test_the_report_files_are_written_before_a_stdout_that_fails(onnx32, tmp_path):
     """A long evaluation's --json outlives a stdout that cannot take the tables (a full disk, `| head` gone)."""
     np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
