@@ -82,6 +82,18 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
             messenger.join(timeout=5)
 
 
+def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
+    """What is wrong with a backend's answer to ``inputs`` frames, or None. Checked on every batch, not once at
+    opening: a custom backend, a server or a model with data-dependent shapes may answer one batch wrongly."""
+    if logits.ndim != 2:
+        return f"the model returned an output of shape {logits.shape} for {inputs} inputs, expected ({inputs}, {classes})"
+    if len(logits) != inputs:
+        return f"the model returned {len(logits)} rows for {inputs} inputs"
+    if logits.shape[1] != classes:
+        return f"the model returned {logits.shape[1]} logits a row for {classes} classes"
+    return None
+
+
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print,
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
@@ -121,20 +133,24 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 if frames is None:
                     break
                 usable = [f for f in frames if f.error is None]
-                logits, model_error = iter(()), None
+                logits, model_error = np.empty((0, meta.num_classes)), None
                 if usable:
                     started = time.perf_counter()
                     try:
-                        logits = iter(backend.run(np.stack([f.tensor for f in usable])))
+                        logits = np.asarray(backend.run(np.stack([f.tensor for f in usable])))
                     except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
                         model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
+                    else:
+                        model_error = wrong_shape(logits, len(usable), meta.num_classes)
+                    if model_error:
                         failed_batches, first_failure = failed_batches + 1, first_failure or model_error
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
+                rows = iter(logits)
                 for frame in frames:
                     if frame.error or model_error:
                         emit(frame, "skipped", reason=frame.error or model_error)
                         continue
-                    row = next(logits)
+                    row = next(rows)
                     if np.isfinite(row).all():
                         emit(frame, "ok", softmax(row[None])[0])
                     else:  # a broken model or an input it overflows on: no label is better than a random one

@@ -160,6 +160,31 @@ def test_a_model_failing_on_one_batch_costs_that_batch_only_and_the_exit_says_so
     assert records[1]["reason"] == "the model failed on this batch (MemoryError: out of device memory)"
 
 
+@pytest.mark.parametrize("answer, first, last", [
+    (lambda logits: logits[:1], "the model returned 1 rows for 4 inputs", "the model returned 1 rows for 2 inputs"),
+    (lambda logits: np.concatenate([logits, logits]), "the model returned 8 rows for 4 inputs",
+     "the model returned 4 rows for 2 inputs"),
+    (lambda logits: logits[:, :2], "the model returned 2 logits a row for 3 classes", None),
+    (lambda logits: logits[0], "the model returned an output of shape (3,) for 4 inputs, expected (4, 3)",
+     "the model returned an output of shape (3,) for 2 inputs, expected (2, 3)")])
+def test_a_model_answering_in_another_shape_than_the_batch_fails_that_batch(model, tmp_path, monkeypatch, answer,
+                                                                            first, last):
+    """A custom backend, a server or an odd ONNX answering 1 row for 4 inputs ended the run with a StopIteration
+    traceback after 2 records of 6, and no summary."""
+    from medmamba_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    real_run = OnnxRuntimeBackend.run
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", lambda self, batch: answer(real_run(self, batch)))
+    for index in range(6):
+        cv2.imwrite(str(tmp_path / f"{index}.png"), image(index))
+    code, output = cli("run", model, str(tmp_path / "*.png"), "--batch", 4, "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "Traceback" not in output, output
+    assert f"2 of 2 batches failed in the model, first: {first}" in output and "0 frames" in output
+    records = read_jsonl(tmp_path / "r.jsonl")
+    assert [r["status"] for r in records] == ["skipped"] * 6
+    assert [r["reason"] for r in records] == [first] * 4 + [last or first] * 2
+
+
 def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     nan_model = toy_model(tmp_path / "nan.onnx", scale=(1.0, float("nan"), 1.0))
     cv2.imwrite(str(tmp_path / "x.png"), image())
