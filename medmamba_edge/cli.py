@@ -616,7 +616,8 @@ def run(
         fail(stats.error)
     if stats.classified == 0 and stats.counts["skipped"] and not stats.stopped:
         # Nothing usable at all (a single broken file, a folder of them): the records say why, the exit says so.
-        fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; reasons above)")
+        fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; first: "
+             f"{stats.first_skip_reason})")
 
 
 @command("export-triton")

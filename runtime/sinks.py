@@ -426,9 +426,12 @@ class Stats:
     batches: int = 0
     error: str | None = None  # why the run failed: a stream lost for good, an output that failed, failed batches
     stopped: bool = False  # by a stop signal or the caller's stop event, before the source ended
+    first_skip_reason: str | None = None  # for a run that classified nothing: its console may have shown no reason
 
     def add(self, record: Record) -> None:
         self.counts[record.status] += 1
+        if record.status == "skipped" and self.first_skip_reason is None:
+            self.first_skip_reason = record.reason
         if record.latency_ms is not None:
             self.latencies_ms.add(record.latency_ms)
 

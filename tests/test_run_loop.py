@@ -43,6 +43,16 @@ def test_a_source_with_nothing_classifiable_exits_nonzero_with_its_records(tiny_
     assert record["status"] == "skipped" and "not a decodable image" in record["reason"]
 
 
+@pytest.mark.parametrize("console", ["none", "second"])
+def test_nothing_classifiable_says_why_where_no_console_line_did(tiny_onnx, tmp_path, console):
+    """With --console none or second no reason was shown, yet the error said "reasons above"."""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    code, output = cli("run", tiny_onnx, empty, "--console", console)
+    assert code == 1 and f"no frame could be classified (1 skipped; first: {empty}: file is empty" in output, output
+    assert "reasons above" not in output
+
+
 def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
