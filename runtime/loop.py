@@ -60,6 +60,9 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
+        # On the event, which both this handler and an outer one (the CLI's, while it opens outputs) set: the
+        # summary says which signal stopped the run.
+        stop.signal_name = signal.Signals(signum).name
         stop.set()
         # Not notify() here: the handler runs between any two bytecodes of the main thread, which may be inside
         # notify itself (a console mid-print or mid-import is not reentrant). A thread waits its turn instead.
@@ -164,7 +167,8 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 for frame in waiting:
                     frame.image = None  # never shown to the model: a record, but no frame of the annotated video
                     emit(frame, "skipped", reason=frame.error or "run stopped before inference")
-                stats.stopped = interrupted.is_set()
+                if interrupted.is_set():
+                    stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
                 stats.finished = time.perf_counter()
             finally:
                 outputs.close()

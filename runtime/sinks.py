@@ -425,7 +425,8 @@ class Stats:
     model_seconds: float = 0.0
     batches: int = 0
     error: str | None = None  # why the run failed: a stream lost for good, an output that failed, failed batches
-    stopped: bool = False  # by a stop signal or the caller's stop event, before the source ended
+    # What stopped the run before its source ended: a signal's name (SIGINT) or "a stop request" (the caller's event)
+    stopped: str | None = None
     first_skip_reason: str | None = None  # for a run that classified nothing: its console may have shown no reason
 
     def add(self, record: Record) -> None:
@@ -462,4 +463,6 @@ class Stats:
             text += "; capture→result latency p50/p95/p99 {:.1f}/{:.1f}/{:.1f} ms (queueing included)".format(*latency)
         if self.wall_seconds > 0 and self.batches:
             text += f"; model {self.model_seconds / self.wall_seconds:.0%} of wall time"
+        if self.stopped:  # or it reads as a run that went through its source
+            text += f"; stopped by {self.stopped} before the source ended"
         return text

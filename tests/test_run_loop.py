@@ -136,6 +136,7 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     finally:
         FastLiveSource.live = True
     assert stats.counts["ok"] == 30 and stats.counts["dropped"] == 0
+    assert stats.stopped is None and "stopped" not in stats.summary()
 
 
 def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
@@ -234,6 +235,7 @@ def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(
     assert not worker.is_alive() and 20 <= len(sink.records) < 100_000
     assert sorted(r.frame for r in sink.records) == list(range(len(sink.records)))  # none lost, none twice
     assert sum(result["stats"].counts.values()) == len(sink.records)
+    assert result["stats"].summary().endswith("; stopped by a stop request before the source ended")
 
 
 def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):

@@ -382,6 +382,7 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     records = read_jsonl(jsonl)
     assert len(records) >= 5 and [r["seq"] for r in records] == list(range(len(records)))
     assert f"stopping on {signal.Signals(signum).name}" in stderr and "FPS" in stdout
+    assert f"; stopped by {signal.Signals(signum).name} before the source ended" in stdout  # not a finished run's
     assert not list(tmp_path.glob(".records.*"))
 
 
