@@ -119,6 +119,7 @@ class AtomicOutput:
         self.cut_short = False  # a write failed: a commit keeps the whole chunks before it
         self.complete = False  # committed with every chunk: only then may a command say "wrote PATH"
         self.handle = None
+        self.created_folders: list[Path] = []  # deepest first: what discard removes again, if still empty
         if self.in_place:
             self.write_path = self.path
             return
@@ -127,10 +128,15 @@ class AtomicOutput:
         try:
             if self.path.is_dir():  # raises, too, for a name longer than the file system allows
                 raise OutputError(f"{self.path}: is a folder, expected a file name")
+            for folder in (self.target.parent, *self.target.parent.parents):
+                if folder.exists():
+                    break
+                self.created_folders.append(folder)
             self.target.parent.mkdir(parents=True, exist_ok=True)
             prefix, suffix = _temporary_affixes(self.target, os.pathconf(self.target.parent, "PC_NAME_MAX"))
             fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=self.target.parent)
         except OSError as exc:
+            self._remove_created_folders()
             raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
         os.close(fd)
         self.write_path = Path(temp)
@@ -197,10 +203,20 @@ class AtomicOutput:
                           f"{self.write_path}") from None
 
     def discard(self) -> None:
-        """Close and remove the temporary file: the target is left as it was."""
+        """Close and remove the temporary file and the folders made for it: the target is left as it was."""
         self._close_handle()
         if not self.in_place:
             self.write_path.unlink(missing_ok=True)
+            self._remove_created_folders()
+
+    def _remove_created_folders(self) -> None:
+        for folder in self.created_folders:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # a mkdir that failed halfway (no permission) did not get to make it
+                continue
+            except OSError:  # something else was put there meanwhile (another output, another program): it stays
+                break
 
     def _close_handle(self) -> None:
         if self.handle is not None:

@@ -472,13 +472,17 @@ def test_latency_says_what_it_measures(model, tmp_path):
     assert "ms capture→result)" in output and "capture→result latency p50/p95/p99" in output
 
 
-def test_an_output_refused_at_the_start_leaves_no_file_behind(model, tmp_path):
+def test_an_output_refused_at_the_start_leaves_no_file_or_folder_behind(model, tmp_path):
+    """The folders an output created for itself (new/sub/ of --jsonl new/sub/r.jsonl) stayed; an empty folder
+    that was there before is the user's and stays."""
     cv2.imwrite(str(tmp_path / "x.png"), image())
     (tmp_path / "folder.csv").mkdir()
-    code, output = cli("run", model, tmp_path / "x.png", "--save-video", tmp_path / "v.mp4", "--jsonl",
-                       tmp_path / "r.jsonl", "--csv", tmp_path / "folder.csv")
+    (tmp_path / "old").mkdir()
+    code, output = cli("run", model, tmp_path / "x.png", "--save-video", tmp_path / "old" / "v.mp4", "--jsonl",
+                       tmp_path / "new" / "sub" / "r.jsonl", "--csv", tmp_path / "folder.csv")
     assert code == 1 and "folder.csv: is a folder, expected a file name" in output and "Traceback" not in output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.csv", "x.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.csv", "old", "x.png"]
+    assert not list((tmp_path / "old").iterdir())
 
 
 def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is_written(model, tmp_path):
