@@ -139,6 +139,19 @@ def test_a_glob_gives_dangling_links_and_fifos_a_record_as_a_folder_does(model, 
     assert "not a regular file" in records["c.png"]["reason"]
 
 
+def test_a_link_loop_or_dangling_link_given_as_the_source_is_said_as_a_folder_says_it(model, tmp_path):
+    """Given as SOURCE, both were "no such file, folder, camera or stream", and a name too long a traceback."""
+    os.symlink("loop.png", tmp_path / "loop.png")
+    os.symlink("missing.png", tmp_path / "dangling.png")
+    for name, message in (("loop.png", "a symbolic link loop (to loop.png)"),
+                          ("dangling.png", "a dangling symbolic link (to missing.png)"),
+                          ("missing.png", "no such file, folder, camera or stream"),
+                          ("x" * 300 + ".png", "cannot be examined (File name too long)")):
+        code, output = cli("run", model, tmp_path / name)
+        assert code == 1 and f"{name}: {message}" in output and "Traceback" not in output, output
+        assert len(output.splitlines()) == 1
+
+
 def test_a_model_failing_on_one_batch_costs_that_batch_only_and_the_exit_says_so(model, tmp_path, monkeypatch):
     from medmamba_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -17,7 +17,9 @@ imported only when a DICOM file is read.
 
 from __future__ import annotations
 
+import errno
 import glob
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..files import strip_unless_named
 from ..metadata import int_at_least
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
-from .files import FileSource, folder_files, glob_files
+from .files import FileSource, cannot_stat, folder_files, glob_files
 from .video import (
     STREAM_SCHEMES,
     VIDEO_SUFFIXES,
@@ -74,8 +76,13 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
                               f"one per run)")
         return FileSource(paths, f"{spec} ({len(paths)} files)")
     path = Path(spec)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file, folder, camera or stream")
+    try:
+        path.stat()
+    except OSError as exc:  # a link loop, a dangling link, a name too long: said as a folder's listing says it
+        is_link = os.path.islink(path)  # not Path.is_symlink: it raises for a name too long
+        if exc.errno == errno.ENOENT and not is_link:
+            raise SourceError(f"{path}: no such file, folder, camera or stream") from None
+        raise SourceError(f"{path}: {cannot_stat(path, exc, is_link)}") from None
     if path.is_dir():
         paths = folder_files(path)
         if not paths:

@@ -47,10 +47,10 @@ class FileSource(Source):
 NOT_REGULAR = "not a regular file (a FIFO, socket or device), not read"
 
 
-def _cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
-    """Why os.stat refused a listed entry: a link that leads nowhere (ELOOP or ENOENT from following it: the
-    link, not a file, is what is there), or an entry of a folder that can be listed but not searched (mode
-    644: its names can be read, nothing else about them)."""
+def cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
+    """Why os.stat refused an entry listed or given as the source: a link that leads nowhere (ELOOP or ENOENT
+    from following it: the link, not a file, is what is there), or an entry of a folder that can be listed but
+    not searched (mode 644: its names can be read, nothing else about them)."""
     if not is_link:
         return f"cannot be examined ({error.strerror or error}), not read"
     what = "a symbolic link loop" if error.errno == errno.ELOOP else "a dangling symbolic link"
@@ -142,7 +142,7 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
         try:
             info = os.stat(path)
         except OSError as exc:
-            found.append((path, _cannot_stat(path, exc, os.path.islink(path))))
+            found.append((path, cannot_stat(path, exc, os.path.islink(path))))
             continue
         if not stat.S_ISDIR(info.st_mode) and (listed := _listed(path, info)) is not None:
             found.append(listed)
@@ -182,7 +182,7 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
             except OSError as exc:
                 # Whatever its name it may be a DICOM file (IM0001, CR.1.2.276.0.7230010) or a folder of images.
                 if entry.is_symlink() or not entry.name.startswith("."):
-                    found.append((path, _cannot_stat(path, exc, entry.is_symlink())))
+                    found.append((path, cannot_stat(path, exc, entry.is_symlink())))
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if not recursive:
