@@ -179,6 +179,7 @@ class VideoSink:
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
         self.frames = 0
+        self.stop_requested = False  # a frame OpenCV could not write: close() says what the file holds
 
     def write(self, record: Record, frame: np.ndarray | None, fps: float) -> None:
         if frame is None:
@@ -194,15 +195,20 @@ class VideoSink:
             self.writer = writer
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        self.writer.write(frame)
+        with quiet_opencv():  # a WARN line for every frame that fails: the error at the end says it once
+            written = self.writer.write(frame)
         self.frames += 1
+        # OpenCV 5 says a frame was not written (a full disk), a few frames late (FFmpeg buffers); 4.x returns None
+        # and only the file read back at the end tells. The run stops, as it does when a JSONL cannot be written.
+        if written is False:
+            self.stop_requested = True
 
     def close(self) -> None:
         if self.writer is None:  # not one frame: no video rather than an empty file
             self.discard()
             return
         self.writer.release()
-        # OpenCV's write() says nothing when a frame fails (a full disk): the file, read back, does.
+        # Whether write() said a frame failed or not (OpenCV 4.x never does), the file, read back, tells what it holds.
         whole = self.output.in_place or _holds_frames(self.output.write_path, self.frames)
         if not whole and not _plays(self.output.write_path):  # an MP4 cut short lacks its index: nothing plays
             self.output.discard()
