@@ -399,11 +399,13 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     assert not list(tmp_path.glob(".records.*"))
 
 
-def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(model, tmp_path):
+@pytest.mark.parametrize("signals", [1, 2], ids=["stop", "stop-then-abort"])
+def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(model, tmp_path, signals):
     """An 8000×8000 PNG decodes for seconds. A stop then once left the capture thread inside OpenCV when the
     process exited (SIGABRT, 'terminate called without an active exception'), the file without a record, or,
     nothing classified yet, exit 1 'no frame could be classified'; a signal before the loop began, a .partial file
-    and exit 130."""
+    and exit 130. A second signal, the abort, landed in the wait for that thread and ended in the same SIGABRT
+    (exit 134); it exits 130 with the outputs closed."""
     folder = tmp_path / "big"
     folder.mkdir()
     pixels = np.zeros((8000, 8000, 3), np.uint8)
@@ -414,12 +416,63 @@ def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(mode
     while "source:" not in process.stderr.readline():  # printed once the outputs are open
         assert process.poll() is None, process.stderr.read()
     process.send_signal(signal.SIGINT)
+    if signals == 2:
+        time.sleep(0.5)  # the run waits for the file being decoded
+        process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    assert process.returncode == (0 if signals == 1 else 130), stderr
     assert "terminate called" not in stderr and "error:" not in stderr
-    [record] = read_jsonl(jsonl)
-    assert record["source"].endswith("big.png") and record["status"] in ("ok", "skipped")
+    if signals == 1:
+        [record] = read_jsonl(jsonl)
+        assert record["source"].endswith("big.png") and record["status"] in ("ok", "skipped")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "r.jsonl"]
+
+
+def test_an_abort_while_the_run_waits_for_the_capture_thread_closes_the_outputs_and_exits_130(model, monkeypatch):
+    """The second stop signal lands in Capture.stop()'s wait for a thread still decoding (inside OpenCV): the
+    KeyboardInterrupt then ended the process through Python's exit, which aborts (SIGABRT, exit 134) when that
+    thread comes back during it; whether it does is a race, so here the thread sleeps and os._exit is caught."""
+    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.runtime.loop import RunOptions, run
+    from medmamba_edge.runtime.sources import Frame, Source
+
+    decoded = threading.Event()
+
+    class DecodingForLong(Source):
+        live, description = False, "one huge file"
+
+        def frames(self, stride=1):
+            decoded.wait(30)  # as an 8000×8000 PNG inside OpenCV: no stop request reaches it
+            yield Frame("huge.png", 0, time.time(), image())
+
+    class Closing:
+        closed = False
+
+        def write(self, record, image, fps):
+            pass
+
+        def close(self):
+            Closing.closed = True
+
+    class Exited(BaseException):
+        pass
+
+    def exit_now(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    for delay in (0.3, 0.8):  # a stop, then the abort while the run waits for the capture thread
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        run(open_backend(model), DecodingForLong(), [Closing()], RunOptions(), notify=lambda message: None)
+        outcome = "returned"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt: Python's exit, the capture thread inside OpenCV"
+    except Exited as exit_code:
+        outcome = f"os._exit({exit_code})"
+    finally:
+        decoded.set()
+    assert outcome == "os._exit(130)" and Closing.closed
 
 
 @pytest.mark.parametrize("first", [(200, 9000), (1, 1)], ids=["9000-wide", "1x1"])
