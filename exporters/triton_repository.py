@@ -46,7 +46,7 @@ from medmamba_edge.runtime.files import check_writable, current_umask
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
-                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME)
+                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, range_problem)
 
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
@@ -354,8 +354,14 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     DeepStream device (default: a copy beside the config, when one is built here)."""
     for option, value, least in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
                                  ("--deepstream-batch", deepstream_batch, 1), ("--max-queue-delay-us", max_queue_delay_us, 0)):
-        if value is not None and value < least:
-            raise TritonExportError(f"{option} must be ≥ {least}, got {value}")
+        if problem := range_problem(option, value, least):
+            raise TritonExportError(problem)
+    # Relative paths would be the server's (or nvinfer's) working directory's, not this repository's.
+    for option, value in (("--server-root", server_root), ("--plugin", plugin)):
+        if value is not None and not value.startswith("/"):
+            raise TritonExportError(f"{option} must be an absolute path on the server (as it sees "
+                                    f"{'the repository' if option == '--server-root' else 'the plugin library'}, "
+                                    f"e.g. /models), got {value!r}")
     if kind.lower() not in ("cpu", "gpu"):  # the CLI's words; Triton's are KIND_CPU and KIND_GPU
         raise TritonExportError(f"--kind must be cpu or gpu, got {kind!r}")
     kind = f"KIND_{kind.upper()}"

@@ -32,7 +32,7 @@ from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
-                                                   DEFAULT_MODEL_NAME, DEFAULT_PORT)
+                                                   DEFAULT_MODEL_NAME, DEFAULT_PORT, range_problem)
 
 from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
 
@@ -62,10 +62,9 @@ class ServeOptions:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.max_batch < 1:
-            raise UserError(f"--max-batch must be ≥ 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise UserError(f"--max-queue-delay-us must be ≥ 0, got {self.max_queue_delay_us}")
+        for option, value, least in (("--max-batch", self.max_batch, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
+            if problem := range_problem(option, value, least):
+                raise UserError(problem)
         check_threads(self.threads)
         ports = [self.port, self.grpc_port_or_default, self.metrics_port_or_default]
         for flag, port in zip(("--port", "--grpc-port (default --port + 1)", "--metrics-port (default --port + 2)"), ports):

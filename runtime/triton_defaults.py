@@ -1,6 +1,7 @@
 """What a Triton model gets unless told: the one place for the defaults that ``serve`` (``medmamba_edge/serving.py``),
 ``export-triton`` (``exporters/triton_repository.py``), the ``triton://`` client and the command line's options
-share. Constants only, no imports, so that the command line reads them without loading numpy or onnx."""
+share, and the ranges of the config fields they fill. No imports, so that the command line reads them without loading
+numpy or onnx."""
 
 DEFAULT_MODEL_NAME = "medmamba"  # the name a served or exported model has on the server
 DEFAULT_HOST = "127.0.0.1"  # where serve listens: this machine only
@@ -8,3 +9,20 @@ DEFAULT_PORT = 8000  # Triton's HTTP port: serve's, and a triton:// URL's withou
 DEFAULT_MAX_BATCH = 8  # the largest batch Triton's dynamic batcher forms
 DEFAULT_MAX_QUEUE_DELAY_US = 2000  # how long a request may wait for others to batch with
 DEFAULT_INSTANCES, DEFAULT_KIND = 1, "cpu"  # export-triton's instance_group
+
+# The widest value each option's config field holds (model_config.proto: max_batch_size and instance_group's count
+# are int32, max_queue_delay_microseconds uint64; nvinfer's batch-size an int): past it Triton refuses the whole config
+# ("failed to read text proto").
+FIELD_MAX = {"--max-batch": 2**31 - 1, "--instances": 2**31 - 1, "--deepstream-batch": 2**31 - 1,
+             "--max-queue-delay-us": 2**64 - 1}
+
+
+def range_problem(option: str, value: int | None, least: int) -> str | None:
+    """Why ``value`` cannot be given for ``option`` (one of FIELD_MAX), if it cannot; None is left to the default."""
+    if value is None:
+        return None
+    if value < least:
+        return f"{option} must be ≥ {least}, got {value}"
+    if value > FIELD_MAX[option]:
+        return f"{option} must be ≤ {FIELD_MAX[option]} (the range of Triton's config field), got {value}"
+    return None

@@ -196,6 +196,17 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
          "--max-drop applies only with --eval DATA"),
         (["export-triton", onnx32, "-o", tmp_path / "repo", "--deepstream-batch", "0"], "--deepstream-batch must be ≥ 1, got 0"),
         (["export-triton", onnx32, "-o", tmp_path / "repo", "--max-batch", "0"], "--max-batch must be ≥ 1, got 0"),
+        # Past the config fields' int32 / uint64, Triton refused the whole config ("failed to read text proto").
+        (["export-triton", onnx32, "-o", tmp_path / "repo", "--max-batch", "99999999999"],
+         "--max-batch must be ≤ 2147483647 (the range of Triton's config field), got 99999999999"),
+        (["export-triton", onnx32, "-o", tmp_path / "repo", "--max-queue-delay-us", "99999999999999999999"],
+         "--max-queue-delay-us must be ≤ 18446744073709551615"),
+        (["serve", onnx32, "--max-batch", "99999999999"], "--max-batch must be ≤ 2147483647"),
+        # Relative, they were the server's working directory's (op_library_filename: "models/medmamba/lib...").
+        (["export-triton", onnx32, "-o", tmp_path / "repo", "--server-root", "models"],
+         "--server-root must be an absolute path on the server (as it sees the repository, e.g. /models), got 'models'"),
+        (["export-triton", onnx32, "-o", tmp_path / "repo", "--plugin", "lib/plugin.so"],
+         "--plugin must be an absolute path on the server"),
         (["export-triton", onnx32, "-o", tmp_path / "file" / "repo"], "file/repo: " + str(tmp_path / "file") + " is not a folder"),
         (["build-engine", foreign, "-o", tmp_path / "a.engine"], "foreign.onnx: no medmamba-edge metadata"),
         (["quantize", empty, "--calib", npz, "-o", tmp_path / "a.onnx"], "empty.onnx: not an ONNX model (the file is empty"),
