@@ -214,6 +214,13 @@ def test_a_model_the_server_does_not_have_is_one_line(server):
         open_backend(f"triton://127.0.0.1:{server.http_port}/nosuchmodel")
 
 
+def test_the_grpc_port_given_for_the_http_one_is_said_to_be_another_server(server):
+    # It was "server unreachable (broken HTTP answer (BadStatusLine))": gRPC answers HTTP/1.1 with HTTP/2 frames.
+    with pytest.raises(BackendError, match=r"the server's answer is no HTTP/1\.1 \(gRPC answers HTTP/2, on the port "
+                                           r"after Triton's HTTP one\); is this a Triton \(KServe v2\) HTTP port\?"):
+        open_backend(f"triton://127.0.0.1:{server.grpc_port}/{server.name}")
+
+
 def test_sigterm_stops_the_server_cleanly(model, tmp_path):
     with running_server(model, tmp_path) as server:
         os.kill(server.process.pid, signal.SIGTERM)

@@ -328,6 +328,10 @@ class TritonBackend(Backend):
                     reason = f"no answer within {self.server.timeout:g} s"  # the whole of it
                 elif isinstance(exc, OSError):
                     reason = connection_error(exc, self.server.timeout, connected)
+                elif isinstance(exc, http.client.BadStatusLine):  # e.g. gRPC's HTTP/2 frames: a server, not ours
+                    self._mark_down("no HTTP/1.1 answer")
+                    raise BackendError(f"{self.path}: the server's answer is no HTTP/1.1 (gRPC answers HTTP/2, on "
+                                       f"the port after Triton's HTTP one); {NOT_TRITON}") from None
                 else:
                     reason = f"broken HTTP answer ({type(exc).__name__})"
                 self._mark_down(reason)
