@@ -149,6 +149,9 @@ def export_onnx(
         raise ExportError(f"batch must be ≥ 1, got {batch}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")
+    if opset > onnx.defs.onnx_opset_version():  # found before the trace, not as torch.onnx's fallback after it
+        raise ExportError(f"--opset must be ≤ {onnx.defs.onnx_opset_version()}, the newest the installed onnx "
+                          f"{onnx.__version__} knows, got {opset}")
     if problem := tolerance_problem(atol=atol, rtol=rtol):
         raise ExportError(problem)
     check_writable(output)

@@ -338,6 +338,9 @@ def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[
     if _names_file(classes):
         return read_class_names(_names_file(classes), num_classes)
     if isinstance(classes, str):
+        if "," not in classes and Path(classes).is_file():  # labels.txt, say: its path would be one class's name
+            raise CheckpointError(f"--classes {classes}: class names are read from a JSON file (*.json: train.py's "
+                                  "class_indices.json, or a list); otherwise give them as NAME,NAME,...")
         classes = [c.strip() for c in classes.split(",")]
     if classes is not None:
         return _checked_names(list(classes), num_classes, checkpoint, "given ")

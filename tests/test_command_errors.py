@@ -177,6 +177,12 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
     (tmp_path / "file").write_text("")
     cases = [
         (["export", checkpoint, "-o", tmp_path / "a.onnx", "--opset", "17"], "--opset must be ≥ 18"),
+        # Past the installed onnx's newest opset: refused after the trace, as torch.onnx's failure
+        (["export", checkpoint, "-o", tmp_path / "a.onnx", "--opset", "1000"],
+         f"--opset must be ≤ {onnx.defs.onnx_opset_version()}, the newest the installed onnx"),
+        # A file not *.json: its path became the one class name ("1 class names given but the model has 2 outputs")
+        (["export", checkpoint, "-o", tmp_path / "a.onnx", "--classes", tmp_path / "file"],
+         "file: class names are read from a JSON file"),
         (["export", checkpoint, "-o", tmp_path / "a.onnx", "--batch", "4", "--dynamic-batch"], "exclude each other"),
         (["evaluate", checkpoint, "--data", npz, "--input-size", "31"], "input size (31, 31) is too small"),
         (["compare", checkpoint, onnx32, "--input-size", "28"], "input size (28, 28) is too small"),
