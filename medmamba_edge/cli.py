@@ -8,7 +8,8 @@ import errno
 import functools
 import os
 import signal
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -576,7 +577,7 @@ def run(
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
     from medmamba_edge.runtime.backends import is_triton_url
-    from medmamba_edge.runtime.loop import RunOptions, stop_on_signals
+    from medmamba_edge.runtime.loop import CaptureStillRunning, RunOptions, stop_on_signals
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
 
@@ -601,7 +602,10 @@ def run(
         # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary
         # goes to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
         report = console if any_is_stdout(*(f.path for f in files)) else out
-        stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
+        try:
+            stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
+        except CaptureStillRunning:
+            _exit_now()
     if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
         report = console
     # On stderr, as every stderr line, a file name's control characters as escapes (printable).
@@ -690,6 +694,15 @@ def serve(
     options = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, name=name, threads=threads)
     serve_model(model, options, notify=lambda message: out.print(message, highlight=False, soft_wrap=True))
+
+
+def _exit_now() -> None:
+    """End the process at once, as Python's own exit on KeyboardInterrupt would (130), where that exit would abort
+    (loop.CaptureStillRunning); the outputs are closed."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):  # a closed stdout (`>&-`) or a reader gone: exit all the same
+            stream.flush()
+    os._exit(128 + signal.SIGINT)
 
 
 def _interrupt(signum, frame) -> None:

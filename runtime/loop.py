@@ -8,9 +8,7 @@ summary. An output that fails (a full disk) ends the run the same way, with its 
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import os
 import signal
 import sys
 import threading
@@ -88,14 +86,11 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
             messenger.join(timeout=5)
 
 
-def abort_leaving_capture() -> None:
-    """End the process now, as an aborting second stop signal asks, with the outputs already closed. The signal
-    stopped Capture.stop()'s wait for a thread still inside OpenCV (an 8000×8000 PNG decoding): Python's own exit
-    would then abort the process (SIGABRT, 'terminate called without an active exception', exit 134)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed stdout (`>&-`) or a reader gone: exit all the same
-            stream.flush()
-    os._exit(128 + signal.SIGINT)  # 130, as Python's own exit on KeyboardInterrupt
+class CaptureStillRunning(KeyboardInterrupt):
+    """The stop signal's KeyboardInterrupt, raised by ``run`` with the outputs closed, where it stopped
+    Capture.stop()'s wait for a thread still inside OpenCV (an 8000×8000 PNG decoding): Python's own exit would then
+    abort the process (SIGABRT, 'terminate called without an active exception', exit 134), so a process that means to
+    end on it ends with os._exit, as the command line does. A library caller catching KeyboardInterrupt still can."""
 
 
 def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
@@ -186,8 +181,9 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
             finally:
                 outputs.close()
                 # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
-                if not capture.done and isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                    abort_leaving_capture()
+                interrupt = sys.exc_info()[1]
+                if not capture.done and isinstance(interrupt, KeyboardInterrupt):
+                    raise CaptureStillRunning() from interrupt
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
