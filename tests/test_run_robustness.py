@@ -143,9 +143,11 @@ def test_a_link_loop_or_dangling_link_given_as_the_source_is_said_as_a_folder_sa
     """Given as SOURCE, both were "no such file, folder, camera or stream", and a name too long a traceback."""
     os.symlink("loop.png", tmp_path / "loop.png")
     os.symlink("missing.png", tmp_path / "dangling.png")
+    (tmp_path / "file.png").write_bytes(b"")
     for name, message in (("loop.png", "a symbolic link loop (to loop.png)"),
                           ("dangling.png", "a dangling symbolic link (to missing.png)"),
                           ("missing.png", "no such file, folder, camera or stream"),
+                          ("file.png/x.png", "no such file, folder, camera or stream"),  # a file on the way: ENOTDIR
                           ("x" * 300 + ".png", "cannot be examined (File name too long)")):
         code, output = cli("run", model, tmp_path / name)
         assert code == 1 and f"{name}: {message}" in output and "Traceback" not in output, output

@@ -45,6 +45,16 @@ def test_file_paths_are_no_urls(spec):
     assert not is_triton_url(spec)
 
 
+def test_a_file_in_a_folder_named_as_a_scheme_is_a_file(tmp_path, monkeypatch):
+    """runs://m.onnx is runs:/m.onnx to the file system: a model there opened before any scheme was refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs:").mkdir()
+    (tmp_path / "runs:" / "m.onnx").write_bytes(b"")
+    assert not is_triton_url("runs://m.onnx")
+    with pytest.raises(BackendError, match="unknown model URI scheme 'runs'"):
+        is_triton_url("runs://other.onnx")
+
+
 @pytest.mark.parametrize("spec, message", [
     ("triton://host:8000", "not a server address"),
     ("triton://host:8000/m/latest", "the model version must be a number"),

@@ -94,6 +94,8 @@ def is_triton_url(spec) -> bool:
     than as a missing file."""
     match = MODEL_URI.match(str(spec))
     if match and match[2]:
+        if Path(spec).exists():  # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx
+            return False
         raise BackendError(f"{spec}: unknown model URI scheme {match[2].lower()!r}; a served model is "
                            f"{TRITON_SCHEME}://HOST:PORT/MODEL")
     return match is not None

@@ -80,7 +80,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         path.stat()
     except OSError as exc:  # a link loop, a dangling link, a name too long: said as a folder's listing says it
         is_link = os.path.islink(path)  # not Path.is_symlink: it raises for a name too long
-        if exc.errno == errno.ENOENT and not is_link:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not is_link:  # ENOTDIR: a file as a folder on the way
             raise SourceError(f"{path}: no such file, folder, camera or stream") from None
         raise SourceError(f"{path}: {cannot_stat(path, exc, is_link)}") from None
     if path.is_dir():
