@@ -333,7 +333,8 @@ def _readme(name: str, served: ServedModel, server_command: str, op_library: str
              f"max_batch_size {served.max_batch}."]
     if op_library:
         lines += ["", f"The SS2DScan nodes run in `{op_library}` (loaded through `model_operations`); it was built "
-                  "for this machine's CPU architecture and needs the server's ONNX Runtime to be 1.17 or newer."]
+                  "for this machine's CPU architecture and needs the server's ONNX Runtime to be 1.17 or newer (the "
+                  "exported model, ONNX IR version 10, needs 1.18)."]
     if served.kind == "engine":
         lines += ["", "An engine runs only on the TensorRT version and GPU it was built for: build it with the "
                   "server's TensorRT (inside the Triton container)."]

@@ -645,8 +645,6 @@ def export_triton(
     """Write a Triton model repository entry (onnxruntime or tensorrt backend) and a DeepStream nvinfer config."""
     from medmamba_edge.exporters.triton_repository import export_triton as write_repository
 
-    from .errors import install_hint
-
     result = write_repository(model, output, name=name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                               instances=instances, kind=kind, server_root=server_root, plugin=plugin,
                               deepstream_batch=deepstream_batch)
@@ -659,8 +657,9 @@ def export_triton(
         out.print(f"config.pbtxt parses with Triton's model_config schema (tritonclient {result.schema_checked_with})",
                   highlight=False)
     else:
+        # Not the serve extra's hint: it pins numpy < 2 and older OpenCV, which would downgrade this environment.
         console.print("[yellow]config.pbtxt not checked against Triton's schema: tritonclient is not installed "
-                      f"({shown(install_hint('serve'))})[/]", highlight=False, soft_wrap=True)
+                      "(pip install 'tritonclient[grpc]' adds it)[/]", highlight=False, soft_wrap=True)
     if result.deepstream_text:
         out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1) and "
                   f"deepstream_model.onnx (the model, its logits through a Softmax)", highlight=False, soft_wrap=True)
