@@ -296,11 +296,11 @@ def check_deepstream_config(text: str, source: str = DEEPSTREAM_CONFIG) -> None:
 
 def check_triton_config(text: str, source: str = "config.pbtxt") -> str | None:
     """Parse ``text`` with Triton's own ModelConfig schema; the tritonclient version used, or None when
-    tritonclient is not installed (it comes with the serve extra). Unknown fields and wrong types are errors."""
+    tritonclient[grpc] is not installed (the serve extra brings it). Unknown fields and wrong types are errors."""
     try:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
-    except ImportError:
+    except (ImportError, RuntimeError):  # tritonclient without its grpc extra raises RuntimeError
         return None
     try:
         text_format.Parse(text, model_config_pb2.ModelConfig())
@@ -357,18 +357,19 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                  ("--deepstream-batch", deepstream_batch, 1), ("--max-queue-delay-us", max_queue_delay_us, 0)):
         if problem := range_problem(option, value, least):
             raise TritonExportError(problem)
-    # Relative paths would be the server's (or nvinfer's) working directory's, not this repository's.
-    for option, value in (("--server-root", server_root), ("--plugin", plugin)):
-        if value is not None and not value.startswith("/"):
-            raise TritonExportError(f"{option} must be an absolute path on the server (as it sees "
-                                    f"{'the repository' if option == '--server-root' else 'the plugin library'}, "
-                                    f"e.g. /models), got {value!r}")
+    if server_root is not None and not server_root.startswith("/"):  # else the server's working directory's
+        raise TritonExportError(f"--server-root must be an absolute path on the server (as it sees the repository, "
+                                f"e.g. /models), got {server_root!r}")
     if kind.lower() not in ("cpu", "gpu"):  # the CLI's words; Triton's are KIND_CPU and KIND_GPU
         raise TritonExportError(f"--kind must be cpu or gpu, got {kind!r}")
     kind = f"KIND_{kind.upper()}"
     if problem := model_name_problem(name):
         raise TritonExportError(problem)
     served = describe_model(model, max_batch)
+    # nvinfer reads a relative custom-lib-path from its config's folder; Triton's plugins= from its working directory
+    if plugin is not None and not plugin.startswith("/") and "plugins=" in _plugin_loading(served, plugin):
+        raise TritonExportError(f"--plugin must be an absolute path on the server for an engine (Triton's tensorrt "
+                                f"backend loads it by that path), got {plugin!r}")
     unwritable = unwritable_class_names(served.metadata.class_names)
     if unwritable:  # a model exported before the rule: labels.txt and DeepStream's label file would be wrong
         raise TritonExportError(f"{model}: {unwritable}: re-export it with other names (--classes)")

@@ -577,7 +577,7 @@ def run(
     warn = lambda message: console.print(f"[yellow]{shown(message)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
     from medmamba_edge.runtime import sinks as sink_types
     from medmamba_edge.runtime.backends import is_triton_url
-    from medmamba_edge.runtime.loop import CaptureStillRunning, RunOptions, stop_on_signals
+    from medmamba_edge.runtime.loop import RunOptions, capture_still_running, stop_on_signals
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
 
@@ -604,8 +604,10 @@ def run(
         report = console if any_is_stdout(*(f.path for f in files)) else out
         try:
             stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
-        except CaptureStillRunning:
-            _exit_now()
+        except KeyboardInterrupt as interrupt:
+            if capture_still_running(interrupt):
+                _exit_now()
+            raise
     if out.file.failed:  # its reader gone (`| head`): the summary still says what the files hold
         report = console
     # On stderr, as every stderr line, a file name's control characters as escapes (printable).
@@ -657,9 +659,11 @@ def export_triton(
         out.print(f"config.pbtxt parses with Triton's model_config schema (tritonclient {result.schema_checked_with})",
                   highlight=False)
     else:
-        # Not the serve extra's hint: it pins numpy < 2 and older OpenCV, which would downgrade this environment.
-        console.print("[yellow]config.pbtxt not checked against Triton's schema: tritonclient is not installed "
-                      "(pip install 'tritonclient[grpc]' adds it)[/]", highlight=False, soft_wrap=True)
+        # Not an install hint: tritonclient[grpc] pins protobuf < 7 and the serve extra numpy < 2 and an older
+        # OpenCV, which would downgrade this environment; the serve venv has it.
+        note = ("config.pbtxt not checked against Triton's schema: tritonclient[grpc] is not installed here (the "
+                "serve extra's virtual environment has it; docs/serving.md)")
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False, soft_wrap=True)
     if result.deepstream_text:
         out.print(f"wrote {result.folder}/deepstream_nvinfer.txt (Gst-nvinfer, network-type=1) and "
                   f"deepstream_model.onnx (the model, its logits through a Softmax)", highlight=False, soft_wrap=True)
@@ -697,7 +701,7 @@ def serve(
 
 def _exit_now() -> None:
     """End the process at once, as Python's own exit on KeyboardInterrupt would (130), where that exit would abort
-    (loop.CaptureStillRunning); the outputs are closed."""
+    (loop.capture_still_running); the outputs are closed."""
     for stream in (sys.stdout, sys.stderr):
         with suppress(Exception):  # a closed stdout (`>&-`) or a reader gone: exit all the same
             stream.flush()

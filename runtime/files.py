@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import stat
 import sys
 import tempfile
@@ -191,12 +190,31 @@ class AtomicOutput:
                 # The target is a mount point, a file bind-mounted into a container (`docker run -v
                 # host.jsonl:/out/r.jsonl`): no rename replaces it, so its content is, in place.
                 try:
-                    with open(self.write_path, "rb") as whole_file, open(self.target, "wb") as target:
-                        shutil.copyfileobj(whole_file, target)
+                    self._write_into_target()
                 except OSError as copy_exc:
                     self._kept(copy_exc)
                 self.write_path.unlink()
         self.complete = whole and not self.cut_short
+
+    def _write_into_target(self) -> None:
+        """The whole file's bytes over the target's, the space reserved first: a disk too full for them fails before
+        the target's old content is touched (truncating first left a torn record where the old file was)."""
+        size = self.write_path.stat().st_size
+        fd = os.open(self.target, os.O_WRONLY)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write on
+                    raise
+            with open(self.write_path, "rb") as whole_file:
+                while chunk := whole_file.read(1 << 20):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     def _kept(self, exc: OSError) -> None:
         raise OutputError(f"{self.path}: cannot put the output in place ({exc.strerror or exc}); it is kept as "

@@ -86,11 +86,13 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
             messenger.join(timeout=5)
 
 
-class CaptureStillRunning(KeyboardInterrupt):
-    """The stop signal's KeyboardInterrupt, raised by ``run`` with the outputs closed, where it stopped
+def capture_still_running(interrupt: KeyboardInterrupt) -> bool:
+    """Whether ``run`` let this stop signal's KeyboardInterrupt through (the outputs closed) where it stopped
     Capture.stop()'s wait for a thread still inside OpenCV (an 8000×8000 PNG decoding): Python's own exit would then
     abort the process (SIGABRT, 'terminate called without an active exception', exit 134), so a process that means to
-    end on it ends with os._exit, as the command line does. A library caller catching KeyboardInterrupt still can."""
+    end on it ends with os._exit, as the command line does. A plain KeyboardInterrupt, marked: an application's
+    handler still runs, and uncaught it still exits 130 (Python does so for that class only, not a subclass)."""
+    return getattr(interrupt, "capture_still_running", False)
 
 
 def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
@@ -183,7 +185,7 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
                 interrupt = sys.exc_info()[1]
                 if not capture.done and isinstance(interrupt, KeyboardInterrupt):
-                    raise CaptureStillRunning() from interrupt
+                    interrupt.capture_still_running = True
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])

@@ -433,12 +433,13 @@ def test_a_stop_signal_while_the_first_file_decodes_exits_0_with_its_record(mode
 def test_an_abort_while_the_run_waits_for_the_capture_thread_closes_the_outputs_and_says_so(model):
     """The second stop signal lands in Capture.stop()'s wait for a thread still decoding (inside OpenCV): the
     KeyboardInterrupt then ended the process through Python's exit, which aborts (SIGABRT, exit 134) when that
-    thread comes back during it. run() says so by the interrupt's class, the outputs closed, and the command line
+    thread comes back during it. run() marks the interrupt (a plain KeyboardInterrupt: uncaught, it still exits 130;
+    a subclass exits 1), the outputs closed, and the command line
     ends with os._exit(130) on it (test_a_stop_signal_while_the_first_file_decodes); a library caller's own
     handler still runs (run() once called os._exit itself). Whether the thread comes back in time is a race, so
     here it sleeps."""
     from medmamba_edge.runtime.backends import open_backend
-    from medmamba_edge.runtime.loop import CaptureStillRunning, RunOptions, run
+    from medmamba_edge.runtime.loop import RunOptions, capture_still_running, run
     from medmamba_edge.runtime.sources import Frame, Source
 
     decoded = threading.Event()
@@ -464,13 +465,11 @@ def test_an_abort_while_the_run_waits_for_the_capture_thread_closes_the_outputs_
     try:
         run(open_backend(model), DecodingForLong(), [Closing()], RunOptions(), notify=lambda message: None)
         outcome = "returned"
-    except CaptureStillRunning:
-        outcome = "CaptureStillRunning"
-    except KeyboardInterrupt:
-        outcome = "KeyboardInterrupt: Python's exit, the capture thread inside OpenCV"
+    except KeyboardInterrupt as interrupt:
+        outcome = "marked" if capture_still_running(interrupt) else "unmarked: Python's exit, the thread in OpenCV"
     finally:
         decoded.set()
-    assert outcome == "CaptureStillRunning" and Closing.closed
+    assert outcome == "marked" and Closing.closed
 
 
 @pytest.mark.parametrize("first", [(200, 9000), (1, 1)], ids=["9000-wide", "1x1"])
@@ -788,6 +787,30 @@ def test_an_output_bind_mounted_over_a_file_is_written_into_it(tmp_path):
     finally:
         subprocess.run(["umount", str(target)], check=True)
     assert host.read_bytes() == b'{"seq": 0}\n' and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_a_bind_mounted_target_on_a_full_disk_keeps_its_old_content(tmp_path):
+    """The content is written over a mount point's in place: with too little room, the old content stays whole (it
+    was truncated first, and the target ended in a torn record) and the new one is where the error says."""
+    disk, target = tmp_path / "disk", tmp_path / "r.jsonl"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        old = b"".join(b'{"old": %d}\n' % i for i in range(800))  # 8.8 kB of the 16 kB
+        (disk / "host.jsonl").write_bytes(old)
+        target.write_bytes(b"")
+        subprocess.run(["mount", "--bind", str(disk / "host.jsonl"), str(target)], check=True)
+        try:
+            output = AtomicOutput(target)  # the temporary file beside the target: on tmp_path, not the small disk
+            output.write(b"".join(b'{"seq": %d}\n' % i for i in range(3000)))  # 40 kB
+            with pytest.raises(files.OutputError, match=r"r\.jsonl: cannot put the output in place \(No space left"):
+                output.commit()
+            assert target.read_bytes() == old and output.write_path.stat().st_size > 40000
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):

@@ -7,6 +7,7 @@ imports happen in ``open_backend`` so that importing this package stays torch- a
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Protocol
@@ -94,7 +95,9 @@ def is_triton_url(spec) -> bool:
     than as a missing file."""
     match = MODEL_URI.match(str(spec))
     if match and match[2]:
-        if Path(spec).exists():  # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx
+        # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name
+        # too long)
+        if os.path.exists(spec):
             return False
         raise BackendError(f"{spec}: unknown model URI scheme {match[2].lower()!r}; a served model is "
                            f"{TRITON_SCHEME}://HOST:PORT/MODEL")
