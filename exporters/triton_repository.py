@@ -309,15 +309,20 @@ def check_triton_config(text: str, source: str = "config.pbtxt") -> str | None:
     return importlib.metadata.version("tritonclient")
 
 
+def _plugin_by_path(served: ServedModel) -> bool:
+    """Whether the server loads the TensorRT plugin library by path (the tensorrt backend's ``plugins=``): for an
+    engine that needs it, unless it is version-compatible and so carries the library inside (build-engine
+    serialises it), which the backend's version-compatible mode trusts."""
+    return served.kind == "engine" and served.needs_trt_plugin and not served.version_compatible
+
+
 def _plugin_loading(served: ServedModel, plugin: str | None) -> str:
-    """tritonserver's option that registers SS2DScan before an engine loads. A version-compatible engine carries
-    the plugin library inside (build-engine serialises it), which the backend's version-compatible mode trusts;
-    any other engine needs the library loaded by path (the tensorrt backend's ``plugins=``)."""
-    if served.kind != "engine" or not served.needs_trt_plugin:
-        return ""
-    if served.version_compatible:
+    """tritonserver's option that registers SS2DScan before an engine loads."""
+    if _plugin_by_path(served):
+        return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
+    if served.kind == "engine" and served.needs_trt_plugin:
         return " --backend-config=tensorrt,version-compatible=true"
-    return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
+    return ""
 
 
 def _readme(name: str, served: ServedModel, server_command: str, op_library: str | None,
@@ -353,9 +358,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
     point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
     DeepStream device (default: a copy beside the config, when one is built here)."""
-    for option, value, least in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
-                                 ("--deepstream-batch", deepstream_batch, 1), ("--max-queue-delay-us", max_queue_delay_us, 0)):
-        if problem := range_problem(option, value, least):
+    for option, value in (("--max-batch", max_batch), ("--instances", instances),
+                          ("--deepstream-batch", deepstream_batch), ("--max-queue-delay-us", max_queue_delay_us)):
+        if problem := range_problem(option, value):
             raise TritonExportError(problem)
     if server_root is not None and not server_root.startswith("/"):  # else the server's working directory's
         raise TritonExportError(f"--server-root must be an absolute path on the server (as it sees the repository, "
@@ -367,7 +372,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         raise TritonExportError(problem)
     served = describe_model(model, max_batch)
     # nvinfer reads a relative custom-lib-path from its config's folder; Triton's plugins= from its working directory
-    if plugin is not None and not plugin.startswith("/") and "plugins=" in _plugin_loading(served, plugin):
+    if plugin is not None and not plugin.startswith("/") and _plugin_by_path(served):
         raise TritonExportError(f"--plugin must be an absolute path on the server for an engine (Triton's tensorrt "
                                 f"backend loads it by that path), got {plugin!r}")
     unwritable = unwritable_class_names(served.metadata.class_names)

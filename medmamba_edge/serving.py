@@ -62,8 +62,8 @@ class ServeOptions:
     threads: int | None = None
 
     def __post_init__(self):
-        for option, value, least in (("--max-batch", self.max_batch, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0)):
-            if problem := range_problem(option, value, least):
+        for option, value in (("--max-batch", self.max_batch), ("--max-queue-delay-us", self.max_queue_delay_us)):
+            if problem := range_problem(option, value):
                 raise UserError(problem)
         check_threads(self.threads)
         ports = [self.port, self.grpc_port_or_default, self.metrics_port_or_default]

@@ -10,19 +10,22 @@ DEFAULT_MAX_BATCH = 8  # the largest batch Triton's dynamic batcher forms
 DEFAULT_MAX_QUEUE_DELAY_US = 2000  # how long a request may wait for others to batch with
 DEFAULT_INSTANCES, DEFAULT_KIND = 1, "cpu"  # export-triton's instance_group
 
-# The widest value each option's config field holds (model_config.proto: max_batch_size and instance_group's count
-# are int32, max_queue_delay_microseconds uint64; nvinfer's batch-size an int): past it Triton refuses the whole config
+# What each option may be: at least one batch, instance or stream (no delay at all is fine), and at most what its
+# config field holds (model_config.proto: max_batch_size and instance_group's count are int32,
+# max_queue_delay_microseconds uint64; nvinfer's batch-size an int): past it Triton refuses the whole config
 # ("failed to read text proto").
-FIELD_MAX = {"--max-batch": 2**31 - 1, "--instances": 2**31 - 1, "--deepstream-batch": 2**31 - 1,
-             "--max-queue-delay-us": 2**64 - 1}
+OPTION_RANGES = {"--max-batch": (1, 2**31 - 1), "--instances": (1, 2**31 - 1), "--deepstream-batch": (1, 2**31 - 1),
+                 "--max-queue-delay-us": (0, 2**64 - 1)}
 
 
-def range_problem(option: str, value: int | None, least: int) -> str | None:
-    """Why ``value`` cannot be given for ``option`` (one of FIELD_MAX), if it cannot; None is left to the default."""
+def range_problem(option: str, value: int | None) -> str | None:
+    """Why ``value`` cannot be given for ``option`` (one of OPTION_RANGES), if it cannot; None is left to the
+    default."""
+    least, most = OPTION_RANGES[option]
     if value is None:
         return None
     if value < least:
         return f"{option} must be ≥ {least}, got {value}"
-    if value > FIELD_MAX[option]:
-        return f"{option} must be ≤ {FIELD_MAX[option]} (the range of Triton's config field), got {value}"
+    if value > most:
+        return f"{option} must be ≤ {most} (the range of Triton's config field), got {value}"
     return None
