@@ -30,6 +30,18 @@ class BuildExt(build_ext):
             return os.path.join(*fullname.split(".")) + (".dylib" if sys.platform == "darwin" else ".so")
         return super().get_ext_filename(fullname)
 
+    def build_extension(self, ext):
+        if ext.name != ORT_OPS:
+            return super().build_extension(ext)
+        # Python's own link flags may carry its build's -rpath (pyenv's do): a library copied into Triton model
+        # repositories and C++ deployments should not name this machine's folders (it needs nothing but libc).
+        linker = self.compiler.linker_so
+        self.compiler.linker_so = [arg for arg in linker if not arg.startswith("-Wl,-rpath")]
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.linker_so = linker
+
 
 def optional_extension(name, sources, link=()):
     # optional: a build failure is a warning, and the runtime reports the part as not built

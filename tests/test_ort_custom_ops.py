@@ -178,14 +178,16 @@ def test_bad_shapes_are_an_onnxruntime_error(index, shape, message):
 
 def test_an_onnxruntime_without_c_api_17_is_refused_with_its_version():
     """RegisterCustomOps against an OrtApiBase that offers versions up to 16 only (ONNX Runtime 1.16's): a status
-    saying what is needed, not a crash. The real runtime's table answers for versions <= 16."""
+    saying what is needed, not a crash, and without asking for version 17 (1.16's GetApi prints a line of its own
+    then). The real runtime's table answers for versions <= 16."""
     capi = Path(ort.__file__).parent / "capi"
     runtime = ctypes.CDLL(str(next(capi.glob("libonnxruntime.so*"))))
     runtime.OrtGetApiBase.restype = ctypes.POINTER(ctypes.c_void_p * 2)
     get_api_type = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
     version_type = ctypes.CFUNCTYPE(ctypes.c_void_p)  # a char* that must outlive the callback: our buffer's
     real_get_api = get_api_type(runtime.OrtGetApiBase().contents[0])
-    fake_get_api = get_api_type(lambda version: real_get_api(version) if version <= 16 else None)
+    asked = []
+    fake_get_api = get_api_type(lambda version: asked.append(version) or (real_get_api(version) if version <= 16 else None))
     version_string = ctypes.create_string_buffer(b"1.16.3")
     fake_version = version_type(lambda: ctypes.addressof(version_string))
     fake_base = (ctypes.c_void_p * 2)(ctypes.cast(fake_get_api, ctypes.c_void_p),
@@ -198,6 +200,18 @@ def test_an_onnxruntime_without_c_api_17_is_refused_with_its_version():
     message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(api[2])(status).decode()  # GetErrorMessage
     ctypes.CFUNCTYPE(None, ctypes.c_void_p)(api[93])(status)  # ReleaseStatus
     assert message == "libmedmamba_ort_ops needs ONNX Runtime >= 1.17 (C API version 17); this is ONNX Runtime 1.16.3"
+    assert 17 not in asked
+
+
+def test_the_library_names_no_folder_of_the_machine_that_built_it():
+    """It is copied into Triton model repositories and C++ deployments; Python's link flags (pyenv's) carried a
+    -rpath to its own lib folder."""
+    try:
+        dynamic = subprocess.run(["readelf", "-d", str(LIBRARY)], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        pytest.skip("readelf (binutils) is not installed")
+    assert "NEEDED" in dynamic
+    assert "RPATH" not in dynamic and "RUNPATH" not in dynamic
 
 
 def test_a_missing_library_is_one_clear_error(monkeypatch):

@@ -242,13 +242,22 @@ static const OrtCustomOp ss2d_scan_op = {
 static pthread_mutex_t domain_lock = PTHREAD_MUTEX_INITIALIZER;
 static OrtCustomOpDomain *domain = NULL;
 
+/* Whether ONNX Runtime `release` (its version string) has C API MM_ORT_API_VERSION: release 1.N has API N.  Asked
+ * before GetApi, which in an older runtime also prints a line of its own to stderr beside the status we return. */
+static int release_has_api(const char *release) {
+    int major = 0, minor = 0;
+    if (sscanf(release, "%d.%d", &major, &minor) != 2) return 1; /* unparsable: GetApi answers */
+    return major > 1 || (major == 1 && minor >= MM_ORT_API_VERSION);
+}
+
 MM_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
-    const OrtApi *api = api_base->GetApi(MM_ORT_API_VERSION);
+    const char *release = api_base->GetVersionString();
+    const OrtApi *api = release_has_api(release) ? api_base->GetApi(MM_ORT_API_VERSION) : NULL;
     if (api == NULL) /* every runtime has version 1, which is enough to say why */
         return errorf(api_base->GetApi(1), ORT_FAIL,
                       "libmedmamba_ort_ops needs ONNX Runtime >= " MM_ORT_MIN_RELEASE " (C API version %d); this is "
                       "ONNX Runtime %s",
-                      MM_ORT_API_VERSION, api_base->GetVersionString());
+                      MM_ORT_API_VERSION, release);
     OrtStatus *status = NULL;
     pthread_mutex_lock(&domain_lock);
     if (domain == NULL) {
