@@ -5,6 +5,7 @@ What comes out is what ``preprocess`` takes: RGB or grayscale, uint8/uint16, or 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -125,16 +126,16 @@ def _rescaled(image: np.ndarray, maxval: int | None) -> np.ndarray:
 _TIFF_LAYOUTS = {42: ("I", 4, "H", 12, 8), 43: ("Q", 8, "Q", 20, 12)}
 
 
-def _tiff_white_is_zero(data) -> bool:
-    """Whether a TIFF's first image says PhotometricInterpretation 0 (WhiteIsZero: 0 is white). OpenCV inverts
-    such 8-bit images and returns 16-bit ones as stored, so this tells which 16-bit ones are inverted."""
+def _tiff_tag(data, wanted: int) -> int | None:
+    """The first value of SHORT tag ``wanted`` in a TIFF's first image (IFD); None when the file is no TIFF, the
+    tag is not there or not a SHORT."""
     head = bytes(data[:16])
     order = {b"II": "<", b"MM": ">"}.get(head[:2])
     if order is None or len(head) < 8:
-        return False
+        return None
     (magic,) = struct.unpack(order + "H", head[2:4])
     if magic not in _TIFF_LAYOUTS:
-        return False
+        return None
     offset, where, count, size, value_at = _TIFF_LAYOUTS[magic]
     try:
         (ifd,) = struct.unpack_from(order + offset, head, where)
@@ -142,11 +143,39 @@ def _tiff_white_is_zero(data) -> bool:
         (entries,) = struct.unpack(order + count, bytes(data[ifd:ifd + width]))
         for entry in range(ifd + width, ifd + width + size * entries, size):
             tag, kind = struct.unpack(order + "HH", bytes(data[entry:entry + 4]))
-            if tag == 262:  # PhotometricInterpretation, a SHORT held in the entry itself
-                return kind == 3 and struct.unpack(order + "H", bytes(data[entry + value_at:entry + value_at + 2]))[0] == 0
-    except struct.error:  # an IFD past the end: OpenCV has decoded what it could, its photometric unknown
-        return False
-    return False
+            if tag == wanted:
+                if kind != 3:
+                    return None
+                (values,) = struct.unpack(order + count.replace("H", "I"), bytes(data[entry + 4:entry + value_at]))
+                at = entry + value_at  # values held in the entry itself, or (more than fit there) at an offset
+                if 2 * values > size - value_at:
+                    (at,) = struct.unpack(order + offset, bytes(data[at:at + struct.calcsize(offset)]))
+                return struct.unpack(order + "H", bytes(data[at:at + 2]))[0]
+    except struct.error:  # an IFD past the end: OpenCV has decoded what it could, the tag unknown
+        return None
+    return None
+
+
+def _tiff_white_is_zero(data) -> bool:
+    """Whether a TIFF's first image says PhotometricInterpretation 0 (WhiteIsZero: 0 is white). OpenCV inverts
+    such 8-bit images and returns 16-bit ones as stored, so this tells which 16-bit ones are inverted."""
+    return _tiff_tag(data, 262) == 0
+
+
+def _unassociated_rgba(path, data) -> np.ndarray:
+    """An 8-bit RGBA TIFF whose alpha is unassociated (ExtraSamples 2), decoded by Pillow with its colours as stored:
+    OpenCV reads it through libtiff's RGBA interface, which multiplies the colours by the alpha (a BUSI scan with an
+    alpha ramp scored 0.995 benign as TIFF, 0.820 as PNG), where train.py's PIL convert("RGB") drops the alpha."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError(f"{path}: an RGBA TIFF with unassociated alpha (ExtraSamples 2) needs Pillow to be read as "
+                         f"stored (OpenCV multiplies its colours by the alpha): pip install pillow") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGBA"))
+    except Exception as exc:  # UnidentifiedImageError, a strip cut short, …: this file only
+        raise ImageError(f"{path}: Pillow cannot decode this RGBA TIFF ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _over_limit(path, width: int, height: int, kind: str, note: str = "") -> ImageError:
@@ -188,6 +217,8 @@ def read_image(path) -> np.ndarray:
     image = _rescaled(image, _netpbm_maxval(data))
     if image.dtype == np.uint16 and image.ndim == 2 and _tiff_white_is_zero(data):
         image = np.iinfo(np.uint16).max - image  # bright is dense, as 8-bit ones and MONOCHROME1 DICOM are read
+    if image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8 and _tiff_tag(data, 338) == 2:
+        return _unassociated_rgba(path, data)  # ExtraSamples 2: decoded again, as stored (16-bit RGBA already is)
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:

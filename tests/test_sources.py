@@ -659,3 +659,36 @@ def test_a_header_value_that_is_not_a_number_is_a_malformed_header_not_a_crash(t
     ds.save_as(path)
     with pytest.raises(ImageError, match=r"nf\.dcm: malformed DICOM header \(AttributeError: .*Rows"):
         read_dicom(path)
+
+
+def test_an_rgba_tiff_with_unassociated_alpha_keeps_its_colours_as_stored(tmp_path, monkeypatch):
+    """OpenCV reads an ExtraSamples 2 TIFF through libtiff's RGBA interface, which multiplies the colours by the
+    alpha; train.py's PIL convert("RGB") drops the alpha (a BUSI scan with an alpha ramp: 0.995 benign as TIFF,
+    0.820 as PNG)."""
+    import sys
+
+    from PIL import Image
+
+    from medmamba_edge.runtime.decode import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    rgba = np.dstack([rgb, np.tile(np.linspace(0, 255, 8).astype(np.uint8), (6, 1))])
+    Image.fromarray(rgba).save(tmp_path / "pil.tif")  # ExtraSamples 2, as PIL writes RGBA
+    Image.fromarray(rgba).save(tmp_path / "big.tif", big_tiff=True)
+    Image.fromarray(rgba).save(tmp_path / "same.png")
+    for name in ("pil.tif", "big.tif"):
+        assert Image.open(tmp_path / name).tag_v2[338] in (2, (2,))
+        assert np.array_equal(read_image(tmp_path / name), rgba), name
+        assert np.array_equal(read_image(tmp_path / name)[..., :3], np.asarray(Image.open(tmp_path / "same.png").convert("RGB")))
+    # OpenCV's own RGBA TIFF (no ExtraSamples: as stored already) and 16-bit RGBA are read by OpenCV as before.
+    cv2.imwrite(str(tmp_path / "cv.tif"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    cv2.imwrite(str(tmp_path / "cv16.tif"), cv2.cvtColor(rgba.astype(np.uint16) * 257, cv2.COLOR_RGBA2BGRA))
+    assert np.array_equal(read_image(tmp_path / "cv.tif"), rgba)
+    assert np.array_equal(read_image(tmp_path / "cv16.tif"), rgba.astype(np.uint16) * 257)
+    # Pillow is optional in the runtime: without it the file is refused, not fed premultiplied.
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ImageError, match=r"pil\.tif: an RGBA TIFF with unassociated alpha \(ExtraSamples 2\) needs "
+                                         r"Pillow .*: pip install pillow"):
+        read_image(tmp_path / "pil.tif")
+    assert np.array_equal(read_image(tmp_path / "cv.tif"), rgba)
