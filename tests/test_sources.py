@@ -692,3 +692,20 @@ def test_an_rgba_tiff_with_unassociated_alpha_keeps_its_colours_as_stored(tmp_pa
                                          r"Pillow .*: pip install pillow"):
         read_image(tmp_path / "pil.tif")
     assert np.array_equal(read_image(tmp_path / "cv.tif"), rgba)
+
+
+def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_own(tmp_path):
+    """A .gif (a video suffix: OpenCV reads it as one) was passed over in a folder as notes.txt is: no record."""
+    from PIL import Image
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.gif")
+    write_video(tmp_path / "c.avi", count=2)  # a video is no image: not listed, as before
+    (tmp_path / "notes.txt").write_text("not an image: not listed")
+    for spec, found in ((tmp_path, ["a.png", "b.gif"]), (tmp_path / "*.gif", ["b.gif"])):
+        frames = list(open_source(str(spec)).frames())
+        assert [f.source.rsplit("/", 1)[-1] for f in frames] == found
+        assert frames[-1].image is None and frames[-1].error == (
+            f"{tmp_path / 'b.gif'}: a GIF is read as a video, a source of its own (medmamba-edge run MODEL "
+            f"{tmp_path / 'b.gif'}), not among a folder's images")
+    assert frames[0].source == str(tmp_path / "b.gif")

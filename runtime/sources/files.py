@@ -45,6 +45,10 @@ class FileSource(Source):
 
 
 NOT_REGULAR = "not a regular file (a FIFO, socket or device), not read"
+# A GIF looks like an image but is read as a video (animated, it is one): a source of its own, so in a folder or
+# glob it gets a record saying so rather than being passed over as notes.txt is (other videos are: nobody takes an
+# .mp4 for one of the images). train.py's ImageFolder does not take .gif either.
+ANIMATION = "a GIF is read as a video, a source of its own (medmamba-edge run MODEL {}), not among a folder's images"
 
 
 def cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
@@ -151,9 +155,12 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
 
 def _listed(path: Path, info: os.stat_result) -> Path | tuple[Path, str] | None:
     """What a folder's listing or a glob gives for an entry that is no folder: an image or DICOM file, or what
-    looks like one with the reason it is not read; None for other files (notes.txt, a video, .DS_Store)."""
+    looks like one (a GIF) with the reason it is not read; None for other files (notes.txt, a video, .DS_Store)."""
+    suffix = path.suffix.lower()
     if not stat.S_ISREG(info.st_mode):
-        return (path, NOT_REGULAR) if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES else None
+        return (path, NOT_REGULAR) if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES + (".gif",) else None
+    if suffix == ".gif":
+        return path, ANIMATION.format(path)
     try:
         return path if is_still(path) else None
     except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
