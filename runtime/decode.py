@@ -259,12 +259,20 @@ def read_dicom(path: str | Path) -> DicomFrames:
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
     to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
+    syntax = None  # the transfer syntax of a data set without the file header, as pydicom found its encoding
     try:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
         # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
-        ds = pydicom.dcmread(str(path), defer_size=4096)
+        try:
+            ds = pydicom.dcmread(str(path), defer_size=4096)
+        except pydicom.errors.InvalidDicomError:
+            if Path(path).suffix.lower() not in DICOM_SUFFIXES:
+                raise
+            ds, syntax = _bare_dataset(pydicom, path)
         if _deflated(ds):
             ds = pydicom.dcmread(str(path))
+    except ImageError:
+        raise
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -278,7 +286,38 @@ def read_dicom(path: str | Path) -> DicomFrames:
             raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before "
                              f"its pixel data")
         raise ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
-    return DicomFrames(path, ds, lut)
+    return DicomFrames(path, ds, lut, syntax)
+
+
+def _bare_dataset(pydicom, path):
+    """A file named as DICOM without the Part 10 header (no 'DICM' after a 128-byte preamble, no File Meta: older
+    modalities and some exports write the bare data set), read as pydicom finds it encoded, and the transfer syntax
+    that encoding is (None when the file has its File Meta after all, only no preamble). pydicom's own refusal
+    ends "Use force=True", an option the CLI does not have: it is read as that option would read it."""
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: file is empty")
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(str(path), defer_size=4096, force=True)
+        image = "PixelData" in ds and "Rows" in ds
+    except Exception:  # forced, any bytes are read as elements until they make no sense
+        image = False
+    if not image:  # forced, a text file or zeros read as a few odd elements: nothing says it is DICOM
+        raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and no image when read as a "
+                         f"data set without one)")
+    if "TransferSyntaxUID" in ds.file_meta:
+        return ds, None
+    if ds.get_item("PixelData", keep_deferred=True).length == 0xFFFFFFFF:  # encapsulated: JPEG, RLE, … unnamed
+        raise ImageError(f"{path}: DICOM without a file header whose pixel data is compressed: without the header's "
+                         f"transfer syntax nothing says how")
+    syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+              (False, False): ExplicitVRBigEndian}.get(tuple(ds.original_encoding))
+    if syntax is None:
+        raise ImageError(f"{path}: not a readable DICOM file (no file header, and a data set in no transfer syntax "
+                         f"DICOM has: implicit VR big endian)")
+    ds.file_meta.TransferSyntaxUID = syntax  # what the length check and the LUT functions read
+    return ds, syntax
 
 
 def _deflated(ds) -> bool:
@@ -292,9 +331,11 @@ class DicomFrames:
     a Jetson has). Each item is the frame, or the ImageError saying why that frame is unusable: the frames after a
     corrupt one are still read. A frame over MAX_IMAGE_PIXELS is refused from the header, as any image over it."""
 
-    def __init__(self, path, ds, lut):
+    def __init__(self, path, ds, lut, syntax=None):
         self.path, self.ds, self.lut = path, ds, lut
         self.source = ds if _deflated(ds) else str(path)  # where pydicom reads the frames from
+        # A file without the File Meta header: pydicom reading its frames from the file is told the transfer syntax
+        self.options = {"transfer_syntax_uid": syntax} if syntax else {}
         self.count = max(self._header_int("NumberOfFrames", 1) or 1, 1)
         rows, columns = self._header_int("Rows", 0), self._header_int("Columns", 0)
         if rows * columns > MAX_IMAGE_PIXELS:
@@ -368,7 +409,7 @@ class DicomFrames:
         return f"{self.path}" + (f" frame {index}" if self.count > 1 else "")
 
     def _reader(self, start: int) -> Iterator[np.ndarray]:
-        return self.lut.iter_pixels(self.source, indices=range(start, self.count))
+        return self.lut.iter_pixels(self.source, indices=range(start, self.count), **self.options)
 
     def _attempt(self, index: int) -> np.ndarray | ImageError:
         try:
@@ -378,7 +419,7 @@ class DicomFrames:
 
     def _decode(self, index: int) -> np.ndarray:
         try:
-            return self.lut.pixel_array(self.source, index=index)
+            return self.lut.pixel_array(self.source, index=index, **self.options)
         except Exception as exc:
             raise self._decode_error(index, exc) from None
 

@@ -709,3 +709,41 @@ def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_ow
             f"{tmp_path / 'b.gif'}: a GIF is read as a video, a source of its own (medmamba-edge run MODEL "
             f"{tmp_path / 'b.gif'}), not among a folder's images")
     assert frames[0].source == str(tmp_path / "b.gif")
+
+
+def test_a_dicom_data_set_without_the_file_header_is_read_as_pydicom_finds_it_encoded(tmp_path):
+    """No preamble, no 'DICM', no File Meta (older modalities, some exports): the file was skipped with pydicom's
+    "… Use force=True to force reading.", an option the CLI does not have; an empty .dcm the same."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    stored = np.random.default_rng(0).integers(0, 4096, (2, 64, 64), dtype=np.uint16)  # 16 kB: read deferred
+
+    def bare(name, implicit, little, **tags):
+        ds = pydicom.dcmread(synthetic_dicom(tmp_path / "full.dcm", stored[0], BitsStored=12, **tags))
+        ds.Rows, ds.NumberOfFrames = 64, 2
+        ds.PixelData = stored.astype("<u2" if little else ">u2").tobytes()
+        ds["PixelData"].VR = "OW"
+        f = DicomBytesIO()
+        f.is_implicit_VR, f.is_little_endian = implicit, little
+        write_dataset(f, ds)  # the data set alone
+        (tmp_path / name).write_bytes(f.getvalue())
+        return tmp_path / name
+
+    for implicit, little in ((True, True), (False, True), (False, False)):
+        path = bare("bare.dcm", implicit, little)
+        assert not path.read_bytes()[128:132] == b"DICM"
+        frames = list(read_dicom(path))
+        assert len(frames) == 2 and all(np.allclose(f, s / 4095, atol=1e-6) for f, s in zip(frames, stored))
+    # As a folder's entry: an ok record, as the same file with its header gets.
+    path = bare("bare.dcm", True, True, WindowCenter=2048, WindowWidth=1000)
+    (tmp_path / "full.dcm").unlink()
+    assert [(f.index, f.error) for f in open_source(str(tmp_path)).frames()] == [(0, None), (1, None)]
+    # Nothing that reads as an image, and an empty file: the reason, without "Use force=True".
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "notes.dcm").write_text("not a DICOM file\n" * 20)
+    with pytest.raises(ImageError, match=r"^\S*empty\.dcm: file is empty$"):
+        read_dicom(tmp_path / "empty.dcm")
+    with pytest.raises(ImageError, match=r"notes\.dcm: not a readable DICOM file \(no DICOM file header, and no "
+                                         r"image when read as a data set without one\)$"):
+        read_dicom(tmp_path / "notes.dcm")
