@@ -341,6 +341,12 @@ class DicomFrames:
         if rows * columns > MAX_IMAGE_PIXELS:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        # Uncompressed YBR_PARTIAL_422 is laid out as YBR_FULL_422 is (Y Y Cb Cr for each pair of pixels), which
+        # pydicom alone unpacks, and sizes: read as that, left YBR (the partial range is converted by _colour).
+        partial_422 = self.photometric == "YBR_PARTIAL_422" and syntax is not None and not syntax.is_compressed
+        if partial_422:
+            self.options.update(photometric_interpretation="YBR_FULL_422", as_rgb=False)
         if syntax is not None and not syntax.is_compressed:
             # Read frame by frame, pixel data for more frames than the header says would pass without a word, and
             # a cut one fail only at the frame it ends in: the header decides, checked on the whole.
@@ -355,13 +361,14 @@ class DicomFrames:
                 expected = get_expected_length(ds)
             except (TypeError, ValueError, AttributeError) as exc:  # SamplesPerPixel not a number, Rows missing
                 raise ImageError(f"{path}: malformed DICOM header ({type(exc).__name__}: {first_line(exc)})") from None
+            if partial_422:  # two samples a pixel, not three (pydicom's count for YBR_FULL_422)
+                expected = expected // 3 * 2
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")
             if stored > expected + 1:  # one byte pads an odd length
                 raise ImageError(f"{path}: DICOM pixel data of {stored} bytes, more than the {expected} its header "
                                  f"describes (NumberOfFrames, Rows, Columns, SamplesPerPixel, BitsAllocated)")
-        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         self.bits = self._header_int("BitsStored", self._header_int("BitsAllocated", 8))
         self.range = None  # a classic file's monochrome output range, found with the first frame mapped
         # One frame: decoded now, so that its error is the file's (read_dicom raises it).

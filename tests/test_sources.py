@@ -747,3 +747,23 @@ def test_a_dicom_data_set_without_the_file_header_is_read_as_pydicom_finds_it_en
     with pytest.raises(ImageError, match=r"notes\.dcm: not a readable DICOM file \(no DICOM file header, and no "
                                          r"image when read as a data set without one\)$"):
         read_dicom(tmp_path / "notes.dcm")
+
+
+def test_an_uncompressed_ybr_partial_422_dicom_is_unpacked_as_ybr_full_422_is_and_converted(tmp_path):
+    """Y Y Cb Cr for each pair of pixels, 2 bytes a pixel: pydicom sizes and unpacks that for YBR_FULL_422 only,
+    and a complete 64×64 file was 'truncated ... 8192 of the 12288 bytes'."""
+    rng = np.random.default_rng(0)
+    rgb = np.repeat(rng.integers(0, 256, (64, 32, 3)), 2, axis=1).astype(np.uint8)  # pairs alike: 4:2:2 loses nothing
+    to_ybr = np.array([[0.2568, 0.5041, 0.0979], [-0.1482, -0.2910, 0.4392], [0.4392, -0.3678, -0.0714]])
+    ybr = np.clip(np.round(rgb @ to_ybr.T + [16, 128, 128]), 0, 255).astype(np.uint8)  # DICOM PS3.3 C.7.6.3.1.2
+    packed = np.stack([ybr[:, 0::2, 0], ybr[:, 1::2, 0], ybr[:, 0::2, 1], ybr[:, 0::2, 2]], axis=-1)
+    path = synthetic_dicom(tmp_path / "partial.dcm", rgb[:, :, 0], photometric="YBR_PARTIAL_422", SamplesPerPixel=3,
+                           PlanarConfiguration=0, pixel_data=packed.tobytes())
+    (image,) = read_dicom(path)
+    assert image.shape == (64, 64, 3) and image.dtype == np.float32
+    assert np.abs(image - rgb / 255).max() < 3 / 255
+    whole = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:-2])
+    with pytest.raises(ImageError, match=r"cut\.dcm: truncated DICOM file \(the pixel data is cut short: 8190 of the "
+                                         r"8192 bytes"):
+        read_dicom(tmp_path / "cut.dcm")
