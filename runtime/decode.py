@@ -6,6 +6,7 @@ What comes out is what ``preprocess`` takes: RGB or grayscale, uint8/uint16, or 
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import struct
@@ -487,7 +488,12 @@ class DicomFrames:
             extremes = np.array([-(1 << (bits - 1)), (1 << (bits - 1)) - 1] if signed else [0, (1 << bits) - 1],
                                 dtype=np.int64 if signed else np.uint64).astype(pixels.dtype)
             # Sorted: a negative RescaleSlope maps the largest stored value to the lowest.
-            low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is said below, in the record
+                low, high = sorted(float(v) for v in lut.apply_voi_lut(lut.apply_modality_lut(extremes, ds), ds))
+            # A RescaleSlope of 1e308 takes the range to infinity: every pixel NaN, and the record blamed the model
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ImageError(f"{self._where(index)}: DICOM value range is not finite ({low}..{high}: rescale "
+                                 f"slope/intercept or window out of range)")
             if not high > low:
                 raise ImageError(f"{self._where(index)}: DICOM value range is empty ({low}..{high})")
             if ds is self.ds:

@@ -767,3 +767,17 @@ def test_an_uncompressed_ybr_partial_422_dicom_is_unpacked_as_ybr_full_422_is_an
     with pytest.raises(ImageError, match=r"cut\.dcm: truncated DICOM file \(the pixel data is cut short: 8190 of the "
                                          r"8192 bytes"):
         read_dicom(tmp_path / "cut.dcm")
+
+
+def test_a_rescale_that_takes_the_value_range_to_infinity_is_the_file_s_record_not_a_nan_image(tmp_path):
+    """RescaleSlope 1e308: the range's top was inf, every pixel NaN, and the record said 'non-finite model output'."""
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8) * 64
+    path = synthetic_dicom(tmp_path / "huge.dcm", stored, BitsStored=12, RescaleSlope="1e308", RescaleIntercept=0)
+    with pytest.raises(ImageError, match=r"huge\.dcm: DICOM value range is not finite \(0\.0\.\.inf: rescale "
+                                         r"slope/intercept or window out of range\)"):
+        read_dicom(path)
+    (frame,) = open_source(str(path)).frames()
+    assert frame.image is None and "huge.dcm: DICOM value range is not finite (0.0..inf" in frame.error
+    # Large but finite: mapped as any rescale is.
+    (image,) = read_dicom(synthetic_dicom(tmp_path / "large.dcm", stored, BitsStored=12, RescaleSlope="1e300"))
+    assert np.allclose(image, stored / 4095, atol=1e-6)
