@@ -42,7 +42,7 @@ from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
-from medmamba_edge.runtime.files import check_writable, current_umask
+from medmamba_edge.runtime.files import check_writable, current_umask, missing_folders, remove_empty_folders
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
@@ -436,11 +436,13 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         from medmamba_edge.runtime.metadata import load_onnx
 
         whole_model = load_onnx(served.source)
-    repository.mkdir(parents=True, exist_ok=True)
-    workspace = _workspace(repository)
-    _remove_leftovers(workspace, name, repository)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
+    created = missing_folders(repository)  # removed again if the export fails
+    staging = None
     try:
+        repository.mkdir(parents=True, exist_ok=True)
+        workspace = _workspace(repository)
+        _remove_leftovers(workspace, name, repository)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
         (staging / "1").mkdir()
         if whole_model is not None:
             onnx.save(whole_model, staging / "1" / model_file)
@@ -464,11 +466,12 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
         _replace_folder(staging, repository / name, workspace)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(created)
+        if isinstance(exc, OSError):
+            raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
         raise
     return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes,
                         server_command)

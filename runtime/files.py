@@ -9,6 +9,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import itertools
 import io
 import os
 import re
@@ -98,6 +99,23 @@ def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     return f".{stem}.", f".partial{suffix}"
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders ``folder.mkdir(parents=True)`` would create, deepest first: what a write that fails removes
+    again (``remove_empty_folders``), so that a failed output leaves nothing behind."""
+    return list(itertools.takewhile(lambda candidate: not candidate.exists(), (folder, *folder.parents)))
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``missing_folders``' folders again, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # a mkdir that failed halfway (no permission) did not get to make it
+            continue
+        except OSError:  # something else was put there meanwhile (another output, another program): it stays
+            break
+
+
 class AtomicOutput:
     """One output file. A regular file is written to a unique temporary file beside the target
     (``.NAME.XXXXXXXX.partial.SUFFIX``: unique, so two runs given the same target never share it; the
@@ -127,15 +145,15 @@ class AtomicOutput:
         try:
             if self.path.is_dir():  # raises, too, for a name longer than the file system allows
                 raise OutputError(f"{self.path}: is a folder, expected a file name")
-            for folder in (self.target.parent, *self.target.parent.parents):
-                if folder.exists():
-                    break
-                self.created_folders.append(folder)
+            self.created_folders = missing_folders(self.target.parent)
+            existing = self.created_folders[-1].parent if self.created_folders else self.target.parent
+            if not existing.is_dir():  # mkdir's FileExistsError named neither the path nor what is wrong with it
+                raise OutputError(f"{self.path}: {existing} is not a folder")
             self.target.parent.mkdir(parents=True, exist_ok=True)
             prefix, suffix = _temporary_affixes(self.target, os.pathconf(self.target.parent, "PC_NAME_MAX"))
             fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=self.target.parent)
         except OSError as exc:
-            self._remove_created_folders()
+            remove_empty_folders(self.created_folders)
             raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc})") from None
         os.close(fd)
         self.write_path = Path(temp)
@@ -225,16 +243,7 @@ class AtomicOutput:
         self._close_handle()
         if not self.in_place:
             self.write_path.unlink(missing_ok=True)
-            self._remove_created_folders()
-
-    def _remove_created_folders(self) -> None:
-        for folder in self.created_folders:
-            try:
-                folder.rmdir()
-            except FileNotFoundError:  # a mkdir that failed halfway (no permission) did not get to make it
-                continue
-            except OSError:  # something else was put there meanwhile (another output, another program): it stays
-                break
+            remove_empty_folders(self.created_folders)
 
     def _close_handle(self) -> None:
         if self.handle is not None:

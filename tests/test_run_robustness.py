@@ -548,6 +548,17 @@ def test_an_output_refused_at_the_start_leaves_no_file_or_folder_behind(model, t
     assert not list((tmp_path / "old").iterdir())
 
 
+def test_an_output_under_a_file_says_which_part_is_not_a_folder(model, tmp_path):
+    """mkdir's FileExistsError read "cannot write there (File exists)" though nothing had the output's name."""
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    (tmp_path / "afile").write_text("x")
+    for option in ("--jsonl", "--csv", "--save-video"):
+        target = tmp_path / "afile" / "sub" / ("r.mp4" if option == "--save-video" else "r.out")
+        code, output = cli("run", model, tmp_path / "x.png", option, target)
+        assert code == 1 and f"{target}: {tmp_path / 'afile'} is not a folder" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "x.png"]
+
+
 def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is_written(model, tmp_path):
     folder = tmp_path / "scans"
     folder.mkdir()

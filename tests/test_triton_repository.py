@@ -258,6 +258,23 @@ triton_repository.export_triton({str(model)!r}, {str(repository)!r})
     assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists() and elsewhere.exists()
 
 
+def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, monkeypatch):
+    """A full disk while the model folder was written: the staging folder went, the repository's new folders
+    (-o a/b/repo) stayed behind empty."""
+    import errno
+
+    from medmamba_edge.exporters import triton_repository
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(triton_repository.shutil, "copyfile", disk_full)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="medmamba: cannot write [(]No space left on device[)]"):
+        export_triton(model, tmp_path / "kept" / "a" / "b" / "repo")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
+
+
 def test_a_repository_that_is_a_mount_of_its_own_is_its_own_staging_place(tmp_path_factory, tmp_path):
     """rename() does not cross mounts, a bind mount of the same file system included (EXDEV)."""
     (tmp_path / "real").mkdir()
