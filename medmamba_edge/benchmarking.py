@@ -224,8 +224,11 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     paths = [Path(p) for p in models]
     if not paths:
         raise BenchmarkError("no models given")
-    if not batches or min(batches) < 1 or warmup < 0 or iterations < 1:
-        raise BenchmarkError("batch sizes and iterations must be ≥ 1, warm-up ≥ 0")
+    if not batches:
+        raise BenchmarkError("--batch: no batch size given")
+    for option, value, least in (("--batch", min(batches), 1), ("--warmup", warmup, 0), ("--iterations", iterations, 1)):
+        if value < least:
+            raise BenchmarkError(f"{option} must be an integer ≥ {least}, got {value}")
     check_threads(threads)  # here, before any worker starts, as each worker's open_model would
     threads = None if threads is None else int(threads)  # numpy's too: the workers are told in JSON
     # A served model is timed as its clients see it; its address kept as given (a Path folds the URL's "//").

@@ -43,8 +43,19 @@ out = Console(markup=False, emoji=False, file=GuardedStdout())
 UNBOUNDED_WIDTH = 1000
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from medmamba_edge import __version__
+
+        out.print(f"medmamba-edge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _fit_output_to_its_destination() -> None:
+def _fit_output_to_its_destination(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     for stream in (out, console):
         stream.width = None if stream.is_terminal else UNBOUNDED_WIDTH
     # A file name's undecodable bytes (surrogate-escaped by Python) print as \udcff, as in the JSONL and as

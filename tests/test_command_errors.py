@@ -192,6 +192,10 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["evaluate", onnx32, "--data", npz, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["compare", onnx32, onnx32, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["benchmark", onnx32, "--plot", tmp_path / "latency.jpg"], "latency.jpg: the plot is a PNG; name it *.png"),
+        # all three read "batch sizes and iterations must be ≥ 1, warm-up ≥ 0"
+        (["benchmark", onnx32, "--batch", "2,0"], "--batch must be an integer ≥ 1, got 0"),
+        (["benchmark", onnx32, "--warmup", "-1"], "--warmup must be an integer ≥ 0, got -1"),
+        (["benchmark", onnx32, "--iterations", "0"], "--iterations must be an integer ≥ 1, got 0"),
         # serve checks its options before it needs PyTriton (absent from this venv)
         (["serve", onnx32, "--port", "65535"], "--grpc-port (default --port + 1) must be a port number (1–65535), got 65536"),
         (["serve", onnx32, "--threads", "0"], "--threads must be between 1 and"),
@@ -261,6 +265,17 @@ RUNTIME_ONLY = textwrap.dedent("""
 def runtime_only(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", RUNTIME_ONLY, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
+
+
+def test_version_is_the_installed_distributions_both_ways():
+    """--version and python -m medmamba_edge, for bug reports; pyproject reads the version from the package."""
+    import importlib.metadata
+
+    installed = importlib.metadata.version("medmamba-edge")
+    for command in ([sys.executable, "-m", "medmamba_edge", "--version"],
+                    [sys.executable, "-c", "from medmamba_edge.cli import main; main()", "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout == f"medmamba-edge {installed}\n", result
 
 
 @pytest.mark.parametrize("args", [
