@@ -343,11 +343,6 @@ class DicomFrames:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        # Uncompressed YBR_PARTIAL_422 is laid out as YBR_FULL_422 is (Y Y Cb Cr for each pair of pixels), which
-        # pydicom alone unpacks, and sizes: read as that, left YBR (the partial range is converted by _colour).
-        partial_422 = self.photometric == "YBR_PARTIAL_422" and syntax is not None and not syntax.is_compressed
-        if partial_422:
-            self.options.update(photometric_interpretation="YBR_FULL_422", as_rgb=False)
         if syntax is not None and not syntax.is_compressed:
             # Read frame by frame, pixel data for more frames than the header says would pass without a word, and
             # a cut one fail only at the frame it ends in: the header decides, checked on the whole.
@@ -362,8 +357,13 @@ class DicomFrames:
                 expected = get_expected_length(ds)
             except (TypeError, ValueError, AttributeError) as exc:  # SamplesPerPixel not a number, Rows missing
                 raise ImageError(f"{path}: malformed DICOM header ({type(exc).__name__}: {first_line(exc)})") from None
-            if partial_422:  # two samples a pixel, not three (pydicom's count for YBR_FULL_422)
+            # Uncompressed YBR_PARTIAL_422 is laid out as YBR_FULL_422 is (two samples a pixel), which pydicom alone
+            # unpacks and sizes (three samples a pixel for YBR_PARTIAL_422): read as that, left YBR (the partial
+            # range is converted by _colour). Not when it holds three samples a pixel: pydicom's own decompress() of
+            # a JPEG YBR_PARTIAL_422 file writes that under the same name, read as stored (and converted the same).
+            if self.photometric == "YBR_PARTIAL_422" and stored < expected:
                 expected = expected // 3 * 2
+                self.options.update(photometric_interpretation="YBR_FULL_422", as_rgb=False)
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")

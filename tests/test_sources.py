@@ -781,3 +781,24 @@ def test_a_rescale_that_takes_the_value_range_to_infinity_is_the_file_s_record_n
     # Large but finite: mapped as any rescale is.
     (image,) = read_dicom(synthetic_dicom(tmp_path / "large.dcm", stored, BitsStored=12, RescaleSlope="1e300"))
     assert np.allclose(image, stored / 4095, atol=1e-6)
+
+
+_TO_PARTIAL_YBR = np.array([[0.2568, 0.5041, 0.0979], [-0.1482, -0.2910, 0.4392], [0.4392, -0.3678, -0.0714]])
+
+
+def test_an_uncompressed_ybr_partial_422_dicom_with_three_samples_a_pixel_is_read_as_stored(tmp_path):
+    """pydicom's own ds.decompress() of a JPEG YBR_PARTIAL_422 file writes three samples a pixel and keeps the name:
+    read as stored, and converted from the partial range, as before; reading it as 4:2:2 refused it ('pixel data of
+    768 bytes, more than the 512 its header describes')."""
+    rgb = np.random.default_rng(1).integers(0, 256, (16, 16, 3)).astype(np.uint8)  # no pairs alike: all 3 samples
+    ybr = np.clip(np.round(rgb @ _TO_PARTIAL_YBR.T + [16, 128, 128]), 0, 255).astype(np.uint8)
+    path = synthetic_dicom(tmp_path / "as3.dcm", rgb[:, :, 0], photometric="YBR_PARTIAL_422", SamplesPerPixel=3,
+                           PlanarConfiguration=0, pixel_data=ybr.tobytes())
+    (image,) = read_dicom(path)
+    assert image.shape == (16, 16, 3) and image.dtype == np.float32
+    assert np.abs(image - rgb / 255).max() < 3 / 255
+    # More than three samples a pixel is still more than the header describes.
+    synthetic_dicom(tmp_path / "over.dcm", rgb[:, :, 0], photometric="YBR_PARTIAL_422", SamplesPerPixel=3,
+                    PlanarConfiguration=0, pixel_data=ybr.tobytes() + bytes(2))
+    with pytest.raises(ImageError, match=r"over\.dcm: DICOM pixel data of 770 bytes, more than the 768 its header"):
+        read_dicom(tmp_path / "over.dcm")
