@@ -343,6 +343,9 @@ class DicomFrames:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        # Native 4:2:2 data (Y Y Cb Cr for each pair of pixels) is read by index, frame by frame: pydicom 3.0's
+        # iterator takes every frame after the first as YBR_FULL (three samples a pixel), from the wrong offsets.
+        self.by_index = False
         if syntax is not None and not syntax.is_compressed:
             # Read frame by frame, pixel data for more frames than the header says would pass without a word, and
             # a cut one fail only at the frame it ends in: the header decides, checked on the whole.
@@ -364,6 +367,7 @@ class DicomFrames:
             if self.photometric == "YBR_PARTIAL_422" and stored < expected:
                 expected = expected // 3 * 2
                 self.options.update(photometric_interpretation="YBR_FULL_422", as_rgb=False)
+            self.by_index = self.options.get("photometric_interpretation", self.photometric) == "YBR_FULL_422"
             if stored < expected:
                 raise ImageError(f"{path}: truncated DICOM file (the pixel data is cut short: {stored} of the "
                                  f"{expected} bytes its header describes)")
@@ -398,13 +402,17 @@ class DicomFrames:
         # parsing the fragments before it: asked for by index, each frame would parse them all again). A frame the
         # reader fails on is asked for by its index (which says why, or decodes it), and a new reader takes the
         # frames after it.
-        frames = self._reader(0)
+        # Native 4:2:2 data is asked for by index, every frame (see __init__).
+        frames = None if self.by_index else self._reader(0)
         for index in range(self.count):
-            try:
-                pixels = next(frames)
-            except Exception:  # StopIteration (fewer frames than the header says) too: asked for by index, it says
+            if frames is None:
                 pixels = self._attempt(index)
-                frames = self._reader(index + 1)
+            else:
+                try:
+                    pixels = next(frames)
+                except Exception:  # StopIteration (fewer frames than the header says) too: by index, it says
+                    pixels = self._attempt(index)
+                    frames = self._reader(index + 1)
             if isinstance(pixels, ImageError):
                 yield pixels
                 continue

@@ -802,3 +802,26 @@ def test_an_uncompressed_ybr_partial_422_dicom_with_three_samples_a_pixel_is_rea
                     PlanarConfiguration=0, pixel_data=ybr.tobytes() + bytes(2))
     with pytest.raises(ImageError, match=r"over\.dcm: DICOM pixel data of 770 bytes, more than the 768 its header"):
         read_dicom(tmp_path / "over.dcm")
+
+
+@pytest.mark.parametrize("photometric", ["YBR_PARTIAL_422", "YBR_FULL_422"])
+def test_every_frame_of_an_uncompressed_multi_frame_422_dicom_is_unpacked_from_its_own_offset(tmp_path, photometric):
+    """pydicom 3.0's iter_pixels takes every frame after the first as YBR_FULL (three samples a pixel): frames 1..
+    of a native 4:2:2 file came out as garbage read from the wrong offsets. Each frame is read by its index."""
+    rng = np.random.default_rng(2)
+    frames = np.repeat(rng.integers(0, 256, (4, 16, 8, 3)), 2, axis=2).astype(np.uint8)  # pairs alike: lossless
+    if photometric == "YBR_PARTIAL_422":
+        to_ybr, offsets = _TO_PARTIAL_YBR, [16, 128, 128]
+    else:  # full range, PS3.3 C.7.6.3.1.2
+        to_ybr = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+        offsets = [0, 128, 128]
+    ybr = np.clip(np.round(frames @ to_ybr.T + offsets), 0, 255).astype(np.uint8)
+    packed = np.stack([ybr[:, :, 0::2, 0], ybr[:, :, 1::2, 0], ybr[:, :, 0::2, 1], ybr[:, :, 0::2, 2]], axis=-1)
+    path = synthetic_dicom(tmp_path / "mf.dcm", frames[0, :, :, 0], photometric=photometric, SamplesPerPixel=3,
+                           PlanarConfiguration=0, NumberOfFrames=4, pixel_data=packed.tobytes())
+    images = list(read_dicom(path))
+    assert len(images) == 4
+    for index, (image, rgb) in enumerate(zip(images, frames)):
+        assert isinstance(image, np.ndarray) and image.shape == (16, 16, 3), index
+        scaled = image if image.dtype == np.float32 else image / 255
+        assert np.abs(scaled - rgb / 255).max() < 3 / 255, index
