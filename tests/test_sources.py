@@ -825,3 +825,38 @@ def test_every_frame_of_an_uncompressed_multi_frame_422_dicom_is_unpacked_from_i
         assert isinstance(image, np.ndarray) and image.shape == (16, 16, 3), index
         scaled = image if image.dtype == np.float32 else image / 255
         assert np.abs(scaled - rgb / 255).max() < 3 / 255, index
+
+
+def test_a_zero_filled_dcm_is_refused_from_its_first_bytes_without_a_forced_read(tmp_path, monkeypatch):
+    """Forced, pydicom read 16 MB of zeros as two million empty elements (12 s to say it is no image): a data set
+    begins with a tag of group 0002..7FE0, zeros with group 0000. A bare data set is still read forced."""
+    forced = []
+    dcmread = pydicom.dcmread
+
+    def spy(*args, **kwargs):
+        forced.append(kwargs.get("force", False))
+        return dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    path = tmp_path / "zeros.dcm"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)  # 4 MB of zeros
+    with pytest.raises(ImageError, match=r"zeros\.dcm: not a readable DICOM file \(no DICOM file header, and its "
+                                         r"first bytes \(00 00 00 00\) begin no DICOM element\)$"):
+        read_dicom(path)
+    assert forced == [False]  # the plain read that finds no header, and no forced one
+    (frame,) = open_source(str(path)).frames()
+    assert frame.image is None and "begin no DICOM element" in frame.error
+    # A data set without the file header (group 0008 first) is read forced, as before.
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    ds = pydicom.dcmread(synthetic_dicom(tmp_path / "full.dcm", stored))
+    bare = DicomBytesIO()
+    bare.is_implicit_VR, bare.is_little_endian = True, True
+    write_dataset(bare, ds)
+    (tmp_path / "bare.dcm").write_bytes(bare.getvalue())
+    forced.clear()
+    (image,) = read_dicom(tmp_path / "bare.dcm")
+    assert forced == [False, True] and np.array_equal(image, stored)
