@@ -261,6 +261,7 @@ def read_dicom(path: str | Path) -> DicomFrames:
     to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
     syntax = None  # the transfer syntax of a data set without the file header, as pydicom found its encoding
+    forced = False  # read as pydicom's force=True reads: no preamble and 'DICM' (with the File Meta or without)
     try:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
         # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
@@ -270,8 +271,9 @@ def read_dicom(path: str | Path) -> DicomFrames:
             if Path(path).suffix.lower() not in DICOM_SUFFIXES:
                 raise
             ds, syntax = _bare_dataset(pydicom, path)
+            forced = True
         if _deflated(ds):
-            ds = pydicom.dcmread(str(path))
+            ds = pydicom.dcmread(str(path), force=forced)
     except ImageError:
         raise
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken

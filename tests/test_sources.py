@@ -860,3 +860,22 @@ def test_a_zero_filled_dcm_is_refused_from_its_first_bytes_without_a_forced_read
     forced.clear()
     (image,) = read_dicom(tmp_path / "bare.dcm")
     assert forced == [False, True] and np.array_equal(image, stored)
+
+
+def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read(tmp_path):
+    """Read forced (no preamble, no 'DICM'), then inflated by a second read that was not: pydicom's '... Use
+    force=True to force reading' came back as the file's record."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    full = synthetic_dicom(tmp_path / "full.dcm", stored)
+    ds = pydicom.dcmread(full)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(full, enforce_file_format=True)
+    whole = full.read_bytes()
+    assert whole[128:132] == b"DICM"
+    (tmp_path / "deflated.dcm").write_bytes(whole[132:])  # File Meta (group 0002) first
+    (image,) = read_dicom(tmp_path / "deflated.dcm")
+    assert np.array_equal(image, stored)
+    full.unlink()
+    assert [(f.index, f.error) for f in open_source(str(tmp_path)).frames()] == [(0, None)]
