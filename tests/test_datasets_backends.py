@@ -240,6 +240,9 @@ def test_imagefolder_entries_that_cannot_be_read_are_samples_that_fail_to_decode
     os.mkfifo(tmp_path / "pneumonia" / "pipe.png")  # reading it would wait for a writer forever
     (tmp_path / "pneumonia" / "._a.png").write_bytes(b"macOS metadata: left out, not reported")
     (tmp_path / "pneumonia" / "sub").mkdir()  # a class folder's sub-folders are not its images
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "pneumonia" / "c.gif")  # no image to an ImageFolder
     cv2.imwrite(str(tmp_path / "pneumonia" / "sub" / "b.png"), np.zeros((8, 8), np.uint8))
     data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
     assert [(s.source[len(str(tmp_path)) + 1:], s.label) for s in data.samples] == [

@@ -190,6 +190,9 @@ def test_dangling_links_and_fifos_in_an_imagefolder_are_reported_as_not_decoded(
     folder = xray_folder(tmp_path / "xrays")
     (folder / "normal" / "dangling.png").symlink_to("missing.png")
     os.mkfifo(folder / "pneumonia" / "pipe.png")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "normal" / "x.gif")  # a video to `run`, no image here
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())

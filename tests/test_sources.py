@@ -695,20 +695,25 @@ def test_an_rgba_tiff_with_unassociated_alpha_keeps_its_colours_as_stored(tmp_pa
 
 
 def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_own(tmp_path):
-    """A .gif (a video suffix: OpenCV reads it as one) was passed over in a folder as notes.txt is: no record."""
+    """A .gif (a video suffix: OpenCV reads it as one) was passed over in a folder as notes.txt is: no record. The
+    run it names is a command to paste (the path quoted); a glob that matches only GIFs is the error any glob of
+    videos alone gets."""
     from PIL import Image
 
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.gif")
+    gif = tmp_path / "b c.gif"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(gif)
     write_video(tmp_path / "c.avi", count=2)  # a video is no image: not listed, as before
     (tmp_path / "notes.txt").write_text("not an image: not listed")
-    for spec, found in ((tmp_path, ["a.png", "b.gif"]), (tmp_path / "*.gif", ["b.gif"])):
+    for spec, where in ((tmp_path, "a folder's images"), (tmp_path / "*", "the images a glob matches")):
         frames = list(open_source(str(spec)).frames())
-        assert [f.source.rsplit("/", 1)[-1] for f in frames] == found
+        assert [f.source.rsplit("/", 1)[-1] for f in frames] == ["a.png", "b c.gif"]
         assert frames[-1].image is None and frames[-1].error == (
-            f"{tmp_path / 'b.gif'}: a GIF is read as a video, a source of its own (medmamba-edge run MODEL "
-            f"{tmp_path / 'b.gif'}), not among a folder's images")
-    assert frames[0].source == str(tmp_path / "b.gif")
+            f"{gif}: a GIF is read as a video, a source of its own (medmamba-edge run MODEL '{gif}'), not among "
+            f"{where}")
+    with pytest.raises(SourceError, match=r"\*\.gif: no image or DICOM file matches \(a video is a source of its "
+                                          r"own: one per run\)$"):
+        open_source(str(tmp_path / "*.gif"))
 
 
 def test_a_dicom_data_set_without_the_file_header_is_read_as_pydicom_finds_it_encoded(tmp_path):

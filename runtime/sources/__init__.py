@@ -30,7 +30,7 @@ from ..files import strip_unless_named
 from ..metadata import int_at_least
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
-from .files import FileSource, cannot_stat, folder_files, glob_files
+from .files import FileSource, cannot_stat, folder_files, glob_files, is_animation_record
 from .video import (
     STREAM_SCHEMES,
     VIDEO_SUFFIXES,
@@ -70,8 +70,8 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     if re.fullmatch(r"/dev/video[0-9]+", spec):
         return camera_source(spec, spec, reconnect)
     if glob.has_magic(spec) and not Path(spec).exists():
-        paths = glob_files(spec)
-        if not paths:
+        paths = glob_files(spec, gifs=True)
+        if all(is_animation_record(entry) for entry in paths):  # none, or only GIFs: videos, each a run's source
             raise SourceError(f"{spec}: no image or DICOM file matches (a video is a source of its own: "
                               f"one per run)")
         return FileSource(paths, f"{spec} ({len(paths)} files)")
@@ -84,7 +84,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
             raise SourceError(f"{path}: no such file, folder, camera or stream") from None
         raise SourceError(f"{path}: {cannot_stat(path, exc, is_link)}") from None
     if path.is_dir():
-        paths = folder_files(path)
+        paths = folder_files(path, gifs=True)
         if not paths:
             raise SourceError(f"{path}: no images or DICOM files found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
         return FileSource(paths, f"{path} ({len(paths)} files)")

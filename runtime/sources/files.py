@@ -8,6 +8,7 @@ import errno
 import fnmatch
 import glob
 import os
+import shlex
 import stat
 import time
 from collections.abc import Iterator
@@ -45,10 +46,15 @@ class FileSource(Source):
 
 
 NOT_REGULAR = "not a regular file (a FIFO, socket or device), not read"
-# A GIF looks like an image but is read as a video (animated, it is one): a source of its own, so in a folder or
-# glob it gets a record saying so rather than being passed over as notes.txt is (other videos are: nobody takes an
-# .mp4 for one of the images). train.py's ImageFolder does not take .gif either.
-ANIMATION = "a GIF is read as a video, a source of its own (medmamba-edge run MODEL {}), not among a folder's images"
+# A GIF looks like an image but is read as a video (animated, it is one): a source of its own, so in `run`'s folder
+# or glob it gets a record saying so rather than being passed over as notes.txt is (other videos are: nobody takes
+# an .mp4 for one of the images). A data set's listing passes it over, as train.py's ImageFolder does.
+ANIMATION = "a GIF is read as a video, a source of its own (medmamba-edge run MODEL {path}), not among {where}"
+
+
+def is_animation_record(entry: Path | tuple[Path, str]) -> bool:
+    """Whether a listing's entry is a GIF's record (see ANIMATION)."""
+    return isinstance(entry, tuple) and entry[1].startswith(ANIMATION.split(" (", 1)[0])
 
 
 def cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
@@ -127,13 +133,13 @@ def _expand(pattern: str, problems: list[tuple[Path, str]]) -> list[str]:
     return current
 
 
-def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
+def glob_files(pattern: str, gifs: bool = False) -> list[Path | tuple[Path, str]]:
     """The image and DICOM files matching ``pattern``, sorted; like a folder's listing, a match that cannot be read
     (a dangling link, a FIFO named as an image) comes with the reason, so it gets a record, other files are not
     listed, and a folder's entries are listed once: ``**``
     follows links to folders, so a link back up the tree (or a second link to one folder) would give the same
     files again and again, under ever longer names. The shortest name (the first in sorted order of those)
-    is kept."""
+    is kept. ``gifs``: a GIF gets a record naming its own run (`run`'s globs), else it is not listed."""
     problems: list[tuple[Path, str]] = []
     entries = {}
     for path in sorted((Path(p) for p in _expand(pattern, problems)), key=lambda p: (len(p.parts), p)):
@@ -148,30 +154,35 @@ def glob_files(pattern: str) -> list[Path | tuple[Path, str]]:
         except OSError as exc:
             found.append((path, cannot_stat(path, exc, os.path.islink(path))))
             continue
-        if not stat.S_ISDIR(info.st_mode) and (listed := _listed(path, info)) is not None:
+        where = "the images a glob matches" if gifs else None
+        if not stat.S_ISDIR(info.st_mode) and (listed := _listed(path, info, where)) is not None:
             found.append(listed)
     return sorted(found, key=lambda entry: entry[0] if isinstance(entry, tuple) else entry)
 
 
-def _listed(path: Path, info: os.stat_result) -> Path | tuple[Path, str] | None:
+def _listed(path: Path, info: os.stat_result, gifs: str | None = None) -> Path | tuple[Path, str] | None:
     """What a folder's listing or a glob gives for an entry that is no folder: an image or DICOM file, or what
-    looks like one (a GIF) with the reason it is not read; None for other files (notes.txt, a video, .DS_Store)."""
+    looks like one with the reason it is not read; None for other files (notes.txt, a video, .DS_Store). ``gifs``
+    says what a GIF is not among, in its record (a folder's images: `run`'s sources); None: it is not listed (a
+    data set's images, as torchvision's ImageFolder takes none)."""
     suffix = path.suffix.lower()
+    gif = gifs is not None and suffix == ".gif"
     if not stat.S_ISREG(info.st_mode):
-        return (path, NOT_REGULAR) if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES + (".gif",) else None
-    if suffix == ".gif":
-        return path, ANIMATION.format(path)
+        return (path, NOT_REGULAR) if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES or gif else None
+    if gif:
+        return path, ANIMATION.format(path=shlex.quote(str(path)), where=gifs)
     try:
         return path if is_still(path) else None
     except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
         return path, f"cannot be read ({exc.strerror or exc}), not read"
 
 
-def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path, str]]:
+def folder_files(folder: Path, recursive: bool = True, gifs: bool = False) -> list[Path | tuple[Path, str]]:
     """Every image and DICOM file in ``folder`` and, if ``recursive``, below it, sorted, following links to
     folders once each (a link back up the tree is a loop and is not entered). What looks like an image but
     cannot be read as one (a dangling link, a link loop, a FIFO, a hidden file, an entry that cannot be
-    examined) comes with the reason, so it gets a record; other files (notes.txt, .DS_Store) are not listed."""
+    examined) comes with the reason, so it gets a record; other files (notes.txt, .DS_Store) are not listed.
+    ``gifs``: a GIF gets a record naming its own run (`run`'s folders), else it is not listed (data sets)."""
     found: list[Path | tuple[Path, str]] = []
     top = os.stat(folder)
     seen = {(top.st_dev, top.st_ino)}
@@ -208,7 +219,7 @@ def folder_files(folder: Path, recursive: bool = True) -> list[Path | tuple[Path
                 if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
                     found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), "
                                         "not read"))
-            elif (listed := _listed(path, info)) is not None:
+            elif (listed := _listed(path, info, "a folder's images" if gifs else None)) is not None:
                 found.append(listed)
 
     walk(folder)
