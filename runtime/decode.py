@@ -163,20 +163,24 @@ def _tiff_white_is_zero(data) -> bool:
     return _tiff_tag(data, 262) == 0
 
 
-def _unassociated_rgba(path, data) -> np.ndarray:
+def _unassociated_rgba(path, data) -> np.ndarray | None:
     """An 8-bit RGBA TIFF whose alpha is unassociated (ExtraSamples 2), decoded by Pillow with its colours as stored:
     OpenCV reads it through libtiff's RGBA interface, which multiplies the colours by the alpha (a BUSI scan with an
-    alpha ramp scored 0.995 benign as TIFF, 0.820 as PNG), where train.py's PIL convert("RGB") drops the alpha."""
+    alpha ramp scored 0.995 benign as TIFF, 0.820 as PNG), where train.py's PIL convert("RGB") drops the alpha. None
+    where Pillow cannot decode it (it reads no big-endian BigTIFF): OpenCV's decode stands, as it did before."""
     try:
         from PIL import Image
     except ImportError:
         raise ImageError(f"{path}: an RGBA TIFF with unassociated alpha (ExtraSamples 2) needs Pillow to be read as "
                          f"stored (OpenCV multiplies its colours by the alpha): pip install pillow") from None
+    # Pillow warns on stderr about what it reads past ('Corrupt EXIF data' for a big-endian BigTIFF), between the
+    # records. A filter, not catch_warnings: files are read in the capture thread (see _pydicom).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGBA"))
-    except Exception as exc:  # UnidentifiedImageError, a strip cut short, …: this file only
-        raise ImageError(f"{path}: Pillow cannot decode this RGBA TIFF ({type(exc).__name__}: {first_line(exc)})") from None
+    except Exception:  # UnidentifiedImageError, a strip cut short, …: OpenCV has decoded it
+        return None
 
 
 def _over_limit(path, width: int, height: int, kind: str, note: str = "") -> ImageError:
@@ -219,7 +223,9 @@ def read_image(path) -> np.ndarray:
     if image.dtype == np.uint16 and image.ndim == 2 and _tiff_white_is_zero(data):
         image = np.iinfo(np.uint16).max - image  # bright is dense, as 8-bit ones and MONOCHROME1 DICOM are read
     if image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8 and _tiff_tag(data, 338) == 2:
-        return _unassociated_rgba(path, data)  # ExtraSamples 2: decoded again, as stored (16-bit RGBA already is)
+        stored = _unassociated_rgba(path, data)  # ExtraSamples 2: decoded again, as stored (16-bit RGBA already is)
+        if stored is not None:
+            return stored
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:

@@ -884,3 +884,34 @@ def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read
     assert np.array_equal(image, stored)
     full.unlink()
     assert [(f.index, f.error) for f in open_source(str(tmp_path)).frames()] == [(0, None)]
+
+
+def test_an_rgba_tiff_pillow_cannot_open_is_read_by_opencv_as_before_without_pillow_s_warnings(tmp_path):
+    """Pillow opens no big-endian BigTIFF: such an ExtraSamples 2 RGBA file was refused ('Pillow cannot decode this
+    RGBA TIFF (UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x...>)') with Pillow's
+    'Corrupt EXIF data' UserWarning printed between the records. OpenCV's decode (its colours multiplied by the
+    alpha) stands, as it did before Pillow was asked."""
+    import struct
+    import warnings
+
+    from medmamba_edge.runtime.decode import read_image
+
+    rgba = np.dstack([np.full((4, 6, 3), 200, np.uint8), np.tile(np.linspace(0, 255, 6).astype(np.uint8), (4, 1))])
+    pixels = rgba.tobytes()
+    tags = [(256, 3, [6]), (257, 3, [4]), (258, 3, [8] * 4), (259, 3, [1]), (262, 3, [2]), (273, 16, [0]),
+            (277, 3, [4]), (278, 3, [4]), (279, 16, [len(pixels)]), (338, 3, [2])]  # 338: ExtraSamples 2
+    data_at = 16 + 8 + 20 * len(tags) + 8
+    ifd = struct.pack(">Q", len(tags))
+    for tag, kind, values in tags:
+        values = [data_at] if tag == 273 else values
+        ifd += struct.pack(">HHQ", tag, kind, len(values)) + struct.pack(">" + "HQ"[kind == 16] * len(values),
+                                                                         *values).ljust(8, b"\0")
+    path = tmp_path / "big_endian_bigtiff.tif"
+    path.write_bytes(b"MM" + struct.pack(">HHHQ", 43, 8, 0, 16) + ifd + bytes(8) + pixels)
+    opencv = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    assert np.abs(opencv[..., :3].astype(int) - rgba[..., :3] * (rgba[..., 3:] / 255)).max() <= 1  # premultiplied
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = read_image(path)
+    assert np.array_equal(image, opencv)
+    assert [str(w.message) for w in caught] == []
