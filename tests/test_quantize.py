@@ -266,6 +266,23 @@ def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_
         assert result.fallback_nodes == [] and result.path.exists()
 
 
+def test_a_drop_just_over_the_budget_never_reads_as_equal_to_it(bundled32, monkeypatch):
+    """96 of 524 val images more wrong, 18.3206 points: the refusal read "18.32 points below ... over the --max-drop
+    budget of 18.32" (4 digits). Now the drop is printed to as many digits as tell it from the budget, and as images."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    npz = require_shared(*PNEUMONIAMNIST)  # its val split: 524 images
+    for budget in (18.32, 18.3206, 100 * 96 / 524 - 2e-9):
+        scores = iter([100.0, 100 * 428 / 524])
+        monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+        with pytest.raises(QuantizeError, match=r"\(96 of 524 images\) below fp32") as refused:
+            quantize_onnx(bundled32, bundled32.with_name("drop.int8.onnx"), npz, num_samples=4, eval_data=npz,
+                          max_drop=budget)
+        drop, shown = re.search(r"is ([\d.]+) points .* budget of ([\d.]+);", str(refused.value)).groups()
+        assert float(drop) > float(shown) and float(shown) == pytest.approx(budget, abs=1e-4), str(refused.value)
+        assert not bundled32.with_name("drop.int8.onnx").exists()
+
+
 def test_an_evaluation_set_without_a_usable_image_is_refused_before_calibrating(bundled32, tmp_path, monkeypatch):
     """Its images were read only after the calibration: 47 s at 224×224 with 64 images, minutes with 256."""
     import medmamba_edge.exporters.quantize as quantize
