@@ -118,6 +118,7 @@ class QuantizeResult:
     seconds: float = 0.0
     max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
     past_last_batch: int = 0  # usable calibration images a fixed-batch model had no whole batch for
+    calibration_short: int = 0  # images short of --num-samples: the calibration set ran out of usable ones
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -169,17 +170,44 @@ class Inputs:
 def preprocessed(dataset: Dataset, metadata: ModelMetadata, batch: int, task: str, progress: Progress) -> Inputs:
     """The data set as model inputs of at most ``batch`` images each. An image that cannot be decoded or
     preprocessed is left out with its reason, as ``evaluate`` leaves it out; none usable is an error."""
-    inputs = Inputs([], [], [])
-    for chunk in dataset.prepared(batch, lambda image: preprocess([image], metadata)[0]):
+    inputs = _read_inputs(dataset, metadata, batch, task, progress, range(len(dataset)), Inputs([], [], []))
+    _some_usable(dataset, inputs)
+    return inputs
+
+
+def _read_inputs(dataset: Dataset, metadata: ModelMetadata, batch: int, task: str, progress: Progress,
+                 indices: Sequence[int], inputs: Inputs) -> Inputs:
+    """``preprocessed`` for the samples at ``indices`` (in that order), added to ``inputs``."""
+    read = dataset if list(indices) == list(range(len(dataset))) else dataset.subset(indices)
+    for chunk in read.prepared(batch, lambda image: preprocess([image], metadata)[0]):
         if chunk.items:
             inputs.batches.append(np.stack(chunk.items))
-        inputs.indices += chunk.indices
+        inputs.indices += [indices[i] for i in chunk.indices]
         inputs.left_out += chunk.failures
-        progress(task, chunk.end, len(dataset))
+        progress(task, chunk.end, len(read))
+    return inputs
+
+
+def _some_usable(dataset: Dataset, inputs: Inputs) -> None:
     if not inputs.indices:
         first = inputs.left_out[0]
         raise QuantizeError(f"{dataset.description}: none of its {len(dataset)} images could be used "
                             f"(first: {first.reason})")
+
+
+def calibration_inputs(dataset: Dataset, count: int, seed: int, metadata: ModelMetadata, progress: Progress) -> Inputs:
+    """``count`` usable images of ``dataset`` drawn at random (``seed``), as model inputs of CALIBRATION_BATCH images
+    at most: each image that cannot be used is left out (``preprocessed``) and replaced by the next of the same random
+    order, until ``count`` are usable or the set runs out. (Drawn first and left out after, 3 broken images of 15 left
+    8 of --num-samples 10.)"""
+    order = dataset.sample_order(count, seed)
+    inputs, drawn, task = Inputs([], [], []), 0, "reading calibration images"
+    while len(inputs.indices) < count and drawn < len(order):
+        picked = sorted(order[drawn:drawn + count - len(inputs.indices)])  # the first draw: sample(count, seed)
+        drawn += len(picked)
+        _read_inputs(dataset, metadata, CALIBRATION_BATCH, task, progress, picked, inputs)
+        task = "reading calibration images in place of unusable ones"
+    _some_usable(dataset, inputs)
     return inputs
 
 
@@ -619,8 +647,10 @@ def quantize_onnx(
     if eval_data is not None:
         eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
         labels = eval_set.labels()  # an unlabelled set is refused now
-    calib_set = open_dataset(calib, split=split, default_split="train").sample(num_samples, seed)
-    calib_read = preprocessed(calib_set, metadata, CALIBRATION_BATCH, "reading calibration images", progress)
+    calib_set = open_dataset(calib, split=split, default_split="train")
+    calib_read = calibration_inputs(calib_set, num_samples, seed, metadata, progress)
+    # The images --num-samples did not get because the set ran out of usable ones.
+    calibration_short = min(num_samples, len(calib_set)) - len(calib_read.indices)
     if eval_data is not None:  # read before the calibration too: a set with no usable image was refused after it
         eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
         eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
@@ -693,7 +723,7 @@ def quantize_onnx(
     evaluated_on = describe_cpu() if eval_data is not None else None
     details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
-               "calibration_images": calib_images, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
+               "calibration_images": calib_images, "num_samples": num_samples, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
                "evaluated_on": evaluated_on, "evaluation_also_calibration": overlapping,
                "tool_version": __version__, "left_out": left_out_counts,
@@ -703,4 +733,4 @@ def quantize_onnx(
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop, past_last_batch)
+                          speed, time.perf_counter() - started, max_drop, past_last_batch, calibration_short)

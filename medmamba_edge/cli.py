@@ -301,6 +301,9 @@ def quantize(
                                also_calibrated=warn_also_calibrated)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
               f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
+    if result.calibration_short:
+        out.print(f"the calibration set ran out of usable images: {result.calibration_images + result.past_last_batch} "
+                  f"of the {num_samples} --num-samples asked for", highlight=False)
     if result.past_last_batch:
         out.print(f"{result.past_last_batch} usable calibration images were past the model's last whole batch of "
                   f"{result.metadata.batch}, and left out rather than counted twice by padding", highlight=False)

@@ -95,14 +95,22 @@ class Dataset:
 
     def sample(self, count: int | None, seed: int = 0) -> Dataset:
         """A deterministic random subset of ``count`` samples (all of them when count is None or larger)."""
+        order = self.sample_order(count, seed)
+        if count is None or count >= len(self):
+            return self
+        return self.subset(order[:count])
+
+    def sample_order(self, count: int | None, seed: int = 0) -> list[int]:
+        """Every sample index: first the ``count`` that ``sample(count, seed)`` draws, sorted, then the others in the
+        random order that draws them, where more are drawn to replace images that cannot be used."""
         if count is not None and count < 1:
             raise DatasetError(f"--num-samples must be >= 1, got {count}")
         if seed < 0:
             raise DatasetError(f"--seed must be >= 0, got {seed}")
         if count is None or count >= len(self):
-            return self
-        order = np.random.default_rng(seed).permutation(len(self))[:count]
-        return self.subset(sorted(int(i) for i in order))
+            return list(range(len(self)))
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(self))]
+        return sorted(order[:count]) + order[count:]
 
     def prepared(self, size: int, prepare: Callable[[np.ndarray], Prepared]) -> Iterator[PreparedChunk[Prepared]]:
         """The samples ``size`` at a time, each image decoded and passed to ``prepare`` on its own, so that one

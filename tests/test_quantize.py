@@ -398,6 +398,30 @@ def test_unusable_images_are_left_out_by_name_as_evaluate_leaves_them(fp32_model
     assert recorded["fp32_top1"] == pytest.approx(100 * report.models[0].metrics.accuracy)
 
 
+def test_unusable_calibration_images_are_replaced_from_the_same_random_draw(bundled32, tmp_path):
+    """--num-samples was drawn before the broken images were left out: 12 good PNGs and 3 broken calibrated on 8
+    of --num-samples 10. Now the next images of the seed's random order take their place, until the set runs out."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(folder / f"good{i}.png"), rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    for i in range(3):
+        (folder / f"broken{i}.png").write_bytes(b"not a png")
+    drawn = [Path(s.source).name for s in open_dataset(folder).sample(5, seed=0).samples]
+    assert any(name.startswith("broken") for name in drawn), drawn  # else this test tests nothing
+    for num_samples, used in ((5, 5), (8, 6)):
+        output = tmp_path / f"q{num_samples}.int8.onnx"
+        result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", str(folder), "-o", str(output),
+                                          "--num-samples", str(num_samples)])
+        assert result.exit_code == 0, result.output
+        assert f"calibrated on {used} images" in result.output
+        ran_out = f"the calibration set ran out of usable images: 6 of the 8 --num-samples asked for"
+        assert (ran_out in result.output.replace("\n", " ")) == (num_samples == 8), result.output
+        recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+        assert recorded["calibration_images"] == used and recorded["num_samples"] == num_samples
+
+
 def test_a_refusing_gate_still_names_the_images_it_left_out(fp32_models, tmp_path):
     folder = _image_folder(tmp_path / "val", "val", 24)
     (folder / "normal" / "torn.png").write_bytes(b"not a png")
