@@ -520,8 +520,9 @@ def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
 
 
 def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.ndarray,
-                  progress: Progress = lambda task, done, total: None) -> float:
-    """Top-1 accuracy (percent) of a model file over preprocessed batches, through its backend.
+                  progress: Progress = lambda task, done, total: None, name: str | None = None) -> float:
+    """Top-1 accuracy (percent) of a model file over preprocessed batches, through its backend; ``progress`` names
+    the model ``name``, or its file name.
 
     Deliberately minimal (the accuracy gate needs nothing more); the full metrics live with `evaluate`.
     """
@@ -531,7 +532,7 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
     logits = []
     for done, batch in enumerate(inputs, start=1):
         logits.append(backend.run(batch))
-        progress(f"evaluating {model_path.name}", done, len(inputs))
+        progress(f"evaluating {name or model_path.name}", done, len(inputs))
     logits = np.concatenate(logits)
     correct = logits.argmax(axis=1) == labels
     correct[non_finite_rows(logits)] = False  # no answer is no right answer, whatever class argmax picks
@@ -691,7 +692,8 @@ def quantize_onnx(
             measured_on = eval_set.description + (f", {len(eval_read.left_out)} of them left out"
                                                   if eval_read.left_out else "")
             float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
-            int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress)
+            # The candidate's file is a temporary "candidate.onnx"; the bar names what it will be written as.
+            int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress, f"the INT8 candidate for {output.name}")
             if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
                 batches = [batch for group in calib_inputs for batch in group]
                 few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
@@ -726,6 +728,9 @@ def quantize_onnx(
                "calibration_images": calib_images, "num_samples": num_samples, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
                "evaluated_on": evaluated_on, "evaluation_also_calibration": overlapping,
+               # What the accuracies were measured on: the set, and its images that were used.
+               "evaluation": eval_set.description if eval_data is not None else None,
+               "evaluation_images": len(labels) if eval_data is not None else None,
                "tool_version": __version__, "left_out": left_out_counts,
                "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
     entry = int8.metadata_props.add()

@@ -600,6 +600,22 @@ def test_evaluation_images_also_calibrated_on_are_counted_in_a_warning_and_the_r
         assert recorded["evaluation_also_calibration"] == also_calibrated
 
 
+def test_the_record_names_the_evaluation_set_and_the_bar_names_the_int8_candidate(bundled32, tmp_path):
+    """The entry held fp32/INT8 top-1 but not what they were measured on, and the bar read "evaluating
+    candidate.onnx", a temporary file's name."""
+    folder = _image_folder(tmp_path / "val", "val", 8)
+    (folder / "normal" / "torn.png").write_bytes(b"not a png")
+    tasks = set()
+    output = tmp_path / "named.int8.onnx"
+    quantize_onnx(bundled32, output, folder, num_samples=4, eval_data=folder, max_drop=100,
+                  progress=lambda task, done, total: tasks.add(task))
+    assert {"evaluating tiny.onnx", "evaluating the INT8 candidate for named.int8.onnx"} <= tasks
+    assert not [task for task in tasks if "candidate.onnx" in task], tasks
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+    assert recorded["evaluation"] == open_dataset(folder).description == f"{folder} (ImageFolder, 9 images)"
+    assert recorded["evaluation_images"] == 8 and recorded["left_out"]["evaluation"] == 1
+
+
 def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
     """Its weights were not loaded (only what the metadata check needs), and calibration died on a traceback."""
     from medmamba_edge.runtime.bundled import sample_image_paths
