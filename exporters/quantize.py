@@ -97,6 +97,7 @@ class SpeedCheck:
     fp32_ms: float
     int8_ms: float
     measured_on: str  # the CPU and instruction set: ONNX Runtime's INT8 kernels differ between them
+    batch_label: str  # as benchmark labels it: "2 (1×3, 1 padded)" for batch 2 on a model of fixed batch 3
 
     @property
     def speedup(self) -> float:
@@ -719,7 +720,7 @@ def quantize_onnx(
             if speed.speedup < min_speedup:
                 raise QuantizeError(
                     f"INT8 runs at {speed.speedup:.2f}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at "
-                    f"batch {speed.batch}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
+                    f"batch {speed.batch_label}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
                     f"written to {output} (on this CPU keep the fp32 model, or --exclude the layers that do not pay)")
 
     evaluated_on = describe_cpu() if eval_data is not None else None

@@ -107,12 +107,7 @@ class Measurement:
         return float(np.percentile(self.latencies_ms, q))
 
     def batch_label(self) -> str:
-        """The batch, and for a fixed-batch model of another size how it ran: "6 (2×4, 2 padded)"."""
-        if not self.fixed_batch or self.batch == self.fixed_batch:
-            return str(self.batch)
-        runs = -(-self.batch // self.fixed_batch)
-        padded = runs * self.fixed_batch - self.batch
-        return f"{self.batch} ({runs}×{self.fixed_batch}" + (f", {padded} padded)" if padded else ")")
+        return batch_label(self.batch, self.fixed_batch)
 
     @property
     def throughput(self) -> float:
@@ -122,6 +117,15 @@ class Measurement:
     def to_dict(self) -> dict:
         return {**asdict(self), "p50_ms": self.percentile(50), "p90_ms": self.percentile(90),
                 "p99_ms": self.percentile(99), "images_per_s": self.throughput}
+
+
+def batch_label(batch: int, fixed_batch: int | None) -> str:
+    """The batch, and for a fixed-batch model of another size how it ran: "6 (2×4, 2 padded)"."""
+    if not fixed_batch or batch == fixed_batch:
+        return str(batch)
+    runs = -(-batch // fixed_batch)
+    padded = runs * fixed_batch - batch
+    return f"{batch} ({runs}×{fixed_batch}" + (f", {padded} padded)" if padded else ")")
 
 
 def rounds_of(iterations: int) -> int:
@@ -269,18 +273,22 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
     return BenchmarkReport(machine_info(threads), warmup, iterations, measurements)
 
 
-def speed_check(batch: int, progress: Progress | None = None) -> SpeedCheckFn:
+def speed_check(batch: int | None, progress: Progress | None = None) -> SpeedCheckFn:
     """quantize's speed gate: a function timing an fp32 model and its INT8 candidate at ``batch`` as
-    ``benchmark`` does. A bad batch is refused here, before calibration starts."""
-    if batch < 1:
+    ``benchmark`` does; None: the model's own batch, 1 if dynamic (a model of fixed batch 3 timed "at batch 1" ran
+    one padded batch of 3). A bad batch is refused here, before calibration starts."""
+    if batch is not None and batch < 1:
         raise BenchmarkError(f"--speed-batch must be >= 1, got {batch}")
     from medmamba_edge.exporters.quantize import SpeedCheck
+    from medmamba_edge.runtime.metadata import read_onnx_metadata
 
     def measure(fp32: Path, int8: Path) -> SpeedCheck:
-        report = benchmark([fp32, int8], batches=[batch], warmup=SPEED_CHECK_WARMUP,
+        size = batch or read_onnx_metadata(fp32).batch or 1
+        report = benchmark([fp32, int8], batches=[size], warmup=SPEED_CHECK_WARMUP,
                            iterations=SPEED_CHECK_ITERATIONS, progress=progress)
         fp32_run, int8_run = report.measurements
-        return SpeedCheck(batch, fp32_run.percentile(50), int8_run.percentile(50), report.machine["cpu"])
+        return SpeedCheck(size, fp32_run.percentile(50), int8_run.percentile(50), report.machine["cpu"],
+                          fp32_run.batch_label())
 
     return measure
 

@@ -269,7 +269,8 @@ def quantize(
                                                                         "at a time, until within --max-drop.")] = False,
     min_speedup: Annotated[Optional[float], typer.Option(help="Time fp32 and INT8 side by side on this machine; a "
                                                               "smaller fp32/INT8 ratio refuses (no output).")] = None,
-    speed_batch: Annotated[Optional[int], typer.Option(help="Batch size --min-speedup times. Default: 1.")] = None,
+    speed_batch: Annotated[Optional[int], typer.Option(help="Batch size --min-speedup times. Default: the model's "
+                                                             "fixed batch, or 1.")] = None,
 ) -> None:
     """Quantize an exported model to INT8 (explicit Q/DQ), calibrated on real images, with accuracy and speed gates."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -291,7 +292,7 @@ def quantize(
         if min_speedup is not None:
             from medmamba_edge.benchmarking import speed_check
 
-            timer = speed_check(1 if speed_batch is None else speed_batch,
+            timer = speed_check(speed_batch,
                                 lambda done, total: progress("timing fp32 and INT8 on this machine", done, total))
         result = quantize_onnx(model, output, calib, split=split, num_samples=num_samples, seed=seed,
                                method=method, percentile=percentile, exclude=exclude or (),
@@ -316,7 +317,7 @@ def quantize(
                   f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {result.max_drop:g}) on {result.evaluated_on}")
     if result.speed is not None:
         speed = result.speed
-        out.print(f"speed at batch {speed.batch}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
+        out.print(f"speed at batch {speed.batch_label}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
                   f"{speed.speedup:.2f}× (--min-speedup {min_speedup:g}) on {speed.measured_on}")
 
 

@@ -359,11 +359,17 @@ def test_calibration_groups_take_whole_fixed_batches_without_counting_copies(cou
     assert len(set(seen.tolist())) == used and (count < (fixed or 1) or len(seen) == used)
 
 
-def test_a_fixed_batch_export_says_how_many_images_its_whole_batches_left_out(tmp_path):
+@pytest.fixture(scope="module")
+def bundled32_batch3(tmp_path_factory):
     from medmamba_edge.runtime.bundled import bundled_checkpoint
 
-    fp32 = tmp_path / "b3.onnx"
-    export_onnx(bundled_checkpoint(), fp32, input_size=32, batch=3, verify=False)
+    path = tmp_path_factory.mktemp("batch3") / "b3.onnx"
+    export_onnx(bundled_checkpoint(), path, input_size=32, batch=3, verify=False)
+    return path
+
+
+def test_a_fixed_batch_export_says_how_many_images_its_whole_batches_left_out(bundled32_batch3, tmp_path):
+    fp32 = bundled32_batch3
     output = tmp_path / "b3.int8.onnx"
     result = CliRunner().invoke(app, ["quantize", str(fp32), "--calib", str(require_shared(*PNEUMONIAMNIST)),
                                       "-o", str(output), "--num-samples", "20"])
@@ -491,6 +497,21 @@ def test_speed_gate_records_both_medians_and_the_cpu_when_it_passes(fp32_models,
     assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
     assert speed["speedup"] == pytest.approx(speed["fp32_ms"] / speed["int8_ms"])
     assert f"{speed['speedup']:.2f}×" in result.output
+
+
+def test_the_speed_gate_times_a_fixed_batch_model_at_its_batch_and_labels_another_as_benchmark_does(
+        bundled32_batch3, tmp_path):
+    """Exported with --batch 3, it was timed "at batch 1" and recorded so, though each run was a padded batch of 3
+    (benchmark labels that "1 (1×3, 2 padded)")."""
+    calib = str(require_shared(*PNEUMONIAMNIST))
+    for option, label in (([], "3"), (["--speed-batch", "2"], "2 (1×3, 1 padded)")):
+        output = tmp_path / "b3.int8.onnx"
+        result = CliRunner().invoke(app, ["quantize", str(bundled32_batch3), "--calib", calib, "-o", str(output),
+                                          "--num-samples", "6", "--min-speedup", "0.01", *option])
+        assert result.exit_code == 0, result.output
+        assert f"speed at batch {label}: fp32" in result.output
+        speed = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])["speed"]
+        assert speed["batch"] == int(label[0]) and speed["batch_label"] == label
 
 
 @pytest.mark.parametrize("option, message", [(["--min-speedup", "0"], "--min-speedup must be a finite number > 0"),
