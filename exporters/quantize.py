@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,11 @@ DEFAULT_MAX_DROP = 1.0  # points of top-1 the accuracy gate allows INT8 to lose
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 LeftOut = Callable[[str, list[Failure]], None]  # ("calibration" | "evaluation", the images left out and why)
 AlsoCalibrated = Callable[[int, int], None]  # (evaluation images that are also calibration images, evaluation images)
-SpeedCheckFn = Callable[[Path, Path], "SpeedCheck"]  # (fp32 model, INT8 candidate) -> both timed on this machine
+# (fp32 model, INT8 candidate, --min-speedup: timed more while the interval straddles it) -> both timed on this machine
+SpeedCheckFn = Callable[[Path, Path, float], "SpeedCheck"]
+# The speed gate decides on a SPEED_CONFIDENCE % interval of the speedup: a bootstrap of SPEED_RESAMPLES, seeded.
+SPEED_CONFIDENCE = 90
+SPEED_RESAMPLES = 2000
 
 
 class QuantizeError(UserError):
@@ -92,16 +96,60 @@ class QuantizeError(UserError):
 
 @dataclass
 class SpeedCheck:
-    """fp32 and INT8 timed side by side on this machine, medians (medmamba_edge.benchmarking.speed_check)."""
+    """fp32 and INT8 timed side by side on this machine in rounds, a few runs of each per round, the two models
+    taking turns (medmamba_edge.benchmarking.speed_check)."""
     batch: int
-    fp32_ms: float
-    int8_ms: float
+    fp32_rounds: list[list[float]]  # milliseconds of each run, round by round (as many runs in every round)
+    int8_rounds: list[list[float]]
     measured_on: str  # the CPU and instruction set: ONNX Runtime's INT8 kernels differ between them
     batch_label: str  # as benchmark labels it: "2 (1×3, 1 padded)" for batch 2 on a model of fixed batch 3
 
     @property
+    def fp32_ms(self) -> float:
+        return float(np.median(self.fp32_rounds))
+
+    @property
+    def int8_ms(self) -> float:
+        return float(np.median(self.int8_rounds))
+
+    @property
     def speedup(self) -> float:
         return self.fp32_ms / self.int8_ms
+
+    def interval(self) -> tuple[float, float]:
+        """The speedup's SPEED_CONFIDENCE % interval: a bootstrap that resamples whole rounds, both models' runs of a
+        round together, since a round is one stretch of a noisy machine and a slow stretch slows both; seeded, so
+        the same timings give the same interval. The two medians alone, with no spread, flipped the gate between
+        runs of one command (0.89× refused, then 1.21×, 1.25×, 1.01× passed)."""
+        fp32, int8 = np.asarray(self.fp32_rounds), np.asarray(self.int8_rounds)
+        picks = np.random.default_rng(0).integers(0, len(fp32), (SPEED_RESAMPLES, len(fp32)))
+        ratios = (np.median(fp32[picks].reshape(SPEED_RESAMPLES, -1), axis=1)
+                  / np.median(int8[picks].reshape(SPEED_RESAMPLES, -1), axis=1))
+        tail = (100 - SPEED_CONFIDENCE) / 2
+        low, high = np.percentile(ratios, [tail, 100 - tail])
+        return float(low), float(high)
+
+    def describe(self, min_speedup: float) -> str:
+        """The interval, each end as it compares with ``min_speedup``, and the rounds it is of."""
+        low, high = (compared(end, min_speedup, 3)[0] for end in self.interval())
+        return f"{SPEED_CONFIDENCE}% interval {low}–{high}× over {len(self.fp32_rounds)} rounds"
+
+    def record(self, min_speedup: float) -> dict:
+        """The speed entry of the quantization metadata."""
+        return {"batch": self.batch, "batch_label": self.batch_label, "fp32_ms": self.fp32_ms, "int8_ms": self.int8_ms,
+                "speedup": self.speedup, "interval": list(self.interval()), "interval_percent": SPEED_CONFIDENCE,
+                "within_noise": speed_verdict(self, min_speedup)[1], "rounds": len(self.fp32_rounds),
+                "runs_per_round": len(self.fp32_rounds[0]), "measured_on": self.measured_on}
+
+
+def speed_verdict(speed: SpeedCheck, min_speedup: float) -> tuple[bool, bool]:
+    """Whether INT8 passes ``min_speedup`` on ``speed``'s timings, and whether that was within the machine's noise:
+    an interval wholly at or above it passes, wholly below refuses; one that straddles it (speed_check has timed
+    more rounds by then) is decided on the median, within the noise."""
+    low, high = speed.interval()
+    if low >= min_speedup or high < min_speedup:
+        return low >= min_speedup, False
+    return speed.speedup >= min_speedup, True
 
 
 @dataclass
@@ -120,6 +168,7 @@ class QuantizeResult:
     max_drop: float | None = None  # the accuracy gate's budget in points; None without --eval
     past_last_batch: int = 0  # usable calibration images a fixed-batch model had no whole batch for
     calibration_short: int = 0  # images short of --num-samples: the calibration set ran out of usable ones
+    speed_within_noise: bool = False  # the speed gate's interval straddled --min-speedup: passed on the median
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -602,11 +651,11 @@ def quantize_onnx(
 ) -> QuantizeResult:
     """Calibrate, quantize, check accuracy (with ``eval_data``: at most ``max_drop`` points of top-1 lost,
     DEFAULT_MAX_DROP if None) and speed (with ``min_speedup``: the fp32 / INT8 ratio of the medians ``speed_check``
-    measures), and write ``output`` only if both passed. ``left_out`` hears of the images each stage left out as
-    soon as it has read them, so that they are named even when a gate refuses; the model records only how many
-    (file names in medical data sets often carry patient identifiers). ``also_calibrated`` hears, before the
-    calibration, how many evaluation images are also calibration images (when any are), and the model records
-    it: on those the accuracy gate reads optimistic, INT8's activation ranges having been fitted to them."""
+    measures, and its interval: speed_verdict), and write ``output`` only if both passed. ``left_out`` hears of the
+    images each stage left out as soon as it has read them, so that they are named even when a gate refuses; the
+    model records only how many (file names in medical data sets often carry patient identifiers).
+    ``also_calibrated`` hears, before the calibration, how many evaluation images are also calibration images (when
+    any are), and the model records it: on those the accuracy gate reads optimistic, INT8's activation ranges having been fitted to them."""
 
     started = time.perf_counter()
     check_quantizer()
@@ -714,29 +763,35 @@ def quantize_onnx(
                     f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({images} of {len(labels)} images) below fp32 "
                     f"{float_top1:.2f}% on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of "
                     f"{budget}; nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
-        speed = None
+        speed, within_noise = None, False
         if min_speedup is not None:
-            speed = speed_check(model_path, candidate)
-            if speed.speedup < min_speedup:
+            speed = speed_check(model_path, candidate, min_speedup)
+            passed, within_noise = speed_verdict(speed, min_speedup)
+            if not passed:
+                speedup, asked = compared(speed.speedup, min_speedup, 3)
+                noise = " on the median, the interval straddling it: within this machine's noise" if within_noise else ""
                 raise QuantizeError(
-                    f"INT8 runs at {speed.speedup:.2f}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at "
-                    f"batch {speed.batch_label}) on {speed.measured_on}, below --min-speedup {min_speedup:g}; nothing was "
-                    f"written to {output} (on this CPU keep the fp32 model, or --exclude the layers that do not pay)")
+                    f"INT8 runs at {speedup}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at batch "
+                    f"{speed.batch_label}, {speed.describe(min_speedup)}) on {speed.measured_on}, below --min-speedup "
+                    f"{asked}{noise}; nothing was written to {output} (on this CPU keep the fp32 model, or --exclude "
+                    f"the layers that do not pay)")
 
     evaluated_on = describe_cpu() if eval_data is not None else None
     details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
                "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
-               "calibration_images": calib_images, "num_samples": num_samples, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
+               "calibration_images": calib_images, "num_samples": num_samples, "seed": seed,
+               "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
                "evaluated_on": evaluated_on, "evaluation_also_calibration": overlapping,
                # What the accuracies were measured on: the set, and its images that were used.
                "evaluation": eval_set.description if eval_data is not None else None,
                "evaluation_images": len(labels) if eval_data is not None else None,
                "tool_version": __version__, "left_out": left_out_counts,
-               "speed": None if speed is None else {**asdict(speed), "speedup": speed.speedup}}
+               "speed": None if speed is None else speed.record(min_speedup)}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
                           excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop, past_last_batch, calibration_short)
+                          speed, time.perf_counter() - started, max_drop, past_last_batch, calibration_short,
+                          within_noise)

@@ -316,9 +316,15 @@ def quantize(
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
                   f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {result.max_drop:g}) on {result.evaluated_on}")
     if result.speed is not None:
+        from medmamba_edge.exporters.quantize import compared
+
         speed = result.speed
+        speedup, asked = compared(speed.speedup, min_speedup, 3)
+        noise = (", passed on the median, the interval straddling it: within this machine's noise"
+                 if result.speed_within_noise else "")
         out.print(f"speed at batch {speed.batch_label}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
-                  f"{speed.speedup:.2f}× (--min-speedup {min_speedup:g}) on {speed.measured_on}")
+                  f"{speedup}× ({speed.describe(min_speedup)}) on {speed.measured_on}, --min-speedup {asked}{noise}",
+                  highlight=False)
 
 
 @command("build-plugin")

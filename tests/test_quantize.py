@@ -480,7 +480,7 @@ def test_speed_gate_refuses_an_int8_model_below_the_asked_speedup_and_writes_not
                                       "--min-speedup", "1000"])
     message = result.output.replace("\n", " ")
     assert result.exit_code == 1, result.output
-    assert "below --min-speedup 1000" in message and "nothing was written" in message
+    assert "below --min-speedup 1000; nothing was written" in message and "× over 10 rounds)" in message
     assert f"on {describe_cpu()}" in message, "INT8 speed depends on the instruction set"
     assert not output.exists() and not list(tmp_path.glob(".model.int8.onnx*"))
 
@@ -496,7 +496,62 @@ def test_speed_gate_records_both_medians_and_the_cpu_when_it_passes(fp32_models,
     assert speed["batch"] == 2 and speed["measured_on"] == describe_cpu()
     assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
     assert speed["speedup"] == pytest.approx(speed["fp32_ms"] / speed["int8_ms"])
-    assert f"{speed['speedup']:.2f}×" in result.output
+    assert 0.01 <= speed["interval"][0] <= speed["interval"][1] and speed["interval_percent"] == 90
+    assert speed["rounds"] == 10 and speed["runs_per_round"] == 3 and speed["within_noise"] is False
+    assert f"{speed['speedup']:.3g}× (90% interval " in result.output.replace("\n", " ")
+
+
+def _speed(fp32_ms, int8_ms, jitter=0.02, runs=3):
+    """A SpeedCheck of synthetic timings: per round, both models' typical milliseconds, each run off by ±jitter."""
+    from medmamba_edge.exporters.quantize import SpeedCheck
+
+    noise = 1 + jitter * np.random.default_rng(1).uniform(-1, 1, (2, len(fp32_ms), runs))
+    return SpeedCheck(1, (np.asarray(fp32_ms, float)[:, None] * noise[0]).tolist(),
+                      (np.asarray(int8_ms, float)[:, None] * noise[1]).tolist(), "test CPU", "1")
+
+
+def test_the_speed_verdict_keeps_refuses_or_decides_within_the_noise_on_the_interval_of_the_rounds():
+    """Four runs of one command compared the two medians alone to --min-speedup 1.0: one refused (0.89×), three
+    passed (1.21×, 1.25×, 1.01×). The verdict now reads an interval of the speedup over the rounds."""
+    from medmamba_edge.exporters.quantize import speed_verdict
+
+    steady = _speed([10.0] * 10, [8.0] * 10)  # 1.25×
+    low, high = steady.interval()
+    assert low < 1.25 < high and high - low < 0.05 and steady.interval() == (low, high)  # seeded
+    assert speed_verdict(steady, 1.0) == (True, False) and speed_verdict(steady, 1.5) == (False, False)
+    # Load that comes and goes between rounds slows both models of a round alike: paired by round, the ratio holds.
+    load = np.array([1, 2, 1.2, 3, 1, 1.5, 2.5, 1, 1.1, 2])
+    swinging = _speed(10.0 * load, 8.0 * load)
+    assert swinging.interval()[1] - swinging.interval()[0] < 0.1 and speed_verdict(swinging, 1.2) == (True, False)
+    # Rounds at 0.89× and at 1.25×: the interval straddles 1.0, so the median decides, within the noise.
+    mixed = [1 / 0.89, 1 / 1.25]
+    for ratios, passes in ((mixed * 5 + [1 / 1.25] * 2, True), (mixed * 5 + [1 / 0.89] * 2, False)):
+        check = _speed([10.0] * 12, 10.0 * np.array(ratios), jitter=0.0)
+        low, high = check.interval()
+        assert low < 1.0 <= high and speed_verdict(check, 1.0) == (passes, True), (low, high)
+        assert check.record(1.0)["within_noise"] is True and check.record(1.0)["interval"] == [low, high]
+    assert "90% interval 0.89–1.25× over 12 rounds" in check.describe(1.0)
+
+
+def test_the_speed_check_times_more_rounds_only_while_the_interval_straddles_the_asked_speedup(monkeypatch):
+    """Up to three times the rounds; a clear verdict stops at the first ten."""
+    import contextlib
+
+    from medmamba_edge import benchmarking
+
+    class Worker:
+        def __init__(self, ms):
+            self.ms, self.ready = iter(ms), {"fixed_batch": None}
+
+        def request(self, message):
+            return {"ms": [next(self.ms)] * message["iterations"]}
+
+    for int8_ms, rounds in (([8.0] * 99, 10), (([8.0, 12.0] * 50), 30)):
+        monkeypatch.setattr(benchmarking, "_loaded", lambda *args: contextlib.nullcontext(
+            [Worker([10.0] * 99), Worker(int8_ms)]))
+        check = benchmarking.speed_check(1)(Path("fp32.onnx"), Path("int8.onnx"), 1.0)
+        assert len(check.fp32_rounds) == len(check.int8_rounds) == rounds
+        assert check.batch_label == "1" and check.measured_on == describe_cpu()
 
 
 def test_the_speed_gate_times_a_fixed_batch_model_at_its_batch_and_labels_another_as_benchmark_does(
