@@ -58,7 +58,7 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import non_finite_rows, over_budget, points_lost, tolerance_problem
+from medmamba_edge.runtime.metrics import compared_text, non_finite_rows, over_budget, points_lost, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -131,7 +131,7 @@ class SpeedCheck:
 
     def describe(self, min_speedup: float) -> str:
         """The interval, each end as it compares with ``min_speedup``, and the rounds it is of."""
-        low, high = (compared(end, min_speedup, 3)[0] for end in self.interval())
+        low, high = (compared_text(end, min_speedup, 3)[0] for end in self.interval())
         return f"{SPEED_CONFIDENCE}% interval {low}–{high}× over {len(self.fp32_rounds)} rounds"
 
     def record(self, min_speedup: float) -> dict:
@@ -589,22 +589,6 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
     return 100.0 * float(correct.mean())
 
 
-def compared(value: float, limit: float, digits: int) -> tuple[str, str]:
-    """``value`` and ``limit`` as text that compares as they do, so that a value over (or under) a limit never reads
-    as equal to it: a drop of 96 of 524 images, 18.3206 points, printed "18.32 points ... over the --max-drop budget
-    of 18.32". The limit as given (%g) where that keeps it on its side of the value, the value to the fewest
-    significant digits (at least ``digits``) that keep it on its side of the limit as shown."""
-    side = np.sign(value - limit)
-    shown = f"{limit:g}"
-    if np.sign(value - float(shown)) != side:
-        shown = repr(float(limit))
-    for figures in range(digits, 18):
-        text = f"{value:.{figures}g}"
-        if np.sign(float(text) - float(shown)) == side:
-            return text, shown
-    return repr(float(value)), shown
-
-
 def _check_options(method: str, percentile: float | None, quant_format: str, max_drop: float | None, eval_data,
                    eval_split: str | None, auto_fallback: bool, min_speedup: float | None,
                    speed_check: SpeedCheckFn | None) -> None:
@@ -757,7 +741,7 @@ def quantize_onnx(
                     int8_top1 = top1_accuracy(candidate, eval_inputs, labels)
             if over_budget(points_lost(float_top1, int8_top1), max_drop):
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
-                drop, budget = compared(points_lost(float_top1, int8_top1), max_drop, 4)
+                drop, budget = compared_text(points_lost(float_top1, int8_top1), max_drop, 4)
                 images = round((float_top1 - int8_top1) * len(labels) / 100)
                 raise QuantizeError(
                     f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({images} of {len(labels)} images) below fp32 "
@@ -768,7 +752,7 @@ def quantize_onnx(
             speed = speed_check(model_path, candidate, min_speedup)
             passed, within_noise = speed_verdict(speed, min_speedup)
             if not passed:
-                speedup, asked = compared(speed.speedup, min_speedup, 3)
+                speedup, asked = compared_text(speed.speedup, min_speedup, 3)
                 noise = " on the median, the interval straddling it: within this machine's noise" if within_noise else ""
                 raise QuantizeError(
                     f"INT8 runs at {speedup}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at batch "

@@ -316,10 +316,10 @@ def quantize(
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
                   f"(drop {result.float_top1 - result.int8_top1:.2f} points, budget {result.max_drop:g}) on {result.evaluated_on}")
     if result.speed is not None:
-        from medmamba_edge.exporters.quantize import compared
+        from medmamba_edge.runtime.metrics import compared_text
 
         speed = result.speed
-        speedup, asked = compared(speed.speedup, min_speedup, 3)
+        speedup, asked = compared_text(speed.speedup, min_speedup, 3)
         noise = (", passed on the median, the interval straddling it: within this machine's noise"
                  if result.speed_within_noise else "")
         out.print(f"speed at batch {speed.batch_label}: fp32 {speed.fp32_ms:.2f} ms, int8 {speed.int8_ms:.2f} ms median, "
@@ -482,9 +482,12 @@ def evaluate(
     warn_left_out(report.failures, "for every model", f"all in {json_file}" if json_file else None)
     for path in written:
         out.print(f"wrote {path}")
+    from medmamba_edge.runtime.metrics import compared_text
+
     for m in report.gate_failures:
-        fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {m.drop:.4g} points below "
-             f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {max_drop:g})")
+        drop, budget = compared_text(m.drop, max_drop, 4)
+        fail(f"{m.path}: top-1 accuracy {100 * m.metrics.accuracy:.2f}% is {drop} points below "
+             f"{report.models[0].path}'s {100 * report.models[0].metrics.accuracy:.2f}% (--max-drop {budget})")
 
 
 @command()

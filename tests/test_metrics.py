@@ -79,3 +79,14 @@ def test_confident_answers_are_ranked_by_log_probabilities_not_tied_at_one():
     assert metrics.auc == pytest.approx(sklearn_metrics.roc_auc_score(labels, lead))
     assert metrics.per_class[0].auc == metrics.per_class[1].auc == metrics.auc
     assert np.allclose(np.exp(log_softmax(logits)), softmax(logits.astype(np.float64)))
+
+
+def test_a_value_over_or_under_its_limit_never_prints_as_equal_to_it():
+    """evaluate's and quantize's --max-drop refusals printed a drop of 18.3206 points as "18.32 ... budget 18.32"."""
+    from medmamba_edge.runtime.metrics import compared_text
+
+    assert compared_text(100 * 96 / 524, 18.32, 4) == ("18.321", "18.32")
+    assert compared_text(2.0, 1.0, 4) == ("2", "1")
+    # a limit that %g would round onto the value's side is printed in full
+    assert compared_text(1.0000002, 1.0000004, 4) == ("1", "1.0000004")
+    assert compared_text(0.98, 1.0, 3) == ("0.98", "1")
