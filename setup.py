@@ -23,6 +23,35 @@ HEADERS = ["runtime/csrc/selective_scan_kernel.h", "runtime/csrc/ort_abi.h"]
 ORT_OPS = "medmamba_edge.runtime.libmedmamba_ort_ops"
 
 
+RUN_PATH_OPTIONS = ("-rpath", "--rpath", "-R")  # ld's, each followed by its folder
+
+
+def without_run_paths(args):
+    """A link command less its run-time search paths, however spelled: -Wl,-rpath,X, -Wl,-rpath=X, -Wl,-rpath -Wl,X,
+    -Wl,-R,X, -Wl,a,-rpath,X,b and -Xlinker -rpath -Xlinker X. Dropping only the argument that starts -Wl,-rpath
+    left a split pair's folder behind, which ld then read as an input file and the library was not built."""
+    kept, folder_next = [], False
+    arguments = iter(args)
+    for arg in arguments:
+        if arg == "-Xlinker":
+            tokens, wrap = [next(arguments, "")], lambda tokens: [part for t in tokens for part in ("-Xlinker", t)]
+        elif arg.startswith("-Wl,"):
+            tokens, wrap = arg[len("-Wl,"):].split(","), lambda tokens: ["-Wl," + ",".join(tokens)] if tokens else []
+        else:
+            kept.append(arg)
+            continue
+        linker_kept = []
+        for token in tokens:
+            if folder_next:
+                folder_next = False
+            elif token in RUN_PATH_OPTIONS:
+                folder_next = True
+            elif not token.startswith(tuple(option + "=" for option in RUN_PATH_OPTIONS[:2])):
+                linker_kept.append(token)
+        kept += wrap(linker_kept)
+    return kept
+
+
 class BuildExt(build_ext):
     def get_ext_filename(self, fullname):
         # asked with the full dotted name and with the last part alone (distutils' get_ext_fullpath)
@@ -33,10 +62,11 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         if ext.name != ORT_OPS:
             return super().build_extension(ext)
-        # Python's own link flags may carry its build's -rpath (pyenv's do): a library copied into Triton model
-        # repositories and C++ deployments should not name this machine's folders (it needs nothing but libc).
+        # Python's own link flags (pyenv's) and a user's LDFLAGS may carry run-time search paths: a library copied
+        # into Triton model repositories and C++ deployments should not name this machine's folders (it needs
+        # nothing but libc).
         linker = self.compiler.linker_so
-        self.compiler.linker_so = [arg for arg in linker if not arg.startswith("-Wl,-rpath")]
+        self.compiler.linker_so = without_run_paths(linker)
         try:
             super().build_extension(ext)
         finally:

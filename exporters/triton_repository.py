@@ -436,10 +436,13 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         from medmamba_edge.runtime.metadata import load_onnx
 
         whole_model = load_onnx(served.source)
-    created = missing_folders(repository)  # removed again if the export fails
+    # Made where the path leads (a/../b and links resolved first: mkdir made a/ on the way), and removed again if
+    # the export fails.
+    repository_folder = Path(os.path.realpath(repository))
+    created = missing_folders(repository_folder)
     staging = None
     try:
-        repository.mkdir(parents=True, exist_ok=True)
+        repository_folder.mkdir(parents=True, exist_ok=True)
         workspace = _workspace(repository)
         _remove_leftovers(workspace, name, repository)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))

@@ -47,7 +47,10 @@ def _print_version(asked: bool) -> None:
     if asked:
         from medmamba_edge import __version__
 
-        out.print(f"medmamba-edge {__version__}")
+        try:  # an eager option runs before any command's one-line error handling
+            out.print(f"medmamba-edge {__version__}")
+        except UserError as exc:
+            fail(str(exc))
         raise typer.Exit()
 
 

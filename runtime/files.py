@@ -101,8 +101,9 @@ def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
 
 def missing_folders(folder: Path) -> list[Path]:
     """The folders ``folder.mkdir(parents=True)`` would create, deepest first: what a write that fails removes
-    again (``remove_empty_folders``), so that a failed output leaves nothing behind."""
-    return list(itertools.takewhile(lambda candidate: not candidate.exists(), (folder, *folder.parents)))
+    again (``remove_empty_folders``), so that a failed output leaves nothing behind. A link counts as there even
+    when it leads nowhere or in a loop: the caller finds it is no folder, where mkdir said "File exists"."""
+    return list(itertools.takewhile(lambda candidate: not os.path.lexists(candidate), (folder, *folder.parents)))
 
 
 def remove_empty_folders(folders: list[Path]) -> None:
@@ -365,8 +366,9 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
             if not os.access(path, os.W_OK):
                 raise OutputError(f"{path}: cannot write there (permission denied)")
             return
-        start = path if folder else Path(os.path.realpath(path)).parent
-        existing = next(p for p in (start, *start.parents) if p.exists())
+        # through links, as the output is written (a link in a loop stays: it is no folder)
+        start = Path(os.path.realpath(path)) if folder else Path(os.path.realpath(path)).parent
+        existing = next(p for p in (start, *start.parents) if os.path.lexists(p))
     except OSError as exc:
         raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     if not existing.is_dir():

@@ -276,6 +276,11 @@ def test_version_is_the_installed_distributions_both_ways():
                     [sys.executable, "-c", "from medmamba_edge.cli import main; main()", "--version"]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout == f"medmamba-edge {installed}\n", result
+    with open("/dev/full", "w") as full:  # one line, as every command's output error (it was a traceback)
+        result = subprocess.run([sys.executable, "-m", "medmamba_edge", "--version"], stdout=full, stderr=subprocess.PIPE,
+                                text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: stdout: cannot write"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("args", [

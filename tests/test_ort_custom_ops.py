@@ -214,6 +214,24 @@ def test_the_library_names_no_folder_of_the_machine_that_built_it():
     assert "RPATH" not in dynamic and "RUNPATH" not in dynamic
 
 
+def test_run_paths_are_dropped_from_the_link_however_they_are_spelled():
+    """Dropping only the argument that began -Wl,-rpath left a split pair's folder (LDFLAGS="-Wl,-rpath -Wl,/x"),
+    which ld read as an input file: the library was not built, and pip said nothing."""
+    import runpy
+    from unittest import mock
+
+    import setuptools
+
+    with mock.patch.object(setuptools, "setup"):
+        without_run_paths = runpy.run_path(str(Path(__file__).parents[1] / "setup.py"))["without_run_paths"]
+    assert without_run_paths(["gcc", "-shared", "-L/a", "-Wl,-rpath,/a", "-Wl,-rpath=/b", "-pthread"]) == [
+        "gcc", "-shared", "-L/a", "-pthread"]
+    assert without_run_paths(["gcc", "-Wl,-rpath", "-Wl,/opt/lib", "-Wl,-z,nodelete"]) == ["gcc", "-Wl,-z,nodelete"]
+    assert without_run_paths(["gcc", "-Wl,--enable-new-dtags,-rpath,/x", "-Wl,-R,/y", "-Xlinker", "-rpath",
+                              "-Xlinker", "/z", "-Xlinker", "-O1", "-Wl,-O1,--rpath,/w,--as-needed"]) == [
+        "gcc", "-Wl,--enable-new-dtags", "-Xlinker", "-O1", "-Wl,-O1,--as-needed"]
+
+
 def test_a_missing_library_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
     with pytest.raises(fused_scan.FusedScanUnavailable, match=r"^a plugin-form model .* runs its scan in ONNX "

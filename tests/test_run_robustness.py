@@ -557,6 +557,9 @@ def test_an_output_under_a_file_says_which_part_is_not_a_folder(model, tmp_path)
         code, output = cli("run", model, tmp_path / "x.png", option, target)
         assert code == 1 and f"{target}: {tmp_path / 'afile'} is not a folder" in output, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "x.png"]
+    (tmp_path / "loop").symlink_to("loop")  # a link in a loop is no folder either (it read "File exists" too)
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", tmp_path / "loop" / "r.jsonl")
+    assert code == 1 and f"{tmp_path / 'loop'} is not a folder" in output, output
 
 
 def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is_written(model, tmp_path):

@@ -273,6 +273,22 @@ def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, mo
     with pytest.raises(UserError, match="medmamba: cannot write [(]No space left on device[)]"):
         export_triton(model, tmp_path / "kept" / "a" / "b" / "repo")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
+    # nox/../y/repo: made where it leads (y/repo), not nox/ on the way, which was left behind
+    with pytest.raises(UserError, match="No space left on device"):
+        export_triton(model, tmp_path / "nox" / ".." / "y" / "repo")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
+def test_a_repository_path_through_a_link_loop_is_no_folder_and_one_through_a_dangling_link_is_made_there(
+        model, tmp_path):
+    """A loop raised RuntimeError (Path.resolve) as a traceback; a dangling link read "cannot write (File
+    exists)", where run writes through one."""
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(UserError, match="loop is not a folder"):
+        export_triton(model, tmp_path / "loop" / "repo")
+    (tmp_path / "dangling").symlink_to("elsewhere")
+    export_triton(model, tmp_path / "dangling" / "repo")
+    assert (tmp_path / "elsewhere" / "repo" / "medmamba" / "config.pbtxt").is_file()
 
 
 def test_a_repository_that_is_a_mount_of_its_own_is_its_own_staging_place(tmp_path_factory, tmp_path):
