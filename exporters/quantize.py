@@ -576,12 +576,12 @@ def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.nda
 
     Deliberately minimal (the accuracy gate needs nothing more); the full metrics live with `evaluate`.
     """
-    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.runtime.backends import checked_logits, open_backend
 
     backend = open_backend(model_path)
     logits = []
     for done, batch in enumerate(inputs, start=1):
-        logits.append(backend.run(batch))
+        logits.append(checked_logits(backend, batch))
         progress(f"evaluating {name or model_path.name}", done, len(inputs))
     logits = np.concatenate(logits)
     correct = logits.argmax(axis=1) == labels

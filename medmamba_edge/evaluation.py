@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, is_triton_url, log_softmax,
-                                            softmax)
+from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, checked_logits, is_triton_url,
+                                            log_softmax, softmax)
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
 from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, over_budget, points_lost,
@@ -133,7 +133,7 @@ def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 
                 batch = np.stack([item[key] for item in chunk.items])
                 for k in members:
                     began = time.perf_counter()
-                    logits[k].append(np.asarray(backends[k].run(batch), dtype=np.float32))
+                    logits[k].append(np.asarray(checked_logits(backends[k], batch), dtype=np.float32))
                     seconds[k] += time.perf_counter() - began
         if progress:
             progress(chunk.end, len(dataset))

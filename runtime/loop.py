@@ -21,7 +21,7 @@ import numpy as np
 
 from medmamba_edge.errors import UserError, first_line
 
-from .backends import Backend, softmax
+from .backends import Backend, WrongOutputShape, checked_logits, softmax
 from .metadata import positive_int
 from .preprocess import preprocess_one
 from .sinks import Outputs, Record, Sink, Stats
@@ -95,18 +95,6 @@ def capture_still_running(interrupt: KeyboardInterrupt) -> bool:
     return getattr(interrupt, "capture_still_running", False)
 
 
-def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
-    """What is wrong with a backend's answer to ``inputs`` frames, or None. Checked on every batch, not once at
-    opening: a custom backend, a server or a model with data-dependent shapes may answer one batch wrongly."""
-    if logits.ndim != 2:
-        return f"the model returned an output of shape {logits.shape} for {inputs} inputs, expected ({inputs}, {classes})"
-    if len(logits) != inputs:
-        return f"the model returned {len(logits)} rows for {inputs} inputs"
-    if logits.shape[1] != classes:
-        return f"the model returned {logits.shape[1]} logits a row for {classes} classes"
-    return None
-
-
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print,
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
@@ -150,11 +138,11 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 if usable:
                     started = time.perf_counter()
                     try:
-                        logits = np.asarray(backend.run(np.stack([f.tensor for f in usable])))
+                        logits = checked_logits(backend, np.stack([f.tensor for f in usable]))
+                    except WrongOutputShape as exc:
+                        model_error = exc.reason
                     except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
                         model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
-                    else:
-                        model_error = wrong_shape(logits, len(usable), meta.num_classes)
                     if model_error:
                         failed_batches, first_failure = failed_batches + 1, first_failure or model_error
                     stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1

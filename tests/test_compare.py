@@ -7,6 +7,7 @@ from medmamba_edge.cli import app
 from medmamba_edge.comparison import TIERS, compare, summary_lines, tolerance_for
 from tests.exported_models import bundled_onnx, official_onnx
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
+from tests.test_evaluate import one_row_model
 
 runner = CliRunner()
 
@@ -47,6 +48,14 @@ def test_cli_fails_for_two_different_models(onnx32, tmp_path_factory):
     # A wide enough logit tolerance lets the same pair pass: the tolerance is what decides.
     wide = runner.invoke(app, ["compare", str(onnx32), str(tiny), "--num-samples", "4", "--atol", "100"])
     assert wide.exit_code == 0, wide.output
+
+
+def test_a_model_answering_one_row_for_a_batch_is_a_one_line_error(tmp_path):
+    """An IndexError ("boolean index did not match") traceback on comparing the rows it did answer."""
+    model = one_row_model(tmp_path / "rows.onnx")
+    result = runner.invoke(app, ["compare", str(model), str(model)])  # the 9 bundled samples, in one batch
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines() == [f"error: {model}: the model returned 1 rows for 9 inputs"]
 
 
 def test_tolerance_tiers_follow_the_less_precise_model():

@@ -148,6 +148,46 @@ def test_a_model_with_non_finite_logits_is_not_scored(tmp_path_factory, tmp_path
     assert top1_accuracy(broken, [np.zeros((4, 3, 32, 32), np.float32)], np.zeros(4, np.int64)) == 0.0
 
 
+def one_row_model(path, classes=("normal", "pneumonia")):
+    """A valid dynamic-batch ONNX (x (N, 3, 32, 32) → mean per channel → the first row's first logits) whose output
+    is fixed [1, classes]: one row whatever the batch, as a model exported with a batch-1 reshape answers."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    k = len(classes)
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "one_row", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+         helper.make_tensor("ends", TensorProto.INT64, [2], [1, k]),
+         helper.make_tensor("axes", TensorProto.INT64, [2], [0, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "medmamba_edge", json.dumps({"input_size": [32, 32], "class_names": list(classes),
+                                                          "batch": None})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_answering_one_row_for_a_batch_is_a_one_line_error(tmp_path):
+    """evaluate ended in "ValueError: expected (524, 2) probabilities, got (66, 2)", a traceback; quantize's
+    accuracy gate scored the rows it got."""
+    from medmamba_edge.exporters.quantize import top1_accuracy
+    from medmamba_edge.runtime.backends import WrongOutputShape
+
+    model = one_row_model(tmp_path / "rows.onnx")
+    one_line_error(["evaluate", str(model), "--data", str(xray_folder(tmp_path / "xrays")), "--batch", "4"],
+                   f"{model}: the model returned 1 rows for 4 inputs")
+    with pytest.raises(WrongOutputShape, match="the model returned 1 rows for 8 inputs"):
+        top1_accuracy(model, [np.zeros((8, 3, 32, 32), np.float32)], np.zeros(8, np.int64))
+
+
 def test_outputs_that_would_replace_each_other_or_join_the_data_are_refused(onnx32, tmp_path):
     """--json onto a planned confusion plot replaced it silently; --plots in a class folder added an image to it."""
     folder = xray_folder(tmp_path / "xrays")

@@ -31,6 +31,15 @@ class BackendError(UserError):
     """A model that cannot be loaded or run by its backend."""
 
 
+class WrongOutputShape(BackendError):
+    """A backend's answer of another shape than the batch it was given: ``reason`` says how (run's per-batch
+    reason), the message names the model too."""
+
+    def __init__(self, model, reason: str):
+        super().__init__(f"{model}: {reason}")
+        self.reason = reason
+
+
 class Backend(Protocol):
     """What every backend offers. Backends subclass it for ``with``: the model is closed on leaving the block."""
 
@@ -72,6 +81,29 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     others = np.exp(shifted)
     others[np.arange(len(shifted)), shifted.argmax(axis=1)] = 0.0  # the top one's exp(0) = 1 is the 1 of log1p
     return shifted - np.log1p(others.sum(axis=1, keepdims=True))
+
+
+def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
+    """What is wrong with a backend's answer to ``inputs`` frames, or None. Checked on every batch, not once at
+    opening: a custom backend, a server or a model with data-dependent shapes may answer one batch wrongly."""
+    if logits.ndim != 2:
+        return f"the model returned an output of shape {logits.shape} for {inputs} inputs, expected ({inputs}, {classes})"
+    if len(logits) != inputs:
+        return f"the model returned {len(logits)} rows for {inputs} inputs"
+    if logits.shape[1] != classes:
+        return f"the model returned {logits.shape[1]} logits a row for {classes} classes"
+    return None
+
+
+def checked_logits(backend: Backend, batch: np.ndarray) -> np.ndarray:
+    """``backend.run(batch)``, as an array of one row of logits per image, or WrongOutputShape: what every command
+    runs a model through (run, evaluate, compare, quantize's gate), so that a model answering 1 row for 8 images is
+    named in words rather than a traceback further on."""
+    logits = np.asarray(backend.run(batch))
+    reason = wrong_shape(logits, len(batch), backend.metadata.num_classes)
+    if reason:
+        raise WrongOutputShape(getattr(backend, "path", "the model"), reason)
+    return logits
 
 
 def fixed_batches(batch: np.ndarray, fixed: int | None) -> list[np.ndarray]:
