@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medmamba_edge.runtime.backends import is_checkpoint_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import IN_CHANS, ModelMetadata, class_names_problem, unwritable_class_names
 
@@ -106,8 +107,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         info = os.stat(path)
     except OSError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
-    if stat.S_ISDIR(info.st_mode):  # as train.py (.pth), timm (.pth.tar) and Lightning (.ckpt) name them
-        inside = sorted(p.name for suffix in ("*.pth", "*.pth.tar", "*.pt", "*.ckpt") for p in path.glob(suffix))[:3]
+    if stat.S_ISDIR(info.st_mode):  # the checkpoints in it, by the names the runtime opens as checkpoints
+        inside = sorted(p.name for p in path.glob("*") if is_checkpoint_name(p))[:3]
         raise CheckpointError(f"{path}: a folder, not a checkpoint file"
                               + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not stat.S_ISREG(info.st_mode):  # torch.load seeks: a pipe or process substitution (<(…)) cannot be read

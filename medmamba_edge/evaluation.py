@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, checked_logits, is_triton_url,
-                                            log_softmax, softmax)
+from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, Backend, checked_logits, is_checkpoint_name,
+                                            is_triton_url, log_softmax, softmax)
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
 from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, over_budget, points_lost,
@@ -34,17 +34,13 @@ class EvaluationError(UserError):
     """Models that cannot be evaluated together, or data without usable images."""
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return path.suffix.lower() in TORCH_SUFFIXES
-
-
 def checkpoint_option(paths: Sequence[Path], value):
     """``value`` (an input size, class names) for each checkpoint among ``paths``, None for the exported models,
     which carry their own; unless no checkpoint is among them: then each model gets ``value`` as given, for
     ``open_model`` to refuse rather than ignore."""
-    if not any(map(_is_checkpoint, paths)):
+    if not any(map(is_checkpoint_name, paths)):
         return [value] * len(paths)
-    return [value if _is_checkpoint(path) else None for path in paths]
+    return [value if is_checkpoint_name(path) else None for path in paths]
 
 
 def _onnx_models(paths: Sequence[Path]) -> list[Path]:
@@ -55,7 +51,7 @@ def input_sizes(paths: Sequence[Path], explicit: int | tuple[int, int] | None) -
     """The ``input_size`` to open each model with (checkpoint_option): ``explicit``, else the first ONNX model's
     (so ``evaluate model.pth model.onnx`` runs both at the export's size), else DEFAULT_INPUT_SIZE."""
     size = explicit
-    if size is None and any(map(_is_checkpoint, paths)):
+    if size is None and any(map(is_checkpoint_name, paths)):
         onnx_paths = _onnx_models(paths)
         size = read_onnx_metadata(onnx_paths[0]).input_size if onnx_paths else DEFAULT_INPUT_SIZE
     return checkpoint_option(paths, size)
@@ -68,7 +64,7 @@ def defaulted_checkpoint(paths: Sequence[str | Path], explicit: int | tuple[int,
     paths = [Path(p) for p in paths]
     if explicit is not None or _onnx_models(paths):
         return None
-    return next((p for p in paths if _is_checkpoint(p)), None)
+    return next((p for p in paths if is_checkpoint_name(p)), None)
 
 
 def open_models(models: Sequence[str | Path], input_size: int | tuple[int, int] | None = None, threads: int | None = None,
@@ -84,7 +80,7 @@ def open_models(models: Sequence[str | Path], input_size: int | tuple[int, int] 
     first = backends[0].metadata.class_names
     for backend in backends[1:]:
         if backend.metadata.class_names != first:
-            hint = "; name a checkpoint's classes with --classes" if any(map(_is_checkpoint, paths)) else ""
+            hint = "; name a checkpoint's classes with --classes" if any(map(is_checkpoint_name, paths)) else ""
             raise EvaluationError(f"{backend.path}: classes {list(backend.metadata.class_names)} differ from "
                                   f"{backends[0].path}'s {list(first)}{hint}")
     return backends

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, TORCH_SUFFIXES, Backend, BackendError, open_backend,
+from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, Backend, BackendError, is_checkpoint_name, open_backend,
                                             refuse_options)
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
@@ -24,7 +24,7 @@ def open_model(path: str | Path, *, backend: str = "auto", precision: str | None
     if backend not in BACKEND_CHOICES:
         raise BackendError(f"--backend {backend}: expected one of {', '.join(BACKEND_CHOICES)}")
     check_threads(threads)
-    if Path(path).suffix.lower() in TORCH_SUFFIXES:
+    if is_checkpoint_name(path):
         refuse_options(path, "a PyTorch checkpoint", providers=providers, plugin=plugin, precision=precision,
                        backend=None if backend == "auto" else backend)
         try:

@@ -212,6 +212,10 @@ def test_a_checkpoint_damaged_in_place_a_folder_a_pipe_and_text_are_named_for_wh
     with pytest.raises(CheckpointError, match=r"run1: a folder, not a checkpoint file \(it holds best\.pth, "
                                               r"model_best\.pth\.tar\)$"):
         load_checkpoint(tmp_path / "run1")
+    (tmp_path / "hf").mkdir()  # a name the runtime opens as a checkpoint, hinted as one too
+    save(tiny_state_dict, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"hf: a folder, not a checkpoint file \(it holds pytorch_model\.bin\)$"):
+        load_checkpoint(tmp_path / "hf")
     # An encrypted record (zipfile cannot test it): torch.load's own one line, not zipfile's traceback
     raw = bytearray((tmp_path / "run1" / "best.pth").read_bytes())
     central = raw.index(b"PK\x01\x02")  # the first record's central directory entry: its flags at +8

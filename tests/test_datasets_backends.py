@@ -135,6 +135,9 @@ def test_backend_factory_errors(tmp_path):
     (tmp_path / "m.tflite").write_bytes(b"x")
     with pytest.raises(BackendError, match="unknown model type .tflite"):
         open_backend(tmp_path / "m.tflite")
+    (tmp_path / "model_best.pth.tar").write_bytes(b"x")  # timm's name: a checkpoint, not a ".tar" model
+    with pytest.raises(BackendError, match="model_best.pth.tar: a PyTorch checkpoint is opened with torch"):
+        open_backend(tmp_path / "model_best.pth.tar")
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     with pytest.raises(MetadataError, match="broken.onnx: not a readable ONNX model"):
         open_backend(tmp_path / "broken.onnx")

@@ -265,6 +265,23 @@ def test_a_checkpoint_run_at_the_default_size_is_said_by_every_command(tmp_path_
         assert result.exit_code == 0 and said not in result.output, result.output
 
 
+def test_a_timm_pth_tar_checkpoint_is_opened_by_run_and_evaluate(tmp_path):
+    """export took timm's model_best.pth.tar, run and evaluate said "unknown model type .tar": two tables of
+    checkpoint names, now one (runtime/backends is_checkpoint_name)."""
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    checkpoint = tmp_path / "ck" / "model_best.pth.tar"
+    checkpoint.parent.mkdir()
+    shutil.copy(bundled_checkpoint(), checkpoint)
+    shutil.copy(bundled_checkpoint().parent / "class_indices.json", checkpoint.parent)  # its classes, beside it
+    folder = xray_folder(tmp_path / "xrays")
+    result = runner.invoke(app, ["run", str(checkpoint), str(folder / "normal"), "--input-size", "32"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "0 skipped" in result.output and ": normal " in result.output
+    result = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(folder), "--input-size", "32"])
+    assert result.exit_code == 0 and "PyTorch" in result.output, result.output
+
+
 def test_confusion_shares_are_never_rounded_to_none_or_all():
     from medmamba_edge.plots import share
 

@@ -20,11 +20,18 @@ from ..metadata import ModelMetadata
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")  # what train.py and trainers name a torch.save file
+# What train.py (.pth), timm (.pth.tar), Lightning (.ckpt) and other trainers name a torch.save file: endings of the
+# name, not suffixes (Path.suffix of best.pth.tar is .tar); is_checkpoint_name is the one test of them.
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".ckpt", ".bin")
 TRITON_SCHEME = "triton"  # the one kind of model URI: triton://HOST:PORT/MODEL (runtime/backends/triton.py)
 # "scheme://": two letters or more, so that a Windows drive (C://m.onnx) stays a path. A served model's "triton:/"
 # with one slash too: pathlib.Path folds the double slash of a URL that went through a Path-typed option.
 MODEL_URI = re.compile(rf"(?i:({TRITON_SCHEME}):/|([a-z][a-z0-9+.-]+)://)")
+
+
+def is_checkpoint_name(path: str | Path) -> bool:
+    """Whether a file's name says it is a PyTorch checkpoint (one of TORCH_SUFFIXES ends it, in any case)."""
+    return Path(path).name.lower().endswith(TORCH_SUFFIXES)
 
 
 class BackendError(UserError):
@@ -168,7 +175,7 @@ def open_backend(path: str | Path, *, threads: int | None = None, providers: lis
         from .tensorrt.runner import TensorRTBackend
 
         return TensorRTBackend(path, plugin=plugin)
-    if suffix in TORCH_SUFFIXES:
+    if is_checkpoint_name(path):
         raise BackendError(f"{path}: a PyTorch checkpoint is opened with torch (medmamba_edge.loaders.open_model), "
                            f"not by the torch-free runtime; export it first (medmamba-edge export)")
     raise BackendError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected .onnx, .engine/.plan or a "
