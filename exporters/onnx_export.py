@@ -35,7 +35,7 @@ from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
-                                            write_onnx_metadata)
+                                            positive_int, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
@@ -145,7 +145,7 @@ def export_onnx(
     started = time.perf_counter()
     if scan not in SCAN_FORMS:
         raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
-    if batch is not None and batch < 1:
+    if batch is not None and not positive_int(batch):
         raise ExportError(f"batch must be ≥ 1, got {batch}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")

@@ -35,6 +35,7 @@ import numpy as np
 
 from medmamba_edge.runtime.backends import is_triton_url
 from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
+from medmamba_edge.runtime.metadata import int_at_least, positive_int
 
 from .errors import UserError, process_ending
 from .evaluation import distinct_names, input_sizes
@@ -254,8 +255,10 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
         raise BenchmarkError("no models given")
     if not batches:
         raise BenchmarkError("--batch: no batch size given")
-    for option, value, least in (("--batch", min(batches), 1), ("--warmup", warmup, 0), ("--iterations", iterations, 1)):
-        if value < least:
+    # Every batch size, not their min(): 1.5 in (1, 1.5) passed, as did True for --iterations.
+    for option, value, least in ((*(("--batch", b, 1) for b in batches), ("--warmup", warmup, 0),
+                                  ("--iterations", iterations, 1))):
+        if not int_at_least(value, least):
             raise BenchmarkError(f"{option} must be an integer ≥ {least}, got {value}")
     check_threads(threads)  # here, before any worker starts, as each worker's open_model would
     threads = None if threads is None else int(threads)  # numpy's too: the workers are told in JSON
@@ -292,7 +295,7 @@ def speed_check(batch: int | None, progress: Progress | None = None) -> SpeedChe
     taking turns, as ``benchmark`` does, in rounds (SPEED_CHECK_ROUNDS, more while the speedup's interval straddles
     the --min-speedup it is given); None: the model's own batch, 1 if dynamic (a model of fixed batch 3 timed "at
     batch 1" ran one padded batch of 3). A bad batch is refused here, before calibration starts."""
-    if batch is not None and batch < 1:
+    if batch is not None and not positive_int(batch):
         raise BenchmarkError(f"--speed-batch must be >= 1, got {batch}")
     from medmamba_edge.exporters.quantize import SpeedCheck, speed_verdict
     from medmamba_edge.runtime.metadata import read_onnx_metadata

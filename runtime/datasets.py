@@ -27,6 +27,7 @@ from medmamba_edge.errors import UserError
 
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
 from .files import is_special, strip_unless_named
+from .metadata import int_at_least, positive_int
 from .preprocess import PIXEL_TYPES
 from .sources.base import item_error
 from .sources.files import NOT_REGULAR, folder_files
@@ -103,9 +104,9 @@ class Dataset:
     def sample_order(self, count: int | None, seed: int = 0) -> list[int]:
         """Every sample index: first the ``count`` that ``sample(count, seed)`` draws, sorted, then the others in the
         random order that draws them, where more are drawn to replace images that cannot be used."""
-        if count is not None and count < 1:
+        if count is not None and not positive_int(count):  # 2.5 was a TypeError in slicing
             raise DatasetError(f"--num-samples must be >= 1, got {count}")
-        if seed < 0:
+        if not int_at_least(seed, 0):
             raise DatasetError(f"--seed must be >= 0, got {seed}")
         if count is None or count >= len(self):
             return list(range(len(self)))

@@ -4,6 +4,7 @@ is one line naming the file, exit 1 and nothing written; tables and --help stay 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from medmamba_edge.cli import app
 from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
 from tests.exported_models import bundled_onnx, quantizer_or_skip, quantizer_problem
+from tests.test_evaluate import one_row_model
 
 runner = CliRunner()
 
@@ -240,6 +242,35 @@ def test_an_opset_the_exporter_cannot_write_is_one_line(tmp_path, monkeypatch):
     one_line_error(["export", bundled_checkpoint(), "-o", output, "--input-size", "32", "--opset", "99"],
                    "--opset 99: torch.onnx", "could not convert the model to it (it wrote opset 18)")
     assert not output.exists()
+
+
+def test_counts_given_to_the_library_as_fractions_or_bools_are_one_line_errors(tmp_path):
+    """Checked with `< 1` they let 1.5 and True through: compare(x, x, num_samples=2.5) was a TypeError in slicing,
+    iterate(source, stride=1.5) one in reading; benchmark checked only the smallest of its batch sizes."""
+    from medmamba_edge.benchmarking import BenchmarkError, benchmark, speed_check
+    from medmamba_edge.comparison import compare
+    from medmamba_edge.exporters.onnx_export import ExportError, export_onnx
+    from medmamba_edge.runtime.datasets import DatasetError
+    from medmamba_edge.runtime.sources import SourceError, iterate, open_source
+
+    model = one_row_model(tmp_path / "m.onnx")  # any model opens: the counts are refused before it runs
+    cases = [
+        (lambda v: compare(model, model, num_samples=v), DatasetError, "--num-samples must be >= 1"),
+        (lambda v: compare(model, model, num_samples=2, seed=v), DatasetError, "--seed must be >= 0"),
+        (lambda v: next(iterate(open_source(str(sample_image_paths("pneumoniamnist")[0])), stride=v)), SourceError,
+         "--stride must be ≥ 1"),
+        (lambda v: benchmark([model], batches=[1, v]), BenchmarkError, "--batch must be an integer ≥ 1"),
+        (lambda v: benchmark([model], warmup=v), BenchmarkError, "--warmup must be an integer ≥ 0"),
+        (lambda v: benchmark([model], iterations=v), BenchmarkError, "--iterations must be an integer ≥ 1"),
+        (lambda v: speed_check(v), BenchmarkError, "--speed-batch must be >= 1"),
+        (lambda v: export_onnx(bundled_checkpoint(), tmp_path / "x.onnx", input_size=32, batch=v), ExportError,
+         "batch must be ≥ 1"),
+    ]
+    for call, error, message in cases:
+        for value in (2.5, True, -1 if message.endswith("0") else 0):  # and the value the check was for
+            with pytest.raises(error, match=re.escape(f"{message}, got {value}")):
+                call(value)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 # ---- a runtime-only install: no torch, no onnxscript, no matplotlib ------------------------------------

@@ -15,6 +15,8 @@ import numpy as np
 
 from medmamba_edge.errors import UserError, first_line
 
+from ..metadata import positive_int
+
 
 class SourceError(UserError):
     """A source that cannot be opened, or a live source that was lost for good."""
@@ -69,7 +71,7 @@ def iterate(source: Source, stride: int = 1, max_frames: int | None = None, loop
             stop: threading.Event | None = None) -> Iterator[Frame]:
     """The frames a run sees: every ``stride``-th, at most ``max_frames`` (skipped ones count), and the
     whole source again while ``loop`` is set (files only; a pass without one usable frame ends it)."""
-    if stride < 1:
+    if not positive_int(stride):  # an integer, not a bool: 1.5 failed later, a TypeError in slicing the frames
         raise SourceError(f"--stride must be ≥ 1, got {stride}")
     count = 0
     while True:
