@@ -378,9 +378,10 @@ class DicomFrames:
                 raise ImageError(f"{path}: malformed DICOM header ({type(exc).__name__}: {first_line(exc)})") from None
             # Uncompressed YBR_PARTIAL_422 is laid out as YBR_FULL_422 is (two samples a pixel), which pydicom alone
             # unpacks and sizes (three samples a pixel for YBR_PARTIAL_422): read as that, left YBR (the partial
-            # range is converted by _colour). Not when it holds three samples a pixel: pydicom's own decompress() of
-            # a JPEG YBR_PARTIAL_422 file writes that under the same name, read as stored (and converted the same).
-            if self.photometric == "YBR_PARTIAL_422" and stored < expected:
+            # range is converted by _colour). Not when it holds more than two samples a pixel: pydicom's own
+            # decompress() of a JPEG YBR_PARTIAL_422 file writes three under the same name, read as stored (and
+            # converted the same); one cut short (between the two lengths) is that file truncated, said as such.
+            if self.photometric == "YBR_PARTIAL_422" and stored <= expected // 3 * 2 + 1:  # + an odd length's pad
                 expected = expected // 3 * 2
                 self.options.update(photometric_interpretation="YBR_FULL_422", as_rgb=False)
             self.by_index = self.options.get("photometric_interpretation", self.photometric) == "YBR_FULL_422"

@@ -807,6 +807,12 @@ def test_an_uncompressed_ybr_partial_422_dicom_with_three_samples_a_pixel_is_rea
                     PlanarConfiguration=0, pixel_data=ybr.tobytes() + bytes(2))
     with pytest.raises(ImageError, match=r"over\.dcm: DICOM pixel data of 770 bytes, more than the 768 its header"):
         read_dicom(tmp_path / "over.dcm")
+    # Cut short, but longer than two samples a pixel (512 bytes): that file truncated, not 4:2:2 with too much data
+    # ('pixel data of 700 bytes, more than the 512 its header describes').
+    (tmp_path / "cut.dcm").write_bytes(path.read_bytes()[:-68])
+    with pytest.raises(ImageError, match=r"cut\.dcm: truncated DICOM file \(the pixel data is cut short: 700 of the "
+                                         r"768 bytes its header describes\)$"):
+        read_dicom(tmp_path / "cut.dcm")
 
 
 @pytest.mark.parametrize("photometric", ["YBR_PARTIAL_422", "YBR_FULL_422"])
