@@ -167,12 +167,12 @@ def _unassociated_rgba(path, data) -> np.ndarray | None:
     """An 8-bit RGBA TIFF whose alpha is unassociated (ExtraSamples 2), decoded by Pillow with its colours as stored:
     OpenCV reads it through libtiff's RGBA interface, which multiplies the colours by the alpha (a BUSI scan with an
     alpha ramp scored 0.995 benign as TIFF, 0.820 as PNG), where train.py's PIL convert("RGB") drops the alpha. None
-    where Pillow cannot decode it (it reads no big-endian BigTIFF): OpenCV's decode stands, as it did before."""
+    where Pillow cannot decode it (it reads no big-endian BigTIFF) or is not installed (it comes with the [dicom]
+    extra, not with a base install): OpenCV's decode stands, as it did before (docs/runtime.md says so)."""
     try:
         from PIL import Image
     except ImportError:
-        raise ImageError(f"{path}: an RGBA TIFF with unassociated alpha (ExtraSamples 2) needs Pillow to be read as "
-                         f"stored (OpenCV multiplies its colours by the alpha): pip install pillow") from None
+        return None
     # Pillow warns on stderr about what it reads past ('Corrupt EXIF data' for a big-endian BigTIFF), between the
     # records. A filter, not catch_warnings: files are read in the capture thread (see _pydicom).
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
