@@ -163,6 +163,24 @@ def _tiff_white_is_zero(data) -> bool:
     return _tiff_tag(data, 262) == 0
 
 
+def _ignore_user_warnings(module: str, message: str = "") -> None:
+    """Ignore the UserWarnings of ``module`` (a regular expression, as ``warnings.filterwarnings`` takes it) whose
+    text ``message`` matches. A filter, not catch_warnings: files are read in the capture thread, and catch_warnings
+    swaps the process-wide filters. Added only where the list lacks it, not at every read: each filterwarnings call
+    empties Python's once-per-location registry of every warning (an application's own warning, shown once, was
+    shown again after each file). Looked for at every read: a caller's catch_warnings (pytest's, per test) drops it
+    on leaving."""
+    item = ("ignore", re.compile(message, re.I) if message else None, UserWarning, re.compile(module), 0)
+    if item not in warnings.filters:  # the entry filterwarnings makes (re caches the compiled patterns)
+        warnings.filterwarnings("ignore", message, UserWarning, module)
+
+
+# What Pillow's TIFF reader warns about the tags of the files read here (PIL.TiffImagePlugin's warnings.warn calls):
+# a message's start, matched case-insensitively, as filterwarnings matches it.
+_PILLOW_TIFF_WARNINGS = (r"(possibly )?corrupt exif data|tag offset too large|tag data larger than file|"
+                         r"metadata warning")
+
+
 def _unassociated_rgba(path, data) -> np.ndarray | None:
     """An 8-bit RGBA TIFF whose alpha is unassociated (ExtraSamples 2), decoded by Pillow with its colours as stored:
     OpenCV reads it through libtiff's RGBA interface, which multiplies the colours by the alpha (a BUSI scan with an
@@ -173,9 +191,9 @@ def _unassociated_rgba(path, data) -> np.ndarray | None:
         from PIL import Image
     except ImportError:
         return None
-    # Pillow warns on stderr about what it reads past ('Corrupt EXIF data' for a big-endian BigTIFF), between the
-    # records. A filter, not catch_warnings: files are read in the capture thread (see _pydicom).
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # Pillow's TIFF reader warns on stderr about the tags it reads past ('Corrupt EXIF data' for a big-endian
+    # BigTIFF), between the records: those warnings alone are filtered, not the application's own Pillow calls'.
+    _ignore_user_warnings(r"PIL\.TiffImagePlugin", _PILLOW_TIFF_WARNINGS)
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGBA"))
@@ -251,10 +269,8 @@ def _pydicom():
     except ImportError as exc:
         raise ImageError(f"reading DICOM needs pydicom ({exc}): {install_hint('dicom')}") from None
     # pydicom warns on stderr about what it works around, between the records; what matters reaches a record
-    # (DicomFrames checks the pixel data's length against the header). A filter, not catch_warnings: files are read
-    # in the capture thread, and catch_warnings swaps the process-wide filters. Set at every read (it replaces
-    # itself, so the list does not grow): a caller's own catch_warnings, pytest's per test, drops it on leaving.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    # (DicomFrames checks the pixel data's length against the header). See _ignore_user_warnings.
+    _ignore_user_warnings(r"pydicom\.")
     return pydicom, pixels
 
 

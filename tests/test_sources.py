@@ -922,3 +922,35 @@ def test_an_rgba_tiff_pillow_cannot_open_is_read_by_opencv_as_before_without_pil
         image = read_image(path)
     assert np.array_equal(image, opencv)
     assert [str(w.message) for w in caught] == []
+
+
+def test_the_decoders_warning_filters_are_added_once_and_leave_other_warnings_shown(tmp_path):
+    """The filters for Pillow's and pydicom's warnings were added again at every read: each filterwarnings call
+    empties Python's once-per-location registry, so an application's own warning, shown once, was shown after every
+    file; and module=r'PIL\\.' hid the application's own Pillow warnings. Pillow's TIFF tag warnings alone are
+    filtered (the big-endian BigTIFF test above holds that), added once."""
+    import warnings
+
+    from PIL import Image
+
+    from medmamba_edge.runtime.decode import read_image
+
+    rgba = np.dstack([np.full((4, 6, 3), 200, np.uint8), np.tile(np.linspace(0, 255, 6).astype(np.uint8), (4, 1))])
+    Image.fromarray(rgba).save(tmp_path / "rgba.tif")  # ExtraSamples 2: decoded by Pillow
+    dicom = synthetic_dicom(tmp_path / "scan.dcm", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per location
+        assert np.array_equal(read_image(tmp_path / "rgba.tif"), rgba)
+        list(read_dicom(dicom))
+        filters = list(warnings.filters)
+        for _ in range(3):
+            assert np.array_equal(read_image(tmp_path / "rgba.tif"), rgba)
+            list(read_dicom(dicom))
+            assert warnings.filters == filters
+            warnings.warn("the application's own", UserWarning)  # one location: shown once
+        palette = Image.new("P", (4, 4))
+        palette.info["transparency"] = bytes(256)
+        palette.convert("RGB")  # the application's own Pillow call: PIL.Image warns
+    messages = [str(w.message) for w in caught]
+    assert messages[0] == "the application's own" and messages.count("the application's own") == 1
+    assert len(messages) == 2 and "Transparency expressed in bytes" in messages[1]
