@@ -715,6 +715,17 @@ def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_ow
     with pytest.raises(SourceError, match=r"\*\.gif: no image or DICOM file matches \(a video is a source of its "
                                           r"own: one per run\)$"):
         open_source(str(tmp_path / "*.gif"))
+    # A folder holding only GIFs is refused before the run starts, as such a glob is and an empty folder is: it loaded
+    # the model, wrote the GIFs' records and failed 'no frame could be classified'.
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(gif, only / "b c.gif")
+    with pytest.raises(SourceError, match=r"only: no images or DICOM files found \(looked for \.png, .*\.dicom; 1 GIF "
+                                          r"file, read as video: a video is a source of its own, one per run\)$"):
+        open_source(str(only))
+    shutil.copy(gif, only / "d.gif")
+    with pytest.raises(SourceError, match=r"only: .*; 2 GIF files, read as videos: a video is a source of its own"):
+        open_source(str(only))
 
 
 def test_a_dicom_data_set_without_the_file_header_is_read_as_pydicom_finds_it_encoded(tmp_path):

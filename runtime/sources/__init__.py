@@ -85,8 +85,12 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         raise SourceError(f"{path}: {cannot_stat(path, exc, is_link)}") from None
     if path.is_dir():
         paths = folder_files(path, gifs=True)
-        if not paths:
-            raise SourceError(f"{path}: no images or DICOM files found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})")
+        if all(is_animation_record(entry) for entry in paths):  # none, or only GIFs: as a glob of them is refused
+            plural = "s" if len(paths) > 1 else ""
+            gifs = (f"; {len(paths)} GIF file{plural}, read as video{plural}: a video is a source of its own, one per "
+                    f"run") if paths else ""
+            raise SourceError(f"{path}: no images or DICOM files found (looked for "
+                              f"{', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}{gifs})")
         return FileSource(paths, f"{path} ({len(paths)} files)")
     if not path.is_file():  # reading a FIFO would wait for a writer forever
         raise SourceError(f"{path}: not a regular file (a FIFO, socket or device); expected an image, video, "
