@@ -728,6 +728,29 @@ def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_ow
         open_source(str(only))
 
 
+
+def test_the_run_a_gif_s_record_names_does_not_read_a_name_starting_with_a_dash_as_an_option(tmp_path, monkeypatch):
+    """'medmamba-edge run MODEL -clip.gif' failed 'No such option: -c': a relative name starting with '-' is named
+    ./-clip.gif (a glob in the current folder lists it as -clip.gif)."""
+    import shlex
+
+    from PIL import Image
+
+    from tests.cli_runner import cli
+
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("a.png", np.zeros((8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save("-clip.gif")
+    frame, png = open_source("*").frames()  # sorted: '-' before 'a'
+    assert png.error is None
+    assert frame.error == ("-clip.gif: a GIF is read as a video, a source of its own (medmamba-edge run MODEL "
+                           "./-clip.gif), not among the images a glob matches")
+    (named,) = shlex.split(re.search(r"\(medmamba-edge run MODEL (.*)\), not among", frame.error).group(1))
+    assert "No such option" in cli("run", "model.onnx", "-clip.gif")[1]  # the name as it was given
+    code, output = cli("run", "model.onnx", named)
+    assert code != 0 and "No such option" not in output and "model.onnx" in output  # an argument: the model is missing
+
+
 def test_a_dicom_data_set_without_the_file_header_is_read_as_pydicom_finds_it_encoded(tmp_path):
     """No preamble, no 'DICM', no File Meta (older modalities, some exports): the file was skipped with pydicom's
     "… Use force=True to force reading.", an option the CLI does not have; an empty .dcm the same."""

@@ -169,8 +169,9 @@ def _listed(path: Path, info: os.stat_result, gifs: str | None = None) -> Path |
     gif = gifs is not None and suffix == ".gif"
     if not stat.S_ISREG(info.st_mode):
         return (path, NOT_REGULAR) if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES or gif else None
-    if gif:
-        return path, ANIMATION.format(path=shlex.quote(str(path)), where=gifs)
+    if gif:  # the command a shell is given: a name starting with '-' would read as an option ('No such option: -c')
+        named = f"./{path}" if str(path).startswith("-") else str(path)
+        return path, ANIMATION.format(path=shlex.quote(named), where=gifs)
     try:
         return path if is_still(path) else None
     except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
