@@ -325,8 +325,9 @@ def _bare_dataset(pydicom, path):
         head = f.read(8)
     # Forced, pydicom reads anything as elements: 16 MB of zeros as two million empty ones (12 s to refuse). A data
     # set begins with an element of a group from 0002 (File Meta) to 7FE0 (pixel data), SOP Common's 0008 as a rule;
-    # zeros (group 0000, the network's command set) and the like are refused from their first bytes.
-    if not any(2 <= struct.unpack(order + "H", head[:2])[0] <= 0x7FE0 for order in "<>"):
+    # zeros (group 0000, the network's command set) and the like are refused from their first bytes, and a file
+    # shorter than a tag (group and element, 4 bytes) from those it has.
+    if len(head) < 4 or not any(2 <= struct.unpack(order + "H", head[:2])[0] <= 0x7FE0 for order in "<>"):
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and its first bytes "
                          f"({head[:4].hex(' ')}) begin no DICOM element)")
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian

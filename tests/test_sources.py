@@ -988,3 +988,12 @@ def test_the_decoders_warning_filters_are_added_once_and_leave_other_warnings_sh
     messages = [str(w.message) for w in caught]
     assert messages[0] == "the application's own" and messages.count("the application's own") == 1
     assert len(messages) == 2 and "Transparency expressed in bytes" in messages[1]
+
+
+def test_a_dcm_shorter_than_a_tag_is_refused_from_its_bytes(tmp_path):
+    """A 1-byte .dcm read 'not a readable DICOM file (error: unpack requires a buffer of 2 bytes)'."""
+    for name, data, shown in (("one.dcm", b"\x08", "08"), ("three.dcm", b"\x08\x00\x05", "08 00 05")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError, match=rf"{name[:-4]}\.dcm: not a readable DICOM file \(no DICOM file header, "
+                                             rf"and its first bytes \({shown}\) begin no DICOM element\)$"):
+            read_dicom(tmp_path / name)
