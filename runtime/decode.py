@@ -304,14 +304,19 @@ def read_dicom(path: str | Path) -> DicomFrames:
         raise ImageError(f"{path}: DICOM float pixel data (a parametric map) is not supported: it has no stored "
                          f"value range to map to intensities")
     if "PixelData" not in ds:
-        # pydicom reads a cut file up to where it ends, silently: an image class or image attributes
-        # without the pixels means the pixels were cut off, not that there never were any.
-        sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
-        if "Rows" in ds or "Image" in str(getattr(sop, "name", "")):
-            raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before "
-                             f"its pixel data")
-        raise ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
+        raise _without_pixel_data(path, ds)
     return DicomFrames(path, ds, lut, syntax)
+
+
+def _without_pixel_data(path, ds) -> ImageError:
+    """Why a data set without pixel data gives no image. pydicom reads a cut file up to where it ends, silently: an
+    image class or image attributes without the pixels means the pixels were cut off, not that there never were
+    any; any other (an RT plan, a structured report) is said to be without them."""
+    sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+    if "Rows" in ds or "Image" in str(getattr(sop, "name", "")):
+        return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
+                          f"pixel data")
+    return ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
 
 
 def _bare_dataset(pydicom, path):
@@ -332,11 +337,16 @@ def _bare_dataset(pydicom, path):
                          f"({head[:4].hex(' ')}) begin no DICOM element)")
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    without = None  # a data set of a kind with no pixels (an RT plan), said as the same file with its header is
     try:
         ds = pydicom.dcmread(str(path), defer_size=4096, force=True)
         image = "PixelData" in ds and "Rows" in ds
+        if "PixelData" not in ds and ("SOPClassUID" in ds or "Modality" in ds):
+            without = _without_pixel_data(path, ds)
     except Exception:  # forced, any bytes are read as elements until they make no sense
         image = False
+    if without is not None:
+        raise without
     if not image:  # forced, a text file or zeros read as a few odd elements: nothing says it is DICOM
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and no image when read as a "
                          f"data set without one)")

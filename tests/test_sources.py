@@ -997,3 +997,49 @@ def test_a_dcm_shorter_than_a_tag_is_refused_from_its_bytes(tmp_path):
         with pytest.raises(ImageError, match=rf"{name[:-4]}\.dcm: not a readable DICOM file \(no DICOM file header, "
                                              rf"and its first bytes \({shown}\) begin no DICOM element\)$"):
             read_dicom(tmp_path / name)
+
+
+def _bare(ds, path, implicit=True, little=True, preamble=b"", meta=None):
+    """``ds`` written without the Part 10 header (or with the preamble and 'DICM' and ``meta`` as File Meta)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    f = DicomBytesIO()
+    f.write(preamble)
+    if meta is not None:
+        write_file_meta_info(f, meta, enforce_standard=False)
+    f.is_implicit_VR, f.is_little_endian = implicit, little
+    write_dataset(f, ds)
+    path.write_bytes(f.getvalue())
+    return path
+
+
+def test_a_dicom_data_set_without_pixel_data_reads_the_same_without_its_file_header(tmp_path):
+    """A bare RT plan (no file header) read 'not a readable DICOM file (no DICOM file header, and no image when read
+    as a data set without one)' where the same with its header reads 'DICOM without pixel data (modality RTPLAN)'."""
+    from pydicom.uid import RTPlanStorage, generate_uid
+
+    plan = pydicom.Dataset()
+    plan.SOPClassUID, plan.SOPInstanceUID, plan.Modality = RTPlanStorage, generate_uid(), "RTPLAN"
+    plan.PatientName, plan.RTPlanLabel = "Anonymous", "PLAN1"
+    with_header = tmp_path / "with_header.dcm"
+    plan.file_meta = pydicom.dataset.FileMetaDataset()
+    plan.file_meta.MediaStorageSOPClassUID, plan.file_meta.MediaStorageSOPInstanceUID = RTPlanStorage, plan.SOPInstanceUID
+    plan.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    plan.save_as(with_header, enforce_file_format=True)
+    # An image cut before its pixel data: 'truncated', with its header or without.
+    image = pydicom.dcmread(synthetic_dicom(tmp_path / "image.dcm", np.zeros((8, 8), np.uint8)))
+    del image.PixelData
+    image.save_as(tmp_path / "cut_with_header.dcm", enforce_file_format=True)
+    for full, name in ((with_header, "plan"), (tmp_path / "cut_with_header.dcm", "cut")):
+        with pytest.raises(ImageError) as headed:
+            read_dicom(full)
+        for implicit, little in ((True, True), (False, True), (False, False)):
+            path = _bare(pydicom.dcmread(full), tmp_path / f"{name}.dcm", implicit, little)
+            with pytest.raises(ImageError) as bare:
+                read_dicom(path)
+            assert str(bare.value) == str(headed.value).replace(str(full), str(path)), (name, implicit, little)
+    assert str(headed.value).endswith("truncated DICOM file: Secondary Capture Image Storage that ends before its "
+                                      "pixel data")
+    with pytest.raises(ImageError, match=r"plan\.dcm: DICOM without pixel data \(modality RTPLAN\)$"):
+        read_dicom(tmp_path / "plan.dcm")
