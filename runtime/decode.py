@@ -282,7 +282,6 @@ def read_dicom(path: str | Path) -> DicomFrames:
     returned as uint8, identical to the same pixels saved as PNG. PALETTE COLOR goes through its palette
     to RGB; colour images stay RGB; images stored in fewer bits than allocated are scaled from their bit range."""
     pydicom, lut = _pydicom()
-    syntax = None  # the transfer syntax of a data set without the file header, as pydicom found its encoding
     forced = False  # read as pydicom's force=True reads: no preamble and 'DICM' (with the File Meta or without)
     try:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
@@ -292,7 +291,7 @@ def read_dicom(path: str | Path) -> DicomFrames:
         except pydicom.errors.InvalidDicomError:
             if Path(path).suffix.lower() not in DICOM_SUFFIXES:
                 raise
-            ds, syntax = _bare_dataset(pydicom, path)
+            ds = _bare_dataset(pydicom, path)
             forced = True
         if _deflated(ds):
             ds = pydicom.dcmread(str(path), force=forced)
@@ -305,6 +304,9 @@ def read_dicom(path: str | Path) -> DicomFrames:
                          f"value range to map to intensities")
     if "PixelData" not in ds:
         raise _without_pixel_data(path, ds)
+    # No transfer syntax in the file: a bare data set (no File Meta), or 'DICM' followed by no File Meta or one
+    # without TransferSyntaxUID. pydicom, reading its frames from the file, is told the one it read it in.
+    syntax = None if "TransferSyntaxUID" in ds.file_meta else _encoding_syntax(path, ds)
     return DicomFrames(path, ds, lut, syntax)
 
 
@@ -321,9 +323,9 @@ def _without_pixel_data(path, ds) -> ImageError:
 
 def _bare_dataset(pydicom, path):
     """A file named as DICOM without the Part 10 header (no 'DICM' after a 128-byte preamble, no File Meta: older
-    modalities and some exports write the bare data set), read as pydicom finds it encoded, and the transfer syntax
-    that encoding is (None when the file has its File Meta after all, only no preamble). pydicom's own refusal
-    ends "Use force=True", an option the CLI does not have: it is read as that option would read it."""
+    modalities and some exports write the bare data set), read as pydicom finds it encoded (read_dicom takes its
+    transfer syntax from that encoding: _encoding_syntax). pydicom's own refusal ends "Use force=True", an option
+    the CLI does not have: it is read as that option would read it."""
     if os.path.getsize(path) == 0:
         raise ImageError(f"{path}: file is empty")
     with open(path, "rb") as f:
@@ -335,8 +337,6 @@ def _bare_dataset(pydicom, path):
     if len(head) < 4 or not any(2 <= struct.unpack(order + "H", head[:2])[0] <= 0x7FE0 for order in "<>"):
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and its first bytes "
                          f"({head[:4].hex(' ')}) begin no DICOM element)")
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     without = None  # a data set of a kind with no pixels (an RT plan), said as the same file with its header is
     try:
         ds = pydicom.dcmread(str(path), defer_size=4096, force=True)
@@ -350,18 +350,25 @@ def _bare_dataset(pydicom, path):
     if not image:  # forced, a text file or zeros read as a few odd elements: nothing says it is DICOM
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and no image when read as a "
                          f"data set without one)")
-    if "TransferSyntaxUID" in ds.file_meta:
-        return ds, None
+    return ds
+
+
+def _encoding_syntax(path, ds):
+    """The transfer syntax of a data set read from a file that names none (no File Meta, or one without
+    TransferSyntaxUID), as pydicom found it encoded; set in ``ds.file_meta``, where the length check and the LUT
+    functions read it."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
     if ds.get_item("PixelData", keep_deferred=True).length == 0xFFFFFFFF:  # encapsulated: JPEG, RLE, … unnamed
-        raise ImageError(f"{path}: DICOM without a file header whose pixel data is compressed: without the header's "
-                         f"transfer syntax nothing says how")
+        raise ImageError(f"{path}: DICOM without a transfer syntax (no file header, or none in it) whose pixel data "
+                         f"is compressed: without the header's transfer syntax nothing says how")
     syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
               (False, False): ExplicitVRBigEndian}.get(tuple(ds.original_encoding))
     if syntax is None:
-        raise ImageError(f"{path}: not a readable DICOM file (no file header, and a data set in no transfer syntax "
-                         f"DICOM has: implicit VR big endian)")
-    ds.file_meta.TransferSyntaxUID = syntax  # what the length check and the LUT functions read
-    return ds, syntax
+        raise ImageError(f"{path}: not a readable DICOM file (no transfer syntax in a file header, and a data set in "
+                         f"no transfer syntax DICOM has: implicit VR big endian)")
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
 
 
 def _deflated(ds) -> bool:

@@ -1043,3 +1043,25 @@ def test_a_dicom_data_set_without_pixel_data_reads_the_same_without_its_file_hea
                                       "pixel data")
     with pytest.raises(ImageError, match=r"plan\.dcm: DICOM without pixel data \(modality RTPLAN\)$"):
         read_dicom(tmp_path / "plan.dcm")
+
+
+def test_a_dicom_with_dicm_but_no_transfer_syntax_is_read_as_pydicom_finds_it_encoded(tmp_path):
+    """A preamble and 'DICM', then no File Meta or one without TransferSyntaxUID: 'cannot decode DICOM pixel data
+    (None): 'transfer_syntax_uid' is required'. The syntax is the encoding pydicom read the data set in, as for a
+    data set without the file header."""
+    from pydicom.dataset import FileMetaDataset
+
+    stored = np.random.default_rng(0).integers(0, 4096, (64, 64), dtype=np.uint16)  # 8 kB: read deferred
+    full = synthetic_dicom(tmp_path / "full.dcm", stored, BitsStored=12)
+    (expected,) = read_dicom(full)
+    ds = pydicom.dcmread(full)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.file_meta.MediaStorageSOPClassUID  # no TransferSyntaxUID
+    meta.MediaStorageSOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    head = bytes(128) + b"DICM"
+    for name, implicit, kind in (("no_meta_explicit.dcm", False, None), ("no_meta_implicit.dcm", True, None),
+                                 ("no_syntax.dcm", False, meta)):
+        path = _bare(ds, tmp_path / name, implicit, True, preamble=head, meta=kind)
+        assert pydicom.dcmread(path).file_meta.get("TransferSyntaxUID") is None
+        (image,) = read_dicom(path)
+        assert np.array_equal(image, expected), name
