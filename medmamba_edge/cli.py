@@ -147,17 +147,14 @@ def check_outputs(*files: Path | None, folder: Path | None = None, plots: bool =
     replace one of the files the command ``reads`` or another output, a plot inside a folder it reads, or plots
     without matplotlib, fail now."""
     from medmamba_edge.runtime.decode import IMAGE_SUFFIXES
-    from medmamba_edge.runtime.files import OutputError, check_writable, overwrites_input
+    from medmamba_edge.runtime.files import OutputError, check_distinct_outputs, check_writable
 
     if folder:  # first: its files' own checks would only say it is not a folder in more words
         check_writable(folder, folder=True)
     outputs = [path for path in files if path]
     read_folders = [Path(os.path.realpath(p)) for p in filter(None, reads) if os.path.isdir(p)]
-    for k, path in enumerate(outputs):
-        if overwrites_input(path, filter(None, reads)):
-            raise OutputError(f"{path}: the output would overwrite a file this command reads")
-        if overwrites_input(path, outputs[:k]):  # the last one written would silently replace the other
-            raise OutputError(f"{path}: given for two outputs")
+    check_distinct_outputs([(None, path) for path in outputs], reads)
+    for path in outputs:
         check_writable(path)
     # A plot written into the data folder would be one of its images at the next run.
     for path in [*(p for p in outputs if p.suffix.lower() in IMAGE_SUFFIXES), *([folder] if folder else [])]:

@@ -26,7 +26,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, OutputError, any_is_stdout, overwrites_input, printable, streamed_in_place
+from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, printable
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -372,21 +372,14 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     outputs: list[Sink] = [ConsoleSink(console)]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
-    taken: dict[str, str] = {}
+    makers = (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
+              ("--csv", CsvSink, csv_path))
+    check_distinct_outputs([(option, path) for option, _, path in makers], reads,
+                           reader="this run reads (the model or a source)")
     try:
-        for option, make, path in (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
-                                   ("--csv", CsvSink, csv_path)):
-            if path is None:
-                continue
-            # Renamed into place at the end, an output would replace an input or another output without a word (a
-            # stream, such as /dev/stdout, is written in place: two outputs may share it).
-            real = os.path.realpath(path)
-            if overwrites_input(path, reads):
-                raise OutputError(f"{path}: {option} would overwrite a file this run reads (the model or a source)")
-            if real in taken and not streamed_in_place(Path(path)):
-                raise OutputError(f"{path}: given to both {taken[real]} and {option}")
-            taken[real] = option
-            files.append(make(path))
+        for _, make, path in makers:
+            if path is not None:
+                files.append(make(path))
     except UserError:
         for sink in files:
             sink.discard()
