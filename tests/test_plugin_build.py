@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "plugins" / "selective_scan"
 # Jetson Orin; one architecture keeps each nvcc run around ten seconds.
 TEST_ARCH = "87"
+LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"  # CMakeLists.txt's medmamba_scan_cuda target: the kernel, no TensorRT
 
 
 def _load(name: str, path: Path):
@@ -92,7 +93,7 @@ def launcher_build(tmp_path_factory) -> tuple[Path, str]:
     """The launcher library and ptxas' report of every kernel's resources."""
     if NVCC is None:
         pytest.skip("nvcc not found")
-    out = tmp_path_factory.mktemp("nvcc") / build.LAUNCHER_LIBRARY
+    out = tmp_path_factory.mktemp("nvcc") / LAUNCHER_LIBRARY
     command = build.launcher_nvcc_command(NVCC, TEST_ARCH, out) + ["-Xptxas", "-v"]
     return out, subprocess.run(command, check=True, capture_output=True, text=True).stderr
 
@@ -412,6 +413,13 @@ def test_plugin_fields_are_the_node_attributes_tensorrt_passes_through():
 # --- CMake and medmamba_edge.runtime.backends.tensorrt.plugin -----------------------------------------------------------------
 
 
+def build_launcher(build_dir, cuda_arch=None, progress=None) -> Path:
+    """plugin.py's CMake build of the launcher target alone: it needs no TensorRT, so the build's error lines are
+    tested without it. Tools build the launcher with launcher_nvcc_command (plugins/selective_scan/gpu_check.py)."""
+    return build._cmake_build("medmamba_scan_cuda", LAUNCHER_LIBRARY, build_dir=build_dir, cuda_arch=cuda_arch,
+                              tensorrt_root=None, jobs=None, progress=progress)
+
+
 @pytest.fixture(scope="module")
 def cmake_build_dir(tmp_path_factory) -> Path:
     if NVCC is None or CMAKE is None:
@@ -423,8 +431,8 @@ def cmake_build_dir(tmp_path_factory) -> Path:
 @requires_cmake
 def test_build_launcher_with_cmake(cmake_build_dir):
     lines = []
-    library = build.build_launcher(build_dir=cmake_build_dir, cuda_arch=f"sm_{TEST_ARCH}", progress=lines.append)
-    assert library == cmake_build_dir / build.LAUNCHER_LIBRARY and library.is_file()
+    library = build_launcher(build_dir=cmake_build_dir, cuda_arch=f"sm_{TEST_ARCH}", progress=lines.append)
+    assert library == cmake_build_dir / LAUNCHER_LIBRARY and library.is_file()
     assert any(f"architectures {TEST_ARCH}" in line for line in lines)
     assert set(C_SYMBOLS) <= _exported_symbols(library)
     assert (cmake_build_dir / build.BUILD_LOG).is_file()
@@ -499,11 +507,11 @@ def test_a_build_without_cuda_arch_is_every_gpu_again_after_one_with_it(tmp_path
 @requires_cmake
 def test_an_arch_this_nvcc_lacks_is_named_in_the_error_line(tmp_path):
     # nvcc says why in a "fatal" line; CMake's and make's "error" lines around it only say that a step failed.
-    build.build_launcher(build_dir=tmp_path, cuda_arch="75")
+    build_launcher(build_dir=tmp_path, cuda_arch="75")
     with pytest.raises(build.PluginBuildError, match="Unsupported gpu architecture 'compute_99'"):
-        build.build_launcher(build_dir=tmp_path, cuda_arch="99")  # configured: the build step fails
+        build_launcher(build_dir=tmp_path, cuda_arch="99")  # configured: the build step fails
     with pytest.raises(build.PluginBuildError, match="Unsupported gpu architecture 'compute_99'"):
-        build.build_launcher(build_dir=tmp_path / "fresh", cuda_arch="99")
+        build_launcher(build_dir=tmp_path / "fresh", cuda_arch="99")
 
 
 @requires_nvcc
@@ -514,7 +522,7 @@ def test_native_arch_without_a_gpu_or_before_cmake_3_24_says_why(tmp_path):
     version = re.search(r"version (\d+)\.(\d+)", subprocess.run([CMAKE, "--version"], capture_output=True,
                                                                 text=True).stdout)
     try:
-        build.build_launcher(build_dir=tmp_path, cuda_arch="native")
+        build_launcher(build_dir=tmp_path, cuda_arch="native")
     except build.PluginBuildError as exc:
         message = str(exc)
     else:
@@ -565,7 +573,7 @@ def test_a_build_folder_that_cannot_be_one_is_one_line(tmp_path):
         pytest.skip("nvcc needed: the folder is made after the tools are found")
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(build.PluginBuildError, match=r"afile: cannot use it as the build folder \(File exists\)"):
-        build.build_launcher(build_dir=tmp_path / "afile")
+        build_launcher(build_dir=tmp_path / "afile")
 
 
 def test_build_without_cmake_or_nvcc_says_which(tmp_path, monkeypatch):
@@ -577,7 +585,7 @@ def test_build_without_cmake_or_nvcc_says_which(tmp_path, monkeypatch):
     fake_cmake.chmod(0o755)
     monkeypatch.setenv("CUDACXX", str(tmp_path / "missing-nvcc"))
     with pytest.raises(build.PluginBuildError, match="nvcc not found"):
-        build.build_launcher(build_dir=tmp_path / "b")
+        build_launcher(build_dir=tmp_path / "b")
 
 
 def test_find_nvcc_order(tmp_path, monkeypatch):

@@ -33,7 +33,6 @@ PLUGIN_ENV = "MEDMAMBA_EDGE_PLUGIN"
 PLUGIN_LIBRARY = "libmedmamba_trt_plugin.so"
 # The same plugin registering itself when loaded, for loaders that only dlopen (selective_scan_plugin.cpp).
 AUTOLOAD_PLUGIN_LIBRARY = "libmedmamba_trt_plugin_autoload.so"
-LAUNCHER_LIBRARY = "libmedmamba_scan_cuda.so"
 PLUGINS_DIR = Path(plugins.__file__).resolve().parent
 SOURCE_DIR = PLUGINS_DIR / "selective_scan"
 BUILD_LOG = "medmamba-build.log"
@@ -298,24 +297,6 @@ def build_plugin(
         build_dir=build_dir,
         cuda_arch=cuda_arch,
         tensorrt_root=tensorrt_root,
-        jobs=jobs,
-        progress=progress,
-    )
-
-
-def build_launcher(
-    build_dir: str | os.PathLike | None = None,
-    cuda_arch: str | int | Iterable[str | int] | None = None,
-    jobs: int | None = None,
-    progress: Progress | None = None,
-) -> Path:
-    """Build only the CUDA scan library (no TensorRT needed); return the path of libmedmamba_scan_cuda.so."""
-    return _cmake_build(
-        "medmamba_scan_cuda",
-        LAUNCHER_LIBRARY,
-        build_dir=build_dir,
-        cuda_arch=cuda_arch,
-        tensorrt_root=None,
         jobs=jobs,
         progress=progress,
     )
