@@ -53,12 +53,10 @@ ORT_OPS_LIBRARY = "libmedmamba_ort_ops"
 
 
 def node_attributes(delta_softplus: bool) -> dict[str, int | str]:
-    """Every attribute of an SS2DScan node, as the exporter writes it."""
-    return {
-        "delta_softplus": int(delta_softplus),
-        "plugin_version": PLUGIN_VERSION,
-        "plugin_namespace": PLUGIN_NAMESPACE,
-    }
+    """Every attribute of an SS2DScan node, as the exporter writes it: the plugin's fields, then the two TensorRT's
+    parser consumes."""
+    fields = dict(zip(FIELD_ATTRIBUTES, (int(delta_softplus),), strict=True))  # a field added must be given here
+    return {**fields, "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
 
 def delta_softplus(node) -> bool:
