@@ -46,7 +46,8 @@ from medmamba_edge.runtime.files import check_writable, current_umask, missing_f
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
-                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, range_problem)
+                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT,
+                                                   range_problem)
 
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
@@ -332,7 +333,7 @@ def _readme(name: str, served: ServedModel, server_command: str, op_library: str
              ("" if deepstream_refusal else " and DeepStream"), "",
              "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
              "```", server_command,
-             f"medmamba-edge run triton://SERVER:8000/{name} SOURCE   # preprocessing runs on the client", "```", "",
+             f"medmamba-edge run triton://SERVER:{DEFAULT_PORT}/{name} SOURCE   # preprocessing runs on the client", "```", "",
              f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
              f"`medmamba-edge run` prepares it), output `{served.output_name}` logits {served.output_dims}; "
              f"max_batch_size {served.max_batch}."]

@@ -696,7 +696,7 @@ def export_triton(
                       soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]{shown(note)}[/]", highlight=False, soft_wrap=True)
-    out.print(f"start: {result.server_command}; clients: medmamba-edge run triton://HOST:8000/{name} SOURCE",
+    out.print(f"start: {result.server_command}; clients: medmamba-edge run triton://HOST:{DEFAULT_PORT}/{name} SOURCE",
               highlight=False, soft_wrap=True)
 
 
