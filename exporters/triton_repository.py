@@ -44,7 +44,7 @@ from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRA
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import check_writable, current_umask, missing_folders, remove_empty_folders
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
-                                            unwritable_class_names)
+                                            remove_onnx_metadata, unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
                                                    DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT,
                                                    range_problem)
@@ -266,9 +266,7 @@ def with_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
     classifier parser expects, so that every frame gets its top class and a confidence in [0, 1]. Without our
     metadata: it is DeepStream's copy, and every tool of ours reads a model's output as logits."""
     (logits,) = model.graph.output
-    kept = [entry for entry in model.metadata_props if entry.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
+    remove_onnx_metadata(model)
     model.doc_string = f"DeepStream's copy of a medmamba-edge export: its logits through a Softmax ({PROBABILITIES})"
     model.graph.node.append(onnx.helper.make_node("Softmax", [logits.name], [PROBABILITIES], axis=1,
                                                   name="deepstream_softmax"))

@@ -318,11 +318,16 @@ def _model_props(model) -> dict[str, str]:
     return {_proto_text(entry.key): _proto_text(entry.value) for entry in model.metadata_props}
 
 
-def write_onnx_metadata(model, metadata: ModelMetadata) -> None:
-    """Set (replace) the metadata of an ``onnx.ModelProto`` in place."""
+def remove_onnx_metadata(model) -> None:
+    """Remove our metadata from an ``onnx.ModelProto`` in place."""
     # Other entries stay where they are, untouched: one in non-UTF-8 bytes cannot be assigned back.
     for index in reversed(range(len(model.metadata_props))):
         if _proto_text(model.metadata_props[index].key) == METADATA_KEY:
             del model.metadata_props[index]
+
+
+def write_onnx_metadata(model, metadata: ModelMetadata) -> None:
+    """Set (replace) the metadata of an ``onnx.ModelProto`` in place."""
+    remove_onnx_metadata(model)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, metadata.to_json()
