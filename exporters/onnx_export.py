@@ -35,7 +35,7 @@ from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
-                                            positive_int, write_onnx_metadata)
+                                            height_width, positive_int, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
@@ -163,7 +163,7 @@ def export_onnx(
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    size = height_width(input_size)
     metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     output = Path(output)
 

@@ -347,6 +347,7 @@ def _serve() -> None:
 
     from medmamba_edge.runtime.bundled import sample_image_paths
     from medmamba_edge.runtime.decode import read_image
+    from medmamba_edge.runtime.metadata import height_width
     from medmamba_edge.runtime.preprocess import preprocess
 
     from .loaders import open_model
@@ -354,7 +355,7 @@ def _serve() -> None:
     try:
         spec = json.loads(sys.stdin.readline())
         size = spec["input_size"]
-        backend = open_model(spec["path"], input_size=size if size is None or isinstance(size, int) else tuple(size),
+        backend = open_model(spec["path"], input_size=None if size is None else height_width(size),  # from JSON: a list
                              threads=spec["threads"])
         images = preprocess([read_image(p) for p in sample_image_paths()], backend.metadata)
         inputs = {b: np.ascontiguousarray(images[np.arange(b) % len(images)]) for b in spec["batches"]}

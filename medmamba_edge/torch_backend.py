@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from medmamba_edge.runtime.backends import Backend, BackendError
-from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
+from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, height_width
 
 from .checkpoint import load_checkpoint
 
@@ -21,8 +21,7 @@ class PyTorchBackend(Backend):
     def __init__(self, path: str | Path, input_size: int | tuple[int, int] = DEFAULT_INPUT_SIZE, classes=None, threads: int | None = None):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path, classes)
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        self.metadata = self.checkpoint.metadata(size, scan_form="portable", batch=None)
+        self.metadata = self.checkpoint.metadata(height_width(input_size), scan_form="portable", batch=None)
         if threads:
             torch.set_num_threads(threads)
 

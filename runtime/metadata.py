@@ -30,6 +30,11 @@ class MetadataError(UserError, ValueError):
     """A model file without usable medmamba-edge metadata."""
 
 
+def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    """An input size as (height, width): an int N (``--input-size N``) is N×N."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def int_at_least(value, least: int) -> bool:
     """An integer (numpy's too) of at least ``least``, not a bool: what a size, a count or a number of tries takes
     (1.5 or True would pass a comparison and mean something else)."""
