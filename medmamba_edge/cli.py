@@ -20,6 +20,7 @@ from rich.text import Text
 
 from medmamba_edge.runtime.files import GuardedStdout, any_is_stdout, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
+from medmamba_edge.runtime.signals import STOP_SIGNALS, handle_stop_signals
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
                                                    DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT)
 
@@ -740,9 +741,7 @@ def main() -> None:
     # SIGTERM and SIGHUP (systemd, docker, a closed terminal) end a command as Ctrl-C does, its temporary files
     # removed on the way out; `run` and `serve` install their own, gentler handlers while they work. A signal
     # ignored at the start (nohup) stays ignored.
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _interrupt)
+    handle_stop_signals(_interrupt, [s for s in STOP_SIGNALS if s != signal.SIGINT])  # Ctrl-C: Python's own
     app()
 
 

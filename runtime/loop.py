@@ -24,6 +24,7 @@ from medmamba_edge.errors import UserError, first_line
 from .backends import Backend, WrongOutputShape, checked_logits, softmax
 from .metadata import positive_int
 from .preprocess import preprocess_one
+from .signals import handle_stop_signals
 from .sinks import Outputs, Record, Sink, Stats
 from .sources import Capture, Frame, Source, SourceError
 
@@ -45,10 +46,6 @@ class RunOptions:
                             f"{self.batch!r}, {self.top_k!r}, {self.stride!r}, {self.max_frames!r}")
         if not (isinstance(self.threshold, numbers.Real) and 0.0 <= self.threshold <= 1.0):
             raise UserError(f"--threshold must be between 0 and 1, got {self.threshold}")
-
-
-# SIGTERM and SIGHUP are how systemd, docker and a closed terminal stop a service: the same as Ctrl-C.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextmanager
@@ -74,9 +71,7 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
         messengers[-1].start()
 
     main = threading.current_thread() is threading.main_thread()
-    # A signal already ignored stays ignored: under nohup a closed terminal must not stop the run.
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
-                if main and signal.getsignal(s) is not signal.SIG_IGN}
+    previous = handle_stop_signals(handler) if main else {}
     try:
         yield stop
     finally:
