@@ -283,6 +283,21 @@ def test_a_drop_just_over_the_budget_never_reads_as_equal_to_it(bundled32, monke
         assert not bundled32.with_name("drop.int8.onnx").exists()
 
 
+def test_a_drop_within_the_budget_never_reads_as_over_it(bundled32, tmp_path, monkeypatch):
+    """2 of 120 images more wrong, 1.6667 points, passed --max-drop 1.667 and printed "drop 1.67 points, budget
+    1.667" (.2f): over the budget it had passed."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    scores = iter([100 * 116 / 120, 100 * 114 / 120])
+    monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+    evaluation = _image_folder(tmp_path / "val", "val", 4)
+    result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", str(evaluation), "--num-samples", "4",
+                                      "--eval", str(evaluation), "--max-drop", "1.667", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 0, result.output
+    drop, budget = re.search(r"\(drop ([\d.]+) points, budget ([\d.]+)\)", result.output).groups()
+    assert float(drop) < float(budget) == 1.667, result.output
+
+
 def test_an_evaluation_set_without_a_usable_image_is_refused_before_calibrating(bundled32, tmp_path, monkeypatch):
     """Its images were read only after the calibration: 47 s at 224×224 with 64 images, minutes with 256."""
     import medmamba_edge.exporters.quantize as quantize
