@@ -160,18 +160,18 @@ def glob_files(pattern: str, gifs: bool = False) -> list[Path | tuple[Path, str]
     return sorted(found, key=lambda entry: entry[0] if isinstance(entry, tuple) else entry)
 
 
-def _listed(path: Path, info: os.stat_result, gifs: str | None = None) -> Path | tuple[Path, str] | None:
+def _listed(path: Path, info: os.stat_result, gif_not_among: str | None = None) -> Path | tuple[Path, str] | None:
     """What a folder's listing or a glob gives for an entry that is no folder: an image or DICOM file, or what
-    looks like one with the reason it is not read; None for other files (notes.txt, a video, .DS_Store). ``gifs``
-    says what a GIF is not among, in its record (a folder's images: `run`'s sources); None: it is not listed (a
-    data set's images, as torchvision's ImageFolder takes none)."""
+    looks like one with the reason it is not read; None for other files (notes.txt, a video, .DS_Store).
+    ``gif_not_among`` says what a GIF is not among, in its record (a folder's images: `run`'s sources); None: it is
+    not listed (a data set's images, as torchvision's ImageFolder takes none)."""
     suffix = path.suffix.lower()
-    gif = gifs is not None and suffix == ".gif"
+    gif = gif_not_among is not None and suffix == ".gif"
     if not stat.S_ISREG(info.st_mode):
         return (path, NOT_REGULAR) if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES or gif else None
     if gif:  # the command a shell is given: a name starting with '-' would read as an option ('No such option: -c')
         named = f"./{path}" if str(path).startswith("-") else str(path)
-        return path, ANIMATION.format(path=shlex.quote(named), where=gifs)
+        return path, ANIMATION.format(path=shlex.quote(named), where=gif_not_among)
     try:
         return path if is_still(path) else None
     except OSError as exc:  # unreadable: it may be a DICOM file (IM0001, a UID)
