@@ -46,7 +46,7 @@ def without_run_paths(args):
                 folder_next = False
             elif token in RUN_PATH_OPTIONS:
                 folder_next = True
-            elif not token.startswith(tuple(option + "=" for option in RUN_PATH_OPTIONS[:2])):
+            elif not token.startswith((*(option + "=" for option in RUN_PATH_OPTIONS[:2]), "-R")):  # -R/x too
                 linker_kept.append(token)
         kept += wrap(linker_kept)
     return kept

@@ -147,6 +147,7 @@ def export_onnx(
         raise ExportError(f"--scan must be 'plugin' or 'portable', got {scan!r}")
     if batch is not None and not positive_int(batch):
         raise ExportError(f"batch must be ≥ 1, got {batch}")
+    batch = None if batch is None else int(batch)  # numpy's too: the metadata is JSON
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be ≥ {MIN_OPSET} (torch.onnx cannot convert MedMamba below it), got {opset}")
     if opset > onnx.defs.onnx_opset_version():  # found before the trace, not as torch.onnx's fallback after it

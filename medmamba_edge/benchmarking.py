@@ -260,6 +260,8 @@ def benchmark(models: Sequence[str | Path], *, batches: Sequence[int] = DEFAULT_
                                   ("--iterations", iterations, 1))):
         if not int_at_least(value, least):
             raise BenchmarkError(f"{option} must be an integer ≥ {least}, got {value}")
+    # numpy's integers pass the check, and JSON (how the workers are told) takes Python's alone
+    batches, warmup, iterations = [int(b) for b in batches], int(warmup), int(iterations)
     check_threads(threads)  # here, before any worker starts, as each worker's open_model would
     threads = None if threads is None else int(threads)  # numpy's too: the workers are told in JSON
     # A served model is timed as its clients see it; its address kept as given (a Path folds the URL's "//").

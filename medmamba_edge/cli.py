@@ -477,16 +477,18 @@ def evaluate(
         task = bar.add_task("evaluating", total=None)
         report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch, max_drop=max_drop,
                                      classes=classes, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    # --json /dev/stdout (or `--json F > F`) gets stdout to itself, as run's records do: asked before F is renamed
+    shown_on = console if any_is_stdout(json_file) else out
     # Files first: printing may fail (stdout's reader gone), and a long evaluation's report must not go with it.
     written = evaluation.write_confusion_plots(report, plots) if plots else []
     if json_file:
         write_json(json_file, report.to_dict())
         written.append(json_file)
     for table in evaluation.render_tables(report):
-        out.print(table)
+        shown_on.print(table)
     warn_left_out(report.failures, "for every model", f"all in {json_file}" if json_file else None)
     for path in written:
-        out.print(f"wrote {path}")
+        shown_on.print(f"wrote {path}")
     from medmamba_edge.runtime.metrics import compared_text
 
     for m in report.gate_failures:
@@ -527,13 +529,14 @@ def benchmark(
 
         report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
                                         iterations=iterations, threads=threads, progress=advance)
+    shown_on = console if any_is_stdout(json_file) else out  # as evaluate's
     written = [report.plot(plot)] if plot else []  # files first, as evaluate's
     if json_file:
         write_json(json_file, report.to_dict())
         written.append(json_file)
-    out.print(report.markdown(), highlight=False, soft_wrap=True)
+    shown_on.print(report.markdown(), highlight=False, soft_wrap=True)
     for path in written:
-        out.print(f"wrote {path}")
+        shown_on.print(f"wrote {path}")
 
 
 @command()

@@ -342,24 +342,27 @@ def overwrites_input(path: str | Path, reads) -> bool:
     return os.path.realpath(path) in {os.path.realpath(p) for p in reads}
 
 
-def check_distinct_outputs(outputs, reads, *, reader: str = "this command reads") -> None:
+def check_distinct_outputs(outputs, reads, *, reader: str = "this command reads", streams_may_share: bool = False) -> None:
     """Raise OutputError where an output would replace one of the files ``reads`` or another output: renamed into
     place at the end, it would do so without a word. ``outputs`` are (option, path) pairs, path None for an output
-    not given; the option names the output in the message ("--jsonl"), None for one named by its path alone. A
-    stream, such as /dev/stdout, is written in place: two outputs may share it. ``reader`` says what reads the
-    files ("this run reads (the model or a source)")."""
+    not given; the option names the output in the message ("--jsonl"), None for one named by its path alone.
+    ``streams_may_share``: two outputs may share a stream such as /dev/stdout, written in place (run's records, whole
+    lines each), never a file (a stream redirected onto a file output was lost in its rename); binary outputs (an
+    engine and its timing cache) may not. ``reader`` says what reads the files ("this run reads (the model or a
+    source)")."""
     reads = [p for p in reads if p]
-    taken: dict[str, str | None] = {}
+    taken: dict[str, tuple[str | None, bool]] = {}  # where it leads: (option, streamed)
     for option, path in outputs:
         if path is None:
             continue
         if overwrites_input(path, reads):
             raise OutputError(f"{path}: {option or 'the output'} would overwrite a file {reader}")
-        real = os.path.realpath(path)
-        if real in taken and not streamed_in_place(Path(path)):
-            raise OutputError(f"{path}: given to both {taken[real]} and {option}" if option and taken[real]
+        real, streamed = os.path.realpath(path), streamed_in_place(Path(path))
+        if real in taken and not (streams_may_share and streamed and taken[real][1]):
+            first = taken[real][0]
+            raise OutputError(f"{path}: given to both {first} and {option}" if option and first
                               else f"{path}: given for two outputs")
-        taken[real] = option
+        taken[real] = option, streamed
 
 
 def check_onnx_name(path: str | Path, what: str) -> None:

@@ -31,8 +31,9 @@ class MetadataError(UserError, ValueError):
 
 
 def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
-    """An input size as (height, width): an int N (``--input-size N``) is N×N."""
-    return (size, size) if isinstance(size, int) else tuple(size)
+    """An input size as (height, width) of Python ints: an integer N (``--input-size N``, numpy's too) is N×N."""
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    return tuple(int(side) if isinstance(side, numbers.Integral) else side for side in pair)  # others stay, refused later
 
 
 def int_at_least(value, least: int) -> bool:

@@ -375,7 +375,7 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     makers = (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
               ("--csv", CsvSink, csv_path))
     check_distinct_outputs([(option, path) for option, _, path in makers], reads,
-                           reader="this run reads (the model or a source)")
+                           reader="this run reads (the model or a source)", streams_may_share=True)
     try:
         for _, make, path in makers:
             if path is not None:

@@ -40,6 +40,16 @@ def test_benchmark_writes_table_json_and_plot(tmp_path_factory, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_json_onto_stdout_gets_stdout_to_itself(tmp_path_factory):
+    """`--json /dev/stdout | reader`: the table and 'wrote' lines followed the JSON on stdout."""
+    result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "benchmark", str(bundled_onnx(tmp_path_factory)),
+                             "--batch", "1", "--warmup", "0", "--iterations", "1", "--json", "/dev/stdout"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [m["batch"] for m in json.loads(result.stdout)["measurements"]] == [1]
+    assert "wrote /dev/stdout" in result.stderr
+
+
 def test_a_forced_scan_path_is_in_the_header_and_the_json(tmp_path_factory, tmp_path, monkeypatch):
     """MEDMAMBA_EDGE_SCAN_ISA=baseline made the same model 9x slower with nothing in the report saying why."""
     monkeypatch.setenv("MEDMAMBA_EDGE_SCAN_ISA", "baseline")

@@ -194,6 +194,8 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["evaluate", onnx32, "--data", npz, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["compare", onnx32, onnx32, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["benchmark", onnx32, "--plot", tmp_path / "latency.jpg"], "latency.jpg: the plot is a PNG; name it *.png"),
+        # an engine and its timing cache on one stream would be one unusable file (run's text records may share one)
+        (["build-engine", onnx32, "-o", "/dev/stdout", "--timing-cache", "/dev/stdout"], "/dev/stdout: given for two outputs"),
         # all three read "batch sizes and iterations must be ≥ 1, warm-up ≥ 0"
         (["benchmark", onnx32, "--batch", "2,0"], "--batch must be an integer ≥ 1, got 0"),
         (["benchmark", onnx32, "--warmup", "-1"], "--warmup must be an integer ≥ 0, got -1"),
@@ -271,6 +273,12 @@ def test_counts_given_to_the_library_as_fractions_or_bools_are_one_line_errors(t
             with pytest.raises(error, match=re.escape(f"{message}, got {value}")):
                 call(value)
     assert not (tmp_path / "x.onnx").exists()
+    # numpy's integers pass, and reach the workers (JSON) and the metadata as Python's: they were TypeErrors there
+    from medmamba_edge.runtime.metadata import height_width
+
+    report = benchmark([model], batches=[np.int64(1)], warmup=np.int64(0), iterations=np.int64(1))
+    assert [m.batch for m in report.measurements] == [1]
+    assert height_width(np.int64(32)) == (32, 32) and all(type(side) is int for side in height_width(np.int64(32)))
 
 
 # ---- a runtime-only install: no torch, no onnxscript, no matplotlib ------------------------------------

@@ -347,6 +347,17 @@ def test_the_report_files_are_written_before_a_stdout_that_fails(onnx32, tmp_pat
     assert json.loads((tmp_path / "e.json").read_text())["models"][0]["metrics"]["count"] == 2
 
 
+def test_json_onto_stdout_gets_stdout_to_itself(onnx32, tmp_path):
+    """`--json /dev/stdout | reader`: the tables and 'wrote' lines followed the JSON on stdout ("Extra data")."""
+    np.savez(tmp_path / "data.npz", val_images=np.full((2, 32, 32), 128, np.uint8), val_labels=np.array([[0], [1]]))
+    result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "evaluate", str(onnx32), "--data",
+                             str(tmp_path / "data.npz"), "--json", "/dev/stdout"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["models"][0]["metrics"]["count"] == 2
+    assert "wrote /dev/stdout" in result.stderr
+
+
 def test_models_of_the_same_file_name_are_told_apart(tmp_path_factory, tmp_path, monkeypatch):
     """`evaluate runs/a/model.onnx runs/b/model.onnx`: both rows, captions and plot titles read "model.onnx"."""
     import medmamba_edge.plots as plots

@@ -228,7 +228,7 @@ def test_run_paths_are_dropped_from_the_link_however_they_are_spelled():
         "gcc", "-shared", "-L/a", "-pthread"]
     assert without_run_paths(["gcc", "-Wl,-rpath", "-Wl,/opt/lib", "-Wl,-z,nodelete"]) == ["gcc", "-Wl,-z,nodelete"]
     assert without_run_paths(["gcc", "-Wl,--enable-new-dtags,-rpath,/x", "-Wl,-R,/y", "-Xlinker", "-rpath",
-                              "-Xlinker", "/z", "-Xlinker", "-O1", "-Wl,-O1,--rpath,/w,--as-needed"]) == [
+                              "-Xlinker", "/z", "-Xlinker", "-O1", "-Wl,-O1,--rpath,/w,--as-needed", "-Wl,-R/v"]) == [
         "gcc", "-Wl,--enable-new-dtags", "-Xlinker", "-O1", "-Wl,-O1,--as-needed"]
 
 

@@ -45,6 +45,13 @@ def test_file_paths_are_no_urls(spec):
     assert not is_triton_url(spec)
 
 
+def test_a_served_model_named_like_a_checkpoint_is_no_checkpoint():
+    """triton://HOST:PORT/model.pt was opened as a checkpoint file ("no such checkpoint file")."""
+    from medmamba_edge.runtime.backends import is_checkpoint_name
+
+    assert not is_checkpoint_name("triton://127.0.0.1:1/model.pt") and is_checkpoint_name("runs/model.PTH.TAR")
+
+
 def test_a_file_in_a_folder_named_as_a_scheme_is_a_file(tmp_path, monkeypatch):
     """runs://m.onnx is runs:/m.onnx to the file system: a model there opened before any scheme was refused."""
     monkeypatch.chdir(tmp_path)

@@ -30,8 +30,9 @@ MODEL_URI = re.compile(rf"(?i:({TRITON_SCHEME}):/|([a-z][a-z0-9+.-]+)://)")
 
 
 def is_checkpoint_name(path: str | Path) -> bool:
-    """Whether a file's name says it is a PyTorch checkpoint (one of TORCH_SUFFIXES ends it, in any case)."""
-    return Path(path).name.lower().endswith(TORCH_SUFFIXES)
+    """Whether a file's name says it is a PyTorch checkpoint (one of TORCH_SUFFIXES ends it, in any case); a served
+    model's name (triton://HOST:PORT/model.pt) does not."""
+    return not is_triton_url(path) and Path(path).name.lower().endswith(TORCH_SUFFIXES)
 
 
 class BackendError(UserError):
