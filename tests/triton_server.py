@@ -73,12 +73,17 @@ class Server:
         self.http = f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the model is ready over HTTP and `serve` has said it serves it: Triton reports the model ready
+        before `serve` has noted the server's processes (what it watches), and a test that killed the Python
+        backend's stub in between waited for an end that never came."""
+        announced = re.compile(rf"^serving .* as {re.escape(self.name)} \(", re.M)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"serve exited with {self.process.returncode} before it was ready:\n{self.log_tail()}")
             try:
-                if http_get(f"{self.http}/v2/models/{self.name}/ready", timeout=2)[0] == 200:
+                if (http_get(f"{self.http}/v2/models/{self.name}/ready", timeout=2)[0] == 200
+                        and announced.search(self.log.read_text(errors="replace"))):
                     return
             except OSError:
                 pass
