@@ -313,16 +313,14 @@ def quantize(
         out.print(f"kept float: {', '.join(result.kept_float)}")
     if result.fallback_nodes:
         out.print(f"--auto-fallback kept {len(result.fallback_nodes)} sensitive layers float: {', '.join(result.fallback_nodes)}")
-    if result.int8_top1 is not None:
-        from medmamba_edge.runtime.metrics import compared_text, points_lost
+    from medmamba_edge.runtime.metrics import compared_text, points_lost
 
+    if result.int8_top1 is not None:
         # a drop within the budget never printed over it (2 of 120 images, 1.6667 points: "1.67, budget 1.667")
         drop, budget = compared_text(points_lost(result.float_top1, result.int8_top1), result.max_drop, 3)
         out.print(f"top-1: fp32 {result.float_top1:.2f}%, int8 {result.int8_top1:.2f}% "
                   f"(drop {drop} points, budget {budget}) on {result.evaluated_on}")
     if result.speed is not None:
-        from medmamba_edge.runtime.metrics import compared_text
-
         speed = result.speed
         speedup, asked = compared_text(speed.speedup, min_speedup, 3)
         noise = (", passed on the median, the interval straddling it: within this machine's noise"
