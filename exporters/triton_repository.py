@@ -442,8 +442,9 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     staging = None
     try:
         repository_folder.mkdir(parents=True, exist_ok=True)
-        workspace = _workspace(repository)
-        _remove_leftovers(workspace, name, repository)
+        # and written there: nox/../y/repo/medmamba, nox never made, is no path the kernel can follow
+        workspace = _workspace(repository_folder)
+        _remove_leftovers(workspace, name, repository_folder)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
         (staging / "1").mkdir()
         if whole_model is not None:
@@ -467,7 +468,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                            errors="backslashreplace")
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
-        _replace_folder(staging, repository / name, workspace)
+        _replace_folder(staging, repository_folder / name, workspace)
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -279,6 +279,13 @@ def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]
 
 
+def test_a_repository_path_through_a_folder_not_there_and_back_is_written_where_it_leads(model, tmp_path):
+    """nox/../y/repo: made as y/repo (nox not made on the way), and written there too: the model folder's rename
+    into nox/../y/repo/medmamba failed (no such file), nox never having been made."""
+    export_triton(model, tmp_path / "nox" / ".." / "y" / "repo")
+    assert (tmp_path / "y" / "repo" / "medmamba" / "config.pbtxt").is_file() and not (tmp_path / "nox").exists()
+
+
 def test_a_repository_path_through_a_link_loop_is_no_folder_and_one_through_a_dangling_link_is_made_there(
         model, tmp_path):
     """A loop raised RuntimeError (Path.resolve) as a traceback; a dangling link read "cannot write (File
