@@ -95,7 +95,6 @@ typedef struct {
     float y[TT][VW] MM_ALIGN;    /* sum_n C h */
     ptrdiff_t pos[TT];           /* the tile's positions p = seq_k(t), the last repeated past the tile's end */
     float base[TT][VW] MM_ALIGN; /* the power chain's 2^(delta slope) */
-    float inv[TT][VW] MM_ALIGN;  /* the power chain's 1 / delta */
     float bias[VW] MM_ALIGN, ds[VW] MM_ALIGN;
     float slope[VW] MM_ALIGN;    /* per lane, the s of A log2(e) ~ (n + 1) s */
     float chain_delta[VW] MM_ALIGN; /* per lane, the largest delta the chain's correction is accurate for */
@@ -109,8 +108,7 @@ typedef struct {
                                   * on two Xeon threads: 2.2 -> 1.8 ms) */
     float *w;                    /* (R, VW): dt_w, rank-major */
     float *a2;                   /* (N, VW): A * log2(e) */
-    float *k1, *k2;              /* (N, VW): the chain's correction 1 + delta k1 + delta^2 k2 = 2^(delta e),
-                                  * applied as delta (1 / delta + k1 + delta k2) */
+    float *k1, *k2;              /* (N, VW): the chain's correction 1 + delta k1 + delta^2 k2 = 2^(delta e) */
     float *h;                    /* (N, VW): state */
 } scan_scratch;
 
@@ -227,12 +225,8 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
  *   2^(delta A_n log2 e) = E^(n + 1) 2^(delta e_n),  E = 2^(delta s):
  * E once per step (EXP2_P6: its powers multiply its error by up to N), the powers by one multiply per state, and
  * 2^(delta e_n) = 1 + z + z^2 / 2 (z = delta e_n ln 2) to 2.1e-7 while delta |e_n| <= 1/64, a bound a tile takes
- * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  The chain
- * carries delta E^(n + 1) and multiplies it by 1 / delta + k1 + delta k2: the correction's 1 moved into 1 / delta
- * (once per step) is an addition, which AMD's cores run on their two add pipes beside the two that multiply,
- * where 1 + delta (k1 + delta k2) took two FMAs; 6 multiplies (FMAs included) and one addition per state and step
- * instead of exp2_product's 12 operations (7 multiplies before: the node 4-9 % slower at every stage, one Zen 3
- * thread, builds side by side).  The power chain against the exp per state: the node 7-10 % faster at MedMamba-T's stages 1-3
+ * this path only if every lane keeps (chain_delta; in that model delta |e_n| stays below 0.005).  7 vector
+ * operations per state and step instead of exp2_product's 12: the node 7-10 % faster at MedMamba-T's stages 1-3
  * (3 % at stage 4) on the AVX2 path of a Xeon.  On AVX-512, against exp2_scalef's 10 instructions, it measured no
  * faster in ONNX Runtime; against the 11 of its exact reduction (exp2_scalef's comment) it takes the node from
  * 8.31 to 7.61 ms and the model 2.7 % faster (the trained checkpoint, side by side, 2026-12-06).  Only where the
@@ -242,10 +236,6 @@ MM_INLINE void scan_tile(float *restrict h, const float *restrict a2, float (*re
 
 #define CHAIN_MAX_STATES 16
 #define CHAIN_MAX_Z (1.0f / 64.0f) /* the largest delta |e_n| */
-/* delta's floor in the chain: 1 / delta stays finite and delta E^(n + 1) normal (the kernel flushes denormals, and
- * a lead flushed to 0 would drop a state that should keep almost all of itself); below it, 2^(delta e) differs from
- * 1 by less than 2^-40. */
-#define CHAIN_MIN_DELTA 0x1p-40f
 
 /* The block's slope s (least squares over n), correction coefficients k1 = e ln 2, k2 = (e ln 2)^2 / 2,
  * chain_delta and base_delta from its a2. */
@@ -282,15 +272,12 @@ MM_INLINE int chain_fits(const scan_scratch *restrict s, const float *restrict d
 
 /* The tile's bases E = 2^(delta s), s <= 0 (A <= 0), delta capped at base_delta: then the exponent is within
  * exp2_product's range, which saves its clamps (one operation for two) and lets the product go into its FMAs; a
- * base below 2^-124 differs from its cap by less than 2^-124, where the clamped form gave 2^-126.  Then delta at
- * its floor and 1 / delta. */
+ * base below 2^-124 differs from its cap by less than 2^-124, where the clamped form gave 2^-126. */
 MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
     for (int t = 0; t < tl; t++) {
         for (int l = 0; l < VW; l++) {
             const float delta = s->dt[t][l] < s->base_delta[l] ? s->dt[t][l] : s->base_delta[l];
             s->base[t][l] = exp2_product(delta, s->slope[l], 1, 1, 1);
-            s->dt[t][l] = s->dt[t][l] > CHAIN_MIN_DELTA ? s->dt[t][l] : CHAIN_MIN_DELTA;
-            s->inv[t][l] = 1.0f / s->dt[t][l];
         }
     }
 }
@@ -298,21 +285,22 @@ MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
 /* The chain's scan, written once for a vector type V of VN vectors per 16 lanes (two ymm on AVX2, one zmm on
  * AVX-512) and its intrinsics: gcc's vectorisation of the plain loop kept the powers and sums in memory (2.9 ns per
  * state and step against 2.2 here; the exp per state's loop takes 3.2, single-core loop benchmark on a Xeon).
- * The barrier at each step: without it gcc kept the tile's 32 AVX2 states in registers across steps, spilled them
- * to the stack and stored each update twice (there and in h); with it h is loaded and stored once (the node 2-6 %
- * faster on Zen 3). */
-#define DEFINE_CHAIN_SCAN(NAME, TARGET, V, VN, LOAD, STORE, SET1, FMADD, MUL, ADD)                                     \
+ * With two vectors per 16 lanes (AVX2) a barrier at each step: without it gcc kept the tile's 32 states in
+ * registers across steps, spilled them to the stack and stored each update twice (there and in h); with it h is
+ * loaded and stored once (the node 2-6 % faster, one Zen 3 thread).  AVX-512's 16 states fit in its registers. */
+#define DEFINE_CHAIN_SCAN(NAME, TARGET, V, VN, LOAD, STORE, SET1, FMADD, MUL)                                          \
     TARGET MM_INLINE void NAME##_n(scan_scratch *restrict s, const float *restrict Bk, const float *restrict Ck,       \
                                    ptrdiff_t L, int tl, int N) {                                                      \
         enum { W = VW / VN }; /* lanes per vector */                                                                  \
         float *restrict hs = s->h;                                                                                    \
         const float *restrict k1s = s->k1, *restrict k2s = s->k2;                                                     \
+        const V one = SET1(1.0f);                                                                                     \
         for (int t = 0; t < tl; t++) {                                                                                \
-            __asm__ volatile("" ::: "memory");                                                                        \
-            V delta[VN], inv[VN], du[VN], E[VN], power[VN], acc[VN];                                                  \
+            if (VN > 1) __asm__ volatile("" ::: "memory");                                                            \
+            V delta[VN], du[VN], E[VN], power[VN], acc[VN];                                                           \
             for (int v = 0; v < VN; v++) {                                                                            \
                 delta[v] = LOAD(s->dt[t] + v * W), du[v] = LOAD(s->du[t] + v * W), E[v] = LOAD(s->base[t] + v * W);   \
-                inv[v] = LOAD(s->inv[t] + v * W), power[v] = MUL(delta[v], E[v]), acc[v] = SET1(0.0f);                \
+                power[v] = E[v], acc[v] = SET1(0.0f);                                                                 \
             }                                                                                                         \
             const float *restrict bp = Bk + s->pos[t], *restrict cp = Ck + s->pos[t];                                 \
             MM_UNROLL_STATES                                                                                          \
@@ -321,7 +309,7 @@ MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
                 for (int v = 0; v < VN; v++) {                                                                        \
                     const float *restrict k1 = k1s + n * VW + v * W, *restrict k2 = k2s + n * VW + v * W;            \
                     float *restrict h = hs + n * VW + v * W;                                                          \
-                    const V corr = FMADD(delta[v], LOAD(k2), ADD(inv[v], LOAD(k1)));                                 \
+                    const V corr = FMADD(FMADD(delta[v], LOAD(k2), LOAD(k1)), delta[v], one);                         \
                     const V hv = FMADD(MUL(power[v], corr), LOAD(h), MUL(du[v], b));                                  \
                     power[v] = MUL(power[v], E[v]);                                                                   \
                     STORE(h, hv);                                                                                     \
@@ -341,7 +329,7 @@ MM_INLINE void chain_bases(scan_scratch *restrict s, int tl) {
     }
 
 DEFINE_CHAIN_SCAN(scan_tile_chain_avx2, MM_AVX2, __m256, 2, _mm256_load_ps, _mm256_store_ps, _mm256_set1_ps,
-                  _mm256_fmadd_ps, _mm256_mul_ps, _mm256_add_ps)
+                  _mm256_fmadd_ps, _mm256_mul_ps)
 #endif
 
 #if MM_X86_PATHS
@@ -394,7 +382,7 @@ MM_AVX512 static void scan_tile_avx512(float *restrict h, const float *restrict 
 }
 
 DEFINE_CHAIN_SCAN(scan_tile_chain_avx512, MM_AVX512, __m512, 1, _mm512_load_ps, _mm512_store_ps, _mm512_set1_ps,
-                  _mm512_fmadd_ps, _mm512_mul_ps, _mm512_add_ps)
+                  _mm512_fmadd_ps, _mm512_mul_ps)
 
 /* softplus20 with exp2_scalef for its exp (3 instructions fewer than exp2_product's clamped form); its last
  * multiply-add also adds max(x, 0). */
