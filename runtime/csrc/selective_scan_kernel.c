@@ -592,8 +592,8 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
         {
             const float *x0 = xk + q0 * VW;
             const ptrdiff_t stride = forward ? VW : -VW;
-            if (signs_known)
-                delta_x_tile(s, x0, stride, tl, a->delta_softplus, isa != ISA_PLAIN, 0, dmax);
+            if (signs_known) /* softplus is one of the signs it knows: a constant here saves a blend per vector */
+                delta_x_tile(s, x0, stride, tl, 1, isa != ISA_PLAIN, 0, dmax);
             else
                 delta_x_tile(s, x0, stride, tl, a->delta_softplus, isa != ISA_PLAIN, 1, dmax);
             /* with signs_known, amax2 >= 0, so the tile's largest delta * max |A| * log2(e) is dmax * amax2 */
