@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    loaded = medmamba_t(args.checkpoint)
+    loaded = medmamba_t(parser, args.checkpoint)
 
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -102,7 +102,7 @@ def main() -> None:
                         help="also print where each model's time goes and the Amdahl ceiling of the INT8 speedup")
     args = parser.parse_args()
 
-    loaded = medmamba_t(args.checkpoint)
+    loaded = medmamba_t(parser, args.checkpoint)
 
     with tempfile.TemporaryDirectory(prefix="bench-quantize.") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"

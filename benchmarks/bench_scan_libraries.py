@@ -51,7 +51,7 @@ def main() -> None:
     if len(set(names)) < len(names):
         parser.error("a library is named twice")
 
-    model = trace_to_onnx(medmamba_t(args.checkpoint), (SIZE, SIZE), args.batch, opset=18)
+    model = trace_to_onnx(medmamba_t(parser, args.checkpoint), (SIZE, SIZE), args.batch, opset=18)
     serialized = model.SerializeToString()
     feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, SIZE, SIZE), dtype=np.float32)}
 

@@ -1,24 +1,95 @@
-"""What the MedMamba-T 224×224 benchmark scripts share: the model under test and how sessions are made."""
+"""What the benchmark scripts share: how their arguments are checked, the MedMamba-T 224×224 model under test
+and how sessions are made.
+
+torch is imported only where the model is built: the scripts that time the torch-free runtime (bench_run_loop,
+bench_triton, bench_scan_cpu) check their arguments here too.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnxruntime as ort
-import torch
 
-from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig, load_checkpoint
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime.cpu import check_threads
+from medmamba_edge.runtime.metadata import int_at_least
+
+if TYPE_CHECKING:
+    from medmamba_edge.checkpoint import LoadedCheckpoint
 
 
-def medmamba_t(checkpoint: Path | None) -> LoadedCheckpoint:
-    """The given checkpoint, or MedMamba-T with seeded random weights (speed does not depend on them)."""
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``least``, so that a count of 0 or -3 is refused in one line
+    naming the option instead of running on nothing, or on everything (a slice step of -3)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if not int_at_least(value, least):
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {least}, got {text!r}")
+        return value
+    return parse
+
+
+def int_list(least: int = 1) -> Callable[[str], list[int]]:
+    """An argparse ``type``: comma-separated integers of at least ``least`` (batch sizes, client counts), each
+    once, in the order given."""
+    one = at_least(least)
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [one(item.strip()) for item in text.split(",")]
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated integers of at least {least}, got {text!r}") from None
+        return list(dict.fromkeys(values))
+    return parse
+
+
+def choice_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names out of ``choices``, each once; a typo would otherwise label
+    another form's numbers with itself."""
+    allowed = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        values = [item.strip() for item in text.split(",")]
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(values))
+    return parse
+
+
+def check_thread_count(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    """The runtime's --threads rule (1 to the usable CPUs), as the script's usage error."""
+    try:
+        check_threads(threads)
+    except UserError as exc:
+        parser.error(str(exc))
+
+
+def medmamba_t(parser: argparse.ArgumentParser, checkpoint: Path | None) -> LoadedCheckpoint:
+    """The given checkpoint, or MedMamba-T with seeded random weights (speed does not depend on them). A
+    checkpoint that cannot be read is the script's usage error (its --checkpoint), not a traceback."""
+    import torch
+
+    from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig, load_checkpoint
+
     if checkpoint:
-        return load_checkpoint(checkpoint)
+        try:
+            return load_checkpoint(checkpoint)
+        except UserError as exc:
+            parser.error(str(exc))
     torch.manual_seed(0)
     config = ModelConfig(depths=[2, 2, 4, 2], dims=[96, 192, 384, 768], num_classes=6)
     return LoadedCheckpoint(config.build().eval(), config, [f"c{i}" for i in range(6)], Path("random"), "")
