@@ -28,7 +28,7 @@ from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
-from common import cpu_session, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
+from common import at_least, check_thread_count, cpu_session, int_list, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/official_ss2d.py
 from tests.official_ss2d import official_ss2d  # noqa: E402
@@ -55,21 +55,24 @@ def dense_only(model: onnx.ModelProto) -> onnx.ModelProto:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--baseline-runs", type=int, default=2,
+    parser.add_argument("--batches", type=int_list(), default="1,8")
+    parser.add_argument("--iterations", type=at_least(1), default=10)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--baseline-runs", type=at_least(0), default=2,
                         help="runs of the official code (batch 1; ~5 s each): its time moves by ±10 %% between runs here")
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
     parser.add_argument("--skip-official", action="store_true", help="skip the slow reference-scan baseline")
-    parser.add_argument("--profile", action="store_true", help="also print where the fused model's time goes")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the fused model's time goes (at batch 1, whatever --batches)")
     args = parser.parse_args()
+    check_thread_count(parser, args.threads)
     torch.set_num_threads(args.threads)
 
     loaded = medmamba_t(parser, args.checkpoint)
 
     rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
+    profile = None
+    for batch in args.batches:
         x = torch.randn(batch, 3, SIZE, SIZE)
         feed = {"input": x.numpy()}
         plugin_form = trace_to_onnx(loaded, (SIZE, SIZE), batch, opset=18)
@@ -101,6 +104,10 @@ def main() -> None:
                 continue
             samples = timed(fn, warmup, iterations)
             rows.append((name, batch, statistics.median(samples), min(samples), len(samples)))
+
+    if args.profile and profile is None:  # --batches without 1: the profile's own batch-1 model
+        feed = {"input": torch.randn(1, 3, SIZE, SIZE).numpy()}
+        profile = profile_by_op_type(trace_to_onnx(loaded, (SIZE, SIZE), 1, opset=18), feed, args.threads)
 
     print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, ONNX {size_mb:.0f} MB\n")
