@@ -32,7 +32,8 @@ from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 
-from common import BLOCK, cpu_session, interleaved, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
+from common import (BLOCK, at_least, check_thread_count, choice_list, cpu_session, int_list,  # benchmarks/common.py,
+                    interleaved, medmamba_t, profile_nodes)  # beside this script
 
 SIZE = 224
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "QGemm"}
@@ -91,16 +92,17 @@ def print_ceiling(models: dict[str, onnx.ModelProto], threads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (default: random MedMamba-T, 6 classes)")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--forms", default="plugin,portable")
-    parser.add_argument("--iterations", type=int, default=20, help="timed runs per model and batch")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batches", type=int_list(), default="1,8")
+    parser.add_argument("--forms", type=choice_list(("plugin", "portable")), default="plugin,portable")
+    parser.add_argument("--iterations", type=at_least(1), default=20, help="timed runs per model and batch")
+    parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--no-spinning", action="store_true",
                         help="sessions with spinning off, taking turns run by run (the script's method before)")
     parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
     parser.add_argument("--profile", action="store_true",
                         help="also print where each model's time goes and the Amdahl ceiling of the INT8 speedup")
     args = parser.parse_args()
+    check_thread_count(parser, args.threads)
 
     loaded = medmamba_t(parser, args.checkpoint)
 
@@ -116,12 +118,12 @@ def main() -> None:
             models[f"int8 {fmt}"] = onnx.load(str(Path(tmp) / f"{fmt}.onnx"))
 
     rows = []
-    for form in args.forms.split(","):
+    for form in args.forms:
         plugin = form == "plugin"
         sessions = {name: cpu_session(m if plugin else lower_ss2d_scan(m), args.threads, fused=plugin,
                                       spinning=not args.no_spinning)
                     for name, m in models.items()}
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch in args.batches:
             feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)}
             runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
             samples = interleaved(runs, args.warmup, args.iterations, 1 if args.no_spinning else BLOCK)
