@@ -37,6 +37,8 @@ from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.preprocess import preprocess
 
+from common import at_least, check_thread_count, int_list  # benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 OFFICIAL_T = SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth"
@@ -58,22 +60,25 @@ def percentile(values: list[float], q: float) -> float:
 
 def time_local(backend, images: np.ndarray, batch: int) -> dict:
     backend.run(images[:batch])  # warm-up
-    latencies, started = [], time.perf_counter()
+    latencies, done, started = [], 0, time.perf_counter()
     for start in range(0, max(len(images) // batch * batch, 1), batch):  # whole batches only
+        chunk = images[start:start + batch]
         t = time.perf_counter()
-        backend.run(images[start:start + batch])
+        backend.run(chunk)
         latencies.append((time.perf_counter() - t) * 1000)
+        done += len(chunk)  # what ran, not len(latencies) * batch: a short first batch would count as whole
     wall = time.perf_counter() - started
-    done = len(latencies) * batch
     return {"images": done, "per_s": done / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 
 
-def time_served(url: str, images: np.ndarray, clients: int) -> dict:
+def time_served(url: str, images: np.ndarray, clients: int, on_ready=lambda: None) -> dict:
+    """Each client connects and sends one untimed request, then all start together; ``on_ready`` runs once they
+    all have warmed up and before any timed request (what the server counts from then on is the timed work)."""
     per_client = max(1, len(images) // clients)
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    ready = threading.Barrier(clients + 1)
+    ready = threading.Barrier(clients + 1, action=on_ready)
 
     def client(index: int) -> None:
         try:
@@ -86,14 +91,22 @@ def time_served(url: str, images: np.ndarray, clients: int) -> dict:
                     remote.run(row)
                     with lock:
                         latencies.append((time.perf_counter() - t) * 1000)
-        except Exception as exc:  # reported in the table's place
+        except threading.BrokenBarrierError:
+            pass  # another client failed (its error is the one to report), or the start timed out
+        except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
             ready.abort()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
-    ready.wait(timeout=120)
+    try:
+        ready.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        ready.abort()  # on a timeout, releases the clients still waiting
+        for thread in threads:
+            thread.join(timeout=60)
+        raise RuntimeError(errors[0] if errors else "the clients were not connected and warmed up in 120 s") from None
     started = time.perf_counter()
     for thread in threads:
         thread.join(timeout=600)
@@ -147,14 +160,16 @@ def start_server(model: Path, threads: int, max_batch: int, delay_us: int, log: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=96, help="images per measurement")
+    parser.add_argument("--size", type=at_least(1), default=224)
+    parser.add_argument("--images", type=at_least(8), default=96,
+                        help="images per measurement (at least 8: the local batch-8 rows are the reference)")
     parser.add_argument("--threads", type=int, default=2, help="inference threads (local and server)")
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--max-batch", type=at_least(1), default=8)
+    parser.add_argument("--max-queue-delay-us", type=at_least(0), default=2000)
+    parser.add_argument("--clients", type=int_list(), default="1,4,16")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medmamba-bench-triton")
     args = parser.parse_args()
+    check_thread_count(parser, args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not SERVE_PYTHON.exists():
         raise SystemExit(f"needs the serve venv ({SERVE_PYTHON}; `make serve-setup`)")
@@ -169,9 +184,14 @@ def main() -> None:
                                       args.workdir / "serve.log", home)
     try:
         histograms = []
-        for clients in (int(c) for c in args.clients.split(",")):
-            before = batch_counts(http, "medmamba")
-            rows.append((f"served, {clients} client{'s' * (clients > 1)}", clients, time_served(url, images, clients)))
+        for clients in args.clients:
+            before = {}
+
+            def snapshot():  # after the clients' warm-up requests, which the histogram leaves out
+                before.update(batch_counts(http, "medmamba"))
+
+            rows.append((f"served, {clients} client{'s' * (clients > 1)}", clients,
+                         time_served(url, images, clients, on_ready=snapshot)))
             after = batch_counts(http, "medmamba")
             executed = {size: after[size] - before.get(size, 0) for size in sorted(after) if after[size] > before.get(size, 0)}
             histograms.append(f"{clients} client{'s' * (clients > 1)}: " + ", ".join(f"{n}× batch {size}"
