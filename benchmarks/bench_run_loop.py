@@ -14,12 +14,14 @@ added with --model.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import open_backend
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.loop import RunOptions, run
@@ -28,18 +30,33 @@ from medmamba_edge.runtime.preprocess import preprocess_one
 from medmamba_edge.runtime.sinks import JsonlSink
 from medmamba_edge.runtime.sources import iterate, open_source
 
+from common import at_least, check_thread_count  # benchmarks/common.py, beside this script
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OFFICIAL_T = SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth"
 
 
-def make_video(path: Path, frames: int) -> Path:
+def busi_images() -> list[Path]:
+    return sorted((SHARED / "data/busi").rglob("*.png"))
+
+
+def make_video(path: Path, images: list[Path]) -> Path:
+    """The video of ``images``, made once: it is written under a temporary name and renamed when complete, so
+    that an interrupted run leaves no short video for the next run to reuse as if whole."""
     if path.exists():
         return path
-    images = sorted((SHARED / "data/busi").rglob("*.png"))[:frames]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (256, 256))
-    for image in images:
-        writer.write(cv2.cvtColor(read_image(image), cv2.COLOR_RGB2BGR))
-    writer.release()
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")  # the suffix picks the container
+    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"MJPG"), 30, (256, 256))
+    try:
+        if not writer.isOpened():
+            raise SystemExit(f"cannot write {partial}: OpenCV has no MJPEG writer here")
+        for image in images:
+            writer.write(cv2.cvtColor(read_image(image), cv2.COLOR_RGB2BGR))
+        writer.release()
+        os.replace(partial, path)
+    finally:
+        writer.release()
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -76,18 +93,28 @@ def measure(model: Path, video: Path, batch: int, threads: int | None, workdir: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[224, 32])
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[224, 32])
     parser.add_argument("--scan", default="plugin", choices=["plugin", "portable"])
-    parser.add_argument("--frames", type=int, default=120)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=at_least(1), default=120)
+    parser.add_argument("--batch", type=at_least(1), default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", type=Path, action="append", default=[], help="another .onnx to run (e.g. INT8)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/medmamba-edge-bench"))
     args = parser.parse_args()
+    check_thread_count(parser, args.threads)
+    images = busi_images()
+    if args.frames > len(images):  # the video's name and the table would promise frames it does not have
+        parser.error(f"--frames must be at most {len(images)} (the BUSI images in {SHARED / 'data/busi'}), got {args.frames}")
+    missing = [str(m) for m in args.model if not m.is_file()]
+    if missing:  # before the exports, which take minutes
+        parser.error(f"--model: no such file: {', '.join(missing)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    video = make_video(args.workdir / f"busi_{args.frames}.avi", args.frames)
+    video = make_video(args.workdir / f"busi_{args.frames}.avi", images[:args.frames])
     models = [export(size, args.scan, args.workdir) for size in args.sizes] + args.model
-    rows = [measure(m, video, args.batch, args.threads, args.workdir) for m in models]
+    try:
+        rows = [measure(m, video, args.batch, args.threads, args.workdir) for m in models]
+    except UserError as exc:  # a --model ONNX Runtime cannot open
+        parser.error(str(exc))
     print(f"\n{video.name}: {args.frames} BUSI frames 256×256 MJPEG, ONNX Runtime on {describe_cpu()}, batch {args.batch}, "
           f"threads {args.threads or 'default'}")
     header = f"{'model':42} {'FPS':>7} {'model ms/frame':>15} {'model share':>12} {'overhead':>9} {'decode ms':>10} {'preproc ms':>11} {'p50 ms':>8}"
