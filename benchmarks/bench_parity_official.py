@@ -23,25 +23,30 @@ import torch
 
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
+from medmamba_edge.model import VARIANTS
 from medmamba_edge.runtime import fused_scan
 from medmamba_edge.runtime.cpu import describe_cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/official_ss2d.py
 from tests.official_ss2d import official_ss2d, random_checkpoint  # noqa: E402
 
+from common import at_least, choice_list  # noqa: E402  benchmarks/common.py, beside this script
+
 GOAL = 1e-4
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="medmamba_t,medmamba_s,medmamba_b")
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--variants", type=choice_list(VARIANTS), default="medmamba_t,medmamba_s,medmamba_b")
+    parser.add_argument("--images", type=at_least(1), default=2)
+    parser.add_argument("--size", type=at_least(1), default=224)
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
-    for variant in args.variants.split(","):
+    for variant in args.variants:
         checkpoint = random_checkpoint(variant)
+        if args.size < checkpoint.model.min_input_size():  # the official forward would fail deep inside
+            parser.error(f"--size {args.size} is too small: {variant} needs at least {checkpoint.model.min_input_size()}")
         images = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
         started = time.perf_counter()
         with torch.no_grad(), official_ss2d(checkpoint.model):

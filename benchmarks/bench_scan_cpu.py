@@ -22,6 +22,8 @@ import numpy as np
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
+from common import at_least  # benchmarks/common.py, beside this script
+
 # MedMamba-T, 224x224, per stage: (channels D, side H = W, dt_rank R, SS2D blocks per image). N = 16 states.
 STAGES = [(96, 56, 3, 2), (192, 28, 6, 2), (384, 14, 12, 4), (768, 7, 24, 2)]
 D_STATE = 16
@@ -82,9 +84,10 @@ def fused_runner(threads):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=at_least(1), default=20)
     ap.add_argument("--no-batch8", action="store_true", help="skip the batch-8 columns")
-    ap.add_argument("--ref-stage", type=int, default=3, help="1-4: the stage timed with the PyTorch reference; 0: none")
+    ap.add_argument("--ref-stage", type=int, default=3, choices=range(len(STAGES) + 1),
+                    help="1-4: the stage timed with the PyTorch reference; 0: none")
     args = ap.parse_args()
     if not scan_cpu.available():
         raise SystemExit(f"compiled kernel unavailable: {scan_cpu.unavailable_reason()}")
