@@ -1,0 +1,124 @@
+"""benchmarks/*.py: bad arguments are refused in one line before any work, and the pieces that decide what a
+table counts (bench_triton's clients, bench_run_loop's video) do what the table says."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.shared_data import require_shared
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(("script", "args", "option"), [
+    ("bench_cpu_latency.py", ["--batches", "0"], "--batches"),
+    ("bench_cpu_latency.py", ["--threads", "0"], "--threads"),
+    ("bench_cpu_latency.py", ["--checkpoint", "/nonexistent.pth"], "/nonexistent.pth"),
+    ("bench_quantize_cpu.py", ["--forms", "plugin,portabel"], "--forms"),
+    ("bench_parity_official.py", ["--variants", "foo"], "--variants"),
+    ("bench_preprocess_parity.py", ["--images", "-3"], "--images"),
+    ("bench_scan_cpu.py", ["--ref-stage", "7"], "--ref-stage"),
+    ("bench_scan_libraries.py", ["lib.so", "--profiles", "0"], "--profiles"),
+    ("bench_run_loop.py", ["--sizes"], "--sizes"),
+    ("bench_triton.py", ["--clients", "0"], "--clients"),
+])
+def test_bad_arguments_are_a_one_line_usage_error(script, args, option, tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and option in last, result.stderr
+
+
+def test_frames_0_is_refused_before_a_video_is_made(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_run_loop.py"), "--frames", "0", "--workdir",
+                             str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--frames" in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """A benchmark script as a module (its ``from common import ...`` needs benchmarks/ on the path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_an_interrupted_video_is_not_left_for_the_next_run(bench, tmp_path):
+    run_loop = bench("bench_run_loop")
+    busi = sorted(require_shared("data", "busi").rglob("*.png"))[:2]
+    video = tmp_path / "busi_3.avi"
+    with pytest.raises(Exception, match="missing.png"):
+        run_loop.make_video(video, [*busi, tmp_path / "missing.png"])
+    assert list(tmp_path.iterdir()) == []
+    assert run_loop.make_video(video, busi) == video and video.stat().st_size > 0
+    assert list(tmp_path.iterdir()) == [video]
+
+
+class FakeServer:
+    """``open_backend`` for triton:// URLs: records warm-up and timed requests, and on_ready, in order."""
+
+    def __init__(self, fail_warm_up: int | None = None):
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+        self.fail_warm_up = fail_warm_up
+        self.opened = 0
+
+    def __call__(self, url):
+        server = self
+
+        class Remote:
+            def __enter__(self):
+                with server.lock:
+                    self.index, self.calls = server.opened, 0
+                    server.opened += 1
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def run(self, batch):
+                if self.calls == 0 and self.index == server.fail_warm_up:
+                    raise ConnectionError("connection refused by the fake server")
+                with server.lock:
+                    server.events.append("warm-up" if self.calls == 0 else "timed")
+                self.calls += 1
+                return np.zeros((len(batch), 2), np.float32)
+
+        return Remote()
+
+
+def test_served_counts_start_after_every_warm_up(bench, monkeypatch):
+    triton = bench("bench_triton")
+    server = FakeServer()
+    monkeypatch.setattr(triton, "open_backend", server)
+    result = triton.time_served("triton://fake/medmamba", np.zeros((8, 3, 4, 4), np.float32), 4,
+                                on_ready=lambda: server.events.append("ready"))
+    assert server.events[:5].count("warm-up") == 4 and server.events[4] == "ready"
+    assert set(server.events[5:]) == {"timed"} and result["images"] == 8
+
+
+def test_a_client_failing_before_the_clock_reports_its_own_error(bench, monkeypatch):
+    triton = bench("bench_triton")
+    monkeypatch.setattr(triton, "open_backend", FakeServer(fail_warm_up=1))
+    with pytest.raises(RuntimeError, match="ConnectionError: connection refused by the fake server"):
+        triton.time_served("triton://fake/medmamba", np.zeros((8, 3, 4, 4), np.float32), 3)
+
+
+def test_local_rows_count_the_images_run(bench):
+    triton = bench("bench_triton")
+
+    class Local:
+        def run(self, batch):
+            return np.zeros((len(batch), 2), np.float32)
+
+    assert triton.time_local(Local(), np.zeros((20, 3, 4, 4), np.float32), 8)["images"] == 16
+    assert triton.time_local(Local(), np.zeros((5, 3, 4, 4), np.float32), 8)["images"] == 5
