@@ -14,10 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from medmamba_edge.runtime.backends import BackendError, open_backend
+from medmamba_edge.runtime.backends import BackendError, open_backend, softmax
 from medmamba_edge.runtime.backends.onnxruntime import choose_providers
 from medmamba_edge.runtime.bundled import bundled_checkpoint, sample_image_paths
+from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.loop import RunOptions, run
+from medmamba_edge.runtime.preprocess import preprocess
 from medmamba_edge.runtime.sources import Frame, Source
 from tests.cli_runner import cli, read_jsonl
 from tests.test_sources import FlakyMjpegServer, write_video
@@ -74,8 +76,19 @@ def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     assert all((r["status"] == "abstain") == (r["probabilities"][0] < 0.905) for r in classified)
     abstained = [r for r in classified if r["status"] == "abstain"]
     assert abstained and all(r["reason"].endswith("< threshold 90.5%") for r in abstained)
+    # Labels best first: labels[0] is the argmax of the model's softmax for that image, probabilities descending.
+    backend = open_backend(tiny_onnx)
+    probs = softmax(backend.run(preprocess([read_image(images / Path(r["source"]).name) for r in classified],
+                                           backend.metadata)))
+    assert [r["labels"][0] for r in classified] == [backend.metadata.class_names[i] for i in probs.argmax(1)]
+    assert np.allclose([r["probabilities"][0] for r in classified], probs.max(1), atol=1e-6)
+    assert all(r["probabilities"] == sorted(r["probabilities"], reverse=True) for r in classified)
+    assert len({r["labels"][0] for r in classified}) == 2  # both classes appear: a reversed order cannot agree
     rows = list(csv.DictReader(open(out / "r.csv")))
     assert [row["status"] for row in rows] == [r["status"] for r in records]
+    # The CSV's label and probability columns are the record's top-1, as in the JSONL.
+    assert [row["label"] for row in rows] == [r["labels"][0] if r["labels"] else "" for r in records]
+    assert all(abs(float(row["probability"]) - r["probabilities"][0]) <= 1e-6 for row, r in zip(rows, classified))
     video = cv2.VideoCapture(str(out / "r.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(classified) and video.get(cv2.CAP_PROP_FPS) == 5
     assert sorted(p.name for p in out.iterdir()) == ["r.csv", "r.jsonl", "r.mp4"]  # no partial files left
