@@ -53,6 +53,14 @@ def test_nothing_classifiable_says_why_where_no_console_line_did(tiny_onnx, tmp_
     code, output = cli("run", tiny_onnx, empty, "--console", console)
     assert code == 1 and f"no frame could be classified (1 skipped; first: {empty}: file is empty" in output, output
     assert "reasons above" not in output
+    # A folder of broken files: the reason given is the first file's, not the last one's.
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a_empty.png").write_bytes(b"")
+    (folder / "b_cut.png").write_bytes(sample_image_paths("pneumoniamnist")[0].read_bytes()[:50])
+    code, output = cli("run", tiny_onnx, folder, "--console", console)
+    assert code == 1 and (f"no frame could be classified (2 skipped; first: {folder / 'a_empty.png'}: file is empty"
+                          in " ".join(output.split())), output
 
 
 def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
@@ -230,6 +238,30 @@ def test_frames_waiting_at_a_stop_keep_their_own_reason(tiny_onnx):
     assert all(r.status == "skipped" for r in waiting)
     assert [r.reason for r in waiting] == [f"{r.source}: not a decodable image" if int(r.source[1:-4]) % 2
                                            else "run stopped before inference" for r in waiting]
+
+
+def test_an_undecodable_frame_keeps_its_own_reason_when_its_batch_fails_in_the_model(tiny_onnx):
+    """A broken file batched with good ones whose model call fails: its record says why it could not be read, not
+    the model's failure (a rerun with the model fixed would still not classify it)."""
+    class Failing(SlowBackend):
+        def run(self, batch):
+            raise RuntimeError("device lost")
+
+    class Mixed(Source):
+        live, description = False, "files"
+
+        def frames(self, stride=1):
+            yield Frame("good0.png", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
+            yield Frame("bad1.png", 0, time.time(), error="bad1.png: not a decodable image")
+            yield Frame("good2.png", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
+
+    sink = Collect()
+    stats = run(Failing(open_backend(tiny_onnx), 0), Mixed(), [sink], RunOptions(batch=3))
+    assert [(r.source, r.status) for r in sink.records] == [("good0.png", "skipped"), ("bad1.png", "skipped"),
+                                                            ("good2.png", "skipped")]
+    model_failure = "the model failed on this batch (RuntimeError: device lost)"
+    assert [r.reason for r in sink.records] == [model_failure, "bad1.png: not a decodable image", model_failure]
+    assert stats.first_skip_reason == model_failure and "1 of 1 batches failed in the model" in stats.error
 
 
 def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(tiny_onnx):
@@ -420,3 +452,21 @@ def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_fra
 
     saved = frames(video)
     assert len(saved) == len(images) and all(np.array_equal(a, b) for a, b in zip(saved, frames(reference)))
+
+
+def test_deep_frames_are_shown_and_saved_as_their_8_bit_pixels():
+    """A 16-bit frame (a 16-bit PNG, DICOM, a deep camera) is drawn from its high byte: its low byte is the fine detail
+    8 bits cannot show (here another pixel's value, as unrelated to the picture as sensor noise; v × 257 would repeat
+    v there and hide a frame drawn from the low byte). A float frame in [0, 1] is drawn from v / 255. Both give the
+    same picture as the 8-bit file."""
+    from medmamba_edge.runtime.sinks import to_display
+
+    for path in sample_image_paths("busi"):
+        rgb = read_image(path)
+        expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        deep = (rgb.astype(np.uint16) << 8) | rgb[::-1, ::-1]
+        assert np.array_equal(to_display(rgb), expected), path
+        assert np.array_equal(to_display(deep), expected), path
+        assert np.array_equal(to_display(rgb.astype(np.float32) / 255), expected), path
+        gray = deep[:, :, 1]
+        assert np.array_equal(to_display(gray), cv2.cvtColor(rgb[:, :, 1], cv2.COLOR_GRAY2BGR)), path
