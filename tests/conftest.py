@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.cli_runner import reap_cli_processes
+
 # Two cores here: keep torch from oversubscribing them when ONNX Runtime or the scan kernel also runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -35,3 +37,10 @@ def trace_each_checkpoint_once():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "trace_to_onnx", trace_once)
         yield
+
+
+@pytest.fixture(autouse=True)
+def reap_cli_children():
+    """No child a test started with cli_process outlives it, whether the test passed or failed."""
+    yield
+    reap_cli_processes()

@@ -21,7 +21,7 @@ from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.preprocess import preprocess
 from medmamba_edge.runtime.sources import Frame, Source
-from tests.cli_runner import cli, read_jsonl
+from tests.cli_runner import cli, cli_process, read_jsonl
 from tests.test_sources import FlakyMjpegServer, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,15 +286,28 @@ def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(
 def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     video = write_video(tmp_path / "loop.avi", count=10)
     jsonl = tmp_path / "records.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "run", str(tiny_onnx), str(video), "--loop",
-                                "--batch", "4", "--console", "none", "--jsonl", str(jsonl), "--save-video",
-                                str(tmp_path / "annotated.avi")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.read_text().count("\n") >= 30 for p in tmp_path.glob(".records.*.partial.jsonl")):
+    # Killed and reaped at the test's end if it is still running (a failed test once left this --loop run going).
+    process = cli_process("run", tiny_onnx, video, "--loop", "--batch", "4", "--console", "none", "--jsonl", jsonl,
+                          "--save-video", tmp_path / "annotated.avi")
+
+    def records_written() -> int:
+        try:
+            return max((p.read_text().count("\n") for p in tmp_path.glob(".records.*.partial.jsonl")), default=0)
+        except FileNotFoundError:  # renamed at close
+            return 0
+
+    # A loaded machine takes minutes to import, open the model and classify the first frames: wait for them (the
+    # signal must land mid-run, handlers set), however long it takes, within a deadline only a hung run reaches.
+    deadline = time.monotonic() + 300
+    while records_written() < 30:
+        assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "no 30 records in 300 s"
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("still running 300 s after SIGINT")
     assert process.returncode == 0, stderr
     records = read_jsonl(jsonl)  # every line parses: nothing half-written
     assert len(records) >= 30 and [r["seq"] for r in records] == list(range(len(records)))
