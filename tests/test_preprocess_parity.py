@@ -59,6 +59,51 @@ def test_same_logits_and_top1_through_official_medmamba_t(real_images):
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# BUSI images with colour marks (calipers, text): R and B differ by up to 254 levels, where most BUSI images are gray.
+COLOURED_BUSI = ("benign/benign (234).png", "benign/benign (240).png", "malignant/malignant (196).png",
+                 "normal/normal (113).png")
+
+
+@pytest.fixture(scope="module")
+def coloured_busi():
+    pairs = [(read_image(path), Image.open(path))
+             for path in (require_shared("data", "busi", *name.split("/")) for name in COLOURED_BUSI)]
+    assert all(np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() > 200 for rgb, _ in pairs[:2])
+    return pairs
+
+
+def one_level(metadata: ModelMetadata) -> np.ndarray:
+    """One 8-bit level after Normalize, per channel (float32 rounding of the reference allowed)."""
+    return (1 + 1e-3) / 255 / np.asarray(metadata.std, np.float32)[:, None, None]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (224, 224)])
+def test_per_channel_mean_and_std_are_each_channels_own(real_images, coloured_busi, size):
+    """ImageNet's mean and std (a model trained with them): uint8 inputs still match train.py's transform bit for bit,
+    float32 ones in [0, 1] (DICOM after windowing) within one 8-bit level, each channel with its own mean and std."""
+    m = ModelMetadata(input_size=size, class_names=("a", "b"), in_chans=3, **IMAGENET)
+    for ours, pil in real_images[::4] + coloured_busi:
+        expected = reference(pil, m)
+        assert np.array_equal(preprocess_one(ours, m), expected)
+        assert (np.abs(preprocess_one(ours.astype(np.float32) / 255, m) - expected) <= one_level(m)).all()
+
+
+def test_deep_colour_images_keep_their_channel_order(coloured_busi):
+    """A 16-bit RGB image (a 16-bit PNG, a colour DICOM): R stays R, within one 8-bit level of the 8-bit file; and into
+    a one-channel model, ITU-R 601-2 luma as PIL's convert("L") gives, within one 8-bit level."""
+    from medmamba_edge.runtime.preprocess import to_model_channels
+
+    for size in ((32, 32), (36, 44)):
+        m = ModelMetadata(input_size=size, class_names=("a", "b"), in_chans=3, **IMAGENET)
+        for rgb, pil in coloured_busi:
+            deep = preprocess_one(rgb.astype(np.uint16) * 257, m)
+            assert (np.abs(deep - reference(pil, m)) <= one_level(m)).all()
+    for rgb, pil in coloured_busi:
+        luma = to_model_channels(rgb.astype(np.uint16) * 257, 1)[:, :, 0].astype(np.int64)
+        assert np.abs(luma - np.asarray(pil.convert("L")).astype(np.int64) * 257).max() <= 257
+
+
 def test_any_size_within_one_level():
     # Pillow 13 resizes some unequal-aspect shapes vertically first; we always go horizontal first as
     # Pillow's Resample.c does, so those differ by at most one level after rounding.
