@@ -166,6 +166,37 @@ def test_broken_dicom_and_the_real_one(tmp_path):
     assert image.dtype == np.uint8 and np.array_equal(image, pydicom.dcmread(real).pixel_array)
 
 
+def real_dicom_as(path, **changes):
+    """The real RSNA chest radiograph (8-bit MONOCHROME2, no LUTs) with ``changes`` to its header (and pixels), saved
+    at ``path``."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(require_shared("data", "dicom", "chest_xray_rsna.dcm"))
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if "PixelData" in changes:  # new pixels, stored uncompressed
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path)
+    return path
+
+
+def test_the_real_radiograph_as_monochrome1_windowed_or_signed_is_mapped_by_its_header(tmp_path):
+    """Each header field that changes what the pixels mean, on real pixels: inverted when stored as MONOCHROME1 (8-bit,
+    returned as uint8), through its VOI window (DICOM's LINEAR function), and a signed 12-bit image over its signed
+    range (read as unsigned, every negative value would be clipped to black)."""
+    stored = pydicom.dcmread(require_shared("data", "dicom", "chest_xray_rsna.dcm")).pixel_array
+    (inverted,) = read_dicom(real_dicom_as(tmp_path / "m1.dcm", PhotometricInterpretation="MONOCHROME1"))
+    assert inverted.dtype == np.uint8 and np.array_equal(inverted, 255 - stored)
+    (windowed,) = read_dicom(real_dicom_as(tmp_path / "window.dcm", WindowCenter=150, WindowWidth=100))
+    expected = np.clip((stored.astype(float) - (150 - 0.5)) / (100 - 1) + 0.5, 0, 1)
+    assert windowed.dtype == np.float32 and np.allclose(windowed, expected, atol=1e-3)
+    assert (windowed == 0).mean() > 0.1 and (windowed == 1).mean() > 0.1  # the window cuts both ends
+    signed = stored.astype(np.int16) * 16 - 2048  # −2048..2032, as a signed 12-bit CT stores them
+    (image,) = read_dicom(real_dicom_as(tmp_path / "signed.dcm", BitsAllocated=16, BitsStored=12, HighBit=11,
+                                        PixelRepresentation=1, PixelData=signed.tobytes()))
+    assert (signed < 0).mean() > 0.2 and np.allclose(image, (signed + 2048) / 4095, atol=1e-6)
+
+
 def test_a_multi_frame_dicom_is_decoded_frame_by_frame_each_with_its_record(tmp_path, monkeypatch):
     """Frame by frame: a 48-frame 2048² study decoded at once took 5 GB. A corrupt frame gets its own record and
     the others theirs (one record for the file lost its good frames); a frame over the pixel limit is refused
