@@ -121,7 +121,9 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
 
 
 def with_nan_logits(model, path):
-    """``model`` whose logits are NaN (as a float16 overflow makes them): argmax would call each one class 0."""
+    """``model`` whose first class's logit is NaN, the others finite (as a float16 overflow breaks one logit): argmax
+    would call each image class 0 (numpy's argmax takes the first NaN), and a row is no answer however many of its
+    logits are finite."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -129,7 +131,7 @@ def with_nan_logits(model, path):
     logits = graph.output[0].name
     for node in graph.node:
         node.output[:] = [f"{name}_finite" if name == logits else name for name in node.output]
-    graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+    graph.initializer.append(numpy_helper.from_array(np.array([np.nan, 0.0], np.float32), "nan"))
     graph.node.append(helper.make_node("Add", [f"{logits}_finite", "nan"], [logits]))
     onnx.save(m, path)
     return path

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medmamba_edge.runtime.metrics import binary_auc, classification_metrics
+from medmamba_edge.runtime.metrics import binary_auc, classification_metrics, non_finite_rows
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the independent reference here")
 
@@ -90,3 +90,9 @@ def test_a_value_over_or_under_its_limit_never_prints_as_equal_to_it():
     # a limit that %g would round onto the value's side is printed in full
     assert compared_text(1.0000002, 1.0000004, 4) == ("1", "1.0000004")
     assert compared_text(0.98, 1.0, 3) == ("0.98", "1")
+
+
+def test_a_row_with_one_non_finite_logit_is_not_scored():
+    """A float16 overflow breaks one class's logit, not every one: argmax would still name a class for such a row."""
+    logits = np.array([[0.5, np.inf], [1.0, 2.0], [np.nan, 0.0], [-np.inf, -np.inf], [3.0, -1.0]], np.float32)
+    assert non_finite_rows(logits).tolist() == [0, 2, 3]
