@@ -155,10 +155,15 @@ def test_portable_export_at_224_runs_in_plain_onnxruntime(official, tmp_path):
         assert np.abs(logits - official.model(images).numpy()).max() <= 1e-4
 
 
-def test_odd_input_size_exports_and_matches(official, tmp_path):
-    result = export_onnx(official, tmp_path / "odd.onnx", input_size=(36, 44), batch=1, scan="portable")
-    assert result.max_abs_diff <= 1e-4
+def test_odd_input_size_exports_and_matches(tmp_path):
+    """Through the command line: --input-size HxW is height then width, from the option to the model's input."""
+    result = runner.invoke(app, ["export", str(require_shared(*OFFICIAL_T32)), "-o", str(tmp_path / "odd.onnx"),
+                                 "--input-size", "36x44", "--scan", "portable"])
+    assert result.exit_code == 0, result.output
+    assert float(result.output.split("max |ONNX Runtime − PyTorch| = ")[1].split()[0]) <= 1e-4
     assert read_onnx_metadata(tmp_path / "odd.onnx").input_size == (36, 44)
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "odd.onnx")).graph.input[0].type.tensor_type.shape.dim] == [
+        1, 3, 36, 44]
 
 
 def test_failed_verification_writes_nothing(official, tmp_path):
