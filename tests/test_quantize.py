@@ -6,8 +6,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 from tests import hidden_avx512
+from tests.cli_runner import cli_process
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
 try:
@@ -773,10 +772,9 @@ def test_sigterm_mid_calibration_leaves_no_temporary_files(fp32_models, tmp_path
     temp = tmp_path / "tmp"
     temp.mkdir()
     output = tmp_path / "out.int8.onnx"
-    process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", "quantize", str(fp32_models["portable"]),
-                                "--calib", str(require_shared(*PNEUMONIAMNIST)), "--num-samples", "2048",
-                                "-o", str(output)], env={**os.environ, "TMPDIR": str(temp)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Killed and reaped at the test's end if still running (a calibration that never started).
+    process = cli_process("quantize", fp32_models["portable"], "--calib", require_shared(*PNEUMONIAMNIST),
+                          "--num-samples", "2048", "-o", output, env={**os.environ, "TMPDIR": str(temp)})
     deadline = time.monotonic() + 120
     while not any(temp.glob("medmamba-calib.*/*.onnx")) and time.monotonic() < deadline:
         time.sleep(0.1)
