@@ -27,7 +27,6 @@ from tests.cli_runner import cli, cli_process, read_jsonl
 from tests.test_sources import synthetic_dicom, write_video
 
 pydicom = pytest.importorskip("pydicom")
-ROOT = Path(__file__).resolve().parents[1]
 GOOD_META = {"input_size": [32, 32], "class_names": ["a", "b", "c"], "batch": None}
 
 
