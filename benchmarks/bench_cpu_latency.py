@@ -28,7 +28,7 @@ from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
-from common import at_least, check_thread_count, cpu_session, int_list, medmamba_t, profile_by_op_type  # benchmarks/common.py, beside this script
+from common import at_least, cpu_session, int_list, medmamba_t, profile_by_op_type, thread_count  # benchmarks/common.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/official_ss2d.py
 from tests.official_ss2d import official_ss2d  # noqa: E402
@@ -60,12 +60,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--baseline-runs", type=at_least(0), default=2,
                         help="runs of the official code (batch 1; ~5 s each): its time moves by ±10 %% between runs here")
-    parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
+    parser.add_argument("--threads", type=int, help="default: $MEDMAMBA_EDGE_SCAN_THREADS, or the usable CPUs")
     parser.add_argument("--skip-official", action="store_true", help="skip the slow reference-scan baseline")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the fused model's time goes (at batch 1, whatever --batches)")
     args = parser.parse_args()
-    check_thread_count(parser, args.threads)
+    args.threads = thread_count(parser, args.threads)
     torch.set_num_threads(args.threads)
 
     loaded = medmamba_t(parser, args.checkpoint)

@@ -32,8 +32,8 @@ from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 
-from common import (BLOCK, at_least, check_thread_count, choice_list, cpu_session, int_list,  # benchmarks/common.py,
-                    interleaved, medmamba_t, profile_nodes)  # beside this script
+from common import (BLOCK, at_least, choice_list, cpu_session, int_list,  # benchmarks/common.py,
+                    interleaved, medmamba_t, profile_nodes, thread_count)  # beside this script
 
 SIZE = 224
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "QGemm"}
@@ -98,11 +98,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--no-spinning", action="store_true",
                         help="sessions with spinning off, taking turns run by run (the script's method before)")
-    parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
+    parser.add_argument("--threads", type=int, help="default: $MEDMAMBA_EDGE_SCAN_THREADS, or the usable CPUs")
     parser.add_argument("--profile", action="store_true",
                         help="also print where each model's time goes and the Amdahl ceiling of the INT8 speedup")
     args = parser.parse_args()
-    check_thread_count(parser, args.threads)
+    args.threads = thread_count(parser, args.threads)
 
     loaded = medmamba_t(parser, args.checkpoint)
 

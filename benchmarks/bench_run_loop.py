@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.preprocess import preprocess_one
 from medmamba_edge.runtime.sinks import JsonlSink
+from medmamba_edge.runtime.signals import handle_stop_signals
 from medmamba_edge.runtime.sources import iterate, open_source
 
 from common import at_least, check_thread_count  # benchmarks/common.py, beside this script
@@ -109,8 +111,13 @@ def main() -> None:
     if missing:  # before the exports, which take minutes
         parser.error(f"--model: no such file: {', '.join(missing)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM and SIGHUP as an exit, so that make_video's finally removes a half-written video then too
+    handle_stop_signals(lambda signum, frame: sys.exit(128 + signum))
+    try:  # before the video: a --sizes value the model cannot take
+        models = [export(size, args.scan, args.workdir) for size in args.sizes] + args.model
+    except UserError as exc:
+        parser.error(str(exc))
     video = make_video(args.workdir / f"busi_{args.frames}.avi", images[:args.frames])
-    models = [export(size, args.scan, args.workdir) for size in args.sizes] + args.model
     try:
         rows = [measure(m, video, args.batch, args.threads, args.workdir) for m in models]
     except UserError as exc:  # a --model ONNX Runtime cannot open

@@ -28,7 +28,7 @@ from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
-from common import BLOCK, at_least, check_thread_count, interleaved, library_options, medmamba_t, profile_nodes  # benchmarks/common.py, beside this script
+from common import BLOCK, at_least, interleaved, library_options, medmamba_t, profile_nodes, thread_count  # benchmarks/common.py, beside this script
 
 SIZE = 224
 PROFILED_RUNS = 10
@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=at_least(1), default=50, help="timed runs per library")
     parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--profiles", type=at_least(1), default=5, help="profiled sessions per library")
-    parser.add_argument("--threads", type=int, default=scan_cpu.default_num_threads())
+    parser.add_argument("--threads", type=int, help="default: $MEDMAMBA_EDGE_SCAN_THREADS, or the usable CPUs")
     args = parser.parse_args()
-    check_thread_count(parser, args.threads)
+    args.threads = thread_count(parser, args.threads)
     missing = [str(p) for p in args.libraries if not p.is_file()]
     if missing:
         parser.error(f"no such library: {', '.join(missing)}")

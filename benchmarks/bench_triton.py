@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medmamba_edge.errors import UserError
 from medmamba_edge.runtime.backends import open_backend
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.preprocess import preprocess
 
-from common import at_least, check_thread_count, int_list  # benchmarks/common.py, beside this script
+from common import at_least, int_list, thread_count  # benchmarks/common.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -83,7 +84,7 @@ def time_served(url: str, images: np.ndarray, clients: int, on_ready=lambda: Non
     def client(index: int) -> None:
         try:
             with open_backend(url) as remote:
-                remote.run(images[index:index + 1])  # connect and warm up before the clock starts
+                remote.run(images[index % len(images)][None])  # connect and warm up before the clock starts
                 ready.wait()
                 for i in range(per_client):
                     row = images[(index * per_client + i) % len(images)][None]
@@ -102,8 +103,7 @@ def time_served(url: str, images: np.ndarray, clients: int, on_ready=lambda: Non
         thread.start()
     try:
         ready.wait(timeout=120)
-    except threading.BrokenBarrierError:
-        ready.abort()  # on a timeout, releases the clients still waiting
+    except threading.BrokenBarrierError:  # a client failed, or the wait timed out (which breaks the barrier too)
         for thread in threads:
             thread.join(timeout=60)
         raise RuntimeError(errors[0] if errors else "the clients were not connected and warmed up in 120 s") from None
@@ -163,18 +163,22 @@ def main() -> None:
     parser.add_argument("--size", type=at_least(1), default=224)
     parser.add_argument("--images", type=at_least(8), default=96,
                         help="images per measurement (at least 8: the local batch-8 rows are the reference)")
-    parser.add_argument("--threads", type=int, default=2, help="inference threads (local and server)")
+    parser.add_argument("--threads", type=int,
+                        help="inference threads, local and server (default: $MEDMAMBA_EDGE_SCAN_THREADS, or the usable CPUs)")
     parser.add_argument("--max-batch", type=at_least(1), default=8)
     parser.add_argument("--max-queue-delay-us", type=at_least(0), default=2000)
     parser.add_argument("--clients", type=int_list(), default="1,4,16")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medmamba-bench-triton")
     args = parser.parse_args()
-    check_thread_count(parser, args.threads)
+    args.threads = thread_count(parser, args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not SERVE_PYTHON.exists():
         raise SystemExit(f"needs the serve venv ({SERVE_PYTHON}; `make serve-setup`)")
 
-    model = export(args.size, args.workdir)
+    try:
+        model = export(args.size, args.workdir)
+    except UserError as exc:  # a --size the model cannot take
+        parser.error(str(exc))
     paths = sorted((SHARED / "data/busi").rglob("*.png"))[:args.images]
     with open_backend(model, threads=args.threads) as local:
         images = preprocess([read_image(p) for p in paths], local.metadata)

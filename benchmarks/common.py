@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime import fused_scan, scan_cpu
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import int_at_least
 
@@ -76,6 +76,15 @@ def check_thread_count(parser: argparse.ArgumentParser, threads: int | None) -> 
         check_threads(threads)
     except UserError as exc:
         parser.error(str(exc))
+
+
+def thread_count(parser: argparse.ArgumentParser, threads: int | None) -> int:
+    """--threads as given, checked, else the scan's default ($MEDMAMBA_EDGE_SCAN_THREADS, or the usable CPUs): a
+    default the user did not type is not refused as if typed."""
+    if threads is None:
+        return scan_cpu.default_num_threads()
+    check_thread_count(parser, threads)
+    return threads
 
 
 def medmamba_t(parser: argparse.ArgumentParser, checkpoint: Path | None) -> LoadedCheckpoint:

@@ -86,6 +86,8 @@ class FakeServer:
                 return False
 
             def run(self, batch):
+                if len(batch) == 0:  # as the triton client fails on an empty batch
+                    raise ValueError("need at least one array to concatenate")
                 if self.calls == 0 and self.index == server.fail_warm_up:
                     raise ConnectionError("connection refused by the fake server")
                 with server.lock:
@@ -96,14 +98,15 @@ class FakeServer:
         return Remote()
 
 
-def test_served_counts_start_after_every_warm_up(bench, monkeypatch):
+@pytest.mark.parametrize("clients", [4, 16])  # 16: more clients than images, as the default --clients has at --images 8
+def test_served_counts_start_after_every_warm_up(bench, monkeypatch, clients):
     triton = bench("bench_triton")
     server = FakeServer()
     monkeypatch.setattr(triton, "open_backend", server)
-    result = triton.time_served("triton://fake/medmamba", np.zeros((8, 3, 4, 4), np.float32), 4,
+    result = triton.time_served("triton://fake/medmamba", np.zeros((8, 3, 4, 4), np.float32), clients,
                                 on_ready=lambda: server.events.append("ready"))
-    assert server.events[:5].count("warm-up") == 4 and server.events[4] == "ready"
-    assert set(server.events[5:]) == {"timed"} and result["images"] == 8
+    assert server.events[:clients + 1].count("warm-up") == clients and server.events[clients] == "ready"
+    assert set(server.events[clients + 1:]) == {"timed"} and result["images"] == max(8, clients)
 
 
 def test_a_client_failing_before_the_clock_reports_its_own_error(bench, monkeypatch):
