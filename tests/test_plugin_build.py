@@ -684,6 +684,42 @@ def test_gpu_check_cases_have_finite_reference():
             assert np.isfinite(ss2d_reference64(*arrays, delta_softplus=softplus)).all(), name
 
 
+# In a child Python that finds medmamba_edge only on sys.path outside site-packages (no editable finder, no wheel):
+# what a bare copy of the checkout on a GPU machine is, with no network for pip's build backend.
+_BARE_CHECKOUT_IMPORT = """
+import importlib.machinery, runpy, sys
+class OnlyTheCheckout:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] != "medmamba_edge":
+            return None
+        if path is None:
+            path = [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p]
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return spec
+sys.meta_path.insert(0, OnlyTheCheckout)
+module = runpy.run_path(sys.argv[1], run_name="gpu_check_imported")
+import medmamba_edge.runtime, medmamba_edge.scan
+print(medmamba_edge.runtime.__file__, medmamba_edge.scan.__file__, module["reference"].__file__, module["find_nvcc"].__module__)
+"""
+
+
+def test_gpu_check_imports_from_a_bare_checkout(tmp_path):
+    """gpu_check.py (and tune_block_shapes.py, which imports it) runs from a checkout where medmamba_edge is not
+    installed: runtime/ is medmamba_edge.runtime only through pyproject.toml's package-dir, so the script maps this
+    checkout's folders itself. Before, it died with ModuleNotFoundError: No module named 'medmamba_edge' (or
+    'medmamba_edge.runtime' with the checkout on sys.path)."""
+    result = subprocess.run([sys.executable, "-c", _BARE_CHECKOUT_IMPORT, str(SRC / "gpu_check.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runtime, scan, reference, plugin_module = result.stdout.split()
+    assert Path(runtime) == REPO / "runtime" / "__init__.py"
+    assert Path(scan) == REPO / "medmamba_edge" / "scan.py"
+    assert Path(reference) == REPO / "tests" / "ss2d_reference.py"
+    assert plugin_module == "medmamba_edge.runtime.backends.tensorrt.plugin"
+
 # --- the launch plan, for GPUs this machine does not have ------------------------------------------------
 
 # (multiprocessors, opt-in shared memory per block in bytes), from NVIDIA's specifications and the CUDA C++

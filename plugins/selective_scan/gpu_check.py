@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """GPU check of the CUDA SS2DScan: parity with the PyTorch and float64 references, and timings, in one run.
 
-Needs PyTorch with CUDA, nvcc and this package installed (pip install -e .); no TensorRT, no network:
+Needs PyTorch with CUDA and nvcc; no TensorRT, no network. The package is taken from this checkout when it is not
+installed (pip install -e .), so a bare copy of the repository runs it with any Python that has PyTorch, NumPy
+and onnx (tests/ss2d_reference.py imports it):
 
     python plugins/selective_scan/gpu_check.py
 
@@ -32,11 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmamba_edge.runtime.backends.tensorrt.plugin import find_nvcc, launcher_nvcc_command
-from medmamba_edge.scan import ss2d_scan_ref
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+
+try:
+    import medmamba_edge.runtime  # noqa: F401  installed (pip install -e . or a wheel)
+except ModuleNotFoundError:
+    # Not installed (a bare checkout, e.g. copied to a GPU machine with no network for pip's build backend): this
+    # checkout's folders, as pyproject.toml's package-dir maps them (runtime/ -> medmamba_edge.runtime, ...).
+    sys.path.insert(0, str(REPO))
+    import medmamba_edge
+
+    medmamba_edge.__path__.append(str(REPO))
+
+from medmamba_edge.runtime.backends.tensorrt.plugin import find_nvcc, launcher_nvcc_command  # noqa: E402
+from medmamba_edge.scan import ss2d_scan_ref  # noqa: E402
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 SPEEDUP_GOAL = 20.0
 BANDWIDTH_GOAL = 3.0  # issue 13: stage 1 within 3x of the memory-bandwidth bound
