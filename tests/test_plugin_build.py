@@ -684,6 +684,56 @@ def test_gpu_check_cases_have_finite_reference():
             assert np.isfinite(ss2d_reference64(*arrays, delta_softplus=softplus)).all(), name
 
 
+def test_gpu_check_reports_a_failing_case_and_goes_on(monkeypatch, capsys):
+    """On a GPU machine lent for minutes, one case's exception (no plan, a launch error, a failed graph capture) is a
+    FAIL row and the summary, not a traceback that loses every later row and the timing table. Run on the CPU: CUDA
+    calls replaced, the kernel stood in for by ss2d_scan_ref."""
+    import argparse
+
+    import torch
+
+    gpu_check = _load("_medmamba_gpu_check_errors", SRC / "gpu_check.py")
+    cases = [("stage 1 tiny", 1, 8, 3, 4, 2, 16, True), ("no plan", 1, 6, 2, 2, 1, 16, True),
+             ("launch error", 1, 4, 2, 3, 1, 5, True), ("fine", 2, 3, 2, 2, 1, 16, False)]
+
+    class FakeScan:
+        def plan(self, batch, channels, height, width, dt_rank, d_state):
+            if channels == 6:
+                raise RuntimeError("no plan: invalid argument")
+            return gpu_check.ScanPlan(0, 2, 32, 1024, int(channels != 3))
+
+        def __call__(self, *inputs, delta_softplus=True, out=None):
+            if inputs[0].shape[1] == 4 and inputs[0].dtype == torch.float16:
+                raise RuntimeError("scan failed: an illegal memory access | was encountered")
+            if out is not None:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return gpu_check.ss2d_scan_ref(*inputs, delta_softplus=delta_softplus)
+
+    monkeypatch.setattr(gpu_check, "cases", lambda: cases)
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(gpu_check, "cuda_time", lambda fn, iters, warmup=2, graph=False: (fn(), 1e-3)[1])
+    monkeypatch.setattr(gpu_check, "to_cuda", lambda arrays, dtype: tuple(
+        torch.from_numpy(a).to(dtype if i < 2 else torch.float32) for i, a in enumerate(arrays)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    args = argparse.Namespace(kernel_iters=1, ref_iters=1, skip_model=True)
+    assert gpu_check.run_checks(FakeScan(), args) == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+
+    def rows(name, dtype):
+        return [line for line in lines if line.startswith(f"| {name} | ") and f" | {dtype} | " in line]
+
+    assert [row.endswith("| PASS |") for row in rows("fine", "float32") + rows("fine", "float16")] == [True, True]
+    assert [row.endswith("| PASS |") for row in rows("launch error", "float32")] == [True]
+    assert [row.endswith("illegal memory access / was encountered | | | ERROR |")
+            for row in rows("launch error", "float16")] == [True]
+    # parity passed, then the timing's graph capture failed: a PASS row and an ERROR row
+    assert [row[-7:] for row in rows("stage 1 tiny", "float32")] == [" PASS |", "ERROR |"]
+    assert "| no plan | 1 | 6 | 2 x 2 | 1 | 16 | 1 | no plan: invalid argument | | | | | ERROR |" in lines
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("**PARITY FAIL**") and "launch error float16 (RuntimeError)" in summary
+    assert "no plan (no plan: invalid argument)" in summary and "stage 1 tiny float32 (RuntimeError)" in summary
+
 # In a child Python that finds medmamba_edge only on sys.path outside site-packages (no editable finder, no wheel):
 # what a bare copy of the checkout on a GPU machine is, with no network for pip's build backend.
 _BARE_CHECKOUT_IMPORT = """
@@ -702,7 +752,8 @@ class OnlyTheCheckout:
 sys.meta_path.insert(0, OnlyTheCheckout)
 module = runpy.run_path(sys.argv[1], run_name="gpu_check_imported")
 import medmamba_edge.runtime, medmamba_edge.scan
-print(medmamba_edge.runtime.__file__, medmamba_edge.scan.__file__, module["reference"].__file__, module["find_nvcc"].__module__)
+print(medmamba_edge.runtime.__file__, medmamba_edge.scan.__file__, module["reference"].__file__,
+      module["find_nvcc"].__module__)
 """
 
 
