@@ -470,16 +470,18 @@ def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_fra
 def test_deep_frames_are_shown_and_saved_as_their_8_bit_pixels():
     """A 16-bit frame (a 16-bit PNG, DICOM, a deep camera) is drawn from its high byte: its low byte is the fine detail
     8 bits cannot show (here another pixel's value, as unrelated to the picture as sensor noise; v × 257 would repeat
-    v there and hide a frame drawn from the low byte). A float frame in [0, 1] is drawn from v / 255. Both give the
-    same picture as the 8-bit file."""
+    v there and hide a frame drawn from the low byte). A float frame in [0, 1] is drawn from v / 255, rounded (fed
+    (v - 0.4) / 255 here, which truncation would show as v - 1). All give the same picture as the 8-bit file, in
+    OpenCV's BGR order: the bundled BUSI samples are gray, so their channels are made to differ first."""
     from medmamba_edge.runtime.sinks import to_display
 
     for path in sample_image_paths("busi"):
-        rgb = read_image(path)
+        gray_rgb = read_image(path)
+        rgb = np.stack([gray_rgb[:, :, 0], 255 - gray_rgb[:, :, 1], gray_rgb[:, :, 2] // 2], axis=-1)
         expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         deep = (rgb.astype(np.uint16) << 8) | rgb[::-1, ::-1]
         assert np.array_equal(to_display(rgb), expected), path
         assert np.array_equal(to_display(deep), expected), path
-        assert np.array_equal(to_display(rgb.astype(np.float32) / 255), expected), path
+        assert np.array_equal(to_display(np.clip(rgb.astype(np.float32) - 0.4, 0, None) / 255), expected), path
         gray = deep[:, :, 1]
         assert np.array_equal(to_display(gray), cv2.cvtColor(rgb[:, :, 1], cv2.COLOR_GRAY2BGR)), path
