@@ -1,11 +1,21 @@
 import os
+import signal
 
 import pytest
 
+from medmamba_edge.runtime.signals import STOP_SIGNALS
 from tests.cli_runner import reap_cli_processes
 
 # Two cores here: keep torch from oversubscribing them when ONNX Runtime or the scan kernel also runs.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# A test run started in the background by a script (no job control: SIGINT ignored) or under nohup (SIGHUP ignored)
+# would pass the ignored signal on to every CLI child, which rightly keeps it ignored, and to the in-process runs:
+# the signal tests' Ctrl-C and hangups would then do nothing. Python's own Ctrl-C handler, and one that does nothing
+# for the others, keep this process as it was and let the children start with the default.
+for _signum in STOP_SIGNALS:
+    if signal.getsignal(_signum) is signal.SIG_IGN:
+        signal.signal(_signum, signal.default_int_handler if _signum == signal.SIGINT else lambda *_: None)
 
 
 @pytest.fixture(scope="session", autouse=True)
