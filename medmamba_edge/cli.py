@@ -39,6 +39,14 @@ app = typer.Typer(
 # its styles come as rich Text. A stdout that cannot be written (`| head` gone, a full disk) is a one-line error.
 console = Console(stderr=True, emoji=False)
 out = Console(markup=False, emoji=False, file=GuardedStdout())
+
+
+def report_console(*outputs) -> Console:
+    """Where a command's tables and 'wrote' lines go: stdout, unless one of its outputs is stdout (--json
+    /dev/stdout, `--json F > F`), which then gets stdout to itself, as run's records do."""
+    return console if any_is_stdout(*outputs) else out
+
+
 # Off a terminal rich assumes 80 columns and folds table cells mid-word ("medmam│ba_t_p"); a file or a CI log
 # has no width, so there tables and lines get the room they need.
 UNBOUNDED_WIDTH = 1000
@@ -475,8 +483,7 @@ def evaluate(
         task = bar.add_task("evaluating", total=None)
         report = evaluation.evaluate(models, data, split=split, input_size=size, batch_size=batch, max_drop=max_drop,
                                      classes=classes, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    # --json /dev/stdout (or `--json F > F`) gets stdout to itself, as run's records do: asked before F is renamed
-    shown_on = console if any_is_stdout(json_file) else out
+    shown_on = report_console(json_file)  # asked before the file is renamed into place
     # Files first: printing may fail (stdout's reader gone), and a long evaluation's report must not go with it.
     written = evaluation.write_confusion_plots(report, plots) if plots else []
     if json_file:
@@ -527,7 +534,7 @@ def benchmark(
 
         report = benchmarking.benchmark(models, batches=batches, input_size=size, warmup=warmup,
                                         iterations=iterations, threads=threads, progress=advance)
-    shown_on = console if any_is_stdout(json_file) else out  # as evaluate's
+    shown_on = report_console(json_file)
     written = [report.plot(plot)] if plot else []  # files first, as evaluate's
     if json_file:
         write_json(json_file, report.to_dict())
@@ -631,7 +638,7 @@ def run(
         files = [sink.output for sink in outputs if getattr(sink, "output", None)]
         # Records piped through stdout (--jsonl /dev/stdout, or `--jsonl F > F`) stay records only: the summary
         # goes to stderr. Asked now: F renamed into place at the end is no longer the file stdout is.
-        report = console if any_is_stdout(*(f.path for f in files)) else out
+        report = report_console(*(f.path for f in files))
         try:
             stats = run_loop(model_backend, frames, outputs, options, notify=warn, stop=stop)
         except KeyboardInterrupt as interrupt:
