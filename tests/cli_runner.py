@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -33,6 +34,23 @@ def cli_process(*args, **popen) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "medmamba_edge.cli", *map(str, args)], **popen)
     _children.append(process)
     return process
+
+
+def wait_for_records(process: subprocess.Popen, folder: Path, count: int, every: float = 0.1,
+                     deadline_s: float = 300) -> None:
+    """Until the run's .records.*.partial.jsonl in ``folder`` holds ``count`` whole records: a signal must land mid-run
+    (handlers set), which on a loaded machine can take minutes; only a hung or failed run reaches the deadline."""
+    def written() -> int:
+        try:
+            return max((p.read_text().count("\n") for p in folder.glob(".records.*.partial.jsonl")), default=0)
+        except FileNotFoundError:  # renamed at close
+            return 0
+
+    deadline = time.monotonic() + deadline_s
+    while written() < count:
+        assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no {count} records in {deadline_s} s"
+        time.sleep(every)
 
 
 def reap_cli_processes() -> None:

@@ -21,7 +21,7 @@ from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.preprocess import preprocess
 from medmamba_edge.runtime.sources import Frame, Source
-from tests.cli_runner import cli, cli_process, read_jsonl
+from tests.cli_runner import cli, cli_process, read_jsonl, wait_for_records
 from tests.test_sources import FlakyMjpegServer, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,20 +289,7 @@ def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     # Killed and reaped at the test's end if it is still running (a failed test once left this --loop run going).
     process = cli_process("run", tiny_onnx, video, "--loop", "--batch", "4", "--console", "none", "--jsonl", jsonl,
                           "--save-video", tmp_path / "annotated.avi")
-
-    def records_written() -> int:
-        try:
-            return max((p.read_text().count("\n") for p in tmp_path.glob(".records.*.partial.jsonl")), default=0)
-        except FileNotFoundError:  # renamed at close
-            return 0
-
-    # A loaded machine takes minutes to import, open the model and classify the first frames: wait for them (the
-    # signal must land mid-run, handlers set), however long it takes, within a deadline only a hung run reaches.
-    deadline = time.monotonic() + 300
-    while records_written() < 30:
-        assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "no 30 records in 300 s"
-        time.sleep(0.1)
+    wait_for_records(process, tmp_path, 30)
     process.send_signal(signal.SIGINT)
     try:
         stdout, stderr = process.communicate(timeout=300)

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 from medmamba_edge.runtime import files
 from medmamba_edge.runtime.files import AtomicOutput, write_bytes_atomically
 from medmamba_edge.runtime.sinks import JsonlSink, Record
-from tests.cli_runner import cli, cli_process, read_jsonl
+from tests.cli_runner import cli, cli_process, read_jsonl, wait_for_records
 from tests.test_sources import synthetic_dicom, write_video
 
 pydicom = pytest.importorskip("pydicom")
@@ -58,22 +58,6 @@ def model(tmp_path_factory):
 
 def run_cli_process(*args, **popen):
     return cli_process("run", *args, **popen)  # killed and reaped at the test's end if it is still running
-
-
-def wait_for_records(process, folder, size, every=0.1, deadline_s=300):
-    """Until the run's .records.*.partial.jsonl in ``folder`` holds more than ``size`` bytes: a signal must land mid-run
-    (handlers set), which on a loaded machine can take minutes; only a hung or failed run reaches the deadline."""
-    def written():
-        try:
-            return max((p.stat().st_size for p in folder.glob(".records.*.partial.jsonl")), default=-1)
-        except FileNotFoundError:  # renamed at close
-            return -1
-
-    deadline = time.monotonic() + deadline_s
-    while written() <= size:
-        assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, f"no records past {size} bytes in {deadline_s} s"
-        time.sleep(every)
 
 
 def png_header(width, height):
@@ -395,7 +379,7 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(model, tmp_path, signum):
     # keeps it ignored (the test below).
     process = run_cli_process(model, video, "--loop", "--console", "none", "--jsonl", jsonl,
                               preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
-    wait_for_records(process, tmp_path, 2000)
+    wait_for_records(process, tmp_path, 10)  # ~2 kB of records
     process.send_signal(signum)
     try:
         stdout, stderr = process.communicate(timeout=60)
@@ -528,7 +512,7 @@ def test_an_ignored_sighup_stays_ignored_as_under_nohup(model, tmp_path):
     jsonl = tmp_path / "records.jsonl"
     process = run_cli_process(model, video, "--max-frames", 3000, "--loop", "--console", "none", "--jsonl", jsonl,
                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    wait_for_records(process, tmp_path, 0, every=0.01)
+    wait_for_records(process, tmp_path, 1, every=0.01)
     assert process.poll() is None  # the hangup arrives mid-run
     process.send_signal(signal.SIGHUP)
     stdout, stderr = process.communicate(timeout=120)
