@@ -685,8 +685,8 @@ def test_gpu_check_cases_have_finite_reference():
 
 
 def test_gpu_check_reports_a_failing_case_and_goes_on(monkeypatch, capsys):
-    """On a GPU machine lent for minutes, one case's exception (no plan, a launch error, a failed graph capture) is a
-    FAIL row and the summary, not a traceback that loses every later row and the timing table. Run on the CPU: CUDA
+    """On a GPU machine lent for minutes, one case's exception (no plan, a launch error, a failed graph capture) is an
+    ERROR row and in the FAIL summary, not a traceback that loses every later row and the timing table. Run on the CPU: CUDA
     calls replaced, the kernel stood in for by ss2d_scan_ref."""
     import argparse
 
@@ -733,6 +733,7 @@ def test_gpu_check_reports_a_failing_case_and_goes_on(monkeypatch, capsys):
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("**PARITY FAIL**") and "launch error float16 (RuntimeError)" in summary
     assert "no plan (no plan: invalid argument)" in summary and "stage 1 tiny float32 (RuntimeError)" in summary
+
 
 # In a child Python that finds medmamba_edge only on sys.path outside site-packages (no editable finder, no wheel):
 # what a bare copy of the checkout on a GPU machine is, with no network for pip's build backend.
