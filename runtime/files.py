@@ -391,7 +391,8 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
             return
         # through links, as the output is written (a link in a loop stays: it is no folder)
         start = Path(os.path.realpath(path)) if folder else Path(os.path.realpath(path)).parent
-        existing = next(p for p in (start, *start.parents) if os.path.lexists(p))
+        missing = missing_folders(start)
+        existing = missing[-1].parent if missing else start
     except OSError as exc:
         raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     if not existing.is_dir():
