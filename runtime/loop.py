@@ -22,7 +22,7 @@ import numpy as np
 from medmamba_edge.errors import UserError, first_line
 
 from .backends import Backend, WrongOutputShape, checked_logits, softmax
-from .metadata import positive_int
+from .metadata import ModelMetadata, positive_int
 from .preprocess import preprocess_one
 from .signals import handle_stop_signals
 from .sinks import Outputs, Record, Sink, Stats
@@ -94,81 +94,27 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
     is set (from any thread: an application's own shutdown); every frame gets a record and the sinks are closed."""
-    # When the last results came, from the run's start on: two whole batches and more, so that a batch's results, all
-    # at once, are not a rate of their own (batch 32 read 53787 FPS at 45).
-    meta, stats = backend.metadata, Stats()
-    recent = deque([time.perf_counter()], maxlen=max(30, 2 * options.batch) + 1)
-    top_k = min(options.top_k, meta.num_classes)
+    meta, stats, outputs = backend.metadata, Stats(), Outputs(sinks)
+    records = RecordWriter(meta, options, outputs, stats)
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
-    outputs = Outputs(sinks)
     # A count and the first message, not a list: a client whose server is down for a day fails every batch.
     failed_batches, first_failure = 0, None
-
-    def emit(frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
-        record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
-        if probs is not None:
-            best = np.argsort(probs)[::-1][:top_k]
-            record.labels, record.probabilities = [meta.class_names[i] for i in best], [float(probs[i]) for i in best]
-            record.latency_ms = (time.perf_counter() - frame.captured) * 1000
-            recent.append(time.perf_counter())
-            if record.probabilities[0] < options.threshold:
-                record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {100 * options.threshold:g}%"
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-        outputs.write(record, frame.image, fps)
-        stats.add(record)
-
     with stop_on_signals(notify, stop) as interrupted:
         capture.start()
         try:
             while not interrupted.is_set() and not outputs.stop_requested:
                 frames = capture.next_batch(options.batch)
-                for frame in capture.take_dropped():
-                    emit(frame, "dropped", reason="inference slower than the source")
+                records.dropped(capture.take_dropped())
                 if frames is None:
                     break
-                usable = [f for f in frames if f.error is None]
-                logits, model_error = np.empty((0, meta.num_classes)), None
-                if usable:
-                    started = time.perf_counter()
-                    try:
-                        logits = checked_logits(backend, np.stack([f.tensor for f in usable]))
-                    except WrongOutputShape as exc:
-                        model_error = exc.reason
-                    except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
-                        model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
-                    if model_error:
-                        failed_batches, first_failure = failed_batches + 1, first_failure or model_error
-                    stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
-                rows = iter(logits)
-                for frame in frames:
-                    if frame.error or model_error:
-                        emit(frame, "skipped", reason=frame.error or model_error)
-                        continue
-                    row = next(rows)
-                    if np.isfinite(row).all():
-                        emit(frame, "ok", softmax(row[None])[0])
-                    else:  # a broken model or an input it overflows on: no label is better than a random one
-                        emit(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
+                logits, model_error = infer_batch(backend, frames, stats)
+                if model_error:
+                    failed_batches, first_failure = failed_batches + 1, first_failure or model_error
+                records.batch(frames, logits, model_error)
         finally:
-            try:
-                waiting = capture.stop()
-                # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
-                for frame in capture.take_dropped():
-                    emit(frame, "dropped", reason="inference slower than the source")
-                for frame in waiting:
-                    frame.image = None  # never shown to the model: a record, but no frame of the annotated video
-                    emit(frame, "skipped", reason=frame.error or "run stopped before inference")
-                if interrupted.is_set():
-                    stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
-                stats.finished = time.perf_counter()
-            finally:
-                outputs.close()
-                # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
-                interrupt = sys.exc_info()[1]
-                if not capture.done and isinstance(interrupt, KeyboardInterrupt):
-                    interrupt.capture_still_running = True
+            finish_run(capture, records, interrupted)
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
@@ -176,3 +122,86 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
         errors.append(f"{failed_batches} of {stats.batches} batches failed in the model, first: {first_failure}")
     stats.error = "; ".join(errors) or None
     return stats
+
+
+class RecordWriter:
+    """Makes each frame's Record (its number in the run, top-k labels, abstain, FPS) and hands it to the outputs
+    and the stats."""
+
+    def __init__(self, meta: ModelMetadata, options: RunOptions, outputs: Outputs, stats: Stats):
+        self.meta, self.threshold, self.outputs, self.stats = meta, options.threshold, outputs, stats
+        self.top_k = min(options.top_k, meta.num_classes)
+        # When the last results came, from the run's start on: two whole batches and more, so that a batch's results,
+        # all at once, are not a rate of their own (batch 32 read 53787 FPS at 45).
+        self.recent = deque([time.perf_counter()], maxlen=max(30, 2 * options.batch) + 1)
+
+    def dropped(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.write(frame, "dropped", reason="inference slower than the source")
+
+    def batch(self, frames: list[Frame], logits: np.ndarray, model_error: str | None) -> None:
+        """``logits``: a row for each frame without an error, in order (none if the model failed)."""
+        rows = iter(logits)
+        for frame in frames:
+            if frame.error or model_error:
+                self.write(frame, "skipped", reason=frame.error or model_error)
+                continue
+            row = next(rows)
+            if np.isfinite(row).all():
+                self.write(frame, "ok", softmax(row[None])[0])
+            else:  # a broken model or an input it overflows on: no label is better than a random one
+                self.write(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
+
+    def not_run(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            frame.image = None  # never shown to the model: a record, but no frame of the annotated video
+            self.write(frame, "skipped", reason=frame.error or "run stopped before inference")
+
+    def write(self, frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
+        stats, recent = self.stats, self.recent
+        record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
+        if probs is not None:
+            best = np.argsort(probs)[::-1][:self.top_k]
+            record.labels, record.probabilities = [self.meta.class_names[i] for i in best], [float(probs[i]) for i in best]
+            record.latency_ms = (time.perf_counter() - frame.captured) * 1000
+            recent.append(time.perf_counter())
+            if record.probabilities[0] < self.threshold:
+                record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {100 * self.threshold:g}%"
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        self.outputs.write(record, frame.image, fps)
+        stats.add(record)
+
+
+def infer_batch(backend: Backend, frames: list[Frame], stats: Stats) -> tuple[np.ndarray, str | None]:
+    """The logits of the frames without an error, a row each, or why the model failed on them (then no rows)."""
+    usable = [f for f in frames if f.error is None]
+    logits, model_error = np.empty((0, backend.metadata.num_classes)), None
+    if usable:
+        started = time.perf_counter()
+        try:
+            logits = checked_logits(backend, np.stack([f.tensor for f in usable]))
+        except WrongOutputShape as exc:
+            model_error = exc.reason
+        except Exception as exc:  # this batch only; the run goes on and ends non-zero, every frame recorded
+            model_error = f"the model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
+        stats.model_seconds, stats.batches = stats.model_seconds + time.perf_counter() - started, stats.batches + 1
+    return logits, model_error
+
+
+def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.Event) -> None:
+    """However the loop ended: stop the capture, record the frames it still held, close the outputs."""
+    stats = records.stats
+    try:
+        waiting = capture.stop()
+        # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
+        records.dropped(capture.take_dropped())
+        records.not_run(waiting)
+        if interrupted.is_set():
+            stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
+        stats.finished = time.perf_counter()
+    finally:
+        records.outputs.close()
+        # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
+        interrupt = sys.exc_info()[1]  # the one leaving run's loop (this runs in its finally), or this function
+        if not capture.done and isinstance(interrupt, KeyboardInterrupt):
+            interrupt.capture_still_running = True
