@@ -32,7 +32,7 @@ from medmamba_edge.runtime.sinks import JsonlSink
 from medmamba_edge.runtime.signals import handle_stop_signals
 from medmamba_edge.runtime.sources import iterate, open_source
 
-from common import at_least, check_thread_count  # benchmarks/common.py, beside this script
+from common import at_least, check_thread_count, onnx_file  # benchmarks/common.py, beside this script
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OFFICIAL_T = SHARED / "models/medmamba_t_pneumoniamnist32/medmamba_t_pneumoniamnist32.pth"
@@ -100,16 +100,13 @@ def main() -> None:
     parser.add_argument("--frames", type=at_least(1), default=120)
     parser.add_argument("--batch", type=at_least(1), default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--model", type=Path, action="append", default=[], help="another .onnx to run (e.g. INT8)")
+    parser.add_argument("--model", type=onnx_file, action="append", default=[], help="another .onnx to run (e.g. INT8)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/medmamba-edge-bench"))
     args = parser.parse_args()
     check_thread_count(parser, args.threads)
     images = busi_images()
     if args.frames > len(images):  # the video's name and the table would promise frames it does not have
         parser.error(f"--frames must be at most {len(images)} (the BUSI images in {SHARED / 'data/busi'}), got {args.frames}")
-    missing = [str(m) for m in args.model if not m.is_file()]
-    if missing:  # before the exports, which take minutes
-        parser.error(f"--model: no such file: {', '.join(missing)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     # SIGTERM and SIGHUP as an exit, so that make_video's finally removes a half-written video then too
     handle_stop_signals(lambda signum, frame: sys.exit(128 + signum))

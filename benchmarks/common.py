@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import fused_scan, scan_cpu
+from medmamba_edge.runtime.backends import ONNX_SUFFIXES
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import int_at_least
 
@@ -68,6 +69,17 @@ def choice_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: choose from {', '.join(allowed)}")
         return list(dict.fromkeys(values))
     return parse
+
+
+def onnx_file(text: str) -> Path:
+    """An argparse ``type``: an existing ONNX file, refused at parsing: a script opens its models only after its
+    preparation (bench_run_loop's exports and video take minutes), so a model.txt was refused only then."""
+    path = Path(text)
+    if path.suffix.lower() not in ONNX_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: not an ONNX model (expected {', '.join(ONNX_SUFFIXES)})")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
 
 
 def check_thread_count(parser: argparse.ArgumentParser, threads: int | None) -> None:

@@ -45,6 +45,18 @@ def test_frames_0_is_refused_before_a_video_is_made(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(("model", "says"), [("model.txt", "not an ONNX model"), ("missing.onnx", "no such file")])
+def test_a_wrong_model_is_refused_before_any_work(tmp_path, model, says):
+    """The suffix was only checked when the model was opened, after the exports and the video."""
+    (tmp_path / "model.txt").write_text("not a model")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_run_loop.py"), "--model", str(tmp_path / model),
+                             "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench_run_loop.py: error: argument --model: ") and model in last and says in last, last
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.fixture
 def bench(monkeypatch):
     """A benchmark script as a module (its ``from common import ...`` needs benchmarks/ on the path)."""
