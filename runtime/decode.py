@@ -287,7 +287,7 @@ def read_dicom(path: str | Path) -> DicomFrames:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
         # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
         try:
-            ds = pydicom.dcmread(str(path), defer_size=4096)
+            ds, _ = _read_dataset(path)
         except pydicom.errors.InvalidDicomError:
             if Path(path).suffix.lower() not in DICOM_SUFFIXES:
                 raise
@@ -308,6 +308,27 @@ def read_dicom(path: str | Path) -> DicomFrames:
     # without TransferSyntaxUID. pydicom, reading its frames from the file, is told the one it read it in.
     syntax = None if "TransferSyntaxUID" in ds.file_meta else _encoding_syntax(path, ds)
     return DicomFrames(path, ds, lut, syntax)
+
+
+def _read_dataset(path, force: bool = False):
+    """``pydicom.dcmread(path, defer_size=4096, force=force)`` with the data set ended at the first element of group
+    0000 after it began (and the byte where that element is; None where there is none). Group 0000 is the network's
+    command set, never an element of a stored data set; it is what zeros read as, and pydicom reads a file that ends
+    in zeros as an 8-byte element of them after another, ~0.5-1 s a MB (a bare data set, or a whole file, padded
+    out with 16 MB of zeros: 8-20 s to read what is in its first kilobytes). The elements before are read as
+    pydicom reads them; a command set that begins the file is read as such by pydicom, before the data set."""
+    from pydicom.filereader import read_partial
+
+    ended = []
+
+    def at_group_0000(tag, vr, length) -> bool:
+        if tag >> 16 == 0:
+            ended.append(True)
+        return bool(ended)
+
+    with open(path, "rb") as f:
+        ds = read_partial(f, at_group_0000, defer_size=4096, force=force)
+        return ds, (f.tell() if ended else None)
 
 
 def _without_pixel_data(path, ds) -> ImageError:
@@ -338,18 +359,21 @@ def _bare_dataset(pydicom, path):
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and its first bytes "
                          f"({head[:4].hex(' ')}) begin no DICOM element)")
     without = None  # a data set of a kind with no pixels (an RT plan), said as the same file with its header is
+    ended = None  # where the data set ends in elements of group 0000 (zeros), if it does
     try:
-        ds = pydicom.dcmread(str(path), defer_size=4096, force=True)
+        ds, ended = _read_dataset(path, force=True)
         image = "PixelData" in ds and "Rows" in ds
-        if "PixelData" not in ds and ("SOPClassUID" in ds or "Modality" in ds):
+        # named by a value, not by zeros read as one (an element's header, then zeros)
+        if "PixelData" not in ds and any(str(ds.get(key) or "").strip("\0 ") for key in ("SOPClassUID", "Modality")):
             without = _without_pixel_data(path, ds)
     except Exception:  # forced, any bytes are read as elements until they make no sense
         image = False
     if without is not None:
         raise without
     if not image:  # forced, a text file or zeros read as a few odd elements: nothing says it is DICOM
+        zeros = "" if ended is None else f": from byte {ended} on its bytes begin no DICOM element (zeros)"
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and no image when read as a "
-                         f"data set without one)")
+                         f"data set without one{zeros})")
     return ds
 
 

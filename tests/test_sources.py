@@ -945,14 +945,16 @@ def test_every_frame_of_an_uncompressed_multi_frame_422_dicom_is_unpacked_from_i
 def test_a_zero_filled_dcm_is_refused_from_its_first_bytes_without_a_forced_read(tmp_path, monkeypatch):
     """Forced, pydicom read 16 MB of zeros as two million empty elements (12 s to say it is no image): a data set
     begins with a tag of group 0002..7FE0, zeros with group 0000. A bare data set is still read forced."""
+    import pydicom.filereader
+
     forced = []
-    dcmread = pydicom.dcmread
+    read_partial = pydicom.filereader.read_partial  # what dcmread and the reader's _read_dataset read with
 
     def spy(*args, **kwargs):
         forced.append(kwargs.get("force", False))
-        return dcmread(*args, **kwargs)
+        return read_partial(*args, **kwargs)
 
-    monkeypatch.setattr(pydicom, "dcmread", spy)
+    monkeypatch.setattr(pydicom.filereader, "read_partial", spy)
     path = tmp_path / "zeros.dcm"
     with open(path, "wb") as f:
         f.truncate(4 << 20)  # 4 MB of zeros
@@ -975,6 +977,35 @@ def test_a_zero_filled_dcm_is_refused_from_its_first_bytes_without_a_forced_read
     forced.clear()
     (image,) = read_dicom(tmp_path / "bare.dcm")
     assert forced == [False, True] and np.array_equal(image, stored)
+
+
+def test_a_dicom_data_set_padded_out_with_zeros_is_read_up_to_them(tmp_path):
+    """pydicom read zeros after a data set as 8-byte elements of group 0000, one after another: a bare data set (no
+    file header, read forced) or a whole file followed by 16 MB of zeros took 8-20 s (0.5-1 s a MB) to give the
+    image in its first kilobytes, and an element's header followed by zeros as long to be 'DICOM without pixel
+    data (modality ?)'. The data set ends at the zeros: the same image, at once; the header alone, refused."""
+    import time
+
+    stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    full = synthetic_dicom(tmp_path / "full.dcm", stored)
+    bare = _bare(pydicom.dcmread(full), tmp_path / "bare.dcm")
+    head = tmp_path / "head.dcm"
+    head.write_bytes(bare.read_bytes()[:8])  # (0008,0016) and its length, then zeros for its value and on
+    for path in (full, bare, head):
+        with open(path, "r+b") as f:
+            f.truncate(16 << 20)  # zeros up to 16 MB
+    for path in (full, bare):
+        start = time.perf_counter()
+        (image,) = read_dicom(path)
+        assert np.array_equal(image, stored) and time.perf_counter() - start < 2  # was 8-20 s
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=r"head\.dcm: not a readable DICOM file \(no DICOM file header, and no image "
+                                         r"when read as a data set without one: from byte 34 on its bytes begin no "
+                                         r"DICOM element \(zeros\)\)$"):
+        read_dicom(head)
+    assert time.perf_counter() - start < 2
+    (frame,) = open_source(str(head)).frames()  # as a run's source: the same reason in its record
+    assert frame.image is None and frame.error.endswith("begin no DICOM element (zeros))")
 
 
 def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read(tmp_path):
