@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -71,6 +72,19 @@ def encode_text(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
+# A backslash in a CSV field that would read as an escape: one before another backslash, before \udc80-\udcff
+# text, or before a surrogate (which encode_text writes as such an escape).
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=\\|udc[89a-f][0-9a-f]|[\udc80-\udcff])")
+
+
+def csv_text(text: str) -> str:
+    r"""A CSV line as ``encode_text`` will spell it, read back without loss by one rule: ``\\`` is a backslash,
+    ``\udcXX`` the byte 0xXX of a name (``os.fsencode``), any other backslash itself. A name holding the text
+    ``\udcff`` and a name holding the byte 0xff were the same line of CSV; the first is now ``\\udcff``. Names
+    without such a backslash (``C:\scans\a.png``) are written as they are."""
+    return _AMBIGUOUS_BACKSLASH.sub(r"\\\\", text)
+
+
 class TextSink:
     """Records as lines of text into an ``AtomicOutput``; a full disk keeps the complete lines."""
 
@@ -110,7 +124,7 @@ class CsvSink(TextSink):
 
     def _row(self, values) -> None:
         self.writer.writerow(values)
-        self.write_line(self.buffer.getvalue())
+        self.write_line(csv_text(self.buffer.getvalue()))
         self.buffer.seek(0)
         self.buffer.truncate()
 

@@ -121,6 +121,33 @@ def test_a_corpus_of_broken_files_gives_one_record_each_and_the_good_ones_classi
     assert sorted(os.listdir(out)) == ["r.csv", "r.jsonl"]
 
 
+def test_the_csv_tells_a_name_s_undecodable_byte_from_a_name_spelling_its_escape(model, tmp_path):
+    """A name with the byte 0xff and a name holding the text '\udcff' were the same CSV source ('\udcff.png'
+    twice); a backslash that would read as an escape is doubled, so the documented rule gives every name's bytes
+    back. A plain backslash (a\\b.png) is written as it is; the JSONL is unchanged (JSON escapes its own)."""
+    import re
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    names = [b"\xff.png", b"\\udcff.png", b"a\\b.png", b"c\\\\\xfe.png"]
+    for name in names:
+        with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+            handle.write(cv2.imencode(".png", image(0))[1].tobytes())
+    code, output = cli("run", model, folder, "--jsonl", tmp_path / "r.jsonl", "--csv", tmp_path / "r.csv")
+    assert code == 0, output
+    rows = list(csv.DictReader(open(tmp_path / "r.csv", encoding="utf-8")))
+    assert [row["status"] for row in rows] == ["ok"] * len(names)
+    sources = [os.path.basename(row["source"]) for row in rows]
+    assert sorted(sources) == sorted(["\\udcff.png", "\\\\udcff.png", "a\\b.png", "c\\\\\\\\\\udcfe.png"])
+
+    def read_back(text):  # docs/runtime.md: \\ is a backslash, \udcXX the byte 0xXX, any other backslash itself
+        return os.fsencode(re.sub(r"\\(\\|udc[89a-f][0-9a-f])",
+                                  lambda m: "\\" if m[1] == "\\" else chr(int(m[1][1:], 16)), text))
+
+    assert sorted(read_back(source) for source in sources) == sorted(names)
+    assert sorted(os.path.basename(os.fsencode(r["source"])) for r in read_jsonl(tmp_path / "r.jsonl")) == sorted(names)
+
+
 def test_a_glob_gives_dangling_links_and_fifos_a_record_as_a_folder_does(model, tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), image(0))
     os.symlink("missing.png", tmp_path / "b.png")
