@@ -114,7 +114,7 @@ class FakeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, answer):
+    def __init__(self, answer, read_body=True):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # kept alive, as Triton's
 
@@ -122,7 +122,8 @@ class FakeServer(ThreadingHTTPServer):
                 answer(self)
 
             def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
+                if read_body:
+                    self.rfile.read(int(self.headers["Content-Length"]))
                 answer(self)
 
             def log_message(self, *args):
@@ -182,9 +183,9 @@ def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer
         server.shutdown()
 
 
-def model_server(max_batch_size=4, infer_s=0.0):
+def model_server(max_batch_size=4, infer_s=0.0, read_body=True):
     """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
-    (``infer_s`` seconds after the request)."""
+    (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
@@ -206,7 +207,43 @@ def model_server(max_batch_size=4, infer_s=0.0):
         handler.end_headers()
         handler.wfile.write(data)
 
-    return FakeServer(answer)
+    return FakeServer(answer, read_body)
+
+
+def test_a_run_of_many_requests_starts_no_thread_per_request(monkeypatch):
+    """Each request's deadline was a threading.Timer: a 1000-image run started 1000 threads."""
+    server = model_server(max_batch_size=1)
+    try:
+        backend = open_backend(f"{server.url}?timeout=5")
+        caller, started = threading.current_thread(), []
+        real_start = threading.Thread.start
+
+        def counting_start(thread):  # the client's threads only: the fake server's own are no concern here
+            if threading.current_thread() is caller:
+                started.append(thread)
+            return real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        assert backend.run(np.zeros((50, 3, 32, 32), np.float32)).tolist() == [[1.0, 2.0]] * 50  # 50 requests
+        monkeypatch.undo()
+        assert started == []
+        backend.close()
+    finally:
+        server.shutdown()
+
+
+def test_a_server_that_never_reads_the_batch_costs_the_timeout_not_a_hang():
+    """The deadline covers sending too: a batch larger than the sockets' buffers to a server that takes the
+    connection and reads nothing (then answers 3 s later) is cut at the timeout, as an answer that never comes."""
+    server = model_server(infer_s=3.0, read_body=False)
+    try:
+        backend = open_backend(f"{server.url}?timeout=1")
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=rf"^{server.url}: server unreachable \(no answer within 1 s\)$"):
+            backend.run(np.zeros((4, 3, 1024, 1024), np.float32))  # 48 MiB
+        assert time.monotonic() - started < 2
+    finally:
+        server.shutdown()
 
 
 def test_a_served_model_config_of_other_types_is_one_line():

@@ -21,6 +21,7 @@ server ends promptly with every frame accounted for, and a live source resumes w
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import re
 import socket
@@ -289,44 +290,39 @@ class TritonBackend(Backend):
             if self._closed:
                 raise BackendError(f"{self.path}: the model was closed")
             connection, reused = self._connection()
-            connected, expired = reused, threading.Event()
-            deadline = None
+            connected = reused
             try:
                 if not reused:
                     connection.connect()  # waits at most CONNECT_TIMEOUT_S
                     connected = True
-                    connection.sock.settimeout(self.server.timeout)
                     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self._closed or connection.sock is None:  # close() came while connecting: it missed this socket
                     self._drop(connection)
                     raise BackendError(f"{self.path}: the model was closed")
                 # The whole answer within the timeout, not each read: a server sending a byte at a time (or
-                # headers a line at a time) would pass every read's. At the deadline the socket is shut, which
-                # ends whatever read waits.
-                deadline = threading.Timer(self.server.timeout, _expire, (connection.sock, expired))
-                deadline.daemon = True
-                deadline.start()
+                # headers a line at a time) would pass every read's. Each send and read waits at most what is
+                # left until the deadline (the socket's own timeout, set before each; no thread per request).
+                deadline = time.monotonic() + self.server.timeout
+                connection.deadline = deadline
                 connection.putrequest(method, path, skip_accept_encoding=True)
                 for key, value in {**(headers or {}),
                                    "Content-Length": str(sum(len(part) for part in body or []))}.items():
                     connection.putheader(key, value)
+                _wait_at_most(connection.sock, deadline)
                 connection.endheaders()
                 for part in body or []:
+                    _wait_at_most(connection.sock, deadline)
                     connection.send(part)
                 response = connection.getresponse()
                 data = _read_answer(response)
-                if expired.is_set():  # the shut socket read as the answer's end
-                    raise TimeoutError("deadline")
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(connection)
                 if self._closed:  # its socket closed under the request by close(): not the server's doing
                     raise BackendError(f"{self.path}: the model was closed") from None
                 stale = reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
-                if attempt == 0 and stale and not expired.is_set():
+                if attempt == 0 and stale:
                     continue
-                if expired.is_set():
-                    reason = f"no answer within {self.server.timeout:g} s"  # the whole of it
-                elif isinstance(exc, OSError):
+                if isinstance(exc, OSError):  # a timeout once connected: no (whole) answer within the timeout
                     reason = connection_error(exc, self.server.timeout, connected)
                 elif isinstance(exc, http.client.BadStatusLine):  # e.g. gRPC's HTTP/2 frames: a server, not ours
                     self._mark_down("no HTTP/1.1 answer")
@@ -340,9 +336,6 @@ class TritonBackend(Backend):
                 self._drop(connection)
                 self._mark_down(str(exc))
                 raise BackendError(f"{self.path}: {exc}") from None
-            finally:
-                if deadline is not None:
-                    deadline.cancel()
             if response.will_close:
                 self._drop(connection)
             with self._lock:
@@ -355,7 +348,7 @@ class TritonBackend(Backend):
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             return connection, True
-        connection = http.client.HTTPConnection(self.server.host, self.server.port, timeout=CONNECT_TIMEOUT_S)
+        connection = _Connection(self.server.host, self.server.port, timeout=CONNECT_TIMEOUT_S)
         self._local.connection = connection
         with self._lock:
             self._connections.add(connection)
@@ -378,12 +371,51 @@ class AnswerTooLarge(Exception):
     """An answer no model server gives: refused before it is read (announced) or once past the limit (sent)."""
 
 
-def _expire(sock: socket.socket, expired: threading.Event) -> None:
-    expired.set()
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # closed meanwhile
-        pass
+def _wait_at_most(sock: socket.socket, deadline: float) -> None:
+    """The socket's timeout: what is left until ``deadline``; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline")
+    sock.settimeout(left)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reader for one answer, each read waiting at most what is left until the request's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__()
+        self._sock, self._raw, self._deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        _wait_at_most(self._sock, self._deadline)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()  # the socket's file reference: a connection closed meanwhile closes its socket now
+        super().close()
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse reads an answer through (it asks only for ``makefile("rb")``)."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str, *args, **kwargs):
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection whose answers are read by ``deadline`` (time.monotonic()), set before each request."""
+
+    deadline = float("inf")
+
+    def response_class(self, sock, *args, **kwargs):  # HTTPConnection.getresponse's self.response_class(sock, ...)
+        return http.client.HTTPResponse(_DeadlineSocket(sock, self.deadline), *args, **kwargs)
 
 
 def _read_answer(response: http.client.HTTPResponse) -> bytes:
