@@ -214,39 +214,51 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
             _serve(model, backend, options, triton, stopping, notify)
 
 
-def _serve(model, backend: Backend, options: ServeOptions, triton, stopping, notify) -> None:
-    """Run ``triton`` serving ``backend`` until ``stopping`` is set or the server fails; clean up after it."""
-    host = options.address
-    spawned: set[tuple[int, int]] = set()
-    stubs: set[tuple[int, int]] = set()  # the Python backend's processes, which run our model
-    segments: set[Path] = set()
-    model_copies: set[Path] = set()
+class ServerWatch:
+    """What serve watches of a running server: its processes, the Python backend's stubs among them (which run our
+    model), the shared memory they map and the model copies they run, each noted from one read of /proc while
+    their server lives (once it dies they are re-parented and no longer found)."""
 
-    def watch() -> dict[int, tuple[int, int]]:
-        """Note the server's processes, the shared memory they map and the model copies they run, from one read
-        of /proc: seen while their server lives, since once it dies they are re-parented and no longer found."""
+    def __init__(self, triton, host: str, port: int, name: str):
+        self.triton, self.host, self.port, self.name = triton, host, port, name
+        self.spawned: set[tuple[int, int]] = set()
+        self.stubs: set[tuple[int, int]] = set()
+        self.segments: set[Path] = set()
+        self.model_copies: set[Path] = set()
+
+    def note(self) -> dict[int, tuple[int, int]]:
+        """Note the server's processes, shared memory and model copies as they are now; the process table read."""
         table = _process_table()
-        found = server_processes(triton, table)
-        stubs.update(p for p in found - spawned if _command_name(p[0]) == PYTHON_BACKEND_STUB[:15])
-        spawned.update(found)
-        segments.update(shared_memory_of(spawned, table))
-        model_copies.update(model_copies_of(spawned, table))
+        found = server_processes(self.triton, table)
+        self.stubs.update(p for p in found - self.spawned if _command_name(p[0]) == PYTHON_BACKEND_STUB[:15])
+        self.spawned.update(found)
+        self.segments.update(shared_memory_of(self.spawned, table))
+        self.model_copies.update(model_copies_of(self.spawned, table))
         return table
 
-    def failure(table: dict[int, tuple[int, int]]) -> str | None:
+    def failure(self, table: dict[int, tuple[int, int]]) -> str | None:
         """Why the server no longer serves the model, though tritonserver runs: its Python backend's process
         ended (Triton then answers every request with an error, and reports itself ready), or the model was
-        unloaded (through the model-repository API, with the token any local user can read from /proc)."""
-        if not triton.is_alive():
-            return f"the Triton server {_exit_reason(triton)}{_server_hint(triton)}"
-        ended = sorted(pid for pid, start in stubs if table.get(pid, (0, None))[1] != start)
+        unloaded (through the model-repository API, with the token any local user can read from /proc). Asked
+        once the model is ready, when the stub runs: a server seen without one had it end before it was noted."""
+        if not self.triton.is_alive():
+            return f"the Triton server {_exit_reason(self.triton)}{_server_hint(self.triton)}"
+        ended = sorted(pid for pid, start in self.stubs if table.get(pid, (0, None))[1] != start)
         if ended:
             return (f"the server's process running the model ({PYTHON_BACKEND_STUB}, pid {ended[0]}) ended; every "
                     f"request would fail")
-        if model_ready(host, options.port, options.name) is False:
-            return f"the server no longer has {options.name} ready (unloaded through its model-repository API?)"
+        if self.spawned and not self.stubs:  # the server's processes were found, none of them the stub
+            return (f"the server's process running the model ({PYTHON_BACKEND_STUB}) is not running (it ended as "
+                    f"the model became ready); every request would fail")
+        if model_ready(self.host, self.port, self.name) is False:
+            return f"the server no longer has {self.name} ready (unloaded through its model-repository API?)"
         return None
 
+
+def _serve(model, backend: Backend, options: ServeOptions, triton, stopping, notify) -> None:
+    """Run ``triton`` serving ``backend`` until ``stopping`` is set or the server fails; clean up after it."""
+    host = options.address
+    watch = ServerWatch(triton, host, options.port, options.name)
     try:
         bind_model(triton, backend, options)
         try:
@@ -255,27 +267,31 @@ def _serve(model, backend: Backend, options: ServeOptions, triton, stopping, not
             raise ServeError(f"{model}: Triton did not start on {host} ports {options.port}, "
                              f"{options.grpc_port_or_default}, {options.metrics_port_or_default} "
                              f"({type(exc).__name__}: {first_line(exc).split(': Traceback')[0]}){_server_hint(triton)}") from None
-        watch()  # now: its processes are known before a client (or anything else) can end them
+        # Now, before serving is announced: its processes are known before a client (or anything else) can end
+        # them, and a stub that ended since the model became ready is not taken for one still to come.
+        problem = watch.failure(watch.note())
+        if problem:
+            raise ServeError(f"{model}: {problem}")
         notify(f"serving {model} as {options.name} ({backend.describe()}; max batch {options.max_batch}, "
                f"queue delay ≤ {options.max_queue_delay_us} µs)")
         notify(f"HTTP http://{host}:{options.port}/v2/models/{options.name}, gRPC {host}:"
                f"{options.grpc_port_or_default}, metrics http://{host}:{options.metrics_port_or_default}/metrics; "
                f"clients: medmamba-edge run triton://{host}:{options.port}/{options.name} SOURCE")
         while not stopping.wait(0.5):
-            problem = failure(watch())
+            problem = watch.failure(watch.note())
             if problem:
                 raise ServeError(f"{model}: {problem}")
     finally:
-        watch()
+        watch.note()
         triton.stop()
         # A server that gives up stopping (its exit timeout) leaves its Python backend's stubs running, and a
         # crash on the way out (which that forced exit sometimes is) unlinks none of their shared memory: RAM
         # lost for good. What this process made, its resource tracker removes when it exits.
-        watch()
-        stop_leftovers(spawned)
+        watch.note()
+        stop_leftovers(watch.spawned)
         table = _process_table()
-        remove_shared_memory(segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
-        for copy in model_copies:  # what a clean stop removes; a stop that gave up waiting left it
+        remove_shared_memory(watch.segments - shared_memory_of({(os.getpid(), table[os.getpid()][1])}, table))
+        for copy in watch.model_copies:  # what a clean stop removes; a stop that gave up waiting left it
             shutil.rmtree(copy, ignore_errors=True)
     if stopping.is_set() and _exit_code(triton):
         notify(f"the Triton server {_exit_reason(triton)} while stopping; its processes and shared memory are "

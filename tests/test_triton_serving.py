@@ -456,3 +456,37 @@ def test_shared_memory_a_dead_server_left_is_found_and_removed(tmp_path):
     remove_shared_memory(segments)
     assert not name.exists()
     remove_shared_memory({name})  # already gone: no error
+
+
+def test_a_python_backend_stub_gone_before_serve_first_looks_is_a_failure(tmp_path):
+    """A stub that ended between Triton's readiness and serve's first look at the server's processes was never
+    noted: serve ran on, announcing a model every request to which failed. Here a fake server (a shell, as
+    tritonserver) with a fake stub (sleep, under the stub's name), looked at by one watch before the stub is
+    killed and by another only after."""
+    from types import SimpleNamespace
+
+    from medmamba_edge.serving import ServerWatch, _process_table
+
+    stub = tmp_path / "triton_python_backend_stub"
+    shutil.copy("/bin/sleep", stub)
+    server = subprocess.Popen(["sh", "-c", f'"{stub}" 60 & echo $!; wait; sleep 60'], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        stub_pid = int(server.stdout.readline())
+        triton = SimpleNamespace(_triton_server=SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(pid=server.pid)),
+                                 is_alive=lambda: True)
+        (port,) = free_ports(1)  # no HTTP there: readiness unknown, which is no failure
+        early = ServerWatch(triton, "127.0.0.1", port, "medmamba")
+        assert early.failure(early.note()) is None and {pid for pid, _ in early.stubs} == {stub_pid}
+        os.kill(stub_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while stub_pid in _process_table() and time.monotonic() < deadline:  # until the shell has reaped it
+            time.sleep(0.05)
+        late = ServerWatch(triton, "127.0.0.1", port, "medmamba")
+        assert late.failure(late.note()) == ("the server's process running the model (triton_python_backend_stub) is "
+                                             "not running (it ended as the model became ready); every request would fail")
+        assert early.failure(early.note()) == (f"the server's process running the model (triton_python_backend_stub, "
+                                               f"pid {stub_pid}) ended; every request would fail")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
