@@ -214,7 +214,8 @@ def main() -> None:
     reference = statistics.mean([r[2]["per_s"] for r in rows if r[0].startswith("local, batch 8")])
     print(f"CPU: {describe_cpu()}; {os.cpu_count()} cores; MedMamba-T {args.size}×{args.size}, plugin form (native "
           f"SS2DScan op), {args.threads} inference threads; server: max batch {args.max_batch}, queue delay ≤ "
-          f"{args.max_queue_delay_us} µs; {len(images)} real BUSI images per row\n")
+          f"{args.max_queue_delay_us} µs; {len(images)} real BUSI images; the images column counts what a row ran "
+          f"(local: its whole batches; served: max(1, images // clients) batch-1 requests per client, answered)\n")
     print("| what | clients | images | images/s | p50 ms | p99 ms | × local batch 8 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for what, clients, r in rows:

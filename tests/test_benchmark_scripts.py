@@ -110,15 +110,17 @@ class FakeServer:
         return Remote()
 
 
-@pytest.mark.parametrize("clients", [4, 16])  # 16: more clients than images, as the default --clients has at --images 8
+@pytest.mark.parametrize("clients", [3, 4, 16])  # 16: more clients than images, as the default --clients has at --images 8
 def test_served_counts_start_after_every_warm_up(bench, monkeypatch, clients):
+    """The row counts the timed requests answered: 6 for 3 clients on 8 images (2 each), 16 for 16 (1 each)."""
     triton = bench("bench_triton")
     server = FakeServer()
     monkeypatch.setattr(triton, "open_backend", server)
     result = triton.time_served("triton://fake/medmamba", np.zeros((8, 3, 4, 4), np.float32), clients,
                                 on_ready=lambda: server.events.append("ready"))
     assert server.events[:clients + 1].count("warm-up") == clients and server.events[clients] == "ready"
-    assert set(server.events[clients + 1:]) == {"timed"} and result["images"] == max(8, clients)
+    assert set(server.events[clients + 1:]) == {"timed"}
+    assert result["images"] == server.events.count("timed") == max(8 // clients * clients, clients)
 
 
 def test_a_client_failing_before_the_clock_reports_its_own_error(bench, monkeypatch):
