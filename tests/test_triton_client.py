@@ -273,6 +273,21 @@ def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more
         server.shutdown()
 
 
+def test_closing_the_backend_while_a_request_waits_for_its_answer_ends_it_at_once():
+    """close() from another thread while a request waited for a slow server (5 s here, 30 s by default) left the
+    run waiting for that answer, or for the timeout."""
+    server = model_server(max_batch_size=1, infer_s=5.0)
+    try:
+        backend = open_backend(f"{server.url}?timeout=30")
+        threading.Timer(0.3, backend.close).start()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=rf"^{server.url}: the model was closed$"):
+            backend.run(np.zeros((1, 3, 32, 32), np.float32))
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.shutdown()
+
+
 def test_closing_the_backend_while_a_run_connects_sends_nothing(monkeypatch):
     """close() while another thread's connection was being made missed that socket: the request went out."""
     import http.client

@@ -245,6 +245,12 @@ class TritonBackend(Backend):
         with self._lock:
             connections, self._connections = list(self._connections), weakref.WeakSet()
         for connection in connections:
+            sock = connection.sock  # once: the thread running a request may drop it meanwhile
+            if sock is not None:
+                try:  # wakes a request waiting for its answer in another thread (closing alone would not)
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # not connected, or closed meanwhile
+                    pass
             connection.close()
 
     # ------------------------------------------------------------------------------------------ requests
