@@ -18,6 +18,7 @@ clients share the machine's cores with each other (and, served, with Triton's Py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -136,26 +137,50 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_server(model: Path, threads: int, max_batch: int, delay_us: int, log: Path, home: Path):
+def start_server(model: Path, threads: int, max_batch: int, delay_us: int, log: Path, home: Path,
+                 ready_timeout_s: float = 180):
+    """`serve` in a session of its own (a Ctrl-C here does not reach it), ready; stopped if it is not (it failed,
+    took longer than ``ready_timeout_s``, or this wait was interrupted)."""
     ports = free_ports(3)
-    process = subprocess.Popen(
-        [str(SERVE_PYTHON), "-m", "medmamba_edge.cli", "serve", str(model), "--port", str(ports[0]), "--grpc-port",
-         str(ports[1]), "--metrics-port", str(ports[2]), "--threads", str(threads), "--max-batch", str(max_batch),
-         "--max-queue-delay-us", str(delay_us)],
-        cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "HOME": str(home)})
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(SERVE_PYTHON), "-m", "medmamba_edge.cli", "serve", str(model), "--port", str(ports[0]), "--grpc-port",
+             str(ports[1]), "--metrics-port", str(ports[2]), "--threads", str(threads), "--max-batch", str(max_batch),
+             "--max-queue-delay-us", str(delay_us)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "HOME": str(home)})
     http = f"http://127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}: see {log}")
-        try:
-            with urllib.request.urlopen(f"{http}/v2/models/medmamba/ready", timeout=2) as response:
-                if response.status == 200:
-                    return process, http, f"triton://127.0.0.1:{ports[0]}/medmamba"
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"serve was not ready in 180 s: see {log}")
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve exited with {process.returncode}: see {log}")
+            try:
+                with urllib.request.urlopen(f"{http}/v2/models/medmamba/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return process, http, f"triton://127.0.0.1:{ports[0]}/medmamba"
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"serve was not ready in {ready_timeout_s:g} s: see {log}")
+    except BaseException:  # KeyboardInterrupt included: the server would otherwise outlive the benchmark
+        stop_server(process)
+        raise
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (serve stops tritonserver and its stubs, and cleans up after them), SIGKILL to the whole group if
+    that takes over ``timeout_s`` or a second Ctrl-C comes; what is left of the group is killed either way."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+    with contextlib.suppress(ProcessLookupError):  # stragglers of a serve that died without its clean-up
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -184,8 +209,12 @@ def main() -> None:
         images = preprocess([read_image(p) for p in paths], local.metadata)
         rows = [("local, batch 1", 1, time_local(local, images, 1)), ("local, batch 8", 1, time_local(local, images, 8))]
     home = Path(tempfile.mkdtemp(prefix="mt-bench-"))  # PyTriton's workspace; short for its Unix sockets
-    process, http, url = start_server(model, args.threads, args.max_batch, args.max_queue_delay_us,
-                                      args.workdir / "serve.log", home)
+    try:
+        process, http, url = start_server(model, args.threads, args.max_batch, args.max_queue_delay_us,
+                                          args.workdir / "serve.log", home)
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
     try:
         histograms = []
         for clients in args.clients:
@@ -201,12 +230,7 @@ def main() -> None:
             histograms.append(f"{clients} client{'s' * (clients > 1)}: " + ", ".join(f"{n}× batch {size}"
                                                                                   for size, n in executed.items()))
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_server(process)
         shutil.rmtree(home, ignore_errors=True)
     with open_backend(model, threads=args.threads) as local:
         rows.append(("local, batch 8 (again, after)", 1, time_local(local, images, 8)))

@@ -139,3 +139,41 @@ def test_local_rows_count_the_images_run(bench):
 
     assert triton.time_local(Local(), np.zeros((20, 3, 4, 4), np.float32), 8)["images"] == 16
     assert triton.time_local(Local(), np.zeros((5, 3, 4, 4), np.float32), 8)["images"] == 5
+
+
+def test_a_server_that_never_gets_ready_is_stopped_with_its_whole_group(bench, monkeypatch, tmp_path):
+    """serve runs in a session of its own, out of a Ctrl-C's reach: a benchmark whose wait for it failed (serve not
+    ready in time, or the wait interrupted) exited and left serve, tritonserver and its stub running for good. A
+    stand-in serve here: a shell that starts a child and never answers."""
+    import time
+
+    triton = bench("bench_triton")
+    fake = tmp_path / "serve-python"
+    fake.write_text('#!/bin/sh\nsleep 60 &\necho $! > "$FAKE_SERVE_CHILD"\nwait\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(triton, "SERVE_PYTHON", fake)
+    monkeypatch.setenv("FAKE_SERVE_CHILD", str(tmp_path / "child.pid"))
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(triton.subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError, match=r"serve was not ready in 1 s: see "):
+        triton.start_server(tmp_path / "m.onnx", 1, 8, 2000, tmp_path / "serve.log", tmp_path, ready_timeout_s=1)
+    (process,) = started
+    assert process.returncode is not None
+    child = int((tmp_path / "child.pid").read_text())
+
+    def running(pid: int) -> bool:  # a zombie (killed, not yet reaped by whoever adopted it) is not running
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child)
