@@ -52,7 +52,7 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError, first_line, only_with
-from medmamba_edge.runtime.backends import fixed_batches
+from medmamba_edge.runtime.backends import fixed_batches, local_model_file
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
@@ -649,7 +649,7 @@ def quantize_onnx(
         max_drop = DEFAULT_MAX_DROP
     # None: not given (an option that applies only with another is refused above when given without it)
     percentile = DEFAULT_PERCENTILE if percentile is None else percentile
-    model_path, output = Path(model_path), Path(output)
+    model_path, output = local_model_file(model_path, "quantize"), Path(output)
     check_onnx_name(output, "the INT8 model")
     model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
     metadata = read_onnx_metadata(model, model_path)

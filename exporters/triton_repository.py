@@ -39,7 +39,7 @@ import onnx
 
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES
+from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import check_writable, current_umask, missing_folders, remove_empty_folders
@@ -124,7 +124,7 @@ class TritonExport:
 
 def describe_model(path: str | Path, max_batch: int) -> ServedModel:
     """Read an exported ONNX model or a TensorRT engine (its manifest) into what the repository needs."""
-    path = Path(path)
+    path = local_model_file(path, "export-triton")
     if not path.is_file():
         raise TritonExportError(f"{path}: {'not a file' if path.exists() else 'no such model file'}")
     suffix = path.suffix.lower()

@@ -257,7 +257,8 @@ def export(
 
 @command()
 def quantize(
-    model: Annotated[Path, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
+    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
+    model: Annotated[str, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
     calib: Annotated[Path, typer.Option(help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the INT8 ONNX model.")],
     split: Annotated[Optional[str], typer.Option(help="Split of a .npz calibration set. Default: train.")] = None,
@@ -356,7 +357,8 @@ def build_plugin(
 
 @command("build-engine")
 def build_engine(
-    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
+    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
+    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the engine (a .json manifest goes beside it).")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (TensorRT 11: the graph is converted to float16 first).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 engine from an explicitly quantized (Q/DQ) model.")] = False,
@@ -665,7 +667,8 @@ def run(
 
 @command("export-triton")
 def export_triton(
-    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
+    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
+    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms "

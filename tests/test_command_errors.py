@@ -116,6 +116,28 @@ def test_a_model_url_of_another_scheme_than_triton_is_named_as_such(tmp_path, co
                    f"error: {url}: unknown model URI scheme '{scheme}'; a served model is triton://HOST:PORT/MODEL")
 
 
+@pytest.mark.parametrize("command", ["quantize", "build-engine", "export-triton"])
+@pytest.mark.parametrize("url, kind", [("http://host/m.onnx", "a URI (http://)"),
+                                       ("triton://h:8001/medmamba", "a served model (triton://)")])
+def test_a_model_url_given_to_a_command_that_reads_the_file_is_named_as_typed(tmp_path, command, url, kind):
+    """The model argument was a Path: "http:/host/m.onnx: no such ONNX file", the "//" folded, the URL unnamed."""
+    output = tmp_path / {"quantize": "q.onnx", "build-engine": "m.engine", "export-triton": "repo"}[command]
+    calibration = ["--calib", _labelled_npz(tmp_path)] if command == "quantize" else []
+    one_line_error([command, url, *calibration, "-o", output],
+                   f"error: {url}: {command} needs a local model file, not {kind}")
+    assert not output.exists()
+
+
+def test_a_model_in_a_folder_named_as_a_scheme_is_the_file_it_is(onnx32, tmp_path, monkeypatch):
+    """runs://m.onnx is runs:/m.onnx to the file system: with a folder runs: there, a file, not a URI."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs:").mkdir()
+    (tmp_path / "runs:" / "m.onnx").write_bytes(onnx32.read_bytes())
+    result = runner.invoke(app, ["export-triton", "runs://m.onnx", "-o", "repo"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "repo" / "medmamba" / "config.pbtxt").is_file()
+
+
 @pytest.fixture
 def never_evaluate(monkeypatch):
     """Output paths are checked before any model is opened: evaluating at all fails the test."""

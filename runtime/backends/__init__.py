@@ -129,19 +129,36 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
     return np.concatenate([run_fixed(chunk) for chunk in fixed_batches(batch, fixed)])[: len(batch)]
 
 
+def model_uri_scheme(spec) -> str | None:
+    """The scheme of a model argument that is a URI, in lower case ("triton", "http"), or None for a path: the one
+    reading of MODEL_URI that every command shares."""
+    match = MODEL_URI.match(str(spec))
+    # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name too long)
+    if match is None or (match[2] and os.path.exists(spec)):
+        return None
+    return (match[1] or match[2]).lower()
+
+
 def is_triton_url(spec) -> bool:
     """Whether a model argument names a server (runtime/backends/triton.py) rather than a file. A URI of another
     scheme names neither: it is refused here, where every command first looks at its models, in words rather
     than as a missing file."""
-    match = MODEL_URI.match(str(spec))
-    if match and match[2]:
-        # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name
-        # too long)
-        if os.path.exists(spec):
-            return False
-        raise BackendError(f"{spec}: unknown model URI scheme {match[2].lower()!r}; a served model is "
+    scheme = model_uri_scheme(spec)
+    if scheme not in (None, TRITON_SCHEME):
+        raise BackendError(f"{spec}: unknown model URI scheme {scheme!r}; a served model is "
                            f"{TRITON_SCHEME}://HOST:PORT/MODEL")
-    return match is not None
+    return scheme == TRITON_SCHEME
+
+
+def local_model_file(spec: str | Path, command: str) -> Path:
+    """``spec`` as a path, for a command that reads the model's file itself (quantize, build-engine, export-triton);
+    a URI is refused as typed, where it read as a missing file named with its "//" folded by a Path
+    ("http:/host/m.onnx: no such ONNX file")."""
+    scheme = model_uri_scheme(spec)
+    if scheme is not None:
+        kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
+        raise BackendError(f"{spec}: {command} needs a local model file, not {kind} ({scheme}://)")
+    return Path(spec)
 
 
 def refuse_options(path: str | Path, kind: str, **given) -> None:

@@ -21,6 +21,7 @@ from medmamba_edge import __version__
 from medmamba_edge.errors import UserError
 
 from ... import scan_node
+from .. import local_model_file
 from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
 from ...metadata import PRECISIONS, ModelMetadata, load_onnx, onnx_runtime_only_ops, read_onnx_metadata
 from .compat import (
@@ -210,7 +211,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     """Build ``engine_path`` (and ``<engine_path>.json``) from an exported ONNX model."""
     options = options or BuildOptions()
     _check_options(options)
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    onnx_path, engine_path = local_model_file(onnx_path, "build-engine"), Path(engine_path)
     for output in filter(None, (engine_path, options.timing_cache)):  # both are written after a build of minutes
         check_writable(output)
     inputs = _read_inputs(onnx_path, options, plugin)
