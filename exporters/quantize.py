@@ -52,7 +52,7 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError, first_line, only_with
-from medmamba_edge.runtime.backends import fixed_batches, local_model_file
+from medmamba_edge.runtime.backends import Backend, fixed_batches, local_model_file
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
 from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
@@ -551,9 +551,9 @@ def rank_by_sensitivity(float_model: onnx.ModelProto, quantized_alone: Callable[
 def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
     """Refuse an INT8 model ONNX Runtime cannot load. Its graph optimizer, which runs only when a session is made,
     refuses some Q/DQ graphs its own quantizer wrote (1.32 at opset ≥ 21: "QuantizeLinear output_dtype INT8 does not
-    match y_zero_point type UINT8" after propagating Q/DQ through Transpose), and such a file was written, exit 0."""
-    import onnxruntime as ort
-
+    match y_zero_point type UINT8" after propagating Q/DQ through Transpose), and such a file was written, exit 0.
+    For a flow that runs the model in no session of its own here: the accuracy gate's session is the check
+    (open_candidate)."""
     from medmamba_edge.runtime import fused_scan
     from medmamba_edge.runtime.backends.onnxruntime import onnxruntime_errors
 
@@ -563,26 +563,45 @@ def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
         except fused_scan.FusedScanUnavailable:  # no op library here: the same Q/DQ graph around a portable scan
             fused_scan.make_session(lower_ss2d_scan(int8), threads=1)
     except onnxruntime_errors() as exc:
-        opset = next((o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")), 0)
-        hint = f"; export it again with --opset 20 and quantize that (this one is opset {opset})" if opset > 20 else ""
-        raise QuantizeError(f"{model_path}: its INT8 model does not load in ONNX Runtime {ort.__version__} "
-                            f"({first_line(exc)}){hint}; nothing was written to {output}") from None
+        raise _does_not_load(int8, model_path, output, exc) from None
 
 
-def top1_accuracy(model_path: Path, inputs: Sequence[np.ndarray], labels: np.ndarray,
+def open_candidate(candidate: Path, int8: onnx.ModelProto, model_path: Path, output: Path):
+    """The INT8 candidate ``int8``, saved at ``candidate``, opened for the accuracy gate; the one session that is
+    also its load check, refused as check_loads refuses it (a second session only to check that it loads took
+    0.2-0.4 s)."""
+    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.runtime.backends.onnxruntime import NotLoaded
+
+    try:
+        return open_backend(candidate)
+    except NotLoaded as exc:
+        raise _does_not_load(int8, model_path, output, exc.error) from None
+
+
+def _does_not_load(int8: onnx.ModelProto, model_path: Path, output: Path, error: Exception) -> QuantizeError:
+    import onnxruntime as ort
+
+    opset = next((o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")), 0)
+    hint = f"; export it again with --opset 20 and quantize that (this one is opset {opset})" if opset > 20 else ""
+    return QuantizeError(f"{model_path}: its INT8 model does not load in ONNX Runtime {ort.__version__} "
+                         f"({first_line(error)}){hint}; nothing was written to {output}")
+
+
+def top1_accuracy(model: Path | Backend, inputs: Sequence[np.ndarray], labels: np.ndarray,
                   progress: Progress = lambda task, done, total: None, name: str | None = None) -> float:
-    """Top-1 accuracy (percent) of a model file over preprocessed batches, through its backend; ``progress`` names
-    the model ``name``, or its file name.
+    """Top-1 accuracy (percent) of a model over preprocessed batches: a model file, through its backend, or a
+    backend open on one; ``progress`` names the model ``name``, or its file name.
 
     Deliberately minimal (the accuracy gate needs nothing more); the full metrics live with `evaluate`.
     """
     from medmamba_edge.runtime.backends import checked_logits, open_backend
 
-    backend = open_backend(model_path)
+    backend = open_backend(model) if isinstance(model, (str, Path)) else model
     logits = []
     for done, batch in enumerate(inputs, start=1):
         logits.append(checked_logits(backend, batch))
-        progress(f"evaluating {name or model_path.name}", done, len(inputs))
+        progress(f"evaluating {name or Path(backend.path).name}", done, len(inputs))
     logits = np.concatenate(logits)
     correct = logits.argmax(axis=1) == labels
     correct[non_finite_rows(logits)] = False  # no answer is no right answer, whatever class argmax picks
@@ -716,18 +735,21 @@ def quantize_onnx(
             return int8
 
         int8, fallback = quantized([]), []
-        check_loads(int8, model_path, output)
         if eval_data is not None or min_speedup is not None:  # the gates run the candidate from this file
             onnx.save(int8, candidate)
+        if eval_data is None:  # else the accuracy gate's session checks it; the speed check's are other processes'
+            check_loads(int8, model_path, output)
         float_top1 = int8_top1 = None
         if eval_data is not None:
             left_out("evaluation", eval_read.left_out)
             left_out_counts["evaluation"] = len(eval_read.left_out)
             measured_on = eval_set.description + (f", {len(eval_read.left_out)} of them left out"
                                                   if eval_read.left_out else "")
-            float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
-            # The candidate's file is a temporary "candidate.onnx"; the bar names what it will be written as.
-            int8_top1 = top1_accuracy(candidate, eval_inputs, labels, progress, f"the INT8 candidate for {output.name}")
+            with open_candidate(candidate, int8, model_path, output) as int8_backend:  # before fp32's minutes
+                float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
+                # The candidate's file is a temporary "candidate.onnx"; the bar names what it will be written as.
+                int8_top1 = top1_accuracy(int8_backend, eval_inputs, labels, progress,
+                                          f"the INT8 candidate for {output.name}")
             if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
                 batches = [batch for group in calib_inputs for batch in group]
                 few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
@@ -738,7 +760,8 @@ def quantize_onnx(
                     progress("keeping sensitive layers in float", len(fallback), len(nodes))
                     int8 = quantized(fallback)
                     onnx.save(int8, candidate)
-                    int8_top1 = top1_accuracy(candidate, eval_inputs, labels)
+                    with open_candidate(candidate, int8, model_path, output) as int8_backend:
+                        int8_top1 = top1_accuracy(int8_backend, eval_inputs, labels)
             if over_budget(points_lost(float_top1, int8_top1), max_drop):
                 tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
                 drop, budget = compared_text(points_lost(float_top1, int8_top1), max_drop, 4)

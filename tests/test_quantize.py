@@ -667,6 +667,54 @@ def test_an_int8_model_onnx_runtime_cannot_load_is_never_written(bundled_opset21
         assert not output.exists()
 
 
+@pytest.mark.parametrize("gates", [["--eval", "{folder}", "--max-drop", "100"],
+                                   ["--eval", "{folder}", "--max-drop", "100", "--auto-fallback"],
+                                   ["--min-speedup", "0.01"]], ids=["eval", "eval-fallback", "speed"])
+def test_an_int8_model_that_does_not_load_is_refused_in_the_same_words_with_the_gates(bundled_opset21, tmp_path,
+                                                                                       gates):
+    """With --eval the accuracy gate's session of the candidate is its load check (check_loads made another one
+    first): the refusal reads as without the gates, before fp32 is evaluated."""
+    from medmamba_edge.runtime.backends import open_backend
+
+    folder = _image_folder(tmp_path / "val", "val", 4)
+    output = tmp_path / "q.int8.onnx"
+    plain = CliRunner().invoke(app, ["quantize", str(bundled_opset21), "--calib", str(folder), "-o", str(output),
+                                     "--num-samples", "4"])
+    if plain.exit_code == 0:  # a later ONNX Runtime loads it: nothing to compare
+        assert open_backend(output).metadata.precision == "int8"
+        pytest.skip("this ONNX Runtime loads the opset-21 INT8 model")
+    refused = plain.output.strip().splitlines()[-1]
+    assert "its INT8 model does not load in ONNX Runtime" in refused, plain.output
+    evaluated = []
+    with pytest.MonkeyPatch.context() as patch:
+        import medmamba_edge.exporters.quantize as quantize
+
+        patch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: evaluated.append(args) or 100.0)
+        result = CliRunner().invoke(app, ["quantize", str(bundled_opset21), "--calib", str(folder), "-o", str(output),
+                                          "--num-samples", "4", *[a.format(folder=folder) for a in gates]])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == refused, result.output
+    assert evaluated == [] and not output.exists()
+
+
+def test_the_accuracy_gate_loads_the_int8_candidate_once(bundled32, tmp_path, monkeypatch):
+    """check_loads made an ONNX Runtime session of the candidate only to see it load, then the gate made its own
+    (0.2-0.4 s more per quantize). Without a gate check_loads is the one load, and still made."""
+    made = []
+    real = fused_scan.make_session
+
+    def counting(model, *args, **kwargs):
+        made.append("candidate" if isinstance(model, onnx.ModelProto) or "candidate" in str(model) else "fp32")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(fused_scan, "make_session", counting)
+    folder = _image_folder(tmp_path / "val", "val", 4)
+    quantize_onnx(bundled32, tmp_path / "gated.int8.onnx", folder, num_samples=4, eval_data=folder, max_drop=100)
+    assert sorted(made) == ["candidate", "fp32"], made
+    made.clear()
+    quantize_onnx(bundled32, tmp_path / "plain.int8.onnx", folder, num_samples=4)
+    assert made == ["candidate"], made
+
+
 def test_evaluation_images_also_calibrated_on_are_counted_in_a_warning_and_the_record(bundled32, tmp_path):
     """The same folder given to --calib and --eval passed the accuracy gate without a word, on images whose
     activation ranges INT8 was fitted to. Counted by the model input (preprocessed pixels), not by name: a copy

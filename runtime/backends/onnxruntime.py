@@ -88,6 +88,14 @@ def _not_loaded(path: Path, metadata: ModelMetadata, error: Exception) -> str:
     return f"ONNX Runtime cannot load it ({first_line(error)})"
 
 
+class NotLoaded(BackendError):
+    """ONNX Runtime did not load the model; ``error`` is its own exception (quantize words the refusal its way)."""
+
+    def __init__(self, message: str, error: Exception):
+        super().__init__(message)
+        self.error = error
+
+
 class OnnxRuntimeBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
         from .. import fused_scan
@@ -103,7 +111,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = fused_scan.make_session(self.path, threads=threads, providers=providers,
                                                    scan_nodes=self.metadata.scan_form == "plugin")
         except onnxruntime_errors() as exc:
-            raise BackendError(f"{self.path}: {_not_loaded(self.path, self.metadata, exc)}") from None
+            raise NotLoaded(f"{self.path}: {_not_loaded(self.path, self.metadata, exc)}", exc) from None
         except fused_scan.FusedScanUnavailable as exc:  # which of evaluate's models needs it
             raise BackendError(f"{self.path}: {exc}") from None
         if _identity(self.path) != before:
