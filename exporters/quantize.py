@@ -709,6 +709,8 @@ def quantize_onnx(
         eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
         eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
     calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
+    # The model's batches in order, flattened once: the overlap count and the sensitivity ranking read them so.
+    calib_batches = [batch for group in calib_inputs for batch in group]
     del calib_read.batches[:]  # the groups hold the images now
     left_out("calibration", calib_read.left_out)
     left_out_counts = {"calibration": len(calib_read.left_out)}
@@ -717,7 +719,7 @@ def quantize_onnx(
         left_out_counts["calibration_past_last_whole_batch"] = past_last_batch
     overlapping = None
     if eval_data is not None:
-        calibrated_on = set(input_digests(batch for group in calib_inputs for batch in group))
+        calibrated_on = set(input_digests(calib_batches))
         overlapping = sum(digest in calibrated_on for digest in input_digests(eval_inputs))
         if overlapping:
             also_calibrated(overlapping, len(labels))
@@ -751,8 +753,7 @@ def quantize_onnx(
                 int8_top1 = top1_accuracy(int8_backend, eval_inputs, labels, progress,
                                           f"the INT8 candidate for {output.name}")
             if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
-                batches = [batch for group in calib_inputs for batch in group]
-                few = batches[: max(1, SENSITIVITY_IMAGES // len(batches[0]))]
+                few = calib_batches[: max(1, SENSITIVITY_IMAGES // len(calib_batches[0]))]
                 ranking = rank_by_sensitivity(model, lambda name: quantized([n for n in nodes if n != name]),
                                               nodes, few, input_name, progress)
                 while over_budget(points_lost(float_top1, int8_top1), max_drop) and len(fallback) < len(nodes) - 1:

@@ -715,6 +715,28 @@ def test_the_accuracy_gate_loads_the_int8_candidate_once(bundled32, tmp_path, mo
     assert made == ["candidate"], made
 
 
+def test_the_overlap_count_and_the_sensitivity_ranking_read_the_calibration_batches_in_order(bundled32, tmp_path,
+                                                                                              monkeypatch):
+    """The calibration groups were flattened twice (once for the overlap count, once for --auto-fallback's
+    ranking); flattened once now, both still read the model's batches in calibration order."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    folder = _image_folder(tmp_path / "val", "val", 40)
+    ranked_on, overlap = [], []
+    scores = iter([100.0, 0.0] + [100.0] * 99)  # the first candidate over the budget, the next one within it
+    monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+    monkeypatch.setattr(quantize, "rank_by_sensitivity",
+                        lambda model, alone, nodes, inputs, name, progress: ranked_on.extend(inputs) or list(nodes))
+    result = quantize_onnx(bundled32, tmp_path / "q.int8.onnx", folder, num_samples=40, eval_data=folder,
+                           auto_fallback=True, also_calibrated=lambda overlapping, evaluated: overlap.append(overlapping))
+    assert len(result.fallback_nodes) == 1 and overlap == [40]
+    metadata = read_onnx_metadata(bundled32)
+    read = quantize.calibration_inputs(open_dataset(folder), 40, 0, metadata, lambda *args: None)
+    groups, images = calibration_groups(read.batches, metadata.batch)
+    assert images == 40 and [len(b) for b in ranked_on] == [8] * 4  # SENSITIVITY_IMAGES of the first groups
+    np.testing.assert_array_equal(np.concatenate(ranked_on), np.concatenate([b for g in groups for b in g])[:32])
+
+
 def test_evaluation_images_also_calibrated_on_are_counted_in_a_warning_and_the_record(bundled32, tmp_path):
     """The same folder given to --calib and --eval passed the accuracy gate without a word, on images whose
     activation ranges INT8 was fitted to. Counted by the model input (preprocessed pixels), not by name: a copy
