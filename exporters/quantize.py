@@ -670,63 +670,19 @@ def quantize_onnx(
     percentile = DEFAULT_PERCENTILE if percentile is None else percentile
     model_path, output = local_model_file(model_path, "quantize"), Path(output)
     check_onnx_name(output, "the INT8 model")
-    model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
-    metadata = read_onnx_metadata(model, model_path)
-    if metadata.precision != "fp32":
-        raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
-    check_against_graph(metadata, *graph_shapes(model), str(model_path))
+    model, metadata, source_props = _fp32_model(model_path)
     input_name = model.graph.input[0].name
-    # ONNX Runtime's quantizer rewrites metadata entries as text (another tool's entry in non-UTF-8 bytes raised
-    # UnicodeDecodeError), adds one of its own and names itself the producer: it gets no entries, and the INT8 model
-    # the source's, byte for byte, and its producer.
-    source_props = onnx.ModelProto(metadata_props=model.metadata_props).metadata_props
-    del model.metadata_props[:]
 
     # Everything that can refuse without the images, before minutes of calibration.
-    candidates = quantizable_nodes(model)
-    excluded = excluded_nodes(candidates, exclude)
-    nodes = [n.name for n in candidates if n.name not in excluded]
-    if not candidates:  # its metadata says fp32, its weights say otherwise
-        raise QuantizeError(f"{model_path}: no Conv, MatMul or Gemm with a float weight: is it quantized already?")
-    if not nodes:  # also: quantize_static would read an empty list as "every node"
-        raise QuantizeError(f"--exclude leaves none of the {len(candidates)} quantizable nodes of {model_path}; "
-                            f"nothing to quantize")
-    if (eval_data is not None or min_speedup is not None) and metadata.scan_form == "plugin":
-        from medmamba_edge.runtime import fused_scan
-
-        try:  # the gates run the model as it is; without the op library they failed after the calibration
-            fused_scan.fused_session_options()
-        except fused_scan.FusedScanUnavailable as exc:
-            raise QuantizeError(f"{model_path}: the accuracy and speed gates run it, and {exc}") from None
-    if eval_data is not None:
-        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
-        labels = eval_set.labels()  # an unlabelled set is refused now
-    calib_set = open_dataset(calib, split=split, default_split="train")
-    calib_read = calibration_inputs(calib_set, num_samples, seed, metadata, progress)
-    # The images --num-samples did not get because the set ran out of usable ones.
-    calibration_short = min(num_samples, len(calib_set)) - len(calib_read.indices)
-    if eval_data is not None:  # read before the calibration too: a set with no usable image was refused after it
-        eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
-        eval_inputs, labels = eval_read.batches, labels[eval_read.indices]
-    calib_inputs, calib_images = calibration_groups(calib_read.batches, metadata.batch)
-    # The model's batches in order, flattened once: the overlap count and the sensitivity ranking read them so.
-    calib_batches = [batch for group in calib_inputs for batch in group]
-    del calib_read.batches[:]  # the groups hold the images now
-    left_out("calibration", calib_read.left_out)
-    left_out_counts = {"calibration": len(calib_read.left_out)}
-    past_last_batch = len(calib_read.indices) - calib_images
-    if past_last_batch:
-        left_out_counts["calibration_past_last_whole_batch"] = past_last_batch
-    overlapping = None
-    if eval_data is not None:
-        calibrated_on = set(input_digests(calib_batches))
-        overlapping = sum(digest in calibrated_on for digest in input_digests(eval_inputs))
-        if overlapping:
-            also_calibrated(overlapping, len(labels))
+    nodes, excluded = _nodes_to_quantize(model, model_path, exclude)
+    if eval_data is not None or min_speedup is not None:
+        _check_gates_can_run(model_path, metadata)
+    images = _read_images(calib, split, num_samples, seed, metadata, eval_data, eval_split, progress, left_out,
+                          also_calibrated)
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
-        calibrate(model, calib_inputs, input_name, method, percentile, cache, progress)
+        calibrate(model, images.groups, input_name, method, percentile, cache, progress)
 
         def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
@@ -743,63 +699,174 @@ def quantize_onnx(
             check_loads(int8, model_path, output)
         float_top1 = int8_top1 = None
         if eval_data is not None:
-            left_out("evaluation", eval_read.left_out)
-            left_out_counts["evaluation"] = len(eval_read.left_out)
-            measured_on = eval_set.description + (f", {len(eval_read.left_out)} of them left out"
-                                                  if eval_read.left_out else "")
-            with open_candidate(candidate, int8, model_path, output) as int8_backend:  # before fp32's minutes
-                float_top1 = top1_accuracy(model_path, eval_inputs, labels, progress)
-                # The candidate's file is a temporary "candidate.onnx"; the bar names what it will be written as.
-                int8_top1 = top1_accuracy(int8_backend, eval_inputs, labels, progress,
-                                          f"the INT8 candidate for {output.name}")
-            if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
-                few = calib_batches[: max(1, SENSITIVITY_IMAGES // len(calib_batches[0]))]
-                ranking = rank_by_sensitivity(model, lambda name: quantized([n for n in nodes if n != name]),
-                                              nodes, few, input_name, progress)
-                while over_budget(points_lost(float_top1, int8_top1), max_drop) and len(fallback) < len(nodes) - 1:
-                    fallback.append(ranking[len(fallback)])
-                    progress("keeping sensitive layers in float", len(fallback), len(nodes))
-                    int8 = quantized(fallback)
-                    onnx.save(int8, candidate)
-                    with open_candidate(candidate, int8, model_path, output) as int8_backend:
-                        int8_top1 = top1_accuracy(int8_backend, eval_inputs, labels)
-            if over_budget(points_lost(float_top1, int8_top1), max_drop):
-                tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
-                drop, budget = compared_text(points_lost(float_top1, int8_top1), max_drop, 4)
-                images = round((float_top1 - int8_top1) * len(labels) / 100)
-                raise QuantizeError(
-                    f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({images} of {len(labels)} images) below fp32 "
-                    f"{float_top1:.2f}% on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of "
-                    f"{budget}; nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
+            int8, fallback, float_top1, int8_top1 = _accuracy_gate(
+                model, model_path, output, candidate, int8, quantized, nodes, input_name, images, max_drop,
+                auto_fallback, progress, left_out)
         speed, within_noise = None, False
         if min_speedup is not None:
-            speed = speed_check(model_path, candidate, min_speedup)
-            passed, within_noise = speed_verdict(speed, min_speedup)
-            if not passed:
-                speedup, asked = compared_text(speed.speedup, min_speedup, 3)
-                noise = " on the median, the interval straddling it: within this machine's noise" if within_noise else ""
-                raise QuantizeError(
-                    f"INT8 runs at {speedup}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at batch "
-                    f"{speed.batch_label}, {speed.describe(min_speedup)}) on {speed.measured_on}, below --min-speedup "
-                    f"{asked}{noise}; nothing was written to {output} (on this CPU keep the fp32 model, or --exclude "
-                    f"the layers that do not pay)")
+            speed, within_noise = _speed_gate(speed_check, model_path, candidate, min_speedup, output)
 
     evaluated_on = describe_cpu() if eval_data is not None else None
     details = {"format": quant_format, "weights": WEIGHT_RANGE, "method": method,
-               "percentile": percentile if method == "percentile" else None, "calibration": calib_set.description,
-               "calibration_images": calib_images, "num_samples": num_samples, "seed": seed,
-               "quantized_nodes": len(nodes) - len(fallback),
+               "percentile": percentile if method == "percentile" else None,
+               "calibration": images.calib_set.description, "calibration_images": images.count,
+               "num_samples": num_samples, "seed": seed, "quantized_nodes": len(nodes) - len(fallback),
                "kept_float": excluded + fallback, "fp32_top1": float_top1, "int8_top1": int8_top1,
-               "evaluated_on": evaluated_on, "evaluation_also_calibration": overlapping,
+               "evaluated_on": evaluated_on, "evaluation_also_calibration": images.overlapping,
                # What the accuracies were measured on: the set, and its images that were used.
-               "evaluation": eval_set.description if eval_data is not None else None,
-               "evaluation_images": len(labels) if eval_data is not None else None,
-               "tool_version": __version__, "left_out": left_out_counts,
+               "evaluation": images.eval_set.description if eval_data is not None else None,
+               "evaluation_images": len(images.labels) if eval_data is not None else None,
+               "tool_version": __version__, "left_out": images.left_out_counts,
                "speed": None if speed is None else speed.record(min_speedup)}
     entry = int8.metadata_props.add()
     entry.key, entry.value = QUANTIZATION_KEY, json.dumps(details, sort_keys=True)
     write_bytes_atomically(output, int8.SerializeToString())
     return QuantizeResult(output, metadata.replace(precision="int8"), [n for n in nodes if n not in fallback],
-                          excluded + fallback, fallback, calib_images, float_top1, int8_top1, evaluated_on,
-                          speed, time.perf_counter() - started, max_drop, past_last_batch, calibration_short,
+                          excluded + fallback, fallback, images.count, float_top1, int8_top1, evaluated_on,
+                          speed, time.perf_counter() - started, max_drop, images.past_last_batch, images.short,
                           within_noise)
+
+
+def _fp32_model(model_path: Path) -> tuple[onnx.ModelProto, ModelMetadata,
+                                          Sequence[onnx.StringStringEntryProto]]:
+    """The fp32 export to quantize, its metadata, and its metadata entries (a model holding them only), which are
+    taken off the model: ONNX Runtime's quantizer rewrites metadata entries as text (another tool's entry in
+    non-UTF-8 bytes raised UnicodeDecodeError), adds one of its own and names itself the producer, so it gets no
+    entries, and the INT8 model the source's, byte for byte, and its producer."""
+    model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
+    metadata = read_onnx_metadata(model, model_path)
+    if metadata.precision != "fp32":
+        raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
+    check_against_graph(metadata, *graph_shapes(model), str(model_path))
+    source_props = onnx.ModelProto(metadata_props=model.metadata_props).metadata_props
+    del model.metadata_props[:]
+    return model, metadata, source_props
+
+
+def _nodes_to_quantize(model: onnx.ModelProto, model_path: Path, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The names of the nodes to quantize, and of those --exclude keeps float."""
+    candidates = quantizable_nodes(model)
+    excluded = excluded_nodes(candidates, exclude)
+    nodes = [n.name for n in candidates if n.name not in excluded]
+    if not candidates:  # its metadata says fp32, its weights say otherwise
+        raise QuantizeError(f"{model_path}: no Conv, MatMul or Gemm with a float weight: is it quantized already?")
+    if not nodes:  # also: quantize_static would read an empty list as "every node"
+        raise QuantizeError(f"--exclude leaves none of the {len(candidates)} quantizable nodes of {model_path}; "
+                            f"nothing to quantize")
+    return nodes, excluded
+
+
+def _check_gates_can_run(model_path: Path, metadata: ModelMetadata) -> None:
+    """The gates run the model as it is: a plugin-form model needs the op library here (without it they failed
+    after the calibration)."""
+    if metadata.scan_form == "plugin":
+        from medmamba_edge.runtime import fused_scan
+
+        try:
+            fused_scan.fused_session_options()
+        except fused_scan.FusedScanUnavailable as exc:
+            raise QuantizeError(f"{model_path}: the accuracy and speed gates run it, and {exc}") from None
+
+
+@dataclass
+class _Images:
+    """What quantize_onnx reads before calibrating."""
+    calib_set: Dataset
+    groups: list[list[np.ndarray]]  # calibration_groups: each group as the model's batches
+    batches: list[np.ndarray]  # the groups' batches in order, flattened once: the overlap count and the ranking
+    count: int  # calibration images in the groups, padding aside
+    short: int  # the images --num-samples did not get because the set ran out of usable ones
+    past_last_batch: int  # usable calibration images a fixed-batch model had no whole batch for
+    left_out_counts: dict[str, int]  # the QUANTIZATION_KEY record's "left_out"
+    eval_set: Dataset | None = None  # with --eval:
+    eval_read: Inputs | None = None
+    labels: np.ndarray | None = None  # those of eval_read's images
+    overlapping: int | None = None  # evaluation images that are also calibration images
+
+
+def _read_images(calib, split: str | None, num_samples: int, seed: int, metadata: ModelMetadata, eval_data,
+                 eval_split: str | None, progress: Progress, left_out: LeftOut,
+                 also_calibrated: AlsoCalibrated) -> _Images:
+    """The calibration images as calibration_groups, and the evaluation images with their labels, all read before
+    the calibration: a set with no usable image was refused after it. ``left_out`` hears of the calibration's
+    left-out images, ``also_calibrated`` of the overlap."""
+    if eval_data is not None:
+        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
+        labels = eval_set.labels()  # an unlabelled set is refused now
+    calib_set = open_dataset(calib, split=split, default_split="train")
+    calib_read = calibration_inputs(calib_set, num_samples, seed, metadata, progress)
+    short = min(num_samples, len(calib_set)) - len(calib_read.indices)
+    if eval_data is not None:
+        eval_read = preprocessed(eval_set, metadata, EVAL_BATCH, "reading evaluation images", progress)
+        labels = labels[eval_read.indices]
+    groups, count = calibration_groups(calib_read.batches, metadata.batch)
+    del calib_read.batches[:]  # the groups hold the images now
+    images = _Images(calib_set, groups, [batch for group in groups for batch in group], count, short,
+                     len(calib_read.indices) - count, {"calibration": len(calib_read.left_out)})
+    left_out("calibration", calib_read.left_out)
+    if images.past_last_batch:
+        images.left_out_counts["calibration_past_last_whole_batch"] = images.past_last_batch
+    if eval_data is not None:
+        images.eval_set, images.eval_read, images.labels = eval_set, eval_read, labels
+        calibrated_on = set(input_digests(images.batches))
+        images.overlapping = sum(digest in calibrated_on for digest in input_digests(eval_read.batches))
+        if images.overlapping:
+            also_calibrated(images.overlapping, len(labels))
+    return images
+
+
+def _accuracy_gate(model: onnx.ModelProto, model_path: Path, output: Path, candidate: Path, int8: onnx.ModelProto,
+                   quantized: Callable[[Sequence[str]], onnx.ModelProto], nodes: list[str], input_name: str,
+                   images: _Images, max_drop: float, auto_fallback: bool, progress: Progress,
+                   left_out: LeftOut) -> tuple[onnx.ModelProto, list[str], float, float]:
+    """fp32 and the INT8 candidate (``int8``, saved at ``candidate``) evaluated; with ``auto_fallback``, the most
+    sensitive layers kept float one at a time until within ``max_drop``. The model that passed, the layers kept
+    float, fp32's and its top-1; QuantizeError if none passed."""
+    eval_read, labels = images.eval_read, images.labels
+    left_out("evaluation", eval_read.left_out)
+    images.left_out_counts["evaluation"] = len(eval_read.left_out)
+    measured_on = images.eval_set.description + (f", {len(eval_read.left_out)} of them left out"
+                                                 if eval_read.left_out else "")
+    with open_candidate(candidate, int8, model_path, output) as int8_backend:  # before fp32's minutes
+        float_top1 = top1_accuracy(model_path, eval_read.batches, labels, progress)
+        # The candidate's file is a temporary "candidate.onnx"; the bar names what it will be written as.
+        int8_top1 = top1_accuracy(int8_backend, eval_read.batches, labels, progress,
+                                  f"the INT8 candidate for {output.name}")
+    fallback: list[str] = []
+    if over_budget(points_lost(float_top1, int8_top1), max_drop) and auto_fallback:
+        few = images.batches[: max(1, SENSITIVITY_IMAGES // len(images.batches[0]))]
+        ranking = rank_by_sensitivity(model, lambda name: quantized([n for n in nodes if n != name]),
+                                      nodes, few, input_name, progress)
+        while over_budget(points_lost(float_top1, int8_top1), max_drop) and len(fallback) < len(nodes) - 1:
+            fallback.append(ranking[len(fallback)])
+            progress("keeping sensitive layers in float", len(fallback), len(nodes))
+            int8 = quantized(fallback)
+            onnx.save(int8, candidate)
+            with open_candidate(candidate, int8, model_path, output) as int8_backend:
+                int8_top1 = top1_accuracy(int8_backend, eval_read.batches, labels)
+    if over_budget(points_lost(float_top1, int8_top1), max_drop):
+        tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
+        drop, budget = compared_text(points_lost(float_top1, int8_top1), max_drop, 4)
+        wrong = round((float_top1 - int8_top1) * len(labels) / 100)
+        raise QuantizeError(
+            f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({wrong} of {len(labels)} images) below fp32 "
+            f"{float_top1:.2f}% on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of "
+            f"{budget}; nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
+    return int8, fallback, float_top1, int8_top1
+
+
+def _speed_gate(speed_check: SpeedCheckFn, model_path: Path, candidate: Path, min_speedup: float,
+                output: Path) -> tuple[SpeedCheck, bool]:
+    """fp32 and the INT8 candidate timed on this machine, and whether the verdict was within its noise;
+    QuantizeError below ``min_speedup``."""
+    speed = speed_check(model_path, candidate, min_speedup)
+    passed, within_noise = speed_verdict(speed, min_speedup)
+    if not passed:
+        speedup, asked = compared_text(speed.speedup, min_speedup, 3)
+        noise = " on the median, the interval straddling it: within this machine's noise" if within_noise else ""
+        raise QuantizeError(
+            f"INT8 runs at {speedup}× fp32 ({speed.int8_ms:.2f} vs {speed.fp32_ms:.2f} ms median at batch "
+            f"{speed.batch_label}, {speed.describe(min_speedup)}) on {speed.measured_on}, below --min-speedup "
+            f"{asked}{noise}; nothing was written to {output} (on this CPU keep the fp32 model, or --exclude "
+            f"the layers that do not pay)")
+    return speed, within_noise
