@@ -24,7 +24,7 @@ import torch
 from medmamba_edge.exporters.onnx_export import export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.model import VARIANTS
-from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from medmamba_edge.runtime.cpu import describe_cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/official_ss2d.py
@@ -55,7 +55,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{variant}.onnx"
             export_onnx(checkpoint, path, input_size=args.size, batch=None, scan="plugin", verify=False)
-            plugin = fused_scan.make_fused_session(path, threads=2).run(None, {"input": images.numpy()})[0]
+            plugin = custom_ops.make_fused_session(path, threads=2).run(None, {"input": images.numpy()})[0]
             portable_model = lower_ss2d_scan(onnx.load(str(path)))
         portable = ort.InferenceSession(portable_model.SerializeToString(),
                                         providers=["CPUExecutionProvider"]).run(None, {"input": images.numpy()})[0]

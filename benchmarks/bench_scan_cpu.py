@@ -62,7 +62,7 @@ def fused_runner(threads):
     try:
         from onnx import TensorProto, helper
 
-        from medmamba_edge.runtime import fused_scan
+        from medmamba_edge.runtime.backends.onnxruntime import custom_ops
     except ImportError as exc:
         return None, str(exc)
     names = scan_node.INPUT_NAMES
@@ -75,7 +75,7 @@ def fused_runner(threads):
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(scan_node.DOMAIN, scan_node.DOMAIN_VERSION)]
     )
     try:
-        sess = fused_scan.make_fused_session(model, threads=threads)
+        sess = custom_ops.make_fused_session(model, threads=threads)
     except (ImportError, RuntimeError) as exc:
         return None, str(exc)
 

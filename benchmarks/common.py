@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime import fused_scan, scan_cpu
+from medmamba_edge.runtime import scan_cpu
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from medmamba_edge.runtime.backends import ONNX_SUFFIXES
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import int_at_least
@@ -122,7 +123,7 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False, spinn
     default, as `medmamba-edge run` has it, for sessions timed one after the other. ``fused``: a plugin-form
     model on the native SS2DScan op."""
     if fused:
-        options = fused_scan.fused_session_options(threads)
+        options = custom_ops.fused_session_options(threads)
     else:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -134,7 +135,8 @@ def cpu_session(model: onnx.ModelProto, threads: int, fused: bool = False, spinn
 
 
 def library_options(library: Path, threads: int) -> ort.SessionOptions:
-    """SessionOptions on a given build of the SS2DScan custom-op library (this checkout's: fused_scan)."""
+    """SessionOptions on a given build of the SS2DScan custom-op library (this checkout's:
+    custom_ops.fused_session_options)."""
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
     options.intra_op_num_threads = threads
@@ -174,7 +176,7 @@ def profile_nodes(model: onnx.ModelProto, feed: dict, threads: int, runs: int = 
     """ONNX Runtime's own kernel time per node, ms per run over ``runs`` runs after one warm-up run, keyed by
     (node name, op type) as the profile names them (after ONNX Runtime's fusions). A plugin-form model runs
     on the fused C scan: this checkout's, or the custom-op ``library`` given."""
-    options = fused_scan.fused_session_options(threads) if library is None else library_options(library, threads)
+    options = custom_ops.fused_session_options(threads) if library is None else library_options(library, threads)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = f"{tmp}/profile"

@@ -113,14 +113,14 @@ def logits_beside_pytorch(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, 
     """ONNX Runtime's and PyTorch's logits over ``images`` (fed to a fixed-batch graph as the runtime does), and
     what ran: the model as it will be written, or, for a plugin-form model where the native op library is not
     built, its portable lowering (the same maths in standard ops)."""
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
     ran = "plugin form, native SS2DScan op" if scan_node.has_scan_nodes(model) else "portable form"
     try:
-        session = fused_scan.make_session(model)
-    except fused_scan.FusedScanUnavailable:
+        session = custom_ops.make_session(model)
+    except custom_ops.FusedScanUnavailable:
         model, ran = lower_ss2d_scan(model), "its portable lowering: the native op library is not built"
-        session = fused_scan.make_session(model)
+        session = custom_ops.make_session(model)
     ort_logits = run_in_fixed_batches(lambda chunk: session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0], images, batch)
     with torch.no_grad():
         torch_logits = checkpoint.model(torch.from_numpy(images)).numpy()

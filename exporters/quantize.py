@@ -532,10 +532,10 @@ def rank_by_sensitivity(float_model: onnx.ModelProto, quantized_alone: Callable[
     error minus its input's, two passes), the noise from upstream hid what late layers cost: a final linear that
     alone cost MedMamba-T 0.95 points of top-1 ranked last of 40, and the fallback kept 39 layers float in vain.
     """
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
     def logits(model: onnx.ModelProto) -> list[np.ndarray]:
-        session = fused_scan.make_session(model)
+        session = custom_ops.make_session(model)
         return [session.run(None, {input_name: batch})[0] for batch in inputs]
 
     reference = logits(float_model)
@@ -554,14 +554,13 @@ def check_loads(int8: onnx.ModelProto, model_path: Path, output: Path) -> None:
     match y_zero_point type UINT8" after propagating Q/DQ through Transpose), and such a file was written, exit 0.
     For a flow that runs the model in no session of its own here: the accuracy gate's session is the check
     (open_candidate)."""
-    from medmamba_edge.runtime import fused_scan
-    from medmamba_edge.runtime.backends.onnxruntime import onnxruntime_errors
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops, onnxruntime_errors
 
     try:
         try:
-            fused_scan.make_session(int8, threads=1)
-        except fused_scan.FusedScanUnavailable:  # no op library here: the same Q/DQ graph around a portable scan
-            fused_scan.make_session(lower_ss2d_scan(int8), threads=1)
+            custom_ops.make_session(int8, threads=1)
+        except custom_ops.FusedScanUnavailable:  # no op library here: the same Q/DQ graph around a portable scan
+            custom_ops.make_session(lower_ss2d_scan(int8), threads=1)
     except onnxruntime_errors() as exc:
         raise _does_not_load(int8, model_path, output, exc) from None
 
@@ -760,11 +759,11 @@ def _check_gates_can_run(model_path: Path, metadata: ModelMetadata) -> None:
     """The gates run the model as it is: a plugin-form model needs the op library here (without it they failed
     after the calibration)."""
     if metadata.scan_form == "plugin":
-        from medmamba_edge.runtime import fused_scan
+        from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
         try:
-            fused_scan.fused_session_options()
-        except fused_scan.FusedScanUnavailable as exc:
+            custom_ops.fused_session_options()
+        except custom_ops.FusedScanUnavailable as exc:
             raise QuantizeError(f"{model_path}: the accuracy and speed gates run it, and {exc}") from None
 
 

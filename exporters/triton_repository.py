@@ -424,11 +424,11 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
 
     library = None
     if op_library:
-        from medmamba_edge.runtime import fused_scan
+        from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
         try:  # before anything is written
-            library = fused_scan.library_path()
-        except fused_scan.FusedScanUnavailable as exc:
+            library = custom_ops.library_path()
+        except custom_ops.FusedScanUnavailable as exc:
             raise TritonExportError(f"{model}: {exc}") from None
     whole_model = None  # an ONNX model whose weights are in files of their own, read in: Triton gets one file
     if served.external_weights:

@@ -48,7 +48,8 @@ FIELD_ATTRIBUTES = ("delta_softplus",)
 # mamba_ssm's kernel and torch.nn.functional.softplus both return x unchanged above this.
 SOFTPLUS_THRESHOLD = 20.0
 # The native ONNX Runtime library implementing the node on the CPU (runtime/csrc/ort_custom_ops.c), without its
-# platform suffix: runtime/fused_scan.py loads it, exporters/triton_repository.py ships it to Triton.
+# platform suffix: runtime/backends/onnxruntime/custom_ops.py loads it, exporters/triton_repository.py ships it
+# to Triton.
 ORT_OPS_LIBRARY = "libmedmamba_ort_ops"
 
 

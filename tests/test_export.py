@@ -123,20 +123,20 @@ def test_exported_model_matches_pytorch_on_real_images_with_dynamic_batch(plugin
 
 
 def test_verification_runs_the_model_as_written(official, plugin32, tmp_path, monkeypatch):
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
     assert plugin32[0].verified_form == "plugin form, native SS2DScan op"  # the file, SS2DScan nodes and all
     ran = []
-    monkeypatch.setattr(fused_scan, "make_fused_session", lambda model, **_: ran.append(model) or session(model))
+    monkeypatch.setattr(custom_ops, "make_fused_session", lambda model, **_: ran.append(model) or session(model))
     # Plain ONNX Runtime has no SS2DScan kernel: its refusal shows the plugin form itself was handed over
     with pytest.raises(Exception, match="SS2DScan"):
         export_onnx(official, tmp_path / "a.onnx", input_size=32, batch=1)
     assert scan_node.has_scan_nodes(ran[0]) and not (tmp_path / "a.onnx").exists()
 
     def unavailable(model, **_):
-        raise fused_scan.FusedScanUnavailable("not built")
+        raise custom_ops.FusedScanUnavailable("not built")
 
-    monkeypatch.setattr(fused_scan, "make_fused_session", unavailable)
+    monkeypatch.setattr(custom_ops, "make_fused_session", unavailable)
     result = export_onnx(official, tmp_path / "b.onnx", input_size=32, batch=1)
     assert result.verified_form == "its portable lowering: the native op library is not built"
     assert result.max_abs_diff <= 1e-4 and scan_node.has_scan_nodes(onnx.load(str(tmp_path / "b.onnx")))

@@ -11,7 +11,8 @@ import torch
 
 from medmamba_edge.checkpoint import load_checkpoint
 from medmamba_edge.exporters.onnx_export import export_onnx
-from medmamba_edge.runtime import fused_scan, scan_node
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from tests.exported_models import official_onnx
 from tests.official_ss2d import official_ss2d, random_checkpoint
 from tests.shared_data import OFFICIAL_T32, require_shared
@@ -37,7 +38,7 @@ def assert_matches_the_official_code(checkpoint, path, size):
     images = torch.randn(3, 3, *size)
     with torch.no_grad(), official_ss2d(checkpoint.model):
         official = checkpoint.model(images).numpy()
-    session = fused_scan.make_fused_session(path, threads=2)
+    session = custom_ops.make_fused_session(path, threads=2)
     ours = session.run(None, {"input": images.numpy()})[0]
     assert np.abs(official).max() > 1e-2  # logits that say something
     assert np.abs(ours - official).max() <= 1e-4

@@ -1,4 +1,5 @@
-"""The native ONNX Runtime custom-op library (runtime/csrc/ort_custom_ops.c, loaded by runtime/fused_scan.py):
+"""The native ONNX Runtime custom-op library (runtime/csrc/ort_custom_ops.c, loaded by
+runtime/backends/onnxruntime/custom_ops.py):
 it loads into the installed onnxruntime, its SS2DScan matches a float64 reference, refuses bad shapes with
 an ONNX Runtime error, gives the same bits on any thread count, and runs the whole plugin-form model."""
 
@@ -16,7 +17,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from medmamba_edge.runtime import fused_scan, scan_cpu, scan_node
+from medmamba_edge.runtime import scan_cpu, scan_node
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from tests.ss2d_reference import (BAD_DELTA_SOFTPLUS, make_ss2d_inputs, relative_error, ss2d_node_model,
                                   ss2d_reference64, with_delta_softplus)
 
@@ -24,15 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = scan_node.INPUT_NAMES
 
 try:
-    LIBRARY = fused_scan.library_path()
-except fused_scan.FusedScanUnavailable as exc:
+    LIBRARY = custom_ops.library_path()
+except custom_ops.FusedScanUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
 
 def test_library_loads_into_the_installed_onnxruntime(record_property):
     record_property("onnxruntime", ort.__version__)
     print(f"onnxruntime {ort.__version__}, {LIBRARY}")
-    options = fused_scan.fused_session_options(threads=1)
+    options = custom_ops.fused_session_options(threads=1)
     session = ort.InferenceSession(ss2d_node_model(8, 2, 3, 1, 4).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(NAMES)
@@ -45,15 +47,15 @@ def test_the_library_stays_loaded_after_its_last_session():
     script = f"""
 import gc
 import onnxruntime as ort
-from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from tests.ss2d_reference import ss2d_node_model
 model = ss2d_node_model(8, 2, 3, 1, 4).SerializeToString()
 for _ in range(3):
-    session = ort.InferenceSession(model, fused_scan.fused_session_options(threads=1),
+    session = ort.InferenceSession(model, custom_ops.fused_session_options(threads=1),
                                    providers=["CPUExecutionProvider"])
     del session
     gc.collect()
-    print("MAPPED", {fused_scan.LIBRARY_NAME!r} in open("/proc/self/maps").read())
+    print("MAPPED", {custom_ops.LIBRARY_NAME!r} in open("/proc/self/maps").read())
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -62,7 +64,7 @@ for _ in range(3):
 
 
 def session(model, threads=2):
-    return fused_scan.make_fused_session(model, threads=threads)
+    return custom_ops.make_fused_session(model, threads=threads)
 
 
 def run_scan(sess, arrays):
@@ -233,11 +235,11 @@ def test_run_paths_are_dropped_from_the_link_however_they_are_spelled():
 
 
 def test_a_missing_library_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
-    with pytest.raises(fused_scan.FusedScanUnavailable, match=r"^a plugin-form model .* runs its scan in ONNX "
+    monkeypatch.setattr(custom_ops, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    with pytest.raises(custom_ops.FusedScanUnavailable, match=r"^a plugin-form model .* runs its scan in ONNX "
                        r"Runtime through libmedmamba_ort_ops_absent.so, which is not built: .*setup.py build_ext "
                        r"--inplace.*--scan portable$"):
-        fused_scan.make_fused_session(ss2d_node_model(8, 2, 3, 1, 4))
+        custom_ops.make_fused_session(ss2d_node_model(8, 2, 3, 1, 4))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,12 +289,12 @@ print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "o
 
 
 def test_a_library_onnxruntime_cannot_load_is_one_clear_error(monkeypatch, tmp_path):
-    broken = tmp_path / fused_scan.LIBRARY_NAME
+    broken = tmp_path / custom_ops.LIBRARY_NAME
     broken.write_bytes(b"not a shared library")
-    monkeypatch.setattr(fused_scan, "library_path", lambda: broken)
-    with pytest.raises(fused_scan.FusedScanUnavailable, match=rf"^ONNX Runtime {ort.__version__} cannot load "
-                       rf"{fused_scan.LIBRARY_NAME} \(.+\); or export with --scan portable$"):
-        fused_scan.fused_session_options()
+    monkeypatch.setattr(custom_ops, "library_path", lambda: broken)
+    with pytest.raises(custom_ops.FusedScanUnavailable, match=rf"^ONNX Runtime {ort.__version__} cannot load "
+                       rf"{custom_ops.LIBRARY_NAME} \(.+\); or export with --scan portable$"):
+        custom_ops.fused_session_options()
 
 
 def test_run_without_the_library_is_one_line(bundled_forms, monkeypatch, tmp_path):
@@ -301,7 +303,7 @@ def test_run_without_the_library_is_one_line(bundled_forms, monkeypatch, tmp_pat
     from medmamba_edge.cli import app
     from medmamba_edge.runtime.bundled import sample_image_paths
 
-    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    monkeypatch.setattr(custom_ops, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
     result = CliRunner().invoke(app, ["run", str(bundled_forms["plugin"]), str(sample_image_paths()[0]),
                                       "--jsonl", str(tmp_path / "r.jsonl")])
     assert result.exit_code == 1, result.output
@@ -344,7 +346,7 @@ def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_rea
 
     import onnxruntime
 
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
     from medmamba_edge.runtime.backends import BackendError, open_backend
     from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
@@ -360,7 +362,7 @@ def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_rea
         os.replace(other, path)
         return real_session(source, *args, **kwargs)
 
-    monkeypatch.setattr(fused_scan.ort, "InferenceSession", replaced_first)
+    monkeypatch.setattr(custom_ops.ort, "InferenceSession", replaced_first)
     with pytest.raises(BackendError, match="m.onnx: the file changed while it was opened"):
         open_backend(path)
 
@@ -369,7 +371,7 @@ def test_a_model_replaced_while_it_is_opened_is_not_paired_with_the_metadata_rea
         os.remove(path)
         return session
 
-    monkeypatch.setattr(fused_scan.ort, "InferenceSession", removed_after)
+    monkeypatch.setattr(custom_ops.ort, "InferenceSession", removed_after)
     with pytest.raises(BackendError, match="m.onnx: the file changed while it was opened"):  # a traceback before
         open_backend(path)
 

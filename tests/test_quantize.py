@@ -24,7 +24,8 @@ from medmamba_edge import evaluation as evaluation_module
 from medmamba_edge.exporters.quantize import (QUANTIZATION_KEY, WEIGHT_RANGE, QuantizeError, _producers,
                                                calibration_groups, check_quantizer, preprocessed, quantizable_nodes,
                                                quantize_onnx, top1_accuracy)
-from medmamba_edge.runtime import fused_scan, scan_node
+from medmamba_edge.runtime import scan_node
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import open_dataset
 from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
@@ -125,9 +126,9 @@ def test_onnx_runtime_runs_every_quantized_matmul_of_the_qdq_model_as_an_int8_ke
     half reads the LayerNorm output through a Q/DQ pair of its own, which ONNX Runtime needs to fuse it."""
     import onnxruntime as ort
 
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
-    options = fused_scan.fused_session_options(1)
+    options = custom_ops.fused_session_options(1)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(int8_models[form].path), options, providers=["CPUExecutionProvider"])
     optimized = {node.name: node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
@@ -316,7 +317,7 @@ def test_gates_without_the_op_library_refuse_before_calibrating(bundled32, tmp_p
     import medmamba_edge.exporters.quantize as quantize
     from medmamba_edge.exporters.quantize import QuantizeError
 
-    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    monkeypatch.setattr(custom_ops, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
     monkeypatch.setattr(quantize, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated first"))
     evaluation = _image_folder(tmp_path / "val", "val", 8)
     for gate in (dict(eval_data=evaluation), dict(min_speedup=1.0, speed_check=lambda *args: None)):
@@ -700,13 +701,13 @@ def test_the_accuracy_gate_loads_the_int8_candidate_once(bundled32, tmp_path, mo
     """check_loads made an ONNX Runtime session of the candidate only to see it load, then the gate made its own
     (0.2-0.4 s more per quantize). Without a gate check_loads is the one load, and still made."""
     made = []
-    real = fused_scan.make_session
+    real = custom_ops.make_session
 
     def counting(model, *args, **kwargs):
         made.append("candidate" if isinstance(model, onnx.ModelProto) or "candidate" in str(model) else "fp32")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(fused_scan, "make_session", counting)
+    monkeypatch.setattr(custom_ops, "make_session", counting)
     folder = _image_folder(tmp_path / "val", "val", 4)
     quantize_onnx(bundled32, tmp_path / "gated.int8.onnx", folder, num_samples=4, eval_data=folder, max_drop=100)
     assert sorted(made) == ["candidate", "fp32"], made

@@ -340,7 +340,7 @@ def test_torch_custom_op_uses_the_kernel():
 def test_runtime_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import medmamba_edge.runtime.scan_cpu, medmamba_edge.runtime.fused_scan, medmamba_edge.runtime.cpu\n"
+        "import medmamba_edge.runtime.scan_cpu, medmamba_edge.runtime.backends.onnxruntime.custom_ops, medmamba_edge.runtime.cpu\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -384,12 +384,12 @@ def test_every_path_computes_its_exps_in_vector_registers(library):
     a degree chosen at run time inside the loop (69de823), and Python's -fwrapv in the build flags (setup.py)."""
     import shutil
 
-    from medmamba_edge.runtime import fused_scan
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
     objdump = shutil.which("objdump")
     if platform.machine() != "x86_64" or objdump is None:
         pytest.skip("objdump on x86-64 needed (not here)")
-    path = scan_cpu._ext.__file__ if library == "extension" else str(fused_scan.library_path())
+    path = scan_cpu._ext.__file__ if library == "extension" else str(custom_ops.library_path())
     listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
                              check=True).stdout
     functions = {name: body for name, body in re.findall(r"<(scan_block_\w+)>:\n(.*?)\n\n", listing, re.S)}

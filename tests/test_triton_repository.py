@@ -25,7 +25,7 @@ from medmamba_edge.exporters.triton_repository import (
     export_triton,
 )
 from medmamba_edge.errors import UserError
-from medmamba_edge.runtime import fused_scan
+from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 from medmamba_edge.runtime.metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.preprocess import _uint8_lookup
 from tests.cli_runner import cli
@@ -62,7 +62,7 @@ def test_a_plugin_form_model_becomes_an_onnxruntime_entry_with_our_op_library(mo
     folder = repository / "medmamba"
     assert files(folder) == EXPECTED_FILES and files(repository) == ["medmamba", *[f"medmamba/{f}" for f in EXPECTED_FILES]]
     assert (folder / "1" / "model.onnx").read_bytes() == model.read_bytes()
-    assert (folder / "libmedmamba_ort_ops.so").read_bytes() == fused_scan.library_path().read_bytes()
+    assert (folder / "libmedmamba_ort_ops.so").read_bytes() == custom_ops.library_path().read_bytes()
     assert (folder / "labels.txt").read_text() == "normal\npneumonia\n"
     config = (folder / "config.pbtxt").read_text()
     assert 'op_library_filename: "/models/medmamba/libmedmamba_ort_ops.so"' in config
@@ -176,8 +176,8 @@ def test_deepstream_reads_probabilities_from_the_served_model_plus_a_softmax(mod
         export_triton(folder / "deepstream_model.onnx", tmp_path / "again")
     meta = read_onnx_metadata(served)
     batch = preprocess([read_single_image(p) for p in sample_image_paths()], meta)
-    logits = fused_scan.make_session(served).run(None, {"input": batch})[0]
-    probabilities = fused_scan.make_session(deepstream).run(None, {"input": batch})[0]
+    logits = custom_ops.make_session(served).run(None, {"input": batch})[0]
+    probabilities = custom_ops.make_session(deepstream).run(None, {"input": batch})[0]
     expected = np.exp(logits - logits.max(axis=1, keepdims=True))
     expected /= expected.sum(axis=1, keepdims=True)
     assert np.abs(probabilities - expected).max() < 1e-6 and (probabilities.argmax(1) == logits.argmax(1)).all()
@@ -456,7 +456,7 @@ def test_a_model_with_external_weights_is_written_as_one_file(tmp_path_factory, 
 
 
 def test_no_op_library_is_one_line_naming_the_model_and_writes_nothing(tmp_path_factory, tmp_path, monkeypatch):
-    monkeypatch.setattr(fused_scan, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
+    monkeypatch.setattr(custom_ops, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
     model = bundled_onnx(tmp_path_factory)
     with pytest.raises(TritonExportError, match=rf"^{model}: a plugin-form model .* which is not built"):
         export_triton(model, tmp_path / "repo")

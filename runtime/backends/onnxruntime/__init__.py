@@ -1,5 +1,5 @@
 """ONNX Runtime backend. Plugin-form models (``SS2DScan`` nodes) run through the fused CPU scan
-(our custom-op library, runtime/fused_scan.py); portable models need nothing but ONNX Runtime.
+(our custom-op library, loaded by custom_ops.py); portable models need nothing but ONNX Runtime.
 
 Execution providers are chosen from what this onnxruntime build offers, fastest first (TensorRT, CUDA,
 CPU), unless ``providers`` names them (``tensorrt``, ``cuda``, ``cpu`` or ORT's full names). The CPU
@@ -14,11 +14,11 @@ import numpy as np
 
 from medmamba_edge.errors import first_line
 
-from .. import scan_node
-from ..cpu import describe_cpu
-from ..files import cache_root
-from ..metadata import MetadataError, ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
-from . import Backend, BackendError, run_in_fixed_batches
+from ... import scan_node
+from ...cpu import describe_cpu
+from ...files import cache_root
+from ...metadata import MetadataError, ModelMetadata, check_against_graph, load_onnx, read_onnx_metadata
+from .. import Backend, BackendError, run_in_fixed_batches
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -98,7 +98,7 @@ class NotLoaded(BackendError):
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | str | None = None):
-        from .. import fused_scan
+        from . import custom_ops
 
         self.path = Path(path)
         # The metadata from the file's header fields, the graph read by ONNX Runtime alone: not by onnx too, whose
@@ -108,11 +108,11 @@ class OnnxRuntimeBackend(Backend):
         self.metadata: ModelMetadata = read_onnx_metadata(self.path)
         providers = choose_providers(providers, self.metadata)
         try:
-            self.session = fused_scan.make_session(self.path, threads=threads, providers=providers,
+            self.session = custom_ops.make_session(self.path, threads=threads, providers=providers,
                                                    scan_nodes=self.metadata.scan_form == "plugin")
         except onnxruntime_errors() as exc:
             raise NotLoaded(f"{self.path}: {_not_loaded(self.path, self.metadata, exc)}", exc) from None
-        except fused_scan.FusedScanUnavailable as exc:  # which of evaluate's models needs it
+        except custom_ops.FusedScanUnavailable as exc:  # which of evaluate's models needs it
             raise BackendError(f"{self.path}: {exc}") from None
         if _identity(self.path) != before:
             raise BackendError(f"{self.path}: the file changed while it was opened (replaced by an export?); "

@@ -1,8 +1,9 @@
-"""Run a plugin-form ONNX model (``SS2DScan`` nodes, domain ``medmamba_edge``) in ONNX Runtime on the
-CPU, with the compiled scan kernel as the node's implementation. Torch-free.
+"""ONNX Runtime sessions for our models, and the loading of our custom-op library: a plugin-form model's
+``SS2DScan`` nodes (domain ``medmamba_edge``) run on the CPU with the compiled scan kernel. Torch-free.
 
 The kernel comes as a native ONNX Runtime custom-op library, ``libmedmamba_ort_ops`` (runtime/csrc/
-ort_custom_ops.c, built next to this file by ``pip install`` or ``python setup.py build_ext --inplace``): it
+ort_custom_ops.c, built into medmamba_edge/runtime/ by ``pip install`` or ``python setup.py build_ext --inplace``,
+beside the Python extension sharing its kernel): it
 registers the domain ``medmamba_edge`` itself, so the model loads as exported, and inside ``session.run`` the
 scan reads and writes ONNX Runtime's own buffers on the session's intra-op threads::
 
@@ -21,8 +22,8 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
-from .cpu import check_threads
-from .scan_node import ORT_OPS_LIBRARY, has_scan_nodes
+from ...cpu import check_threads
+from ...scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
 
@@ -32,8 +33,8 @@ class FusedScanUnavailable(UserError, ImportError):
 
 
 def library_path() -> Path:
-    """The built custom-op library, next to this module (FusedScanUnavailable if it is not there)."""
-    path = Path(__file__).with_name(LIBRARY_NAME)
+    """The built custom-op library, in medmamba_edge/runtime/ (FusedScanUnavailable if it is not there)."""
+    path = Path(__file__).parents[2] / LIBRARY_NAME
     if not path.is_file():
         raise FusedScanUnavailable(
             f"a plugin-form model (the default of `medmamba-edge export`) runs its scan in ONNX Runtime through "
