@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numbers
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -102,8 +101,9 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     # A count and the first message, not a list: a client whose server is down for a day fails every batch.
     failed_batches, first_failure = 0, None
     with stop_on_signals(notify, stop) as interrupted:
-        capture.start()
+        leaving = None  # what ends the run here, for finish_run: not sys.exc_info(), which a caller's except shares
         try:
+            capture.start()  # in the try: a thread that cannot start (the process's limit) still closes the outputs
             while not interrupted.is_set() and not outputs.stop_requested:
                 frames = capture.next_batch(options.batch)
                 records.dropped(capture.take_dropped())
@@ -113,8 +113,11 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
                 if model_error:
                     failed_batches, first_failure = failed_batches + 1, first_failure or model_error
                 records.batch(frames, logits, model_error)
+        except BaseException as exc:
+            leaving = exc
+            raise
         finally:
-            finish_run(capture, records, interrupted)
+            finish_run(capture, records, interrupted, leaving)
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
@@ -188,8 +191,10 @@ def infer_batch(backend: Backend, frames: list[Frame], stats: Stats) -> tuple[np
     return logits, model_error
 
 
-def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.Event) -> None:
-    """However the loop ended: stop the capture, record the frames it still held, close the outputs."""
+def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.Event,
+               leaving: BaseException | None) -> None:
+    """However the loop ended (``leaving``: the exception ending it, if one did): stop the capture, record the
+    frames it still held, close the outputs."""
     stats = records.stats
     try:
         waiting = capture.stop()
@@ -199,9 +204,11 @@ def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.E
         if interrupted.is_set():
             stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
         stats.finished = time.perf_counter()
+    except BaseException as exc:  # a signal's KeyboardInterrupt in capture.stop()'s join, say
+        leaving = exc
+        raise
     finally:
         records.outputs.close()
         # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
-        interrupt = sys.exc_info()[1]  # the one leaving run's loop (this runs in its finally), or this function
-        if not capture.done and isinstance(interrupt, KeyboardInterrupt):
-            interrupt.capture_still_running = True
+        if capture.running and isinstance(leaving, KeyboardInterrupt):
+            leaving.capture_still_running = True

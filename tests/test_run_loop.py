@@ -472,3 +472,49 @@ def test_deep_frames_are_shown_and_saved_as_their_8_bit_pixels():
         assert np.array_equal(to_display(np.clip(rgb.astype(np.float32) - 0.4, 0, None) / 255), expected), path
         gray = deep[:, :, 1]
         assert np.array_equal(to_display(gray), cv2.cvtColor(rgb[:, :, 1], cv2.COLOR_GRAY2BGR)), path
+
+
+def test_a_run_ending_normally_inside_a_callers_except_marks_nothing(tiny_onnx, monkeypatch):
+    """run() marked the KeyboardInterrupt its caller was handling (sys.exc_info() in its finally sees the caller's)
+    as one that left a capture thread running, though run itself returned normally."""
+    import threading
+
+    from medmamba_edge.runtime.loop import capture_still_running
+    from medmamba_edge.runtime.sources.capture import Capture
+
+    class StalledCamera(Source):
+        live, description = True, "a camera whose read hangs"
+
+        def frames(self, stride=1):
+            yield Frame("cam", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
+            time.sleep(3)  # deaf to stop(): a stalled stream
+
+    monkeypatch.setattr(Capture, "live_stop_timeout_s", 0.2)
+    stop, sink = threading.Event(), Collect()
+    sink.write = lambda record, image, fps: (sink.records.append(record), stop.set())
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as handled:
+        stats = run(open_backend(tiny_onnx), StalledCamera(), [sink], RunOptions(), stop=stop)
+        caller = handled
+    assert stats.stopped == "a stop request" and [r.status for r in sink.records] == ["ok"]
+    assert not capture_still_running(caller)
+
+
+def test_a_capture_that_cannot_start_still_closes_the_outputs(tiny_onnx, tmp_path, monkeypatch):
+    """capture.start() was outside run's try: at the process's thread limit ("can't start new thread") the JSONL
+    was left as a .partial file and the sinks never closed."""
+    from medmamba_edge.runtime.sinks import open_outputs
+    from medmamba_edge.runtime.sources.capture import Capture
+
+    def cannot_start(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Capture, "start", cannot_start)
+    closed = Collect()
+    closed.close = lambda: closed.records.append("closed")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        run(open_backend(tiny_onnx), FastLiveSource(3), [closed, *open_outputs("none", False, jsonl=tmp_path / "r.jsonl")],
+            RunOptions())
+    assert closed.records == ["closed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"] and (tmp_path / "r.jsonl").read_text() == ""

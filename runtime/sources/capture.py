@@ -18,6 +18,8 @@ class Capture:
     inference. A live source that outruns inference loses its oldest waiting frame (kept in ``dropped``
     so that it still gets a record); a file source waits for room and loses nothing."""
 
+    live_stop_timeout_s = 10.0  # how long stop() waits for a live source's read, which can hang for good
+
     def __init__(self, source: Source, prepare: Callable[[np.ndarray], np.ndarray], size: int, **iterate_options):
         self.source, self.prepare, self.size, self.options = source, prepare, max(size, 1), iterate_options
         self.queue: deque[Frame] = deque()
@@ -30,6 +32,11 @@ class Capture:
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet through the source (a thread still reading, perhaps inside OpenCV)."""
+        return self.thread.ident is not None and not self.done
 
     def _read(self) -> None:
         try:
@@ -87,7 +94,8 @@ class Capture:
         # A file source's thread finishes the file it is decoding (an 8000×8000 PNG takes seconds) and puts it in
         # the queue, so it gets its record; leaving it inside OpenCV made the exit abort (SIGABRT). Only a live
         # source's read can hang for good (a stalled stream): it gets a bound.
-        self.thread.join(timeout=10.0 if self.source.live else None)
+        if self.thread.ident is not None:  # started (a thread that could not start cannot be joined)
+            self.thread.join(timeout=self.live_stop_timeout_s if self.source.live else None)
         with self.ready:
             left, self.queue = list(self.queue), deque()
         return left
