@@ -111,10 +111,11 @@ def remove_empty_folders(folders: list[Path]) -> None:
     for folder in folders:
         try:
             folder.rmdir()
-        except FileNotFoundError:  # a mkdir that failed halfway (no permission) did not get to make it
-            continue
-        except OSError:  # something else was put there meanwhile (another output, another program): it stays
-            break
+        except OSError as exc:
+            # A mkdir that failed halfway (no permission, a name too long) did not get to make it.
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                continue
+            break  # something else was put there meanwhile (another output, another program): it stays
 
 
 class AtomicOutput:
@@ -397,6 +398,10 @@ def check_writable(path: str | Path, *, folder: bool = False) -> None:
         raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     if not existing.is_dir():
         raise OutputError(f"{path}: {existing} is not a folder")
+    # Nothing looks at a folder still to be made: a name too long for it passed, and the export failed at its end.
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    if any(len(os.fsencode(folder_to_make.name)) > name_max for folder_to_make in missing):
+        raise OutputError(f"{path}: cannot write there ({os.strerror(errno.ENAMETOOLONG)})")
     try:
         fd, probe = tempfile.mkstemp(prefix=".medmamba-edge-", suffix=".probe", dir=existing)
     except OSError as exc:

@@ -677,6 +677,24 @@ def test_output_names_up_to_the_file_systems_limit_are_written_and_a_longer_one_
             check(too_long)
 
 
+def test_a_folder_to_make_whose_name_is_too_long_is_refused_first_and_leaves_nothing(model, tmp_path):
+    """check_writable never looked at the folders still to be made (an export ran to its end, then failed), and the
+    refused output left the folders made before the one too long."""
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    deep = tmp_path / "new" / ("z" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    for path, folder in ((deep / "m.onnx", False), (deep / "repository", True)):
+        with pytest.raises(files.OutputError, match=r"cannot write there \(File name too long\)"):
+            files.check_writable(path, folder=folder)
+    code, output = cli("run", model, tmp_path / "x.png", "--jsonl", deep / "r.jsonl")
+    assert code == 1 and "File name too long" in output and output.count("\n") == 1, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    made = files.missing_folders(deep)  # what a write that got past the check would make, and fail at
+    with pytest.raises(OSError):
+        deep.mkdir(parents=True)
+    files.remove_empty_folders(made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
 def test_only_outputs_written_whole_are_reported_as_written(model, tmp_path):
     cv2.imwrite(str(tmp_path / "x.png"), image())
     (tmp_path / "full.jsonl").symlink_to("/dev/full")
