@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -78,8 +79,13 @@ def onnx_file(text: str) -> Path:
     path = Path(text)
     if path.suffix.lower() not in ONNX_SUFFIXES:
         raise argparse.ArgumentTypeError(f"{text}: not an ONNX model (expected {', '.join(ONNX_SUFFIXES)})")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    try:
+        info = path.stat()
+    except OSError as exc:  # missing, a dangling link, a name too long
+        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise argparse.ArgumentTypeError(f"{text}: {'a folder' if stat.S_ISDIR(info.st_mode) else 'not a file'}, "
+                                         f"not an ONNX model")
     return path
 
 

@@ -45,10 +45,14 @@ def test_frames_0_is_refused_before_a_video_is_made(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.parametrize(("model", "says"), [("model.txt", "not an ONNX model"), ("missing.onnx", "no such file")])
+@pytest.mark.parametrize(("model", "says"), [("model.txt", "not an ONNX model"), ("missing.onnx", "No such file"),
+                                            ("folder.onnx", "a folder, not an ONNX model"),
+                                            ("n" * 300 + ".onnx", "File name too long")])
 def test_a_wrong_model_is_refused_before_any_work(tmp_path, model, says):
-    """The suffix was only checked when the model was opened, after the exports and the video."""
+    """The suffix was only checked when the model was opened, after the exports and the video; a name too long
+    was a traceback."""
     (tmp_path / "model.txt").write_text("not a model")
+    (tmp_path / "folder.onnx").mkdir()
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_run_loop.py"), "--model", str(tmp_path / model),
                              "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
