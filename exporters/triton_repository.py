@@ -32,6 +32,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,8 +358,29 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
     point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
     DeepStream device (default: a copy beside the config, when one is built here)."""
-    for option, value in (("--max-batch", max_batch), ("--instances", instances),
-                          ("--deepstream-batch", deepstream_batch), ("--max-queue-delay-us", max_queue_delay_us)):
+    kind = _check_options(name, kind, server_root, {"--max-batch": max_batch, "--instances": instances,
+                                                    "--deepstream-batch": deepstream_batch,
+                                                    "--max-queue-delay-us": max_queue_delay_us})
+    served = describe_model(model, max_batch)
+    _check_model(model, served, plugin)
+    repository = Path(repository)
+    _check_output(model, repository, name)
+    plan = _plan_serving(served, repository, name, kind, server_root, plugin)
+    config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances,
+                                kind=plan.kind, op_library=plan.op_library)
+    checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
+    deepstream_text, refusal = _deepstream(model, served, deepstream_batch, plan.deepstream_plugin)
+    library = _op_library_file(model) if plan.op_library else None
+    whole_model = _whole_model(served)
+    _write_atomically(repository, name, lambda staging: _stage(
+        staging, served, name, plan, config_text, deepstream_text, refusal, library, whole_model))
+    return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with,
+                        plan.notes, plan.server_command)
+
+
+def _check_options(name: str, kind: str, server_root: str | None, counts: dict[str, int | None]) -> str:
+    """Refuse an option out of its range or form, before the model is read; Triton's instance kind."""
+    for option, value in counts.items():
         if problem := range_problem(option, value):
             raise TritonExportError(problem)
     if server_root is not None and not server_root.startswith("/"):  # else the server's working directory's
@@ -366,10 +388,13 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                 f"e.g. /models), got {server_root!r}")
     if kind.lower() not in ("cpu", "gpu"):  # the CLI's words; Triton's are KIND_CPU and KIND_GPU
         raise TritonExportError(f"--kind must be cpu or gpu, got {kind!r}")
-    kind = f"KIND_{kind.upper()}"
     if problem := model_name_problem(name):
         raise TritonExportError(problem)
-    served = describe_model(model, max_batch)
+    return f"KIND_{kind.upper()}"
+
+
+def _check_model(model: str | Path, served: ServedModel, plugin: str | None) -> None:
+    """Refuse what the model makes wrong: a relative --plugin for an engine, class names no label file holds."""
     # nvinfer reads a relative custom-lib-path from its config's folder; Triton's plugins= from its working directory
     if plugin is not None and not plugin.startswith("/") and _plugin_by_path(served):
         raise TritonExportError(f"--plugin must be an absolute path on the server for an engine (Triton's tensorrt "
@@ -377,14 +402,33 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     unwritable = unwritable_class_names(served.metadata.class_names)
     if unwritable:  # a model exported before the rule: labels.txt and DeepStream's label file would be wrong
         raise TritonExportError(f"{model}: {unwritable}: re-export it with other names (--classes)")
-    if served.kind == "engine" and kind == "KIND_CPU":
-        kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
-    repository = Path(repository)
+
+
+def _check_output(model: str | Path, repository: Path, name: str) -> None:
+    """Refuse a repository whose model folder holds the model, or that cannot be written."""
     # The folder itself, not where a link by that name points: a link is replaced, its target left alone.
     if Path(os.path.realpath(model)).is_relative_to(Path(os.path.realpath(repository)) / name):
         raise TritonExportError(f"{model}: lies in {repository / name}, which export-triton replaces as a whole; "
                                 f"write the repository elsewhere (-o) or under another --name")
     check_writable(repository, folder=True)
+
+
+@dataclass
+class _ServingPlan:
+    """How the server runs the model, as the configs and the README say it."""
+
+    kind: str  # Triton's KIND_CPU or KIND_GPU
+    server_command: str
+    op_library: str | None  # model_operations' library on the server (plugin-form ONNX)
+    deepstream_plugin: str | None  # nvinfer's custom-lib-path
+    plugin_source: Path | None  # the TensorRT plugin library built here, copied beside the config
+    notes: list[str]
+
+
+def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, server_root: str | None,
+                  plugin: str | None) -> _ServingPlan:
+    if served.kind == "engine" and kind == "KIND_CPU":
+        kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     root = (server_root or str(repository.resolve())).rstrip("/") or "/"
     folder_on_server = f"{root}/{name}"
     op_library = f"{folder_on_server}/{ORT_LIBRARY}" if served.needs_ort_ops else None
@@ -406,35 +450,73 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         deepstream_plugin = AUTOLOAD_PLUGIN_LIBRARY
 
     server_command = f"tritonserver --model-repository={root}" + _plugin_loading(served, plugin)
-    model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
-    config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,
-                                op_library=op_library)
-    checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
+    return _ServingPlan(kind, server_command, op_library, deepstream_plugin if served.needs_trt_plugin else None,
+                        trt_plugin_source, notes)
 
+
+def _deepstream(model: str | Path, served: ServedModel, deepstream_batch: int | None,
+                plugin_path: str | None) -> tuple[str | None, str | None]:
+    """DeepStream's nvinfer config, or None and why not (a fixed-batch model asked for another batch is an error)."""
     ds_batch = deepstream_batch if deepstream_batch is not None else served.metadata.batch or served.max_batch
     if served.kind == "onnx" and served.max_batch == 0 and ds_batch != (served.metadata.batch or 1):
         raise TritonExportError(f"{model}: a fixed-batch model runs batch {served.metadata.batch}, not {ds_batch}")
     try:
-        deepstream_text = deepstream_config(served, plugin_path=deepstream_plugin if served.needs_trt_plugin else None,
-                                            batch=ds_batch)
+        deepstream_text = deepstream_config(served, plugin_path=plugin_path, batch=ds_batch)
         check_deepstream_config(deepstream_text)
-        refusal = None
     except TritonExportError as exc:
-        deepstream_text, refusal = None, str(exc)
+        return None, str(exc)
+    return deepstream_text, None
 
-    library = None
-    if op_library:
-        from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
-        try:  # before anything is written
-            library = custom_ops.library_path()
-        except custom_ops.FusedScanUnavailable as exc:
-            raise TritonExportError(f"{model}: {exc}") from None
-    whole_model = None  # an ONNX model whose weights are in files of their own, read in: Triton gets one file
-    if served.external_weights:
-        from medmamba_edge.runtime.metadata import load_onnx
+def _op_library_file(model: str | Path) -> Path:
+    """Our ONNX Runtime op library, which a plugin-form model's folder gets a copy of."""
+    from medmamba_edge.runtime.backends.onnxruntime import custom_ops
 
-        whole_model = load_onnx(served.source)
+    try:  # before anything is written
+        return custom_ops.library_path()
+    except custom_ops.FusedScanUnavailable as exc:
+        raise TritonExportError(f"{model}: {exc}") from None
+
+
+def _whole_model(served: ServedModel) -> onnx.ModelProto | None:
+    """An ONNX model whose weights are in files of their own, read in: Triton gets one file."""
+    if not served.external_weights:
+        return None
+    from medmamba_edge.runtime.metadata import load_onnx
+
+    return load_onnx(served.source)
+
+
+def _stage(staging: Path, served: ServedModel, name: str, plan: _ServingPlan, config_text: str,
+           deepstream_text: str | None, refusal: str | None, library: Path | None,
+           whole_model: onnx.ModelProto | None) -> None:
+    """Write the model folder's files into ``staging``."""
+    model_file = "model.onnx" if served.kind == "onnx" else "model.plan"
+    (staging / "1").mkdir()
+    if whole_model is not None:
+        onnx.save(whole_model, staging / "1" / model_file)
+    else:
+        shutil.copyfile(served.source, staging / "1" / model_file)
+    (staging / "config.pbtxt").write_text(config_text)
+    (staging / TRITON_LABELS).write_text("\n".join(served.metadata.class_names) + "\n")
+    if library is not None:
+        shutil.copyfile(library, staging / ORT_LIBRARY)
+    if plan.plugin_source is not None:
+        shutil.copyfile(plan.plugin_source, staging / AUTOLOAD_PLUGIN_LIBRARY)
+    if deepstream_text is not None:
+        onnx.save(with_softmax(onnx.load(str(staging / "1" / model_file))), staging / DEEPSTREAM_MODEL)
+        (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
+        (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
+        if served.precision == "int8":
+            (staging / DEEPSTREAM_CALIBRATION).write_text(CALIBRATION_CACHE_TEXT)
+    # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
+    (staging / "README.md").write_text(_readme(name, served, plan.server_command, plan.op_library, refusal),
+                                       errors="backslashreplace")
+
+
+def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]) -> None:
+    """``repository/name`` as ``stage`` writes it into a temporary folder, renamed into place when complete; on
+    failure the temporary folder and the folders made on the way are removed, and an OSError is one line."""
     # Made where the path leads (a/../b and links resolved first: mkdir made a/ on the way), and removed again if
     # the export fails.
     repository_folder = Path(os.path.realpath(repository))
@@ -446,26 +528,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         workspace = _workspace(repository_folder)
         _remove_leftovers(workspace, name, repository_folder)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
-        (staging / "1").mkdir()
-        if whole_model is not None:
-            onnx.save(whole_model, staging / "1" / model_file)
-        else:
-            shutil.copyfile(served.source, staging / "1" / model_file)
-        (staging / "config.pbtxt").write_text(config_text)
-        (staging / TRITON_LABELS).write_text("\n".join(served.metadata.class_names) + "\n")
-        if library is not None:
-            shutil.copyfile(library, staging / ORT_LIBRARY)
-        if trt_plugin_source is not None:
-            shutil.copyfile(trt_plugin_source, staging / AUTOLOAD_PLUGIN_LIBRARY)
-        if deepstream_text is not None:
-            onnx.save(with_softmax(onnx.load(str(staging / "1" / model_file))), staging / DEEPSTREAM_MODEL)
-            (staging / DEEPSTREAM_CONFIG).write_text(deepstream_text)
-            (staging / DEEPSTREAM_LABELS).write_text(";".join(served.metadata.class_names) + "\n")
-            if served.precision == "int8":
-                (staging / DEEPSTREAM_CALIBRATION).write_text(CALIBRATION_CACHE_TEXT)
-        # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
-        (staging / "README.md").write_text(_readme(name, served, server_command, op_library, refusal),
-                                           errors="backslashreplace")
+        stage(staging)
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
         _replace_folder(staging, repository_folder / name, workspace)
@@ -476,8 +539,6 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
         if isinstance(exc, OSError):
             raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
         raise
-    return TritonExport(repository / name, name, served, config_text, deepstream_text, refusal, checked_with, notes,
-                        server_command)
 
 
 STALE_STAGING_S = 3600.0
