@@ -183,9 +183,10 @@ def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer
         server.shutdown()
 
 
-def model_server(max_batch_size=4, infer_s=0.0, read_body=True):
+def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer=False):
     """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
-    (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch)."""
+    (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch;
+    ``stall_mid_answer``: an answer's headers and first bytes, then 5 s of nothing)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
@@ -205,6 +206,10 @@ def model_server(max_batch_size=4, infer_s=0.0, read_body=True):
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
+        if stall_mid_answer and handler.command == "POST":
+            handler.wfile.write(data[:20])
+            handler.wfile.flush()
+            time.sleep(5)
         handler.wfile.write(data)
 
     return FakeServer(answer, read_body)
@@ -284,6 +289,46 @@ def test_closing_the_backend_while_a_request_waits_for_its_answer_ends_it_at_onc
         with pytest.raises(BackendError, match=rf"^{server.url}: the model was closed$"):
             backend.run(np.zeros((1, 3, 32, 32), np.float32))
         assert time.monotonic() - started < 1.5
+    finally:
+        server.shutdown()
+
+
+def test_closing_the_backend_while_an_answer_arrives_ends_it_as_closed():
+    """close() in the middle of an answer's body cut it short without an error from http.client: the run ended in
+    'unreadable answer (JSONDecodeError ...)', as if the server had sent something broken."""
+    server = model_server(max_batch_size=1, stall_mid_answer=True)
+    try:
+        backend = open_backend(f"{server.url}?timeout=30")
+        threading.Timer(0.3, backend.close).start()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=rf"^{server.url}: the model was closed$"):
+            backend.run(np.zeros((1, 3, 32, 32), np.float32))
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.shutdown()
+
+
+def test_closing_the_backend_while_runs_send_ends_each_as_closed():
+    """close() from another thread set the connection's socket to None under a request about to send its batch:
+    an AttributeError traceback ('NoneType' object has no attribute 'settimeout') in 45 of 150 tries."""
+    server = model_server(max_batch_size=1)
+    try:
+        for delay in np.linspace(0, 0.02, 15):
+            backend, outcome = open_backend(server.url), []
+
+            def run():
+                try:
+                    while True:
+                        backend.run(np.zeros((1, 3, 32, 32), np.float32))
+                except Exception as exc:  # what a run ends in: only BackendError is expected
+                    outcome.append(exc)
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            time.sleep(delay)
+            backend.close()
+            worker.join(10)
+            assert [type(e) for e in outcome] == [BackendError] and str(outcome[0]).endswith("the model was closed"), outcome
     finally:
         server.shutdown()
 

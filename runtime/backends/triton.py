@@ -302,9 +302,11 @@ class TritonBackend(Backend):
                     connection.connect()  # waits at most CONNECT_TIMEOUT_S
                     connected = True
                     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._closed or connection.sock is None:  # close() came while connecting: it missed this socket
+                sock = connection.sock  # once: close() from another thread sets connection.sock to None
+                if self._closed or sock is None:  # close() came while connecting: it missed this socket
                     self._drop(connection)
                     raise BackendError(f"{self.path}: the model was closed")
+                connection.auto_open = 0  # never a socket of http.client's own
                 # The whole answer within the timeout, not each read: a server sending a byte at a time (or
                 # headers a line at a time) would pass every read's. Each send and read waits at most what is
                 # left until the deadline (the socket's own timeout, set before each; no thread per request).
@@ -314,13 +316,15 @@ class TritonBackend(Backend):
                 for key, value in {**(headers or {}),
                                    "Content-Length": str(sum(len(part) for part in body or []))}.items():
                     connection.putheader(key, value)
-                _wait_at_most(connection.sock, deadline)
+                _wait_at_most(sock, deadline)
                 connection.endheaders()
                 for part in body or []:
-                    _wait_at_most(connection.sock, deadline)
+                    _wait_at_most(sock, deadline)
                     connection.send(part)
                 response = connection.getresponse()
                 data = _read_answer(response)
+                if self._closed:  # close() shut the socket mid-answer: what was read is cut short
+                    raise ConnectionAbortedError("closed")
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(connection)
                 if self._closed:  # its socket closed under the request by close(): not the server's doing
