@@ -230,7 +230,7 @@ class ServerWatch:
         """Note the server's processes, shared memory and model copies as they are now; the process table read."""
         table = _process_table()
         found = server_processes(self.triton, table)
-        self.stubs.update(p for p in found - self.spawned if _command_name(p[0]) == PYTHON_BACKEND_STUB[:15])
+        self.stubs.update(p for p in found - self.stubs if _command_name(p[0]) == PYTHON_BACKEND_STUB[:15])
         self.spawned.update(found)
         self.segments.update(shared_memory_of(self.spawned, table))
         self.model_copies.update(model_copies_of(self.spawned, table))

@@ -473,6 +473,9 @@ def test_a_python_backend_stub_gone_before_serve_first_looks_is_a_failure(tmp_pa
                               text=True, start_new_session=True)
     try:
         stub_pid = int(server.stdout.readline())
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{stub_pid}/comm").read_text().strip() != stub.name[:15] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the shell's child, until it execs the stub
         triton = SimpleNamespace(_triton_server=SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(pid=server.pid)),
                                  is_alive=lambda: True)
         (port,) = free_ports(1)  # no HTTP there: readiness unknown, which is no failure
