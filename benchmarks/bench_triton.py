@@ -25,6 +25,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -167,20 +168,31 @@ def start_server(model: Path, threads: int, max_batch: int, delay_us: int, log: 
         raise
 
 
-def stop_server(process: subprocess.Popen, timeout_s: float = 60) -> None:
-    """SIGTERM (serve stops tritonserver and its stubs, and cleans up after them), SIGKILL to the whole group if
-    that takes over ``timeout_s`` or a second Ctrl-C comes; what is left of the group is killed either way."""
-    try:
+def stop_server(process: subprocess.Popen, timeout_s: float = 60, abort_s: float = 10) -> None:
+    """SIGTERM (serve lets the requests in flight finish, stops tritonserver and its stubs and cleans up after
+    them); past ``timeout_s``, or on a second Ctrl-C or SIGTERM here, a second SIGTERM: serve's abort, which still
+    removes its shared memory and model copies, where a SIGKILL leaves them. SIGKILL to the whole group only if
+    that takes over ``abort_s`` or a third comes; what is left of the group is killed either way."""
+    interrupt = None
+    for wait_s in (timeout_s, abort_s):
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=timeout_s)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if interrupt is not None:
+                break
+            interrupt = exc
+    if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        if isinstance(exc, KeyboardInterrupt):
-            raise
     with contextlib.suppress(ProcessLookupError):  # stragglers of a serve that died without its clean-up
         os.killpg(process.pid, signal.SIGKILL)
+    if interrupt is not None:
+        raise interrupt
 
 
 def main() -> None:
@@ -195,6 +207,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int_list(), default="1,4,16")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medmamba-bench-triton")
     args = parser.parse_args()
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # as a Ctrl-C: the server stopped, its HOME removed, then exit
+        signal.signal(stop, lambda signum, frame: sys.exit(128 + signum))
     args.threads = thread_count(parser, args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not SERVE_PYTHON.exists():
@@ -230,8 +244,10 @@ def main() -> None:
             histograms.append(f"{clients} client{'s' * (clients > 1)}: " + ", ".join(f"{n}× batch {size}"
                                                                                   for size, n in executed.items()))
     finally:
-        stop_server(process)
-        shutil.rmtree(home, ignore_errors=True)
+        try:
+            stop_server(process)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
     with open_backend(model, threads=args.threads) as local:
         rows.append(("local, batch 8 (again, after)", 1, time_local(local, images, 8)))
 

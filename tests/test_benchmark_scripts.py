@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,31 @@ def test_a_server_that_never_gets_ready_is_stopped_with_its_whole_group(bench, m
     while running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running(child)
+
+
+@pytest.mark.parametrize("stopped_by", ["timeout", "second Ctrl-C"])
+def test_a_slow_server_stop_is_serves_abort_before_a_kill(bench, tmp_path, stopped_by):
+    """A server slow to stop, or a second Ctrl-C, was SIGKILLed: serve's own clean-up (its shared memory, the model
+    copies) never ran. Now serve gets a second SIGTERM, its abort, which still cleans up. A stand-in serve: a shell
+    that takes the first SIGTERM as the start of a slow stop and the second as the abort."""
+    triton = bench("bench_triton")
+    cleaned = tmp_path / "cleaned"
+    script = f'trap \'if [ -n "$t" ]; then touch "{cleaned}"; exit 0; fi; t=1\' TERM; while :; do sleep 0.05; done'
+    process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    time.sleep(0.3)  # the trap set
+    if stopped_by == "second Ctrl-C":
+        real_wait, waits = process.wait, []
+
+        def wait(timeout=None):
+            waits.append(timeout)
+            if len(waits) == 1:
+                time.sleep(0.3)  # the user's second Ctrl-C, after the first SIGTERM reached serve
+                raise KeyboardInterrupt
+            return real_wait(timeout)
+
+        process.wait = wait
+        with pytest.raises(KeyboardInterrupt):
+            triton.stop_server(process, timeout_s=60, abort_s=10)
+    else:
+        triton.stop_server(process, timeout_s=0.5, abort_s=10)
+    assert cleaned.exists() and process.returncode == 0
