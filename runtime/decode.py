@@ -510,11 +510,15 @@ class DicomFrames:
         from pydicom.dataset import Dataset
         from pydicom.encaps import encapsulate
 
+        # The frame's fragments lie one after another (each after its 8-byte item header): read in one read and
+        # joined once. Joined as read (data += fragment), a frame cost its size times its fragment count (3 JPEG
+        # frames of 2048² in 2 KB fragments: 7 s, where the file read whole by pydicom takes 0.5 s).
+        fragments = self.fragments[index]
+        start = fragments[0][0]
         with open(self.path, "rb") as f:
-            data = b""
-            for at, length in self.fragments[index]:
-                f.seek(at)
-                data += f.read(length)
+            f.seek(start)
+            span = memoryview(f.read(fragments[-1][0] + fragments[-1][1] - start))
+        data = b"".join(span[at - start:at - start + length] for at, length in fragments)
         frame = Dataset()
         frame.file_meta = self.ds.file_meta
         for element in self.ds.group_dataset(0x0028):
