@@ -5,6 +5,7 @@ What comes out is what ``preprocess`` takes: RGB or grayscale, uint8/uint16, or 
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -521,8 +522,10 @@ class DicomFrames:
         data = b"".join(span[at - start:at - start + length] for at, length in fragments)
         frame = Dataset()
         frame.file_meta = self.ds.file_meta
+        # copies of the file's elements: the one-frame data set's NumberOfFrames is its own (set on an element the
+        # file's data set shared, it made the file's NumberOfFrames 1)
         for element in self.ds.group_dataset(0x0028):
-            frame.add(element)
+            frame.add(copy.copy(element))
         frame.NumberOfFrames = 1
         frame.PixelData = encapsulate([data])
         return frame

@@ -278,11 +278,13 @@ def test_compressed_frames_without_an_offset_table_are_located_once_each_and_a_b
             assert frame.error is None and np.array_equal(frame.image, np.asarray(Image.open(io.BytesIO(code))))
 
 
-def test_compressed_dicom_frames_of_many_fragments_are_read_in_one_read_each(tmp_path, monkeypatch):
+def test_compressed_dicom_frames_of_many_fragments_are_read_in_one_read_each_and_leave_the_file_s_header_alone(
+        tmp_path, monkeypatch):
     """A frame of several fragments (no Basic Offset Table) is decoded from its own fragments (DicomFrames._frame):
     they were read one read a fragment and joined as read (data += fragment), a frame's size times its fragment
-    count (3 JPEG frames of 2048² in 2 KB fragments: 7 s, where the file read whole by pydicom took 0.5 s). Each
-    frame's fragments are read in one read, joined once: pydicom's own pixels."""
+    count (3 JPEG frames of 2048² in 2 KB fragments: 7 s, where the file read whole by pydicom took 0.5 s); and the
+    one-frame data set shared the file's elements, so that its NumberOfFrames = 1 made the file's 1. Each frame's
+    fragments are read in one read, joined once: pydicom's own pixels; the file's header as it was."""
     import io
 
     from PIL import Image
@@ -333,6 +335,7 @@ def test_compressed_dicom_frames_of_many_fragments_are_read_in_one_read_each(tmp
     assert len(reads) == count  # one read a frame, where there was one a fragment (over 200 a frame here)
     for image, expected in zip(images, iter_pixels(path), strict=True):
         assert np.array_equal(image, expected)
+    assert frames.ds.NumberOfFrames == count  # the file's data set: was 1 after its frames
 
 
 def test_video_stride_loop_and_truncation(tmp_path):
