@@ -294,8 +294,8 @@ def read_dicom(path: str | Path) -> DicomFrames:
                 raise
             ds = _bare_dataset(pydicom, path)
             forced = True
-        if _deflated(ds):
-            ds = pydicom.dcmread(str(path), force=forced)
+        if _deflated(ds):  # read again, nothing deferred: pydicom reads a deferred value from the file (deflated)
+            ds = _read_dataset(path, force=forced, defer_size=None)[0]
     except ImageError:
         raise
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
@@ -311,13 +311,14 @@ def read_dicom(path: str | Path) -> DicomFrames:
     return DicomFrames(path, ds, lut, syntax)
 
 
-def _read_dataset(path, force: bool = False):
-    """``pydicom.dcmread(path, defer_size=4096, force=force)`` with the data set ended at the first element of group
-    0000 after it began (and the byte where that element is; None where there is none). Group 0000 is the network's
-    command set, never an element of a stored data set; it is what zeros read as, and pydicom reads a file that ends
-    in zeros as an 8-byte element of them after another, ~0.5-1 s a MB (a bare data set, or a whole file, padded
-    out with 16 MB of zeros: 8-20 s to read what is in its first kilobytes). The elements before are read as
-    pydicom reads them; a command set that begins the file is read as such by pydicom, before the data set."""
+def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
+    """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended at the first element of
+    group 0000 after it began (and the byte where that element is; None where there is none). Group 0000 is the
+    network's command set, never an element of a stored data set; it is what zeros read as, and pydicom reads a file
+    that ends in zeros as an 8-byte element of them after another, ~0.5-1 s a MB (a bare data set, or a whole file,
+    padded out with 16 MB of zeros: 8-20 s to read what is in its first kilobytes; a deflated file's inflated data
+    as well). The elements before are read as pydicom reads them; a command set that begins the file is read as such
+    by pydicom, before the data set."""
     from pydicom.filereader import read_partial
 
     ended = []
@@ -328,7 +329,7 @@ def _read_dataset(path, force: bool = False):
         return bool(ended)
 
     with open(path, "rb") as f:
-        ds = read_partial(f, at_group_0000, defer_size=4096, force=force)
+        ds = read_partial(f, at_group_0000, defer_size=defer_size, force=force)
         return ds, (f.tell() if ended else None)
 
 
