@@ -317,8 +317,9 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
     network's command set, never an element of a stored data set; it is what zeros read as, and pydicom reads a file
     that ends in zeros as an 8-byte element of them after another, ~0.5-1 s a MB (a bare data set, or a whole file,
     padded out with 16 MB of zeros: 8-20 s to read what is in its first kilobytes; a deflated file's inflated data
-    as well). The elements before are read as pydicom reads them; a command set that begins the file is read as such
-    by pydicom, before the data set."""
+    as well). The elements before are read as pydicom reads them. A command set that begins the data set is read as
+    such by pydicom, before it and before the stop: a file header followed by zeros (a pre-allocated file cut after
+    its header; 4 MB: 4-6.5 s) is refused here, from the zeros' first 8 bytes."""
     from pydicom.filereader import read_partial
 
     ended = []
@@ -329,8 +330,29 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
         return bool(ended)
 
     with open(path, "rb") as f:
+        start, meta = _file_header(f, force)
+        if start and f.read(8) == bytes(8):
+            sop = getattr(meta, "MediaStorageSOPClassUID", None)
+            raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'a file')} that ends after its file "
+                             f"header (zeros from byte {start} on)")
+        f.seek(0)
         ds = read_partial(f, at_group_0000, defer_size=defer_size, force=force)
         return ds, (f.tell() if ended else None)
+
+
+def _file_header(f, force: bool):
+    """Where the data set begins, after the file header (preamble and 'DICM', File Meta), and the File Meta, read as
+    pydicom's read_partial reads them; (0, None) where they cannot be read (read_partial says why: no 'DICM'
+    unforced, a broken File Meta), or _read_file_meta_info, read_partial's own (private in pydicom 3.0), is not
+    there."""
+    try:
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        read_preamble(f, force)
+        meta = _read_file_meta_info(f)
+    except Exception:
+        return 0, None
+    return f.tell(), meta
 
 
 def _without_pixel_data(path, ds) -> ImageError:
@@ -368,6 +390,8 @@ def _bare_dataset(pydicom, path):
         # named by a value, not by zeros read as one (an element's header, then zeros)
         if "PixelData" not in ds and any(str(ds.get(key) or "").strip("\0 ") for key in ("SOPClassUID", "Modality")):
             without = _without_pixel_data(path, ds)
+    except ImageError:  # a file header followed by zeros (_read_dataset)
+        raise
     except Exception:  # forced, any bytes are read as elements until they make no sense
         image = False
     if without is not None:

@@ -1105,6 +1105,34 @@ def test_a_deflated_dicom_whose_inflated_data_ends_in_zeros_is_read_up_to_them(t
     assert stops and all(stops)  # was [True] and pydicom.dcmread's read without it
 
 
+def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, monkeypatch):
+    """A Part 10 file cut after its File Meta and padded out with zeros (a pre-allocated file): pydicom reads what
+    follows the header as a command set (group 0000) before any data set, the zeros as its 8-byte elements, one
+    after another (4 MB: 4-6.5 s), before the stop at group 0000 applies; then 'truncated DICOM file: ... that
+    ends before its pixel data'. Refused from the zeros' first 8 bytes, without reading a data set; with the File
+    Meta but no preamble (read forced) too."""
+    import pydicom.filereader
+
+    path = synthetic_dicom(tmp_path / "full.dcm", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    header = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength
+    whole = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:header] + bytes(4 << 20))
+    (tmp_path / "bare.dcm").write_bytes(whole[132:header] + bytes(4 << 20))  # no preamble, no 'DICM'
+    reads = []  # pydicom's reads of the file, forced or not
+    read_partial = pydicom.filereader.read_partial
+    monkeypatch.setattr(pydicom.filereader, "read_partial",
+                        lambda *a, **k: reads.append(k.get("force", False)) or read_partial(*a, **k))
+    for name, start, tried in (("cut.dcm", header, []), ("bare.dcm", header - 132, [False])):
+        reads.clear()
+        with pytest.raises(ImageError, match=rf"{name}: truncated DICOM file: Secondary Capture Image Storage that "
+                                             rf"ends after its file header \(zeros from byte {start} on\)$"):
+            read_dicom(tmp_path / name)
+        assert reads == tried  # no data set read (was 4 MB of command set elements): bare.dcm's plain read, which
+        # finds no 'DICM', and no forced one
+        (frame,) = open_source(str(tmp_path / name)).frames()  # as a run's source: the same reason in its record
+        assert frame.image is None and frame.error.endswith(f"(zeros from byte {start} on)")
+
+
 def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read(tmp_path):
     """Read forced (no preamble, no 'DICM'), then inflated by a second read that was not: pydicom's '... Use
     force=True to force reading' came back as the file's record."""
