@@ -288,14 +288,14 @@ def read_dicom(path: str | Path) -> DicomFrames:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
         # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
         try:
-            ds, _ = _read_dataset(path)
+            ds, ended = _read_dataset(path)
         except pydicom.errors.InvalidDicomError:
             if Path(path).suffix.lower() not in DICOM_SUFFIXES:
                 raise
-            ds = _bare_dataset(pydicom, path)
+            ds, ended = _bare_dataset(pydicom, path), None  # an image (with its pixel data) or refused
             forced = True
         if _deflated(ds):  # read again, nothing deferred: pydicom reads a deferred value from the file (deflated)
-            ds = _read_dataset(path, force=forced, defer_size=None)[0]
+            ds, ended = _read_dataset(path, force=forced, defer_size=None)
     except ImageError:
         raise
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
@@ -304,7 +304,7 @@ def read_dicom(path: str | Path) -> DicomFrames:
         raise ImageError(f"{path}: DICOM float pixel data (a parametric map) is not supported: it has no stored "
                          f"value range to map to intensities")
     if "PixelData" not in ds:
-        raise _without_pixel_data(path, ds)
+        raise _without_pixel_data(path, ds, ended)
     # No transfer syntax in the file: a bare data set (no File Meta), or 'DICM' followed by no File Meta or one
     # without TransferSyntaxUID. pydicom, reading its frames from the file, is told the one it read it in.
     syntax = None if "TransferSyntaxUID" in ds.file_meta else _encoding_syntax(path, ds)
@@ -313,13 +313,14 @@ def read_dicom(path: str | Path) -> DicomFrames:
 
 def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
     """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended at the first element of
-    group 0000 after it began (and the byte where that element is; None where there is none). Group 0000 is the
-    network's command set, never an element of a stored data set; it is what zeros read as, and pydicom reads a file
-    that ends in zeros as an 8-byte element of them after another, ~0.5-1 s a MB (a bare data set, or a whole file,
-    padded out with 16 MB of zeros: 8-20 s to read what is in its first kilobytes; a deflated file's inflated data
-    as well). The elements before are read as pydicom reads them. A command set that begins the data set is read as
-    such by pydicom, before it and before the stop: a file header followed by zeros (a pre-allocated file cut after
-    its header; 4 MB: 4-6.5 s) is refused here, from the zeros' first 8 bytes."""
+    group 0000 after it began (and the byte where that element is, in a deflated file's inflated data; None where
+    there is none). Group 0000 is the network's command set, never an element of a stored data set; it is what zeros
+    read as, and pydicom reads a file that ends in zeros as an 8-byte element of them after another, ~0.5-1 s a MB
+    (a bare data set, or a whole file, padded out with 16 MB of zeros: 8-20 s to read what is in its first
+    kilobytes; a deflated file's inflated data as well). The elements before are read as pydicom reads them. A
+    command set that begins the data set is read as such by pydicom, before it and before the stop: a file header
+    followed by zeros (a pre-allocated file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros'
+    first 8 bytes."""
     from pydicom.filereader import read_partial
 
     ended = []
@@ -337,7 +338,8 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
                              f"header (zeros from byte {start} on)")
         f.seek(0)
         ds = read_partial(f, at_group_0000, defer_size=defer_size, force=force)
-        return ds, (f.tell() if ended else None)
+        at = ds.buffer if ds.buffer is not None else f  # a deflated file is read from its inflated copy
+        return ds, (at.tell() if ended else None)
 
 
 def _file_header(f, force: bool):
@@ -355,12 +357,19 @@ def _file_header(f, force: bool):
     return f.tell(), meta
 
 
-def _without_pixel_data(path, ds) -> ImageError:
+def _without_pixel_data(path, ds, ended=None) -> ImageError:
     """Why a data set without pixel data gives no image. pydicom reads a cut file up to where it ends, silently: an
     image class or image attributes without the pixels means the pixels were cut off, not that there never were
-    any; any other (an RT plan, a structured report) is said to be without them."""
+    any; any other (an RT plan, a structured report) is said to be without them. An image's data set ended by an
+    element of group 0000 (``ended``, see _read_dataset) is said to end there: zeros (a file cut, then padded) or
+    a command set written into it, not a file that ends."""
     sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
-    if "Rows" in ds or "Image" in str(getattr(sop, "name", "")):
+    image = "Rows" in ds or "Image" in str(getattr(sop, "name", ""))
+    if image and ended is not None:
+        inflated = " of its inflated data" if _deflated(ds) else ""
+        return ImageError(f"{path}: DICOM {getattr(sop, 'name', 'image')} whose data set ends at byte {ended}"
+                          f"{inflated} in a group-0000 element (a command set or zeros), before its pixel data")
+    if image:
         return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
                           f"pixel data")
     return ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
@@ -389,7 +398,7 @@ def _bare_dataset(pydicom, path):
         image = "PixelData" in ds and "Rows" in ds
         # named by a value, not by zeros read as one (an element's header, then zeros)
         if "PixelData" not in ds and any(str(ds.get(key) or "").strip("\0 ") for key in ("SOPClassUID", "Modality")):
-            without = _without_pixel_data(path, ds)
+            without = _without_pixel_data(path, ds, ended)
     except ImageError:  # a file header followed by zeros (_read_dataset)
         raise
     except Exception:  # forced, any bytes are read as elements until they make no sense

@@ -1133,6 +1133,40 @@ def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, mo
         assert frame.image is None and frame.error.endswith(f"(zeros from byte {start} on)")
 
 
+def test_a_dicom_data_set_ended_by_a_group_0000_element_says_so_not_truncated(tmp_path):
+    """A data set ends at its first element of group 0000 (zeros, or a command set: _read_dataset). An image ended
+    there before its pixel data was 'truncated DICOM file: ... that ends before its pixel data', a whole file with
+    a stray command set element among its own elements as well: it says where its data set ends, and in what (in a
+    deflated file, where in its inflated data)."""
+    import struct
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = synthetic_dicom(tmp_path / "full.dcm", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    whole = path.read_bytes()
+    samples = struct.pack("<HH", 0x0028, 0x0002) + b"US"  # SamplesPerPixel, before the pixel data
+    at = whole.index(samples)
+    stray = struct.pack("<HH", 0x0000, 0x0902) + b"LO" + struct.pack("<H", 4) + b"ABCD"  # (0000,0902) ErrorComment
+    (tmp_path / "stray.dcm").write_bytes(whole[:at] + stray + whole[at:])
+    (tmp_path / "padded.dcm").write_bytes(whole[:at] + bytes(1 << 20))  # cut there, then zeros
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    whole = path.read_bytes()
+    start = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength  # the deflated data set's
+    inflated = zlib.decompress(whole[start:], -zlib.MAX_WBITS)
+    inflated_at = inflated.index(samples)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    (tmp_path / "deflated.dcm").write_bytes(whole[:start] + deflate.compress(
+        inflated[:inflated_at] + stray + inflated[inflated_at:]) + deflate.flush())
+    for name, where in (("stray.dcm", at), ("padded.dcm", at), ("deflated.dcm", f"{inflated_at} of its inflated data")):
+        with pytest.raises(ImageError, match=rf"{name}: DICOM Secondary Capture Image Storage whose data set ends at "
+                                             rf"byte {where} in a group-0000 element \(a command set or zeros\), "
+                                             rf"before its pixel data$"):
+            read_dicom(tmp_path / name)
+
+
 def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read(tmp_path):
     """Read forced (no preamble, no 'DICM'), then inflated by a second read that was not: pydicom's '... Use
     force=True to force reading' came back as the file's record."""
