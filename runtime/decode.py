@@ -312,21 +312,21 @@ def read_dicom(path: str | Path) -> DicomFrames:
 
 
 def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
-    """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended at the first element of
-    group 0000 after it began (and the byte where that element is, in a deflated file's inflated data; None where
-    there is none). Group 0000 is the network's command set, never an element of a stored data set; it is what zeros
-    read as, and pydicom reads a file that ends in zeros as an 8-byte element of them after another, ~0.5-1 s a MB
-    (a bare data set, or a whole file, padded out with 16 MB of zeros: 8-20 s to read what is in its first
-    kilobytes; a deflated file's inflated data as well). The elements before are read as pydicom reads them. A
-    command set that begins the data set is read as such by pydicom, before it and before the stop: a file header
+    """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended where zeros begin, read
+    as an element (0000,0000) of length 0 (and the byte where they begin, in a deflated file's inflated data; None
+    where they do not). pydicom reads a file that ends in zeros as an 8-byte element of them after another,
+    ~0.5-1 s a MB (a bare data set, or a whole file, padded out with 16 MB of zeros: 8-20 s to read what is in its
+    first kilobytes; a deflated file's inflated data as well). Only zeros: a command set's element (group 0000, a
+    group length of 4 bytes or a value) written into a data set is read as pydicom reads it, the image after it
+    too. A command set that begins the data set is read as such by pydicom, before the stop: a file header
     followed by zeros (a pre-allocated file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros'
     first 8 bytes."""
     from pydicom.filereader import read_partial
 
     ended = []
 
-    def at_group_0000(tag, vr, length) -> bool:
-        if tag >> 16 == 0:
+    def at_zeros(tag, vr, length) -> bool:
+        if tag == 0 and length == 0:
             ended.append(True)
         return bool(ended)
 
@@ -337,7 +337,7 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
             raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'a file')} that ends after its file "
                              f"header (zeros from byte {start} on)")
         f.seek(0)
-        ds = read_partial(f, at_group_0000, defer_size=defer_size, force=force)
+        ds = read_partial(f, at_zeros, defer_size=defer_size, force=force)
         at = ds.buffer if ds.buffer is not None else f  # a deflated file is read from its inflated copy
         return ds, (at.tell() if ended else None)
 
@@ -360,15 +360,14 @@ def _file_header(f, force: bool):
 def _without_pixel_data(path, ds, ended=None) -> ImageError:
     """Why a data set without pixel data gives no image. pydicom reads a cut file up to where it ends, silently: an
     image class or image attributes without the pixels means the pixels were cut off, not that there never were
-    any; any other (an RT plan, a structured report) is said to be without them. An image's data set ended by an
-    element of group 0000 (``ended``, see _read_dataset) is said to end there: zeros (a file cut, then padded) or
-    a command set written into it, not a file that ends."""
+    any; any other (an RT plan, a structured report) is said to be without them. An image's data set ended by
+    zeros (``ended``, see _read_dataset: a file cut, then padded out) says where they begin."""
     sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
     image = "Rows" in ds or "Image" in str(getattr(sop, "name", ""))
     if image and ended is not None:
         inflated = " of its inflated data" if _deflated(ds) else ""
-        return ImageError(f"{path}: DICOM {getattr(sop, 'name', 'image')} whose data set ends at byte {ended}"
-                          f"{inflated} in a group-0000 element (a command set or zeros), before its pixel data")
+        return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
+                          f"pixel data (zeros from byte {ended}{inflated} on)")
     if image:
         return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
                           f"pixel data")
@@ -392,7 +391,7 @@ def _bare_dataset(pydicom, path):
         raise ImageError(f"{path}: not a readable DICOM file (no DICOM file header, and its first bytes "
                          f"({head[:4].hex(' ')}) begin no DICOM element)")
     without = None  # a data set of a kind with no pixels (an RT plan), said as the same file with its header is
-    ended = None  # where the data set ends in elements of group 0000 (zeros), if it does
+    ended = None  # where the data set ends in zeros, if it does
     try:
         ds, ended = _read_dataset(path, force=True)
         image = "PixelData" in ds and "Rows" in ds

@@ -1108,7 +1108,7 @@ def test_a_deflated_dicom_whose_inflated_data_ends_in_zeros_is_read_up_to_them(t
 def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, monkeypatch):
     """A Part 10 file cut after its File Meta and padded out with zeros (a pre-allocated file): pydicom reads what
     follows the header as a command set (group 0000) before any data set, the zeros as its 8-byte elements, one
-    after another (4 MB: 4-6.5 s), before the stop at group 0000 applies; then 'truncated DICOM file: ... that
+    after another (4 MB: 4-6.5 s), before the stop at zeros applies; then 'truncated DICOM file: ... that
     ends before its pixel data'. Refused from the zeros' first 8 bytes, without reading a data set; with the File
     Meta but no preamble (read forced) too."""
     import pydicom.filereader
@@ -1133,11 +1133,10 @@ def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, mo
         assert frame.image is None and frame.error.endswith(f"(zeros from byte {start} on)")
 
 
-def test_a_dicom_data_set_ended_by_a_group_0000_element_says_so_not_truncated(tmp_path):
-    """A data set ends at its first element of group 0000 (zeros, or a command set: _read_dataset). An image ended
-    there before its pixel data was 'truncated DICOM file: ... that ends before its pixel data', a whole file with
-    a stray command set element among its own elements as well: it says where its data set ends, and in what (in a
-    deflated file, where in its inflated data)."""
+def test_a_dicom_data_set_ends_at_zeros_not_at_a_command_set_element(tmp_path):
+    """A data set is read up to zeros (_read_dataset): an image cut there and padded out says where they begin (in
+    a deflated file, where in its inflated data). A stray command set element (group 0000) among a whole file's
+    own elements is read through, as pydicom reads it: stopping at any group 0000 made that file 'truncated'."""
     import struct
     import zlib
 
@@ -1157,13 +1156,18 @@ def test_a_dicom_data_set_ended_by_a_group_0000_element_says_so_not_truncated(tm
     start = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength  # the deflated data set's
     inflated = zlib.decompress(whole[start:], -zlib.MAX_WBITS)
     inflated_at = inflated.index(samples)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    (tmp_path / "deflated.dcm").write_bytes(whole[:start] + deflate.compress(
-        inflated[:inflated_at] + stray + inflated[inflated_at:]) + deflate.flush())
-    for name, where in (("stray.dcm", at), ("padded.dcm", at), ("deflated.dcm", f"{inflated_at} of its inflated data")):
-        with pytest.raises(ImageError, match=rf"{name}: DICOM Secondary Capture Image Storage whose data set ends at "
-                                             rf"byte {where} in a group-0000 element \(a command set or zeros\), "
-                                             rf"before its pixel data$"):
+
+    def deflate_all(data: bytes) -> bytes:
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return deflate.compress(data) + deflate.flush()
+
+    (tmp_path / "deflated.dcm").write_bytes(whole[:start] + deflate_all(inflated[:inflated_at] + stray + inflated[inflated_at:]))
+    for name in ("stray.dcm", "deflated.dcm"):
+        assert read_dicom(tmp_path / name).single.tolist() == np.arange(64, dtype=np.uint8).reshape(8, 8).tolist()
+    (tmp_path / "deflated.dcm").write_bytes(whole[:start] + deflate_all(inflated[:inflated_at] + bytes(1 << 20)))
+    for name, where in (("padded.dcm", at), ("deflated.dcm", f"{inflated_at} of its inflated data")):
+        with pytest.raises(ImageError, match=rf"{name}: truncated DICOM file: Secondary Capture Image Storage that "
+                                             rf"ends before its pixel data \(zeros from byte {where} on\)$"):
             read_dicom(tmp_path / name)
 
 
