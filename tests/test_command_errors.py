@@ -128,12 +128,14 @@ def test_a_model_url_given_to_a_command_that_reads_the_file_is_named_as_typed(tm
     assert not output.exists()
 
 
-def test_a_model_in_a_folder_named_as_a_scheme_is_the_file_it_is(onnx32, tmp_path, monkeypatch):
-    """runs://m.onnx is runs:/m.onnx to the file system: with a folder runs: there, a file, not a URI."""
+@pytest.mark.parametrize("folder", ["runs:", "triton:"])
+def test_a_model_in_a_folder_named_as_a_scheme_is_the_file_it_is(onnx32, tmp_path, monkeypatch, folder):
+    """runs://m.onnx is runs:/m.onnx to the file system: with a folder runs: there, a file, not a URI; so is
+    triton:/m.onnx to a command that reads the model's file (it was refused as a served model)."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs:").mkdir()
-    (tmp_path / "runs:" / "m.onnx").write_bytes(onnx32.read_bytes())
-    result = runner.invoke(app, ["export-triton", "runs://m.onnx", "-o", "repo"])
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "m.onnx").write_bytes(onnx32.read_bytes())
+    result = runner.invoke(app, ["export-triton", f"{folder}//m.onnx", "-o", "repo"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "repo" / "medmamba" / "config.pbtxt").is_file()
 

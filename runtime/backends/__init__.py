@@ -153,9 +153,10 @@ def is_triton_url(spec) -> bool:
 def local_model_file(spec: str | Path, command: str) -> Path:
     """``spec`` as a path, for a command that reads the model's file itself (quantize, build-engine, export-triton);
     a URI is refused as typed, where it read as a missing file named with its "//" folded by a Path
-    ("http:/host/m.onnx: no such ONNX file")."""
+    ("http:/host/m.onnx: no such ONNX file"). A file that is there is the file (triton:/m.onnx in a folder named
+    "triton:"), whatever a command that serves models would read it as."""
     scheme = model_uri_scheme(spec)
-    if scheme is not None:
+    if scheme is not None and not os.path.exists(spec):
         kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
         raise BackendError(f"{spec}: {command} needs a local model file, not {kind} ({scheme}://)")
     return Path(spec)
