@@ -574,11 +574,12 @@ def open_candidate(candidate: Path, int8: onnx.ModelProto, model_path: Path, out
 
     try:
         return open_backend(candidate)
-    except NotLoaded as exc:
-        raise _does_not_load(int8, model_path, output, exc.error) from None
+    except NotLoaded as exc:  # read from a temporary file, which ONNX Runtime names ("Load model from ... failed")
+        raise _does_not_load(int8, model_path, output,
+                             str(exc.error).replace(f"Load model from {candidate} failed:", "")) from None
 
 
-def _does_not_load(int8: onnx.ModelProto, model_path: Path, output: Path, error: Exception) -> QuantizeError:
+def _does_not_load(int8: onnx.ModelProto, model_path: Path, output: Path, error: Exception | str) -> QuantizeError:
     import onnxruntime as ort
 
     opset = next((o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -854,3 +854,27 @@ def test_sigterm_mid_calibration_leaves_no_temporary_files(fp32_models, tmp_path
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
     assert not list(temp.glob("medmamba-*")) and not output.exists()  # (a library leaves its .ses id file there)
+
+
+def test_an_int8_graph_onnx_runtime_refuses_is_named_after_the_users_model_not_the_candidate_file(bundled32, tmp_path,
+                                                                                                monkeypatch):
+    """The accuracy gate opens the candidate from its temporary file, which ONNX Runtime's refusal named ('Load
+    model from /tmp/medmamba-quantize.../candidate.onnx failed:'); without the gate it was read from bytes."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    real = quantize.quantize_with_cache
+
+    def broken(*args, **kwargs):  # a graph no ONNX Runtime loads: a node reading a tensor nothing makes
+        model = real(*args, **kwargs)
+        model.graph.node[5].input[0] = "no_such_tensor"
+        return model
+
+    monkeypatch.setattr(quantize, "quantize_with_cache", broken)
+    folder = _image_folder(tmp_path / "val", "val", 4)
+    messages = []
+    for gate in ({}, dict(eval_data=folder, max_drop=100)):
+        with pytest.raises(quantize.QuantizeError) as refused:
+            quantize_onnx(bundled32, tmp_path / "q.int8.onnx", folder, num_samples=4, **gate)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] and "no_such_tensor" in messages[0] and "candidate" not in messages[0], messages
+    assert not (tmp_path / "q.int8.onnx").exists()
