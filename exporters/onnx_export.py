@@ -30,7 +30,7 @@ except ImportError:
 from medmamba_edge import __version__
 from medmamba_edge.checkpoint import LoadedCheckpoint, class_names_files, load_checkpoint
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends import run_in_fixed_batches
+from medmamba_edge.runtime.backends import local_model_file, run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
@@ -156,7 +156,7 @@ def export_onnx(
     if problem := tolerance_problem(atol=atol, rtol=rtol):
         raise ExportError(problem)
     check_writable(output)
-    source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else Path(checkpoint)
+    source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else local_model_file(checkpoint, "export")
     if overwrites_input(output, [source, *class_names_files(source, classes)]):
         raise ExportError(f"{output}: the output would overwrite a file this export reads (the checkpoint or its "
                           f"class names)")

@@ -791,9 +791,9 @@ def _read_images(calib, split: str | None, num_samples: int, seed: int, metadata
     the calibration: a set with no usable image was refused after it. ``left_out`` hears of the calibration's
     left-out images, ``also_calibrated`` of the overlap."""
     if eval_data is not None:
-        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names)
+        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names, command="quantize")
         labels = eval_set.labels()  # an unlabelled set is refused now
-    calib_set = open_dataset(calib, split=split, default_split="train")
+    calib_set = open_dataset(calib, split=split, default_split="train", command="quantize")
     calib_read = calibration_inputs(calib_set, num_samples, seed, metadata, progress)
     short = min(num_samples, len(calib_set)) - len(calib_read.indices)
     if eval_data is not None:

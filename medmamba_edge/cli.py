@@ -218,7 +218,9 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 @command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
+    # str, not Path, as every model and data argument here: a Path folds the "//" of a URL, which is refused as
+    # typed (runtime.backends.uri_refusal).
+    checkpoint: Annotated[str, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
     batch: Annotated[Optional[int], typer.Option(help="Fixed batch size (default 1).")] = None,
@@ -259,7 +261,7 @@ def export(
 def quantize(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
-    calib: Annotated[Path, typer.Option(help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
+    calib: Annotated[str, typer.Option(metavar="PATH", help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the INT8 ONNX model.")],
     split: Annotated[Optional[str], typer.Option(help="Split of a .npz calibration set. Default: train.")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
@@ -271,7 +273,7 @@ def quantize(
                                                               "node names or op types. Repeatable.")] = None,
     quant_format: Annotated[str, typer.Option("--format", help="qdq: Q/DQ nodes (TensorRT and ONNX Runtime); qoperator: "
                                                         "QLinear* ops (ONNX Runtime CPU only).")] = "qdq",
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
     eval_split: Annotated[Optional[str], typer.Option(help="Split of a .npz evaluation set. Default: val.")] = None,
     max_drop: Annotated[Optional[float], typer.Option(help="Largest allowed top-1 drop in points with --eval; more "
                                                            "refuses (no output). Default: 1.")] = None,
@@ -462,7 +464,7 @@ SplitOption = Annotated[Optional[str], typer.Option(help="Split of a MedMNIST .n
 @command()
 def evaluate(
     models: ModelsArgument,
-    data: Annotated[Path, typer.Option(help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
+    data: Annotated[str, typer.Option(metavar="PATH", help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
     split: SplitOption = None,
     input_size: CheckpointSizeOption = None,
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
@@ -551,7 +553,7 @@ def compare(
     # str, not Path: a Path would fold the double slash of triton://HOST:PORT/MODEL.
     model_a: Annotated[str, typer.Argument(help="Reference model (.pth, .onnx, .engine, triton://HOST:PORT/MODEL).")],
     model_b: Annotated[str, typer.Argument(help="Model to check against it.")],
-    data: Annotated[Optional[Path], typer.Option(help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
+    data: Annotated[Optional[str], typer.Option(metavar="PATH", help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
     split: SplitOption = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Compare a fixed random subset of this many images.")] = None,
     atol: Annotated[Optional[float], typer.Option(help="Logit tolerance |A−B| ≤ atol + rtol·|A| "
@@ -718,7 +720,7 @@ def export_triton(
 
 @command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
+    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="HTTP port (KServe v2); gRPC and metrics default to the next "
                                            "two.")] = DEFAULT_PORT,

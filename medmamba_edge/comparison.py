@@ -138,7 +138,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     # Labels play no part in a comparison, so any images will do (class_names=None accepts unknown labels).
     if data is None and split is not None:
         raise EvaluationError(f"--split {split} applies to --data, a MedMNIST .npz")
-    dataset = bundled_samples() if data is None else open_dataset(data, split=split)
+    dataset = bundled_samples() if data is None else open_dataset(data, split=split, command="compare")
     dataset = dataset.sample(num_samples, seed)
     outputs = run_models(backends, dataset, batch_size, progress)
     a, b = outputs.logits

@@ -189,7 +189,7 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str | Non
     check_batch(batch_size)
     backends = open_models(models, input_size, threads, classes)
     class_names = backends[0].metadata.class_names
-    dataset = open_dataset(data, split=split, class_names=class_names)
+    dataset = open_dataset(data, split=split, class_names=class_names, command="evaluate")
     if not dataset.labelled:
         raise EvaluationError(f"{dataset.description}: evaluation needs labels (an ImageFolder, a labelled .npz "
                               f"split or a path,label CSV)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.runtime.backends import Backend, open_backend
+from medmamba_edge.runtime.backends import Backend, local_model_file, open_backend
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
@@ -190,6 +190,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     """Serve ``model`` until SIGINT/SIGTERM/SIGHUP (a second one aborts); ServeError if the server fails."""
     from medmamba_edge.runtime.loop import stop_on_signals
 
+    model = local_model_file(model, "serve")  # before PyTriton: a URL is refused as typed, wherever it runs
     # From the start: a stop while PyTriton and ONNX Runtime import or the model loads (a `systemctl stop` right
     # after the start) is a clean stop too, where the default handler's KeyboardInterrupt exited 130, or 1 when it
     # interrupted an extension module's initialisation.

@@ -286,9 +286,14 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
 
 
 def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequence[str] | None = None, *,
-                 default_split: str = "val") -> Dataset:
+                 default_split: str = "val", command: str = "medmamba-edge") -> Dataset:
     """``split``: a .npz's, ``default_split`` if None; given for a folder or a CSV, which have none, it is refused
-    (ignored, the run would read other images than asked for)."""
+    (ignored, the run would read other images than asked for). ``command`` (quantize, evaluate, compare) is named
+    where ``spec`` is a URI: a data set is read from a local file or folder only."""
+    from .backends import uri_refusal  # here: the backends' package imports more than a data set needs
+
+    if problem := uri_refusal(spec, command, "a local data set (file or folder)"):
+        raise DatasetError(problem)
     path = Path(spec)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")

@@ -140,6 +140,36 @@ def test_a_model_in_a_folder_named_as_a_scheme_is_the_file_it_is(onnx32, tmp_pat
     assert (tmp_path / "repo" / "medmamba" / "config.pbtxt").is_file()
 
 
+@pytest.mark.parametrize("command", ["serve", "export"])
+@pytest.mark.parametrize("url, kind", [("http://host/m.pth", "a URI (http://)"),
+                                       ("triton://h:8001/medmamba", "a served model (triton://)")])
+def test_a_model_url_given_to_serve_or_export_is_named_as_typed(tmp_path, monkeypatch, command, url, kind):
+    """serve's MODEL and export's CHECKPOINT were Paths: "http:/host/m.pth: no such checkpoint file"; serve said first
+    that PyTriton is missing, where the argument is wrong wherever it runs."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error([command, url, *(["-o", "m.onnx"] if command == "export" else [])],
+                   f"error: {url}: {command} needs a local model file, not {kind}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, option", [("quantize", "--calib"), ("quantize", "--eval"), ("evaluate", "--data"),
+                                             ("compare", "--data")])
+@pytest.mark.parametrize("url, kind", [("http://host/data.npz", "a URI (http://)"),
+                                       ("triton://h:8001/medmamba", "a served model (triton://)")])
+def test_a_data_set_url_is_named_as_typed(onnx32, tmp_path, command, option, url, kind):
+    """--calib, --eval and --data were Paths: "http:/host/data.npz: no such file or folder", the "//" folded."""
+    if command == "quantize":
+        quantizer_or_skip()  # else quantize says first that it cannot quantize here
+    output = tmp_path / "int8.onnx"
+    arguments = {"--calib": ["--calib", url, "-o", output],
+                 "--eval": ["--calib", _labelled_npz(tmp_path), "--eval", url, "-o", output],
+                 "--data": ["--data", url]}[option]
+    models = [onnx32, onnx32] if command == "compare" else [onnx32]
+    one_line_error([command, *models, *arguments],
+                   f"error: {url}: {command} needs a local data set (file or folder), not {kind}")
+    assert not output.exists()
+
+
 @pytest.fixture
 def never_evaluate(monkeypatch):
     """Output paths are checked before any model is opened: evaluating at all fails the test."""

@@ -150,15 +150,25 @@ def is_triton_url(spec) -> bool:
     return scheme == TRITON_SCHEME
 
 
-def local_model_file(spec: str | Path, command: str) -> Path:
-    """``spec`` as a path, for a command that reads the model's file itself (quantize, build-engine, export-triton);
-    a URI is refused as typed, where it read as a missing file named with its "//" folded by a Path
-    ("http:/host/m.onnx: no such ONNX file"). A file that is there is the file (triton:/m.onnx in a folder named
-    "triton:"), whatever a command that serves models would read it as."""
+def uri_refusal(spec, command: str, needed: str) -> str | None:
+    """Why ``spec`` is not the local file or folder ``command`` needs (``needed``: "a local model file", "a local
+    data set (file or folder)"), when it is a URI, as typed; None for a path. Read as a Path a URI had its "//"
+    folded and became a missing file ("http:/host/d.npz: no such file or folder"). A file or folder that is there
+    is what it names (triton:/m.onnx in a folder named "triton:"), whatever a command that serves models would read
+    it as."""
     scheme = model_uri_scheme(spec)
-    if scheme is not None and not os.path.exists(spec):
-        kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
-        raise BackendError(f"{spec}: {command} needs a local model file, not {kind} ({scheme}://)")
+    if scheme is None or os.path.exists(spec):
+        return None
+    kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
+    return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
+
+
+def local_model_file(spec: str | Path, command: str) -> Path:
+    """``spec`` as a path, for a command that reads the model's file itself (quantize, build-engine, export-triton,
+    export's checkpoint, serve); a URI is refused as typed, where it read as a missing file named with its "//"
+    folded by a Path ("http:/host/m.onnx: no such ONNX file")."""
+    if problem := uri_refusal(spec, command, "a local model file"):
+        raise BackendError(problem)
     return Path(spec)
 
 
