@@ -155,7 +155,7 @@ def export_onnx(
                           f"{onnx.__version__} knows, got {opset}")
     if problem := tolerance_problem(atol=atol, rtol=rtol):
         raise ExportError(problem)
-    check_writable(output)
+    check_writable(output, command="export")
     source = checkpoint.path if isinstance(checkpoint, LoadedCheckpoint) else local_model_file(checkpoint, "export")
     if overwrites_input(output, [source, *class_names_files(source, classes)]):
         raise ExportError(f"{output}: the output would overwrite a file this export reads (the checkpoint or its "

@@ -55,7 +55,7 @@ from medmamba_edge.errors import UserError, first_line, only_with
 from medmamba_edge.runtime.backends import Backend, fixed_batches, local_model_file
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
-from medmamba_edge.runtime.files import check_onnx_name, write_bytes_atomically
+from medmamba_edge.runtime.files import check_onnx_name, local_output, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, graph_shapes, load_onnx,
                                             read_onnx_metadata, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import compared_text, non_finite_rows, over_budget, points_lost, tolerance_problem
@@ -668,7 +668,7 @@ def quantize_onnx(
         max_drop = DEFAULT_MAX_DROP
     # None: not given (an option that applies only with another is refused above when given without it)
     percentile = DEFAULT_PERCENTILE if percentile is None else percentile
-    model_path, output = local_model_file(model_path, "quantize"), Path(output)
+    model_path, output = local_model_file(model_path, "quantize"), local_output(output, "quantize")
     check_onnx_name(output, "the INT8 model")
     model, metadata, source_props = _fp32_model(model_path)
     input_name = model.graph.input[0].name

@@ -43,7 +43,8 @@ from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
-from medmamba_edge.runtime.files import check_writable, current_umask, missing_folders, remove_empty_folders
+from medmamba_edge.runtime.files import (check_writable, current_umask, local_output, missing_folders,
+                                         remove_empty_folders)
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             remove_onnx_metadata, unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
@@ -363,7 +364,7 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                                                     "--max-queue-delay-us": max_queue_delay_us})
     served = describe_model(model, max_batch)
     _check_model(model, served, plugin)
-    repository = Path(repository)
+    repository = local_output(repository, "export-triton", folder=True)
     _check_output(model, repository, name)
     plan = _plan_serving(served, repository, name, kind, server_root, plugin)
     config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances,

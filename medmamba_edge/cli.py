@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from medmamba_edge.runtime.files import GuardedStdout, any_is_stdout, printable
+from medmamba_edge.runtime.files import GuardedStdout, any_is_stdout, local_output, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
 from medmamba_edge.runtime.signals import STOP_SIGNALS, handle_stop_signals
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
@@ -218,10 +218,10 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 @command()
 def export(
-    # str, not Path, as every model and data argument here: a Path folds the "//" of a URL, which is refused as
-    # typed (runtime.backends.uri_refusal).
+    # str, not Path, as every model, data and output argument here: a Path folds the "//" of a URL, which is refused
+    # as typed (runtime.backends.uri_refusal).
     checkpoint: Annotated[str, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
     batch: Annotated[Optional[int], typer.Option(help="Fixed batch size (default 1).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
@@ -262,7 +262,7 @@ def quantize(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
     calib: Annotated[str, typer.Option(metavar="PATH", help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the INT8 ONNX model.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the INT8 ONNX model.")],
     split: Annotated[Optional[str], typer.Option(help="Split of a .npz calibration set. Default: train.")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample choice.")] = 0,
@@ -289,6 +289,7 @@ def quantize(
 
     given_only_with("--min-speedup", min_speedup is None, speed_batch=speed_batch)
 
+    output = local_output(output, "quantize")
     check_outputs(output, reads=[model, calib, eval_data])
     from medmamba_edge.exporters.quantize import quantize_onnx
 
@@ -346,11 +347,12 @@ def build_plugin(
     cuda_arch: Annotated[Optional[str], typer.Option(help="CUDA architectures, e.g. '87' or '75;86;89'. "
                                                           "Default: Orin, Thor and desktop/data-centre GPUs.")] = None,
     tensorrt_root: Annotated[Optional[Path], typer.Option(help="TensorRT install prefix (include/ and lib/).")] = None,
-    build_dir: Annotated[Optional[Path], typer.Option(help="Build directory (default: the plugin cache).")] = None,
+    build_dir: Annotated[Optional[str], typer.Option(metavar="PATH", help="Build directory (default: the plugin cache).")] = None,
 ) -> None:
     """Build the selective-scan TensorRT plugin with CMake and print where the library is."""
     from medmamba_edge.runtime.backends.tensorrt import plugin
 
+    build_dir = local_output(build_dir, "build-plugin", folder=True)
     with spinner("building the TensorRT plugin (cmake)") as update:
         library = plugin.build_plugin(build_dir=build_dir, cuda_arch=cuda_arch, tensorrt_root=tensorrt_root,
                                      progress=lambda line: update(line[:100]))
@@ -361,14 +363,14 @@ def build_plugin(
 def build_engine(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the engine (a .json manifest goes beside it).")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the engine (a .json manifest goes beside it).")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (TensorRT 11: the graph is converted to float16 first).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 engine from an explicitly quantized (Q/DQ) model.")] = False,
     min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of a dynamic-batch model's profile (default 1).")] = None,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch the engine is tuned for (default 1).")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Largest batch (default 8).")] = None,
     workspace: Annotated[Optional[int], typer.Option(help="Workspace memory limit in MiB.")] = None,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file: read if present, written after the build.")] = None,
+    timing_cache: Annotated[Optional[str], typer.Option(metavar="PATH", help="Timing cache file: read if present, written after the build.")] = None,
     opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0..5 (TensorRT default 3).")] = None,
     dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core with GPU fallback (-1: GPU only).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Runs on later TensorRT versions too.")] = False,
@@ -384,6 +386,7 @@ def build_engine(
     from medmamba_edge.runtime.backends.tensorrt import build as tensorrt_build
     from medmamba_edge.runtime.backends.tensorrt.manifest import manifest_path
 
+    output, timing_cache = local_output(output, "build-engine"), local_output(timing_cache, "build-engine")
     # The timing cache is read and written: it may be neither the model nor the engine.
     check_outputs(output, manifest_path(output), timing_cache, reads=[model, plugin])
     options = tensorrt_build.resolve_options(
@@ -421,7 +424,7 @@ def build_engine(
 
 @command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where to write the exported model.")] = Path("medmamba-edge-demo"),
+    workdir: Annotated[str, typer.Option(metavar="PATH", help="Where to write the exported model.")] = "medmamba-edge-demo",
     scan: Annotated[str, typer.Option(help="Scan form to export and run (portable or plugin).")] = "portable",
 ) -> None:
     """Export the bundled checkpoint and classify the bundled sample images with ONNX Runtime."""
@@ -433,7 +436,7 @@ def demo(
     from medmamba_edge.runtime.decode import read_image
     from medmamba_edge.runtime.preprocess import preprocess
 
-    onnx_path = workdir / f"bundled_{scan}.onnx"
+    onnx_path = local_output(workdir, "demo", folder=True) / f"bundled_{scan}.onnx"
     with spinner("exporting the bundled checkpoint"):
         result = export_onnx(bundled_checkpoint(), onnx_path, input_size=32, batch=None, scan=scan)
     out.print(f"exported {result.path}; verified against PyTorch: max logit diff {result.max_abs_diff:.1e}")
@@ -470,8 +473,8 @@ def evaluate(
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
     max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when a model's top-1 accuracy is more "
                                                            "than this many points below the first model's.")] = None,
-    plots: Annotated[Optional[Path], typer.Option(help="Folder for a confusion-matrix PNG per model.")] = None,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    plots: Annotated[Optional[str], typer.Option(metavar="PATH", help="Folder for a confusion-matrix PNG per model.")] = None,
+    json_file: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Write every metric to this JSON file.")] = None,
     classes: CheckpointClassesOption = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
@@ -479,6 +482,7 @@ def evaluate(
 
     from . import evaluation
 
+    plots, json_file = local_output(plots, "evaluate", folder=True), local_output(json_file, "evaluate")
     size = checkpoint_input_size(input_size, models)
     plot_files = [plots / name for name in evaluation.plot_file_names(models)] if plots else []
     check_outputs(json_file, *plot_files, folder=plots, plots=bool(plots), reads=[*models, data])
@@ -514,8 +518,8 @@ def benchmark(
     warmup: Annotated[int, typer.Option(help="Untimed runs per model and batch before timing.")] = 3,
     iterations: Annotated[int, typer.Option(help="Timed runs per model and batch.")] = 20,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per model (default: each backend's).")] = None,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every latency to this JSON file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a latency bar chart (PNG) here.")] = None,
+    json_file: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Write every latency to this JSON file.")] = None,
+    plot: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write a latency bar chart (PNG) here.")] = None,
 ) -> None:
     """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
     from rich.progress import BarColumn, MofNCompleteColumn
@@ -526,6 +530,7 @@ def benchmark(
         batches = [int(b) for b in batch.split(",")]
     except ValueError:
         fail(f"--batch must be comma-separated integers, got {batch!r}")
+    json_file, plot = local_output(json_file, "benchmark"), local_output(plot, "benchmark")
     size = checkpoint_input_size(input_size, models)
     check_outputs(json_file, plot, plots=bool(plot), reads=models)
     if plot and plot.suffix.lower() != ".png":  # matplotlib is told PNG: another name would not say what it holds
@@ -597,9 +602,9 @@ def run(
     loop: Annotated[bool, typer.Option("--loop", help="Start a file source again at its end.")] = False,
     top_k: Annotated[int, typer.Option(help="Labels per record.")] = 3,
     threshold: Annotated[float, typer.Option(help="Abstain when the top-1 probability is below this.")] = 0.0,
-    jsonl: Annotated[Optional[Path], typer.Option(help="Write a JSON record per frame.")] = None,
-    csv: Annotated[Optional[Path], typer.Option("--csv", help="Write a CSV row per frame.")] = None,
-    save_video: Annotated[Optional[Path], typer.Option(help="Write an annotated video (.mp4, .m4v, .mov, .mkv or .avi).")] = None,
+    jsonl: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write a JSON record per frame.")] = None,
+    csv: Annotated[Optional[str], typer.Option("--csv", metavar="PATH", help="Write a CSV row per frame.")] = None,
+    save_video: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write an annotated video (.mp4, .m4v, .mov, .mkv or .avi).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Show annotated frames in a window (needs a display).")] = False,
     console_lines: Annotated[str, typer.Option("--console", help="auto, frame, second or none "
                                                                   "(auto: per frame for files, per second for live sources).")] = "auto",
@@ -624,6 +629,7 @@ def run(
 
     from .loaders import open_model
 
+    jsonl, csv, save_video = (local_output(path, "run") for path in (jsonl, csv, save_video))  # before any work
     options = RunOptions(batch=batch, stride=stride, max_frames=max_frames, loop=loop, top_k=top_k, threshold=threshold)
     frames = open_source(source, reconnect=reconnect, notify=warn)  # before the model: a missing camera fails at once
     with spinner("loading the model") as update:
@@ -671,7 +677,7 @@ def run(
 def export_triton(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Triton model repository (the model goes in OUTPUT/NAME).")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms "
                                                 "(dynamic-batch models).")] = DEFAULT_MAX_BATCH,

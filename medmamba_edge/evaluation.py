@@ -19,6 +19,7 @@ import numpy as np
 from medmamba_edge.runtime.backends import (ONNX_SUFFIXES, Backend, checked_logits, is_checkpoint_name,
                                             is_triton_url, log_softmax, softmax)
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
+from medmamba_edge.runtime.files import local_output
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, ModelMetadata, positive_int, read_onnx_metadata
 from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_finite_rows, over_budget, points_lost,
                                            tolerance_problem)
@@ -260,6 +261,7 @@ def on_cpu(cpu: str | None) -> str:
 def write_confusion_plots(report: EvaluationReport, folder: Path) -> list[Path]:
     from .plots import confusion_matrix_png
 
+    folder = local_output(folder, "evaluate", folder=True)
     paths = [m.path for m in report.models]
     return [
         confusion_matrix_png(m.metrics.confusion, report.class_names,

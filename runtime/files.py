@@ -373,14 +373,28 @@ def check_onnx_name(path: str | Path, what: str) -> None:
         raise OutputError(f"{path}: {what} is ONNX; name it *.onnx (models are opened by their suffix)")
 
 
-def check_writable(path: str | Path, *, folder: bool = False) -> None:
+def local_output(spec: str | Path | None, command: str, *, folder: bool = False) -> Path | None:
+    """An output argument (``-o``, ``--json``...; a folder with ``folder``) as a Path, None as None; a URI is refused
+    as typed, in one line naming ``command``: as a Path its "//" folded, and the output went to folders named
+    "http:" and "host" ("wrote http:/host/r.json")."""
+    from .backends import uri_refusal  # here: files is imported by the backends' modules
+
+    if spec is None:
+        return None
+    if problem := uri_refusal(spec, command, f"a local output {'folder' if folder else 'file'}", output=True):
+        raise OutputError(problem)
+    return Path(spec)
+
+
+def check_writable(path: str | Path, *, folder: bool = False, command: str = "medmamba-edge") -> None:
     """Raise OutputError unless ``path`` (a file, or with ``folder`` a folder of files) can be written as
     ``AtomicOutput`` writes it. For the start of long work (an export, an evaluation), so that a wrong
     ``-o`` or ``--json`` costs a second, not the whole run; nothing is created, not even missing folders.
+    A URI is refused (local_output), naming ``command``.
 
     A real file is created and removed in the nearest existing folder: permission bits say nothing for
     root, a read-only mount or an ACL."""
-    path = Path(path)
+    path = local_output(path, command, folder=folder)
     try:  # every look at path raises, too, for a name longer than the file system allows
         if folder and path.exists() and not path.is_dir():
             raise OutputError(f"{path}: is not a folder")

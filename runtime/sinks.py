@@ -27,7 +27,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from .decode import quiet_opencv
-from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, printable
+from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, local_output, printable
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
 
@@ -381,6 +381,7 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     come first; if a file output then cannot be created (a folder, a video format, no permission, one of the
     files the run ``reads``, or another output's file), the ones already created are removed again, so a
     refused run leaves no file behind."""
+    video, jsonl, csv_path = (local_output(path, "run") for path in (video, jsonl, csv_path))
     if console == "auto":  # records piped through stdout (--jsonl /dev/stdout) get it to themselves
         console = "none" if any_is_stdout(jsonl, csv_path) else "second" if live else "frame"
     outputs: list[Sink] = [ConsoleSink(console)]

@@ -170,6 +170,51 @@ def test_a_data_set_url_is_named_as_typed(onnx32, tmp_path, command, option, url
     assert not output.exists()
 
 
+@pytest.mark.parametrize("command, option, kind", [
+    ("evaluate", "--json", "file"), ("evaluate", "--plots", "folder"), ("benchmark", "--json", "file"),
+    ("benchmark", "--plot", "file"), ("quantize", "-o", "file"), ("export", "-o", "file"),
+    ("build-engine", "-o", "file"), ("build-engine", "--timing-cache", "file"), ("export-triton", "-o", "folder"),
+    ("run", "--jsonl", "file"), ("run", "--csv", "file"), ("run", "--save-video", "file"),
+    ("demo", "--workdir", "folder"), ("build-plugin", "--build-dir", "folder")])
+def test_an_output_url_is_refused_as_typed(onnx32, tmp_path, monkeypatch, command, option, kind):
+    """An output option was a Path: `--json http://x/r.json` folded to http:/x/r.json, wrote folders named "http:"
+    and "x" and said "wrote http:/x/r.json"."""
+    monkeypatch.chdir(tmp_path)
+    url = "http://x/out.png" if option == "--plot" else "http://x/out"
+    given = {"evaluate": [onnx32, "--data", _labelled_npz(tmp_path)], "benchmark": [onnx32],
+             "quantize": [onnx32, "--calib", _labelled_npz(tmp_path)], "export": [bundled_checkpoint()],
+             "build-engine": [onnx32], "export-triton": [onnx32],
+             "run": [onnx32, sample_image_paths("pneumoniamnist")[0]], "demo": [], "build-plugin": []}[command]
+    if option != "-o" and command in ("quantize", "export", "build-engine", "export-triton"):
+        given += ["-o", tmp_path / "m.engine"]
+    one_line_error([command, *given, option, url],
+                   f"error: {url}: {command} needs a local output {kind}, not a URI (http://)")
+    assert not (tmp_path / "http:").exists()
+
+
+def test_data_and_outputs_in_a_folder_named_as_a_scheme_are_the_files_they_are(onnx32, tmp_path, monkeypatch):
+    """runs://d.npz and runs://r.json are runs:/d.npz and runs:/r.json to the file system: with a folder runs: there,
+    a data set read and outputs written in it (an output: the folder that holds it is there), not URIs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs:").mkdir()
+    _labelled_npz(tmp_path / "runs:")
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", "runs://data.npz", "--json", "runs://r.json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "runs:" / "r.json").read_text())["models"]
+
+
+def test_the_library_refuses_a_url_as_the_command_does(tmp_path):
+    """open_dataset and check_writable, under evaluate, quantize and the rest, refuse a URI for Python callers too."""
+    from medmamba_edge.runtime.datasets import DatasetError, open_dataset
+    from medmamba_edge.runtime.files import OutputError, check_writable
+
+    with pytest.raises(DatasetError, match=r"^http://h/d\.npz: medmamba-edge needs a local data set \(file or "
+                                           r"folder\), not a URI \(http://\)$"):
+        open_dataset("http://h/d.npz")
+    with pytest.raises(OutputError, match=r"^s3://b/r\.json: evaluate needs a local output file, not a URI \(s3://\)$"):
+        check_writable("s3://b/r.json", command="evaluate")
+
+
 @pytest.fixture
 def never_evaluate(monkeypatch):
     """Output paths are checked before any model is opened: evaluating at all fails the test."""

@@ -129,12 +129,13 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
     return np.concatenate([run_fixed(chunk) for chunk in fixed_batches(batch, fixed)])[: len(batch)]
 
 
-def model_uri_scheme(spec) -> str | None:
+def model_uri_scheme(spec, *, output: bool = False) -> str | None:
     """The scheme of a model argument that is a URI, in lower case ("triton", "http"), or None for a path: the one
-    reading of MODEL_URI that every command shares."""
+    reading of MODEL_URI that every command shares, for its data sets and outputs too. ``output``: ``spec`` is to be
+    written, so a folder there to hold it makes it a path as the file itself does for an input."""
     match = MODEL_URI.match(str(spec))
     # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name too long)
-    if match is None or (match[2] and os.path.exists(spec)):
+    if match is None or (match[2] and (os.path.exists(spec) or output and os.path.isdir(os.path.dirname(spec)))):
         return None
     return (match[1] or match[2]).lower()
 
@@ -150,13 +151,14 @@ def is_triton_url(spec) -> bool:
     return scheme == TRITON_SCHEME
 
 
-def uri_refusal(spec, command: str, needed: str) -> str | None:
+def uri_refusal(spec, command: str, needed: str, *, output: bool = False) -> str | None:
     """Why ``spec`` is not the local file or folder ``command`` needs (``needed``: "a local model file", "a local
-    data set (file or folder)"), when it is a URI, as typed; None for a path. Read as a Path a URI had its "//"
-    folded and became a missing file ("http:/host/d.npz: no such file or folder"). A file or folder that is there
-    is what it names (triton:/m.onnx in a folder named "triton:"), whatever a command that serves models would read
+    data set (file or folder)", "a local output file"), when it is a URI, as typed; None for a path. Read as a Path
+    a URI had its "//" folded and became a missing file ("http:/host/d.npz: no such file or folder") or, for an
+    output, folders named "http:" and "host". ``output``: as model_uri_scheme's. A file or folder that is there is
+    what it names (triton:/m.onnx in a folder named "triton:"), whatever a command that serves models would read
     it as."""
-    scheme = model_uri_scheme(spec)
+    scheme = model_uri_scheme(spec, output=output)
     if scheme is None or os.path.exists(spec):
         return None
     kind = "a served model" if scheme == TRITON_SCHEME else "a URI"

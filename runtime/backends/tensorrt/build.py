@@ -22,7 +22,7 @@ from medmamba_edge.errors import UserError
 
 from ... import scan_node
 from .. import local_model_file
-from ...files import cache_root, check_writable, sha256_file, write_bytes_atomically
+from ...files import cache_root, check_writable, local_output, sha256_file, write_bytes_atomically
 from ...metadata import PRECISIONS, ModelMetadata, load_onnx, onnx_runtime_only_ops, read_onnx_metadata
 from .compat import (
     current_gpu,
@@ -211,9 +211,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     """Build ``engine_path`` (and ``<engine_path>.json``) from an exported ONNX model."""
     options = options or BuildOptions()
     _check_options(options)
-    onnx_path, engine_path = local_model_file(onnx_path, "build-engine"), Path(engine_path)
+    onnx_path, engine_path = local_model_file(onnx_path, "build-engine"), local_output(engine_path, "build-engine")
     for output in filter(None, (engine_path, options.timing_cache)):  # both are written after a build of minutes
-        check_writable(output)
+        check_writable(output, command="build-engine")
     inputs = _read_inputs(onnx_path, options, plugin)
     return _build(onnx_path, engine_path, options, inputs, progress or BuildProgress())
 
