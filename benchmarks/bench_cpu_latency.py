@@ -25,7 +25,7 @@ import torch
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
-from medmamba_edge.runtime import scan_cpu, scan_node
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
 from common import at_least, cpu_session, int_list, medmamba_t, profile_by_op_type, thread_count  # benchmarks/common.py, beside this script

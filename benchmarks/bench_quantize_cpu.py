@@ -28,7 +28,7 @@ import onnxruntime as ort
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.exporters.quantize import quantizable_nodes, quantize_onnx
-from medmamba_edge.runtime import scan_cpu, scan_node
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.metadata import write_onnx_metadata
 

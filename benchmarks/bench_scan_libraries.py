@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
-from medmamba_edge.runtime import scan_cpu, scan_node
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
 from common import BLOCK, at_least, interleaved, library_options, medmamba_t, profile_nodes, thread_count  # benchmarks/common.py, beside this script

@@ -219,7 +219,7 @@ def parse_input_size(text: str) -> tuple[int, int]:
 @command()
 def export(
     # str, not Path, as every model, data and output argument here: a Path folds the "//" of a URL, which is refused
-    # as typed (runtime.backends.uri_refusal).
+    # as typed (runtime.uri.uri_refusal).
     checkpoint: Annotated[str, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),

@@ -31,6 +31,7 @@ from .metadata import int_at_least, positive_int
 from .preprocess import PIXEL_TYPES
 from .sources.base import item_error
 from .sources.files import NOT_REGULAR, folder_files
+from .uri import uri_refusal
 
 
 class DatasetError(UserError):
@@ -290,8 +291,6 @@ def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequen
     """``split``: a .npz's, ``default_split`` if None; given for a folder or a CSV, which have none, it is refused
     (ignored, the run would read other images than asked for). ``command`` (quantize, evaluate, compare) is named
     where ``spec`` is a URI: a data set is read from a local file or folder only."""
-    from .backends import uri_refusal  # here: the backends' package imports more than a data set needs
-
     if problem := uri_refusal(spec, command, "a local data set (file or folder)"):
         raise DatasetError(problem)
     path = Path(spec)

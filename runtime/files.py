@@ -21,6 +21,8 @@ from typing import IO
 
 from medmamba_edge.errors import UserError
 
+from .uri import uri_refusal
+
 CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
 
 
@@ -377,8 +379,6 @@ def local_output(spec: str | Path | None, command: str, *, folder: bool = False)
     """An output argument (``-o``, ``--json``...; a folder with ``folder``) as a Path, None as None; a URI is refused
     as typed, in one line naming ``command``: as a Path its "//" folded, and the output went to folders named
     "http:" and "host" ("wrote http:/host/r.json")."""
-    from .backends import uri_refusal  # here: files is imported by the backends' modules
-
     if spec is None:
         return None
     if problem := uri_refusal(spec, command, f"a local output {'folder' if folder else 'file'}", output=True):

@@ -437,7 +437,7 @@ def test_unusable_calibration_images_are_replaced_from_the_same_random_draw(bund
                                           "--num-samples", str(num_samples)])
         assert result.exit_code == 0, result.output
         assert f"calibrated on {used} images" in result.output
-        ran_out = f"the calibration set ran out of usable images: 6 of the 8 --num-samples asked for"
+        ran_out = "the calibration set ran out of usable images: 6 of the 8 --num-samples asked for"
         assert (ran_out in result.output.replace("\n", " ")) == (num_samples == 8), result.output
         recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
         assert recorded["calibration_images"] == used and recorded["num_samples"] == num_samples

@@ -7,8 +7,6 @@ imports happen in ``open_backend`` so that importing this package stays torch- a
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Protocol
 
@@ -17,16 +15,13 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from ..metadata import ModelMetadata
+from ..uri import TRITON_SCHEME, model_uri_scheme, uri_refusal
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 # What train.py (.pth), timm (.pth.tar), Lightning (.ckpt) and other trainers name a torch.save file: endings of the
 # name, not suffixes (Path.suffix of best.pth.tar is .tar); is_checkpoint_name is the one test of them.
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".ckpt", ".bin")
-TRITON_SCHEME = "triton"  # the one kind of model URI: triton://HOST:PORT/MODEL (runtime/backends/triton.py)
-# "scheme://": two letters or more, so that a Windows drive (C://m.onnx) stays a path. A served model's "triton:/"
-# with one slash too: pathlib.Path folds the double slash of a URL that went through a Path-typed option.
-MODEL_URI = re.compile(rf"(?i:({TRITON_SCHEME}):/|([a-z][a-z0-9+.-]+)://)")
 
 
 def is_checkpoint_name(path: str | Path) -> bool:
@@ -129,17 +124,6 @@ def run_in_fixed_batches(run_fixed, batch: np.ndarray, fixed: int | None) -> np.
     return np.concatenate([run_fixed(chunk) for chunk in fixed_batches(batch, fixed)])[: len(batch)]
 
 
-def model_uri_scheme(spec, *, output: bool = False) -> str | None:
-    """The scheme of a model argument that is a URI, in lower case ("triton", "http"), or None for a path: the one
-    reading of MODEL_URI that every command shares, for its data sets and outputs too. ``output``: ``spec`` is to be
-    written, so a folder there to hold it makes it a path as the file itself does for an input."""
-    match = MODEL_URI.match(str(spec))
-    # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name too long)
-    if match is None or (match[2] and (os.path.exists(spec) or output and os.path.isdir(os.path.dirname(spec)))):
-        return None
-    return (match[1] or match[2]).lower()
-
-
 def is_triton_url(spec) -> bool:
     """Whether a model argument names a server (runtime/backends/triton.py) rather than a file. A URI of another
     scheme names neither: it is refused here, where every command first looks at its models, in words rather
@@ -149,20 +133,6 @@ def is_triton_url(spec) -> bool:
         raise BackendError(f"{spec}: unknown model URI scheme {scheme!r}; a served model is "
                            f"{TRITON_SCHEME}://HOST:PORT/MODEL")
     return scheme == TRITON_SCHEME
-
-
-def uri_refusal(spec, command: str, needed: str, *, output: bool = False) -> str | None:
-    """Why ``spec`` is not the local file or folder ``command`` needs (``needed``: "a local model file", "a local
-    data set (file or folder)", "a local output file"), when it is a URI, as typed; None for a path. Read as a Path
-    a URI had its "//" folded and became a missing file ("http:/host/d.npz: no such file or folder") or, for an
-    output, folders named "http:" and "host". ``output``: as model_uri_scheme's. A file or folder that is there is
-    what it names (triton:/m.onnx in a folder named "triton:"), whatever a command that serves models would read
-    it as."""
-    scheme = model_uri_scheme(spec, output=output)
-    if scheme is None or os.path.exists(spec):
-        return None
-    kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
-    return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
 
 
 def local_model_file(spec: str | Path, command: str) -> Path:

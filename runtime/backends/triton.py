@@ -38,7 +38,8 @@ from medmamba_edge.errors import first_line
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
 from ..triton_defaults import DEFAULT_PORT
-from . import TRITON_SCHEME, Backend, BackendError, run_in_fixed_batches
+from ..uri import TRITON_SCHEME
+from . import Backend, BackendError, run_in_fixed_batches
 
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
