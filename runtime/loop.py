@@ -197,18 +197,20 @@ def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.E
     frames it still held, close the outputs."""
     stats = records.stats
     try:
-        waiting = capture.stop()
-        # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
-        records.dropped(capture.take_dropped())
-        records.not_run(waiting)
-        if interrupted.is_set():
-            stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
-        stats.finished = time.perf_counter()
-    except BaseException as exc:  # a signal's KeyboardInterrupt in capture.stop()'s join, say
+        try:
+            waiting = capture.stop()
+            # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
+            records.dropped(capture.take_dropped())
+            records.not_run(waiting)
+            if interrupted.is_set():
+                stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"
+            stats.finished = time.perf_counter()
+        finally:
+            records.outputs.close()
+    except BaseException as exc:  # a signal's KeyboardInterrupt in capture.stop()'s join, or in a video's closing
         leaving = exc
         raise
     finally:
-        records.outputs.close()
         # Not thread.is_alive(): a join interrupted by the signal marks the thread stopped (CPython's bpo-45274).
         if capture.running and isinstance(leaving, KeyboardInterrupt):
             leaving.capture_still_running = True

@@ -501,6 +501,34 @@ def test_a_run_ending_normally_inside_a_callers_except_marks_nothing(tiny_onnx, 
     assert not capture_still_running(caller)
 
 
+def test_a_ctrl_c_while_the_outputs_close_is_marked_when_the_capture_still_runs(tiny_onnx, monkeypatch):
+    """A second Ctrl-C while a video writer finished its file (the outputs' close) left run unmarked though a live
+    stream's read still hung in its thread: the CLI did not end with os._exit, and Python's exit aborted."""
+    import threading
+
+    from medmamba_edge.runtime.loop import capture_still_running
+    from medmamba_edge.runtime.sources.capture import Capture
+
+    class StalledCamera(Source):
+        live, description = True, "a camera whose read hangs"
+
+        def frames(self, stride=1):
+            yield Frame("cam", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
+            time.sleep(3)  # deaf to stop(): a stalled stream
+
+    monkeypatch.setattr(Capture, "live_stop_timeout_s", 0.2)
+    stop, sink = threading.Event(), Collect()
+    sink.write = lambda record, image, fps: (sink.records.append(record), stop.set())
+
+    def interrupted_close():
+        raise KeyboardInterrupt  # the signal's, as it arrives inside the close
+
+    sink.close = interrupted_close
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        run(open_backend(tiny_onnx), StalledCamera(), [sink], RunOptions(), stop=stop)
+    assert capture_still_running(interrupt.value)
+
+
 def test_a_capture_that_cannot_start_still_closes_the_outputs(tiny_onnx, tmp_path, monkeypatch):
     """capture.start() was outside run's try: at the process's thread limit ("can't start new thread") the JSONL
     was left as a .partial file and the sinks never closed."""
