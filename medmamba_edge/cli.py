@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
+from typer.models import TyperPath
 
 from medmamba_edge.runtime.files import GuardedStdout, any_is_stdout, local_output, printable
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE
@@ -184,6 +185,11 @@ def given_only_with(needed: str, missing: bool, **options) -> None:
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
+# A file or folder argument as typed, shown as PATH: typer's own path type with str values, where a Path annotation
+# folded a URL's "//" and the command's refusal named it wrongly ("http:/host/m.onnx"); runtime.uri reads it.
+PATH = TyperPath(path_type=str)
+
+
 def warn_left_out(failures, whose: str, rest_in: str | None = None) -> None:
     """The images a command left out, each by name, or the first few when ``rest_in`` says where every one is
     listed."""
@@ -220,8 +226,8 @@ def parse_input_size(text: str) -> tuple[int, int]:
 def export(
     # str, not Path, as every model, data and output argument here: a Path folds the "//" of a URL, which is refused
     # as typed (runtime.uri.uri_refusal).
-    checkpoint: Annotated[str, typer.Argument(help="Official MedMamba checkpoint (.pth state_dict).")],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the ONNX model.")],
+    checkpoint: Annotated[str, typer.Argument(click_type=PATH, help="Official MedMamba checkpoint (.pth state_dict).")],
+    output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
     batch: Annotated[Optional[int], typer.Option(help="Fixed batch size (default 1).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
@@ -260,9 +266,9 @@ def export(
 @command()
 def quantize(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
-    model: Annotated[str, typer.Argument(help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
-    calib: Annotated[str, typer.Option(metavar="PATH", help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the INT8 ONNX model.")],
+    model: Annotated[str, typer.Argument(click_type=PATH, help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
+    calib: Annotated[str, typer.Option(click_type=PATH, help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
+    output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the INT8 ONNX model.")],
     split: Annotated[Optional[str], typer.Option(help="Split of a .npz calibration set. Default: train.")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration images, chosen at random (--seed).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample choice.")] = 0,
@@ -273,7 +279,7 @@ def quantize(
                                                               "node names or op types. Repeatable.")] = None,
     quant_format: Annotated[str, typer.Option("--format", help="qdq: Q/DQ nodes (TensorRT and ONNX Runtime); qoperator: "
                                                         "QLinear* ops (ONNX Runtime CPU only).")] = "qdq",
-    eval_data: Annotated[Optional[str], typer.Option("--eval", metavar="PATH", help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", click_type=PATH, help="Labelled data to compare fp32 and INT8 top-1 on.")] = None,
     eval_split: Annotated[Optional[str], typer.Option(help="Split of a .npz evaluation set. Default: val.")] = None,
     max_drop: Annotated[Optional[float], typer.Option(help="Largest allowed top-1 drop in points with --eval; more "
                                                            "refuses (no output). Default: 1.")] = None,
@@ -347,7 +353,7 @@ def build_plugin(
     cuda_arch: Annotated[Optional[str], typer.Option(help="CUDA architectures, e.g. '87' or '75;86;89'. "
                                                           "Default: Orin, Thor and desktop/data-centre GPUs.")] = None,
     tensorrt_root: Annotated[Optional[Path], typer.Option(help="TensorRT install prefix (include/ and lib/).")] = None,
-    build_dir: Annotated[Optional[str], typer.Option(metavar="PATH", help="Build directory (default: the plugin cache).")] = None,
+    build_dir: Annotated[Optional[str], typer.Option(click_type=PATH, help="Build directory (default: the plugin cache).")] = None,
 ) -> None:
     """Build the selective-scan TensorRT plugin with CMake and print where the library is."""
     from medmamba_edge.runtime.backends.tensorrt import plugin
@@ -362,15 +368,15 @@ def build_plugin(
 @command("build-engine")
 def build_engine(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
-    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Where to write the engine (a .json manifest goes beside it).")],
+    model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
+    output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the engine (a .json manifest goes beside it).")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (TensorRT 11: the graph is converted to float16 first).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 engine from an explicitly quantized (Q/DQ) model.")] = False,
     min_batch: Annotated[Optional[int], typer.Option(help="Smallest batch of a dynamic-batch model's profile (default 1).")] = None,
     opt_batch: Annotated[Optional[int], typer.Option(help="Batch the engine is tuned for (default 1).")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Largest batch (default 8).")] = None,
     workspace: Annotated[Optional[int], typer.Option(help="Workspace memory limit in MiB.")] = None,
-    timing_cache: Annotated[Optional[str], typer.Option(metavar="PATH", help="Timing cache file: read if present, written after the build.")] = None,
+    timing_cache: Annotated[Optional[str], typer.Option(click_type=PATH, help="Timing cache file: read if present, written after the build.")] = None,
     opt_level: Annotated[Optional[int], typer.Option(help="Builder optimisation level 0..5 (TensorRT default 3).")] = None,
     dla_core: Annotated[Optional[int], typer.Option(help="Run on this DLA core with GPU fallback (-1: GPU only).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Runs on later TensorRT versions too.")] = False,
@@ -424,7 +430,7 @@ def build_engine(
 
 @command()
 def demo(
-    workdir: Annotated[str, typer.Option(metavar="PATH", help="Where to write the exported model.")] = "medmamba-edge-demo",
+    workdir: Annotated[str, typer.Option(click_type=PATH, help="Where to write the exported model.")] = "medmamba-edge-demo",
     scan: Annotated[str, typer.Option(help="Scan form to export and run (portable or plugin).")] = "portable",
 ) -> None:
     """Export the bundled checkpoint and classify the bundled sample images with ONNX Runtime."""
@@ -467,14 +473,14 @@ SplitOption = Annotated[Optional[str], typer.Option(help="Split of a MedMNIST .n
 @command()
 def evaluate(
     models: ModelsArgument,
-    data: Annotated[str, typer.Option(metavar="PATH", help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
+    data: Annotated[str, typer.Option(click_type=PATH, help="Labelled images: ImageFolder, MedMNIST .npz or path,label CSV.")],
     split: SplitOption = None,
     input_size: CheckpointSizeOption = None,
     batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 32,
     max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when a model's top-1 accuracy is more "
                                                            "than this many points below the first model's.")] = None,
-    plots: Annotated[Optional[str], typer.Option(metavar="PATH", help="Folder for a confusion-matrix PNG per model.")] = None,
-    json_file: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Write every metric to this JSON file.")] = None,
+    plots: Annotated[Optional[str], typer.Option(click_type=PATH, help="Folder for a confusion-matrix PNG per model.")] = None,
+    json_file: Annotated[Optional[str], typer.Option("--json", click_type=PATH, help="Write every metric to this JSON file.")] = None,
     classes: CheckpointClassesOption = None,
 ) -> None:
     """Accuracy, precision, sensitivity, specificity, F1 and AUC of models side by side on the same images."""
@@ -518,8 +524,8 @@ def benchmark(
     warmup: Annotated[int, typer.Option(help="Untimed runs per model and batch before timing.")] = 3,
     iterations: Annotated[int, typer.Option(help="Timed runs per model and batch.")] = 20,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per model (default: each backend's).")] = None,
-    json_file: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Write every latency to this JSON file.")] = None,
-    plot: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write a latency bar chart (PNG) here.")] = None,
+    json_file: Annotated[Optional[str], typer.Option("--json", click_type=PATH, help="Write every latency to this JSON file.")] = None,
+    plot: Annotated[Optional[str], typer.Option(click_type=PATH, help="Write a latency bar chart (PNG) here.")] = None,
 ) -> None:
     """Latency (p50/p90/p99), throughput and peak memory of models side by side, each in its own process."""
     from rich.progress import BarColumn, MofNCompleteColumn
@@ -558,7 +564,7 @@ def compare(
     # str, not Path: a Path would fold the double slash of triton://HOST:PORT/MODEL.
     model_a: Annotated[str, typer.Argument(help="Reference model (.pth, .onnx, .engine, triton://HOST:PORT/MODEL).")],
     model_b: Annotated[str, typer.Argument(help="Model to check against it.")],
-    data: Annotated[Optional[str], typer.Option(metavar="PATH", help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
+    data: Annotated[Optional[str], typer.Option(click_type=PATH, help="Images (folder, .npz, CSV); default: the bundled samples.")] = None,
     split: SplitOption = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Compare a fixed random subset of this many images.")] = None,
     atol: Annotated[Optional[float], typer.Option(help="Logit tolerance |A−B| ≤ atol + rtol·|A| "
@@ -602,9 +608,9 @@ def run(
     loop: Annotated[bool, typer.Option("--loop", help="Start a file source again at its end.")] = False,
     top_k: Annotated[int, typer.Option(help="Labels per record.")] = 3,
     threshold: Annotated[float, typer.Option(help="Abstain when the top-1 probability is below this.")] = 0.0,
-    jsonl: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write a JSON record per frame.")] = None,
-    csv: Annotated[Optional[str], typer.Option("--csv", metavar="PATH", help="Write a CSV row per frame.")] = None,
-    save_video: Annotated[Optional[str], typer.Option(metavar="PATH", help="Write an annotated video (.mp4, .m4v, .mov, .mkv or .avi).")] = None,
+    jsonl: Annotated[Optional[str], typer.Option(click_type=PATH, help="Write a JSON record per frame.")] = None,
+    csv: Annotated[Optional[str], typer.Option("--csv", click_type=PATH, help="Write a CSV row per frame.")] = None,
+    save_video: Annotated[Optional[str], typer.Option(click_type=PATH, help="Write an annotated video (.mp4, .m4v, .mov, .mkv or .avi).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Show annotated frames in a window (needs a display).")] = False,
     console_lines: Annotated[str, typer.Option("--console", help="auto, frame, second or none "
                                                                   "(auto: per frame for files, per second for live sources).")] = "auto",
@@ -676,8 +682,8 @@ def run(
 @command("export-triton")
 def export_triton(
     # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
-    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
-    output: Annotated[str, typer.Option("-o", "--output", metavar="PATH", help="Triton model repository (the model goes in OUTPUT/NAME).")],
+    model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
+    output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
     max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms "
                                                 "(dynamic-batch models).")] = DEFAULT_MAX_BATCH,
@@ -726,7 +732,7 @@ def export_triton(
 
 @command()
 def serve(
-    model: Annotated[str, typer.Argument(help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
+    model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export`, or a TensorRT engine.")],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="HTTP port (KServe v2); gRPC and metrics default to the next "
                                            "two.")] = DEFAULT_PORT,

@@ -190,7 +190,9 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     """Serve ``model`` until SIGINT/SIGTERM/SIGHUP (a second one aborts); ServeError if the server fails."""
     from medmamba_edge.runtime.loop import stop_on_signals
 
-    model = local_model_file(model, "serve")  # before PyTriton: a URL is refused as typed, wherever it runs
+    # Before PyTriton: a URL is refused as typed, wherever it runs. Absolute: open_backend would read a file
+    # triton:/m.onnx (in a folder named "triton:") as a server's address.
+    model = local_model_file(model, "serve").absolute()
     # From the start: a stop while PyTriton and ONNX Runtime import or the model loads (a `systemctl stop` right
     # after the start) is a clean stop too, where the default handler's KeyboardInterrupt exited 130, or 1 when it
     # interrupted an extension module's initialisation.

@@ -381,7 +381,7 @@ def local_output(spec: str | Path | None, command: str, *, folder: bool = False)
     "http:" and "host" ("wrote http:/host/r.json")."""
     if spec is None:
         return None
-    if problem := uri_refusal(spec, command, f"a local output {'folder' if folder else 'file'}", output=True):
+    if problem := uri_refusal(spec, command, f"a local output {'folder' if folder else 'file'}"):
         raise OutputError(problem)
     return Path(spec)
 

@@ -13,26 +13,29 @@ TRITON_SCHEME = "triton"  # the one kind of model URI: triton://HOST:PORT/MODEL 
 MODEL_URI = re.compile(rf"(?i:({TRITON_SCHEME}):/|([a-z][a-z0-9+.-]+)://)")
 
 
-def model_uri_scheme(spec, *, output: bool = False) -> str | None:
+def model_uri_scheme(spec) -> str | None:
     """The scheme of a model argument that is a URI, in lower case ("triton", "http"), or None for a path: the one
-    reading of MODEL_URI that every command shares, for its data sets and outputs too. ``output``: ``spec`` is to be
-    written, so a folder there to hold it makes it a path as the file itself does for an input."""
+    reading of MODEL_URI that every command shares, for its data sets and outputs too."""
     match = MODEL_URI.match(str(spec))
-    # a folder named "runs:" holds it: runs://m.onnx is runs:/m.onnx (os.path: Path.exists raises for a name too long)
-    if match is None or (match[2] and (os.path.exists(spec) or output and os.path.isdir(os.path.dirname(spec)))):
+    if match is None or (match[2] and _in_a_folder_named_as_its_scheme(spec)):
         return None
     return (match[1] or match[2]).lower()
 
 
-def uri_refusal(spec, command: str, needed: str, *, output: bool = False) -> str | None:
+def uri_refusal(spec, command: str, needed: str) -> str | None:
     """Why ``spec`` is not the local file or folder ``command`` needs (``needed``: "a local model file", "a local
     data set (file or folder)", "a local output file"), when it is a URI, as typed; None for a path. Read as a Path
     a URI had its "//" folded and became a missing file ("http:/host/d.npz: no such file or folder") or, for an
-    output, folders named "http:" and "host". ``output``: as model_uri_scheme's. A file or folder that is there is
-    what it names (triton:/m.onnx in a folder named "triton:"), whatever a command that serves models would read
-    it as."""
-    scheme = model_uri_scheme(spec, output=output)
-    if scheme is None or os.path.exists(spec):
+    output, folders named "http:" and "host". To a command that reads or writes files, triton:/m.onnx in a folder
+    named "triton:" is that file, whatever a command that serves models would read it as."""
+    scheme = model_uri_scheme(spec)
+    if scheme is None or _in_a_folder_named_as_its_scheme(spec):
         return None
     kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
     return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
+
+
+def _in_a_folder_named_as_its_scheme(spec) -> bool:
+    """runs://m.onnx is runs:/m.onnx to the file system: with a folder named "runs:" here it is a path, to read or
+    to write (os.path: Path.is_dir raises for a name too long)."""
+    return os.path.isdir(str(spec).split("/", 1)[0])

@@ -192,15 +192,20 @@ def test_an_output_url_is_refused_as_typed(onnx32, tmp_path, monkeypatch, comman
     assert not (tmp_path / "http:").exists()
 
 
-def test_data_and_outputs_in_a_folder_named_as_a_scheme_are_the_files_they_are(onnx32, tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", ["runs:", "triton:"])
+def test_data_and_outputs_in_a_folder_named_as_a_scheme_are_the_files_they_are(onnx32, tmp_path, monkeypatch, folder):
     """runs://d.npz and runs://r.json are runs:/d.npz and runs:/r.json to the file system: with a folder runs: there,
-    a data set read and outputs written in it (an output: the folder that holds it is there), not URIs."""
+    a data set read and outputs written in it, not URIs; in a folder still to be made (runs:/new/r.json), and a
+    folder given with its trailing slash (--plots runs://plots/) too, which were refused as URIs; and in a folder
+    named triton:, whose outputs were refused as served models."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs:").mkdir()
-    _labelled_npz(tmp_path / "runs:")
-    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", "runs://data.npz", "--json", "runs://r.json"])
+    (tmp_path / folder).mkdir()
+    _labelled_npz(tmp_path / folder)
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", f"{folder}//data.npz", "--json",
+                                 f"{folder}//new/r.json", "--plots", f"{folder}//plots/"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs:" / "r.json").read_text())["models"]
+    assert json.loads((tmp_path / folder / "new" / "r.json").read_text())["models"]
+    assert [p.suffix for p in (tmp_path / folder / "plots").iterdir()] == [".png"]
 
 
 def test_the_library_refuses_a_url_as_the_command_does(tmp_path):
@@ -518,3 +523,27 @@ def test_paths_and_class_names_print_as_given_never_as_rich_markup(onnx32, tmp_p
     # Styles of our own come as rich Text, so they still apply where markup is not read.
     result = runner.invoke(app, ["compare", str(model), str(model)])
     assert result.exit_code == 0 and "│ pass " in result.output and "[green]" not in result.output, result.output
+
+
+def test_serve_serves_a_model_file_in_a_folder_named_triton(onnx32, tmp_path, monkeypatch):
+    """serve took triton:/m.onnx, a file in a folder named triton:, for a file (local_model_file), then opened it as
+    a server's address ('not a server address'). PyTriton stands in here: what serve opened is what it would serve."""
+    from medmamba_edge import serving
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "triton:").mkdir()
+    (tmp_path / "triton:" / "m.onnx").write_bytes(onnx32.read_bytes())
+    monkeypatch.setattr(serving, "_pytriton", lambda: (lambda **options: None,) * 3)
+    monkeypatch.setattr(serving, "check_ports_free", lambda host, ports: None)
+    monkeypatch.setattr(serving, "server_environment", lambda environ: {})
+    served = []
+    monkeypatch.setattr(serving, "_serve", lambda model, backend, *rest: served.append(type(backend).__name__))
+    serving.serve("triton:/m.onnx", serving.ServeOptions(), notify=lambda message: None)
+    assert served == ["OnnxRuntimeBackend"]
+
+
+@pytest.mark.parametrize("command", ["export", "quantize", "build-engine", "export-triton", "serve"])
+def test_a_file_argument_taken_as_typed_is_still_shown_as_a_path(command):
+    """The file arguments became str (a Path folded a URL's '//'), and --help called them TEXT."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=120)
+    assert result.exit_code == 0 and re.search(r"\*\s+(checkpoint|model)\s+PATH\s", result.output), result.output
