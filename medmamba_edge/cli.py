@@ -392,7 +392,10 @@ def build_engine(
     from medmamba_edge.runtime.backends.tensorrt import build as tensorrt_build
     from medmamba_edge.runtime.backends.tensorrt.manifest import manifest_path
 
+    from medmamba_edge.runtime.files import check_writable
+
     output, timing_cache = local_output(output, "build-engine"), local_output(timing_cache, "build-engine")
+    check_writable(output)  # first: a folder (-o .) has no name to put the manifest beside
     # The timing cache is read and written: it may be neither the model nor the engine.
     check_outputs(output, manifest_path(output), timing_cache, reads=[model, plugin])
     options = tensorrt_build.resolve_options(

@@ -547,3 +547,11 @@ def test_a_file_argument_taken_as_typed_is_still_shown_as_a_path(command):
     """The file arguments became str (a Path folded a URL's '//'), and --help called them TEXT."""
     result = runner.invoke(app, [command, "--help"], terminal_width=120)
     assert result.exit_code == 0 and re.search(r"\*\s+(checkpoint|model)\s+PATH\s", result.output), result.output
+
+
+@pytest.mark.parametrize("output", ["", ".", "/"])
+def test_build_engine_into_a_folder_is_one_line(onnx32, output):
+    """-o . (or / or "") has no name to put the manifest beside: a ValueError traceback from Path.with_name."""
+    result = runner.invoke(app, ["build-engine", str(onnx32), "-o", output])
+    assert result.exit_code == 1 and result.output.strip().endswith(": is a folder, expected a file name"), result.output
+    assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
