@@ -46,6 +46,17 @@ def quiet_opencv():
         _LOG_LEVEL.setLogLevel(previous)
 
 
+def opencv_cannot_name(path: str | Path) -> bool:
+    """Whether OpenCV cannot be given ``path``: its paths are UTF-8, and a name holding other bytes (here as
+    surrogate escapes) crashed the process (SIGSEGV in cv2.VideoCapture, cv2.VideoWriter; OpenCV 5.1). Images are
+    decoded from their bytes, read by Python: only videos go to OpenCV by name."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 # The file suffixes read_image reads as images (by OpenCV), wherever images are looked for: `run`'s folders
 # and globs, data sets for evaluate and quantize, the bundled samples.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")

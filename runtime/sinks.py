@@ -26,7 +26,7 @@ import numpy as np
 
 from medmamba_edge.errors import UserError
 
-from .decode import quiet_opencv
+from .decode import opencv_cannot_name, quiet_opencv
 from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, local_output, printable
 
 STATUSES = ("ok", "abstain", "skipped", "dropped")
@@ -188,6 +188,8 @@ class VideoSink:
     def __init__(self, path: str | Path, fps: float):
         if Path(path).suffix.lower() not in self.FOURCC:
             raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
+        if opencv_cannot_name(path):
+            raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; this path has other bytes")
         self.output = AtomicOutput(path)
         self.fps = fps
         self.writer: cv2.VideoWriter | None = None

@@ -879,3 +879,18 @@ def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):
     with pytest.raises(files.OutputError, match=r"r\.jsonl: cannot put the output in place \(.*\); it is kept as .*partial"):
         output.commit()
     assert output.write_path.read_bytes() == b'{"seq": 0}\n'
+
+
+def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path):
+    """OpenCV takes UTF-8 paths: a video named with other bytes, read as the source or written by --save-video,
+    ended the process in a segmentation fault (exit 139)."""
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    odd = tmp_path / os.fsdecode(b"r\xff")
+    odd.mkdir()
+    write_video(tmp_path / "clip.avi", count=3)
+    (tmp_path / "clip.avi").rename(odd / "clip.avi")
+    code, output = cli("run", model, tmp_path / "x.png", "--save-video", odd / "v.mp4")
+    assert code == 1 and output.count("\n") == 1 and "OpenCV writes videos under UTF-8 names only" in output, output
+    code, output = cli("run", model, odd / "clip.avi")
+    assert code == 1 and output.count("\n") == 1 and "OpenCV reads videos under UTF-8 names only" in output, output
+    assert sorted(p.name for p in odd.iterdir()) == ["clip.avi"]

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlparse
 import cv2
 
 from ..backoff import BACKOFF_FIRST_S, backoff_s
-from ..decode import quiet_opencv
+from ..decode import opencv_cannot_name, quiet_opencv
 from .base import Frame, Source, SourceError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
@@ -202,6 +202,8 @@ def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None
 
 
 def video_file_source(path: Path) -> VideoSource:
+    if opencv_cannot_name(path):
+        raise SourceError(f"{path}: OpenCV reads videos under UTF-8 names only; this path has other bytes (rename it)")
     source = VideoSource(_opener(str(path), str(path), cv2.CAP_FFMPEG,
                                  hint=" as a video (corrupt, truncated or an unsupported codec)"),
                          f"video {path}", str(path))
