@@ -323,49 +323,96 @@ def read_dicom(path: str | Path) -> DicomFrames:
 
 
 def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
-    """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended where zeros begin, read
-    as an element (0000,0000) of length 0 (and the byte where they begin, in a deflated file's inflated data; None
-    where they do not). pydicom reads a file that ends in zeros as an 8-byte element of them after another,
-    ~0.5-1 s a MB (a bare data set, or a whole file, padded out with 16 MB of zeros: 8-20 s to read what is in its
-    first kilobytes; a deflated file's inflated data as well). Only zeros: a command set's element (group 0000, a
-    group length of 4 bytes or a value) written into a data set is read as pydicom reads it, the image after it
-    too. A command set that begins the data set is read as such by pydicom, before the stop: a file header
-    followed by zeros (a pre-allocated file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros'
-    first 8 bytes."""
+    """``pydicom.dcmread(path, defer_size=defer_size, force=force)`` with the data set ended where zeros begin that
+    end the file, read as an element (0000,0000) of length 0 (and the byte where they begin, in a deflated file's
+    inflated data; None where they do not). pydicom reads a file that ends in zeros as an 8-byte element of them
+    after another, ~0.5-1 s a MB (a bare data set, or a whole file, padded out with 16 MB of zeros: 8-20 s to read
+    what is in its first kilobytes; a deflated file's inflated data as well). Zeros followed by data within
+    _LOOKAHEAD bytes (a hole in a whole file) are read through, as pydicom reads them, and the image after them;
+    only zeros up to the end of the file, or for _LOOKAHEAD bytes on, end the data set. A deflated file is read
+    by pydicom from its inflated copy, out of this function's sight: the file itself has been read to its end, and
+    its data set ends at its first zeros. A command set's element (group 0000, a group length of 4 bytes or a
+    value) written into a data set is read as pydicom reads it, the image after it too. A command set that begins
+    the data set is read as such by pydicom, before the stop: a file header followed by zeros (a pre-allocated
+    file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros' first _LOOKAHEAD bytes."""
     from pydicom.filereader import read_partial
 
     ended = []
+    resume = 0  # the first byte after the zeros read through last (those before it are not looked at again)
 
     def at_zeros(tag, vr, length) -> bool:
-        if tag == 0 and length == 0:
+        nonlocal resume
+        if ended:
+            return True
+        if tag != 0 or length != 0:
+            return False
+        here = f.tell()  # just after the 8 zeros (pydicom reads from f, or a deflated file's f is at its end)
+        if here < resume:
+            return False
+        zeros, ahead = _zeros_ahead(f)
+        if zeros == ahead:  # zeros up to the end of the file, or as far as looked
             ended.append(True)
-        return bool(ended)
+            return True
+        resume = here + zeros
+        return False
 
     with open(path, "rb") as f:
-        start, meta = _file_header(f, force)
-        if start and f.read(8) == bytes(8):
-            sop = getattr(meta, "MediaStorageSOPClassUID", None)
-            raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'a file')} that ends after its file "
-                             f"header (zeros from byte {start} on)")
+        start = _file_header(f, force)
+        if start and _only_zeros_ahead(f):  # the File Meta read as pydicom reads it, to say what the file is
+            meta = _file_meta(f, force)
+            start = f.tell() if meta is not None else 0
+            if start and _only_zeros_ahead(f):
+                sop = getattr(meta, "MediaStorageSOPClassUID", None)
+                raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'a file')} that ends after its "
+                                 f"file header (zeros from byte {start} on)")
         f.seek(0)
         ds = read_partial(f, at_zeros, defer_size=defer_size, force=force)
         at = ds.buffer if ds.buffer is not None else f  # a deflated file is read from its inflated copy
         return ds, (at.tell() if ended else None)
 
 
-def _file_header(f, force: bool):
-    """Where the data set begins, after the file header (preamble and 'DICM', File Meta), and the File Meta, read as
-    pydicom's read_partial reads them; (0, None) where they cannot be read (read_partial says why: no 'DICM'
-    unforced, a broken File Meta), or _read_file_meta_info, read_partial's own (private in pydicom 3.0), is not
-    there."""
+_LOOKAHEAD = 64 << 10  # how far zeros are looked through for data after them (_read_dataset)
+
+
+def _zeros_ahead(f) -> tuple[int, int]:
+    """How many zero bytes begin what f has from its position on, and how many bytes were looked at: at most
+    _LOOKAHEAD, fewer at the end of the file. f's position is kept."""
+    here = f.tell()
+    data = f.read(_LOOKAHEAD)
+    f.seek(here)
+    return len(data) - len(data.lstrip(b"\0")), len(data)
+
+
+def _only_zeros_ahead(f) -> bool:
+    """Zeros from f's position on (8 bytes or more), up to the end of the file or as far as _zeros_ahead looks
+    (only 8 bytes read where they are not all zeros, as a rule). f's position is kept."""
+    here = f.tell()
+    first = f.read(8)
+    f.seek(here)
+    if first != bytes(8):
+        return False
+    zeros, ahead = _zeros_ahead(f)
+    return ahead >= 8 and zeros == ahead
+
+
+def _file_header(f, force: bool) -> int:
+    """Where the data set begins, after the file header (preamble and 'DICM', File Meta), with f there; 0 where
+    that cannot be read (read_partial says why: no 'DICM' unforced, a broken File Meta). The File Meta read as
+    pydicom's read_partial reads it (_file_meta)."""
+    return f.tell() if _file_meta(f, force) is not None else 0
+
+
+def _file_meta(f, force: bool):
+    """The File Meta, read from the start of f as pydicom's read_partial reads it, f left after it; None where it
+    cannot be read, or _read_file_meta_info, read_partial's own (private in pydicom 3.0), is not there."""
     try:
         from pydicom.filereader import _read_file_meta_info, read_preamble
 
+        f.seek(0)
         read_preamble(f, force)
-        meta = _read_file_meta_info(f)
+        return _read_file_meta_info(f)
     except Exception:
-        return 0, None
-    return f.tell(), meta
+        return None
 
 
 def _without_pixel_data(path, ds, ended=None) -> ImageError:
@@ -440,6 +487,18 @@ def _encoding_syntax(path, ds):
     return syntax
 
 
+def _command_set_first(path, ds) -> bool:
+    """Whether the data set begins with a command set (group 0000), as zeros after the File Meta read (an element
+    (0000,0000) of length 0 each): pydicom reads it before the data set, but reading pixel data from the file it
+    takes its first element for the data set's and its encoding from it (an explicit VR data set read as
+    implicit: 'no Pixel Data element'). Such a file's frames are read from the data set (its pixel data whole)."""
+    if not any(tag >> 16 == 0 for tag in ds.keys()):  # as a rule, no group 0000: the file is not read again
+        return False
+    with open(path, "rb") as f:
+        start = _file_header(f, True)
+        return bool(start) and f.read(2) == b"\0\0"
+
+
 def _deflated(ds) -> bool:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return syntax == "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
@@ -453,7 +512,8 @@ class DicomFrames:
 
     def __init__(self, path, ds, lut, syntax=None):
         self.path, self.ds, self.lut = path, ds, lut
-        self.source = ds if _deflated(ds) else str(path)  # where pydicom reads the frames from
+        # where pydicom reads the frames from: the file, as a rule (see _command_set_first)
+        self.source = ds if _deflated(ds) or _command_set_first(path, ds) else str(path)
         # A file without the File Meta header: pydicom reading its frames from the file is told the transfer syntax
         self.options = {"transfer_syntax_uid": syntax} if syntax else {}
         self.count = max(self._header_int("NumberOfFrames", 1) or 1, 1)

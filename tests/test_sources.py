@@ -1133,6 +1133,69 @@ def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, mo
         assert frame.image is None and frame.error.endswith(f"(zeros from byte {start} on)")
 
 
+def test_zeros_inside_a_whole_dicom_data_set_are_read_through_as_pydicom_reads_them(tmp_path):
+    """A data set was ended by its first 8 zero bytes (an element (0000,0000) of length 0): a whole file with 8 zero
+    bytes in the middle of it was 'truncated DICOM file: ... (zeros from byte 486 on)' where pydicom reads the
+    image. Only zeros up to the end of the file (or for _LOOKAHEAD bytes on) end it; those followed by data are
+    read through, as pydicom reads them, in explicit and implicit VR: the image pydicom gives, every frame."""
+    import time
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from medmamba_edge.runtime.decode import _LOOKAHEAD
+
+    stored = np.random.default_rng(1).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    for syntax in ("explicit", "implicit"):
+        path = synthetic_dicom(tmp_path / f"{syntax}.dcm", stored[0], NumberOfFrames=3, pixel_data=stored.tobytes())
+        if syntax == "implicit":
+            ds = pydicom.dcmread(path)
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.save_as(path, enforce_file_format=True)
+        whole = path.read_bytes()
+        at = whole.index(b"\x28\x00\x10\x00")  # (0028,0010) Rows
+        for size in (8, 64, _LOOKAHEAD - 8):
+            hole = tmp_path / f"hole_{syntax}_{size}.dcm"
+            hole.write_bytes(whole[:at] + bytes(size) + whole[at:])
+            began = time.perf_counter()
+            frames = list(read_dicom(hole))
+            assert time.perf_counter() - began < 2
+            assert np.array_equal(pydicom.dcmread(hole).pixel_array, stored)
+            assert len(frames) == 3 and all(np.array_equal(a, b) for a, b in zip(frames, stored)), (syntax, size)
+        # zeros for more than _LOOKAHEAD bytes are taken for the file's end, as zeros up to it are
+        (tmp_path / "far.dcm").write_bytes(whole[:at] + bytes(_LOOKAHEAD + 8) + whole[at:])
+        with pytest.raises(ImageError, match=rf"far\.dcm: truncated DICOM file: Secondary Capture Image Storage that "
+                                             rf"ends before its pixel data \(zeros from byte {at} on\)$"):
+            read_dicom(tmp_path / "far.dcm")
+
+
+def test_zeros_after_the_dicom_file_meta_followed_by_a_data_set_are_read_as_pydicom_reads_them(tmp_path):
+    """A file whose File Meta was followed by 8 zero bytes was refused as 'truncated DICOM file: ... that ends
+    after its file header': zeros followed by a data set are read as pydicom reads them (a command set of empty
+    elements, then the data set), with a preamble or without (read forced), explicit and implicit VR. pydicom's
+    own reading of pixel data from the file takes the zeros for the data set's first element (an explicit VR data
+    set read as implicit: 'no Pixel Data element'): its frames are read from the data set read, pydicom's."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    stored = np.random.default_rng(2).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    for syntax in ("explicit", "implicit"):
+        path = synthetic_dicom(tmp_path / f"{syntax}.dcm", stored[0], NumberOfFrames=3, pixel_data=stored.tobytes())
+        if syntax == "implicit":
+            ds = pydicom.dcmread(path)
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.save_as(path, enforce_file_format=True)
+        header = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength
+        whole = path.read_bytes()
+        for size in (8, 1024):
+            for name, data in ((f"after_{syntax}_{size}.dcm", whole[:header] + bytes(size) + whole[header:]),
+                               (f"bare_{syntax}_{size}.dcm", whole[132:header] + bytes(size) + whole[header:])):
+                (tmp_path / name).write_bytes(data)
+                assert np.array_equal(pydicom.dcmread(tmp_path / name, force=True).pixel_array, stored)
+                frames = list(read_dicom(tmp_path / name))
+                assert len(frames) == 3 and all(np.array_equal(a, b) for a, b in zip(frames, stored)), name
+                records = [(f.index, f.error) for f in open_source(str(tmp_path / name)).frames()]
+                assert records == [(0, None), (1, None), (2, None)], name
+
+
 def test_a_dicom_data_set_ends_at_zeros_not_at_a_command_set_element(tmp_path):
     """A data set is read up to zeros (_read_dataset): an image cut there and padded out says where they begin (in
     a deflated file, where in its inflated data). A stray command set element (group 0000) among a whole file's
