@@ -395,10 +395,38 @@ def _only_zeros_ahead(f) -> bool:
     return ahead >= 8 and zeros == ahead
 
 
+# Explicit VRs with a 4-byte length (pydicom.valuerep.EXPLICIT_VR_LENGTH_32), for _file_header's walk
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+
+
 def _file_header(f, force: bool) -> int:
     """Where the data set begins, after the file header (preamble and 'DICM', File Meta), with f there; 0 where
-    that cannot be read (read_partial says why: no 'DICM' unforced, a broken File Meta). The File Meta read as
-    pydicom's read_partial reads it (_file_meta)."""
+    that cannot be read (read_partial says why: no 'DICM' unforced, a broken File Meta). Found, as a rule, from the
+    File Meta's element headers in its first kilobyte: after 'DICM', elements of group 0002 in explicit VR little
+    endian (FileMetaInformationGroupLength, first among them, may be missing or wrong: pydicom reads the elements
+    up to the first of another group, as here); where they cannot be walked so (no preamble and 'DICM': read
+    forced; an implicit VR File Meta, an element beyond that kilobyte), from the File Meta read as pydicom's
+    read_partial reads it (_file_meta), a second read of it."""
+    head = f.read(1024)
+    if head[128:132] == b"DICM":
+        at = 132
+        while at + 8 <= len(head):
+            if head[at:at + 2] != b"\x02\x00":
+                f.seek(at)
+                return at
+            vr = head[at + 4:at + 6]
+            if vr in _LONG_VRS:
+                if at + 12 > len(head):
+                    break
+                at += 12 + struct.unpack_from("<L", head, at + 8)[0]
+            elif b"AA" <= vr <= b"ZZ":
+                at += 8 + struct.unpack_from("<H", head, at + 6)[0]
+            else:  # not explicit VR
+                break
+        if at == len(head) < 1024:  # the file ends with its File Meta
+            f.seek(at)
+            return at
+    f.seek(0)
     return f.tell() if _file_meta(f, force) is not None else 0
 
 
