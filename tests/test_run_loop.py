@@ -474,6 +474,14 @@ def test_deep_frames_are_shown_and_saved_as_their_8_bit_pixels():
         assert np.array_equal(to_display(gray), cv2.cvtColor(rgb[:, :, 1], cv2.COLOR_GRAY2BGR)), path
 
 
+class StalledCamera(Source):
+    live, description = True, "a camera whose read hangs"
+
+    def frames(self, stride=1):
+        yield Frame("cam", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
+        time.sleep(3)  # deaf to stop(): a stalled stream
+
+
 def test_a_run_ending_normally_inside_a_callers_except_marks_nothing(tiny_onnx, monkeypatch):
     """run() marked the KeyboardInterrupt its caller was handling (sys.exc_info() in its finally sees the caller's)
     as one that left a capture thread running, though run itself returned normally."""
@@ -481,13 +489,6 @@ def test_a_run_ending_normally_inside_a_callers_except_marks_nothing(tiny_onnx, 
 
     from medmamba_edge.runtime.loop import capture_still_running
     from medmamba_edge.runtime.sources.capture import Capture
-
-    class StalledCamera(Source):
-        live, description = True, "a camera whose read hangs"
-
-        def frames(self, stride=1):
-            yield Frame("cam", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
-            time.sleep(3)  # deaf to stop(): a stalled stream
 
     monkeypatch.setattr(Capture, "live_stop_timeout_s", 0.2)
     stop, sink = threading.Event(), Collect()
@@ -508,13 +509,6 @@ def test_a_ctrl_c_while_the_outputs_close_is_marked_when_the_capture_still_runs(
 
     from medmamba_edge.runtime.loop import capture_still_running
     from medmamba_edge.runtime.sources.capture import Capture
-
-    class StalledCamera(Source):
-        live, description = True, "a camera whose read hangs"
-
-        def frames(self, stride=1):
-            yield Frame("cam", 0, time.time(), np.zeros((40, 40, 3), np.uint8))
-            time.sleep(3)  # deaf to stop(): a stalled stream
 
     monkeypatch.setattr(Capture, "live_stop_timeout_s", 0.2)
     stop, sink = threading.Event(), Collect()

@@ -56,6 +56,13 @@ def synthetic_dicom(path, pixels, photometric="MONOCHROME2", pixel_data=None, **
     return path
 
 
+def resave(path, syntax) -> None:
+    """The DICOM file at ``path`` written again in transfer syntax ``syntax`` (pydicom encodes its pixel data)."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+
+
 def test_uri_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match=r"camera 99: cannot be opened \(no such device"):
         open_source("99")
@@ -1087,9 +1094,7 @@ def test_a_deflated_dicom_whose_inflated_data_ends_in_zeros_is_read_up_to_them(t
 
     stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
     path = synthetic_dicom(tmp_path / "deflated.dcm", stored)
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    resave(path, DeflatedExplicitVRLittleEndian)
     whole = path.read_bytes()
     start = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength  # the deflated data set's
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -1133,6 +1138,17 @@ def test_a_dicom_file_header_followed_by_zeros_is_refused_from_them(tmp_path, mo
         assert frame.image is None and frame.error.endswith(f"(zeros from byte {start} on)")
 
 
+def three_frame_dicoms(tmp_path, stored):
+    """``stored`` (3 frames) as a DICOM file in explicit and in implicit VR little endian: (syntax, path) each."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    for syntax in ("explicit", "implicit"):
+        path = synthetic_dicom(tmp_path / f"{syntax}.dcm", stored[0], NumberOfFrames=3, pixel_data=stored.tobytes())
+        if syntax == "implicit":
+            resave(path, ImplicitVRLittleEndian)
+        yield syntax, path
+
+
 def test_zeros_inside_a_whole_dicom_data_set_are_read_through_as_pydicom_reads_them(tmp_path):
     """A data set was ended by its first 8 zero bytes (an element (0000,0000) of length 0): a whole file with 8 zero
     bytes in the middle of it was 'truncated DICOM file: ... (zeros from byte 486 on)' where pydicom reads the
@@ -1140,17 +1156,10 @@ def test_zeros_inside_a_whole_dicom_data_set_are_read_through_as_pydicom_reads_t
     read through, as pydicom reads them, in explicit and implicit VR: the image pydicom gives, every frame."""
     import time
 
-    from pydicom.uid import ImplicitVRLittleEndian
-
     from medmamba_edge.runtime.decode import _LOOKAHEAD
 
     stored = np.random.default_rng(1).integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    for syntax in ("explicit", "implicit"):
-        path = synthetic_dicom(tmp_path / f"{syntax}.dcm", stored[0], NumberOfFrames=3, pixel_data=stored.tobytes())
-        if syntax == "implicit":
-            ds = pydicom.dcmread(path)
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            ds.save_as(path, enforce_file_format=True)
+    for syntax, path in three_frame_dicoms(tmp_path, stored):
         whole = path.read_bytes()
         at = whole.index(b"\x28\x00\x10\x00")  # (0028,0010) Rows
         for size in (8, 64, _LOOKAHEAD - 8):
@@ -1174,15 +1183,8 @@ def test_zeros_after_the_dicom_file_meta_followed_by_a_data_set_are_read_as_pydi
     elements, then the data set), with a preamble or without (read forced), explicit and implicit VR. pydicom's
     own reading of pixel data from the file takes the zeros for the data set's first element (an explicit VR data
     set read as implicit: 'no Pixel Data element'): its frames are read from the data set read, pydicom's."""
-    from pydicom.uid import ImplicitVRLittleEndian
-
     stored = np.random.default_rng(2).integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    for syntax in ("explicit", "implicit"):
-        path = synthetic_dicom(tmp_path / f"{syntax}.dcm", stored[0], NumberOfFrames=3, pixel_data=stored.tobytes())
-        if syntax == "implicit":
-            ds = pydicom.dcmread(path)
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            ds.save_as(path, enforce_file_format=True)
+    for syntax, path in three_frame_dicoms(tmp_path, stored):
         header = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength
         whole = path.read_bytes()
         for size in (8, 1024):
@@ -1247,9 +1249,7 @@ def test_a_dicom_data_set_ends_at_zeros_not_at_a_command_set_element(tmp_path):
     stray = struct.pack("<HH", 0x0000, 0x0902) + b"LO" + struct.pack("<H", 4) + b"ABCD"  # (0000,0902) ErrorComment
     (tmp_path / "stray.dcm").write_bytes(whole[:at] + stray + whole[at:])
     (tmp_path / "padded.dcm").write_bytes(whole[:at] + bytes(1 << 20))  # cut there, then zeros
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    resave(path, DeflatedExplicitVRLittleEndian)
     whole = path.read_bytes()
     start = 132 + 12 + pydicom.dcmread(path).file_meta.FileMetaInformationGroupLength  # the deflated data set's
     inflated = zlib.decompress(whole[start:], -zlib.MAX_WBITS)
@@ -1276,9 +1276,7 @@ def test_a_deflated_dicom_with_its_file_meta_but_no_preamble_is_inflated_as_read
 
     stored = np.arange(64, dtype=np.uint8).reshape(8, 8)
     full = synthetic_dicom(tmp_path / "full.dcm", stored)
-    ds = pydicom.dcmread(full)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(full, enforce_file_format=True)
+    resave(full, DeflatedExplicitVRLittleEndian)
     whole = full.read_bytes()
     assert whole[128:132] == b"DICM"
     (tmp_path / "deflated.dcm").write_bytes(whole[132:])  # File Meta (group 0002) first
