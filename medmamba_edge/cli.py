@@ -185,8 +185,8 @@ def given_only_with(needed: str, missing: bool, **options) -> None:
 INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 
-# A file or folder argument as typed, shown as PATH: typer's own path type with str values, where a Path annotation
-# folded a URL's "//" and the command's refusal named it wrongly ("http:/host/m.onnx"); runtime.uri reads it.
+# Every file or folder argument: str values in typer's path type (shown as PATH), as typed. A Path annotation folded
+# a URL's "//", and the command's refusal named it wrongly ("http:/host/m.onnx"); runtime.uri.uri_refusal reads it.
 PATH = TyperPath(path_type=str)
 
 
@@ -224,8 +224,6 @@ def parse_input_size(text: str) -> tuple[int, int]:
 
 @command()
 def export(
-    # str, not Path, as every model, data and output argument here: a Path folds the "//" of a URL, which is refused
-    # as typed (runtime.uri.uri_refusal).
     checkpoint: Annotated[str, typer.Argument(click_type=PATH, help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the ONNX model.")],
     input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
@@ -265,7 +263,6 @@ def export(
 
 @command()
 def quantize(
-    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(click_type=PATH, help="fp32 ONNX model from `medmamba-edge export` (plugin or portable form).")],
     calib: Annotated[str, typer.Option(click_type=PATH, help="Calibration images: ImageFolder, plain folder, MedMNIST .npz or CSV.")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the INT8 ONNX model.")],
@@ -367,7 +364,6 @@ def build_plugin(
 
 @command("build-engine")
 def build_engine(
-    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export` (or `quantize` for --int8).")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the engine (a .json manifest goes beside it).")],
     fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (TensorRT 11: the graph is converted to float16 first).")] = False,
@@ -391,7 +387,6 @@ def build_engine(
 
     from medmamba_edge.runtime.backends.tensorrt import build as tensorrt_build
     from medmamba_edge.runtime.backends.tensorrt.manifest import manifest_path
-
     from medmamba_edge.runtime.files import check_writable
 
     output, timing_cache = local_output(output, "build-engine"), local_output(timing_cache, "build-engine")
@@ -684,7 +679,6 @@ def run(
 
 @command("export-triton")
 def export_triton(
-    # str, not Path (as run's): a Path would fold the double slash of a URL, which the error then misnamed.
     model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
