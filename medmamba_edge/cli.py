@@ -187,7 +187,7 @@ INPUT_SIZE = "N|HxW"  # the metavar of every --input-size
 
 # Every file or folder argument: str values in typer's path type (shown as PATH), as typed. A Path annotation folded
 # a URL's "//", and the command's refusal named it wrongly ("http:/host/m.onnx"); runtime.uri.uri_refusal reads it.
-PATH = TyperPath(path_type=str)
+PATH = TyperPath(path_type=str, readable=False)  # an output replaced whole need not be readable
 
 
 def warn_left_out(failures, whose: str, rest_in: str | None = None) -> None:

@@ -4,6 +4,7 @@ is one line naming the file, exit 1 and nothing written; tables and --help stay 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -555,3 +556,17 @@ def test_build_engine_into_a_folder_is_one_line(onnx32, output):
     result = runner.invoke(app, ["build-engine", str(onnx32), "-o", output])
     assert result.exit_code == 1 and result.output.strip().endswith(": is a folder, expected a file name"), result.output
     assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+
+
+def test_a_file_argument_is_not_refused_for_being_unreadable(onnx32, tmp_path, monkeypatch):
+    """typer's path type checks by default that an existing path can be read: an output file or folder open to
+    writing only (mode 222, 333) was refused at parsing ('Path ... is not readable') where it is replaced whole.
+    os.access is asked here as a user without root's bypass would get it answered."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode == os.R_OK else real_access(path, mode, **kw))
+    _labelled_npz(tmp_path)
+    (tmp_path / "r.json").write_text("{}")
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(tmp_path / "data.npz"), "--json",
+                                 str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["models"]
