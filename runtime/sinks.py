@@ -188,9 +188,11 @@ class VideoSink:
     def __init__(self, path: str | Path, fps: float):
         if Path(path).suffix.lower() not in self.FOURCC:
             raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
-        if opencv_cannot_name(path):
-            raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; this path has other bytes")
         self.output = AtomicOutput(path)
+        if opencv_cannot_name(self.output.write_path):  # beside the real path: a link's target, the working folder
+            self.output.discard()
+            raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; {self.output.write_path.parent} "
+                            f"has other bytes")
         self.fps = fps
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None

@@ -889,8 +889,12 @@ def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path
     odd.mkdir()
     write_video(tmp_path / "clip.avi", count=3)
     (tmp_path / "clip.avi").rename(odd / "clip.avi")
-    code, output = cli("run", model, tmp_path / "x.png", "--save-video", odd / "v.mp4")
-    assert code == 1 and output.count("\n") == 1 and "OpenCV writes videos under UTF-8 names only" in output, output
+    (tmp_path / "link.mp4").symlink_to(odd / "v.mp4")  # written beside its target
+    for video in (odd / "v.mp4", tmp_path / "link.mp4"):
+        code, output = cli("run", model, tmp_path / "x.png", "--save-video", video)
+        assert code == 1 and output.count("\n") == 1 and "OpenCV writes videos under UTF-8 names only" in output, output
     code, output = cli("run", model, odd / "clip.avi")
-    assert code == 1 and output.count("\n") == 1 and "OpenCV reads videos under UTF-8 names only" in output, output
+    assert code == 1 and output.count("\n") == 1 and "OpenCV opens videos under UTF-8 names only" in output, output
+    code, output = cli("run", model, "rtsp://127.0.0.1:9/" + os.fsdecode(b"\xff"))
+    assert code == 1 and output.count("\n") == 1 and "OpenCV opens videos under UTF-8 names only" in output, output
     assert sorted(p.name for p in odd.iterdir()) == ["clip.avi"]

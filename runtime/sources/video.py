@@ -146,6 +146,9 @@ class VideoSource(Source):
 
 
 def _opener(what: str, *args, hint: str = "") -> Callable[[], cv2.VideoCapture]:
+    if any(isinstance(arg, str) and opencv_cannot_name(arg) for arg in args):  # a file, a device, a URL
+        raise SourceError(f"{what}: OpenCV opens videos under UTF-8 names only; this one has other bytes")
+
     def open_capture() -> cv2.VideoCapture:
         with quiet_opencv():
             capture = cv2.VideoCapture(*args)
@@ -202,8 +205,6 @@ def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None
 
 
 def video_file_source(path: Path) -> VideoSource:
-    if opencv_cannot_name(path):
-        raise SourceError(f"{path}: OpenCV reads videos under UTF-8 names only; this path has other bytes (rename it)")
     source = VideoSource(_opener(str(path), str(path), cv2.CAP_FFMPEG,
                                  hint=" as a video (corrupt, truncated or an unsupported codec)"),
                          f"video {path}", str(path))
