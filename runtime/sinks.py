@@ -189,10 +189,15 @@ class VideoSink:
         if Path(path).suffix.lower() not in self.FOURCC:
             raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
         self.output = AtomicOutput(path)
-        if opencv_cannot_name(self.output.write_path):  # beside the real path: a link's target, the working folder
+        # What OpenCV is given for the file, beside the real path: relative to the working folder where only that
+        # folder's path has other bytes (OpenCV opens it as the C library does).
+        write_path = self.output.write_path
+        self.opencv_path = next((name for name in (str(write_path), os.path.relpath(write_path))
+                                 if not opencv_cannot_name(name)), None)
+        if self.opencv_path is None:
             self.output.discard()
-            raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; {self.output.write_path.parent} "
-                            f"has other bytes")
+            where = "this name" if opencv_cannot_name(path) else f"{write_path.parent} (the folder it is written in)"
+            raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; {where} has other bytes")
         self.fps = fps
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
@@ -206,7 +211,7 @@ class VideoSink:
             self.size = video_size(frame.shape[1], frame.shape[0])
             codec = self.FOURCC[self.output.path.suffix.lower()]
             with quiet_opencv():
-                writer = cv2.VideoWriter(str(self.output.write_path), cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
+                writer = cv2.VideoWriter(self.opencv_path, cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
             if not writer.isOpened():
                 raise SinkError(f"{self.output.path}: OpenCV cannot write a {self.size[0]}×{self.size[1]} {codec} video "
                                 f"here")
@@ -227,8 +232,8 @@ class VideoSink:
             return
         self.writer.release()
         # Whether write() said a frame failed or not (OpenCV 4.x never does), the file, read back, tells what it holds.
-        whole = self.output.in_place or _holds_frames(self.output.write_path, self.frames)
-        if not whole and not _plays(self.output.write_path):  # an MP4 cut short lacks its index: nothing plays
+        whole = self.output.in_place or _holds_frames(self.opencv_path, self.frames)
+        if not whole and not _plays(self.opencv_path):  # an MP4 cut short lacks its index: nothing plays
             self.output.discard()
             raise SinkError(f"{self.output.path}: cannot write the video (disk full?): what was written does not play, "
                             f"so {self.output.path.name} was left as it was")
@@ -243,7 +248,7 @@ class VideoSink:
         self.output.discard()
 
 
-def _plays(path: Path) -> bool:
+def _plays(path: str | Path) -> bool:
     """Whether the video at ``path`` gives its first frame."""
     with quiet_opencv():
         capture = cv2.VideoCapture(str(path))
@@ -253,7 +258,7 @@ def _plays(path: Path) -> bool:
             capture.release()
 
 
-def _holds_frames(path: Path, frames: int) -> bool:
+def _holds_frames(path: str | Path, frames: int) -> bool:
     """Whether the video at ``path`` lists ``frames`` frames and its last one can be read. Not a count of
     decodable frames: that would decode a day's video at the end of a day's run. An AVI's header is written
     first, so it can list every frame of a file cut short; its last frame cannot be read. Matroska's count is

@@ -881,9 +881,10 @@ def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):
     assert output.write_path.read_bytes() == b'{"seq": 0}\n'
 
 
-def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path):
+def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path, monkeypatch):
     """OpenCV takes UTF-8 paths: a video named with other bytes, read as the source or written by --save-video,
-    ended the process in a segmentation fault (exit 139)."""
+    ended the process in a segmentation fault (exit 139). The error says which part has them; a working folder
+    with them is no obstacle (OpenCV is given the path from there)."""
     cv2.imwrite(str(tmp_path / "x.png"), image())
     odd = tmp_path / os.fsdecode(b"r\xff")
     odd.mkdir()
@@ -898,3 +899,8 @@ def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path
     code, output = cli("run", model, "rtsp://127.0.0.1:9/" + os.fsdecode(b"\xff"))
     assert code == 1 and output.count("\n") == 1 and "OpenCV opens videos under UTF-8 names only" in output, output
     assert sorted(p.name for p in odd.iterdir()) == ["clip.avi"]
+    code, output = cli("run", model, tmp_path / "x.png", "--save-video", tmp_path / os.fsdecode(b"\xffv.mp4"))
+    assert code == 1 and output.rstrip().endswith("this name has other bytes"), output
+    monkeypatch.chdir(odd)
+    code, output = cli("run", model, "clip.avi", "--save-video", "out.avi", "--console", "none")
+    assert code == 0 and cv2.VideoCapture("out.avi").read()[0], output  # from here: its absolute path crashes OpenCV
