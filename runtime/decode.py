@@ -339,17 +339,21 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
 
     ended = []
     resume = 0  # the first byte after the zeros read through last (those before it are not looked at again)
+    pixel_data_read = False
 
     def at_zeros(tag, vr, length) -> bool:
-        nonlocal resume
+        nonlocal resume, pixel_data_read
         if ended:
             return True
+        if tag == 0x7FE00010:
+            pixel_data_read = True
         if tag != 0 or length != 0:
             return False
         here = f.tell()  # just after the 8 zeros (pydicom reads from f, or a deflated file's f is at its end)
         if here < resume:
             return False
-        zeros, to_the_end = _zeros_ahead(f)
+        # After the pixel data only Data Set Trailing Padding comes: zeros end the data set whatever follows them.
+        zeros, to_the_end = (0, True) if pixel_data_read else _zeros_ahead(f)
         if to_the_end:
             ended.append(True)
             return True

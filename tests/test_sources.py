@@ -1169,6 +1169,11 @@ def test_zeros_inside_a_whole_dicom_data_set_are_read_through_as_pydicom_reads_t
             assert time.perf_counter() - began < 2
             assert np.array_equal(pydicom.dcmread(hole).pixel_array, stored)
             assert len(frames) == 3 and all(np.array_equal(a, b) for a, b in zip(frames, stored)), (syntax, size)
+        # After the pixel data, zeros end the data set whatever follows them (a stray byte took 10 s for 16 MB)
+        (tmp_path / "tail.dcm").write_bytes(whole + bytes(16 << 20) + b"\n")
+        began = time.perf_counter()
+        frames = list(read_dicom(tmp_path / "tail.dcm"))
+        assert time.perf_counter() - began < 2 and all(np.array_equal(a, b) for a, b in zip(frames, stored))
         (tmp_path / "cut.dcm").write_bytes(whole[:at] + bytes(4 << 20))  # zeros to the end: the data set's end
         with pytest.raises(ImageError, match=rf"cut\.dcm: truncated DICOM file: Secondary Capture Image Storage that "
                                              rf"ends before its pixel data \(zeros from byte {at} on\)$"):
