@@ -188,9 +188,26 @@ def _what_else(path: Path, cause: str) -> str:
         return "an HTML or XML page, not the weights (a download that saved the web page?)"
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle (legacy torch files)
         return f"not a PyTorch checkpoint: it starts with {head[:16]!r}"
+    if other_zip := _zip_of_other_files(path):
+        return other_zip
     if "central directory" in cause or "EOF" in cause or "unexpected end" in cause.lower():
         return f"truncated or corrupt: {cause}"
     return cause
+
+
+def _zip_of_other_files(path: Path) -> str | None:
+    """What a whole zip archive holds where torch.save's (its records under one folder, with data.pkl) would be: a
+    checkpoint zipped for sending, a data set's archive. torch says only "[enforce fail at inline_container.cc:180]"
+    or 'Expected hasRecord("version")'."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except Exception:  # cut short or damaged: torch's own cause says more
+        return None
+    if any(re.fullmatch(r"[^/]+/data\.pkl", name) for name in names):
+        return None
+    held = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "nothing"
+    return f"a zip archive of other files, not one torch.save wrote: it holds {held}"
 
 
 def _model_keys(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -181,6 +181,18 @@ def test_unreadable_files(tmp_path, content, message):
         load_checkpoint(path)
 
 
+def test_a_zip_of_other_files_says_what_it_holds(tmp_path, tiny_state_dict):
+    """A checkpoint zipped for sending was 'not a readable PyTorch checkpoint (RuntimeError: [enforce fail at
+    inline_container.cc:180] .)': torch's reason cut at its first '. '."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sent.pth", "w") as archive:
+        archive.write(save(tiny_state_dict, tmp_path / "best.pth"), "best.pth")
+    with pytest.raises(CheckpointError, match=r"sent\.pth: not a readable PyTorch checkpoint \(a zip archive of other "
+                                              r"files, not one torch\.save wrote: it holds best\.pth\)$"):
+        load_checkpoint(tmp_path / "sent.pth")
+
+
 def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pth")
