@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from medmamba_edge.errors import MissingExtraError, UserError, first_line, install_hint
 
@@ -187,6 +188,10 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=scan == "portable")
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{checkpoint.path}: exported graph is invalid: {first_line(exc)}") from None
+    except EncodeError:  # the checker serializes the model first
+        raise ExportError(f"{checkpoint.path}: the exported model is over 2 GB, more than one ONNX file holds "
+                          f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
+                          f"to {output}") from None
 
     max_abs_diff, verified, verified_form = None, 0, None
     if verify:
@@ -205,6 +210,6 @@ def export_onnx(
                 f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by up to {max_abs_diff:.3g}, {outside} "
                 f"of {ort_logits.size} beyond {atol:g} + {rtol:g}·|PyTorch|; nothing was written to {output}"
             )
-    # Whole models in memory are fine: MedMamba-B is ~160 MB, far below protobuf's 2 GB limit.
+    # Whole models in memory: MedMamba-B is ~160 MB; one over protobuf's 2 GB was refused at the checker.
     write_bytes_atomically(output, model.SerializeToString())
     return ExportResult(output, metadata, max_abs_diff, verified, verified_form, time.perf_counter() - started)

@@ -188,6 +188,27 @@ def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_pa
         export_onnx(loud, tmp_path / "strict.onnx", input_size=32, rtol=0.0)
 
 
+def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, monkeypatch):
+    """A custom checkpoint whose weights pass protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]) ended its
+    export in google.protobuf's EncodeError traceback from the checker. A 2 GiB initializer beside the real
+    graph stands in for its weights (traced in a minute and 6 GB)."""
+    from medmamba_edge.exporters import onnx_export
+
+    trace = onnx_export.trace_to_onnx
+
+    def oversized(*args):
+        model = trace(*args)
+        model.graph.initializer.add(name="padding", data_type=onnx.TensorProto.UINT8, dims=[1 << 31],
+                                    raw_data=bytes(1 << 31))
+        return model
+
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", oversized)
+    with pytest.raises(ExportError, match=r"t32\.pth: the exported model is over 2 GB, more than one ONNX file holds "
+                                          r".*nothing was written to .*big\.onnx$"):
+        export_onnx(official, tmp_path / "big.onnx", input_size=32, verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_too_small_input_is_refused(official, tmp_path):
     with pytest.raises(CheckpointError, match="needs at least 32"):
         export_onnx(official, tmp_path / "small.onnx", input_size=28)
