@@ -149,13 +149,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and not is_state_dict(obj):  # the first wrapper key holding one (a "model" key may
         obj = next((obj[key] for key in WRAPPER_KEYS if is_state_dict(obj.get(key))), obj)  # hold a config)
     if not is_state_dict(obj):
-        found = (f"a dict of {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) and obj
-                 else type(obj).__name__)
         raise CheckpointError(
             f"{path}: expected a state_dict (name → tensor), optionally under one of {list(WRAPPER_KEYS)}; "
-            f"got {found}"
+            f"got {_held_instead(obj)}"
         )
     return _model_keys(obj, path)
+
+
+def _held_instead(obj) -> str:
+    """What a file holds where a state_dict belongs. Among tensors, the entries that are not (an epoch count saved
+    into the state_dict): the first keys alone listed only weights, and did not show what kept it from being one."""
+    if not (isinstance(obj, dict) and obj):
+        return type(obj).__name__
+    others = [f"{key} ({type(value).__name__})" for key, value in obj.items() if not isinstance(value, torch.Tensor)]
+    if len(others) < len(obj):
+        return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other entries: "
+                f"{', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
+    return f"a dict of {', '.join(map(str, list(obj)[:8]))}"
 
 
 def _check_crcs(path: Path) -> None:

@@ -209,6 +209,16 @@ def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
         load_checkpoint(tmp_path / "cut.pth")
 
 
+def test_values_saved_among_the_weights_are_named(tmp_path, tiny_state_dict):
+    """An epoch count put into the state_dict was 'got a dict of patch_embed.proj.weight, ...': the first keys,
+    all tensors, and not the entry that kept the dict from being a state_dict."""
+    flat = {**tiny_state_dict, "epoch": 30, "best_acc": 0.93}
+    with pytest.raises(CheckpointError, match=rf"flat\.pth: expected a state_dict .*; got a dict of "
+                                              rf"{len(tiny_state_dict)} tensors and 2 other entries: epoch \(int\), "
+                                              rf"best_acc \(float\)$"):
+        load_checkpoint(save(flat, tmp_path / "flat.pth"))
+
+
 def test_a_checkpoint_damaged_in_place_a_folder_a_pipe_and_text_are_named_for_what_they_are(tmp_path, tiny_state_dict):
     """torch.load does not check a zip record's CRC: 100 zeroed bytes in the middle of the official checkpoint
     loaded as other weights, and export verified the damaged model against itself."""
