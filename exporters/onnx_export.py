@@ -9,7 +9,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ except ImportError:
     raise MissingExtraError(f"exporting a checkpoint needs onnxscript: {install_hint('export')}") from None
 
 from medmamba_edge import __version__
-from medmamba_edge.checkpoint import LoadedCheckpoint, class_names_files, load_checkpoint
+from medmamba_edge.checkpoint import LoadedCheckpoint, class_names_files, load_checkpoint, resolve_class_names
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import local_model_file, run_in_fixed_batches
 from medmamba_edge.runtime.bundled import sample_image_paths
@@ -165,6 +165,9 @@ def export_onnx(
     if not isinstance(checkpoint, LoadedCheckpoint):
         status(f"loading {checkpoint}")
         checkpoint = load_checkpoint(checkpoint, classes)
+    elif classes is not None:  # given names label a loaded checkpoint too, as they label one loaded here
+        names = resolve_class_names(checkpoint.path, checkpoint.config.num_classes, classes)
+        checkpoint = replace(checkpoint, class_names=names)
     size = height_width(input_size)
     metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     output = Path(output)

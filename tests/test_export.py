@@ -209,6 +209,16 @@ def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_classes_label_a_loaded_checkpoint_too(official, tmp_path):
+    """export_onnx(load_checkpoint(path), out, classes=[...]) wrote the checkpoint's own names (normal, pneumonia),
+    the names given left unused without a word."""
+    export_onnx(official, tmp_path / "named.onnx", input_size=32, classes=["healthy", "sick"], verify=False)
+    assert read_onnx_metadata(tmp_path / "named.onnx").class_names == ("healthy", "sick")
+    assert official.class_names == ["normal", "pneumonia"]  # the caller's checkpoint is left as it was
+    with pytest.raises(CheckpointError, match=r"3 class names given but the model has 2 outputs"):
+        export_onnx(official, tmp_path / "three.onnx", input_size=32, classes="a,b,c", verify=False)
+
+
 def test_too_small_input_is_refused(official, tmp_path):
     with pytest.raises(CheckpointError, match="needs at least 32"):
         export_onnx(official, tmp_path / "small.onnx", input_size=28)
