@@ -115,6 +115,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a regular file (a pipe or device); save the checkpoint to a file")
     if info.st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
+    if _bare_pickle(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (a bare pickle, as pickle.dump writes it, not "
+                              f"torch.save's format); save the weights with torch.save(net.state_dict(), path)")
     _check_crcs(path)
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(_data_globals()):
@@ -166,6 +169,16 @@ def _held_instead(obj) -> str:
         return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other entries: "
                 f"{', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
     return f"a dict of {', '.join(map(str, list(obj)[:8]))}"
+
+
+def _bare_pickle(path: Path) -> bool:
+    """Whether the file is a pickle without the magic number torch.save's legacy format pickles first, which
+    torch.load never reads: its refusal told such a file as 'Invalid magic number; corrupt file?', or, for tensors
+    pickled by pickle.dump, as one holding 'a torch.storage._load_from_bytes object, not only tensors'."""
+    with open(path, "rb") as file:
+        head = file.read(32)
+    magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")  # LONG1 of 10 bytes
+    return head.startswith(b"\x80") and magic not in head  # PROTO, then (protocol 4+: after a FRAME) the magic
 
 
 def _check_crcs(path: Path) -> None:

@@ -122,7 +122,7 @@ def _pickled(obj, path):  # a bare pickle, not torch.save's zip: torch warns abo
 
 @pytest.mark.parametrize("write, refusal", [
     (save, r"refused to load: the pickle wants to call posix\.system .*weights_only=True"),
-    (_pickled, r"not a readable PyTorch checkpoint \(not a tensor-only pickle\)"),
+    (_pickled, r"not a readable PyTorch checkpoint \(a bare pickle, as pickle\.dump writes it, not torch\.save's format\)"),
 ], ids=["torch.save", "bare pickle"])
 def test_pickle_that_runs_code_is_refused(tmp_path, write, refusal):
     marker = tmp_path / "pwned"
@@ -136,6 +136,20 @@ def test_pickle_that_runs_code_is_refused(tmp_path, write, refusal):
         warnings.simplefilter("error")  # the refusal is the one thing said
         load_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_weights_saved_with_pickle_dump_are_named_so(tmp_path, tiny_state_dict, protocol):
+    """pickle.dump(net.state_dict(), f) was refused as holding 'a torch.storage._load_from_bytes object, not only
+    tensors' (protocol 2) or as 'not a tensor-only pickle', and a pickled dict of numbers as 'Invalid magic number;
+    corrupt file?'. torch.save's legacy format still loads (its magic number first)."""
+    bare = "a bare pickle, as pickle.dump writes it, not torch.save's format"
+    for name, obj in (("weights.pth", tiny_state_dict), ("numbers.pth", {"epoch": 3})):
+        (tmp_path / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+        with pytest.raises(CheckpointError, match=re.escape(f"{name}: not a readable PyTorch checkpoint ({bare})")):
+            load_checkpoint(tmp_path / name)
+    torch.save(tiny_state_dict, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert load_checkpoint(tmp_path / "legacy.pth").config.num_classes == 3
 
 
 def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_state_dict):
