@@ -34,8 +34,8 @@ from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_datase
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
 from medmamba_edge.runtime.metrics import TIERS, Tolerance, compared_text, tolerance_problem
 
-from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, distinct_names, on_cpu,
-                         open_models, run_models)
+from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, check_finite, distinct_names,
+                         on_cpu, open_models, run_models)
 
 
 def tolerance_for(precision_a: str, precision_b: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -147,6 +147,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     dataset = bundled_samples() if data is None else open_dataset(data, split=split, command="compare")
     dataset = dataset.sample(num_samples, seed)
     outputs = run_models(backends, dataset, batch_size, progress)
+    check_finite(backends, outputs, dataset)  # NaN never equals itself, and its argmax (class 0) would agree
     a, b = outputs.logits
     differ = a.argmax(1) != b.argmax(1)
     tolerance = tolerance_for(backends[0].metadata.precision, backends[1].metadata.precision, atol, rtol)

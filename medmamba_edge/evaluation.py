@@ -140,6 +140,19 @@ def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 
     return Outputs(np.array(kept), [np.concatenate(chunks) for chunks in logits], seconds, failures)
 
 
+def check_finite(backends: Sequence[Backend], outputs: Outputs, dataset: Dataset) -> None:
+    """Refuse a model that answered an image with a NaN or infinite logit: scored, the row would count as a class 0
+    answer (argmax takes the first NaN), compared, as agreeing with another model's class 0; left out, the figures
+    would flatter the model."""
+    for backend, logits in zip(backends, outputs.logits):
+        broken = non_finite_rows(logits)
+        if broken.size:
+            first = dataset.samples[outputs.indices[broken[0]]].source
+            raise EvaluationError(f"{backend.path}: non-finite logits (NaN or infinite) for {broken.size} of "
+                                  f"{len(logits)} images (first: {first}); its answers there cannot be scored or "
+                                  f"compared (a float16 overflow? see docs/tensorrt.md)")
+
+
 @dataclass
 class ModelEvaluation:
     path: str
@@ -197,12 +210,8 @@ def evaluate(models: Sequence[str | Path], data: str | Path, *, split: str | Non
     outputs = run_models(backends, dataset, batch_size, progress)
     labels = dataset.labels()[outputs.indices]
     results = []
+    check_finite(backends, outputs, dataset)
     for backend, logits, seconds in zip(backends, outputs.logits, outputs.seconds):
-        broken = non_finite_rows(logits)
-        if broken.size:  # scored, they would count as class 0 answers; left out, the metrics would flatter the model
-            raise EvaluationError(f"{backend.path}: non-finite logits (NaN or infinite) for {broken.size} of "
-                                  f"{len(logits)} images (first: {dataset.samples[outputs.indices[broken[0]]].source}); "
-                                  f"its answers there cannot be scored (a float16 overflow? see docs/tensorrt.md)")
         # Ranked (AUC) by log-probabilities: probabilities of confident answers round to 1.0 and tie.
         metrics = classification_metrics(labels, log_softmax(logits), class_names)
         results.append(ModelEvaluation(str(backend.path), backend.describe(), backend.metadata.precision,

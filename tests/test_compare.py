@@ -157,3 +157,15 @@ def test_a_judged_figure_never_reads_as_its_limit(onnx32):
         else:
             break
     assert (error.limit, error.passed) == ("≤ 0.02", False) and float(error.measured) > 0.02, error
+
+
+def test_a_model_with_non_finite_logits_is_a_one_line_error(onnx32, tmp_path):
+    """It was compared as numbers: against itself 'nan.onnx differs from nan.onnx: logits: 16 of 32 outside', and
+    against an INT8 model its NaN rows (argmax: class 0) agreed with that model's class 0 answers."""
+    from tests.test_evaluate import one_line_error, with_nan_logits
+
+    broken = with_nan_logits(onnx32, tmp_path / "nan.onnx")
+    one_line_error(["compare", str(broken), str(broken), "--data", str(require_shared(*PNEUMONIAMNIST)),
+                    "--num-samples", "16"],
+                   f"{broken}: non-finite logits (NaN or infinite) for 16 of 16 images (first: "
+                   f"pneumoniamnist_trainval.npz[val:")
