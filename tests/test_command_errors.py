@@ -193,6 +193,30 @@ def test_an_output_url_is_refused_as_typed(onnx32, tmp_path, monkeypatch, comman
     assert not (tmp_path / "http:").exists()
 
 
+@pytest.mark.parametrize("command, option", [
+    ("evaluate", "--json"), ("benchmark", "--json"), ("benchmark", "--plot"), ("quantize", "-o"), ("export", "-o"),
+    ("build-engine", "-o"), ("build-engine", "--timing-cache"), ("run", "--jsonl"), ("run", "--csv"),
+    ("run", "--save-video")])
+@pytest.mark.parametrize("ending, reason", [("/", "names a folder"), ("/.", "names a folder"),
+                                            ("", "is a folder")])
+def test_an_output_file_named_as_a_folder_is_refused(onnx32, tmp_path, monkeypatch, command, option, ending, reason):
+    """`export CK.pth -o new.onnx/` wrote a FILE new.onnx (a Path drops the '/'), and so did every output file option
+    given a folder still to be made; an existing folder was refused, and still is."""
+    monkeypatch.chdir(tmp_path)
+    name = {"--plot": "out.png", "--save-video": "out.mp4", "--timing-cache": "out.cache", "--csv": "out.csv",
+            "--jsonl": "out.jsonl"}.get(option, "out.onnx" if option == "-o" else "out.json")
+    if not ending:
+        (tmp_path / name).mkdir()
+    given = {"evaluate": [onnx32, "--data", _labelled_npz(tmp_path)], "benchmark": [onnx32, "--iterations", "1"],
+             "quantize": [onnx32, "--calib", _labelled_npz(tmp_path)], "export": [bundled_checkpoint()],
+             "build-engine": [onnx32], "run": [onnx32, sample_image_paths("pneumoniamnist")[0]]}[command]
+    if option != "-o" and command == "build-engine":
+        given += ["-o", tmp_path / "m.engine"]
+    before = sorted(tmp_path.rglob("*"))
+    one_line_error([command, *given, option, name + ending], f"error: {name}", f": {reason}, expected a file name")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize("folder", ["runs:", "triton:"])
 def test_data_and_outputs_in_a_folder_named_as_a_scheme_are_the_files_they_are(onnx32, tmp_path, monkeypatch, folder):
     """runs://d.npz and runs://r.json are runs:/d.npz and runs:/r.json to the file system: with a folder runs: there,
