@@ -140,6 +140,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: it holds a {other.group(1) or other.group(2)} object, not only tensors (loaded with "
                 f"weights_only=True); save the weights with torch.save(net.state_dict(), path)"
             ) from None
+        if re.search(r"Unsupported operand 149\b", str(exc)):  # FRAME: torch's weights_only unpickler has none
+            raise CheckpointError(
+                f"{path}: not readable with weights_only=True (saved with pickle_protocol 4 or later, whose frames "
+                f"torch.load reads only with weights_only=False); save the weights with torch.save's default "
+                f"protocol: torch.save(net.state_dict(), path)"
+            ) from None
         why = _what_else(path, "not a tensor-only pickle")
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
     except Exception as exc:  # torch's unpickler raises whatever the garbage triggers (IndexError, EOFError, ...)

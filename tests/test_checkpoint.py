@@ -152,6 +152,22 @@ def test_weights_saved_with_pickle_dump_are_named_so(tmp_path, tiny_state_dict, 
     assert load_checkpoint(tmp_path / "legacy.pth").config.num_classes == 3
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_pickle_protocol_torch_load_cannot_read_safely_is_named(tmp_path, tiny_state_dict, zipped):
+    """torch.save(sd, path, pickle_protocol=4) (or 5, zip or legacy format) was 'not a tensor-only pickle': it is
+    one, framed as protocols 4 and 5 frame it, which torch's weights_only unpickler does not read. 2 and 3 load."""
+    for protocol in (2, 3, 4, 5):
+        path = tmp_path / f"p{protocol}.pth"
+        torch.save(tiny_state_dict, path, pickle_protocol=protocol, _use_new_zipfile_serialization=zipped)
+        if protocol < 4:
+            assert load_checkpoint(path).config.num_classes == 3
+            continue
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not readable with weights_only=True "
+                                                  rf"\(saved with pickle_protocol 4 or later, .*\); save the weights "
+                                                  rf"with torch\.save's default protocol"):
+            load_checkpoint(path)
+
+
 def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_state_dict):
     resnet_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict()
     with pytest.raises(CheckpointError, match=r"not a MedMamba \(VSSM\) checkpoint: missing patch_embed\.proj\.weight"):
