@@ -187,14 +187,18 @@ def export_onnx(
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
     model = plugin_form if scan == "plugin" else lower_ss2d_scan(plugin_form)
     write_onnx_metadata(model, metadata)
-    try:
-        onnx.checker.check_model(model, full_check=scan == "portable")
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{checkpoint.path}: exported graph is invalid: {first_line(exc)}") from None
-    except EncodeError:  # the checker serializes the model first
+    try:  # once, checked and written as it is
+        serialized = model.SerializeToString()
+    except (EncodeError, ValueError):  # protobuf's C backends refuse past 2 GiB (upb: EncodeError, cpp: ValueError)
+        serialized = None
+    if serialized is None or len(serialized) >= 1 << 31:  # its pure-Python backend writes it; nothing reads it
         raise ExportError(f"{checkpoint.path}: the exported model is over 2 GB, more than one ONNX file holds "
                           f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
-                          f"to {output}") from None
+                          f"to {output}")
+    try:
+        onnx.checker.check_model(serialized, full_check=scan == "portable")
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{checkpoint.path}: exported graph is invalid: {first_line(exc)}") from None
 
     max_abs_diff, verified, verified_form = None, 0, None
     if verify:
@@ -213,6 +217,6 @@ def export_onnx(
                 f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by up to {max_abs_diff:.3g}, {outside} "
                 f"of {ort_logits.size} beyond {atol:g} + {rtol:g}·|PyTorch|; nothing was written to {output}"
             )
-    # Whole models in memory: MedMamba-B is ~160 MB; one over protobuf's 2 GB was refused at the checker.
-    write_bytes_atomically(output, model.SerializeToString())
+    # Whole models in memory: MedMamba-B is ~160 MB; one over protobuf's 2 GB was refused before the checker.
+    write_bytes_atomically(output, serialized)
     return ExportResult(output, metadata, max_abs_diff, verified, verified_form, time.perf_counter() - started)

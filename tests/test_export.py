@@ -1,5 +1,11 @@
 """`medmamba-edge export` on the official checkpoint: graph structure, parity, metadata, bad input."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -188,10 +194,11 @@ def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_pa
         export_onnx(loud, tmp_path / "strict.onnx", input_size=32, rtol=0.0)
 
 
-def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, monkeypatch):
-    """A custom checkpoint whose weights pass protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]) ended its
-    export in google.protobuf's EncodeError traceback from the checker. A 2 GiB initializer beside the real
-    graph stands in for its weights (traced in a minute and 6 GB)."""
+def export_over_2_gb(checkpoint, output) -> str:
+    """Export with a 2 GiB initializer beside the real graph, standing in for the weights of a custom checkpoint
+    over protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]: traced in a minute and 6 GB); the refusal."""
+    from unittest import mock
+
     from medmamba_edge.exporters import onnx_export
 
     trace = onnx_export.trace_to_onnx
@@ -202,10 +209,29 @@ def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, monkeypatc
                                     raw_data=bytes(1 << 31))
         return model
 
-    monkeypatch.setattr(onnx_export, "trace_to_onnx", oversized)
-    with pytest.raises(ExportError, match=r"t32\.pth: the exported model is over 2 GB, more than one ONNX file holds "
-                                          r".*nothing was written to .*big\.onnx$"):
-        export_onnx(official, tmp_path / "big.onnx", input_size=32, verify=False)
+    with mock.patch.object(onnx_export, "trace_to_onnx", oversized), pytest.raises(ExportError) as refusal:
+        export_onnx(checkpoint, output, input_size=32, verify=False)
+    return str(refusal.value)
+
+
+@pytest.mark.parametrize("protobuf", ["upb", "python"])
+def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, protobuf):
+    """It ended its export in google.protobuf's EncodeError traceback from the checker; with protobuf's pure-Python
+    backend (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, its fallback where no wheel has the C one), which
+    serializes it, in the checker's 'ValueError: This protobuf of onnx model is too large (>2GiB)'."""
+    output = tmp_path / "big.onnx"
+    if protobuf == "upb":
+        refusal = export_over_2_gb(official, output)
+    else:  # a backend is chosen once per process, at protobuf's import
+        script = ("import sys; from tests.test_export import export_over_2_gb; "
+                  "print(export_over_2_gb(sys.argv[1], sys.argv[2]))")
+        done = subprocess.run([sys.executable, "-c", script, str(official.path), str(output)], capture_output=True,
+                              text=True, env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": protobuf},
+                              cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        refusal = done.stdout.strip()
+    assert re.fullmatch(r".*t32\.pth: the exported model is over 2 GB, more than one ONNX file holds .*nothing was "
+                        r"written to .*big\.onnx", refusal), refusal
     assert list(tmp_path.iterdir()) == []
 
 
