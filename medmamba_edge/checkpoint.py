@@ -167,14 +167,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _held_instead(obj) -> str:
     """What a file holds where a state_dict belongs. Among tensors, the entries that are not (an epoch count saved
-    into the state_dict): the first keys alone listed only weights, and did not show what kept it from being one."""
+    into the state_dict): the first keys alone listed only weights, and did not show what kept it from being one.
+    Under a wrapper key, what that holds: the keys alone ('model, epoch') did not show it."""
     if not (isinstance(obj, dict) and obj):
         return type(obj).__name__
     others = [f"{key} ({type(value).__name__})" for key, value in obj.items() if not isinstance(value, torch.Tensor)]
     if len(others) < len(obj):
-        return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other entries: "
-                f"{', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
-    return f"a dict of {', '.join(map(str, list(obj)[:8]))}"
+        return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other "
+                f"{'entry' if len(others) == 1 else 'entries'}: {', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
+    wrapper = next((key for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+    return (f"a dict of {', '.join(map(str, list(obj)[:8]))}"
+            + (f"; under {wrapper!r}, {_held_instead(obj[wrapper])}" if wrapper else ""))
 
 
 def _bare_pickle(path: Path) -> bool:

@@ -249,6 +249,16 @@ def test_values_saved_among_the_weights_are_named(tmp_path, tiny_state_dict):
         load_checkpoint(save(flat, tmp_path / "flat.pth"))
 
 
+def test_values_saved_among_the_weights_under_a_wrapper_key_are_named(tmp_path, tiny_state_dict):
+    """{'model': state_dict with an epoch count in it, 'epoch': 30} was 'got a dict of model, epoch': the keys, and
+    not what under 'model' kept it from being a state_dict (nor did '1 other entries' read as English)."""
+    wrapped = {"model": {**tiny_state_dict, "epoch": 30}, "epoch": 30}
+    with pytest.raises(CheckpointError, match=rf"wrapped\.pth: expected a state_dict .*; got a dict of model, epoch; "
+                                              rf"under 'model', a dict of {len(tiny_state_dict)} tensors and 1 other "
+                                              rf"entry: epoch \(int\)$"):
+        load_checkpoint(save(wrapped, tmp_path / "wrapped.pth"))
+
+
 def test_a_checkpoint_damaged_in_place_a_folder_a_pipe_and_text_are_named_for_what_they_are(tmp_path, tiny_state_dict):
     """torch.load does not check a zip record's CRC: 100 zeroed bytes in the middle of the official checkpoint
     loaded as other weights, and export verified the damaged model against itself."""
