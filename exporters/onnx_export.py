@@ -128,6 +128,20 @@ def logits_beside_pytorch(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, 
     return ort_logits, torch_logits, ran
 
 
+def _serialized(model: onnx.ModelProto, checkpoint: Path, output: Path) -> bytes:
+    """The model's bytes; ExportError for a model over protobuf's 2 GB, whichever backend protobuf runs on: its C
+    ones refuse to serialize it (upb: EncodeError, cpp: ValueError), its pure-Python one writes what nothing reads."""
+    try:
+        serialized = model.SerializeToString()
+    except (EncodeError, ValueError):
+        serialized = None
+    if serialized is None or len(serialized) >= 1 << 31:
+        raise ExportError(f"{checkpoint}: the exported model is over 2 GB, more than one ONNX file holds "
+                          f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
+                          f"to {output}")
+    return serialized
+
+
 def export_onnx(
     checkpoint: str | Path | LoadedCheckpoint,
     output: str | Path,
@@ -185,16 +199,11 @@ def export_onnx(
     hidden = _hidden_scan_functions(plugin_form)
     if hidden:
         raise ExportError(f"{checkpoint.path}: the exported graph carries a local function {hidden[0]} that would hide the TensorRT plugin")
+    if scan == "portable":  # the lowering reads shapes by shape inference, which serializes the model first
+        _serialized(plugin_form, checkpoint.path, output)
     model = plugin_form if scan == "plugin" else lower_ss2d_scan(plugin_form)
     write_onnx_metadata(model, metadata)
-    try:  # once, checked and written as it is
-        serialized = model.SerializeToString()
-    except (EncodeError, ValueError):  # protobuf's C backends refuse past 2 GiB (upb: EncodeError, cpp: ValueError)
-        serialized = None
-    if serialized is None or len(serialized) >= 1 << 31:  # its pure-Python backend writes it; nothing reads it
-        raise ExportError(f"{checkpoint.path}: the exported model is over 2 GB, more than one ONNX file holds "
-                          f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
-                          f"to {output}")
+    serialized = _serialized(model, checkpoint.path, output)  # once: checked and written as it is
     try:
         onnx.checker.check_model(serialized, full_check=scan == "portable")
     except onnx.checker.ValidationError as exc:

@@ -194,7 +194,7 @@ def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_pa
         export_onnx(loud, tmp_path / "strict.onnx", input_size=32, rtol=0.0)
 
 
-def export_over_2_gb(checkpoint, output) -> str:
+def export_over_2_gb(checkpoint, output, scan="plugin") -> str:
     """Export with a 2 GiB initializer beside the real graph, standing in for the weights of a custom checkpoint
     over protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]: traced in a minute and 6 GB); the refusal."""
     from unittest import mock
@@ -210,18 +210,19 @@ def export_over_2_gb(checkpoint, output) -> str:
         return model
 
     with mock.patch.object(onnx_export, "trace_to_onnx", oversized), pytest.raises(ExportError) as refusal:
-        export_onnx(checkpoint, output, input_size=32, verify=False)
+        export_onnx(checkpoint, output, input_size=32, scan=scan, verify=False)
     return str(refusal.value)
 
 
-@pytest.mark.parametrize("protobuf", ["upb", "python"])
-def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, protobuf):
+@pytest.mark.parametrize("protobuf, scan", [("upb", "plugin"), ("upb", "portable"), ("python", "plugin")])
+def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, protobuf, scan):
     """It ended its export in google.protobuf's EncodeError traceback from the checker; with protobuf's pure-Python
     backend (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, its fallback where no wheel has the C one), which
-    serializes it, in the checker's 'ValueError: This protobuf of onnx model is too large (>2GiB)'."""
+    serializes it, in the checker's 'ValueError: This protobuf of onnx model is too large (>2GiB)'; in the portable
+    form, in the EncodeError of the shape inference its lowering runs, before the checker."""
     output = tmp_path / "big.onnx"
     if protobuf == "upb":
-        refusal = export_over_2_gb(official, output)
+        refusal = export_over_2_gb(official, output, scan)
     else:  # a backend is chosen once per process, at protobuf's import
         script = ("import sys; from tests.test_export import export_over_2_gb; "
                   "print(export_over_2_gb(sys.argv[1], sys.argv[2]))")
