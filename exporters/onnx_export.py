@@ -37,7 +37,7 @@ from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
                                             height_width, positive_int, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import TIERS, tolerance_problem
+from medmamba_edge.runtime.metrics import TIERS, compared_text, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -222,9 +222,12 @@ def export_onnx(
         max_abs_diff, verified = float(np.abs(ort_logits - torch_logits).max()), len(images)
         outside = int((~np.isclose(ort_logits, torch_logits, atol=atol, rtol=rtol)).sum())
         if outside:
+            # A logit outside is over atol, and so must read its largest difference: "up to 6.91e-06, 1 of 18
+            # beyond 6.914e-06" read as within.
+            largest, shown_atol = compared_text(max_abs_diff, atol, 3)
             raise ExportError(
-                f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by up to {max_abs_diff:.3g}, {outside} "
-                f"of {ort_logits.size} beyond {atol:g} + {rtol:g}·|PyTorch|; nothing was written to {output}"
+                f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by up to {largest}, {outside} "
+                f"of {ort_logits.size} beyond {shown_atol} + {rtol:g}·|PyTorch|; nothing was written to {output}"
             )
     # Whole models in memory: MedMamba-B is ~160 MB; one over protobuf's 2 GB was refused before the checker.
     write_bytes_atomically(output, serialized)

@@ -179,6 +179,18 @@ def test_failed_verification_writes_nothing(official, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_verification_never_reads_as_within_its_atol(official, tmp_path):
+    """A logit outside the tolerance is over atol, yet at 40×40 the official T-32, whose largest difference is
+    6.914e-06, was refused with --atol 6.91e-06 as 'by up to 6.91e-06, 1 of 18 beyond 6.91e-06 + 0·|PyTorch|'."""
+    largest = export_onnx(official, tmp_path / "t40.onnx", input_size=40, atol=1.0, rtol=0.0).max_abs_diff
+    atol = float(f"{largest:.3g}")  # the largest difference as the message showed it
+    assert atol < largest, "the case needs a largest difference that three digits round down"
+    with pytest.raises(ExportError) as refused:
+        export_onnx(official, tmp_path / "strict.onnx", input_size=40, atol=atol, rtol=0.0)
+    shown = float(str(refused.value).split("by up to ")[1].split(",")[0])
+    assert shown > atol, refused.value
+
+
 def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_path):
     """Logits in the thousands differ by a few 1e-3 in float32 arithmetic: verification once held them to 1e-4
     absolute and refused an export that `compare` passes (its fp32 rule: atol + rtol·|A|)."""
