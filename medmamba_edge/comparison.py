@@ -93,6 +93,16 @@ class ComparisonReport:
         return not self.problems
 
 
+def logit_figures(logits: Difference, tolerance: Tolerance) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(max |A−B|, atol) and (max |A−B|/|A|, rtol) as text, where the logits are judged: a logit outside is over
+    both, so a FAIL must not read its largest difference as within ("max |A−B| 6.91e-06", "1 of 18 outside
+    |A−B| ≤ 6.91e-06 + 0·|A|"). Reported to 3 digits otherwise."""
+    if tolerance.logits_atol is None:
+        return (f"{logits.max_abs:.3g}", ""), (f"{logits.max_rel:.3g}", "")
+    return (compared_text(logits.max_abs, tolerance.logits_atol, 3),
+            compared_text(logits.max_rel, tolerance.logits_rtol, 3))
+
+
 def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
     pa, pb = softmax(a), softmax(b)
     same = a.argmax(1) == b.argmax(1)
@@ -102,8 +112,8 @@ def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
     checks = []
     if tolerance.logits_atol is not None:
         outside = int((~np.isclose(b, a, atol=tolerance.logits_atol, rtol=tolerance.logits_rtol)).sum())
-        checks.append(Check("logits", f"{outside} of {a.size} outside",
-                            f"|A−B| ≤ {tolerance.logits_atol:g} + {tolerance.logits_rtol:g}·|A|", outside == 0))
+        (_, atol), (_, rtol) = logit_figures(Difference.of(a, b), tolerance)
+        checks.append(Check("logits", f"{outside} of {a.size} outside", f"|A−B| ≤ {atol} + {rtol}·|A|", outside == 0))
     # A judged figure is shown to as many digits as keep it on its side of its limit: 979 of 999 images read
     # "98.00%" and failed "≥ 98%".
     limit = tolerance.min_top1_agreement
@@ -179,8 +189,11 @@ def render_tables(report: ComparisonReport) -> list:
                                 f"B: {report.backends[1]}{on_cpu(report.cpus[1])}")
     for column in ("output", "max |A−B|", "max |A−B|/|A|", "mean |A−B|"):
         differences.add_column(column, justify="left" if column == "output" else "right")
-    for name, diff in (("logits", report.logits), ("probabilities", report.probabilities)):
-        differences.add_row(name, f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", f"{diff.mean_abs:.3g}")
+    (largest, _), (relative, _) = logit_figures(report.logits, report.tolerance)
+    differences.add_row("logits", largest, relative, f"{report.logits.mean_abs:.3g}")
+    probabilities = report.probabilities
+    differences.add_row("probabilities", f"{probabilities.max_abs:.3g}", f"{probabilities.max_rel:.3g}",
+                        f"{probabilities.mean_abs:.3g}")
     checks = Table(title=f"checks ({report.tolerance.tier} tier)")
     for column in ("check", "measured", "limit", "result"):
         checks.add_column(column)

@@ -169,3 +169,18 @@ def test_a_model_with_non_finite_logits_is_a_one_line_error(onnx32, tmp_path):
                     "--num-samples", "16"],
                    f"{broken}: non-finite logits (NaN or infinite) for 16 of 16 images (first: "
                    f"pneumoniamnist_trainval.npz[val:")
+
+
+def test_a_failed_logit_check_never_reads_its_largest_difference_as_within(tmp_path):
+    """A logit outside is over atol, yet the official T-32 against its 40×40 export (largest difference 6.914e-06),
+    with --atol 6.91e-06 --rtol 0, showed 'max |A−B| 6.91e-06' beside '1 of 18 outside |A−B| ≤ 6.91e-06 + 0·|A|'."""
+    from medmamba_edge.comparison import render_tables
+    from medmamba_edge.exporters.onnx_export import export_onnx
+
+    official = require_shared(*OFFICIAL_T32)
+    onnx40 = export_onnx(official, tmp_path / "t40.onnx", input_size=40).path
+    atol = float(f"{compare(official, onnx40, input_size=40).logits.max_abs:.3g}")  # as the table showed it
+    report = compare(official, onnx40, input_size=40, atol=atol, rtol=0.0)
+    assert atol < report.logits.max_abs, "the case needs a largest difference that three digits round down"
+    assert report.problems == [f"logits: 1 of 18 outside (limit |A−B| ≤ {atol:g} + 0·|A|)"]
+    assert float(render_tables(report)[0].columns[1]._cells[0]) > atol
