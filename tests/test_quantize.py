@@ -298,6 +298,22 @@ def test_a_drop_within_the_budget_never_reads_as_over_it(bundled32, tmp_path, mo
     assert float(drop) < float(budget) == 1.667, result.output
 
 
+def test_a_drop_passed_as_equal_to_the_budget_never_reads_as_over_it(bundled32, tmp_path, monkeypatch):
+    """27 of 524 images more wrong, 5.152671755725191 points, rounded up to 5.152671756: passed as equal to that
+    exact --max-drop (over_budget), and printed "drop 5.153 points, budget 5.15267"."""
+    import medmamba_edge.exporters.quantize as quantize
+
+    scores = iter([100 * 497 / 524, 100 * 470 / 524])
+    monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+    evaluation = _image_folder(tmp_path / "val", "val", 4)
+    result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", str(evaluation), "--num-samples", "4",
+                                      "--eval", str(evaluation), "--max-drop", repr(100 * 27 / 524),
+                                      "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 0, result.output
+    drop, budget = re.search(r"\(drop ([\d.]+) points, budget ([\d.]+)\)", result.output).groups()
+    assert float(drop) <= float(budget), result.output
+
+
 def test_an_evaluation_set_without_a_usable_image_is_refused_before_calibrating(bundled32, tmp_path, monkeypatch):
     """Its images were read only after the calibration: 47 s at 224×224 with 64 images, minutes with 256."""
     import medmamba_edge.exporters.quantize as quantize
