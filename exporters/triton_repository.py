@@ -366,11 +366,11 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
     _check_model(model, served, plugin)
     repository = local_output(repository, "export-triton", folder=True)
     _check_output(model, repository, name)
-    plan = _plan_serving(served, repository, name, kind, server_root, plugin)
+    deepstream_text, refusal = _deepstream(model, served, deepstream_batch, _deepstream_plugin(served, plugin))
+    plan = _plan_serving(served, repository, name, kind, server_root, plugin, deepstream=deepstream_text is not None)
     config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances,
                                 kind=plan.kind, op_library=plan.op_library)
     checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
-    deepstream_text, refusal = _deepstream(model, served, deepstream_batch, plan.deepstream_plugin)
     library = _op_library_file(model) if plan.op_library else None
     whole_model = _whole_model(served)
     _write_atomically(repository, name, lambda staging: _stage(
@@ -421,13 +421,21 @@ class _ServingPlan:
     kind: str  # Triton's KIND_CPU or KIND_GPU
     server_command: str
     op_library: str | None  # model_operations' library on the server (plugin-form ONNX)
-    deepstream_plugin: str | None  # nvinfer's custom-lib-path
     plugin_source: Path | None  # the TensorRT plugin library built here, copied beside the config
     notes: list[str]
 
 
+def _deepstream_plugin(served: ServedModel, plugin: str | None) -> str | None:
+    """nvinfer's custom-lib-path: a --plugin path as given (one on the device), else the autoload build beside the
+    config. Relative, as nvinfer resolves it from the config's folder: DeepStream runs outside Triton's container
+    (or on a Jetson the folder was copied to), where the server's root (/models) is no path."""
+    if not served.needs_trt_plugin:
+        return None
+    return plugin if plugin is not None else AUTOLOAD_PLUGIN_LIBRARY
+
+
 def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, server_root: str | None,
-                  plugin: str | None) -> _ServingPlan:
+                  plugin: str | None, *, deepstream: bool) -> _ServingPlan:
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     root = (server_root or str(repository.resolve())).rstrip("/") or "/"
@@ -436,23 +444,20 @@ def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, s
     notes: list[str] = []
 
     trt_plugin_source: Path | None = None
-    deepstream_plugin = plugin  # a --plugin path is one on the device, for both
-    if served.needs_trt_plugin and plugin is None:
+    # Triton runs a plugin-form ONNX on our ONNX Runtime op: only its DeepStream config takes the TensorRT plugin.
+    if served.needs_trt_plugin and plugin is None and (served.kind == "engine" or deepstream):
         # The self-registering build: Triton's `plugins=`, LD_PRELOAD and nvinfer's custom-lib-path only dlopen it.
         try:
             trt_plugin_source = find_autoload_plugin_library()
         except UserError:
+            beside = f", beside {DEEPSTREAM_CONFIG}" if deepstream else ""
             notes.append(f"no TensorRT plugin library is built here: build it on the device "
                          f"(medmamba-edge build-plugin) and put {AUTOLOAD_PLUGIN_LIBRARY} in the model's folder "
-                         f"({folder_on_server} on the server, beside deepstream_nvinfer.txt)")
+                         f"({folder_on_server} on the server{beside})")
         plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
-        # Relative, as nvinfer resolves it from the config's folder: DeepStream runs outside Triton's container
-        # (or on a Jetson the folder was copied to), where the server's root (/models) is no path.
-        deepstream_plugin = AUTOLOAD_PLUGIN_LIBRARY
 
     server_command = f"tritonserver --model-repository={root}" + _plugin_loading(served, plugin)
-    return _ServingPlan(kind, server_command, op_library, deepstream_plugin if served.needs_trt_plugin else None,
-                        trt_plugin_source, notes)
+    return _ServingPlan(kind, server_command, op_library, trt_plugin_source, notes)
 
 
 def _deepstream(model: str | Path, served: ServedModel, deepstream_batch: int | None,

@@ -200,6 +200,17 @@ def test_a_qoperator_model_gets_no_deepstream_config_since_tensorrt_cannot_parse
     assert "No DeepStream config: nvinfer builds a TensorRT engine" in (result.folder / "README.md").read_text()
 
 
+def test_the_tensorrt_plugin_is_asked_for_only_where_something_loads_it(model, tmp_path_factory, tmp_path):
+    """Triton runs a plugin-form ONNX on our ONNX Runtime op, so there only its DeepStream config takes the TensorRT
+    plugin: a qoperator model, which gets none, was told to put the plugin 'beside deepstream_nvinfer.txt' all the
+    same, and so was an engine (Triton's plugins=), which never gets a DeepStream config."""
+    result = export_triton(quantized_bundled(tmp_path_factory, tmp_path, "qoperator"), tmp_path / "repo")
+    assert not any("TensorRT plugin" in note for note in result.notes)
+    assert not (result.folder / "libmedmamba_trt_plugin_autoload.so").exists()
+    result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8), tmp_path / "repo2")
+    assert not any("deepstream_nvinfer.txt" in note for note in result.notes)
+
+
 def test_a_qdq_model_gets_the_calibration_file_that_makes_nvinfer_build_int8(tmp_path_factory, tmp_path):
     # Without one nvinfer falls back to FP16 (TensorRT then refuses the Q/DQ network), and saves no engine under
     # the _int8 name the config gives, so the next start would not find it.
