@@ -142,12 +142,12 @@ def _label_index(label: str, class_names: Sequence[str], where: str) -> int:
     raise DatasetError(f"{where}: label {label!r} is not one of the model's classes {list(class_names)}")
 
 
-def _image_samples(folder: Path, label: int | None) -> list[Sample]:
-    """The images in ``folder`` (not below: a class folder's sub-folders are not its images), as ``run`` lists
-    them: what cannot be read (a dangling link, a FIFO) is a sample that fails to decode, so it is reported.
-    Hidden files are left out, not reported: macOS copies a '._' metadata file beside every image."""
+def _image_samples(folder: Path, label: int | None, recursive: bool) -> list[Sample]:
+    """The images in ``folder`` (and below it if ``recursive``), as ``run`` lists them: what cannot be read (a
+    dangling link, a FIFO) is a sample that fails to decode, so it is reported. Hidden files and folders are left
+    out, not reported: macOS copies a '._' metadata file beside every image."""
     samples = []
-    for entry in folder_files(folder, recursive=False):
+    for entry in folder_files(folder, recursive=recursive):
         path, unreadable = entry if isinstance(entry, tuple) else (entry, None)
         if not path.name.startswith("."):
             samples.append(Sample(str(path), label, unreadable))
@@ -157,9 +157,9 @@ def _image_samples(folder: Path, label: int | None) -> list[Sample]:
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subfolders:
-        # As torchvision's ImageFolder (the official train.py's loader), one level deep: images beside the class
-        # folders, or a class folder whose images are all in its sub-folders, would be left out without a word.
-        loose = _image_samples(path, None)
+        # As torchvision's ImageFolder (the official train.py's loader): a class folder's images are every image in
+        # it and below it (os.walk), and images beside the class folders would be left out without a word.
+        loose = _image_samples(path, None, recursive=False)
         if loose:
             raise DatasetError(f"{path}: {len(loose)} images beside its class folders (e.g. {Path(loose[0].source).name}); "
                                f"an ImageFolder's images go in its class folders")
@@ -170,14 +170,13 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
             if label is not None and class_folders.setdefault(label, folder) != folder:
                 raise DatasetError(f"{class_folders[label]} and {folder}: two folders of class {class_names[label]!r} "
                                    f"(a class folder is named by the class or by its index); put its images in one")
-            found = _image_samples(folder, label)
+            found = _image_samples(folder, label, recursive=True)
             if not found:
-                raise DatasetError(f"{folder}: a class folder without images (an ImageFolder is read one level deep, "
-                                   f"as torchvision reads it)")
+                raise DatasetError(f"{folder}: a class folder without images (in it or below it)")
             samples += found
         kind = "ImageFolder"
     else:
-        samples = _image_samples(path, None)
+        samples = _image_samples(path, None, recursive=False)
         kind = "folder"
     if not samples:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} "

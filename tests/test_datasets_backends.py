@@ -88,14 +88,18 @@ def test_bad_data_paths(tmp_path):
 
 
 def test_images_an_imagefolder_would_leave_out_without_a_word_are_refused(tmp_path):
-    """Loose images beside the class folders, and a class folder whose images are all one level further down,
-    were left out: an evaluation of 6 of 30 images, exit 0."""
+    """Loose images beside the class folders were left out: an evaluation of 6 of 30 images, exit 0. A class
+    folder's sub-folders are its images, as torchvision's ImageFolder walks them (they were refused, or left out
+    beside images of the class folder's own); one with no image in it or below it is refused."""
     image = np.zeros((8, 8), np.uint8)
-    for name in ("normal/a.png", "pneumonia/deeper/b.png"):
+    for name in ("normal/a.png", "normal/deeper/c.png", "pneumonia/deeper/b.png"):
         (tmp_path / "nested" / name).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(tmp_path / "nested" / name), image)
-    with pytest.raises(DatasetError, match=r"nested/pneumonia: a class folder without images \(an ImageFolder is "
-                                           r"read one level deep"):
+    data = open_dataset(tmp_path / "nested", class_names=["normal", "pneumonia"])
+    assert [(s.source[len(str(tmp_path / "nested")) + 1:], s.label) for s in data.samples] == [
+        ("normal/a.png", 0), ("normal/deeper/c.png", 0), ("pneumonia/deeper/b.png", 1)]
+    (tmp_path / "nested" / "other" / "empty").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"nested/other: a class folder without images \(in it or below it\)"):
         open_dataset(tmp_path / "nested")
     for name in ("loose/normal/a.png", "loose/pneumonia/b.png", "loose/c.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -242,14 +246,14 @@ def test_imagefolder_entries_that_cannot_be_read_are_samples_that_fail_to_decode
     (tmp_path / "normal" / "dangling.png").symlink_to("missing.png")
     os.mkfifo(tmp_path / "pneumonia" / "pipe.png")  # reading it would wait for a writer forever
     (tmp_path / "pneumonia" / "._a.png").write_bytes(b"macOS metadata: left out, not reported")
-    (tmp_path / "pneumonia" / "sub").mkdir()  # a class folder's sub-folders are not its images
+    (tmp_path / "pneumonia" / "sub").mkdir()  # a class folder's sub-folders hold its images too, as torchvision's
     from PIL import Image
 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "pneumonia" / "c.gif")  # no image to an ImageFolder
     cv2.imwrite(str(tmp_path / "pneumonia" / "sub" / "b.png"), np.zeros((8, 8), np.uint8))
     data = open_dataset(tmp_path, class_names=["normal", "pneumonia"])
     assert [(s.source[len(str(tmp_path)) + 1:], s.label) for s in data.samples] == [
-        ("normal/a.png", 0), ("normal/dangling.png", 0), ("pneumonia/pipe.png", 1)]
+        ("normal/a.png", 0), ("normal/dangling.png", 0), ("pneumonia/pipe.png", 1), ("pneumonia/sub/b.png", 1)]
     assert data.image(0).shape == (8, 8)
     with pytest.raises(ImageError, match=r"dangling\.png: a dangling symbolic link \(to missing\.png\)"):
         data.image(1)
