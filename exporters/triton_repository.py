@@ -444,8 +444,9 @@ def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, s
     notes: list[str] = []
 
     trt_plugin_source: Path | None = None
-    # Triton runs a plugin-form ONNX on our ONNX Runtime op: only its DeepStream config takes the TensorRT plugin.
-    if served.needs_trt_plugin and plugin is None and (served.kind == "engine" or deepstream):
+    # Triton runs a plugin-form ONNX on our ONNX Runtime op, and a version-compatible plan carries the plugin: only
+    # a DeepStream config, or a server loading it by path (plugins=), takes the TensorRT plugin library.
+    if served.needs_trt_plugin and plugin is None and (_plugin_by_path(served) or deepstream):
         # The self-registering build: Triton's `plugins=`, LD_PRELOAD and nvinfer's custom-lib-path only dlopen it.
         try:
             trt_plugin_source = find_autoload_plugin_library()

@@ -5,6 +5,7 @@ backend it lacks, and Gst-nvinfer's documented keys and arithmetic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,11 +205,28 @@ def test_the_tensorrt_plugin_is_asked_for_only_where_something_loads_it(model, t
     """Triton runs a plugin-form ONNX on our ONNX Runtime op, so there only its DeepStream config takes the TensorRT
     plugin: a qoperator model, which gets none, was told to put the plugin 'beside deepstream_nvinfer.txt' all the
     same, and so was an engine (Triton's plugins=), which never gets a DeepStream config."""
-    result = export_triton(quantized_bundled(tmp_path_factory, tmp_path, "qoperator"), tmp_path / "repo")
+    qoperator = quantized_bundled(tmp_path_factory, tmp_path, "qoperator")
+    result = export_triton(qoperator, tmp_path / "repo")
     assert not any("TensorRT plugin" in note for note in result.notes)
-    assert not (result.folder / "libmedmamba_trt_plugin_autoload.so").exists()
     result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8), tmp_path / "repo2")
     assert not any("deepstream_nvinfer.txt" in note for note in result.notes)
+    with _plugin_built_here(tmp_path):  # copied where it is loaded, and only there
+        copied = {path: (export_triton(path, tmp_path / "repo3").folder / "libmedmamba_trt_plugin_autoload.so").exists()
+                  for path in (qoperator, model, tmp_path / "e.engine")}
+    assert copied == {qoperator: False, model: True, tmp_path / "e.engine": True}
+
+
+@contextlib.contextmanager
+def _plugin_built_here(tmp_path: Path):
+    """As on a machine where build-plugin has run: find_autoload_plugin_library finds a library."""
+    from medmamba_edge.exporters import triton_repository
+
+    library = tmp_path / "built" / "libmedmamba_trt_plugin_autoload.so"
+    library.parent.mkdir(exist_ok=True)
+    library.write_bytes(b"\x7fELF a plugin library")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_repository, "find_autoload_plugin_library", lambda: library)
+        yield library
 
 
 def test_a_qdq_model_gets_the_calibration_file_that_makes_nvinfer_build_int8(tmp_path_factory, tmp_path):
@@ -437,6 +455,12 @@ def test_a_version_compatible_engine_is_served_with_the_plugin_it_carries(model,
     result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, version_compatible=True), tmp_path / "repo")
     readme = (result.folder / "README.md").read_text()
     assert "--backend-config=tensorrt,version-compatible=true" in readme and "plugins=" not in readme
+    # Nothing loads the library by path, so nothing asks for it (it was: 'put libmedmamba_trt_plugin_autoload.so in
+    # the model's folder'), nor is one built here copied in.
+    assert not any("TensorRT plugin" in note for note in result.notes)
+    with _plugin_built_here(tmp_path):
+        result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, version_compatible=True), tmp_path / "repo")
+    assert not (result.folder / "libmedmamba_trt_plugin_autoload.so").exists()
 
 
 @pytest.mark.parametrize("args, message", [
