@@ -15,6 +15,7 @@ import codecs
 import csv
 import io
 import itertools
+import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,24 @@ def _image_samples(folder: Path, label: int | None, recursive: bool) -> list[Sam
     return samples
 
 
+def _one_class_each(samples: list[Sample], class_names: Sequence[str]) -> None:
+    """Refuse an image reached from two class folders (through a link from one to the other, or to the data set's
+    top): following links as torchvision's ImageFolder does, it would be evaluated under both labels."""
+    first_seen: dict[tuple[int, int], Sample] = {}
+    for sample in samples:
+        if sample.unreadable is not None:
+            continue
+        try:
+            info = os.stat(sample.source)
+        except OSError:
+            continue  # it fails to decode, and is reported then
+        first = first_seen.setdefault((info.st_dev, info.st_ino), sample)
+        if first.label != sample.label:
+            raise DatasetError(f"{first.source} and {sample.source}: one image in class folders "
+                               f"{class_names[first.label]!r} and {class_names[sample.label]!r} (through a link); "
+                               f"an image has one class")
+
+
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subfolders:
@@ -174,6 +193,8 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
             if not found:
                 raise DatasetError(f"{folder}: a class folder without images (in it or below it)")
             samples += found
+        if class_names:
+            _one_class_each(samples, class_names)
         kind = "ImageFolder"
     else:
         samples = _image_samples(path, None, recursive=False)

@@ -108,6 +108,24 @@ def test_images_an_imagefolder_would_leave_out_without_a_word_are_refused(tmp_pa
         open_dataset(tmp_path / "loose")
 
 
+def test_an_image_reached_from_two_class_folders_is_refused(tmp_path):
+    """Class folders are walked following links, as torchvision's ImageFolder walks them: a link from one class
+    folder to another's sub-folder (or a link to the data set's top) evaluated its images under both labels, the
+    set one image larger for each, exit 0."""
+    busi = require_shared("data", "busi")
+    for name in ("normal/normal (1).png", "pneumonia/patient/malignant (1).png"):
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(busi / ("normal" if name.startswith("normal") else "malignant") / name.rsplit("/", 1)[1],
+                    tmp_path / "data" / name)
+    (tmp_path / "data" / "normal" / "from_pneumonia").symlink_to("../pneumonia/patient")
+    with pytest.raises(DatasetError, match=r"data/normal/from_pneumonia/malignant \(1\)\.png and \S*/data/pneumonia/"
+                                           r"patient/malignant \(1\)\.png: one image in class folders 'normal' "
+                                           r"and 'pneumonia' \(through a link\); an image has one class"):
+        open_dataset(tmp_path / "data", class_names=["pneumonia", "normal"])
+    # Unlabelled (calibration), the linked image is there twice to draw from, as torchvision would read it.
+    assert len(open_dataset(tmp_path / "data")) == 3
+
+
 def test_multi_label_npz_labels_are_refused(tmp_path):
     """ChestMNIST-style (N, 14) labels were read as class indices from their first column."""
     np.savez(tmp_path / "chest.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=np.zeros((4, 14), np.int64))
