@@ -384,8 +384,9 @@ def local_output(spec: str | Path | None, command: str, *, folder: bool = False)
     if problem := uri_refusal(spec, command, f"a local output {'folder' if folder else 'file'}"):
         raise OutputError(problem)
     # As a Path, "new.onnx/" and "new/." lose the ending that names a folder: a file was written where none is yet
-    # (an existing one is refused where it is opened, as without the ending).
-    if not folder and isinstance(spec, str) and spec.endswith(("/", "/.")) and not os.path.isdir(spec):
+    # (an existing one is refused where it is opened, as without the ending). "new/.." keeps it but passed the checks
+    # (nothing there to look at): the work was done, then refused at its rename, its partial file left one folder up.
+    if not folder and isinstance(spec, str) and spec.endswith(("/", "/.", "/..")) and not os.path.isdir(spec):
         raise OutputError(f"{spec}: names a folder, expected a file name")
     return Path(spec)
 

@@ -198,7 +198,7 @@ def test_an_output_url_is_refused_as_typed(onnx32, tmp_path, monkeypatch, comman
     ("build-engine", "-o"), ("build-engine", "--timing-cache"), ("run", "--jsonl"), ("run", "--csv"),
     ("run", "--save-video")])
 @pytest.mark.parametrize("ending, reason", [("/", "names a folder"), ("/.", "names a folder"),
-                                            ("", "is a folder")])
+                                            ("/..", "names a folder"), ("", "is a folder")])
 def test_an_output_file_named_as_a_folder_is_refused(onnx32, tmp_path, monkeypatch, command, option, ending, reason):
     """`export CK.pth -o new.onnx/` wrote a FILE new.onnx (a Path drops the '/'), and so did every output file option
     given a folder still to be made; an existing folder was refused, and still is."""
