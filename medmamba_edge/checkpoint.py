@@ -140,7 +140,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: it holds a {other.group(1) or other.group(2)} object, not only tensors (loaded with "
                 f"weights_only=True); save the weights with torch.save(net.state_dict(), path)"
             ) from None
-        if re.search(r"Unsupported operand 149\b", str(exc)):  # FRAME: torch's weights_only unpickler has none
+        if re.search(r"Unsupported operand 149\b", str(exc)) and _pickle_protocol(path) >= 4:  # FRAME: torch's
+            # weights_only unpickler has none; a byte 149 in a protocol 2 pickle is damage, not a frame
             raise CheckpointError(
                 f"{path}: not readable with weights_only=True (saved with pickle_protocol 4 or later, whose frames "
                 f"torch.load reads only with weights_only=False); save the weights with torch.save's default "
@@ -188,6 +189,19 @@ def _bare_pickle(path: Path) -> bool:
         head = file.read(32)
     magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")  # LONG1 of 10 bytes
     return head.startswith(b"\x80") and magic not in head  # PROTO, then (protocol 4+: after a FRAME) the magic
+
+
+def _pickle_protocol(path: Path) -> int:
+    """The protocol the checkpoint's pickle declares (its PROTO opcode; 0 where there is none): in a zip, data.pkl's,
+    in a legacy file its first pickle's, which torch.save writes with the same protocol."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            head = archive.open(name).read(2) if name else b""
+    except zipfile.BadZipFile:
+        with open(path, "rb") as file:
+            head = file.read(2)
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else 0
 
 
 def _check_crcs(path: Path) -> None:

@@ -168,6 +168,19 @@ def test_a_pickle_protocol_torch_load_cannot_read_safely_is_named(tmp_path, tiny
             load_checkpoint(path)
 
 
+def test_a_damaged_protocol_2_file_is_not_named_as_saved_with_protocol_4(tmp_path, tiny_state_dict):
+    """A byte damaged to 149 (FRAME's opcode) in a legacy file saved with the default protocol 2 read 'saved with
+    pickle_protocol 4 or later'; damage to any other opcode reads as what it is."""
+    path = tmp_path / "damaged.pth"
+    torch.save(tiny_state_dict, path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"\x80\x02", 1) + 2] = 149  # the first opcode of the pickle after the magic number's
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not a readable PyTorch checkpoint \(not a "
+                                              rf"tensor-only pickle\)$"):
+        load_checkpoint(path)
+
+
 def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_state_dict):
     resnet_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict()
     with pytest.raises(CheckpointError, match=r"not a MedMamba \(VSSM\) checkpoint: missing patch_embed\.proj\.weight"):
