@@ -37,7 +37,7 @@ from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
                                             height_width, positive_int, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import TIERS, compared_text, tolerance_problem
+from medmamba_edge.runtime.metrics import TIERS, compared_text, logits_outside, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -220,7 +220,7 @@ def export_onnx(
             raise ExportError(f"{checkpoint.path}: cannot verify at {size[0]}×{size[1]} (out of memory: "
                               f"{first_line(exc)}); nothing was written to {output} (--no-verify skips it)") from None
         max_abs_diff, verified = float(np.abs(ort_logits - torch_logits).max()), len(images)
-        outside = int((~np.isclose(ort_logits, torch_logits, atol=atol, rtol=rtol)).sum())
+        outside = logits_outside(ort_logits, torch_logits, atol, rtol)
         if outside:
             # A logit outside is over atol, and so must read its largest difference: "up to 6.91e-06, 1 of 18
             # beyond 6.914e-06" read as within.

@@ -32,7 +32,7 @@ from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_dataset
 from medmamba_edge.runtime.metadata import PRECISIONS, ModelMetadata
-from medmamba_edge.runtime.metrics import TIERS, Tolerance, compared_text, tolerance_problem
+from medmamba_edge.runtime.metrics import TIERS, Tolerance, compared_text, logits_outside, tolerance_problem
 
 from .evaluation import (PREPROCESSING_FIELDS, EvaluationError, Progress, check_batch, check_finite, distinct_names,
                          on_cpu, open_models, run_models)
@@ -111,7 +111,7 @@ def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
     mean_probability_error = float(np.abs(pa - pb).max(axis=1).mean())
     checks = []
     if tolerance.logits_atol is not None:
-        outside = int((~np.isclose(b, a, atol=tolerance.logits_atol, rtol=tolerance.logits_rtol)).sum())
+        outside = logits_outside(b, a, tolerance.logits_atol, tolerance.logits_rtol)
         (_, atol), (_, rtol) = logit_figures(Difference.of(a, b), tolerance)
         checks.append(Check("logits", f"{outside} of {a.size} outside", f"|A−B| ≤ {atol} + {rtol}·|A|", outside == 0))
     # A judged figure is shown to as many digits as keep it on its side of its limit: 979 of 999 images read

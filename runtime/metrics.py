@@ -61,6 +61,14 @@ def compared_text(value: float, limit: float, digits: int) -> tuple[str, str]:
     return repr(float(value)), shown
 
 
+def logits_outside(logits: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> int:
+    """How many ``logits`` lie outside |logit − reference| ≤ atol + rtol·|reference|, judged in float64 as their
+    differences are shown: numpy compares float32 logits in float32, where --atol 6.9141387939453e-06 rounded up to
+    a largest difference of 6.9141387939453125e-06, which passed beside a limit it was over."""
+    return int((~np.isclose(np.asarray(logits, np.float64), np.asarray(reference, np.float64),
+                            atol=atol, rtol=rtol)).sum())
+
+
 def points_lost(reference_percent: float, percent: float) -> float:
     """Top-1 points lost, rounded where float arithmetic leaves crumbs (98.4 − 97.9 is 0.5000000000000142)."""
     return round(reference_percent - percent, 9)

@@ -184,3 +184,18 @@ def test_a_failed_logit_check_never_reads_its_largest_difference_as_within(tmp_p
     assert atol < report.logits.max_abs, "the case needs a largest difference that three digits round down"
     assert report.problems == [f"logits: 1 of 18 outside (limit |A−B| ≤ {atol:g} + 0·|A|)"]
     assert float(render_tables(report)[0].columns[1]._cells[0]) > atol
+
+
+def test_a_largest_difference_over_atol_is_judged_outside(tmp_path):
+    """numpy judged float32 logits in float32: the official T-32 against its 40×40 export (largest difference
+    6.9141387939453125e-06) with --atol 6.9141387939453e-06 --rtol 0 passed, 'max |A−B| 6.91414e-06' beside
+    '0 of 18 outside |A−B| ≤ 6.9141387939453e-06 + 0·|A|'."""
+    from medmamba_edge.exporters.onnx_export import export_onnx
+
+    official = require_shared(*OFFICIAL_T32)
+    onnx40 = export_onnx(official, tmp_path / "t40.onnx", input_size=40).path
+    largest = compare(official, onnx40, input_size=40).logits.max_abs
+    atol = float(np.nextafter(largest, 0))  # below it, yet the same number in float32
+    assert np.float32(atol) == np.float32(largest), "the case needs an atol that float32 rounds to the difference"
+    report = compare(official, onnx40, input_size=40, atol=atol, rtol=0.0)
+    assert report.problems == [f"logits: 1 of 18 outside (limit |A−B| ≤ {atol!r} + 0·|A|)"]

@@ -179,12 +179,16 @@ def test_failed_verification_writes_nothing(official, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_verification_never_reads_as_within_its_atol(official, tmp_path):
+@pytest.mark.parametrize("below", [lambda largest: float(f"{largest:.3g}"),  # as the message showed it
+                                   lambda largest: float(np.nextafter(largest, 0))],  # float32 rounds it back up
+                         ids=["3 digits", "float32 rounding"])
+def test_a_failed_verification_never_reads_as_within_its_atol(official, tmp_path, below):
     """A logit outside the tolerance is over atol, yet at 40×40 the official T-32, whose largest difference is
-    6.914e-06, was refused with --atol 6.91e-06 as 'by up to 6.91e-06, 1 of 18 beyond 6.91e-06 + 0·|PyTorch|'."""
+    6.914e-06, was refused with --atol 6.91e-06 as 'by up to 6.91e-06, 1 of 18 beyond 6.91e-06 + 0·|PyTorch|'; and
+    with --atol 6.9141387939453e-06, just below 6.9141387939453125e-06, it passed (numpy judged it in float32)."""
     largest = export_onnx(official, tmp_path / "t40.onnx", input_size=40, atol=1.0, rtol=0.0).max_abs_diff
-    atol = float(f"{largest:.3g}")  # the largest difference as the message showed it
-    assert atol < largest, "the case needs a largest difference that three digits round down"
+    atol = below(largest)
+    assert atol < largest, "the case needs an atol below the largest difference"
     with pytest.raises(ExportError) as refused:
         export_onnx(official, tmp_path / "strict.onnx", input_size=40, atol=atol, rtol=0.0)
     shown = float(str(refused.value).split("by up to ")[1].split(",")[0])
