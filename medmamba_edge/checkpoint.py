@@ -176,7 +176,10 @@ def _held_instead(obj) -> str:
     if len(others) < len(obj):
         return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other "
                 f"{'entry' if len(others) == 1 else 'entries'}: {', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
-    wrapper = next((key for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+    wrappers = [key for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)]
+    # the one holding tensors before the first: a "model" key may hold a config beside the weights' "state_dict"
+    wrapper = next((key for key in wrappers if any(isinstance(v, torch.Tensor) for v in obj[key].values())),
+                   wrappers[0] if wrappers else None)
     return (f"a dict of {', '.join(map(str, list(obj)[:8]))}"
             + (f"; under {wrapper!r}, {_held_instead(obj[wrapper])}" if wrapper else ""))
 

@@ -262,13 +262,17 @@ def test_values_saved_among_the_weights_are_named(tmp_path, tiny_state_dict):
         load_checkpoint(save(flat, tmp_path / "flat.pth"))
 
 
-def test_values_saved_among_the_weights_under_a_wrapper_key_are_named(tmp_path, tiny_state_dict):
+@pytest.mark.parametrize("config", [None, {"depths": [2, 2, 4, 2]}], ids=["alone", "beside a config under 'model'"])
+def test_values_saved_among_the_weights_under_a_wrapper_key_are_named(tmp_path, tiny_state_dict, config):
     """{'model': state_dict with an epoch count in it, 'epoch': 30} was 'got a dict of model, epoch': the keys, and
-    not what under 'model' kept it from being a state_dict (nor did '1 other entries' read as English)."""
-    wrapped = {"model": {**tiny_state_dict, "epoch": 30}, "epoch": 30}
-    with pytest.raises(CheckpointError, match=rf"wrapped\.pth: expected a state_dict .*; got a dict of model, epoch; "
-                                              rf"under 'model', a dict of {len(tiny_state_dict)} tensors and 1 other "
-                                              rf"entry: epoch \(int\)$"):
+    not what under 'model' kept it from being a state_dict (nor did '1 other entries' read as English). With a
+    config under 'model' and the weights under 'state_dict', it was what the config held ('a dict of depths')."""
+    weights_key = "model" if config is None else "state_dict"
+    wrapped = {**({} if config is None else {"model": config}), weights_key: {**tiny_state_dict, "epoch": 30}, "epoch": 30}
+    keys = ", ".join(wrapped)
+    with pytest.raises(CheckpointError, match=rf"wrapped\.pth: expected a state_dict .*; got a dict of {keys}; "
+                                              rf"under '{weights_key}', a dict of {len(tiny_state_dict)} tensors and "
+                                              rf"1 other entry: epoch \(int\)$"):
         load_checkpoint(save(wrapped, tmp_path / "wrapped.pth"))
 
 
