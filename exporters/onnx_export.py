@@ -222,8 +222,8 @@ def export_onnx(
         max_abs_diff, verified = float(np.abs(ort_logits - torch_logits).max()), len(images)
         outside = logits_outside(ort_logits, torch_logits, atol, rtol)
         if outside:
-            # A logit outside is over atol, and so must read its largest difference: "up to 6.91e-06, 1 of 18
-            # beyond 6.914e-06" read as within.
+            # A logit outside is over atol, and so must read its largest difference: 6.914e-06 against an atol of
+            # 6.91e-06 read "up to 6.91e-06, 1 of 18 beyond 6.91e-06", as within.
             largest, shown_atol = compared_text(max_abs_diff, atol, 3)
             raise ExportError(
                 f"{checkpoint.path}: ONNX Runtime logits differ from PyTorch by up to {largest}, {outside} "
