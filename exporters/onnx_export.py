@@ -37,7 +37,7 @@ from medmamba_edge.runtime.decode import read_image
 from medmamba_edge.runtime.files import check_onnx_name, check_writable, overwrites_input, write_bytes_atomically
 from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTPUT_NAME, SCAN_FORMS, ModelMetadata,
                                             height_width, positive_int, write_onnx_metadata)
-from medmamba_edge.runtime.metrics import TIERS, compared_text, logits_outside, tolerance_problem
+from medmamba_edge.runtime.metrics import TIERS, compared_text, logits_outside, non_finite_rows, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
 
 from .portable import lower_ss2d_scan
@@ -219,6 +219,12 @@ def export_onnx(
         except MemoryError as exc:  # numpy's, at a size the trace still took (18000×18000: 33 GB of images)
             raise ExportError(f"{checkpoint.path}: cannot verify at {size[0]}×{size[1]} (out of memory: "
                               f"{first_line(exc)}); nothing was written to {output} (--no-verify skips it)") from None
+        # Before any difference: infinite logits on both sides are "close" (a model answering inf was written as
+        # verified, its largest difference nan), and NaN ones read as a mismatch of ONNX Runtime against PyTorch.
+        for side, logits in (("PyTorch", torch_logits), ("ONNX Runtime", ort_logits)):
+            if (broken := non_finite_rows(logits)).size:
+                raise ExportError(f"{checkpoint.path}: {side} gives non-finite logits (NaN or infinite) for "
+                                  f"{broken.size} of {len(images)} sample images; nothing was written to {output}")
         max_abs_diff, verified = float(np.abs(ort_logits - torch_logits).max()), len(images)
         outside = logits_outside(ort_logits, torch_logits, atol, rtol)
         if outside:

@@ -210,6 +210,34 @@ def test_verification_allows_what_compare_allows_relative_to_large_logits(tmp_pa
         export_onnx(loud, tmp_path / "strict.onnx", input_size=32, rtol=0.0)
 
 
+def test_a_model_answering_infinite_logits_is_refused_not_verified(official, tmp_path):
+    """The official T-32 with its head scaled so that the first logit overflows to inf on every sample image (all
+    weights finite): inf beside inf passed the logit check, and the model was written 'verified ... max |ONNX
+    Runtime − PyTorch| = nan'."""
+    from medmamba_edge.runtime.bundled import sample_image_paths
+    from medmamba_edge.runtime.decode import read_image
+    from medmamba_edge.runtime.preprocess import preprocess
+
+    features = []
+    hook = official.model.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            official.model(torch.from_numpy(preprocess([read_image(p) for p in sample_image_paths()],
+                                                       official.metadata((32, 32), "plugin", None))))
+    finally:
+        hook.remove()
+    smallest = features[0].min(dim=0).values  # a feature above 1 on every image: 3.4e38 times it overflows
+    state = {name: tensor.clone() for name, tensor in official.model.state_dict().items()}  # the fixture's stay
+    state["head.weight"][0] = 0.0
+    state["head.weight"][0, int(smallest.argmax())] = 3.4e38
+    assert smallest.max() > 1, "the case needs a feature that stays above 1"
+    huge = tmp_path / "huge.pth"
+    torch.save(state, huge)
+    with pytest.raises(ExportError, match=r"PyTorch gives non-finite logits \(NaN or infinite\) for 9 of 9 sample"):
+        export_onnx(huge, tmp_path / "huge.onnx", input_size=32)
+    assert not (tmp_path / "huge.onnx").exists()
+
+
 def export_over_2_gb(checkpoint, output, scan="plugin") -> str:
     """Export with a 2 GiB initializer beside the real graph, standing in for the weights of a custom checkpoint
     over protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]: traced in a minute and 6 GB); the refusal."""
