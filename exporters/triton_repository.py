@@ -98,6 +98,7 @@ class ServedModel:
     needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
     precision: str
     version_compatible: bool = False  # an engine built with --version-compatible (its plan holds the plugin)
+    engine_runs_on: str | None = None  # an engine's EngineManifest.runs_on
     onnx_runtime_only_ops: tuple[str, ...] = ()  # a QOperator model's QLinear*/com.microsoft ops: not TensorRT's
     external_weights: bool = False  # an ONNX model whose weights are in files of their own
 
@@ -166,7 +167,8 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
                 f"any batch from 1; rebuild it with --min-batch 1 (or one batch size, --min-batch = --max-batch)")
         return ServedModel(path, "engine", metadata, input_name, OUTPUT_NAME,
                            0 if smallest == largest else min(max_batch, largest), False,
-                           manifest.plugin_sha256 is not None, manifest.precision, manifest.build.version_compatible)
+                           manifest.plugin_sha256 is not None, manifest.precision, manifest.build.version_compatible,
+                           engine_runs_on=manifest.runs_on)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
                             f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
 
@@ -342,8 +344,9 @@ def _readme(name: str, served: ServedModel, server_command: str, op_library: str
                   "for this machine's CPU architecture and needs the server's ONNX Runtime to be 1.17 or newer (the "
                   "exported model, ONNX IR version 10, needs 1.18)."]
     if served.kind == "engine":
-        lines += ["", "An engine runs only on the TensorRT version and GPU it was built for: build it with the "
-                  "server's TensorRT (inside the Triton container)."]
+        # A version- or hardware-compatible plan is not tied to one TensorRT or GPU, as a default one is.
+        lines += ["", f"This engine runs on {served.engine_runs_on} only; `medmamba-edge build-engine` inside the "
+                  "Triton container builds one for the server's TensorRT and GPU."]
     lines += ["", f"DeepStream: `{DEEPSTREAM_CONFIG}` is the `config-file-path` of an nvinfer element; it runs "
                   f"`{DEEPSTREAM_MODEL}` (this model, its logits through a Softmax) and labels with "
                   f"`{DEEPSTREAM_LABELS}`." if not deepstream_refusal else f"No DeepStream config: {deepstream_refusal}."]

@@ -403,7 +403,8 @@ def test_a_fixed_batch_model_is_served_without_triton_batching(model, tmp_path):
     assert "batch-size=1" in result.deepstream_text
 
 
-def _engine(model: Path, path: Path, smallest: int, largest: int, version_compatible: bool = False) -> Path:
+def _engine(model: Path, path: Path, smallest: int, largest: int, version_compatible: bool = False,
+            hardware_compat: bool = False) -> Path:
     """An engine file as the repository writer sees it: opaque bytes and build-engine's manifest."""
     from medmamba_edge.runtime.backends.tensorrt.manifest import BuildOptions, EngineManifest, write_manifest
 
@@ -412,9 +413,24 @@ def _engine(model: Path, path: Path, smallest: int, largest: int, version_compat
         tensorrt_version="10.3.0", gpu_name="NVIDIA Jetson AGX Orin", compute_capability="8.7", precision="fp16",
         profile={"input": {"min": [smallest, 3, 32, 32], "opt": [smallest, 3, 32, 32], "max": [largest, 3, 32, 32]}},
         onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64,
-        build=BuildOptions(fp16=True, min_batch=smallest, max_batch=largest, version_compatible=version_compatible),
+        build=BuildOptions(fp16=True, min_batch=smallest, max_batch=largest, version_compatible=version_compatible,
+                           hardware_compat=hardware_compat),
         metadata=read_onnx_metadata(model).replace(precision="fp16")))
     return path
+
+
+@pytest.mark.parametrize("options, runs_on", [
+    ({}, "TensorRT 10.3.0, on the GPU it was built on, NVIDIA Jetson AGX Orin (compute capability 8.7)"),
+    ({"version_compatible": True}, "TensorRT 10.3.0 and later versions (its plan carries TensorRT's lean runtime), on "
+                                   "the GPU it was built on, NVIDIA Jetson AGX Orin (compute capability 8.7)"),
+    ({"hardware_compat": True}, "TensorRT 10.3.0, on an Ampere or newer GPU")])
+def test_the_readme_says_where_the_engine_runs(model, tmp_path, options, runs_on):
+    """It said 'An engine runs only on the TensorRT version and GPU it was built for' of every engine, a
+    version-compatible plan (later TensorRT versions too) and a hardware-compatible one (any Ampere or newer GPU)
+    among them."""
+    result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, **options), tmp_path / "repo",
+                           plugin="/opt/medmamba/libmedmamba_trt_plugin_autoload.so")
+    assert f"This engine runs on {runs_on} only;" in (result.folder / "README.md").read_text()
 
 
 def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):

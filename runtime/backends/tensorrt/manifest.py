@@ -130,6 +130,13 @@ class EngineManifest:
     def gpu(self) -> GpuInfo:
         return GpuInfo(self.gpu_name, self.compute_capability, self.gpu_multiprocessors)
 
+    @property
+    def runs_on(self) -> str:
+        """The TensorRT versions and GPUs check_manifest accepts for this engine, in words."""
+        versions = " and later versions (its plan carries TensorRT's lean runtime)" if self.build.version_compatible else ""
+        gpus = "an Ampere or newer GPU" if self.build.hardware_compat else f"the GPU it was built on, {self.gpu}"
+        return f"TensorRT {self.tensorrt_version}{versions}, on {gpus}"
+
     def to_json(self) -> str:
         data = asdict(self)
         for name in BuildOptions.NOT_IN_MANIFEST:
