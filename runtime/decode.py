@@ -712,10 +712,14 @@ class DicomFrames:
         return f"{self.path}" + (f" frame {index}" if self.count > 1 else "")
 
     def _reader(self, start: int) -> Iterator[np.ndarray]:
-        if self.fragments is not None:  # each frame from its own fragments (see _locate_frames)
-            return (self.lut.pixel_array(self._frame(index), index=0, **self.options)
-                    for index in range(start, self.count))
+        if self.fragments is not None:
+            return (self._pixels(index) for index in range(start, self.count))
         return self.lut.iter_pixels(self.source, indices=range(start, self.count), **self.options)
+
+    def _pixels(self, index: int) -> np.ndarray:
+        if self.fragments is not None:  # each frame from its own fragments (see _locate_frames)
+            return self.lut.pixel_array(self._frame(index), index=0, **self.options)
+        return self.lut.pixel_array(self.source, index=index, **self.options)
 
     def _attempt(self, index: int) -> np.ndarray | ImageError:
         try:
@@ -725,9 +729,7 @@ class DicomFrames:
 
     def _decode(self, index: int) -> np.ndarray:
         try:
-            if self.fragments is not None:
-                return self.lut.pixel_array(self._frame(index), index=0, **self.options)
-            return self.lut.pixel_array(self.source, index=index, **self.options)
+            return self._pixels(index)
         except Exception as exc:
             raise self._decode_error(index, exc) from None
 
