@@ -103,7 +103,8 @@ def logit_figures(logits: Difference, tolerance: Tolerance) -> tuple[tuple[str, 
             compared_text(logits.max_rel, tolerance.logits_rtol, 3))
 
 
-def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
+def _checks(a: np.ndarray, b: np.ndarray, logits: Difference, tolerance: Tolerance) -> list[Check]:
+    """The tier's checks of B's logits against A's (``logits``: their Difference, the report's)."""
     pa, pb = softmax(a), softmax(b)
     same = a.argmax(1) == b.argmax(1)
     agreement = float(same.mean())
@@ -112,7 +113,7 @@ def _checks(a: np.ndarray, b: np.ndarray, tolerance: Tolerance) -> list[Check]:
     checks = []
     if tolerance.logits_atol is not None:
         outside = logits_outside(b, a, tolerance.logits_atol, tolerance.logits_rtol)
-        (_, atol), (_, rtol) = logit_figures(Difference.of(a, b), tolerance)
+        (_, atol), (_, rtol) = logit_figures(logits, tolerance)
         checks.append(Check("logits", f"{outside} of {a.size} outside", f"|A−B| ≤ {atol} + {rtol}·|A|", outside == 0))
     # A judged figure is shown to as many digits as keep it on its side of its limit: 979 of 999 images read
     # "98.00%" and failed "≥ 98%".
@@ -161,6 +162,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     a, b = outputs.logits
     differ = a.argmax(1) != b.argmax(1)
     tolerance = tolerance_for(backends[0].metadata.precision, backends[1].metadata.precision, atol, rtol)
+    logits = Difference.of(a, b)
     return ComparisonReport(
         models=(str(backends[0].path), str(backends[1].path)),
         backends=(backends[0].describe(), backends[1].describe()),
@@ -168,11 +170,11 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
         data=dataset.description,
         images=len(a),
         tolerance=tolerance,
-        logits=Difference.of(a, b),
+        logits=logits,
         probabilities=Difference.of(softmax(a), softmax(b)),
         top1_agreement=float(1 - differ.mean()),
         disagreeing=[dataset.samples[i].source for i in outputs.indices[differ]],
-        checks=_checks(a, b, tolerance),
+        checks=_checks(a, b, logits, tolerance),
         failures=outputs.failures,
         input_differences=input_differences(backends[0].metadata, backends[1].metadata),
     )
