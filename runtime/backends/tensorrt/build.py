@@ -290,8 +290,12 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
     timing_cache_path = Path(options.timing_cache) if options.timing_cache else None
     if timing_cache_path is not None:
         cached = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        if not config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False):
-            progress.status(f"{timing_cache_path} is from another TensorRT/GPU: starting a new timing cache")
+        # createTimingCache returns nullptr (None) for contents it cannot read, as TensorRT's own samples check
+        # (samples/utils/timingCache.cpp); set_timing_cache takes a reference and would raise on None.
+        cache = config.create_timing_cache(cached)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            logger.take_errors()  # about the old cache, not the build; they would stand for a later build failure
+            progress.status(f"{timing_cache_path} is not a timing cache for this TensorRT/GPU: starting a new one")
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     if hasattr(trt, "IProgressMonitor"):
