@@ -97,7 +97,7 @@ class ServedModel:
     needs_ort_ops: bool  # plugin-form ONNX: SS2DScan runs through our custom-op library
     needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
     precision: str
-    version_compatible: bool = False  # an engine built with --version-compatible (its plan holds the plugin)
+    plugin_in_plan: bool = False  # an engine whose plan holds the plugin library (EngineManifest.carries_plugin)
     engine_runs_on: str | None = None  # an engine's EngineManifest.runs_on
     onnx_runtime_only_ops: tuple[str, ...] = ()  # a QOperator model's QLinear*/com.microsoft ops: not TensorRT's
     external_weights: bool = False  # an ONNX model whose weights are in files of their own
@@ -167,7 +167,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
                 f"any batch from 1; rebuild it with --min-batch 1 (or one batch size, --min-batch = --max-batch)")
         return ServedModel(path, "engine", metadata, input_name, OUTPUT_NAME,
                            0 if smallest == largest else min(max_batch, largest), False,
-                           manifest.plugin_sha256 is not None, manifest.precision, manifest.build.version_compatible,
+                           manifest.plugin_sha256 is not None, manifest.precision, manifest.carries_plugin,
                            engine_runs_on=manifest.runs_on)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
                             f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
@@ -316,14 +316,14 @@ def _plugin_by_path(served: ServedModel) -> bool:
     """Whether the server loads the TensorRT plugin library by path (the tensorrt backend's ``plugins=``): for an
     engine that needs it, unless it is version-compatible and so carries the library inside (build-engine
     serialises it), which the backend's version-compatible mode trusts."""
-    return served.kind == "engine" and served.needs_trt_plugin and not served.version_compatible
+    return served.kind == "engine" and served.needs_trt_plugin and not served.plugin_in_plan
 
 
 def _plugin_loading(served: ServedModel, plugin: str | None) -> str:
     """tritonserver's option that registers SS2DScan before an engine loads."""
     if _plugin_by_path(served):
         return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
-    if served.kind == "engine" and served.needs_trt_plugin:
+    if served.plugin_in_plan:
         return " --backend-config=tensorrt,version-compatible=true"
     return ""
 

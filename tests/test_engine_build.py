@@ -3,7 +3,10 @@ manifests, cache keys, version dispatch, the float16 conversion on the real mode
 errors); building and running an engine needs TensorRT and a GPU and is skipped without them."""
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -32,6 +35,7 @@ from medmamba_edge.runtime.backends.tensorrt.manifest import (
 )
 from medmamba_edge.runtime.metadata import ModelMetadata, read_onnx_metadata, write_onnx_metadata
 from medmamba_edge.runtime.backends.tensorrt.compat import GpuInfo, TensorRTUnavailableError, tensorrt_generation
+from medmamba_edge.runtime.backends.tensorrt.plugin import PLUGIN_ENV, PluginNotFoundError, find_plugin_library
 from tests.shared_data import OFFICIAL_T32, require_shared
 from tests.test_model import pneumoniamnist_val
 
@@ -510,3 +514,26 @@ def test_engine_builds_runs_and_matches_onnxruntime(exported, tmp_path):
     reference = ort.InferenceSession(exported["portable"].SerializeToString(),
                                      providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
     assert np.abs(backend.run(images) - reference).max() <= 1e-3  # 9 images: chunks of 4, 4, 1
+
+
+def test_a_version_compatible_engine_runs_on_the_plugin_library_it_carries(exported, tmp_path):
+    """Its plan holds the library (for TensorRT's lean runtime): the process running it needs none built, and one
+    that is built may be for another TensorRT major version than the plan's. The runner asked for one anyway."""
+    tensorrt_or_skip()
+    try:
+        library = find_plugin_library()
+    except PluginNotFoundError:
+        pytest.skip("no plugin library built here (medmamba-edge build-plugin)")
+    engine = tmp_path / "vc.engine"
+    tb.build_engine(exported["plugin_path"], engine, BuildOptions(max_batch=4, version_compatible=True),
+                    plugin=library, progress=tb.BuildProgress())
+    images = pneumoniamnist_val()[0][:3].numpy()
+    np.save(tmp_path / "images.npy", images)
+    # A fresh process, where nothing has registered SS2DScan: only the plan's copy can run it.
+    child = ("import sys, numpy as np; from medmamba_edge.runtime.backends import open_backend; "
+             "np.save(sys.argv[3], open_backend(sys.argv[1]).run(np.load(sys.argv[2])))")
+    result = subprocess.run([sys.executable, "-c", child, engine, tmp_path / "images.npy", tmp_path / "logits.npy"],
+                            env={**os.environ, PLUGIN_ENV: str(tmp_path / "none.so")}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = open_backend(exported["plugin_path"]).run(images)
+    assert np.abs(np.load(tmp_path / "logits.npy") - reference).max() <= 1e-3

@@ -131,6 +131,13 @@ class EngineManifest:
         return GpuInfo(self.gpu_name, self.compute_capability, self.gpu_multiprocessors)
 
     @property
+    def carries_plugin(self) -> bool:
+        """Whether the plan holds the SS2DScan plugin library itself: build-engine serialises it into a
+        version-compatible plan, whose lean runtime loads it from there, so whoever runs the plan registers none
+        (the one built where it runs, if any, may be for another TensorRT major version than the plan's)."""
+        return self.plugin_sha256 is not None and self.build.version_compatible
+
+    @property
     def runs_on(self) -> str:
         """The TensorRT versions and GPUs check_manifest accepts for this engine, in words."""
         versions = " and later versions (its plan carries TensorRT's lean runtime)" if self.build.version_compatible else ""

@@ -2,9 +2,9 @@
 
 The manifest beside the engine supplies the model metadata and is checked against the running TensorRT
 and GPU first, so a stale engine fails with the command that rebuilds it instead of a deserialisation
-error. The SS2DScan plugin library is loaded automatically. I/O goes through ``execute_async_v3``
-with ``set_input_shape``/``set_tensor_address`` on device buffers from cuda-python (see
-``runtime/backends/tensorrt/compat.py`` for why cuda-python). torch-free.
+error. The SS2DScan plugin library is loaded automatically, unless the plan carries its own. I/O goes
+through ``execute_async_v3`` with ``set_input_shape``/``set_tensor_address`` on device buffers from cuda-python
+(see ``runtime/backends/tensorrt/compat.py`` for why cuda-python). torch-free.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class TensorRTBackend(Backend):
         check_manifest(self.manifest, self.path, trt.__version__, self.gpu, self._runtime.num_DLA_cores)
         if self.manifest.build.dla_core is not None:  # the core it was built for (the runtime's default is -1)
             self._runtime.DLA_core = self.manifest.build.dla_core
-        if self.manifest.plugin_sha256 is not None:
+        if self.manifest.plugin_sha256 is not None and not self.manifest.carries_plugin:
             load_plugin_library(trt, Path(plugin) if plugin is not None else find_plugin_library())
 
         if self.manifest.build.version_compatible:
