@@ -234,6 +234,19 @@ def test_compatibility_flags_relax_the_checks():
         check_manifest(hardware, "m.engine", "10.3.0", GpuInfo("Tesla T4", "7.5"))
 
 
+def test_an_engine_from_another_cpu_architecture_is_refused_with_its_rebuild_command():
+    """A plan runs only on the OS and CPU architecture it was built on (TensorRT's RuntimePlatform::kSAME_AS_BUILD),
+    which the manifest did not record: a hardware-compatible engine from an x86_64 desktop passed the check on a
+    Jetson Orin (compute capability 8.7: an Ampere GPU), to fail in TensorRT's deserialisation."""
+    desktop = make_manifest(build=BuildOptions(fp16=True, hardware_compat=True), cpu_architecture="x86_64")
+    check_manifest(desktop, "m.engine", "10.3.0", GpuInfo("NVIDIA RTX A6000", "8.6"), cpu_architecture="x86_64")
+    with pytest.raises(EngineManifestError, match=r"\(built on an x86_64 machine, running on aarch64\); rebuild it: "
+                                                  r"medmamba-edge build-engine .* --hardware-compat"):
+        check_manifest(desktop, "m.engine", "10.3.0", ORIN, cpu_architecture="aarch64")
+    assert desktop.runs_on == "TensorRT 10.3.0, on an Ampere or newer GPU in an x86_64 machine"
+    check_manifest(make_manifest(), "m.engine", "10.3.0", ORIN, cpu_architecture="aarch64")  # not recorded: not judged
+
+
 def test_rebuild_command_is_a_valid_cli_call(tmp_path):
     manifest = make_manifest(onnx_path=str(tmp_path / "absent.onnx"),
                              build=BuildOptions(int8=True, fp16=True, min_batch=2, opt_batch=4, max_batch=8,
@@ -298,6 +311,15 @@ def test_cache_key_changes_with_the_tool_version(monkeypatch):
 
     key = engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64)
     monkeypatch.setattr(manifest_module, "__version__", "99.0.0")
+    assert engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64) != key
+
+
+def test_cache_key_changes_with_the_cpu_architecture(monkeypatch):
+    """A cache in a home shared by an x86_64 and an aarch64 server with the same GPU: each builds its own."""
+    import platform
+
+    key = engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64)
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
     assert engine_cache_key("a" * 64, BuildOptions(fp16=True), "10.3.0", ORIN, "b" * 64) != key
 
 

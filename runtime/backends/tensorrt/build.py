@@ -11,6 +11,7 @@ built once per TensorRT version, GPU and option set. Version differences live in
 from __future__ import annotations
 
 import os
+import platform
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -315,6 +316,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         gpu_multiprocessors=gpu.multiprocessors,
+        cpu_architecture=platform.machine(),
         precision=options.precision,
         profile={input_tensor.name: shapes},
         onnx_path=str(onnx_path.resolve()),

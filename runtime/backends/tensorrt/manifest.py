@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -125,6 +126,10 @@ class EngineManifest:
     tool_version: str = ""
     manifest_version: int = MANIFEST_VERSION
     gpu_multiprocessors: int | None = None  # GpuInfo.multiprocessors
+    # platform.machine() of the build ("x86_64", "aarch64"): a plan runs only on the operating system and CPU
+    # architecture it was built on (TensorRT's RuntimePlatform::kSAME_AS_BUILD), hardware-compatible or not.
+    # None: not recorded (manifests written before it was).
+    cpu_architecture: str | None = None
 
     @property
     def gpu(self) -> GpuInfo:
@@ -141,7 +146,8 @@ class EngineManifest:
     def runs_on(self) -> str:
         """The TensorRT versions and GPUs check_manifest accepts for this engine, in words."""
         versions = " and later versions (its plan carries TensorRT's lean runtime)" if self.build.version_compatible else ""
-        gpus = "an Ampere or newer GPU" if self.build.hardware_compat else f"the GPU it was built on, {self.gpu}"
+        gpus = (_ampere_or_newer(self.cpu_architecture) if self.build.hardware_compat
+                else f"the GPU it was built on, {self.gpu}")
         return f"TensorRT {self.tensorrt_version}{versions}, on {gpus}"
 
     def to_json(self) -> str:
@@ -199,11 +205,16 @@ def _cc(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
+def _ampere_or_newer(cpu_architecture: str | None) -> str:
+    return f"an Ampere or newer GPU in an {cpu_architecture} machine" if cpu_architecture else "an Ampere or newer GPU"
+
+
 def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_version: str, gpu: GpuInfo,
-                   dla_cores: int | None = None) -> None:
+                   dla_cores: int | None = None, cpu_architecture: str | None = None) -> None:
     """Raise EngineManifestError unless the engine can run on this TensorRT and GPU (and, given the device's
     ``dla_cores``, its DLA core: an Orin NX's engine on DLA core 0 passes the GPU check on an Orin Nano 8GB, whose
-    GPU is the same and whose DLA is fused off)."""
+    GPU is the same and whose DLA is fused off; given this machine's ``cpu_architecture``, that too: a
+    hardware-compatible engine from an x86_64 desktop passes the GPU check on a Jetson Orin)."""
     built, running = parse_version(manifest.tensorrt_version), parse_version(tensorrt_version)
     if manifest.build.version_compatible:
         # A version-compatible plan carries its lean runtime: it runs on the same or a later TensorRT.
@@ -218,11 +229,14 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
                   and built_on.multiprocessors in (None, gpu.multiprocessors))
     dla_core = manifest.build.dla_core
     dla_ok = dla_core is None or dla_cores is None or dla_core < dla_cores
-    if version_ok and gpu_ok and dla_ok:
+    platform_ok = None in (manifest.cpu_architecture, cpu_architecture) or manifest.cpu_architecture == cpu_architecture
+    if version_ok and gpu_ok and dla_ok and platform_ok:
         return
     problems = []
     if not version_ok:
         problems.append(f"built with TensorRT {manifest.tensorrt_version}, running {tensorrt_version}")
+    if not platform_ok:
+        problems.append(f"built on an {manifest.cpu_architecture} machine, running on {cpu_architecture}")
     if not gpu_ok:
         wanted = "an Ampere or newer GPU" if manifest.build.hardware_compat else manifest.gpu
         problems.append(f"built for {wanted}, running on {gpu}")
@@ -241,6 +255,7 @@ def engine_cache_key(onnx_sha256: str, options: BuildOptions, tensorrt_version: 
         "onnx": onnx_sha256,
         "tensorrt": tensorrt_version,
         "gpu": [gpu.name, gpu.compute_capability, gpu.multiprocessors],
+        "cpu": platform.machine(),  # a home shared by an x86_64 and an aarch64 server with the same GPU
         "tool": __version__,
         "plugin": plugin_sha256,
         "options": options.key_fields(),

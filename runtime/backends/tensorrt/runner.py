@@ -9,6 +9,7 @@ through ``execute_async_v3`` with ``set_input_shape``/``set_tensor_address`` on 
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ class TensorRTBackend(Backend):
         self._logger = logger = tensorrt_logger(trt)
         logger.take_errors()
         self._runtime = trt.Runtime(logger.trt_logger)
-        check_manifest(self.manifest, self.path, trt.__version__, self.gpu, self._runtime.num_DLA_cores)
+        check_manifest(self.manifest, self.path, trt.__version__, self.gpu, self._runtime.num_DLA_cores,
+                       platform.machine())
         if self.manifest.build.dla_core is not None:  # the core it was built for (the runtime's default is -1)
             self._runtime.DLA_core = self.manifest.build.dla_core
         if self.manifest.plugin_sha256 is not None and not self.manifest.carries_plugin:
