@@ -299,9 +299,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
             progress.status(f"{timing_cache_path} is not a timing cache for this TensorRT/GPU: starting a new one")
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
-    if hasattr(trt, "IProgressMonitor"):
-        monitor = _progress_monitor(trt, progress)
-        config.progress_monitor = monitor
+    config.progress_monitor = _progress_monitor(trt, progress)
     progress.status(f"building a {options.precision} engine for {gpu.name}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
