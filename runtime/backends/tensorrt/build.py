@@ -303,9 +303,7 @@ def _build(onnx_path: Path, engine_path: Path, options: BuildOptions, inputs: _I
     progress.status(f"building a {options.precision} engine for {gpu.name}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        errors = logger.take_errors()
-        detail = f": {errors[-1]}" if errors else ""
-        raise EngineBuildError(f"{onnx_path}: TensorRT could not build the engine{detail}")
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not build the engine{logger.failure()}")
 
     if timing_cache_path is not None:
         write_bytes_atomically(timing_cache_path, bytes(config.get_timing_cache().serialize()))

@@ -190,6 +190,11 @@ class _Logger:
         errors, self.errors = self.errors, []
         return errors
 
+    def failure(self) -> str:
+        """': <the last error TensorRT logged>', to end the message of a call that failed ('' if it logged none)."""
+        errors = self.take_errors()
+        return f": {errors[-1]}" if errors else ""
+
 
 _LOGGER: _Logger | None = None
 _LOADED_PLUGINS: dict[str, object] = {}
@@ -234,8 +239,6 @@ def load_plugin_library(trt, path) -> None:
         return
     handle = registry.load_library(key)
     if handle is None:
-        errors = tensorrt_logger(trt).take_errors()
-        detail = f": {errors[-1]}" if errors else ""
-        raise PluginLoadError(f"TensorRT could not load the plugin library {key}{detail}; rebuild it for this "
-                              "TensorRT and GPU with `medmamba-edge build-plugin`")
+        raise PluginLoadError(f"TensorRT could not load the plugin library {key}{tensorrt_logger(trt).failure()}; "
+                              "rebuild it for this TensorRT and GPU with `medmamba-edge build-plugin`")
     _LOADED_PLUGINS[key] = handle

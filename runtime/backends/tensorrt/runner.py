@@ -52,8 +52,7 @@ class TensorRTBackend(Backend):
             self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
-            errors = logger.take_errors()
-            raise BackendError(f"{self.path}: TensorRT cannot load this engine{': ' + errors[-1] if errors else ''}")
+            raise BackendError(f"{self.path}: TensorRT cannot load this engine{logger.failure()}")
         self._context = self._engine.create_execution_context()
 
         self._inputs, self._outputs = [], []
@@ -112,8 +111,9 @@ class TensorRTBackend(Backend):
         stream = self._stream
         cuda_check(cudart, cudart.cudaMemcpyAsync(device_input, host_input.ctypes.data, host_input.nbytes,
                                                   cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        self._logger.take_errors()  # the process's one logger: what is there is another call's
         if not context.execute_async_v3(int(stream)):
-            raise BackendError(f"{self.path}: TensorRT execution failed: {'; '.join(self._logger.take_errors())}")
+            raise BackendError(f"{self.path}: TensorRT execution failed{self._logger.failure()}")
         cuda_check(cudart, cudart.cudaMemcpyAsync(host_output.ctypes.data, device_output, host_output.nbytes,
                                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
         cuda_check(cudart, cudart.cudaStreamSynchronize(stream))
