@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
@@ -100,6 +101,31 @@ def test_rows_say_how_a_fixed_batch_model_ran_and_tell_same_named_files_apart():
     served = BenchmarkReport(machine={}, warmup=0, iterations=1,
                              measurements=[row("triton://h:8000/m/1", 1, None), row("triton://h:8000/m/2", 1, None)])
     assert list(served.model_names().values()) == ["triton://h:8000/m/1", "triton://h:8000/m/2"]
+
+
+def test_onnx_runtime_runs_no_more_threads_than_the_cpus_this_process_may_use(tmp_path_factory):
+    """ONNX Runtime's default counts the machine's cores, not the affinity mask: on 1 of 2 CPUs (taskset, a
+    container's cpuset) the official T-32 ran 2 intra-op threads, 16 ms a batch-1 run where 1 thread took 9, under
+    benchmark's header 'threads: backend default (1)'."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and 2 CPUs to restrict the process to one")
+    script = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from medmamba_edge.loaders import open_model
+before = len(os.listdir("/proc/self/task"))
+backend = open_model(sys.argv[1], threads=None if sys.argv[2] == "default" else int(sys.argv[2]))
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+    model = str(bundled_onnx(tmp_path_factory))
+
+    def threads_started(threads: str) -> int:
+        result = subprocess.run([sys.executable, "-c", script, model, threads], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    assert threads_started("default") == threads_started("1")
 
 
 def test_timed_counts_warmup_apart():
