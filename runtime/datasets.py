@@ -215,7 +215,10 @@ def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | No
         with np.load(path, allow_pickle=False) as data:
             if key not in data.files:
                 splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
-                raise DatasetError(f"{path}: no split {split!r}; it has {splits}")
+                # Without a split to name, what it does hold: "it has []" told nothing of an npz of images/labels.
+                held = (f"it has {splits}" if splits else f"expected {key} and {split}_labels (MedMNIST's names); it "
+                        f"holds {', '.join(data.files) or 'no arrays'}")
+                raise DatasetError(f"{path}: no split {split!r}; {held}")
             images = data[key]
             labels = data[f"{split}_labels"] if f"{split}_labels" in data.files else None
     # EOFError (an empty file) must not escape: click turns it into a bare "Aborted.".

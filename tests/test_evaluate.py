@@ -228,6 +228,16 @@ def test_bad_data_is_a_one_line_error(onnx32, tmp_path):
     one_line_error(["evaluate", str(tmp_path / "nope.onnx"), "--data", str(unlabelled)], "no such model file")
 
 
+def test_an_npz_of_other_array_names_is_refused_naming_what_it_holds(onnx32, tmp_path):
+    """The real val split saved as images/labels was refused as "no split 'val'; it has []", naming neither the
+    arrays looked for nor those there."""
+    with np.load(require_shared(*PNEUMONIAMNIST)) as data:
+        np.savez(tmp_path / "renamed.npz", images=data["val_images"], labels=data["val_labels"])
+    one_line_error(["evaluate", str(onnx32), "--data", str(tmp_path / "renamed.npz")],
+                   "renamed.npz: no split 'val'; expected val_images and val_labels (MedMNIST's names); it holds "
+                   "images, labels")
+
+
 def test_dangling_links_and_fifos_in_an_imagefolder_are_reported_as_not_decoded(onnx32, tmp_path):
     folder = xray_folder(tmp_path / "xrays")
     (folder / "normal" / "dangling.png").symlink_to("missing.png")
