@@ -40,12 +40,14 @@ app = typer.Typer(
 # its styles come as rich Text. A stdout that cannot be written (`| head` gone, a full disk) is a one-line error.
 console = Console(stderr=True, emoji=False)
 out = Console(markup=False, emoji=False, file=GuardedStdout())
+# A report moved off stdout is still results: on stderr's markup console a model "x[red]y.onnx" read "xy.onnx".
+report_on_stderr = Console(stderr=True, markup=False, emoji=False)
 
 
 def report_console(*outputs) -> Console:
     """Where a command's tables and 'wrote' lines go: stdout, unless one of its outputs is stdout (--json
     /dev/stdout, `--json F > F`), which then gets stdout to itself, as run's records do."""
-    return console if any_is_stdout(*outputs) else out
+    return report_on_stderr if any_is_stdout(*outputs) else out
 
 
 # Off a terminal rich assumes 80 columns and folds table cells mid-word ("medmam│ba_t_p"); a file or a CI log
@@ -69,7 +71,7 @@ def _fit_output_to_its_destination(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    for stream in (out, console):
+    for stream in (out, console, report_on_stderr):
         stream.width = None if stream.is_terminal else UNBOUNDED_WIDTH
     # A file name's undecodable bytes (surrogate-escaped by Python) print as \udcff, as in the JSONL and as
     # stderr always writes them; a UTF-8 locale's stdout would raise UnicodeEncodeError after the work is done.

@@ -51,6 +51,18 @@ def test_json_onto_stdout_gets_stdout_to_itself(tmp_path_factory):
     assert "wrote /dev/stdout" in result.stderr
 
 
+def test_a_report_moved_to_stderr_names_the_models_as_given(tmp_path_factory, tmp_path):
+    """With --json /dev/stdout the table went to stderr's console, which reads rich markup: x[red]y.onnx read
+    'xy.onnx' there (and in evaluate's tables), a model file that does not exist."""
+    model = tmp_path / "x[red]y.onnx"
+    model.symlink_to(bundled_onnx(tmp_path_factory))
+    result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "benchmark", str(model), "--batch", "1",
+                             "--warmup", "0", "--iterations", "1", "--json", "/dev/stdout"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| x[red]y.onnx | ONNX Runtime" in result.stderr, result.stderr
+
+
 def test_a_forced_scan_path_is_in_the_header_and_the_json(tmp_path_factory, tmp_path, monkeypatch):
     """MEDMAMBA_EDGE_SCAN_ISA=baseline made the same model 9x slower with nothing in the report saying why."""
     monkeypatch.setenv("MEDMAMBA_EDGE_SCAN_ISA", "baseline")
