@@ -6,7 +6,8 @@ different models cannot slow each other by spinning their worker threads in one 
 ../shared/docs/BASELINES.md). The workers are started together and driven in turns: every round, each
 model in turn runs a share of its timed iterations while the others wait, so all models sample the same
 stretches of a noisy machine and their ratios hold. Each turn starts with one untimed run, so a model
-is not charged for waking its threads or refilling caches the previous model evicted.
+is not charged for waking its threads or refilling caches the previous model evicted, and ends once its
+threads have stopped spinning (SETTLED_S), so the next model is not timed beside them.
 
 Inputs are the bundled sample images, preprocessed per model and repeated to fill the batch. Torch-free
 here; a ``.pth`` worker imports PyTorch.
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCHES = (1, 8)
 ROUNDS = 5  # turns per model and batch; more spreads each model over more of the run
+# A worker answers once its session's idle threads have stopped spinning: ONNX Runtime's pool spins on after a run
+# (the official T-32 at 2 threads: 4 to 10 ms of CPU in every 10 ms for 60 to 90 ms), on the CPUs the next model's
+# turn is timed on. docs/performance.md found 50 and 300 ms enough alike.
+SETTLED_S = 0.1
 # quantize --min-speedup: after a warm-up, SPEED_CHECK_ROUNDS rounds of SPEED_CHECK_RUNS timed runs of each model in
 # turn, and as many rounds again while the speedup's interval straddles --min-speedup, up to SPEED_CHECK_MAX_ROUNDS:
 # the median of 30 runs each, compared alone, refused once (0.89×) and passed three times (1.01× to 1.25×) in four
@@ -363,6 +368,7 @@ def _serve() -> None:
         inputs = {b: np.ascontiguousarray(images[np.arange(b) % len(images)]) for b in spec["batches"]}
         for batch in inputs.values():
             timed(lambda: backend.run(batch), spec["warmup"], 0)
+        time.sleep(SETTLED_S)
     except UserError as exc:
         reply({"error": str(exc)})
         return
@@ -375,7 +381,9 @@ def _serve() -> None:
             reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
             return
         batch = inputs[request["batch"]]
-        reply({"ms": timed(lambda: backend.run(batch), 1, request["iterations"])})
+        latencies = timed(lambda: backend.run(batch), 1, request["iterations"])
+        time.sleep(SETTLED_S)
+        reply({"ms": latencies})
 
 
 if __name__ == "__main__":

@@ -140,6 +140,27 @@ print(len(os.listdir("/proc/self/task")) - before)
     assert threads_started("default") == threads_started("1")
 
 
+def test_a_turn_ends_once_its_threads_have_stopped_spinning(tmp_path_factory):
+    """ONNX Runtime's idle pool threads spin on after a run: a worker that answered at once went on burning a CPU
+    (the official T-32 at 2 threads: 60 to 90 ms) while the next model's turn was timed on it."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for a pool thread that spins")
+    from medmamba_edge.benchmarking import _loaded
+
+    def cpu_ticks(pid: int) -> int:  # user and system time, in clock ticks
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    spent = 0
+    with _loaded([str(bundled_onnx(tmp_path_factory))], [None], [1], 1, 2) as (worker,):
+        for _ in range(5):
+            worker.request({"batch": 1, "iterations": 3})
+            before = cpu_ticks(worker.process.pid)
+            time.sleep(0.1)
+            spent += cpu_ticks(worker.process.pid) - before
+    assert spent <= 1, f"{spent} clock ticks of CPU in 5 waits of 0.1 s after a turn"
+
+
 def test_timed_counts_warmup_apart():
     calls = []
     samples = timed(lambda: calls.append(1), warmup=2, iterations=3)
