@@ -155,9 +155,10 @@ def _image_samples(folder: Path, label: int | None, recursive: bool) -> list[Sam
     return samples
 
 
-def _one_class_each(samples: list[Sample], class_names: Sequence[str]) -> None:
-    """Refuse an image reached from two class folders (through a link from one to the other, or to the data set's
-    top): following links as torchvision's ImageFolder does, it would be evaluated under both labels."""
+def _one_class_each(samples: list[Sample], class_names: Sequence[str], given: Callable[[str, str], str]) -> None:
+    """Refuse an image given two classes, ``given`` saying how (of the two class names): reached from two class
+    folders (through a link from one to the other, or to the data set's top; following links as torchvision's
+    ImageFolder does), or on two rows of a CSV. It would be evaluated under both labels, right once and wrong once."""
     first_seen: dict[tuple[int, int], Sample] = {}
     for sample in samples:
         if sample.unreadable is not None:
@@ -168,8 +169,9 @@ def _one_class_each(samples: list[Sample], class_names: Sequence[str]) -> None:
             continue  # it fails to decode, and is reported then
         first = first_seen.setdefault((info.st_dev, info.st_ino), sample)
         if first.label != sample.label:
-            raise DatasetError(f"{first.source} and {sample.source}: one image in class folders "
-                               f"{class_names[first.label]!r} and {class_names[sample.label]!r} (through a link); "
+            both = first.source if first.source == sample.source else f"{first.source} and {sample.source}"
+            raise DatasetError(f"{both}: one image "
+                               f"{given(repr(class_names[first.label]), repr(class_names[sample.label]))}; "
                                f"an image has one class")
 
 
@@ -194,7 +196,7 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
                 raise DatasetError(f"{folder}: a class folder without images (in it or below it)")
             samples += found
         if class_names:
-            _one_class_each(samples, class_names)
+            _one_class_each(samples, class_names, lambda a, b: f"in class folders {a} and {b} (through a link)")
         kind = "ImageFolder"
     else:
         samples = _image_samples(path, None, recursive=False)
@@ -306,6 +308,8 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
         samples.append(Sample(str(image), label, NOT_REGULAR if is_special(image) else None))
     if not samples:
         raise DatasetError(f"{path}: no rows")
+    if class_names:
+        _one_class_each(samples, class_names, lambda a, b: f"labelled {a} and {b} in {path}")
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)
 
 

@@ -126,6 +126,23 @@ def test_an_image_reached_from_two_class_folders_is_refused(tmp_path):
     assert len(open_dataset(tmp_path / "data")) == 3
 
 
+def test_an_image_on_two_rows_of_a_csv_with_two_labels_is_refused(tmp_path):
+    """A CSV giving one BUSI image two classes (as itself, and through a path of its own) was evaluated under both,
+    right once and wrong once, exit 0; ImageFolder's links were refused so."""
+    busi = require_shared("data", "busi")
+    (tmp_path / "normal.png").symlink_to(busi / "normal" / "normal (1).png")
+    (tmp_path / "labels.csv").write_text(f"path,label\n{busi}/normal/normal (1).png,normal\n"
+                                         f"{busi}/benign/benign (1).png,benign\nnormal.png,malignant\n")
+    with pytest.raises(DatasetError, match=r"busi/normal/normal \(1\)\.png and \S*/normal\.png: one image labelled "
+                                           r"'normal' and 'malignant' in \S*labels\.csv; an image has one class"):
+        open_dataset(tmp_path / "labels.csv", class_names=BUSI_CLASSES)
+    # The same image twice under one label stays two samples (as an ImageFolder's link within a class), and
+    # unlabelled (calibration) the rows are only images.
+    (tmp_path / "twice.csv").write_text(f"{busi}/normal/normal (1).png,normal\nnormal.png,2\n")
+    assert [s.label for s in open_dataset(tmp_path / "twice.csv", class_names=BUSI_CLASSES).samples] == [2, 2]
+    assert len(open_dataset(tmp_path / "labels.csv")) == 3
+
+
 def test_multi_label_npz_labels_are_refused(tmp_path):
     """ChestMNIST-style (N, 14) labels were read as class indices from their first column."""
     np.savez(tmp_path / "chest.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=np.zeros((4, 14), np.int64))
