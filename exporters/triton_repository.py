@@ -98,6 +98,7 @@ class ServedModel:
     needs_trt_plugin: bool  # SS2DScan becomes our TensorRT plugin (a plugin-form ONNX or an engine built from one)
     precision: str
     plugin_in_plan: bool = False  # an engine whose plan holds the plugin library (EngineManifest.carries_plugin)
+    lean_runtime_in_plan: bool = False  # a --version-compatible engine: TensorRT runs it on the runtime its plan holds
     engine_runs_on: str | None = None  # an engine's EngineManifest.runs_on
     onnx_runtime_only_ops: tuple[str, ...] = ()  # a QOperator model's QLinear*/com.microsoft ops: not TensorRT's
     external_weights: bool = False  # an ONNX model whose weights are in files of their own
@@ -168,7 +169,7 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         return ServedModel(path, "engine", metadata, input_name, OUTPUT_NAME,
                            0 if smallest == largest else min(max_batch, largest), False,
                            manifest.plugin_sha256 is not None, manifest.precision, manifest.carries_plugin,
-                           engine_runs_on=manifest.runs_on)
+                           manifest.build.version_compatible, engine_runs_on=manifest.runs_on)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
                             f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
 
@@ -319,11 +320,13 @@ def _plugin_by_path(served: ServedModel) -> bool:
     return served.kind == "engine" and served.needs_trt_plugin and not served.plugin_in_plan
 
 
-def _plugin_loading(served: ServedModel, plugin: str | None) -> str:
-    """tritonserver's option that registers SS2DScan before an engine loads."""
+def _backend_options(served: ServedModel, plugin: str | None) -> str:
+    """tritonserver's option an engine needs to load: the plugin library it does not carry (``plugins=``), or, for a
+    version-compatible plan, leave to run the lean runtime inside it, and the plugin in that if any: the tensorrt
+    backend allows a plan's host code only under ``version-compatible=true``, and TensorRT refuses the plan without."""
     if _plugin_by_path(served):
         return f" --backend-config=tensorrt,plugins={plugin or AUTOLOAD_PLUGIN_LIBRARY}"
-    if served.plugin_in_plan:
+    if served.lean_runtime_in_plan:
         return " --backend-config=tensorrt,version-compatible=true"
     return ""
 
@@ -460,7 +463,7 @@ def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, s
                          f"({folder_on_server} on the server{beside})")
         plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
 
-    server_command = f"tritonserver --model-repository={root}" + _plugin_loading(served, plugin)
+    server_command = f"tritonserver --model-repository={root}" + _backend_options(served, plugin)
     return _ServingPlan(kind, server_command, op_library, trt_plugin_source, notes)
 
 

@@ -404,15 +404,16 @@ def test_a_fixed_batch_model_is_served_without_triton_batching(model, tmp_path):
 
 
 def _engine(model: Path, path: Path, smallest: int, largest: int, version_compatible: bool = False,
-            hardware_compat: bool = False) -> Path:
-    """An engine file as the repository writer sees it: opaque bytes and build-engine's manifest."""
+            hardware_compat: bool = False, plugin: bool = True) -> Path:
+    """An engine file as the repository writer sees it: opaque bytes and build-engine's manifest (``plugin``: built
+    from a plugin-form export, else from a portable one)."""
     from medmamba_edge.runtime.backends.tensorrt.manifest import BuildOptions, EngineManifest, write_manifest
 
     path.write_bytes(b"a plan is opaque to the repository writer")
     write_manifest(path, EngineManifest(
         tensorrt_version="10.3.0", gpu_name="NVIDIA Jetson AGX Orin", compute_capability="8.7", precision="fp16",
         profile={"input": {"min": [smallest, 3, 32, 32], "opt": [smallest, 3, 32, 32], "max": [largest, 3, 32, 32]}},
-        onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64,
+        onnx_path=str(model), onnx_sha256="0" * 64, plugin_sha256="1" * 64 if plugin else None,
         build=BuildOptions(fp16=True, min_batch=smallest, max_batch=largest, version_compatible=version_compatible,
                            hardware_compat=hardware_compat),
         metadata=read_onnx_metadata(model).replace(precision="fp16")))
@@ -477,6 +478,17 @@ def test_a_version_compatible_engine_is_served_with_the_plugin_it_carries(model,
     with _plugin_built_here(tmp_path):
         result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, version_compatible=True), tmp_path / "repo")
     assert not (result.folder / "libmedmamba_trt_plugin_autoload.so").exists()
+
+
+def test_a_version_compatible_engine_without_the_plugin_is_served_with_its_lean_runtime_allowed(model, tmp_path):
+    """Its plan carries TensorRT's lean runtime, which Triton's tensorrt backend runs only with version-compatible=true
+    (it then allows the engine host code); the README gave that option only to a plan carrying the plugin too."""
+    result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8, version_compatible=True, plugin=False),
+                           tmp_path / "repo")
+    assert result.server_command.endswith(" --backend-config=tensorrt,version-compatible=true")
+    assert result.server_command in (result.folder / "README.md").read_text()
+    plain = export_triton(_engine(model, tmp_path / "p.engine", 1, 8, plugin=False), tmp_path / "repo2")
+    assert "--backend-config" not in plain.server_command
 
 
 @pytest.mark.parametrize("args, message", [
