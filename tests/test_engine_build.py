@@ -247,6 +247,20 @@ def test_an_engine_from_another_cpu_architecture_is_refused_with_its_rebuild_com
     check_manifest(make_manifest(), "m.engine", "10.3.0", ORIN, cpu_architecture="aarch64")  # not recorded: not judged
 
 
+def test_where_an_engine_runs_names_the_cpu_architecture_it_is_held_to():
+    """check_manifest holds every engine to the machine it was built on, and export-triton's README says where one
+    runs from runs_on, which named the architecture only for a hardware-compatible plan: an A100's engine from an
+    x86_64 server read 'on the GPU it was built on, NVIDIA A100' and was refused on an aarch64 one with that GPU."""
+    a100 = GpuInfo("NVIDIA A100-SXM4-80GB", "8.0", 108)
+    server = make_manifest(gpu_name=a100.name, compute_capability=a100.compute_capability,
+                           gpu_multiprocessors=a100.multiprocessors, cpu_architecture="x86_64")
+    assert server.runs_on == ("TensorRT 10.3.0, on the GPU it was built on, NVIDIA A100-SXM4-80GB (compute capability "
+                              "8.0, 108 SMs) in an x86_64 machine")
+    with pytest.raises(EngineManifestError, match=r"built on an x86_64 machine, running on aarch64"):
+        check_manifest(server, "m.engine", "10.3.0", a100, cpu_architecture="aarch64")
+    assert make_manifest().runs_on.endswith("(compute capability 8.7, 8 SMs)")  # not recorded: not said
+
+
 def test_rebuild_command_is_a_valid_cli_call(tmp_path):
     manifest = make_manifest(onnx_path=str(tmp_path / "absent.onnx"),
                              build=BuildOptions(int8=True, fp16=True, min_batch=2, opt_batch=4, max_batch=8,

@@ -26,6 +26,7 @@ from .compat import GpuInfo, parse_version
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"
 AMPERE = (8, 0)
+AMPERE_OR_NEWER = "an Ampere or newer GPU"  # where a --hardware-compat engine runs
 
 
 NO_DLA = -1  # --dla-core -1: GPU only, whatever the preset says
@@ -144,11 +145,11 @@ class EngineManifest:
 
     @property
     def runs_on(self) -> str:
-        """The TensorRT versions and GPUs check_manifest accepts for this engine, in words."""
+        """The TensorRT versions, GPUs and machines check_manifest accepts for this engine, in words."""
         versions = " and later versions (its plan carries TensorRT's lean runtime)" if self.build.version_compatible else ""
-        gpus = (_ampere_or_newer(self.cpu_architecture) if self.build.hardware_compat
-                else f"the GPU it was built on, {self.gpu}")
-        return f"TensorRT {self.tensorrt_version}{versions}, on {gpus}"
+        gpus = AMPERE_OR_NEWER if self.build.hardware_compat else f"the GPU it was built on, {self.gpu}"
+        machine = f" in an {self.cpu_architecture} machine" if self.cpu_architecture else ""
+        return f"TensorRT {self.tensorrt_version}{versions}, on {gpus}{machine}"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -205,10 +206,6 @@ def _cc(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
-def _ampere_or_newer(cpu_architecture: str | None) -> str:
-    return f"an Ampere or newer GPU in an {cpu_architecture} machine" if cpu_architecture else "an Ampere or newer GPU"
-
-
 def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_version: str, gpu: GpuInfo,
                    dla_cores: int | None = None, cpu_architecture: str | None = None) -> None:
     """Raise EngineManifestError unless the engine can run on this TensorRT and GPU (and, given the device's
@@ -238,7 +235,7 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
     if not platform_ok:
         problems.append(f"built on an {manifest.cpu_architecture} machine, running on {cpu_architecture}")
     if not gpu_ok:
-        wanted = "an Ampere or newer GPU" if manifest.build.hardware_compat else manifest.gpu
+        wanted = AMPERE_OR_NEWER if manifest.build.hardware_compat else manifest.gpu
         problems.append(f"built for {wanted}, running on {gpu}")
     if not dla_ok:
         problems.append(f"built for DLA core {dla_core}, and this device has {dla_cores} DLA cores")
