@@ -1,9 +1,10 @@
 """The JSON manifest beside every TensorRT engine (``model.engine.json``) and the engine cache's keys.
 
 A serialized engine only runs on the TensorRT version and GPU it was built for (unless built
-version-/hardware-compatible), and carries no model metadata. The manifest records what it was built from
-and for: TensorRT version, GPU, precision, profile shapes, sha256 of the ONNX file and the plugin library,
-the build options, and the model's ``ModelMetadata``. The runtime reads it (torch- and TensorRT-free) to
+version-/hardware-compatible), in a machine of the CPU architecture it was built in, and carries no model
+metadata. The manifest records what it was built from and for: TensorRT version, GPU, CPU architecture,
+precision, profile shapes, sha256 of the ONNX file and the plugin library, the build options, and the model's
+``ModelMetadata``. The runtime reads it (torch- and TensorRT-free) to
 preprocess inputs and to refuse a mismatched engine with the exact command that rebuilds it.
 """
 

@@ -1,8 +1,8 @@
 """TensorRT backend: runs an engine from `medmamba-edge build-engine` (TensorRT 10.3+ or 11).
 
-The manifest beside the engine supplies the model metadata and is checked against the running TensorRT
-and GPU first, so a stale engine fails with the command that rebuilds it instead of a deserialisation
-error. The SS2DScan plugin library is loaded automatically, unless the plan carries its own. I/O goes
+The manifest beside the engine supplies the model metadata and is checked against the running TensorRT,
+GPU and CPU architecture first, so a stale engine fails with the command that rebuilds it instead of a
+deserialisation error. The SS2DScan plugin library is loaded automatically, unless the plan carries its own. I/O goes
 through ``execute_async_v3`` with ``set_input_shape``/``set_tensor_address`` on device buffers from cuda-python
 (see ``runtime/backends/tensorrt/compat.py`` for why cuda-python). torch-free.
 """
