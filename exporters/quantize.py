@@ -52,6 +52,7 @@ import onnx
 
 from medmamba_edge import __version__
 from medmamba_edge.errors import UserError, first_line, only_with
+from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import Backend, fixed_batches, local_model_file
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.datasets import Dataset, Failure, open_dataset
@@ -735,6 +736,9 @@ def _fp32_model(model_path: Path) -> tuple[onnx.ModelProto, ModelMetadata,
     entries, and the INT8 model the source's, byte for byte, and its producer."""
     model = load_onnx(model_path)  # with its weights, wherever they are stored: it is what gets quantized
     metadata = read_onnx_metadata(model, model_path)
+    # Calibration would end in ONNX Runtime's traceback on a node it cannot load, after reading the images.
+    if retired := scan_node.retired_scan_node(model):
+        raise QuantizeError(f"{model_path}: {retired}")
     if metadata.precision != "fp32":
         raise QuantizeError(f"{model_path}: is already {metadata.precision}; quantize the fp32 export")
     check_against_graph(metadata, *graph_shapes(model), str(model_path))
