@@ -795,7 +795,8 @@ def _read_images(calib, split: str | None, num_samples: int, seed: int, metadata
     the calibration: a set with no usable image was refused after it. ``left_out`` hears of the calibration's
     left-out images, ``also_calibrated`` of the overlap."""
     if eval_data is not None:
-        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names, command="quantize")
+        eval_set = open_dataset(eval_data, split=eval_split, class_names=metadata.class_names, command="quantize",
+                                split_option="--eval-split")
         labels = eval_set.labels()  # an unlabelled set is refused now
     calib_set = open_dataset(calib, split=split, default_split="train", command="quantize")
     calib_read = calibration_inputs(calib_set, num_samples, seed, metadata, progress)

@@ -314,10 +314,11 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
 
 
 def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequence[str] | None = None, *,
-                 default_split: str = "val", command: str = "medmamba-edge") -> Dataset:
+                 default_split: str = "val", command: str = "medmamba-edge", split_option: str = "--split") -> Dataset:
     """``split``: a .npz's, ``default_split`` if None; given for a folder or a CSV, which have none, it is refused
-    (ignored, the run would read other images than asked for). ``command`` (quantize, evaluate, compare) is named
-    where ``spec`` is a URI: a data set is read from a local file or folder only."""
+    (ignored, the run would read other images than asked for), naming ``split_option``, the option it came from.
+    ``command`` (quantize, evaluate, compare) is named where ``spec`` is a URI: a data set is read from a local file
+    or folder only."""
     if problem := uri_refusal(spec, command, "a local data set (file or folder)"):
         raise DatasetError(problem)
     path = Path(spec)
@@ -325,7 +326,8 @@ def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequen
         raise DatasetError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if split is not None and (path.is_dir() or suffix != ".npz"):
-        raise DatasetError(f"{path}: --split {split} applies to a MedMNIST .npz; a folder or a CSV has no splits")
+        raise DatasetError(f"{path}: {split_option} {split} applies to a MedMNIST .npz; a folder or a CSV has no "
+                           f"splits")
     if path.is_dir():
         return _from_folder(path, class_names)
     if suffix == ".npz":

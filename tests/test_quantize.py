@@ -634,6 +634,8 @@ def test_requests_that_would_silently_go_wrong_are_one_line_errors(fp32_models, 
         ([*calib, "--speed-batch", "-5"], "--speed-batch applies only with --min-speedup"),
         ([*calib, "--max-drop", "0"], "--max-drop applies only with --eval DATA"),  # 0 is given, not absent
         ([*calib, "--eval-split", "bogus"], "--eval-split applies only with --eval"),
+        # A split for a folder is refused naming the option given, where it said --split of --eval-split's.
+        ([*calib, "--eval", str(tmp_path), "--eval-split", "val"], "--eval-split val applies to a MedMNIST .npz"),
         ([*calib, "--method", "minmax", "--percentile", "50"], "--percentile applies only with --method percentile"),
     ]
     mismatched = onnx.load(str(model))
