@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup serve-setup demo test bench
 
 $(BIN)/medmamba-edge: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	# CPU PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# CPU PyTorch first, from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build, which the extras'
+	# bare `torch` requirement would pull too (TORCH_INDEX=... make setup for another build).
+	$(BIN)/pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
