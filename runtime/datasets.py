@@ -155,24 +155,20 @@ def _image_samples(folder: Path, label: int | None, recursive: bool) -> list[Sam
     return samples
 
 
-def _one_class_each(samples: list[Sample], class_names: Sequence[str], given: Callable[[str, str], str]) -> None:
-    """Refuse an image given two classes, ``given`` saying how (of the two class names): reached from two class
-    folders (through a link from one to the other, or to the data set's top; following links as torchvision's
-    ImageFolder does), or on two rows of a CSV. It would be evaluated under both labels, right once and wrong once."""
-    first_seen: dict[tuple[int, int], Sample] = {}
-    for sample in samples:
+def _same_files(samples: list[Sample]) -> Iterator[tuple[int, int]]:
+    """(earlier, later) indices of samples that are one file, by device and inode: through a link, a hard link or
+    another spelling of its path. One that cannot be opened is left to fail when it is decoded."""
+    first_seen: dict[tuple[int, int], int] = {}
+    for index, sample in enumerate(samples):
         if sample.unreadable is not None:
             continue
         try:
             info = os.stat(sample.source)
         except OSError:
-            continue  # it fails to decode, and is reported then
-        first = first_seen.setdefault((info.st_dev, info.st_ino), sample)
-        if first.label != sample.label:
-            both = first.source if first.source == sample.source else f"{first.source} and {sample.source}"
-            raise DatasetError(f"{both}: one image "
-                               f"{given(repr(class_names[first.label]), repr(class_names[sample.label]))}; "
-                               f"an image has one class")
+            continue
+        first = first_seen.setdefault((info.st_dev, info.st_ino), index)
+        if first != index:
+            yield first, index
 
 
 def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
@@ -195,8 +191,15 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
             if not found:
                 raise DatasetError(f"{folder}: a class folder without images (in it or below it)")
             samples += found
-        if class_names:
-            _one_class_each(samples, class_names, lambda a, b: f"in class folders {a} and {b} (through a link)")
+        # An image reached from two class folders (through a link from one to the other, or to the data set's top;
+        # followed as torchvision's ImageFolder follows it) would be evaluated under both labels, right once and
+        # wrong once. A link within a class stays two samples, as torchvision counts it.
+        for a, b in _same_files(samples) if class_names else ():
+            first, again = samples[a], samples[b]
+            if first.label != again.label:
+                raise DatasetError(f"{first.source} and {again.source}: one image in class folders "
+                                   f"{class_names[first.label]!r} and {class_names[again.label]!r} (through a link); "
+                                   f"an image has one class")
         kind = "ImageFolder"
     else:
         samples = _image_samples(path, None, recursive=False)
@@ -287,7 +290,7 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
                            f"save the CSV as UTF-8") from None
     if "\0" in text:  # no file name or label holds one (Python 3.10's csv refuses it, 3.11's passes it to the OS)
         raise DatasetError(f"{path}:{text.count(chr(10), 0, text.index(chr(0))) + 1}: holds a NUL character")
-    samples = []
+    samples, lines = [], []  # lines: where each sample's row ends
     rows = csv.reader(io.StringIO(text, newline=""))
     for count in itertools.count(1):
         try:
@@ -306,10 +309,20 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
         image = path.parent.resolve() / strip_unless_named(row[0], path.parent)
         label = _label_index(row[1].strip(), class_names, f"{path}:{line}") if class_names and len(row) > 1 else None
         samples.append(Sample(str(image), label, NOT_REGULAR if is_special(image) else None))
+        lines.append(line)
     if not samples:
         raise DatasetError(f"{path}: no rows")
-    if class_names:
-        _one_class_each(samples, class_names, lambda a, b: f"labelled {a} and {b} in {path}")
+    # An image on two rows is evaluated twice: under two labels right once and wrong once, under one counted double
+    # in every figure. A CSV has no torchvision reading to keep, and a repeated row is a listing's mistake.
+    if class_names and (pair := next(_same_files(samples), None)):
+        a, b = pair
+        first, again = samples[a], samples[b]
+        spelt = "" if first.source == again.source else f" ({first.source})"
+        if first.label != again.label:
+            raise DatasetError(f"{path}:{lines[b]}: {again.source} labelled {class_names[again.label]!r}, the image "
+                               f"line {lines[a]} labels {class_names[first.label]!r}{spelt}; an image has one class")
+        raise DatasetError(f"{path}:{lines[b]}: {again.source} again, the image of line {lines[a]}{spelt}; an image "
+                           f"is evaluated once")
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)
 
 

@@ -126,21 +126,26 @@ def test_an_image_reached_from_two_class_folders_is_refused(tmp_path):
     assert len(open_dataset(tmp_path / "data")) == 3
 
 
-def test_an_image_on_two_rows_of_a_csv_with_two_labels_is_refused(tmp_path):
+def test_an_image_on_two_rows_of_a_csv_is_refused_naming_both_lines(tmp_path):
     """A CSV giving one BUSI image two classes (as itself, and through a path of its own) was evaluated under both,
-    right once and wrong once, exit 0; ImageFolder's links were refused so."""
+    right once and wrong once, exit 0; ImageFolder's links were refused so. Refused then without the rows' lines
+    (which a CSV's every other refusal names), and the same image twice under one label was counted double."""
     busi = require_shared("data", "busi")
     (tmp_path / "normal.png").symlink_to(busi / "normal" / "normal (1).png")
     (tmp_path / "labels.csv").write_text(f"path,label\n{busi}/normal/normal (1).png,normal\n"
-                                         f"{busi}/benign/benign (1).png,benign\nnormal.png,malignant\n")
-    with pytest.raises(DatasetError, match=r"busi/normal/normal \(1\)\.png and \S*/normal\.png: one image labelled "
-                                           r"'normal' and 'malignant' in \S*labels\.csv; an image has one class"):
+                                         f"{busi}/benign/benign (1).png,benign\n./normal.png,malignant\n")
+    with pytest.raises(DatasetError, match=r"labels\.csv:4: \S*/normal\.png labelled 'malignant', the image line 2 "
+                                           r"labels 'normal' \(\S*busi/normal/normal \(1\)\.png\); an image has one "
+                                           r"class$"):
         open_dataset(tmp_path / "labels.csv", class_names=BUSI_CLASSES)
-    # The same image twice under one label stays two samples (as an ImageFolder's link within a class), and
-    # unlabelled (calibration) the rows are only images.
-    (tmp_path / "twice.csv").write_text(f"{busi}/normal/normal (1).png,normal\nnormal.png,2\n")
-    assert [s.label for s in open_dataset(tmp_path / "twice.csv", class_names=BUSI_CLASSES).samples] == [2, 2]
+    (tmp_path / "twice.csv").write_text(f"{busi}/benign/benign (1).png,benign\n{busi}/normal/normal (1).png,normal\n"
+                                        f"{busi}/normal/normal (1).png,2\n")
+    with pytest.raises(DatasetError, match=r"twice\.csv:3: \S*busi/normal/normal \(1\)\.png again, the image of "
+                                           r"line 2; an image is evaluated once$"):
+        open_dataset(tmp_path / "twice.csv", class_names=BUSI_CLASSES)
+    # Unlabelled (calibration, compare) the rows are only images.
     assert len(open_dataset(tmp_path / "labels.csv")) == 3
+    assert len(open_dataset(tmp_path / "twice.csv")) == 3
 
 
 def test_multi_label_npz_labels_are_refused(tmp_path):
@@ -212,12 +217,12 @@ def test_csv_rows_are_samples_whatever_their_first_character_and_a_header_names_
     pytest.importorskip("pydicom")
     from tests.test_sources import synthetic_dicom
 
-    for name in ("#0003.png", "p0.png"):
+    for name in ("#0003.png", "#0004.png", "p0.png"):
         cv2.imwrite(str(tmp_path / name), np.zeros((8, 8), np.uint8))
     synthetic_dicom(tmp_path / "image", np.zeros((8, 8), np.uint8))  # a DICOM file without a suffix, named "image"
     classes = ["normal", "pneumonia"]
     cases = {
-        b'"#0003.png",normal\n#0003.png,normal\np0.png,pneumonia\n': ["#0003.png", "#0003.png", "p0.png"],
+        b'"#0003.png",normal\n#0004.png,normal\np0.png,pneumonia\n': ["#0003.png", "#0004.png", "p0.png"],
         b"image,normal\np0.png,pneumonia\n": ["image", "p0.png"],
         b"\xef\xbb\xbfpath,label\r\np0.png,pneumonia\r\n": ["p0.png"],  # as Excel saves UTF-8: a byte-order mark
         b"file,label\n\np0.png,1\n": ["p0.png"],
