@@ -210,22 +210,25 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     return Dataset(f"{path} ({kind}, {len(samples)} images)", samples)
 
 
-def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_npz_split(path: Path, split: str, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The split's arrays, read in full now: an npz reads each member lazily, so a truncated, CRC-corrupt or
-    pickled member would otherwise fail at first use, deep inside quantize or evaluate."""
-    key = f"{split}_images"
+    pickled member would otherwise fail at first use, deep inside quantize or evaluate. ``labelled``: its labels
+    are required."""
+    key, labels_key = f"{split}_images", f"{split}_labels"
     if path.is_file() and not zipfile.is_zipfile(path):  # np.load's error for any other bytes names allow_pickle
         raise DatasetError(f"{path}: not a readable .npz (not a zip archive, as np.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
+            # Without a split to name, what it does hold: "it has []" told nothing of an npz of images/labels.
+            expected = (f"expected {key} and {labels_key} (MedMNIST's names); it holds "
+                        f"{', '.join(data.files) or 'no arrays'}")
             if key not in data.files:
                 splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
-                # Without a split to name, what it does hold: "it has []" told nothing of an npz of images/labels.
-                held = (f"it has {splits}" if splits else f"expected {key} and {split}_labels (MedMNIST's names); it "
-                        f"holds {', '.join(data.files) or 'no arrays'}")
-                raise DatasetError(f"{path}: no split {split!r}; {held}")
+                raise DatasetError(f"{path}: no split {split!r}; {f'it has {splits}' if splits else expected}")
+            if labelled and labels_key not in data.files:
+                raise DatasetError(f"{path}: split {split!r} has no labels; {expected}")
             images = data[key]
-            labels = data[f"{split}_labels"] if f"{split}_labels" in data.files else None
+            labels = data[labels_key] if labelled else None
     # EOFError (an empty file) must not escape: click turns it into a bare "Aborted.".
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         reason = "it holds object arrays, which would need pickle" if "allow_pickle" in str(exc) else exc
@@ -234,7 +237,7 @@ def _read_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | No
 
 
 def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Dataset:
-    images, labels = _read_npz_split(path, split)
+    images, labels = _read_npz_split(path, split, labelled=class_names is not None)
     where = f"{path}: {split}_images"
     if images.dtype not in PIXEL_TYPES:  # what preprocess() takes
         raise DatasetError(f"{where} has {images.dtype} pixels; expected uint8, uint16 or float32")
@@ -246,9 +249,7 @@ def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Data
         # float32 pixels are 0..1 (as ToTensor gives them); 0..255 in float32 would be read 255 times too bright
         raise DatasetError(f"{where} has float32 pixels from {images.min():g} to {images.max():g}; expected 0..1 "
                            f"(store 0..255 as uint8)")
-    if class_names is None:  # what needs no labels (calibration, compare) reads the images alone, whatever they hold
-        labels = None
-    if labels is not None:
+    if labels is not None:  # what needs no labels (calibration, compare) reads the images alone, whatever they hold
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]
     return Dataset(f"{path} ({split} split, {len(samples)} images)", samples, images)

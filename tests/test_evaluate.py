@@ -228,14 +228,19 @@ def test_bad_data_is_a_one_line_error(onnx32, tmp_path):
     one_line_error(["evaluate", str(tmp_path / "nope.onnx"), "--data", str(unlabelled)], "no such model file")
 
 
-def test_an_npz_of_other_array_names_is_refused_naming_what_it_holds(onnx32, tmp_path):
-    """The real val split saved as images/labels was refused as "no split 'val'; it has []", naming neither the
-    arrays looked for nor those there."""
+@pytest.mark.parametrize("names, refusal", [
+    # Refused as "no split 'val'; it has []", naming neither the arrays looked for nor those there.
+    (("images", "labels"), "no split 'val'"),
+    # Refused as "evaluation needs labels (an ImageFolder, a labelled .npz split or a path,label CSV)", as unnamed.
+    (("val_images", "labels"), "split 'val' has no labels"),
+])
+def test_an_npz_of_other_array_names_is_refused_naming_what_it_holds(onnx32, tmp_path, names, refusal):
+    """The real val split saved under other names than MedMNIST's."""
     with np.load(require_shared(*PNEUMONIAMNIST)) as data:
-        np.savez(tmp_path / "renamed.npz", images=data["val_images"], labels=data["val_labels"])
+        np.savez(tmp_path / "renamed.npz", **dict(zip(names, (data["val_images"], data["val_labels"]))))
     one_line_error(["evaluate", str(onnx32), "--data", str(tmp_path / "renamed.npz")],
-                   "renamed.npz: no split 'val'; expected val_images and val_labels (MedMNIST's names); it holds "
-                   "images, labels")
+                   f"renamed.npz: {refusal}; expected val_images and val_labels (MedMNIST's names); it holds "
+                   f"{', '.join(names)}")
 
 
 def test_dangling_links_and_fifos_in_an_imagefolder_are_reported_as_not_decoded(onnx32, tmp_path):
