@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
 import importlib.util
 import pkgutil
+import re
 import sys
 from pathlib import Path
 
@@ -79,6 +81,42 @@ def imports_of(module: str, path: Path) -> set[str]:
 
 
 MODULES = all_modules()
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def normalized(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def declared(extra: str | None = None) -> set[str]:
+    """The distributions `pip install '.[extra]'` asks for by name (the base install's for None), extras that name
+    other extras of medmamba-edge resolved."""
+    names = set()
+    for requirement in PROJECT["dependencies"] + (PROJECT["optional-dependencies"][extra] if extra else []):
+        name, extras = re.match(r"([A-Za-z0-9._-]+)\s*(?:\[([^]]*)])?", requirement).groups()
+        if normalized(name) == "medmamba-edge":
+            names |= {dependency for other in extras.split(",") for dependency in declared(other.strip())}
+        else:
+            names.add(normalized(name))
+    return names
+
+
+def third_party(module: str, path: Path) -> set[str]:
+    """The top-level names of the packages outside Python and this project that the file imports."""
+    return {name.split(".")[0] for name in imports_of(module, path)} - set(sys.stdlib_module_names) - {
+        "medmamba_edge", "tests"}
+
+
+def undeclared(files: dict[str, Path], allowed: set[str], elsewhere: dict[str, str]) -> dict[str, list[str]]:
+    """Import name -> the files importing it, for each package that no distribution in ``allowed`` provides."""
+    providers = importlib.metadata.packages_distributions()
+    missing = {}
+    for module, path in sorted(files.items()):
+        for name in third_party(module, path):
+            provided_by = {normalized(d) for d in providers.get(name, [elsewhere.get(name, name)])}
+            if not provided_by & allowed:
+                missing.setdefault(name, []).append(path.name)
+    return missing
 
 
 def test_every_package_folder_is_walked():
@@ -114,3 +152,10 @@ def test_imports_go_down_or_level(module):
 def test_runtime_needs_no_torch(module):
     heavy = sorted(name for name in imports_of(module, MODULES[module]) if name.split(".")[0] in TORCH_SIDE)
     assert not heavy, f"{module} imports {', '.join(heavy)}: the runtime must run where torch is not installed"
+
+
+def test_the_tests_import_only_what_the_dev_extra_installs():
+    # `pip install -e '.[dev]'` is all a test venv gets: from Python 3.12 on, a new venv has no setuptools either.
+    tests = {f"tests.{path.stem}": path for path in (ROOT / "tests").glob("*.py")}
+    missing = undeclared(tests, declared("dev"), {})
+    assert not missing, f"imported by the tests but not installed by the dev extra: {missing}"
