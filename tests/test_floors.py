@@ -154,6 +154,18 @@ def test_runtime_needs_no_torch(module):
     assert not heavy, f"{module} imports {', '.join(heavy)}: the runtime must run where torch is not installed"
 
 
+# Import names of packages the development venv cannot hold, so that importlib.metadata cannot say whose they are:
+# TensorRT and cuda-python need an NVIDIA GPU and driver, PyTriton (with its tritonclient) numpy < 2.
+ELSEWHERE = {"tensorrt": "tensorrt", "cuda": "cuda-python", "pytriton": "nvidia-pytriton", "tritonclient": "tritonclient"}
+
+
+def test_every_package_the_code_imports_is_declared():
+    # A package that comes only as another's dependency (protobuf through onnx) goes when that one stops needing it.
+    anywhere = declared().union(*(declared(extra) for extra in PROJECT["optional-dependencies"]))
+    missing = undeclared(MODULES, anywhere, ELSEWHERE)
+    assert not missing, f"imported but declared by no extra in pyproject.toml: {missing}"
+
+
 def test_the_tests_import_only_what_the_dev_extra_installs():
     # `pip install -e '.[dev]'` is all a test venv gets: from Python 3.12 on, a new venv has no setuptools either.
     tests = {f"tests.{path.stem}": path for path in (ROOT / "tests").glob("*.py")}
