@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import pkgutil
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,6 +139,19 @@ def test_every_package_folder_is_in_the_wheel():
         base = max((prefix for prefix in mapping if name.startswith(prefix + ".")), key=len)
         folder = ROOT / mapping[base] / Path(*name[len(base) + 1:].split("."))
         assert folder.is_dir() and not (folder / "__init__.py").exists(), f"{name}: no such data folder ({folder})"
+
+
+def test_the_sdist_holds_what_the_build_needs_and_no_tests(tmp_path):
+    # The sdist's file list is egg_info's SOURCES.txt (written to tmp_path, nothing in the checkout).
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    shipped = set((tmp_path / "medmamba_edge.egg-info" / "SOURCES.txt").read_text().splitlines())
+    needed = {"LICENSE", "README.md", "pyproject.toml", "setup.py"} | {
+        str(path.relative_to(ROOT)) for pattern in ("runtime/csrc/*.[ch]", "plugins/selective_scan/*.c[up]*",
+                                                    "plugins/selective_scan/*.h", "plugins/selective_scan/CMakeLists.txt",
+                                                    "medmamba_edge/assets/**/*.*") for path in ROOT.glob(pattern)}
+    assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"
+    assert not [name for name in shipped if name.startswith("tests/")]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
