@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medmamba_edge.runtime.backends import is_triton_url
-from medmamba_edge.runtime.cpu import check_threads, describe_cpu, usable_cpus
+from medmamba_edge.runtime.cpu import check_threads, default_threads, describe_cpu, usable_cpus
 from medmamba_edge.runtime.metadata import int_at_least, positive_int
 
 from .errors import UserError, process_ending
@@ -96,10 +96,9 @@ def cpu_scan_path() -> str:
 
 
 def machine_info(threads: int | None) -> dict:
-    usable = usable_cpus()
     versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "torch", "tensorrt")}
-    return {"cpu": describe_cpu(), "cpu_scan_path": cpu_scan_path(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-            "threads": threads if threads else f"backend default ({usable})",
+    return {"cpu": describe_cpu(), "cpu_scan_path": cpu_scan_path(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "threads": threads if threads else f"backend default ({default_threads()})",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "versions": {k: v for k, v in versions.items() if v}}
 

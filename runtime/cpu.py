@@ -19,6 +19,7 @@ from medmamba_edge.errors import UserError
 from .metadata import positive_int
 
 CPUINFO = Path("/proc/cpuinfo")
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 # Set to "avx2" by benchmarks/hide_avx512.c, which hides the AVX-512 family, AVX-VNNI and AMX from CPUID (where
 # the kernels look) but not from /proc/cpuinfo (where we look).
 CPUID_ENV = "MEDMAMBA_EDGE_CPUID"
@@ -70,12 +71,41 @@ def describe_cpu() -> str:
     return f"{model}, {isa}" if isa else model
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (a container's or taskset's share), at least 1."""
+def _affinity() -> set[int]:
+    """The CPUs this process may run on: its affinity mask (a container's or taskset's share)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return set(os.sched_getaffinity(0)) or {0}
     except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
-        return max(1, os.cpu_count() or 1)
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on, at least 1."""
+    return len(_affinity())
+
+
+def default_threads(topology: Path = CPU_TOPOLOGY) -> int:
+    """The threads ONNX Runtime and PyTorch start by default, one per physical core, counted here among the CPUs
+    this process may use: a CPU that shares its core with another (SMT, hyper-threading) adds none. ``topology``:
+    /sys/devices/system/cpu, whose cpuN/topology/thread_siblings_list names each CPU's core mates."""
+    cpus = _affinity()
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = _cpu_list((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+        except (OSError, ValueError):  # no sysfs (a container may hide it; macOS): one thread per usable CPU
+            return len(cpus)
+        cores.add(min(siblings & cpus, default=cpu))
+    return max(1, len(cores))
+
+
+def _cpu_list(text: str) -> set[int]:
+    """The CPUs of a sysfs CPU list such as "0-3,8,10-11"."""
+    cpus = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def check_threads(threads: int | None) -> None:

@@ -1,6 +1,8 @@
 """runtime/cpu.py: the CPU line every speed and INT8 figure carries, from /proc/cpuinfo as each kind of
 machine writes it."""
 
+import os
+
 import pytest
 
 from medmamba_edge.runtime import cpu
@@ -62,3 +64,26 @@ def test_names_the_instruction_set_left_when_avx512_is_hidden_from_cpuid(tmp_pat
                                       "(AVX-512, AVX-VNNI and AMX hidden from CPUID)")
     finally:
         cpu.describe_cpu.cache_clear()
+
+
+def write_topology(root, cores: list[list[int]]):
+    """A /sys/devices/system/cpu tree in which each list of ``cores`` is one physical core's CPUs."""
+    for siblings in cores:
+        for cpu_id in siblings:
+            folder = root / f"cpu{cpu_id}" / "topology"
+            folder.mkdir(parents=True)
+            (folder / "thread_siblings_list").write_text(",".join(map(str, siblings)) + "\n")
+    return root
+
+
+def test_default_threads_are_one_per_physical_core_among_the_usable_cpus(tmp_path):
+    usable = sorted(os.sched_getaffinity(0))
+    # The usable CPUs paired into cores as hyper-threading pairs them (a last one alone), then each on its own.
+    paired = write_topology(tmp_path / "smt", [usable[i:i + 2] for i in range(0, len(usable), 2)])
+    assert cpu.default_threads(paired) == (len(usable) + 1) // 2
+    assert cpu.default_threads(write_topology(tmp_path / "one", [[c] for c in usable])) == len(usable)
+    # A core whose other CPU is outside the mask still counts once; a CPU list in sysfs's ranges reads as its CPUs.
+    ranged = write_topology(tmp_path / "ranged", [[c, 1000 + c] for c in usable])
+    (ranged / f"cpu{usable[0]}" / "topology" / "thread_siblings_list").write_text(f"{usable[0]},1000-1001\n")
+    assert cpu.default_threads(ranged) == len(usable)
+    assert cpu.default_threads(tmp_path / "no-sysfs") == len(usable)  # hidden topology: one per usable CPU

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
-from ...cpu import check_threads, usable_cpus
+from ...cpu import check_threads, default_threads, usable_cpus
 from ...scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
@@ -53,10 +53,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 4
     if threads is None and usable_cpus() < (os.cpu_count() or 1):
-        # ONNX Runtime's default counts the machine's cores, not the affinity mask (a container's or taskset's share):
-        # on 1 of 2 CPUs it ran 2 threads, 16 ms a batch-1 run where 1 thread took 9, under benchmark's header
-        # 'threads: backend default (1)'.
-        threads = usable_cpus()
+        # ONNX Runtime's default counts the machine's physical cores, not those of the affinity mask (a container's
+        # or taskset's share): on 1 of 2 CPUs it ran 2 threads, 16 ms a batch-1 run where 1 thread took 9, under
+        # benchmark's header 'threads: backend default (1)'. Its rule, one per core, applied to the mask's CPUs.
+        threads = default_threads()
     if threads is not None:
         so.intra_op_num_threads = threads
     return so
