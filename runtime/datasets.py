@@ -313,9 +313,10 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
         lines.append(line)
     if not samples:
         raise DatasetError(f"{path}: no rows")
-    # An image on two rows is evaluated twice: under two labels right once and wrong once, under one counted double
-    # in every figure. A CSV has no torchvision reading to keep, and a repeated row is a listing's mistake.
-    if class_names and (pair := next(_same_files(samples), None)):
+    # An image on two rows is read twice: evaluated under two labels right once and wrong once, or under one (and in
+    # compare, in calibration) counted double. A CSV has no torchvision reading to keep; a repeated row is a
+    # listing's mistake, labelled or not.
+    if pair := next(_same_files(samples), None):
         a, b = pair
         first, again = samples[a], samples[b]
         spelt = "" if first.source == again.source else f" ({first.source})"
@@ -323,7 +324,7 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
             raise DatasetError(f"{path}:{lines[b]}: {again.source} labelled {class_names[again.label]!r}, the image "
                                f"line {lines[a]} labels {class_names[first.label]!r}{spelt}; an image has one class")
         raise DatasetError(f"{path}:{lines[b]}: {again.source} again, the image of line {lines[a]}{spelt}; an image "
-                           f"is evaluated once")
+                           f"is listed once")
     return Dataset(f"{path} (CSV, {len(samples)} images)", samples)
 
 
