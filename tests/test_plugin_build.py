@@ -684,6 +684,20 @@ def test_gpu_check_cases_have_finite_reference():
             assert np.isfinite(ss2d_reference64(*arrays, delta_softplus=softplus)).all(), name
 
 
+@pytest.mark.parametrize("script", ["gpu_check.py", "tune_block_shapes.py"])
+def test_gpu_scripts_under_a_cpu_only_pytorch_say_so(script):
+    """`make setup` installs PyTorch's CPU build (6966d59), on a GPU machine too, where both scripts then said 'no
+    CUDA device visible to PyTorch', as if the machine had no GPU."""
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is not None:
+        pytest.skip(f"PyTorch {torch.__version__} is a CUDA build")
+    result = subprocess.run([sys.executable, str(SRC / script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == "", result
+    assert result.stderr == (f"PyTorch {torch.__version__} is a CPU-only build (what `make setup` installs by "
+                             f"default); this needs a CUDA build, e.g. in a new venv: "
+                             f"TORCH_INDEX=https://download.pytorch.org/whl/cu130 make setup\n"), result.stderr
+
+
 def test_gpu_check_reports_a_failing_case_and_goes_on(monkeypatch, capsys):
     """On a GPU machine lent for minutes, one case's exception (no plan, a launch error, a failed graph capture) is an
     ERROR row and in the FAIL summary, not a traceback that loses every later row and the timing table. Run on the CPU: CUDA

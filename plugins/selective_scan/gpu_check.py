@@ -229,6 +229,16 @@ def scan_bytes(batch, channels, height, width, dt_rank, d_state, dtype) -> int:
     return io + weights
 
 
+def require_cuda() -> None:
+    """Exit, saying why, where PyTorch cannot reach a GPU. A CPU-only build (`make setup` installs one, from
+    PyTorch's CPU index) sees no device on a GPU machine either: told as such, not as a machine without one."""
+    if torch.version.cuda is None:
+        sys.exit(f"PyTorch {torch.__version__} is a CPU-only build (what `make setup` installs by default); this "
+                 f"needs a CUDA build, e.g. in a new venv: TORCH_INDEX=https://download.pytorch.org/whl/cu130 make setup")
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device visible to PyTorch")
+
+
 def rel_error(y, ref) -> tuple[float, float]:
     y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
     diff = float(np.abs(y - ref).max())
@@ -243,8 +253,7 @@ def main() -> int:
     parser.add_argument("--ref-iters", type=int, default=2)
     args = parser.parse_args()
 
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device visible to PyTorch")
+    require_cuda()
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's matmuls must stay float32
     torch.backends.cudnn.allow_tf32 = False
 

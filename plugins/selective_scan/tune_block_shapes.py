@@ -79,8 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device visible to PyTorch")
+    gpu_check.require_cuda()
     shapes = variants()
     with tempfile.TemporaryDirectory(prefix="medmamba-tune-") as temp:
         source = Path(temp) / "scan_block_shapes.cu"
