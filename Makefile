@@ -9,8 +9,11 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(BIN)/medmamba-edge: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	# CPU PyTorch first, from PyTorch's CPU index: PyPI's Linux torch is the multi-GB CUDA build, which the extras'
-	# bare `torch` requirement would pull too (TORCH_INDEX=... make setup for another build).
-	$(BIN)/pip install --quiet torch==2.13.0 --index-url $(TORCH_INDEX)
+	# bare `torch` requirement would pull too (TORCH_INDEX=... make setup for another build). Only torch itself
+	# comes from there, its dependencies from the usual index: where that host cannot be reached, pip retries each
+	# package it asks it for (76 s for torch and its ten, 9 s for torch alone) before the wheels it is configured with.
+	$(BIN)/pip install --quiet --no-deps torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
