@@ -185,3 +185,28 @@ def test_the_tests_import_only_what_the_dev_extra_installs():
     tests = {f"tests.{path.stem}": path for path in (ROOT / "tests").glob("*.py")}
     missing = undeclared(tests, declared("dev"), {})
     assert not missing, f"imported by the tests but not installed by the dev extra: {missing}"
+
+
+# The onnxscript release that first ships each API module a torch release imports (onnxscript/_framework_apis/).
+ONNXSCRIPT_API_SINCE = {"torch_2_8": "0.3.1", "torch_2_9": "0.4.0", "torch_2_11": "0.6.0"}
+
+
+def release(version: str) -> tuple[int, ...]:
+    """"0.6" as (0, 6, 0), to compare with "0.6.0"."""
+    numbers = tuple(map(int, version.split(".")))
+    return numbers + (0,) * (3 - len(numbers))
+
+
+def test_the_export_extra_asks_for_the_onnxscript_that_torch_imports():
+    # torch.onnx's exporter imports onnxscript._framework_apis.torch_2_N by name: with an older onnxscript, which
+    # pip keeps as satisfying a lower floor, `medmamba-edge export` dies inside the trace.
+    try:
+        lazy_import = importlib.metadata.distribution("torch").locate_file("torch/onnx/_internal/_lazy_import.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torch is not installed")
+    api = re.search(r"onnxscript\._framework_apis\.(torch_\w+)", Path(lazy_import).read_text()).group(1)
+    assert api in ONNXSCRIPT_API_SINCE, f"torch imports onnxscript's {api}: add the onnxscript release that ships it"
+    floor = next(re.fullmatch(r"onnxscript>=([\d.]+)", r) for r in PROJECT["optional-dependencies"]["export"]
+                 if r.startswith("onnxscript"))
+    assert release(floor.group(1)) >= release(ONNXSCRIPT_API_SINCE[api]), (
+        f"the export extra allows onnxscript {floor.group(1)}, without the {api} that torch imports")
