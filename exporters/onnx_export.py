@@ -192,6 +192,13 @@ def export_onnx(
     except (MemoryError, RuntimeError) as exc:  # torch's allocator: "can't allocate memory" at an absurd size
         raise ExportError(f"{checkpoint.path}: cannot trace at {size[0]}×{size[1]} ({first_line(exc)}); nothing "
                           f"was written to {output}") from None
+    except ModuleNotFoundError as exc:
+        # torch.onnx imports, by name, the onnxscript API of its own release (torch 2.13: _framework_apis.torch_2_11),
+        # which an onnxscript older than that torch lacks.
+        if (exc.name or "").partition(".")[0] not in ("onnxscript", "onnx_ir"):
+            raise
+        raise ExportError(f"torch {torch.__version__}'s exporter needs a newer onnxscript than {onnxscript.__version__} "
+                          f"({first_line(exc)}): pip install --upgrade onnxscript; nothing was written to {output}") from None
     written = next((o.version for o in plugin_form.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise ExportError(f"--opset {opset}: torch.onnx {torch.__version__} could not convert the model to it "

@@ -412,15 +412,14 @@ def test_counts_given_to_the_library_as_fractions_or_bools_are_one_line_errors(t
 
 # ---- a runtime-only install: no torch, no onnxscript, no matplotlib ------------------------------------
 
-RUNTIME_ONLY = textwrap.dedent("""
+WITHOUT = textwrap.dedent("""
     import sys
 
     class NotInstalled:
-        # What `pip install .` without extras leaves out.
-        missing = ("torch", "onnxscript", "matplotlib")
+        missing = tuple(sys.argv.pop(1).split(","))
 
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.missing:
+            if any(name == module or name.startswith(module + ".") for module in self.missing):
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     sys.meta_path.insert(0, NotInstalled())
@@ -430,9 +429,15 @@ RUNTIME_ONLY = textwrap.dedent("""
 """)
 
 
+def without(modules: tuple[str, ...], *args, cwd) -> subprocess.CompletedProcess:
+    """The command line ``args`` run where ``modules`` (and the modules in them) cannot be imported."""
+    return subprocess.run([sys.executable, "-c", WITHOUT, ",".join(modules), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
 def runtime_only(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUNTIME_ONLY, *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    # What `pip install .` without extras leaves out.
+    return without(("torch", "onnxscript", "matplotlib"), *args, cwd=cwd)
 
 
 def test_version_is_the_installed_distributions_both_ways():
@@ -461,6 +466,18 @@ def test_runtime_only_install_names_the_export_extra(tmp_path, args):
     assert result.returncode == 1, output
     assert output.strip().count("\n") == 0 and "Traceback" not in output, output
     assert "needs PyTorch" in output and "pip install '.[export]'" in output and "medmamba-edge[export]" in output
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_an_onnxscript_older_than_torch_is_named_in_one_line(tmp_path):
+    # torch.onnx imports the onnxscript API of its own release by name; an older onnxscript lacks it.
+    result = without(("onnxscript._framework_apis",), "export", bundled_checkpoint(), "-o", "model.onnx",
+                     "--input-size", "32", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert re.search(r"^error: torch \S+'s exporter needs a newer onnxscript than \S+ \(No module named "
+                     r"'onnxscript\._framework_apis[\w.]*'\): pip install --upgrade onnxscript; nothing was "
+                     r"written to model\.onnx$", output.strip()), output
     assert not list(tmp_path.rglob("*.onnx"))
 
 
