@@ -108,9 +108,29 @@ def third_party(module: str, path: Path) -> set[str]:
         "medmamba_edge", "tests"}
 
 
+def with_what_metapackages_install(allowed: set[str], providers: dict[str, list[str]]) -> set[str]:
+    """``allowed`` and, for each installed distribution among them that ships no module of its own (a metapackage:
+    cuda-python now, whose cuda.bindings is cuda-bindings'), the distributions it requires, so on down."""
+    shipping = {normalized(d) for names in providers.values() for d in names}
+    found, pending = set(), list(allowed)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if name not in shipping:
+            pending += [normalized(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requires if "extra ==" not in r]
+    return found
+
+
 def undeclared(files: dict[str, Path], allowed: set[str], elsewhere: dict[str, str]) -> dict[str, list[str]]:
     """Import name -> the files importing it, for each package that no distribution in ``allowed`` provides."""
     providers = importlib.metadata.packages_distributions()
+    allowed = with_what_metapackages_install(allowed, providers)
     missing = {}
     for module, path in sorted(files.items()):
         for name in third_party(module, path):
@@ -185,6 +205,22 @@ def test_the_tests_import_only_what_the_dev_extra_installs():
     tests = {f"tests.{path.stem}": path for path in (ROOT / "tests").glob("*.py")}
     missing = undeclared(tests, declared("dev"), {})
     assert not missing, f"imported by the tests but not installed by the dev extra: {missing}"
+
+
+def test_a_metapackage_stands_for_what_it_installs(tmp_path, monkeypatch):
+    # `pip install tensorrt cuda-python` (docs/tensorrt.md): cuda-python ships no module, its cuda.bindings comes from
+    # cuda-bindings, which the tensorrt extra does not name; a package's own dependency (protobuf, onnx's) still
+    # counts as undeclared.
+    for name, requires, files in (("cuda_python", "Requires-Dist: cuda-bindings~=13.0.0\n", []),
+                                  ("cuda_bindings", "", ["cuda/bindings/__init__.py"])):
+        info = tmp_path / f"{name}-13.0.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 13.0.0\n{requires}")
+        (info / "RECORD").write_text("".join(f"{file},,\n" for file in [*files, f"{info.name}/METADATA"]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "compat.py"
+    module.write_text("from cuda.bindings import runtime\nfrom google.protobuf.message import EncodeError\n")
+    assert undeclared({"compat": module}, {"cuda-python", "onnx"}, {}) == {"google": ["compat.py"]}
 
 
 # The onnxscript release that first ships each API module a torch release imports (onnxscript/_framework_apis/).
