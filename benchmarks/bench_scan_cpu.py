@@ -120,8 +120,10 @@ def main() -> None:
 
             torch.set_num_threads(2)
 
-            def ref_fn(arrays):
+            def torch_reference(arrays):
                 return ss2d_scan_ref(*(torch.from_numpy(x) for x in arrays))
+
+            ref_fn = torch_reference
         except ImportError as exc:
             notes.append(f"PyTorch reference skipped: {exc}")
 

@@ -215,7 +215,7 @@ def copy_bandwidth() -> float:
     src = torch.empty(n, device="cuda")
     dst = torch.empty_like(src)
     seconds = cuda_time(lambda: dst.copy_(src), iters=20, warmup=3)
-    del src, dst
+    src = dst = None  # freed before empty_cache returns their memory
     torch.cuda.empty_cache()
     return 2 * n * 4 / seconds
 
