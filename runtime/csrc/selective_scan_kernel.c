@@ -50,7 +50,7 @@
 
 /* FMA contraction (-std=c11 turns it off) and IEEE-free min/max so the lane loops use vfmadd/vmaxps.
  * No trapping maths, so conditionals become blends. The kernel never relies on NaN/inf tests or FP
- * exceptions; NaN or inf inputs give unspecified (non-crashing) output. */
+ * exceptions; NaN or inf inputs give unspecified (non-crashing) output, but for A's (scan_direction). */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast", "finite-math-only", "no-signed-zeros", "no-trapping-math")
 #endif
@@ -533,12 +533,17 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
      * take the tile on AVX-512: the AVX-512 path took them for A > 0 too. */
     int signs_known = a->delta_softplus;
     float amax2[VW] MM_ALIGN;
+    /* A NaN or infinite A (a corrupt A_logs) went into exp2's clamps, which the compiler may read as finite, and
+     * came out a plausible finite state: the channel's outputs are made NaN instead, as the reference's are, so
+     * that whoever checks the logits sees it. Tested on the bits: finite-math-only folds isnan() to 0. */
+    int non_finite[VW] = {0};
     for (int l = 0; l < VW; l++) amax2[l] = 0.0f;
     for (ptrdiff_t n = 0; n < N; n++) {
         for (int l = 0; l < nch; l++) {
             const float v = a->A[(ck + l) * N + n];
             signs_known &= v <= 0.0f;
             amax2[l] = amax2[l] > -v * 1.44269504088896341f ? amax2[l] : -v * 1.44269504088896341f;
+            non_finite[l] |= (float_to_bits(v) & 0x7f800000u) == 0x7f800000u;
         }
     }
     /* Padding lanes: x = 0 there, so delta * x = 0 and h stays 0; never written back. */
@@ -559,7 +564,7 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
     }
     for (int l = 0; l < VW; l++) {
         s->bias[l] = l < nch ? a->dt_b[ck + l] : 0.0f;
-        s->ds[l] = l < nch ? a->Ds[ck + l] : 0.0f;
+        s->ds[l] = l < nch ? (non_finite[l] ? bits_to_float(0x7fc00000u) : a->Ds[ck + l]) : 0.0f;
     }
 #if MM_X86_PATHS
     /* signs_known: delta >= 0 (softplus) and A <= 0, so E <= 1 */
