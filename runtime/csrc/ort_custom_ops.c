@@ -25,6 +25,7 @@
 #define MM_ORT_MIN_RELEASE "1.17"
 #define MM_DOMAIN "medmamba_edge"
 #define MM_OP_TYPE "SS2DScan"
+#define MM_PLUGIN_VERSION "2" /* runtime/scan_node.py PLUGIN_VERSION */
 
 typedef struct {
     const OrtApi *api;
@@ -48,25 +49,50 @@ static OrtStatus *errorf(const OrtApi *api, OrtErrorCode code, const char *fmt, 
         if (status_ != NULL) return status_;    \
     } while (0)
 
-/* Whether the node has attribute `name` of a type other than int: ONNX Runtime's int getter fails alike for an absent
- * attribute and one of another type, and only the first may take the contract's default. */
-static int has_non_int_attribute(const OrtApi *api, const OrtKernelInfo *info, const char *name) {
+/* Whether the node has attribute `name`, of any type: ONNX Runtime's typed getters fail alike for an absent attribute
+ * and one of another type, and only the first may take the contract's default. */
+static int has_attribute(const OrtApi *api, const OrtKernelInfo *info, const char *name) {
     float f;
+    int64_t i;
     size_t size = 0;
-    OrtStatus *probes[4] = {
+    OrtStatus *probes[5] = {
+        ORT_API_FN(api, KernelInfoGetAttribute_int64)(info, name, &i),
         ORT_API_FN(api, KernelInfoGetAttribute_float)(info, name, &f),
         ORT_API_FN(api, KernelInfoGetAttribute_string)(info, name, NULL, &size),
         ORT_API_FN(api, KernelInfoGetAttributeArray_float)(info, name, NULL, &size),
         ORT_API_FN(api, KernelInfoGetAttributeArray_int64)(info, name, NULL, &size),
     };
     int found = 0;
-    for (int i = 0; i < 4; i++) {
-        if (probes[i] == NULL)
+    for (int p = 0; p < 5; p++) {
+        if (probes[p] == NULL)
             found = 1;
         else
-            ORT_API_FN(api, ReleaseStatus)(probes[i]);
+            ORT_API_FN(api, ReleaseStatus)(probes[p]);
     }
     return found;
+}
+
+/* The node's plugin_version, when it has one, must be this contract's: another version's node (a newer
+ * medmamba-edge's) was run as this one's, where quantize, build-engine and export-triton refuse it. */
+static OrtStatus *check_plugin_version(const OrtApi *api, const OrtKernelInfo *info, const char *node) {
+    char version[32];
+    size_t size = 0;
+    OrtStatus *status = ORT_API_FN(api, KernelInfoGetAttribute_string)(info, "plugin_version", NULL, &size);
+    if (status != NULL) {
+        ORT_API_FN(api, ReleaseStatus)(status);
+        if (!has_attribute(api, info, "plugin_version")) return NULL; /* absent: the contract's own node */
+        return errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': plugin_version must be a string ('"
+                      MM_PLUGIN_VERSION "')", node);
+    }
+    const int fits = size <= sizeof version; /* size counts the NUL */
+    if (fits) {
+        status = ORT_API_FN(api, KernelInfoGetAttribute_string)(info, "plugin_version", version, &size);
+        if (status != NULL) return status;
+        if (strcmp(version, MM_PLUGIN_VERSION) == 0) return NULL;
+    }
+    return errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': plugin_version '%s', but this library runs "
+                  MM_OP_TYPE " of plugin version " MM_PLUGIN_VERSION "; export the model again", node,
+                  fits ? version : "(a longer string)");
 }
 
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
@@ -84,7 +110,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     status = ORT_API_FN(api, KernelInfoGetAttribute_int64)(info, "delta_softplus", &softplus);
     if (status != NULL) {
         ORT_API_FN(api, ReleaseStatus)(status);
-        if (has_non_int_attribute(api, info, "delta_softplus")) {
+        if (has_attribute(api, info, "delta_softplus")) { /* of another type */
             status = errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': delta_softplus must be an int (0 or 1)",
                             k->node);
             free(k);
@@ -99,6 +125,11 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
         return status;
     }
     k->delta_softplus = (int)softplus;
+    status = check_plugin_version(api, info, k->node);
+    if (status != NULL) {
+        free(k);
+        return status;
+    }
     char err[256];
     k->path = mm_scan_path_from_env(err, sizeof err);
     if (k->path < 0) {
