@@ -324,10 +324,11 @@ def _calibration_method(method: str):
             "percentile": CalibrationMethod.Percentile}[method]
 
 
-def calibrate(model: onnx.ModelProto, inputs: list[list[np.ndarray]], input_name: str, method: str, percentile: float,
-              cache: Path, progress: Progress) -> None:
+def calibrate(portable: onnx.ModelProto, inputs: list[list[np.ndarray]], input_name: str, method: str,
+              percentile: float, cache: Path, progress: Progress) -> None:
     """Activation ranges of the Conv/MatMul/Gemm/Relu tensors over ``inputs`` (groups of the model's batches),
-    saved to ``cache`` for quantize_static."""
+    saved to ``cache`` for quantize_static. ``portable``: the model with its scans lowered (portable_form), which
+    ONNX Runtime's calibrator runs without our op library."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
@@ -339,7 +340,7 @@ def calibrate(model: onnx.ModelProto, inputs: list[list[np.ndarray]], input_name
         options["percentile"] = percentile
     with tempfile.TemporaryDirectory(prefix="medmamba-calib.") as tmp:
         source = Path(tmp) / "portable.onnx"
-        onnx.save(lower_ss2d_scan(model), source)
+        onnx.save(portable, source)
         calibrator = create_calibrator(source, list(CALIBRATED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
                                        _calibration_method(method), extra_options=options)
         held = session_options()
@@ -586,9 +587,8 @@ def open_candidate(candidate: Path, int8: onnx.ModelProto, model_path: Path, out
 
     try:
         return open_backend(candidate)
-    except NotLoaded as exc:  # read from a temporary file, which ONNX Runtime names ("Load model from ... failed")
-        raise _does_not_load(int8, model_path, output,
-                             str(exc.error).replace(f"Load model from {candidate} failed:", "")) from None
+    except NotLoaded as exc:  # read from a temporary file, which ONNX Runtime names
+        raise _does_not_load(int8, model_path, output, _without_temporary_path(exc.error)) from None
 
 
 def _does_not_load(int8: onnx.ModelProto, model_path: Path, output: Path, error: Exception | str) -> QuantizeError:
@@ -672,6 +672,8 @@ def quantize_onnx(
     ``also_calibrated`` hears, before the calibration, how many evaluation images are also calibration images (when
     any are), and the model records it: on those the accuracy gate reads optimistic, INT8's activation ranges having been fitted to them."""
 
+    from medmamba_edge.runtime.backends.onnxruntime import onnxruntime_errors
+
     started = time.perf_counter()
     check_quantizer()
     _check_options(method, percentile, quant_format, max_drop, eval_data, eval_split, auto_fallback, min_speedup,
@@ -687,6 +689,7 @@ def quantize_onnx(
 
     # Everything that can refuse without the images, before minutes of calibration.
     nodes, excluded = _nodes_to_quantize(model, model_path, exclude)
+    portable = portable_form(model, model_path)
     if eval_data is not None or min_speedup is not None:
         _check_gates_can_run(model_path, metadata)
     images = _read_images(calib, split, num_samples, seed, metadata, eval_data, eval_split, progress, left_out,
@@ -694,7 +697,11 @@ def quantize_onnx(
 
     with tempfile.TemporaryDirectory(prefix="medmamba-quantize.") as tmp:
         cache, candidate = Path(tmp) / "ranges.json", Path(tmp) / "candidate.onnx"
-        calibrate(model, images.groups, input_name, method, percentile, cache, progress)
+        try:
+            calibrate(portable, images.groups, input_name, method, percentile, cache, progress)
+        except onnxruntime_errors() as exc:  # a graph another tool edited: ONNX Runtime's own shape checks
+            raise QuantizeError(f"{model_path}: ONNX Runtime cannot calibrate it ({_without_temporary_path(exc)}); "
+                                f"nothing was written to {output}") from None
 
         def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
@@ -756,6 +763,20 @@ def _fp32_model(model_path: Path) -> tuple[onnx.ModelProto, ModelMetadata,
     source_props = onnx.ModelProto(metadata_props=model.metadata_props).metadata_props
     del model.metadata_props[:]
     return model, metadata, source_props
+
+
+def portable_form(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto:
+    """The model with its SS2DScan nodes lowered to standard ops, for the calibrator; QuantizeError for a node whose
+    input shapes the lowering cannot tell (an edited graph), which ended in a traceback after the images were read."""
+    try:
+        return lower_ss2d_scan(model)
+    except ValueError as exc:
+        raise QuantizeError(f"{model_path}: {exc}") from None
+
+
+def _without_temporary_path(error: Exception) -> str:
+    """ONNX Runtime's first line less the temporary file it names ("Load model from /tmp/... failed:")."""
+    return re.sub(r"Load model from .*? failed:", "", first_line(error))
 
 
 def _nodes_to_quantize(model: onnx.ModelProto, model_path: Path, exclude: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -388,8 +388,9 @@ from pathlib import Path
 import numpy as np, onnx
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import onnxruntime.quantization.calibrate  # importing onnxruntime starts threads of its own
+from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.exporters.quantize import calibrate
-model = onnx.load(sys.argv[1])
+model = lower_ss2d_scan(onnx.load(sys.argv[1]))
 before = len(os.listdir("/proc/self/task"))
 started = []
 calibrate(model, [[np.zeros((2, 3, 32, 32), np.float32)]], model.graph.input[0].name, "minmax", 99.9,
@@ -923,3 +924,39 @@ def test_an_int8_graph_onnx_runtime_refuses_is_named_after_the_users_model_not_t
         messages.append(str(refused.value))
     assert messages[0] == messages[1] and "no_such_tensor" in messages[0] and "candidate" not in messages[0], messages
     assert not (tmp_path / "q.int8.onnx").exists()
+
+
+def _with_first_scan_input_through(model: onnx.ModelProto, index: int, op: str, *constants) -> onnx.ModelProto:
+    """The model with its first SS2DScan node's input ``index`` passed through ``op`` (Reshape, Slice) with int64
+    constant inputs: an edit of another tool that leaves the node an input of another shape."""
+    from onnx import helper
+
+    node = next(n for n in model.graph.node if scan_node.is_scan_node(n))
+    names = [f"edit_{i}" for i in range(len(constants))]
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(c, np.int64), name)
+                                   for name, c in zip(names, constants))
+    model.graph.node.insert(list(model.graph.node).index(node),
+                            helper.make_node(op, [node.input[index], *names], ["edited"]))
+    node.input[index] = "edited"
+    return model
+
+
+@pytest.mark.parametrize("index, op, constants, message", [
+    (0, "Reshape", ([0, 0, -1],), r"lowering SS2DScan node '[^']+' needs the static shape of its input x .*"
+                                  r"shape inference gave \(\?, \d+, \d+\)$"),
+    (1, "Slice", ([0], [-1], [2]), r"ONNX Runtime cannot calibrate it \(.*Reshape node.*\); "
+                                   r"nothing was written to .*q\.onnx$"),
+], ids=["x-rank-3", "x_dbl-one-position-short"])
+def test_a_scan_node_with_inputs_of_another_shape_is_refused_in_one_line(bundled32, tmp_path, index, op, constants,
+                                                                       message):
+    """Such a node ended quantize in a traceback: the lowering's ValueError, or ONNX Runtime's Fail from the
+    calibrator's session naming its temporary file, after the images were read."""
+    edited = tmp_path / "edited.onnx"
+    onnx.save(_with_first_scan_input_through(onnx.load(str(bundled32)), index, op, *constants), str(edited))
+    calib = _image_folder(tmp_path / "calib", "val", 2)
+    result = CliRunner().invoke(app, ["quantize", str(edited), "--calib", str(calib), "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    assert re.search(f"^error: {re.escape(str(edited))}: {message}", result.output.strip()), result.output
+    assert "/medmamba-calib." not in result.output
+    assert not (tmp_path / "q.onnx").exists()
