@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -539,3 +540,33 @@ def test_a_model_with_the_retired_selective_scan_node_is_one_line(bundled_forms,
         assert (f"{old}: it holds a SelectiveScan node of plugin version 1, which this medmamba-edge (plugin "
                 f"version 2, SS2DScan) no longer runs; export it again from its checkpoint") in result.output
     assert not any((tmp_path / name).exists() for name in ("r.jsonl", "q.onnx", "old.engine"))
+
+
+def test_a_model_failing_in_its_scan_node_is_one_line_in_evaluate_and_compare(bundled_forms, tmp_path):
+    """A graph that loads and then fails in an SS2DScan node (its x reshaped to rank 3 by an edit) ended evaluate
+    and compare in ONNX Runtime's traceback; run went on, naming no model. Each now names the file."""
+    from typer.testing import CliRunner
+
+    from medmamba_edge.cli import app
+    from medmamba_edge.runtime.bundled import sample_image_paths
+    from tests.shared_data import PNEUMONIAMNIST, require_shared
+
+    model = onnx.load(str(bundled_forms["plugin"]))
+    node = next(n for n in model.graph.node if scan_node.is_scan_node(n))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), "rank3"))
+    model.graph.node.insert(list(model.graph.node).index(node),
+                            helper.make_node("Reshape", [node.input[0], "rank3"], ["x_rank3"]))
+    node.input[0] = "x_rank3"
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    failure = (f"{re.escape(str(edited))}: ONNX Runtime failed running it \\(.*SS2DScan node '{node.name}': "
+               r"x must be \(batch, channels, height, width\), got \(\d+, \d+, \d+\)\)")
+    for args in (["evaluate", str(edited), "--data", str(require_shared(*PNEUMONIAMNIST)), "--batch", "1"],
+                 ["compare", str(bundled_forms["plugin"]), str(edited)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+        assert re.search(f"^error: {failure}$", result.output.strip()), result.output
+    result = CliRunner().invoke(app, ["run", str(edited), str(sample_image_paths()[0])])
+    assert result.exit_code == 1 and re.search(f"the model failed on this batch \\(BackendError: {failure}\\)",
+                                               result.output), result.output

@@ -131,8 +131,13 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         session = self._open_session()  # once: another thread may close the backend between two chunks
-        return run_in_fixed_batches(lambda chunk: session.run(None, {self.input_name: chunk})[0],
-                                    batch, self.metadata.batch)
+        try:
+            return run_in_fixed_batches(lambda chunk: session.run(None, {self.input_name: chunk})[0],
+                                        batch, self.metadata.batch)
+        # A graph that loads and fails on its first batch (an SS2DScan node given inputs of another shape by an edit)
+        # ended evaluate and compare in a traceback.
+        except onnxruntime_errors() as exc:
+            raise BackendError(f"{self.path}: ONNX Runtime failed running it ({first_line(exc)})") from None
 
     def _open_session(self):
         session = self.session
