@@ -351,6 +351,7 @@ def calibrate(portable: onnx.ModelProto, inputs: list[list[np.ndarray]], input_n
             held.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, sess_options=held,
                                                             providers=calibrator.execution_providers)
+        calibrator.infer_session = _FiniteOutputs(calibrator.infer_session)
         # One collect_data per group: the calibrators merge groups incrementally (memory stays one group deep),
         # and a histogram's bins depend on how the data was grouped, so every model groups the same images.
         for done, group in enumerate(inputs, start=1):
@@ -359,6 +360,34 @@ def calibrate(portable: onnx.ModelProto, inputs: list[list[np.ndarray]], input_n
             progress("calibrating", done, len(inputs))
         with _quiet():
             save_tensors_data(calibrator.compute_data(), cache)
+
+
+class NonFiniteActivations(Exception):
+    """The calibrated model gave NaN or infinite values in ``tensor``."""
+
+    def __init__(self, tensor: str):
+        super().__init__(tensor)
+        self.tensor = tensor
+
+
+class _FiniteOutputs:
+    """The calibrator's session, raising NonFiniteActivations on an output that is not a number: a model with a NaN
+    weight ended calibration in a traceback of onnxruntime's collectors ('autodetected range of [nan, nan] is not
+    finite' from the histogram's, 'scale issue' from quantize_static after minmax's)."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        outputs = self._session.run(output_names, feeds, *args, **kwargs)
+        names = output_names or [o.name for o in self._session.get_outputs()]
+        for name, value in zip(names, outputs):
+            if not np.isfinite(value).all():
+                raise NonFiniteActivations(name)
+        return outputs
 
 
 class _Feeds:
@@ -702,6 +731,10 @@ def quantize_onnx(
         except onnxruntime_errors() as exc:  # a graph another tool edited: ONNX Runtime's own shape checks
             raise QuantizeError(f"{model_path}: ONNX Runtime cannot calibrate it ({_without_temporary_path(exc)}); "
                                 f"nothing was written to {output}") from None
+        except NonFiniteActivations as exc:
+            raise QuantizeError(f"{model_path}: its activations are not numbers (NaN or infinite) on the calibration "
+                                f"images, in {exc.tensor!r} and maybe others: are its weights damaged? nothing was "
+                                f"written to {output}") from None
 
         def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)

@@ -960,3 +960,23 @@ def test_a_scan_node_with_inputs_of_another_shape_is_refused_in_one_line(bundled
     assert re.search(f"^error: {re.escape(str(edited))}: {message}", result.output.strip()), result.output
     assert "/medmamba-calib." not in result.output
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["percentile", "minmax"])
+def test_a_model_whose_activations_are_not_numbers_is_refused_in_one_line(bundled32, tmp_path, method):
+    """A NaN weight (the first scan's A) ended calibration in onnxruntime's traceback: 'autodetected range of
+    [nan, nan] is not finite' from the histogram collector, 'scale issue' after minmax's."""
+    model = onnx.load(str(bundled32))
+    node = next(n for n in model.graph.node if scan_node.is_scan_node(n))
+    a = next(t for t in model.graph.initializer if t.name == node.input[4])
+    a.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(a).shape, np.nan, np.float32), a.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    calib = _image_folder(tmp_path / "calib", "val", 2)
+    result = CliRunner().invoke(app, ["quantize", str(damaged), "--calib", str(calib), "--method", method,
+                                      "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    assert (f"error: {damaged}: its activations are not numbers (NaN or infinite) on the calibration images, in "
+            in result.output), result.output
+    assert not (tmp_path / "q.onnx").exists()
