@@ -533,17 +533,20 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
      * take the tile on AVX-512: the AVX-512 path took them for A > 0 too. */
     int signs_known = a->delta_softplus;
     float amax2[VW] MM_ALIGN;
-    /* A NaN or infinite A (a corrupt A_logs) went into exp2's clamps, which the compiler may read as finite, and
+    /* A NaN or +inf in A (a corrupt A_logs) went into exp2's clamps, which the compiler may read as finite, and
      * came out a plausible finite state: the channel's outputs are made NaN instead, as the reference's are, so
-     * that whoever checks the logits sees it. Tested on the bits: finite-math-only folds isnan() to 0. */
-    int non_finite[VW] = {0};
+     * that whoever checks the logits sees it. Tested on the bits: finite-math-only folds isnan() to 0. A = -inf
+     * (an A_logs past ~88.7 overflows exp to it) is not marked: exp(delta A) = 0 there, a state that forgets at
+     * once, finite in the reference, the portable form and the CUDA kernel, and the clamps give it too. */
+    int nan_out[VW] = {0};
     for (int l = 0; l < VW; l++) amax2[l] = 0.0f;
     for (ptrdiff_t n = 0; n < N; n++) {
         for (int l = 0; l < nch; l++) {
             const float v = a->A[(ck + l) * N + n];
             signs_known &= v <= 0.0f;
             amax2[l] = amax2[l] > -v * 1.44269504088896341f ? amax2[l] : -v * 1.44269504088896341f;
-            non_finite[l] |= (float_to_bits(v) & 0x7f800000u) == 0x7f800000u;
+            const uint32_t bits = float_to_bits(v);
+            nan_out[l] |= (bits & 0x7f800000u) == 0x7f800000u && bits != 0xff800000u;
         }
     }
     /* Padding lanes: x = 0 there, so delta * x = 0 and h stays 0; never written back. */
@@ -564,7 +567,7 @@ MM_INLINE void scan_direction(const mm_scan_args *a, scan_scratch *restrict s, p
     }
     for (int l = 0; l < VW; l++) {
         s->bias[l] = l < nch ? a->dt_b[ck + l] : 0.0f;
-        s->ds[l] = l < nch ? (non_finite[l] ? bits_to_float(0x7fc00000u) : a->Ds[ck + l]) : 0.0f;
+        s->ds[l] = l < nch ? (nan_out[l] ? bits_to_float(0x7fc00000u) : a->Ds[ck + l]) : 0.0f;
     }
 #if MM_X86_PATHS
     /* signs_known: delta >= 0 (softplus) and A <= 0, so E <= 1 */
