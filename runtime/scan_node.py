@@ -87,7 +87,9 @@ def retired_scan_node(model) -> str | None:
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
-        version = next((a.s.decode() for a in node.attribute if a.name == "plugin_version"), None)
+        # bytes that are not UTF-8 (another tool's edit) ended the refusal in a UnicodeDecodeError's traceback
+        version = next((a.s.decode(errors="backslashreplace") for a in node.attribute if a.name == "plugin_version"),
+                       None)
         if node.op_type != OP_TYPE or version not in (None, PLUGIN_VERSION):
             return (f"it holds a {node.op_type} node of plugin version {version or '?'}, which this medmamba-edge "
                     f"(plugin version {PLUGIN_VERSION}, {OP_TYPE}) no longer runs; export it again from its checkpoint")

@@ -109,9 +109,10 @@ def test_delta_softplus_other_than_an_int_0_or_1_is_refused_when_the_session_is_
 @pytest.mark.parametrize("value,message", [
     ("3", "plugin_version '3', but this library runs SS2DScan of plugin version 2; export the model again"),
     ("", "plugin_version '', but this library runs SS2DScan of plugin version 2"),
-    ("2" * 40, "plugin_version '\\(a longer string\\)', but this library runs SS2DScan of plugin version 2"),
+    ("2" * 40, "plugin_version '\\(a longer string, or one of other characters than printable ASCII\\)', but"),
+    (b"3\xff", "plugin_version '\\(a longer string, or one of other characters than printable ASCII\\)', but"),
     (2, "plugin_version must be a string \\('2'\\)"),
-], ids=["string-3", "empty", "long", "int-2"])
+], ids=["string-3", "empty", "long", "not-utf-8", "int-2"])
 def test_another_plugin_version_is_refused_when_the_session_is_made(value, message):
     """A node of another contract version (a newer medmamba-edge's) ran as version 2's, though quantize,
     build-engine and export-triton refuse it; an absent plugin_version is the contract's own node."""
@@ -504,8 +505,11 @@ def test_run_with_an_unknown_scan_path_forced_is_one_line(bundled_forms, monkeyp
     assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_run_refuses_an_ss2dscan_node_of_another_plugin_version_in_one_line(bundled_forms, tmp_path):
-    """`run` classified with a node of plugin version 3 (exit 0) where quantize refused the same model by name."""
+@pytest.mark.parametrize("version,shown", [(b"3", "3"), (b"3\xff", "3\\xff")], ids=["3", "not-utf-8"])
+def test_run_refuses_an_ss2dscan_node_of_another_plugin_version_in_one_line(bundled_forms, tmp_path, version, shown):
+    """`run` classified with a node of plugin version 3 (exit 0) where quantize refused the same model by name; one
+    whose bytes are not UTF-8 ended in a UnicodeDecodeError's traceback, from ONNX Runtime's binding decoding the
+    library's refusal, then from ours reading the attribute."""
     from typer.testing import CliRunner
 
     from medmamba_edge.cli import app
@@ -513,14 +517,14 @@ def test_run_refuses_an_ss2dscan_node_of_another_plugin_version_in_one_line(bund
 
     model = onnx.load(str(bundled_forms["plugin"]))
     node = next(n for n in model.graph.node if scan_node.is_scan_node(n))
-    next(a for a in node.attribute if a.name == "plugin_version").s = b"3"
+    next(a for a in node.attribute if a.name == "plugin_version").s = version
     newer = tmp_path / "newer.onnx"
     onnx.save(model, str(newer))
     result = CliRunner().invoke(app, ["run", str(newer), str(sample_image_paths()[0]),
                                       "--jsonl", str(tmp_path / "r.jsonl")])
     assert result.exit_code == 1, result.output
     assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output, result.output
-    assert f"{newer}: it holds a SS2DScan node of plugin version 3, which this medmamba-edge" in result.output
+    assert f"{newer}: it holds a SS2DScan node of plugin version {shown}, which this medmamba-edge" in result.output
     assert not (tmp_path / "r.jsonl").exists()
 
 

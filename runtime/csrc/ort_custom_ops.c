@@ -84,15 +84,18 @@ static OrtStatus *check_plugin_version(const OrtApi *api, const OrtKernelInfo *i
         return errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': plugin_version must be a string ('"
                       MM_PLUGIN_VERSION "')", node);
     }
-    const int fits = size <= sizeof version; /* size counts the NUL */
-    if (fits) {
+    int shown = size <= sizeof version; /* size counts the NUL */
+    if (shown) {
         status = ORT_API_FN(api, KernelInfoGetAttribute_string)(info, "plugin_version", version, &size);
         if (status != NULL) return status;
         if (strcmp(version, MM_PLUGIN_VERSION) == 0) return NULL;
+        /* ONNX Runtime's Python binding decodes the message as UTF-8: a byte 0xff of the attribute's made the
+         * session's refusal a UnicodeDecodeError, in a traceback. */
+        for (const char *c = version; *c != '\0'; c++) shown &= *c >= 0x20 && *c < 0x7f;
     }
     return errorf(api, ORT_INVALID_ARGUMENT, MM_OP_TYPE " node '%s': plugin_version '%s', but this library runs "
                   MM_OP_TYPE " of plugin version " MM_PLUGIN_VERSION "; export the model again", node,
-                  fits ? version : "(a longer string)");
+                  shown ? version : "(a longer string, or one of other characters than printable ASCII)");
 }
 
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
