@@ -735,6 +735,7 @@ def quantize_onnx(
             raise QuantizeError(f"{model_path}: its activations are not numbers (NaN or infinite) on the calibration "
                                 f"images, in {exc.tensor!r} and maybe others: are its weights damaged? nothing was "
                                 f"written to {output}") from None
+        del portable  # a second copy of the weights, which the gates below would hold for minutes
 
         def quantized(kept_float: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_cache(model, cache, method, [n for n in nodes if n not in kept_float], quant_format)
