@@ -91,8 +91,12 @@ def retired_scan_node(model) -> str | None:
         version = next((a.s.decode(errors="backslashreplace") for a in node.attribute if a.name == "plugin_version"),
                        None)
         if node.op_type != OP_TYPE or version not in (None, PLUGIN_VERSION):
+            # Version 1 (SelectiveScan) is the one contract before this; any other is a later medmamba-edge's or an
+            # edit, which "no longer runs" would misdate.
+            retired = node.op_type != OP_TYPE or version == "1"
             return (f"it holds a {node.op_type} node of plugin version {version or '?'}, which this medmamba-edge "
-                    f"(plugin version {PLUGIN_VERSION}, {OP_TYPE}) no longer runs; export it again from its checkpoint")
+                    f"(plugin version {PLUGIN_VERSION}, {OP_TYPE}) {'no longer runs' if retired else 'does not run'}; "
+                    f"export it again from its checkpoint{'' if retired else ' with this medmamba-edge'}")
     return None
 
 

@@ -524,7 +524,8 @@ def test_run_refuses_an_ss2dscan_node_of_another_plugin_version_in_one_line(bund
                                       "--jsonl", str(tmp_path / "r.jsonl")])
     assert result.exit_code == 1, result.output
     assert len(result.output.splitlines()) == 1 and "Traceback" not in result.output, result.output
-    assert f"{newer}: it holds a SS2DScan node of plugin version {shown}, which this medmamba-edge" in result.output
+    assert (f"{newer}: it holds a SS2DScan node of plugin version {shown}, which this medmamba-edge (plugin version 2, "
+            f"SS2DScan) does not run; export it again from its checkpoint with this medmamba-edge") in result.output
     assert not (tmp_path / "r.jsonl").exists()
 
 
