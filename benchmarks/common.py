@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import onnx
 import onnxruntime as ort
 
+from medmamba_edge.benchmarking import SETTLED_S
 from medmamba_edge.errors import UserError
 from medmamba_edge.runtime import scan_cpu
 from medmamba_edge.runtime.backends.onnxruntime import custom_ops
@@ -151,15 +152,12 @@ def library_options(library: Path, threads: int) -> ort.SessionOptions:
 
 
 BLOCK = 5  # timed runs per model and turn
-# Pause after a turn, for the session's idle workers to stop spinning: with none, the next model's runs took 30 %
-# longer; 50 ms and 300 ms gave the same medians (Xeon, ONNX Runtime 1.32).
-SPIN_DOWN_S = 0.1
 
 
 def interleaved(runs: dict[str, callable], warmup: int, iterations: int, block: int) -> dict[str, list[float]]:
     """``iterations`` timed runs of each model after ``warmup`` untimed ones, the models taking turns of ``block``
-    runs; a turn of several runs follows a pause (SPIN_DOWN_S), so it starts with one untimed run that wakes the
-    session's workers."""
+    runs; a turn of several runs follows a pause (SETTLED_S, `medmamba-edge benchmark`'s), so it starts with one
+    untimed run that wakes the session's workers."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -173,7 +171,7 @@ def interleaved(runs: dict[str, callable], warmup: int, iterations: int, block: 
                 fn()
                 samples[name].append((time.perf_counter() - start) * 1000)
             if block > 1:
-                time.sleep(SPIN_DOWN_S)
+                time.sleep(SETTLED_S)
     return samples
 
 
