@@ -49,8 +49,9 @@
 #endif
 
 /* FMA contraction (-std=c11 turns it off) and IEEE-free min/max so the lane loops use vfmadd/vmaxps.
- * No trapping maths, so conditionals become blends. The kernel never relies on NaN/inf tests or FP
- * exceptions; NaN or inf inputs give unspecified (non-crashing) output, but for A's (scan_direction). */
+ * No trapping maths, so conditionals become blends. The kernel makes no floating-point NaN/inf test (finite-math-only
+ * folds them) and relies on no FP exception; NaN or inf inputs give unspecified (non-crashing) output, but for A's,
+ * which scan_direction tests on their bits. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast", "finite-math-only", "no-signed-zeros", "no-trapping-math")
 #endif
