@@ -247,8 +247,9 @@ def check_manifest(manifest: EngineManifest, engine: str | Path, tensorrt_versio
 
 def engine_cache_key(onnx_sha256: str, options: BuildOptions, tensorrt_version: str, gpu: GpuInfo,
                      plugin_sha256: str | None) -> str:
-    """Stable over runs; changes with the model, precision, TensorRT version, GPU, plugin build, any option that
-    changes the engine, or medmamba-edge's version (its graph conversion and build recipe make the engine too)."""
+    """Stable over runs; changes with the model, precision, TensorRT version, GPU, CPU architecture, plugin build,
+    any option that changes the engine, or medmamba-edge's version (its graph conversion and build recipe make the
+    engine too)."""
     identity = {
         "onnx": onnx_sha256,
         "tensorrt": tensorrt_version,
