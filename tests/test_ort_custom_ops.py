@@ -170,7 +170,8 @@ def test_nan_or_plus_inf_in_A_makes_its_channel_nan_minus_inf_the_reference_on_e
     model = ss2d_node_model(40, 7, 9, 3, 16)
     arrays = make_ss2d_inputs(2, 40, 7, 9, 3, 16, seed=5)
     arrays[4][2 * 40 + 21, 6] = value  # direction 2, channel 21
-    ref = ss2d_reference64(*arrays)
+    with np.errstate(invalid="ignore"):  # +inf: exp(inf) times a state of 0 is the NaN the test expects
+        ref = ss2d_reference64(*arrays)
     assert np.isfinite(np.delete(ref, 21, axis=-1)).all()
     finite = np.isfinite(ref[..., 21])
     assert finite.all() if value < 0 else not finite.any()
