@@ -174,7 +174,7 @@ class VSSM(nn.Module):
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (2, 2, 4, 2), dims: Sequence[int] | int = (96, 192, 384, 768),
-                 d_state: int = 16, norm_layer=nn.LayerNorm, patch_norm: bool = True):
+                 d_state: int | None = 16, norm_layer=nn.LayerNorm, patch_norm: bool = True):
         super().__init__()
         depths = list(depths)
         if isinstance(dims, int):
@@ -187,6 +187,8 @@ class VSSM(nn.Module):
         for a, b in zip(dims, dims[1:]):
             if b != 2 * a:
                 raise ValueError(f"each stage must double the width (PatchMerging2D), got dims {dims}")
+        if d_state is None:  # the official code's "auto" state size (its 20240109 change)
+            d_state = math.ceil(dims[0] / 6)
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.depths, self.dims = depths, dims

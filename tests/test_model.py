@@ -8,7 +8,7 @@ import torch
 
 from medmamba_edge import scan
 from medmamba_edge.checkpoint import load_checkpoint, read_state_dict
-from medmamba_edge.model import VSSM, concat_shuffled, medmamba_b, medmamba_s, medmamba_t
+from medmamba_edge.model import SS2D, VSSM, concat_shuffled, medmamba_b, medmamba_s, medmamba_t
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
 
@@ -37,6 +37,13 @@ def test_variant_parameter_counts_match_the_official_model(factory, millions):
     # The official VSSM's counts for 6 classes (fvcore, ../shared/docs/BASELINES.md).
     params = sum(p.numel() for p in factory(num_classes=6).parameters())
     assert round(params / 1e6, 2) == millions
+
+
+def test_d_state_none_is_the_official_auto_state_size():
+    # The official VSSM(d_state=None) gives every block math.ceil(dims[0] / 6) states: 22 for MedMamba-B.
+    model = medmamba_b(num_classes=2, d_state=None)
+    assert {m.d_state for m in model.modules() if isinstance(m, SS2D)} == {22}
+    assert tuple(model.layers[3].blocks[1].self_attention.A_logs.shape) == (4 * 1024, 22)
 
 
 def test_official_checkpoint_reproduces_recorded_val_accuracy():
