@@ -87,7 +87,8 @@ def main() -> None:
     (args.out / "class_indices.json").write_text(json.dumps(CLASS_INDICES, indent=4))
     save_path = args.out / CHECKPOINT_NAME
 
-    net = VSSM(depths=DEPTHS, dims=DIMS, num_classes=len(CLASS_INDICES))
+    # The bundled model was trained without stochastic depth (the official default rate is 0.1).
+    net = VSSM(depths=DEPTHS, dims=DIMS, num_classes=len(CLASS_INDICES), drop_path_rate=0.0)
     print(f"VSSM depths {DEPTHS} dims {DIMS}: {sum(p.numel() for p in net.parameters()):,} parameters")
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()

@@ -3,7 +3,8 @@
 Module and parameter names are the official ones (YubiaoYue/MedMamba, ``MedMamba.py``), so a
 ``state_dict`` saved by the official ``train.py`` loads with ``strict=True``. Differences that do not
 touch the weights: the selective scan is our custom op (no ``mamba_ssm``, runs on CPU and exports to one
-ONNX node), stochastic depth and dropout are dropped (inference only), and nothing needs timm or einops.
+ONNX node), and nothing needs timm or einops. The official dropout and stochastic-depth rates are taken
+(``drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, with the official defaults) and act in training only.
 
 Variants, as in the paper's table:
 
@@ -69,9 +70,24 @@ class PatchMerging2D(nn.Module):
         return self.reduction(self.norm(x))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as timm's ``DropPath`` (the official block's): in training, a sample's branch is zeroed with
+    probability ``drop_prob`` and the kept ones scaled by 1 / (1 − drop_prob); the identity in eval."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
+
+
 class SS2D(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2, dt_rank="auto",
-                 conv_bias: bool = True, bias: bool = False):
+                 conv_bias: bool = True, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.d_model = d_model
         self.d_state = d_state
@@ -92,6 +108,7 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(k * self.d_inner))
         self.out_norm = nn.LayerNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
         nn.init.trunc_normal_(self.x_proj_weight, std=0.02)
         nn.init.trunc_normal_(self.dt_projs_weight, std=0.02)
         nn.init.zeros_(self.dt_projs_bias)
@@ -118,7 +135,7 @@ class SS2D(nn.Module):
         x, z = F.linear(x, w[:n], None if b is None else b[:n]), F.linear(x, w[n:], None if b is None else b[n:])
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.out_norm(self.forward_core(x)) * F.silu(z)
-        return self.out_proj(y)
+        return self.dropout(self.out_proj(y))
 
 
 def concat_shuffled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -130,11 +147,13 @@ def concat_shuffled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class SS_Conv_SSM(nn.Module):
     """Half the channels through a conv branch, half through SS2D, then shuffle and add the residual."""
 
-    def __init__(self, hidden_dim: int, norm_layer=nn.LayerNorm, d_state: int = 16):
+    def __init__(self, hidden_dim: int, drop_path: float = 0.0, norm_layer=nn.LayerNorm, attn_drop_rate: float = 0.0,
+                 d_state: int = 16):
         super().__init__()
         half = hidden_dim // 2
         self.ln_1 = norm_layer(half)
-        self.self_attention = SS2D(d_model=half, d_state=d_state)
+        self.self_attention = SS2D(d_model=half, d_state=d_state, dropout=attn_drop_rate)
+        self.drop_path = DropPath(drop_path)
         self.conv33conv33conv11 = nn.Sequential(
             nn.BatchNorm2d(half),
             nn.Conv2d(half, half, kernel_size=3, stride=1, padding=1),
@@ -149,17 +168,20 @@ class SS_Conv_SSM(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input_left, input_right = input.chunk(2, dim=-1)
-        x = self.self_attention(self.ln_1(input_right))
+        x = self.drop_path(self.self_attention(self.ln_1(input_right)))
         left = self.conv33conv33conv11(input_left.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return concat_shuffled(left, x) + input
 
 
 class VSSLayer(nn.Module):
-    def __init__(self, dim: int, depth: int, norm_layer=nn.LayerNorm, downsample=None, d_state: int = 16):
+    def __init__(self, dim: int, depth: int, attn_drop: float = 0.0, drop_path: Sequence[float] | float = 0.0,
+                 norm_layer=nn.LayerNorm, downsample=None, d_state: int = 16):
         super().__init__()
         self.dim = dim
+        rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
         self.blocks = nn.ModuleList(
-            [SS_Conv_SSM(hidden_dim=dim, norm_layer=norm_layer, d_state=d_state) for _ in range(depth)]
+            [SS_Conv_SSM(hidden_dim=dim, drop_path=rates[i], norm_layer=norm_layer, attn_drop_rate=attn_drop,
+                         d_state=d_state) for i in range(depth)]
         )
         self.downsample = downsample(dim=dim, norm_layer=norm_layer) if downsample is not None else None
 
@@ -174,7 +196,8 @@ class VSSM(nn.Module):
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (2, 2, 4, 2), dims: Sequence[int] | int = (96, 192, 384, 768),
-                 d_state: int | None = 16, norm_layer=nn.LayerNorm, patch_norm: bool = True):
+                 d_state: int | None = 16, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, patch_norm: bool = True):
         super().__init__()
         depths = list(depths)
         if isinstance(dims, int):
@@ -199,9 +222,13 @@ class VSSM(nn.Module):
 
         self.patch_embed = PatchEmbed2D(patch_size=patch_size, in_chans=in_chans, embed_dim=self.embed_dim,
                                         norm_layer=norm_layer if patch_norm else None)
+        self.pos_drop = nn.Dropout(drop_rate)
+        # The official decay rule: rates rising linearly over all blocks, from 0 to drop_path_rate.
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also when built on meta
+        starts = [sum(depths[:i]) for i in range(self.num_layers + 1)]
         self.layers = nn.ModuleList(
-            VSSLayer(dim=dims[i], depth=depths[i], norm_layer=norm_layer, d_state=d_state,
-                     downsample=PatchMerging2D if i < self.num_layers - 1 else None)
+            VSSLayer(dim=dims[i], depth=depths[i], attn_drop=attn_drop_rate, drop_path=rates[starts[i]:starts[i + 1]],
+                     norm_layer=norm_layer, d_state=d_state, downsample=PatchMerging2D if i < self.num_layers - 1 else None)
             for i in range(self.num_layers)
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -222,7 +249,7 @@ class VSSM(nn.Module):
         return self.patch_size * 2 ** (self.num_layers - 1)
 
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         for layer in self.layers:
             x = layer(x)
         return x

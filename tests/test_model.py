@@ -8,7 +8,7 @@ import torch
 
 from medmamba_edge import scan
 from medmamba_edge.checkpoint import load_checkpoint, read_state_dict
-from medmamba_edge.model import SS2D, VSSM, concat_shuffled, medmamba_b, medmamba_s, medmamba_t
+from medmamba_edge.model import SS2D, VSSM, DropPath, concat_shuffled, medmamba_b, medmamba_s, medmamba_t
 from tests.shared_data import OFFICIAL_T32, PNEUMONIAMNIST, require_shared
 
 
@@ -44,6 +44,31 @@ def test_d_state_none_is_the_official_auto_state_size():
     model = medmamba_b(num_classes=2, d_state=None)
     assert {m.d_state for m in model.modules() if isinstance(m, SS2D)} == {22}
     assert tuple(model.layers[3].blocks[1].self_attention.A_logs.shape) == (4 * 1024, 22)
+
+
+def test_official_dropout_and_stochastic_depth_rates_act_in_training_only():
+    loaded = load_checkpoint(require_shared(*OFFICIAL_T32))
+    model = medmamba_t(num_classes=2, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.3)
+    # The official decay rule: stochastic depth rising linearly over the ten blocks, from 0 to drop_path_rate.
+    rates = [block.drop_path.drop_prob for layer in model.layers for block in layer.blocks]
+    assert rates == pytest.approx([0.3 * i / 9 for i in range(10)])
+    model.load_state_dict(loaded.model.state_dict())  # strict: the rates add no parameter
+    x = pneumoniamnist_val()[0][:16]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.model(x))
+        model.train()
+        for module in model.modules():  # batch statistics aside, only the dropping is random
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        torch.manual_seed(0)
+        first = model(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(first, model(x))
+    # timm's DropPath: a whole sample's branch is dropped or kept, the kept ones scaled by 1 / (1 - p).
+    dropped = DropPath(0.5).train()(torch.ones(2000, 3, 4, 5))
+    per_sample = dropped.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()
+    assert 0.45 < (per_sample[:, 0] == 0).float().mean() < 0.55
 
 
 def test_official_checkpoint_reproduces_recorded_val_accuracy():
