@@ -23,7 +23,8 @@ import torch
 
 from medmamba_edge.runtime.backends import is_checkpoint_name
 from medmamba_edge.runtime.files import sha256_file
-from medmamba_edge.runtime.metadata import IN_CHANS, ModelMetadata, class_names_problem, unwritable_class_names
+from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names_problem, too_few_classes,
+                                             unwritable_class_names)
 
 from . import __version__
 from .errors import UserError, first_line
@@ -332,11 +333,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig
     if proj[1] not in IN_CHANS:
         raise CheckpointError(f"{path}: the model takes {proj[1]}-channel input (patch_embed.proj.weight); images are "
                               f"fed as 1 (grayscale) or 3 (RGB) channels")
+    num_classes = _shape(state_dict, "head.weight", 2, path)[0]
+    if problem := too_few_classes(num_classes):
+        raise CheckpointError(f"{path}: head.weight: {problem}")
     a_logs = "layers.0.blocks.0.self_attention.A_logs"
     return ModelConfig(
         depths=depths,
         dims=dims,
-        num_classes=_shape(state_dict, "head.weight", 2, path)[0],
+        num_classes=num_classes,
         in_chans=proj[1],
         patch_size=proj[2],
         d_state=_shape(state_dict, a_logs, 2, path)[1] if a_logs in state_dict else 16,

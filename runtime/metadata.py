@@ -63,6 +63,17 @@ def class_names_problem(names) -> str | None:
     return None
 
 
+def too_few_classes(count: int) -> str | None:
+    """Why a model of ``count`` outputs cannot be classified, or None. The runtime takes a softmax over the
+    outputs: over a single one (a one-logit sigmoid model, trained with BCE instead of train.py's cross-entropy)
+    it is 1, so every image would read 100 % that class."""
+    if count < 2:
+        return (f"the model has {count} output{'' if count == 1 else 's'}; medmamba-edge classifies by a softmax over "
+                f"2 or more classes (as train.py trains them, with CrossEntropyLoss), and over one output every image "
+                f"would read 100 %")
+    return None
+
+
 def unwritable_class_names(names) -> str | None:
     """Why ``names`` cannot go into every file a model's labels go to, or None. Checked where names are given
     (a checkpoint's, --classes) and where such files are written (export-triton); a model exported before this
@@ -105,7 +116,7 @@ class ModelMetadata:
         if not (isinstance(self.input_size, (tuple, list)) and len(self.input_size) == 2
                 and all(positive_int(v) for v in self.input_size)):
             raise MetadataError(f"input_size must be two positive integers (height, width), got {self.input_size!r}")
-        problem = class_names_problem(self.class_names)
+        problem = class_names_problem(self.class_names) or too_few_classes(len(self.class_names))
         if problem:
             raise MetadataError(problem)
         if not positive_int(self.in_chans) or self.in_chans not in IN_CHANS:

@@ -9,8 +9,10 @@ import warnings
 import pytest
 import torch
 
-from medmamba_edge.checkpoint import CheckpointError, load_checkpoint
+from medmamba_edge.checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from medmamba_edge.model import VSSM
+from medmamba_edge.runtime.metadata import MetadataError, ModelMetadata
+from tests.shared_data import OFFICIAL_T32, require_shared
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +203,17 @@ def test_input_channels_other_than_1_or_3_are_refused_by_name(tmp_path):
     two = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=2).state_dict()
     with pytest.raises(CheckpointError, match=r"two\.pth: the model takes 2-channel input \(patch_embed\.proj\.weight\)"):
         load_checkpoint(save(two, tmp_path / "two.pth"))
+
+
+def test_a_single_output_head_is_refused_by_name(tmp_path):
+    """A one-logit head (a sigmoid model, trained with BCE) exported, and ran every image to '100.0 %' for its class."""
+    weights = read_state_dict(require_shared(*OFFICIAL_T32))
+    one = {**weights, "head.weight": weights["head.weight"][:1], "head.bias": weights["head.bias"][:1]}
+    with pytest.raises(CheckpointError, match=r"one\.pth: head\.weight: the model has 1 output; .* every image would read 100 %"):
+        load_checkpoint(save(one, tmp_path / "one.pth"))
+    # A model of one output from elsewhere (exported before this check) is refused by its metadata.
+    with pytest.raises(MetadataError, match="the model has 1 output"):
+        ModelMetadata(input_size=(32, 32), class_names=("pneumonia",))
 
 
 def test_wrong_shape_is_named(tmp_path, tiny_state_dict):
