@@ -634,6 +634,7 @@ def run(
     from medmamba_edge.runtime.loop import RunOptions, capture_still_running, stop_on_signals
     from medmamba_edge.runtime.loop import run as run_loop
     from medmamba_edge.runtime.sources import open_source
+    from medmamba_edge.runtime.uri import without_password
 
     from .loaders import open_model
 
@@ -677,7 +678,7 @@ def run(
         fail(stats.error)
     if stats.classified == 0 and stats.counts["skipped"] and not stats.stopped:
         # Nothing usable at all (a single broken file, a folder of them): the records say why, the exit says so.
-        fail(f"{source}: no frame could be classified ({stats.counts['skipped']} skipped; first: "
+        fail(f"{without_password(source)}: no frame could be classified ({stats.counts['skipped']} skipped; first: "
              f"{stats.first_skip_reason})")
 
 

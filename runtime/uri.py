@@ -35,6 +35,18 @@ def uri_refusal(spec, command: str, needed: str) -> str | None:
     return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
 
 
+def without_password(uri: str) -> str:
+    """``uri`` as it may be shown and recorded: a password in it (rtsp://admin:secret@cam/stream, as IP cameras are
+    addressed) as ``***``, the user kept to tell accounts apart. Records, console lines and errors go to logs, tickets
+    and other people; only the connection itself is given the password."""
+    scheme, separator, rest = str(uri).partition("://")
+    authority = re.match(r"[^/?#]*", rest)[0]
+    userinfo, at, host = authority.rpartition("@")  # a password may hold "@" unescaped: the host follows the last
+    if not separator or not at or ":" not in userinfo:
+        return str(uri)
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[len(authority):]}"
+
+
 def _in_a_folder_named_as_its_scheme(spec) -> bool:
     """runs://m.onnx is runs:/m.onnx to the file system: with a folder named "runs:" here it is a path, to read or
     to write (os.path: Path.is_dir raises for a name too long)."""

@@ -465,6 +465,32 @@ def test_stream_reconnects_with_backoff_then_gives_up():
     assert len(first_notices) == 1 and first_notices[0].endswith("reconnecting in 0.5 s (attempt 1/1)")
 
 
+def test_a_stream_s_password_is_given_to_ffmpeg_only_never_to_records_or_messages():
+    """rtsp://admin:secret@cam/stream (how IP cameras are addressed) was each record's source, the console's
+    'source: stream http://alice:s3cr@t@…' and every reconnect notice and error: logs and tickets held the password."""
+    server = FlakyMjpegServer(good_connections=1)
+    port = server.server.server_address[1]
+    try:
+        source = open_source(f"http://alice:s3cr@t@127.0.0.1:{port}/stream.mjpg", reconnect=1)
+        source.backoff, notices = 0.01, []
+        source.notify = notices.append
+        frames = []
+        with pytest.raises(SourceError) as lost:
+            frames.extend(source.frames())
+        assert len(frames) == 4 and frames[0].error is None  # the password reached the server: it answered
+        shown = f"http://alice:***@127.0.0.1:{port}/stream.mjpg"
+        assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
+        assert shown in str(lost.value) and shown in notices[0]
+    finally:
+        server.close()
+    with pytest.raises(SourceError) as refused:
+        open_source(f"rtsp://admin:secret@127.0.0.1:{port}/live", reconnect=0)
+    assert str(refused.value).startswith(f"rtsp://admin:***@127.0.0.1:{port}/live: cannot be opened")
+    with pytest.raises(SourceError, match=r"^ftp://admin:\*\*\*@host/x: unknown scheme"):
+        open_source("ftp://admin:secret@host/x")
+    assert "secret" not in str(pytest.raises(SourceError, open_source, "file://admin:secret@host/x").value)
+
+
 @pytest.mark.parametrize("spec", ["0", "/dev/video0", "v4l2:///dev/video0"])
 def test_a_camera_that_stops_delivering_is_lost_after_the_reconnect_attempts_asked_for(spec, monkeypatch):
     class SilentCamera:  # opens, then delivers nothing: a camera unplugged mid-run (no camera on CI machines)

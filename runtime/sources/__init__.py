@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still
 from ..files import strip_unless_named
 from ..metadata import int_at_least
+from ..uri import without_password
 from .base import Frame, Source, SourceError, item_error, iterate
 from .capture import Capture
 from .files import FileSource, cannot_stat, folder_files, glob_files, is_animation_record
@@ -62,11 +63,13 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         return stream_source(spec, reconnect, notify)
     if scheme == "file":
         if urlparse(spec).netloc not in ("", "localhost"):
-            raise SourceError(f"{spec}: a file:// URL names a file on this machine (file:///path), not on {urlparse(spec).netloc}")
+            shown = without_password(spec)
+            raise SourceError(f"{shown}: a file:// URL names a file on this machine (file:///path), not on "
+                              f"{urlparse(shown).netloc}")
         spec = unquote(urlparse(spec).path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
     elif scheme:
-        raise SourceError(f"{spec}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a stream "
-                          f"({', '.join(s + '://' for s in STREAM_SCHEMES)})")
+        raise SourceError(f"{without_password(spec)}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a "
+                          f"stream ({', '.join(s + '://' for s in STREAM_SCHEMES)})")
     if re.fullmatch(r"/dev/video[0-9]+", spec):
         return camera_source(spec, spec, reconnect)
     if glob.has_magic(spec) and not Path(spec).exists():

@@ -16,6 +16,7 @@ import cv2
 
 from ..backoff import BACKOFF_FIRST_S, backoff_s
 from ..decode import opencv_cannot_name, quiet_opencv
+from ..uri import without_password
 from .base import Frame, Source, SourceError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
@@ -200,8 +201,9 @@ def camera_source(device: int | str, uri: str, reconnect: int) -> VideoSource:
 
 def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None = None) -> VideoSource:
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
-    return VideoSource(_opener(uri, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)"),
-                       f"stream {uri}", uri, live=True, reconnect=reconnect, retry_first_open=True, notify=notify)
+    shown = without_password(uri)  # the records' source and every message; FFmpeg alone gets the password
+    return VideoSource(_opener(shown, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)"),
+                       f"stream {shown}", shown, live=True, reconnect=reconnect, retry_first_open=True, notify=notify)
 
 
 def video_file_source(path: Path) -> VideoSource:
