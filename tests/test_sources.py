@@ -104,6 +104,22 @@ def test_uri_errors_are_clear(tmp_path, monkeypatch):
         open_source(f"file://otherhost{tmp_path / 'zero.mp4'}")
 
 
+def test_a_url_that_names_no_host_file_or_device_or_does_not_parse_is_refused_at_once(tmp_path, monkeypatch):
+    """rtsp:// went through FFmpeg's six attempts (15 s) to 'cannot be opened', file:// read the current folder,
+    v4l2:// was 'camera : cannot be opened' and rtsp://[::1/x ended in urllib's ValueError traceback."""
+    cv2.imwrite(str(tmp_path / "scan.png"), np.zeros((8, 8), np.uint8))
+    monkeypatch.chdir(tmp_path)  # where file:// found scan.png and classified it
+    started = time.monotonic()
+    for spec, names in [("rtsp://", "host; expected rtsp://HOST"), ("rtsp:///live", "host"), ("HTTP://", "host"),
+                        ("file://", "file; expected file:///path"), ("file://localhost", "file"),
+                        ("v4l2://", "device; expected v4l2:///dev/videoN")]:
+        with pytest.raises(SourceError, match=f"^{re.escape(spec)}: names no {re.escape(names)}"):
+            open_source(spec)
+    assert time.monotonic() - started < 1
+    with pytest.raises(SourceError, match=r"^rtsp://admin:\*\*\*@\[::1/x: not a valid URL \(Invalid IPv6 URL\)"):
+        open_source("rtsp://admin:secret@[::1/x")
+
+
 def test_folder_skips_broken_files_and_keeps_going(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "a_rgb.png"), rgb)

@@ -54,19 +54,29 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
         return camera_source(int(spec), spec, reconnect)
-    scheme = urlparse(spec).scheme.lower() if "://" in spec else ""
+    try:
+        url = urlparse(spec) if "://" in spec else None
+    except ValueError as exc:  # a "[" with no "]" (an IPv6 host half typed) ended the run in urllib's traceback
+        raise SourceError(f"{without_password(spec)}: not a valid URL ({exc})") from None
+    scheme = url.scheme.lower() if url else ""
+    # A URL that names nothing: rtsp:// took FFmpeg's six attempts (15 s) to be 'cannot be opened', file:// read the
+    # current folder and v4l2:// was 'camera : cannot be opened'.
+    needed = {"v4l2": ("path", "device", "v4l2:///dev/videoN"), "file": ("path", "file", "file:///path"),
+              **{s: ("netloc", "host", f"{s}://HOST[:PORT]/…") for s in STREAM_SCHEMES}}.get(scheme)
+    if needed and not getattr(url, needed[0]):
+        raise SourceError(f"{without_password(spec)}: names no {needed[1]}; expected {needed[2]}")
     if scheme == "csi":
         return csi_source(spec, reconnect)
     if scheme == "v4l2":
-        return camera_source(urlparse(spec).path, spec, reconnect)
+        return camera_source(url.path, spec, reconnect)
     if scheme in STREAM_SCHEMES:
         return stream_source(spec, reconnect, notify)
     if scheme == "file":
-        if urlparse(spec).netloc not in ("", "localhost"):
+        if url.netloc not in ("", "localhost"):
             shown = without_password(spec)
             raise SourceError(f"{shown}: a file:// URL names a file on this machine (file:///path), not on "
                               f"{urlparse(shown).netloc}")
-        spec = unquote(urlparse(spec).path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
+        spec = unquote(url.path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
     elif scheme:
         raise SourceError(f"{without_password(spec)}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a "
                           f"stream ({', '.join(s + '://' for s in STREAM_SCHEMES)})")
