@@ -591,6 +591,18 @@ def frames_without_file_permissions_overridden(spec) -> list[tuple[str, str | No
     return [tuple(frame) for frame in json.loads(done.stdout)]
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_a_link_gone_between_the_listing_and_its_examination_gets_a_record_not_a_traceback(tmp_path):
+    """/dev/fd lists the descriptor of its own listing, a link gone once the listing is closed: `run m.onnx /` (or
+    file:///, or a folder with a link to /dev/fd) ended in 'FileNotFoundError: ... fd/3' from reading where the
+    vanished link led."""
+    cv2.imwrite(str(tmp_path / "scan.png"), np.zeros((8, 8), np.uint8))
+    (tmp_path / "fd").symlink_to("/dev/fd")
+    records = [(Path(f.source).name, f.error) for f in open_source(str(tmp_path)).frames()]
+    assert ("scan.png", None) in records
+    assert any(error and error.endswith("gone since its folder was listed, not read") for _, error in records)
+
+
 def test_entries_of_a_folder_that_can_be_listed_but_not_searched_get_a_record(tmp_path):
     (tmp_path / "ok").mkdir(), (tmp_path / "noexec").mkdir()
     cv2.imwrite(str(tmp_path / "ok" / "a.png"), np.zeros((8, 8), np.uint8))

@@ -63,8 +63,12 @@ def cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
     not searched (mode 644: its names can be read, nothing else about them)."""
     if not is_link:
         return f"cannot be examined ({error.strerror or error}), not read"
+    try:
+        target = os.readlink(path)
+    except OSError:  # gone since it was listed: /dev/fd's link to the listing's own descriptor, a folder being written
+        return "gone since its folder was listed, not read"
     what = "a symbolic link loop" if error.errno == errno.ELOOP else "a dangling symbolic link"
-    return f"{what} (to {os.readlink(path)})"
+    return f"{what} (to {target})"
 
 
 def _names(directory: str, part: str, folders_only: bool) -> tuple[list[str], OSError | None]:
