@@ -458,6 +458,27 @@ def test_a_stop_while_a_stream_waits_to_reconnect_opens_nothing_more():
     assert list(source.frames()) == [] and len(opened) == 1 and time.monotonic() - started < 0.4
 
 
+@pytest.mark.parametrize("reconnect", [0, 5])
+def test_a_read_the_stop_finds_waiting_ends_the_stream_without_a_reconnect_or_a_loss(reconnect):
+    """A stop during a stalled stream's read (FFmpeg's 5 s timeout) was followed by 'no frames; reconnecting in 0.5 s
+    (attempt 1/5)' under 'stopping on SIGTERM: …', and with --reconnect 0 by 'lost; no frames after 0 reconnect
+    attempts', exit 1, for a run the user had stopped."""
+    source = None
+
+    class StalledCapture:
+        def read(self):  # returns when FFmpeg's read timeout expires, the stop having come meanwhile
+            source.stop()
+            return False, None
+
+        get = lambda self, prop: 0.0  # noqa: E731
+        release = lambda self: None  # noqa: E731
+
+    source = video.VideoSource(StalledCapture, "stream x", "http://x", live=True, reconnect=reconnect)
+    notices = []
+    source.notify = notices.append
+    assert list(source.frames()) == [] and notices == []
+
+
 def test_stream_reconnects_with_backoff_then_gives_up():
     server = FlakyMjpegServer()
     try:

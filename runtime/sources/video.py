@@ -87,6 +87,8 @@ class VideoSource(Source):
                                     error=f"{self.uri}: frame {lost} does not decode (corrupt); the frames after it "
                                           f"are read")
             if not ok:
+                if self.stopping.is_set():  # the stop came during this read (a stalled stream's 5 s): not a loss
+                    break
                 failures += 1
                 self.close()
                 if failures > self.reconnect:
