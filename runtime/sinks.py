@@ -368,8 +368,16 @@ class Outputs:
                 self._close(sink)
 
     def close(self) -> None:
+        # A second stop signal (its KeyboardInterrupt) while one sink closes, a video read back, still lets the others
+        # rename their files into place: the abort is for a run that hangs, not for the records it wrote.
+        aborted = None
         for sink in self.sinks:
-            self._close(sink)
+            try:
+                self._close(sink)
+            except BaseException as exc:
+                aborted = aborted or exc
+        if aborted is not None:
+            raise aborted
 
     def _close(self, sink: Sink) -> None:
         try:
