@@ -479,6 +479,29 @@ def test_a_read_the_stop_finds_waiting_ends_the_stream_without_a_reconnect_or_a_
     assert list(source.frames()) == [] and notices == []
 
 
+def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_path):
+    """`run m.onnx http://host/clip.avi` (a 20-frame BUSI clip) read the file as a camera's stream: 266 records in
+    7.6 s, 173 of them 'dropped', the clip replayed from its start at each end (a 'reconnect'), until stopped."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    write_video(tmp_path / "clip.avi", count=12)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+        source = open_source(url)
+        assert not source.live and source.description == f"video {url}"
+        frames = list(iterate(source, max_frames=30))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(f.index, f.error) for f in frames] == [(i, None) for i in range(12)]
+    assert [round(f.timestamp, 3) for f in frames[:3]] == [0.0, 0.1, 0.2]  # its own time, as a file's
+
+
 def test_stream_reconnects_with_backoff_then_gives_up():
     server = FlakyMjpegServer()
     try:
