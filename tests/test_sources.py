@@ -120,6 +120,15 @@ def test_a_url_that_names_no_host_file_or_device_or_does_not_parse_is_refused_at
         open_source("rtsp://admin:secret@[::1/x")
 
 
+def test_a_camera_index_past_opencv_s_c_int_is_no_such_device_not_a_traceback():
+    """`run m.onnx 2147483648` ended in cv2.error's 'Overload resolution failed: ... integer won't fit into a C int'."""
+    for index in ("2147483648", "99999999999999999999"):
+        with pytest.raises(SourceError, match=f"^camera {index}: no such device \\(a camera index is at most 2147483647\\)$"):
+            open_source(index)
+    with pytest.raises(SourceError, match="^camera 2147483647: cannot be opened"):
+        open_source("2147483647")
+
+
 def test_folder_skips_broken_files_and_keeps_going(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "a_rgb.png"), rgb)

@@ -44,6 +44,9 @@ from .video import (
 __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate", "open_source"]
 
 
+C_INT_MAX = 2**31 - 1
+
+
 def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
     """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
     attempts (the run loop takes over once it starts)."""
@@ -53,6 +56,8 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     if not spec.strip():  # an unset "$SOURCE" would otherwise be ".", the current folder
         raise SourceError("SOURCE is empty: expected a camera, stream, video, image, folder, glob or DICOM file")
     if re.fullmatch(r"[0-9]+", spec):  # not \d: "١" is a digit to re, and no camera
+        if int(spec) > C_INT_MAX:  # OpenCV takes a C int: 2147483648 ended in cv2.error's overload traceback
+            raise SourceError(f"camera {int(spec)}: no such device (a camera index is at most {C_INT_MAX})")
         return camera_source(int(spec), spec, reconnect)
     try:
         url = urlparse(spec) if "://" in spec else None
