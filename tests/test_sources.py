@@ -511,6 +511,42 @@ def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_pa
     assert [round(f.timestamp, 3) for f in frames[:3]] == [0.0, 0.1, 0.2]  # its own time, as a file's
 
 
+def test_a_stalled_stream_s_read_timeout_is_said_by_the_notice_alone(tmp_path):
+    """OpenCV printed '[ WARN:0@11.050] global cap_ffmpeg_impl.hpp:435 _opencv_ffmpeg_interrupt_callback Stream
+    timeout triggered after 5008.994569 ms' on stderr at each stall, under the run's own reconnect notice."""
+    stall = threading.Event()
+    jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))[1].tobytes()
+
+    class Stalling(BaseHTTPRequestHandler):
+        log_message = lambda self, *args: None  # noqa: E731
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            for _ in range(4):
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg))
+                self.wfile.flush()
+            stall.wait(10)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    child = ("import sys\n"
+             "from medmamba_edge.runtime.sources import SourceError, open_source, video\n"
+             "video.NETWORK_TIMEOUT_MS = 500\n"
+             "source = open_source(sys.argv[1], reconnect=0)\n"
+             "try:\n    print(len(list(source.frames())))\nexcept SourceError as exc:\n    print(exc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", child, f"http://127.0.0.1:{server.server_address[1]}/s.mjpg"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        stall.set()
+        server.shutdown()
+        server.server_close()
+    assert "lost; no frames after 0 reconnect attempts" in done.stdout
+    assert "WARN" not in done.stderr and "timeout" not in done.stderr, done.stderr
+
+
 def test_stream_reconnects_with_backoff_then_gives_up():
     server = FlakyMjpegServer()
     try:

@@ -70,8 +70,11 @@ class VideoSource(Source):
         index, failures = 0, 0
         while not self.stopping.is_set():
             keep = index % stride == 0
-            # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way).
-            ok, image = self.capture.read() if keep else (self.capture.grab(), None)
+            # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way). Quiet:
+            # a stalled stream's read printed OpenCV's '[ WARN:0@11.050] ... Stream timeout triggered after 5008 ms'
+            # beside the reconnect notice that says it in words.
+            with quiet_opencv():
+                ok, image = self.capture.read() if keep else (self.capture.grab(), None)
             if not ok and not self.live:
                 # A corrupt frame fails its read, which passes over it, and the frames after it read again; the end of
                 # the file, or of what a truncated one holds, fails every read.
