@@ -83,8 +83,8 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
                               f"{urlparse(shown).netloc}")
         spec = unquote(url.path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
     elif scheme:
-        raise SourceError(f"{without_password(spec)}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// or a "
-                          f"stream ({', '.join(s + '://' for s in STREAM_SCHEMES)})")
+        raise SourceError(f"{without_password(spec)}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// "
+                          f"or a stream ({', '.join(s + '://' for s in STREAM_SCHEMES)})")
     if re.fullmatch(r"/dev/video[0-9]+", spec):
         return camera_source(spec, spec, reconnect)
     if glob.has_magic(spec) and not Path(spec).exists():

@@ -207,8 +207,8 @@ def camera_source(device: int | str, uri: str, reconnect: int) -> VideoSource:
 def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None = None) -> VideoSource:
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
     shown = without_password(uri)  # the records' source and every message; FFmpeg alone gets the password
-    source = VideoSource(_opener(shown, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)"),
-                         f"stream {shown}", shown, live=True, reconnect=reconnect, retry_first_open=True, notify=notify)
+    opener = _opener(shown, uri, cv2.CAP_FFMPEG, params, hint=" (server unreachable, wrong URL or unsupported stream)")
+    source = VideoSource(opener, f"stream {shown}", shown, live=True, reconnect=reconnect, retry_first_open=True, notify=notify)
     # A video file on a web server (http://host/clip.avi) lists its frames, a camera's stream does not. Read as live,
     # the file was dropped from as a camera is, and its end taken for a lost connection: replayed from its start.
     if source.capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0:
