@@ -56,6 +56,11 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return correct
 
 
+def build_net() -> VSSM:
+    """The bundled network, untrained. It was trained without stochastic depth (the official default rate is 0.1)."""
+    return VSSM(depths=DEPTHS, dims=DIMS, num_classes=len(CLASS_INDICES), drop_path_rate=0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path,
@@ -87,8 +92,7 @@ def main() -> None:
     (args.out / "class_indices.json").write_text(json.dumps(CLASS_INDICES, indent=4))
     save_path = args.out / CHECKPOINT_NAME
 
-    # The bundled model was trained without stochastic depth (the official default rate is 0.1).
-    net = VSSM(depths=DEPTHS, dims=DIMS, num_classes=len(CLASS_INDICES), drop_path_rate=0.0)
+    net = build_net()
     print(f"VSSM depths {DEPTHS} dims {DIMS}: {sum(p.numel() for p in net.parameters()):,} parameters")
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     loss_fn = torch.nn.CrossEntropyLoss()

@@ -85,6 +85,13 @@ class DropPath(nn.Module):
         return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
 
 
+def _dropping(module_type, rate: float) -> nn.Module | None:
+    """``module_type(rate)``, or None for a zero rate (as the official SS2D does for its dropout): even an identity
+    submodule adds an entry to the version metadata every state_dict carries, so a model trained without dropping
+    would save other bytes than it did before these rates were taken (the bundled checkpoint, train_bundled.py)."""
+    return module_type(rate) if rate > 0 else None
+
+
 class SS2D(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2, dt_rank="auto",
                  conv_bias: bool = True, bias: bool = False, dropout: float = 0.0):
@@ -108,7 +115,7 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(k * self.d_inner))
         self.out_norm = nn.LayerNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _dropping(nn.Dropout, dropout)
         nn.init.trunc_normal_(self.x_proj_weight, std=0.02)
         nn.init.trunc_normal_(self.dt_projs_weight, std=0.02)
         nn.init.zeros_(self.dt_projs_bias)
@@ -135,7 +142,8 @@ class SS2D(nn.Module):
         x, z = F.linear(x, w[:n], None if b is None else b[:n]), F.linear(x, w[n:], None if b is None else b[n:])
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.out_norm(self.forward_core(x)) * F.silu(z)
-        return self.dropout(self.out_proj(y))
+        out = self.out_proj(y)
+        return out if self.dropout is None else self.dropout(out)
 
 
 def concat_shuffled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,7 +161,7 @@ class SS_Conv_SSM(nn.Module):
         half = hidden_dim // 2
         self.ln_1 = norm_layer(half)
         self.self_attention = SS2D(d_model=half, d_state=d_state, dropout=attn_drop_rate)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = _dropping(DropPath, drop_path)
         self.conv33conv33conv11 = nn.Sequential(
             nn.BatchNorm2d(half),
             nn.Conv2d(half, half, kernel_size=3, stride=1, padding=1),
@@ -168,7 +176,8 @@ class SS_Conv_SSM(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input_left, input_right = input.chunk(2, dim=-1)
-        x = self.drop_path(self.self_attention(self.ln_1(input_right)))
+        x = self.self_attention(self.ln_1(input_right))
+        x = x if self.drop_path is None else self.drop_path(x)
         left = self.conv33conv33conv11(input_left.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return concat_shuffled(left, x) + input
 
@@ -222,7 +231,7 @@ class VSSM(nn.Module):
 
         self.patch_embed = PatchEmbed2D(patch_size=patch_size, in_chans=in_chans, embed_dim=self.embed_dim,
                                         norm_layer=norm_layer if patch_norm else None)
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = _dropping(nn.Dropout, drop_rate)
         # The official decay rule: rates rising linearly over all blocks, from 0 to drop_path_rate.
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also when built on meta
         starts = [sum(depths[:i]) for i in range(self.num_layers + 1)]
@@ -249,7 +258,8 @@ class VSSM(nn.Module):
         return self.patch_size * 2 ** (self.num_layers - 1)
 
     def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.patch_embed(x)
+        x = x if self.pos_drop is None else self.pos_drop(x)
         for layer in self.layers:
             x = layer(x)
         return x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from medmamba_edge.checkpoint import load_checkpoint
 from tests.shared_data import PNEUMONIAMNIST, require_shared
 
-ASSETS = Path(__file__).resolve().parents[1] / "medmamba_edge" / "assets"
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "medmamba_edge" / "assets"
 MODELS = ASSETS / "models"
 CHECKPOINT = MODELS / "medmamba_pneumoniamnist32_tiny.pth"
 MODEL_CARD = MODELS / "MODEL_CARD.md"
@@ -49,6 +51,19 @@ def test_checkpoint_matches_model_card(bundled):
     dims = [int(d) for d in card_field(r"dims \[([\d, ]+)\]").group(1).split(",")]
     assert (bundled.config.depths, bundled.config.dims) == (depths, dims)
 
+
+
+def test_train_bundled_saves_the_bundled_checkpoint_byte_for_byte(tmp_path):
+    # The card's sha256 is that of train_bundled.py's output: its network, given the bundled weights, must save the
+    # same bytes (a submodule more, even one without parameters, changes the state_dict's version metadata).
+    spec = importlib.util.spec_from_file_location("train_bundled", REPO / "examples" / "train_bundled.py")
+    train_bundled = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_bundled)
+    net = train_bundled.build_net()
+    net.load_state_dict(torch.load(CHECKPOINT, weights_only=True))
+    saved = tmp_path / CHECKPOINT.name  # torch.save names the archive's folder after the file
+    torch.save(net.state_dict(), saved)
+    assert saved.read_bytes() == CHECKPOINT.read_bytes()
 
 def test_checkpoint_is_small():
     assert CHECKPOINT.stat().st_size < MAX_CHECKPOINT_BYTES

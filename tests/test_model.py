@@ -50,7 +50,8 @@ def test_official_dropout_and_stochastic_depth_rates_act_in_training_only():
     loaded = load_checkpoint(require_shared(*OFFICIAL_T32))
     model = medmamba_t(num_classes=2, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.3)
     # The official decay rule: stochastic depth rising linearly over the ten blocks, from 0 to drop_path_rate.
-    rates = [block.drop_path.drop_prob for layer in model.layers for block in layer.blocks]
+    rates = [0.0 if block.drop_path is None else block.drop_path.drop_prob
+             for layer in model.layers for block in layer.blocks]
     assert rates == pytest.approx([0.3 * i / 9 for i in range(10)])
     model.load_state_dict(loaded.model.state_dict())  # strict: the rates add no parameter
     x = pneumoniamnist_val()[0][:16]
