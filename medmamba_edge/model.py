@@ -82,7 +82,9 @@ class DropPath(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x
         keep = 1.0 - self.drop_prob
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        # As timm: the mask is scaled, not the branch (the official rounding), and not at rate 1, where 0 / 0 is NaN.
+        return x * (mask / keep if keep > 0 else mask)
 
 
 def _dropping(module_type, rate: float) -> nn.Module | None:
