@@ -52,7 +52,6 @@ def test_checkpoint_matches_model_card(bundled):
     assert (bundled.config.depths, bundled.config.dims) == (depths, dims)
 
 
-
 def test_train_bundled_saves_the_bundled_checkpoint_byte_for_byte(tmp_path):
     # The card's sha256 is that of train_bundled.py's output: its network, given the bundled weights, must save the
     # same bytes (a submodule more, even one without parameters, changes the state_dict's version metadata).
@@ -64,6 +63,7 @@ def test_train_bundled_saves_the_bundled_checkpoint_byte_for_byte(tmp_path):
     saved = tmp_path / CHECKPOINT.name  # torch.save names the archive's folder after the file
     torch.save(net.state_dict(), saved)
     assert saved.read_bytes() == CHECKPOINT.read_bytes()
+
 
 def test_checkpoint_is_small():
     assert CHECKPOINT.stat().st_size < MAX_CHECKPOINT_BYTES
