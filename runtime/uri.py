@@ -35,16 +35,23 @@ def uri_refusal(spec, command: str, needed: str) -> str | None:
     return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
 
 
+# A query parameter that holds a credential: IP cameras' ?user=admin&pwd=…, cloud relays' ?token=… or ?access_token=…,
+# signed URLs' sig= (Azure) and X-Amz-Signature=: one of these names, or one ending in it after "-", "_" or ".".
+_SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:[^?&;=#]*[-_.])?(?:password|passwd|pass|pwd|token|auth|key|secret|signature|sig)=)"
+                               r"[^&;#]+")
+
+
 def without_password(uri: str) -> str:
     """``uri`` as it may be shown and recorded: a password in it (rtsp://admin:secret@cam/stream, as IP cameras are
-    addressed) as ``***``, the user kept to tell accounts apart. Records, console lines and errors go to logs, tickets
-    and other people; only the connection itself is given the password."""
+    addressed) and a credential in its query (?token=…, ?password=…) as ``***``, the user kept to tell accounts apart.
+    Records, console lines and errors go to logs, tickets and other people; only the connection itself is given them."""
     scheme, separator, rest = str(uri).partition("://")
+    if not separator:
+        return str(uri)
     authority = re.match(r"[^/?#]*", rest)[0]
     userinfo, at, host = authority.rpartition("@")  # a password may hold "@" unescaped: the host follows the last
-    if not separator or not at or ":" not in userinfo:
-        return str(uri)
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[len(authority):]}"
+    shown = f"{userinfo.split(':', 1)[0]}:***@{host}" if at and ":" in userinfo else authority
+    return f"{scheme}://{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
 
 
 def _in_a_folder_named_as_its_scheme(spec) -> bool:

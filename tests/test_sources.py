@@ -428,7 +428,7 @@ class FlakyMjpegServer:
 
     def __init__(self, frames_per_connection=4, good_connections=2):
         jpegs = [cv2.imencode(".jpg", np.full((48, 64, 3), 40 * i, np.uint8))[1].tobytes() for i in range(frames_per_connection)]
-        self.connections = 0
+        self.connections, self.paths = 0, []  # the paths asked for, query included
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -437,6 +437,7 @@ class FlakyMjpegServer:
 
             def do_GET(self):
                 outer.connections += 1
+                outer.paths.append(self.path)
                 if outer.connections > good_connections:
                     self.send_error(503)
                     return
@@ -594,6 +595,25 @@ def test_a_stream_s_password_is_given_to_ffmpeg_only_never_to_records_or_message
     with pytest.raises(SourceError, match=r"^ftp://admin:\*\*\*@host/x: unknown scheme"):
         open_source("ftp://admin:secret@host/x")
     assert "secret" not in str(pytest.raises(SourceError, open_source, "file://admin:secret@host/x").value)
+
+
+def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
+    """IP cameras and cloud relays take their credentials in the query (?user=admin&pwd=…, ?token=…, a signed URL's
+    X-Amz-Signature): every record's source and every message held them, where a password before the host was
+    masked."""
+    server = FlakyMjpegServer(good_connections=1)
+    query = "?user=admin&PWD=s3cret&fps=20&access_token=t0k&X-Amz-Signature=51g&monkey=1&key="
+    try:
+        source = open_source(f"{server.url}{query}", reconnect=0)
+        with pytest.raises(SourceError) as lost:
+            frames = []
+            frames.extend(source.frames())
+    finally:
+        server.close()
+    assert server.paths == [f"/stream.mjpg{query}"] and len(frames) == 4  # the server was given them
+    shown = f"{server.url}?user=admin&PWD=***&fps=20&access_token=***&X-Amz-Signature=***&monkey=1&key="
+    assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
+    assert shown in str(lost.value)
 
 
 @pytest.mark.parametrize("spec", ["0", "/dev/video0", "v4l2:///dev/video0"])
