@@ -32,7 +32,7 @@ def uri_refusal(spec, command: str, needed: str) -> str | None:
     if scheme is None or _in_a_folder_named_as_its_scheme(spec):
         return None
     kind = "a served model" if scheme == TRITON_SCHEME else "a URI"
-    return f"{spec}: {command} needs {needed}, not {kind} ({scheme}://)"
+    return f"{without_password(spec)}: {command} needs {needed}, not {kind} ({scheme}://)"
 
 
 # A query parameter that holds a credential: IP cameras' ?user=admin&pwd=…, cloud relays' ?token=… or ?access_token=…,

@@ -117,6 +117,21 @@ def test_a_model_url_of_another_scheme_than_triton_is_named_as_such(tmp_path, co
                    f"error: {url}: unknown model URI scheme '{scheme}'; a served model is triton://HOST:PORT/MODEL")
 
 
+@pytest.mark.parametrize("given, shown", [
+    (["evaluate", "MODEL", "--data", "http://alice:s3cret@host/d.npz"], "http://alice:***@host/d.npz: evaluate needs"),
+    (["benchmark", "https://host/m.onnx?token=s3cret"], "https://host/m.onnx?token=***: unknown model URI scheme"),
+    (["run", "triton://alice:s3cret@host:8000/m", "IMAGE"], "triton://alice:***@host:8000/m: a server address has no"),
+    (["run", "MODEL", "IMAGE", "--jsonl", "s3://b/o.jsonl?X-Amz-Signature=s3cret"], "?X-Amz-Signature=***: run needs"),
+])
+def test_a_password_in_a_refused_model_data_or_output_url_is_not_repeated(onnx32, tmp_path, monkeypatch, given,
+                                                                          shown):
+    """A stream's password was masked, but a URL refused as a model, a data set or an output was said as typed:
+    'http://alice:s3cret@host/d.npz: evaluate needs a local data set …', into the logs and tickets the error goes to."""
+    monkeypatch.chdir(tmp_path)
+    real = {"MODEL": onnx32, "IMAGE": sample_image_paths("pneumoniamnist")[0]}
+    assert "s3cret" not in one_line_error([real.get(a, a) for a in given], shown)
+
+
 @pytest.mark.parametrize("command", ["quantize", "build-engine", "export-triton"])
 @pytest.mark.parametrize("url, kind", [("http://host/m.onnx", "a URI (http://)"),
                                        ("triton://h:8001/medmamba", "a served model (triton://)")])

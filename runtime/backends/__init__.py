@@ -15,7 +15,7 @@ import numpy as np
 from medmamba_edge.errors import UserError
 
 from ..metadata import ModelMetadata
-from ..uri import TRITON_SCHEME, model_uri_scheme, uri_refusal
+from ..uri import TRITON_SCHEME, model_uri_scheme, uri_refusal, without_password
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -130,7 +130,7 @@ def is_triton_url(spec) -> bool:
     than as a missing file."""
     scheme = model_uri_scheme(spec)
     if scheme not in (None, TRITON_SCHEME):
-        raise BackendError(f"{spec}: unknown model URI scheme {scheme!r}; a served model is "
+        raise BackendError(f"{without_password(spec)}: unknown model URI scheme {scheme!r}; a served model is "
                            f"{TRITON_SCHEME}://HOST:PORT/MODEL")
     return scheme == TRITON_SCHEME
 

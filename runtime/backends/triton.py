@@ -38,7 +38,7 @@ from medmamba_edge.errors import first_line
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
 from ..triton_defaults import DEFAULT_PORT
-from ..uri import TRITON_SCHEME
+from ..uri import TRITON_SCHEME, without_password
 from . import Backend, BackendError, run_in_fixed_batches
 
 CONNECT_TIMEOUT_S = 5.0
@@ -88,27 +88,28 @@ def model_name_problem(name: str) -> str | None:
 
 def parse_url(spec) -> ServerModel:
     text = re.sub(rf"^{TRITON_SCHEME}:/+", f"{TRITON_SCHEME}://", str(spec).strip(), flags=re.IGNORECASE)
+    shown = without_password(spec)  # errors go to logs and tickets, a password typed in the address never
     usage = f"expected {TRITON_SCHEME}://HOST:PORT/MODEL[/VERSION][?timeout=SECONDS]"
     try:
         parts = urlsplit(text)
         port = DEFAULT_PORT if parts.port is None else parts.port
     except ValueError as exc:
-        raise BackendError(f"{spec}: not a server address ({exc}); {usage}") from None
+        raise BackendError(f"{shown}: not a server address ({exc}); {usage}") from None
     # The name as the server knows it: `med%20mamba` is `med mamba`, quoted once again on the way out.
     names = [unquote(p) for p in parts.path.split("/") if p]
     if not parts.hostname or not 1 <= len(names) <= 2:
-        raise BackendError(f"{spec}: not a server address; {usage}")
+        raise BackendError(f"{shown}: not a server address; {usage}")
     if port == 0:  # urlsplit's range is 0-65535; no server listens on 0
-        raise BackendError(f"{spec}: port 0 is no server's port; {usage}")
+        raise BackendError(f"{shown}: port 0 is no server's port; {usage}")
     if parts.fragment or parts.username is not None:
-        raise BackendError(f"{spec}: a server address has no {'#fragment' if parts.fragment else 'user@'} part; "
+        raise BackendError(f"{shown}: a server address has no {'#fragment' if parts.fragment else 'user@'} part; "
                            f"{usage}")
     if len(names) == 2 and not re.fullmatch(r"[0-9]+", names[1]):  # not isdigit(): "²" and "١" are digits to it
-        raise BackendError(f"{spec}: the model version must be a number, got {names[1]!r}; {usage}")
+        raise BackendError(f"{shown}: the model version must be a number, got {names[1]!r}; {usage}")
     query = parse_qs(parts.query)
     unknown = sorted(set(query) - {"timeout"})
     if unknown:
-        raise BackendError(f"{spec}: unknown option {', '.join(unknown)}; {usage}")
+        raise BackendError(f"{shown}: unknown option {', '.join(unknown)}; {usage}")
     timeout = DEFAULT_TIMEOUT_S
     if "timeout" in query:
         try:
@@ -116,7 +117,7 @@ def parse_url(spec) -> ServerModel:
         except ValueError:
             timeout = -1.0
         if not 0 < timeout <= MAX_TIMEOUT_S:
-            raise BackendError(f"{spec}: timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g} "
+            raise BackendError(f"{shown}: timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g} "
                                f"(a day), got {query['timeout'][-1]!r}")
     return ServerModel(parts.hostname, port, names[0], names[1] if len(names) == 2 else "", timeout)
 
