@@ -548,6 +548,32 @@ def test_a_stalled_stream_s_read_timeout_is_said_by_the_notice_alone(tmp_path):
     assert "WARN" not in done.stderr and "timeout" not in done.stderr, done.stderr
 
 
+def test_the_capture_thread_s_read_stays_quiet_while_the_main_thread_writes_the_video_under_its_own_quiet():
+    """With --save-video the capture thread reads, and the main thread writes each frame, inside quiet_opencv: each put
+    back the level it had found, so a write that ended during a read turned OpenCV's warnings back on for the rest of
+    it (the stall's 'Stream timeout triggered' printed again), and the read, ending, left them off for good."""
+    from medmamba_edge.runtime.decode import _LOG_LEVEL, quiet_opencv
+
+    level = _LOG_LEVEL.getLogLevel()
+    assert level != 0
+    writing, reading, write_done, read_levels = threading.Event(), threading.Event(), threading.Event(), []
+
+    def read():  # the capture thread: its read starts while a write is under way and outlasts it
+        writing.wait(5)
+        with quiet_opencv():
+            reading.set()
+            write_done.wait(5)
+            read_levels.append(_LOG_LEVEL.getLogLevel())
+    reader = threading.Thread(target=read)
+    reader.start()
+    with quiet_opencv():  # the main thread's video write
+        writing.set()
+        reading.wait(5)
+    write_done.set()
+    reader.join(5)
+    assert read_levels == [0] and _LOG_LEVEL.getLogLevel() == level
+
+
 def test_stream_reconnects_with_backoff_then_gives_up():
     server = FlakyMjpegServer()
     try:
