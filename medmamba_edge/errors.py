@@ -35,6 +35,11 @@ def process_ending(returncode: int) -> str:
     return f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 outage', '2 outages': a count in a message."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (ONNX Runtime and TensorRT append pages of context), '' if none."""
     text = str(error).strip()

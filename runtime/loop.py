@@ -162,7 +162,10 @@ class RecordWriter:
 
     def write(self, frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
         stats, recent = self.stats, self.recent
-        record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason)
+        if frame.outage_s is not None:  # never inferred, so it comes as skipped, dropped or not run: a gap, not a frame
+            status, reason = "lost", frame.error
+        record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason,
+                        outage_s=frame.outage_s)
         if probs is not None:
             best = np.argsort(probs)[::-1][:self.top_k]
             record.labels, record.probabilities = [self.meta.class_names[i] for i in best], [float(probs[i]) for i in best]

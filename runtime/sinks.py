@@ -1,9 +1,10 @@
 """Where results go: console lines, JSONL/CSV records, an annotated video, a window, and the summary.
 
 Every frame the loop sees becomes one ``Record`` (classified, abstained, skipped with the reason, or
-dropped because inference fell behind a live source). Files go through ``files.AtomicOutput``: written
-under a unique temporary name beside the target and renamed by ``close()``, which the loop always calls
-(Ctrl-C, SIGTERM and a full disk included), so a file under the target name holds whole records only.
+dropped because inference fell behind a live source), and so does each outage of a live source (lost, no frame).
+Files go through ``files.AtomicOutput``: written under a unique temporary name beside the target and renamed by
+``close()``, which the loop always calls (Ctrl-C, SIGTERM and a full disk included), so a file under the target
+name holds whole records only.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from typing import IO, Protocol
 import cv2
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 
 from .decode import opencv_cannot_name, quiet_opencv
 from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, local_output, printable
 
-STATUSES = ("ok", "abstain", "skipped", "dropped")
+STATUSES = ("ok", "abstain", "skipped", "dropped", "lost")
 
 
 class SinkError(UserError):
@@ -40,18 +41,20 @@ class SinkError(UserError):
 class Record:
     seq: int  # position in the run, over all sources and loops
     source: str
-    frame: int
-    timestamp: float
+    frame: int | None  # None for an outage, which is no frame
+    timestamp: float  # for an outage, when the source was lost
     status: str  # one of STATUSES
     labels: list[str] = field(default_factory=list)  # top-k, best first; empty unless classified
     probabilities: list[float] = field(default_factory=list)
     latency_ms: float | None = None  # capture → result
-    reason: str | None = None  # why skipped/dropped/abstained
+    reason: str | None = None  # why skipped/dropped/abstained/lost
+    outage_s: float | None = None  # how long a lost source delivered nothing; None for a frame
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["probabilities"] = [round(p, 6) for p in self.probabilities]
         data["latency_ms"] = None if self.latency_ms is None else round(self.latency_ms, 3)
+        data["outage_s"] = None if self.outage_s is None else round(self.outage_s, 3)
         return data
 
 
@@ -110,7 +113,8 @@ class JsonlSink(TextSink):
 
 
 class CsvSink(TextSink):
-    COLUMNS = ("seq", "source", "frame", "timestamp", "status", "label", "probability", "top_k", "latency_ms", "reason")
+    COLUMNS = ("seq", "source", "frame", "timestamp", "status", "label", "probability", "top_k", "latency_ms", "reason",
+               "outage_s")
 
     def __init__(self, path: str | Path):
         super().__init__(path)
@@ -134,7 +138,8 @@ class CsvSink(TextSink):
         self._row([d["seq"], d["source"], d["frame"], f"{d['timestamp']:.6f}", d["status"],
                    record.labels[0] if record.labels else "",
                    f"{record.probabilities[0]:.6f}" if record.probabilities else "", top,
-                   "" if d["latency_ms"] is None else d["latency_ms"], d["reason"] or ""])
+                   "" if d["latency_ms"] is None else d["latency_ms"], d["reason"] or "",
+                   "" if d["outage_s"] is None else d["outage_s"]])
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
@@ -330,8 +335,10 @@ class ConsoleSink:
             return
         classified = [r for r in self.window if r.status in ("ok", "abstain")]
         counts = {s: sum(r.status == s for r in self.window) for s in ("skipped", "dropped")}
+        outages = sum(r.status == "lost" for r in self.window)
         last = f"last: {caption(classified[-1])}" if classified else "no classified frame"
         extra = "".join(f", {n} {s}" for s, n in counts.items() if n)
+        extra += f", {plural(outages, 'outage')}" if outages else ""
         self._line(f"{len(classified)} frames, {fps:.1f} FPS, {last}{extra}")
         self.window_start, self.window = time.perf_counter(), []
 
@@ -459,9 +466,12 @@ class Stats:
     # What stopped the run before its source ended: a signal's name (SIGINT) or "a stop request" (the caller's event)
     stopped: str | None = None
     first_skip_reason: str | None = None  # for a run that classified nothing: its console may have shown no reason
+    outage_seconds: float = 0.0  # a live source's outages (its "lost" records), together
 
     def add(self, record: Record) -> None:
         self.counts[record.status] += 1
+        if record.outage_s is not None:
+            self.outage_seconds += record.outage_s
         if record.status == "skipped" and self.first_skip_reason is None:
             self.first_skip_reason = record.reason
         if record.latency_ms is not None:
@@ -487,8 +497,10 @@ class Stats:
 
     def summary(self) -> str:
         c = self.counts
-        text = (f"{self.classified} frames ({c['abstain']} abstained), {c['skipped']} skipped, {c['dropped']} dropped "
-                f"in {self.wall_seconds:.1f} s: {self.fps:.1f} FPS")
+        # An outage is counted apart: it is no frame (not in the FPS), and a file source never has one
+        outages = f", {plural(c['lost'], 'outage')} ({self.outage_seconds:.1f} s)" if c["lost"] else ""
+        text = (f"{self.classified} frames ({c['abstain']} abstained), {c['skipped']} skipped, {c['dropped']} dropped"
+                f"{outages} in {self.wall_seconds:.1f} s: {self.fps:.1f} FPS")
         latency = self.percentiles()
         if latency:
             text += "; capture→result latency p50/p95/p99 {:.1f}/{:.1f}/{:.1f} ms (queueing included)".format(*latency)

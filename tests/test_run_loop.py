@@ -4,6 +4,7 @@ on live sources, Ctrl-C, a stream that goes away, the PyTorch backend, and a tor
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,16 +307,83 @@ def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     assert "FPS" in stdout and "capture→result latency p50/p95/p99" in stdout
 
 
-def test_lost_stream_keeps_records_and_exits_nonzero(tiny_onnx, tmp_path):
+def test_a_stream_that_drops_and_comes_back_gets_one_lost_record_between_its_frames(tiny_onnx, tmp_path):
+    """A stream that dropped and was reconnected carried on with the next frame number as if nothing had happened:
+    only a console notice and a gap in the timestamps told a lost stream from a quiet one. The outage is a record of
+    its own, no frame: --max-frames 8 still takes 8 frames."""
+    server = FlakyMjpegServer()  # 4 frames, dropped, 4 more after the reconnect
+    try:
+        code, output = cli("run", tiny_onnx, server.url, "--reconnect", 1, "--max-frames", 8,
+                           "--jsonl", tmp_path / "s.jsonl", "--csv", tmp_path / "s.csv")
+    finally:
+        server.close()
+    assert code == 0, output
+    records = read_jsonl(tmp_path / "s.jsonl")
+    assert [r["status"] == "lost" for r in records] == [False] * 4 + [True] + [False] * 4
+    assert [r["frame"] for r in records] == [0, 1, 2, 3, None, 4, 5, 6, 7]
+    lost = records[4]
+    assert lost["reason"] == (f"stream {server.url} lost for {lost['outage_s']:.1f} s; reconnected after 1 reconnect "
+                              f"attempt") and lost["labels"] == [] and lost["latency_ms"] is None
+    # Lost when the frames stopped, for as long as it took to get the next one: at least the 0.5 s back-off
+    assert records[3]["timestamp"] <= lost["timestamp"] < records[5]["timestamp"]
+    assert 0.5 <= lost["outage_s"] <= records[5]["timestamp"] - lost["timestamp"] + 0.01 and lost["outage_s"] < 5
+    assert all(r["outage_s"] is None for r in records if r["status"] != "lost")
+    with open(tmp_path / "s.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == [r["status"] for r in records] and list(rows[0])[-1] == "outage_s"
+    assert (rows[4]["frame"], rows[4]["reason"], float(rows[4]["outage_s"])) == ("", lost["reason"], lost["outage_s"])
+    summary = re.search(r"(\d+) frames \(0 abstained\), 0 skipped, (\d+) dropped, 1 outage \((\d+\.\d) s\) in ", output)
+    assert summary and int(summary[1]) + int(summary[2]) == 8 and abs(float(summary[3]) - lost["outage_s"]) <= 0.051
+
+
+def test_files_have_no_outage_even_where_reads_fail(tiny_onnx, tmp_path):
+    """A video whose reads fail at its cut end, and a folder, are read as they are: their records carry the outage
+    column, empty, and never a lost record."""
+    video = write_video(tmp_path / "cut.avi", count=12)
+    video.write_bytes(video.read_bytes()[:len(video.read_bytes()) * 2 // 3])
+    folder = sample_image_paths("pneumoniamnist")[0].parent
+    for source, skipped in ((video, True), (folder, False)):
+        code, output = cli("run", tiny_onnx, source, "--jsonl", tmp_path / "r.jsonl", "--csv", tmp_path / "r.csv")
+        assert code == 0 and "dropped in " in output and " lost: " not in output, output
+        records = read_jsonl(tmp_path / "r.jsonl")
+        assert any(r["status"] == "skipped" for r in records) == skipped
+        assert all(r["status"] != "lost" and r["outage_s"] is None for r in records)
+        with open(tmp_path / "r.csv", newline="") as f:
+            assert {row["outage_s"] for row in csv.DictReader(f)} == {""}
+
+
+def test_a_stream_given_up_gets_its_outage_recorded_then_the_error(tiny_onnx, tmp_path):
     server = FlakyMjpegServer()
     try:
         code, output = cli("run", tiny_onnx, server.url, "--reconnect", 1, "--jsonl", tmp_path / "s.jsonl")
     finally:
         server.close()
-    assert code == 1 and "lost; no frames after 1 reconnect attempts" in output
+    assert code == 1 and "error: stream" in output and "lost; no frames after 1 reconnect attempts" in output
     records = read_jsonl(tmp_path / "s.jsonl")
-    assert len(records) == 8 and all(r["status"] in ("ok", "dropped") for r in records)
-    assert "reconnecting in" in output and "frames" in output
+    assert [r["status"] for r in records].count("lost") == 2 and len(records) == 8 + 2
+    assert records[-1]["status"] == "lost" and records[-1]["frame"] is None
+    assert records[-1]["reason"].endswith("; given up after 1 reconnect attempt") and records[-1]["outage_s"] >= 0.5
+    assert "reconnecting in" in output and "2 outages (" in output
+
+
+def test_a_stop_during_an_outage_records_it_and_exits_as_a_stop_does(tiny_onnx, tmp_path):
+    """A run stopped while its stream was away ended with the stream's last frame: the outage up to the stop had no
+    record."""
+    server = FlakyMjpegServer(good_connections=1)  # 4 frames, then every reconnect refused
+    jsonl = tmp_path / "records.jsonl"
+    try:
+        process = cli_process("run", tiny_onnx, server.url, "--reconnect", 50, "--console", "none", "--jsonl", jsonl)
+        wait_for_records(process, tmp_path, 4)
+        time.sleep(1.5)  # the reconnects' back-off: 0.5 s, then 1 s
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        server.close()
+    assert process.returncode == 0, stderr
+    records = read_jsonl(jsonl)
+    assert [r["status"] == "lost" for r in records] == [False] * 4 + [True]
+    assert records[-1]["reason"].endswith("; the run was stopped while reconnecting")
+    assert 1.5 <= records[-1]["outage_s"] < 30 and "1 outage (" in stdout and "stopped by SIGTERM" in stdout
 
 
 def test_checkpoint_backend_agrees_with_onnx(tiny_onnx, tmp_path):
@@ -411,6 +479,19 @@ def test_the_per_second_console_ends_with_the_runs_rate_not_its_last_windows():
         console.write(Record(seq, "cam", seq, 0.0, "ok", ["normal"], [0.9]), None, 2.5)
     console.close()
     assert stream.getvalue().startswith("3 frames, 2.5 FPS"), stream.getvalue()
+
+
+def test_the_per_second_console_counts_an_outage_beside_the_frames_not_as_one():
+    import io
+
+    from medmamba_edge.runtime.sinks import ConsoleSink, Record
+
+    stream = io.StringIO()
+    console = ConsoleSink("second", stream)
+    console.write(Record(0, "cam", 7, 0.0, "ok", ["normal"], [0.9]), None, 2.5)
+    console.write(Record(1, "cam", None, 0.0, "lost", reason="camera 0 lost for 3.0 s; ...", outage_s=3.0), None, 2.5)
+    console.close()
+    assert stream.getvalue() == "1 frames, 2.5 FPS, last: normal 90.0%, 1 outage\n"
 
 
 def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_frame(tmp_path, monkeypatch):

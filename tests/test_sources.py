@@ -465,7 +465,9 @@ def test_a_stop_while_a_stream_waits_to_reconnect_opens_nothing_more():
     source = video.VideoSource(lambda: opened.append(1) or cv2.VideoCapture(), "stream x", "http://x", live=True)
     threading.Timer(0.1, source.stop).start()
     started = time.monotonic()
-    assert list(source.frames()) == [] and len(opened) == 1 and time.monotonic() - started < 0.4
+    (outage,) = source.frames()  # the stream never delivered: its outage, ended by the stop, is all it gives
+    assert len(opened) == 1 and time.monotonic() - started < 0.4
+    assert outage.error.endswith("; the run was stopped while reconnecting") and 0.05 < outage.outage_s < 0.4
 
 
 @pytest.mark.parametrize("reconnect", [0, 5])
@@ -586,7 +588,10 @@ def test_stream_reconnects_with_backoff_then_gives_up():
         with pytest.raises(SourceError, match="lost; no frames after 3 reconnect attempts"):
             for frame in source.frames():
                 received.append(frame)
-        assert len(received) == 8 and received[0].image.shape == (48, 64, 3)
+        outages = [i for i, frame in enumerate(received) if frame.outage_s is not None]
+        assert len(received) == 10 and outages == [4, 9] and received[0].image.shape == (48, 64, 3)
+        assert received[4].error.endswith("; reconnected after 1 reconnect attempt")
+        assert received[9].error.endswith("; given up after 3 reconnect attempts")
         assert server.connections == 2 + 3  # two good ones, then the bounded attempts
         assert "reconnecting in" in notices[0] and notices[-1].endswith("(attempt 3/3)")
     finally:
@@ -609,7 +614,7 @@ def test_a_stream_s_password_is_given_to_ffmpeg_only_never_to_records_or_message
         frames = []
         with pytest.raises(SourceError) as lost:
             frames.extend(source.frames())
-        assert len(frames) == 4 and frames[0].error is None  # the password reached the server: it answered
+        assert len(frames) == 4 + 1 and frames[0].error is None  # the password reached the server: it answered
         shown = f"http://alice:***@127.0.0.1:{port}/stream.mjpg"
         assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
         assert shown in str(lost.value) and shown in notices[0]
@@ -636,7 +641,7 @@ def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
             frames.extend(source.frames())
     finally:
         server.close()
-    assert server.paths == [f"/stream.mjpg{query}"] and len(frames) == 4  # the server was given them
+    assert server.paths == [f"/stream.mjpg{query}"] and len(frames) == 4 + 1  # the server was given them (+ outage)
     shown = f"{server.url}?user=admin&PWD=***&fps=20&access_token=***&X-Amz-Signature=***&monkey=1&key="
     assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
     assert shown in str(lost.value)

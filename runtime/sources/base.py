@@ -1,5 +1,6 @@
 """What every source is: a ``Source`` yields ``Frame``s, a frame that cannot be used carries its ``error``
-(it gets a "skipped" record with the reason), and ``iterate`` is how a run walks one (stride, limit, loop).
+(it gets a "skipped" record with the reason), a live source's outage comes as a ``Frame`` with ``outage_s`` (a
+"lost" record), and ``iterate`` is how a run walks one (stride, limit, loop).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ class SourceError(UserError):
 @dataclass
 class Frame:
     source: str  # path or URI
-    index: int  # frame number within its file or stream (0 for a still image)
+    index: int | None  # frame number within its file or stream (0 for a still image); None for an outage
     timestamp: float  # seconds into a video file; wall-clock time (epoch) for live sources and stills
     image: np.ndarray | None = None  # RGB or grayscale, uint8/uint16/float32 in [0, 1]
     error: str | None = None  # why the frame cannot be used; then image is None
     captured: float = field(default_factory=time.perf_counter)  # start of capture→result latency
     tensor: np.ndarray | None = None  # the model input, filled by Capture's thread
+    # Set, this is no frame but a live source's outage of that many seconds: ``timestamp`` is when it was lost,
+    # ``error`` says it in words, and it gets a "lost" record between the frames before and after it.
+    outage_s: float | None = None
 
 
 class Source(ABC):
@@ -69,8 +73,9 @@ def item_error(path, exc: Exception) -> str:
 
 def iterate(source: Source, stride: int = 1, max_frames: int | None = None, loop: bool = False,
             stop: threading.Event | None = None) -> Iterator[Frame]:
-    """The frames a run sees: every ``stride``-th, at most ``max_frames`` (skipped ones count), and the
-    whole source again while ``loop`` is set (files only; a pass without one usable frame ends it)."""
+    """The frames a run sees: every ``stride``-th, at most ``max_frames`` (skipped ones count, a live source's
+    outages do not), and the whole source again while ``loop`` is set (files only; a pass without one usable
+    frame ends it)."""
     if not positive_int(stride):  # an integer, not a bool: 1.5 failed later, a TypeError in slicing the frames
         raise SourceError(f"--stride must be ≥ 1, got {stride}")
     count = 0
@@ -83,7 +88,7 @@ def iterate(source: Source, stride: int = 1, max_frames: int | None = None, loop
             if frame is None:
                 break
             usable = usable or frame.error is None
-            count += 1
+            count += frame.outage_s is None
             yield frame
         else:
             return

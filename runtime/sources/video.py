@@ -1,5 +1,6 @@
 """Video through OpenCV: files, V4L2 cameras, Jetson CSI cameras (GStreamer) and network streams (FFmpeg),
-one ``VideoSource`` class; a live one reconnects with back-off and is lost only after ``reconnect`` failures.
+one ``VideoSource`` class; a live one reconnects with back-off and is lost only after ``reconnect`` failures, and
+each outage, however it ends, is yielded as a ``Frame`` with ``outage_s`` so that the records show the gap.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import cv2
+
+from medmamba_edge.errors import plural
 
 from ..backoff import BACKOFF_FIRST_S, backoff_s
 from ..decode import opencv_cannot_name, quiet_opencv
@@ -68,8 +71,10 @@ class VideoSource(Source):
         fps = self.fps
         at = lambda position: position / fps if fps else 0.0  # noqa: E731  a frame not read has no time of its own
         index, failures = 0, 0
+        lost_at = None  # when a live source's failed reads began (wall clock): its outage gets a record
         while not self.stopping.is_set():
             keep = index % stride == 0
+            read_at = time.time()
             # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way). Quiet:
             # a stalled stream's read printed OpenCV's '[ WARN:0@11.050] ... Stream timeout triggered after 5008 ms'
             # beside the reconnect notice that says it in words.
@@ -92,15 +97,20 @@ class VideoSource(Source):
             if not ok:
                 if self.stopping.is_set():  # the stop came during this read (a stalled stream's 5 s): not a loss
                     break
+                lost_at = lost_at or read_at
                 failures += 1
                 self.close()
                 if failures > self.reconnect:
+                    yield self._outage(lost_at, f"given up after {plural(self.reconnect, 'reconnect attempt')}")
                     raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
                 self._wait(failures)
                 if self.stopping.is_set():  # a connection now would hold a stop up to FFmpeg's 5 s open timeout
                     break
                 self.capture = self._try_open()
                 continue
+            if lost_at is not None:
+                yield self._outage(lost_at, f"reconnected after {plural(failures, 'reconnect attempt')}")
+                lost_at = None
             failures = 0
             if keep:
                 timestamp = time.time() if self.live else self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
@@ -108,6 +118,8 @@ class VideoSource(Source):
             index += 1
         self.close()
         if self.stopping.is_set():
+            if lost_at is not None:
+                yield self._outage(lost_at, "the run was stopped while reconnecting")
             return
         first_lost = index - failures  # the reads that failed at the end, up to the frame count the container lists
         if first_lost < total and failures > FILE_READ_FAILURES:  # what follows may decode, but was not read
@@ -124,6 +136,11 @@ class VideoSource(Source):
             yield Frame(self.uri, first_lost, at(first_lost),
                         error=f"{self.uri}: {total - first_lost} of the {total} frames the video lists did not "
                               f"decode (truncated or corrupt), from frame {first_lost} on")
+
+    def _outage(self, lost_at: float, end: str) -> Frame:
+        seconds = time.time() - lost_at
+        return Frame(self.uri, None, lost_at, error=f"{self.description} lost for {seconds:.1f} s; {end}",
+                     outage_s=seconds)
 
     def _wait(self, attempt: int) -> None:
         wait = backoff_s(attempt, self.backoff)
