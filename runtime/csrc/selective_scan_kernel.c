@@ -35,6 +35,10 @@
  * OpenMP, torch ships its own libgomp) for the extension, ONNX Runtime's intra-op pool for the library.
  * Results do not depend on the thread count.
  */
+/* posix_memalign is POSIX, not C11: under -std=c11 glibc's <stdlib.h> declares it only when asked.  On x86 the
+ * intrinsics headers (mm_malloc.h) happen to declare it; on aarch64 nothing did, so gcc 11 warned of an implicit
+ * declaration and gcc >= 14 and clang >= 16 refuse one: the kernel was not built. */
+#define _POSIX_C_SOURCE 200112L
 #include "selective_scan_kernel.h"
 
 #include <ctype.h>
