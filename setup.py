@@ -10,7 +10,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# x86-64 (gcc >= 11): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
+# x86-64 (gcc >= 11, clang >= 14): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
 # portable. aarch64 (Jetson, Graviton) has NEON in its baseline.
 # -fno-wrapv undoes the -fwrapv Python's own CFLAGS bring (sysconfig): with int indices defined to wrap, gcc no longer
 # sees n * 16 + l as an affine index and left scan_tile's lane loop scalar (the scan 6x slower with softplus off).

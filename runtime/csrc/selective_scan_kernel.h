@@ -42,7 +42,8 @@ void mm_scan_output_dims(const mm_scan_args *a, int64_t dims[4]);
 /* "(2, 3, 4)" into buf; at most the first 8 dims are shown. */
 void mm_scan_shape_str(int ndim, const int64_t *dims, char *buf, size_t n);
 
-/* Compiled code paths (x86-64 with gcc >= 12: "avx512", "avx2", "baseline"; elsewhere "baseline"), widest first. */
+/* Compiled code paths (x86-64 with gcc >= 11 or clang >= 14: "avx512", "avx2", "baseline"; elsewhere "baseline"),
+ * widest first. */
 int mm_scan_path_count(void);
 const char *mm_scan_path_name(int path);
 int mm_scan_path_supported(int path); /* whether this CPU and OS can run it */
