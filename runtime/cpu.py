@@ -24,6 +24,19 @@ CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 # the kernels look) but not from /proc/cpuinfo (where we look).
 CPUID_ENV = "MEDMAMBA_EDGE_CPUID"
 HIDDEN_BY_AVX2_CPUID = ("avx512", "avx_vnni", "amx")
+# Arm's /proc/cpuinfo has no "model name", only the core's implementer and part numbers (what lscpu decodes): those of
+# the Jetsons' and the common Arm servers' and boards' cores.
+ARM_CORES = {
+    ("0x41", "0xd07"): "ARM Cortex-A57",  # Jetson Nano, TX1, TX2
+    ("0x41", "0xd08"): "ARM Cortex-A72",  # Raspberry Pi 4
+    ("0x41", "0xd0b"): "ARM Cortex-A76",  # Raspberry Pi 5
+    ("0x41", "0xd0c"): "ARM Neoverse-N1",  # AWS Graviton2, Ampere Altra
+    ("0x41", "0xd40"): "ARM Neoverse-V1",  # AWS Graviton3
+    ("0x41", "0xd42"): "ARM Cortex-A78AE",  # Jetson Orin
+    ("0x41", "0xd49"): "ARM Neoverse-N2",
+    ("0x41", "0xd4f"): "ARM Neoverse-V2",  # NVIDIA Grace, AWS Graviton4
+    ("0x4e", "0x004"): "NVIDIA Carmel",  # Jetson Xavier
+}
 
 
 def instruction_set(flags: set[str]) -> str:
@@ -51,7 +64,8 @@ def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip().lower(), value.strip())
-    model = fields.get("model name") or fields.get("model") or fields.get("hardware") or ""
+    arm_core = ARM_CORES.get((fields.get("cpu implementer", "").lower(), fields.get("cpu part", "").lower()))
+    model = fields.get("model name") or fields.get("model") or arm_core or fields.get("hardware") or ""
     return model, set((fields.get("flags") or fields.get("features") or "").split())
 
 

@@ -20,13 +20,35 @@ flags		: sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni amx_ti
 """
 SKYLAKE_X = "model name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz\nflags\t\t: sse2 avx2 fma avx512f avx512bw\n"
 ORIN = "processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\nCPU part\t: 0xd42\n"
+# A Jetson AGX Orin's (JetPack 6): no model name, the core in implementer and part; each processor alike
+ORIN_FULL = """processor\t: 0
+BogoMIPS\t: 62.50
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp uscat \
+ilrcpc flagm paca pacg
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x1
+CPU part\t: 0xd42
+CPU revision\t: 1
+
+processor\t: 1
+BogoMIPS\t: 62.50
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp uscat \
+ilrcpc flagm paca pacg
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x1
+CPU part\t: 0xd42
+CPU revision\t: 1
+"""
 
 
 @pytest.mark.parametrize("text, expected", [
     (EPYC_AVX2, "AMD EPYC 7763 64-Core Processor, AVX2"),
     (XEON_VNNI, "Intel Xeon Platinum 8481C CPU @ 2.70GHz, AVX-512 VNNI, AMX-INT8"),
     (SKYLAKE_X, "Intel Xeon Gold 6148 CPU @ 2.40GHz, AVX-512"),  # AVX-512 without VNNI: vpmaddubsw saturates
-], ids=["epyc-avx2", "xeon-vnni-amx", "skylake-avx512"])
+    (ORIN_FULL, "ARM Cortex-A78AE, NEON dotprod"),  # was "aarch64, NEON dotprod", as every Arm machine's
+], ids=["epyc-avx2", "xeon-vnni-amx", "skylake-avx512", "jetson-orin"])
 def test_names_the_model_and_the_instruction_set(text, expected, tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text(text)
     monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
