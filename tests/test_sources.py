@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -456,6 +457,29 @@ class FlakyMjpegServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_an_outage_is_timed_on_a_clock_that_nothing_sets(monkeypatch):
+    """outage_s was the wall clock's difference: NTP stepping the clock back an hour while the stream reconnected (a
+    board without a real-time clock, synced once its network is back) gave an outage of -3600 s. Its timestamp stays
+    the wall clock's, as the frames' are."""
+    server = FlakyMjpegServer()
+    stepped = []
+    wall = lambda: time.time() - 3600 * bool(stepped)  # noqa: E731  set back an hour at the first back-off
+    monkeypatch.setattr(video, "time", types.SimpleNamespace(time=wall, monotonic=time.monotonic))
+    try:
+        source = open_source(server.url, reconnect=1)
+        source.backoff, source.notify = 0.2, stepped.append
+        frames = []
+        for frame in source.frames():
+            frames.append(frame)
+            if len(frames) == 6:  # 4 frames, the outage, the first frame after it
+                break
+    finally:
+        server.close()
+    before, outage, after = frames[3], frames[4], frames[5]
+    assert outage.index is None and 0.2 <= outage.outage_s < 5, outage.outage_s
+    assert before.timestamp <= outage.timestamp and after.timestamp < outage.timestamp - 3000
 
 
 def test_a_stop_while_a_stream_waits_to_reconnect_opens_nothing_more():

@@ -71,10 +71,12 @@ class VideoSource(Source):
         fps = self.fps
         at = lambda position: position / fps if fps else 0.0  # noqa: E731  a frame not read has no time of its own
         index, failures = 0, 0
-        lost_at = None  # when a live source's failed reads began (wall clock): its outage gets a record
+        lost_at = None  # when a live source's failed reads began: its outage gets a record
         while not self.stopping.is_set():
             keep = index % stride == 0
-            read_at = time.time()
+            # The outage's timestamp is wall-clock time, as a frame's; its length is not: NTP stepping the clock
+            # (a board without a real-time clock, synced once its network is back) made it an hour or negative.
+            read_at = time.time(), time.monotonic()
             # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way). Quiet:
             # a stalled stream's read printed OpenCV's '[ WARN:0@11.050] ... Stream timeout triggered after 5008 ms'
             # beside the reconnect notice that says it in words.
@@ -137,9 +139,10 @@ class VideoSource(Source):
                         error=f"{self.uri}: {total - first_lost} of the {total} frames the video lists did not "
                               f"decode (truncated or corrupt), from frame {first_lost} on")
 
-    def _outage(self, lost_at: float, end: str) -> Frame:
-        seconds = time.time() - lost_at
-        return Frame(self.uri, None, lost_at, error=f"{self.description} lost for {seconds:.1f} s; {end}",
+    def _outage(self, lost_at: tuple[float, float], end: str) -> Frame:
+        timestamp, since = lost_at
+        seconds = time.monotonic() - since
+        return Frame(self.uri, None, timestamp, error=f"{self.description} lost for {seconds:.1f} s; {end}",
                      outage_s=seconds)
 
     def _wait(self, attempt: int) -> None:
