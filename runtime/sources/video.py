@@ -61,7 +61,7 @@ class VideoSource(Source):
                 self.capture = capture
                 return
         tries = reconnect + 1  # the first and its retries
-        raise SourceError(f"{uri}: cannot be opened after {tries} attempt{'s' if tries > 1 else ''} "
+        raise SourceError(f"{uri}: cannot be opened after {plural(tries, 'attempt')} "
                           f"(server unreachable, wrong URL or unsupported stream)")
 
     def frames(self, stride: int = 1) -> Iterator[Frame]:
@@ -103,8 +103,9 @@ class VideoSource(Source):
                 failures += 1
                 self.close()
                 if failures > self.reconnect:
-                    yield self._outage(lost_at, f"given up after {plural(self.reconnect, 'reconnect attempt')}")
-                    raise SourceError(f"{self.description}: lost; no frames after {self.reconnect} reconnect attempts")
+                    attempts = plural(self.reconnect, "reconnect attempt")
+                    yield self._outage(lost_at, f"given up after {attempts}")
+                    raise SourceError(f"{self.description}: lost; no frames after {attempts}")
                 self._wait(failures)
                 if self.stopping.is_set():  # a connection now would hold a stop up to FFmpeg's 5 s open timeout
                     break
