@@ -9,6 +9,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 # x86-64 (gcc >= 11, clang >= 14): one binary holds AVX-512, AVX2 and baseline code and picks per CPU, so wheels stay
 # portable. aarch64 (Jetson, Graviton) has NEON in its baseline.
@@ -18,6 +19,10 @@ extra_compile_args = ["-O3", "-std=c11", "-fno-math-errno", "-fno-wrapv", "-pthr
 # The scan kernel both binaries compile (selective_scan_kernel.h says why it is separate).
 KERNEL = "runtime/csrc/selective_scan_kernel.c"
 HEADERS = ["runtime/csrc/selective_scan_kernel.h", "runtime/csrc/ort_abi.h"]
+# Defined for the second try of a build that failed: the kernel then leaves out its AVX-512 and AVX2 paths, which a
+# compiler may refuse while building the baseline (zig cc given -target or -mcpu passes every CPU feature explicitly,
+# and those override the kernel's target() attributes).
+BASELINE_ONLY = "MM_SCAN_BASELINE_ONLY"
 # ONNX Runtime's custom-op library: a plain shared library that ONNX Runtime dlopens and calls RegisterCustomOps
 # in, not a Python module, so its name has no Python ABI tag and any host (Python, C++, Triton) loads one file.
 ORT_OPS = "medmamba_edge.runtime.libmedmamba_ort_ops"
@@ -60,6 +65,16 @@ class BuildExt(build_ext):
         return super().get_ext_filename(fullname)
 
     def build_extension(self, ext):
+        try:
+            self.build_without_run_paths(ext)
+        except CompileError as error:
+            self.warn(f"building {ext.name} failed ({error}); trying once more without the scan's AVX-512 and AVX2 "
+                      "paths, which not every compiler builds: if it succeeds, this build's scan has the baseline "
+                      "path alone")
+            ext.define_macros = [*ext.define_macros, (BASELINE_ONLY, None)]
+            self.build_without_run_paths(ext)
+
+    def build_without_run_paths(self, ext):
         if ext.name != ORT_OPS:
             return super().build_extension(ext)
         # Python's own link flags (pyenv's) and a user's LDFLAGS may carry run-time search paths: a library copied

@@ -3,6 +3,7 @@ scan. Its ONNX Runtime form, the custom-op library, is tests/test_ort_custom_ops
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -454,3 +455,28 @@ def test_both_artefacts_build_for_aarch64_without_a_warning(compiler, tmp_path):
         undefined = re.findall(r"\bGLOBAL +DEFAULT +UND (\S+)", symbols)  # WEAK: the C runtime's optional hooks
         foreign = [s for s in undefined if "@GLIBC_" not in s and not (is_python and s.startswith(("Py", "_Py")))]
         assert undefined and not foreign, f"{out.name} needs {foreign}"
+
+
+def test_a_compiler_that_refuses_the_x86_paths_still_builds_the_baseline(tmp_path):
+    """zig cc given a -target or -mcpu passes every CPU feature explicitly, which overrides the kernel's target()
+    attributes: the AVX-512 and AVX2 paths do not compile, and neither optional binary was built where the baseline
+    would have been. setup.py now tries once more without them and says so."""
+    import importlib.util
+    import shlex
+
+    if platform.machine() != "x86_64" or importlib.util.find_spec("ziglang") is None:
+        pytest.skip("pip's ziglang on x86-64 needed (not here)")
+    root = Path(__file__).resolve().parents[1]
+    zig = shlex.join([sys.executable, "-m", "ziglang", "cc", "-target", "x86_64-linux-gnu"])
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                            "--build-temp", str(tmp_path / "temp")], capture_output=True, text=True, cwd=root,
+                           env={**os.environ, "CC": zig, "LDSHARED": f"{zig} -shared"})
+    assert build.returncode == 0, build.stderr
+    assert "trying once more without the scan's AVX-512 and AVX2 paths" in build.stderr
+    runtime = tmp_path / "lib" / "medmamba_edge" / "runtime"
+    assert (runtime / "libmedmamba_ort_ops.so").is_file()
+    extension, = runtime.glob("_scan_cpu.*")
+    check = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_scan_cpu', sys.argv[1]); "
+             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.ISAS)")
+    isas = subprocess.run([sys.executable, "-c", check, str(extension)], capture_output=True, text=True, check=True)
+    assert isas.stdout.strip() == "('baseline',)"

@@ -65,8 +65,11 @@
 
 /* gcc >= 11 and clang >= 14 (the oldest tried) know the x86-64-v3/v4 level names for target() (Ubuntu 22.04's and
  * RHEL 9's gcc is 11); elsewhere (aarch64, older compilers) the baseline path is the only one.  clang, which says it
- * is gcc 4, had the baseline alone: MedMamba-T's scan 4.3x slower than its AVX-512 path, one thread of an EPYC. */
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__) && __GNUC__ >= 11)
+ * is gcc 4, had the baseline alone: MedMamba-T's scan 4.3x slower than its AVX-512 path, one thread of an EPYC.
+ * MM_SCAN_BASELINE_ONLY: setup.py's second try where a compiler refused them (zig cc with -target or -mcpu, whose
+ * explicit CPU features override target()): without it neither binary was built. */
+#if defined(__x86_64__) && !defined(MM_SCAN_BASELINE_ONLY) &&                                                          \
+    (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__) && __GNUC__ >= 11)
 #define MM_X86_PATHS 1
 #else
 #define MM_X86_PATHS 0
