@@ -22,6 +22,7 @@ from tests.ss2d_reference import make_ss2d_inputs, relative_error, ss2d_referenc
 pytestmark = pytest.mark.skipif(not scan_cpu.available(), reason=scan_cpu.unavailable_reason() or "not built")
 
 NAMES = scan_node.INPUT_NAMES
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_close(y, ref, tol=1e-5):
@@ -380,11 +381,13 @@ def test_every_gcc_from_11_and_clang_from_14_builds_the_x86_paths(compiler, tmp_
     assert [bool(library.mm_scan_path_supported(k)) for k in range(3)] == [scan_cpu.cpu_supports(n) for n in names]
 
 
-@pytest.mark.parametrize("library", ["extension", "onnxruntime-library"])
-def test_every_path_computes_its_exps_in_vector_registers(library):
+@pytest.mark.parametrize("library", ["extension", "onnxruntime-library", "clang-build"])
+def test_every_path_computes_its_exps_in_vector_registers(library, tmp_path):
     """exp2_product puts 2^k into a float's exponent with a shift by 23: pslld on vectors, a scalar shl where gcc left
     a lane loop scalar. That happened twice unseen, the scan then several times slower on AVX2 and the baseline path:
-    a degree chosen at run time inside the loop (69de823), and Python's -fwrapv in the build flags (setup.py)."""
+    a degree chosen at run time inside the loop (69de823), and Python's -fwrapv in the build flags (setup.py).
+    clang's build (CC=clang, setup.py's flags) had one more: a scalar copy of chain_bases' lane loop, kept beside the
+    vector one behind a run-time overlap test."""
     import shutil
 
     from medmamba_edge.runtime.backends.onnxruntime import custom_ops
@@ -392,7 +395,17 @@ def test_every_path_computes_its_exps_in_vector_registers(library):
     objdump = shutil.which("objdump")
     if platform.machine() != "x86_64" or objdump is None:
         pytest.skip("objdump on x86-64 needed (not here)")
-    path = scan_cpu._ext.__file__ if library == "extension" else str(custom_ops.library_path())
+    if library == "clang-build":
+        version = subprocess.run(["clang", "-dumpversion"], capture_output=True, text=True).stdout.strip() \
+            if shutil.which("clang") else "0"
+        if int(version.split(".")[0]) < 14:
+            pytest.skip("clang >= 14 needed (not here)")
+        path = str(tmp_path / "kernel.so")
+        extension = setup_extensions()[0]
+        subprocess.run(["clang", *extension.extra_compile_args, "-shared", "-fPIC", "-o", path,
+                        *(str(ROOT / s) for s in extension.sources if s.endswith("_kernel.c"))], check=True)
+    else:
+        path = scan_cpu._ext.__file__ if library == "extension" else str(custom_ops.library_path())
     listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
                              check=True).stdout
     functions = {name: body for name, body in re.findall(r"<(scan_block_\w+)>:\n(.*?)\n\n", listing, re.S)}
@@ -400,7 +413,19 @@ def test_every_path_computes_its_exps_in_vector_registers(library):
         pytest.skip(f"{path}: no symbols for the scan paths (a stripped build)")
     assert set(functions) == {f"scan_block_{isa}" for isa in scan_cpu.compiled_isas()}
     scalar = {name: len(re.findall(r"\bshl\s+\$0x17,%[er]", body)) for name, body in functions.items()}
-    assert not any(scalar.values()), f"scalar exponent shifts (a lane loop gcc did not vectorise): {scalar}"
+    assert not any(scalar.values()), f"scalar exponent shifts (a lane loop left scalar): {scalar}"
+
+
+def setup_extensions():
+    """setup.py's own Extension list: its sources and flags, as pip builds them."""
+    import runpy
+    from unittest import mock
+
+    import setuptools
+
+    with mock.patch.object(setuptools, "setup") as setup:
+        runpy.run_path(str(ROOT / "setup.py"))
+    return setup.call_args.kwargs["ext_modules"]
 
 
 def aarch64_compilers() -> dict[str, list[str]]:
@@ -423,29 +448,22 @@ def test_both_artefacts_build_for_aarch64_without_a_warning(compiler, tmp_path):
     extension).  No one had compiled the aarch64 branches: there posix_memalign was undeclared under -std=c11 (x86's
     intrinsics headers declare it), an implicit declaration gcc 11 warns of and gcc >= 14 and clang >= 16 refuse, so
     the optional kernel was not built at all."""
-    import runpy
     import shutil
     import sysconfig
-    from unittest import mock
-
-    import setuptools
 
     command = aarch64_compilers().get(compiler)
     if command is None:
         pytest.skip(f"no aarch64 {compiler} here (apt's gcc-aarch64-linux-gnu, pip's ziglang)")
     if shutil.which("readelf") is None:
         pytest.skip("readelf (binutils) is not installed")
-    root = Path(__file__).resolve().parents[1]
-    with mock.patch.object(setuptools, "setup") as setup:
-        runpy.run_path(str(root / "setup.py"))
-    for extension in setup.call_args.kwargs["ext_modules"]:
+    for extension in setup_extensions():
         is_python = extension.name.endswith("_scan_cpu")
         # Python's headers of this (x86-64) interpreter: an LP64 little-endian pyconfig.h, as aarch64's
         includes = ["-I", sysconfig.get_paths()["include"]] if is_python else []
         out = tmp_path / (extension.name.rpartition(".")[2] + ".so")
         build = subprocess.run([*command, *extension.extra_compile_args, "-Wall", "-Wextra", "-Werror", "-fPIC",
-                                "-shared", *includes, *(str(root / s) for s in extension.sources),
-                                *extension.extra_link_args, "-o", str(out)], capture_output=True, text=True, cwd=root)
+                                "-shared", *includes, *(str(ROOT / s) for s in extension.sources),
+                                *extension.extra_link_args, "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
         assert build.returncode == 0, build.stderr
         symbols = subprocess.run(["readelf", "-W", "--dyn-syms", "-d", str(out)], capture_output=True, text=True,
                                  check=True).stdout
@@ -466,10 +484,9 @@ def test_a_compiler_that_refuses_the_x86_paths_still_builds_the_baseline(tmp_pat
 
     if platform.machine() != "x86_64" or importlib.util.find_spec("ziglang") is None:
         pytest.skip("pip's ziglang on x86-64 needed (not here)")
-    root = Path(__file__).resolve().parents[1]
     zig = shlex.join([sys.executable, "-m", "ziglang", "cc", "-target", "x86_64-linux-gnu"])
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-                            "--build-temp", str(tmp_path / "temp")], capture_output=True, text=True, cwd=root,
+                            "--build-temp", str(tmp_path / "temp")], capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "CC": zig, "LDSHARED": f"{zig} -shared"})
     assert build.returncode == 0, build.stderr
     assert "trying once more without the scan's AVX-512 and AVX2 paths" in build.stderr
