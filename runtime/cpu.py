@@ -27,6 +27,7 @@ HIDDEN_BY_AVX2_CPUID = ("avx512", "avx_vnni", "amx")
 # Arm's /proc/cpuinfo has no "model name", only the core's implementer and part numbers (what lscpu decodes): those of
 # the Jetsons' and the common Arm servers' and boards' cores.
 ARM_CORES = {
+    ("0x41", "0xd05"): "ARM Cortex-A55",  # the little cores of RK3588 boards (Orange Pi 5, Rock 5)
     ("0x41", "0xd07"): "ARM Cortex-A57",  # Jetson Nano, TX1, TX2
     ("0x41", "0xd08"): "ARM Cortex-A72",  # Raspberry Pi 4
     ("0x41", "0xd0b"): "ARM Cortex-A76",  # Raspberry Pi 5
@@ -35,6 +36,7 @@ ARM_CORES = {
     ("0x41", "0xd42"): "ARM Cortex-A78AE",  # Jetson Orin
     ("0x41", "0xd49"): "ARM Neoverse-N2",
     ("0x41", "0xd4f"): "ARM Neoverse-V2",  # NVIDIA Grace, AWS Graviton4
+    ("0x4e", "0x003"): "NVIDIA Denver 2",  # Jetson TX2, beside its Cortex-A57s
     ("0x4e", "0x004"): "NVIDIA Carmel",  # Jetson Xavier
 }
 
@@ -58,13 +60,23 @@ def instruction_set(flags: set[str]) -> str:
 
 
 def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
-    """(model name, flags) of the first processor in /proc/cpuinfo ``text``."""
+    """(model name, flags) of the first processor in /proc/cpuinfo ``text``; on Arm, where each processor names its
+    core, the model is every kind of core in turn (big.LITTLE: "ARM Cortex-A55 + ARM Cortex-A76")."""
     fields: dict[str, str] = {}
+    arm_cores: dict[tuple[str, str], None] = {}  # (implementer, part) in processor order, each kind once
+    implementer = ""
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
-            fields.setdefault(key.strip().lower(), value.strip())
-    arm_core = ARM_CORES.get((fields.get("cpu implementer", "").lower(), fields.get("cpu part", "").lower()))
+            key, value = key.strip().lower(), value.strip()
+            fields.setdefault(key, value)
+            if key == "cpu implementer":  # the kernel writes it before the part, in each processor's block
+                implementer = value.lower()
+            elif key == "cpu part":
+                arm_cores[implementer, value.lower()] = None
+    # a core left unnamed would make a two-kind machine read as one kind: then none is named
+    names = [ARM_CORES.get(core) for core in arm_cores]
+    arm_core = " + ".join(names) if names and all(names) else ""
     model = fields.get("model name") or fields.get("model") or arm_core or fields.get("hardware") or ""
     return model, set((fields.get("flags") or fields.get("features") or "").split())
 

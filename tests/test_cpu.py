@@ -43,12 +43,29 @@ CPU revision\t: 1
 """
 
 
+
+def arm_cpuinfo(features: str, *cores: tuple[str, str]) -> str:
+    """An Arm /proc/cpuinfo text as the kernel writes it, one processor per (implementer, part)."""
+    return "\n".join(f"processor\t: {k}\nBogoMIPS\t: 62.50\nFeatures\t: {features}\nCPU implementer\t: {implementer}\n"
+                     f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n"
+                     for k, (implementer, part) in enumerate(cores))
+
+
+# big.LITTLE: an RK3588 board's four Cortex-A55s then four Cortex-A76s; a Jetson TX2's Cortex-A57 at processor 0,
+# its two Denver 2 cores next, then three more Cortex-A57s
+RK3588 = arm_cpuinfo("fp asimd aes crc32 atomics asimddp", *[("0x41", "0xd05")] * 4, *[("0x41", "0xd0b")] * 4)
+TX2 = arm_cpuinfo("fp asimd evtstrm aes pmull sha1 sha2 crc32", ("0x41", "0xd07"), *[("0x4e", "0x003")] * 2,
+                  *[("0x41", "0xd07")] * 3)
+
+
 @pytest.mark.parametrize("text, expected", [
     (EPYC_AVX2, "AMD EPYC 7763 64-Core Processor, AVX2"),
     (XEON_VNNI, "Intel Xeon Platinum 8481C CPU @ 2.70GHz, AVX-512 VNNI, AMX-INT8"),
     (SKYLAKE_X, "Intel Xeon Gold 6148 CPU @ 2.40GHz, AVX-512"),  # AVX-512 without VNNI: vpmaddubsw saturates
     (ORIN_FULL, "ARM Cortex-A78AE, NEON dotprod"),  # was "aarch64, NEON dotprod", as every Arm machine's
-], ids=["epyc-avx2", "xeon-vnni-amx", "skylake-avx512", "jetson-orin"])
+    (RK3588, "ARM Cortex-A55 + ARM Cortex-A76, NEON dotprod"),  # the first processor's core alone was looked up
+    (TX2, "ARM Cortex-A57 + NVIDIA Denver 2, NEON"),  # was "ARM Cortex-A57, NEON": a third of its cores unnamed
+], ids=["epyc-avx2", "xeon-vnni-amx", "skylake-avx512", "jetson-orin", "rk3588-big-little", "jetson-tx2"])
 def test_names_the_model_and_the_instruction_set(text, expected, tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text(text)
     monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
@@ -66,6 +83,11 @@ def test_arm_without_a_model_name_falls_back_to_platform(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
     cpu.describe_cpu.cache_clear()
     try:
+        assert cpu.describe_cpu() == "aarch64, NEON dotprod"
+        # a known core (Cortex-A76) beside one not in the table (Cortex-A510): naming the known alone said the
+        # machine was all that
+        (tmp_path / "cpuinfo").write_text(arm_cpuinfo("fp asimd asimddp", ("0x41", "0xd0b"), ("0x41", "0xd46")))
+        cpu.describe_cpu.cache_clear()
         assert cpu.describe_cpu() == "aarch64, NEON dotprod"
         monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "absent")  # not Linux
         cpu.describe_cpu.cache_clear()
