@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "medmamba_edge"
@@ -68,9 +68,9 @@ def too_few_classes(count: int) -> str | None:
     outputs: over a single one (a one-logit sigmoid model, trained with BCE instead of train.py's cross-entropy)
     it is 1, so every image would read 100 % that class."""
     if count < 2:
-        return (f"the model has {count} output{'' if count == 1 else 's'}; medmamba-edge classifies by a softmax over "
-                f"2 or more classes (as train.py trains them, with CrossEntropyLoss), and over one output every image "
-                f"would read 100 %")
+        return (f"the model has {plural(count, 'output')}; medmamba-edge classifies by a softmax over 2 or more "
+                f"classes (as train.py trains them, with CrossEntropyLoss), and over one output every image would "
+                f"read 100 %")
     return None
 
 
