@@ -71,7 +71,6 @@ def test_official_dropout_and_stochastic_depth_rates_act_in_training_only():
     assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()
     assert 0.45 < (per_sample[:, 0] == 0).float().mean() < 0.55
     # Bit for bit timm's drop_path, which scales the mask rather than the branch, and at rate 1 drops every sample.
-    x = pneumoniamnist_val()[0][:16]
     torch.manual_seed(0)
     dropped = DropPath(0.3).train()(x)
     torch.manual_seed(0)
