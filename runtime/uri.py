@@ -1,6 +1,6 @@
 """How a command's argument that may be a URI is read: the one reading, for models (a served model is
-``triton://HOST:PORT/MODEL``), data sets and outputs alike. A video source's URL is a source's business
-(runtime/sources)."""
+``triton://HOST:PORT/MODEL``), data sets and outputs alike; and how any URI, a video source's too, is shown in
+records and messages (``without_password``). Opening a video source's URL is a source's business (runtime/sources)."""
 
 from __future__ import annotations
 
