@@ -59,8 +59,9 @@ def is_animation_record(entry: Path | tuple[Path, str]) -> bool:
 
 def cannot_stat(path: Path, error: OSError, is_link: bool) -> str:
     """Why os.stat refused an entry listed or given as the source: a link that leads nowhere (ELOOP or ENOENT
-    from following it: the link, not a file, is what is there), or an entry of a folder that can be listed but
-    not searched (mode 644: its names can be read, nothing else about them)."""
+    from following it: the link, not a file, is what is there), a link itself gone since the folder was listed, or
+    an entry of a folder that can be listed but not searched (mode 644: its names can be read, nothing else about
+    them)."""
     if not is_link:
         return f"cannot be examined ({error.strerror or error}), not read"
     try:
