@@ -657,7 +657,7 @@ def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
     X-Amz-Signature): every record's source and every message held them, where a password before the host was
     masked."""
     server = FlakyMjpegServer(good_connections=1)
-    query = "?user=admin&PWD=s3cret&fps=20&access_token=t0k&X-Amz-Signature=51g&monkey=1&key="
+    query = "?user=admin&PWD=s3cret&fps=20&access_token=t0k&X-Amz-Signature=51g&monkey=1&key=&apiKey=k3y&accessToken=t0k"
     try:
         source = open_source(f"{server.url}{query}", reconnect=0)
         with pytest.raises(SourceError) as lost:
@@ -666,7 +666,7 @@ def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
     finally:
         server.close()
     assert server.paths == [f"/stream.mjpg{query}"] and len(frames) == 4 + 1  # the server was given them (+ outage)
-    shown = f"{server.url}?user=admin&PWD=***&fps=20&access_token=***&X-Amz-Signature=***&monkey=1&key="
+    shown = f"{server.url}?user=admin&PWD=***&fps=20&access_token=***&X-Amz-Signature=***&monkey=1&key=&apiKey=***&accessToken=***"
     assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
     assert shown in str(lost.value)
 
