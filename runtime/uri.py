@@ -43,16 +43,30 @@ _SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:[^?&;=#]*(?:[-_.]|(?-i:(?<=[a-z0-9
                                r"(?:password|passwd|pass|pwd|token|auth|key|secret|signature|sig)=)[^&;#]+")
 
 
+# A host as FFmpeg reads one, with its port if any: a name or an IPv6 address in brackets.
+_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:@\[\]]*)(:[0-9]*)?")
+
+
 def without_password(uri: str) -> str:
     """``uri`` as it may be shown and recorded: a password in it (rtsp://admin:secret@cam/stream, as IP cameras are
-    addressed) and a credential in its query (?token=…, ?password=…) as ``***``, the user kept to tell accounts apart.
-    Records, console lines and errors go to logs, tickets and other people; only the connection itself is given them."""
+    addressed) and a credential in its query (?token=…, ?password=…) as ``***``, the user kept to tell accounts apart;
+    a user part without a password (https://TOKEN@relay/stream, rtsp://APIKEY@cam/live) is the token itself to relays
+    and cameras that take one, and no name tells it from a user's, so it is all ``***``. Records, console lines and
+    errors go to logs, tickets and other people; only the connection itself is given them."""
     scheme, separator, rest = str(uri).partition("://")
     if not separator:
         return str(uri)
-    authority = re.match(r"[^/?#]*", rest)[0]
+    authority = re.match(r"[^/?#]*", rest)[0]  # as FFmpeg reads it: up to the first "/", "?" or "#"
+    # A password holding an unescaped "/", "?" or "#" (admin:pa/ss@cam) runs on past that to a later "@": when what
+    # FFmpeg reads is no host[:port] (that URL never connects), or when its path holds an "@" too (admin:p@ss/word@cam,
+    # read as host "ss"), all up to the last "@" is masked. An "@" is allowed in a path and a query, so elsewhere that
+    # would mask a working stream's host; that it may in these two cases is the safe side to err on.
+    tail = rest[len(authority):]
+    if ("@" in re.match(r"[^?#]*", tail)[0] if "@" in authority else "@" in tail and not _HOST_PORT.fullmatch(authority)):
+        last = rest.rindex("@")
+        authority = rest[:last] + re.match(r"@[^/?#]*", rest[last:])[0]
     userinfo, at, host = authority.rpartition("@")  # a password may hold "@" unescaped: the host follows the last
-    shown = f"{userinfo.split(':', 1)[0]}:***@{host}" if at and ":" in userinfo else authority
+    shown = f"{userinfo.split(':', 1)[0] + ':' if ':' in userinfo else ''}***@{host}" if at else authority
     return f"{scheme}://{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
 
 

@@ -22,6 +22,7 @@ from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.decode import read_dicom
 from medmamba_edge.runtime.sources import SourceError, iterate, open_source
 from medmamba_edge.runtime.sources.files import glob_files
+from medmamba_edge.runtime.uri import without_password
 from tests.shared_data import require_shared
 
 pydicom = pytest.importorskip("pydicom")
@@ -650,6 +651,31 @@ def test_a_stream_s_password_is_given_to_ffmpeg_only_never_to_records_or_message
     with pytest.raises(SourceError, match=r"^ftp://admin:\*\*\*@host/x: unknown scheme"):
         open_source("ftp://admin:secret@host/x")
     assert "secret" not in str(pytest.raises(SourceError, open_source, "file://admin:secret@host/x").value)
+
+
+def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_shown():
+    """https://TOKEN@relay/stream and rtsp://APIKEY@cam/live (how cloud relays and some cameras take a token) were
+    shown whole, as was the part after the '/' of a password holding one (rtsp://admin:pa/ss@cam/x)."""
+    server = FlakyMjpegServer(good_connections=1)
+    port = server.server.server_address[1]
+    try:
+        source = open_source(f"http://T0KEN@127.0.0.1:{port}/stream.mjpg", reconnect=0)
+        with pytest.raises(SourceError) as lost:
+            frames = []
+            frames.extend(source.frames())
+    finally:
+        server.close()
+    shown = f"http://***@127.0.0.1:{port}/stream.mjpg"
+    assert len(frames) == 4 + 1 and frames[0].error is None  # the token reached FFmpeg: the server answered
+    assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
+    assert shown in str(lost.value)
+    for password in ["pa/ss", "p@ss/word", "pa?ss", "pa#ss"]:  # FFmpeg reads no such host: it never connects
+        with pytest.raises(SourceError) as refused:
+            open_source(f"rtsp://admin:{password}@127.0.0.1:{port}/live", reconnect=0)
+        assert str(refused.value).startswith(f"rtsp://admin:***@127.0.0.1:{port}/live: cannot be opened")
+    # An "@" of a working URL's query or path stays: it is no password's.
+    assert without_password("rtsp://admin:pw@cam/x?notify=a@b.c") == "rtsp://admin:***@cam/x?notify=a@b.c"
+    assert without_password("http://[::1]:80/users/a@b.c/feed") == "http://[::1]:80/users/a@b.c/feed"
 
 
 def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
