@@ -417,7 +417,7 @@ def test_video_stride_loop_and_truncation(tmp_path):
     *read, last = iterate(open_source(str(tmp_path / "long.avi")))
     assert [f.index for f in read] == [0, 1, 2] and last.index == 3
     assert f"{FILE_READ_FAILURES + 1} frames in a row from frame 3 on did not decode, and the rest of the 40 " \
-           f"frames the video lists was not read (damaged or truncated)" in last.error
+           f"frames the video lists was not read (truncated or corrupt)" in last.error
     # From the first frame on, the same (it was "no frame decodes", though the frames after the stretch do).
     (tmp_path / "head.avi").write_bytes(damaged.replace(b"\xff\xc0", b"\x00\xc0", 3))
     (only,) = iterate(open_source(str(tmp_path / "head.avi")))
@@ -537,6 +537,39 @@ def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_pa
         server.server_close()
     assert [(f.index, f.error) for f in frames] == [(i, None) for i in range(12)]
     assert [round(f.timestamp, 3) for f in frames[:3]] == [0.0, 0.1, 0.2]  # its own time, as a file's
+
+
+def test_a_video_on_a_web_server_whose_connection_stalls_is_not_blamed_on_the_file(tmp_path):
+    """A stall while reading http://host/clip.avi ended with '11 of the 20 frames the video lists did not decode
+    (truncated or corrupt)': the file was blamed for a lost connection."""
+    data = write_video(tmp_path / "clip.avi", count=20).read_bytes()
+    stall = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        log_message = lambda self, *args: None  # noqa: E731
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            stall.wait(10)  # past FFmpeg's 5 s read timeout
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+        frames = list(iterate(open_source(url), max_frames=30))
+    finally:
+        stall.set()
+        server.shutdown()
+        server.server_close()
+    *read, last = frames
+    assert 0 < len(read) < 20 and all(f.error is None for f in read) and last.index == len(read)
+    assert last.error == (f"{url}: {20 - len(read)} of the 20 frames the video lists did not decode (the connection "
+                          f"stalled or dropped, or the file on the server is truncated or corrupt), from frame "
+                          f"{len(read)} on")
 
 
 def test_a_stalled_stream_s_read_timeout_is_said_by_the_notice_alone(tmp_path):

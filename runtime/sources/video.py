@@ -39,6 +39,10 @@ class VideoSource(Source):
     reopened with exponential back-off; after ``reconnect`` failures in a row it is lost. A stream also
     gets those retries for its first connection (a camera that is still booting)."""
 
+    # Why a video ends before the frames it lists. OpenCV tells neither a stalled or dropped connection nor a file cut
+    # short on its server from the file's own end: a video read from a web server says both (stream_source).
+    cut_short = "truncated or corrupt"
+
     def __init__(self, open_capture: Callable[[], cv2.VideoCapture], description: str, uri: str, live: bool = False,
                  reconnect: int = 5, retry_first_open: bool = False,
                  notify: Callable[[str], None] | None = None):
@@ -129,7 +133,7 @@ class VideoSource(Source):
             # (A file that lists no count ends so too: its damage cannot be told from its end.)
             yield Frame(self.uri, first_lost, at(first_lost),
                         error=f"{self.uri}: {failures} frames in a row from frame {first_lost} on did not decode, and "
-                              f"the rest of the {total} frames the video lists was not read (damaged or truncated)")
+                              f"the rest of the {total} frames the video lists was not read ({self.cut_short})")
         elif first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
             yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
                                                f"(no frames, or corrupt or unsupported video data)")
@@ -138,7 +142,7 @@ class VideoSource(Source):
             # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
             yield Frame(self.uri, first_lost, at(first_lost),
                         error=f"{self.uri}: {total - first_lost} of the {total} frames the video lists did not "
-                              f"decode (truncated or corrupt), from frame {first_lost} on")
+                              f"decode ({self.cut_short}), from frame {first_lost} on")
 
     def _outage(self, lost_at: tuple[float, float], end: str) -> Frame:
         timestamp, since = lost_at
@@ -234,6 +238,7 @@ def stream_source(uri: str, reconnect: int, notify: Callable[[str], None] | None
     # the file was dropped from as a camera is, and its end taken for a lost connection: replayed from its start.
     if source.capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0:
         source.live, source.description = False, f"video {shown}"
+        source.cut_short = "the connection stalled or dropped, or the file on the server is truncated or corrupt"
     return source
 
 
