@@ -4,6 +4,7 @@ in the middle of a run: one-line errors, bounded waits, a record for every frame
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -184,10 +185,11 @@ def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer
         server.shutdown()
 
 
-def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer=False):
+def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer=False, infer_answer=None):
     """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
     (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch;
-    ``stall_mid_answer``: an answer's headers and first bytes, then 5 s of nothing)."""
+    ``stall_mid_answer``: an answer's headers and first bytes, then 5 s of nothing; ``infer_answer``: (HTTP
+    status, body) in place of the logits)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
@@ -204,7 +206,10 @@ def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer
         else:
             body = {"name": "triton", "version": "2"}
         data = json.dumps(body).encode()
-        handler.send_response(200)
+        status = 200
+        if infer_answer and handler.command == "POST":
+            status, data = infer_answer
+        handler.send_response(status)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         if stall_mid_answer and handler.command == "POST":
@@ -260,6 +265,31 @@ def test_a_served_model_config_of_other_types_is_one_line():
             open_backend(server.url)
     finally:
         server.shutdown()
+
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion limit
+
+
+@pytest.mark.parametrize("infer_answer, message", [
+    ((200, b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1' + b"0" * 400 + b', 2]}]}'),
+     r"unreadable answer \(OverflowError: int too large to convert to float\)"),
+    ((200, DEEP_JSON), r"unreadable answer \(RecursionError: maximum recursion depth exceeded"),
+    ((500, DEEP_JSON), r"the server refused the batch \(HTTP 500: \[\[\["),
+])
+def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, message, tmp_path):
+    """An integer no float holds and arrays nested past the parser's limit raised past the client's reading of
+    the answer: `compare` ended in a traceback, `run` and `benchmark` named the error without the server."""
+    server = model_server(infer_answer=infer_answer)
+    try:
+        with pytest.raises(BackendError, match=rf"^{server.url}: {message}"):
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+        samples = ROOT / "medmamba_edge" / "assets" / "samples" / "busi"
+        result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "compare", server.url, server.url,
+                                 "--data", str(samples)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.match(rf"error: {server.url}: {message}", result.stderr.strip().splitlines()[-1])
 
 
 def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more():

@@ -52,6 +52,9 @@ NOT_TRITON = "is this a Triton (KServe v2) HTTP port?"  # what answers of anothe
 DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
 CONFIG_DATATYPES = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16"}
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's split of JSON and raw bytes
+# What reading a server's JSON of any shape can raise: fields of other types than Triton's, an integer no float
+# holds (json gives 1e999-digit ones as int), arrays nested past the parser's recursion limit.
+UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class TritonBackend(Backend):
         server = self._get_json("/v2", "read the server's metadata")
         try:
             self._configure(server, config)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # fields of other types than Triton's
+        except UNREADABLE as exc:
             raise BackendError(f"{self.path}: the served model's configuration is not one Triton writes "
                                f"({type(exc).__name__}: {first_line(exc)})") from None
 
@@ -266,7 +269,7 @@ class TritonBackend(Backend):
         length = headers.get(HEADER_LENGTH)
         try:
             logits = decode_infer_response(body, int(length) if length is not None else None, self.output_name)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # whatever JSON the server sent instead
+        except UNREADABLE as exc:  # whatever JSON the server sent instead
             raise BackendError(f"{self.path}: unreadable answer ({type(exc).__name__}: {first_line(exc)})") from None
         if logits.shape != (len(chunk), self.metadata.num_classes):
             raise BackendError(f"{self.path}: the answer has shape {logits.shape}, expected "
@@ -279,7 +282,7 @@ class TritonBackend(Backend):
             raise BackendError(f"{self.path}: cannot {what} (HTTP {status}: {_error_text(body)})")
         try:
             answer = json.loads(body)
-        except ValueError:
+        except UNREADABLE:
             answer = None
         if not isinstance(answer, dict):
             raise BackendError(f"{self.path}: cannot {what}: the answer is not a JSON object; {NOT_TRITON}")
@@ -445,6 +448,6 @@ def _error_text(body: bytes) -> str:
     """The server's own error message (KServe v2 puts it under "error"), cut to one line."""
     try:
         text = json.loads(body).get("error", "")
-    except (ValueError, AttributeError):
+    except UNREADABLE:
         text = body.decode("utf-8", "replace")
     return first_line(Exception(text)) or "no message"
