@@ -35,6 +35,12 @@ def process_ending(returncode: int) -> str:
     return f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
 
 
+def clipped(text: str, limit: int = 300) -> str:
+    """Another program's message cut to ``limit`` characters: a proxy's error page or a server's log line can be
+    one line of tens of kilobytes, which a message repeats in every record and console line it reaches."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def plural(count: int, noun: str) -> str:
     """'1 outage', '2 outages': a count in a message."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

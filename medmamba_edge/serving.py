@@ -34,7 +34,7 @@ from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
                                                    DEFAULT_MODEL_NAME, DEFAULT_PORT, range_problem)
 
-from .errors import MissingExtraError, UserError, first_line, install_hint, process_ending
+from .errors import MissingExtraError, UserError, clipped, first_line, install_hint, process_ending
 
 # Endpoints that change the server rather than ask it something: loading and unloading models, mapping
 # shared memory, tracing, log settings. PyTriton guards them with a token it generates; statistics stay
@@ -448,7 +448,7 @@ def _server_hint(triton) -> str:
     errors = [line.split('"', 1)[-1].split("\\n")[0].rstrip('"') for line in log.splitlines()
               if line.startswith("E") and not any(noise in line for noise in STARTUP_NOISE)]
     said = (exceptions or errors or [""])[-1].strip()
-    return f"; the server said: {said[:300]}" if said else ""
+    return f"; the server said: {clipped(said)}" if said else ""
 
 
 __all__ = ["ServeError", "ServeOptions", "interpreter_library_dir", "serve", "server_environment"]

@@ -292,6 +292,24 @@ def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, m
     assert re.match(rf"error: {server.url}: {message}", result.stderr.strip().splitlines()[-1])
 
 
+def test_a_long_error_page_is_clipped_in_every_record(tmp_path):
+    """A proxy's 503 page in one line of 56 KB was each skipped record's reason whole: 9 images gave 500 KB of
+    JSONL and as much on the console."""
+    page = b"<html><head><style>" + b"body{margin:0}" * 4000 + b"</style></head><body>Unavailable</body></html>"
+    server = model_server(infer_answer=(503, page))
+    try:
+        result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "run", server.url,
+                                 str(ROOT / "medmamba_edge" / "assets" / "samples"), "--jsonl", str(tmp_path / "r.jsonl")],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        server.shutdown()
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert result.returncode == 1 and len(records) == 9 and {r["status"] for r in records} == {"skipped"}
+    said = records[0]["reason"].split("(HTTP 503: ", 1)[1]
+    assert said.startswith("<html><head><style>body{margin:0}") and said.endswith("…))") and len(said) == 302
+    assert max(len(line) for line in result.stdout.splitlines() + result.stderr.splitlines()) < 600
+
+
 def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more():
     """close() from another thread between two chunks: the next chunk went out on a socket of http.client's own,
     outside the timeout, and the deadline timer raised in its thread."""

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
-from medmamba_edge.errors import first_line
+from medmamba_edge.errors import clipped, first_line
 
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
@@ -445,9 +445,10 @@ def _read_answer(response: http.client.HTTPResponse) -> bytes:
 
 
 def _error_text(body: bytes) -> str:
-    """The server's own error message (KServe v2 puts it under "error"), cut to one line."""
+    """The server's own error message (KServe v2 puts it under "error"), cut to one line and clipped: every record
+    of the batch carries it."""
     try:
         text = json.loads(body).get("error", "")
     except UNREADABLE:
         text = body.decode("utf-8", "replace")
-    return first_line(Exception(text)) or "no message"
+    return clipped(first_line(Exception(text))) or "no message"
