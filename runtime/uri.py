@@ -43,8 +43,9 @@ _SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:[^?&;=#]*(?:[-_.]|(?-i:(?<=[a-z0-9
                                r"(?:password|passwd|pass|pwd|token|auth|key|secret|signature|sig)=)[^&;#]+")
 
 
-# A host as FFmpeg reads one, with its port if any: a name or an IPv6 address in brackets.
-_HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:@\[\]]*)(:[0-9]*)?")
+# A host as FFmpeg reads one, with its port if any: a name or an IPv6 address in brackets. Not an empty one, nor an empty
+# port: rtsp:///admin:pw@cam (a slash too many) and admin:/pw@cam name no host or port, and never connect.
+_HOST_PORT = re.compile(r"(\[[^\]]+\]|[^:@\[\]]+)(:[0-9]+)?")
 
 
 def without_password(uri: str) -> str:
@@ -66,7 +67,9 @@ def without_password(uri: str) -> str:
         last = rest.rindex("@")
         authority = rest[:last] + re.match(r"@[^/?#]*", rest[last:])[0]
     userinfo, at, host = authority.rpartition("@")  # a password may hold "@" unescaped: the host follows the last
-    shown = f"{userinfo.split(':', 1)[0] + ':' if ':' in userinfo else ''}***@{host}" if at else authority
+    # The user is kept, to tell accounts apart; a lone user part is masked whole but for the slashes of rtsp:///TOKEN@…,
+    # which name no host and are shown as typed.
+    shown = f"{re.match(r'[^:]*:|/*', userinfo)[0]}***@{host}" if at else authority
     return f"{scheme}://{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
 
 

@@ -711,6 +711,20 @@ def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_s
     assert without_password("http://[::1]:80/users/a@b.c/feed") == "http://[::1]:80/users/a@b.c/feed"
 
 
+def test_a_url_naming_no_host_or_port_before_its_credentials_does_not_show_them():
+    """A slash too many (rtsp:///admin:secret@cam) or a password starting with one (admin:/secret@cam) leaves FFmpeg
+    no host or an empty port: 'names no host' and 'cannot be opened' showed the password, and a token, as typed."""
+    for typed, shown in [("rtsp:///admin:s3cret@cam/live", "rtsp:///admin:***@cam/live"),
+                         ("rtsp:///T0KEN@cam/live", "rtsp:///***@cam/live")]:
+        with pytest.raises(SourceError) as refused:
+            open_source(typed, reconnect=0)
+        assert str(refused.value) == f"{shown}: names no host; expected rtsp://HOST[:PORT]/…"
+    for typed in ["rtsp://admin:/s3cret@127.0.0.1:9/live", "rtsp://:9/s3cret@127.0.0.1:9/live"]:
+        with pytest.raises(SourceError) as refused:
+            open_source(typed, reconnect=0)
+        assert "s3cret" not in str(refused.value) and "@127.0.0.1:9/live: cannot be opened" in str(refused.value)
+
+
 def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
     """IP cameras and cloud relays take their credentials in the query (?user=admin&pwd=…, ?token=…, a signed URL's
     X-Amz-Signature): every record's source and every message held them, where a password before the host was
