@@ -36,11 +36,12 @@ def uri_refusal(spec, command: str, needed: str) -> str | None:
 
 
 # A query parameter that holds a credential: IP cameras' ?user=admin&pwd=…, cloud relays' ?token=… or ?access_token=…,
+# SRT's ?passphrase=… (its encryption password, a libsrt option to FFmpeg),
 # signed URLs' sig= (Azure) and X-Amz-Signature=: one of these names, or one ending in it after "-", "_" or ".", or
 # as a camelCase word (?apiKey=, ?accessToken=, as web APIs spell them); the case of that boundary is what keeps
 # ?monkey= apart from ?monKey=.
 _SECRET_PARAMETER = re.compile(r"(?i)([?&;](?:[^?&;=#]*(?:[-_.]|(?-i:(?<=[a-z0-9])(?=[A-Z]))))?"
-                               r"(?:password|passwd|pass|pwd|token|auth|key|secret|signature|sig)=)[^&;#]+")
+                               r"(?:password|passwd|passphrase|pass|pwd|token|auth|key|secret|signature|sig)=)[^&;#]+")
 
 
 # A host as FFmpeg reads one, with its port if any: a name or an IPv6 address in brackets. Not an empty one, nor an empty

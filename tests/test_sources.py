@@ -744,6 +744,13 @@ def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
     assert shown in str(lost.value)
 
 
+def test_an_srt_stream_s_passphrase_is_not_shown():
+    """SRT's encryption password is its query's passphrase= (FFmpeg's libsrt option): 'cannot be opened' showed it."""
+    with pytest.raises(SourceError) as refused:
+        open_source("srt://127.0.0.1:9?mode=caller&passphrase=s3cr3tphrase&pbkeylen=16", reconnect=0)
+    assert str(refused.value).startswith("srt://127.0.0.1:9?mode=caller&passphrase=***&pbkeylen=16: cannot be opened")
+
+
 @pytest.mark.parametrize("spec", ["0", "/dev/video0", "v4l2:///dev/video0"])
 def test_a_camera_that_stops_delivering_is_lost_after_the_reconnect_attempts_asked_for(spec, monkeypatch):
     class SilentCamera:  # opens, then delivers nothing: a camera unplugged mid-run (no camera on CI machines)
