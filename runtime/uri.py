@@ -56,6 +56,8 @@ def without_password(uri: str) -> str:
     and cameras that take one, and no name tells it from a user's, so it is all ``***``. Records, console lines and
     errors go to logs, tickets and other people; only the connection itself is given them."""
     scheme, separator, rest = str(uri).partition("://")
+    if folded := not separator and re.match(rf"(?i){TRITON_SCHEME}:/", str(uri)):  # a served model's, as MODEL_URI reads
+        scheme, separator, rest = folded[0][:-2], ":/", str(uri)[len(folded[0]):]
     if not separator:
         return str(uri)
     authority = re.match(r"[^/?#]*", rest)[0]  # as FFmpeg reads it: up to the first "/", "?" or "#"
@@ -71,7 +73,7 @@ def without_password(uri: str) -> str:
     # The user is kept, to tell accounts apart; a lone user part is masked whole but for the slashes of rtsp:///TOKEN@…,
     # which name no host and are shown as typed.
     shown = f"{re.match(r'[^:]*:|/*', userinfo)[0]}***@{host}" if at else authority
-    return f"{scheme}://{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
+    return f"{scheme}{separator}{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
 
 
 def _in_a_folder_named_as_its_scheme(spec) -> bool:

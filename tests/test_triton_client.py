@@ -81,6 +81,19 @@ def test_bad_server_addresses_are_one_line(spec, message):
         parse_url(spec)
 
 
+@pytest.mark.parametrize("spec, shown", [
+    ("triton://me:s3cret@host:8000/m", "triton://me:***@host:8000/m"),
+    ("triton:/me:s3cret@host:8000/m", "triton:/me:***@host:8000/m"),  # read as a served model: as a Path folds it
+    ("triton://T0KEN@host:8000/m", "triton://***@host:8000/m"),
+])
+def test_a_refused_user_part_is_named_without_its_secret(spec, shown):
+    """parse_url reads triton:/ with one slash as a served model, but without_password read only '://': the refusal
+    of its user@ part showed the password."""
+    with pytest.raises(BackendError) as refused:
+        parse_url(spec)
+    assert str(refused.value).startswith(f"{shown}: a server address has no user@ part;")
+
+
 def test_options_for_local_backends_are_refused_for_a_server():
     with pytest.raises(BackendError, match="threads cannot be set for a served model"):
         open_backend("triton://127.0.0.1:1/m", threads=2)
