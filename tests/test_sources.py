@@ -572,6 +572,34 @@ def test_a_video_on_a_web_server_whose_connection_stalls_is_not_blamed_on_the_fi
                           f"{len(read)} on")
 
 
+def test_a_video_on_a_web_server_whose_connection_drops_before_its_first_frame_is_not_blamed_on_the_file(tmp_path):
+    """A 20-frame clip whose server closed the connection after its header ended with 'the video opens but no frame
+    decodes (no frames, or corrupt or unsupported video data)': the file was blamed for a lost connection."""
+    data = write_video(tmp_path / "clip.avi", count=20).read_bytes()
+
+    class Dropping(BaseHTTPRequestHandler):
+        log_message = lambda self, *args: None  # noqa: E731
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:data.index(b"movi") + 4])  # the header and frame index's start, no frame
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+        (only,) = iterate(open_source(url, reconnect=0), max_frames=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert only.index == 0 and only.error == (f"{url}: the video opens but no frame decodes (unsupported video data, "
+                                              f"or the connection stalled or dropped, or the file on the server is "
+                                              f"truncated or corrupt)")
+
+
 def test_a_stalled_stream_s_read_timeout_is_said_by_the_notice_alone(tmp_path):
     """OpenCV printed '[ WARN:0@11.050] global cap_ffmpeg_impl.hpp:435 _opencv_ffmpeg_interrupt_callback Stream
     timeout triggered after 5008.994569 ms' on stderr at each stall, under the run's own reconnect notice."""

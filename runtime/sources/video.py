@@ -135,8 +135,11 @@ class VideoSource(Source):
                         error=f"{self.uri}: {failures} frames in a row from frame {first_lost} on did not decode, and "
                               f"the rest of the {total} frames the video lists was not read ({self.cut_short})")
         elif first_lost == 0:  # FFmpeg read the container but not one frame: say so, never end with no record
-            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes "
-                                               f"(no frames, or corrupt or unsupported video data)")
+            # One that lists frames ended before them, as a file cut short does (a web server's connection lost
+            # before the first frame of a short clip came here).
+            why = f"unsupported video data, or {self.cut_short}" if total > 0 else \
+                "no frames, or corrupt or unsupported video data"
+            yield Frame(self.uri, 0, 0.0, error=f"{self.uri}: the video opens but no frame decodes ({why})")
         elif first_lost < total:
             # A truncated file ends early. FFmpeg also passes over some corrupt frames without a word (its reads do
             # not fail): the frames after one are numbered as read, and it shows here as frames missing at the end.
