@@ -202,7 +202,7 @@ def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer
     """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
     (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch;
     ``stall_mid_answer``: an answer's headers and first bytes, then 5 s of nothing; ``infer_answer``: (HTTP
-    status, body) in place of the logits)."""
+    status, body[, headers]) in place of the logits)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
@@ -219,10 +219,13 @@ def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer
         else:
             body = {"name": "triton", "version": "2"}
         data = json.dumps(body).encode()
-        status = 200
+        status, headers = 200, {}
         if infer_answer and handler.command == "POST":
-            status, data = infer_answer
+            status, data, *extra = infer_answer
+            headers = extra[0] if extra else {}
         handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         if stall_mid_answer and handler.command == "POST":
@@ -303,6 +306,24 @@ def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, m
         server.shutdown()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.match(rf"error: {server.url}: {message}", result.stderr.strip().splitlines()[-1])
+
+
+def binary_answer(size: int, header_length: bool = True) -> tuple:
+    """An inference answer with the binary tensor extension: logits [1, 2] after a header declaring ``size`` bytes."""
+    header = json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2],
+                                      "parameters": {"binary_data_size": size}}]}).encode()
+    return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))} if header_length else {}
+
+
+def test_a_negative_binary_data_size_is_refused():
+    """-4 bytes was read as numpy's 'all the rest' (count -1): the tail was taken whatever size the header said."""
+    server = model_server(infer_answer=binary_answer(-4))
+    try:
+        with pytest.raises(BackendError, match=rf"^{server.url}: unreadable answer \(ValueError: output 'logits' has "
+                                               rf"binary_data_size -4, not a number of bytes\)$"):
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        server.shutdown()
 
 
 def test_a_long_error_page_is_clipped_in_every_record(tmp_path):

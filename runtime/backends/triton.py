@@ -160,6 +160,9 @@ def decode_infer_response(body: bytes, header_length: int | None, output_name: s
     offset = header_length or 0
     for output in header.get("outputs", []):
         size = output.get("parameters", {}).get("binary_data_size")
+        # A negative count is numpy's "all the rest", and a negative offset step rereads the header as data.
+        if size is not None and (type(size) is not int or size < 0):
+            raise ValueError(f"output {output.get('name')!r} has binary_data_size {size!r}, not a number of bytes")
         if output.get("name") == output_name:
             dtype = DATATYPES.get(output.get("datatype"))
             if dtype is None:
