@@ -315,6 +315,19 @@ def binary_answer(size: int, header_length: bool = True) -> tuple:
     return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))} if header_length else {}
 
 
+def test_binary_data_without_the_header_length_is_refused():
+    """Without Inference-Header-Content-Length the tail was read from byte 0: an answer declaring 8 bytes of logits
+    and sending none gave its JSON header's first bytes as logits (3.03e+32, 7.78e+31), classified."""
+    status, body, headers = binary_answer(8)
+    server = model_server(infer_answer=(status, body[:int(headers["Inference-Header-Content-Length"])]))
+    try:
+        with pytest.raises(BackendError, match=rf"^{server.url}: unreadable answer \(ValueError: output 'logits' has "
+                                               rf"binary data but the answer no Inference-Header-Content-Length\)$"):
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        server.shutdown()
+
+
 def test_a_negative_binary_data_size_is_refused():
     """-4 bytes was read as numpy's 'all the rest' (count -1): the tail was taken whatever size the header said."""
     server = model_server(infer_answer=binary_answer(-4))
