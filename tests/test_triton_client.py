@@ -315,6 +315,22 @@ def binary_answer(size: int, header_length: bool = True) -> tuple:
     return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))} if header_length else {}
 
 
+def test_logits_past_float32_are_infinite_without_a_warning(tmp_path):
+    """1e300 in an FP32 answer's JSON data printed numpy's two-line 'RuntimeWarning: overflow encountered in cast'
+    on stderr before the record said the logits are not finite."""
+    answer = {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": [1e300, 2.0]}]}
+    server = model_server(max_batch_size=1, infer_answer=(200, json.dumps(answer).encode()))
+    try:
+        result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "run", server.url,
+                                 str(ROOT / "medmamba_edge" / "assets" / "samples" / "busi"), "--jsonl",
+                                 str(tmp_path / "r.jsonl")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        server.shutdown()
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert records and all(r["status"] == "skipped" and "non-finite model output" in r["reason"] for r in records), records[0]
+    assert "Warning" not in result.stderr
+
+
 def test_binary_data_without_the_header_length_is_refused():
     """Without Inference-Header-Content-Length the tail was read from byte 0: an answer declaring 8 bytes of logits
     and sending none gave its JSON header's first bytes as logits (3.03e+32, 7.78e+31), classified."""
