@@ -315,6 +315,22 @@ def binary_answer(size: int, header_length: bool = True) -> tuple:
     return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))} if header_length else {}
 
 
+@pytest.mark.parametrize("output", [
+    {"name": "logits", "datatype": "FP32", "shape": [1, 2], "data": ["A" * 5000, 2.0]},  # numpy quotes the string
+    {"name": "logits", "datatype": "X" * 5000, "shape": [1, 2], "data": [1.0, 2.0]},
+])
+def test_an_unreadable_answer_quoting_the_server_is_clipped(output):
+    """The server's text inside the reading's own error was each record's reason whole: 5 KB for each image."""
+    server = model_server(infer_answer=(200, json.dumps({"outputs": [output]}).encode()))
+    try:
+        with pytest.raises(BackendError) as error:
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        server.shutdown()
+    said = str(error.value).split("unreadable answer (ValueError: ", 1)[1]
+    assert said.endswith("…)") and len(said) == 301
+
+
 def test_logits_past_float32_are_infinite_without_a_warning(tmp_path):
     """1e300 in an FP32 answer's JSON data printed numpy's two-line 'RuntimeWarning: overflow encountered in cast'
     on stderr before the record said the logits are not finite."""

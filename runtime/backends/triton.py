@@ -201,7 +201,7 @@ class TritonBackend(Backend):
             self._configure(server, config)
         except UNREADABLE as exc:
             raise BackendError(f"{self.path}: the served model's configuration is not one Triton writes "
-                               f"({type(exc).__name__}: {first_line(exc)})") from None
+                               f"({_misreading(exc)})") from None
 
     def _configure(self, server: dict, config: dict) -> None:
         """The served model's names, types, batching and metadata, from the server's and the model's JSON."""
@@ -276,7 +276,7 @@ class TritonBackend(Backend):
         try:
             logits = decode_infer_response(body, int(length) if length is not None else None, self.output_name)
         except UNREADABLE as exc:  # whatever JSON the server sent instead
-            raise BackendError(f"{self.path}: unreadable answer ({type(exc).__name__}: {first_line(exc)})") from None
+            raise BackendError(f"{self.path}: unreadable answer ({_misreading(exc)})") from None
         if logits.shape != (len(chunk), self.metadata.num_classes):
             raise BackendError(f"{self.path}: the answer has shape {logits.shape}, expected "
                                f"{(len(chunk), self.metadata.num_classes)}")
@@ -448,6 +448,12 @@ def _read_answer(response: http.client.HTTPResponse) -> bytes:
     if len(data) > MAX_ANSWER_BYTES:
         raise AnswerTooLarge(f"the server's answer runs past {MAX_ANSWER_BYTES:,} bytes; {NOT_TRITON}")
     return data
+
+
+def _misreading(exc: Exception) -> str:
+    """What reading a server's JSON raised, for a message: it can quote the server (numpy's "could not convert
+    string to float: '…'"), so clipped as the server's own error message is."""
+    return f"{type(exc).__name__}: {clipped(first_line(exc))}"
 
 
 def _error_text(body: bytes) -> str:
