@@ -75,6 +75,10 @@ def test_a_file_in_a_folder_named_as_a_scheme_is_a_file(tmp_path, monkeypatch):
     ("triton://host:99999/m", "not a server address"),
     ("triton://host:8000/m#frag", "a server address has no #fragment part"),
     ("triton://me@host:8000/m", "a server address has no user@ part"),
+    # Connecting raised UnicodeError, a traceback, from encoding the name for the resolver.
+    ("triton://gpu..lab:8000/m", r"^triton://gpu\.\.lab:8000/m: the host name 'gpu\.\.lab' is no name a resolver "
+                                 r"takes \(an empty label, one past 63 characters, or a character IDNA forbids\); "),
+    (f"triton://{'g' * 64}.lab:8000/m", "is no name a resolver takes"),
 ])
 def test_bad_server_addresses_are_one_line(spec, message):
     with pytest.raises(BackendError, match=message):

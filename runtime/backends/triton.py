@@ -102,6 +102,11 @@ def parse_url(spec) -> ServerModel:
     names = [unquote(p) for p in parts.path.split("/") if p]
     if not parts.hostname or not 1 <= len(names) <= 2:
         raise BackendError(f"{shown}: not a server address; {usage}")
+    try:  # as connecting encodes it for the resolver, which raised UnicodeError past the client's handling
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise BackendError(f"{shown}: the host name {parts.hostname!r} is no name a resolver takes (an empty label, "
+                           f"one past 63 characters, or a character IDNA forbids); {usage}") from None
     if port == 0:  # urlsplit's range is 0-65535; no server listens on 0
         raise BackendError(f"{shown}: port 0 is no server's port; {usage}")
     if parts.fragment or parts.username is not None:
