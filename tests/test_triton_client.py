@@ -295,6 +295,7 @@ DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion 
      r"unreadable answer \(OverflowError: int too large to convert to float\)"),
     ((200, DEEP_JSON), r"unreadable answer \(RecursionError: maximum recursion depth exceeded"),
     ((500, DEEP_JSON), r"the server refused the batch \(HTTP 500: \[\[\["),
+    ((500, b'{"error": null}'), r"the server refused the batch \(HTTP 500: no message\)$"),  # was 'HTTP 500: None'
 ])
 def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, message, tmp_path):
     """An integer no float holds and arrays nested past the parser's limit raised past the client's reading of

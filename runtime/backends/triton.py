@@ -465,7 +465,7 @@ def _error_text(body: bytes) -> str:
     """The server's own error message (KServe v2 puts it under "error"), cut to one line and clipped: every record
     of the batch carries it."""
     try:
-        text = json.loads(body).get("error", "")
+        text = json.loads(body).get("error") or ""  # null: no message, not "None"
     except UNREADABLE:
         text = body.decode("utf-8", "replace")
     return clipped(first_line(Exception(text))) or "no message"
