@@ -66,13 +66,16 @@ def without_password(uri: str) -> str:
     # read as host "ss"), all up to the last "@" is masked. An "@" is allowed in a path and a query, so elsewhere that
     # would mask a working stream's host; that it may in these two cases is the safe side to err on.
     tail = rest[len(authority):]
+    read_user, read_at, _ = authority.rpartition("@")  # the user part FFmpeg reads, if any
     if ("@" in re.match(r"[^?#]*", tail)[0] if "@" in authority else "@" in tail and not _HOST_PORT.fullmatch(authority)):
         last = rest.rindex("@")
         authority = rest[:last] + re.match(r"@[^/?#]*", rest[last:])[0]
     userinfo, at, host = authority.rpartition("@")  # a password may hold "@" unescaped: the host follows the last
     # The user is kept, to tell accounts apart; a lone user part is masked whole but for the slashes of rtsp:///TOKEN@…,
-    # which name no host and are shown as typed.
-    shown = f"{re.match(r'[^:]*:|/*', userinfo)[0]}***@{host}" if at else authority
+    # which name no host and are shown as typed. Whether there is a password is FFmpeg's reading where it reads a user
+    # part: in T0KEN@cam:554/live@main the ":" is the port's, not one after a user.
+    has_password = ":" in (read_user if read_at else userinfo)
+    shown = f"{re.match(r'[^:]*:' if has_password else '/*', userinfo)[0]}***@{host}" if at else authority
     return f"{scheme}{separator}{shown}" + _SECRET_PARAMETER.sub(r"\1***", rest[len(authority):])
 
 

@@ -734,6 +734,10 @@ def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_s
         with pytest.raises(SourceError) as refused:
             open_source(f"rtsp://admin:{password}@127.0.0.1:{port}/live", reconnect=0)
         assert str(refused.value).startswith(f"rtsp://admin:***@127.0.0.1:{port}/live: cannot be opened")
+    # A lone token before a host with a port, where the path holds an "@" too: the ":" is the port's, no password's.
+    with pytest.raises(SourceError) as refused:
+        open_source(f"rtsp://T0KEN@127.0.0.1:{port}/live@main", reconnect=0)
+    assert str(refused.value).startswith("rtsp://***@main: cannot be opened")
     # An "@" of a working URL's query or path stays: it is no password's.
     assert without_password("rtsp://admin:pw@cam/x?notify=a@b.c") == "rtsp://admin:***@cam/x?notify=a@b.c"
     assert without_password("http://[::1]:80/users/a@b.c/feed") == "http://[::1]:80/users/a@b.c/feed"
