@@ -1,5 +1,6 @@
 """Sources: the URI grammar, broken inputs, DICOM mapping, video files and a network stream that drops."""
 
+import contextlib
 import glob
 import json
 import os
@@ -539,32 +540,41 @@ def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_pa
     assert [round(f.timestamp, 3) for f in frames[:3]] == [0.0, 0.1, 0.2]  # its own time, as a file's
 
 
-def test_a_video_on_a_web_server_whose_connection_stalls_is_not_blamed_on_the_file(tmp_path):
-    """A stall while reading http://host/clip.avi ended with '11 of the 20 frames the video lists did not decode
-    (truncated or corrupt)': the file was blamed for a lost connection."""
-    data = write_video(tmp_path / "clip.avi", count=20).read_bytes()
-    stall = threading.Event()
+@contextlib.contextmanager
+def web_server_cutting_short(data: bytes, end: int, stall: bool):
+    """A web server's URL of a video whose answer lists all of ``data``'s length and sends its first ``end`` bytes,
+    then stalls past FFmpeg's 5 s read timeout (``stall``) or closes the connection."""
+    released = threading.Event()
 
-    class Stalling(BaseHTTPRequestHandler):
+    class CuttingShort(BaseHTTPRequestHandler):
         log_message = lambda self, *args: None  # noqa: E731
 
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data[:len(data) // 2])
+            self.wfile.write(data[:end])
             self.wfile.flush()
-            stall.wait(10)  # past FFmpeg's 5 s read timeout
+            if stall:
+                released.wait(10)
+            self.close_connection = True
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CuttingShort)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
-        frames = list(iterate(open_source(url), max_frames=30))
+        yield f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
     finally:
-        stall.set()
+        released.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_video_on_a_web_server_whose_connection_stalls_is_not_blamed_on_the_file(tmp_path):
+    """A stall while reading http://host/clip.avi ended with '11 of the 20 frames the video lists did not decode
+    (truncated or corrupt)': the file was blamed for a lost connection."""
+    data = write_video(tmp_path / "clip.avi", count=20).read_bytes()
+    with web_server_cutting_short(data, len(data) // 2, stall=True) as url:
+        frames = list(iterate(open_source(url), max_frames=30))
     *read, last = frames
     assert 0 < len(read) < 20 and all(f.error is None for f in read) and last.index == len(read)
     assert last.error == (f"{url}: {20 - len(read)} of the 20 frames the video lists did not decode (the connection "
@@ -576,25 +586,9 @@ def test_a_video_on_a_web_server_whose_connection_drops_before_its_first_frame_i
     """A 20-frame clip whose server closed the connection after its header ended with 'the video opens but no frame
     decodes (no frames, or corrupt or unsupported video data)': the file was blamed for a lost connection."""
     data = write_video(tmp_path / "clip.avi", count=20).read_bytes()
-
-    class Dropping(BaseHTTPRequestHandler):
-        log_message = lambda self, *args: None  # noqa: E731
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[:data.index(b"movi") + 4])  # the header and frame index's start, no frame
-            self.close_connection = True
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/clip.avi"
+    # the header and frame index's start, no frame
+    with web_server_cutting_short(data, data.index(b"movi") + 4, stall=False) as url:
         (only,) = iterate(open_source(url, reconnect=0), max_frames=30)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert only.index == 0 and only.error == (f"{url}: the video opens but no frame decodes (unsupported video data, "
                                               f"or the connection stalled or dropped, or the file on the server is "
                                               f"truncated or corrupt)")
