@@ -20,18 +20,6 @@ flags		: sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni amx_ti
 """
 SKYLAKE_X = "model name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz\nflags\t\t: sse2 avx2 fma avx512f avx512bw\n"
 ORIN = "processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\nCPU part\t: 0xd42\n"
-# A Jetson AGX Orin's (JetPack 6): no model name, the core in implementer and part; each processor alike
-ORIN_PROCESSOR = """BogoMIPS\t: 62.50
-Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp uscat \
-ilrcpc flagm paca pacg
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x1
-CPU part\t: 0xd42
-CPU revision\t: 1
-"""
-ORIN_FULL = "\n".join(f"processor\t: {n}\n{ORIN_PROCESSOR}" for n in range(2))
-
 
 
 def arm_cpuinfo(features: str, *cores: tuple[str, str]) -> str:
@@ -40,6 +28,10 @@ def arm_cpuinfo(features: str, *cores: tuple[str, str]) -> str:
                      f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\nCPU revision\t: 1\n"
                      for k, (implementer, part) in enumerate(cores))
 
+
+# A Jetson AGX Orin's (JetPack 6): no model name, the core in implementer and part; each processor alike
+ORIN_FULL = arm_cpuinfo("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+                        "asimddp uscat ilrcpc flagm paca pacg", *[("0x41", "0xd42")] * 2)
 
 # big.LITTLE: an RK3588 board's four Cortex-A55s then four Cortex-A76s; a Jetson TX2's Cortex-A57 at processor 0,
 # its two Denver 2 cores next, then three more Cortex-A57s
