@@ -313,11 +313,22 @@ def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, m
     assert re.match(rf"error: {server.url}: {message}", result.stderr.strip().splitlines()[-1])
 
 
-def binary_answer(size: int, header_length: bool = True) -> tuple:
+def binary_answer(size: int) -> tuple:
     """An inference answer with the binary tensor extension: logits [1, 2] after a header declaring ``size`` bytes."""
     header = json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 2],
                                       "parameters": {"binary_data_size": size}}]}).encode()
-    return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))} if header_length else {}
+    return 200, header + np.float32([1, 2]).tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def refusal(infer_answer) -> tuple[str, str]:
+    """The fake server's URL and the error a batch of one image gets when the server answers ``infer_answer``."""
+    server = model_server(infer_answer=infer_answer)
+    try:
+        with pytest.raises(BackendError) as refused:
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        server.shutdown()
+    return server.url, str(refused.value)
 
 
 @pytest.mark.parametrize("output", [
@@ -326,13 +337,8 @@ def binary_answer(size: int, header_length: bool = True) -> tuple:
 ])
 def test_an_unreadable_answer_quoting_the_server_is_clipped(output):
     """The server's text inside the reading's own error was each record's reason whole: 5 KB for each image."""
-    server = model_server(infer_answer=(200, json.dumps({"outputs": [output]}).encode()))
-    try:
-        with pytest.raises(BackendError) as error:
-            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
-    finally:
-        server.shutdown()
-    said = str(error.value).split("unreadable answer (ValueError: ", 1)[1]
+    _, error = refusal((200, json.dumps({"outputs": [output]}).encode()))
+    said = error.split("unreadable answer (ValueError: ", 1)[1]
     assert said.endswith("…)") and len(said) == 301
 
 
@@ -356,24 +362,16 @@ def test_binary_data_without_the_header_length_is_refused():
     """Without Inference-Header-Content-Length the tail was read from byte 0: an answer declaring 8 bytes of logits
     and sending none gave its JSON header's first bytes as logits (3.03e+32, 7.78e+31), classified."""
     status, body, headers = binary_answer(8)
-    server = model_server(infer_answer=(status, body[:int(headers["Inference-Header-Content-Length"])]))
-    try:
-        with pytest.raises(BackendError, match=rf"^{server.url}: unreadable answer \(ValueError: output 'logits' has "
-                                               rf"binary data but the answer no Inference-Header-Content-Length\)$"):
-            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
-    finally:
-        server.shutdown()
+    url, error = refusal((status, body[:int(headers["Inference-Header-Content-Length"])]))
+    assert error == (f"{url}: unreadable answer (ValueError: output 'logits' has binary data but the answer no "
+                     f"Inference-Header-Content-Length)")
 
 
 def test_a_negative_binary_data_size_is_refused():
     """-4 bytes was read as numpy's 'all the rest' (count -1): the tail was taken whatever size the header said."""
-    server = model_server(infer_answer=binary_answer(-4))
-    try:
-        with pytest.raises(BackendError, match=rf"^{server.url}: unreadable answer \(ValueError: output 'logits' has "
-                                               rf"binary_data_size -4, not a number of bytes\)$"):
-            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
-    finally:
-        server.shutdown()
+    url, error = refusal(binary_answer(-4))
+    assert error == (f"{url}: unreadable answer (ValueError: output 'logits' has binary_data_size -4, not a number "
+                     f"of bytes)")
 
 
 def test_a_long_error_page_is_clipped_in_every_record(tmp_path):
