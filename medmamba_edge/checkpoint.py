@@ -27,7 +27,7 @@ from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names
                                              unwritable_class_names)
 
 from . import __version__
-from .errors import UserError, first_line
+from .errors import UserError, clipped, first_line
 from .model import VSSM, SS_Conv_SSM, variant_name
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -223,8 +223,7 @@ def _check_crcs(path: Path) -> None:
 
 def _first_sentence(text: str, limit: int = 200) -> str:
     end = text.find(". ")
-    text = text[:end + 1] if 0 <= end < limit else text
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return clipped(text[:end + 1] if 0 <= end < limit else text, limit)
 
 
 def _what_else(path: Path, cause: str) -> str:

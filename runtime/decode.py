@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medmamba_edge.errors import UserError, first_line, install_hint
+from medmamba_edge.errors import UserError, clipped, first_line, install_hint
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -759,7 +759,7 @@ class DicomFrames:
         # Lossless or JPEG-LS): pointing at one of them, not at a fixed pair
         hint = " (install one of the decoding plugins named)" if "missing dependencies" in message else ""
         return ImageError(f"{self._where(index)}: cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): "
-                          f"{message[:300]}{hint}")
+                          f"{clipped(message)}{hint}")
 
     def _map(self, pixels: np.ndarray, index: int) -> np.ndarray:
         try:
