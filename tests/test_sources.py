@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -708,22 +709,28 @@ def test_a_stream_s_password_is_given_to_ffmpeg_only_never_to_records_or_message
     assert "secret" not in str(pytest.raises(SourceError, open_source, "file://admin:secret@host/x").value)
 
 
-def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_shown():
-    """https://TOKEN@relay/stream and rtsp://APIKEY@cam/live (how cloud relays and some cameras take a token) were
-    shown whole, as was the part after the '/' of a password holding one (rtsp://admin:pa/ss@cam/x)."""
+def read_until_lost(url: Callable[[FlakyMjpegServer], str]) -> tuple[FlakyMjpegServer, list, str, str]:
+    """A one-connection MJPEG stream read at ``url(server)`` until it is lost: the server (the paths it was asked
+    for), the records, the source's description and the closing error."""
     server = FlakyMjpegServer(good_connections=1)
-    port = server.server.server_address[1]
     try:
-        source = open_source(f"http://T0KEN@127.0.0.1:{port}/stream.mjpg", reconnect=0)
+        source = open_source(url(server), reconnect=0)
+        frames = []
         with pytest.raises(SourceError) as lost:
-            frames = []
             frames.extend(source.frames())
     finally:
         server.close()
+    assert len(frames) == 4 + 1 and frames[0].error is None  # the URL reached the server: it answered (+ the outage)
+    return server, frames, source.description, str(lost.value)
+
+
+def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_shown():
+    """https://TOKEN@relay/stream and rtsp://APIKEY@cam/live (how cloud relays and some cameras take a token) were
+    shown whole, as was the part after the '/' of a password holding one (rtsp://admin:pa/ss@cam/x)."""
+    server, frames, description, lost = read_until_lost(lambda server: server.url.replace("://", "://T0KEN@"))
+    port = server.server.server_address[1]
     shown = f"http://***@127.0.0.1:{port}/stream.mjpg"
-    assert len(frames) == 4 + 1 and frames[0].error is None  # the token reached FFmpeg: the server answered
-    assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
-    assert shown in str(lost.value)
+    assert {f.source for f in frames} == {shown} and description == f"stream {shown}" and shown in lost
     for password in ["pa/ss", "p@ss/word", "pa?ss", "pa#ss"]:  # FFmpeg reads no such host: it never connects
         with pytest.raises(SourceError) as refused:
             open_source(f"rtsp://admin:{password}@127.0.0.1:{port}/live", reconnect=0)
@@ -755,19 +762,11 @@ def test_a_credential_in_a_stream_s_query_is_given_to_ffmpeg_only():
     """IP cameras and cloud relays take their credentials in the query (?user=admin&pwd=…, ?token=…, a signed URL's
     X-Amz-Signature): every record's source and every message held them, where a password before the host was
     masked."""
-    server = FlakyMjpegServer(good_connections=1)
     query = "?user=admin&PWD=s3cret&fps=20&access_token=t0k&X-Amz-Signature=51g&monkey=1&key=&apiKey=k3y&accessToken=t0k"
-    try:
-        source = open_source(f"{server.url}{query}", reconnect=0)
-        with pytest.raises(SourceError) as lost:
-            frames = []
-            frames.extend(source.frames())
-    finally:
-        server.close()
-    assert server.paths == [f"/stream.mjpg{query}"] and len(frames) == 4 + 1  # the server was given them (+ outage)
+    server, frames, description, lost = read_until_lost(lambda server: f"{server.url}{query}")
+    assert server.paths == [f"/stream.mjpg{query}"]  # the server was given them
     shown = f"{server.url}?user=admin&PWD=***&fps=20&access_token=***&X-Amz-Signature=***&monkey=1&key=&apiKey=***&accessToken=***"
-    assert {f.source for f in frames} == {shown} and source.description == f"stream {shown}"
-    assert shown in str(lost.value)
+    assert {f.source for f in frames} == {shown} and description == f"stream {shown}" and shown in lost
 
 
 def test_an_srt_stream_s_passphrase_is_not_shown():
