@@ -297,7 +297,7 @@ DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion 
     ((500, DEEP_JSON), r"the server refused the batch \(HTTP 500: \[\[\["),
     ((500, b'{"error": null}'), r"the server refused the batch \(HTTP 500: no message\)$"),  # was 'HTTP 500: None'
 ])
-def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, message, tmp_path):
+def test_an_answer_json_cannot_hold_is_one_line_in_every_command(infer_answer, message):
     """An integer no float holds and arrays nested past the parser's limit raised past the client's reading of
     the answer: `compare` ended in a traceback, `run` and `benchmark` named the error without the server."""
     server = model_server(infer_answer=infer_answer)
