@@ -1,5 +1,5 @@
 """File helpers shared by every stage: content hashes (checkpoints, ONNX, plugin libraries), the one
-output writer (``AtomicOutput``: write-then-rename, so a crashed or refused run never leaves a
+output writer (``AtomicOutput``: write, fsync, rename, so a crashed, refused or powered-off run never leaves a
 half-written file under the target name), and the one cache folder (plugin builds, TensorRT engines,
 ONNX Runtime's TensorRT EP engines)."""
 
@@ -24,6 +24,10 @@ from medmamba_edge.errors import UserError
 from .uri import uri_refusal
 
 CACHE_ENV = "MEDMAMBA_EDGE_CACHE"
+
+# fsync's "this file system cannot" (some FUSE and network mounts, and a folder's descriptor on some): the output
+# is written as it was before fsync was asked for, never refused for it.
+_CANNOT_SYNC = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
 
 
 class OutputError(UserError):
@@ -89,6 +93,27 @@ def _own_descriptor(path: Path) -> int | None:
     return named if named is not None else int(match.group(1)) if match else None
 
 
+def _sync(fd: int) -> None:
+    """fsync ``fd``, where its file system can; a real failure (EIO: the device is failing) raises."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_SYNC:
+            raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync ``folder``, so that a name renamed into it survives a power cut."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder one may write but not read (mode 0333): its entry is written back as before
+        return
+    try:
+        _sync(fd)
+    finally:
+        os.close(fd)
+
+
 def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     """mkstemp's prefix and suffix beside ``target``: ``.NAME.XXXXXXXX.partial.SUFFIX``, NAME cut so that the
     whole fits the file system's ``name_max`` bytes (a valid 250-byte target name must still get one). A
@@ -129,10 +154,15 @@ class AtomicOutput:
 
     ``write`` writes whole chunks (records): when the disk fills up, the file is cut back to the last
     whole chunk and ``OutputError`` says what was kept, so a committed file never ends in a torn line.
+
+    ``commit`` fsyncs the file before the rename and its folder after: renamed unsynced, a power cut could leave
+    an empty or torn file under the target name. Streams (FIFOs, devices, a terminal) are never fsynced: nothing
+    of them is on a disk.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.syncs = False  # whether it is a file on a disk: found by open() (/dev/stdout may be one)
         self.in_place = streamed_in_place(self.path)
         # A descriptor of this process (/dev/stdout, /dev/fd/N), found once: write() asks for every record
         self.descriptor = _own_descriptor(self.path) if self.in_place else None
@@ -175,6 +205,8 @@ class AtomicOutput:
                 self.handle = os.fdopen(os.dup(fd), "wb", buffering=0)
             else:
                 self.handle = open(self.write_path, "ab" if self.in_place else "wb", buffering=0)
+            # /dev/stdout redirected to a file is on a disk as much as a temporary file is; a pipe or a device is not
+            self.syncs = stat.S_ISREG(os.fstat(self.handle.fileno()).st_mode)
         except OSError as exc:
             self.discard()
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
@@ -201,6 +233,14 @@ class AtomicOutput:
     def commit(self, whole: bool = True) -> None:
         """Close, and rename a temporary file into place (readable as the umask allows). ``whole=False``: what
         was written is kept, but it is not all (a writer that reports its failures only at the end)."""
+        if self.handle is not None and self.syncs:
+            try:
+                _sync(self.handle.fileno())
+            except OSError as exc:  # not known to be on the disk: it does not replace what the target holds
+                self._close_handle()
+                if not self.in_place:
+                    self._kept(exc)
+                raise self._cannot_write(exc) from None
         self._close_handle()
         if not self.in_place and self.write_path.exists():
             os.chmod(self.write_path, 0o666 & ~current_umask())
@@ -216,6 +256,12 @@ class AtomicOutput:
                 except OSError as copy_exc:
                     self._kept(copy_exc)
                 self.write_path.unlink()
+            # The new name's folder, and those of the folders made for it: a rename is on the disk once they are.
+            try:
+                for folder in (self.target.parent, *(made.parent for made in self.created_folders)):
+                    _sync_folder(folder)
+            except OSError as exc:
+                raise self._cannot_write(exc) from None
         self.complete = whole and not self.cut_short
 
     def _write_into_target(self) -> None:
@@ -235,8 +281,12 @@ class AtomicOutput:
                     while view:
                         view = view[os.write(fd, view):]
             os.ftruncate(fd, size)
+            _sync(fd)
         finally:
             os.close(fd)
+
+    def _cannot_write(self, exc: OSError) -> OutputError:
+        return OutputError(f"{self.path}: cannot write ({exc.strerror or exc})")
 
     def _kept(self, exc: OSError) -> None:
         raise OutputError(f"{self.path}: cannot put the output in place ({exc.strerror or exc}); it is kept as "

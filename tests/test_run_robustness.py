@@ -5,6 +5,7 @@ The models are three-node ONNX graphs written here (global average pool → flat
 tests need neither torch nor an export; the metadata is written raw, as a damaged file would carry it."""
 
 import csv
+import errno
 import json
 import os
 import resource
@@ -900,6 +901,91 @@ def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):
     with pytest.raises(files.OutputError, match=r"r\.jsonl: cannot put the output in place \(.*\); it is kept as .*partial"):
         output.commit()
     assert output.write_path.read_bytes() == b'{"seq": 0}\n'
+
+
+class SyncLog:
+    """os.fsync and os.replace, recorded in order: ("fsync", the descriptor's path, its size) and ("rename", the
+    target); ``failure`` (an errno) makes fsync fail with it after recording the call."""
+
+    def __init__(self, monkeypatch, failure=None):
+        self.events, self.failure, real_fsync, real_replace = [], failure, os.fsync, os.replace
+
+        def fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+            if self.failure is not None:
+                raise OSError(self.failure, os.strerror(self.failure))
+            real_fsync(fd)
+
+        def replace(source, target):
+            real_replace(source, target)
+            self.events.append(("rename", str(target)))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def paths(self, kind="fsync"):
+        return [event[1] for event in self.events if event[0] == kind]
+
+
+def test_a_commit_fsyncs_the_file_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
+    """Renamed unsynced, a power cut could leave an empty or torn file under the target name (ext4 writes the rename
+    before delayed-allocation data), and the rename itself could be lost with the folder's entry."""
+    log = SyncLog(monkeypatch)
+    target = tmp_path / "new" / "m.onnx"  # a folder made for it: its entry in tmp_path must be on the disk too
+    write_bytes_atomically(target, b"model" * 1000)
+    partial = next(event[1] for event in log.events if event[0] == "fsync")
+    assert ".m." in partial and partial.endswith(".partial.onnx")
+    assert log.events == [("fsync", partial, 5000), ("rename", str(target)),
+                          ("fsync", str(tmp_path / "new"), os.stat(tmp_path / "new").st_size),
+                          ("fsync", str(tmp_path), os.stat(tmp_path).st_size)]
+    assert target.read_bytes() == b"model" * 1000
+
+
+def test_only_outputs_on_a_disk_are_fsynced_and_streams_never_fail_for_it(tmp_path, monkeypatch):
+    """A FIFO, a pipe or /dev/null cannot be fsynced (EINVAL) and holds nothing a power cut could lose; a descriptor
+    that is a regular file (/dev/stdout redirected to one: `run --jsonl /dev/stdout > r.jsonl`) is on the disk."""
+    log = SyncLog(monkeypatch)
+    fifo = tmp_path / "records.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there: the writer's open does not wait
+    redirected = tmp_path / "redirected.jsonl"
+    with open(redirected, "wb") as file:
+        for stream in (fifo, Path("/dev/null"), Path(f"/dev/fd/{file.fileno()}")):
+            sink = JsonlSink(stream)
+            sink.write(Record(0, "scan.png", 0, 0.0, "ok", ["a"], [1.0]), None, 0.0)
+            sink.close()
+            assert sink.output.complete
+    assert json.loads(os.read(reader, 4096))["source"] == "scan.png"
+    os.close(reader)
+    # the redirected file at close; nothing renamed, so no folder
+    assert log.paths() == [str(redirected)] and log.paths("rename") == []
+    assert read_jsonl(redirected)[0]["seq"] == 0
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF])
+def test_a_file_system_that_cannot_fsync_is_written_as_before(tmp_path, monkeypatch, refusal):
+    """EINVAL, EOPNOTSUPP or EBADF (some FUSE and network mounts; a folder's descriptor on some) is no failing disk:
+    the output is written as it was before fsync was asked for."""
+    log = SyncLog(monkeypatch, failure=refusal)
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    sink.write(Record(0, "scan.png", 0, 0.0, "ok", ["a"], [1.0]), None, 0.0)
+    sink.close()
+    write_bytes_atomically(tmp_path / "m.json", b"{}")
+    assert sink.output.complete and read_jsonl(tmp_path / "r.jsonl")[0]["seq"] == 0
+    assert (tmp_path / "m.json").read_bytes() == b"{}" and sorted(os.listdir(tmp_path)) == ["m.json", "r.jsonl"]
+    assert len(log.paths()) == 4  # tried each time: each commit's file and folder
+
+
+def test_a_failing_fsync_at_the_end_keeps_the_old_output(tmp_path, monkeypatch):
+    """EIO from fsync (a failing eMMC or SD card): the new content may not be on the disk, so it does not replace the
+    target's old content, and the error says where it is."""
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    SyncLog(monkeypatch, failure=errno.EIO)
+    with pytest.raises(files.OutputError, match=r"^\S*m\.onnx: cannot put the output in place \(Input/output error\); "
+                                                r"it is kept as \S*\.m\.\w+\.partial\.onnx$"):
+        write_bytes_atomically(target, b"new")
+    assert target.read_bytes() == b"old"
 
 
 def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path, monkeypatch):
