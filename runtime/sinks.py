@@ -28,7 +28,8 @@ import numpy as np
 from medmamba_edge.errors import UserError, plural
 
 from .decode import opencv_cannot_name, quiet_opencv
-from .files import AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, local_output, printable
+from .files import (SYNC_INTERVAL_S, AtomicOutput, GuardedStdout, any_is_stdout, check_distinct_outputs, local_output,
+                    printable)
 
 STATUSES = ("ok", "abstain", "skipped", "dropped", "lost")
 
@@ -89,10 +90,11 @@ def csv_text(text: str) -> str:
 
 
 class TextSink:
-    """Records as lines of text into an ``AtomicOutput``; a full disk keeps the complete lines."""
+    """Records as lines of text into an ``AtomicOutput``; a full disk keeps the complete lines, a power cut all but
+    the last ``SYNC_INTERVAL_S`` of them."""
 
     def __init__(self, path: str | Path):
-        self.output = AtomicOutput(path)
+        self.output = AtomicOutput(path, sync_interval_s=SYNC_INTERVAL_S)
         self.output.open()  # an unwritable place fails now, before the run
 
     def write_line(self, text: str) -> None:

@@ -941,6 +941,28 @@ def test_a_commit_fsyncs_the_file_before_its_rename_and_the_folders_after(tmp_pa
     assert target.read_bytes() == b"model" * 1000
 
 
+def test_records_are_fsynced_once_an_interval_while_written_and_at_close(tmp_path, monkeypatch):
+    """A night's records stayed in the page cache until the kernel wrote them back (30 s and more with delayed
+    allocation, on an SD card longer): a power cut lost them. Now at most SYNC_INTERVAL_S of them are lost."""
+    now = [1000.0]
+    monkeypatch.setattr(files, "monotonic", lambda: now[0])
+    log = SyncLog(monkeypatch)
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    sizes = []
+    for seq in range(12):  # one record every 0.3 s
+        sink.write(Record(seq, "scan.png", 0, 0.0, "ok", ["a"], [1.0]), None, 0.0)
+        sizes.append(sink.output.written)
+        now[0] += 0.3 * files.SYNC_INTERVAL_S
+    synced = [event[2] for event in log.events if event[0] == "fsync"]
+    # the first record at once, then the first record 1 s or more after the last fsync: records 0, 4 and 8
+    assert synced == [sizes[0], sizes[4], sizes[8]]
+    sink.close()
+    partial = log.paths()[0]
+    assert log.events[3:] == [("fsync", partial, sizes[-1]), ("rename", str(tmp_path / "r.jsonl")),
+                              ("fsync", str(tmp_path), os.stat(tmp_path).st_size)]
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == 12
+
+
 def test_only_outputs_on_a_disk_are_fsynced_and_streams_never_fail_for_it(tmp_path, monkeypatch):
     """A FIFO, a pipe or /dev/null cannot be fsynced (EINVAL) and holds nothing a power cut could lose; a descriptor
     that is a regular file (/dev/stdout redirected to one: `run --jsonl /dev/stdout > r.jsonl`) is on the disk."""
@@ -957,8 +979,8 @@ def test_only_outputs_on_a_disk_are_fsynced_and_streams_never_fail_for_it(tmp_pa
             assert sink.output.complete
     assert json.loads(os.read(reader, 4096))["source"] == "scan.png"
     os.close(reader)
-    # the redirected file at close; nothing renamed, so no folder
-    assert log.paths() == [str(redirected)] and log.paths("rename") == []
+    # the redirected file twice: its first record, and at close; nothing renamed, so no folder
+    assert log.paths() == [str(redirected)] * 2 and log.paths("rename") == []
     assert read_jsonl(redirected)[0]["seq"] == 0
 
 
@@ -973,7 +995,7 @@ def test_a_file_system_that_cannot_fsync_is_written_as_before(tmp_path, monkeypa
     write_bytes_atomically(tmp_path / "m.json", b"{}")
     assert sink.output.complete and read_jsonl(tmp_path / "r.jsonl")[0]["seq"] == 0
     assert (tmp_path / "m.json").read_bytes() == b"{}" and sorted(os.listdir(tmp_path)) == ["m.json", "r.jsonl"]
-    assert len(log.paths()) == 4  # tried each time: each commit's file and folder
+    assert len(log.paths()) == 5  # tried each time: the record, and each commit's file and folder
 
 
 def test_a_failing_fsync_at_the_end_keeps_the_old_output(tmp_path, monkeypatch):
@@ -986,6 +1008,25 @@ def test_a_failing_fsync_at_the_end_keeps_the_old_output(tmp_path, monkeypatch):
                                                 r"it is kept as \S*\.m\.\w+\.partial\.onnx$"):
         write_bytes_atomically(target, b"new")
     assert target.read_bytes() == b"old"
+
+
+def test_a_failing_fsync_mid_run_is_one_line_naming_the_file(model, tmp_path, monkeypatch):
+    """EIO from a records file's fsync ends the run as a full disk does, in one line naming the file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), image(i))
+    real_fsync = os.fsync
+
+    def fails_once(fd):  # as the kernel reports a lost write-back: to the next fsync of the file, once
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fails_once)
+    code, output = cli("run", model, folder, "--console", "none", "--jsonl", tmp_path / "r.jsonl")
+    assert code == 1 and "Traceback" not in output and output.count("error:") == 1, output
+    assert "r.jsonl: cannot write (Input/output error)" in output
+    assert [r["seq"] for r in read_jsonl(tmp_path / "r.jsonl")] == [0]  # the run stopped at its first record
 
 
 def test_a_video_path_opencv_cannot_take_is_one_line_not_a_crash(model, tmp_path, monkeypatch):
