@@ -109,12 +109,14 @@ def _sync(fd: int) -> None:
             raise
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync ``folder``, so that a name renamed into it survives a power cut."""
+def _sync_path(path: Path, folder: bool = False) -> None:
+    """fsync the file at ``path``, or the ``folder`` (so that a name renamed into it survives a power cut)."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # a folder one may write but not read (mode 0333): its entry is written back as before
-        return
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    except OSError:
+        if not folder:
+            raise
+        return  # a folder one may write but not read (mode 0333): its entry is written back as before
     try:
         _sync(fd)
     finally:
@@ -250,14 +252,16 @@ class AtomicOutput:
     def commit(self, whole: bool = True) -> None:
         """Close, and rename a temporary file into place (readable as the umask allows). ``whole=False``: what
         was written is kept, but it is not all (a writer that reports its failures only at the end)."""
-        if self.handle is not None and self.syncs:
-            try:
+        try:
+            if self.handle is not None and self.syncs:
                 _sync(self.handle.fileno())
-            except OSError as exc:  # not known to be on the disk: it does not replace what the target holds
-                self._close_handle()
-                if not self.in_place:
-                    self._kept(exc)
-                raise self._cannot_write(exc) from None
+            elif self.handle is None and not self.in_place and self.write_path.exists():
+                _sync_path(self.write_path)  # written through its path by another writer (OpenCV's video writer)
+        except OSError as exc:  # not known to be on the disk: it does not replace what the target holds
+            self._close_handle()
+            if not self.in_place:
+                self._kept(exc)
+            raise self._cannot_write(exc) from None
         self._close_handle()
         if not self.in_place and self.write_path.exists():
             os.chmod(self.write_path, 0o666 & ~current_umask())
@@ -276,7 +280,7 @@ class AtomicOutput:
             # The new name's folder, and those of the folders made for it: a rename is on the disk once they are.
             try:
                 for folder in (self.target.parent, *(made.parent for made in self.created_folders)):
-                    _sync_folder(folder)
+                    _sync_path(folder, folder=True)
             except OSError as exc:
                 raise self._cannot_write(exc) from None
         self.complete = whole and not self.cut_short

@@ -1010,6 +1010,18 @@ def test_a_failing_fsync_at_the_end_keeps_the_old_output(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old"
 
 
+def test_an_output_written_through_its_path_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    """--save-video's file is written by OpenCV through its temporary path, not through the output's handle: it was
+    renamed into place unsynced, so a power cut could leave the video under its name empty or torn."""
+    log = SyncLog(monkeypatch)
+    output = AtomicOutput(tmp_path / "run.mp4")
+    output.write_path.write_bytes(b"frames" * 100)  # as cv2.VideoWriter writes it
+    output.commit()
+    partial = str(output.write_path)
+    assert log.events == [("fsync", partial, 600), ("rename", str(tmp_path / "run.mp4")),
+                          ("fsync", str(tmp_path), os.stat(tmp_path).st_size)]
+
+
 def test_a_failing_fsync_mid_run_is_one_line_naming_the_file(model, tmp_path, monkeypatch):
     """EIO from a records file's fsync ends the run as a full disk does, in one line naming the file."""
     folder = tmp_path / "images"
