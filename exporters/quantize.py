@@ -33,13 +33,16 @@ up to 13 points on an AVX2-only CPU; the 7-bit recipe loses nothing measurable o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -330,6 +333,7 @@ def calibrate(portable: onnx.ModelProto, inputs: list[list[np.ndarray]], input_n
     saved to ``cache`` for quantize_static. ``portable``: the model with its scans lowered (portable_form), which
     ONNX Runtime's calibrator runs without our op library."""
     import onnxruntime as ort
+    from google.protobuf.message import DecodeError
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     from medmamba_edge.runtime.backends.onnxruntime.custom_ops import session_options
@@ -341,8 +345,16 @@ def calibrate(portable: onnx.ModelProto, inputs: list[list[np.ndarray]], input_n
     with tempfile.TemporaryDirectory(prefix="medmamba-calib.") as tmp:
         source = Path(tmp) / "portable.onnx"
         onnx.save(portable, source)
-        calibrator = create_calibrator(source, list(CALIBRATED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
-                                       _calibration_method(method), extra_options=options)
+        try:
+            calibrator = create_calibrator(source, list(CALIBRATED_OP_TYPES), str(Path(tmp) / "augmented.onnx"),
+                                           _calibration_method(method), extra_options=options)
+        except DecodeError:
+            # The calibrator first copies the model beside it with its shapes inferred, in C++ that does not report a
+            # full disk: the copy is cut short, and reading it back is what fails. The copy is the model's size
+            # and more, so with less room left than that it was the disk.
+            if shutil.disk_usage(tmp).free >= source.stat().st_size:
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
         held = session_options()
         if held.intra_op_num_threads:
             # The calibrator opens its session with ONNX Runtime's default threads, which ignore the affinity mask:

@@ -884,6 +884,32 @@ def test_a_full_temporary_folder_is_a_one_line_error(bundled32, tmp_path, monkey
     assert "no space left on the device; temporary files go to" in result.output and not output.exists()
 
 
+def test_a_temporary_folder_too_small_for_the_calibrators_copy_is_a_one_line_error(bundled32, tmp_path, monkeypatch):
+    """Room for the lowered model but not for the shape-inferred copy ONNX Runtime's calibrator writes beside it
+    (C++, which does not report a full disk): quantize ended in protobuf's DecodeError traceback ("Wire format was
+    corrupt") with $TMPDIR on a small file system."""
+    import tempfile
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = len(lower_ss2d_scan(onnx.load(str(bundled32))).SerializeToString())
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(disk))
+        from medmamba_edge.runtime.bundled import sample_image_paths
+
+        calib = str(sample_image_paths("pneumoniamnist")[0].parent)
+        output = tmp_path / "q.int8.onnx"
+        result = CliRunner().invoke(app, ["quantize", str(bundled32), "--calib", calib, "-o", str(output)])
+        assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
+        assert f"no space left on the device; temporary files go to {disk}" in result.output, result.output
+        assert not output.exists() and not any(disk.iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_sigterm_mid_calibration_leaves_no_temporary_files(fp32_models, tmp_path):
     """SIGTERM (systemd, docker) skipped the cleanups Ctrl-C runs: 111 MB of calibration models stayed in /tmp."""
     temp = tmp_path / "tmp"
