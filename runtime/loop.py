@@ -1,9 +1,10 @@
 """The run loop, as jetson-inference's imagenet.py: capture → infer → overlay/render → status.
 
 Capture (decode + preprocess) runs in its own thread (``sources.Capture``); this thread batches frames,
-runs the backend and hands every frame's ``Record`` to the sinks. Ctrl-C, SIGTERM and SIGHUP stop after
-the current batch; the sinks are always closed, so output files are complete, and the caller prints the
-summary. An output that fails (a full disk) ends the run the same way, with its error in the stats.
+runs the backend and hands every frame's ``Record`` to the sinks. A stop request (``stop_on_signals``' event,
+which the command line sets on Ctrl-C, SIGTERM and SIGHUP) stops it after the current batch; the sinks are always
+closed, so output files are complete, and the caller prints the summary. An output that fails (a full disk) ends
+the run the same way, with its error in the stats.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def stop_on_signals(notify, stop: threading.Event | None = None):
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
-        # On the event, which both this handler and an outer one (the CLI's, while it opens outputs) set: the
-        # summary says which signal stopped the run.
+        # On the event, which run() reads: the summary says which signal stopped the run.
         stop.signal_name = signal.Signals(signum).name
         stop.set()
         # Not notify() here: the handler runs between any two bytecodes of the main thread, which may be inside
@@ -91,33 +91,36 @@ def capture_still_running(interrupt: KeyboardInterrupt) -> bool:
 
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print,
         stop: threading.Event | None = None) -> Stats:
-    """Classify ``source`` until it ends, a sink asks to stop, a stop signal arrives (main thread only) or ``stop``
-    is set (from any thread: an application's own shutdown); every frame gets a record and the sinks are closed."""
+    """Classify ``source`` until it ends, a sink asks to stop or ``stop`` is set (from any thread: an application's
+    own shutdown, or ``stop_on_signals``' event); every frame gets a record and the sinks are closed, also when an
+    exception (Ctrl-C's KeyboardInterrupt) ends it. The process's signal handlers are the caller's: the command line
+    wraps the run in ``stop_on_signals``, an application keeps its own."""
     meta, stats, outputs = backend.metadata, Stats(), Outputs(sinks)
+    interrupted = stop if stop is not None else threading.Event()
     records = RecordWriter(meta, options, outputs, stats)
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
     source.notify = notify
     # A count and the first message, not a list: a client whose server is down for a day fails every batch.
     failed_batches, first_failure = 0, None
-    with stop_on_signals(notify, stop) as interrupted:
-        leaving = None  # what ends the run here, for finish_run: not sys.exc_info(), which a caller's except shares
-        try:
-            capture.start()  # in the try: a thread that cannot start (the process's limit) still closes the outputs
-            while not interrupted.is_set() and not outputs.stop_requested:
-                frames = capture.next_batch(options.batch)
-                records.dropped(capture.take_dropped())
-                if frames is None:
-                    break
-                logits, model_error = infer_batch(backend, frames, stats)
-                if model_error:
-                    failed_batches, first_failure = failed_batches + 1, first_failure or model_error
-                records.batch(frames, logits, model_error)
-        except BaseException as exc:
-            leaving = exc
-            raise
-        finally:
-            finish_run(capture, records, interrupted, leaving)
+    leaving = None  # what ends the run here, for finish_run: not sys.exc_info(), which a caller's except shares
+    try:
+        capture.start()  # in the try: a thread that cannot start (the process's limit) still closes the outputs
+        while not interrupted.is_set() and not outputs.stop_requested:
+            frames = capture.next_batch(options.batch)
+            records.dropped(capture.take_dropped())
+            if frames is None:
+                break
+            records.held.extend(frames)
+            logits, model_error = infer_batch(backend, frames, stats)
+            if model_error:
+                failed_batches, first_failure = failed_batches + 1, first_failure or model_error
+            records.batch(logits, model_error)
+    except BaseException as exc:
+        leaving = exc
+        raise
+    finally:
+        finish_run(capture, records, interrupted, leaving)
     if capture.failure is not None and not isinstance(capture.failure, SourceError):
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
@@ -137,15 +140,20 @@ class RecordWriter:
         # When the last results came, from the run's start on: two whole batches and more, so that a batch's results,
         # all at once, are not a rate of their own (batch 32 read 53787 FPS at 45).
         self.recent = deque([time.perf_counter()], maxlen=max(30, 2 * options.batch) + 1)
+        # The batch taken from the capture and not yet recorded: a KeyboardInterrupt (an application's Ctrl-C) lands
+        # anywhere, in the model as often as not, and finish_run still records what it leaves here.
+        self.held: deque[Frame] = deque()
 
     def dropped(self, frames: list[Frame]) -> None:
         for frame in frames:
             self.write(frame, "dropped", reason="inference slower than the source")
 
-    def batch(self, frames: list[Frame], logits: np.ndarray, model_error: str | None) -> None:
-        """``logits``: a row for each frame without an error, in order (none if the model failed)."""
+    def batch(self, logits: np.ndarray, model_error: str | None) -> None:
+        """Records the held frames; ``logits``: a row for each frame without an error, in order (none if the model
+        failed)."""
         rows = iter(logits)
-        for frame in frames:
+        while self.held:
+            frame = self.held.popleft()
             if frame.error or model_error:
                 self.write(frame, "skipped", reason=frame.error or model_error)
                 continue
@@ -174,8 +182,8 @@ class RecordWriter:
             if record.probabilities[0] < self.threshold:
                 record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {100 * self.threshold:g}%"
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        stats.add(record)  # first: a KeyboardInterrupt inside a sink's write must not give the next record its seq
         self.outputs.write(record, frame.image, fps)
-        stats.add(record)
 
 
 def infer_batch(backend: Backend, frames: list[Frame], stats: Stats) -> tuple[np.ndarray, str | None]:
@@ -202,7 +210,9 @@ def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.E
     try:
         try:
             waiting = capture.stop()
-            # Dropped frames left the front of the queue, so they are older than those still waiting: in order.
+            # The held batch came first, and dropped frames left the front of the queue, so they are older than
+            # those still waiting: in order.
+            records.not_run(list(records.held))
             records.dropped(capture.take_dropped())
             records.not_run(waiting)
             if interrupted.is_set():

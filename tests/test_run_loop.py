@@ -284,6 +284,62 @@ def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(
     assert result["stats"].summary().endswith("; stopped by a stop request before the source ended")
 
 
+class SignallingAt(Collect):
+    """A sink that sends this process ``signum`` as it gets record ``at``: a signal arriving mid-run."""
+
+    def __init__(self, signum, at):
+        super().__init__()
+        self.signum, self.at, self.closed = signum, at, False
+
+    def write(self, record, image, fps):
+        super().write(record, image, fps)
+        if len(self.records) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_run_on_the_main_thread_leaves_the_applications_signals_to_it(tiny_onnx):
+    """A library must not take over its host's signals: run() on the main thread set its own SIGINT, SIGTERM and
+    SIGHUP handlers for the run, so an application's SIGTERM handler never heard a `systemctl stop` (the run just
+    returned, 'stopped by SIGTERM', and the application went on), and Ctrl-C returned as a finished run where
+    Python raises KeyboardInterrupt (a loop over sources went on to the next one)."""
+    heard = []
+    sink = SignallingAt(signal.SIGTERM, at=5)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        stats = run(open_backend(tiny_onnx), FastLiveSource(20), [sink], RunOptions(), notify=lambda message: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert heard == [signal.SIGTERM] and stats.stopped is None and sum(stats.counts.values()) == 20
+
+    # Ctrl-C is Python's KeyboardInterrupt, wherever it lands (here in a sink, then in the model), and still every
+    # frame taken from the source gets one record, the batch the model was running too.
+    sink = SignallingAt(signal.SIGINT, at=5)
+    with pytest.raises(KeyboardInterrupt):
+        run(open_backend(tiny_onnx), FastLiveSource(20), [sink], RunOptions(), notify=lambda message: None)
+    assert sink.closed and [r.seq for r in sink.records] == list(range(len(sink.records)))
+    assert sorted(r.frame for r in sink.records) == list(range(len(sink.records)))
+
+    class InterruptedInTheThirdBatch(SlowBackend):
+        def run(self, batch):
+            self.delay += 1
+            if self.delay == 3:
+                raise KeyboardInterrupt
+            return self.inner.run(batch)
+
+    class Files(FastLiveSource):  # frames waited for, none dropped: the third batch is frames 4 and 5
+        live = False
+
+    sink = Collect()
+    with pytest.raises(KeyboardInterrupt):
+        run(InterruptedInTheThirdBatch(open_backend(tiny_onnx), 0), Files(20), [sink], RunOptions(batch=2),
+            notify=lambda message: None)
+    assert sorted(r.frame for r in sink.records) == list(range(len(sink.records)))
+    assert [r.status for r in sink.records if r.frame in (4, 5)] == ["skipped", "skipped"]
+
+
 def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     video = write_video(tmp_path / "loop.avi", count=10)
     jsonl = tmp_path / "records.jsonl"
