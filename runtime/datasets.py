@@ -29,7 +29,7 @@ from medmamba_edge.errors import UserError
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
 from .files import is_special, strip_unless_named
 from .metadata import int_at_least, positive_int
-from .preprocess import PIXEL_TYPES
+from .preprocess import pixels_problem
 from .sources.base import item_error
 from .sources.files import NOT_REGULAR, folder_files
 from .uri import uri_refusal
@@ -239,16 +239,12 @@ def _read_npz_split(path: Path, split: str, labelled: bool) -> tuple[np.ndarray,
 def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Dataset:
     images, labels = _read_npz_split(path, split, labelled=class_names is not None)
     where = f"{path}: {split}_images"
-    if images.dtype not in PIXEL_TYPES:  # what preprocess() takes
-        raise DatasetError(f"{where} has {images.dtype} pixels; expected uint8, uint16 or float32")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)) or 0 in images.shape[1:]:
         raise DatasetError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, 1|3|4)")
     if len(images) == 0:
         raise DatasetError(f"{path}: split {split!r} is empty")
-    if images.dtype == np.float32 and not (np.isfinite(images).all() and 0.0 <= images.min() and images.max() <= 1.0):
-        # float32 pixels are 0..1 (as ToTensor gives them); 0..255 in float32 would be read 255 times too bright
-        raise DatasetError(f"{where} has float32 pixels from {images.min():g} to {images.max():g}; expected 0..1 "
-                           f"(store 0..255 as uint8)")
+    if problem := pixels_problem(images):  # what preprocess() takes, checked for the whole split at once
+        raise DatasetError(f"{where} {problem}")
     if labels is not None:  # what needs no labels (calibration, compare) reads the images alone, whatever they hold
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]

@@ -109,11 +109,27 @@ def _uint8_lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray
 PIXEL_TYPES = (np.uint8, np.uint16, np.float32)  # float32: in [0, 1], as DICOM after windowing
 
 
+def pixels_problem(pixels: np.ndarray) -> str | None:
+    """Why preprocess cannot take these pixels (an image or a stack of them), as words after their name, or None:
+    a type of no known scale, no pixels, or float32 outside 0..1 (0..255 in float32, an application's
+    astype(np.float32), would be read 255 times too bright and classified all the same)."""
+    if pixels.dtype not in PIXEL_TYPES:
+        return f"has {pixels.dtype} pixels; expected uint8, uint16 or float32"
+    if pixels.size == 0:
+        return f"has no pixels (shape {pixels.shape})"
+    if pixels.dtype == np.float32:
+        low, high = pixels.min(), pixels.max()
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both
+            return f"has float32 pixels from {low:g} to {high:g}; expected 0..1 (store 0..255 as uint8)"
+    return None
+
+
 def preprocess_one(image: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
-    """One RGB or grayscale image → float32 (C, H, W). uint8 follows train.py exactly; uint16 (scaled by
-    1/65535) and float32 in [0, 1] (DICOM after windowing) keep their precision through the resize."""
-    if image.dtype not in PIXEL_TYPES:
-        raise ImageError(f"expected uint8, uint16 or float32 pixels, got {image.dtype}")
+    """One RGB (not OpenCV's BGR) or grayscale image, (H, W) or (H, W, 1|3|4) → float32 (C, H, W). uint8 follows
+    train.py exactly; uint16 (scaled by 1/65535) and float32 in [0, 1] (DICOM after windowing) keep their precision
+    through the resize. Other pixels are an ImageError (pixels_problem)."""
+    if problem := pixels_problem(image):
+        raise ImageError(f"the image {problem}")
     if image.dtype == np.uint16:
         image = image.astype(np.float32) * np.float32(1 / 65535)
     single = image.ndim == 2 or image.shape[2] == 1

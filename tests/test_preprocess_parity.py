@@ -138,6 +138,26 @@ def test_grayscale_rgba_and_deep_inputs_map_like_pil():
         preprocess_one(gray.astype(np.int32), m)
 
 
+def test_pixels_an_application_gets_wrong_are_refused_not_classified(real_images):
+    """From Python, a BUSI image as float32 0..255 (astype(np.float32) without the /255) went through as pixels 255
+    times too bright and was classified all the same (the official MedMamba-T at 32×32 on the first 200 validation
+    images of PneumoniaMNIST: 95 % right as uint8, 75 % as float32 0..255, all but one called pneumonia), NaN pixels
+    gave NaN logits, and an empty array was an IndexError from the resize; .npz data sets already refused the
+    first. Views and their contiguous copies agree."""
+    image = real_images[0][0]
+    m = meta((32, 32))
+    for pixels, says in [(image.astype(np.float32), "has float32 pixels from 8 to 255; expected 0..1"),
+                         (np.full((8, 8), np.nan, np.float32), "has float32 pixels from nan to nan"),
+                         (image[:0], r"has no pixels \(shape \(0, 256, 3\)\)"),
+                         (image.astype(np.float64) / 255, "has float64 pixels; expected uint8, uint16 or float32")]:
+        with pytest.raises(ImageError, match=f"^the image {says}"):
+            preprocess_one(pixels, m)
+    for view in (image[::2, ::2], image[..., ::-1], image[:, :, 0], np.asfortranarray(image), image[::-1, 3:200]):
+        assert np.array_equal(preprocess_one(view, m), preprocess_one(np.ascontiguousarray(view), m))
+        deep = view.astype(np.uint16) * 257
+        assert np.array_equal(preprocess_one(deep[::1], m), preprocess_one(np.ascontiguousarray(deep), m))
+
+
 def test_read_image_keeps_depth_and_rejects_broken_files(tmp_path):
     import cv2
 
