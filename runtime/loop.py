@@ -89,18 +89,20 @@ def capture_still_running(interrupt: KeyboardInterrupt) -> bool:
     return getattr(interrupt, "capture_still_running", False)
 
 
-def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=print,
+def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=None,
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop or ``stop`` is set (from any thread: an application's
     own shutdown, or ``stop_on_signals``' event); every frame gets a record and the sinks are closed, also when an
     exception (Ctrl-C's KeyboardInterrupt) ends it. The process's signal handlers are the caller's: the command line
-    wraps the run in ``stop_on_signals``, an application keeps its own."""
+    wraps the run in ``stop_on_signals``, an application keeps its own. ``notify`` hears a stream's reconnects; None
+    leaves the source's (open_source's, silent unless given one)."""
     meta, stats, outputs = backend.metadata, Stats(), Outputs(sinks)
     interrupted = stop if stop is not None else threading.Event()
     records = RecordWriter(meta, options, outputs, stats)
     capture = Capture(source, lambda image: preprocess_one(image, meta), 2 * options.batch,
                       stride=options.stride, max_frames=options.max_frames, loop=options.loop)
-    source.notify = notify
+    if notify is not None:
+        source.notify = notify
     # A count and the first message, not a list: a client whose server is down for a day fails every batch.
     failed_batches, first_failure = 0, None
     leaving = None  # what ends the run here, for finish_run: not sys.exc_info(), which a caller's except shares

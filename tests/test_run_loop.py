@@ -392,6 +392,26 @@ def test_a_stream_that_drops_and_comes_back_gets_one_lost_record_between_its_fra
     assert summary and int(summary[1]) + int(summary[2]) == 8 and abs(float(summary[3]) - lost["outage_s"]) <= 0.051
 
 
+def test_a_run_from_python_prints_nothing_an_application_did_not_ask_for(tiny_onnx, capsys):
+    """run() defaulted its notify to print, so an application's run of a stream that dropped wrote 'stream
+    http://…: no frames; reconnecting in 0.5 s (attempt 1/1)' on the application's stdout (its own output, a pipe of
+    JSON), where open_source, given no notify, says nothing. Without one run now leaves the source's; given one,
+    that one hears it."""
+    from medmamba_edge.runtime.sources import open_source
+
+    heard = []
+    for given in ({}, {"notify": heard.append}):
+        server = FlakyMjpegServer()
+        try:
+            sink = Collect()
+            run(open_backend(tiny_onnx), open_source(server.url, reconnect=1), [sink], RunOptions(max_frames=8),
+                **given)
+        finally:
+            server.close()
+        assert [r.status for r in sink.records].count("lost") == 1
+    assert capsys.readouterr() == ("", "") and len(heard) == 1 and "reconnecting" in heard[0]
+
+
 def test_files_have_no_outage_even_where_reads_fail(tiny_onnx, tmp_path):
     """A video whose reads fail at its cut end, and a folder, are read as they are: their records carry the outage
     column, empty, and never a lost record."""
