@@ -286,18 +286,38 @@ def calibration_groups(batches: list[np.ndarray], fixed: int | None) -> tuple[li
     return [fixed_batches(images[start:start + size], fixed) for start in range(0, len(images), size)], len(images)
 
 
+def _not_onnxruntime_chatter(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or f"{os.sep}onnxruntime{os.sep}" not in record.pathname
+
+
+class _AsIfNoHandler(logging.Handler):
+    """A root logger's stand-in handler that does what logging does with a record finding none (lastResort)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime.quantization prints per-call chatter (pre-processing hints, histogram progress) to the
-    root logger and stdout; our progress bar says the same, and the CLI's stdout is for results."""
+    """onnxruntime.quantization prints per-call chatter (pre-processing hints, histogram progress) to stdout and
+    through logging's module functions (logging.info, logging.warning), which log on the root logger; our progress
+    bar says the same, and the CLI's stdout is for results. Only its records are held back, by a filter of the
+    root logger's own (an application's named loggers propagate past it), and a root without handlers is lent one
+    that acts as none: those functions call basicConfig on a root without any, which made an application's own
+    basicConfig after a quantize do nothing."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
+    lent = [] if root.handlers else [_AsIfNoHandler()]
+    for handler in lent:
+        root.addHandler(handler)
+    root.addFilter(_not_onnxruntime_chatter)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(_not_onnxruntime_chatter)
+        for handler in lent:
+            root.removeHandler(handler)
 
 
 # ONNX Runtime's calibration cache (calibrate once, quantize each candidate from it): onnxruntime >= 1.27, which

@@ -253,6 +253,45 @@ def test_auto_fallback_keeps_the_damaged_layers_float_until_within_budget(fp32_m
     assert result.float_top1 - result.int8_top1 <= 1.0 and result.path.exists()
 
 
+LOGGING_APPLICATION = """
+import logging, sys, threading
+from medmamba_edge.exporters.quantize import quantize_onnx
+
+app, sent, heard, done = logging.getLogger("app"), [0], [], threading.Event()
+app.addHandler(logging.Handler())
+app.handlers[0].emit = heard.append
+
+def log_while_quantizing():
+    while not done.is_set():
+        sent[0] += 1
+        app.warning("still here")
+        done.wait(0.002)
+
+thread = threading.Thread(target=log_while_quantizing)
+thread.start()
+quantize_onnx(sys.argv[1], sys.argv[2], sys.argv[3], split="val", num_samples=16)
+done.set()
+thread.join()
+print(sent[0], len(heard), logging.getLogger().handlers, flush=True)
+logging.basicConfig(level=logging.INFO, format="APP %(message)s", stream=sys.stdout)
+app.info("configured")
+"""
+
+
+def test_quantize_leaves_an_applications_logging_as_it_was(fp32_models, tmp_path):
+    """onnxruntime.quantization logs through logging.info/warning, which configure a root logger without handlers
+    (basicConfig): after quantize_onnx from Python the root had a StreamHandler, and the application's own
+    basicConfig(level=INFO, format=...) did nothing, its INFO records lost. And quantize set the root's level to
+    ERROR while ONNX Runtime ran, so the warnings of the application's other threads were dropped meanwhile."""
+    result = subprocess.run([sys.executable, "-c", LOGGING_APPLICATION, str(fp32_models["plugin"]),
+                             str(tmp_path / "int8.onnx"), str(require_shared(*PNEUMONIAMNIST))],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    counts, *configured = result.stdout.splitlines()
+    sent, heard, handlers = counts.split(" ", 2)
+    assert int(sent) > 10 and heard == sent and handlers == "[]" and configured == ["APP configured"]
+
+
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
     """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
     which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
