@@ -25,6 +25,7 @@ from medmamba_edge.runtime import files
 from medmamba_edge.runtime.files import AtomicOutput, write_bytes_atomically
 from medmamba_edge.runtime.sinks import JsonlSink, Record
 from tests.cli_runner import cli, cli_process, read_jsonl, wait_for_records
+from tests.shared_data import require_shared
 from tests.test_sources import synthetic_dicom, write_video
 
 pydicom = pytest.importorskip("pydicom")
@@ -601,6 +602,27 @@ def test_an_output_under_a_file_says_which_part_is_not_a_folder(model, tmp_path)
     (tmp_path / "loop").symlink_to("loop")  # a link in a loop is no folder either (it read "File exists" too)
     code, output = cli("run", model, tmp_path / "x.png", "--jsonl", tmp_path / "loop" / "r.jsonl")
     assert code == 1 and f"{tmp_path / 'loop'} is not a folder" in output, output
+
+
+def test_a_folders_images_are_resolved_once_whatever_the_number_of_outputs(tmp_path, monkeypatch):
+    """Checking that no output replaces an input resolved every image's path once for each output: --jsonl, --csv and
+    --save-video over 20 000 images took 1.3 s of the run's start where once takes 0.4 s."""
+    from medmamba_edge.runtime.sinks import open_outputs
+    from medmamba_edge.runtime.sources import open_source
+
+    scan = require_shared("data", "busi", "benign", "benign (1).png")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for k in range(40):
+        os.link(scan, folder / f"{k:02d}.png")
+    images = open_source(str(folder)).inputs
+    resolved, realpath = [], os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda path, **kw: resolved.append(str(path)) or realpath(path, **kw))
+    sinks = open_outputs("none", False, tmp_path / "r.avi", 5.0, False, tmp_path / "r.jsonl", tmp_path / "r.csv",
+                         reads=images)
+    for sink in sinks[1:]:
+        sink.discard()
+    assert len(images) == 40 and sorted(resolved.count(str(path)) for path in images) == [1] * 40
 
 
 def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is_written(model, tmp_path):
