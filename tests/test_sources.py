@@ -935,6 +935,29 @@ def test_glob_matches_what_glob_glob_matches_in_a_tree_without_links(tmp_path):
         assert [p for p in glob_files(str(tmp_path / pattern)) if not isinstance(p, tuple)] == expected, pattern
 
 
+def test_a_folder_deeper_than_pythons_recursion_limit_is_listed(tmp_path):
+    """The folder walk recursed once a folder: a tree 1 100 folders deep ended `run` and `evaluate` in a
+    RecursionError traceback, where a glob of it (``**``) listed its images."""
+    scan = require_shared("data", "busi", "benign", "benign (1).png")
+    deepest = tmp_path / "study"
+    deepest.mkdir()
+    os.link(scan, deepest / "top.png")
+    for _ in range(1100):
+        deepest /= "a"
+        deepest.mkdir()
+    os.link(scan, deepest / "deep.png")
+    try:
+        for spec in (tmp_path / "study", tmp_path / "study" / "**" / "*.png"):
+            frames = list(open_source(str(spec)).frames())
+            assert [(f.source, f.error, f.image.shape) for f in frames] == [
+                (str(deepest / "deep.png"), None, (256, 256, 3)), (str(tmp_path / "study" / "top.png"), None, (256, 256, 3))]
+    finally:  # from the bottom up: shutil.rmtree, pytest's cleanup, recurses a folder at a time too
+        (deepest / "deep.png").unlink()
+        while deepest != tmp_path / "study":
+            deepest.rmdir()
+            deepest = deepest.parent
+
+
 def test_a_glob_lists_what_a_folder_lists(tmp_path):
     """A glob kept every file it matched: a good video and notes.txt were skipped as corrupt images, and a run's own
     --jsonl from the last run was one of its inputs (the same command refused the second time)."""

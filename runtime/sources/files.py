@@ -193,40 +193,46 @@ def folder_files(folder: Path, recursive: bool = True, gifs: bool = False) -> li
     top = os.stat(folder)
     seen = {(top.st_dev, top.st_ino)}
 
-    def walk(directory: Path) -> None:
+    def listing(directory: Path) -> Iterator[os.DirEntry]:
         try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            return iter(sorted(os.scandir(directory), key=lambda e: e.name))
         except OSError as exc:
             found.append((directory, f"folder cannot be listed ({exc.strerror or exc})"))
-            return
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                info = os.stat(path)
-            except OSError as exc:
-                # Whatever its name it may be a DICOM file (IM0001, CR.1.2.276.0.7230010) or a folder of images.
-                if entry.is_symlink() or not entry.name.startswith("."):
-                    found.append((path, cannot_stat(path, exc, entry.is_symlink())))
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                if not recursive:
-                    continue
-                if entry.name.startswith("."):  # .Trash-1000's deleted studies, .ipynb_checkpoints' copies
-                    found.append((path, "hidden folder (the name starts with '.'), not entered"))
-                    continue
-                if (info.st_dev, info.st_ino) in seen:
-                    found.append((path, f"a link to a folder already listed ({os.readlink(path)}), not entered again "
-                                        f"(a loop, or a second way to the same files)"
-                                  if entry.is_symlink() else "folder already listed"))
-                    continue
-                seen.add((info.st_dev, info.st_ino))
-                walk(path)
-            elif entry.name.startswith(".") and stat.S_ISREG(info.st_mode):  # a glob matches these only when asked
-                if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
-                    found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), "
-                                        "not read"))
-            elif (listed := _listed(path, info, "a folder's images" if gifs else None)) is not None:
-                found.append(listed)
+            return iter(())
 
-    walk(folder)
+    # The folders being listed, deepest last, in place of recursion: a tree deeper than Python's recursion limit
+    # (1 000 folders) ended in a RecursionError traceback.
+    walking = [listing(folder)]
+    while walking:
+        entry = next(walking[-1], None)
+        if entry is None:
+            walking.pop()
+            continue
+        path = Path(entry.path)
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            # Whatever its name it may be a DICOM file (IM0001, CR.1.2.276.0.7230010) or a folder of images.
+            if entry.is_symlink() or not entry.name.startswith("."):
+                found.append((path, cannot_stat(path, exc, entry.is_symlink())))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if not recursive:
+                continue
+            if entry.name.startswith("."):  # .Trash-1000's deleted studies, .ipynb_checkpoints' copies
+                found.append((path, "hidden folder (the name starts with '.'), not entered"))
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                found.append((path, f"a link to a folder already listed ({os.readlink(path)}), not entered again "
+                                    f"(a loop, or a second way to the same files)"
+                              if entry.is_symlink() else "folder already listed"))
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            walking.append(listing(path))
+        elif entry.name.startswith(".") and stat.S_ISREG(info.st_mode):  # a glob matches these only when asked
+            if path.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES:
+                found.append((path, "hidden file (the name starts with '.'; macOS '._' files are metadata), "
+                                    "not read"))
+        elif (listed := _listed(path, info, "a folder's images" if gifs else None)) is not None:
+            found.append(listed)
     return found
