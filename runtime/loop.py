@@ -109,8 +109,8 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     try:
         capture.start()  # in the try: a thread that cannot start (the process's limit) still closes the outputs
         while not interrupted.is_set() and not outputs.stop_requested:
-            frames = capture.next_batch(options.batch)
-            records.dropped(capture.take_dropped())
+            frames, dropped = capture.next_batch(options.batch)
+            records.dropped(dropped)
             if frames is None:
                 break
             records.held.extend(frames)

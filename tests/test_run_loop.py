@@ -161,6 +161,24 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     assert stats.stopped is None and "stopped" not in stats.summary()
 
 
+def test_a_live_sources_records_stay_in_frame_order_when_frames_drop_while_a_batch_is_taken(tiny_onnx, monkeypatch):
+    """The loop took the dropped frames after the batch: frames the camera dropped in between, newer than the batch,
+    got their records before it (frame 7 dropped, then 5 and 6 classified), though every record comes in order."""
+    from medmamba_edge.runtime.sources import Capture
+
+    next_batch = Capture.next_batch
+
+    def preempted(self, *args, **kwargs):
+        taken = next_batch(self, *args, **kwargs)
+        time.sleep(0.02)  # the main thread descheduled right after taking its batch; the camera goes on
+        return taken
+
+    monkeypatch.setattr(Capture, "next_batch", preempted)
+    sink = Collect()
+    stats = run(open_backend(tiny_onnx), FastLiveSource(200), [sink], RunOptions(batch=2))
+    assert stats.counts["dropped"] > 0 and [r.frame for r in sink.records] == list(range(200))
+
+
 def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
     """A batch's results come all at once: over the last 30 records, batch 32 read 53787 FPS where the run went at 45
     (the console's lines and the video overlay show it)."""

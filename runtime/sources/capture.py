@@ -67,9 +67,10 @@ class Capture:
             self.queue.append(frame)
             self.ready.notify_all()
 
-    def next_batch(self, size: int, timeout: float = 0.1) -> list[Frame] | None:
+    def next_batch(self, size: int, timeout: float = 0.1) -> tuple[list[Frame] | None, list[Frame]]:
         """Up to ``size`` frames, waiting at most ``timeout`` for each; a live source's batch takes only
-        what is waiting (latency first). None once the source is finished and the queue empty."""
+        what is waiting (latency first). None once the source is finished and the queue empty. With them, the
+        frames dropped before them (older: their records come first)."""
         batch: list[Frame] = []
         with self.ready:
             while len(batch) < size:
@@ -78,10 +79,12 @@ class Capture:
                     self.ready.notify_all()
                 elif self.done or (batch and self.source.live) or not self.ready.wait(timeout):
                     break
-            return None if not batch and self.done and not self.queue else batch
+            # Taken with the batch, under one lock: taken after it, they held frames dropped meanwhile, newer than the
+            # batch, whose records then came before the batch's (a camera's frame 7 recorded before its 5 and 6).
+            return (None if not batch and self.done and not self.queue else batch), self.take_dropped()
 
     def take_dropped(self) -> list[Frame]:
-        with self.ready:
+        with self.ready:  # reentrant (Condition's RLock): next_batch takes them holding it
             dropped, self.dropped = self.dropped, []
         return dropped
 
