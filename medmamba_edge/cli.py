@@ -25,7 +25,7 @@ from medmamba_edge.runtime.signals import STOP_SIGNALS, handle_stop_signals
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
                                                    DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT)
 
-from .errors import UserError, only_with
+from .errors import UserError, only_with, plural
 
 app = typer.Typer(
     name="medmamba-edge",
@@ -319,7 +319,7 @@ def quantize(
                                progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"),
                                also_calibrated=warn_also_calibrated)
     out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
-              f"INT8, calibrated on {result.calibration_images} images) in {result.seconds:.1f} s")
+              f"INT8, calibrated on {plural(result.calibration_images, 'image')}) in {result.seconds:.1f} s")
     if result.calibration_short:
         out.print(f"the calibration set ran out of usable images: {result.calibration_images + result.past_last_batch} "
                   f"of the {num_samples} --num-samples asked for", highlight=False)
