@@ -109,12 +109,11 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     try:
         capture.start()  # in the try: a thread that cannot start (the process's limit) still closes the outputs
         while not interrupted.is_set() and not outputs.stop_requested:
-            frames, dropped = capture.next_batch(options.batch)
-            records.dropped(dropped)
-            if frames is None:
+            more = capture.next_batch(options.batch, records.held, records.held_dropped)
+            records.dropped()
+            if not more:
                 break
-            records.held.extend(frames)
-            logits, model_error = infer_batch(backend, frames, stats)
+            logits, model_error = infer_batch(backend, list(records.held), stats)
             if model_error:
                 failed_batches, first_failure = failed_batches + 1, first_failure or model_error
             records.batch(logits, model_error)
@@ -142,13 +141,16 @@ class RecordWriter:
         # When the last results came, from the run's start on: two whole batches and more, so that a batch's results,
         # all at once, are not a rate of their own (batch 32 read 53787 FPS at 45).
         self.recent = deque([time.perf_counter()], maxlen=max(30, 2 * options.batch) + 1)
-        # The batch taken from the capture and not yet recorded: a KeyboardInterrupt (an application's Ctrl-C) lands
-        # anywhere, in the model as often as not, and finish_run still records what it leaves here.
+        # The batch taken from the capture and the frames dropped before it, until recorded: a KeyboardInterrupt (an
+        # application's Ctrl-C) lands anywhere, in the model as often as not, and finish_run still records what it
+        # leaves here.
         self.held: deque[Frame] = deque()
+        self.held_dropped: deque[Frame] = deque()
 
-    def dropped(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            self.write(frame, "dropped", reason="inference slower than the source")
+    def dropped(self) -> None:
+        """Records the held dropped frames."""
+        while self.held_dropped:
+            self.write(self.held_dropped.popleft(), "dropped", reason="inference slower than the source")
 
     def batch(self, logits: np.ndarray, model_error: str | None) -> None:
         """Records the held frames; ``logits``: a row for each frame without an error, in order (none if the model
@@ -165,8 +167,9 @@ class RecordWriter:
             else:  # a broken model or an input it overflows on: no label is better than a random one
                 self.write(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
 
-    def not_run(self, frames: list[Frame]) -> None:
-        for frame in frames:
+    def not_run(self, frames: deque[Frame]) -> None:
+        while frames:
+            frame = frames.popleft()
             frame.image = None  # never shown to the model: a record, but no frame of the annotated video
             self.write(frame, "skipped", reason=frame.error or "run stopped before inference")
 
@@ -212,10 +215,12 @@ def finish_run(capture: Capture, records: RecordWriter, interrupted: threading.E
     try:
         try:
             waiting = capture.stop()
-            # The held batch came first, and dropped frames left the front of the queue, so they are older than
-            # those still waiting: in order.
-            records.not_run(list(records.held))
-            records.dropped(capture.take_dropped())
+            # The dropped frames held were taken with the held batch and are older than it; the batch came before the
+            # frames dropped since, and those left the front of the queue, older than those still waiting: in order.
+            records.dropped()
+            records.not_run(records.held)
+            capture.take_dropped(records.held_dropped)
+            records.dropped()
             records.not_run(waiting)
             if interrupted.is_set():
                 stats.stopped = getattr(interrupted, "signal_name", None) or "a stop request"

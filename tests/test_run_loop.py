@@ -179,6 +179,41 @@ def test_a_live_sources_records_stay_in_frame_order_when_frames_drop_while_a_bat
     assert stats.counts["dropped"] > 0 and [r.frame for r in sink.records] == list(range(200))
 
 
+def test_a_ctrl_c_while_a_batch_is_taken_or_a_dropped_frame_recorded_leaves_no_frame_without_its_record(tiny_onnx):
+    """The frames taken from the capture sat in the loop's own variables until the held batch had them: a Ctrl-C in
+    the wait for a file's next frame lost the batch so far, one in a sink writing a dropped frame's record lost the
+    batch and the other dropped frames (a fake camera run interrupted at random: 21 runs of 60 with a gap)."""
+
+    class Interrupting(Collect):  # Ctrl-C as the first dropped frame's record is written (a console's print)
+        def write(self, record, image, fps):
+            super().write(record, image, fps)
+            if record.status == "dropped" and [r.status for r in self.records].count("dropped") == 1:
+                raise KeyboardInterrupt
+
+    sink = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        run(SlowBackend(open_backend(tiny_onnx), delay=0.02), FastLiveSource(100_000), [sink], RunOptions(batch=2))
+    assert [r.frame for r in sink.records] == list(range(len(sink.records)))
+    assert [r.seq for r in sink.records] == list(range(len(sink.records)))
+    assert any(r.status == "skipped" for r in sink.records[-6:])  # the batch the interrupt came before
+
+    class Files(FastLiveSource):  # its second file comes late, Ctrl-C arriving as the batch waits for it
+        live = False
+
+        def frames(self, stride=1):
+            for i, frame in enumerate(super().frames(stride)):
+                if i == 1:
+                    time.sleep(0.03)  # within the batch's 0.1 s wait for its next frame
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield frame
+
+    sink = Collect()
+    with pytest.raises(KeyboardInterrupt):
+        run(open_backend(tiny_onnx), Files(5), [sink], RunOptions(batch=4))
+    assert [(r.frame, r.reason) for r in sink.records][:1] == [(0, "run stopped before inference")]
+    assert [r.frame for r in sink.records] == list(range(len(sink.records)))
+
+
 def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
     """A batch's results come all at once: over the last 30 records, batch 32 read 53787 FPS where the run went at 45
     (the console's lines and the video overlay show it)."""

@@ -23,7 +23,7 @@ class Capture:
     def __init__(self, source: Source, prepare: Callable[[np.ndarray], np.ndarray], size: int, **iterate_options):
         self.source, self.prepare, self.size, self.options = source, prepare, max(size, 1), iterate_options
         self.queue: deque[Frame] = deque()
-        self.dropped: list[Frame] = []
+        self.dropped: deque[Frame] = deque()
         self.ready = threading.Condition()
         self.stopping = threading.Event()
         self.done = False
@@ -67,28 +67,35 @@ class Capture:
             self.queue.append(frame)
             self.ready.notify_all()
 
-    def next_batch(self, size: int, timeout: float = 0.1) -> tuple[list[Frame] | None, list[Frame]]:
-        """Up to ``size`` frames, waiting at most ``timeout`` for each; a live source's batch takes only
-        what is waiting (latency first). None once the source is finished and the queue empty. With them, the
-        frames dropped before them (older: their records come first)."""
-        batch: list[Frame] = []
+    def next_batch(self, size: int, held: deque[Frame], dropped: deque[Frame], timeout: float = 0.1) -> bool:
+        """Moves up to ``size`` frames into ``held``, waiting at most ``timeout`` for each (a live source's batch takes
+        only what is waiting: latency first), and the frames dropped before them into ``dropped`` (older: their records
+        come first). False once the source is finished and nothing was left."""
+        # Moved into the caller's deques as they are taken, never kept here: a KeyboardInterrupt (an application's
+        # Ctrl-C) lands anywhere, in the wait for a file's next frame or in a sink writing a dropped frame's record,
+        # and the frames then in a variable of their own (the batch so far, the other dropped frames) got no record.
+        taken = 0
         with self.ready:
-            while len(batch) < size:
+            while taken < size:
                 if self.queue:
-                    batch.append(self.queue.popleft())
+                    # Under the lock that takes the frame, before it: taken after the batch, the dropped frames included
+                    # those dropped meanwhile, newer than the batch, whose records then came before the batch's (a
+                    # camera's frame 7 recorded before its 5 and 6). Dropped while this waits, they are older.
+                    self.take_dropped(dropped)
+                    held.append(self.queue.popleft())
+                    taken += 1
                     self.ready.notify_all()
-                elif self.done or (batch and self.source.live) or not self.ready.wait(timeout):
+                elif self.done or (taken and self.source.live) or not self.ready.wait(timeout):
                     break
-            # Taken with the batch, under one lock: taken after it, they held frames dropped meanwhile, newer than the
-            # batch, whose records then came before the batch's (a camera's frame 7 recorded before its 5 and 6).
-            return (None if not batch and self.done and not self.queue else batch), self.take_dropped()
+            return taken > 0 or not self.done or bool(self.queue)
 
-    def take_dropped(self) -> list[Frame]:
+    def take_dropped(self, into: deque[Frame]) -> None:
+        """Moves the frames dropped so far into ``into``."""
         with self.ready:  # reentrant (Condition's RLock): next_batch takes them holding it
-            dropped, self.dropped = self.dropped, []
-        return dropped
+            while self.dropped:
+                into.append(self.dropped.popleft())
 
-    def stop(self) -> list[Frame]:
+    def stop(self) -> deque[Frame]:
         """Stop reading; the frames still waiting (they get records too)."""
         self.stopping.set()
         self.source.stop()
@@ -100,5 +107,5 @@ class Capture:
         if self.thread.ident is not None:  # started (a thread that could not start cannot be joined)
             self.thread.join(timeout=self.live_stop_timeout_s if self.source.live else None)
         with self.ready:
-            left, self.queue = list(self.queue), deque()
+            left, self.queue = self.queue, deque()
         return left
