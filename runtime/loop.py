@@ -150,31 +150,34 @@ class RecordWriter:
     def dropped(self) -> None:
         """Records the held dropped frames."""
         while self.held_dropped:
-            self.write(self.held_dropped.popleft(), "dropped", reason="inference slower than the source")
+            self.write(self.held_dropped, "dropped", reason="inference slower than the source")
 
     def batch(self, logits: np.ndarray, model_error: str | None) -> None:
         """Records the held frames; ``logits``: a row for each frame without an error, in order (none if the model
         failed)."""
         rows = iter(logits)
         while self.held:
-            frame = self.held.popleft()
+            frame = self.held[0]
             if frame.error or model_error:
-                self.write(frame, "skipped", reason=frame.error or model_error)
+                self.write(self.held, "skipped", reason=frame.error or model_error)
                 continue
             row = next(rows)
             if np.isfinite(row).all():
-                self.write(frame, "ok", softmax(row[None])[0])
+                self.write(self.held, "ok", softmax(row[None])[0])
             else:  # a broken model or an input it overflows on: no label is better than a random one
-                self.write(frame, "skipped", reason="non-finite model output (NaN or infinite logits)")
+                self.write(self.held, "skipped", reason="non-finite model output (NaN or infinite logits)")
 
     def not_run(self, frames: deque[Frame]) -> None:
         while frames:
-            frame = frames.popleft()
+            frame = frames[0]
             frame.image = None  # never shown to the model: a record, but no frame of the annotated video
-            self.write(frame, "skipped", reason=frame.error or "run stopped before inference")
+            self.write(frames, "skipped", reason=frame.error or "run stopped before inference")
 
-    def write(self, frame: Frame, status: str, probs: np.ndarray | None = None, reason: str | None = None) -> None:
-        stats, recent = self.stats, self.recent
+    def write(self, frames: deque[Frame], status: str, probs: np.ndarray | None = None,
+              reason: str | None = None) -> None:
+        """Records the first of ``frames``, taken from them only as it is counted: a KeyboardInterrupt while its
+        record is made (its softmax, its labels) left a frame already taken with no record."""
+        stats, recent, frame = self.stats, self.recent, frames[0]
         if frame.outage_s is not None:  # never inferred, so it comes as skipped, dropped or not run: a gap, not a frame
             status, reason = "lost", frame.error
         record = Record(sum(stats.counts.values()), frame.source, frame.index, frame.timestamp, status, reason=reason,
@@ -187,6 +190,7 @@ class RecordWriter:
             if record.probabilities[0] < self.threshold:
                 record.status, record.reason = "abstain", f"top-1 {record.probabilities[0]:.1%} < threshold {100 * self.threshold:g}%"
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        frames.popleft()
         stats.add(record)  # first: a KeyboardInterrupt inside a sink's write must not give the next record its seq
         self.outputs.write(record, frame.image, fps)
 

@@ -214,6 +214,30 @@ def test_a_ctrl_c_while_a_batch_is_taken_or_a_dropped_frame_recorded_leaves_no_f
     assert [r.frame for r in sink.records] == list(range(len(sink.records)))
 
 
+def test_a_ctrl_c_while_a_record_is_made_leaves_its_frame_to_be_recorded(tiny_onnx, monkeypatch):
+    """The record writer took a frame from the held batch before making its record: a Ctrl-C in the making (the
+    softmax, the labels) left that frame with none (1 run of 40 interrupted at random, after the previous fix)."""
+    from medmamba_edge.runtime import loop
+
+    calls, softmax_ = [], loop.softmax
+
+    def interrupted_once(logits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return softmax_(logits)
+
+    class Files(FastLiveSource):  # none dropped: the third softmax is frame 2's
+        live = False
+
+    monkeypatch.setattr(loop, "softmax", interrupted_once)
+    sink = Collect()
+    with pytest.raises(KeyboardInterrupt):
+        run(open_backend(tiny_onnx), Files(10), [sink], RunOptions(batch=2))
+    assert [r.frame for r in sink.records] == list(range(len(sink.records))) and len(sink.records) >= 3
+    assert (sink.records[2].status, sink.records[2].reason) == ("skipped", "run stopped before inference")
+
+
 def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
     """A batch's results come all at once: over the last 30 records, batch 32 read 53787 FPS where the run went at 45
     (the console's lines and the video overlay show it)."""
