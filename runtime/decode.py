@@ -325,6 +325,8 @@ def read_dicom(path: str | Path) -> DicomFrames:
             ds, ended = _read_dataset(path, force=forced, defer_size=None)
     except ImageError:
         raise
+    except OSError as exc:  # gone since its folder was listed, no permission: said as for an image
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:

@@ -860,6 +860,17 @@ def frames_without_file_permissions_overridden(spec) -> list[tuple[str, str | No
     return [tuple(frame) for frame in json.loads(done.stdout)]
 
 
+def test_a_dicom_file_removed_before_its_turn_gets_the_record_an_image_does(tmp_path):
+    """docs/runtime.md: a file removed or renamed after the listing gets 'cannot read (No such file or directory)'; a
+    DICOM file's was 'not a readable DICOM file (FileNotFoundError: [Errno 2] No such file or directory: ...)'."""
+    shutil.copy(require_shared("data", "dicom", "chest_xray_rsna.dcm"), tmp_path / "chest.dcm")
+    shutil.copy(require_shared("data", "busi", "benign", "benign (1).png"), tmp_path / "scan.png")
+    source = open_source(str(tmp_path))
+    (tmp_path / "chest.dcm").unlink(), (tmp_path / "scan.png").unlink()
+    assert [f.error for f in source.frames()] == [f"{tmp_path / name}: cannot read (No such file or directory)"
+                                                  for name in ("chest.dcm", "scan.png")]
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
 def test_a_link_gone_between_the_listing_and_its_examination_gets_a_record_not_a_traceback(tmp_path):
     """/dev/fd lists the descriptor of its own listing, a link gone once the listing is closed: `run m.onnx /` (or
