@@ -365,9 +365,12 @@ class Outputs:
 
     def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
         annotated = None  # drawn once a frame for every sink that shows it: 22 ms a 1080p frame on a Zen 3 core
+        interrupted = None
         for sink in list(self.sinks):
             try:
                 shows_overlay = image is not None and getattr(sink, "shows_overlay", False)
+                if shows_overlay and interrupted is not None:
+                    continue  # a frame of a video, not a record: not drawn again on the way out
                 if shows_overlay and annotated is None:
                     annotated = overlay(image, record, fps)
                 sink.write(record, annotated if shows_overlay else image, fps)
@@ -375,6 +378,12 @@ class Outputs:
                 self.errors.append(_sink_error(sink, exc))
                 self.sinks.remove(sink)
                 self._close(sink)
+            except BaseException as exc:
+                # An application's Ctrl-C in one sink (the overlay's 22 ms, a console line): the record, already
+                # counted, still goes to the others, so that no file has a gap in its seq, and then it ends the run.
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def close(self) -> None:
         # A second stop signal (its KeyboardInterrupt) while one sink closes, a video read back, still lets the others
