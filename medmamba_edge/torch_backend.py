@@ -32,7 +32,7 @@ class PyTorchBackend(Backend):
         # The checkpoint holds the model's weights: dropping it is what frees them.
         self.checkpoint = None
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.checkpoint is None:
             raise BackendError(f"{self.path}: the model was closed")
         with torch.no_grad():

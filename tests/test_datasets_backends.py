@@ -177,6 +177,20 @@ def test_fixed_batch_padding_keeps_every_result():
     assert seen == [3, 3, 3] and out[:, 0].tolist() == [0, 2, 4, 6, 8, 10, 12]
 
 
+def test_an_empty_batch_gives_no_rows_in_every_backend(tmp_path_factory):
+    """A batch of 0 frames (an application batching however many arrived) was numpy's 'need at least one array to
+    concatenate' from ONNX Runtime's backend and a reshape's RuntimeError from PyTorch's, neither naming the model."""
+    from medmamba_edge.loaders import open_model
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+    from tests.exported_models import bundled_onnx
+
+    for backend in (open_backend(bundled_onnx(tmp_path_factory)), open_model(bundled_checkpoint(), input_size=32)):
+        with backend:
+            empty = backend.run(np.empty((0, 3, 32, 32), np.float32))
+            one = backend.run(np.zeros((1, 3, 32, 32), np.float32))
+            assert empty.shape == (0, one.shape[1]) and empty.dtype == one.dtype == np.float32
+
+
 def test_backend_factory_errors(tmp_path):
     with pytest.raises(BackendError, match="no such model file"):
         open_backend(tmp_path / "m.onnx")

@@ -263,6 +263,16 @@ def test_a_run_of_many_requests_starts_no_thread_per_request(monkeypatch):
         server.shutdown()
 
 
+def test_an_empty_batch_gives_no_rows():
+    """Was numpy's 'need at least one array to concatenate', naming no model."""
+    server = model_server()
+    try:
+        with open_backend(server.url) as backend:
+            assert backend.run(np.empty((0, 3, 32, 32), np.float32)).shape == (0, 2)
+    finally:
+        server.shutdown()
+
+
 def test_a_server_that_never_reads_the_batch_costs_the_timeout_not_a_hang():
     """The deadline covers sending too: a batch larger than the sockets' buffers to a server that takes the
     connection and reads nothing (then answers 3 s later) is cut at the timeout, as an answer that never comes."""

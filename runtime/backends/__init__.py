@@ -50,7 +50,15 @@ class Backend(Protocol):
     path: Path
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) for a preprocessed float32 (N, C, H, W) batch of any N ≥ 1."""
+        """Logits (N, classes) for a preprocessed float32 (N, C, H, W) batch. An empty one (N = 0: a caller batching
+        however many frames arrived) gives (0, classes) here, for every backend, without running the model: not
+        every model or server takes a batch of 0, and the batching under ``_run`` has no last image to pad with."""
+        if len(batch) == 0:
+            return np.empty((0, self.metadata.num_classes), np.float32)
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """What each backend implements: ``run`` for N ≥ 1."""
 
     def describe(self) -> str:
         """One line: framework, device/providers, precision."""

@@ -247,7 +247,7 @@ class TritonBackend(Backend):
         return (f"{self.server_description} at {self.server.host}:{self.server.port}, model {self.server.model} "
                 f"({self.backend_name} backend, {batching}, {self.metadata.scan_form} scan)")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         if self._closed:
             raise BackendError(f"{self.path}: the model was closed")
         batch = batch.astype(self.input_dtype, copy=False)

@@ -129,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
         on_cpu = self._open_session().get_providers()[0] == "CPUExecutionProvider"
         return describe_cpu() if on_cpu else None
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         session = self._open_session()  # once: another thread may close the backend between two chunks
         try:
             return run_in_fixed_batches(lambda chunk: session.run(None, {self.input_name: chunk})[0],

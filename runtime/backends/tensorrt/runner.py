@@ -75,7 +75,7 @@ class TensorRTBackend(Backend):
         return (f"TensorRT {self.manifest.tensorrt_version} ({self.gpu.name}, {self.manifest.precision}, "
                 f"{self.metadata.scan_form} scan)")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.metadata.batch is not None:
             return run_in_fixed_batches(self._execute, batch, self.metadata.batch)
