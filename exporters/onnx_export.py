@@ -5,6 +5,7 @@ against PyTorch on real images before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -79,16 +80,30 @@ def _hidden_scan_functions(model: onnx.ModelProto) -> list[str]:
     return [f.name for f in model.functions if f.name == scan_node.OP_TYPE]
 
 
+@contextlib.contextmanager
+def _logger_levels(levels: dict[str, int]):
+    """The named loggers at these levels for the block, then at their own again: an application's levels for them
+    (torch.onnx's, say, to see the exporter's records) stand after an export."""
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    before = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, level in before.items():
+            logger.setLevel(level)
+
+
 def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: int | None, opset: int) -> onnx.ModelProto:
     """The plugin-form graph, straight from torch.export; ``batch=None`` makes the batch dimension dynamic."""
     # torch.export specialises a dimension of size 1, so a dynamic batch is traced with 2.
     example = torch.zeros(batch or 2, checkpoint.config.in_chans, *size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if batch is None else None
-    # The exporter logs a line per absent torchvision op and warns on internals the user cannot act on.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    # A conversion to the requested opset that fails is logged with its traceback; export_onnx says it in one line.
-    logging.getLogger("onnxscript.version_converter").setLevel(logging.CRITICAL)
-    with warnings.catch_warnings(), torch.no_grad():
+    # The exporter logs a line per absent torchvision op and warns on internals the user cannot act on; a conversion
+    # to the requested opset that fails is logged with its traceback, which export_onnx says in one line.
+    with _logger_levels({"torch.onnx": logging.ERROR, "onnxscript.version_converter": logging.CRITICAL}), \
+            warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             checkpoint.model,

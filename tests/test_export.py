@@ -246,6 +246,28 @@ def test_a_model_answering_infinite_logits_is_refused_not_verified(official, tmp
     assert not (tmp_path / "huge.onnx").exists()
 
 
+def test_an_export_leaves_the_logger_levels_and_warning_filters_as_it_found_them(tmp_path):
+    """The exporter's loggers were left at ERROR and CRITICAL for good: an application's own torch.onnx level, set to
+    see its records, was gone after an export."""
+    import logging
+    import warnings
+
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    loggers = {"torch.onnx": logging.INFO, "onnxscript.version_converter": logging.WARNING}
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+    filters = list(warnings.filters)
+    try:
+        # Batch 3: a trace of its own, not the session's copy (conftest's trace_each_checkpoint_once).
+        export_onnx(bundled_checkpoint(), tmp_path / "m.onnx", input_size=32, batch=3, verify=False)
+        assert {name: logging.getLogger(name).level for name in loggers} == loggers
+        assert warnings.filters == filters
+    finally:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
 def export_over_2_gb(checkpoint, output, scan="plugin") -> str:
     """Export with a 2 GiB initializer beside the real graph, standing in for the weights of a custom checkpoint
     over protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]: traced in a minute and 6 GB); the refusal."""
