@@ -194,13 +194,14 @@ def _tiff_white_is_zero(data) -> bool:
 def _ignore_user_warnings(module: str, message: str = "") -> None:
     """Ignore the UserWarnings of ``module`` (a regular expression, as ``warnings.filterwarnings`` takes it) whose
     text ``message`` matches. A filter, not catch_warnings: files are read in the capture thread, and catch_warnings
-    swaps the process-wide filters. Added only where the list lacks it, not at every read: each filterwarnings call
-    empties Python's once-per-location registry of every warning (an application's own warning, shown once, was
-    shown again after each file). Looked for at every read: a caller's catch_warnings (pytest's, per test) drops it
-    on leaving."""
+    swaps the process-wide filters. Last in the list, a default: an application's own filters, set before or after,
+    come first (its 'error' or 'always' for pydicom's warnings holds). Added only where the list lacks it, not at
+    every read: each filterwarnings call empties Python's once-per-location registry of every warning (an
+    application's own warning, shown once, was shown again after each file). Looked for at every read: a caller's
+    catch_warnings (pytest's, per test) drops it on leaving."""
     item = ("ignore", re.compile(message, re.I) if message else None, UserWarning, re.compile(module), 0)
     if item not in warnings.filters:  # the entry filterwarnings makes (re caches the compiled patterns)
-        warnings.filterwarnings("ignore", message, UserWarning, module)
+        warnings.filterwarnings("ignore", message, UserWarning, module, append=True)
 
 
 # What Pillow's TIFF reader warns about the tags of the files read here (PIL.TiffImagePlugin's warnings.warn calls):

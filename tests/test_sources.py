@@ -1651,10 +1651,22 @@ def test_an_rgba_tiff_pillow_cannot_open_is_read_by_opencv_as_before_without_pil
     RGBA TIFF (UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x...>)') with Pillow's
     'Corrupt EXIF data' UserWarning printed between the records. OpenCV's decode (its colours multiplied by the
     alpha) stands, as it did before Pillow was asked."""
-    import struct
     import warnings
 
     from medmamba_edge.runtime.decode import read_image
+
+    rgba, path = big_endian_bigtiff(tmp_path)
+    opencv = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    assert np.abs(opencv[..., :3].astype(int) - rgba[..., :3] * (rgba[..., 3:] / 255)).max() <= 1  # premultiplied
+    with warnings.catch_warnings(record=True) as caught:  # Python's own filters: a UserWarning is shown
+        image = read_image(path)
+    assert np.array_equal(image, opencv)
+    assert [str(w.message) for w in caught] == []
+
+
+def big_endian_bigtiff(tmp_path):
+    """An RGBA TIFF with ExtraSamples 2 that Pillow cannot open (warning 'Corrupt EXIF data'), and its pixels."""
+    import struct
 
     rgba = np.dstack([np.full((4, 6, 3), 200, np.uint8), np.tile(np.linspace(0, 255, 6).astype(np.uint8), (4, 1))])
     pixels = rgba.tobytes()
@@ -1668,13 +1680,28 @@ def test_an_rgba_tiff_pillow_cannot_open_is_read_by_opencv_as_before_without_pil
                                                                          *values).ljust(8, b"\0")
     path = tmp_path / "big_endian_bigtiff.tif"
     path.write_bytes(b"MM" + struct.pack(">HHHQ", 43, 8, 0, 16) + ifd + bytes(8) + pixels)
-    opencv = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
-    assert np.abs(opencv[..., :3].astype(int) - rgba[..., :3] * (rgba[..., 3:] / 255)).max() <= 1  # premultiplied
+    return rgba, path
+
+
+def test_an_application_s_own_warning_filters_come_before_the_decoders(tmp_path):
+    """The decoders' filters went in front of every other at the first read: an application's own choice for
+    Pillow's or pydicom's warnings made before it (shown always, or errors) was overridden from then on."""
+    import warnings
+
+    from medmamba_edge.runtime.decode import read_image
+
+    _, path = big_endian_bigtiff(tmp_path)
+    dicom = synthetic_dicom(tmp_path / "scan.dcm", np.arange(64, dtype=np.uint8).reshape(8, 8))
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = read_image(path)
-    assert np.array_equal(image, opencv)
-    assert [str(w.message) for w in caught] == []
+        warnings.filterwarnings("always", category=UserWarning, module=r"PIL\.")
+        warnings.filterwarnings("error", category=UserWarning, module=r"pydicom\.")
+        mine = list(warnings.filters)
+        list(read_dicom(dicom))
+        for _ in range(2):
+            read_image(path)
+        assert warnings.filters[:len(mine)] == mine
+    messages = [str(w.message) for w in caught]  # Pillow's, at each read: 'always' holds
+    assert len(messages) >= 2 and all(m.startswith("Corrupt EXIF data") for m in messages)
 
 
 def test_the_decoders_warning_filters_are_added_once_and_leave_other_warnings_shown(tmp_path):
