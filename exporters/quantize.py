@@ -33,10 +33,10 @@ up to 13 points on an AVX2-only CPU; the 7-bit recipe loses nothing measurable o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import math
@@ -298,23 +298,41 @@ class _AsIfNoHandler(logging.Handler):
             logging.lastResort.handle(record)
 
 
+# Set inside _quiet: a context variable, so that only the thread quantizing (its context) is quiet.
+_QUIET = contextvars.ContextVar("medmamba_edge_quantize_quiet", default=False)
+
+
+def _onnxruntime_print(*args, **kwargs):
+    """The print of onnxruntime.quantization's modules: print, but nothing inside _quiet."""
+    if not _QUIET.get():
+        print(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime.quantization prints per-call chatter (pre-processing hints, histogram progress) to stdout and
-    through logging's module functions (logging.info, logging.warning), which log on the root logger; our progress
-    bar says the same, and the CLI's stdout is for results. Only its records are held back, by a filter of the
-    root logger's own (an application's named loggers propagate past it), and a root without handlers is lent one
-    that acts as none: those functions call basicConfig on a root without any, which made an application's own
-    basicConfig after a quantize do nothing."""
+    """onnxruntime.quantization prints per-call chatter (histogram progress, tensor counts) with Python's print and
+    logs through logging's module functions (logging.info, logging.warning), on the root logger; our progress bar
+    says the same, and the CLI's stdout is for results. Only its own output is held back, in this thread only: its
+    modules' print is one that says nothing here (not sys.stdout swapped, which lost what an application's other
+    threads printed meanwhile), its records are stopped by a filter of the root logger's own (an application's
+    named loggers propagate past it), and a root without handlers is lent one that acts as none: those functions
+    call basicConfig on a root without any, which made an application's own basicConfig after a quantize do
+    nothing."""
+    import onnxruntime.quantization  # noqa: F401 (its modules, all of which the package imports)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("onnxruntime.quantization") and module is not None:
+            module.print = _onnxruntime_print  # a global of the module's own, found before the builtin
     root = logging.getLogger()
     lent = [] if root.handlers else [_AsIfNoHandler()]
     for handler in lent:
         root.addHandler(handler)
     root.addFilter(_not_onnxruntime_chatter)
+    token = _QUIET.set(True)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        yield
     finally:
+        _QUIET.reset(token)
         root.removeFilter(_not_onnxruntime_chatter)
         for handler in lent:
             root.removeHandler(handler)

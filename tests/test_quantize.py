@@ -265,6 +265,7 @@ def log_while_quantizing():
     while not done.is_set():
         sent[0] += 1
         app.warning("still here")
+        print("printed", flush=True)
         done.wait(0.002)
 
 thread = threading.Thread(target=log_while_quantizing)
@@ -282,14 +283,17 @@ def test_quantize_leaves_an_applications_logging_as_it_was(fp32_models, tmp_path
     """onnxruntime.quantization logs through logging.info/warning, which configure a root logger without handlers
     (basicConfig): after quantize_onnx from Python the root had a StreamHandler, and the application's own
     basicConfig(level=INFO, format=...) did nothing, its INFO records lost. And quantize set the root's level to
-    ERROR while ONNX Runtime ran, so the warnings of the application's other threads were dropped meanwhile."""
+    ERROR while ONNX Runtime ran, so the warnings of the application's other threads were dropped meanwhile; and
+    sys.stdout was swapped for a StringIO, so were their prints."""
     result = subprocess.run([sys.executable, "-c", LOGGING_APPLICATION, str(fp32_models["plugin"]),
                              str(tmp_path / "int8.onnx"), str(require_shared(*PNEUMONIAMNIST))],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    counts, *configured = result.stdout.splitlines()
+    *printed, counts, configured = result.stdout.splitlines()
     sent, heard, handlers = counts.split(" ", 2)
-    assert int(sent) > 10 and heard == sent and handlers == "[]" and configured == ["APP configured"]
+    assert int(sent) > 10 and heard == sent and handlers == "[]" and configured == "APP configured"
+    # Its thread's prints all on its stdout (sys.stdout was swapped meanwhile), ONNX Runtime's chatter not.
+    assert printed == ["printed"] * int(sent)
 
 
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
