@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +187,13 @@ def bind_model(triton, backend: Backend, options: ServeOptions) -> None:
     model._get_triton_model_config().backend_parameters[METADATA_KEY] = meta.to_json()
 
 
-def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
-    """Serve ``model`` until SIGINT/SIGTERM/SIGHUP (a second one aborts); ServeError if the server fails."""
+def serve(model: str | Path, options: ServeOptions, notify=print, stop: threading.Event | None = None) -> None:
+    """Serve ``model`` until ``stop`` is set or, called on the main thread, a SIGINT, SIGTERM or SIGHUP comes (a
+    second one aborts, as KeyboardInterrupt); ServeError if the server fails. A blocking command's call: on the
+    main thread it takes those signals over for as long as it runs, a signal the process ignores (SIGHUP under
+    nohup) excepted, and gives the caller's handlers back when it returns, since a stop must stop tritonserver and
+    its stubs and free their shared memory, which the default handlers' exit would leave behind. Off the main
+    thread no handler can be set: ``stop`` is then the only way to end it."""
     from medmamba_edge.runtime.loop import stop_on_signals
 
     # Before PyTriton: a URL is refused as typed, wherever it runs. Absolute: open_backend would read a file
@@ -197,7 +203,7 @@ def serve(model: str | Path, options: ServeOptions, notify=print) -> None:
     # after the start) is a clean stop too, where the default handler's KeyboardInterrupt exited 130, or 1 when it
     # interrupted an extension module's initialisation.
     with stop_on_signals(lambda message: notify(
-            f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)")) as stopping:
+            f"{message.split(':')[0]}: letting the requests in flight finish (again to abort)"), stop) as stopping:
         *_, Triton, TritonConfig, TritonSecurityConfig = _pytriton()
         ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
         host = options.address

@@ -249,6 +249,47 @@ def test_sigterm_while_serve_starts_is_a_clean_stop(model, tmp_path):
         assert group_gone_within(server.process.pid, 10), f"still running in its group: {group_members(server.process.pid)}"
 
 
+SERVING_THREAD = """
+import sys, threading, time
+from medmamba_edge.serving import ServeOptions, serve
+
+model, http, grpc, metrics = sys.argv[1], *map(int, sys.argv[2:])
+stop, said, errors = threading.Event(), [], []
+
+def serving():
+    try:
+        serve(model, ServeOptions(host="127.0.0.1", port=http, grpc_port=grpc, metrics_port=metrics, threads=1),
+              notify=said.append, stop=stop)
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+thread = threading.Thread(target=serving)
+thread.start()
+deadline = time.monotonic() + 90
+while thread.is_alive() and not said and time.monotonic() < deadline:
+    time.sleep(0.1)
+stop.set()
+thread.join(60)
+print(thread.is_alive(), errors, said[:1], flush=True)
+"""
+
+
+def test_an_application_stops_serve_on_its_own_thread_with_its_event(model, tmp_path):
+    """serve() said it served until a stop signal, but off the main thread it can set no handler and took no other
+    stop: an application serving from a thread of its own could not end it short of killing the process."""
+    python = require_serve_python()
+    home = Path(tempfile.mkdtemp(prefix="mt-serve-"))  # PyTriton's sockets: a short path (see started_server)
+    try:
+        result = subprocess.run([str(python), "-c", SERVING_THREAD, str(model), *map(str, free_ports(3))], cwd=ROOT,
+                                capture_output=True, text=True, timeout=240, start_new_session=True,
+                                env={**os.environ, "HOME": str(home)})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alive, errors, said = result.stdout.splitlines()[-1].split(" ", 2)  # after tritonserver's log (its stdout)
+    assert alive == "False" and errors == "[]" and said.startswith("['serving "), result.stdout[-3000:]
+
+
 def test_a_killed_tritonserver_is_named_and_leaves_no_process_behind(model, tmp_path):
     with running_server(model, tmp_path) as server:
         (tritonserver,) = [int(m.split()[0]) for m in group_members(server.process.pid) if " tritonserver " in m]
