@@ -211,8 +211,6 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
         with open_backend(model, threads=options.threads) as backend:
             if stopping.is_set():  # before anything was served: nothing to finish
                 return
-            # PyTriton starts tritonserver with this process's environment (plus its own libraries after ours).
-            os.environ.update(server_environment(dict(os.environ)))
             logging.getLogger("pytriton").setLevel(logging.WARNING)
             config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
                                   grpc_port=options.grpc_port_or_default, metrics_address=host,
@@ -220,7 +218,27 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
                                   allow_gpu_metrics=False)
             triton = Triton(config=config,
                             security_config=TritonSecurityConfig(restricted_endpoints=list(GUARDED_ENDPOINTS)))
-            _serve(model, backend, options, triton, stopping, notify)
+            with _server_library_path():
+                _serve(model, backend, options, triton, stopping, notify)
+
+
+@contextlib.contextmanager
+def _server_library_path():
+    """This process's LD_LIBRARY_PATH as server_environment makes it while the server runs (PyTriton starts
+    tritonserver with this process's environment, plus its own libraries after ours), then as it was: an
+    application's own child processes after a serve must not find this interpreter's libraries first. Left alone
+    if something else changed it meanwhile."""
+    before = os.environ.get("LD_LIBRARY_PATH")
+    os.environ.update(server_environment(dict(os.environ)))
+    served = os.environ.get("LD_LIBRARY_PATH")
+    try:
+        yield
+    finally:
+        if os.environ.get("LD_LIBRARY_PATH") == served:
+            if before is None:
+                os.environ.pop("LD_LIBRARY_PATH", None)
+            else:
+                os.environ["LD_LIBRARY_PATH"] = before
 
 
 class ServerWatch:

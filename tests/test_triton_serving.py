@@ -250,7 +250,7 @@ def test_sigterm_while_serve_starts_is_a_clean_stop(model, tmp_path):
 
 
 SERVING_THREAD = """
-import sys, threading, time
+import os, sys, threading, time
 from medmamba_edge.serving import ServeOptions, serve
 
 model, http, grpc, metrics = sys.argv[1], *map(int, sys.argv[2:])
@@ -263,6 +263,8 @@ def serving():
     except BaseException as exc:
         errors.append(repr(exc))
 
+import cv2  # noqa: F401 (its import sets LD_LIBRARY_PATH: serve's is looked at after it)
+library_path = os.environ.get("LD_LIBRARY_PATH")
 thread = threading.Thread(target=serving)
 thread.start()
 deadline = time.monotonic() + 90
@@ -270,7 +272,7 @@ while thread.is_alive() and not said and time.monotonic() < deadline:
     time.sleep(0.1)
 stop.set()
 thread.join(60)
-print(thread.is_alive(), errors, said[:1], flush=True)
+print(os.environ.get("LD_LIBRARY_PATH") == library_path, thread.is_alive(), errors, said[:1], flush=True)
 """
 
 
@@ -286,8 +288,9 @@ def test_an_application_stops_serve_on_its_own_thread_with_its_event(model, tmp_
     finally:
         shutil.rmtree(home, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    alive, errors, said = result.stdout.splitlines()[-1].split(" ", 2)  # after tritonserver's log (its stdout)
+    library_path_kept, alive, errors, said = result.stdout.splitlines()[-1].split(" ", 3)  # after tritonserver's log
     assert alive == "False" and errors == "[]" and said.startswith("['serving "), result.stdout[-3000:]
+    assert library_path_kept == "True"  # this interpreter's libraries first on it for the server only
 
 
 def test_a_killed_tritonserver_is_named_and_leaves_no_process_behind(model, tmp_path):
