@@ -45,7 +45,9 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,19 +325,40 @@ def _quiet():
     for name, module in list(sys.modules.items()):
         if name.startswith("onnxruntime.quantization") and module is not None:
             module.print = _onnxruntime_print  # a global of the module's own, found before the builtin
-    root = logging.getLogger()
-    lent = [] if root.handlers else [_AsIfNoHandler()]
-    for handler in lent:
-        root.addHandler(handler)
-    root.addFilter(_not_onnxruntime_chatter)
+    with _ROOT_QUIETING.lock:
+        if not _ROOT_QUIETING.users:
+            _ROOT_QUIETING.undo = _quiet_root_logger()
+        _ROOT_QUIETING.users += 1
     token = _QUIET.set(True)
     try:
         yield
     finally:
         _QUIET.reset(token)
+        with _ROOT_QUIETING.lock:
+            _ROOT_QUIETING.users -= 1
+            if not _ROOT_QUIETING.users:
+                _ROOT_QUIETING.undo()
+
+
+# The root logger is the process's: two quantizes at once (an application's threads) share one filter and lent
+# handler, set up by the first in and taken off by the last out. Each its own, the first to finish took away those
+# the second still ran under, and ONNX Runtime's logging.info then called basicConfig on the application's root.
+_ROOT_QUIETING = types.SimpleNamespace(lock=threading.Lock(), users=0, undo=None)
+
+
+def _quiet_root_logger() -> Callable[[], None]:
+    """Sets the root logger's filter and, on a root without handlers, the lent one; returns what undoes both."""
+    root = logging.getLogger()
+    lent = [] if root.handlers else [_AsIfNoHandler()]
+    for handler in lent:
+        root.addHandler(handler)
+    root.addFilter(_not_onnxruntime_chatter)
+
+    def undo() -> None:
         root.removeFilter(_not_onnxruntime_chatter)
         for handler in lent:
             root.removeHandler(handler)
+    return undo
 
 
 # ONNX Runtime's calibration cache (calibrate once, quantize each candidate from it): onnxruntime >= 1.27, which

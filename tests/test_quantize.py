@@ -296,6 +296,39 @@ def test_quantize_leaves_an_applications_logging_as_it_was(fp32_models, tmp_path
     assert printed == ["printed"] * int(sent)
 
 
+TWO_QUANTIZES_AT_ONCE = """
+import logging, threading
+from onnxruntime.quantization.quant_utils import write_calibration_table
+from medmamba_edge.exporters.quantize import _quiet
+
+first_in, first_out = threading.Event(), threading.Event()
+
+def first():
+    with _quiet():
+        first_in.set()
+        first_out.wait()
+
+thread = threading.Thread(target=first)
+thread.start()
+first_in.wait()
+with _quiet():
+    first_out.set()
+    thread.join()
+    write_calibration_table({})  # ONNX Runtime's logging.info, the first quantize done
+print(logging.getLogger().handlers, logging.getLogger().filters)
+"""
+
+
+def test_two_quantizes_at_once_leave_the_applications_root_logger_as_it_was(tmp_path):
+    """The quieting's filter and lent handler are on the process's root logger: two quantize_onnx calls at once, an
+    application's threads, each set up and took off their own, so the first to finish took the second's, and ONNX
+    Runtime's logging.info in the second then called basicConfig: a StreamHandler on the application's root."""
+    result = subprocess.run([sys.executable, "-c", TWO_QUANTIZES_AT_ONCE], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[] []\n" and result.stderr == ""
+
+
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
     """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
     which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
