@@ -22,8 +22,7 @@ class PyTorchBackend(Backend):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path, classes)
         self.metadata = self.checkpoint.metadata(height_width(input_size), scan_form="portable", batch=None)
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
 
     def describe(self) -> str:
         return f"PyTorch {torch.__version__} (CPU, float32)"
@@ -35,5 +34,15 @@ class PyTorchBackend(Backend):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.checkpoint is None:
             raise BackendError(f"{self.path}: the model was closed")
-        with torch.no_grad():
-            return self.checkpoint.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+        # torch's thread count is the process's: set for this model's calls only, so that an application's own
+        # torch work (or another backend) after it keeps the count it had.
+        held = torch.get_num_threads()
+        change = bool(self.threads) and self.threads != held
+        if change:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                return self.checkpoint.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+        finally:
+            if change:
+                torch.set_num_threads(held)

@@ -191,6 +191,25 @@ def test_an_empty_batch_gives_no_rows_in_every_backend(tmp_path_factory):
             assert empty.shape == (0, one.shape[1]) and empty.dtype == one.dtype == np.float32
 
 
+def test_a_checkpoints_thread_count_holds_for_its_own_calls_only(monkeypatch):
+    """PyTorchBackend(threads=N) set torch's thread count for the whole process when opened and never put it back:
+    an application's evaluate(threads=1) left its own torch work on one thread after it."""
+    import torch
+
+    from medmamba_edge.loaders import open_model
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    backend = open_model(bundled_checkpoint(), input_size=32, threads=wanted)
+    assert torch.get_num_threads() == before
+    model, seen = backend.checkpoint.model, []
+    monkeypatch.setattr(backend.checkpoint, "model", lambda x: (seen.append(torch.get_num_threads()), model(x))[1])
+    with backend:
+        assert backend.run(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 2)
+    assert seen == [wanted] and torch.get_num_threads() == before
+
+
 def test_backend_factory_errors(tmp_path):
     with pytest.raises(BackendError, match="no such model file"):
         open_backend(tmp_path / "m.onnx")
