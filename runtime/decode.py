@@ -330,6 +330,12 @@ def read_dicom(path: str | Path) -> DicomFrames:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, …: every way a header can be broken
         raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    uid = getattr(ds.file_meta, "TransferSyntaxUID", None)
+    # pydicom reads the header of any, but a UID it does not know as a transfer syntax (a vendor's private one, a
+    # corrupted header's) fails each of its questions about the pixel data with a bare ValueError
+    if uid is not None and not (isinstance(uid, pydicom.uid.UID) and uid.is_transfer_syntax):
+        raise ImageError(f"{path}: unknown DICOM transfer syntax {str(uid)!r} (private or malformed): its pixel data "
+                         f"cannot be read")
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise ImageError(f"{path}: DICOM float pixel data (a parametric map) is not supported: it has no stored "
                          f"value range to map to intensities")

@@ -871,6 +871,21 @@ def test_a_dicom_file_removed_before_its_turn_gets_the_record_an_image_does(tmp_
                                                   for name in ("chest.dcm", "scan.png")]
 
 
+def test_a_dicom_file_of_a_transfer_syntax_pydicom_does_not_know_says_so(tmp_path):
+    """A vendor's private transfer syntax (GE's implicit big endian), an unknown UID or an empty one in the File Meta
+    got the record 'unexpected ValueError: UID is not a transfer syntax.' (pydicom's answer to whether its pixel data
+    is compressed), or 'unexpected AttributeError: 'str' object has no attribute 'is_compressed'', as for a bug."""
+    import pydicom
+
+    for uid in ("1.2.840.113619.5.2", "1.2.3.4", ""):
+        ds = pydicom.dcmread(require_shared("data", "dicom", "chest_xray_rsna.dcm"))
+        ds.file_meta.TransferSyntaxUID = uid
+        ds.save_as(tmp_path / "chest.dcm", enforce_file_format=False)
+        [frame] = open_source(str(tmp_path / "chest.dcm")).frames()
+        assert frame.error == (f"{tmp_path / 'chest.dcm'}: unknown DICOM transfer syntax {uid!r} (private or "
+                               f"malformed): its pixel data cannot be read")
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
 def test_a_link_gone_between_the_listing_and_its_examination_gets_a_record_not_a_traceback(tmp_path):
     """/dev/fd lists the descriptor of its own listing, a link gone once the listing is closed: `run m.onnx /` (or
