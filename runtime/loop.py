@@ -92,8 +92,9 @@ def capture_still_running(interrupt: KeyboardInterrupt) -> bool:
 def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions, notify=None,
         stop: threading.Event | None = None) -> Stats:
     """Classify ``source`` until it ends, a sink asks to stop or ``stop`` is set (from any thread: an application's
-    own shutdown, or ``stop_on_signals``' event); every frame gets a record and the sinks are closed, also when an
-    exception (Ctrl-C's KeyboardInterrupt) ends it. The process's signal handlers are the caller's: the command line
+    own shutdown, or ``stop_on_signals``' event); every frame gets a record and the sinks are closed. An exception
+    (Ctrl-C's KeyboardInterrupt) ends it with the sinks closed too and the frames taken recorded, bar one it may
+    land on while that one's record is made: where every frame must have one, stop through ``stop``. The process's signal handlers are the caller's: the command line
     wraps the run in ``stop_on_signals``, an application keeps its own. ``notify`` hears a stream's reconnects; None
     leaves the source's (open_source's, silent unless given one)."""
     meta, stats, outputs = backend.metadata, Stats(), Outputs(sinks)
