@@ -229,7 +229,10 @@ class _Worker:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        # Popen's exit closes our ends of the pipes as well as waiting: left to the garbage collector, they stayed
+        # open past the benchmark (a ResourceWarning each).
+        with self.process:
+            pass
         self.log.close()
 
 
