@@ -315,15 +315,14 @@ def _quiet():
     """onnxruntime.quantization prints per-call chatter (histogram progress, tensor counts) with Python's print and
     logs through logging's module functions (logging.info, logging.warning), on the root logger; our progress bar
     says the same, and the CLI's stdout is for results. Only its own output is held back, in this thread only: its
-    modules' print is one that says nothing here (not sys.stdout swapped, which lost what an application's other
-    threads printed meanwhile), its records are stopped by a filter of the root logger's own (an application's
+    modules' print is one that says nothing here (not sys.stdout swapped, which would lose what an application's
+    other threads print meanwhile), its records are stopped by a filter of the root logger's own (an application's
     named loggers propagate past it), and a root without handlers is lent one that acts as none: those functions
-    call basicConfig on a root without any, which made an application's own basicConfig after a quantize do
-    nothing."""
-    import onnxruntime.quantization  # noqa: F401 (its modules, all of which the package imports)
+    call basicConfig on a root without any, after which an application's own basicConfig would do nothing."""
+    import onnxruntime.quantization as package  # for its modules, all of which it imports
 
     for name, module in list(sys.modules.items()):
-        if name.startswith("onnxruntime.quantization") and module is not None:
+        if name.startswith(package.__name__) and module is not None:
             module.print = _onnxruntime_print  # a global of the module's own, found before the builtin
     with _ROOT_QUIETING.lock:
         if not _ROOT_QUIETING.users:
@@ -341,8 +340,9 @@ def _quiet():
 
 
 # The root logger is the process's: two quantizes at once (an application's threads) share one filter and lent
-# handler, set up by the first in and taken off by the last out. Each its own, the first to finish took away those
-# the second still ran under, and ONNX Runtime's logging.info then called basicConfig on the application's root.
+# handler, set up by the first in and taken off by the last out: each with its own, the first to finish would take
+# away those the second still runs under, and ONNX Runtime's logging.info then call basicConfig on the application's
+# root.
 _ROOT_QUIETING = types.SimpleNamespace(lock=threading.Lock(), users=0, undo=None)
 
 
