@@ -94,9 +94,10 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
     """Classify ``source`` until it ends, a sink asks to stop or ``stop`` is set (from any thread: an application's
     own shutdown, or ``stop_on_signals``' event); every frame gets a record and the sinks are closed. An exception
     (Ctrl-C's KeyboardInterrupt) ends it with the sinks closed too and the frames taken recorded, bar one it may
-    land on while that one's record is made: where every frame must have one, stop through ``stop``. The process's signal handlers are the caller's: the command line
-    wraps the run in ``stop_on_signals``, an application keeps its own. ``notify`` hears a stream's reconnects; None
-    leaves the source's (open_source's, silent unless given one)."""
+    land on between that frame's leaving the held frames and its record reaching the sinks: where every frame must
+    have one, stop through ``stop``. The process's signal handlers are the caller's: the command line wraps the run
+    in ``stop_on_signals``, an application keeps its own. ``notify`` hears a stream's reconnects; None leaves the
+    source's (open_source's, silent unless given one)."""
     meta, stats, outputs = backend.metadata, Stats(), Outputs(sinks)
     interrupted = stop if stop is not None else threading.Event()
     records = RecordWriter(meta, options, outputs, stats)
@@ -177,7 +178,7 @@ class RecordWriter:
     def write(self, frames: deque[Frame], status: str, probs: np.ndarray | None = None,
               reason: str | None = None) -> None:
         """Records the first of ``frames``, taken from them only as it is counted: a KeyboardInterrupt while its
-        record is made (its softmax, its labels) left a frame already taken with no record."""
+        record is made (its labels, its latency) leaves it held, for finish_run to record."""
         stats, recent, frame = self.stats, self.recent, frames[0]
         if frame.outage_s is not None:  # never inferred, so it comes as skipped, dropped or not run: a gap, not a frame
             status, reason = "lost", frame.error
