@@ -73,14 +73,14 @@ class Capture:
         come first). False once the source is finished and nothing was left."""
         # Moved into the caller's deques as they are taken, never kept here: a KeyboardInterrupt (an application's
         # Ctrl-C) lands anywhere, in the wait for a file's next frame or in a sink writing a dropped frame's record,
-        # and the frames then in a variable of their own (the batch so far, the other dropped frames) got no record.
+        # and a frame in a variable of its own (the batch so far, the other dropped frames) would get no record.
         taken = 0
         with self.ready:
             while taken < size:
                 if self.queue:
-                    # Under the lock that takes the frame, before it: taken after the batch, the dropped frames included
-                    # those dropped meanwhile, newer than the batch, whose records then came before the batch's (a
-                    # camera's frame 7 recorded before its 5 and 6). Dropped while this waits, they are older.
+                    # Under the lock that takes the frame, before it: taken after the batch, they would include those
+                    # dropped meanwhile, newer than the batch, with records before the batch's (a camera's frame 7
+                    # recorded before its 5 and 6). Dropped while this waits, they are older.
                     self.take_dropped(dropped)
                     held.append(self.queue.popleft())
                     taken += 1

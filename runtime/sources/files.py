@@ -201,7 +201,7 @@ def folder_files(folder: Path, recursive: bool = True, gifs: bool = False) -> li
             return iter(())
 
     # The folders being listed, deepest last, in place of recursion: a tree deeper than Python's recursion limit
-    # (1 000 folders) ended in a RecursionError traceback.
+    # (1 000 folders) would end in a RecursionError traceback.
     walking = [listing(folder)]
     while walking:
         entry = next(walking[-1], None)
