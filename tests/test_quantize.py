@@ -292,7 +292,7 @@ def test_quantize_leaves_an_applications_logging_as_it_was(fp32_models, tmp_path
     *printed, counts, configured = result.stdout.splitlines()
     sent, heard, handlers = counts.split(" ", 2)
     assert int(sent) > 10 and heard == sent and handlers == "[]" and configured == "APP configured"
-    # Its thread's prints all on its stdout (sys.stdout was swapped meanwhile), ONNX Runtime's chatter not.
+    # Its thread's prints all on its stdout (a sys.stdout swapped meanwhile would lose them), ONNX Runtime's chatter not.
     assert printed == ["printed"] * int(sent)
 
 
