@@ -366,26 +366,27 @@ class Outputs:
     def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
         annotated = None  # drawn once a frame for every sink that shows it: 22 ms a 1080p frame on a Zen 3 core
         interrupted, sinks, i, called = None, list(self.sinks), 0, False
-        # An application's Ctrl-C in one sink (the overlay's 22 ms, a console line) or between two: the record, already
-        # counted, still goes to the others, so that no file has a gap in its seq, and then it ends the run. The loop
-        # is inside the try and picks up where it was: its jump back to the next sink checks for signals too, and
-        # one that came while this thread waited for the GIL after a sink's write is raised there.
+        # An application's Ctrl-C in one sink (the overlay's 22 ms, a console line), between two or while a failed
+        # one closes (a video read back): the record, already counted, still goes to the others, so that no file has
+        # a gap in its seq, and then it ends the run. The loop and the failed sink's handling are inside the outer
+        # try and pick up where they were: the jump back to the next sink checks for signals too, and one that came
+        # while this thread waited for the GIL after a sink's write is raised there.
         while i < len(sinks):
             try:
                 while i < len(sinks):
                     sink = sinks[i]
                     shows_overlay = image is not None and getattr(sink, "shows_overlay", False)
-                    if not (shows_overlay and interrupted is not None):  # a video frame, not a record: not drawn then
-                        if shows_overlay and annotated is None:
-                            annotated = overlay(image, record, fps)
-                        called = True  # from here an interrupt counts this sink as written: it may have written it
-                        sink.write(record, annotated if shows_overlay else image, fps)
+                    try:
+                        if not (shows_overlay and interrupted is not None):  # a video frame, not a record: not drawn
+                            if shows_overlay and annotated is None:
+                                annotated = overlay(image, record, fps)
+                            called = True  # from here an interrupt counts this sink as written: it may have written
+                            sink.write(record, annotated if shows_overlay else image, fps)
+                    except Exception as exc:  # an application's sink (a broker gone: ConnectionError) as much as ours
+                        self.errors.append(_sink_error(sink, exc))
+                        self.sinks.remove(sink)
+                        self._close(sink)
                     i, called = i + 1, False
-            except Exception as exc:  # an application's sink (a broker gone: ConnectionError) as much as ours
-                i, called = i + 1, False
-                self.errors.append(_sink_error(sink, exc))
-                self.sinks.remove(sink)
-                self._close(sink)
             except BaseException as exc:
                 interrupted = interrupted or exc
                 i, called = i + called, False

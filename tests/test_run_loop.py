@@ -475,6 +475,30 @@ def test_a_ctrl_c_between_two_sinks_still_gives_the_record_to_the_second(tiny_on
         assert [int(row["seq"]) for row in csv.DictReader(f)] == seqs == list(range(len(seqs))) and len(seqs) >= 3
 
 
+def test_a_ctrl_c_while_a_failed_sink_closes_still_gives_the_record_to_the_sinks_after_it(tiny_onnx, tmp_path):
+    """A sink that fails (a full disk) is closed in Outputs.write, which for the video means reading it back: seconds,
+    in which an application's Ctrl-C left Outputs.write from its error handler, outside the try, and the JSONL and CSV
+    after it never had that record (a gap in both files' seq)."""
+    from medmamba_edge.runtime.sinks import CsvSink, JsonlSink
+    from medmamba_edge.runtime.sources import open_source
+
+    class FullDisk:
+        def write(self, record, image, fps):
+            if record.seq == 2:
+                raise OSError(28, "No space left on device")
+
+        def close(self):
+            raise KeyboardInterrupt  # the Ctrl-C while it closes
+
+    source = open_source(str(sample_image_paths("pneumoniamnist")[0].parent))
+    sinks = [FullDisk(), JsonlSink(tmp_path / "r.jsonl"), CsvSink(tmp_path / "r.csv")]
+    with pytest.raises(KeyboardInterrupt):
+        run(open_backend(tiny_onnx), source, sinks, RunOptions())
+    seqs = [r["seq"] for r in read_jsonl(tmp_path / "r.jsonl")]
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert [int(row["seq"]) for row in csv.DictReader(f)] == seqs == list(range(len(seqs))) and len(seqs) >= 3
+
+
 def test_sigint_flushes_outputs_and_prints_summary(tiny_onnx, tmp_path):
     video = write_video(tmp_path / "loop.avi", count=10)
     jsonl = tmp_path / "records.jsonl"
