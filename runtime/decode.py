@@ -477,7 +477,8 @@ def _without_pixel_data(path, ds, ended=None) -> ImageError:
     image class or image attributes without the pixels means the pixels were cut off, not that there never were
     any; any other (an RT plan, a structured report) is said to be without them. An image's data set ended by
     zeros (``ended``, see _read_dataset: a file cut, then padded out) says where they begin."""
-    sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+    meta = ds.get("file_meta")
+    sop = _header(path, ds, "SOPClassUID") or (_header(path, meta, "MediaStorageSOPClassUID") if meta else None)
     image = "Rows" in ds or "Image" in str(getattr(sop, "name", ""))
     if image and ended is not None:
         inflated = " of its inflated data" if _deflated(ds) else ""
@@ -486,7 +487,16 @@ def _without_pixel_data(path, ds, ended=None) -> ImageError:
     if image:
         return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
                           f"pixel data")
-    return ImageError(f"{path}: DICOM without pixel data (modality {ds.get('Modality', '?')})")
+    return ImageError(f"{path}: DICOM without pixel data (modality {_header(path, ds, 'Modality', '?')})")
+
+
+def _header(path, ds, keyword: str, default=None):
+    """A header value as pydicom converts it, on first use; one it cannot convert makes the file unreadable, said as
+    such."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:  # a US Rows of 3 bytes (BytesLengthException), a VR garbled to 'CW' (NotImplemented…)
+        raise ImageError(f"{path}: malformed DICOM header ({keyword}: {first_line(exc)[:150]})") from None
 
 
 def _bare_dataset(pydicom, path):
@@ -578,7 +588,7 @@ class DicomFrames:
         if rows * columns > MAX_IMAGE_PIXELS:
             raise _over_limit(path, columns, rows, "DICOM frame", "; DICOM is not decoded reduced")
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        self.photometric = str(_header(path, ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
         # Native 4:2:2 data (Y Y Cb Cr for each pair of pixels) is read by index, frame by frame: pydicom 3.0's
         # iterator takes every frame after the first as YBR_FULL (three samples a pixel), from the wrong offsets.
         self.by_index = False
@@ -694,10 +704,7 @@ class DicomFrames:
     def _header_int(self, keyword: str, default: int) -> int:
         """A header value that sizes the pixel data, as an int; a value that is not one (an IS of 'abc', a
         multi-valued Rows) makes the file unreadable, said as such."""
-        try:
-            value = self.ds.get(keyword, default)
-        except Exception as exc:  # pydicom's conversion: a US Rows of 3 bytes (BytesLengthException), ...
-            raise ImageError(f"{self.path}: malformed DICOM header ({keyword}: {first_line(exc)[:150]})") from None
+        value = _header(self.path, self.ds, keyword, default)
         try:
             return default if value is None or value == "" else int(value)
         except (TypeError, ValueError):
