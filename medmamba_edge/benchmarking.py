@@ -230,8 +230,9 @@ class _Worker:
         if self.process.poll() is None:
             self.process.kill()
         # Popen's exit closes our ends of the pipes as well as waiting: left to the garbage collector, they stayed
-        # open past the benchmark (a ResourceWarning each).
-        with self.process:
+        # open past the benchmark (a ResourceWarning each). A worker that died between two requests left the second
+        # in stdin's buffer, whose flush on closing fails as its write did (request has said why).
+        with contextlib.suppress(BrokenPipeError), self.process:
             pass
         self.log.close()
 

@@ -172,6 +172,21 @@ def test_a_closed_worker_leaves_no_pipe_open(tmp_path_factory):
     assert all(pipe.closed for pipe in pipes)
 
 
+def test_a_worker_dead_between_two_requests_is_said_as_such_and_closed(tmp_path_factory):
+    """A worker killed while the others had their turn (the OOM killer) fails the next request's write, whose line then
+    stays in its stdin's buffer: closing the pipe flushed it again, and that BrokenPipeError from the worker's close
+    took the place of 'the benchmark worker was killed by SIGKILL'."""
+    from medmamba_edge.benchmarking import BenchmarkError, _loaded
+
+    with pytest.raises(BenchmarkError, match="the benchmark worker was killed by SIGKILL"):
+        with _loaded([str(bundled_onnx(tmp_path_factory))], [None], [1], 0, 1) as (worker,):
+            pipes = (worker.process.stdin, worker.process.stdout)
+            worker.process.kill()
+            worker.process.wait()
+            worker.request({"batch": 1, "iterations": 1})
+    assert all(pipe.closed for pipe in pipes) and worker.log.closed
+
+
 def test_timed_counts_warmup_apart():
     calls = []
     samples = timed(lambda: calls.append(1), warmup=2, iterations=3)
