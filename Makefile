@@ -22,7 +22,11 @@ setup: $(BIN)/medmamba-edge
 # `serve` (PyTriton) pins numpy < 2; the dev venv keeps numpy 2. So a second venv: the runtime and the serve
 # extra only, no torch (what it serves is torch-free). The Triton tests start `medmamba-edge serve` from it and skip without it.
 SERVE_VENV := .venv-serve
+# A PYTHON of 3.13 or later is refused in a line: pip would spend minutes on numpy 1.26's sdist, then fail.
+SERVE_REFUSAL := serve-setup: the serve venv needs Python 3.10 to 3.12 (PyTriton pins numpy < 2, which has no wheels \
+for Python %d.%d): make serve-setup PYTHON=python3.12 first (docs/serving.md)
 $(SERVE_VENV)/bin/medmamba-edge: pyproject.toml setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info >= (3, 13) and "$(SERVE_REFUSAL)" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet -e ".[serve]"
 	touch $@

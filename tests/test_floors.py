@@ -8,11 +8,15 @@ hides nothing.
 from __future__ import annotations
 
 import ast
+import glob
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import pkgutil
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +142,26 @@ def undeclared(files: dict[str, Path], allowed: set[str], elsewhere: dict[str, s
             if not provided_by & allowed:
                 missing.setdefault(name, []).append(path.name)
     return missing
+
+
+def test_the_serve_venv_is_refused_in_a_line_on_a_python_without_numpy_1_wheels(tmp_path):
+    """PyTriton pins numpy < 2, which has no wheels for Python 3.13 or later: make serve-setup (which make test runs)
+    on such a python3 made the venv and left pip building numpy 1.26.4 from its sdist for minutes, then failing."""
+    candidates = [shutil.which("python3.13"), *glob.glob(str(Path.home() / ".pyenv/versions/3.1[3-9]*/bin/python3"))]
+    found = [p for p in candidates if p and subprocess.run([p, "-c", "import sys; assert sys.version_info >= (3, 13)"],
+                                                           capture_output=True).returncode == 0]
+    if not found or not shutil.which("make"):
+        pytest.skip("needs make and a Python >= 3.13")
+    venv = tmp_path / "serve"
+    with subprocess.Popen(["make", "-C", str(ROOT), "serve-setup", f"PYTHON={found[0]}", f"SERVE_VENV={venv}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as make:
+        try:
+            out, err = make.communicate(timeout=60)
+        finally:
+            if make.poll() is None:  # pip on its way to the sdist: stopped, with what it started
+                os.killpg(make.pid, signal.SIGKILL)
+    assert make.returncode != 0 and not venv.exists()
+    assert "serve-setup: the serve venv needs Python 3.10 to 3.12" in err.splitlines()[0], err
 
 
 def test_every_package_folder_is_walked():
