@@ -44,7 +44,7 @@ from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import (check_writable, current_umask, local_output, missing_folders,
-                                         remove_empty_folders)
+                                         remove_empty_folders, sync_path, sync_renamed)
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             remove_onnx_metadata, unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
@@ -528,7 +528,8 @@ def _stage(staging: Path, served: ServedModel, name: str, plan: _ServingPlan, co
 
 
 def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]) -> None:
-    """``repository/name`` as ``stage`` writes it into a temporary folder, renamed into place when complete; on
+    """``repository/name`` as ``stage`` writes it into a temporary folder, renamed into place when complete and
+    fsynced (as ``AtomicOutput`` does a file: an EIO leaves the old folder, EINVAL and the like are no failure); on
     failure the temporary folder and the folders made on the way are removed, and an OSError is one line."""
     # Made where the path leads (a/../b and links resolved first: mkdir made a/ on the way), and removed again if
     # the export fails.
@@ -542,9 +543,13 @@ def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]
         _remove_leftovers(workspace, name, repository_folder)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(name), suffix=".partial", dir=workspace))
         stage(staging)
+        # Each file and folder on the disk before the rename, and the rename after it: renamed unsynced, a power
+        # cut could leave the model folder in place with empty or torn files (ext4 writes the rename first).
         for path in (staging, *staging.rglob("*")):
             os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
+            sync_path(path, folder=path.is_dir())
         _replace_folder(staging, repository_folder / name, workspace)
+        sync_renamed(repository_folder / name, created)
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -109,7 +109,7 @@ def _sync(fd: int) -> None:
             raise
 
 
-def _sync_path(path: Path, folder: bool = False) -> None:
+def sync_path(path: Path, folder: bool = False) -> None:
     """fsync the file at ``path``, or the ``folder`` (so that a name renamed into it survives a power cut)."""
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
@@ -121,6 +121,13 @@ def _sync_path(path: Path, folder: bool = False) -> None:
         _sync(fd)
     finally:
         os.close(fd)
+
+
+def sync_renamed(target: Path, created_folders: list[Path]) -> None:
+    """fsync the folder ``target`` was renamed into, and those the folders made for it (``missing_folders``) were
+    made in: a rename is on the disk once they are."""
+    for folder in (target.parent, *(made.parent for made in created_folders)):
+        sync_path(folder, folder=True)
 
 
 def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
@@ -256,7 +263,7 @@ class AtomicOutput:
             if self.handle is not None and self.syncs:
                 _sync(self.handle.fileno())
             elif self.handle is None and not self.in_place and self.write_path.exists():
-                _sync_path(self.write_path)  # written through its path by another writer (OpenCV's video writer)
+                sync_path(self.write_path)  # written through its path by another writer (OpenCV's video writer)
         except OSError as exc:  # not known to be on the disk: it does not replace what the target holds
             self._close_handle()
             if not self.in_place:
@@ -277,10 +284,8 @@ class AtomicOutput:
                 except OSError as copy_exc:
                     self._kept(copy_exc)
                 self.write_path.unlink()
-            # The new name's folder, and those of the folders made for it: a rename is on the disk once they are.
             try:
-                for folder in (self.target.parent, *(made.parent for made in self.created_folders)):
-                    _sync_path(folder, folder=True)
+                sync_renamed(self.target, self.created_folders)
             except OSError as exc:
                 raise self._cannot_write(exc) from None
         self.complete = whole and not self.cut_short

@@ -926,11 +926,11 @@ def test_an_output_that_cannot_be_put_in_place_names_where_it_is_kept(tmp_path):
 
 
 class SyncLog:
-    """os.fsync and os.replace, recorded in order: ("fsync", the descriptor's path, its size) and ("rename", the
-    target); ``failure`` (an errno) makes fsync fail with it after recording the call."""
+    """os.fsync, os.replace and os.rename, recorded in order: ("fsync", the descriptor's path, its size) and
+    ("rename", the target); ``failure`` (an errno) makes fsync fail with it after recording the call."""
 
     def __init__(self, monkeypatch, failure=None):
-        self.events, self.failure, real_fsync, real_replace = [], failure, os.fsync, os.replace
+        self.events, self.failure, real_fsync, real_replace, real_rename = [], failure, os.fsync, os.replace, os.rename
 
         def fsync(fd):
             self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
@@ -938,12 +938,15 @@ class SyncLog:
                 raise OSError(self.failure, os.strerror(self.failure))
             real_fsync(fd)
 
-        def replace(source, target):
-            real_replace(source, target)
-            self.events.append(("rename", str(target)))
+        def renamer(real):
+            def rename(source, target):
+                real(source, target)
+                self.events.append(("rename", str(target)))
+            return rename
 
         monkeypatch.setattr(os, "fsync", fsync)
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "replace", renamer(real_replace))
+        monkeypatch.setattr(os, "rename", renamer(real_rename))
 
     def paths(self, kind="fsync"):
         return [event[1] for event in self.events if event[0] == kind]

@@ -32,6 +32,7 @@ from medmamba_edge.runtime.preprocess import _uint8_lookup
 from tests.cli_runner import cli
 from tests.exported_models import bundled_onnx, official_onnx
 from tests.shared_data import PNEUMONIAMNIST, require_shared
+from tests.test_run_robustness import SyncLog
 from tests.triton_server import require_serve_python
 
 EXPECTED_FILES = ["1", "1/model.onnx", "README.md", "config.pbtxt", "deepstream_labels.txt", "deepstream_model.onnx",
@@ -306,6 +307,34 @@ def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, mo
     with pytest.raises(UserError, match="No space left on device"):
         export_triton(model, tmp_path / "nox" / ".." / "y" / "repo")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
+def test_the_model_folder_is_on_the_disk_before_its_rename_and_the_rename_after(model, tmp_path, monkeypatch):
+    """The folder was renamed into place unsynced: after a power cut the repository could hold model.onnx or
+    config.pbtxt empty or torn (ext4 writes the rename before delayed-allocation data), or lose the rename."""
+    log = SyncLog(monkeypatch)
+    repository = tmp_path / "new" / "repo"  # folders made for it: their entries must be on the disk too
+    folder = export_triton(model, repository).folder
+    assert log.paths("rename") == [str(folder)]
+    renamed = log.events.index(("rename", str(folder)))
+    staging = Path(log.events[0][1])
+    assert staging.name.endswith(".partial") and staging.parent == tmp_path / "new"
+    written = {str(Path(path).relative_to(staging)): size for kind, path, size in log.events[:renamed]}
+    assert written == {str(p.relative_to(folder)): p.stat().st_size for p in (folder, *folder.rglob("*"))}
+    assert log.events[renamed + 1:] == [("fsync", str(path), path.stat().st_size)
+                                        for path in (repository, tmp_path / "new", tmp_path)]
+
+
+def test_a_failing_fsync_keeps_the_old_model_folder(model, tmp_path, monkeypatch):
+    """EIO (a failing eMMC or SD card): the new folder may not be on the disk, so it does not replace the old one."""
+    import errno
+
+    folder = export_triton(model, tmp_path / "repo", max_batch=4).folder
+    SyncLog(monkeypatch, failure=errno.EIO)
+    with pytest.raises(UserError, match=r"^\S*repo/medmamba: cannot write \(Input/output error\)$"):
+        export_triton(model, tmp_path / "repo")
+    assert "max_batch_size: 4" in (folder / "config.pbtxt").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # the staging folder removed
 
 
 def test_a_repository_path_through_a_folder_not_there_and_back_is_written_where_it_leads(model, tmp_path):
