@@ -202,11 +202,13 @@ def test_a_server_that_is_not_quite_triton_is_one_line_within_the_timeout(answer
         server.shutdown()
 
 
-def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer=False, infer_answer=None):
+def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer=False, infer_answer=None,
+                 config_changes=None, server_changes=None):
     """A fake Triton serving a 2-class model of 32×32 inputs, whose every answer is one image's logits [1, 2]
     (``infer_s`` seconds after the request; ``read_body=False``: without reading the request's batch;
     ``stall_mid_answer``: an answer's headers and first bytes, then 5 s of nothing; ``infer_answer``: (HTTP
-    status, body[, headers]) in place of the logits)."""
+    status, body[, headers]) in place of the logits; ``config_changes``, ``server_changes``: keys set in the
+    model's configuration and in the server's metadata)."""
     from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
 
     metadata = ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json()
@@ -219,9 +221,9 @@ def model_server(max_batch_size=4, infer_s=0.0, read_body=True, stall_mid_answer
             body = {"max_batch_size": max_batch_size, "input": [{"name": "input", "data_type": "TYPE_FP32",
                                                                  "dims": [3, 32, 32]}],
                     "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [2]}],
-                    "parameters": {METADATA_KEY: {"string_value": metadata}}}
+                    "parameters": {METADATA_KEY: {"string_value": metadata}}, **(config_changes or {})}
         else:
-            body = {"name": "triton", "version": "2"}
+            body = {"name": "triton", "version": "2", **(server_changes or {})}
         data = json.dumps(body).encode()
         status, headers = 200, {}
         if infer_answer and handler.command == "POST":
@@ -384,11 +386,14 @@ def test_a_negative_binary_data_size_is_refused():
                      f"of bytes)")
 
 
+# A proxy's error page: one line of 56 KB
+ERROR_PAGE = "<html><head><style>" + "body{margin:0}" * 4000 + "</style></head><body>Unavailable</body></html>"
+
+
 def test_a_long_error_page_is_clipped_in_every_record(tmp_path):
     """A proxy's 503 page in one line of 56 KB was each skipped record's reason whole: 9 images gave 500 KB of
     JSONL and as much on the console."""
-    page = b"<html><head><style>" + b"body{margin:0}" * 4000 + b"</style></head><body>Unavailable</body></html>"
-    server = model_server(infer_answer=(503, page))
+    server = model_server(infer_answer=(503, ERROR_PAGE.encode()))
     try:
         result = subprocess.run([sys.executable, "-m", "medmamba_edge.cli", "run", server.url,
                                  str(ROOT / "medmamba_edge" / "assets" / "samples"), "--jsonl", str(tmp_path / "r.jsonl")],
@@ -400,6 +405,46 @@ def test_a_long_error_page_is_clipped_in_every_record(tmp_path):
     said = records[0]["reason"].split("(HTTP 503: ", 1)[1]
     assert said.startswith("<html><head><style>body{margin:0}") and said.endswith("…))") and len(said) == 302
     assert max(len(line) for line in result.stdout.splitlines() + result.stderr.splitlines()) < 600
+
+
+@pytest.mark.parametrize("server_changes, config_changes", [
+    ({"name": ERROR_PAGE}, None), ({"version": ERROR_PAGE}, None), (None, {"backend": ERROR_PAGE}),
+])
+def test_a_long_server_or_backend_name_is_clipped_in_the_description(server_changes, config_changes):
+    """The server's name and version and the model's backend were the description whole: the line `run` and
+    `benchmark` print about the model was 56 KB."""
+    server = model_server(server_changes=server_changes, config_changes=config_changes)
+    try:
+        description = open_backend(server.url).describe()
+    finally:
+        server.shutdown()
+    assert "<html><head><style>body{margin:0}" in description and "…" in description and len(description) < 400
+
+
+def _metadata_with(**changes) -> dict:
+    from medmamba_edge.runtime.metadata import METADATA_KEY, ModelMetadata
+
+    metadata = json.loads(ModelMetadata(input_size=(32, 32), class_names=("a", "b"), batch=None).to_json())
+    return {"parameters": {METADATA_KEY: {"string_value": json.dumps({**metadata, **changes})}}}
+
+
+@pytest.mark.parametrize("config_changes, message", [
+    ({"input": [{"name": "input", "data_type": ERROR_PAGE, "dims": [3, 32, 32]}]}, "the served input has type "),
+    (_metadata_with(schema_version=ERROR_PAGE), "metadata schema_version must be an integer, got '"),
+    (_metadata_with(**{ERROR_PAGE: 1}), "unknown metadata fields ['"),
+    (_metadata_with(mean=ERROR_PAGE), "mean and std must be finite numbers, got '"),
+])
+def test_a_configuration_quoting_a_long_text_is_clipped_in_the_error(config_changes, message):
+    """The served configuration's values and field names were quoted whole in the error opening the model: one
+    line of 56 KB."""
+    server = model_server(config_changes=config_changes)
+    try:
+        with pytest.raises(BackendError) as refused:
+            open_backend(server.url)
+    finally:
+        server.shutdown()
+    said = str(refused.value).split(f"{server.url}: {message}", 1)[1]
+    assert said.startswith("<html><head><style>body{margin:0}") and "…" in said and len(said) < 400
 
 
 def test_closing_the_backend_during_a_run_ends_it_at_once_and_sends_nothing_more():

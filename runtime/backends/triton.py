@@ -210,8 +210,8 @@ class TritonBackend(Backend):
 
     def _configure(self, server: dict, config: dict) -> None:
         """The served model's names, types, batching and metadata, from the server's and the model's JSON."""
-        self.server_description = f"{server.get('name', 'KServe v2 server')} {server.get('version', '')}".strip()
-        self.backend_name = config.get("backend") or config.get("platform") or "unknown"
+        self.server_description = _quoted(f"{server.get('name', 'KServe v2 server')} {server.get('version', '')}")
+        self.backend_name = _quoted(str(config.get("backend") or config.get("platform") or "unknown"))
         self.metadata = self._metadata(config)
         inputs, outputs = config.get("input") or [], config.get("output") or []
         if len(inputs) != 1 or len(outputs) != 1:
@@ -220,8 +220,8 @@ class TritonBackend(Backend):
         self.input_name, self.output_name = inputs[0]["name"], outputs[0]["name"]
         self.input_dtype = DATATYPES.get(CONFIG_DATATYPES.get(inputs[0].get("data_type", ""), ""))
         if self.input_dtype is None:
-            raise BackendError(f"{self.path}: the served input has type {inputs[0].get('data_type')}; expected TYPE_FP32 "
-                               f"or TYPE_FP16")
+            raise BackendError(f"{self.path}: the served input has type {_quoted(str(inputs[0].get('data_type')))}; "
+                               f"expected TYPE_FP32 or TYPE_FP16")
         # max_batch_size > 0: Triton batches, the dims leave the batch out. 0: the dims are the whole shape.
         self.max_batch = int(config.get("max_batch_size", 0))
         input_dims = [int(d) for d in inputs[0].get("dims", [])]
@@ -239,8 +239,8 @@ class TritonBackend(Backend):
                                f"`medmamba-edge export-triton`")
         try:
             return ModelMetadata.from_json(parameter["string_value"], self.path)
-        except MetadataError as exc:
-            raise BackendError(str(exc)) from None
+        except MetadataError as exc:  # it quotes the server's values and field names
+            raise BackendError(f"{self.path}: {_quoted(str(exc).removeprefix(f'{self.path}: '))}") from None
 
     def describe(self) -> str:
         batching = f"max batch {self.max_batch}" if self.max_batch else f"batch {self.fixed_batch or 'any'}"
@@ -455,10 +455,16 @@ def _read_answer(response: http.client.HTTPResponse) -> bytes:
     return data
 
 
+def _quoted(text: str) -> str:
+    """The server's text in a message (a name, an error, a value), cut to one line and clipped: a proxy's error page
+    can be one line of 56 KB, which the message would repeat in every record and console line it reaches."""
+    return clipped(first_line(Exception(text)))
+
+
 def _misreading(exc: Exception) -> str:
     """What reading a server's JSON raised, for a message: it can quote the server (numpy's "could not convert
-    string to float: '…'"), so clipped as the server's own error message is."""
-    return f"{type(exc).__name__}: {clipped(first_line(exc))}"
+    string to float: '…'"), so quoted as the server's own error message is."""
+    return f"{type(exc).__name__}: {_quoted(str(exc))}"
 
 
 def _error_text(body: bytes) -> str:
@@ -468,4 +474,4 @@ def _error_text(body: bytes) -> str:
         text = json.loads(body).get("error") or ""  # null: no message, not "None"
     except UNREADABLE:
         text = body.decode("utf-8", "replace")
-    return clipped(first_line(Exception(text))) or "no message"
+    return _quoted(text) or "no message"
