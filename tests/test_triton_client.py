@@ -386,6 +386,22 @@ def test_a_negative_binary_data_size_is_refused():
                      f"of bytes)")
 
 
+# nginx's own error page (a TLS proxy in front of the server, as docs/serving.md suggests, with the server down)
+NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx/1.18.0 (Ubuntu)</center>\r\n</body>\r\n</html>\r\n")
+
+
+def test_a_proxys_error_page_is_said_by_its_title():
+    """The page's first line is '<html>', which was all the message said of it: 'HTTP 502: <html>'."""
+    server = model_server(infer_answer=(502, NGINX_502))
+    try:
+        with pytest.raises(BackendError, match=rf"^{server.url}: the server refused the batch "
+                                               rf"\(HTTP 502: 502 Bad Gateway\)$"):
+            open_backend(server.url).run(np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        server.shutdown()
+
+
 # A proxy's error page: one line of 56 KB
 ERROR_PAGE = "<html><head><style>" + "body{margin:0}" * 4000 + "</style></head><body>Unavailable</body></html>"
 

@@ -468,10 +468,14 @@ def _misreading(exc: Exception) -> str:
 
 
 def _error_text(body: bytes) -> str:
-    """The server's own error message (KServe v2 puts it under "error"), cut to one line and clipped: every record
-    of the batch carries it."""
+    """The server's own error message (KServe v2 puts it under "error"; a proxy's HTML page says it in its title), cut
+    to one line and clipped: every record of the batch carries it."""
     try:
         text = json.loads(body).get("error") or ""  # null: no message, not "None"
     except UNREADABLE:
         text = body.decode("utf-8", "replace")
+        # A proxy's error page (nginx's, Apache's) begins with '<html>' or a doctype on a line of its own: its
+        # title says what went wrong.
+        title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.IGNORECASE)
+        text = title.group(1) if title and title.group(1).strip() else text
     return _quoted(text) or "no message"
