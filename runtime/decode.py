@@ -496,7 +496,7 @@ def _header(path, ds, keyword: str, default=None):
     try:
         return ds.get(keyword, default)
     except Exception as exc:  # a US Rows of 3 bytes (BytesLengthException), a VR garbled to 'CW' (NotImplemented…)
-        raise ImageError(f"{path}: malformed DICOM header ({keyword}: {first_line(exc)[:150]})") from None
+        raise ImageError(f"{path}: malformed DICOM header ({keyword}: {clipped(first_line(exc), 150)})") from None
 
 
 def _bare_dataset(pydicom, path):

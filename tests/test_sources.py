@@ -901,6 +901,18 @@ def test_a_dicom_element_of_a_garbled_value_representation_says_the_header_is_ma
                                f"Representation 'CW' in tag ({tag[1]:02X}{tag[0]:02X},{tag[3]:02X}{tag[2]:02X}))")
 
 
+def test_a_dicom_header_reason_cut_short_says_so(tmp_path):
+    """pydicom's reason was cut at 150 characters with no mark, mid-sentence: a Rows of 3 bytes said '... with
+    length 3 and struct format 'H' which corresponds)', as if that were all."""
+    data = Path(require_shared("data", "dicom", "chest_xray_rsna.dcm")).read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US\x02\x00")  # (0028,0010) Rows, 2 bytes: given 3
+    (tmp_path / "chest.dcm").write_bytes(data[:rows] + b"\x28\x00\x10\x00US\x03\x00" + data[rows + 8:rows + 10] + b"\x00"
+                                         + data[rows + 10:])
+    [frame] = open_source(str(tmp_path / "chest.dcm")).frames()
+    assert frame.error.startswith(f"{tmp_path / 'chest.dcm'}: malformed DICOM header (Rows: Expected total bytes")
+    assert "with length 3" in frame.error and frame.error.endswith("…)")
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
 def test_a_link_gone_between_the_listing_and_its_examination_gets_a_record_not_a_traceback(tmp_path):
     """/dev/fd lists the descriptor of its own listing, a link gone once the listing is closed: `run m.onnx /` (or
