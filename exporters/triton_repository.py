@@ -529,8 +529,9 @@ def _stage(staging: Path, served: ServedModel, name: str, plan: _ServingPlan, co
 
 def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]) -> None:
     """``repository/name`` as ``stage`` writes it into a temporary folder, renamed into place when complete and
-    fsynced (as ``AtomicOutput`` does a file: an EIO leaves the old folder, EINVAL and the like are no failure); on
-    failure the temporary folder and the folders made on the way are removed, and an OSError is one line."""
+    fsynced (as ``AtomicOutput`` does a file: an EIO before the rename leaves the old folder, EINVAL and the like
+    are no failure); on failure the temporary folder and the folders made on the way are removed, and an OSError is
+    one line."""
     # Made where the path leads (a/../b and links resolved first: mkdir made a/ on the way), and removed again if
     # the export fails.
     repository_folder = Path(os.path.realpath(repository))
