@@ -150,7 +150,7 @@ class ModelMetadata:
     def from_json(cls, text: str, source: str = "metadata") -> ModelMetadata:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an int of over 4,300 digits, arrays too deep
             raise MetadataError(f"{source}: metadata is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise MetadataError(f"{source}: metadata must be a JSON object")

@@ -265,6 +265,22 @@ def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
     assert len(output.splitlines()) == 1
 
 
+@pytest.mark.parametrize("value, reason", [("1" + "0" * 5000, "Exceeds the limit (4300 digits)"),
+                                           ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded")])
+def test_metadata_json_past_the_parsers_limits_is_one_line(tmp_path, value, reason):
+    """json.loads refuses an integer of over 4,300 digits with a plain ValueError and arrays nested past its limit
+    with a RecursionError, not the JSONDecodeError from_json caught: `run` ended in a traceback."""
+    path = toy_model(tmp_path / "m.onnx", {**GOOD_META, "schema_version": 0})
+    model = onnx.load(str(path))
+    model.metadata_props[0].value = model.metadata_props[0].value.replace('"schema_version": 0',
+                                                                          f'"schema_version": {value}')
+    onnx.save(model, str(path))
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", path, tmp_path / "x.png")
+    assert code == 1 and "Traceback" not in output and len(output.splitlines()) == 1
+    assert output.startswith(f"error: {path}: metadata is not valid JSON ({reason}")
+
+
 @pytest.mark.parametrize("shape, rank", [(("N",), 1), (("N", 3, 1), 3)])
 def test_an_output_of_the_wrong_rank_is_one_line(tmp_path, shape, rank):
     path = toy_model(tmp_path / "m.onnx", output_shape=shape)
