@@ -45,9 +45,7 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
-import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +64,7 @@ from medmamba_edge.runtime.metadata import (ModelMetadata, check_against_graph, 
                                             read_onnx_metadata, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import compared_text, non_finite_rows, over_budget, points_lost, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
+from medmamba_edge.runtime.shared_change import SharedChange
 
 from .portable import lower_ss2d_scan
 
@@ -324,29 +323,15 @@ def _quiet():
     for name, module in list(sys.modules.items()):
         if name.startswith(package.__name__) and module is not None:
             module.print = _onnxruntime_print  # a global of the module's own, found before the builtin
-    with _ROOT_QUIETING.lock:
-        if not _ROOT_QUIETING.users:
-            _ROOT_QUIETING.undo = _quiet_root_logger()
-        _ROOT_QUIETING.users += 1
     token = _QUIET.set(True)
     try:
-        yield
+        with _quiet_root_logger():
+            yield
     finally:
         _QUIET.reset(token)
-        with _ROOT_QUIETING.lock:
-            _ROOT_QUIETING.users -= 1
-            if not _ROOT_QUIETING.users:
-                _ROOT_QUIETING.undo()
 
 
-# The root logger is the process's: two quantizes at once (an application's threads) share one filter and lent
-# handler, set up by the first in and taken off by the last out: each with its own, the first to finish would take
-# away those the second still runs under, and ONNX Runtime's logging.info then call basicConfig on the application's
-# root.
-_ROOT_QUIETING = types.SimpleNamespace(lock=threading.Lock(), users=0, undo=None)
-
-
-def _quiet_root_logger() -> Callable[[], None]:
+def _filter_root_logger() -> Callable[[], None]:
     """Sets the root logger's filter and, on a root without handlers, the lent one; returns what undoes both."""
     root = logging.getLogger()
     lent = [] if root.handlers else [_AsIfNoHandler()]
@@ -359,6 +344,12 @@ def _quiet_root_logger() -> Callable[[], None]:
         for handler in lent:
             root.removeHandler(handler)
     return undo
+
+
+# The root logger is the process's: two quantizes at once (an application's threads) share one filter and lent
+# handler, or ONNX Runtime's logging.info, in the second after the first undid its own, would call basicConfig on
+# the application's root.
+_quiet_root_logger = SharedChange(_filter_root_logger)
 
 
 # ONNX Runtime's calibration cache (calibrate once, quantize each candidate from it): onnxruntime >= 1.27, which

@@ -11,16 +11,16 @@ import math
 import os
 import re
 import struct
-import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from medmamba_edge.errors import UserError, clipped, first_line, install_hint
+
+from .shared_change import SharedChange
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -34,32 +34,17 @@ class ImageError(UserError, ValueError):
 _LOG_LEVEL = getattr(cv2.utils, "logging", cv2)
 
 
-_quiet = threading.Lock()
-_quiet_inside = 0  # how many quiet_opencv blocks are open, in every thread
-_level_outside = 0  # the log level they found, which the last one to close puts back
+def _silence_opencv():
+    previous = _LOG_LEVEL.getLogLevel()
+    _LOG_LEVEL.setLogLevel(0)
+    return lambda: _LOG_LEVEL.setLogLevel(previous)
 
 
-@contextmanager
-def quiet_opencv():
-    """Silence OpenCV's own WARN lines (a missing camera, a corrupt video): our errors say it in one line. libpng's
-    'libpng error: …' for a truncated PNG is written to the process's stderr itself: it stays (only redirecting
-    file descriptor 2 would hide it, and every other thread's messages with it). The level is the process's: the
-    capture thread reads under it while the main thread writes the video under it, so the first block in sets it and
-    the last one out restores it (each putting back what it found restored the level during the other's read, which
-    then printed its stall warning, and left it silent for good after)."""
-    global _quiet_inside, _level_outside
-    with _quiet:
-        if _quiet_inside == 0:
-            _level_outside = _LOG_LEVEL.getLogLevel()
-            _LOG_LEVEL.setLogLevel(0)
-        _quiet_inside += 1
-    try:
-        yield
-    finally:
-        with _quiet:
-            _quiet_inside -= 1
-            if _quiet_inside == 0:
-                _LOG_LEVEL.setLogLevel(_level_outside)
+# Silence OpenCV's own WARN lines (a missing camera, a corrupt video): our errors say it in one line. libpng's
+# 'libpng error: …' for a truncated PNG is written to the process's stderr itself: it stays (only redirecting file
+# descriptor 2 would hide it, and every other thread's messages with it). The level is the process's: the capture
+# thread reads under it while the main thread writes the video under it, hence one change both share.
+quiet_opencv = SharedChange(_silence_opencv)
 
 
 def opencv_cannot_name(path: str | Path) -> bool:

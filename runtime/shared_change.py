@@ -1,0 +1,31 @@
+"""A change to the process's own state (OpenCV's log level, the root logger) that overlapping users share."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class SharedChange:
+    """``make()`` changes the process's state and returns what undoes it. Used as ``with change():``, the first
+    block in (of any thread) makes it and the last one out undoes it: each making and undoing its own, the first
+    to leave would undo the change under the other still inside, and the other, leaving, put back the changed
+    state for good."""
+
+    def __init__(self, make: Callable[[], Callable[[], None]]):
+        self._make, self._lock, self._inside, self._undo = make, threading.Lock(), 0, None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._inside:
+                self._undo = self._make()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if not self._inside:
+                    self._undo()
