@@ -402,6 +402,24 @@ def test_a_proxys_error_page_is_said_by_its_title():
         server.shutdown()
 
 
+@pytest.mark.parametrize("answer", [
+    {"detail": "Model medmamba is not loaded"},  # FastAPI
+    {"code": 503, "type": "ServiceUnavailableException", "message": "Model medmamba is not loaded"},  # TorchServe
+    {"error": {"code": 503, "message": "Model medmamba is not loaded", "status": "UNAVAILABLE"}},  # nested
+    {"error": None, "message": "Model medmamba is not loaded"},
+])
+def test_a_json_error_says_its_message_under_the_keys_servers_use(answer):
+    """Only "error" was read, as a string: each of these said 'HTTP 503: no message' (the nested one its dict)."""
+    url, error = refusal((503, json.dumps(answer).encode()))
+    assert error == f"{url}: the server refused the batch (HTTP 503: Model medmamba is not loaded)"
+
+
+def test_a_long_nested_json_error_message_is_clipped():
+    """Said as the nested dict was before: "{'message': 'xxx…"."""
+    _, error = refusal((503, json.dumps({"error": {"message": "x" * 5000}}).encode()))
+    assert error.split("(HTTP 503: ", 1)[1] == "x" * 299 + "…)"
+
+
 # A proxy's error page: one line of 56 KB
 ERROR_PAGE = "<html><head><style>" + "body{margin:0}" * 4000 + "</style></head><body>Unavailable</body></html>"
 

@@ -467,11 +467,27 @@ def _misreading(exc: Exception) -> str:
     return f"{type(exc).__name__}: {_quoted(str(exc))}"
 
 
+# Where a JSON error answer holds its message: KServe v2 (Triton) "error", FastAPI "detail", TorchServe and many
+# gateways "message"; some nest it, {"error": {"message": ...}} (Google's APIs, OpenAI's).
+ERROR_KEYS = ("error", "detail", "message")
+
+
+def _json_message(answer: dict) -> object:
+    """The message a JSON error answer holds under one of ERROR_KEYS, one level down at most; "" if none does."""
+    for key in ERROR_KEYS:
+        value = answer.get(key)
+        if isinstance(value, dict):
+            value = next((value[inner] for inner in ERROR_KEYS if value.get(inner)), None)
+        if value:  # null or "": no message, not "None"
+            return value
+    return ""
+
+
 def _error_text(body: bytes) -> str:
-    """The server's own error message (KServe v2 puts it under "error"; a proxy's HTML page says it in its title), cut
-    to one line and clipped: every record of the batch carries it."""
+    """The server's own error message (a JSON answer's under ERROR_KEYS; a proxy's HTML page says it in its title),
+    cut to one line and clipped: every record of the batch carries it."""
     try:
-        text = json.loads(body).get("error") or ""  # null: no message, not "None"
+        text = _json_message(json.loads(body))
     except UNREADABLE:
         text = body.decode("utf-8", "replace")
         # A proxy's error page (nginx's, Apache's) begins with '<html>' or a doctype on a line of its own: its
