@@ -103,17 +103,35 @@ def logit_figures(logits: Difference, tolerance: Tolerance) -> tuple[tuple[str, 
             compared_text(logits.max_rel, tolerance.logits_rtol, 3))
 
 
-def _checks(a: np.ndarray, b: np.ndarray, logits: Difference, tolerance: Tolerance) -> list[Check]:
-    """The tier's checks of B's logits against A's (``logits``: their Difference, the report's)."""
-    pa, pb = softmax(a), softmax(b)
-    same = a.argmax(1) == b.argmax(1)
-    agreement = float(same.mean())
+@dataclass(frozen=True)
+class LogitPair:
+    """A's and B's logits, and what the report and its checks read from them, each computed once."""
+
+    a: np.ndarray
+    b: np.ndarray
+    logits: Difference
+    probabilities: tuple[np.ndarray, np.ndarray]
+    same: np.ndarray  # per image: whether B's top-1 class is A's
+
+    @classmethod
+    def of(cls, a: np.ndarray, b: np.ndarray) -> LogitPair:
+        return cls(a, b, Difference.of(a, b), (softmax(a), softmax(b)), a.argmax(1) == b.argmax(1))
+
+    @property
+    def agreement(self) -> float:
+        return float(self.same.mean())
+
+
+def _checks(pair: LogitPair, tolerance: Tolerance) -> list[Check]:
+    """The tier's checks of B's logits against A's."""
+    a, b, same, agreement = pair.a, pair.b, pair.same, pair.agreement
+    pa, pb = pair.probabilities
     # Each image's largest probability change, averaged: robust to the odd image INT8 moves a lot.
     mean_probability_error = float(np.abs(pa - pb).max(axis=1).mean())
     checks = []
     if tolerance.logits_atol is not None:
         outside = logits_outside(b, a, tolerance.logits_atol, tolerance.logits_rtol)
-        (_, atol), (_, rtol) = logit_figures(logits, tolerance)
+        (_, atol), (_, rtol) = logit_figures(pair.logits, tolerance)
         checks.append(Check("logits", f"{outside} of {a.size} outside", f"|A−B| ≤ {atol} + {rtol}·|A|", outside == 0))
     # A judged figure is shown to as many digits as keep it on its side of its limit: 979 of 999 images read
     # "98.00%" and failed "≥ 98%".
@@ -159,22 +177,20 @@ def compare(model_a: str | Path, model_b: str | Path, data: str | Path | None = 
     dataset = dataset.sample(num_samples, seed)
     outputs = run_models(backends, dataset, batch_size, progress)
     check_finite(backends, outputs, dataset)  # NaN never equals itself, and its argmax (class 0) would agree
-    a, b = outputs.logits
-    differ = a.argmax(1) != b.argmax(1)
+    compared = LogitPair.of(*outputs.logits)
     tolerance = tolerance_for(backends[0].metadata.precision, backends[1].metadata.precision, atol, rtol)
-    logits = Difference.of(a, b)
     return ComparisonReport(
         models=(str(backends[0].path), str(backends[1].path)),
         backends=(backends[0].describe(), backends[1].describe()),
         cpus=(backends[0].cpu(), backends[1].cpu()),
         data=dataset.description,
-        images=len(a),
+        images=len(compared.a),
         tolerance=tolerance,
-        logits=logits,
-        probabilities=Difference.of(softmax(a), softmax(b)),
-        top1_agreement=float(1 - differ.mean()),
-        disagreeing=[dataset.samples[i].source for i in outputs.indices[differ]],
-        checks=_checks(a, b, logits, tolerance),
+        logits=compared.logits,
+        probabilities=Difference.of(*compared.probabilities),
+        top1_agreement=compared.agreement,
+        disagreeing=[dataset.samples[i].source for i in outputs.indices[~compared.same]],
+        checks=_checks(compared, tolerance),
         failures=outputs.failures,
         input_differences=input_differences(backends[0].metadata, backends[1].metadata),
     )

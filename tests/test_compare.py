@@ -138,7 +138,7 @@ def test_a_model_onnx_runtime_ran_on_this_cpu_names_the_cpu(onnx32):
 def test_a_judged_figure_never_reads_as_its_limit(onnx32):
     """979 of 999 images agreeing read "98.00%" and failed "≥ 98%"; a mean |ΔP| of 0.02004 read "0.02" and failed
     "≤ 0.02" (the official export and an INT8 one calibrated at the 99th percentile on 8 images, train split)."""
-    from medmamba_edge.comparison import Difference, _checks
+    from medmamba_edge.comparison import LogitPair, _checks
     from medmamba_edge.evaluation import open_models, run_models
     from medmamba_edge.runtime.datasets import open_dataset
 
@@ -146,14 +146,14 @@ def test_a_judged_figure_never_reads_as_its_limit(onnx32):
     a = run_models(open_models([onnx32]), data, 128).logits[0]
     swapped = a.copy()
     swapped[:20] = swapped[:20, ::-1]  # 20 answers turned round: 97.998 % agree
-    agreement = _checks(a, swapped, Difference.of(a, swapped), TIERS["int8"])[0]
+    agreement = _checks(LogitPair.of(a, swapped), TIERS["int8"])[0]
     assert (agreement.measured, agreement.limit, agreement.passed) == ("97.998% (20 of 999 differ)", "≥ 98%", False)
     # Each answer moved t towards class 0 (a + [t, -t]): t found where the mean change is just past 0.02.
     low, high = 0.0, 4.0
     for _ in range(40):
         t = (low + high) / 2
         moved = a + np.float32([t, -t])
-        error = _checks(a, moved, Difference.of(a, moved), TIERS["int8"])[-1]
+        error = _checks(LogitPair.of(a, moved), TIERS["int8"])[-1]
         if error.passed:
             low = t
         elif float(error.measured) - 0.02 > 5e-5:
