@@ -24,6 +24,7 @@ schema (``tritonclient.grpc.model_config_pb2``) where tritonclient is installed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import os
@@ -43,7 +44,7 @@ from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
-from medmamba_edge.runtime.files import (check_writable, current_umask, local_output, missing_folders,
+from medmamba_edge.runtime.files import (check_writable, current_umask, exchange, local_output, missing_folders,
                                          remove_empty_folders, sync_path, sync_renamed)
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             remove_onnx_metadata, unwritable_class_names)
@@ -606,7 +607,7 @@ def _remove_leftovers(workspace: Path, name: str, repository: Path) -> None:
     own = re.compile(rf"{re.escape(_staging_owner(name))}\.(\d+)\.[^.]+\.(?:partial|old)")
     anyone = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9-]*\.\d+\.[^.]+\.(?:partial|old)")
     try:
-        entries = [entry for entry in workspace.iterdir() if entry.is_dir() and not entry.is_symlink()]
+        entries = list(workspace.iterdir())  # a link or file too: what an exchange swapped out of REPO/NAME
     except OSError:  # not listable: nothing of ours to find there
         return
     for entry in entries:
@@ -614,11 +615,11 @@ def _remove_leftovers(workspace: Path, name: str, repository: Path) -> None:
         try:
             gone = (not _process_exists(int(match.group(1))) if match else
                     workspace == repository and anyone.fullmatch(entry.name) is not None
-                    and time.time() - entry.stat().st_mtime > STALE_STAGING_S)
+                    and time.time() - entry.lstat().st_mtime > STALE_STAGING_S)
         except OSError:  # removed meanwhile
             continue
         if gone:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
 
 
 def _process_exists(pid: int) -> bool:
@@ -632,15 +633,29 @@ def _process_exists(pid: int) -> bool:
 
 
 def _replace_folder(new: Path, target: Path, workspace: Path) -> None:
-    """Move ``new`` to ``target``; whatever is there (a folder, a link, a dangling one) is moved aside (into
-    ``workspace``) first and removed after."""
+    """Move ``new`` to ``target``; whatever is there (a folder, a link, a dangling one) is swapped with it in one
+    step (``exchange``: a power cut or kill at any point leaves a model folder, the old or the new), and then sits
+    under ``new``'s staging name, which _remove_leftovers knows, until removed. Where the system cannot exchange, it
+    is moved aside (into ``workspace``) first, leaving no model folder until the second rename."""
     if not os.path.lexists(target):
         os.rename(new, target)
+        return
+    if exchange(new, target):
+        _remove(new)
         return
     old = Path(tempfile.mkdtemp(prefix=_staging_prefix(target.name), suffix=".old", dir=workspace))
     os.rename(target, old / target.name)
     os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or the link or file an exchange left under a staging name (rmtree refuses a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 __all__ = ["DEEPSTREAM_KEYS", "TritonExport", "TritonExportError", "check_deepstream_config", "check_triton_config",

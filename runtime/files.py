@@ -130,6 +130,45 @@ def sync_renamed(target: Path, created_folders: list[Path]) -> None:
         sync_path(folder, folder=True)
 
 
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
+# renameat2's answers where it is there but this kernel (ENOSYS, before 3.15) or file system (EINVAL: some FUSE
+# and network mounts, overlayfs on some kernels) cannot exchange.
+_CANNOT_EXCHANGE = {errno.ENOSYS, errno.EINVAL}
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2 (glibc 2.28 and later), or None where there is none (not Linux, an older glibc, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap the names ``first`` and ``second`` (both there, on one file system) in one step, renameat2's
+    RENAME_EXCHANGE: a crash or power cut leaves each name on one of the two, never one name on neither as two
+    renames can. False, with nothing done, where the system or file system cannot; other failures raise OSError."""
+    function = _renameat2()
+    if function is None:
+        return False
+    import ctypes
+
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _CANNOT_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
 def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     """mkstemp's prefix and suffix beside ``target``: ``.NAME.XXXXXXXX.partial.SUFFIX``, NAME cut so that the
     whole fits the file system's ``name_max`` bytes (a valid 250-byte target name must still get one). A

@@ -288,6 +288,74 @@ triton_repository.export_triton({str(model)!r}, {str(repository)!r})
     assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists() and elsewhere.exists()
 
 
+def test_an_existing_model_folder_is_swapped_for_the_new_one_in_one_step(model, tmp_path, monkeypatch):
+    """The old folder was renamed aside, then the new one in: a power cut or SIGKILL between the two renames left
+    no model folder in REPO. Now renameat2's RENAME_EXCHANGE swaps them, with no rename at all."""
+    repository = tmp_path / "repo"
+    old = export_triton(model, repository).folder
+    (old / "stale.txt").write_text("the old folder's")
+    old_inode = old.stat().st_ino
+
+    def rename(*args):
+        raise AssertionError(f"renamed {args}: two renames leave a moment with no model folder")
+
+    monkeypatch.setattr(os, "rename", rename)
+    folder = export_triton(model, repository).folder
+    assert folder.stat().st_ino != old_inode and files(folder) == EXPECTED_FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # the swapped-out folder is removed
+
+
+@pytest.mark.parametrize("renameat2", ["EINVAL", "ENOSYS", "none"])
+def test_where_the_system_cannot_exchange_the_old_folder_is_moved_aside(model, tmp_path, monkeypatch, renameat2):
+    """A file system without RENAME_EXCHANGE (EINVAL), a kernel before 3.15 (ENOSYS), a libc without renameat2:
+    the two renames, as before."""
+    import ctypes
+    import errno
+
+    from medmamba_edge.runtime import files as runtime_files
+
+    def cannot(*args):
+        ctypes.set_errno(getattr(errno, renameat2))
+        return -1
+
+    repository = tmp_path / "repo"
+    (export_triton(model, repository).folder / "stale.txt").write_text("the old folder's")
+    monkeypatch.setattr(runtime_files, "_renameat2", lambda: None if renameat2 == "none" else cannot)
+    assert files(export_triton(model, repository).folder) == EXPECTED_FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+@pytest.mark.parametrize("there", ["folder", "link"])
+def test_an_export_killed_right_after_the_exchange_leaves_the_new_folder(model, tmp_path, there):
+    """What the exchange swapped out sits under the staging name until removed: a kill then leaves the new model
+    folder in REPO and the old one (or the link that was there) for the next export to remove."""
+    import signal
+    import sys
+
+    repository, keep = tmp_path / "repo", tmp_path / "keep"
+    repository.mkdir()
+    if there == "folder":
+        export_triton(model, repository)
+    else:
+        keep.mkdir()
+        (keep / "mine.txt").write_text("mine")
+        (repository / "medmamba").symlink_to(keep)
+    killed_after_the_exchange = f"""
+import os, signal
+from medmamba_edge.exporters import triton_repository
+triton_repository._remove = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+triton_repository.export_triton({str(model)!r}, {str(repository)!r})
+"""
+    assert subprocess.run([sys.executable, "-c", killed_after_the_exchange]).returncode == -signal.SIGKILL
+    folder = repository / "medmamba"
+    assert not folder.is_symlink() and files(folder) == EXPECTED_FILES
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert leftover.is_symlink() == (there == "link")
+    export_triton(model, repository)
+    assert not os.path.lexists(leftover) and [p.name for p in repository.iterdir()] == ["medmamba"]
+    assert there == "folder" or (keep / "mine.txt").read_text() == "mine"  # the link went, not what it led to
+
+
 def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, monkeypatch):
     """A full disk while the model folder was written: the staging folder went, the repository's new folders
     (-o a/b/repo) stayed behind empty."""
