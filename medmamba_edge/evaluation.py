@@ -189,8 +189,14 @@ class EvaluationReport:
             return []
         return [m for m in self.models[1:] if over_budget(m.drop, self.max_drop)]
 
+    @property
+    def absent_classes_note(self) -> str | None:
+        return self.models[0].metrics.absent_classes_note()  # every model scored the same images
+
     def to_dict(self) -> dict:
         return {"data": self.data, "class_names": list(self.class_names), "evaluated": self.models[0].metrics.count,
+                "classes_without_images": list(self.models[0].metrics.absent_classes),
+                "macro_averages_note": self.absent_classes_note,
                 "failed_to_decode": [vars(f) for f in self.failures], "max_drop": self.max_drop,
                 "gate_passed": not self.gate_failures, "models": [m.to_dict() for m in self.models]}
 
@@ -285,8 +291,9 @@ def _percent(value: float | None) -> str:
 
 
 def render_tables(report: EvaluationReport) -> list:
-    """Rich tables: the paper's metrics per model (macro averages, in %), then per class. Their text is
-    plain (file and class names), for a console that reads no markup (cli's ``out``); styles are rich Text."""
+    """Rich tables: the paper's metrics per model (macro averages, in %), then per class, and a line on the classes
+    with no images where there are any. Their text is plain (file and class names), for a console that reads no
+    markup (cli's ``out``); styles are rich Text."""
     from rich.table import Table
     from rich.text import Text
 
@@ -314,4 +321,5 @@ def render_tables(report: EvaluationReport) -> list:
         for c in m.metrics.per_class:
             per_class.add_row(name, c.name, str(c.support), _percent(c.precision), _percent(c.sensitivity),
                               _percent(c.specificity), _percent(c.f1), _percent(c.auc))
-    return [summary, per_class]
+    note = report.absent_classes_note
+    return [summary, per_class] + ([Text.assemble(("warning: ", "yellow"), note)] if note else [])

@@ -6,7 +6,8 @@ specificity and F1 are computed one-vs-rest per class from the confusion matrix 
 per class from the predicted probabilities, macro-averaged; for two classes the reported AUC is the
 positive class's (class index 1), the usual binary ROC AUC. A ratio whose denominator is zero (a class
 never predicted, say) counts as 0, as scikit-learn's ``zero_division=0``; an AUC is undefined (None)
-for a class with no positive or no negative samples and is left out of the average.
+for a class with no positive or no negative samples and is left out of the average. A class with no images
+thus lowers the macro precision, sensitivity and F1: ``Metrics.absent_classes_note`` says so with the figures.
 """
 
 from __future__ import annotations
@@ -107,6 +108,24 @@ class Metrics:
         data = asdict(self)
         data["confusion"] = self.confusion.tolist()
         return data
+
+    @property
+    def absent_classes(self) -> tuple[str, ...]:
+        """The classes with no images in the set scored."""
+        return tuple(c.name for c in self.per_class if c.support == 0)
+
+    def absent_classes_note(self) -> str | None:
+        """What the macro averages count for the classes with no images (zero_division=0): kept comparable with
+        the paper and scikit-learn, but said, since on a subset (one class's folder) it drags them down unseen."""
+        absent = self.absent_classes
+        if not absent:
+            return None
+        note = (f"no images of {', '.join(absent)} in this set: {'its' if len(absent) == 1 else 'their'} precision, "
+                f"sensitivity and F1 count as 0 in the macro averages (scikit-learn's zero_division=0)")
+        present = [c.name for c in self.per_class if c.support]
+        if len(present) == 1:  # TN + FP = 0: nothing outside the class to be specific about
+            note += f", as does {present[0]}'s specificity"
+        return note
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -120,6 +120,25 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     assert all(f"broken{i}.png" in result.output for i in range(6)) and "more" not in result.output
 
 
+def test_classes_without_images_are_said_with_the_macro_averages(onnx32, tmp_path):
+    """A folder of pneumonia images only: the model right on each scored 50% macro sensitivity, precision,
+    specificity and F1, with nothing saying that normal, with no images, counted as 0 in each."""
+    folder = xray_folder(tmp_path / "xrays")
+    shutil.rmtree(folder / "normal")
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    note = ("no images of normal in this set: its precision, sensitivity and F1 count as 0 in the macro averages "
+            "(scikit-learn's zero_division=0), as does pneumonia's specificity")
+    assert report["classes_without_images"] == ["normal"] and report["macro_averages_note"] == note
+    assert f"warning: {note}" in " ".join(result.output.split())  # wrapped at the console's width
+    result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(xray_folder(tmp_path / "all")), "--json",
+                                 str(tmp_path / "all.json")])
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert report["classes_without_images"] == [] and report["macro_averages_note"] is None
+    assert "warning" not in result.output
+
+
 def with_nan_logits(model, path):
     """``model`` whose first class's logit is NaN, the others finite (as a float16 overflow breaks one logit): argmax
     would call each image class 0 (numpy's argmax takes the first NaN), and a row is no answer however many of its

@@ -66,6 +66,19 @@ def test_class_never_predicted_counts_zero_and_missing_class_has_no_auc():
     assert_matches_sklearn(metrics, labels, probabilities)
 
 
+def test_classes_without_images_are_named_with_what_they_count_in_the_macro_averages():
+    probabilities = np.array([[0.9, 0.1, 0], [0.4, 0.6, 0], [0.2, 0.8, 0], [0.3, 0.7, 0], [0.6, 0.4, 0]])
+    metrics = classification_metrics(np.array([0, 0, 1, 1, 1]), probabilities, ["a", "b", "c"])
+    assert metrics.absent_classes == ("c",)
+    assert metrics.absent_classes_note() == ("no images of c in this set: its precision, sensitivity and F1 count "
+                                             "as 0 in the macro averages (scikit-learn's zero_division=0)")
+    metrics = classification_metrics(np.zeros(5, np.int64), probabilities, ["a", "b", "c"])
+    assert metrics.absent_classes_note() == ("no images of b, c in this set: their precision, sensitivity and F1 "
+                                             "count as 0 in the macro averages (scikit-learn's zero_division=0), as "
+                                             "does a's specificity")
+    assert classification_metrics(np.array([0, 0, 1, 1, 2]), probabilities, ["a", "b", "c"]).absent_classes_note() is None
+
+
 def test_confident_answers_are_ranked_by_log_probabilities_not_tied_at_one():
     # Leads of 20-40 logits: every float32 probability of class 1 is 1.0, and an AUC of those is 0.5 whatever the
     # order (the official checkpoint run at 224 scored 50.00 and 59.93 for its two classes so).
