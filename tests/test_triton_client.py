@@ -407,11 +407,21 @@ def test_a_proxys_error_page_is_said_by_its_title():
     {"code": 503, "type": "ServiceUnavailableException", "message": "Model medmamba is not loaded"},  # TorchServe
     {"error": {"code": 503, "message": "Model medmamba is not loaded", "status": "UNAVAILABLE"}},  # nested
     {"error": None, "message": "Model medmamba is not loaded"},
+    {"error": True, "message": "Model medmamba is not loaded"},  # was 'True'
+    {"error": {"code": 503, "detail": {"reason": "x"}, "message": "Model medmamba is not loaded"}},  # was a repr
 ])
 def test_a_json_error_says_its_message_under_the_keys_servers_use(answer):
     """Only "error" was read, as a string: each of these said 'HTTP 503: no message' (the nested one its dict)."""
     url, error = refusal((503, json.dumps(answer).encode()))
     assert error == f"{url}: the server refused the batch (HTTP 503: Model medmamba is not loaded)"
+
+
+@pytest.mark.parametrize("answer", [{"detail": [{"msg": "field required"}]}, {"error": {"error": {"message": "x"}}},
+                                    {"error": 503}])
+def test_a_json_error_without_a_string_message_is_said_as_none_not_as_a_python_repr(answer):
+    """A list, a number or an object two levels down was said as Python's repr of it: "[{'msg': 'field required'}]"."""
+    _, error = refusal((503, json.dumps(answer).encode()))
+    assert error.endswith("(HTTP 503: no message)")
 
 
 def test_a_long_nested_json_error_message_is_clipped():

@@ -472,15 +472,21 @@ def _misreading(exc: Exception) -> str:
 ERROR_KEYS = ("error", "detail", "message")
 
 
-def _json_message(answer: dict) -> object:
-    """The message a JSON error answer holds under one of ERROR_KEYS, one level down at most; "" if none does."""
+def _json_message(answer: dict) -> str:
+    """The message a JSON error answer holds under one of ERROR_KEYS, one level down at most; "" if none does. A
+    string only: {"error": true, "message": ...} says its message, and a list, number or deeper object is no
+    message, not Python's repr of it ('True', "[{'msg': ...}]")."""
     for key in ERROR_KEYS:
         value = answer.get(key)
         if isinstance(value, dict):
-            value = next((value[inner] for inner in ERROR_KEYS if value.get(inner)), None)
-        if value:  # null or "": no message, not "None"
+            value = next((value[inner] for inner in ERROR_KEYS if _is_message(value.get(inner))), None)
+        if _is_message(value):
             return value
     return ""
+
+
+def _is_message(value: object) -> bool:
+    return isinstance(value, str) and value != ""  # null or "": no message, not "None"
 
 
 def _error_text(body: bytes) -> str:
