@@ -356,6 +356,26 @@ triton_repository.export_triton({str(model)!r}, {str(repository)!r})
     assert there == "folder" or (keep / "mine.txt").read_text() == "mine"  # the link went, not what it led to
 
 
+def test_inside_a_mounted_repository_any_hosts_leftovers_go_once_over_an_hour_old(model, tmp_path, monkeypatch):
+    """A repository that is a mount of its own is the workspace: another container's leftovers there, whose host
+    name went with it, are removed by age. An exchange leaves a link (here dangling) under the staging name, whose
+    age is its own (lstat): stat() followed it, and the dangling one stayed for ever."""
+    from medmamba_edge.exporters import triton_repository
+
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    monkeypatch.setattr(triton_repository, "_workspace", lambda repository: repository)
+    hour_old = time.time() - triton_repository.STALE_STAGING_S - 60
+    old_link, old_folder, running = (repository / f".medmamba.otherhost.{i}.abcd1234.partial" for i in (1, 2, 3))
+    old_link.symlink_to(tmp_path / "gone")
+    old_folder.mkdir()
+    running.mkdir()
+    for path in (old_link, old_folder):
+        os.utime(path, (hour_old, hour_old), follow_symlinks=False)
+    export_triton(model, repository)
+    assert sorted(p.name for p in repository.iterdir()) == sorted(["medmamba", running.name])
+
+
 def test_an_export_that_fails_removes_the_folders_it_created(model, tmp_path, monkeypatch):
     """A full disk while the model folder was written: the staging folder went, the repository's new folders
     (-o a/b/repo) stayed behind empty."""
