@@ -131,9 +131,10 @@ def sync_renamed(target: Path, created_folders: list[Path]) -> None:
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
-# renameat2's answers where it is there but this kernel (ENOSYS, before 3.15) or file system (EINVAL: some FUSE
-# and network mounts, overlayfs on some kernels) cannot exchange.
-_CANNOT_EXCHANGE = {errno.ENOSYS, errno.EINVAL}
+# renameat2's answers where it is there but this kernel (ENOSYS, before 3.15), file system (EINVAL: some FUSE
+# and network mounts, overlayfs on some kernels) or a container's seccomp profile not listing the call (EPERM,
+# Docker's answer to a call it does not allow) cannot exchange. A real EPERM fails again in the two renames.
+_CANNOT_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.EPERM}
 
 
 @functools.cache

@@ -121,7 +121,7 @@ class Metrics:
         if not absent:
             return None
         note = (f"no images of {', '.join(absent)} in this set: {'its' if len(absent) == 1 else 'their'} precision, "
-                f"sensitivity and F1 count as 0 in the macro averages (scikit-learn's zero_division=0)")
+                f"sensitivity and F1 count as 0 in the macro averages (as scikit-learn counts them, zero_division=0)")
         present = [c.name for c in self.per_class if c.support]
         if len(present) == 1:  # TN + FP = 0: nothing outside the class to be specific about
             note += f", as does {present[0]}'s specificity"

@@ -129,7 +129,7 @@ def test_classes_without_images_are_said_with_the_macro_averages(onnx32, tmp_pat
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())
     note = ("no images of normal in this set: its precision, sensitivity and F1 count as 0 in the macro averages "
-            "(scikit-learn's zero_division=0), as does pneumonia's specificity")
+            "(as scikit-learn counts them, zero_division=0), as does pneumonia's specificity")
     assert report["classes_without_images"] == ["normal"] and report["macro_averages_note"] == note
     assert f"warning: {note}" in " ".join(result.output.split())  # wrapped at the console's width
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(xray_folder(tmp_path / "all")), "--json",

@@ -71,10 +71,10 @@ def test_classes_without_images_are_named_with_what_they_count_in_the_macro_aver
     metrics = classification_metrics(np.array([0, 0, 1, 1, 1]), probabilities, ["a", "b", "c"])
     assert metrics.absent_classes == ("c",)
     assert metrics.absent_classes_note() == ("no images of c in this set: its precision, sensitivity and F1 count "
-                                             "as 0 in the macro averages (scikit-learn's zero_division=0)")
+                                             "as 0 in the macro averages (as scikit-learn counts them, zero_division=0)")
     metrics = classification_metrics(np.zeros(5, np.int64), probabilities, ["a", "b", "c"])
     assert metrics.absent_classes_note() == ("no images of b, c in this set: their precision, sensitivity and F1 "
-                                             "count as 0 in the macro averages (scikit-learn's zero_division=0), as "
+                                             "count as 0 in the macro averages (as scikit-learn counts them, zero_division=0), as "
                                              "does a's specificity")
     assert classification_metrics(np.array([0, 0, 1, 1, 2]), probabilities, ["a", "b", "c"]).absent_classes_note() is None
 
