@@ -163,16 +163,26 @@ def caption(record: Record) -> str:
     return record.status
 
 
+# The longer side a frame is drawn on at least: a caption on a 28×28 MedMNIST frame would be a few pixels high.
+OVERLAY_MIN_SIDE = 256
+
+
 def overlay(image: np.ndarray, record: Record, fps: float) -> np.ndarray:
-    """The frame with the label and confidence (top left) and the FPS (below), scaled to the frame."""
-    canvas = to_display(image).copy()
-    scale = max(canvas.shape[0], canvas.shape[1]) / 640
+    """The frame with the label and confidence (top left) and the FPS (below), scaled to the frame; a frame smaller
+    than OVERLAY_MIN_SIDE is first enlarged by a whole factor, each pixel a sharp square, so that the text fits."""
+    canvas = to_display(image)
+    factor = math.ceil(OVERLAY_MIN_SIDE / max(canvas.shape[:2]))
+    if factor > 1:
+        canvas = cv2.resize(canvas, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    # Not below 0.6: smaller, the strokes blur into a grey smudge (BUSI's 256-pixel frames drew 0.28-point text)
+    scale = max(max(canvas.shape[0], canvas.shape[1]) / 640, 0.6)
     colour = (80, 220, 80) if record.status == "ok" else (60, 200, 255)
+    thickness = max(1, int(2 * scale))
     for line, text, col in ((1, caption(record), colour), (2, f"{fps:.1f} FPS", (255, 255, 255))):
         origin = (int(8 * scale) + 2, int(28 * scale * line) + 2)
-        # A dark outline keeps the text readable on bright ultrasound and X-ray frames.
-        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), max(1, int(4 * scale)), cv2.LINE_AA)
-        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, col, max(1, int(2 * scale)), cv2.LINE_AA)
+        # A dark outline, wider than the text at any scale, keeps it readable on bright ultrasound and X-ray frames.
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, col, thickness, cv2.LINE_AA)
     return canvas
 
 
@@ -185,9 +195,22 @@ def video_size(width: int, height: int) -> tuple[int, int]:
     return tuple(min(4096, max(16, 2 * round(side * scale / 2))) for side in (width, height))
 
 
+def letterbox(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``frame`` scaled to fit ``size`` (width, height) with its aspect kept, centred on black: stretched, a
+    lesion's shape and the caption would be distorted."""
+    width, height = size
+    scale = min(width / frame.shape[1], height / frame.shape[0])
+    inner = (max(1, min(width, round(frame.shape[1] * scale))), max(1, min(height, round(frame.shape[0] * scale))))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    left, top = (width - inner[0]) // 2, (height - inner[1]) // 2
+    canvas[top:top + inner[1], left:left + inner[0]] = cv2.resize(
+        frame, inner, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return canvas
+
+
 class VideoSink:
     """MP4 (mp4v) or AVI (MJPG) of the frames with the overlay (``Outputs`` draws it); the first frame fixes the size
-    (video_size), later ones are scaled to it."""
+    (video_size), later ones are fitted to it (letterbox)."""
 
     shows_overlay = True
     FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
@@ -224,7 +247,7 @@ class VideoSink:
                                 f"here")
             self.writer = writer
         if (frame.shape[1], frame.shape[0]) != self.size:
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+            frame = letterbox(frame, self.size)
         with quiet_opencv():  # a WARN line for every frame that fails: the error at the end says it once
             written = self.writer.write(frame)
         self.frames += 1

@@ -23,6 +23,7 @@ from medmamba_edge.runtime.loop import RunOptions, run
 from medmamba_edge.runtime.preprocess import preprocess
 from medmamba_edge.runtime.sources import Frame, Source
 from tests.cli_runner import cli, cli_process, read_jsonl, wait_for_records
+from tests.shared_data import require_shared
 from tests.test_sources import FlakyMjpegServer, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -754,7 +755,7 @@ def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_fra
 
     # MJPG encodes a frame the same way every time: one overlay, written directly, is what the video must hold.
     reference = tmp_path / "reference.avi"
-    writer = cv2.VideoWriter(str(reference), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (64, 48))
+    writer = cv2.VideoWriter(str(reference), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, once[0].shape[1::-1])
     for frame in once:
         writer.write(frame)
     writer.release()
@@ -788,6 +789,38 @@ def test_deep_frames_are_shown_and_saved_as_their_8_bit_pixels():
         assert np.array_equal(to_display(np.clip(rgb.astype(np.float32) - 0.4, 0, None) / 255), expected), path
         gray = deep[:, :, 1]
         assert np.array_equal(to_display(gray), cv2.cvtColor(rgb[:, :, 1], cv2.COLOR_GRAY2BGR)), path
+
+
+def test_save_video_keeps_each_frames_aspect_and_enlarges_a_tiny_one_for_its_caption(tmp_path):
+    """A folder of BUSI ultrasound images of several shapes: the first (256×256) fixes the video's size and a later
+    500×200 one was stretched into it, the lesion 2.5 times taller than it is and the caption with it. It is now
+    fitted, black above and below. A 28×28 PneumoniaMNIST frame had its caption drawn 0.03 points high, a smudge
+    of a few pixels: the frame is enlarged by a whole factor (sharp pixels) before the text is drawn."""
+    from medmamba_edge.runtime.sinks import Record, VideoSink, overlay
+
+    busi = read_image(sorted(require_shared("data", "busi", "benign").glob("*.png"))[0])
+    wide = cv2.resize(busi, (500, 200), interpolation=cv2.INTER_AREA)
+    video = tmp_path / "mixed.avi"
+    sink = VideoSink(video, 5.0)
+    for seq, image in enumerate((busi, wide)):
+        record = Record(seq, "busi", 0, 0.0, "ok", ["benign"], [0.9])
+        sink.write(record, overlay(image, record, 5.0), 5.0)
+    sink.close()
+    capture = cv2.VideoCapture(str(video))
+    saved = [capture.read()[1] for _ in range(2)]
+    capture.release()
+    assert saved[1].shape == (256, 256, 3)
+    band = (256 - round(200 * 256 / 500)) // 2  # 77 rows of black above the fitted frame, 77 below
+    assert saved[1][:band - 2].max() < 16 and saved[1][-band + 2:].max() < 16
+    picture = saved[1][band + 2:-band - 2, :, 0].astype(float)
+    expected = cv2.resize(cv2.cvtColor(wide, cv2.COLOR_RGB2BGR), (256, 256 - 2 * band))[2:-2, :, 0]
+    assert np.abs(picture - expected)[60:].mean() < 8  # below the caption, the picture as it is (JPEG's error)
+
+    tiny = np.load(require_shared("data", "pneumoniamnist", "pneumoniamnist_trainval.npz"))["val_images"][0]
+    drawn = overlay(tiny, Record(0, "x.png", 0, 0.0, "ok", ["pneumonia"], [0.99]), 5.0)
+    assert drawn.shape == (280, 280, 3)  # 10 × 28
+    below_caption = drawn[80:]  # each source pixel a 10×10 square of its value
+    assert np.array_equal(below_caption[::10, ::10, 0], tiny[8:]) and np.array_equal(below_caption[9::10, 9::10, 0], tiny[8:])
 
 
 class StalledCamera(Source):
