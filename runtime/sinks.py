@@ -155,12 +155,27 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image[:, :, :3], cv2.COLOR_RGB2BGR)
 
 
-def caption(record: Record) -> str:
+def caption(record: Record, label: str | None = None) -> str:
+    """The record in a few words; ``label`` in place of its top label (the overlay's, cut to fit)."""
+    label = record.labels[0] if label is None and record.labels else label
     if record.status == "ok":
-        return f"{record.labels[0]} {record.probabilities[0]:.1%}"
+        return f"{label} {record.probabilities[0]:.1%}"
     if record.status == "abstain":
-        return f"uncertain ({record.labels[0]}? {record.probabilities[0]:.1%})"
+        return f"uncertain ({label}? {record.probabilities[0]:.1%})"
     return record.status
+
+
+def _overlay_caption(record: Record, width: int, font_scale: float, thickness: int) -> str:
+    """The caption as the overlay can draw it in ``width`` pixels: a label too long for the frame is cut ('...'),
+    so that the probability after it is still seen."""
+    if not record.labels:
+        return caption(record)
+    label = record.labels[0]
+    text = caption(record)
+    while label and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)[0][0] > width:
+        label = label[:-1]
+        text = caption(record, label.rstrip() + "...")
+    return text
 
 
 # The longer side a frame is drawn on at least: a caption on a 28×28 MedMNIST frame would be a few pixels high.
@@ -178,8 +193,10 @@ def overlay(image: np.ndarray, record: Record, fps: float) -> np.ndarray:
     scale = max(max(canvas.shape[0], canvas.shape[1]) / 640, 0.6)
     colour = (80, 220, 80) if record.status == "ok" else (60, 200, 255)
     thickness = max(1, int(2 * scale))
-    for line, text, col in ((1, caption(record), colour), (2, f"{fps:.1f} FPS", (255, 255, 255))):
-        origin = (int(8 * scale) + 2, int(28 * scale * line) + 2)
+    left = int(8 * scale) + 2
+    text = _overlay_caption(record, canvas.shape[1] - 2 * left, 0.7 * scale, thickness + 2)
+    for line, text, col in ((1, text, colour), (2, f"{fps:.1f} FPS", (255, 255, 255))):
+        origin = (left, int(28 * scale * line) + 2)
         # A dark outline, wider than the text at any scale, keeps it readable on bright ultrasound and X-ray frames.
         cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
         cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, col, thickness, cv2.LINE_AA)

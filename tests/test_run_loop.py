@@ -823,6 +823,21 @@ def test_save_video_keeps_each_frames_aspect_and_enlarges_a_tiny_one_for_its_cap
     assert np.array_equal(below_caption[::10, ::10, 0], tiny[8:]) and np.array_equal(below_caption[9::10, 9::10, 0], tiny[8:])
 
 
+def test_the_overlay_cuts_a_class_name_too_long_for_the_frame_and_keeps_the_probability():
+    """A long class name (from --classes) ran off a BUSI frame's right edge, the probability after it never seen. It
+    is now cut ('...'), the probability drawn after it. Names in scripts OpenCV's font lacks are cut as they are
+    drawn (one '?' a character)."""
+    from medmamba_edge.runtime.sinks import Record, overlay
+
+    busi = read_image(sorted(require_shared("data", "busi", "benign").glob("*.png"))[0])
+    for name, drawn_as in (("normal chest radiograph without findings of any kind whatsoever",
+                            "normal chest radiograph without..."),
+                           ("肺炎" * 30, "肺炎" * 13 + "肺...")):
+        given, expected = (overlay(busi, Record(0, "b.png", 0, 0.0, "ok", [label], [0.821]), 5.0)
+                           for label in (name, drawn_as))
+        assert np.array_equal(given, expected), name
+
+
 class StalledCamera(Source):
     live, description = True, "a camera whose read hangs"
 
