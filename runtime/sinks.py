@@ -227,12 +227,16 @@ def letterbox(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class VideoSink:
     """MP4 (mp4v) or AVI (MJPG) of the frames with the overlay (``Outputs`` draws it); the first frame fixes the size
-    (video_size), later ones are fitted to it (letterbox)."""
+    (video_size), later ones are fitted to it (letterbox). At ``fps``, or, ``measured``, at the rate its first
+    MEASURED_FRAMES frames were captured (``fps`` for a shorter video): a live source's own figure is a guess
+    (FFmpeg gives an MJPEG camera 25 fps whatever it sends) or its nominal rate, which the frames the video holds
+    fall short of when inference drops some."""
 
     shows_overlay = True
     FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
+    MEASURED_FRAMES = 10  # held until the writer opens: 60 MB at 1080p
 
-    def __init__(self, path: str | Path, fps: float):
+    def __init__(self, path: str | Path, fps: float, measured: bool = False):
         if Path(path).suffix.lower() not in self.FOURCC:
             raise SinkError(f"{path}: --save-video needs one of {', '.join(self.FOURCC)}")
         self.output = AtomicOutput(path)
@@ -246,6 +250,7 @@ class VideoSink:
             where = "this name" if opencv_cannot_name(path) else f"{write_path.parent} (the folder it is written in)"
             raise SinkError(f"{path}: OpenCV writes videos under UTF-8 names only; {where} has other bytes")
         self.fps = fps
+        self.pending: list[tuple[float, np.ndarray]] | None = [] if measured else None  # capture time, frame
         self.writer: cv2.VideoWriter | None = None
         self.size: tuple[int, int] | None = None
         self.frames = 0
@@ -254,6 +259,24 @@ class VideoSink:
     def write(self, record: Record, frame: np.ndarray | None, fps: float) -> None:
         if frame is None:
             return
+        if self.pending is None:
+            self._put(frame)
+            return
+        self.pending.append((record.timestamp, frame))
+        if len(self.pending) == self.MEASURED_FRAMES:
+            self._put_pending()
+
+    def _put_pending(self) -> None:
+        pending, self.pending = self.pending, None
+        # The median gap, not the mean: a stream's first frames come in a burst (those FFmpeg read while probing it,
+        # 3 within 6 ms from an 8 fps MJPEG camera), which made 10.6 fps of it. Too few frames to tell: ``fps``.
+        gap = float(np.median(np.diff([timestamp for timestamp, _ in pending]))) if len(pending) > 1 else 0.0
+        if len(pending) == self.MEASURED_FRAMES and gap > 0:
+            self.fps = 1 / gap
+        for _, frame in pending:
+            self._put(frame)
+
+    def _put(self, frame: np.ndarray) -> None:
         if self.writer is None:
             self.size = video_size(frame.shape[1], frame.shape[0])
             codec = self.FOURCC[self.output.path.suffix.lower()]
@@ -274,6 +297,8 @@ class VideoSink:
             self.stop_requested = True
 
     def close(self) -> None:
+        if self.pending:  # a run shorter than the measure
+            self._put_pending()
         if self.writer is None:  # not one frame: no video rather than an empty file
             self.discard()
             return
@@ -470,8 +495,8 @@ def open_outputs(console: str, live: bool, video: Path | None = None, video_fps:
     outputs: list[Sink] = [ConsoleSink(console)]
     outputs += [WindowSink()] if show else []
     files: list[Sink] = []
-    makers = (("--save-video", lambda p: VideoSink(p, video_fps), video), ("--jsonl", JsonlSink, jsonl),
-              ("--csv", CsvSink, csv_path))
+    makers = (("--save-video", lambda p: VideoSink(p, video_fps, measured=live), video),
+              ("--jsonl", JsonlSink, jsonl), ("--csv", CsvSink, csv_path))
     check_distinct_outputs([(option, path) for option, _, path in makers], reads,
                            reader="this run reads (the model or a source)", streams_may_share=True)
     try:

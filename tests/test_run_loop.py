@@ -838,6 +838,27 @@ def test_the_overlay_cuts_a_class_name_too_long_for_the_frame_and_keeps_the_prob
         assert np.array_equal(given, expected), name
 
 
+def test_a_live_sources_video_is_saved_at_the_rate_its_frames_came(tmp_path):
+    """FFmpeg says 25 fps for any MJPEG stream, and the video of a live run was written at the rate the source said:
+    an 8 fps MJPEG camera's 23 frames made a video of 0.9 s for 2.5 s of run. A live source's video is now at the
+    rate its first frames were captured, by their median gap (the first few came in a burst, read while FFmpeg
+    probed the stream); a video too short to tell keeps the source's figure."""
+    from medmamba_edge.runtime.sinks import Outputs, Record, open_outputs
+
+    busi = [read_image(path) for path in sorted(require_shared("data", "busi", "normal").glob("*.png"))[:12]]
+    captured = [0.0, 0.003, 0.006] + [0.006 + 0.125 * i for i in range(1, 10)]  # a burst, then 8 fps
+    for count, fps in ((12, 8.0), (3, 25.0)):
+        video = tmp_path / f"camera{count}.avi"
+        outputs = Outputs(open_outputs("none", True, video=video, video_fps=25.0))
+        for seq, (image, at) in enumerate(zip(busi[:count], captured)):
+            outputs.write(Record(seq, "http://cam/video.mjpg", seq, 1e9 + at, "ok", ["normal"], [0.9]), image, 8.0)
+        outputs.close()
+        capture = cv2.VideoCapture(str(video))
+        assert not outputs.errors and capture.get(cv2.CAP_PROP_FRAME_COUNT) == count
+        assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=1e-3), count
+        capture.release()
+
+
 class StalledCamera(Source):
     live, description = True, "a camera whose read hangs"
 
