@@ -182,13 +182,16 @@ def _overlay_caption(record: Record, width: int, font_scale: float, thickness: i
 OVERLAY_MIN_SIDE = 256
 
 
-def overlay(image: np.ndarray, record: Record, fps: float) -> np.ndarray:
-    """The frame with the label and confidence (top left) and the FPS (below), scaled to the frame; a frame smaller
-    than OVERLAY_MIN_SIDE is first enlarged by a whole factor, each pixel a sharp square, so that the text fits."""
+def overlay(image: np.ndarray, record: Record, fps: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The frame with the label and confidence (top left) and the FPS (below), scaled to the frame. A frame smaller
+    than OVERLAY_MIN_SIDE is enlarged by a whole factor first, each pixel a sharp square, so that the text fits;
+    given a ``size`` (a video's), it is then fitted to it (letterbox), so that every frame's text is as large."""
     canvas = to_display(image)
     factor = math.ceil(OVERLAY_MIN_SIDE / max(canvas.shape[:2]))
     if factor > 1:
         canvas = cv2.resize(canvas, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    if size is not None and canvas.shape[1::-1] != size:
+        canvas = letterbox(canvas, size)
     # Not below 0.6: smaller, the strokes blur into a grey smudge (BUSI's 256-pixel frames drew 0.28-point text)
     scale = max(max(canvas.shape[0], canvas.shape[1]) / 640, 0.6)
     colour = (80, 220, 80) if record.status == "ok" else (60, 200, 255)
@@ -252,7 +255,7 @@ class VideoSink:
         self.fps = fps
         self.pending: list[tuple[float, np.ndarray]] | None = [] if measured else None  # capture time, frame
         self.writer: cv2.VideoWriter | None = None
-        self.size: tuple[int, int] | None = None
+        self.frame_size: tuple[int, int] | None = None  # (width, height), fixed by the first frame
         self.frames = 0
         self.stop_requested = False  # a frame OpenCV could not write: close() says what the file holds
 
@@ -278,16 +281,16 @@ class VideoSink:
 
     def _put(self, frame: np.ndarray) -> None:
         if self.writer is None:
-            self.size = video_size(frame.shape[1], frame.shape[0])
+            self.frame_size = video_size(frame.shape[1], frame.shape[0])
             codec = self.FOURCC[self.output.path.suffix.lower()]
             with quiet_opencv():
-                writer = cv2.VideoWriter(self.opencv_path, cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
+                writer = cv2.VideoWriter(self.opencv_path, cv2.VideoWriter_fourcc(*codec), self.fps, self.frame_size)
             if not writer.isOpened():
-                raise SinkError(f"{self.output.path}: OpenCV cannot write a {self.size[0]}×{self.size[1]} {codec} video "
+                raise SinkError(f"{self.output.path}: OpenCV cannot write a {self.frame_size[0]}×{self.frame_size[1]} {codec} video "
                                 f"here")
             self.writer = writer
-        if (frame.shape[1], frame.shape[0]) != self.size:
-            frame = letterbox(frame, self.size)
+        if (frame.shape[1], frame.shape[0]) != self.frame_size:
+            frame = letterbox(frame, self.frame_size)
         with quiet_opencv():  # a WARN line for every frame that fails: the error at the end says it once
             written = self.writer.write(frame)
         self.frames += 1
@@ -444,7 +447,7 @@ class Outputs:
                     try:
                         if not (shows_overlay and interrupted is not None):  # a video frame, not a record: not drawn
                             if shows_overlay and annotated is None:
-                                annotated = overlay(image, record, fps)
+                                annotated = overlay(image, record, fps, self._frame_size())
                             called = True  # from here an interrupt counts this sink as written: it may have written
                             sink.write(record, annotated if shows_overlay else image, fps)
                     except Exception as exc:  # an application's sink (a broker gone: ConnectionError) as much as ours
@@ -457,6 +460,11 @@ class Outputs:
                 i, called = i + called, False
         if interrupted is not None:
             raise interrupted
+
+    def _frame_size(self) -> tuple[int, int] | None:
+        """The size a sink fixed for the frames it shows (a video's, by its first): later frames are fitted to it
+        before the text is drawn, which, fitted after, shrank with the frame (a 500×200 frame's to half)."""
+        return next((size for sink in self.sinks if (size := getattr(sink, "frame_size", None))), None)
 
     def close(self) -> None:
         # A second stop signal (its KeyboardInterrupt) while one sink closes, a video read back, still lets the others

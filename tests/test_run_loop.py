@@ -823,6 +823,30 @@ def test_save_video_keeps_each_frames_aspect_and_enlarges_a_tiny_one_for_its_cap
     assert np.array_equal(below_caption[::10, ::10, 0], tiny[8:]) and np.array_equal(below_caption[9::10, 9::10, 0], tiny[8:])
 
 
+def test_a_frame_fitted_into_the_video_has_its_caption_as_large_as_the_first_frames(tmp_path):
+    """The overlay was drawn at a frame's own size and the frame then fitted to the video's: a 500×200 BUSI frame
+    after a 256×256 one had its caption shrunk with it, to half the first frame's height (the text of a tall frame
+    smaller still). Frames are now fitted first and the text drawn on the video's frame."""
+    from medmamba_edge.runtime.sinks import Outputs, Record, open_outputs
+
+    busi = read_image(sorted(require_shared("data", "busi", "benign").glob("*.png"))[0])
+    video = tmp_path / "mixed.avi"
+    outputs = Outputs(open_outputs("none", False, video=video, video_fps=5.0))
+    for seq, image in enumerate((busi, cv2.resize(busi, (500, 200), interpolation=cv2.INTER_AREA))):
+        outputs.write(Record(seq, "busi", 0, 0.0, "ok", ["benign"], [0.9]), image, 5.0)
+    outputs.close()
+    capture = cv2.VideoCapture(str(video))
+    saved = [capture.read()[1].astype(int) for _ in range(2)]
+    capture.release()
+
+    def caption_rows(frame):  # the rows where the green caption is drawn
+        green = (frame[:, :, 1] > 150) & (frame[:, :, 1] - frame[:, :, 2] > 60)
+        return np.flatnonzero(green.any(axis=1))
+
+    first, fitted = caption_rows(saved[0]), caption_rows(saved[1])
+    assert len(first) > 5 and abs(len(fitted) - len(first)) <= 2 and abs(fitted[0] - first[0]) <= 2, (first, fitted)
+
+
 def test_the_overlay_cuts_a_class_name_too_long_for_the_frame_and_keeps_the_probability():
     """A long class name (from --classes) ran off a BUSI frame's right edge, the probability after it never seen. It
     is now cut ('...'), the probability drawn after it. Names in scripts OpenCV's font lacks are cut as they are
