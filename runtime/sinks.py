@@ -286,8 +286,8 @@ class VideoSink:
             with quiet_opencv():
                 writer = cv2.VideoWriter(self.opencv_path, cv2.VideoWriter_fourcc(*codec), self.fps, self.frame_size)
             if not writer.isOpened():
-                raise SinkError(f"{self.output.path}: OpenCV cannot write a {self.frame_size[0]}×{self.frame_size[1]} {codec} video "
-                                f"here")
+                width, height = self.frame_size
+                raise SinkError(f"{self.output.path}: OpenCV cannot write a {width}×{height} {codec} video here")
             self.writer = writer
         if (frame.shape[1], frame.shape[0]) != self.frame_size:
             frame = letterbox(frame, self.frame_size)

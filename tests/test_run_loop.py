@@ -820,7 +820,8 @@ def test_save_video_keeps_each_frames_aspect_and_enlarges_a_tiny_one_for_its_cap
     drawn = overlay(tiny, Record(0, "x.png", 0, 0.0, "ok", ["pneumonia"], [0.99]), 5.0)
     assert drawn.shape == (280, 280, 3)  # 10 × 28
     below_caption = drawn[80:]  # each source pixel a 10×10 square of its value
-    assert np.array_equal(below_caption[::10, ::10, 0], tiny[8:]) and np.array_equal(below_caption[9::10, 9::10, 0], tiny[8:])
+    assert np.array_equal(below_caption[::10, ::10, 0], tiny[8:])
+    assert np.array_equal(below_caption[9::10, 9::10, 0], tiny[8:])
 
 
 def test_a_frame_fitted_into_the_video_has_its_caption_as_large_as_the_first_frames(tmp_path):
