@@ -238,6 +238,8 @@ class VideoSink:
     shows_overlay = True
     FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v"}
     MEASURED_FRAMES = 10  # held until the writer opens: 60 MB at 1080p
+    # Faster is no camera's rate but frames read from a buffer in a burst (a stream's after a reconnect)
+    MEASURED_FPS_MAX = 240.0
 
     def __init__(self, path: str | Path, fps: float, measured: bool = False):
         if Path(path).suffix.lower() not in self.FOURCC:
@@ -274,8 +276,10 @@ class VideoSink:
         # The median gap, not the mean: a stream's first frames come in a burst (those FFmpeg read while probing it,
         # 3 within 6 ms from an 8 fps MJPEG camera), which made 10.6 fps of it. Too few frames to tell: ``fps``.
         gap = float(np.median(np.diff([timestamp for timestamp, _ in pending]))) if len(pending) > 1 else 0.0
-        if len(pending) == self.MEASURED_FRAMES and gap > 0:
-            self.fps = 1 / gap
+        if len(pending) == self.MEASURED_FRAMES and gap > 1 / self.MEASURED_FPS_MAX:
+            # In hundredths, and at least one: OpenCV gives FFmpeg the rate in thousandths, a fraction mp4v refuses
+            # over 65535 (a 15 ms gap's 66.667 fps failed to open the video), and 0.001 fps failed in both codecs.
+            self.fps = max(round(1 / gap, 2), 0.01)
         for _, frame in pending:
             self._put(frame)
 
