@@ -355,8 +355,8 @@ def _holds_frames(path: str | Path, frames: int) -> bool:
 
 
 class WindowSink:
-    """A live window of the frames with the overlay (``Outputs`` draws it); 'q' or Esc asks the loop to stop
-    (``stop_requested``)."""
+    """A live window of the frames with the overlay (``Outputs`` draws it); 'q' or Esc, or closing the window, asks
+    the loop to stop (``stop_requested``)."""
 
     NAME = "medmamba-edge"
     shows_overlay = True
@@ -374,8 +374,13 @@ class WindowSink:
     def write(self, record: Record, frame: np.ndarray | None, fps: float) -> None:
         if frame is not None:
             cv2.imshow(self.NAME, frame)
-        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+        if cv2.waitKey(1) & 0xFF in (ord("q"), 27) or self._closed():
             self.stop_requested = True
+
+    def _closed(self) -> bool:
+        """Whether the user closed the window (its X button): the next imshow would open it again, and the run went
+        on. 0 is closed; -1 is a backend that cannot tell (OpenCV's GTK build), which must not stop the run."""
+        return cv2.getWindowProperty(self.NAME, cv2.WND_PROP_VISIBLE) == 0
 
     def close(self) -> None:
         cv2.destroyWindow(self.NAME)

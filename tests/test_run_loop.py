@@ -730,6 +730,28 @@ def test_the_per_second_console_counts_an_outage_beside_the_frames_not_as_one():
     assert stream.getvalue() == "1 frames, 2.5 FPS, last: normal 90.0%, 1 outage\n"
 
 
+def test_closing_the_window_stops_the_run_as_q_does(monkeypatch):
+    """Closing the --show window with its X button neither stopped the run nor kept the window closed: OpenCV opened
+    it again at the next frame. There is no display here: the two calls that ask OpenCV about the window (waitKey
+    for a key, getWindowProperty for its visibility) are stood in for, to check what the sink makes of their
+    answers: a window closed (0) stops the run, one shown (1) or a backend that cannot tell (-1, GTK) does not."""
+    from medmamba_edge.runtime import sinks
+    from medmamba_edge.runtime.sinks import Outputs, Record, WindowSink
+
+    monkeypatch.setenv("DISPLAY", ":0")
+    for name, fake in (("namedWindow", lambda *args: None), ("imshow", lambda name, frame: None),
+                       ("waitKey", lambda delay: -1), ("destroyWindow", lambda name: None)):
+        monkeypatch.setattr(sinks.cv2, name, fake)
+    image = read_image(sorted(require_shared("data", "busi", "normal").glob("*.png"))[0])
+    for visible, stops in ((1.0, False), (-1.0, False), (0.0, True)):
+        asked = (WindowSink.NAME, cv2.WND_PROP_VISIBLE)
+        monkeypatch.setattr(sinks.cv2, "getWindowProperty", lambda *args: visible if args == asked else 1.0)
+        outputs = Outputs([WindowSink()])
+        outputs.write(Record(0, "cam", 0, 0.0, "ok", ["normal"], [0.9]), image, 12.5)
+        assert outputs.stop_requested is stops, visible
+        outputs.close()
+
+
 def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_frame(tmp_path, monkeypatch):
     """--show --save-video drew the overlay twice a frame, each sink on its own copy (22 ms a 1080p frame here, twice
     over a 33 ms frame budget at 30 FPS). The window is faked (no display here): it keeps what it is shown."""
@@ -739,7 +761,8 @@ def test_show_and_save_video_draw_the_overlay_once_a_frame_and_show_the_same_fra
     shown, drawn = [], []
     monkeypatch.setenv("DISPLAY", ":0")
     for name, fake in (("namedWindow", lambda *args: None), ("imshow", lambda name, frame: shown.append(frame)),
-                       ("waitKey", lambda delay: -1), ("destroyWindow", lambda name: None)):
+                       ("waitKey", lambda delay: -1), ("getWindowProperty", lambda name, prop: 1.0),
+                       ("destroyWindow", lambda name: None)):
         monkeypatch.setattr(sinks.cv2, name, fake)
     monkeypatch.setattr(sinks, "overlay", lambda *args: drawn.append(overlay(*args)) or drawn[-1])
     video = tmp_path / "annotated.avi"
