@@ -9,6 +9,7 @@ name holds whole records only.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -171,11 +172,15 @@ def _overlay_caption(record: Record, width: int, font_scale: float, thickness: i
     if not record.labels:
         return caption(record)
     label = record.labels[0]
-    text = caption(record)
-    while label and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)[0][0] > width:
-        label = label[:-1]
-        text = caption(record, label.rstrip() + "...")
-    return text
+
+    def cut(length: int) -> str:
+        return caption(record) if length == len(label) else caption(record, label[:length].rstrip() + "...")
+
+    def too_wide(length: int) -> bool:
+        return cv2.getTextSize(cut(length), cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)[0][0] > width
+
+    # The longest cut that fits, bisected: cut a letter at a time, a 2000-letter name took 0.44 s a frame
+    return cut(max(bisect.bisect_left(range(len(label) + 1), True, key=too_wide) - 1, 0))
 
 
 # The longer side a frame is drawn on at least: a caption on a 28×28 MedMNIST frame would be a few pixels high.
