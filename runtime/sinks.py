@@ -446,9 +446,9 @@ class Outputs:
         return bool(self.errors) or any(getattr(s, "stop_requested", False) for s in self.sinks)
 
     def write(self, record: Record, image: np.ndarray | None, fps: float) -> None:
-        annotated = None  # drawn once a frame for every sink that shows it: 22 ms a 1080p frame on a Zen 3 core
+        annotated = None  # drawn once a frame for every sink that shows it
         interrupted, sinks, i, called = None, list(self.sinks), 0, False
-        # An application's Ctrl-C in one sink (the overlay's 22 ms, a console line), between two or while a failed
+        # An application's Ctrl-C in one sink (drawing the overlay, a console line), between two or while a failed
         # one closes (a video read back): the record, already counted, still goes to the others, so that no file has
         # a gap in its seq, and then it ends the run. The loop and the failed sink's handling are inside the outer
         # try and pick up where they were: the jump back to the next sink checks for signals too, and one that came
