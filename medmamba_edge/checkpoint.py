@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmamba_edge.runtime.backends import is_checkpoint_name
+from medmamba_edge.runtime.backends import ONNX_SUFFIXES, is_checkpoint_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names_problem, too_few_classes,
                                              unwritable_class_names)
@@ -230,7 +230,14 @@ def _what_else(path: Path, cause: str) -> str:
     """What a file torch cannot read is instead, where its first bytes say: a clone without git-lfs has pointers
     where the weights should be, a download link saved as a page has HTML; a cut copy says why torch stopped."""
     with open(path, "rb") as file:
-        head = file.read(64).lstrip()
+        raw = file.read(64)
+    head = raw.lstrip()
+    if _is_safetensors(raw, path):  # what Accelerate's save_model and Hugging Face write by default
+        return ("a safetensors file, not torch.save's format: convert it with torch.save(safetensors.torch."
+                "load_file(path), 'model.pth')")
+    if Path(path).suffix.lower() in ONNX_SUFFIXES and raw[:1] == b"\x08":  # ModelProto's ir_version, field 1
+        return ("an ONNX model, an export's output perhaps: export reads the .pth file train.py saves; give this "
+                "one to run, quantize or build-engine")
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"
     if head[:1] == b"<":
@@ -242,6 +249,12 @@ def _what_else(path: Path, cause: str) -> str:
     if "central directory" in cause or "EOF" in cause or "unexpected end" in cause.lower():
         return f"truncated or corrupt: {cause}"
     return cause
+
+
+def _is_safetensors(head: bytes, path: Path) -> bool:
+    """A safetensors file: the length of its JSON header (8 bytes, little-endian), then the header, within the file."""
+    size = int.from_bytes(head[:8], "little")
+    return head[8:10] in (b'{"', b"{}") and size <= os.path.getsize(path) - 8
 
 
 def _zip_of_other_files(path: Path) -> str | None:

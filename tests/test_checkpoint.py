@@ -249,6 +249,32 @@ def test_a_zip_of_other_files_says_what_it_holds(tmp_path, tiny_state_dict):
         load_checkpoint(tmp_path / "sent.pth")
 
 
+def test_a_safetensors_file_and_an_onnx_model_are_named_for_what_they_are(tmp_path, tiny_state_dict):
+    """Both were 'not a PyTorch checkpoint: it starts with b'pC\\x00...'' (or b'\\x08\\n\\x12\\rmedmamba-edg'), their
+    first bytes, where the user needs to know what the file is and what to do with it."""
+    header, blobs, offset = {}, [], 0
+    for key, tensor in tiny_state_dict.items():  # safetensors' layout, written here: the package is not a dependency
+        blob = tensor.numpy().tobytes()
+        header[key] = {"dtype": "I64" if tensor.dtype == torch.int64 else "F32", "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable PyTorch checkpoint \(a safetensors "
+                                              r"file, not torch\.save's format: convert it with torch\.save\("):
+        load_checkpoint(tmp_path / "model.safetensors")
+    import onnx
+
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph, producer_name="medmamba-edge"), tmp_path / "model.onnx")
+    with pytest.raises(CheckpointError, match=r"model\.onnx: not a readable PyTorch checkpoint \(an ONNX model, an "
+                                              r"export's output perhaps: export reads the \.pth file"):
+        load_checkpoint(tmp_path / "model.onnx")
+
+
 def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pth")
