@@ -143,6 +143,27 @@ def logits_beside_pytorch(checkpoint: LoadedCheckpoint, model: onnx.ModelProto, 
     return ort_logits, torch_logits, ran
 
 
+PROTOBUF_LIMIT = 1 << 31
+
+
+def _over_2_gb(checkpoint: Path, output: Path, why: str = "") -> ExportError:
+    return ExportError(f"{checkpoint}: the exported model is over 2 GB{why}, more than one ONNX file holds "
+                       f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
+                       f"to {output}")
+
+
+def _check_weights_fit(checkpoint: LoadedCheckpoint, output: Path) -> None:
+    """Refuse a model whose weights alone pass protobuf's 2 GB before its trace: the graph holds every weight in
+    fp32 (the model as loaded), so nothing smaller can come of it, and tracing one that size takes about 4 times
+    its memory (MedMamba-B at 4× its widths: 10.9 GB, 37 s) before _serialized would find out."""
+    weights = checkpoint.model.state_dict().values()
+    size = sum(t.numel() * t.element_size() for t in weights)
+    if size >= PROTOBUF_LIMIT:
+        count = sum(t.numel() for t in weights)
+        raise _over_2_gb(checkpoint.path, output, f" (its {count / 1e6:.0f} M weights alone are {size / 2**30:.2f} "
+                                                  f"GiB as fp32)")
+
+
 def _serialized(model: onnx.ModelProto, checkpoint: Path, output: Path) -> bytes:
     """The model's bytes; ExportError for a model over protobuf's 2 GB, whichever backend protobuf runs on: its C
     ones refuse to serialize it (upb: EncodeError, cpp: ValueError), its pure-Python one writes what nothing reads."""
@@ -150,10 +171,8 @@ def _serialized(model: onnx.ModelProto, checkpoint: Path, output: Path) -> bytes
         serialized = model.SerializeToString()
     except (EncodeError, ValueError):
         serialized = None
-    if serialized is None or len(serialized) >= 1 << 31:
-        raise ExportError(f"{checkpoint}: the exported model is over 2 GB, more than one ONNX file holds "
-                          f"(protobuf's limit; medmamba-edge does not write external weights); nothing was written "
-                          f"to {output}")
+    if serialized is None or len(serialized) >= PROTOBUF_LIMIT:
+        raise _over_2_gb(checkpoint, output)
     return serialized
 
 
@@ -200,6 +219,7 @@ def export_onnx(
     size = height_width(input_size)
     metadata = checkpoint.metadata(size, scan_form=scan, batch=batch)
     output = Path(output)
+    _check_weights_fit(checkpoint, output)
 
     status(f"tracing {checkpoint.config.variant} at {size[0]}×{size[1]}")
     try:

@@ -310,6 +310,30 @@ def test_a_model_over_2_gb_is_refused_in_one_line(official, tmp_path, protobuf, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_weights_over_2_gb_are_refused_before_the_trace(tmp_path):
+    """MedMamba-B at 4× its widths (dims [512 .. 4096], 614 M weights, 2.3 GiB as fp32) was refused only once the
+    traced graph failed to serialize: 37 s and 10.9 GB of memory here, over 4 times the weights'. On the meta device
+    here: the refusal needs the weights' shapes, never their values nor a trace."""
+    from pathlib import PurePath
+    from unittest import mock
+
+    from medmamba_edge.checkpoint import LoadedCheckpoint, ModelConfig
+    from medmamba_edge.exporters import onnx_export
+
+    config = ModelConfig(depths=[2, 2, 12, 2], dims=[512, 1024, 2048, 4096], num_classes=2)
+    with torch.device("meta"):
+        model = config.build()
+    checkpoint = LoadedCheckpoint(model, config, ["a", "b"], PurePath("b4.pth"), "0" * 64)
+    output = tmp_path / "big.onnx"
+    with mock.patch.object(onnx_export, "trace_to_onnx", side_effect=AssertionError("traced")), \
+            pytest.raises(ExportError) as refusal:
+        export_onnx(checkpoint, output, input_size=224, verify=False)
+    assert str(refusal.value) == (f"b4.pth: the exported model is over 2 GB (its 614 M weights alone are 2.29 GiB as "
+                                  f"fp32), more than one ONNX file holds (protobuf's limit; medmamba-edge does not "
+                                  f"write external weights); nothing was written to {output}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_classes_label_a_loaded_checkpoint_too(official, tmp_path):
     """export_onnx(load_checkpoint(path), out, classes=[...]) wrote the checkpoint's own names (normal, pneumonia),
     the names given left unused without a word."""
