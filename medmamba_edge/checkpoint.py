@@ -154,9 +154,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         cause = f"{type(exc).__name__}: {_first_sentence(first_line(exc))}"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_what_else(path, cause)})") from None
 
-    def is_state_dict(value) -> bool:
-        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
     if isinstance(obj, dict) and not is_state_dict(obj):  # the first wrapper key holding one (a "model" key may
         obj = next((obj[key] for key in WRAPPER_KEYS if is_state_dict(obj.get(key))), obj)  # hold a config)
     if not is_state_dict(obj):
@@ -165,6 +162,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"got {_held_instead(obj)}"
         )
     return _model_keys(obj, path)
+
+
+def is_state_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _held_instead(obj) -> str:
@@ -181,6 +182,11 @@ def _held_instead(obj) -> str:
     # the one holding tensors before the first: a "model" key may hold a config beside the weights' "state_dict"
     wrapper = next((key for key in wrappers if any(isinstance(v, torch.Tensor) for v in obj[key].values())),
                    wrappers[0] if wrappers else None)
+    if wrapper is None and (other := next((key for key, value in obj.items() if is_state_dict(value)), None)):
+        # weights under a key of the trainer's own (an EMA-only save: "ema", "model_ema"), which may not be the
+        # weights as trained, so the user picks them
+        return (f"a dict of {', '.join(map(str, list(obj)[:8]))}; under {other!r}, a state_dict: to export it, "
+                f"save it alone: torch.save(torch.load(path)[{other!r}], 'weights.pth')")
     return (f"a dict of {', '.join(map(str, list(obj)[:8]))}"
             + (f"; under {wrapper!r}, {_held_instead(obj[wrapper])}" if wrapper else ""))
 

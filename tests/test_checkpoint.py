@@ -283,7 +283,11 @@ def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     # The weights under a listed key after another listed key holding a config: read (refused as "got dict").
     config = save({"model": {"arch": "medmamba_t"}, "state_dict": tiny_state_dict, "epoch": 9}, tmp_path / "c.pth")
     assert load_checkpoint(config).config.num_classes == 3
-    with pytest.raises(CheckpointError, match=r"ema\.pth: expected a state_dict .*; got a dict of epoch, ema$"):
+    # Weights under a key of the trainer's own, an EMA-only save: which key, and how to export them (it was only
+    # 'got a dict of epoch, ema')
+    with pytest.raises(CheckpointError, match=r"ema\.pth: expected a state_dict .*; got a dict of epoch, ema; under "
+                                              r"'ema', a state_dict: to export it, save it alone: "
+                                              r"torch\.save\(torch\.load\(path\)\['ema'\], 'weights\.pth'\)$"):
         load_checkpoint(save({"epoch": 9, "ema": tiny_state_dict}, tmp_path / "ema.pth"))
     whole = save(tiny_state_dict, tmp_path / "whole.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
