@@ -265,13 +265,16 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
 
 def _zip_of_other_files(path: Path) -> str | None:
     """What a whole zip archive holds where torch.save's (its records under one folder, with data.pkl) would be: a
-    checkpoint zipped for sending, a data set's archive. torch says only "[enforce fail at inline_container.cc:180]"
+    checkpoint zipped for sending, a data set's archive, a TorchScript model (torch.jit.save's zip, with its code). torch says only "[enforce fail at inline_container.cc:180]"
     or 'Expected hasRecord("version")'."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except Exception:  # cut short or damaged: torch's own cause says more
         return None
+    if any(re.fullmatch(r"[^/]+/constants\.pkl", name) for name in names):  # torch.jit.save's, beside its data.pkl
+        return ("a TorchScript archive (torch.jit.save), not a state_dict, and torch.load reads none with "
+                "weights_only=True: save the weights with torch.save(net.state_dict(), path)")
     if any(re.fullmatch(r"[^/]+/data\.pkl", name) for name in names):
         return None
     held = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "") if names else "nothing"

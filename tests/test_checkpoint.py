@@ -275,6 +275,18 @@ def test_a_safetensors_file_and_an_onnx_model_are_named_for_what_they_are(tmp_pa
         load_checkpoint(tmp_path / "model.onnx")
 
 
+def test_a_torchscript_archive_is_named_for_what_it_is(tmp_path, tiny_state_dict):
+    """A model saved with torch.jit.save was 'not a readable PyTorch checkpoint (RuntimeError: Cannot use
+    ``weights_only=True`` with TorchScript archives passed to ``torch.load``.)': torch's words, not what to do."""
+    head = torch.nn.Linear(128, 3)  # the scan does not trace; the archive's layout is what is read
+    head.load_state_dict({"weight": tiny_state_dict["head.weight"], "bias": tiny_state_dict["head.bias"]})
+    torch.jit.script(head).save(str(tmp_path / "scripted.pth"))
+    with pytest.raises(CheckpointError, match=r"scripted\.pth: not a readable PyTorch checkpoint \(a TorchScript "
+                                              r"archive \(torch\.jit\.save\), not a state_dict, .*"
+                                              r"torch\.save\(net\.state_dict\(\), path\)\)$"):
+        load_checkpoint(tmp_path / "scripted.pth")
+
+
 def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pth")
