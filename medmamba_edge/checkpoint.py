@@ -116,7 +116,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a regular file (a pipe or device); save the checkpoint to a file")
     if info.st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
-    if _bare_pickle(path):
+    try:
+        with open(path, "rb") as file:
+            head = file.read(32)
+    except OSError as exc:  # no read permission (a file copied from another user's run): before torch's own open
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if _bare_pickle(head):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (a bare pickle, as pickle.dump writes it, not "
                               f"torch.save's format); save the weights with torch.save(net.state_dict(), path)")
     _check_crcs(path)
@@ -191,12 +196,11 @@ def _held_instead(obj) -> str:
             + (f"; under {wrapper!r}, {_held_instead(obj[wrapper])}" if wrapper else ""))
 
 
-def _bare_pickle(path: Path) -> bool:
+def _bare_pickle(head: bytes) -> bool:
     """Whether the file is a pickle without the magic number torch.save's legacy format pickles first, which
     torch.load never reads: its refusal told such a file as 'Invalid magic number; corrupt file?', or, for tensors
-    pickled by pickle.dump, as one holding 'a torch.storage._load_from_bytes object, not only tensors'."""
-    with open(path, "rb") as file:
-        head = file.read(32)
+    pickled by pickle.dump, as one holding 'a torch.storage._load_from_bytes object, not only tensors'. ``head``:
+    the file's first 32 bytes."""
     magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")  # LONG1 of 10 bytes
     return head.startswith(b"\x80") and magic not in head  # PROTO, then (protocol 4+: after a FRAME) the magic
 

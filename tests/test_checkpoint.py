@@ -287,6 +287,19 @@ def test_a_torchscript_archive_is_named_for_what_it_is(tmp_path, tiny_state_dict
         load_checkpoint(tmp_path / "scripted.pth")
 
 
+def test_a_checkpoint_without_read_permission_is_one_line(tmp_path, tiny_state_dict, monkeypatch):
+    """It ended export (and run, evaluate, compare on a .pth) in a PermissionError traceback."""
+    path = save(tiny_state_dict, tmp_path / "theirs.pth")
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it regardless: the file's open is refused as the kernel would refuse it
+        def refused(name, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(name))
+
+        monkeypatch.setattr("medmamba_edge.checkpoint.open", refused, raising=False)
+    with pytest.raises(CheckpointError, match=r"theirs\.pth: cannot read \(Permission denied\)$"):
+        load_checkpoint(path)
+
+
 def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pth")
