@@ -93,10 +93,14 @@ def checkpoint_input_size(input_size: str | None, models: list) -> tuple[int, in
     size = parse_input_size(input_size) if input_size else None
     checkpoint = defaulted_checkpoint(models, size)
     if checkpoint is not None:
-        console.print(f"[yellow]{shown(checkpoint)}: a checkpoint does not record its training size: running it at "
-                      f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)[/]", highlight=False,
-                      soft_wrap=True)
+        say_default_size(checkpoint, "running it")
     return size
+
+
+def say_default_size(checkpoint, done: str) -> None:
+    console.print(f"[yellow]{shown(checkpoint)}: a checkpoint does not record its training size: {done} at "
+                  f"{DEFAULT_INPUT_SIZE}×{DEFAULT_INPUT_SIZE} (--input-size gives another)[/]", highlight=False,
+                  soft_wrap=True)
 
 
 def fail(message: str) -> None:
@@ -228,7 +232,8 @@ def parse_input_size(text: str) -> tuple[int, int]:
 def export(
     checkpoint: Annotated[str, typer.Argument(click_type=PATH, help="Official MedMamba checkpoint (.pth state_dict).")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Where to write the ONNX model.")],
-    input_size: Annotated[str, typer.Option(metavar=INPUT_SIZE, help="Input size: N or HxW.")] = str(DEFAULT_INPUT_SIZE),
+    input_size: Annotated[Optional[str], typer.Option(metavar=INPUT_SIZE, help=f"Input size, the size it was trained at: "
+                                                                                f"N or HxW (default {DEFAULT_INPUT_SIZE}).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Fixed batch size (default 1).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make the batch dimension dynamic.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or later).")] = 18,
@@ -244,7 +249,7 @@ def export(
         help="Verification's relative logit tolerance. Default: 1e-4.")] = None,
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
-    size = parse_input_size(input_size)
+    size = parse_input_size(input_size) if input_size else DEFAULT_INPUT_SIZE
     if dynamic_batch and batch is not None:
         fail("--batch and --dynamic-batch exclude each other: a model has a fixed batch or a dynamic one")
     given_only_with("verification, which --no-verify turns off", not verify, atol=atol, rtol=rtol)
@@ -261,6 +266,8 @@ def export(
     if result.max_abs_diff is not None:
         out.print(f"verified on {result.verified_images} real images ({result.verified_form}): "
                   f"max |ONNX Runtime − PyTorch| = {result.max_abs_diff:.2e}")
+    if input_size is None:  # said last, once the export is done, where an error would be the one line
+        say_default_size(checkpoint, "exported")
 
 
 @command()

@@ -18,6 +18,7 @@ from medmamba_edge.checkpoint import CheckpointError, load_checkpoint
 from medmamba_edge.cli import app
 from medmamba_edge.exporters.onnx_export import ExportError, export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
+from medmamba_edge.model import VSSM
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.metadata import read_onnx_metadata
 from tests.shared_data import OFFICIAL_T32, require_shared
@@ -358,6 +359,22 @@ def test_cli_export_reports_parity(tmp_path):
                                  "--input-size", "32", "--scan", "portable"])
     assert result.exit_code == 0, result.output
     assert "max |ONNX Runtime − PyTorch|" in result.output and out.is_file()
+
+
+def test_cli_export_at_the_default_size_says_so(tmp_path):
+    """A checkpoint does not record the size it was trained at, and run, evaluate and compare say so when they run
+    one at 224; export wrote the model at 224 without a word, a size every later command then took from its
+    metadata (the official T-32 at 224: top-1 74 %, not 93 %)."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "small.pth"
+    torch.save(VSSM(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], num_classes=3).state_dict(), checkpoint)
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == (f"{checkpoint}: a checkpoint does not record its training size: "
+                                              f"exported at 224×224 (--input-size gives another)")
+    assert read_onnx_metadata(onnx.load(str(tmp_path / "m.onnx"))).input_size == (224, 224)
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--input-size", "224"])
+    assert result.exit_code == 0 and "training size" not in result.output, result.output
 
 
 def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
