@@ -198,6 +198,15 @@ def test_other_architecture_names_missing_and_unexpected_keys(tmp_path, tiny_sta
     assert "\n" not in message
 
 
+def test_a_backbone_without_its_head_is_named_so(tmp_path):
+    """VSSM(num_classes=0), the official code's backbone (its head an Identity), was 'not a MedMamba (VSSM)
+    checkpoint: missing head.weight; found keys such as layers.0.blocks.0.conv33conv33conv11.0.bias, ...'."""
+    backbone = VSSM(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], num_classes=0).state_dict()
+    with pytest.raises(CheckpointError, match=r"backbone\.pth: a MedMamba backbone without its classifier \(no "
+                                              r"head\.weight, as VSSM built with num_classes=0 saves it\)"):
+        load_checkpoint(save(backbone, tmp_path / "backbone.pth"))
+
+
 def test_input_channels_other_than_1_or_3_are_refused_by_name(tmp_path):
     """A 2-channel model failed its export with 'cannot turn a 3-channel image into 2 channels', naming no file."""
     two = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=2).state_dict()
