@@ -445,7 +445,11 @@ def resolve_class_names(checkpoint: Path, num_classes: int, classes: str | list[
         return _checked_names(list(classes), num_classes, checkpoint, "given ")
     beside = Path(checkpoint).with_name(CLASS_INDEX_FILE)
     if beside.is_file():
-        return read_class_names(beside, num_classes)
+        try:
+            return read_class_names(beside, num_classes)
+        except CheckpointError as exc:  # a file nobody named: a folder shared by runs with other classes
+            raise CheckpointError(f"{exc} (read as the checkpoint's class names, being beside it; --classes gives "
+                                  f"others)") from None
     return [f"class_{i}" for i in range(num_classes)]
 
 

@@ -99,6 +99,13 @@ def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict)
     (tmp_path / "class_indices.json").write_text(json.dumps(["x", "y", "x"]))
     with pytest.raises(CheckpointError, match=r"class_indices\.json: class names must differ; 'x'"):
         load_checkpoint(path)
+    # left there by a run with other classes: the user named no such file, so the error says why it was read
+    (tmp_path / "class_indices.json").write_text(json.dumps({"0": "normal", "1": "pneumonia"}))
+    with pytest.raises(CheckpointError, match=r"class_indices\.json: 2 class names but the model has 3 outputs \(read "
+                                              r"as the checkpoint's class names, being beside it; --classes gives "
+                                              r"others\)$"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, classes="a,b,c").class_names == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("name", ["a;b", "line\nbreak", "tab\there", "nul\x00", "next\u2028line", "byte\udcff"],
