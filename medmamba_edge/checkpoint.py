@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import pickle
 import re
 import stat
@@ -93,12 +94,20 @@ class LoadedCheckpoint:
 def _data_globals() -> list:
     """What training scripts save beside the weights that only rebuilds data, allowed by name to weights_only's
     unpickler (nothing else it would construct is): timm's CheckpointSaver stores its argparse Namespace ("args"),
-    other scripts a numpy metric (best_acc) with its dtype. numpy 1 named the scalar numpy.core.multiarray.scalar."""
+    other scripts a numpy metric (best_acc) with its dtype, Lightning the paths among the module's hyper-parameters.
+    numpy 1 named the scalar numpy.core.multiarray.scalar."""
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2, numpy 1
     dtypes = [cls for cls in vars(getattr(np, "dtypes", object)).values()  # np.dtypes: numpy >= 1.25
               if isinstance(cls, type) and issubclass(cls, np.dtype) and isinstance(getattr(cls, "type", None), type)
               and issubclass(cls.type, (np.number, np.bool_))]
-    return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes]
+    # Lightning's save_hyperparameters keeps the paths given to the module (data_dir=Path(...)); a path rebuilds as
+    # its text. A WindowsPath cannot be made elsewhere, so it loads as the pure path it names; Python 3.13 pickles
+    # paths from pathlib._local.
+    paths = [(cls, f"{module}.{name}") for module in ("pathlib", "pathlib._local")
+             for cls, name in ((pathlib.PurePosixPath, "PurePosixPath"), (pathlib.PureWindowsPath, "PureWindowsPath"),
+                               (pathlib.PosixPath if os.name == "posix" else pathlib.PurePosixPath, "PosixPath"),
+                               (pathlib.WindowsPath if os.name == "nt" else pathlib.PureWindowsPath, "WindowsPath"))]
+    return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes, *paths]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -269,8 +278,8 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
 
 def _zip_of_other_files(path: Path) -> str | None:
     """What a whole zip archive holds where torch.save's (its records under one folder, with data.pkl) would be: a
-    checkpoint zipped for sending, a data set's archive, a TorchScript model (torch.jit.save's zip, with its code). torch says only "[enforce fail at inline_container.cc:180]"
-    or 'Expected hasRecord("version")'."""
+    checkpoint zipped for sending, a data set's archive, a TorchScript model (torch.jit.save's zip, with its code).
+    torch says only "[enforce fail at inline_container.cc:180]" or 'Expected hasRecord("version")'."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()

@@ -85,6 +85,28 @@ def test_an_ema_beside_the_trained_weights_is_not_what_is_read(tmp_path, tiny_st
         load_checkpoint(save({"state_dict": tiny_state_dict, "name": np.str_("t")}, tmp_path / "text.pth"))
 
 
+def test_a_lightning_checkpoint_keeping_paths_in_its_hyper_parameters_loads(tmp_path, tiny_state_dict):
+    """save_hyperparameters() keeps the paths given to the LightningModule; such a .ckpt was refused as holding 'a
+    pathlib.PosixPath object, not only tensors'. One written on Windows holds a WindowsPath, which Linux cannot make:
+    it loads as the pure path."""
+    import pathlib
+    import zipfile
+
+    lightning = {"state_dict": {f"model.{k}": v for k, v in tiny_state_dict.items()}, "epoch": 4, "global_step": 400,
+                 "hyper_parameters": {"data_dir": pathlib.Path("/data/busi"), "out": pathlib.PureWindowsPath(r"C:\runs"),
+                                      "lr": 1e-4}}
+    loaded = load_checkpoint(save(lightning, tmp_path / "last.ckpt"))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in tiny_state_dict.items())
+    with zipfile.ZipFile(tmp_path / "last.ckpt") as source, zipfile.ZipFile(tmp_path / "windows.ckpt", "w") as copy:
+        for record in source.infolist():  # torch.save's protocol 2 names a class in a GLOBAL opcode, as text
+            data = source.read(record.filename)
+            if record.filename.endswith("/data.pkl"):
+                assert b"pathlib\nPureWindowsPath\n" in data
+                data = data.replace(b"pathlib\nPureWindowsPath\n", b"pathlib\nWindowsPath\n")
+            copy.writestr(record, data)
+    assert load_checkpoint(tmp_path / "windows.ckpt").config.num_classes == 3
+
+
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
     path = save(tiny_state_dict, tmp_path / "m.pth")
     (tmp_path / "class_indices.json").write_text(json.dumps({"0": "benign", "1": "malignant", "2": "normal"}, indent=4))
