@@ -211,7 +211,8 @@ def _bare_pickle(head: bytes) -> bool:
     pickled by pickle.dump, as one holding 'a torch.storage._load_from_bytes object, not only tensors'. ``head``:
     the file's first 32 bytes."""
     magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")  # LONG1 of 10 bytes
-    return head.startswith(b"\x80") and magic not in head  # PROTO, then (protocol 4+: after a FRAME) the magic
+    cut_legacy = (b"\x80\x02" + magic).startswith(head)  # a legacy file cut within its magic: torch says it is cut
+    return head.startswith(b"\x80") and magic not in head and not cut_legacy  # PROTO, (4+: a FRAME), the magic
 
 
 def _pickle_protocol(path: Path) -> int:
@@ -261,12 +262,16 @@ def _what_else(path: Path, cause: str) -> str:
         return "a Git LFS pointer, not the weights: run `git lfs pull` where it was cloned"
     if head[:1] == b"<":
         return "an HTML or XML page, not the weights (a download that saved the web page?)"
+    if b"PK\x03\x04".startswith(raw[:4]) and not zipfile.is_zipfile(path):
+        # torch.save's zip ends in its central directory, which a copy cut short lacks; torch's reason then depends
+        # on where the cut is ('not a ZIP archive', 'Invalid argument' below 64 KB)
+        return "truncated or corrupt: a zip without its end (its central directory), as a copy cut short leaves it"
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle (legacy torch files)
         return f"not a PyTorch checkpoint: it starts with {head[:16]!r}"
     if other_zip := _zip_of_other_files(path):
         return other_zip
-    if "central directory" in cause or "EOF" in cause or "unexpected end" in cause.lower():
-        return f"truncated or corrupt: {cause}"
+    if re.search(r"EOF|unexpected end|unpack requires a buffer", cause, re.IGNORECASE):  # a legacy file cut short
+        return f"truncated or corrupt: {cause.rstrip(': ')}"
     return cause
 
 

@@ -358,6 +358,23 @@ def test_missing_file_and_non_state_dict(tmp_path, tiny_state_dict):
         load_checkpoint(tmp_path / "cut.pth")
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_checkpoint_cut_anywhere_is_named_truncated(tmp_path, tiny_state_dict, legacy):
+    """A copy cut in its first 64 KB was 'RuntimeError: PytorchStreamReader failed reading zip archive: not a ZIP
+    archive.' or '(OSError: [Errno 22] Invalid argument)'; a legacy file cut within its magic number 'a bare pickle,
+    as pickle.dump writes it', and further on '(error: unpack requires a buffer of 4 bytes)' or
+    '(truncated or corrupt: EOFError: )'."""
+    whole = tmp_path / "whole.pth"
+    torch.save(tiny_state_dict, whole, _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    for cut in (2, 10, 13, 30, 1000, 5000, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as refusal:
+            load_checkpoint(tmp_path / "cut.pth")
+        assert re.fullmatch(r".*cut\.pth: not a readable PyTorch checkpoint \(truncated or corrupt: .*\w\.?\)",
+                            str(refusal.value)), (cut, str(refusal.value))
+
+
 def test_values_saved_among_the_weights_are_named(tmp_path, tiny_state_dict):
     """An epoch count put into the state_dict was 'got a dict of patch_embed.proj.weight, ...': the first keys,
     all tensors, and not the entry that kept the dict from being a state_dict."""
