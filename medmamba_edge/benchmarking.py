@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medmamba_edge.runtime.backends import is_triton_url
-from medmamba_edge.runtime.cpu import check_threads, default_threads, describe_cpu, usable_cpus
+from medmamba_edge.runtime.cpu import (check_threads, cpu_quota, describe_cpu, describe_default_threads,
+                                       usable_cpus)
 from medmamba_edge.runtime.metadata import int_at_least, positive_int
 
 from .errors import UserError, process_ending
@@ -98,7 +99,8 @@ def cpu_scan_path() -> str:
 def machine_info(threads: int | None) -> dict:
     versions = {name: _installed(name) for name in ("medmamba-edge", "numpy", "onnxruntime", "torch", "tensorrt")}
     return {"cpu": describe_cpu(), "cpu_scan_path": cpu_scan_path(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cpus(),
-            "threads": threads if threads else f"backend default ({default_threads()})",
+            "cpu_quota": cpu_quota(),
+            "threads": threads if threads else f"backend default ({describe_default_threads()})",
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "versions": {k: v for k, v in versions.items() if v}}
 

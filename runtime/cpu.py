@@ -3,12 +3,14 @@
 ONNX Runtime's INT8 kernels, and so INT8 speed and even accuracy, differ with the instruction set
 (VNNI's vpdpbusd accumulates in int32, AVX2's vpmaddubsw saturates in int16; AMX has its own tiles), so
 every speed or INT8 figure this package prints names it, e.g. "Intel Xeon Processor, AVX-512 VNNI, AMX-INT8"
-or "AMD EPYC 7763 64-Core Processor, AVX2".
+or "AMD EPYC 7763 64-Core Processor, AVX2". Also the CPUs this process may use (its affinity mask and CPU quota),
+and so the threads a model runs by default.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import re
@@ -20,6 +22,7 @@ from .metadata import positive_int
 
 CPUINFO = Path("/proc/cpuinfo")
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
+ROOT = Path("/")  # where /proc/self and the cgroup mounts are read
 # Set to "avx2" by benchmarks/hide_avx512.c, which hides the AVX-512 family, AVX-VNNI and AMX from CPUID (where
 # the kernels look) but not from /proc/cpuinfo (where we look).
 CPUID_ENV = "MEDMAMBA_EDGE_CPUID"
@@ -110,10 +113,86 @@ def usable_cpus() -> int:
     return len(_affinity())
 
 
-def default_threads(topology: Path = CPU_TOPOLOGY) -> int:
-    """The threads ONNX Runtime and PyTorch start by default, one per physical core, counted here among the CPUs
-    this process may use: a CPU that shares its core with another (SMT, hyper-threading) adds none. ``topology``:
-    /sys/devices/system/cpu, whose cpuN/topology/thread_siblings_list names each CPU's core mates."""
+def _mounts(root: Path) -> list[tuple[str, str, str, set[str]]]:
+    """(mount root, mount point, file system type, super options) of each mount in /proc/self/mountinfo."""
+    mounts = []
+    for line in (root / "proc/self/mountinfo").read_text().splitlines():
+        fields, sep, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if sep and len(fields) >= 5 and len(tail) >= 3:
+            mounts.append((fields[3], fields[4], tail[0], set(tail[2].split(","))))
+    return mounts
+
+
+def _cgroup_dirs(root: Path) -> list[tuple[str, Path, Path]]:
+    """("v2" or "v1", mount point, this process's cgroup folder) for the unified hierarchy and the v1 one with the
+    cpu controller, where mounted."""
+    paths = {}  # "v2" or "v1" -> this process's cgroup path in that hierarchy
+    for line in (root / "proc/self/cgroup").read_text().splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if not path.startswith("/"):
+            continue
+        if hierarchy == "0" and not controllers:
+            paths["v2"] = path
+        elif "cpu" in controllers.split(","):
+            paths["v1"] = path
+    found = []
+    for mount_root, mount_point, fs_type, options in _mounts(root):
+        version = "v2" if fs_type == "cgroup2" else "v1" if fs_type == "cgroup" and "cpu" in options else None
+        if version in paths:
+            point = root / mount_point.lstrip("/")
+            # The mount shows the hierarchy from mount_root down (a container without a cgroup namespace mounts
+            # its own cgroup); a path outside it is above what this mount shows: then the mount's top is the nearest.
+            relative = os.path.relpath(paths.pop(version), mount_root)
+            found.append((version, point, point if relative.split(os.sep)[0] == ".." else point / relative))
+    return found
+
+
+def _quota_here(version: str, folder: Path) -> float | None:
+    """The CPUs one cgroup's own limit allows (quota / period), or None: no limit, or none readable."""
+    try:
+        if version == "v2":  # cpu.max: "max 100000" (none) or "200000 100000"
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:  # cpu.cfs_quota_us: -1 for none
+            quota, period = (folder / "cpu.cfs_quota_us").read_text(), (folder / "cpu.cfs_period_us").read_text()
+        quota, period = int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_quota(root: Path = ROOT) -> float | None:
+    """How many CPUs' time the process's cgroup may use (``docker --cpus``, a Kubernetes CPU limit), or None where
+    it has no quota. A limit on any cgroup above it holds too, so the smallest along the path up to the mount's top
+    counts; both hierarchies are read where both are mounted (a hybrid host). Anything unreadable or odd reads as no
+    quota: the count it would hold is only a default."""
+    try:
+        cgroups = _cgroup_dirs(root)
+    except (OSError, ValueError):
+        return None
+    quotas = []
+    for version, mount_point, folder in cgroups:
+        while True:
+            quotas.append(_quota_here(version, folder))
+            if folder == mount_point or mount_point not in folder.parents:
+                break
+            folder = folder.parent
+    return min((q for q in quotas if q is not None), default=None)
+
+
+def held_to_quota(count: int) -> int:
+    """``count`` threads, fewer where the CPU quota allows fewer CPUs' time: a thread beyond the quota (rounded up)
+    only waits for the next period, each thread's work in bursts (ONNX Runtime's one thread per core of a 64-core
+    host, at --cpus=2)."""
+    quota = cpu_quota()
+    return count if quota is None else max(1, min(count, math.ceil(quota)))
+
+
+def _physical_cores(topology: Path) -> int:
+    """The physical cores among the CPUs this process may use: a CPU that shares its core with another (SMT,
+    hyper-threading) adds none. ``topology``: /sys/devices/system/cpu, whose cpuN/topology/thread_siblings_list
+    names each CPU's core mates."""
     cpus = _affinity()
     cores = set()
     for cpu in cpus:
@@ -123,6 +202,27 @@ def default_threads(topology: Path = CPU_TOPOLOGY) -> int:
             return len(cpus)
         cores.add(min(siblings & cpus, default=cpu))
     return max(1, len(cores))
+
+
+def default_threads(topology: Path = CPU_TOPOLOGY) -> int:
+    """The threads ONNX Runtime and PyTorch start by default, one per physical core, counted here among the CPUs
+    this process may use and held to its CPU quota."""
+    return held_to_quota(_physical_cores(topology))
+
+
+def describe_default_threads() -> str:
+    """default_threads() and, where the CPU quota held it, what held it: "2, CPU quota 2 of 16 CPUs"."""
+    cores, threads = _physical_cores(CPU_TOPOLOGY), default_threads()
+    return f"{threads}, CPU quota {cpu_quota():g} of {usable_cpus()} CPUs" if threads < cores else str(threads)
+
+
+def confined() -> bool:
+    """Whether an affinity mask or a CPU quota leaves this process less than the machine: then the backends' own
+    defaults start too many threads (ONNX Runtime's counts the machine's cores; neither it nor PyTorch reads the
+    quota)."""
+    machine = os.cpu_count() or 1
+    quota = cpu_quota()
+    return usable_cpus() < machine or (quota is not None and quota < machine)
 
 
 def _cpu_list(text: str) -> set[int]:

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from . import scan_node
-from .cpu import usable_cpus
+from .cpu import held_to_quota, usable_cpus
 
 try:
     from . import _scan_cpu as _ext
@@ -81,7 +81,7 @@ def isa() -> str:
 
 
 def default_num_threads() -> int:
-    """$MEDMAMBA_EDGE_SCAN_THREADS if set, else the CPUs this process may run on."""
+    """$MEDMAMBA_EDGE_SCAN_THREADS if set, else the CPUs this process may run on, held to its CPU quota."""
     env = os.environ.get(THREADS_ENV, "").strip()
     if env:
         try:
@@ -91,7 +91,7 @@ def default_num_threads() -> int:
         if value < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
         return value
-    return usable_cpus()
+    return held_to_quota(usable_cpus())
 
 
 def _f32(name: str, x) -> np.ndarray:

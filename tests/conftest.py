@@ -54,3 +54,40 @@ def reap_cli_children():
     """No child a test started with cli_process outlives it, whether the test passed or failed."""
     yield
     reap_cli_processes()
+
+
+@pytest.fixture
+def one_cpu_cgroup():
+    """A new cgroup whose CPU quota is one CPU (100 ms each 100 ms period), as its cgroup.procs: a process joins it
+    by writing its pid there. Removed after the test; the test is skipped, saying why, where this process cannot
+    make one (not root, cgroups mounted read-only as in most containers, no cpu controller)."""
+    from medmamba_edge.runtime import cpu
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for a quota of one to hold the threads below")
+    try:
+        hierarchies = {version: point for version, point, _ in cpu._cgroup_dirs(cpu.ROOT)}
+        v2 = hierarchies.get("v2")
+        v2_controllers = (v2 / "cgroup.subtree_control").read_text().split() if v2 else []
+    except (OSError, ValueError) as exc:
+        pytest.skip(f"cannot read this process's cgroups: {exc}")
+    if "cpu" in v2_controllers:
+        version, point, limits = "v2", v2, {"cpu.max": "100000 100000"}
+    elif "v1" in hierarchies:
+        version, point, limits = "v1", hierarchies["v1"], {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}
+    else:
+        pytest.skip("no cgroup hierarchy here has the cpu controller for its new cgroups")
+    folder = point / f"medmamba-edge-test-{os.getpid()}"
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup in {point} ({version}): {exc.strerror}")
+    try:
+        try:
+            for name, value in limits.items():
+                (folder / name).write_text(value)
+        except OSError as exc:
+            pytest.skip(f"cannot set a CPU quota on {folder}: {exc.strerror}")
+        yield folder / "cgroup.procs"
+    finally:
+        folder.rmdir()

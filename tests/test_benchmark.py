@@ -140,6 +140,68 @@ print(len(os.listdir("/proc/self/task")) - before)
     assert threads_started("default") == threads_started("1")
 
 
+QUOTA_SCRIPT = """
+import os, sys
+with open(sys.argv[1], "w") as procs:
+    procs.write(str(os.getpid()))
+import numpy as np
+from medmamba_edge.loaders import open_model
+threads = None if sys.argv[3] == "default" else int(sys.argv[3])
+session = open_model(sys.argv[2], threads=threads)  # held: a session's pool ends with it
+session.run(np.zeros((1, 3, 32, 32), np.float32))
+started = len(os.listdir("/proc/self/task"))
+import torch
+from medmamba_edge.benchmarking import machine_info
+from medmamba_edge.runtime.bundled import bundled_checkpoint
+checkpoint, seen = open_model(bundled_checkpoint(), input_size=32, threads=threads), []
+checkpoint.checkpoint.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+checkpoint.run(np.zeros((1, 3, 32, 32), np.float32))
+print(started, *seen, machine_info(threads)["threads"], sep="|")
+"""
+
+
+def test_a_cpu_quota_holds_the_backends_default_threads(tmp_path_factory, one_cpu_cgroup):
+    """ONNX Runtime's and torch's defaults count the machine's cores, neither reads the CPU quota (ONNX Runtime
+    1.32, torch 2.13): under docker --cpus=2 on a 64-core host ONNX Runtime ran 64 threads, each working in bursts
+    and waiting for the next period. The real cgroup of one CPU here: as many threads as --threads 1."""
+    model = str(bundled_onnx(tmp_path_factory))
+
+    def under_quota(threads: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-c", QUOTA_SCRIPT, str(one_cpu_cgroup), model, threads],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().split("|")
+
+    default, one = under_quota("default"), under_quota("1")
+    assert default[:2] == one[:2] and one[1:] == ["1", "1"]  # the process's threads with ONNX Runtime's; torch's
+    assert default[2] == f"backend default (1, CPU quota 1 of {len(os.sched_getaffinity(0))} CPUs)"
+
+
+def test_the_backends_defaults_follow_the_cpu_quota_read(monkeypatch):
+    """The same where no cgroup can be made (a CI runner's container): the quota as runtime/cpu.py reads it."""
+    import numpy as np
+    import torch
+
+    from medmamba_edge.benchmarking import machine_info
+    from medmamba_edge.loaders import open_model
+    from medmamba_edge.runtime import cpu
+    from medmamba_edge.runtime.backends.onnxruntime.custom_ops import session_options
+    from medmamba_edge.runtime.bundled import bundled_checkpoint
+
+    usable = len(os.sched_getaffinity(0))
+    if usable < 2:
+        pytest.skip("needs 2 CPUs for a quota of one to hold the threads below")
+    monkeypatch.setattr(cpu, "cpu_quota", lambda: 1.0)
+    assert session_options().intra_op_num_threads == 1
+    assert machine_info(None)["threads"] == f"backend default (1, CPU quota 1 of {usable} CPUs)"
+    checkpoint, seen = open_model(bundled_checkpoint(), input_size=32), []
+    checkpoint.checkpoint.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    checkpoint.run(np.zeros((1, 3, 32, 32), np.float32))
+    assert seen == [1]
+    monkeypatch.setattr(cpu, "cpu_quota", lambda: float(usable))  # a quota of every CPU holds nothing
+    assert machine_info(None)["threads"] == f"backend default ({cpu.default_threads()})"
+
+
 def test_a_turn_ends_once_its_threads_have_stopped_spinning(tmp_path_factory):
     """ONNX Runtime's idle pool threads spin on after a run: a worker that answered at once went on burning a CPU
     (the official T-32 at 2 threads: 60 to 90 ms) while the next model's turn was timed on it."""

@@ -2,6 +2,8 @@
 machine writes it."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -113,3 +115,106 @@ def test_default_threads_are_one_per_physical_core_among_the_usable_cpus(tmp_pat
     (ranged / f"cpu{usable[0]}" / "topology" / "thread_siblings_list").write_text(f"{usable[0]},1000-1001\n")
     assert cpu.default_threads(ranged) == len(usable)
     assert cpu.default_threads(tmp_path / "no-sysfs") == len(usable)  # hidden topology: one per usable CPU
+
+
+# /proc/self/mountinfo lines as the kernel writes them: a cgroup v2 host's, a v1 host's (cpu and cpuacct mounted
+# together, as Docker's hosts and Ubuntu 20.04 have it; its cpuset beside it) and a hybrid one's (v1 controllers,
+# v2 at /sys/fs/cgroup/unified without the cpu controller).
+V2_MOUNTS = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+V1_MOUNTS = ("25 24 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755\n"
+             "33 25 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup "
+             "rw,cpu,cpuacct\n"
+             "34 25 0:30 / /sys/fs/cgroup/cpuset rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpuset\n")
+HYBRID_MOUNTS = (V1_MOUNTS + "41 25 0:38 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - "
+                 "cgroup2 cgroup2 rw\n")
+
+
+def cgroup_tree(root, cgroups: str, mounts: str, files: dict[str, str]):
+    """A fake / with /proc/self/cgroup, /proc/self/mountinfo and each of ``files`` (path under root: content)."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroups)
+    (root / "proc/self/mountinfo").write_text(mounts)
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return root
+
+
+def test_cpu_quota_of_a_cgroup_v2_is_the_smallest_cpu_max_up_to_the_root(tmp_path):
+    # a container with its own cgroup namespace: its cgroup is the mount's top, limited there
+    docker = cgroup_tree(tmp_path / "docker", "0::/\n", V2_MOUNTS, {"sys/fs/cgroup/cpu.max": "200000 100000\n"})
+    assert cpu.cpu_quota(docker) == 2.0
+    # a Kubernetes pod's limit on the pod, none on its container, the host's root without cpu.max
+    nested = {"sys/fs/cgroup/kubepods.slice/cpu.max": "max 100000\n",
+              "sys/fs/cgroup/kubepods.slice/pod1/cpu.max": "150000 100000\n",
+              "sys/fs/cgroup/kubepods.slice/pod1/ctr/cpu.max": "max 100000\n"}
+    pod = cgroup_tree(tmp_path / "pod", "0::/kubepods.slice/pod1/ctr\n", V2_MOUNTS, nested)
+    assert cpu.cpu_quota(pod) == 1.5
+    # a smaller limit below a larger one, with a period other than 100 ms
+    nested["sys/fs/cgroup/kubepods.slice/pod1/ctr/cpu.max"] = "25000 50000\n"
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "ctr", "0::/kubepods.slice/pod1/ctr\n", V2_MOUNTS, nested)) == 0.5
+    unlimited = cgroup_tree(tmp_path / "none", "0::/user.slice\n", V2_MOUNTS,
+                            {"sys/fs/cgroup/user.slice/cpu.max": "max 100000\n"})
+    assert cpu.cpu_quota(unlimited) is None
+
+
+def test_cpu_quota_of_a_cgroup_v1_is_its_cfs_quota_over_its_period(tmp_path):
+    cgroups = "12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n"
+    limited = {"sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n",
+               "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+               "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+               "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "v1", cgroups, V1_MOUNTS, limited)) == 1.0
+    # the parent limits, its child (-1) does not
+    parent = {**limited, "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "-1\n",
+              "sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_quota_us": "300000\n",
+              "sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_period_us": "100000\n"}
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "parent", cgroups, V1_MOUNTS, parent)) == 3.0
+    # a container without a cgroup namespace has its own cgroup mounted as the top: /proc/self/cgroup names the
+    # host's path, the mount's root says which part of it the mount shows
+    own = V1_MOUNTS.replace(" / /sys/fs/cgroup/cpu,cpuacct", " /docker/abc /sys/fs/cgroup/cpu,cpuacct")
+    mounted = {"sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "50000\n",
+               "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "own", cgroups, own, mounted)) == 0.5
+    # a hybrid host: the quota is v1's, its v2 hierarchy has no cpu.max
+    hybrid = cgroup_tree(tmp_path / "hybrid", cgroups + "0::/docker/abc\n", HYBRID_MOUNTS, limited)
+    assert cpu.cpu_quota(hybrid) == 1.0
+
+
+def test_an_unreadable_or_odd_cgroup_reads_as_no_quota(tmp_path):
+    assert cpu.cpu_quota(tmp_path / "nothing") is None  # no /proc (macOS, Windows)
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "unmounted", "0::/\n", "", {})) is None
+    for k, text in enumerate(["", "max\n", "garbage 100000\n", "200000 0\n", "0 100000\n", "1 2 3\n", "\xff\xfe"]):
+        tree = cgroup_tree(tmp_path / f"odd{k}", "0::/a\n", V2_MOUNTS, {"sys/fs/cgroup/a/cpu.max": text})
+        assert cpu.cpu_quota(tree) is None, text
+    missing_period = cgroup_tree(tmp_path / "period", "4:cpu,cpuacct:/\n", V1_MOUNTS,
+                                 {"sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "100000\n"})
+    assert cpu.cpu_quota(missing_period) is None
+    limit = {"sys/fs/cgroup/cpu.max": "100000 100000\n"}
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "no-path", "0::\n", V2_MOUNTS, limit)) is None
+    garbled = cgroup_tree(tmp_path / "garbled", "no colons here\n0::/\n", "short line\n" + V2_MOUNTS, limit)
+    assert cpu.cpu_quota(garbled) == 1.0  # the readable lines still count
+
+
+def test_default_threads_are_held_to_the_cpu_quota_rounded_up(tmp_path, monkeypatch):
+    usable = sorted(os.sched_getaffinity(0))
+    topology = write_topology(tmp_path / "one", [[c] for c in usable])
+    for quota, expected in [(None, len(usable)), (0.5, 1), (1.0, 1), (1.5, min(2, len(usable))), (1000.0, len(usable))]:
+        monkeypatch.setattr(cpu, "cpu_quota", lambda: quota)
+        assert cpu.default_threads(topology) == expected, quota
+
+
+def test_a_process_under_a_quota_of_one_cpu_defaults_to_one_thread(one_cpu_cgroup):
+    """A container's quota (docker --cpus=1) on a host of more CPUs: the real cgroup, as the kernel enforces it."""
+    script = """
+import os, sys
+with open(sys.argv[1], "w") as procs:
+    procs.write(str(os.getpid()))
+from medmamba_edge.runtime import cpu, scan_cpu
+print(cpu.cpu_quota(), cpu.default_threads(), scan_cpu.default_num_threads(), cpu.describe_default_threads(), sep="|")
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(one_cpu_cgroup)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    usable = len(os.sched_getaffinity(0))
+    assert result.stdout.strip().split("|") == ["1.0", "1", "1", f"1, CPU quota 1 of {usable} CPUs"]

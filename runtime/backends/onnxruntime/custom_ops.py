@@ -15,7 +15,6 @@ docs/runtime.md shows how to load the same library from C++ and from Triton.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
-from ...cpu import check_threads, default_threads, usable_cpus
+from ...cpu import check_threads, confined, default_threads
 from ...scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
@@ -47,15 +46,16 @@ def library_path() -> Path:
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """SessionOptions for any of our sessions: ``threads`` intra-op threads (None: ONNX Runtime's default, held to
-    the CPUs this process may use), and ONNX Runtime's own log quiet below FATAL: an error it logs (raw, coloured,
-    naming its source file) comes back as the exception that the caller reports in one line."""
+    the CPUs and the CPU quota this process may use), and ONNX Runtime's own log quiet below FATAL: an error it
+    logs (raw, coloured, naming its source file) comes back as the exception that the caller reports in one line."""
     check_threads(threads)
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    if threads is None and usable_cpus() < (os.cpu_count() or 1):
+    if threads is None and confined():
         # ONNX Runtime's default counts the machine's physical cores, not those of the affinity mask (a container's
-        # or taskset's share): on 1 of 2 CPUs it ran 2 threads, 16 ms a batch-1 run where 1 thread took 9, under
-        # benchmark's header 'threads: backend default (1)'. Its rule, one per core, applied to the mask's CPUs.
+        # or taskset's share) nor the CPU quota (docker --cpus): on 1 of 2 CPUs it ran 2 threads, 16 ms a batch-1
+        # run where 1 thread took 9, under benchmark's header 'threads: backend default (1)'. Its rule, one per
+        # core, applied to the mask's CPUs and held to the quota.
         threads = default_threads()
     if threads is not None:
         so.intra_op_num_threads = threads
