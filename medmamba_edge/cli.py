@@ -249,7 +249,7 @@ def export(
         help="Verification's relative logit tolerance. Default: 1e-4.")] = None,
 ) -> None:
     """Export an official checkpoint to ONNX, verified against PyTorch."""
-    size = parse_input_size(input_size) if input_size else DEFAULT_INPUT_SIZE
+    size = parse_input_size(input_size) if input_size is not None else DEFAULT_INPUT_SIZE
     if dynamic_batch and batch is not None:
         fail("--batch and --dynamic-batch exclude each other: a model has a fixed batch or a dynamic one")
     given_only_with("verification, which --no-verify turns off", not verify, atol=atol, rtol=rtol)

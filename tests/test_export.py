@@ -377,6 +377,17 @@ def test_cli_export_at_the_default_size_says_so(tmp_path):
     assert result.exit_code == 0 and "training size" not in result.output, result.output
 
 
+def test_cli_export_refuses_an_empty_input_size(tmp_path):
+    """An empty --input-size (a script's unset variable, --input-size "$SIZE") was refused as any other bad size,
+    until --input-size defaulted to nothing: it then exported at 224 without the default's warning either."""
+    checkpoint = tmp_path / "small.pth"
+    torch.save(VSSM(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], num_classes=3).state_dict(), checkpoint)
+    result = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "m.onnx"), "--input-size", ""])
+    assert result.exit_code == 1, result.output
+    assert result.output == "error: --input-size must be N or HxW with positive integers, got ''\n"
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_export_never_overwrites_what_it_reads_and_checks_atol_first(tmp_path):
     checkpoint = tmp_path / "t.pth"
     checkpoint.write_bytes(require_shared(*OFFICIAL_T32).read_bytes())
