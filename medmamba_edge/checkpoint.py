@@ -351,7 +351,9 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path) -> ModelConfig
         m = _BLOCK_KEY.match(key)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if missing == ["head.weight"] and blocks:
+    # MedMamba's blocks by their convolution branch: a Swin backbone (timm's, its classifier under head.fc) has
+    # patch_embed.proj and layers.*.blocks.* too
+    if missing == ["head.weight"] and any(".conv33conv33conv11." in key for key in state_dict):
         raise CheckpointError(f"{path}: a MedMamba backbone without its classifier (no head.weight, as VSSM built with "
                               f"num_classes=0 saves it): export and run need the weights of a trained head")
     if missing or not blocks:

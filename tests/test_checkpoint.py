@@ -236,6 +236,15 @@ def test_a_backbone_without_its_head_is_named_so(tmp_path):
         load_checkpoint(save(backbone, tmp_path / "backbone.pth"))
 
 
+def test_a_swin_backbone_is_not_called_a_medmamba_one(tmp_path):
+    """A timm Swin Transformer has patch_embed.proj and layers.*.blocks.* as MedMamba does, its classifier under
+    head.fc: it was named 'a MedMamba backbone without its classifier', which it is not."""
+    swin = {"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4), "layers.0.blocks.0.norm1.weight": torch.zeros(96),
+            "layers.0.blocks.0.attn.qkv.weight": torch.zeros(288, 96), "head.fc.weight": torch.zeros(1000, 768)}
+    with pytest.raises(CheckpointError, match=r"swin\.pth: not a MedMamba \(VSSM\) checkpoint: missing head\.weight"):
+        load_checkpoint(save(swin, tmp_path / "swin.pth"))
+
+
 def test_input_channels_other_than_1_or_3_are_refused_by_name(tmp_path):
     """A 2-channel model failed its export with 'cannot turn a 3-channel image into 2 channels', naming no file."""
     two = VSSM(depths=[1, 2, 1, 1], dims=[16, 32, 64, 128], num_classes=3, in_chans=2).state_dict()
