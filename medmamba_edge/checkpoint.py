@@ -135,7 +135,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                               f"torch.save's format); save the weights with torch.save(net.state_dict(), path)")
     _check_crcs(path)
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_data_globals()):
+        # safe_globals removes on exit what it added, and would take an allowance the application embedding us had
+        # made itself (add_safe_globals([PosixPath])) with ours: it is given only the ones not allowed already
+        allowed = torch.serialization.get_safe_globals()
+        ours = [name for name in _data_globals() if name not in allowed]
+        with warnings.catch_warnings(), torch.serialization.safe_globals(ours):
             warnings.simplefilter("ignore")  # e.g. on a bare pickle, a warning that would come before our one line
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -107,6 +107,23 @@ def test_a_lightning_checkpoint_keeping_paths_in_its_hyper_parameters_loads(tmp_
     assert load_checkpoint(tmp_path / "windows.ckpt").config.num_classes == 3
 
 
+def test_loading_leaves_the_applications_own_allowances(tmp_path, tiny_state_dict):
+    """The data globals are allowed only while a checkpoint loads (torch's safe_globals), which removes them on exit:
+    one the application embedding medmamba-edge had allowed for its own loads (a Lightning user's PosixPath) was
+    gone from the process after our first load."""
+    import argparse
+    import pathlib
+
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([pathlib.PosixPath, argparse.Namespace])
+    try:
+        read_state_dict(save(tiny_state_dict, tmp_path / "w.pth"))
+        assert {pathlib.PosixPath, argparse.Namespace} <= set(torch.serialization.get_safe_globals())
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
     path = save(tiny_state_dict, tmp_path / "m.pth")
     (tmp_path / "class_indices.json").write_text(json.dumps({"0": "benign", "1": "malignant", "2": "normal"}, indent=4))
