@@ -8,6 +8,7 @@ Loading is ``torch.load(weights_only=True)``: a pickle that tries to run code is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -16,6 +17,7 @@ import re
 import stat
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from medmamba_edge.runtime.backends import ONNX_SUFFIXES, is_checkpoint_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names_problem, too_few_classes,
                                              unwritable_class_names)
+from medmamba_edge.runtime.shared_change import SharedChange
 
 from . import __version__
 from .errors import UserError, clipped, first_line
@@ -110,6 +113,21 @@ def _data_globals() -> list:
     return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes, *paths]
 
 
+def _allow_data_globals() -> Callable[[], None]:
+    """_data_globals allowed to torch's weights_only unpickler, and what takes them back. Only those not allowed
+    already: torch's safe_globals removes on exit what it was given, and would take an allowance the application
+    embedding us had made itself (add_safe_globals([PosixPath])) with ours."""
+    allowed = torch.serialization.get_safe_globals()
+    allowance = contextlib.ExitStack()
+    allowance.enter_context(torch.serialization.safe_globals([g for g in _data_globals() if g not in allowed]))
+    return allowance.close
+
+
+# torch's allowances are the process's, not a thread's: two loads at once share one, or the first to finish would
+# take it from the other mid-load (a Lightning checkpoint's paths then refused).
+_data_globals_allowed = SharedChange(_allow_data_globals)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model's tensors in a checkpoint file, unwrapped and without wrapper prefixes."""
     path = Path(path)
@@ -135,11 +153,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                               f"torch.save's format); save the weights with torch.save(net.state_dict(), path)")
     _check_crcs(path)
     try:
-        # safe_globals removes on exit what it added, and would take an allowance the application embedding us had
-        # made itself (add_safe_globals([PosixPath])) with ours: it is given only the ones not allowed already
-        allowed = torch.serialization.get_safe_globals()
-        ours = [name for name in _data_globals() if name not in allowed]
-        with warnings.catch_warnings(), torch.serialization.safe_globals(ours):
+        with warnings.catch_warnings(), _data_globals_allowed():
             warnings.simplefilter("ignore")  # e.g. on a bare pickle, a warning that would come before our one line
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

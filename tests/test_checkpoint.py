@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,47 @@ def test_loading_leaves_the_applications_own_allowances(tmp_path, tiny_state_dic
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(before)
+
+
+def test_two_loads_at_once_share_the_allowance(tmp_path, tiny_state_dict, monkeypatch):
+    """torch's allowances are the process's: of two loads on two threads, the first to finish took the data globals
+    away while the second was still reading, and a Lightning checkpoint's paths were refused there. Driven in that
+    order: A reads, B starts reading, A finishes, then B reads its paths."""
+    import pathlib
+    import threading
+
+    lightning = save({"state_dict": tiny_state_dict, "hyper_parameters": {"data_dir": pathlib.Path("/data")}},
+                     tmp_path / "b.ckpt")
+    plain = save(tiny_state_dict, tmp_path / "a.pth")
+    reading = {path: threading.Event() for path in (plain, lightning)}
+    go = {path: threading.Event() for path in (plain, lightning)}
+    load = torch.load
+
+    def held_load(path, **options):
+        reading[Path(path)].set()
+        assert go[Path(path)].wait(30)
+        return load(path, **options)
+
+    monkeypatch.setattr(torch, "load", held_load)
+    outcome = {}
+
+    def read(path):
+        try:
+            outcome[path] = read_state_dict(path)
+        except CheckpointError as exc:
+            outcome[path] = exc
+
+    threads = {path: threading.Thread(target=read, args=(path,)) for path in (plain, lightning)}
+    threads[plain].start()
+    assert reading[plain].wait(30)
+    threads[lightning].start()
+    assert reading[lightning].wait(30)
+    go[plain].set()
+    threads[plain].join(30)
+    go[lightning].set()
+    threads[lightning].join(30)
+    assert isinstance(outcome[lightning], dict), outcome[lightning]
+    assert pathlib.PosixPath not in torch.serialization.get_safe_globals()  # taken back by the last one out
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
