@@ -121,8 +121,14 @@ def _mounts(root: Path) -> list[tuple[str, str, str, set[str]]]:
         fields, sep, tail = line.partition(" - ")
         fields, tail = fields.split(), tail.split()
         if sep and len(fields) >= 5 and len(tail) >= 3:
-            mounts.append((fields[3], fields[4], tail[0], set(tail[2].split(","))))
+            mounts.append((_unescaped(fields[3]), _unescaped(fields[4]), tail[0], set(tail[2].split(","))))
     return mounts
+
+
+def _unescaped(field: str) -> str:
+    """A path of mountinfo as it is: the kernel writes a space, tab, newline or backslash in it as \\ooo (octal),
+    where /proc/self/cgroup writes a cgroup's path as it is."""
+    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal[1], 8)), field)
 
 
 def _cgroup_dirs(root: Path) -> list[tuple[str, Path, Path]]:

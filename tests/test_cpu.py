@@ -240,3 +240,15 @@ def test_the_cpu_quota_is_read_again_after_a_second_not_on_each_call(tmp_path, m
     now = cpu.time.monotonic()
     monkeypatch.setattr(cpu.time, "monotonic", lambda: now + cpu.QUOTA_REREAD_S)
     assert cpu.cpu_quota(tree) is None
+
+
+def test_cpu_quota_reads_mountinfo_paths_with_their_escapes(tmp_path):
+    """mountinfo writes a space in a mount point or a mount's root as \\040, /proc/self/cgroup writes it as it is: a
+    cgroup2 mounted at "/run/my cgroups", a container's cgroup "/ci job" mounted as the top, the process in a
+    cgroup of its own below it."""
+    mounts = V2_MOUNTS.replace(" / /sys/fs/cgroup ", " / /run/my\\040cgroups ")
+    spaced = cgroup_tree(tmp_path / "point", "0::/ci job\n", mounts, {"run/my cgroups/ci job/cpu.max": "50000 100000\n"})
+    assert cpu.cpu_quota(spaced) == 0.5
+    own = V2_MOUNTS.replace(" / /sys/fs/cgroup ", " /ci\\040job /sys/fs/cgroup ")
+    assert cpu.cpu_quota(cgroup_tree(tmp_path / "root", "0::/ci job/worker\n", own,
+                                     {"sys/fs/cgroup/worker/cpu.max": "50000 100000\n"})) == 0.5
