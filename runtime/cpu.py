@@ -144,16 +144,20 @@ def _cgroup_dirs(root: Path) -> list[tuple[str, Path, Path]]:
             paths["v2"] = path
         elif "cpu" in controllers.split(","):
             paths["v1"] = path
-    found = []
+    found = {}  # "v2" or "v1" -> (mount point, this process's cgroup folder, whether the mount shows it)
     for mount_root, mount_point, fs_type, options in _mounts(root):
         version = "v2" if fs_type == "cgroup2" else "v1" if fs_type == "cgroup" and "cpu" in options else None
         if version in paths:
             point = root / mount_point.lstrip("/")
             # The mount shows the hierarchy from mount_root down (a container without a cgroup namespace mounts
             # its own cgroup); a path outside it is above what this mount shows: then the mount's top is the nearest.
-            relative = os.path.relpath(paths.pop(version), mount_root)
-            found.append((version, point, point if relative.split(os.sep)[0] == ".." else point / relative))
-    return found
+            relative = os.path.relpath(paths[version], mount_root)
+            shown = relative.split(os.sep)[0] != ".."
+            # A later mount hides an earlier one at its point (the host's /sys/fs/cgroup bound over the container's
+            # own, as systemd in Docker is run): the last that shows the process's cgroup counts.
+            if shown or not found.get(version, (None, None, False))[2]:
+                found[version] = point, point / relative if shown else point, shown
+    return [(version, point, folder) for version, (point, folder, _) in found.items()]
 
 
 def _quota_here(version: str, folder: Path) -> float | None:

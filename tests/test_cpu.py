@@ -252,3 +252,15 @@ def test_cpu_quota_reads_mountinfo_paths_with_their_escapes(tmp_path):
     own = V2_MOUNTS.replace(" / /sys/fs/cgroup ", " /ci\\040job /sys/fs/cgroup ")
     assert cpu.cpu_quota(cgroup_tree(tmp_path / "root", "0::/ci job/worker\n", own,
                                      {"sys/fs/cgroup/worker/cpu.max": "50000 100000\n"})) == 0.5
+
+
+def test_cpu_quota_reads_the_cgroup_mount_mounted_last(tmp_path):
+    """A container run with -v /sys/fs/cgroup:/sys/fs/cgroup (systemd in Docker, cgroup v1) has the host's hierarchy
+    mounted over its own: the host's (root /) hides Docker's (root /docker/abc) at the same mount point."""
+    hidden = V1_MOUNTS.replace(" / /sys/fs/cgroup/cpu,cpuacct", " /docker/abc /sys/fs/cgroup/cpu,cpuacct")
+    host = "50 25 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+    limited = {"sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+               "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+               "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+               "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}
+    assert cpu.cpu_quota(cgroup_tree(tmp_path, "4:cpu,cpuacct:/docker/abc\n", hidden + host, limited)) == 0.5
