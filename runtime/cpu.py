@@ -212,7 +212,10 @@ def held_to_quota(count: int) -> int:
     """``count`` threads, fewer where the CPU quota allows fewer CPUs' time: a thread beyond the quota (rounded up)
     only waits for the next period, each thread's work in bursts (ONNX Runtime's one thread per core of a 64-core
     host, at --cpus=2)."""
-    quota = cpu_quota()
+    return _held(count, cpu_quota())
+
+
+def _held(count: int, quota: float | None) -> int:
     return count if quota is None else max(1, min(count, math.ceil(quota)))
 
 
@@ -239,8 +242,10 @@ def default_threads(topology: Path = CPU_TOPOLOGY) -> int:
 
 def describe_default_threads() -> str:
     """default_threads() and, where the CPU quota held it, what held it: "2, CPU quota 2 of 16 CPUs"."""
-    cores, threads = _physical_cores(CPU_TOPOLOGY), default_threads()
-    return f"{threads}, CPU quota {cpu_quota():g} of {usable_cpus()} CPUs" if threads < cores else str(threads)
+    # The quota read once: read again for the text, it could have gone meanwhile (QUOTA_REREAD_S), a TypeError
+    cores, quota = _physical_cores(CPU_TOPOLOGY), cpu_quota()
+    threads = _held(cores, quota)
+    return f"{threads}, CPU quota {quota:g} of {usable_cpus()} CPUs" if threads < cores else str(threads)
 
 
 def confined() -> bool:

@@ -264,3 +264,12 @@ def test_cpu_quota_reads_the_cgroup_mount_mounted_last(tmp_path):
                "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
                "sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}
     assert cpu.cpu_quota(cgroup_tree(tmp_path, "4:cpu,cpuacct:/docker/abc\n", hidden + host, limited)) == 0.5
+
+
+def test_the_default_threads_text_reads_the_quota_once(monkeypatch):
+    """describe_default_threads read the quota twice, for the count and for the text: a quota gone between the two
+    (read again after QUOTA_REREAD_S) made the text '{None:g}', a TypeError in benchmark's header."""
+    readings = iter([1.0, None])
+    monkeypatch.setattr(cpu, "cpu_quota", lambda: next(readings))
+    monkeypatch.setattr(cpu, "_physical_cores", lambda topology: 2)
+    assert cpu.describe_default_threads() == f"1, CPU quota 1 of {cpu.usable_cpus()} CPUs"
