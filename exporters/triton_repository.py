@@ -4,6 +4,7 @@
 ::
 
     REPO/NAME/config.pbtxt              Triton: backend, I/O names and dims, max batch, dynamic batching,
+                                        ONNX Runtime's threads (--threads: parameters["intra_op_thread_count"]),
                                         the model's metadata (parameters["medmamba_edge"]) for triton:// clients
     REPO/NAME/1/model.onnx | model.plan the model, copied
     REPO/NAME/labels.txt                class names, one a line (Triton's classification extension)
@@ -53,6 +54,10 @@ from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KI
                                                    range_problem)
 
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
+# The onnxruntime backend's parameter for a session's intra-op threads (its README, "Model Config Options"); none, or
+# 0, lets ONNX Runtime start one per physical core of the server. inter_op_thread_count is not written: it counts only
+# under execution_mode 1 (parallel), and the backend's default is 0 (sequential).
+INTRA_OP_THREADS = "intra_op_thread_count"
 DEEPSTREAM_CONFIG, DEEPSTREAM_LABELS, TRITON_LABELS = "deepstream_nvinfer.txt", "deepstream_labels.txt", "labels.txt"
 # DeepStream's copy of an ONNX model: a Softmax after the logits, whose output nvinfer reads (with_softmax).
 DEEPSTREAM_MODEL, PROBABILITIES = "deepstream_model.onnx", "probabilities"
@@ -183,8 +188,9 @@ def _pbtxt_string(text: str) -> str:
 
 
 def triton_config(served: ServedModel, name: str, *, max_queue_delay_us: int, instances: int, kind: str,
-                  op_library: str | None) -> str:
-    """config.pbtxt for Triton's onnxruntime or tensorrt backend."""
+                  op_library: str | None, threads: int | None = None) -> str:
+    """config.pbtxt for Triton's onnxruntime or tensorrt backend; ``threads``: each ONNX Runtime session's intra-op
+    threads (onnxruntime only)."""
     lines = [f"name: {_pbtxt_string(name)}",
              f'backend: "{"onnxruntime" if served.kind == "onnx" else "tensorrt"}"',
              f"max_batch_size: {served.max_batch}",
@@ -199,6 +205,8 @@ def triton_config(served: ServedModel, name: str, *, max_queue_delay_us: int, in
     lines += ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}", "  }", "]"]
     if op_library:
         lines += ["model_operations {", f"  op_library_filename: {_pbtxt_string(op_library)}", "}"]
+    if threads is not None:  # the backend reads every parameter as a string
+        lines += ["parameters {", f'  key: "{INTRA_OP_THREADS}"', f'  value {{ string_value: "{threads}" }}', "}"]
     lines += ["parameters {", f'  key: "{METADATA_KEY}"', f"  value {{ string_value: {_pbtxt_string(served.metadata.to_json())} }}",
               "}"]
     return "\n".join(lines) + "\n"
@@ -332,19 +340,20 @@ def _backend_options(served: ServedModel, plugin: str | None) -> str:
     return ""
 
 
-def _readme(name: str, served: ServedModel, server_command: str, op_library: str | None,
-            deepstream_refusal: str | None) -> str:
+def _readme(name: str, served: ServedModel, plan: _ServingPlan, deepstream_refusal: str | None) -> str:
     backend = "onnxruntime" if served.kind == "onnx" else "tensorrt"
     lines = [f"# {name}: {served.source.name} for Triton Inference Server" +
              ("" if deepstream_refusal else " and DeepStream"), "",
              "Written by `medmamba-edge export-triton`; docs/serving.md explains every choice.", "",
-             "```", server_command,
+             "```", plan.server_command,
              f"medmamba-edge run triton://SERVER:{DEFAULT_PORT}/{name} SOURCE   # preprocessing runs on the client", "```", "",
              f"Backend: {backend}. Input `{served.input_name}` float32 {served.dims} (normalised NCHW, as "
              f"`medmamba-edge run` prepares it), output `{served.output_name}` logits {served.output_dims}; "
              f"max_batch_size {served.max_batch}."]
-    if op_library:
-        lines += ["", f"The SS2DScan nodes run in `{op_library}` (loaded through `model_operations`); it was built "
+    if plan.threads:
+        lines += ["", plan.threads]
+    if plan.op_library:
+        lines += ["", f"The SS2DScan nodes run in `{plan.op_library}` (loaded through `model_operations`); it was built "
                   "for this machine's CPU architecture and needs the server's ONNX Runtime to be 1.17 or newer (the "
                   "exported model, ONNX IR version 10, needs 1.18)."]
     if served.kind == "engine":
@@ -361,22 +370,24 @@ def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFA
                   max_batch: int = DEFAULT_MAX_BATCH, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                   instances: int = DEFAULT_INSTANCES, kind: str = DEFAULT_KIND,
                   server_root: str | None = None, plugin: str | None = None,
-                  deepstream_batch: int | None = None) -> TritonExport:
+                  deepstream_batch: int | None = None, threads: int | None = None) -> TritonExport:
     """Write ``repository/name`` (temporary folder, renamed into place when complete; a model folder already
     there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
     point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
-    DeepStream device (default: a copy beside the config, when one is built here)."""
+    DeepStream device (default: a copy beside the config, when one is built here). ``threads``: each instance's
+    ONNX Runtime intra-op threads (an ONNX model only; default: the server's ONNX Runtime's)."""
     kind = _check_options(name, kind, server_root, {"--max-batch": max_batch, "--instances": instances,
                                                     "--deepstream-batch": deepstream_batch,
-                                                    "--max-queue-delay-us": max_queue_delay_us})
+                                                    "--max-queue-delay-us": max_queue_delay_us, "--threads": threads})
     served = describe_model(model, max_batch)
-    _check_model(model, served, plugin)
+    _check_model(model, served, plugin, threads)
     repository = local_output(repository, "export-triton", folder=True)
     _check_output(model, repository, name)
     deepstream_text, refusal = _deepstream(model, served, deepstream_batch, _deepstream_plugin(served, plugin))
-    plan = _plan_serving(served, repository, name, kind, server_root, plugin, deepstream=deepstream_text is not None)
+    plan = _plan_serving(served, repository, name, kind, server_root, plugin, deepstream=deepstream_text is not None,
+                         instances=instances, threads=threads)
     config_text = triton_config(served, name, max_queue_delay_us=max_queue_delay_us, instances=instances,
-                                kind=plan.kind, op_library=plan.op_library)
+                                kind=plan.kind, op_library=plan.op_library, threads=threads)
     checked_with = check_triton_config(config_text, f"{repository / name / 'config.pbtxt'}")
     library = _op_library_file(model) if plan.op_library else None
     whole_model = _whole_model(served)
@@ -401,12 +412,16 @@ def _check_options(name: str, kind: str, server_root: str | None, counts: dict[s
     return f"KIND_{kind.upper()}"
 
 
-def _check_model(model: str | Path, served: ServedModel, plugin: str | None) -> None:
-    """Refuse what the model makes wrong: a relative --plugin for an engine, class names no label file holds."""
+def _check_model(model: str | Path, served: ServedModel, plugin: str | None, threads: int | None) -> None:
+    """Refuse what the model makes wrong: a relative --plugin or any --threads for an engine, class names no label
+    file holds."""
     # nvinfer reads a relative custom-lib-path from its config's folder; Triton's plugins= from its working directory
     if plugin is not None and not plugin.startswith("/") and _plugin_by_path(served):
         raise TritonExportError(f"--plugin must be an absolute path on the server for an engine (Triton's tensorrt "
                                 f"backend loads it by that path), got {plugin!r}")
+    if threads is not None and served.kind == "engine":  # dropped in silence, the count would seem to be set
+        raise TritonExportError(f"{model}: --threads sets ONNX Runtime's intra-op threads (the onnxruntime backend); "
+                                f"an engine runs on the tensorrt backend, which has no such setting")
     unwritable = unwritable_class_names(served.metadata.class_names)
     if unwritable:  # a model exported before the rule: labels.txt and DeepStream's label file would be wrong
         raise TritonExportError(f"{model}: {unwritable}: re-export it with other names (--classes)")
@@ -430,6 +445,7 @@ class _ServingPlan:
     op_library: str | None  # model_operations' library on the server (plugin-form ONNX)
     plugin_source: Path | None  # the TensorRT plugin library built here, copied beside the config
     notes: list[str]
+    threads: str | None  # what ONNX Runtime's threads on the server will be (an ONNX model's README says it)
 
 
 def _deepstream_plugin(served: ServedModel, plugin: str | None) -> str | None:
@@ -441,8 +457,24 @@ def _deepstream_plugin(served: ServedModel, plugin: str | None) -> str | None:
     return plugin if plugin is not None else AUTOLOAD_PLUGIN_LIBRARY
 
 
+def _threads(served: ServedModel, instances: int, threads: int | None) -> str | None:
+    """What the server's ONNX Runtime sessions will run on, and how to set it (None for an engine)."""
+    if served.kind != "onnx":
+        return None
+    each = f"each of the {instances} instances" if instances > 1 else "the instance"
+    if threads is not None:
+        return (f"ONNX Runtime runs {each} on {threads} intra-op thread{'s' * (threads > 1)} ({INTRA_OP_THREADS}, "
+                f"from --threads); a server started with "
+                f"--backend-config=onnxruntime,enable-global-threadpool=1 ignores it for its own {INTRA_OP_THREADS}.")
+    # The backend's default, as ONNX Runtime's: neither reads a container's CPU quota (docs/performance.md).
+    return (f"ONNX Runtime's threads are left to the server: it starts one intra-op thread per physical core of the "
+            f"server for {each}, and reads no CPU quota (docker --cpus, a Kubernetes CPU limit), so in a container "
+            f"with one they oversubscribe it; export with --threads N (the server's cores, or its quota, divided by "
+            f"the instances) to set a count.")
+
+
 def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, server_root: str | None,
-                  plugin: str | None, *, deepstream: bool) -> _ServingPlan:
+                  plugin: str | None, *, deepstream: bool, instances: int, threads: int | None) -> _ServingPlan:
     if served.kind == "engine" and kind == "KIND_CPU":
         kind = "KIND_GPU"  # a TensorRT engine has no CPU instance
     root = (server_root or str(repository.resolve())).rstrip("/") or "/"
@@ -464,8 +496,11 @@ def _plan_serving(served: ServedModel, repository: Path, name: str, kind: str, s
                          f"({folder_on_server} on the server{beside})")
         plugin = f"{folder_on_server}/{AUTOLOAD_PLUGIN_LIBRARY}"
 
+    threads_text = _threads(served, instances, threads)
+    if threads_text and threads is None and instances > 1:  # instances × cores threads even on a bare server
+        notes.append(threads_text)
     server_command = f"tritonserver --model-repository={root}" + _backend_options(served, plugin)
-    return _ServingPlan(kind, server_command, op_library, trt_plugin_source, notes)
+    return _ServingPlan(kind, server_command, op_library, trt_plugin_source, notes, threads_text)
 
 
 def _deepstream(model: str | Path, served: ServedModel, deepstream_batch: int | None,
@@ -524,8 +559,7 @@ def _stage(staging: Path, served: ServedModel, name: str, plan: _ServingPlan, co
         if served.precision == "int8":
             (staging / DEEPSTREAM_CALIBRATION).write_text(CALIBRATION_CACHE_TEXT)
     # A file name's undecodable bytes as \udcff escapes: UTF-8 cannot hold them.
-    (staging / "README.md").write_text(_readme(name, served, plan.server_command, plan.op_library, refusal),
-                                       errors="backslashreplace")
+    (staging / "README.md").write_text(_readme(name, served, plan, refusal), errors="backslashreplace")
 
 
 def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]) -> None:

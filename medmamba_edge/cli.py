@@ -706,13 +706,15 @@ def export_triton(
                                                        "device (default: a copy in OUTPUT/NAME).")] = None,
     deepstream_batch: Annotated[Optional[int], typer.Option(help="nvinfer batch-size: the number of streams "
                                                                  "(default: the model's batch, else --max-batch).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for inference (ONNX Runtime), per instance "
+                                                        "(default: the server's, one per physical core).")] = None,
 ) -> None:
     """Write a Triton model repository entry (onnxruntime or tensorrt backend) and a DeepStream nvinfer config."""
     from medmamba_edge.exporters.triton_repository import export_triton as write_repository
 
     result = write_repository(model, output, name=name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
                               instances=instances, kind=kind, server_root=server_root, plugin=plugin,
-                              deepstream_batch=deepstream_batch)
+                              deepstream_batch=deepstream_batch, threads=threads)
     served = result.served
     batching = (f"max batch {served.max_batch}, dynamic batching ≤ {max_queue_delay_us} µs" if served.max_batch
                 else f"fixed batch {served.metadata.batch}")

@@ -10,12 +10,16 @@ DEFAULT_MAX_BATCH = 8  # the largest batch Triton's dynamic batcher forms
 DEFAULT_MAX_QUEUE_DELAY_US = 2000  # how long a request may wait for others to batch with
 DEFAULT_INSTANCES, DEFAULT_KIND = 1, "cpu"  # export-triton's instance_group
 
-# What each option may be: at least one batch, instance or stream (no delay at all is fine), and at most what its
-# config field holds (model_config.proto: max_batch_size and instance_group's count are int32,
+# What each option may be: at least one batch, instance, stream or thread (no delay at all is fine), and at most what
+# its config field holds (model_config.proto: max_batch_size and instance_group's count are int32,
 # max_queue_delay_microseconds uint64; nvinfer's batch-size an int): past it Triton refuses the whole config
-# ("failed to read text proto").
+# ("failed to read text proto"). --threads is the onnxruntime backend's intra_op_thread_count, which it reads into an
+# int and starts that many threads of per instance: it is held to the most CPUs a Linux server can have (NR_CPUS,
+# 8192 on x86-64), the server's own CPUs being unknown here.
 OPTION_RANGES = {"--max-batch": (1, 2**31 - 1), "--instances": (1, 2**31 - 1), "--deepstream-batch": (1, 2**31 - 1),
-                 "--max-queue-delay-us": (0, 2**64 - 1)}
+                 "--max-queue-delay-us": (0, 2**64 - 1), "--threads": (1, 8192)}
+FIELD_RANGE = "the range of Triton's config field"
+UPPER_BOUNDS = {"--threads": "the most CPUs a Linux server can have"}  # the others': FIELD_RANGE
 
 
 def range_problem(option: str, value: int | None) -> str | None:
@@ -27,5 +31,5 @@ def range_problem(option: str, value: int | None) -> str | None:
     if value < least:
         return f"{option} must be ≥ {least}, got {value}"
     if value > most:
-        return f"{option} must be ≤ {most} (the range of Triton's config field), got {value}"
+        return f"{option} must be ≤ {most} ({UPPER_BOUNDS.get(option, FIELD_RANGE)}), got {value}"
     return None

@@ -111,6 +111,57 @@ def test_the_config_is_valid_for_tritons_own_schema_and_carries_the_metadata(mod
     assert out[1].startswith("broken.pbtxt: not a valid Triton model configuration (") and "max_batch" in out[1]
 
 
+def _parameters(config: Path) -> dict:
+    """config.pbtxt's parameters as Triton's own schema reads them (the serve venv's tritonclient), after the
+    project's own check passes it."""
+    return json.loads(in_serve_venv(f"""
+        import json
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+        from medmamba_edge.exporters.triton_repository import check_triton_config
+        text = open({str(config)!r}).read()
+        assert check_triton_config(text) is not None
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        print(json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)["parameters"]))
+    """))
+
+
+def test_threads_are_the_onnxruntime_backends_intra_op_thread_count(model, tmp_path):
+    """The config had no thread count: Triton's onnxruntime backend then lets ONNX Runtime start one thread per
+    physical core of the server for each instance (16 × 4 on a 16-core server with --instances 4), reading no CPU
+    quota."""
+    code, output = cli("export-triton", model, "-o", tmp_path / "repo", "--instances", 4, "--threads", 3)
+    assert code == 0, output
+    folder = tmp_path / "repo" / "medmamba"
+    parameters = _parameters(folder / "config.pbtxt")
+    assert parameters["intra_op_thread_count"] == {"string_value": "3"} and "inter_op_thread_count" not in parameters
+    assert "ONNX Runtime runs each of the 4 instances on 3 intra-op threads" in (folder / "README.md").read_text()
+    assert "--threads N" not in output
+
+    # None given: none written, and the README says what the server does instead and how to set it; with several
+    # instances the printed notes say it too.
+    code, output = cli("export-triton", model, "-o", tmp_path / "repo", "--instances", 4)
+    assert code == 0, output
+    assert "intra_op_thread_count" not in _parameters(folder / "config.pbtxt")
+    advice = ("ONNX Runtime's threads are left to the server: it starts one intra-op thread per physical core of "
+              "the server for each of the 4 instances, and reads no CPU quota")
+    assert advice in (folder / "README.md").read_text() and advice in " ".join(output.split())
+    code, output = cli("export-triton", model, "-o", tmp_path / "repo")
+    assert code == 0, output
+    assert "ONNX Runtime's threads are left to the server" not in output
+    assert "for the instance, and reads no CPU quota" in (folder / "README.md").read_text()
+
+
+def test_threads_for_an_engine_are_refused_as_the_tensorrt_backend_has_none(model, tmp_path):
+    with pytest.raises(TritonExportError, match=r"e.engine: --threads sets ONNX Runtime's intra-op threads \(the "
+                                                r"onnxruntime backend\); an engine runs on the tensorrt backend"):
+        export_triton(_engine(model, tmp_path / "e.engine", 1, 8), tmp_path / "repo", threads=2)
+    assert not (tmp_path / "repo").exists()
+    result = export_triton(_engine(model, tmp_path / "e.engine", 1, 8), tmp_path / "repo")
+    readme = (result.folder / "README.md").read_text()
+    assert "intra_op_thread_count" not in result.config_text and "ONNX Runtime" not in readme
+
+
 def test_a_real_tritonserver_reads_the_repository_up_to_the_backend_it_lacks(model, tmp_path):
     """PyTriton's tritonserver has only the Python backend; it loads our repository, parses and accepts the
     config and the model folder, and stops where the onnxruntime backend library would be needed."""
@@ -612,6 +663,8 @@ def test_a_version_compatible_engine_without_the_plugin_is_served_with_its_lean_
     (["missing.onnx"], "missing.onnx: no such model file"),
     (["{model}", "--name", "../up"], "--name '../up': a model name is letters"),
     (["{model}", "--kind", "tpu"], "--kind must be cpu or gpu"),
+    (["{model}", "--threads", "0"], "--threads must be ≥ 1, got 0"),
+    (["{model}", "--threads", "8193"], "--threads must be ≤ 8192 (the most CPUs a Linux server can have), got 8193"),
 ])
 def test_bad_requests_are_one_line(model, tmp_path, args, message):
     code, output = cli("export-triton", *[a.format(model=model) for a in args], "-o", tmp_path / "repo")
