@@ -5,7 +5,6 @@ against PyTorch on real images before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -40,6 +39,7 @@ from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTP
                                             height_width, positive_int, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import TIERS, compared_text, logits_outside, non_finite_rows, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
+from medmamba_edge.runtime.shared_change import logger_levels
 
 from .portable import lower_ss2d_scan
 
@@ -80,19 +80,10 @@ def _hidden_scan_functions(model: onnx.ModelProto) -> list[str]:
     return [f.name for f in model.functions if f.name == scan_node.OP_TYPE]
 
 
-@contextlib.contextmanager
-def _logger_levels(levels: dict[str, int]):
-    """The named loggers at these levels for the block, then at their own again: an application's levels for them
-    (torch.onnx's, say, to see the exporter's records) stand after an export."""
-    loggers = {logging.getLogger(name): level for name, level in levels.items()}
-    before = {logger: logger.level for logger in loggers}
-    for logger, level in loggers.items():
-        logger.setLevel(level)
-    try:
-        yield
-    finally:
-        for logger, level in before.items():
-            logger.setLevel(level)
+# The exporter logs a line per absent torchvision op and warns on internals the user cannot act on; a conversion
+# to the requested opset that fails is logged with its traceback, which export_onnx says in one line. The levels
+# are the process's: two exports at once (an application's threads) share one change.
+_quiet_exporter = logger_levels({"torch.onnx": logging.ERROR, "onnxscript.version_converter": logging.CRITICAL})
 
 
 def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: int | None, opset: int) -> onnx.ModelProto:
@@ -100,10 +91,7 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
     # torch.export specialises a dimension of size 1, so a dynamic batch is traced with 2.
     example = torch.zeros(batch or 2, checkpoint.config.in_chans, *size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if batch is None else None
-    # The exporter logs a line per absent torchvision op and warns on internals the user cannot act on; a conversion
-    # to the requested opset that fails is logged with its traceback, which export_onnx says in one line.
-    with _logger_levels({"torch.onnx": logging.ERROR, "onnxscript.version_converter": logging.CRITICAL}), \
-            warnings.catch_warnings(), torch.no_grad():
+    with _quiet_exporter(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             checkpoint.model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,3 +30,18 @@ class SharedChange:
                 self._inside -= 1
                 if not self._inside:
                     self._undo()
+
+
+def logger_levels(levels: dict[str, int]) -> SharedChange:
+    """The named loggers at these levels while any block is inside, then at the levels they had before the first
+    block in: an application's own levels for them (torch.onnx's, say, to see its records) stand afterwards."""
+    def make() -> Callable[[], None]:
+        before = {name: logging.getLogger(name).level for name in levels}
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+        def undo() -> None:
+            for name, level in before.items():
+                logging.getLogger(name).setLevel(level)
+        return undo
+    return SharedChange(make)

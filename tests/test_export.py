@@ -269,6 +269,53 @@ def test_an_export_leaves_the_logger_levels_and_warning_filters_as_it_found_them
             logging.getLogger(name).setLevel(logging.NOTSET)
 
 
+def test_two_exports_at_once_leave_the_logger_levels_as_they_found_them(official, tmp_path, monkeypatch):
+    """Each export set the exporter's loggers and put back the levels it found: of two at once (an application's
+    threads), the second found the first's ERROR and, out last, left torch.onnx at ERROR for good."""
+    import logging
+    import threading
+
+    real_export, first_in, second_in, first_out = torch.onnx.export, *(threading.Event() for _ in range(3))
+
+    def in_turn(*args, **kwargs):
+        # Both exports inside their quieting before the first leaves it; the traces themselves one after the other.
+        if threading.current_thread() is first:
+            first_in.set()
+            second_in.wait(120)
+        else:
+            second_in.set()
+            first_out.wait(600)
+        return real_export(*args, **kwargs)
+
+    def export(batch, failed):
+        try:
+            export_onnx(official, tmp_path / f"b{batch}.onnx", input_size=32, batch=batch, verify=False)
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+        finally:
+            first_in.set()
+            first_out.set()
+
+    monkeypatch.setattr(torch.onnx, "export", in_turn)
+    loggers = {"torch.onnx": logging.INFO, "onnxscript.version_converter": logging.WARNING}
+    for name, level in loggers.items():
+        logging.getLogger(name).setLevel(level)
+    failed = []
+    # Batches of their own: traced, not copies of the session's trace (conftest's trace_each_checkpoint_once).
+    first = threading.Thread(target=export, args=(5, failed))
+    try:
+        first.start()
+        first_in.wait(120)
+        export(6, failed)
+        first.join()
+        assert not failed
+        assert {name: logging.getLogger(name).level for name in loggers} == loggers
+    finally:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
 def export_over_2_gb(checkpoint, output, scan="plugin") -> str:
     """Export with a 2 GiB initializer beside the real graph, standing in for the weights of a custom checkpoint
     over protobuf's 2 GB (depths [1, 1, 1, 5], dims [512 .. 4096]: traced in a minute and 6 GB); the refusal."""
