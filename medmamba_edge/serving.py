@@ -32,6 +32,7 @@ from medmamba_edge.runtime.backends import Backend, local_model_file, open_backe
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
+from medmamba_edge.runtime.shared_change import logger_levels
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
                                                    DEFAULT_MODEL_NAME, DEFAULT_PORT, range_problem)
 
@@ -187,6 +188,11 @@ def bind_model(triton, backend: Backend, options: ServeOptions) -> None:
     model._get_triton_model_config().backend_parameters[METADATA_KEY] = meta.to_json()
 
 
+# PyTriton logs each step of its start and stop at INFO, between serve's own lines; its warnings stand. The level is
+# the process's: an application's own for it stands after a serve, and two serves at once share the change.
+_quiet_pytriton = logger_levels({"pytriton": logging.WARNING})
+
+
 def serve(model: str | Path, options: ServeOptions, notify=print, stop: threading.Event | None = None) -> None:
     """Serve ``model`` until ``stop`` is set or, called on the main thread, a SIGINT, SIGTERM or SIGHUP comes (a
     second one aborts, as KeyboardInterrupt); ServeError if the server fails. A blocking command's call: on the
@@ -208,10 +214,9 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
         ports = [options.port, options.grpc_port_or_default, options.metrics_port_or_default]
         host = options.address
         check_ports_free(host, ports)
-        with open_backend(model, threads=options.threads) as backend:
+        with open_backend(model, threads=options.threads) as backend, _quiet_pytriton():
             if stopping.is_set():  # before anything was served: nothing to finish
                 return
-            logging.getLogger("pytriton").setLevel(logging.WARNING)
             config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
                                   grpc_port=options.grpc_port_or_default, metrics_address=host,
                                   metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,

@@ -250,7 +250,7 @@ def test_sigterm_while_serve_starts_is_a_clean_stop(model, tmp_path):
 
 
 SERVING_THREAD = """
-import os, sys, threading, time
+import logging, os, sys, threading, time
 from medmamba_edge.serving import ServeOptions, serve
 
 model, http, grpc, metrics = sys.argv[1], *map(int, sys.argv[2:])
@@ -265,6 +265,7 @@ def serving():
 
 import cv2  # noqa: F401 (its import sets LD_LIBRARY_PATH: serve's is looked at after it)
 library_path = os.environ.get("LD_LIBRARY_PATH")
+logging.getLogger("pytriton").setLevel(logging.INFO)  # the application's, to see PyTriton's records
 thread = threading.Thread(target=serving)
 thread.start()
 deadline = time.monotonic() + 90
@@ -272,13 +273,15 @@ while thread.is_alive() and not said and time.monotonic() < deadline:
     time.sleep(0.1)
 stop.set()
 thread.join(60)
-print(os.environ.get("LD_LIBRARY_PATH") == library_path, thread.is_alive(), errors, said[:1], flush=True)
+print(logging.getLogger("pytriton").level, os.environ.get("LD_LIBRARY_PATH") == library_path, thread.is_alive(),
+      errors, said[:1], flush=True)
 """
 
 
 def test_an_application_stops_serve_on_its_own_thread_with_its_event(model, tmp_path):
     """serve() said it served until a stop signal, but off the main thread it can set no handler and took no other
-    stop: an application serving from a thread of its own could not end it short of killing the process."""
+    stop: an application serving from a thread of its own could not end it short of killing the process. And serve
+    set the pytriton logger to WARNING for good: the application's own level for it was gone after serve returned."""
     python = require_serve_python()
     home = Path(tempfile.mkdtemp(prefix="mt-serve-"))  # PyTriton's sockets: a short path (see started_server)
     try:
@@ -288,8 +291,9 @@ def test_an_application_stops_serve_on_its_own_thread_with_its_event(model, tmp_
     finally:
         shutil.rmtree(home, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    library_path_kept, alive, errors, said = result.stdout.splitlines()[-1].split(" ", 3)  # after tritonserver's log
+    level, library_path_kept, alive, errors, said = result.stdout.splitlines()[-1].split(" ", 4)  # after its log
     assert alive == "False" and errors == "[]" and said.startswith("['serving "), result.stdout[-3000:]
+    assert level == "20"  # logging.INFO, as the application set it
     assert library_path_kept == "True"  # this interpreter's libraries first on it for the server only
 
 
