@@ -19,17 +19,23 @@ class SharedChange:
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if not self._inside:
-                self._undo = self._make()
-            self._inside += 1
+        # The count inside the try: a signal's KeyboardInterrupt lands after a call, and the lock's release is one;
+        # landing there, before a try that began after it, it left the block counted and the change made for good.
+        # Between the count and its note there is no call, so no interrupt.
+        counted = False
         try:
+            with self._lock:
+                if not self._inside:
+                    self._undo = self._make()
+                self._inside += 1
+                counted = True
             yield
         finally:
-            with self._lock:
-                self._inside -= 1
-                if not self._inside:
-                    self._undo()
+            if counted:
+                with self._lock:
+                    self._inside -= 1
+                    if not self._inside:
+                        self._undo()
 
 
 def logger_levels(levels: dict[str, int]) -> SharedChange:

@@ -329,6 +329,45 @@ def test_two_quantizes_at_once_leave_the_applications_root_logger_as_it_was(tmp_
     assert result.stdout == "[] []\n" and result.stderr == ""
 
 
+INTERRUPTED_AS_IT_QUIETS = """
+import logging
+from medmamba_edge.exporters.quantize import _quiet, _quiet_root_logger
+
+class InterruptedAfterRelease:
+    # A Ctrl-C's KeyboardInterrupt lands after a call: here after the lock's release, the root filter on.
+    def __init__(self, lock):
+        self.lock, self.armed = lock, True
+    def __enter__(self):
+        return self.lock.__enter__()
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
+        if self.armed and logging.getLogger().filters:
+            self.armed = False
+            raise KeyboardInterrupt
+
+root = logging.getLogger()
+_quiet_root_logger._lock = InterruptedAfterRelease(_quiet_root_logger._lock)
+try:
+    with _quiet():
+        print("inside")
+except KeyboardInterrupt:
+    print(root.handlers, root.filters)
+with _quiet():  # a later quantize, set up and undone as usual
+    pass
+print(root.handlers, root.filters)
+"""
+
+
+def test_a_ctrl_c_as_quantize_quiets_the_root_logger_leaves_it_as_it_was(tmp_path):
+    """A KeyboardInterrupt landing right after the quieting was set up (the lock's release, before the try that
+    undoes it) left its filter and lent handler on the application's root for good, counted as a quantize still
+    inside, so that no later one took them off."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_AS_IT_QUIETS], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[] []\n[] []\n" and result.stderr == ""
+
+
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
     """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
     which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
