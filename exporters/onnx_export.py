@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from medmamba_edge.runtime.metadata import (DEFAULT_INPUT_SIZE, INPUT_NAME, OUTP
                                             height_width, positive_int, write_onnx_metadata)
 from medmamba_edge.runtime.metrics import TIERS, compared_text, logits_outside, non_finite_rows, tolerance_problem
 from medmamba_edge.runtime.preprocess import preprocess
-from medmamba_edge.runtime.shared_change import logger_levels
+from medmamba_edge.runtime.shared_change import ignored_warnings, logger_levels
 
 from .portable import lower_ss2d_scan
 
@@ -91,8 +90,7 @@ def trace_to_onnx(checkpoint: LoadedCheckpoint, size: tuple[int, int], batch: in
     # torch.export specialises a dimension of size 1, so a dynamic batch is traced with 2.
     example = torch.zeros(batch or 2, checkpoint.config.in_chans, *size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if batch is None else None
-    with _quiet_exporter(), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with _quiet_exporter(), ignored_warnings(), torch.no_grad():
         program = torch.onnx.export(
             checkpoint.model,
             (example,),

@@ -15,7 +15,6 @@ import pathlib
 import pickle
 import re
 import stat
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from medmamba_edge.runtime.backends import ONNX_SUFFIXES, is_checkpoint_name
 from medmamba_edge.runtime.files import sha256_file
 from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names_problem, too_few_classes,
                                              unwritable_class_names)
-from medmamba_edge.runtime.shared_change import SharedChange
+from medmamba_edge.runtime.shared_change import SharedChange, ignored_warnings
 
 from . import __version__
 from .errors import UserError, clipped, first_line
@@ -153,8 +152,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                               f"torch.save's format); save the weights with torch.save(net.state_dict(), path)")
     _check_crcs(path)
     try:
-        with warnings.catch_warnings(), _data_globals_allowed():
-            warnings.simplefilter("ignore")  # e.g. on a bare pickle, a warning that would come before our one line
+        # ignored: e.g. on a bare pickle, a warning that would come before our one line
+        with ignored_warnings(), _data_globals_allowed():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; the line naming the blocked global or bad opcode is what matters.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 
 class SharedChange:
@@ -51,3 +52,16 @@ def logger_levels(levels: dict[str, int]) -> SharedChange:
                 logging.getLogger(name).setLevel(level)
         return undo
     return SharedChange(make)
+
+
+def _ignore_warnings() -> Callable[[], None]:
+    held = ExitStack()
+    held.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return held.close
+
+
+# Every warning ignored while any block is inside, the filters as they were before the first block in afterwards:
+# catch_warnings alone, entered by two threads at once, had the second keep the first's "ignore" and put it back
+# last, every warning of the process ignored for good.
+ignored_warnings = SharedChange(_ignore_warnings)

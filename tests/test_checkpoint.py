@@ -128,7 +128,8 @@ def test_loading_leaves_the_applications_own_allowances(tmp_path, tiny_state_dic
 def test_two_loads_at_once_share_the_allowance(tmp_path, tiny_state_dict, monkeypatch):
     """torch's allowances are the process's: of two loads on two threads, the first to finish took the data globals
     away while the second was still reading, and a Lightning checkpoint's paths were refused there. Driven in that
-    order: A reads, B starts reading, A finishes, then B reads its paths."""
+    order: A reads, B starts reading, A finishes, then B reads its paths. The warning filters are the process's too:
+    B's catch_warnings kept A's "ignore" and put it back last, every warning ignored for good."""
     import pathlib
     import threading
 
@@ -145,7 +146,7 @@ def test_two_loads_at_once_share_the_allowance(tmp_path, tiny_state_dict, monkey
         return load(path, **options)
 
     monkeypatch.setattr(torch, "load", held_load)
-    outcome = {}
+    outcome, filters = {}, list(warnings.filters)
 
     def read(path):
         try:
@@ -164,6 +165,7 @@ def test_two_loads_at_once_share_the_allowance(tmp_path, tiny_state_dict, monkey
     threads[lightning].join(30)
     assert isinstance(outcome[lightning], dict), outcome[lightning]
     assert pathlib.PosixPath not in torch.serialization.get_safe_globals()  # taken back by the last one out
+    assert warnings.filters == filters
 
 
 def test_class_names_from_official_class_indices_json(tmp_path, tiny_state_dict):
