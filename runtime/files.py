@@ -111,6 +111,9 @@ def _sync(fd: int) -> None:
 
 def sync_path(path: Path, folder: bool = False) -> None:
     """fsync the file at ``path``, or the ``folder`` (so that a name renamed into it survives a power cut)."""
+    if folder and not hasattr(os, "O_DIRECTORY"):
+        # Windows: no folder can be opened to be flushed (os.open refuses one), and NTFS journals the rename itself.
+        return
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     except OSError:
@@ -182,6 +185,12 @@ def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     return f".{stem}.", f".partial{suffix}"
 
 
+def name_max(folder: Path) -> int:
+    """The longest name, in bytes, the file system of ``folder`` takes. Windows has no pathconf: its file systems
+    take 255 UTF-16 units, never fewer than the 255 bytes of the same name in UTF-8 (os.fsencode there)."""
+    return os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+
+
 def missing_folders(folder: Path) -> list[Path]:
     """The folders ``folder.mkdir(parents=True)`` would create, deepest first: what a write that fails removes
     again (``remove_empty_folders``), so that a failed output leaves nothing behind. A link counts as there even
@@ -243,7 +252,7 @@ class AtomicOutput:
             if not existing.is_dir():  # mkdir's FileExistsError named neither the path nor what is wrong with it
                 raise OutputError(f"{self.path}: {existing} is not a folder")
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            prefix, suffix = _temporary_affixes(self.target, os.pathconf(self.target.parent, "PC_NAME_MAX"))
+            prefix, suffix = _temporary_affixes(self.target, name_max(self.target.parent))
             fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=self.target.parent)
         except OSError as exc:
             remove_empty_folders(self.created_folders)
@@ -338,6 +347,8 @@ class AtomicOutput:
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
+            except AttributeError:  # macOS and Windows have none: written as on a file system that cannot reserve
+                pass
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write on
                     raise
@@ -541,8 +552,8 @@ def check_writable(path: str | Path, *, folder: bool = False, command: str = "me
     if not existing.is_dir():
         raise OutputError(f"{path}: {existing} is not a folder")
     # Nothing looks at a folder still to be made: a name too long for it passed, and the export failed at its end.
-    name_max = os.pathconf(existing, "PC_NAME_MAX")
-    if any(len(os.fsencode(folder_to_make.name)) > name_max for folder_to_make in missing):
+    longest = name_max(existing)
+    if any(len(os.fsencode(folder_to_make.name)) > longest for folder_to_make in missing):
         raise OutputError(f"{path}: cannot write there ({os.strerror(errno.ENAMETOOLONG)})")
     try:
         fd, probe = tempfile.mkstemp(prefix=".medmamba-edge-", suffix=".probe", dir=existing)

@@ -1039,6 +1039,28 @@ def test_a_file_system_that_cannot_fsync_is_written_as_before(tmp_path, monkeypa
     assert len(log.paths()) == 5  # tried each time: the record, and each commit's file and folder
 
 
+def test_outputs_are_written_where_os_has_no_folder_descriptors_pathconf_or_fallocate(model, tmp_path, monkeypatch):
+    """Windows' os has no O_DIRECTORY and no pathconf, macOS' no posix_fallocate: every output (a new folder's, and one
+    written into a busy target) ended in an AttributeError there."""
+    for name in ("O_DIRECTORY", "pathconf", "posix_fallocate"):
+        monkeypatch.delattr(os, name)
+    data = model.read_bytes()
+    target = tmp_path / "new" / "m.onnx"
+    files.check_writable(target)
+    write_bytes_atomically(target, data)
+    assert target.read_bytes() == data and os.listdir(tmp_path / "new") == ["m.onnx"]
+    real_replace = os.replace
+
+    def busy(source, destination):  # a file bind-mounted into a container
+        if Path(destination) == target:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", busy)
+    write_bytes_atomically(target, data[:100])
+    assert target.read_bytes() == data[:100] and os.listdir(tmp_path / "new") == ["m.onnx"]
+
+
 def test_a_failing_fsync_at_the_end_keeps_the_old_output(tmp_path, monkeypatch):
     """EIO from fsync (a failing eMMC or SD card): the new content may not be on the disk, so it does not replace the
     target's old content, and the error says where it is."""
