@@ -20,7 +20,6 @@ import ctypes
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -337,12 +336,39 @@ def speed_check(batch: int | None, progress: Progress | None = None) -> SpeedChe
 def _die_with(parent: int) -> None:
     """Have Linux SIGKILL this worker when ``parent`` ends, however it ends (SIGTERM and SIGKILL run no finally
     there): a worker busy in native code would otherwise run on, re-parented."""
+    if not sys.platform.startswith("linux"):  # Windows' CDLL(None) raises TypeError; elsewhere there is no prctl
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's finally is all there is
+    except (OSError, AttributeError):  # a libc without prctl: the parent's finally is all there is
         return
     if os.getppid() != parent:  # it ended before the request took effect
         os._exit(1)
+
+
+class _MemoryCounters(ctypes.Structure):
+    """Windows' PROCESS_MEMORY_COUNTERS (psapi.h)."""
+    _fields_ = [("cb", ctypes.c_uint32), ("PageFaultCount", ctypes.c_uint32),
+                *((name, ctypes.c_size_t) for name in (
+                    "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                    "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage"))]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MiB: getrusage's ru_maxrss, in KiB on Linux but bytes on macOS; Windows
+    has no resource module, and its peak working set is the same measure."""
+    if sys.platform == "win32":
+        counters = _MemoryCounters(cb=ctypes.sizeof(_MemoryCounters))
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.GetCurrentProcess.restype = ctypes.c_void_p  # a HANDLE, not the default int
+        kernel32.K32GetProcessMemoryInfo.argtypes = [ctypes.c_void_p, ctypes.POINTER(_MemoryCounters), ctypes.c_uint32]
+        if not kernel32.K32GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            raise ctypes.WinError(ctypes.get_last_error())
+        return counters.PeakWorkingSetSize / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _serve() -> None:
@@ -383,7 +409,7 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if "quit" in request:
-            reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # KiB on Linux
+            reply({"peak_rss_mb": peak_rss_mb()})
             return
         batch = inputs[request["batch"]]
         latencies = timed(lambda: backend.run(batch), 1, request["iterations"])

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
+from medmamba_edge import benchmarking
 from medmamba_edge.benchmarking import timed
 from medmamba_edge.cli import app
 from medmamba_edge.runtime.cpu import describe_cpu
@@ -247,6 +248,18 @@ def test_a_worker_dead_between_two_requests_is_said_as_such_and_closed(tmp_path_
             worker.process.wait()
             worker.request({"batch": 1, "iterations": 1})
     assert all(pipe.closed for pipe in pipes) and worker.log.closed
+
+
+def test_benchmark_runs_where_there_is_no_resource_module_and_reads_macos_peaks_in_bytes(monkeypatch):
+    """`import resource` at the top ended benchmark and quantize --min-speedup in an ImportError on Windows, which has
+    none; macOS gives ru_maxrss in bytes, not Linux's KiB, and its peaks were 1024 times too large."""
+    hidden = "import sys; sys.modules['resource'] = None; import medmamba_edge.benchmarking"  # as on Windows
+    done = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    linux = benchmarking.peak_rss_mb()
+    assert linux > 50  # MiB: a Python process with numpy, ONNX Runtime and OpenCV
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert abs(benchmarking.peak_rss_mb() * 1024 - linux) < 16  # the same ru_maxrss, read as bytes
 
 
 def test_timed_counts_warmup_apart():
