@@ -26,6 +26,8 @@ BASELINE_ONLY = "MM_SCAN_BASELINE_ONLY"
 # ONNX Runtime's custom-op library: a plain shared library that ONNX Runtime dlopens and calls RegisterCustomOps
 # in, not a Python module, so its name has no Python ABI tag and any host (Python, C++, Triton) loads one file.
 ORT_OPS = "medmamba_edge.runtime.libmedmamba_ort_ops"
+# As runtime/backends/onnxruntime/custom_ops.py looks for it.
+LIBRARY_SUFFIX = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
 
 
 RUN_PATH_OPTIONS = ("-rpath", "--rpath", "-R")  # ld's, each followed by its folder
@@ -61,10 +63,20 @@ class BuildExt(build_ext):
     def get_ext_filename(self, fullname):
         # asked with the full dotted name and with the last part alone (distutils' get_ext_fullpath)
         if fullname.rpartition(".")[2] == ORT_OPS.rpartition(".")[2]:
-            return os.path.join(*fullname.split(".")) + (".dylib" if sys.platform == "darwin" else ".so")
+            return os.path.join(*fullname.split(".")) + LIBRARY_SUFFIX
         return super().get_ext_filename(fullname)
 
+    def get_export_symbols(self, ext):
+        # A DLL's exports are listed to its linker, and build_ext would list a Python module's PyInit_ function, which
+        # this library has not (MinGW's link names it in a .def file); RegisterCustomOps is marked dllexport instead.
+        return [] if ext.name == ORT_OPS else super().get_export_symbols(ext)
+
     def build_extension(self, ext):
+        if self.compiler.compiler_type == "msvc":
+            # MSVC has no pthreads and no GCC attributes: a screen of errors, twice, said nothing of that.
+            self.warn(f"{ext.name} needs a GCC-compatible C compiler (gcc, clang, MinGW-w64); MSVC cannot build it, "
+                      "so it is left out")
+            raise CompileError("MSVC")
         try:
             self.build_without_run_paths(ext)
         except CompileError as error:

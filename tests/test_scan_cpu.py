@@ -475,6 +475,47 @@ def test_both_artefacts_build_for_aarch64_without_a_warning(compiler, tmp_path):
         assert undefined and not foreign, f"{out.name} needs {foreign}"
 
 
+# zig's targets for the systems the library is cross-built for, and what llvm-readobj calls each one's format
+OTHER_SYSTEMS = {"x86_64-windows-gnu": "COFF-x86-64", "aarch64-windows-gnu": "COFF-ARM64",
+                 "x86_64-macos": "Mach-O 64-bit x86-64", "aarch64-macos": "Mach-O arm64"}
+
+
+@pytest.mark.parametrize("target", OTHER_SYSTEMS)
+def test_the_onnx_runtime_library_cross_builds_for_windows_and_macos(target, tmp_path):
+    """Only Linux had built it. For Windows the kernel called posix_memalign, which Windows' C runtime has not (the
+    build failed), and RegisterCustomOps was marked with ELF's visibility, which a DLL ignores: MinGW then exported
+    every symbol, and a compiler that does not would export none. Built as setup.py builds it, warning-free, it must
+    export RegisterCustomOps alone and need nothing but the system's C runtime. Cross-built only: not run there."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("ziglang") is None or shutil.which("llvm-readobj") is None:
+        pytest.skip("pip's ziglang (the dev extra) and llvm-readobj needed")
+    extension, = [e for e in setup_extensions() if e.name.endswith("libmedmamba_ort_ops")]
+    out = tmp_path / "library"
+    # The baseline alone on x86-64, as setup.py's second try under zig (its -target overrides target() attributes).
+    build = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-DMM_SCAN_BASELINE_ONLY",
+                            *extension.extra_compile_args, "-Wall", "-Wextra", "-Werror", "-shared",
+                            *(str(ROOT / s) for s in extension.sources), *extension.extra_link_args, "-o", str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert build.returncode == 0, build.stderr
+    windows = "windows" in target
+    facts = subprocess.run(["llvm-readobj", "--coff-exports", "--coff-imports", "--needed-libs", str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"Format: {OTHER_SYSTEMS[target]}" in facts
+    if windows:
+        exported = re.findall(r"Export \{[^}]*?Name: (\S+)", facts)
+        needed = re.findall(r"Import \{\s*Name: (\S+)", facts)
+        assert all(re.fullmatch(r"KERNEL32\.dll|api-ms-win-crt-[a-z]+-l1-1-0\.dll", name) for name in needed), needed
+    else:
+        exported = subprocess.run(["llvm-nm", "-gU", "--format=just-symbols", str(out)], capture_output=True,
+                                  text=True, check=True).stdout.split()
+        exported = [name for name in exported if name not in ("___dso_handle", "__mh_dylib_header")]  # the linker's
+        needed = re.findall(r"^\s+(/\S+)$", facts.partition("NeededLibraries")[2], re.MULTILINE)
+        assert set(needed) - {str(out)} == {"/usr/lib/libSystem.B.dylib"}, facts  # out: its own install name
+    assert exported == ["RegisterCustomOps" if windows else "_RegisterCustomOps"]
+
+
 def test_a_compiler_that_refuses_the_x86_paths_still_builds_the_baseline(tmp_path):
     """zig cc given a -target or -mcpu passes every CPU feature explicitly, which overrides the kernel's target()
     attributes: the AVX-512 and AVX2 paths do not compile, and neither optional binary was built where the baseline

@@ -10,13 +10,19 @@
  * "since" from its \since tags), and onnxruntime/core/session/custom_ops.cc of the same tree for the OrtCustomOp
  * version each member is read from (min_ort_version_with_* constants).
  *
- * POSIX only, like the kernel (pthreads): ONNX Runtime's ORT_API_CALL, __stdcall on Windows, is empty there.
+ * ONNX Runtime declares every entry ORT_API_CALL: empty on POSIX, __stdcall on Windows, which 64-bit Windows
+ * (x64, arm64: one calling convention each) ignores, so these plain declarations hold there too; 32-bit x86
+ * Windows, where __stdcall is a convention of its own, is refused below.
  */
 #ifndef MEDMAMBA_EDGE_ORT_ABI_H
 #define MEDMAMBA_EDGE_ORT_ABI_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#if defined(_WIN32) && !defined(_WIN64)
+#error "32-bit Windows: ONNX Runtime's __stdcall entries are not declared here"
+#endif
 
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtSessionOptions OrtSessionOptions;

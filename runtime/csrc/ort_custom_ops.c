@@ -18,8 +18,13 @@
 #include "ort_abi.h"
 #include "selective_scan_kernel.h"
 
-/* Built with -fvisibility=hidden: RegisterCustomOps is the library's only symbol. */
+/* Built with -fvisibility=hidden: RegisterCustomOps is the library's only symbol.  A DLL exports only what is
+ * marked so (ONNX Runtime's own custom-op example does the same). */
+#ifdef _WIN32
+#define MM_EXPORT __declspec(dllexport)
+#else
 #define MM_EXPORT __attribute__((visibility("default")))
+#endif
 
 #define MM_ORT_API_VERSION 17
 #define MM_ORT_MIN_RELEASE "1.17"

@@ -52,6 +52,20 @@
 #include <immintrin.h>
 #endif
 
+/* Windows' C runtime has no posix_memalign (nor C11's aligned_alloc), and what _aligned_malloc gives back must go
+ * to _aligned_free, not free. */
+#ifdef _WIN32
+#include <malloc.h>
+static void *alloc_aligned64(size_t size) { return _aligned_malloc(size, 64); }
+static void free_aligned(void *p) { _aligned_free(p); }
+#else
+static void *alloc_aligned64(size_t size) {
+    void *p;
+    return posix_memalign(&p, 64, size) == 0 ? p : NULL;
+}
+static void free_aligned(void *p) { free(p); }
+#endif
+
 /* FMA contraction (-std=c11 turns it off) and IEEE-free min/max so the lane loops use vfmadd/vmaxps.
  * No trapping maths, so conditionals become blends. The kernel makes no floating-point NaN/inf test (finite-math-only
  * folds them) and relies on no FP exception; NaN or inf inputs give unspecified (non-crashing) output, but for A's,
@@ -932,10 +946,10 @@ void mm_scan_work(mm_scan_job *job) {
     const size_t L = (size_t)(a->height * a->width), N = (size_t)a->d_state, R = (size_t)a->dt_rank;
     /* xT, xTc, ysum, w, a2, k1, k2, h; each a multiple of 16 floats, so every part stays 64-byte aligned */
     const size_t floats = 3 * L * VW + R * VW + 4 * N * VW;
-    scan_scratch *s = NULL;
-    float *buf = NULL;
-    if (posix_memalign((void **)&s, 64, sizeof *s) != 0 || posix_memalign((void **)&buf, 64, sizeof(float) * floats) != 0) {
-        free(s);
+    scan_scratch *s = alloc_aligned64(sizeof *s);
+    float *buf = s ? alloc_aligned64(sizeof(float) * floats) : NULL;
+    if (buf == NULL) {
+        free_aligned(s);
         atomic_store(&job->failed, 1);
         return;
     }
@@ -957,8 +971,8 @@ void mm_scan_work(mm_scan_job *job) {
         block(a, s, b, first, nch);
     }
     fp_mode_leave(mode);
-    free(buf);
-    free(s);
+    free_aligned(buf);
+    free_aligned(s);
 }
 
 /* A worker that could not allocate took no item, so the items are all done unless every worker failed. */

@@ -25,7 +25,7 @@ from medmamba_edge.errors import UserError, first_line
 from ...cpu import check_threads, confined, default_threads
 from ...scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
-LIBRARY_NAME = ORT_OPS_LIBRARY + (".dylib" if sys.platform == "darwin" else ".so")
+LIBRARY_NAME = ORT_OPS_LIBRARY + {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")  # as setup.py names it
 
 
 class FusedScanUnavailable(UserError, ImportError):
