@@ -22,7 +22,7 @@ import pytest
 from medmamba_edge.runtime.sources import video
 from medmamba_edge.runtime.decode import ImageError
 from medmamba_edge.runtime.decode import read_dicom
-from medmamba_edge.runtime.sources import SourceError, iterate, open_source
+from medmamba_edge.runtime.sources import SourceError, file_url_path, iterate, open_source
 from medmamba_edge.runtime.sources.files import glob_files
 from medmamba_edge.runtime.uri import without_password
 from tests.shared_data import require_shared
@@ -742,6 +742,19 @@ def test_a_token_given_as_the_user_part_and_a_password_holding_a_slash_are_not_s
     # An "@" of a working URL's query or path stays: it is no password's.
     assert without_password("rtsp://admin:pw@cam/x?notify=a@b.c") == "rtsp://admin:***@cam/x?notify=a@b.c"
     assert without_password("http://[::1]:80/users/a@b.c/feed") == "http://[::1]:80/users/a@b.c/feed"
+
+
+def test_a_file_url_names_the_file_as_this_system_does(tmp_path, monkeypatch):
+    """On Windows file:///C:/scans/a.png was read as the path /C:/scans/a.png: a folder "C:" under the current drive's
+    root, which Windows refuses, so no file URL with a drive letter could be opened there."""
+    sample = Path(__file__).parents[1] / "medmamba_edge/assets/samples/pneumoniamnist/val_0000_pneumonia.png"
+    shutil.copy(sample, tmp_path / "chest x-ray.png")
+    frame, = open_source("file://" + str(tmp_path / "chest%20x-ray.png")).frames()
+    assert frame.source == str(tmp_path / "chest x-ray.png") and frame.error is None
+    assert np.array_equal(frame.image, cv2.imread(str(sample), cv2.IMREAD_UNCHANGED))
+    monkeypatch.setattr(os, "name", "nt")  # the reading alone: the rest of os stays this system's
+    assert file_url_path("/C:/scans/chest%20x-ray.png") == "C:\\scans\\chest x-ray.png"
+    assert file_url_path("/scans/a.png") == "\\scans\\a.png"  # the current drive's
 
 
 def test_a_url_naming_no_host_or_port_before_its_credentials_does_not_show_them():

@@ -47,6 +47,17 @@ __all__ = ["Capture", "Frame", "Source", "SourceError", "item_error", "iterate",
 C_INT_MAX = 2**31 - 1
 
 
+def file_url_path(url_path: str) -> str:
+    """A file:// URL's path as this system names the file: file:///scans/chest%20x-ray.png names "chest x-ray.png",
+    and on Windows file:///C:/scans/a.png names C:\\scans\\a.png (as a Path, /C:/scans/a.png is a folder "C:" under
+    the current drive's root, a name Windows refuses)."""
+    if os.name == "nt":
+        import nturl2path  # the standard library's, behind urllib.request's url2pathname on Windows
+
+        return nturl2path.url2pathname(url_path)
+    return unquote(url_path)
+
+
 def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | None = None) -> Source:
     """The source for a URI (see the module docstring), opened; ``notify`` hears a stream's first reconnect
     attempts (the run loop takes over once it starts)."""
@@ -81,7 +92,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
             shown = without_password(spec)
             raise SourceError(f"{shown}: a file:// URL names a file on this machine (file:///path), not on "
                               f"{urlparse(shown).netloc}")
-        spec = unquote(url.path)  # file:///scans/chest%20x-ray.png names "chest x-ray.png"
+        spec = file_url_path(url.path)
     elif scheme:
         raise SourceError(f"{without_password(spec)}: unknown scheme {scheme}://; expected csi://, v4l2://, file:// "
                           f"or a stream ({', '.join(s + '://' for s in STREAM_SCHEMES)})")
