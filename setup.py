@@ -71,6 +71,11 @@ class BuildExt(build_ext):
         # this library has not (MinGW's link names it in a .def file); RegisterCustomOps is marked dllexport instead.
         return [] if ext.name == ORT_OPS else super().get_export_symbols(ext)
 
+    def get_libraries(self, ext):
+        # build_ext links a Python module on Windows against pythonXY when the compiler is not MSVC (MinGW's): the
+        # library would then need that Python's DLL, and a C++ host or Triton, which has none, could not load it.
+        return ext.libraries if ext.name == ORT_OPS else super().get_libraries(ext)
+
     def build_extension(self, ext):
         if self.compiler.compiler_type == "msvc":
             # MSVC has no pthreads and no GCC attributes: a screen of errors, twice, said nothing of that.

@@ -281,6 +281,26 @@ def test_run_paths_are_dropped_from_the_link_however_they_are_spelled():
         "gcc", "-Wl,--enable-new-dtags", "-Xlinker", "-O1", "-Wl,-O1,--as-needed"]
 
 
+def test_the_library_is_not_linked_to_python_on_windows(monkeypatch):
+    """build_ext links what it builds on Windows against pythonXY where the compiler is not MSVC (MinGW-w64, the one
+    that builds the library there): the DLL then needed that Python's DLL, and a C++ host or Triton could not load
+    it. Read as Windows would, with MinGW's compiler; the scan extension, a Python module, still links Python."""
+    import runpy
+    from unittest import mock
+
+    import setuptools
+    from setuptools import Distribution
+
+    with mock.patch.object(setuptools, "setup") as setup:
+        runpy.run_path(str(Path(__file__).parents[1] / "setup.py"))
+    scan, library = setup.call_args.kwargs["ext_modules"]
+    command = setup.call_args.kwargs["cmdclass"]["build_ext"](Distribution())
+    command.compiler = mock.Mock(compiler_type="mingw32")
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert command.get_libraries(library) == []
+    assert command.get_libraries(scan) == [f"python{sys.version_info.major}{sys.version_info.minor}"]
+
+
 def test_a_missing_library_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(custom_ops, "LIBRARY_NAME", "libmedmamba_ort_ops_absent.so")
     with pytest.raises(custom_ops.FusedScanUnavailable, match=r"^a plugin-form model .* runs its scan in ONNX "
