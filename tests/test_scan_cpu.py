@@ -489,8 +489,8 @@ def test_the_onnx_runtime_library_cross_builds_for_windows_and_macos(target, tmp
     import importlib.util
     import shutil
 
-    if importlib.util.find_spec("ziglang") is None or shutil.which("llvm-readobj") is None:
-        pytest.skip("pip's ziglang (the dev extra) and llvm-readobj needed")
+    if importlib.util.find_spec("ziglang") is None:
+        pytest.skip("pip's ziglang (the dev extra) is not installed")
     extension, = [e for e in setup_extensions() if e.name.endswith("libmedmamba_ort_ops")]
     out = tmp_path / "library"
     # The baseline alone on x86-64, as setup.py's second try under zig (its -target overrides target() attributes).
@@ -499,6 +499,8 @@ def test_the_onnx_runtime_library_cross_builds_for_windows_and_macos(target, tmp
                             *(str(ROOT / s) for s in extension.sources), *extension.extra_link_args, "-o", str(out)],
                            capture_output=True, text=True, cwd=ROOT)
     assert build.returncode == 0, build.stderr
+    if shutil.which("llvm-readobj") is None:  # CI's fresh machine: the build is checked, what it exports is not
+        pytest.skip(f"built for {target}; llvm-readobj and llvm-nm (LLVM) are not installed to read its exports")
     windows = "windows" in target
     facts = subprocess.run(["llvm-readobj", "--coff-exports", "--coff-imports", "--needed-libs", str(out)],
                            capture_output=True, text=True, check=True).stdout
