@@ -52,9 +52,10 @@ def file_url_path(url_path: str) -> str:
     and on Windows file:///C:/scans/a.png names C:\\scans\\a.png (as a Path, /C:/scans/a.png is a folder "C:" under
     the current drive's root, a name Windows refuses)."""
     if os.name == "nt":
-        import nturl2path  # the standard library's, behind urllib.request's url2pathname on Windows
+        # Not nturl2path, which urllib.request used here through 3.13: 3.14 deprecates it, and 3.19 removes it.
+        from urllib.request import url2pathname
 
-        return nturl2path.url2pathname(url_path)
+        return url2pathname(url_path)
     return unquote(url_path)
 
 
