@@ -23,6 +23,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from medmamba_edge.runtime.backends import Backend, local_model_file, open_backe
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
-from medmamba_edge.runtime.shared_change import logger_levels
+from medmamba_edge.runtime.shared_change import SharedChange, logger_levels
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
                                                    DEFAULT_MODEL_NAME, DEFAULT_PORT, range_problem)
 
@@ -227,23 +228,27 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
                 _serve(model, backend, options, triton, stopping, notify)
 
 
-@contextlib.contextmanager
-def _server_library_path():
-    """This process's LD_LIBRARY_PATH as server_environment makes it while the server runs (PyTriton starts
-    tritonserver with this process's environment, plus its own libraries after ours), then as it was: an
-    application's own child processes after a serve must not find this interpreter's libraries first. Left alone
-    if something else changed it meanwhile."""
+def _lend_server_library_path() -> Callable[[], None]:
+    """This process's LD_LIBRARY_PATH as server_environment makes it (PyTriton starts tritonserver with this
+    process's environment, plus its own libraries after ours), and what puts it back as it was: an application's own
+    child processes after a serve must not find this interpreter's libraries first. Left alone if something else
+    changed it meanwhile."""
     before = os.environ.get("LD_LIBRARY_PATH")
     os.environ.update(server_environment(dict(os.environ)))
     served = os.environ.get("LD_LIBRARY_PATH")
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         if os.environ.get("LD_LIBRARY_PATH") == served:
             if before is None:
                 os.environ.pop("LD_LIBRARY_PATH", None)
             else:
                 os.environ["LD_LIBRARY_PATH"] = before
+    return undo
+
+
+# The environment is the process's: two serves at once (an application's threads) share the path, or the first to
+# return would take it from the other before that one's tritonserver started.
+_server_library_path = SharedChange(_lend_server_library_path)
 
 
 class ServerWatch:

@@ -475,6 +475,22 @@ def test_the_server_loads_this_interpreters_libpython_and_would_fail_without_it(
     assert "failed:" in result.stdout and "_recursion_count" in result.stdout + result.stderr, result.stdout[-2000:]
 
 
+def test_two_serves_at_once_keep_the_servers_library_path_until_the_last_returns(monkeypatch):
+    """An application's two serves on two threads, the first returning before the second starts its tritonserver:
+    the path the second's server needs is still there, and the application's own is back after both."""
+    from medmamba_edge import serving
+
+    monkeypatch.setattr(serving, "interpreter_library_dir", lambda: "/opt/ours")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/app")
+    first, second = serving._server_library_path(), serving._server_library_path()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    served = os.environ["LD_LIBRARY_PATH"]
+    second.__exit__(None, None, None)
+    assert (served, os.environ["LD_LIBRARY_PATH"]) == ("/opt/ours:/opt/app", "/opt/app")
+
+
 def test_shared_memory_a_dead_server_left_is_found_and_removed(tmp_path):
     """What a crashed tritonserver and its Python backend had mapped in /dev/shm, they never unlink."""
     from medmamba_edge.serving import remove_shared_memory, shared_memory_of
