@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -63,5 +65,11 @@ def _ignore_warnings() -> Callable[[], None]:
 
 # Every warning ignored while any block is inside, the filters as they were before the first block in afterwards:
 # catch_warnings alone, entered by two threads at once, had the second keep the first's "ignore" and put it back
-# last, every warning of the process ignored for good.
-ignored_warnings = SharedChange(_ignore_warnings)
+# last, every warning of the process ignored for good. Where catch_warnings is the context's own (Python 3.14's
+# context_aware_warnings, on by default in free-threaded builds) it is what each block needs: shared, a second
+# thread's warnings went unignored, and the first block's thread, its catch_warnings left by another, ignored every
+# warning for good.
+if getattr(sys.flags, "context_aware_warnings", False):
+    ignored_warnings = functools.partial(warnings.catch_warnings, action="ignore")
+else:
+    ignored_warnings = SharedChange(_ignore_warnings)
