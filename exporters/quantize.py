@@ -331,19 +331,15 @@ def _quiet():
         _QUIET.reset(token)
 
 
-def _filter_root_logger() -> Callable[[], None]:
-    """Sets the root logger's filter and, on a root without handlers, the lent one; returns what undoes both."""
+def _filter_root_logger(undo: contextlib.ExitStack) -> None:
+    """Sets the root logger's filter and, on a root without handlers, the lent one."""
     root = logging.getLogger()
-    lent = [] if root.handlers else [_AsIfNoHandler()]
-    for handler in lent:
-        root.addHandler(handler)
+    if not root.handlers:
+        lent = _AsIfNoHandler()
+        undo.callback(root.removeHandler, lent)
+        root.addHandler(lent)
+    undo.callback(root.removeFilter, _not_onnxruntime_chatter)
     root.addFilter(_not_onnxruntime_chatter)
-
-    def undo() -> None:
-        root.removeFilter(_not_onnxruntime_chatter)
-        for handler in lent:
-            root.removeHandler(handler)
-    return undo
 
 
 # The root logger is the process's: two quantizes at once (an application's threads) share one filter and lent

@@ -16,7 +16,6 @@ import pickle
 import re
 import stat
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,14 +111,12 @@ def _data_globals() -> list:
     return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes, *paths]
 
 
-def _allow_data_globals() -> Callable[[], None]:
-    """_data_globals allowed to torch's weights_only unpickler, and what takes them back. Only those not allowed
-    already: torch's safe_globals removes on exit what it was given, and would take an allowance the application
-    embedding us had made itself (add_safe_globals([PosixPath])) with ours."""
+def _allow_data_globals(undo: contextlib.ExitStack) -> None:
+    """_data_globals allowed to torch's weights_only unpickler. Only those not allowed already: torch's
+    safe_globals removes on exit what it was given, and would take an allowance the application embedding us had
+    made itself (add_safe_globals([PosixPath])) with ours."""
     allowed = torch.serialization.get_safe_globals()
-    allowance = contextlib.ExitStack()
-    allowance.enter_context(torch.serialization.safe_globals([g for g in _data_globals() if g not in allowed]))
-    return allowance.close
+    undo.enter_context(torch.serialization.safe_globals([g for g in _data_globals() if g not in allowed]))
 
 
 # torch's allowances are the process's, not a thread's: two loads at once share one, or the first to finish would

@@ -23,7 +23,6 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,22 +227,23 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
                 _serve(model, backend, options, triton, stopping, notify)
 
 
-def _lend_server_library_path() -> Callable[[], None]:
+def _lend_server_library_path(undo: contextlib.ExitStack) -> None:
     """This process's LD_LIBRARY_PATH as server_environment makes it (PyTriton starts tritonserver with this
-    process's environment, plus its own libraries after ours), and what puts it back as it was: an application's own
+    process's environment, plus its own libraries after ours), put back as it was afterwards: an application's own
     child processes after a serve must not find this interpreter's libraries first. Left alone if something else
     changed it meanwhile."""
     before = os.environ.get("LD_LIBRARY_PATH")
-    os.environ.update(server_environment(dict(os.environ)))
-    served = os.environ.get("LD_LIBRARY_PATH")
+    served = server_environment(dict(os.environ)).get("LD_LIBRARY_PATH")
 
-    def undo() -> None:
+    def put_back() -> None:
         if os.environ.get("LD_LIBRARY_PATH") == served:
             if before is None:
                 os.environ.pop("LD_LIBRARY_PATH", None)
             else:
                 os.environ["LD_LIBRARY_PATH"] = before
-    return undo
+    undo.callback(put_back)
+    if served is not None:
+        os.environ["LD_LIBRARY_PATH"] = served
 
 
 # The environment is the process's: two serves at once (an application's threads) share the path, or the first to

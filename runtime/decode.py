@@ -13,6 +13,7 @@ import re
 import struct
 import warnings
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import cv2
@@ -34,10 +35,9 @@ class ImageError(UserError, ValueError):
 _LOG_LEVEL = getattr(cv2.utils, "logging", cv2)
 
 
-def _silence_opencv():
-    previous = _LOG_LEVEL.getLogLevel()
+def _silence_opencv(undo: ExitStack) -> None:
+    undo.callback(_LOG_LEVEL.setLogLevel, _LOG_LEVEL.getLogLevel())
     _LOG_LEVEL.setLogLevel(0)
-    return lambda: _LOG_LEVEL.setLogLevel(previous)
 
 
 # Silence OpenCV's own WARN lines (a missing camera, a corrupt video): our errors say it in one line. libpng's

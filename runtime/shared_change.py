@@ -12,13 +12,13 @@ from contextlib import ExitStack, contextmanager
 
 
 class SharedChange:
-    """``make()`` changes the process's state and returns what undoes it. Used as ``with change():``, the first
-    block in (of any thread) makes it and the last one out undoes it: each making and undoing its own, the first
-    to leave would undo the change under the other still inside, and the other, leaving, put back the changed
-    state for good."""
+    """``make(undo)`` changes the process's state, each step's undoing pushed on ``undo`` (an ExitStack) before
+    the step. Used as ``with change():``, the first block in (of any thread) makes it and the last one out undoes
+    it: each making and undoing its own, the first to leave would undo the change under the other still inside, and
+    the other, leaving, put back the changed state for good."""
 
-    def __init__(self, make: Callable[[], Callable[[], None]]):
-        self._make, self._lock, self._inside, self._undo = make, threading.Lock(), 0, None
+    def __init__(self, make: Callable[[ExitStack], None]):
+        self._make, self._lock, self._inside, self._undo = make, threading.Lock(), 0, ExitStack()
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -29,7 +29,14 @@ class SharedChange:
         try:
             with self._lock:
                 if not self._inside:
-                    self._undo = self._make()
+                    # A make() cut short (an error, or a KeyboardInterrupt after any of its calls or as it
+                    # returns) undoes what it made so far: returning its undoing, it left that on for good.
+                    undo = self._undo = ExitStack()
+                    try:
+                        self._make(undo)
+                    except BaseException:
+                        undo.close()
+                        raise
                 self._inside += 1
                 counted = True
             yield
@@ -38,29 +45,23 @@ class SharedChange:
                 with self._lock:
                     self._inside -= 1
                     if not self._inside:
-                        self._undo()
+                        self._undo.close()
 
 
 def logger_levels(levels: dict[str, int]) -> SharedChange:
     """The named loggers at these levels while any block is inside, then at the levels they had before the first
     block in: an application's own levels for them (torch.onnx's, say, to see its records) stand afterwards."""
-    def make() -> Callable[[], None]:
-        before = {name: logging.getLogger(name).level for name in levels}
+    def make(undo: ExitStack) -> None:
         for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-        def undo() -> None:
-            for name, level in before.items():
-                logging.getLogger(name).setLevel(level)
-        return undo
+            logger = logging.getLogger(name)
+            undo.callback(logger.setLevel, logger.level)
+            logger.setLevel(level)
     return SharedChange(make)
 
 
-def _ignore_warnings() -> Callable[[], None]:
-    held = ExitStack()
-    held.enter_context(warnings.catch_warnings())
+def _ignore_warnings(undo: ExitStack) -> None:
+    undo.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
-    return held.close
 
 
 # Every warning ignored while any block is inside, the filters as they were before the first block in afterwards:

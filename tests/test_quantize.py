@@ -368,6 +368,42 @@ def test_a_ctrl_c_as_quantize_quiets_the_root_logger_leaves_it_as_it_was(tmp_pat
     assert result.stdout == "[] []\n[] []\n" and result.stderr == ""
 
 
+INTERRUPTED_INSIDE_THE_QUIETING = """
+import _thread
+import logging
+from medmamba_edge.exporters.quantize import _quiet
+
+root = logging.getLogger()
+add_filter = root.addFilter
+
+def add_filter_then_ctrl_c(f):
+    # A Ctrl-C pending as the filter goes on lands at the next call's end: inside the quieting's making.
+    add_filter(f)
+    _thread.interrupt_main()
+
+root.addFilter = add_filter_then_ctrl_c
+try:
+    with _quiet():
+        print("inside")
+except KeyboardInterrupt:
+    print(root.handlers, root.filters)
+root.addFilter = add_filter
+with _quiet():  # a later quantize, set up and undone as usual
+    pass
+print(root.handlers, root.filters)
+"""
+
+
+def test_a_ctrl_c_inside_the_quietings_making_leaves_the_root_logger_as_it_was(tmp_path):
+    """A KeyboardInterrupt landing inside the quieting's making, after the handler was lent and the filter set,
+    left both on the application's root: the making had not yet returned what undoes them. The lent handler then
+    stayed for good, a later quantize finding a handler there and lending none of its own to take off."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_INSIDE_THE_QUIETING], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[] []\n[] []\n" and result.stderr == ""
+
+
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
     """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
     which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
