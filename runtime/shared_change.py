@@ -29,13 +29,16 @@ class SharedChange:
         try:
             with self._lock:
                 if not self._inside:
+                    # What an undoing cut short left (a KeyboardInterrupt pending as it began) goes first: its
+                    # steps give back the state from before, which a make() over it would take as the state to
+                    # give back.
+                    self._undo.close()
                     # A make() cut short (an error, or a KeyboardInterrupt after any of its calls or as it
                     # returns) undoes what it made so far: returning its undoing, it left that on for good.
-                    undo = self._undo = ExitStack()
                     try:
-                        self._make(undo)
+                        self._make(self._undo)
                     except BaseException:
-                        undo.close()
+                        self._undo.close()
                         raise
                 self._inside += 1
                 counted = True

@@ -404,6 +404,52 @@ def test_a_ctrl_c_inside_the_quietings_making_leaves_the_root_logger_as_it_was(t
     assert result.stdout == "[] []\n[] []\n" and result.stderr == ""
 
 
+INTERRUPTED_AS_THE_QUIETING_ENDS = """
+import _thread, inspect, logging, sys, threading, time
+from medmamba_edge.exporters.quantize import _quiet, _quiet_root_logger
+
+root, main = logging.getLogger(), threading.main_thread().ident
+code = type(_quiet_root_logger).__call__.__wrapped__.__code__
+lines, first = inspect.getsourcelines(code)
+leaving = first + max(i for i, line in enumerate(lines) if line.strip() == "with self._lock:")
+
+def waiting_for_the_lock():
+    frame = sys._current_frames().get(main)
+    return frame is not None and frame.f_code is code and frame.f_lineno == leaving
+
+def another_quantize_holding_the_lock(held):
+    with _quiet_root_logger._lock:  # as it makes or undoes its own
+        held.set()
+        while not waiting_for_the_lock():
+            time.sleep(0.01)
+        _thread.interrupt_main()  # a Ctrl-C, pending as the main thread gets the lock
+
+try:
+    with _quiet():
+        held = threading.Event()
+        other = threading.Thread(target=another_quantize_holding_the_lock, args=(held,))
+        other.start()
+        held.wait()
+except KeyboardInterrupt:
+    print(root.handlers, root.filters)
+other.join()
+with _quiet():  # a later quantize, set up and undone as usual
+    pass
+print(root.handlers, root.filters)
+"""
+
+
+def test_a_ctrl_c_as_the_quieting_is_undone_is_undone_by_the_next_quantize(tmp_path):
+    """A KeyboardInterrupt pending as the last quantize out got the lock (another's quieting held it) landed as its
+    undoing began, before any step: the quieting left on with no quantize inside. The next quantize made its own
+    over it, taking the lent handler for the application's and leaving it there for good; it now finishes the
+    undoing first."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_AS_THE_QUIETING_ENDS], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[] []" and result.stderr == "", result.stdout
+
+
 def test_a_drop_equal_to_the_budget_passes_as_evaluate_passes_it(bundled32, tmp_path, monkeypatch):
     """984 and 979 right of 1000: 98.4 − 97.9 is 0.5000000000000142 in floats, and --max-drop 0.5 refused it (evaluate,
     which rounds, passed the same two models), and --auto-fallback kept three layers float for nothing."""
