@@ -16,6 +16,7 @@ import re
 import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from time import monotonic
 from typing import IO
@@ -42,10 +43,23 @@ class OutputError(UserError):
 
 
 def current_umask() -> int:
-    # The only portable way to read the umask is to set it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    # Read, not set: set and set straight back, another thread's file made meanwhile got the mode of the value set,
+    # and two writes committing at once (an application's threads) had the second read the first's 0o022 and put
+    # it back last, the application's umask (0o077 for private data) gone for good.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux >= 4.7
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_SET:  # elsewhere setting it is the only way to read it: our own reads at least take turns
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_UMASK_SET = threading.Lock()
 
 
 def any_is_stdout(*paths: str | Path | None) -> bool:

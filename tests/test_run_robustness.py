@@ -365,6 +365,47 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_two_writes_committing_at_once_leave_the_applications_umask(tmp_path, monkeypatch):
+    """Two outputs committed at once on two threads read the umask for their modes: read by setting it and setting
+    it back, the second read the first's 0o022 while it was set and put that back last. Driven in that order."""
+    umask, reads = os.umask, {}
+    first_set, first_done = threading.Event(), threading.Event()
+
+    def interleaved(mask):
+        before = umask(mask)
+        if threading.current_thread().name == "first" and not first_set.is_set():
+            first_set.set()
+            assert second_set.wait(30)
+        elif threading.current_thread().name == "second" and not second_set.is_set():
+            second_set.set()
+            assert first_done.wait(30)
+        return before
+
+    second_set = threading.Event()
+    monkeypatch.setattr(os, "umask", interleaved)
+
+    def commit(name):
+        write_bytes_atomically(tmp_path / f"{name}.json", b"{}")
+        reads[name] = (tmp_path / f"{name}.json").stat().st_mode & 0o777
+        if name == "first":
+            first_done.set()
+
+    previous = umask(0o077)
+    try:
+        first = threading.Thread(target=commit, args=("first",), name="first")
+        second = threading.Thread(target=commit, args=("second",), name="second")
+        first.start()
+        first_set.wait(1)  # reached only where the umask is read by setting it
+        second.start()
+        first.join(30)
+        first_done.set()
+        second.join(30)
+        after = umask(0o077)
+    finally:
+        umask(previous)
+    assert (reads, after) == ({"first": 0o600, "second": 0o600}, 0o077)
+
+
 def test_a_failed_write_keeps_only_complete_records(tmp_path, monkeypatch):
     output = AtomicOutput(tmp_path / "r.jsonl")
     output.write(b'{"seq": 0}\n')
