@@ -311,7 +311,11 @@ class VideoSink:
 
     def close(self) -> None:
         if self.pending:  # a run shorter than the measure
-            self._put_pending()
+            try:
+                self._put_pending()
+            except BaseException:  # the writer refused to open: no later call removes the temporary file
+                self.discard()
+                raise
         if self.writer is None:  # not one frame: no video rather than an empty file
             self.discard()
             return

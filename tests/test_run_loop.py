@@ -961,6 +961,30 @@ def test_a_live_sources_measured_rate_is_one_the_video_can_be_written_at(tmp_pat
         capture.release()
 
 
+def test_a_live_run_too_short_to_measure_leaves_no_temporary_video_where_opencv_refuses_it(tmp_path, monkeypatch):
+    """A live run of fewer frames than the rate is measured from opens its video only at the end: where OpenCV then
+    refused it, the error was reported but the temporary '.v.*.partial.mp4' was left in the folder. A writer that
+    cannot open is stood in for (what refuses one depends on the OpenCV build); the frames are BUSI's."""
+    from medmamba_edge.runtime import sinks
+    from medmamba_edge.runtime.sinks import Outputs, Record, open_outputs
+
+    class Refused:
+        def __init__(self, *args):
+            pass
+
+        def isOpened(self):
+            return False
+
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", Refused)
+    busi = [read_image(path) for path in sorted(require_shared("data", "busi", "normal").glob("*.png"))[:3]]
+    outputs = Outputs(open_outputs("none", True, video=tmp_path / "v.mp4", video_fps=25.0))
+    for seq, image in enumerate(busi):
+        outputs.write(Record(seq, "rtsp://cam/stream", seq, 1e9 + 0.1 * seq, "ok", ["normal"], [0.9]), image, 8.0)
+    outputs.close()
+    assert [error.endswith("mp4v video here") for error in outputs.errors] == [True]
+    assert os.listdir(tmp_path) == []
+
+
 class StalledCamera(Source):
     live, description = True, "a camera whose read hangs"
 
