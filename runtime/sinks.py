@@ -283,9 +283,7 @@ class VideoSink:
         # 3 within 6 ms from an 8 fps MJPEG camera), which made 10.6 fps of it. Too few frames to tell: ``fps``.
         gap = float(np.median(np.diff([timestamp for timestamp, _ in pending]))) if len(pending) > 1 else 0.0
         if len(pending) == self.MEASURED_FRAMES and gap > 1 / self.MEASURED_FPS_MAX:
-            # In hundredths, and at least one: OpenCV gives FFmpeg the rate in thousandths, a fraction mp4v refuses
-            # over 65535 (a 15 ms gap's 66.667 fps failed to open the video), and 0.001 fps failed in both codecs.
-            self.fps = max(round(1 / gap, 2), 0.01)
+            self.fps = 1 / gap
         for _, frame in pending:
             self._put(frame)
 
@@ -293,6 +291,10 @@ class VideoSink:
         if self.writer is None:
             self.frame_size = video_size(frame.shape[1], frame.shape[0])
             codec = self.FOURCC[self.output.path.suffix.lower()]
+            # In hundredths, and at least one: OpenCV gives FFmpeg the rate in thousandths, a fraction mp4v refuses
+            # over 65535 (a 15 ms gap's 66.667 fps, or a 200 fps file's with --stride 3, failed to open the video),
+            # and 0.001 fps failed in both codecs.
+            self.fps = max(round(self.fps, 2), 0.01)
             with quiet_opencv():
                 writer = cv2.VideoWriter(self.opencv_path, cv2.VideoWriter_fourcc(*codec), self.fps, self.frame_size)
             if not writer.isOpened():
