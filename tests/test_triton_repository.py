@@ -339,19 +339,27 @@ triton_repository.export_triton({str(model)!r}, {str(repository)!r})
     assert [p.name for p in repository.iterdir()] == ["medmamba"] and not leftover.exists() and elsewhere.exists()
 
 
+def require_exchange(folder: Path) -> None:
+    """Skip where ``folder``'s system cannot swap two names in one step (not Linux, a libc without renameat2, a file
+    system or seccomp profile that refuses RENAME_EXCHANGE): export-triton then renames twice, tested below."""
+    from medmamba_edge.runtime.files import exchange
+
+    first, second = folder / ".exchange-a", folder / ".exchange-b"
+    first.mkdir()
+    second.mkdir()
+    try:
+        swapped = exchange(first, second)
+    finally:
+        first.rmdir()
+        second.rmdir()
+    if not swapped:
+        pytest.skip(f"renameat2's RENAME_EXCHANGE is not available in {folder} here")
+
+
 def test_an_existing_model_folder_is_swapped_for_the_new_one_in_one_step(model, tmp_path, monkeypatch):
     """The old folder was renamed aside, then the new one in: a power cut or SIGKILL between the two renames left
     no model folder in REPO. Now renameat2's RENAME_EXCHANGE swaps them, with no rename at all."""
-    from medmamba_edge.runtime.files import exchange
-
-    probes = [tmp_path / "probe-a", tmp_path / "probe-b"]
-    for probe in probes:
-        probe.mkdir()
-    if not exchange(*probes):  # then the two renames are what export_triton rightly does
-        pytest.skip(f"{tmp_path}: this system or file system cannot swap two names in one step (renameat2's "
-                    f"RENAME_EXCHANGE: glibc 2.28, Linux 3.15, a file system and seccomp profile that allow it)")
-    for probe in probes:
-        probe.rmdir()
+    require_exchange(tmp_path)
     repository = tmp_path / "repo"
     old = export_triton(model, repository).folder
     (old / "stale.txt").write_text("the old folder's")
@@ -393,6 +401,7 @@ def test_an_export_killed_right_after_the_exchange_leaves_the_new_folder(model, 
     import signal
     import sys
 
+    require_exchange(tmp_path)
     repository, keep = tmp_path / "repo", tmp_path / "keep"
     repository.mkdir()
     if there == "folder":
