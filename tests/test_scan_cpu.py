@@ -499,7 +499,8 @@ def test_the_onnx_runtime_library_cross_builds_for_windows_and_macos(target, tmp
                             *(str(ROOT / s) for s in extension.sources), *extension.extra_link_args, "-o", str(out)],
                            capture_output=True, text=True, cwd=ROOT)
     assert build.returncode == 0, build.stderr
-    if shutil.which("llvm-readobj") is None:  # CI's fresh machine: the build is checked, what it exports is not
+    # CI's fresh machine: the build is checked, what it exports is not
+    if shutil.which("llvm-readobj") is None or shutil.which("llvm-nm") is None:
         pytest.skip(f"built for {target}; llvm-readobj and llvm-nm (LLVM) are not installed to read its exports")
     windows = "windows" in target
     facts = subprocess.run(["llvm-readobj", "--coff-exports", "--coff-imports", "--needed-libs", str(out)],
