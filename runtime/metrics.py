@@ -7,7 +7,7 @@ per class from the predicted probabilities, macro-averaged; for two classes the 
 positive class's (class index 1), the usual binary ROC AUC. A ratio whose denominator is zero (a class
 never predicted, say) counts as 0, as scikit-learn's ``zero_division=0``; an AUC is undefined (None)
 for a class with no positive or no negative samples and is left out of the average. A class with no images
-thus lowers the macro precision, sensitivity and F1: ``Metrics.absent_classes_note`` says so with the figures.
+thus lowers the macro precision, sensitivity and F1: ``Metrics.absent_classes_note`` says so, naming them.
 """
 
 from __future__ import annotations
