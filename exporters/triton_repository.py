@@ -46,7 +46,7 @@ from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import (check_writable, current_umask, exchange, local_output, missing_folders,
-                                         remove_empty_folders, sync_path, sync_renamed)
+                                         mounts, remove_empty_folders, sync_path, sync_renamed)
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             remove_onnx_metadata, unwritable_class_names)
 from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
@@ -616,12 +616,10 @@ def _is_mount_point(path: Path) -> bool:
     if os.path.ismount(path):
         return True
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-            # The mount point is the fifth field, with space, tab, newline and backslash escaped in octal.
-            points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in table}
+        table = mounts()
     except OSError:  # not Linux: os.path.ismount's answer
         return False
-    return str(path.resolve()) in points
+    return str(path.resolve()) in {point for _, point, _, _ in table}
 
 
 def _staging_owner(name: str) -> str:

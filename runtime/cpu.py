@@ -19,6 +19,7 @@ from pathlib import Path
 
 from medmamba_edge.errors import UserError
 
+from .files import mounts
 from .metadata import positive_int
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -114,23 +115,6 @@ def usable_cpus() -> int:
     return len(_affinity())
 
 
-def _mounts(root: Path) -> list[tuple[str, str, str, set[str]]]:
-    """(mount root, mount point, file system type, super options) of each mount in /proc/self/mountinfo."""
-    mounts = []
-    for line in (root / "proc/self/mountinfo").read_text().splitlines():
-        fields, sep, tail = line.partition(" - ")
-        fields, tail = fields.split(), tail.split()
-        if sep and len(fields) >= 5 and len(tail) >= 3:
-            mounts.append((_unescaped(fields[3]), _unescaped(fields[4]), tail[0], set(tail[2].split(","))))
-    return mounts
-
-
-def _unescaped(field: str) -> str:
-    """A path of mountinfo as it is: the kernel writes a space, tab, newline or backslash in it as \\ooo (octal),
-    where /proc/self/cgroup writes a cgroup's path as it is."""
-    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal[1], 8)), field)
-
-
 def _cgroup_dirs(root: Path) -> list[tuple[str, Path, Path]]:
     """("v2" or "v1", mount point, this process's cgroup folder) for the unified hierarchy and the v1 one with the
     cpu controller, where mounted."""
@@ -145,7 +129,7 @@ def _cgroup_dirs(root: Path) -> list[tuple[str, Path, Path]]:
         elif "cpu" in controllers.split(","):
             paths["v1"] = path
     found = {}  # "v2" or "v1" -> (mount point, this process's cgroup folder, whether the mount shows it)
-    for mount_root, mount_point, fs_type, options in _mounts(root):
+    for mount_root, mount_point, fs_type, options in mounts(root):
         version = "v2" if fs_type == "cgroup2" else "v1" if fs_type == "cgroup" and "cpu" in options else None
         if version in paths:
             point = root / mount_point.lstrip("/")

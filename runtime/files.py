@@ -199,6 +199,24 @@ def _temporary_affixes(target: Path, name_max: int) -> tuple[str, str]:
     return f".{stem}.", f".partial{suffix}"
 
 
+def mounts(root: Path = Path("/")) -> list[tuple[str, str, str, set[str]]]:
+    """(mount root, mount point, file system type, super options) of each mount in ``root``/proc/self/mountinfo;
+    OSError where there is none (not Linux). The kernel writes a space, tab, newline or backslash in a path there
+    as \\ooo (octal), which is undone; bytes that are not UTF-8 come as surrogate escapes, as os.fsdecode gives them."""
+    table = []
+    text = (root / "proc/self/mountinfo").read_text(encoding="utf-8", errors="surrogateescape")
+    for line in text.splitlines():
+        fields, sep, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if sep and len(fields) >= 5 and len(tail) >= 3:
+            table.append((_unescaped(fields[3]), _unescaped(fields[4]), tail[0], set(tail[2].split(","))))
+    return table
+
+
+def _unescaped(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal[1], 8)), field)
+
+
 def name_max(folder: Path) -> int:
     """The longest name, in bytes, the file system of ``folder`` takes. Windows has no pathconf: its file systems
     take 255 UTF-16 units, never fewer than the 255 bytes of the same name in UTF-8 (os.fsencode there)."""
