@@ -581,14 +581,15 @@ def _write_atomically(repository: Path, name: str, stage: Callable[[Path], None]
         stage(staging)
         # Each file and folder on the disk before the rename, and the rename after it: renamed unsynced, a power
         # cut could leave the model folder in place with empty or torn files (ext4 writes the rename first).
+        mask = current_umask()
         for path in (staging, *staging.rglob("*")):
-            os.chmod(path, 0o777 & ~current_umask() if path.is_dir() else 0o666 & ~current_umask())
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
             sync_path(path, folder=path.is_dir())
         _replace_folder(staging, repository_folder / name, workspace)
         sync_renamed(repository_folder / name, created)
     except BaseException as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:  # the new folder, or after the exchange what it swapped out, a link perhaps
+            _remove(staging)
         remove_empty_folders(created)
         if isinstance(exc, OSError):
             raise TritonExportError(f"{repository / name}: cannot write ({exc.strerror or exc})") from None
