@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from medmamba_edge.runtime.backends import Backend, BackendError
-from medmamba_edge.runtime.cpu import confined, default_threads
+from medmamba_edge.runtime.cpu import confined_threads
 from medmamba_edge.runtime.metadata import DEFAULT_INPUT_SIZE, height_width
 
 from .checkpoint import load_checkpoint
@@ -23,9 +23,7 @@ class PyTorchBackend(Backend):
         self.path = Path(path)
         self.checkpoint = load_checkpoint(self.path, classes)
         self.metadata = self.checkpoint.metadata(height_width(input_size), scan_form="portable", batch=None)
-        # torch's own default, like ONNX Runtime's, counts the machine's cores: in a container's share of them or
-        # under its CPU quota, the threads beyond it only wait
-        self.threads = threads or (default_threads() if confined() else None)
+        self.threads = threads or confined_threads()
 
     def describe(self) -> str:
         return f"PyTorch {torch.__version__} (CPU, float32)"

@@ -232,13 +232,14 @@ def describe_default_threads() -> str:
     return f"{threads}, CPU quota {quota:g} of {usable_cpus()} CPUs" if threads < cores else str(threads)
 
 
-def confined() -> bool:
-    """Whether an affinity mask or a CPU quota leaves this process less than the machine: then the backends' own
-    defaults start too many threads (ONNX Runtime's counts the machine's cores; neither it nor PyTorch reads the
-    quota)."""
+def confined_threads() -> int | None:
+    """The threads to give a backend (ONNX Runtime, PyTorch) that has its own default, or None to leave it that:
+    where an affinity mask or a CPU quota leaves this process less than the machine, default_threads, since those
+    defaults count the machine's cores and read no quota, and start threads that only wait."""
     machine = os.cpu_count() or 1
     quota = cpu_quota()
-    return usable_cpus() < machine or (quota is not None and quota < machine)
+    confined = usable_cpus() < machine or (quota is not None and quota < machine)
+    return default_threads() if confined else None
 
 
 def _cpu_list(text: str) -> set[int]:

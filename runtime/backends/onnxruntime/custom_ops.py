@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from medmamba_edge.errors import UserError, first_line
 
-from ...cpu import check_threads, confined, default_threads
+from ...cpu import check_threads, confined_threads
 from ...scan_node import ORT_OPS_LIBRARY, has_scan_nodes
 
 LIBRARY_NAME = ORT_OPS_LIBRARY + {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")  # as setup.py names it
@@ -51,12 +51,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     check_threads(threads)
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    if threads is None and confined():
+    if threads is None:
         # ONNX Runtime's default counts the machine's physical cores, not those of the affinity mask (a container's
         # or taskset's share) nor the CPU quota (docker --cpus): on 1 of 2 CPUs it ran 2 threads, 16 ms a batch-1
         # run where 1 thread took 9, under benchmark's header 'threads: backend default (1)'. Its rule, one per
         # core, applied to the mask's CPUs and held to the quota.
-        threads = default_threads()
+        threads = confined_threads()
     if threads is not None:
         so.intra_op_num_threads = threads
     return so
