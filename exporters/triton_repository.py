@@ -601,11 +601,11 @@ STALE_STAGING_S = 3600.0
 
 def _workspace(repository: Path) -> Path:
     """Where a model folder is built, and the one it replaces left until removed (swapped out, or moved aside): on
-    the repository's mount (so that the renames are atomic) and outside the repository where possible. Triton takes every folder of a repository for a
-    model, hidden ones too: a folder an export killed mid-way (SIGKILL, out of memory, power) left there stops a
-    server from starting ("directory name must equal model name"). Its parent, unless the repository is a mount of
-    its own (a volume in a container, a bind mount: rename() does not cross one) or the parent is not ours to use;
-    then the repository itself."""
+    the repository's mount (so that the renames are atomic) and outside the repository where possible. Triton
+    takes every folder of a repository for a model, hidden ones too: a folder an export killed mid-way (SIGKILL,
+    out of memory, power) left there stops a server from starting ("directory name must equal model name"). Its
+    parent, unless the repository is a mount of its own (a volume in a container, a bind mount: rename() does not
+    cross one) or the parent is not ours to use; then the repository itself."""
     parent = repository.resolve().parent
     if _is_mount_point(repository) or not os.access(parent, os.R_OK | os.W_OK | os.X_OK):
         return repository
