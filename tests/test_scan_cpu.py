@@ -478,6 +478,40 @@ def test_both_artefacts_build_for_aarch64_without_a_warning(compiler, tmp_path):
 # zig's targets for the systems the library is cross-built for, and what llvm-readobj calls each one's format
 OTHER_SYSTEMS = {"x86_64-windows-gnu": "COFF-x86-64", "aarch64-windows-gnu": "COFF-ARM64",
                  "x86_64-macos": "Mach-O 64-bit x86-64", "aarch64-macos": "Mach-O arm64"}
+# Linking for Windows first builds MinGW-w64's C runtime from source: a minute or two per architecture on CI's fresh
+# machine, a sixth of the suite for both. arm64 Windows is compiled, not linked: its objects must ask the linker to
+# export what the x86-64 DLL exports and leave unresolved what the x86-64 objects do, which that DLL's link resolves
+# in the C runtime alone.
+COMPILED_ONLY = {"aarch64-windows-gnu": "x86_64-windows-gnu"}
+
+
+def zig_build(target: str, out: Path, *, link: bool) -> list[Path]:
+    """The ONNX Runtime op library built for target by zig, as setup.py builds it and warning-free: the library at
+    out, or (link=False) its objects in the folder out."""
+    extension, = [e for e in setup_extensions() if e.name.endswith("libmedmamba_ort_ops")]
+    # The baseline alone on x86-64, as setup.py's second try under zig (its -target overrides target() attributes).
+    zig = [sys.executable, "-m", "ziglang", "cc", "-target", target, "-DMM_SCAN_BASELINE_ONLY",
+           *extension.extra_compile_args, "-Wall", "-Wextra", "-Werror"]
+    sources = [ROOT / source for source in extension.sources]
+    if link:
+        builds = {out: [*zig, "-shared", *map(str, sources), *extension.extra_link_args, "-o", str(out)]}
+    else:
+        out.mkdir()
+        builds = {out / f"{source.stem}.o": [*zig, "-c", str(source), "-o", str(out / f"{source.stem}.o")]
+                  for source in sources}
+    for command in builds.values():
+        build = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert build.returncode == 0, build.stderr
+    return list(builds)
+
+
+def unresolved(objects: list[Path]) -> set[str]:
+    """What objects need that none of them defines."""
+    def names(*options):
+        return {name for obj in objects for name in subprocess.run(
+            ["llvm-nm", "--format=just-symbols", *options, str(obj)], capture_output=True, text=True,
+            check=True).stdout.split()}
+    return names("-u") - names("-g", "-U")
 
 
 @pytest.mark.parametrize("target", OTHER_SYSTEMS)
@@ -491,26 +525,25 @@ def test_the_onnx_runtime_library_cross_builds_for_windows_and_macos(target, tmp
 
     if importlib.util.find_spec("ziglang") is None:
         pytest.skip("pip's ziglang (the dev extra) is not installed")
-    extension, = [e for e in setup_extensions() if e.name.endswith("libmedmamba_ort_ops")]
-    out = tmp_path / "library"
-    # The baseline alone on x86-64, as setup.py's second try under zig (its -target overrides target() attributes).
-    build = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-DMM_SCAN_BASELINE_ONLY",
-                            *extension.extra_compile_args, "-Wall", "-Wextra", "-Werror", "-shared",
-                            *(str(ROOT / s) for s in extension.sources), *extension.extra_link_args, "-o", str(out)],
-                           capture_output=True, text=True, cwd=ROOT)
-    assert build.returncode == 0, build.stderr
+    linked = target not in COMPILED_ONLY
+    outputs = zig_build(target, tmp_path / "library", link=linked)
     # CI's fresh machine: the build is checked, what it exports is not
     if shutil.which("llvm-readobj") is None or shutil.which("llvm-nm") is None:
         pytest.skip(f"built for {target}; llvm-readobj and llvm-nm (LLVM) are not installed to read its exports")
     windows = "windows" in target
-    facts = subprocess.run(["llvm-readobj", "--coff-exports", "--coff-imports", "--needed-libs", str(out)],
-                           capture_output=True, text=True, check=True).stdout
-    assert f"Format: {OTHER_SYSTEMS[target]}" in facts
-    if windows:
+    facts = subprocess.run(["llvm-readobj", "--coff-exports", "--coff-imports", "--coff-directives", "--needed-libs",
+                            *map(str, outputs)], capture_output=True, text=True, check=True).stdout
+    assert facts.count(f"Format: {OTHER_SYSTEMS[target]}") == len(outputs), facts
+    if not linked:
+        exported = re.findall(r"-export:(\S+)", facts)  # the directives a compiler leaves for a DLL's linker
+        needed = unresolved(outputs)
+        assert needed and needed == unresolved(zig_build(COMPILED_ONLY[target], tmp_path / "linked", link=False))
+    elif windows:
         exported = re.findall(r"Export \{[^}]*?Name: (\S+)", facts)
         needed = re.findall(r"Import \{\s*Name: (\S+)", facts)
         assert all(re.fullmatch(r"KERNEL32\.dll|api-ms-win-crt-[a-z]+-l1-1-0\.dll", name) for name in needed), needed
     else:
+        out, = outputs
         exported = subprocess.run(["llvm-nm", "-gU", "--format=just-symbols", str(out)], capture_output=True,
                                   text=True, check=True).stdout.split()
         exported = [name for name in exported if name not in ("___dso_handle", "__mh_dylib_header")]  # the linker's
