@@ -49,8 +49,8 @@ from medmamba_edge.runtime.files import (check_writable, current_umask, exchange
                                          mounts, remove_empty_folders, sync_path, sync_renamed)
 from medmamba_edge.runtime.metadata import (METADATA_KEY, OUTPUT_NAME, ModelMetadata, check_against_graph,
                                             remove_onnx_metadata, unwritable_class_names)
-from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_BATCH,
-                                                   DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, DEFAULT_PORT,
+from medmamba_edge.runtime.triton_defaults import (DEFAULT_INSTANCES, DEFAULT_KIND, DEFAULT_MAX_QUEUE_DELAY_US,
+                                                   DEFAULT_MODEL_NAME, DEFAULT_PORT, max_batch_or_default,
                                                    range_problem)
 
 ORT_LIBRARY = scan_node.ORT_OPS_LIBRARY + ".so"  # Triton runs on Linux
@@ -132,8 +132,9 @@ class TritonExport:
     server_command: str = ""  # how to start tritonserver on the repository (the plugin option an engine needs)
 
 
-def describe_model(path: str | Path, max_batch: int) -> ServedModel:
-    """Read an exported ONNX model or a TensorRT engine (its manifest) into what the repository needs."""
+def describe_model(path: str | Path, max_batch: int | None) -> ServedModel:
+    """Read an exported ONNX model or a TensorRT engine (its manifest) into what the repository needs; ``max_batch``:
+    --max-batch, None for its default (_max_batch_size)."""
     path = local_model_file(path, "export-triton")
     if not path.is_file():
         raise TritonExportError(f"{path}: {'not a file' if path.exists() else 'no such model file'}")
@@ -156,7 +157,9 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
         check_against_graph(metadata, *graph_shapes(model), str(path))
         plugin_form = scan_node.has_scan_nodes(model)
         return ServedModel(path, "onnx", metadata, inputs[0].name, model.graph.output[0].name,
-                           max_batch if metadata.batch is None else 0, plugin_form, plugin_form, metadata.precision,
+                           _max_batch_size(path, max_batch, metadata.batch, None,
+                                           "export it with --dynamic-batch for Triton's dynamic batcher"),
+                           plugin_form, plugin_form, metadata.precision,
                            onnx_runtime_only_ops=tuple(onnx_runtime_only_ops(model)),
                            external_weights=any(uses_external_data(t) for t in model.graph.initializer))
     if suffix in ENGINE_SUFFIXES:
@@ -173,11 +176,32 @@ def describe_model(path: str | Path, max_batch: int) -> ServedModel:
                 f"{path}: its profile takes batches {smallest} to {largest}, but Triton's dynamic batcher sends "
                 f"any batch from 1; rebuild it with --min-batch 1 (or one batch size, --min-batch = --max-batch)")
         return ServedModel(path, "engine", metadata, input_name, OUTPUT_NAME,
-                           0 if smallest == largest else min(max_batch, largest), False,
+                           _max_batch_size(path, max_batch, metadata.batch if smallest == largest else None, largest,
+                                           "build it with --min-batch 1 (from a --dynamic-batch export) for Triton's "
+                                           "dynamic batcher"), False,
                            manifest.plugin_sha256 is not None, manifest.precision, manifest.carries_plugin,
                            manifest.build.version_compatible, engine_runs_on=manifest.runs_on)
     raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
                             f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
+
+
+def _max_batch_size(path: Path, max_batch: int | None, fixed: int | None, largest: int | None,
+                    dynamic_hint: str) -> int:
+    """Triton's max_batch_size: 0 for a model of one batch size (``fixed``), else --max-batch or its default
+    (max_batch_or_default: an engine's ``largest``, the most its profile takes). A --max-batch the model cannot take
+    is refused rather than dropped or capped, as --threads is for an engine: the config would not be what was asked
+    (Triton's tensorrt backend refuses a max_batch_size above the profile's anyway)."""
+    if fixed is not None:
+        if max_batch not in (None, fixed):
+            raise TritonExportError(f"{path}: --max-batch {max_batch}, but this model runs batch {fixed} only, which "
+                                    f"Triton does not batch (max_batch_size 0); {dynamic_hint}, or leave "
+                                    f"--max-batch out")
+        return 0
+    if largest is not None and max_batch is not None and max_batch > largest:
+        raise TritonExportError(f"{path}: --max-batch {max_batch} is above its profile's largest batch (it takes "
+                                f"batches 1 to {largest}); rebuild it with build-engine --max-batch {max_batch}, or "
+                                f"leave --max-batch out to serve up to {largest}")
+    return max_batch_or_default(max_batch, largest)
 
 
 def _pbtxt_string(text: str) -> str:
@@ -367,15 +391,16 @@ def _readme(name: str, served: ServedModel, plan: _ServingPlan, deepstream_refus
 
 
 def export_triton(model: str | Path, repository: str | Path, *, name: str = DEFAULT_MODEL_NAME,
-                  max_batch: int = DEFAULT_MAX_BATCH, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+                  max_batch: int | None = None, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                   instances: int = DEFAULT_INSTANCES, kind: str = DEFAULT_KIND,
                   server_root: str | None = None, plugin: str | None = None,
                   deepstream_batch: int | None = None, threads: int | None = None) -> TritonExport:
     """Write ``repository/name`` (temporary folder, renamed into place when complete; a model folder already
-    there is replaced). ``server_root``: where the server sees ``repository`` (absolute paths in the configs
-    point there; default: its absolute path here). ``plugin``: the TensorRT plugin library's path on the
-    DeepStream device (default: a copy beside the config, when one is built here). ``threads``: each instance's
-    ONNX Runtime intra-op threads (an ONNX model only; default: the server's ONNX Runtime's)."""
+    there is replaced). ``max_batch``: None for the model's default (_max_batch_size). ``server_root``: where the
+    server sees ``repository`` (absolute paths in the configs point there; default: its absolute path here).
+    ``plugin``: the TensorRT plugin library's path on the DeepStream device (default: a copy beside the config, when
+    one is built here). ``threads``: each instance's ONNX Runtime intra-op threads (an ONNX model only; default: the
+    server's ONNX Runtime's)."""
     kind = _check_options(name, kind, server_root, {"--max-batch": max_batch, "--instances": instances,
                                                     "--deepstream-batch": deepstream_batch,
                                                     "--max-queue-delay-us": max_queue_delay_us, "--threads": threads})

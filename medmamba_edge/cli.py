@@ -694,8 +694,9 @@ def export_triton(
     model: Annotated[str, typer.Argument(click_type=PATH, help="ONNX model from `medmamba-edge export`, or an engine from `build-engine`.")],
     output: Annotated[str, typer.Option("-o", "--output", click_type=PATH, help="Triton model repository (the model goes in OUTPUT/NAME).")],
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,
-    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms "
-                                                "(dynamic-batch models).")] = DEFAULT_MAX_BATCH,
+    max_batch: Annotated[Optional[int], typer.Option(help="Largest batch Triton's dynamic batcher forms "
+                                                          "(dynamic-batch models; default: an engine's largest, "
+                                                          f"else {DEFAULT_MAX_BATCH}).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch "
                                                          "with.")] = DEFAULT_MAX_QUEUE_DELAY_US,
     instances: Annotated[int, typer.Option(help="Model instances (instance_group count).")] = DEFAULT_INSTANCES,
@@ -749,7 +750,8 @@ def serve(
                                            "two.")] = DEFAULT_PORT,
     grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port (default: --port + 1).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus metrics port (default: --port + 2).")] = None,
-    max_batch: Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms.")] = DEFAULT_MAX_BATCH,
+    max_batch: Annotated[Optional[int], typer.Option(help="Largest batch Triton's dynamic batcher forms (default: an "
+                                                          f"engine's largest, else {DEFAULT_MAX_BATCH}).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(help="How long a request may wait for others to batch "
                                                          "with.")] = DEFAULT_MAX_QUEUE_DELAY_US,
     name: Annotated[str, typer.Option(help="Model name on the server.")] = DEFAULT_MODEL_NAME,

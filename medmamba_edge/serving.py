@@ -23,7 +23,7 @@ import sys
 import sysconfig
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.cpu import check_threads
 from medmamba_edge.runtime.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from medmamba_edge.runtime.shared_change import SharedChange, logger_levels
-from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE_DELAY_US,
-                                                   DEFAULT_MODEL_NAME, DEFAULT_PORT, range_problem)
+from medmamba_edge.runtime.triton_defaults import (DEFAULT_HOST, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME,
+                                                   DEFAULT_PORT, max_batch_or_default, range_problem)
 
 from .errors import MissingExtraError, UserError, clipped, first_line, install_hint, process_ending
 
@@ -58,7 +58,7 @@ class ServeOptions:
     port: int = DEFAULT_PORT  # HTTP; gRPC and metrics default to the next two ports
     grpc_port: int | None = None
     metrics_port: int | None = None
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: int | None = None  # None: the model's default (max_batch_or_default), known once it is open
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
     name: str = DEFAULT_MODEL_NAME
     threads: int | None = None
@@ -217,6 +217,10 @@ def serve(model: str | Path, options: ServeOptions, notify=print, stop: threadin
         with open_backend(model, threads=options.threads) as backend, _quiet_pytriton():
             if stopping.is_set():  # before anything was served: nothing to finish
                 return
+            # The backend runs what Triton batches: a --max-batch above an engine's profile runs in chunks of its
+            # largest batch, as a fixed-batch model's run in its batch, so it is taken (export-triton's refuses it).
+            largest = backend.batch_range[1] if backend.batch_range else None
+            options = replace(options, max_batch=max_batch_or_default(options.max_batch, largest))
             config = TritonConfig(http_address=host, http_port=options.port, grpc_address=host,
                                   grpc_port=options.grpc_port_or_default, metrics_address=host,
                                   metrics_port=options.metrics_port_or_default, exit_timeout_secs=EXIT_TIMEOUT_S,

@@ -6,7 +6,7 @@ numpy or onnx."""
 DEFAULT_MODEL_NAME = "medmamba"  # the name a served or exported model has on the server
 DEFAULT_HOST = "127.0.0.1"  # where serve listens: this machine only
 DEFAULT_PORT = 8000  # Triton's HTTP port: serve's, and a triton:// URL's without one
-DEFAULT_MAX_BATCH = 8  # the largest batch Triton's dynamic batcher forms
+DEFAULT_MAX_BATCH = 8  # the largest batch Triton's dynamic batcher forms for a model that sets none
 DEFAULT_MAX_QUEUE_DELAY_US = 2000  # how long a request may wait for others to batch with
 DEFAULT_INSTANCES, DEFAULT_KIND = 1, "cpu"  # export-triton's instance_group
 
@@ -20,6 +20,14 @@ OPTION_RANGES = {"--max-batch": (1, 2**31 - 1), "--instances": (1, 2**31 - 1), "
                  "--max-queue-delay-us": (0, 2**64 - 1), "--threads": (1, 8192)}
 FIELD_RANGE = "the range of Triton's config field"
 UPPER_BOUNDS = {"--threads": "the most CPUs a Linux server can have"}  # the others': FIELD_RANGE
+
+
+def max_batch_or_default(max_batch: int | None, largest: int | None) -> int:
+    """--max-batch as given, else ``largest``, an engine's profile's largest batch (what it was built for: an engine
+    built for 32 and served at 8 would never run the batches it was tuned for), else DEFAULT_MAX_BATCH."""
+    if max_batch is not None:
+        return max_batch
+    return largest if largest is not None else DEFAULT_MAX_BATCH
 
 
 def range_problem(option: str, value: int | None) -> str | None:

@@ -623,7 +623,7 @@ def test_the_readme_says_where_the_engine_runs(model, tmp_path, options, runs_on
 
 def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
     engine = _engine(model, tmp_path / "t32.engine", 1, 16)
-    result = export_triton(engine, tmp_path / "repo", max_batch=32, plugin="/opt/medmamba/libmedmamba_trt_plugin_autoload.so")
+    result = export_triton(engine, tmp_path / "repo", plugin="/opt/medmamba/libmedmamba_trt_plugin_autoload.so")
     config = result.config_text
     assert 'backend: "tensorrt"' in config and "kind: KIND_GPU" in config and "max_batch_size: 16" in config
     assert "model_operations" not in config
@@ -639,6 +639,38 @@ def test_an_engine_becomes_a_tensorrt_entry_on_the_gpu(model, tmp_path):
                        "--deepstream-batch", "2")  # no DeepStream config for an engine: its batch is not checked
     assert code == 0, output
     assert "start: tritonserver --model-repository=" in output and "plugins=/opt/p.so" in output
+
+
+def test_an_engine_is_served_up_to_its_profile_unless_max_batch_says_less(model, tmp_path):
+    """--max-batch defaulted to 8 for engines too: one built with build-engine --max-batch 32 (docs/tensorrt.md's
+    desktop example) was served at max_batch_size 8 unless --max-batch 32 was given again; one above the profile was
+    quietly held to it."""
+    engine = _engine(model, tmp_path / "t32.engine", 1, 32)
+    code, output = cli("export-triton", engine, "-o", tmp_path / "repo", "--plugin", "/opt/p.so")
+    assert code == 0, output
+    assert "tensorrt backend, max batch 32," in output
+    assert "max_batch_size: 32" in (tmp_path / "repo" / "medmamba" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in export_triton(engine, tmp_path / "repo", max_batch=4, plugin="/opt/p.so").config_text
+    code, output = cli("export-triton", engine, "-o", tmp_path / "repo2", "--plugin", "/opt/p.so", "--max-batch", 64)
+    assert code == 1 and output.strip() == (
+        f"error: {engine}: --max-batch 64 is above its profile's largest batch (it takes batches 1 to 32); rebuild "
+        f"it with build-engine --max-batch 64, or leave --max-batch out to serve up to 32")
+    assert not (tmp_path / "repo2").exists()
+
+
+def test_max_batch_for_a_fixed_batch_model_is_refused_not_dropped(model, tmp_path):
+    """Triton does not batch a fixed-batch model (max_batch_size 0): --max-batch 8 on the default batch-1 export was
+    dropped in silence, the config saying nothing of it."""
+    fixed = _rewritten(model, tmp_path / "b1.onnx", batch=1)
+    code, output = cli("export-triton", fixed, "-o", tmp_path / "repo", "--max-batch", 8)
+    assert code == 1 and output.strip() == (
+        f"error: {fixed}: --max-batch 8, but this model runs batch 1 only, which Triton does not batch "
+        f"(max_batch_size 0); export it with --dynamic-batch for Triton's dynamic batcher, or leave --max-batch out")
+    assert not (tmp_path / "repo").exists()
+    assert "max_batch_size: 0" in export_triton(fixed, tmp_path / "repo", max_batch=1).config_text  # what it takes
+    with pytest.raises(TritonExportError, match=r"--max-batch 8, but this model runs batch 4 only, .* build it with "
+                                                r"--min-batch 1 \(from a --dynamic-batch export\)"):
+        export_triton(_engine(model, tmp_path / "e.engine", 4, 4), tmp_path / "repo", max_batch=8)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -48,6 +48,7 @@ class Backend(Protocol):
 
     metadata: ModelMetadata
     path: Path
+    batch_range: tuple[int, int] | None = None  # the smallest and largest batch an engine's profile takes; None: any
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (N, classes) for a preprocessed float32 (N, C, H, W) batch. An empty one (N = 0: a caller batching
