@@ -42,7 +42,7 @@ import onnx
 
 from medmamba_edge.errors import UserError, first_line
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file
+from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file, unknown_model_type
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
 from medmamba_edge.runtime.backends.triton import model_name_problem
 from medmamba_edge.runtime.files import (check_writable, current_umask, exchange, local_output, missing_folders,
@@ -181,8 +181,7 @@ def describe_model(path: str | Path, max_batch: int | None) -> ServedModel:
                                            "dynamic batcher"), False,
                            manifest.plugin_sha256 is not None, manifest.precision, manifest.carries_plugin,
                            manifest.build.version_compatible, engine_runs_on=manifest.runs_on)
-    raise TritonExportError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected an .onnx from "
-                            f"`medmamba-edge export` or an .engine/.plan from `medmamba-edge build-engine`")
+    raise TritonExportError(str(unknown_model_type(path)))
 
 
 def _max_batch_size(path: Path, max_batch: int | None, fixed: int | None, largest: int | None,

@@ -47,4 +47,4 @@ def open_model(path: str | Path, *, backend: str = "auto", precision: str | None
     elif precision is not None:
         refuse_options(path, "a model opened as it is (it is built at a precision only with --backend tensorrt)",
                        precision=precision)
-    return open_backend(path, threads=threads, providers=providers, plugin=plugin)
+    return open_backend(path, threads=threads, providers=providers, plugin=plugin, checkpoints=True)

@@ -599,6 +599,30 @@ def test_serve_serves_a_model_file_in_a_folder_named_triton(onnx32, tmp_path, mo
     assert served == ["OnnxRuntimeBackend"]
 
 
+EXPORTED_KINDS = "expected an .onnx (medmamba-edge export) or an .engine/.plan (medmamba-edge build-engine)"
+ALL_KINDS = ("expected an .onnx (medmamba-edge export), an .engine/.plan (medmamba-edge build-engine) or a PyTorch "
+             "checkpoint (.pth, .pth.tar, .pt, .ckpt, .bin)")
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["serve"], EXPORTED_KINDS), (["export-triton", "-o", "repo"], EXPORTED_KINDS),
+    (["run", "{image}"], ALL_KINDS), (["compare", "model.xyz"], ALL_KINDS)])
+def test_a_model_of_unknown_type_is_told_what_its_command_takes(tmp_path, monkeypatch, command, expected):
+    """serve said 'expected .onnx, .engine/.plan or a checkpoint', run's words, of a command that refuses checkpoints;
+    PyTriton stands in, as serve reads the model before it starts a server."""
+    from medmamba_edge import serving
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(serving, "_pytriton", lambda: (lambda **options: None,) * 3)
+    monkeypatch.setattr(serving, "check_ports_free", lambda host, ports: None)
+    (tmp_path / "model.xyz").write_bytes(b"a model of no type medmamba-edge knows")
+    name, *rest = command
+    image = sample_image_paths("pneumoniamnist")[0]
+    output = one_line_error([name, "model.xyz", *[a.format(image=image) for a in rest]])
+    assert output.startswith("error: ") and output.rstrip().endswith(f"model.xyz: unknown model type .xyz; {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.xyz"]
+
+
 @pytest.mark.parametrize("command", ["export", "quantize", "build-engine", "export-triton", "serve"])
 def test_a_file_argument_taken_as_typed_is_still_shown_as_a_path(command):
     """The file arguments became str (a Path folded a URL's '//'), and --help called them TEXT."""

@@ -161,11 +161,23 @@ def refuse_options(path: str | Path, kind: str, **given) -> None:
         raise BackendError(f"{path}: {', '.join(wrong)} cannot be set for {kind}")
 
 
+def unknown_model_type(path: str | Path, *, checkpoints: bool = False) -> BackendError:
+    """The error for a file of no model type a command takes, naming only those it does: the exported kinds, and
+    PyTorch checkpoints where ``checkpoints`` (commands that open models through medmamba_edge.loaders: run,
+    evaluate, benchmark, compare). serve and export-triton take no checkpoint, and said they did."""
+    suffix = Path(path).suffix.lower() or "(no suffix)"
+    kinds = ["an .onnx (medmamba-edge export)", "an .engine/.plan (medmamba-edge build-engine)"]
+    if checkpoints:
+        kinds.append(f"a PyTorch checkpoint ({', '.join(TORCH_SUFFIXES)})")
+    return BackendError(f"{path}: unknown model type {suffix}; expected {', '.join(kinds[:-1])} or {kinds[-1]}")
+
+
 def open_backend(path: str | Path, *, threads: int | None = None, providers: list[str] | str | None = None,
-                 plugin: str | Path | None = None) -> Backend:
+                 plugin: str | Path | None = None, checkpoints: bool = False) -> Backend:
     """The backend for an exported model: ``threads`` and ``providers`` apply to ONNX Runtime, ``plugin`` (the
     SS2DScan plugin library) to TensorRT; giving one to the other kind is refused. ``triton://HOST:PORT/MODEL``
-    is a model on a server (runtime/backends/triton.py), not a file."""
+    is a model on a server (runtime/backends/triton.py), not a file. ``checkpoints``: the caller opens PyTorch
+    checkpoints itself (loaders.open_model), so a file of an unknown type is told they are taken too."""
     if is_triton_url(path):
         refuse_options(path, "a served model (the server runs it)", threads=threads, providers=providers, plugin=plugin)
         from .triton import TritonBackend
@@ -188,5 +200,4 @@ def open_backend(path: str | Path, *, threads: int | None = None, providers: lis
     if is_checkpoint_name(path):
         raise BackendError(f"{path}: a PyTorch checkpoint is opened with torch (medmamba_edge.loaders.open_model), "
                            f"not by the torch-free runtime; export it first (medmamba-edge export)")
-    raise BackendError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected .onnx, .engine/.plan or a "
-                       f"checkpoint ({', '.join(TORCH_SUFFIXES)})")
+    raise unknown_model_type(path, checkpoints=checkpoints)
