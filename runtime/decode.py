@@ -301,14 +301,14 @@ def read_dicom(path: str | Path) -> DicomFrames:
         # Uncompressed pixel data stays on disk (deferred): the frames are read from the file one by one. A
         # deflated file is inflated whole (nothing in it can be read in place), and its frames from that copy.
         try:
-            ds, ended = _read_dataset(path)
+            ds, ended, inside = _read_dataset(path)
         except pydicom.errors.InvalidDicomError:
             if Path(path).suffix.lower() not in DICOM_SUFFIXES:
                 raise
-            ds, ended = _bare_dataset(pydicom, path), None  # an image (with its pixel data) or refused
+            ds, ended, inside = _bare_dataset(pydicom, path), None, None  # an image (with its pixel data) or refused
             forced = True
         if _deflated(ds):  # read again, nothing deferred: pydicom reads a deferred value from the file (deflated)
-            ds, ended = _read_dataset(path, force=forced, defer_size=None)
+            ds, ended, inside = _read_dataset(path, force=forced, defer_size=None)
     except ImageError:
         raise
     except OSError as exc:  # gone since its folder was listed, no permission: said as for an image
@@ -325,7 +325,7 @@ def read_dicom(path: str | Path) -> DicomFrames:
         raise ImageError(f"{path}: DICOM float pixel data (a parametric map) is not supported: it has no stored "
                          f"value range to map to intensities")
     if "PixelData" not in ds:
-        raise _without_pixel_data(path, ds, ended)
+        raise _without_pixel_data(path, ds, ended, inside)
     # No transfer syntax in the file: a bare data set (no File Meta), or 'DICM' followed by no File Meta or one
     # without TransferSyntaxUID. pydicom, reading its frames from the file, is told the one it read it in.
     syntax = None if "TransferSyntaxUID" in ds.file_meta else _encoding_syntax(path, ds)
@@ -344,17 +344,23 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
     its data set ends at its first zeros. A command set's element (group 0000, a group length of 4 bytes or a
     value) written into a data set is read as pydicom reads it, the image after it too. A command set that begins
     the data set is read as such by pydicom, before the stop: a file header followed by zeros (a pre-allocated
-    file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros up to the end."""
+    file cut after its header; 4 MB: 4-6.5 s) is refused here, from the zeros up to the end.
+
+    Third, how far into its pixel data element a file goes that ends inside it (_inside_pixel_data), None where
+    the data set has its pixel data or ends before that element begins: pydicom drops an element the file ends
+    in (the value of an encapsulated one, or its header) without a word, as if the file ended before it."""
     from pydicom.filereader import read_partial
 
     ended = []
     resume = 0  # the first byte after the zeros read through last (those before it are not looked at again)
     pixel_data_read = False
+    last = None  # the last element's tag, value length and value offset in the file
 
     def at_zeros(tag, vr, length) -> bool:
-        nonlocal resume, pixel_data_read
+        nonlocal resume, pixel_data_read, last
         if ended:
             return True
+        last = (tag, length, f.tell())
         if tag == 0x7FE00010:
             pixel_data_read = True
         if tag != 0 or length != 0:
@@ -380,9 +386,59 @@ def _read_dataset(path, force: bool = False, defer_size: int | None = 4096):
                 raise ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'a file')} that ends after its "
                                  f"file header (zeros from byte {start} on)")
         f.seek(0)
-        ds = read_partial(f, at_zeros, defer_size=defer_size, force=force)
-        at = ds.buffer if ds.buffer is not None else f  # a deflated file is read from its inflated copy
-        return ds, (at.tell() if ended else None)
+        try:
+            ds = read_partial(f, at_zeros, defer_size=defer_size, force=force)
+        except struct.error:  # the file ends in the 4-byte length after an explicit VR (OB, SQ, …): pydicom's unpack
+            end = None if last is None or last[1] == 0xFFFFFFFF else last[2] + last[1]  # of the last whole element
+            if end is None or not 0 < os.fstat(f.fileno()).st_size - end < 12:
+                raise
+            f.seek(0)  # what comes before that header, read as such, says what the file is
+            ds = read_partial(io.BytesIO(f.read(end)), defer_size=defer_size, force=force)
+        deflated = _deflated(ds)  # read from its inflated copy (ds.buffer), where f's offsets do not apply
+        at = ds.buffer if deflated else f
+        inside = None if ended or deflated or "PixelData" in ds else _inside_pixel_data(f, last)
+        return ds, (at.tell() if ended else None), inside
+
+
+_PIXEL_DATA_TAGS = (struct.pack("<HH", 0x7FE0, 0x0010), struct.pack(">HH", 0x7FE0, 0x0010))
+
+
+def _inside_pixel_data(f, last) -> str | None:
+    """Where in its pixel data element a file ends that pydicom read without it, from ``last`` (the tag, length and
+    value offset of the last element it began to read): in the element's header (the bytes after the last whole
+    element begin with its tag), or in its encapsulated value (in which item, walked from their 8-byte headers: a
+    value of a defined length pydicom keeps however short, and DicomFrames says how short). None where it ends
+    before the element."""
+    if last is None:
+        return None
+    tag, length, at = last
+    size = os.fstat(f.fileno()).st_size
+    if tag != 0x7FE00010:
+        if length == 0xFFFFFFFF:  # a sequence of undefined length: where it ends is not known here
+            return None
+        f.seek(at + length)
+        if f.read(4) not in _PIXEL_DATA_TAGS:
+            return None
+        return f"inside its pixel data element's header ({size - at - length} bytes of it)"
+    item, items = at, 0  # the first item is the Basic Offset Table, the fragments follow
+    while item + 8 <= size:
+        f.seek(item)
+        group, element, item_length = struct.unpack("<HHL", f.read(8))
+        if (group, element) != (0xFFFE, 0xE000):  # the sequence delimiter, or not an item: pydicom said why not
+            return None
+        if item + 8 + item_length > size:
+            break
+        item, items = item + 8 + item_length, items + 1
+    whole = "its Basic Offset Table" if items == 1 else f"fragment {items - 1}"  # the last whole item
+    if not items:
+        where = "in its Basic Offset Table" if item < size else "before its Basic Offset Table"
+    elif item == size:
+        where = f"after {whole}"
+    elif item + 8 > size:  # in an item's header: the next fragment's, or the sequence delimiter
+        where = f"in the header of the item after {whole}"
+    else:
+        where = f"in fragment {items}"
+    return f"inside its pixel data (encapsulated, {size - at} bytes of it: the file ends {where})"
 
 
 def _zeros_ahead(f) -> tuple[int, bool]:
@@ -457,11 +513,12 @@ def _file_meta(f, force: bool):
         return None
 
 
-def _without_pixel_data(path, ds, ended=None) -> ImageError:
+def _without_pixel_data(path, ds, ended=None, inside=None) -> ImageError:
     """Why a data set without pixel data gives no image. pydicom reads a cut file up to where it ends, silently: an
     image class or image attributes without the pixels means the pixels were cut off, not that there never were
     any; any other (an RT plan, a structured report) is said to be without them. An image's data set ended by
-    zeros (``ended``, see _read_dataset: a file cut, then padded out) says where they begin."""
+    zeros (``ended``, see _read_dataset: a file cut, then padded out) says where they begin; one cut inside its
+    pixel data element (``inside``) says so, and how far into it."""
     meta = ds.get("file_meta")
     sop = _header(path, ds, "SOPClassUID") or (_header(path, meta, "MediaStorageSOPClassUID") if meta else None)
     image = "Rows" in ds or "Image" in str(getattr(sop, "name", ""))
@@ -470,8 +527,8 @@ def _without_pixel_data(path, ds, ended=None) -> ImageError:
         return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
                           f"pixel data (zeros from byte {ended}{inflated} on)")
     if image:
-        return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends before its "
-                          f"pixel data")
+        return ImageError(f"{path}: truncated DICOM file: {getattr(sop, 'name', 'an image')} that ends "
+                          f"{inside or 'before its pixel data'}")
     return ImageError(f"{path}: DICOM without pixel data (modality {_header(path, ds, 'Modality', '?')})")
 
 
@@ -503,11 +560,11 @@ def _bare_dataset(pydicom, path):
     without = None  # a data set of a kind with no pixels (an RT plan), said as the same file with its header is
     ended = None  # where the data set ends in zeros, if it does
     try:
-        ds, ended = _read_dataset(path, force=True)
+        ds, ended, inside = _read_dataset(path, force=True)
         image = "PixelData" in ds and "Rows" in ds
         # named by a value, not by zeros read as one (an element's header, then zeros)
         if "PixelData" not in ds and any(str(ds.get(key) or "").strip("\0 ") for key in ("SOPClassUID", "Modality")):
-            without = _without_pixel_data(path, ds, ended)
+            without = _without_pixel_data(path, ds, ended, inside)
     except ImageError:  # a file header followed by zeros (_read_dataset)
         raise
     except Exception:  # forced, any bytes are read as elements until they make no sense

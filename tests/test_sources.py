@@ -853,6 +853,58 @@ def test_dicom_that_cannot_be_mapped_or_is_cut_says_so(tmp_path):
             read_dicom(tmp_path / "cut.dcm")
 
 
+def test_a_dicom_cut_inside_its_pixel_data_element_says_so_not_before_it(tmp_path):
+    """The real chest radiograph (JPEG, encapsulated pixel data of undefined length) cut at half its size was
+    'truncated DICOM file: ... that ends before its pixel data', though its Pixel Data element begins and half of it
+    is there: pydicom drops an element the file ends in without a word. Cut before the element it still says
+    'before'; inside its header or its value, it says so, how much of it is there and in which item it ends.
+    Uncompressed pixel data (pydicom keeps the part there is) says how many of its declared bytes it holds."""
+    from pydicom.data import get_testdata_file
+
+    def cut(source, *offsets):
+        """The messages of ``source`` cut ``offsets`` bytes after the start of its pixel data's value."""
+        data = source.read_bytes()
+        value = pydicom.dcmread(source, defer_size=64).get_item("PixelData", keep_deferred=True).value_tell
+        messages = []
+        for offset in offsets:
+            (tmp_path / "cut.dcm").write_bytes(data[:value + offset])
+            with pytest.raises(ImageError) as refused:
+                list(read_dicom(tmp_path / "cut.dcm"))
+            messages.append(str(refused.value).removeprefix(f"{tmp_path / 'cut.dcm'}: truncated DICOM file"))
+        return messages
+
+    chest = require_shared("data", "dicom", "chest_xray_rsna.dcm")  # an empty offset table, one fragment
+    value = pydicom.dcmread(chest, defer_size=64).get_item("PixelData", keep_deferred=True).value_tell
+    half, end = chest.stat().st_size // 2 - value, chest.stat().st_size - 10 - value
+    that = ": Secondary Capture Image Storage that ends "
+    inside = that + "inside its pixel data (encapsulated, "
+    assert cut(chest, -500, -13, -12, -8, -2, 0, 3, 8, 20, half, end) == [that + "before its pixel data"] * 3 + [
+        that + "inside its pixel data element's header (4 bytes of it)",  # its tag; then before its length, which
+        that + "inside its pixel data element's header (10 bytes of it)",  # pydicom failed on (struct.error)
+        inside + "0 bytes of it: the file ends before its Basic Offset Table)",
+        inside + "3 bytes of it: the file ends in its Basic Offset Table)",
+        inside + "8 bytes of it: the file ends after its Basic Offset Table)",
+        inside + "20 bytes of it: the file ends in fragment 1)",
+        inside + f"{half} bytes of it: the file ends in fragment 1)",
+        inside + f"{end} bytes of it: the file ends in fragment 1)"]
+    # one fragment a frame (664 bytes each), after an offset table of two entries (8 bytes)
+    rle = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    assert cut(rle, 16, 20, 688, 700, 1360, 1362) == [
+        inside + "16 bytes of it: the file ends after its Basic Offset Table)",
+        inside + "20 bytes of it: the file ends in the header of the item after its Basic Offset Table)",
+        inside + "688 bytes of it: the file ends after fragment 1)",
+        inside + "700 bytes of it: the file ends in fragment 2)",
+        inside + "1360 bytes of it: the file ends after fragment 2)",  # before its sequence delimiter
+        inside + "1362 bytes of it: the file ends in the header of the item after fragment 2)"]
+    mr = Path(get_testdata_file("MR_small.dcm"))  # explicit VR, 8192 bytes uncompressed
+    that = ": MR Image Storage that ends "
+    assert cut(mr, -500, -13, -8, -4, 0, 4096) == [that + "before its pixel data"] * 2 + [
+        that + "inside its pixel data element's header (4 bytes of it)",
+        that + "inside its pixel data element's header (8 bytes of it)",
+        " (the pixel data is cut short: 0 of the 8192 bytes its header describes)",
+        " (the pixel data is cut short: 4096 of the 8192 bytes its header describes)"]
+
+
 def test_folder_follows_links_to_folders_once_and_reports_what_it_cannot_read(tmp_path):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     data.mkdir(), elsewhere.mkdir()
@@ -1644,8 +1696,9 @@ def test_the_dicom_data_set_is_found_from_the_file_meta_group_length_without_rea
     reads = []
     read_meta = pydicom.filereader._read_file_meta_info
     monkeypatch.setattr(pydicom.filereader, "_read_file_meta_info", lambda f: reads.append(f.tell()) or read_meta(f))
-    ds, ended = _read_dataset(path)
-    assert reads == [132] and ended is None and "PixelData" in ds  # read_partial's own read only (was [132, 132])
+    ds, ended, inside = _read_dataset(path)
+    # read_partial's own read only (was [132, 132])
+    assert reads == [132] and ended is None and inside is None and "PixelData" in ds
     short = whole[:140] + struct.pack("<L", header - 144 - 10) + whole[144:]  # a group length 10 bytes short
     variants = {"without.dcm": (whole[:132] + whole[144:], header - 12),  # no (0002,0000)
                 "short.dcm": (short, header), "bare.dcm": (whole[132:], header - 132)}  # no preamble: forced
