@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -469,7 +468,7 @@ def test_an_outage_is_timed_on_a_clock_that_nothing_sets(monkeypatch):
     server = FlakyMjpegServer()
     stepped = []
     wall = lambda: time.time() - 3600 * bool(stepped)  # noqa: E731  set back an hour at the first back-off
-    monkeypatch.setattr(video, "time", types.SimpleNamespace(time=wall, monotonic=time.monotonic))
+    monkeypatch.setattr(video, "wall_clock", wall)
     try:
         source = open_source(server.url, reconnect=1)
         source.backoff, source.notify = 0.2, stepped.append
@@ -516,6 +515,26 @@ def test_a_read_the_stop_finds_waiting_ends_the_stream_without_a_reconnect_or_a_
     notices = []
     source.notify = notices.append
     assert list(source.frames()) == [] and notices == []
+
+
+def test_frame_timestamps_hold_what_the_source_knows_not_float_noise(tmp_path):
+    """A 10 fps video's frames 3 and 6 were at 0.30000000000000004 and 0.6000000000000001 s in their JSONL records
+    (CAP_PROP_POS_MSEC / 1000), and a still's wall-clock time had 17 digits (1765152000.1234567) where time.time()
+    knows microseconds. A file's position is now to the millisecond (OpenCV's unit), as is the time given to a frame
+    that did not decode; wall-clock time to the microsecond."""
+    video = write_video(tmp_path / "clip.avi", count=12)
+    assert [json.dumps(f.timestamp) for f in iterate(open_source(str(video)))] == [str(i / 10) for i in range(12)]
+    data = video.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) * 3 // 4])
+    *decoded, last = iterate(open_source(str(tmp_path / "cut.avi")))
+    assert last.error and json.dumps(last.timestamp) == str(len(decoded) / 10)
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    for name in "abcd":
+        cv2.imwrite(str(folder / f"{name}.png"), np.zeros((8, 8), np.uint8))
+    stills = list(iterate(open_source(str(folder))))
+    assert len(stills) == 4 and all(abs(f.timestamp - time.time()) < 60 for f in stills)
+    assert [len(json.dumps(f.timestamp).partition(".")[2]) <= 6 for f in stills] == [True] * 4
 
 
 def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_path):

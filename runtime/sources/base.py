@@ -62,6 +62,12 @@ class Source(ABC):
         """Release the device or file."""
 
 
+def wall_clock() -> float:
+    """Now, as a frame's timestamp: ``time.time()`` to the microsecond, its real precision. Its float as it comes
+    (1765152000.1234567, 17 digits) showed noise as digits in every JSONL record."""
+    return round(time.time(), 6)
+
+
 def item_error(path, exc: Exception) -> str:
     """The reason one item failed, as its record gives it. An ImageError already says it in words; anything
     else is unexpected, so its type stays in the reason (a bug is reported, never hidden)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, is_still, read_still
-from .base import Frame, Source, item_error
+from .base import Frame, Source, item_error, wall_clock
 
 
 class FileSource(Source):
@@ -35,13 +35,13 @@ class FileSource(Source):
                     raise ImageError(f"{path}: {reason}")
                 images = read_still(path)
             except Exception as exc:  # this file only: the next one is read all the same
-                yield Frame(str(path), 0, time.time(), error=item_error(path, exc), captured=captured)
+                yield Frame(str(path), 0, wall_clock(), error=item_error(path, exc), captured=captured)
                 continue
             for index, image in enumerate(images):  # a multi-frame DICOM file's frames are decoded as they come
                 if isinstance(image, ImageError):  # that frame only: its record says why
-                    yield Frame(str(path), index, time.time(), error=str(image), captured=captured)
+                    yield Frame(str(path), index, wall_clock(), error=str(image), captured=captured)
                 else:
-                    yield Frame(str(path), index, time.time(), image, captured=captured)
+                    yield Frame(str(path), index, wall_clock(), image, captured=captured)
                 captured = time.perf_counter()
 
 

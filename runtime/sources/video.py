@@ -20,7 +20,7 @@ from medmamba_edge.errors import plural
 from ..backoff import BACKOFF_FIRST_S, backoff_s
 from ..decode import opencv_cannot_name, quiet_opencv
 from ..uri import without_password
-from .base import Frame, Source, SourceError
+from .base import Frame, Source, SourceError, wall_clock
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpeg", ".mjpg", ".gif")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
@@ -73,14 +73,15 @@ class VideoSource(Source):
             self.capture = self.open_capture()
         total = 0 if self.live else int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = self.fps
-        at = lambda position: position / fps if fps else 0.0  # noqa: E731  a frame not read has no time of its own
+        # a frame not read has no time of its own
+        at = lambda position: file_time(position * 1000 / fps) if fps else 0.0  # noqa: E731
         index, failures = 0, 0
         lost_at = None  # when a live source's failed reads began: its outage gets a record
         while not self.stopping.is_set():
             keep = index % stride == 0
             # The outage's timestamp is wall-clock time, as a frame's; its length is not: NTP stepping the clock
             # (a board without a real-time clock, synced once its network is back) made it an hour or negative.
-            read_at = time.time(), time.monotonic()
+            read_at = wall_clock(), time.monotonic()
             # grab() skips the colour conversion of a frame --stride passes over (FFmpeg decodes it either way). Quiet:
             # a stalled stream's read printed OpenCV's '[ WARN:0@11.050] ... Stream timeout triggered after 5008 ms'
             # beside the reconnect notice that says it in words.
@@ -120,7 +121,7 @@ class VideoSource(Source):
                 lost_at = None
             failures = 0
             if keep:
-                timestamp = time.time() if self.live else self.capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+                timestamp = wall_clock() if self.live else file_time(self.capture.get(cv2.CAP_PROP_POS_MSEC))
                 yield Frame(self.uri, index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
             index += 1
         self.close()
@@ -177,6 +178,12 @@ class VideoSource(Source):
         if self.capture is not None:
             self.capture.release()
             self.capture = None
+
+
+def file_time(ms: float) -> float:
+    """A position in a video file, in seconds to the millisecond (OpenCV's unit): divided as it comes, 600 ms was
+    0.6000000000000001 in a record."""
+    return round(ms / 1000, 3)
 
 
 def _opener(what: str, *args, hint: str = "") -> Callable[[], cv2.VideoCapture]:
