@@ -23,6 +23,7 @@ import onnxruntime as ort
 import torch
 
 from medmamba_edge.benchmarking import timed
+from medmamba_edge.errors import plural
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.runtime import scan_node
@@ -109,7 +110,7 @@ def main() -> None:
         feed = {"input": torch.randn(1, 3, SIZE, SIZE).numpy()}
         profile = profile_by_op_type(trace_to_onnx(loaded, (SIZE, SIZE), 1, opset=18), feed, args.threads)
 
-    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {plural(args.threads, 'thread')}, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, ONNX {size_mb:.0f} MB\n")
     print("| what | batch | median ms | min ms | runs | ms/image | × baseline |")
     print("|---|---:|---:|---:|---:|---:|---:|")

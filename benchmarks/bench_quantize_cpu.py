@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from medmamba_edge.errors import plural
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.exporters.quantize import quantizable_nodes, quantize_onnx
@@ -132,8 +133,8 @@ def main() -> None:
 
     method = ("spinning off, turns of 1 run" if args.no_spinning
               else f"ONNX Runtime's default spinning, turns of {BLOCK} runs")
-    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {args.threads} threads, "
-          f"onnxruntime {ort.__version__}, {args.iterations} timed runs per model ({method})\n")
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, {describe_cpu()}, {plural(args.threads, 'thread')}, "
+          f"onnxruntime {ort.__version__}, {plural(args.iterations, 'timed run')} per model ({method})\n")
     print("| form | batch | model | median ms | min ms | ms/image | fp32 / this (median) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     fp32 = {(form, batch): median for form, batch, name, median, _ in rows if name == "fp32"}

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from medmamba_edge.errors import plural
 from medmamba_edge.runtime import scan_cpu, scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
 
@@ -153,10 +154,10 @@ def main() -> None:
                 + (["–"] if ref_fn else []))
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    print(f"SS2D scan, MedMamba-T 224x224 (N={D_STATE}); {os.cpu_count()} CPUs ({describe_cpu()}), "
+    print(f"SS2D scan, MedMamba-T 224x224 (N={D_STATE}); {plural(os.cpu_count(), 'CPU')} ({describe_cpu()}), "
           f"{scan_cpu.isa()} kernel path; "
           f"load average {load_before:.2f} -> {load_after:.2f}.\n"
-          f"ms per image: best wall time of {args.repeats} runs (batch 8: of {max(3, args.repeats // 4)}), "
+          f"ms per image: best wall time of {plural(args.repeats, 'run')} (batch 8: of {max(3, args.repeats // 4)}), "
           "and in parentheses the best process CPU time (all threads; unaffected by other load)\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from medmamba_edge.errors import plural
 from medmamba_edge.exporters.onnx_export import trace_to_onnx
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.cpu import describe_cpu
@@ -70,9 +71,9 @@ def main() -> None:
             node_ms[name].append(sum(ms for (_, op), ms in profile.items() if op == scan_node.OP_TYPE))
             total_ms[name].append(sum(profile.values()))
 
-    print(f"\nMedMamba-T {SIZE}×{SIZE}, batch {args.batch}, {describe_cpu()}, {args.threads} threads, "
-          f"onnxruntime {ort.__version__}; {args.iterations} timed runs per library in turns of {BLOCK}, "
-          f"{args.profiles} profiles of {PROFILED_RUNS} runs each in turns\n")
+    print(f"\nMedMamba-T {SIZE}×{SIZE}, batch {args.batch}, {describe_cpu()}, {plural(args.threads, 'thread')}, "
+          f"onnxruntime {ort.__version__}; {plural(args.iterations, 'timed run')} per library in turns of {BLOCK}, "
+          f"{plural(args.profiles, 'profile')} of {PROFILED_RUNS} runs each in turns\n")
     print("| library | median ms | min ms | first / this | SS2DScan ms | kernel total ms | SS2DScan share |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     reference = statistics.median(latency[names[0]])

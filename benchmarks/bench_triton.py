@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 from medmamba_edge.runtime.backends import open_backend
 from medmamba_edge.runtime.cpu import describe_cpu
 from medmamba_edge.runtime.decode import read_image
@@ -252,9 +252,10 @@ def main() -> None:
         rows.append(("local, batch 8 (again, after)", 1, time_local(local, images, 8)))
 
     reference = statistics.mean([r[2]["per_s"] for r in rows if r[0].startswith("local, batch 8")])
-    print(f"CPU: {describe_cpu()}; {os.cpu_count()} cores; MedMamba-T {args.size}×{args.size}, plugin form (native "
-          f"SS2DScan op), {args.threads} inference threads; server: max batch {args.max_batch}, queue delay ≤ "
-          f"{args.max_queue_delay_us} µs; {len(images)} real BUSI images; the images column counts what a row ran "
+    print(f"CPU: {describe_cpu()}; {plural(os.cpu_count(), 'core')}; MedMamba-T {args.size}×{args.size}, plugin "
+          f"form (native SS2DScan op), {plural(args.threads, 'inference thread')}; server: max batch {args.max_batch}, "
+          f"queue delay ≤ {args.max_queue_delay_us} µs; {plural(len(images), 'real BUSI image')}; "
+          f"the images column counts what a row ran "
           f"(local: its whole batches; served: max(1, images // clients) batch-1 requests per client, answered)\n")
     print("| what | clients | images | images/s | p50 ms | p99 ms | × local batch 8 |")
     print("|---|---:|---:|---:|---:|---:|---:|")

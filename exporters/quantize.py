@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 
 from medmamba_edge import __version__
-from medmamba_edge.errors import UserError, first_line, only_with
+from medmamba_edge.errors import UserError, first_line, only_with, plural
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import Backend, fixed_batches, local_model_file
 from medmamba_edge.runtime.cpu import describe_cpu
@@ -137,7 +137,7 @@ class SpeedCheck:
     def describe(self, min_speedup: float) -> str:
         """The interval, each end as it compares with ``min_speedup``, and the rounds it is of."""
         low, high = (compared_text(end, min_speedup, 3)[0] for end in self.interval())
-        return f"{SPEED_CONFIDENCE}% interval {low}–{high}× over {len(self.fp32_rounds)} rounds"
+        return f"{SPEED_CONFIDENCE}% interval {low}–{high}× over {plural(len(self.fp32_rounds), 'round')}"
 
     def record(self, min_speedup: float) -> dict:
         """The speed entry of the quantization metadata."""
@@ -208,8 +208,9 @@ def excluded_nodes(candidates: Sequence[onnx.NodeProto], patterns: Sequence[str]
         except re.error as exc:
             raise QuantizeError(f"--exclude {pattern!r}: not a valid regular expression ({exc})") from None
         if not hits:
-            raise QuantizeError(f"--exclude {pattern!r} matches none of the {len(candidates)} quantizable "
-                                f"nodes ({'/'.join(QUANTIZED_OP_TYPES)}, by node name or op type)")
+            raise QuantizeError(f"--exclude {pattern!r} matches none of the "
+                                f"{plural(len(candidates), 'quantizable node')} ({'/'.join(QUANTIZED_OP_TYPES)}, "
+                                f"by node name or op type)")
         excluded += [name for name in hits if name not in excluded]
     return excluded
 
@@ -246,7 +247,7 @@ def _read_inputs(dataset: Dataset, metadata: ModelMetadata, batch: int, task: st
 def _some_usable(dataset: Dataset, inputs: Inputs) -> None:
     if not inputs.indices:
         first = inputs.left_out[0]
-        raise QuantizeError(f"{dataset.description}: none of its {len(dataset)} images could be used "
+        raise QuantizeError(f"{dataset.description}: none of its {plural(len(dataset), 'image')} could be used "
                             f"(first: {first.reason})")
 
 
@@ -976,11 +977,11 @@ def _accuracy_gate(model: onnx.ModelProto, model_path: Path, output: Path, candi
             with open_candidate(candidate, int8, model_path, output) as int8_backend:
                 int8_top1 = top1_accuracy(int8_backend, eval_read.batches, labels)
     if over_budget(points_lost(float_top1, int8_top1), max_drop):
-        tried = f" even with {len(fallback)} layers kept in float" if fallback else ""
+        tried = f" even with {plural(len(fallback), 'layer')} kept in float" if fallback else ""
         drop, budget = compared_text(points_lost(float_top1, int8_top1), max_drop, 4)
         wrong = round((float_top1 - int8_top1) * len(labels) / 100)
         raise QuantizeError(
-            f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({wrong} of {len(labels)} images) below fp32 "
+            f"INT8 top-1 {int8_top1:.2f}% is {drop} points ({wrong} of {plural(len(labels), 'image')}) below fp32 "
             f"{float_top1:.2f}% on {measured_on} ({describe_cpu()}){tried}, over the --max-drop budget of "
             f"{budget}; nothing was written to {output}" + ("" if auto_fallback else " (try --auto-fallback or --exclude)"))
     return int8, fallback, float_top1, int8_top1

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import onnx
 
-from medmamba_edge.errors import UserError, first_line
+from medmamba_edge.errors import UserError, first_line, plural
 from medmamba_edge.runtime import scan_node
 from medmamba_edge.runtime.backends import ENGINE_SUFFIXES, ONNX_SUFFIXES, local_model_file, unknown_model_type
 from medmamba_edge.runtime.backends.tensorrt.plugin import AUTOLOAD_PLUGIN_LIBRARY, find_autoload_plugin_library
@@ -152,7 +152,8 @@ def describe_model(path: str | Path, max_batch: int | None) -> ServedModel:
             raise TritonExportError(f"{path}: {retired}")
         inputs = graph_inputs(model)
         if len(inputs) != 1 or len(model.graph.output) != 1:
-            raise TritonExportError(f"{path}: {len(inputs)} inputs and {len(model.graph.output)} outputs; "
+            raise TritonExportError(f"{path}: {plural(len(inputs), 'input')} and "
+                                    f"{plural(len(model.graph.output), 'output')}; "
                                     f"a MedMamba export has one of each")
         check_against_graph(metadata, *graph_shapes(model), str(path))
         plugin_form = scan_node.has_scan_nodes(model)

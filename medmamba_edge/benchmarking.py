@@ -38,7 +38,7 @@ from medmamba_edge.runtime.cpu import (check_threads, cpu_quota, describe_cpu, d
                                        usable_cpus)
 from medmamba_edge.runtime.metadata import int_at_least, positive_int
 
-from .errors import UserError, process_ending
+from .errors import UserError, plural, process_ending
 from .evaluation import distinct_names, input_sizes
 
 if TYPE_CHECKING:
@@ -168,10 +168,11 @@ class BenchmarkReport:
     def markdown(self) -> str:
         m = self.machine
         versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        lines = [f"{m['cpu']}, {m['usable_cpus']} of {m['logical_cpus']} CPUs usable, threads: {m['threads']}, "
-                 f"scan path: {m['cpu_scan_path']}; "
+        lines = [f"{m['cpu']}, {m['usable_cpus']} of {plural(m['logical_cpus'], 'CPU')} usable, "
+                 f"threads: {m['threads']}, scan path: {m['cpu_scan_path']}; "
                  f"{m['os']}, Python {m['python']}, {versions}",
-                 f"{self.iterations} timed runs per row after {self.warmup} warm-up runs, interleaved in {self.rounds} rounds",
+                 f"{plural(self.iterations, 'timed run')} per row after {plural(self.warmup, 'warm-up run')}, "
+                 f"interleaved in {plural(self.rounds, 'round')}",
                  "",
                  "| model | backend | precision | input | batch | p50 ms | p90 ms | p99 ms | images/s | × first | peak RSS MB |",
                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -29,7 +29,7 @@ from medmamba_edge.runtime.metadata import (IN_CHANS, ModelMetadata, class_names
 from medmamba_edge.runtime.shared_change import SharedChange, ignored_warnings
 
 from . import __version__
-from .errors import UserError, clipped, first_line
+from .errors import UserError, clipped, first_line, plural
 from .model import VSSM, SS_Conv_SSM, variant_name
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "net")
@@ -204,8 +204,9 @@ def _held_instead(obj) -> str:
         return type(obj).__name__
     others = [f"{key} ({type(value).__name__})" for key, value in obj.items() if not isinstance(value, torch.Tensor)]
     if len(others) < len(obj):
-        return (f"a dict of {len(obj) - len(others)} tensors and {len(others)} other "
-                f"{'entry' if len(others) == 1 else 'entries'}: {', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
+        return (f"a dict of {plural(len(obj) - len(others), 'tensor')} and "
+                f"{plural(len(others), 'other entry', 'other entries')}: "
+                f"{', '.join(others[:8])}{' …' if len(others) > 8 else ''}")
     wrappers = [key for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)]
     # the one holding tensors before the first: a "model" key may hold a config beside the weights' "state_dict"
     wrapper = next((key for key in wrappers if any(isinstance(v, torch.Tensor) for v in obj[key].values())),
@@ -336,7 +337,7 @@ def _model_keys(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, to
 def _shape(state_dict: dict[str, torch.Tensor], key: str, rank: int, path: Path) -> tuple[int, ...]:
     shape = tuple(state_dict[key].shape)
     if len(shape) != rank or 0 in shape:
-        raise CheckpointError(f"{path}: {key} has shape {shape}; expected {rank} dimensions, none of them 0")
+        raise CheckpointError(f"{path}: {key} has shape {shape}; expected {plural(rank, 'dimension')}, none of them 0")
     return shape
 
 
@@ -447,7 +448,8 @@ def _checked_names(names: list, num_classes: int, where, given: str) -> list[str
     if problem:
         raise CheckpointError(f"{where}: {problem}")
     if len(names) != num_classes:
-        raise CheckpointError(f"{where}: {len(names)} class names {given}but the model has {num_classes} outputs")
+        raise CheckpointError(f"{where}: {plural(len(names), 'class name')} {given}but the model has "
+                              f"{plural(num_classes, 'output')}")
     return list(names)
 
 

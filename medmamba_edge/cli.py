@@ -201,7 +201,7 @@ def warn_left_out(failures, whose: str, rest_in: str | None = None) -> None:
     listed."""
     if not failures:
         return
-    console.print(f"[yellow]warning:[/] {len(failures)} images could not be used and were left out {whose}:",
+    console.print(f"[yellow]warning:[/] {plural(len(failures), 'image')} could not be used, left out {whose}:",
                   highlight=False)
     shown_here = failures if rest_in is None else failures[:5]
     for failure in shown_here:
@@ -325,18 +325,20 @@ def quantize(
                                auto_fallback=auto_fallback, min_speedup=min_speedup, speed_check=timer,
                                progress=progress, left_out=lambda stage, failures: warn_left_out(failures, f"of {stage}"),
                                also_calibrated=warn_also_calibrated)
-    out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, {len(result.quantized_nodes)} layers "
-              f"INT8, calibrated on {plural(result.calibration_images, 'image')}) in {result.seconds:.1f} s")
+    out.print(f"wrote {result.path} ({result.metadata.scan_form} scan, {quant_format}, "
+              f"{plural(len(result.quantized_nodes), 'layer')} INT8, calibrated on "
+              f"{plural(result.calibration_images, 'image')}) in {result.seconds:.1f} s")
     if result.calibration_short:
         out.print(f"the calibration set ran out of usable images: {result.calibration_images + result.past_last_batch} "
                   f"of the {num_samples} --num-samples asked for", highlight=False)
     if result.past_last_batch:
-        out.print(f"{result.past_last_batch} usable calibration images were past the model's last whole batch of "
-                  f"{result.metadata.batch}, and left out rather than counted twice by padding", highlight=False)
+        out.print(f"left out {plural(result.past_last_batch, 'usable calibration image')} past the model's last whole "
+                  f"batch of {result.metadata.batch}, rather than count any twice by padding", highlight=False)
     if result.kept_float:
         out.print(f"kept float: {', '.join(result.kept_float)}")
     if result.fallback_nodes:
-        out.print(f"--auto-fallback kept {len(result.fallback_nodes)} sensitive layers float: {', '.join(result.fallback_nodes)}")
+        out.print(f"--auto-fallback kept {plural(len(result.fallback_nodes), 'sensitive layer')} float: "
+                  f"{', '.join(result.fallback_nodes)}")
     from medmamba_edge.runtime.metrics import compared_text, points_lost
 
     if result.int8_top1 is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medmamba_edge.errors import plural
 from medmamba_edge.runtime.backends import softmax
 from medmamba_edge.runtime.bundled import sample_image_paths
 from medmamba_edge.runtime.datasets import Dataset, Failure, Sample, open_dataset
@@ -202,7 +203,7 @@ def render_tables(report: ComparisonReport) -> list:
     from rich.text import Text
 
     a, b = distinct_names([str(m) for m in report.models])
-    differences = Table(title=f"A = {a}, B = {b}: {report.images} images of {report.data}",
+    differences = Table(title=f"A = {a}, B = {b}: {plural(report.images, 'image')} of {report.data}",
                         caption=f"A: {report.backends[0]}{on_cpu(report.cpus[0])}\n"
                                 f"B: {report.backends[1]}{on_cpu(report.cpus[1])}")
     for column in ("output", "max |A−B|", "max |A−B|/|A|", "mean |A−B|"):

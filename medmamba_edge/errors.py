@@ -41,9 +41,10 @@ def clipped(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def plural(count: int, noun: str) -> str:
-    """'1 outage', '2 outages': a count in a message."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 outage', '2 outages' (``nouns`` where the plural is not the noun with an s: '1 class', '2 classes'): a
+    count in a message."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def first_line(error: BaseException) -> str:

@@ -25,7 +25,7 @@ from medmamba_edge.runtime.metrics import (Metrics, classification_metrics, non_
                                            tolerance_problem)
 from medmamba_edge.runtime.preprocess import preprocess
 
-from .errors import UserError
+from .errors import UserError, plural
 from .loaders import open_model
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
@@ -135,7 +135,7 @@ def run_models(backends: Sequence[Backend], dataset: Dataset, batch_size: int = 
         if progress:
             progress(chunk.end, len(dataset))
     if not kept:
-        raise EvaluationError(f"{dataset.description}: none of its {len(dataset)} images could be decoded "
+        raise EvaluationError(f"{dataset.description}: none of its {plural(len(dataset), 'image')} could be decoded "
                               f"(first: {failures[0].reason})")
     return Outputs(np.array(kept), [np.concatenate(chunks) for chunks in logits], seconds, failures)
 
@@ -149,8 +149,8 @@ def check_finite(backends: Sequence[Backend], outputs: Outputs, dataset: Dataset
         if broken.size:
             first = dataset.samples[outputs.indices[broken[0]]].source
             raise EvaluationError(f"{backend.path}: non-finite logits (NaN or infinite) for {broken.size} of "
-                                  f"{len(logits)} images (first: {first}); its answers there cannot be scored or "
-                                  f"compared (a float16 overflow? see docs/tensorrt.md)")
+                                  f"{plural(len(logits), 'image')} (first: {first}); its answers there cannot be "
+                                  f"scored or compared (a float16 overflow? see docs/tensorrt.md)")
 
 
 @dataclass

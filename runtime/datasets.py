@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 
 from .decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageError, read_single_image
 from .files import is_special, strip_unless_named
@@ -178,7 +178,8 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
         # it and below it (os.walk), and images beside the class folders would be left out without a word.
         loose = _image_samples(path, None, recursive=False)
         if loose:
-            raise DatasetError(f"{path}: {len(loose)} images beside its class folders (e.g. {Path(loose[0].source).name}); "
+            raise DatasetError(f"{path}: {plural(len(loose), 'image')} beside its class folders "
+                               f"(e.g. {Path(loose[0].source).name}); "
                                f"an ImageFolder's images go in its class folders")
         samples, class_folders = [], {}
         for folder in subfolders:
@@ -207,7 +208,7 @@ def _from_folder(path: Path, class_names: Sequence[str] | None) -> Dataset:
     if not samples:
         raise DatasetError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)} "
                            f"and DICOM files without a suffix)")
-    return Dataset(f"{path} ({kind}, {len(samples)} images)", samples)
+    return Dataset(f"{path} ({kind}, {plural(len(samples), 'image')})", samples)
 
 
 def _read_npz_split(path: Path, split: str, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -248,7 +249,7 @@ def _from_npz(path: Path, split: str, class_names: Sequence[str] | None) -> Data
     if labels is not None:  # what needs no labels (calibration, compare) reads the images alone, whatever they hold
         labels = _npz_labels(labels, len(images), f"{path}: {split}_labels", class_names)
     samples = [Sample(f"{path.name}[{split}:{i}]", None if labels is None else int(labels[i])) for i in range(len(images))]
-    return Dataset(f"{path} ({split} split, {len(samples)} images)", samples, images)
+    return Dataset(f"{path} ({split} split, {plural(len(samples), 'image')})", samples, images)
 
 
 def _npz_labels(labels: np.ndarray, count: int, where: str, class_names: Sequence[str] | None) -> np.ndarray:
@@ -321,7 +322,7 @@ def _from_csv(path: Path, class_names: Sequence[str] | None) -> Dataset:
                                f"line {lines[a]} labels {class_names[first.label]!r}{spelt}; an image has one class")
         raise DatasetError(f"{path}:{lines[b]}: {again.source} again, the image of line {lines[a]}{spelt}; an image "
                            f"is listed once")
-    return Dataset(f"{path} (CSV, {len(samples)} images)", samples)
+    return Dataset(f"{path} (CSV, {plural(len(samples), 'image')})", samples)
 
 
 def open_dataset(spec: str | Path, split: str | None = None, class_names: Sequence[str] | None = None, *,

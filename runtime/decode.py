@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from medmamba_edge.errors import UserError, clipped, first_line, install_hint
+from medmamba_edge.errors import UserError, clipped, first_line, install_hint, plural
 
 from .shared_change import SharedChange
 
@@ -438,7 +438,7 @@ def _inside_pixel_data(f, last) -> str | None:
         where = f"in the header of the item after {whole}"
     else:
         where = f"in fragment {items}"
-    return f"inside its pixel data (encapsulated, {size - at} bytes of it: the file ends {where})"
+    return f"inside its pixel data (encapsulated, {plural(size - at, 'byte')} of it: the file ends {where})"
 
 
 def _zeros_ahead(f) -> tuple[int, bool]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from time import monotonic
 from typing import IO
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 
 from .uri import uri_refusal
 
@@ -326,7 +326,8 @@ class AtomicOutput:
             if not self.in_place:
                 self.handle.truncate(self.written)
             why = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
-            kept = f"; the output ends after the last complete record ({self.written} bytes)" if self.written else ""
+            kept = (f"; the output ends after the last complete record ({plural(self.written, 'byte')})"
+                    if self.written else "")
             raise OutputError(f"{self.path}: cannot write ({why}){kept}") from None
         self.written += len(data)
         if self.sync_interval_s is not None and self.syncs and monotonic() - self.synced_at >= self.sync_interval_s:

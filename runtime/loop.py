@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medmamba_edge.errors import UserError, first_line
+from medmamba_edge.errors import UserError, first_line, plural
 
 from .backends import Backend, WrongOutputShape, checked_logits, softmax
 from .metadata import ModelMetadata, positive_int
@@ -128,7 +128,8 @@ def run(backend: Backend, source: Source, sinks: list[Sink], options: RunOptions
         raise capture.failure
     errors = outputs.errors + ([str(capture.failure)] if capture.failure else [])
     if failed_batches:
-        errors.append(f"{failed_batches} of {stats.batches} batches failed in the model, first: {first_failure}")
+        errors.append(f"{failed_batches} of {plural(stats.batches, 'batch', 'batches')} failed in the model, "
+                      f"first: {first_failure}")
     stats.error = "; ".join(errors) or None
     return stats
 

@@ -135,7 +135,7 @@ class ModelMetadata:
         if self.precision not in PRECISIONS:
             raise MetadataError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise MetadataError(f"mean/std need {self.in_chans} values, got {self.mean} / {self.std}")
+            raise MetadataError(f"mean/std need {plural(self.in_chans, 'value')}, got {self.mean} / {self.std}")
         if any(s <= 0 for s in self.std):
             raise MetadataError(f"std must be positive, got {self.std}")
 
@@ -192,7 +192,7 @@ def check_against_graph(metadata: ModelMetadata, input_shape, output_shape, sour
     else:
         batch, channels, height, width = input_shape
         if fixed(channels) and channels != metadata.in_chans:
-            problems.append(f"in_chans is {metadata.in_chans} but the graph takes {channels} channels")
+            problems.append(f"in_chans is {metadata.in_chans} but the graph takes {plural(channels, 'channel')}")
         if (fixed(height) and height != metadata.input_size[0]) or (fixed(width) and width != metadata.input_size[1]):
             problems.append(f"input_size is {metadata.input_size[0]}×{metadata.input_size[1]} but the graph takes "
                             f"{height}×{width}")
@@ -201,7 +201,8 @@ def check_against_graph(metadata: ModelMetadata, input_shape, output_shape, sour
     if len(output_shape) != 2:
         problems.append(f"the graph's output has rank {len(output_shape)}, expected 2 (N, classes)")
     elif fixed(output_shape[1]) and output_shape[1] != metadata.num_classes:
-        problems.append(f"{metadata.num_classes} class names but the graph outputs {output_shape[1]} classes")
+        problems.append(f"{plural(metadata.num_classes, 'class name')} but the graph outputs "
+                        f"{plural(output_shape[1], 'class', 'classes')}")
     if problems:
         raise MetadataError(f"{source}: the metadata does not fit the model graph: {'; '.join(problems)}")
 

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from medmamba_edge.errors import plural
+
 from .decode import ImageError
 from .metadata import ModelMetadata
 
@@ -42,7 +44,7 @@ def to_model_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         luma = image.astype(np.float32) @ weights
         return (luma if image.dtype == np.float32 else luma.round().astype(image.dtype))[:, :, None]
-    raise ImageError(f"cannot turn a {image.shape[2]}-channel image into {in_chans} channels")
+    raise ImageError(f"cannot turn a {image.shape[2]}-channel image into {plural(in_chans, 'channel')}")
 
 
 @functools.lru_cache(maxsize=64)

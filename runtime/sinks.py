@@ -331,7 +331,7 @@ class VideoSink:
         self.output.commit(whole=whole)
         if not self.output.complete:
             raise SinkError(f"{self.output.path}: cannot write the video (disk full?): the file holds less than its "
-                            f"{self.frames} frames")
+                            f"{plural(self.frames, 'frame')}")
 
     def discard(self) -> None:
         if self.writer is not None:
@@ -430,7 +430,7 @@ class ConsoleSink:
         last = f"last: {caption(classified[-1])}" if classified else "no classified frame"
         extra = "".join(f", {n} {s}" for s, n in counts.items() if n)
         extra += f", {plural(outages, 'outage')}" if outages else ""
-        self._line(f"{len(classified)} frames, {fps:.1f} FPS, {last}{extra}")
+        self._line(f"{plural(len(classified), 'frame')}, {fps:.1f} FPS, {last}{extra}")
         self.window_start, self.window = time.perf_counter(), []
 
     def _line(self, text: str) -> None:
@@ -612,7 +612,8 @@ class Stats:
         c = self.counts
         # An outage is counted apart: it is no frame (not in the FPS), and a file source never has one
         outages = f", {plural(c['lost'], 'outage')} ({self.outage_seconds:.1f} s)" if c["lost"] else ""
-        text = (f"{self.classified} frames ({c['abstain']} abstained), {c['skipped']} skipped, {c['dropped']} dropped"
+        text = (f"{plural(self.classified, 'frame')} ({c['abstain']} abstained), {c['skipped']} skipped, "
+                f"{c['dropped']} dropped"
                 f"{outages} in {self.wall_seconds:.1f} s: {self.fps:.1f} FPS")
         latency = self.percentiles()
         if latency:

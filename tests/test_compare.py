@@ -59,7 +59,7 @@ def test_a_model_answering_one_row_for_a_batch_is_a_one_line_error(tmp_path):
     model = one_row_model(tmp_path / "rows.onnx")
     result = runner.invoke(app, ["compare", str(model), str(model)])  # the 9 bundled samples, in one batch
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert result.output.splitlines() == [f"error: {model}: the model returned 1 rows for 9 inputs"]
+    assert result.output.splitlines() == [f"error: {model}: the model returned 1 row for 9 inputs"]
 
 
 def test_tolerance_tiers_follow_the_less_precise_model():

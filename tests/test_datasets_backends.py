@@ -104,7 +104,7 @@ def test_images_an_imagefolder_would_leave_out_without_a_word_are_refused(tmp_pa
     for name in ("loose/normal/a.png", "loose/pneumonia/b.png", "loose/c.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(tmp_path / name), image)
-    with pytest.raises(DatasetError, match=r"loose: 1 images beside its class folders \(e\.g\. c\.png\)"):
+    with pytest.raises(DatasetError, match=r"loose: 1 image beside its class folders \(e\.g\. c\.png\)"):
         open_dataset(tmp_path / "loose")
 
 

@@ -204,8 +204,8 @@ def test_a_model_answering_one_row_for_a_batch_is_a_one_line_error(tmp_path):
 
     model = one_row_model(tmp_path / "rows.onnx")
     one_line_error(["evaluate", str(model), "--data", str(xray_folder(tmp_path / "xrays")), "--batch", "4"],
-                   f"{model}: the model returned 1 rows for 4 inputs")
-    with pytest.raises(WrongOutputShape, match="the model returned 1 rows for 8 inputs"):
+                   f"{model}: the model returned 1 row for 4 inputs")
+    with pytest.raises(WrongOutputShape, match="the model returned 1 row for 8 inputs"):
         top1_accuracy(model, [np.zeros((8, 3, 32, 32), np.float32)], np.zeros(8, np.int64))
 
 

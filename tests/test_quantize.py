@@ -521,7 +521,7 @@ def test_an_evaluation_set_without_a_usable_image_is_refused_before_calibrating(
     monkeypatch.setattr(quantize, "calibrate", lambda *args, **kwargs: pytest.fail("calibrated first"))
     (tmp_path / "bad" / "normal").mkdir(parents=True)
     (tmp_path / "bad" / "normal" / "scan.png").write_text("not a png")
-    with pytest.raises(QuantizeError, match=r"none of its 1 images could be used \(first: .*scan\.png: not a decodable"):
+    with pytest.raises(QuantizeError, match=r"none of its 1 image could be used \(first: .*scan\.png: not a decodable"):
         quantize_onnx(bundled32, tmp_path / "q.int8.onnx", _image_folder(tmp_path / "cal", "val", 4), num_samples=4,
                       eval_data=tmp_path / "bad")
 
@@ -631,7 +631,7 @@ def test_a_fixed_batch_export_says_how_many_images_its_whole_batches_left_out(bu
                                       "-o", str(output), "--num-samples", "20"])
     assert result.exit_code == 0, result.output
     assert "calibrated on 18 images" in result.output
-    assert "2 usable calibration images were past the model's last whole batch of 3" in result.output
+    assert "left out 2 usable calibration images past the model's last whole batch of 3" in result.output
     recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
     assert recorded["calibration_images"] == 18
     assert recorded["left_out"] == {"calibration": 0, "calibration_past_last_whole_batch": 2}
@@ -648,7 +648,7 @@ def test_unusable_images_are_left_out_by_name_as_evaluate_leaves_them(fp32_model
     assert result.exit_code == 0, result.output
     assert "calibrated on 40 images" in result.output
     for stage in ("calibration", "evaluation"):
-        assert f"2 images could not be used and were left out of {stage}" in result.output
+        assert f"2 images could not be used, left out of {stage}" in result.output
     assert result.output.count("torn.png") == 2 and result.output.count("empty.png") == 2
     recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
     # How many, not which: file names in medical data sets often carry patient identifiers.

@@ -340,7 +340,7 @@ def test_an_undecodable_frame_keeps_its_own_reason_when_its_batch_fails_in_the_m
                                                             ("good2.png", "skipped")]
     model_failure = "the model failed on this batch (RuntimeError: device lost)"
     assert [r.reason for r in sink.records] == [model_failure, "bad1.png: not a decodable image", model_failure]
-    assert stats.first_skip_reason == model_failure and "1 of 1 batches failed in the model" in stats.error
+    assert stats.first_skip_reason == model_failure and "1 of 1 batch failed in the model" in stats.error
 
 
 def test_an_application_stops_a_run_on_another_thread_with_every_frame_recorded(tiny_onnx):
@@ -727,7 +727,7 @@ def test_the_per_second_console_counts_an_outage_beside_the_frames_not_as_one():
     console.write(Record(0, "cam", 7, 0.0, "ok", ["normal"], [0.9]), None, 2.5)
     console.write(Record(1, "cam", None, 0.0, "lost", reason="camera 0 lost for 3.0 s; ...", outage_s=3.0), None, 2.5)
     console.close()
-    assert stream.getvalue() == "1 frames, 2.5 FPS, last: normal 90.0%, 1 outage\n"
+    assert stream.getvalue() == "1 frame, 2.5 FPS, last: normal 90.0%, 1 outage\n"
 
 
 def test_closing_the_window_stops_the_run_as_q_does(monkeypatch):

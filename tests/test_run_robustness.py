@@ -201,7 +201,7 @@ def test_a_model_failing_on_one_batch_costs_that_batch_only_and_the_exit_says_so
 
 
 @pytest.mark.parametrize("answer, first, last", [
-    (lambda logits: logits[:1], "the model returned 1 rows for 4 inputs", "the model returned 1 rows for 2 inputs"),
+    (lambda logits: logits[:1], "the model returned 1 row for 4 inputs", "the model returned 1 row for 2 inputs"),
     (lambda logits: np.concatenate([logits, logits]), "the model returned 8 rows for 4 inputs",
      "the model returned 4 rows for 2 inputs"),
     (lambda logits: logits[:, :2], "the model returned 2 logits a row for 3 classes", None),

@@ -1360,7 +1360,7 @@ def test_a_gif_in_a_folder_or_glob_gets_a_record_naming_it_as_a_source_of_its_ow
                                           r"file, read as video: a video is a source of its own, one per run\)$"):
         open_source(str(only))
     shutil.copy(gif, only / "d.gif")
-    with pytest.raises(SourceError, match=r"only: .*; 2 GIF files, read as videos: a video is a source of its own"):
+    with pytest.raises(SourceError, match=r"only: .*; 2 GIF files, read as video: a video is a source of its own"):
         open_source(str(only))
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from medmamba_edge.errors import UserError
+from medmamba_edge.errors import UserError, plural
 
 from ..metadata import ModelMetadata
 from ..uri import TRITON_SCHEME, model_uri_scheme, uri_refusal, without_password
@@ -99,11 +99,12 @@ def wrong_shape(logits: np.ndarray, inputs: int, classes: int) -> str | None:
     """What is wrong with a backend's answer to ``inputs`` frames, or None. Checked on every batch, not once at
     opening: a custom backend, a server or a model with data-dependent shapes may answer one batch wrongly."""
     if logits.ndim != 2:
-        return f"the model returned an output of shape {logits.shape} for {inputs} inputs, expected ({inputs}, {classes})"
+        return (f"the model returned an output of shape {logits.shape} for {plural(inputs, 'input')}, expected "
+                f"({inputs}, {classes})")
     if len(logits) != inputs:
-        return f"the model returned {len(logits)} rows for {inputs} inputs"
+        return f"the model returned {plural(len(logits), 'row')} for {plural(inputs, 'input')}"
     if logits.shape[1] != classes:
-        return f"the model returned {logits.shape[1]} logits a row for {classes} classes"
+        return f"the model returned {plural(logits.shape[1], 'logit')} a row for {plural(classes, 'class', 'classes')}"
     return None
 
 

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
-from medmamba_edge.errors import clipped, first_line
+from medmamba_edge.errors import clipped, first_line, plural
 
 from ..backoff import backoff_s
 from ..metadata import METADATA_KEY, MetadataError, ModelMetadata, check_against_graph
@@ -215,7 +215,8 @@ class TritonBackend(Backend):
         self.metadata = self._metadata(config)
         inputs, outputs = config.get("input") or [], config.get("output") or []
         if len(inputs) != 1 or len(outputs) != 1:
-            raise BackendError(f"{self.path}: the served model has {len(inputs)} inputs and {len(outputs)} outputs; "
+            raise BackendError(f"{self.path}: the served model has {plural(len(inputs), 'input')} and "
+                               f"{plural(len(outputs), 'output')}; "
                                f"a MedMamba model has one of each")
         self.input_name, self.output_name = inputs[0]["name"], outputs[0]["name"]
         self.input_dtype = DATATYPES.get(CONFIG_DATATYPES.get(inputs[0].get("data_type", ""), ""))

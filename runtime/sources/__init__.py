@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from medmamba_edge.errors import plural
+
 from ..decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_still
 from ..files import strip_unless_named
 from ..metadata import int_at_least
@@ -104,7 +106,7 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
         if all(is_animation_record(entry) for entry in paths):  # none, or only GIFs: videos, each a run's source
             raise SourceError(f"{spec}: no image or DICOM file matches (a video is a source of its own: "
                               f"one per run)")
-        return FileSource(paths, f"{spec} ({len(paths)} files)")
+        return FileSource(paths, f"{spec} ({plural(len(paths), 'file')})")
     path = Path(spec)
     try:
         path.stat()
@@ -116,12 +118,11 @@ def open_source(spec: str, reconnect: int = 5, notify: Callable[[str], None] | N
     if path.is_dir():
         paths = folder_files(path, gifs=True)
         if all(is_animation_record(entry) for entry in paths):  # none, or only GIFs: as a glob of them is refused
-            plural = "s" if len(paths) > 1 else ""
-            gifs = (f"; {len(paths)} GIF file{plural}, read as video{plural}: a video is a source of its own, one per "
+            gifs = (f"; {plural(len(paths), 'GIF file')}, read as video: a video is a source of its own, one per "
                     f"run") if paths else ""
             raise SourceError(f"{path}: no images or DICOM files found (looked for "
                               f"{', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}{gifs})")
-        return FileSource(paths, f"{path} ({len(paths)} files)")
+        return FileSource(paths, f"{path} ({plural(len(paths), 'file')})")
     if not path.is_file():  # reading a FIFO would wait for a writer forever
         raise SourceError(f"{path}: not a regular file (a FIFO, socket or device); expected an image, video, "
                           f"DICOM file, folder, camera or stream")

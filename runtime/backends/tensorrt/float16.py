@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from medmamba_edge.errors import plural
+
 from ... import scan_node
 from ...metadata import METADATA_KEY, read_onnx_metadata, write_onnx_metadata
 
@@ -262,7 +264,7 @@ def convert_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     types = _element_types(result)
     untyped = [o for node in result.graph.node for o in node.output if o and o not in types]
     if untyped:
-        raise Float16ConversionError(f"no type for {len(untyped)} tensors (first: {untyped[0]}); "
+        raise Float16ConversionError(f"no type for {plural(len(untyped), 'tensor')} (first: {untyped[0]}); "
                                      "is the model from `medmamba-edge export`?")
     converter = _Converter(result.graph, types)
     converter.convert()
