@@ -514,25 +514,29 @@ def check_distinct_outputs(outputs, reads, *, reader: str = "this command reads"
     """Raise OutputError where an output would replace one of the files ``reads`` or another output: renamed into
     place at the end, it would do so without a word. ``outputs`` are (option, path) pairs, path None for an output
     not given; the option names the output in the message ("--jsonl"), None for one named by its path alone.
-    ``streams_may_share``: two outputs may share a stream such as /dev/stdout, written in place (run's records, whole
-    lines each), never a file (a stream redirected onto a file output was lost in its rename); binary outputs (an
-    engine and its timing cache) may not. ``reader`` says what reads the files ("this run reads (the model or a
-    source)")."""
+    ``streams_may_share``: two outputs may reach one stream by way of two of this process's descriptors, the user's
+    own joining (/dev/stdout and /dev/stderr on one terminal, or after 2>&1: run's records, whole lines each); never
+    by one name or descriptor given twice (run's JSONL and CSV on /dev/stdout came out interleaved, a stream neither
+    a JSON nor a CSV reader can read, with 'wrote /dev/stdout' said twice), nor a file (a stream redirected onto a
+    file output was lost in its rename); binary outputs (an engine and its timing cache) never. ``reader`` says what
+    reads the files ("this run reads (the model or a source)")."""
     # Once, not once an output: resolving a folder of 20 000 images takes 0.4 s, and a run's --jsonl, --csv and
     # --save-video would take it three times over before the first record.
     read_targets = resolved(reads)
-    taken: dict[str, tuple[str | None, bool]] = {}  # where it leads: (option, streamed)
+    taken: dict[str, tuple[str | None, int | None]] = {}  # where it leads: (option, descriptor streamed through)
     for option, path in outputs:
         if path is None:
             continue
-        real, streamed = os.path.realpath(path), streamed_in_place(Path(path))
+        real, through = os.path.realpath(path), _own_descriptor(Path(path))
         if real in read_targets:
             raise OutputError(f"{path}: {option or 'the output'} would overwrite a file {reader}")
-        if real in taken and not (streams_may_share and streamed and taken[real][1]):
-            first = taken[real][0]
-            raise OutputError(f"{path}: given to both {first} and {option}" if option and first
-                              else f"{path}: given for two outputs")
-        taken[real] = option, streamed
+        if real in taken:
+            first, first_through = taken[real]
+            joined = through is not None and first_through is not None and through != first_through
+            if not (streams_may_share and joined):
+                raise OutputError(f"{path}: given to both {first} and {option}" if option and first
+                                  else f"{path}: given for two outputs")
+        taken[real] = option, through
 
 
 def check_onnx_name(path: str | Path, what: str) -> None:

@@ -338,7 +338,7 @@ def test_options_that_cannot_work_are_one_line(onnx32, tmp_path):
         (["evaluate", onnx32, "--data", npz, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["compare", onnx32, onnx32, "--batch", "0"], "--batch must be an integer ≥ 1, got 0"),
         (["benchmark", onnx32, "--plot", tmp_path / "latency.jpg"], "latency.jpg: the plot is a PNG; name it *.png"),
-        # an engine and its timing cache on one stream would be one unusable file (run's text records may share one)
+        # an engine and its timing cache on one stream would be one unusable file (as run's JSONL and CSV would)
         (["build-engine", onnx32, "-o", "/dev/stdout", "--timing-cache", "/dev/stdout"], "/dev/stdout: given for two outputs"),
         # all three read "batch sizes and iterations must be ≥ 1, warm-up ≥ 0"
         (["benchmark", onnx32, "--batch", "2,0"], "--batch must be an integer ≥ 1, got 0"),

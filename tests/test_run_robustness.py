@@ -701,10 +701,16 @@ def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi", "scans"]
     assert [p.name for p in folder.iterdir()] == ["x.png"]
-    # One stream may take two outputs: both are written in place, no file is replaced.
-    process = run_cli_process(model, folder / "x.png", "--console", "none", "--jsonl", "/dev/stdout", "--csv", "/dev/stdout")
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    # Nor one stream named twice: its JSONL and CSV lines came out interleaved, neither format, and 'wrote
+    # /dev/stdout' twice. Two descriptors the user joined (2>&1) are two outputs, written in place.
+    for second in ("/dev/stdout", "/dev/fd/1"):
+        process = run_cli_process(model, folder / "x.png", "--jsonl", "/dev/stdout", "--csv", second)
+        stdout, stderr = process.communicate(timeout=120)
+        assert (process.returncode, stdout, stderr) == (1, "", f"error: {second}: given to both --jsonl and --csv\n")
+    process = run_cli_process(model, folder / "x.png", "--console", "none", "--jsonl", "/dev/stdout", "--csv",
+                              "/dev/stderr", stderr=subprocess.STDOUT)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, stdout
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [r["status"] for r in records] == ["ok"] and "\nseq,source," in "\n" + stdout
     # but not a file and a stream redirected onto it: the stream's part was lost in the file's rename, and which
