@@ -29,8 +29,8 @@ from tests.shared_data import require_shared
 pydicom = pytest.importorskip("pydicom")
 
 
-def write_video(path, count=12, size=(64, 48), fourcc="MJPG"):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, size)
+def write_video(path, count=12, size=(64, 48), fourcc="MJPG", fps=10):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
     rng = np.random.default_rng(0)  # noise: the frames, not the container, make up the file
     for _ in range(count):
         writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -520,7 +520,7 @@ def test_a_read_the_stop_finds_waiting_ends_the_stream_without_a_reconnect_or_a_
 def test_frame_timestamps_hold_what_the_source_knows_not_float_noise(tmp_path):
     """A 10 fps video's frames 3 and 6 were at 0.30000000000000004 and 0.6000000000000001 s in their JSONL records
     (CAP_PROP_POS_MSEC / 1000), and a still's wall-clock time had 17 digits (1765152000.1234567) where time.time()
-    knows microseconds. A file's position is now to the millisecond (OpenCV's unit), as is the time given to a frame
+    knows microseconds. A file's position is now to the microsecond, as is the time given to a frame
     that did not decode; wall-clock time to the microsecond."""
     video = write_video(tmp_path / "clip.avi", count=12)
     assert [json.dumps(f.timestamp) for f in iterate(open_source(str(video)))] == [str(i / 10) for i in range(12)]
@@ -535,6 +535,14 @@ def test_frame_timestamps_hold_what_the_source_knows_not_float_noise(tmp_path):
     stills = list(iterate(open_source(str(folder))))
     assert len(stills) == 4 and all(abs(f.timestamp - time.time()) < 60 for f in stills)
     assert [len(json.dumps(f.timestamp).partition(".")[2]) <= 6 for f in stills] == [True] * 4
+
+
+def test_a_video_files_timestamps_keep_its_time_base_finer_than_a_millisecond(tmp_path):
+    """Rounded to the millisecond, a 29.97 fps (30000/1001) clip's frames, 33.3667 ms apart, were at 0.033, 0.067,
+    0.1 and 0.133 s: 33 or 34 ms apart and each up to 0.5 ms off (and a clip over 1000 fps would give two frames
+    one time). Its records now hold the position to the microsecond."""
+    video = write_video(tmp_path / "ntsc.avi", count=5, fps=30000 / 1001)
+    assert [f.timestamp for f in iterate(open_source(str(video)))] == [round(i * 1001 / 30000, 6) for i in range(5)]
 
 
 def test_a_video_file_on_a_web_server_is_read_once_and_whole_as_a_file_is(tmp_path):

@@ -181,9 +181,10 @@ class VideoSource(Source):
 
 
 def file_time(ms: float) -> float:
-    """A position in a video file, in seconds to the millisecond (OpenCV's unit): divided as it comes, 600 ms was
-    0.6000000000000001 in a record."""
-    return round(ms / 1000, 3)
+    """A position in a video file, in seconds to the microsecond: divided as it comes, 600 ms was 0.6000000000000001
+    in a record. Not to the millisecond: OpenCV's milliseconds carry the container's time base in their fraction
+    (a 29.97 fps frame at 33.3667 ms), which a millisecond put 33 or 34 ms apart, and over 1000 fps on one time."""
+    return round(ms / 1000, 6)
 
 
 def _opener(what: str, *args, hint: str = "") -> Callable[[], cv2.VideoCapture]:
