@@ -518,8 +518,8 @@ def check_distinct_outputs(outputs, reads, *, reader: str = "this command reads"
     own joining (/dev/stdout and /dev/stderr on one terminal, or after 2>&1: run's records, whole lines each); never
     by one name or descriptor given twice (run's JSONL and CSV on /dev/stdout came out interleaved, a stream neither
     a JSON nor a CSV reader can read, with 'wrote /dev/stdout' said twice), nor a file (a stream redirected onto a
-    file output was lost in its rename); binary outputs (an engine and its timing cache) never. ``reader`` says what
-    reads the files ("this run reads (the model or a source)")."""
+    file output was lost in its rename); /dev/null, which discards, for any number of them. Binary outputs (an engine
+    and its timing cache) never. ``reader`` says what reads the files ("this run reads (the model or a source)")."""
     # Once, not once an output: resolving a folder of 20 000 images takes 0.4 s, and a run's --jsonl, --csv and
     # --save-video would take it three times over before the first record.
     read_targets = resolved(reads)
@@ -530,6 +530,8 @@ def check_distinct_outputs(outputs, reads, *, reader: str = "this command reads"
         real, through = os.path.realpath(path), _own_descriptor(Path(path))
         if real in read_targets:
             raise OutputError(f"{path}: {option or 'the output'} would overwrite a file {reader}")
+        if streams_may_share and real == os.devnull:  # discards: nothing of two outputs there to interleave
+            continue
         if real in taken:
             first, first_through = taken[real]
             joined = through is not None and first_through is not None and through != first_through

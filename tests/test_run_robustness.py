@@ -707,6 +707,10 @@ def test_an_output_onto_an_input_or_another_output_is_refused_before_anything_is
         process = run_cli_process(model, folder / "x.png", "--jsonl", "/dev/stdout", "--csv", second)
         stdout, stderr = process.communicate(timeout=120)
         assert (process.returncode, stdout, stderr) == (1, "", f"error: {second}: given to both --jsonl and --csv\n")
+    # /dev/null discards whatever reaches it, as often as it is named
+    process = run_cli_process(model, folder / "x.png", "--jsonl", "/dev/null", "--csv", "/dev/null")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "\n1 frame (0 abstained)" in stdout, stderr
     process = run_cli_process(model, folder / "x.png", "--console", "none", "--jsonl", "/dev/stdout", "--csv",
                               "/dev/stderr", stderr=subprocess.STDOUT)
     stdout, _ = process.communicate(timeout=120)
