@@ -162,6 +162,27 @@ def test_live_source_drops_oldest_but_records_every_frame(tiny_onnx):
     assert stats.stopped is None and "stopped" not in stats.summary()
 
 
+class FlakyLiveSource(FastLiveSource):
+    """A live source that loses its stream after every 5th frame, faster than the (slowed) model takes frames."""
+
+    def frames(self, stride=1):
+        for frame in super().frames(stride):
+            yield frame
+            if frame.index % 5 == 4:
+                yield Frame("fake", None, time.time(), error=f"stream fake lost after frame {frame.index}",
+                            outage_s=0.01)
+
+
+def test_an_outage_dropped_behind_a_slow_model_keeps_its_own_reason(tiny_onnx):
+    """An outage is no frame: dropped from the queue with the frames around it, its lost record must still say what
+    was lost and when, not 'inference slower than the source', which hid the outage among the drops."""
+    sink = Collect()
+    stats = run(SlowBackend(open_backend(tiny_onnx), delay=0.02), FlakyLiveSource(100), [sink], RunOptions(batch=2))
+    lost = [r for r in sink.records if r.status == "lost"]
+    assert stats.counts["dropped"] > 0 and stats.counts["lost"] == len(lost) == 20
+    assert [r.reason for r in lost] == [f"stream fake lost after frame {i}" for i in range(4, 100, 5)]
+
+
 def test_a_live_sources_records_stay_in_frame_order_when_frames_drop_while_a_batch_is_taken(tiny_onnx, monkeypatch):
     """The loop took the dropped frames after the batch: frames the camera dropped in between, newer than the batch,
     got their records before it (frame 7 dropped, then 5 and 6 classified), though every record comes in order."""
@@ -237,6 +258,47 @@ def test_a_ctrl_c_while_a_record_is_made_leaves_its_frame_to_be_recorded(tiny_on
         run(open_backend(tiny_onnx), Files(10), [sink], RunOptions(batch=2))
     assert [r.frame for r in sink.records] == list(range(len(sink.records))) and len(sink.records) >= 3
     assert (sink.records[2].status, sink.records[2].reason) == ("skipped", "run stopped before inference")
+
+
+def test_latency_is_the_capture_to_result_time_in_milliseconds(tiny_onnx):
+    """Only its sign was checked: a latency off by a factor of ten (a wrong unit) would have gone into every record
+    and the summary's percentiles. A model taking 250 ms a frame gives each frame at least that, and no frame more
+    than the whole run."""
+    sink = Collect()
+    started = time.perf_counter()
+    stats = run(SlowBackend(open_backend(tiny_onnx), delay=0.25), FastLiveSource(3), [sink], RunOptions(batch=1))
+    wall_ms = (time.perf_counter() - started) * 1000
+    latencies = [r.latency_ms for r in sink.records if r.status == "ok"]
+    assert latencies and all(250 <= ms <= wall_ms for ms in latencies), (latencies, wall_ms)
+    p50, _, p99 = stats.percentiles()
+    assert min(latencies) * 0.99 <= p50 <= p99 <= max(latencies) * 1.01
+
+
+def test_a_top1_probability_equal_to_the_threshold_is_not_below_it(tiny_onnx):
+    """--threshold P abstains below P (docs/runtime.md): an image whose top-1 probability is P exactly is
+    classified, as is every image at or above it."""
+    from medmamba_edge.runtime.sources import open_source
+
+    folder = str(sample_image_paths("pneumoniamnist")[0].parent)
+    first = Collect()
+    run(open_backend(tiny_onnx), open_source(folder), [first], RunOptions())
+    probability = first.records[0].probabilities[0]
+    again = Collect()
+    run(open_backend(tiny_onnx), open_source(folder), [again], RunOptions(threshold=probability))
+    assert again.records[0].probabilities[0] == probability and again.records[0].status == "ok"
+    assert all((r.status == "abstain") == (r.probabilities[0] < probability) for r in again.records)
+
+
+def test_a_record_carries_top_k_labels_or_every_class_if_fewer(tiny_onnx):
+    """Only labels[0] was read: records cut one label short passed. The default top-k (3) of a two-class model gives
+    both classes, --top-k 1 the best one."""
+    from medmamba_edge.runtime.sources import open_source
+
+    folder = str(sample_image_paths("pneumoniamnist")[0].parent)
+    for top_k, count in ((3, 2), (1, 1)):
+        sink = Collect()
+        run(open_backend(tiny_onnx), open_source(folder), [sink], RunOptions(top_k=top_k))
+        assert sink.records and all(len(r.labels) == len(r.probabilities) == count for r in sink.records)
 
 
 def test_the_rate_sinks_are_given_is_the_runs_whatever_the_batch(tiny_onnx):
