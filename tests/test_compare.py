@@ -1,6 +1,7 @@
 """`medmamba-edge compare`: a checkpoint and its export agree; two different models do not."""
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,6 +71,8 @@ def test_tolerance_tiers_follow_the_less_precise_model():
     overridden = tolerance_for("fp32", "int8", atol=0.5)
     assert overridden.logits_atol == 0.5 and overridden.min_top1_agreement == int8.min_top1_agreement
     assert tolerance_for("fp32", "fp32", rtol=1e-2).logits_atol == TIERS["fp32"].logits_atol
+    # --atol alone replaces the tier's atol only: its rtol stays (0 made the check stricter than asked, unnoticed).
+    assert tolerance_for("fp16", "fp32", atol=0.5).logits_rtol == TIERS["fp16"].logits_rtol
 
 
 def test_models_with_different_classes_cannot_be_compared(onnx32, tmp_path):
@@ -112,6 +115,37 @@ def test_every_image_left_out_is_counted(onnx32, tmp_path):
     assert lines[-1] == "… and 2 more images left out (unusable)"
 
 
+def test_the_images_said_to_differ_are_those_whose_top1_differs(onnx32, tmp_path_factory, tmp_path):
+    """With every image usable, an image's place among the usable ones is its place in the data set, so naming the
+    differing images by the first would have gone unnoticed: one unusable image before them and it names each
+    one's neighbour. Nor did a test read the differences' figures: max |A−B|/|A| taken over |B| passed."""
+    import shutil
+
+    from medmamba_edge.runtime.backends import open_backend
+    from medmamba_edge.runtime.bundled import sample_image_paths
+    from medmamba_edge.runtime.decode import read_image
+    from medmamba_edge.runtime.preprocess import preprocess
+
+    images = sorted(sample_image_paths("pneumoniamnist"))
+    for path in images:
+        shutil.copy(path, tmp_path)
+    (tmp_path / "0_broken.png").write_bytes(b"not a png")
+    tiny = bundled_onnx(tmp_path_factory)
+    report = compare(onnx32, tiny, tmp_path)
+    a, b = (open_backend(m) for m in (onnx32, tiny))
+    logits = [m.run(preprocess([read_image(p) for p in images], m.metadata)).astype(np.float64) for m in (a, b)]
+    differing = [str(tmp_path / p.name) for p, x, y in zip(images, *(x.argmax(1) for x in logits)) if x != y]
+    assert len(report.failures) == 1 and 0 < len(differing) < len(images)
+    assert report.disagreeing == differing
+    # The differences as the table heads them, A the reference: max |A−B|, max |A−B|/|A|, mean |A−B|.
+    error = np.abs(logits[0] - logits[1])
+    assert (report.logits.max_abs, report.logits.max_rel, report.logits.mean_abs) == pytest.approx(
+        (error.max(), (error / np.abs(logits[0])).max(), error.mean()), rel=1e-4)
+    # Past the first five, the rest are counted: as if 8 had differed, 3 more (not 8 more).
+    lines = summary_lines(replace(report, disagreeing=[f"image{k}.png" for k in range(8)]))
+    assert lines[4:6] == ["top-1 differs on image4.png", "… and on 3 more images"]
+
+
 def test_two_models_of_the_same_file_name_are_told_apart(onnx32, tmp_path):
     """`compare runs/a/m.onnx runs/b/m.onnx` titled its table "A = m.onnx, B = m.onnx"."""
     import shutil
@@ -148,6 +182,12 @@ def test_a_judged_figure_never_reads_as_its_limit(onnx32):
     swapped[:20] = swapped[:20, ::-1]  # 20 answers turned round: 97.998 % agree
     agreement = _checks(LogitPair.of(a, swapped), TIERS["int8"])[0]
     assert (agreement.measured, agreement.limit, agreement.passed) == ("97.998% (20 of 999 differ)", "≥ 98%", False)
+    # 20 of 1000 is 98 % exactly, at the limit: "at least 98 %" passes it (a > for the ≥ went unnoticed).
+    thousand = np.concatenate([a, a[:1]])
+    swapped = thousand.copy()
+    swapped[:20] = swapped[:20, ::-1]
+    agreement = _checks(LogitPair.of(thousand, swapped), TIERS["int8"])[0]
+    assert (agreement.measured, agreement.limit, agreement.passed) == ("98% (20 of 1000 differ)", "≥ 98%", True)
     # Each answer moved t towards class 0 (a + [t, -t]): t found where the mean change is just past 0.02.
     low, high = 0.0, 4.0
     for _ in range(40):
