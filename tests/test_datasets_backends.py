@@ -31,6 +31,10 @@ def test_npz_split_and_deterministic_sampling():
     val = open_dataset(npz, split="val", class_names=["normal", "pneumonia"])
     assert len(val) == 524 and np.bincount(val.labels()).tolist() == [135, 389]
     assert val.image(3).shape == (28, 28)
+    # Each image with its own label, in the file's order: the class counts alone hold under any shift of the labels.
+    with np.load(npz) as data:
+        assert val.labels().tolist() == data["val_labels"].ravel().tolist()
+        assert all(np.array_equal(val.image(i), data["val_images"][i]) for i in (0, 3, 523))
     a, b = val.sample(50, seed=1), val.sample(50, seed=1)
     assert [s.source for s in a.samples] == [s.source for s in b.samples] and len(a) == 50
     with pytest.raises(DatasetError, match="no split 'test'; it has \\['train', 'val'\\]"):
@@ -74,6 +78,13 @@ def test_csv_paths_relative_to_the_csv(tmp_path):
         csv.writer(f).writerows([("x.png", "tumour")])
     with pytest.raises(DatasetError, match=r"bad\.csv:1: label 'tumour'"):
         open_dataset(tmp_path / "bad.csv", class_names=BUSI_CLASSES)
+    # A line is the file's, not the row's: a quoted name holding a line break takes two lines, and the row after it
+    # is on line 4 (a row count, 3, passed every other case).
+    shutil.copy(busi / "benign" / "benign (1).png", tmp_path / "two\nlines.png")
+    with open(tmp_path / "broken_name.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), ("two\nlines.png", "benign"), ("x.png", "tumour")])
+    with pytest.raises(DatasetError, match=r"broken_name\.csv:4: label 'tumour'"):
+        open_dataset(tmp_path / "broken_name.csv", class_names=BUSI_CLASSES)
 
 
 def test_bad_data_paths(tmp_path):
@@ -163,6 +174,23 @@ def test_multi_label_npz_labels_are_refused(tmp_path):
     for labels in (np.zeros((4, 1), np.float32), np.full(4, -1), np.zeros(2, np.int64)):
         np.savez(tmp_path / "odd.npz", val_images=np.zeros((4, 28, 28), np.uint8), val_labels=labels)
         assert len(open_dataset(tmp_path / "odd.npz", split="val")) == 4
+
+
+def test_a_label_one_past_the_last_class_or_below_zero_is_refused(tmp_path):
+    """A class folder "2" for a model of two classes (indices 0 and 1), and an .npz label of -1: a bound off by one
+    let either through unnoticed, to fail in the metrics' confusion matrix as a traceback, or be scored."""
+    busi = require_shared("data", "busi")
+    for folder in ("0", "2"):
+        (tmp_path / "folder" / folder).mkdir(parents=True)
+        shutil.copy(busi / "normal" / "normal (1).png", tmp_path / "folder" / folder)
+    with pytest.raises(DatasetError, match=r"/2: label '2' is not one of the model's classes \['normal', 'pneumonia'\]"):
+        open_dataset(tmp_path / "folder", class_names=["normal", "pneumonia"])
+    with np.load(require_shared(*PNEUMONIAMNIST)) as data:
+        images, labels = data["val_images"], data["val_labels"].astype(np.int64)  # as a tool writing signed labels
+    labels[7] = -1
+    np.savez(tmp_path / "val.npz", val_images=images, val_labels=labels)
+    with pytest.raises(DatasetError, match=r"val\.npz: val_labels: label -1 is negative"):
+        open_dataset(tmp_path / "val.npz", split="val", class_names=["normal", "pneumonia"])
 
 
 def test_fixed_batch_padding_keeps_every_result():
