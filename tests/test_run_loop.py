@@ -108,6 +108,31 @@ def test_every_file_gets_a_record_and_outputs_are_complete(tiny_onnx, tmp_path):
     assert f"{len(classified)} frames" in output and "2 skipped" in output and "p50/p95/p99" in output
 
 
+def test_every_csv_row_says_what_its_jsonl_record_says(tiny_onnx, tmp_path):
+    """The CSV was checked for its status, label and top-1 probability only: its top_k column could have paired
+    the labels with each other's probabilities, and its timestamps lost their fraction of a second, unnoticed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sample_image_paths("pneumoniamnist"):
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "zz_empty.png").write_bytes(b"")
+    code, output = cli("run", tiny_onnx, images, "--threshold", 0.95, "--jsonl", tmp_path / "r.jsonl",
+                       "--csv", tmp_path / "r.csv")
+    assert code == 0, output
+    records = read_jsonl(tmp_path / "r.jsonl")
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records) and {r["status"] for r in records} == {"ok", "abstain", "skipped"}
+    for row, record in zip(rows, records):
+        assert (int(row["seq"]), row["source"], row["status"], row["reason"]) == (
+            record["seq"], record["source"], record["status"], record["reason"] or "")
+        assert row["frame"] == str(record["frame"]) and abs(float(row["timestamp"]) - record["timestamp"]) <= 1e-6
+        assert row["top_k"] == ";".join(f"{label}:{p:.6f}" for label, p in zip(record["labels"],
+                                                                                record["probabilities"]))
+        assert row["latency_ms"] == ("" if record["latency_ms"] is None else str(record["latency_ms"]))
+        assert row["outage_s"] == ""
+
+
 class FastLiveSource(Source):
     """A live source that delivers frames faster than the (slowed) model can take them."""
 
@@ -181,6 +206,14 @@ def test_an_outage_dropped_behind_a_slow_model_keeps_its_own_reason(tiny_onnx):
     lost = [r for r in sink.records if r.status == "lost"]
     assert stats.counts["dropped"] > 0 and stats.counts["lost"] == len(lost) == 20
     assert [r.reason for r in lost] == [f"stream fake lost after frame {i}" for i in range(4, 100, 5)]
+
+
+def test_the_summary_adds_up_every_outage(tiny_onnx):
+    """The summary's outage seconds are all the outages' together: one test had two outages but read only their
+    count, so a total kept as the last outage's length would have passed."""
+    stats = run(open_backend(tiny_onnx), FlakyLiveSource(100), [Collect()], RunOptions(batch=2))
+    assert stats.counts["lost"] == 20 and stats.outage_seconds == pytest.approx(20 * 0.01)
+    assert "20 outages (0.2 s)" in stats.summary()
 
 
 def test_a_live_sources_records_stay_in_frame_order_when_frames_drop_while_a_batch_is_taken(tiny_onnx, monkeypatch):
