@@ -256,12 +256,26 @@ def test_non_finite_logits_get_no_label_and_the_jsonl_stays_json(tmp_path):
     ({**GOOD_META, "schema_version": "1"}, "metadata schema_version must be an integer, got '1'"),  # a traceback
     ({**GOOD_META, "schema_version": None}, "metadata schema_version must be an integer, got None"),
     ({**GOOD_META, "mean": 0.5}, "incomplete or mistyped metadata"),
+    # A zero std divides every pixel by zero: no test gave one, so a check made < 0 passed.
+    ({**GOOD_META, "std": [0.5, 0.0, 0.5]}, "std must be positive, got (0.5, 0.0, 0.5)"),
+    # One schema past this tool's: read as if it were this one's (no test gave a newer schema).
+    ({**GOOD_META, "schema_version": 2}, "metadata schema 2 is newer than this medmamba-edge understands (1)"),
 ])
 def test_metadata_that_does_not_fit_is_one_line(tmp_path, meta, message):
     path = toy_model(tmp_path / "m.onnx", meta)
     cv2.imwrite(str(tmp_path / "x.png"), image())
     code, output = cli("run", path, tmp_path / "x.png")
     assert code == 1 and message in output and str(path) in output and "Traceback" not in output
+    assert len(output.splitlines()) == 1
+
+
+def test_dynamic_batch_metadata_on_a_fixed_batch_graph_is_one_line(tmp_path):
+    """A graph of batch 2 whose metadata says dynamic: no test had one, so the check skipping dynamic metadata passed,
+    and every batch of another size would fail in the model instead."""
+    path = toy_model(tmp_path / "m.onnx", GOOD_META, input_shape=(2, 3, 32, 32), output_shape=(2, 3))
+    cv2.imwrite(str(tmp_path / "x.png"), image())
+    code, output = cli("run", path, tmp_path / "x.png")
+    assert code == 1 and "batch is dynamic but the graph's batch is 2" in output and str(path) in output, output
     assert len(output.splitlines()) == 1
 
 
