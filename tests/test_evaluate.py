@@ -84,6 +84,8 @@ def test_cli_writes_plots_and_json_and_fails_the_max_drop_gate(onnx32, tmp_path_
     assert result.exit_code == 1, result.output
     assert "bundled32.onnx: top-1 accuracy 95.00% is 2 points below" in result.output  # to 4 digits, as quantize
     assert "(--max-drop 1)" in result.output and "AUC" in result.output
+    # The table's Δ top-1 is accuracy gained: 2 points lost read +2.00 in a test that never looked.
+    assert "-2.00" in result.output and "+2.00" not in result.output, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
     official, other = report["models"]
     assert report["evaluated"] == 100 and not report["gate_passed"] and report["failed_to_decode"] == []
@@ -113,6 +115,11 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["evaluated"] == total - 6 and len(report["failed_to_decode"]) == 6
     assert report["failed_to_decode"][0]["source"].endswith("broken0.png")
+    # Each image scored against its own label: the broken files come first, and labels taken by position among the
+    # usable images (the first 6 of 12) would make every image normal.
+    classes = [path.stem.rsplit("_", 1)[-1] for path in sample_image_paths("pneumoniamnist")]
+    per_class = report["models"][0]["metrics"]["per_class"]
+    assert [c["support"] for c in per_class] == [classes.count("normal"), classes.count("pneumonia")]
     assert "6 images could not be used" in result.output and "broken4.png" in result.output
     assert "broken5.png" not in result.output and f"… and 1 more (all in {tmp_path / 'e.json'})" in result.output
     # Without --json the console is the only list: every one is named ("all in --json" once pointed nowhere).
@@ -162,6 +169,12 @@ def test_a_model_with_non_finite_logits_is_not_scored(tmp_path_factory, tmp_path
     broken = with_nan_logits(bundled_onnx(tmp_path_factory), tmp_path / "nan.onnx")
     folder = xray_folder(tmp_path / "xrays")
     total = len(sample_image_paths("pneumoniamnist"))
+    one_line_error(["evaluate", str(broken), "--data", str(folder)],
+                   f"nan.onnx: non-finite logits (NaN or infinite) for {total} of {total} images (first: "
+                   f"{folder / 'normal' / 'val_0003_normal.png'})")
+    # The first is named among the images scored, not by its place among them: behind an image left out it was
+    # named as that image's.
+    (folder / "normal" / "0_broken.png").write_bytes(b"not a png")
     one_line_error(["evaluate", str(broken), "--data", str(folder)],
                    f"nan.onnx: non-finite logits (NaN or infinite) for {total} of {total} images (first: "
                    f"{folder / 'normal' / 'val_0003_normal.png'})")
@@ -392,6 +405,24 @@ def test_json_onto_stdout_gets_stdout_to_itself(onnx32, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["models"][0]["metrics"]["count"] == 2
     assert "wrote /dev/stdout" in result.stderr
+
+
+def test_models_that_normalise_differently_each_see_their_own_inputs(tmp_path_factory, tmp_path):
+    """Models equal in every preprocessing field share one preprocessed copy of each image; no test had two that
+    differ in mean alone, so a key leaving mean out, which feeds the second the first one's inputs, passed."""
+    import onnx
+
+    from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+
+    tiny = bundled_onnx(tmp_path_factory)
+    model = onnx.load(str(tiny))
+    write_onnx_metadata(model, read_onnx_metadata(tiny).replace(mean=(0.4, 0.4, 0.4)))
+    onnx.save(model, str(tmp_path / "mean04.onnx"))
+    folder = xray_folder(tmp_path / "xrays")
+    together = evaluate([tiny, tmp_path / "mean04.onnx"], folder)
+    alone = evaluate([tmp_path / "mean04.onnx"], folder)
+    assert np.array_equal(together.models[1].probabilities, alone.models[0].probabilities)
+    assert not np.array_equal(together.models[0].probabilities, together.models[1].probabilities)
 
 
 def test_models_of_the_same_file_name_are_told_apart(tmp_path_factory, tmp_path, monkeypatch):
