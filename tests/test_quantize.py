@@ -251,6 +251,10 @@ def test_auto_fallback_keeps_the_damaged_layers_float_until_within_budget(fp32_m
                            max_drop=1.0, auto_fallback=True)
     assert result.fallback_nodes and set(result.fallback_nodes) <= {"node_conv2d", "node_linear"}
     assert result.float_top1 - result.int8_top1 <= 1.0 and result.path.exists()
+    # The model's record says what the fallback kept float: a count of quantized nodes that left them in passed.
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(result.path)).metadata_props}[QUANTIZATION_KEY])
+    assert recorded["quantized_nodes"] == len(result.quantized_nodes) == 2 - len(result.fallback_nodes)
+    assert recorded["kept_float"] == result.kept_float and set(result.fallback_nodes) <= set(recorded["kept_float"])
 
 
 LOGGING_APPLICATION = """
@@ -480,6 +484,11 @@ def test_a_drop_just_over_the_budget_never_reads_as_equal_to_it(bundled32, monke
         drop, shown = re.search(r"is ([\d.]+) points .* budget of ([\d.]+);", str(refused.value)).groups()
         assert float(drop) > float(shown) and float(shown) == pytest.approx(budget, abs=1e-4), str(refused.value)
         assert not bundled32.with_name("drop.int8.onnx").exists()
+    # Images counted to the nearest: 64 of 524 more wrong come back from the percentages as 63.99999999999999.
+    scores = iter([100 * 400 / 524, 100 * 336 / 524])
+    monkeypatch.setattr(quantize, "top1_accuracy", lambda *args, **kwargs: next(scores))
+    with pytest.raises(QuantizeError, match=r"\(64 of 524 images\) below fp32"):
+        quantize_onnx(bundled32, bundled32.with_name("drop.int8.onnx"), npz, num_samples=4, eval_data=npz, max_drop=1)
 
 
 def test_a_drop_within_the_budget_never_reads_as_over_it(bundled32, tmp_path, monkeypatch):
