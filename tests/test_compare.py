@@ -203,6 +203,29 @@ def test_a_judged_figure_never_reads_as_its_limit(onnx32):
     assert (error.limit, error.passed) == ("≤ 0.02", False) and float(error.measured) > 0.02, error
 
 
+def test_mean_probability_change_is_each_images_largest_with_three_classes(tmp_path):
+    """With two classes an image's two probabilities move by the same amount, so the mean over every value equals
+    the mean of each image's largest change, and every test model has two: the mean over all values went unnoticed.
+    A 3-class model's logits on real ultrasound images, B with classes 0 and 1 swapped: each image's largest change
+    is |p0 − p1| (p2 stays), where the mean over all three values reads two thirds of it."""
+    import torch
+
+    from medmamba_edge.comparison import LogitPair, _checks
+    from medmamba_edge.evaluation import open_models, run_models
+    from medmamba_edge.model import VSSM
+    from medmamba_edge.runtime.datasets import open_dataset
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "three.pth"
+    torch.save(VSSM(depths=[1, 1, 1, 1], dims=[8, 16, 32, 64], num_classes=3).state_dict(), checkpoint)
+    data = open_dataset(require_shared("data", "busi")).sample(12, 0)
+    a = run_models(open_models([checkpoint], 32), data, 32).logits[0].astype(np.float64)
+    p = np.exp(a) / np.exp(a).sum(axis=1, keepdims=True)
+    expected = np.abs(p[:, 0] - p[:, 1]).mean()
+    error = _checks(LogitPair.of(a, a[:, [1, 0, 2]]), TIERS["int8"])[-1]
+    assert error.name == "mean per-image max |ΔP|" and error.measured == f"{expected:.3g}", (error, expected)
+
+
 def test_a_model_with_non_finite_logits_is_a_one_line_error(onnx32, tmp_path):
     """It was compared as numbers: against itself 'nan.onnx differs from nan.onnx: logits: 16 of 32 outside', and
     against an INT8 model its NaN rows (argmax: class 0) agreed with that model's class 0 answers."""
