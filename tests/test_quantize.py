@@ -1029,6 +1029,19 @@ def test_the_record_names_the_evaluation_set_and_the_bar_names_the_int8_candidat
     assert recorded["evaluation_images"] == 8 and recorded["left_out"]["evaluation"] == 1
 
 
+def test_the_record_holds_each_models_top1_as_evaluate_measures_it(bundled32, tmp_path):
+    """fp32's and INT8's top-1 swapped in the record passed every test, each gate test's two models scoring the same.
+    Activations clipped at their median cost the tiny model one of 8 X-rays, and the record must say which scored
+    which, as evaluate measures each model on the same images."""
+    folder = _image_folder(tmp_path / "val", "val", 8)
+    output = tmp_path / "clipped.int8.onnx"
+    quantize_onnx(bundled32, output, folder, num_samples=4, percentile=50, eval_data=folder, max_drop=100)
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}[QUANTIZATION_KEY])
+    fp32, int8 = (100 * m.metrics.accuracy for m in evaluation_module.evaluate([bundled32, output], folder).models)
+    assert fp32 != int8  # else a swap goes unnoticed here too
+    assert (recorded["fp32_top1"], recorded["int8_top1"]) == (pytest.approx(fp32), pytest.approx(int8))
+
+
 def test_a_model_with_external_weights_quantizes(bundled32, tmp_path):
     """Its weights were not loaded (only what the metadata check needs), and calibration died on a traceback."""
     from medmamba_edge.runtime.bundled import sample_image_paths
