@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -125,6 +126,29 @@ def test_images_that_fail_to_decode_are_counted_and_reported(onnx32, tmp_path):
     # Without --json the console is the only list: every one is named ("all in --json" once pointed nowhere).
     result = runner.invoke(app, ["evaluate", str(onnx32), "--data", str(folder)])
     assert all(f"broken{i}.png" in result.output for i in range(6)) and "more" not in result.output
+
+
+def test_an_image_that_decodes_but_cannot_be_preprocessed_is_left_out_by_name(tmp_path_factory, tmp_path):
+    """Decoding names the file in its error, preprocessing does not ('expected an (H, W) or (H, W, 1|3|4) image'),
+    and no test had an image that decodes yet cannot be preprocessed, so left-out lists without the file's name
+    passed. A gray+alpha PAM named .ppm (OpenCV goes by its P7 signature) decodes to two channels."""
+    from tests.exported_models import quantizer_or_skip
+
+    model = bundled_onnx(tmp_path_factory)
+    folder = xray_folder(tmp_path / "xrays")
+    gray = cv2.imread(str(sample_image_paths("pneumoniamnist")[0]), cv2.IMREAD_GRAYSCALE)
+    two = folder / "normal" / "gray_alpha.ppm"
+    header = b"P7\nWIDTH %d\nHEIGHT %d\nDEPTH 2\nMAXVAL 255\nTUPLTYPE GRAYSCALE_ALPHA\nENDHDR\n" % gray.shape[::-1]
+    two.write_bytes(header + np.dstack([gray, np.full_like(gray, 255)]).tobytes())
+    named = f"{two}: expected an (H, W) or (H, W, 1|3|4) image, got shape (28, 28, 2)"
+    for command in (["evaluate", str(model), "--data", str(folder)],
+                    ["compare", str(model), str(model), "--data", str(folder)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0 and named in result.output.replace("\n", " "), result.output
+    quantizer_or_skip()
+    result = runner.invoke(app, ["quantize", str(model), "--calib", str(folder), "-o", str(tmp_path / "q.onnx"),
+                                 "--num-samples", str(len(sample_image_paths("pneumoniamnist")) + 1)])
+    assert result.exit_code == 0 and named in result.output.replace("\n", " "), result.output
 
 
 def test_classes_without_images_are_said_with_the_macro_averages(onnx32, tmp_path):
