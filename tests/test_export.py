@@ -20,7 +20,8 @@ from medmamba_edge.exporters.onnx_export import ExportError, export_onnx
 from medmamba_edge.exporters.portable import lower_ss2d_scan
 from medmamba_edge.model import VSSM
 from medmamba_edge.runtime import scan_node
-from medmamba_edge.runtime.metadata import read_onnx_metadata
+from medmamba_edge.runtime.bundled import sample_image_paths
+from medmamba_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 from tests.shared_data import OFFICIAL_T32, require_shared
 from tests.test_model import pneumoniamnist_val
 
@@ -172,6 +173,18 @@ def test_odd_input_size_exports_and_matches(tmp_path):
     assert read_onnx_metadata(tmp_path / "odd.onnx").input_size == (36, 44)
     assert [d.dim_value for d in onnx.load(str(tmp_path / "odd.onnx")).graph.input[0].type.tensor_type.shape.dim] == [
         1, 3, 36, 44]
+    # Every other test model is square, so height and width swapped between the metadata and the graph, in the check
+    # or in preprocessing, went unnoticed: the model runs on real X-rays, and its metadata turned 44×36 is refused.
+    xrays = sample_image_paths("pneumoniamnist")
+    result = runner.invoke(app, ["run", str(tmp_path / "odd.onnx"), str(xrays[0].parent)])
+    assert result.exit_code == 0 and f"{len(xrays)} frames (0 abstained), 0 skipped" in result.output, result.output
+    model = onnx.load(str(tmp_path / "odd.onnx"))
+    write_onnx_metadata(model, read_onnx_metadata(model).replace(input_size=(44, 36)))
+    onnx.save(model, str(tmp_path / "swapped.onnx"))
+    result = runner.invoke(app, ["run", str(tmp_path / "swapped.onnx"), str(xrays[0].parent)])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {tmp_path / 'swapped.onnx'}: the metadata does not fit the model graph: input_size is 44×36 but the "
+        f"graph takes 36×44\n"), result.output
 
 
 def test_failed_verification_writes_nothing(official, tmp_path):
