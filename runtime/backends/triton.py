@@ -359,6 +359,14 @@ class TritonBackend(Backend):
                     reason = f"broken HTTP answer ({type(exc).__name__})"
                 self._mark_down(reason)
                 raise BackendError(f"{self.path}: server unreachable ({reason})") from None
+            except AttributeError:
+                # http.client's connection and response are not for two threads: close() from another one closing
+                # them as the answer's last read closes them too ends one in 'NoneType' object has no attribute
+                # 'close'. Anything else is a bug, and shown as one.
+                if not self._closed:
+                    raise
+                self._drop(connection)
+                raise BackendError(f"{self.path}: the model was closed") from None
             except AnswerTooLarge as exc:
                 self._drop(connection)
                 self._mark_down(str(exc))
