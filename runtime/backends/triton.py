@@ -268,7 +268,10 @@ class TritonBackend(Backend):
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:  # not connected, or closed meanwhile
                     pass
-            connection.close()
+            try:
+                connection.close()
+            except AttributeError:  # its request's thread closed its answer meanwhile (see _request)
+                pass
 
     # ------------------------------------------------------------------------------------------ requests
 
